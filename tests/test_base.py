@@ -1,0 +1,94 @@
+"""The shared helpers every script relies on: atomic writes, restricted unpickling,
+device resolution, annotation reading and the one-line CLI error."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vqakd.annotations import list_videos, load_qa
+from vqakd.device import resolve_device
+from vqakd.errors import UserError
+from vqakd.io import atomic_open, ensure_writable_dir, write_json
+from vqakd.safe_pickle import safe_load
+
+
+def test_atomic_open_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError):
+        with atomic_open(target, "w") as handle:
+            handle.write("{half")
+            raise RuntimeError("killed")
+    assert not target.exists()
+    assert os.listdir(tmp_path) == []
+    write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+
+
+def test_safe_load_reads_numpy_and_refuses_code(tmp_path):
+    good = tmp_path / "good.pt"
+    obj = {"questions": np.arange(6, dtype=np.int32).reshape(2, 3), "answers": [1, 2], "glove": None}
+    good.write_bytes(pickle.dumps(obj))
+    loaded = safe_load(good)
+    assert np.array_equal(loaded["questions"], obj["questions"])
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(UserError, match="bad.pt.*refusing to unpickle"):
+        safe_load(bad)
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(pickle.dumps(obj)[:20])
+    with pytest.raises(UserError, match="trunc.pt"):
+        safe_load(truncated)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(UserError):
+        resolve_device("tpu")
+
+
+def test_ensure_writable_dir_reports_unwritable_folder(tmp_path):
+    # A path below a regular file can never be created, whoever runs the test (root included).
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="results folder is not writable: .*a_file"):
+        ensure_writable_dir(blocker / "results", "results folder")
+    assert ensure_writable_dir(tmp_path / "new" / "dir") == str(tmp_path / "new" / "dir")
+
+
+def test_annotations_msvd_and_errors(tmp_path):
+    (tmp_path / "train_qa.json").write_text(json.dumps([
+        {"question": "what is a man doing?", "answer": "cook", "video_id": 3, "id": 0},
+        {"question": "who plays?", "answer": "man", "video_id": 1, "id": 1},
+    ]))
+    (tmp_path / "youtube_mapping.txt").write_text("clipA_1_5 vid1\nclipB_2_9 vid3\n")
+    videos = list_videos("msvd-qa", str(tmp_path), str(tmp_path / "videos"))
+    assert [(v.video_id, v.name) for v in videos] == [(1, "clipA_1_5"), (3, "clipB_2_9")]
+    assert videos[0].path.endswith(os.path.join("videos", "clipA_1_5.avi"))
+
+    (tmp_path / "val_qa.json").write_text('[{"question": "q?", "video_id": 1}]')
+    with pytest.raises(UserError, match=r"val_qa.json: record 0 .*has no answer"):
+        load_qa(str(tmp_path), "val")
+    (tmp_path / "test_qa.json").write_text("[{")
+    with pytest.raises(UserError, match="test_qa.json: invalid JSON"):
+        load_qa(str(tmp_path), "test")
+
+
+def test_run_cli_prints_one_line_and_exits_2(tmp_path):
+    code = ("from vqakd.errors import run_cli, UserError\n"
+            "def main():\n    raise UserError('data/x.h5: record 3: bad shape')\n"
+            "run_cli(main)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: data/x.h5: record 3: bad shape"
