@@ -1,0 +1,5 @@
+"""The DualVGR network (teacher and student of VQAKD), its losses, and original-checkpoint loading."""
+
+from model.dualvgr import DualVGR, DualVGROutput, LayerOutput, ModelConfig
+
+__all__ = ["DualVGR", "DualVGROutput", "LayerOutput", "ModelConfig"]

@@ -1,0 +1,472 @@
+"""DualVGR, the network that VQAKD uses for both its teacher (G = 4) and its student (G = 1).
+
+The layout follows SPEC §3 (and the original DualVGR code wherever SPEC leaves a detail open):
+
+    question ──Embed─dropout─tanh──> words w ──BiLSTM (packed)──> dyn (B, L, d)
+                                        └────BiLSTM (packed)──> q   (B, d)
+    appearance (B,N,F,Dv) ──dropout─tanh─BiLSTM over F──> a (B, N, d)
+    motion     (B,N,Dv)   ──Linear──────────────────────> m (B, N, d)
+    U reasoning units:  c = QueryAttention(dyn, w);  p_a, p_m = QueryPunishment(c, a / m)
+                        G graph layers of four GATs (specific/common × appearance/motion)
+                        a += ViewFusion(common_a, specific_a);  m += ViewFusion(common_m, specific_m)
+    v = MFB(a, m) (B, N, d) ──ClipPooling──> v̄ ;  logits = AnswerHead(v̄, q)
+
+Nothing here moves a tensor to the CPU except the question lengths handed to
+`pack_padded_sequence`, which torch requires to be a CPU tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from vqakd.errors import UserError
+
+# Fixed constants of the original architecture (not tuned anywhere in DualVGR/VQAKD).
+GAT_LEAKY_SLOPE = 0.01          # LeakyReLU slope of the graph-attention score
+QUERY_ATTENTION_EPS = 1e-5      # added to the kept attention mass before renormalising
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the network; `dataclasses.asdict(cfg)` goes into checkpoints."""
+
+    question_vocab_size: int
+    answer_vocab_size: int
+    vision_dim: int = 2048
+    module_dim: int = 768
+    word_dim: int = 300
+    num_nodes: int = 8              # clips per video N (graph nodes)
+    graph_layers: int = 4           # G: teacher 4, student 1
+    unit_layers: int = 1            # U: reasoning units, each with its own parameters
+    num_heads: int = 4              # GAT heads, each module_dim // num_heads wide
+    fusion_dim: int = 256           # MFB pooled size; its projections are fusion_dim * fusion_factor wide
+    fusion_factor: int = 2
+    word_dropout: float = 0.15      # on the word embeddings, before tanh
+    frame_dropout: float = 0.15     # on the per-frame appearance features, before tanh
+    encoder_dropout: float = 0.18   # on the sentence vector q and the clip vectors a
+    graph_dropout: float = 0.15     # GAT input, attention weights and output
+    head_dropout: float = 0.15      # clip pooling input and both classifier dropouts
+
+    def __post_init__(self) -> None:
+        for name in ("question_vocab_size", "answer_vocab_size", "vision_dim", "module_dim", "word_dim",
+                     "num_nodes", "graph_layers", "unit_layers", "num_heads", "fusion_dim", "fusion_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.module_dim % 2:
+            raise ValueError(f"ModelConfig.module_dim must be even (two LSTM directions), got {self.module_dim}")
+        if self.module_dim % self.num_heads:
+            raise ValueError(f"ModelConfig.module_dim ({self.module_dim}) must be divisible by "
+                             f"num_heads ({self.num_heads})")
+        for name in ("word_dropout", "frame_dropout", "encoder_dropout", "graph_dropout", "head_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {value!r}")
+
+
+class LayerOutput(NamedTuple):
+    """One graph layer's results, kept for the common and dependence losses (each (B, N, d))."""
+
+    appearance: Tensor           # a_{g+1}, output of the specific-appearance GAT
+    common_appearance: Tensor    # output of the common-appearance GAT
+    motion: Tensor               # m_{g+1}
+    common_motion: Tensor
+
+
+class DualVGROutput(NamedTuple):
+    logits: Tensor               # (B, |A|)
+    visual: Tensor               # (B, N, d) MFB output: what the teacher hands to the student
+    appearance: Tensor           # (B, N, d) appearance after the last unit, before the MFB
+    motion: Tensor               # (B, N, d) motion after the last unit, before the MFB
+    layers: tuple[LayerOutput, ...]   # U·G entries, layer (u, g) at index u·G + g
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoders
+
+
+def _recurrent_precision(tensor: Tensor):
+    """Run an LSTM in the parameters' own precision even inside an autocast region.
+
+    oneDNN has no bf16 LSTM on CPUs without AVX512-BF16/AMX (autocast then fails outright), and
+    a bf16 hidden state carried over 16 frames drifts from the float32 network the original was
+    trained as. This gives up some GPU speed on the LSTMs (cuDNN may still use TF32 for them,
+    per torch.backends.cudnn.allow_tf32); the linear, graph and fusion layers keep running
+    under autocast.
+    """
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+class QuestionEncoder(nn.Module):
+    """Word vectors, per-word BiLSTM states `dyn`, and the sentence vector `q`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.module_dim // 2
+        self.embedding = nn.Embedding(config.question_vocab_size, config.word_dim)
+        self.word_dropout = nn.Dropout(config.word_dropout)
+        self.word_lstm = nn.LSTM(config.word_dim, hidden, batch_first=True, bidirectional=True)
+        self.sentence_lstm = nn.LSTM(config.word_dim, hidden, batch_first=True, bidirectional=True)
+        self.sentence_dropout = nn.Dropout(config.encoder_dropout)
+
+    def forward(self, question: Tensor, question_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """question (B, L) long, question_len (B,) -> words (B, L, Dw), dyn (B, L, d), q (B, d)."""
+        max_len = question.size(1)
+        words = torch.tanh(self.word_dropout(self.embedding(question)))
+        # pack_padded_sequence only accepts lengths as a CPU int64 tensor; this is the one
+        # host transfer in the forward pass.
+        lengths = question_len.detach().to(device="cpu", dtype=torch.int64)
+        if not bool(((lengths >= 1) & (lengths <= max_len)).all()):
+            raise ValueError(f"question lengths must lie in [1, {max_len}], got {lengths.tolist()}")
+        packed = pack_padded_sequence(words, lengths, batch_first=True, enforce_sorted=False)
+        with _recurrent_precision(words):
+            dyn_packed, _ = self.word_lstm(packed)
+            # The sentence BiLSTM also runs on the packed sequence, so its forward state is the
+            # one at the true last word and the backward state starts there: padding cannot leak in.
+            _, (final_hidden, _) = self.sentence_lstm(packed)
+        # Padded back to the full length L (zeros after each question's end), as the original
+        # DynamicRNN did with F.pad, so the query attention sees (B, L, d).
+        dyn, _ = pad_packed_sequence(dyn_packed, batch_first=True, total_length=max_len)
+        sentence = torch.cat([final_hidden[0], final_hidden[1]], dim=-1)
+        return words, dyn, self.sentence_dropout(sentence)
+
+
+class AppearanceEncoder(nn.Module):
+    """Each clip's F frame features through a BiLSTM; both final states concatenated."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.frame_dropout = nn.Dropout(config.frame_dropout)
+        self.lstm = nn.LSTM(config.vision_dim, config.module_dim // 2, batch_first=True, bidirectional=True)
+        self.output_dropout = nn.Dropout(config.encoder_dropout)
+
+    def forward(self, appearance: Tensor) -> Tensor:
+        """appearance (B, N, F, Dv) -> (B, N, d)."""
+        batch, clips, frames, dim = appearance.shape
+        frames_in = torch.tanh(self.frame_dropout(appearance)).reshape(batch * clips, frames, dim)
+        with _recurrent_precision(frames_in):
+            _, (final_hidden, _) = self.lstm(frames_in.to(self.lstm.weight_ih_l0.dtype))
+        clip_vectors = torch.cat([final_hidden[0], final_hidden[1]], dim=-1)
+        return self.output_dropout(clip_vectors.view(batch, clips, -1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reasoning unit parts
+
+
+class QueryAttention(nn.Module):
+    """Attend over the question's words: c = Σ_l s_l · w_l (attended word vectors, not LSTM states)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.feat_enhance = nn.Linear(config.module_dim, config.module_dim)
+        self.score = nn.Linear(config.module_dim, 1)
+
+    def forward(self, words: Tensor, dyn: Tensor, word_mask: Tensor) -> Tensor:
+        """words (B, L, Dw), dyn (B, L, d), word_mask (B, L) bool -> c (B, Dw)."""
+        scores = self.score(F.normalize(self.feat_enhance(dyn), p=2, dim=-1)).squeeze(-1)
+        # As in the original: softmax over all L positions, zero the padded ones, renormalise
+        # by (sum + 1e-5). The epsilon makes the result depend on padding only at the 1e-5 level.
+        weights = torch.softmax(scores, dim=1) * word_mask.to(scores.dtype)
+        weights = weights / (weights.sum(dim=1, keepdim=True) + QUERY_ATTENTION_EPS)
+        return torch.bmm(weights.unsqueeze(1).to(words.dtype), words).squeeze(1)
+
+
+class QueryPunishment(nn.Module):
+    """One gate per clip: p = sigmoid(x · Linear(c)) -> (B, N, 1)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.query_proj = nn.Linear(config.word_dim, config.module_dim)
+
+    def forward(self, query: Tensor, visual: Tensor) -> Tensor:
+        projected = self.query_proj(query).unsqueeze(2)                 # (B, d, 1)
+        return torch.sigmoid(torch.bmm(visual, projected.to(visual.dtype)))
+
+
+class GraphAttention(nn.Module):
+    """Multi-head graph attention over the complete graph of clips (self-loops included).
+
+    All heads share one projection matmul: `proj.weight` stacks the per-head W (dh × d) along
+    its output rows, head h at rows [h·dh, (h+1)·dh). Each head's score vector a = [a1 ‖ a2]
+    is stored split: `attn_self[h]` = a1 acts on h_i (the node being updated), `attn_neighbor[h]`
+    = a2 acts on h_j (the node sending the message), `attn_bias[h]` is a's bias. The score is
+    e_ij = LeakyReLU(a1·h_i + a2·h_j + b); the B×N×N×2dh pair tensor is never built.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.module_dim // config.num_heads
+        self.dropout = config.graph_dropout
+        self.proj = nn.Linear(config.module_dim, self.num_heads * self.head_dim)
+        self.attn_self = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
+        self.attn_neighbor = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
+        self.attn_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # Xavier-uniform per head, with the fans of the original per-head modules:
+        # W is Linear(d -> dh) and a is Linear(2·dh -> 1). Initialising the stacked (H·dh × d)
+        # matrix as one would use the wrong fan-out.
+        fan_in = self.proj.in_features
+        bound_w = math.sqrt(6.0 / (fan_in + self.head_dim))
+        self.proj.weight.uniform_(-bound_w, bound_w)
+        self.proj.bias.zero_()
+        bound_a = math.sqrt(6.0 / (2 * self.head_dim + 1))
+        self.attn_self.uniform_(-bound_a, bound_a)
+        self.attn_neighbor.uniform_(-bound_a, bound_a)
+        self.attn_bias.zero_()
+
+    def project(self, x: Tensor) -> Tensor:
+        """(B, N, d) -> per-head node features (B, H, N, dh)."""
+        batch, nodes, _ = x.shape
+        return self.proj(x).view(batch, nodes, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def attention_scores(self, heads: Tensor) -> Tensor:
+        """Per-head node features (B, H, N, dh) -> e (B, H, N, N), e[b,h,i,j] for message j -> i."""
+        to_self = torch.einsum("bhnd,hd->bhn", heads, self.attn_self.to(heads.dtype))
+        to_neighbor = torch.einsum("bhnd,hd->bhn", heads, self.attn_neighbor.to(heads.dtype))
+        raw = to_self.unsqueeze(-1) + to_neighbor.unsqueeze(-2) + self.attn_bias.to(heads.dtype).view(1, -1, 1, 1)
+        return F.leaky_relu(raw, GAT_LEAKY_SLOPE)
+
+    def forward(self, x: Tensor, gate: Tensor) -> Tensor:
+        """x (B, N, d), gate (B, N, 1) -> (B, N, d)."""
+        batch, nodes, _ = x.shape
+        x = F.dropout(x, self.dropout, self.training)
+        heads = self.project(x)
+        attention = torch.softmax(self.attention_scores(heads), dim=-1)
+        attention = F.dropout(attention, self.dropout, self.training)
+        # The query-punishment gate of node j scales the message node j sends; the scores
+        # above are computed from the ungated features, as in the original.
+        messages = heads * gate.unsqueeze(1).to(heads.dtype)
+        out = F.elu(torch.matmul(attention, messages))
+        out = out.transpose(1, 2).reshape(batch, nodes, self.num_heads * self.head_dim)
+        return F.dropout(out, self.dropout, self.training)
+
+
+class GraphLayer(nn.Module):
+    """The four independent GAT blocks of one graph layer."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.specific_appearance = GraphAttention(config)
+        self.common_appearance = GraphAttention(config)
+        self.specific_motion = GraphAttention(config)
+        self.common_motion = GraphAttention(config)
+
+    def forward(self, appearance: Tensor, motion: Tensor, gate_appearance: Tensor,
+                gate_motion: Tensor) -> LayerOutput:
+        return LayerOutput(
+            appearance=self.specific_appearance(appearance, gate_appearance),
+            common_appearance=self.common_appearance(appearance, gate_appearance),
+            motion=self.specific_motion(motion, gate_motion),
+            common_motion=self.common_motion(motion, gate_motion),
+        )
+
+
+class ViewFusion(nn.Module):
+    """Attention over the two views (common, specific): β = softmax_views(w·tanh(W x + b))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.project = nn.Linear(config.module_dim, config.module_dim)
+        self.score = nn.Linear(config.module_dim, 1, bias=False)
+
+    def forward(self, common: Tensor, specific: Tensor) -> Tensor:
+        views = torch.stack([common, specific], dim=1)                  # (B, 2, N, d)
+        weights = torch.softmax(self.score(torch.tanh(self.project(views))), dim=1)
+        return (weights * views).sum(dim=1)
+
+
+class ReasoningUnit(nn.Module):
+    """Query attention + punishment, G graph layers, view fusion and the residual update."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.query_attention = QueryAttention(config)
+        self.appearance_punishment = QueryPunishment(config)
+        self.motion_punishment = QueryPunishment(config)
+        self.layers = nn.ModuleList(GraphLayer(config) for _ in range(config.graph_layers))
+        self.appearance_view_fusion = ViewFusion(config)
+        self.motion_view_fusion = ViewFusion(config)
+
+    def forward(self, appearance: Tensor, motion: Tensor, words: Tensor, dyn: Tensor,
+                word_mask: Tensor) -> tuple[Tensor, Tensor, list[LayerOutput]]:
+        query = self.query_attention(words, dyn, word_mask)
+        # Gates come from the unit's input features and are reused by all G layers.
+        gate_appearance = self.appearance_punishment(query, appearance)
+        gate_motion = self.motion_punishment(query, motion)
+        outputs: list[LayerOutput] = []
+        specific_appearance, specific_motion = appearance, motion
+        for layer in self.layers:
+            result = layer(specific_appearance, specific_motion, gate_appearance, gate_motion)
+            outputs.append(result)
+            specific_appearance, specific_motion = result.appearance, result.motion
+        last = outputs[-1]
+        appearance = appearance + self.appearance_view_fusion(last.common_appearance, last.appearance)
+        motion = motion + self.motion_view_fusion(last.common_motion, last.motion)
+        return appearance, motion, outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# Fusion and answer head
+
+
+class MFBFusion(nn.Module):
+    """Multimodal factorised bilinear pooling of appearance and motion, per clip."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fusion_dim = config.fusion_dim
+        self.factor = config.fusion_factor
+        wide = config.fusion_dim * config.fusion_factor
+        self.appearance_proj = nn.Linear(config.module_dim, wide)
+        self.motion_proj = nn.Linear(config.module_dim, wide)
+        self.out_proj = nn.Linear(config.fusion_dim, config.module_dim)
+
+    def forward(self, appearance: Tensor, motion: Tensor) -> Tensor:
+        joint = F.elu(self.appearance_proj(appearance)) * F.elu(self.motion_proj(motion))
+        # Sum-pool adjacent channels: pooled[k] = joint[factor·k] + ... + joint[factor·k + factor-1].
+        pooled = joint.view(*joint.shape[:-1], self.fusion_dim, self.factor).sum(dim=-1)
+        return F.elu(self.out_proj(pooled))
+
+
+class ClipPooling(nn.Module):
+    """Self-attention pooling over the N clips."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dropout = nn.Dropout(config.head_dropout)
+        self.proj = nn.Linear(config.module_dim, config.module_dim, bias=False)
+        self.score = nn.Linear(config.module_dim, 1)
+
+    def forward(self, visual: Tensor) -> Tensor:
+        visual = self.dropout(visual)
+        weights = torch.softmax(self.score(F.elu(self.proj(visual))), dim=1)   # (B, N, 1)
+        return (weights * visual).sum(dim=1)
+
+
+class AnswerHead(nn.Module):
+    """[v̄ ; Linear(q)] -> dropout -> Linear -> ELU -> BatchNorm -> dropout -> Linear -> logits."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.module_dim
+        self.question_proj = nn.Linear(d, d)
+        self.input_dropout = nn.Dropout(config.head_dropout)
+        self.hidden = nn.Linear(2 * d, d)
+        self.norm = nn.BatchNorm1d(d)
+        self.hidden_dropout = nn.Dropout(config.head_dropout)
+        self.classifier = nn.Linear(d, config.answer_vocab_size)
+
+    def forward(self, pooled_visual: Tensor, question: Tensor) -> Tensor:
+        joint = torch.cat([pooled_visual, self.question_proj(question).to(pooled_visual.dtype)], dim=-1)
+        hidden = self.norm(F.elu(self.hidden(self.input_dropout(joint))))
+        return self.classifier(self.hidden_dropout(hidden))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class DualVGR(nn.Module):
+    """The full network. `forward` returns a `DualVGROutput`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.question_encoder = QuestionEncoder(config)
+        self.appearance_encoder = AppearanceEncoder(config)
+        self.motion_encoder = nn.Linear(config.vision_dim, config.module_dim)
+        self.units = nn.ModuleList(ReasoningUnit(config) for _ in range(config.unit_layers))
+        self.visual_fusion = MFBFusion(config)
+        self.clip_pooling = ClipPooling(config)
+        self.answer_head = AnswerHead(config)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """SPEC §3 initialisation: Xavier-uniform weights, zero biases, embedding U(-1, 1)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LSTM):
+                for name, param in module.named_parameters():
+                    if name.startswith("weight"):
+                        nn.init.xavier_uniform_(param)
+                    else:
+                        nn.init.zeros_(param)
+            elif isinstance(module, nn.BatchNorm1d):
+                module.reset_parameters()
+        # GraphAttention's projection is a stacked nn.Linear; re-apply its per-head fans after
+        # the generic pass above.
+        for module in self.modules():
+            if isinstance(module, GraphAttention):
+                module.reset_parameters()
+        nn.init.uniform_(self.question_encoder.embedding.weight, -1.0, 1.0)
+
+    def load_glove(self, matrix) -> None:
+        """Overwrite the word embedding with a (|Q|, word_dim) GloVe matrix (stays trainable)."""
+        weight = self.question_encoder.embedding.weight
+        values = torch.as_tensor(np.asarray(matrix) if not isinstance(matrix, Tensor) else matrix)
+        if tuple(values.shape) != tuple(weight.shape):
+            raise UserError(f"GloVe matrix has shape {tuple(values.shape)} but the model's question vocabulary "
+                            f"needs {tuple(weight.shape)} (|Q| x word_dim); were the GloVe matrix and the "
+                            "vocabulary made by the same preprocessing run?")
+        if not bool(torch.isfinite(values).all()):
+            raise UserError("GloVe matrix contains NaN or infinite values")
+        with torch.no_grad():
+            weight.copy_(values.to(device=weight.device, dtype=weight.dtype))
+
+    def forward(self, appearance: Tensor, motion: Tensor, question: Tensor, question_len: Tensor) -> DualVGROutput:
+        """appearance (B, N, F, Dv), motion (B, N, Dv), question (B, L) int, question_len (B,) int."""
+        self._check_inputs(appearance, motion, question, question_len)
+        device = self.motion_encoder.weight.device
+        dtype = self.motion_encoder.weight.dtype
+        appearance = appearance.to(device=device, dtype=dtype)
+        motion = motion.to(device=device, dtype=dtype)
+        question = question.to(device=device, dtype=torch.long)
+
+        words, dyn, sentence = self.question_encoder(question, question_len)
+        positions = torch.arange(question.size(1), device=device)
+        word_mask = positions.unsqueeze(0) < question_len.to(device).unsqueeze(1)
+
+        appearance_feat = self.appearance_encoder(appearance)
+        motion_feat = self.motion_encoder(motion)
+        layers: list[LayerOutput] = []
+        for unit in self.units:
+            appearance_feat, motion_feat, unit_layers = unit(appearance_feat, motion_feat, words, dyn, word_mask)
+            layers.extend(unit_layers)
+
+        visual = self.visual_fusion(appearance_feat, motion_feat)
+        logits = self.answer_head(self.clip_pooling(visual), sentence)
+        return DualVGROutput(logits=logits, visual=visual, appearance=appearance_feat, motion=motion_feat,
+                             layers=tuple(layers))
+
+    def _check_inputs(self, appearance: Tensor, motion: Tensor, question: Tensor, question_len: Tensor) -> None:
+        cfg = self.config
+        batch = question.size(0) if question.dim() == 2 else -1
+        problems = []
+        if appearance.dim() != 4 or appearance.size(0) != batch or appearance.size(1) != cfg.num_nodes \
+                or appearance.size(3) != cfg.vision_dim:
+            problems.append(f"appearance {tuple(appearance.shape)} (want B x {cfg.num_nodes} x F x {cfg.vision_dim})")
+        if motion.dim() != 3 or motion.size(0) != batch or motion.size(1) != cfg.num_nodes \
+                or motion.size(2) != cfg.vision_dim:
+            problems.append(f"motion {tuple(motion.shape)} (want B x {cfg.num_nodes} x {cfg.vision_dim})")
+        if question.dim() != 2:
+            problems.append(f"question {tuple(question.shape)} (want B x L)")
+        if question_len.dim() != 1 or question_len.size(0) != batch:
+            problems.append(f"question_len {tuple(question_len.shape)} (want B)")
+        if problems:
+            raise ValueError("DualVGR input shapes do not match the model config: " + "; ".join(problems))

@@ -1,0 +1,275 @@
+"""Checkpoints written by the original DualVGR / VQAKD code (SPEC §7).
+
+Those files are a `torch.save` of `{epoch, state_dict, optimizer, model_kwargs}` whose
+state-dict keys follow the original module tree (`linguistic_input_unit.*`,
+`visual_input_unit.appearance_GCN.{k}.attention_{h}.W.weight`, ...). `original_to_ours` and
+`ours_to_original` translate between that layout and ours, both strictly: a missing or extra
+key, or a shape that does not fit the config, raises a UserError naming the key.
+
+The only structural difference is the graph-attention block: the original keeps one module
+per head (`attention_{h}.W`: Linear(d → dh), `attention_{h}.a`: Linear(2·dh → 1)); ours stacks
+the heads' W into one Linear(d → H·dh) and splits a into `attn_self` (first dh weights, acting
+on h_i) and `attn_neighbor` (last dh weights, acting on h_j).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from model.dualvgr import DualVGR, ModelConfig
+from vqakd.errors import UserError, require_file
+
+_LSTM_PARAMS = tuple(f"{kind}_{part}_l0{suffix}" for suffix in ("", "_reverse")
+                     for kind, part in (("weight", "ih"), ("weight", "hh"), ("bias", "ih"), ("bias", "hh")))
+_BATCHNORM_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+# Our GAT role name -> the original ModuleList holding it.
+_GAT_ROLES = (
+    ("specific_appearance", "appearance_GCN"),
+    ("common_appearance", "acGCN"),
+    ("specific_motion", "motion_GCN"),
+    ("common_motion", "mcGCN"),
+)
+
+_EMBEDDING_KEY = "linguistic_input_unit.encoder_embed.weight"
+_ANSWER_KEY = "output_unit.classifier.5.weight"
+_MOTION_KEY = "visual_motion_input_unit.weight"
+_FUSION_IN_KEY = "visual_input_unit.visualfusion.linear0.weight"
+_FUSION_OUT_KEY = "visual_input_unit.visualfusion.linear_out.weight"
+
+
+def _renamed_keys(config: ModelConfig) -> list[tuple[str, str]]:
+    """(our key, original key) for every entry that is copied unchanged (all but the GATs)."""
+    pairs = [("question_encoder.embedding.weight", _EMBEDDING_KEY)]
+    for lstm_ours, lstm_original in (
+        ("question_encoder.word_lstm", "linguistic_input_unit.concatRNN.rnn"),
+        ("question_encoder.sentence_lstm", "linguistic_input_unit.encoder"),
+        ("appearance_encoder.lstm", "visual_appearance_input_unit.encoder"),
+    ):
+        pairs += [(f"{lstm_ours}.{name}", f"{lstm_original}.{name}") for name in _LSTM_PARAMS]
+
+    def linear(ours: str, original: str, bias: bool = True) -> list[tuple[str, str]]:
+        names = ("weight", "bias") if bias else ("weight",)
+        return [(f"{ours}.{name}", f"{original}.{name}") for name in names]
+
+    pairs += linear("motion_encoder", "visual_motion_input_unit")
+    for u in range(config.unit_layers):
+        ours, original = f"units.{u}", "visual_input_unit"
+        pairs += linear(f"{ours}.query_attention.feat_enhance", f"{original}.queryAttn.{u}.feat_enhance")
+        pairs += linear(f"{ours}.query_attention.score", f"{original}.queryAttn.{u}.fc")
+        pairs += linear(f"{ours}.appearance_punishment.query_proj", f"{original}.queryPunish_appear.{u}.query_weight")
+        pairs += linear(f"{ours}.motion_punishment.query_proj", f"{original}.queryPunish_motion.{u}.query_weight")
+        for stream in ("appearance", "motion"):
+            pairs += linear(f"{ours}.{stream}_view_fusion.project", f"{original}.attention_{stream}.{u}.project.0")
+            pairs += linear(f"{ours}.{stream}_view_fusion.score", f"{original}.attention_{stream}.{u}.project.2",
+                            bias=False)
+    fusion = "visual_input_unit.visualfusion"
+    pairs += linear("visual_fusion.appearance_proj", f"{fusion}.linear0")
+    pairs += linear("visual_fusion.motion_proj", f"{fusion}.linear1")
+    pairs += linear("visual_fusion.out_proj", f"{fusion}.linear_out")
+    pairs += linear("clip_pooling.proj", "feature_aggregation.v_proj", bias=False)
+    pairs += linear("clip_pooling.score", "feature_aggregation.attn")
+    pairs += linear("answer_head.question_proj", "output_unit.question_proj")
+    pairs += linear("answer_head.hidden", "output_unit.classifier.1")
+    pairs += [(f"answer_head.norm.{name}", f"output_unit.classifier.3.{name}") for name in _BATCHNORM_ENTRIES]
+    pairs += linear("answer_head.classifier", "output_unit.classifier.5")
+    return pairs
+
+
+def _gat_modules(config: ModelConfig) -> list[tuple[str, str]]:
+    """(our GAT module prefix, original punishGAT prefix); layer (u, g) is original index u·G + g."""
+    modules = []
+    for u in range(config.unit_layers):
+        for g in range(config.graph_layers):
+            index = u * config.graph_layers + g
+            for role, original_list in _GAT_ROLES:
+                modules.append((f"units.{u}.layers.{g}.{role}", f"visual_input_unit.{original_list}.{index}"))
+    return modules
+
+
+def _our_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of our state dict for `config`, without allocating any weights."""
+    with torch.device("meta"):
+        model = DualVGR(config)
+    return {key: (tuple(value.shape), value.dtype) for key, value in model.state_dict().items()}
+
+
+def _original_shapes(config: ModelConfig, ours: dict) -> dict[str, tuple[int, ...]]:
+    shapes = {original: ours[key][0] for key, original in _renamed_keys(config)}
+    head_dim = config.module_dim // config.num_heads
+    for _, original in _gat_modules(config):
+        for h in range(config.num_heads):
+            shapes[f"{original}.attention_{h}.W.weight"] = (head_dim, config.module_dim)
+            shapes[f"{original}.attention_{h}.W.bias"] = (head_dim,)
+            shapes[f"{original}.attention_{h}.a.weight"] = (1, 2 * head_dim)
+            shapes[f"{original}.attention_{h}.a.bias"] = (1,)
+    return shapes
+
+
+def _check_keys(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+    missing = [key for key in expected if key not in state]
+    if missing:
+        raise UserError(f"{what}: missing key {missing[0]!r}"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = [key for key in state if key not in expected]
+    if extra:
+        raise UserError(f"{what}: unexpected key {extra[0]!r}"
+                        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for key, shape in expected.items():
+        value = state[key]
+        if not isinstance(value, Tensor):
+            raise UserError(f"{what}: key {key!r} holds a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != tuple(shape):
+            raise UserError(f"{what}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+
+
+def ours_to_original(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """Our state dict -> the original DualVGR key layout (strict)."""
+    ours = _our_shapes(config)
+    _check_keys(state, {key: shape for key, (shape, _) in ours.items()}, "DualVGR state dict")
+    result = {original: state[key].detach().clone() for key, original in _renamed_keys(config)}
+    head_dim = config.module_dim // config.num_heads
+    for our_prefix, original in _gat_modules(config):
+        weight = state[f"{our_prefix}.proj.weight"].detach()
+        bias = state[f"{our_prefix}.proj.bias"].detach()
+        attn_self = state[f"{our_prefix}.attn_self"].detach()
+        attn_neighbor = state[f"{our_prefix}.attn_neighbor"].detach()
+        attn_bias = state[f"{our_prefix}.attn_bias"].detach()
+        for h in range(config.num_heads):
+            rows = slice(h * head_dim, (h + 1) * head_dim)
+            result[f"{original}.attention_{h}.W.weight"] = weight[rows].clone()
+            result[f"{original}.attention_{h}.W.bias"] = bias[rows].clone()
+            result[f"{original}.attention_{h}.a.weight"] = torch.cat([attn_self[h], attn_neighbor[h]]).unsqueeze(0)
+            result[f"{original}.attention_{h}.a.bias"] = attn_bias[h:h + 1].clone()
+    return result
+
+
+def original_to_ours(state: Mapping[str, Tensor], config: ModelConfig,
+                     source: str = "original DualVGR state dict") -> dict[str, Tensor]:
+    """An original DualVGR state dict -> ours (strict: every key present, none extra, shapes fit).
+
+    `source` starts every error message (e.g. the checkpoint's path).
+    """
+    ours = _our_shapes(config)
+    _check_keys(state, _original_shapes(config, ours), source)
+    result = {key: state[original].detach().clone() for key, original in _renamed_keys(config)}
+    head_dim = config.module_dim // config.num_heads
+    for our_prefix, original in _gat_modules(config):
+        heads = [f"{original}.attention_{h}" for h in range(config.num_heads)]
+        result[f"{our_prefix}.proj.weight"] = torch.cat([state[f"{head}.W.weight"] for head in heads])
+        result[f"{our_prefix}.proj.bias"] = torch.cat([state[f"{head}.W.bias"] for head in heads])
+        scores = torch.cat([state[f"{head}.a.weight"] for head in heads])            # (H, 2·dh)
+        result[f"{our_prefix}.attn_self"] = scores[:, :head_dim].clone()
+        result[f"{our_prefix}.attn_neighbor"] = scores[:, head_dim:].clone()
+        result[f"{our_prefix}.attn_bias"] = torch.cat([state[f"{head}.a.bias"] for head in heads])
+    # Keep each tensor's dtype as our model declares it (e.g. float32 even if saved as float16).
+    return {key: value.to(ours[key][1]) for key, value in result.items()}
+
+
+def _indices(state: Mapping[str, Tensor], pattern: str) -> set[int]:
+    regex = re.compile(pattern)
+    return {int(match.group(1)) for key in state if isinstance(key, str) and (match := regex.match(key))}
+
+
+def _shape_of(state: Mapping[str, Tensor], key: str, what: str, dims: int) -> tuple[int, ...]:
+    value = state.get(key)
+    if value is None:
+        raise UserError(f"{what}: missing key {key!r}")
+    if not isinstance(value, Tensor) or value.dim() != dims:
+        raise UserError(f"{what}: key {key!r} should be a {dims}-d tensor, "
+                        f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+    return tuple(value.shape)
+
+
+def _kwarg_int(kwargs: Mapping, name: str, derived: int | None, what: str) -> int:
+    """An integer from model_kwargs, cross-checked against what the weights say."""
+    value = kwargs.get(name, derived)
+    if value is None:
+        raise UserError(f"{what}: model_kwargs has no {name!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{what}: model_kwargs[{name!r}] = {value!r} is not an integer")
+    if derived is not None and value != derived:
+        raise UserError(f"{what}: model_kwargs[{name!r}] = {value} but the weights imply {derived}")
+    return value
+
+
+def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, what: str) -> ModelConfig:
+    """Rebuild our ModelConfig from an original state dict and its `model_kwargs`."""
+    question_vocab, word_dim = _shape_of(state, _EMBEDDING_KEY, what, 2)
+    answer_vocab, module_dim = _shape_of(state, _ANSWER_KEY, what, 2)
+    _, vision_dim = _shape_of(state, _MOTION_KEY, what, 2)
+    _, fusion_dim = _shape_of(state, _FUSION_OUT_KEY, what, 2)
+    fusion_wide, _ = _shape_of(state, _FUSION_IN_KEY, what, 2)
+    units = _indices(state, r"visual_input_unit\.queryAttn\.(\d+)\.")
+    graph_modules = _indices(state, r"visual_input_unit\.appearance_GCN\.(\d+)\.")
+    heads = _indices(state, r"visual_input_unit\.appearance_GCN\.0\.attention_(\d+)\.")
+    if not units:
+        raise UserError(f"{what}: missing key 'visual_input_unit.queryAttn.0.fc.weight'")
+    if not graph_modules or not heads:
+        raise UserError(f"{what}: missing key 'visual_input_unit.appearance_GCN.0.attention_0.W.weight'")
+    unit_layers = max(units) + 1
+    if (max(graph_modules) + 1) % unit_layers:
+        raise UserError(f"{what}: {max(graph_modules) + 1} graph-attention modules per role do not divide "
+                        f"into {unit_layers} units")
+    graph_layers = (max(graph_modules) + 1) // unit_layers
+    if fusion_wide % fusion_dim:
+        raise UserError(f"{what}: key {_FUSION_IN_KEY!r} has {fusion_wide} rows, not a multiple of "
+                        f"the pooled size {fusion_dim}")
+
+    graph_module = model_kwargs.get("graph_module", "GAT")
+    if graph_module != "GAT":
+        raise UserError(f"{what}: model_kwargs['graph_module'] = {graph_module!r}; only 'GAT' models exist")
+    # DualVGR's own train.py never stored `unit_layers` (its model then used the class default),
+    # so the unit and layer counts come from the weights and are only cross-checked here.
+    unit_layers = _kwarg_int(model_kwargs, "unit_layers", unit_layers, what)
+    graph_layers = _kwarg_int(model_kwargs, "graph_layers", graph_layers, what)
+    if unit_layers > 1 and graph_layers > 1:
+        # The original code runs layer (u, g) with module index u + g, so units share graph
+        # layers and some stored modules are never used; that network cannot be expressed with
+        # per-unit parameters (index u·G + g), and loading it would silently change its output.
+        raise UserError(f"{what}: a checkpoint with unit_layers={unit_layers} and graph_layers={graph_layers} "
+                        "cannot be converted: the original code shares graph layers between units "
+                        "(module index u+g), which this model does not")
+    return ModelConfig(
+        question_vocab_size=question_vocab,
+        answer_vocab_size=answer_vocab,
+        vision_dim=_kwarg_int(model_kwargs, "vision_dim", vision_dim, what),
+        module_dim=_kwarg_int(model_kwargs, "module_dim", module_dim, what),
+        word_dim=_kwarg_int(model_kwargs, "word_dim", word_dim, what),
+        num_nodes=_kwarg_int(model_kwargs, "num_of_nodes", None, what),
+        graph_layers=graph_layers,
+        unit_layers=unit_layers,
+        num_heads=max(heads) + 1,
+        fusion_dim=fusion_dim,
+        fusion_factor=fusion_wide // fusion_dim,
+    )
+
+
+def load_original_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Read a checkpoint written by the original DualVGR/VQAKD code -> (config, our state dict)."""
+    path = require_file(path, "original DualVGR checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types here (pickle, zip, EOF, runtime); all mean "unreadable"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: cannot read it as a PyTorch checkpoint ({reason})") from None
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise UserError(f"{path}: not an original DualVGR checkpoint (no 'state_dict' entry)")
+    state = checkpoint["state_dict"]
+    if not isinstance(state, Mapping):
+        raise UserError(f"{path}: 'state_dict' is a {type(state).__name__}, not a mapping")
+    model_kwargs = checkpoint.get("model_kwargs")
+    if not isinstance(model_kwargs, Mapping):
+        raise UserError(f"{path}: checkpoint has no 'model_kwargs' dict (vision_dim, module_dim, word_dim, "
+                        "num_of_nodes, graph_layers)")
+    # A model trained under nn.DataParallel was saved with every key prefixed by 'module.'.
+    if state and all(isinstance(key, str) and key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    what = f"{path}: original DualVGR state dict"
+    config = config_from_original(state, model_kwargs, what)
+    return config, original_to_ours(state, config, source=what)
