@@ -1,0 +1,88 @@
+"""Encode MSVD-QA / MSRVTT-QA questions into the SPEC §2 vocab and question files.
+
+    python preprocess/preprocess_questions.py --dataset msvd-qa --annotation-dir <folder with
+        {train,val,test}_qa.json> --out-dir data/msvd-qa --glove data/glove/glove.840.300d.pkl --mode all
+
+The train split builds `{name}_vocab.json` (and stores the GloVe matrix); val and test are encoded
+with that vocabulary, so they need the train split done first (`--mode all` runs train, val, test).
+`--glove` also accepts the GloVe `.txt` file itself, read for the question words only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vqakd.annotations import DATASETS, SPLITS  # noqa: E402
+from vqakd.errors import UserError, run_cli  # noqa: E402
+from vqakd.io import ensure_writable_dir  # noqa: E402
+from vqakd.questions import (DEFAULT_ANSWER_TOP, format_summary, preprocess_split,  # noqa: E402
+                             questions_path, summary_path, vocab_path)
+
+DEFAULT_GLOVE = "data/glove/glove.840.300d.pkl"
+MODES = SPLITS + ("all",)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--annotation-dir", "--annotation_dir", required=True,
+                        help="folder with {train,val,test}_qa.json (and youtube_mapping.txt for MSVD-QA)")
+    parser.add_argument("--out-dir", "--out_dir", default=None, help="output folder (default: data/<dataset>)")
+    parser.add_argument("--glove", "--glove-pt", "--glove_pt", default=DEFAULT_GLOVE,
+                        help="GloVe pickle from txt2pickle.py, or the GloVe .txt file (train only; "
+                             "default: %(default)s)")
+    parser.add_argument("--no-glove", action="store_true",
+                        help="store no GloVe matrix (the model then keeps its random word embedding)")
+    parser.add_argument("--mode", default="all", choices=MODES, help="split to encode (default: %(default)s)")
+    parser.add_argument("--answer-top", "--answer_top", type=int, default=DEFAULT_ANSWER_TOP,
+                        help="answer vocabulary size, besides <UNK0>/<UNK1> (default: %(default)s)")
+    parser.add_argument("--output-pt", "--output_pt", default=None,
+                        help="question file path; HCRN-style '{}' placeholders get (dataset, dataset, split)")
+    parser.add_argument("--vocab-json", "--vocab_json", default=None,
+                        help="vocab file path; HCRN-style '{}' placeholders get (dataset, dataset)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.answer_top < 0:
+        parser.error("--answer-top must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    splits = SPLITS if args.mode == "all" else (args.mode,)
+    out_dir = args.out_dir or os.path.join("data", args.dataset)
+    vocab_file = (args.vocab_json.format(args.dataset, args.dataset) if args.vocab_json
+                  else vocab_path(out_dir, args.dataset))
+    if args.output_pt and len(splits) > 1 and "{" not in args.output_pt:
+        raise UserError(f"--output-pt {args.output_pt} names one file but --mode {args.mode} writes "
+                        f"{len(splits)} splits; use a '{{}}' placeholder or one --mode at a time")
+
+    def output(split: str) -> str:
+        if args.output_pt:
+            return args.output_pt.format(args.dataset, args.dataset, split)
+        return questions_path(out_dir, args.dataset, split)
+
+    for folder in {os.path.dirname(os.path.abspath(p)) for p in [vocab_file] + [output(s) for s in splits]}:
+        ensure_writable_dir(folder, "output folder")
+    glove = None if args.no_glove else args.glove
+    if "train" in splits and glove is not None and not os.path.isfile(glove):
+        raise UserError(f"GloVe file not found: {glove} (make it with `python txt2pickle.py`, pass the "
+                        "GloVe .txt file itself, or use --no-glove)")
+
+    for split in splits:
+        questions_out = output(split)
+        summary = preprocess_split(args.dataset, args.annotation_dir, split, questions_out, vocab_file,
+                                   summary_path(os.path.dirname(questions_out), args.dataset, split),
+                                   glove_source=glove, answer_top=args.answer_top,
+                                   progress=not args.no_progress)
+        print(format_summary(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,69 @@
+"""GloVe text file -> pickle of {word: float32 vector} (SPEC §1.1).
+
+    python txt2pickle.py --glove data/glove/glove.840B.300d.txt --out data/glove/glove.840.300d.pkl
+    python txt2pickle.py ... --vocab data/msvd-qa/msvd-qa_vocab.json   # keep only the needed words
+
+The full 840B pickle takes several GB on disk and in memory; `--vocab` (a vocab JSON or a word
+list, one word a line) keeps only the words the questions use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from vqakd.errors import UserError, run_cli  # noqa: E402
+from vqakd.glove import read_glove_text_with_stats, read_word_list  # noqa: E402
+from vqakd.io import ensure_writable_dir, write_pickle  # noqa: E402
+
+DEFAULT_GLOVE_TEXT = "data/glove/glove.840B.300d.txt"
+DEFAULT_OUT = "data/glove/glove.840.300d.pkl"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--glove", default=DEFAULT_GLOVE_TEXT, help="GloVe text file (default: %(default)s)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output pickle (default: %(default)s)")
+    parser.add_argument("--vocab", default=None,
+                        help="keep only these words: a {name}_vocab.json or a text file with one word a line")
+    parser.add_argument("--dim", type=int, default=None,
+                        help="vector size (default: the number of values on the first line)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def _size(num_bytes: int) -> str:
+    if num_bytes < 1 << 20:
+        return f"{num_bytes / 1024:.1f} KiB"
+    if num_bytes < 1 << 30:
+        return f"{num_bytes / (1 << 20):.1f} MiB"
+    return f"{num_bytes / (1 << 30):.2f} GiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.path.abspath(args.out) == os.path.abspath(args.glove):
+        raise UserError(f"--out {args.out} would overwrite the GloVe text file")
+    ensure_writable_dir(os.path.dirname(os.path.abspath(args.out)), "output folder")
+    keep = read_word_list(args.vocab) if args.vocab else None
+    if keep is not None and not keep:
+        raise UserError(f"{args.vocab}: the word list is empty")
+    words, stats = read_glove_text_with_stats(args.glove, dim=args.dim, keep=keep, progress=not args.no_progress)
+    if not words:
+        raise UserError(f"{args.glove}: none of the {len(keep or [])} words of {args.vocab} is in this GloVe file")
+    write_pickle(args.out, words)
+    kept = f"{stats.kept} words kept"
+    if keep is not None:
+        kept += f" of {len(keep)} requested ({len(stats.missing)} not in GloVe)"
+    duplicates = f", {stats.duplicates} repeated tokens (later line kept)" if stats.duplicates else ""
+    print(f"{args.glove}: {stats.lines} lines, {kept}, dim {stats.dim}{duplicates} -> {args.out} "
+          f"({_size(os.path.getsize(args.out))})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

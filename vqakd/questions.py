@@ -1,0 +1,390 @@
+"""Questions: tokenization, vocabularies, encoding, and the `{name}_{split}_questions.pt` files.
+
+The rules follow SPEC §1.2 exactly, as the HCRN / DualVGR preprocessing applied them:
+- tokens: `question.lower()` with its final character dropped, through NLTK's Treebank word
+  tokenizer (`preserve_line=True`, so no `punkt` download is needed);
+- question vocab (train only): `<NULL>`=0, `<UNK>`=1, then tokens in first-seen order;
+- answer vocab (train only): `<UNK0>`=0, `<UNK1>`=1, then the `answer_top` most frequent train
+  answers (ties in first-seen order, as `Counter.most_common` gives them);
+- a train answer outside the vocab is labelled 0, a val/test one 1 (never predicted, so wrong);
+- questions are padded with `<NULL>`=0 to the longest question of the split;
+- the train file carries the GloVe matrix (|Q| x D float32, zero rows for words GloVe lacks).
+
+`load_question_file` is the checked reader the training data loader uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from vqakd.annotations import SPLITS, check_dataset, load_msvd_mapping, load_qa, qa_path
+from vqakd.errors import UserError
+from vqakd.glove import load_glove
+from vqakd.io import write_json, write_pickle
+from vqakd.safe_pickle import safe_load
+
+NULL_TOKEN, UNK_TOKEN = "<NULL>", "<UNK>"
+NULL_INDEX, UNK_INDEX = 0, 1
+TRAIN_UNKNOWN_ANSWER = 0      # label of a train answer outside the answer vocab (`<UNK0>`)
+EVAL_UNKNOWN_ANSWER = 1       # label of a val/test answer outside it (`<UNK1>`): never predicted
+ANSWER_SPECIALS = ("<UNK0>", "<UNK1>")
+DEFAULT_ANSWER_TOP = 4000
+VOCAB_KEYS = ("question_token_to_idx", "answer_token_to_idx", "question_answer_token_to_idx")
+QUESTION_FILE_KEYS = ("questions", "questions_len", "question_id", "video_ids", "video_names", "answers", "glove")
+
+
+# ---------------------------------------------------------------- file names (SPEC §2)
+
+def vocab_path(out_dir: str, dataset: str) -> str:
+    return os.path.join(out_dir, f"{dataset}_vocab.json")
+
+
+def questions_path(out_dir: str, dataset: str, split: str) -> str:
+    return os.path.join(out_dir, f"{dataset}_{split}_questions.pt")
+
+
+def summary_path(out_dir: str, dataset: str, split: str) -> str:
+    return os.path.join(out_dir, f"{dataset}_{split}_summary.json")
+
+
+# ---------------------------------------------------------------- tokens and vocabularies
+
+def tokenize_question(question: str) -> list[str]:
+    """SPEC §1.2 tokens of one question (possibly none)."""
+    # Imported here: `import nltk` takes seconds, and readers of question files never tokenize.
+    import nltk
+
+    return nltk.word_tokenize(question.lower()[:-1], preserve_line=True)
+
+
+def record_tokens(question: str, source: str, index: int, record_id: Any) -> list[str]:
+    """Tokens of one annotation record's question; a question without any is a UserError."""
+    tokens = tokenize_question(question)
+    if not tokens:
+        raise UserError(f"{source}: record {index} (id {record_id}): question {question!r} has no tokens "
+                        "(after lower-casing, dropping its last character and tokenizing)")
+    return tokens
+
+
+@dataclass
+class Vocab:
+    question_token_to_idx: dict[str, int]
+    answer_token_to_idx: dict[str, int]
+    question_answer_token_to_idx: dict[str, int]
+
+    def to_json(self) -> dict[str, dict[str, int]]:
+        return {key: getattr(self, key) for key in VOCAB_KEYS}
+
+
+def build_vocab(questions_tokens: Sequence[Sequence[str]], answers: Sequence[str],
+                answer_top: int = DEFAULT_ANSWER_TOP) -> Vocab:
+    """Train-split vocabularies (SPEC §1.2) from the tokenized questions and the raw answers."""
+    if answer_top < 0:
+        raise UserError(f"--answer-top must be >= 0, got {answer_top}")
+    question_token_to_idx = {NULL_TOKEN: NULL_INDEX, UNK_TOKEN: UNK_INDEX}
+    for tokens in questions_tokens:
+        for token in tokens:
+            if token not in question_token_to_idx:
+                question_token_to_idx[token] = len(question_token_to_idx)
+    answer_token_to_idx = {special: index for index, special in enumerate(ANSWER_SPECIALS)}
+    for answer, _count in Counter(answers).most_common(answer_top):
+        if answer not in answer_token_to_idx:
+            answer_token_to_idx[answer] = len(answer_token_to_idx)
+    # As in HCRN: the question vocab, then the answers it does not hold yet.
+    question_answer_token_to_idx = dict(question_token_to_idx)
+    for answer in answer_token_to_idx:
+        if answer not in ANSWER_SPECIALS and answer not in question_answer_token_to_idx:
+            question_answer_token_to_idx[answer] = len(question_answer_token_to_idx)
+    return Vocab(question_token_to_idx, answer_token_to_idx, question_answer_token_to_idx)
+
+
+def _check_index_table(table: object, path: str, key: str) -> dict[str, int]:
+    if not isinstance(table, dict) or not table:
+        raise UserError(f"{path}: {key} must be a non-empty object mapping tokens to indices")
+    for token, index in table.items():
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise UserError(f"{path}: {key}: token {token!r} has index {index!r}, expected an integer >= 0")
+    if sorted(table.values()) != list(range(len(table))):
+        raise UserError(f"{path}: {key}: indices must be 0..{len(table) - 1}, each used once")
+    return table
+
+
+def load_vocab(path: str) -> Vocab:
+    """Read and check a `{name}_vocab.json` (ours or one written by HCRN/DualVGR)."""
+    if not os.path.isfile(path):
+        raise UserError(f"vocabulary file not found: {path}; run the train split first "
+                        "(--mode train builds the vocabulary that val and test are encoded with)")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object with {', '.join(VOCAB_KEYS)}")
+    for key in VOCAB_KEYS[:2]:
+        if key not in data:
+            raise UserError(f"{path}: no {key}; not a vocabulary file of this format")
+    question = _check_index_table(data["question_token_to_idx"], path, "question_token_to_idx")
+    answer = _check_index_table(data["answer_token_to_idx"], path, "answer_token_to_idx")
+    if question.get(NULL_TOKEN) != NULL_INDEX or question.get(UNK_TOKEN) != UNK_INDEX:
+        raise UserError(f"{path}: question_token_to_idx must map {NULL_TOKEN} to 0 and {UNK_TOKEN} to 1")
+    combined = data.get("question_answer_token_to_idx") or {}
+    if not isinstance(combined, dict):
+        raise UserError(f"{path}: question_answer_token_to_idx must be an object")
+    return Vocab(question, answer, combined)
+
+
+# ---------------------------------------------------------------- encoding
+
+def encode_tokens(tokens: Sequence[str], question_token_to_idx: Mapping[str, int]) -> list[int]:
+    return [question_token_to_idx.get(token, UNK_INDEX) for token in tokens]
+
+
+def encode_answer(answer: str, answer_token_to_idx: Mapping[str, int], split: str) -> int:
+    if answer in answer_token_to_idx:
+        return answer_token_to_idx[answer]
+    return TRAIN_UNKNOWN_ANSWER if split == "train" else EVAL_UNKNOWN_ANSWER
+
+
+def pad_questions(encoded: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, L) int32 padded with <NULL> to the longest question, and the (Q,) int32 lengths."""
+    lengths = np.array([len(tokens) for tokens in encoded], dtype=np.int32)
+    matrix = np.full((len(encoded), int(lengths.max(initial=0))), NULL_INDEX, dtype=np.int32)
+    for row, tokens in enumerate(encoded):
+        matrix[row, :len(tokens)] = tokens
+    return matrix, lengths
+
+
+def glove_matrix(question_token_to_idx: Mapping[str, int],
+                 glove: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
+    """(|Q|, D) float32 rows in vocab order, zero for words GloVe lacks; and the number found."""
+    dim = next(iter(glove.values())).shape[0]
+    matrix = np.zeros((len(question_token_to_idx), dim), dtype=np.float32)
+    found = 0
+    for token, index in question_token_to_idx.items():
+        vector = glove.get(token)
+        if vector is not None:
+            matrix[index] = vector
+            found += 1
+    return matrix, found
+
+
+@dataclass
+class SplitRecords:
+    """One split's annotation records, tokenized and checked."""
+    source: str
+    records: list[dict]
+    tokens: list[list[str]]
+
+
+def read_split(annotation_dir: str, split: str, dataset: str, progress: bool = True) -> SplitRecords:
+    source = qa_path(annotation_dir, split)
+    records = load_qa(annotation_dir, split, dataset)
+    tokens = [record_tokens(record["question"], source, index, record.get("id", index))
+              for index, record in enumerate(tqdm(records, desc=f"tokenizing {split}", unit="q",
+                                                  disable=not progress, dynamic_ncols=True))]
+    return SplitRecords(source, records, tokens)
+
+
+def video_names_for(dataset: str, annotation_dir: str, split_records: SplitRecords) -> list[str]:
+    if dataset != "msvd-qa":
+        return [f"video{int(record['video_id'])}" for record in split_records.records]
+    mapping = load_msvd_mapping(annotation_dir)
+    names = []
+    for index, record in enumerate(split_records.records):
+        video_id = int(record["video_id"])
+        if video_id not in mapping:
+            raise UserError(f"{split_records.source}: record {index} (id {record.get('id', index)}): video_id "
+                            f"{video_id} (vid{video_id}) is not in "
+                            f"{os.path.join(annotation_dir, 'youtube_mapping.txt')}")
+        names.append(mapping[video_id])
+    return names
+
+
+def encode_split(split_records: SplitRecords, vocab: Vocab, split: str,
+                 video_names: Sequence[str]) -> dict[str, Any]:
+    """The SPEC §2 question-file object (without `glove`), plus `question_text`."""
+    records = split_records.records
+    encoded = [encode_tokens(tokens, vocab.question_token_to_idx) for tokens in split_records.tokens]
+    questions, lengths = pad_questions(encoded)
+    return {
+        "questions": questions,
+        "questions_len": lengths,
+        "question_id": [record.get("id", index) for index, record in enumerate(records)],
+        "video_ids": np.array([int(record["video_id"]) for record in records], dtype=np.int64),
+        "video_names": list(video_names),
+        "answers": [encode_answer(record["answer"], vocab.answer_token_to_idx, split) for record in records],
+        "glove": None,
+        "question_text": [record["question"] for record in records],
+    }
+
+
+# ---------------------------------------------------------------- one split, end to end
+
+def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_out: str, vocab_file: str,
+                     summary_out: str, glove_source: str | None = None,
+                     answer_top: int = DEFAULT_ANSWER_TOP, progress: bool = True) -> dict[str, Any]:
+    """Encode one split; the train split also builds and writes the vocabulary.
+
+    `glove_source` (train only): a GloVe pickle, or a GloVe `.txt` file read for the vocab words
+    only; None stores `glove: None`. Returns the summary that is also written to `summary_out`.
+    """
+    check_dataset(dataset)
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if split != "train":
+        vocab = load_vocab(vocab_file)        # before the slow work, so a missing vocab fails fast
+    split_records = read_split(annotation_dir, split, dataset, progress)
+    names = video_names_for(dataset, annotation_dir, split_records)
+    if split == "train":
+        vocab = build_vocab(split_records.tokens, [r["answer"] for r in split_records.records], answer_top)
+    obj = encode_split(split_records, vocab, split, names)
+
+    summary: dict[str, Any] = {
+        "dataset": dataset,
+        "split": split,
+        "annotation_file": split_records.source,
+        "questions": len(split_records.records),
+        "max_question_length": int(obj["questions"].shape[1]),
+        "question_vocab_size": len(vocab.question_token_to_idx),
+        "answer_vocab_size": len(vocab.answer_token_to_idx),
+        "answer_coverage": float(np.mean([r["answer"] in vocab.answer_token_to_idx
+                                          for r in split_records.records])),
+        # Padding is <NULL>, so every <UNK> is a real token.
+        "unknown_token_rate": float((obj["questions"] == UNK_INDEX).sum() / obj["questions_len"].sum()),
+        "questions_file": questions_out,
+        "vocab_file": vocab_file,
+    }
+    if split == "train" and glove_source is not None:
+        words = [token for token in vocab.question_token_to_idx if token not in (NULL_TOKEN, UNK_TOKEN)]
+        glove = load_glove(glove_source, keep=set(words), progress=progress)
+        if not glove:
+            raise UserError(f"{glove_source}: none of the {len(words)} question words is in this GloVe file")
+        obj["glove"], found = glove_matrix(vocab.question_token_to_idx, glove)
+        del glove
+        summary.update(glove_file=glove_source, glove_dim=int(obj["glove"].shape[1]),
+                       glove_coverage=(found / len(words)) if words else 0.0)
+    elif split == "train":
+        summary.update(glove_file=None, glove_dim=None, glove_coverage=None)
+
+    write_pickle(questions_out, obj)
+    if split == "train":
+        write_json(vocab_file, vocab.to_json())
+    write_json(summary_out, summary)
+    return summary
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    parts = [f"{summary['dataset']} {summary['split']}: {summary['questions']} questions "
+             f"(max length {summary['max_question_length']})",
+             f"question vocab {summary['question_vocab_size']}",
+             f"answer vocab {summary['answer_vocab_size']}",
+             f"answer coverage {100 * summary['answer_coverage']:.2f}%"]
+    if summary["split"] != "train":
+        parts.append(f"unknown tokens {100 * summary['unknown_token_rate']:.2f}%")
+    if summary.get("glove_coverage") is not None:
+        parts.append(f"GloVe coverage {100 * summary['glove_coverage']:.2f}% of the vocab "
+                     f"(dim {summary['glove_dim']})")
+    elif summary["split"] == "train":
+        parts.append("no GloVe matrix")
+    return ", ".join(parts) + f" -> {summary['questions_file']}"
+
+
+# ---------------------------------------------------------------- the checked reader
+
+def _int_array(value: Any, path: str, key: str, ndim: int) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        array = None
+    if array is None or array.dtype == object or array.ndim != ndim or (
+            array.size and array.dtype.kind not in "iu"):
+        what = f"array of shape {array.shape} and dtype {array.dtype}" if array is not None else type(value).__name__
+        raise UserError(f"{path}: {key} must be a {ndim}-D integer array, found {what}")
+    return array.astype(np.int64, copy=False)
+
+
+def load_question_file(path: str | os.PathLike, question_vocab_size: int | None = None,
+                       answer_vocab_size: int | None = None) -> dict[str, Any]:
+    """Read and check a `{name}_{split}_questions.pt` (ours, or one written by HCRN/DualVGR).
+
+    Returns a dict with `questions` (Q, L) int64, `questions_len` (Q,) int64, `question_id`
+    list, `video_ids` (Q,) int64, `video_names` list of str, `answers` (Q,) int64, `glove`
+    (|Q|, D) float32 or None, and `question_text` (list of str, or None for files without it).
+    The vocabulary sizes, when given, bound the token and answer indices (and `glove`'s rows).
+    """
+    path = os.fspath(path)
+    data = safe_load(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a dict of question arrays, found {type(data).__name__}")
+    missing = [key for key in QUESTION_FILE_KEYS if key not in data and key != "glove"]
+    if missing:
+        raise UserError(f"{path}: missing {', '.join(missing)}; not a question file of this format")
+    questions = _int_array(data["questions"], path, "questions", 2)
+    count, max_len = questions.shape
+    if count == 0 or max_len == 0:
+        raise UserError(f"{path}: questions has shape {questions.shape}; expected at least one token and question")
+    lengths = _int_array(data["questions_len"], path, "questions_len", 1)
+    video_ids = _int_array(data["video_ids"], path, "video_ids", 1)
+    answers = _int_array(data["answers"], path, "answers", 1)
+    sized = {"questions_len": lengths, "video_ids": video_ids, "answers": answers}
+    for key in ("question_id", "video_names", "question_text"):
+        if key in data and data[key] is not None:
+            if not isinstance(data[key], (list, tuple, np.ndarray)) or np.ndim(data[key]) != 1:
+                raise UserError(f"{path}: {key} must be a list, found {type(data[key]).__name__}")
+            sized[key] = data[key]
+    for key, value in sized.items():
+        if len(value) != count:
+            raise UserError(f"{path}: {key} has {len(value)} entries but questions has {count} rows")
+    bad = np.flatnonzero((lengths < 1) | (lengths > max_len))
+    if bad.size:
+        raise UserError(f"{path}: question {int(bad[0])}: length {int(lengths[bad[0]])} is outside 1..{max_len}")
+    token_limit = question_vocab_size if question_vocab_size is not None else np.iinfo(np.int64).max
+    bad = np.flatnonzero(((questions < 0) | (questions >= token_limit)).any(axis=1))
+    if bad.size:
+        limit = f" (0..{token_limit - 1})" if question_vocab_size is not None else ""
+        raise UserError(f"{path}: question {int(bad[0])}: token index outside the question vocabulary{limit}")
+    answer_limit = answer_vocab_size if answer_vocab_size is not None else np.iinfo(np.int64).max
+    bad = np.flatnonzero((answers < 0) | (answers >= answer_limit))
+    if bad.size:
+        limit = f" (0..{answer_limit - 1})" if answer_vocab_size is not None else ""
+        raise UserError(f"{path}: question {int(bad[0])}: answer label {int(answers[bad[0]])} is outside "
+                        f"the answer vocabulary{limit}")
+
+    glove = data.get("glove")
+    if glove is not None:
+        if not isinstance(glove, np.ndarray) or glove.ndim != 2 or glove.dtype.kind != "f":
+            what = (f"array of shape {glove.shape} and dtype {glove.dtype}" if isinstance(glove, np.ndarray)
+                    else type(glove).__name__)
+            raise UserError(f"{path}: glove must be a 2-D float array (|Q|, D) or None, found {what}")
+        if question_vocab_size is not None and glove.shape[0] != question_vocab_size:
+            raise UserError(f"{path}: glove has {glove.shape[0]} rows but the question vocabulary has "
+                            f"{question_vocab_size} words")
+        if int(questions.max()) >= glove.shape[0]:
+            raise UserError(f"{path}: questions use token index {int(questions.max())} but glove has only "
+                            f"{glove.shape[0]} rows")
+        if not np.isfinite(glove).all():
+            raise UserError(f"{path}: glove holds non-finite values (row "
+                            f"{int(np.flatnonzero(~np.isfinite(glove).all(axis=1))[0])})")
+        glove = glove.astype(np.float32, copy=False)
+
+    text = data.get("question_text")
+    return {
+        "questions": questions,
+        "questions_len": lengths,
+        "question_id": list(data["question_id"]),
+        "video_ids": video_ids,
+        "video_names": [str(name) for name in data["video_names"]],
+        "answers": answers,
+        "glove": glove,
+        "question_text": None if text is None else [str(q) for q in text],
+    }
