@@ -1,0 +1,107 @@
+"""Extract appearance (ResNet-101) or motion (3D ResNeXt-101) features of every video (SPEC §1.3, §2).
+
+    python preprocess/preprocess_features.py --dataset msvd-qa --video-dir data/msvd-qa \\
+        --annotation-dir data/msvd-qa --model resnet101 --weights data/weights/resnet101-63fe2227.pth
+    python preprocess/preprocess_features.py --dataset msvd-qa --video-dir data/msvd-qa \\
+        --annotation-dir data/msvd-qa --model resnext101 --weights data/weights/resnext-101-kinetics.pth
+
+Writes `data/<dataset>/<dataset>_appearance_feat.h5` (resnet101) or `..._motion_feat.h5`
+(resnext101) unless `--out` says otherwise, and `<out>.failures.json` listing the videos that
+could not be used. A killed run resumes when the same command is started again. The exit status
+is 1 when some video failed (0 with --allow-failures), 2 for a usage or input error.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vqakd.annotations import DATASETS, list_videos  # noqa: E402
+from vqakd.device import resolve_device  # noqa: E402
+from vqakd.errors import UserError, run_cli  # noqa: E402
+from vqakd.extractors import (DEFAULT_CHUNK_VIDEOS, DEFAULT_FRAMES_PER_CLIP,  # noqa: E402
+                              DEFAULT_NUM_CLIPS, DEFAULT_RANDOM_SEED, EXTRACTORS,
+                              ExtractionSettings, make_extractor)
+from vqakd.io import ensure_writable_dir  # noqa: E402
+
+DEFAULT_NUM_WORKERS = 4
+OUTPUT_KIND = {"resnet101": "appearance", "resnext101": "motion"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--video-dir", "--video_dir", dest="video_dir", required=True,
+                        help="folder holding the videos (or their YouTubeClips / TrainValVideo / TestVideo folders)")
+    parser.add_argument("--annotation-dir", "--annotation_dir", dest="annotation_dir", required=True,
+                        help="folder holding {train,val,test}_qa.json (and youtube_mapping.txt for MSVD-QA)")
+    parser.add_argument("--model", required=True, choices=sorted(EXTRACTORS))
+    parser.add_argument("--num-clips", "--num_clips", dest="num_clips", type=int, default=DEFAULT_NUM_CLIPS,
+                        help="clips per video, N (8 for MSVD-QA, 16 for MSRVTT-QA)")
+    parser.add_argument("--frames-per-clip", "--frames_per_clip", dest="frames_per_clip", type=int,
+                        default=DEFAULT_FRAMES_PER_CLIP)
+    parser.add_argument("--image-height", "--image_height", dest="image_height", type=int, default=None,
+                        help="default 224 for resnet101, 112 for resnext101")
+    parser.add_argument("--image-width", "--image_width", dest="image_width", type=int, default=None)
+    parser.add_argument("--weights", default=None,
+                        help="weights file (default: data/weights/<published name>, then torchvision's cache)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random initialisation (for tests; the output is marked random_weights=True)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_RANDOM_SEED, help="seed of --random-weights")
+    parser.add_argument("--kinetics-mean", action="store_true",
+                        help="resnext101: subtract the Kinetics mean RGB (default: raw 0-255, as the original work)")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="float16 autocast (CUDA only)")
+    precision.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
+    parser.add_argument("--out", default=None,
+                        help="output HDF5 (default data/<dataset>/<dataset>_{appearance,motion}_feat.h5)")
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--gpu-id", "--gpu_id", dest="gpu_id", type=int, default=None,
+                        help="the original script's spelling of --device cuda:N")
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+                        help="images (resnet101, default 128) or clips (resnext101, default 16) per forward pass")
+    parser.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int,
+                        default=DEFAULT_NUM_WORKERS, help="video decoding processes (0: decode in this process)")
+    parser.add_argument("--chunk-videos", dest="chunk_videos", type=int, default=DEFAULT_CHUNK_VIDEOS,
+                        help="videos per saved chunk: the most work a killed run can lose")
+    parser.add_argument("--allow-failures", action="store_true",
+                        help="exit with status 0 even when some videos could not be used")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an output (or unfinished run) made with other settings")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.gpu_id is not None and args.device is not None:
+        raise UserError("give either --device or --gpu_id, not both")
+    device = resolve_device(f"cuda:{args.gpu_id}" if args.gpu_id is not None else (args.device or "auto"))
+    out = args.out or os.path.join("data", args.dataset, f"{args.dataset}_{OUTPUT_KIND[args.model]}_feat.h5")
+    ensure_writable_dir(os.path.dirname(os.path.abspath(out)), "output folder")
+    if not os.path.isdir(args.video_dir):
+        raise UserError(f"video folder not found: {args.video_dir}")
+    if not os.access(args.video_dir, os.R_OK | os.X_OK):
+        raise UserError(f"video folder is not readable: {args.video_dir}")
+    videos = list_videos(args.dataset, args.annotation_dir, args.video_dir)
+    settings = ExtractionSettings(
+        dataset=args.dataset, model=args.model, num_clips=args.num_clips,
+        frames_per_clip=args.frames_per_clip, image_height=args.image_height,
+        image_width=args.image_width, weights=args.weights, random_weights=args.random_weights,
+        random_seed=args.seed, kinetics_mean=args.kinetics_mean,
+        precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
+        chunk_videos=args.chunk_videos)
+    extractor = make_extractor(settings, device, args.batch_size, args.num_workers,
+                               progress=not args.no_progress)
+    result = extractor.run(videos, out, overwrite=args.overwrite)
+    note = "; output already complete" if result.already_complete else ""
+    print(f"{result.written} videos written, {len(result.failures)} failed (see {result.report}); "
+          f"features in {result.output}{note}")
+    if result.failures and not args.allow_failures:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

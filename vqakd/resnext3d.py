@@ -1,0 +1,158 @@
+"""The 3D ResNeXt-101 of Hara et al. (SPEC §1.3), laid out so the published Kinetics weights load as they are.
+
+`resnext-101-kinetics.pth` (github.com/kenshohara/3D-ResNets-PyTorch, release files) is a dict
+whose `state_dict` holds the weights of a `DataParallel`-wrapped model: every key starts with
+`module.`. Module names here are exactly those of Hara's `models/resnext.py`, so after stripping
+the prefix the file loads strictly.
+
+One deliberate difference: Hara's model builds `AvgPool3d((ceil(T/16), ceil(S/32), ceil(S/32)))`
+from the clip size given at construction, which for the published 16×112×112 clips is the (1, 4, 4)
+volume left after layer4. Here the pool averages over whatever volume is left (a global
+average pool, no parameters). For 16×112×112 clips that is the same (1, 4, 4) average; it also
+lets tests run on tiny clips.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from vqakd.errors import UserError
+
+KINETICS_CLASSES = 400
+RESNEXT101_LAYERS = (3, 4, 23, 3)
+CARDINALITY = 32
+FEATURE_DIM = 2048
+WEIGHTS_HOW_TO_GET = ("download resnext-101-kinetics.pth from the pretrained-model links of "
+                      "https://github.com/kenshohara/3D-ResNets-PyTorch (releases / README) and pass "
+                      "it with --weights, or use --random-weights for a test run")
+
+
+class ResNeXtBottleneck(nn.Module):
+    expansion = 2
+
+    def __init__(self, inplanes: int, planes: int, cardinality: int, stride: int = 1,
+                 downsample: nn.Module | None = None):
+        super().__init__()
+        mid_planes = cardinality * (planes // 32)
+        self.conv1 = nn.Conv3d(inplanes, mid_planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm3d(mid_planes)
+        self.conv2 = nn.Conv3d(mid_planes, mid_planes, kernel_size=3, stride=stride, padding=1,
+                               groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm3d(mid_planes)
+        self.conv3 = nn.Conv3d(mid_planes, planes * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm3d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + residual)
+
+
+class ResNeXt3D(nn.Module):
+    """3D ResNeXt with type-B (projection) shortcuts; input (B, 3, T, H, W)."""
+
+    def __init__(self, layers: tuple[int, ...] = RESNEXT101_LAYERS, cardinality: int = CARDINALITY,
+                 num_classes: int = KINETICS_CLASSES):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv3d(3, 64, kernel_size=7, stride=(1, 2, 2), padding=(3, 3, 3), bias=False)
+        self.bn1 = nn.BatchNorm3d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool3d(kernel_size=(3, 3, 3), stride=2, padding=1)
+        self.layer1 = self._make_layer(128, layers[0], cardinality)
+        self.layer2 = self._make_layer(256, layers[1], cardinality, stride=2)
+        self.layer3 = self._make_layer(512, layers[2], cardinality, stride=2)
+        self.layer4 = self._make_layer(1024, layers[3], cardinality, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(cardinality * 32 * ResNeXtBottleneck.expansion, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+            elif isinstance(module, nn.BatchNorm3d):
+                module.weight.data.fill_(1)
+                module.bias.data.zero_()
+
+    def _make_layer(self, planes: int, blocks: int, cardinality: int, stride: int = 1) -> nn.Sequential:
+        out_planes = planes * ResNeXtBottleneck.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out_planes:
+            downsample = nn.Sequential(
+                nn.Conv3d(self.inplanes, out_planes, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm3d(out_planes))
+        layers = [ResNeXtBottleneck(self.inplanes, planes, cardinality, stride, downsample)]
+        self.inplanes = out_planes
+        layers += [ResNeXtBottleneck(self.inplanes, planes, cardinality) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The global-average-pool output (B, 2048): the motion feature of SPEC §1.3."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def resnext101() -> ResNeXt3D:
+    return ResNeXt3D(RESNEXT101_LAYERS, CARDINALITY, KINETICS_CLASSES)
+
+
+def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: a bare state dict or a checkpoint dict holding `state_dict`,
+    with any DataParallel `module.` prefix removed. Only tensors are unpickled (weights_only)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: cannot read {what} (truncated or not a PyTorch weights file: "
+                        f"{first_line})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise UserError(f"{path}: {what} holds no state dict (found {type(obj).__name__})")
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise UserError(f"{path}: {what}: entry {key!r} is not a named tensor")
+        state[key[len("module."):] if key.startswith("module.") else key] = value
+    return state
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str, what: str) -> None:
+    """Load `state` into `model`, failing with the first missing, unexpected or misshapen key.
+
+    Files saved before PyTorch 0.4.1 (like the 2017 Kinetics weights) lack BatchNorm's
+    `num_batches_tracked` counters; BatchNorm fills those in itself, so they are not required.
+    """
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
+    if missing:
+        raise UserError(f"{path}: {what} does not match the architecture: missing key {missing[0]!r} "
+                        f"({len(missing)} missing)")
+    unexpected = [key for key in state if key not in expected]
+    if unexpected:
+        raise UserError(f"{path}: {what} does not match the architecture: unexpected key "
+                        f"{unexpected[0]!r} ({len(unexpected)} unexpected)")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise UserError(f"{path}: {what} does not match the architecture: key {key!r} has shape "
+                            f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_resnext101(path: str | os.PathLike) -> ResNeXt3D:
+    """The 3D ResNeXt-101 with the published `resnext-101-kinetics.pth` weights (strict)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"3D ResNeXt-101 weights file not found: {path}; {WEIGHTS_HOW_TO_GET}")
+    model = resnext101()
+    load_strict(model, read_state_dict(path, "3D ResNeXt-101 weights"), path, "3D ResNeXt-101 weights")
+    return model
