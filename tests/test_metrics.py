@@ -1,0 +1,95 @@
+"""Accuracy overall and per question type: first token, counts, unknown answers always wrong."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vqakd.metrics import (OTHER_TYPE, QUESTION_TYPES, AccuracyCounter, MetricLogger, correct_predictions,
+                           format_table, question_type_code, question_type_codes, summarize)
+
+WHAT, WHO, HOW, WHEN, WHERE = range(5)
+
+
+def test_question_type_is_the_first_token():
+    assert [question_type_code(t) for t in ("what", "who", "how", "when", "where")] == [0, 1, 2, 3, 4]
+    for other in ("is", "whose", "which", "what's", "What", "<UNK>", ""):
+        assert question_type_code(other) == OTHER_TYPE
+    assert question_type_codes(["where", "is", "who"]).tolist() == [WHERE, OTHER_TYPE, WHO]
+
+
+def test_unknown_answers_are_never_correct():
+    predictions = torch.tensor([1, 0, 2, 5, 1, 3])
+    labels = torch.tensor([1, 0, 2, 5, 2, 4])
+    # Label 1 (a val/test answer outside the vocabulary) and label 0 (<UNK0>) never count, even when predicted.
+    assert correct_predictions(predictions, labels).tolist() == [False, False, True, True, False, False]
+
+
+def test_per_type_counts_and_accuracy():
+    counter = AccuracyCounter()
+    qtypes = torch.tensor([WHAT, WHAT, WHAT, WHO, WHERE, OTHER_TYPE, OTHER_TYPE, WHAT])
+    labels = torch.tensor([2, 3, 1, 4, 5, 6, 7, 8])
+    predictions = torch.tensor([2, 9, 1, 4, 2, 6, 2, 8])
+    hits = counter.update(predictions, labels, qtypes)
+    assert hits.tolist() == [True, False, False, True, False, True, False, True]
+    summary = counter.summary()
+    assert summary["count"] == 8 and summary["correct"] == 4 and summary["accuracy"] == 0.5
+    assert summary["per_type"]["what"] == {"accuracy": 0.5, "correct": 2, "count": 4}   # unknown answer counted
+    assert summary["per_type"]["who"] == {"accuracy": 1.0, "correct": 1, "count": 1}
+    assert summary["per_type"]["where"] == {"accuracy": 0.0, "correct": 0, "count": 1}
+    assert summary["per_type"]["how"] == {"accuracy": 0.0, "correct": 0, "count": 0}
+    # "other" questions count only in the overall figure.
+    assert set(summary["per_type"]) == set(QUESTION_TYPES)
+    assert sum(v["count"] for v in summary["per_type"].values()) == 6
+
+
+def test_batches_accumulate_like_one_pass():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 6, (200,))
+    predictions = torch.where(torch.rand(200) < 0.6, labels, torch.randint(0, 6, (200,)))
+    qtypes = torch.randint(0, OTHER_TYPE + 1, (200,))
+    whole = AccuracyCounter()
+    whole.update(predictions, labels, qtypes)
+    parts = AccuracyCounter()
+    for chunk in torch.split(torch.arange(200), 37):
+        parts.update(predictions[chunk], labels[chunk], qtypes[chunk])
+    assert parts.all_reduce().summary() == whole.summary()      # single process: all_reduce is the identity
+    hits = (predictions == labels) & (labels >= 2)
+    assert whole.summary()["correct"] == int(hits.sum())
+    for code, name in enumerate(QUESTION_TYPES):
+        assert whole.summary()["per_type"][name]["count"] == int((qtypes == code).sum())
+        assert whole.summary()["per_type"][name]["correct"] == int(hits[qtypes == code].sum())
+
+
+def test_summary_and_table_format():
+    summary = summarize([3, 0, 0, 0, 1, 2], [4, 0, 0, 0, 2, 4])
+    assert summary["accuracy"] == pytest.approx(6 / 10) and summary["per_type"]["when"]["accuracy"] == 0.0
+    table = format_table(summary, "title")
+    lines = table.splitlines()
+    assert lines[0] == "title" and lines[-1].split() == ["all", "60.00%", "6", "10"]
+    assert lines[2].split() == ["what", "75.00%", "3", "4"]
+
+
+def test_metric_logger_smooths_and_averages():
+    logger = MetricLogger(window=2)
+    logger.update(loss=4.0)
+    logger.update(loss=2.0)
+    logger.update(weight=2, loss=1.0)
+    assert logger.meters["loss"].smoothed == pytest.approx(1.5)
+    assert logger.averages()["loss"] == pytest.approx((4 + 2 + 2) / 4)
+    assert logger.postfix() == {"loss": "1.5"}
+    assert math.isnan(MetricLogger().averages().get("x", math.nan))
+
+
+def test_distributed_helpers_are_identities_in_one_process(monkeypatch):
+    from vqakd import distributed as dist
+
+    assert (dist.get_rank(), dist.get_world_size(), dist.is_main(), dist.is_initialized()) == (0, 1, True, False)
+    tensor = torch.tensor([1, 2])
+    assert dist.all_reduce_sum(tensor) is tensor and tensor.tolist() == [1, 2]
+    assert dist.init_distributed() is False
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert dist.env_world_size() == 4 and dist.local_rank() == 3

@@ -1,0 +1,438 @@
+"""train.py / validate.py end to end on a tiny learnable set (CPU): the teacher learns, the
+student distils from the saved teacher, validate.py reproduces the written test figures,
+--resume continues exactly, and bad input stops with one `error:` line and exit status 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from test_train_fixtures import make_dataset, tiny_config_dict, write_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train  # noqa: E402
+import validate  # noqa: E402
+from vqakd.checkpoint import load_checkpoint  # noqa: E402
+from vqakd.errors import UserError, run_cli  # noqa: E402
+
+TEACHER_EPOCHS = 8
+STUDENT_EPOCHS = 7
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Small models: one thread is fastest and keeps a busy 2-core machine predictable.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def run_main(main, argv) -> tuple[int, str]:
+    """Run an entry point in-process as the CLI would; returns (exit code, stderr text)."""
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exited:
+        run_cli(lambda: main(argv))
+    return exited.value.code, stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    data = make_dataset(root / "data")
+    config_path = write_config(root / "tiny.yml", tiny_config_dict(data["paths"], root / "out",
+                                                                   train={"epochs": TEACHER_EPOCHS}))
+    return {"root": root, "data": data, "cfg": config_path, "out": root / "out"}
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny):
+    """The teacher, trained the way a user does it: train.py as a subprocess."""
+    result = run_script("train.py", "--cfg", tiny["cfg"], "--stage", "teacher")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"stdout": result.stdout, "folder": tiny["out"] / "teacher"}
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ----------------------------------------------------------------------------------- teacher
+
+def test_teacher_learns_and_writes_every_output(tiny, teacher_run):
+    folder = teacher_run["folder"]
+    for name in ("last.pt", "best.pt", "metrics.csv", "results.json", "curves.png", "config.yml", "train.log"):
+        assert (folder / name).is_file(), name
+    results = json.loads((folder / "results.json").read_text())
+    stats = tiny["data"]["stats"]["test"]
+    assert results["stage"] == "teacher" and results["split"] == "test"
+    assert results["count"] == stats["count"]
+    # Well above always answering the most frequent test answer.
+    assert results["accuracy"] >= stats["majority_rate"] + 0.35, results["accuracy"]
+    assert set(results["per_type"]) == {"what", "who", "how", "when", "where"}
+    assert results["per_type"]["what"]["count"] == stats["first_tokens"].count("what")
+    assert results["per_type"]["who"]["count"] == 0
+    from model import DualVGR, ModelConfig
+    rebuilt = DualVGR(ModelConfig(**load_checkpoint(str(folder / "best.pt"))["model_config"]))
+    assert results["params"] == sum(p.numel() for p in rebuilt.parameters())
+    assert results["config"]["train"]["seed"] == 666
+
+    rows = read_csv(folder / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(1, TEACHER_EPOCHS + 1))
+    for column in ("train_loss", "train_ce", "train_common", "train_dependence", "train_acc", "val_acc",
+                   "val_acc_what", "val_acc_where", "time_s", "lr"):
+        assert all(r[column] != "" for r in rows), column
+    assert all(r["train_app"] == "" for r in rows)
+    # The learning rate halves after every lr_halve_every (6) epochs; best = first epoch of max val accuracy.
+    assert float(rows[0]["lr"]) == pytest.approx(3e-3) and float(rows[6]["lr"]) == pytest.approx(1.5e-3)
+    val = [float(r["val_acc"]) for r in rows]
+    assert results["epoch"] == val.index(max(val)) + 1
+    assert load_checkpoint(str(folder / "last.pt"))["epoch"] == TEACHER_EPOCHS
+    # The per-epoch line is printed and logged.
+    assert f"epoch {TEACHER_EPOCHS}/{TEACHER_EPOCHS}" in teacher_run["stdout"]
+    assert f"epoch 1/{TEACHER_EPOCHS}" in (folder / "train.log").read_text()
+    saved = yaml.safe_load((folder / "config.yml").read_text())
+    assert saved["teacher"]["graph_layers"] == 2 and saved["output_dir"] == str(tiny["out"])
+    assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_contents_load_with_weights_only(teacher_run):
+    checkpoint = torch.load(teacher_run["folder"] / "last.pt", weights_only=True)
+    assert checkpoint["stage"] == "teacher"
+    assert checkpoint["model_config"]["graph_layers"] == 2 and checkpoint["model_config"]["num_nodes"] == 4
+    assert len(checkpoint["vocab"]["sha256"]) == 64 and checkpoint["vocab"]["answer_size"] == 11
+    assert {"python", "numpy", "torch", "cuda"} <= set(checkpoint["rng"])
+    assert checkpoint["optimizer"]["state"] and checkpoint["scheduler"]["last_epoch"] == TEACHER_EPOCHS
+    assert len(checkpoint["history"]) == TEACHER_EPOCHS
+
+
+# ----------------------------------------------------------------------------------- student
+
+def test_student_distils_from_saved_teacher(tiny, teacher_run):
+    teacher_best = teacher_run["folder"] / "best.pt"
+    teacher_bytes = teacher_best.read_bytes()
+    # --teacher defaults to <output_dir>/teacher/best.pt
+    code, err = run_main(train.main, ["--cfg", tiny["cfg"], "--stage", "student",
+                                      "--set", f"train.epochs={STUDENT_EPOCHS}"])
+    assert code == 0, err
+    folder = tiny["out"] / "student"
+    results = json.loads((folder / "results.json").read_text())
+    teacher_results = json.loads((teacher_run["folder"] / "results.json").read_text())
+    assert results["stage"] == "student" and results["distill"] == "feature"
+    assert results["teacher"] == str(teacher_best)
+    assert results["params"] < teacher_results["params"]
+    assert results["model_config"]["graph_layers"] == 1
+    assert results["accuracy"] >= tiny["data"]["stats"]["test"]["majority_rate"] + 0.25, results["accuracy"]
+    rows = read_csv(folder / "metrics.csv")
+    for column in ("train_app", "train_mo", "train_hard"):
+        values = [float(r[column]) for r in rows]
+        assert all(v >= 0 and v == v for v in values), column
+    # The student's total loss is hard + κ_a·APP + κ_m·MO (κ = 1).
+    row = rows[-1]
+    assert float(row["train_loss"]) == pytest.approx(
+        float(row["train_hard"]) + float(row["train_app"]) + float(row["train_mo"]), rel=1e-5)
+    assert teacher_best.read_bytes() == teacher_bytes
+
+
+def test_student_rejects_teacher_with_other_vocabulary(tiny, teacher_run, tmp_path):
+    data = tiny["data"]["paths"]
+    vocab = json.loads(open(data["vocab"]).read())
+    vocab["question_token_to_idx"]["extra"] = len(vocab["question_token_to_idx"])
+    other_vocab = tmp_path / "vocab.json"
+    other_vocab.write_text(json.dumps(vocab))
+    # Its GloVe matrix no longer fits the vocabulary; drop it so the teacher check is reached.
+    with open(data["train_questions"], "rb") as handle:
+        train_questions = pickle.load(handle)
+    train_questions["glove"] = None
+    with open(tmp_path / "train.pt", "wb") as handle:
+        pickle.dump(train_questions, handle)
+    config = tiny_config_dict(data, tmp_path / "out", data={**{k: data[k] for k in (
+        "val_questions", "test_questions", "appearance_feat", "motion_feat")},
+        "train_questions": str(tmp_path / "train.pt"), "vocab": str(other_vocab)})
+    cfg = write_config(tmp_path / "c.yml", config)
+    code, err = run_main(train.main, ["--cfg", cfg, "--stage", "student",
+                                      "--teacher", str(teacher_run["folder"] / "best.pt")])
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert "question vocabulary of 15 entries" in err and "has 16" in err
+
+
+def test_student_rejects_teacher_with_other_node_count(tiny, teacher_run, tmp_path):
+    data = make_dataset(tmp_path / "data", num_nodes=3)
+    config = tiny_config_dict(data["paths"], tmp_path / "out", model={"num_nodes": 3})
+    cfg = write_config(tmp_path / "c.yml", config)
+    code, err = run_main(train.main, ["--cfg", cfg, "--stage", "student",
+                                      "--teacher", str(teacher_run["folder"] / "best.pt")])
+    assert code == 2 and "num_nodes 4" in err and "model.num_nodes is 3" in err
+
+
+# ----------------------------------------------------------------------------------- validate
+
+def test_validate_reproduces_training_test_figures(tiny, teacher_run):
+    folder = teacher_run["folder"]
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code, err = run_main(validate.main, ["--cfg", tiny["cfg"], "--checkpoint", str(folder / "best.pt"),
+                                             "--write-preds"])
+    assert code == 0, err
+    written = json.loads((folder / "results.json").read_text())
+    evaluated = json.loads((folder / "eval_test.json").read_text())
+    assert evaluated["accuracy"] == written["accuracy"]
+    assert evaluated["per_type"] == written["per_type"]
+    assert evaluated["epoch"] == written["epoch"] and evaluated["split"] == "test"
+    assert "where" in stdout.getvalue() and f"{100 * written['accuracy']:.2f}%" in stdout.getvalue()
+
+    rows = read_csv(folder / "eval_test_preds.csv")
+    assert len(rows) == written["count"]
+    assert sum(int(r["correct"]) for r in rows) == written["correct"]
+    assert list(rows[0]) == ["question_id", "video_id", "question", "predicted_answer", "answer", "correct"]
+    # The fixture's first test questions have answers outside the vocabulary: never correct.
+    assert rows[0]["answer"] == "<UNK1>" and rows[0]["correct"] == "0"
+    assert rows[3]["question"].endswith("?")          # the stored question text, not decoded tokens
+    assert {int(r["video_id"]) for r in rows} <= set(tiny["data"]["ids"])
+
+
+def test_validate_accepts_original_checkpoint(tiny, teacher_run, tmp_path):
+    from model import ModelConfig
+    from model.original import ours_to_original
+
+    ours = load_checkpoint(str(teacher_run["folder"] / "best.pt"))
+    config = ModelConfig(**ours["model_config"])
+    original = {
+        "epoch": 7,
+        "state_dict": ours_to_original(ours["state_dict"], config),
+        "optimizer": {},
+        "model_kwargs": {"vision_dim": config.vision_dim, "module_dim": config.module_dim, "word_dim": config.word_dim,
+                         "num_of_nodes": config.num_nodes, "graph_module": "GAT", "graph_layers": config.graph_layers,
+                         "unit_layers": config.unit_layers},
+    }
+    path = tmp_path / "original.pt"
+    torch.save(original, path)
+    out = tmp_path / "eval.json"
+    code, err = run_main(validate.main, ["--cfg", tiny["cfg"], "--checkpoint", str(path), "--out", str(out)])
+    assert code == 0, err
+    evaluated = json.loads(out.read_text())
+    written = json.loads((teacher_run["folder"] / "results.json").read_text())
+    assert evaluated["original_checkpoint"] is True and evaluated["epoch"] == 7
+    assert evaluated["accuracy"] == written["accuracy"] and evaluated["per_type"] == written["per_type"]
+
+
+def test_truncated_checkpoint_is_one_line_error(tiny, teacher_run, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes((teacher_run["folder"] / "best.pt").read_bytes()[:5000])
+    code, err = run_main(validate.main, ["--cfg", tiny["cfg"], "--checkpoint", str(broken)])
+    assert code == 2 and err.startswith(f"error: {broken}: cannot read it as a checkpoint") and err.count("\n") == 1
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+# ----------------------------------------------------------------------------------- resume
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path):
+    paths = tiny["data"]["paths"]
+    sections = dict(train={"epochs": 3, "lr_halve_every": 2}, teacher={"graph_layers": 1})
+    full_cfg = write_config(tmp_path / "full.yml", tiny_config_dict(paths, tmp_path / "full", **sections))
+    split_cfg = write_config(tmp_path / "split.yml", tiny_config_dict(paths, tmp_path / "split", **sections))
+
+    assert run_main(train.main, ["--cfg", full_cfg, "--stage", "teacher"])[0] == 0
+    code, err = run_main(train.main, ["--cfg", split_cfg, "--stage", "teacher", "--set", "train.stop_after_epoch=2"])
+    assert code == 0, err
+    stopped = tmp_path / "split" / "teacher"
+    assert load_checkpoint(str(stopped / "last.pt"))["epoch"] == 2 and not (stopped / "results.json").exists()
+    # Without --resume an existing run is not silently overwritten.
+    code, err = run_main(train.main, ["--cfg", split_cfg, "--stage", "teacher"])
+    assert code == 2 and "--resume" in err
+    code, err = run_main(train.main, ["--cfg", split_cfg, "--stage", "teacher", "--resume"])
+    assert code == 0, err
+
+    full = load_checkpoint(str(tmp_path / "full" / "teacher" / "last.pt"))
+    resumed = load_checkpoint(str(stopped / "last.pt"))
+    assert full["epoch"] == resumed["epoch"] == 3
+    assert full["state_dict"].keys() == resumed["state_dict"].keys()
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    for key, state in full["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["optimizer"]["state"][key][name]))
+    assert full["scheduler"] == resumed["scheduler"]
+    strip = [{k: v for k, v in row.items() if k not in ("time_s", "train_questions_per_s")}
+             for row in full["history"]]
+    assert strip == [{k: v for k, v in row.items() if k not in ("time_s", "train_questions_per_s")}
+                     for row in resumed["history"]]
+    full_results = json.loads((tmp_path / "full" / "teacher" / "results.json").read_text())
+    resumed_results = json.loads((stopped / "results.json").read_text())
+    assert full_results["accuracy"] == resumed_results["accuracy"] and full_results["epoch"] == resumed_results["epoch"]
+    assert len(read_csv(stopped / "metrics.csv")) == 3
+    assert (stopped / "train.log").read_text().count("resuming teacher") == 1
+
+
+# ----------------------------------------------------------------------------------- engine
+
+def test_teacher_is_frozen_and_never_updated(tiny):
+    from vqakd.config import load_config
+    from vqakd.data import load_data, make_loader
+    from vqakd.engine import build_student_or_teacher, train_one_epoch
+
+    config = load_config(tiny["cfg"], ["data.use_glove=false"])
+    device = torch.device("cpu")
+    bundle = load_data(config, splits=("train",), device=device, progress=False)
+    torch.manual_seed(0)
+    teacher = build_student_or_teacher(config, "teacher", bundle, device, False)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = build_student_or_teacher(config, "student", bundle, device, False)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    loader = make_loader(bundle.splits["train"], bundle.table, 64, True, 0, 0, False)
+    stats = train_one_epoch(student, loader, optimizer, device, 1, stage="student", loss_cfg=config.loss,
+                            teacher=teacher, progress=False)
+    assert stats["app"] > 0 and stats["mo"] > 0
+    assert not teacher.training and student.training
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key        # BatchNorm running stats included
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_nan_loss_names_epoch_step_and_part(tiny, monkeypatch):
+    import vqakd.engine as engine
+    from vqakd.config import load_config
+    from vqakd.data import load_data, make_loader
+
+    config = load_config(tiny["cfg"], ["data.use_glove=false"])
+    device = torch.device("cpu")
+    bundle = load_data(config, splits=("train",), device=device, progress=False)
+    torch.manual_seed(0)
+    model = engine.build_student_or_teacher(config, "teacher", bundle, device, False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = make_loader(bundle.splits["train"], bundle.table, 32, True, 0, 0, False)
+    real = engine.compute_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        values = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            values["common"] = values["common"] * float("nan")
+            values["loss"] = values["loss"] + values["common"]
+        return values
+
+    monkeypatch.setattr(engine, "compute_loss", poisoned)
+    with pytest.raises(UserError, match=r"non-finite loss at epoch 5, step 3 of 6: common = nan"):
+        engine.train_one_epoch(model, loader, optimizer, device, 5, stage="teacher", loss_cfg=config.loss,
+                               progress=False)
+    assert len(calls) == 3                      # stopped at once on the CPU
+
+
+def test_overflowing_weighted_term_is_named_by_the_cli(tiny, tmp_path):
+    cfg = write_config(tmp_path / "c.yml", tiny_config_dict(tiny["data"]["paths"], tmp_path / "out"))
+    code, err = run_main(train.main, ["--cfg", cfg, "--stage", "teacher", "--beta", "1e38"])
+    assert code == 2 and err.count("\n") == 1
+    assert "non-finite loss at epoch 1, step 1 of 6: loss.beta × dependence = inf" in err
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("case", ["typo", "wrong_type", "missing_file", "clip_count", "unknown_dataset",
+                                  "vision_dim", "unwritable_output", "missing_teacher"])
+def test_bad_input_fails_with_one_clear_line(tiny, tmp_path, case):
+    paths = tiny["data"]["paths"]
+    config = tiny_config_dict(paths, tmp_path / "out")
+    stage, expected = "teacher", ""
+    if case == "typo":
+        config["train"]["epocs"] = 3
+        expected = "unknown key 'train.epocs' (did you mean 'train.epochs'?)"
+    elif case == "wrong_type":
+        config["train"]["batch_size"] = "big"
+        expected = "key 'train.batch_size' must be an integer, got 'big'"
+    elif case == "missing_file":
+        config["data"]["motion_feat"] = str(tmp_path / "nowhere_motion.h5")
+        expected = f"feature file not found: {tmp_path / 'nowhere_motion.h5'}"
+    elif case == "clip_count":
+        config["model"]["num_nodes"] = 8
+        expected = "has 4 clips per video but model.num_nodes is 8"
+    elif case == "unknown_dataset":
+        config["dataset"] = "msvd"
+        expected = "key 'dataset' must be one of 'msvd-qa', 'msrvtt-qa', 'demo', got 'msvd'"
+    elif case == "vision_dim":
+        config["model"]["vision_dim"] = 32
+        expected = "has feature size 16 but model.vision_dim is 32"
+    elif case == "unwritable_output":
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        config["output_dir"] = str(blocker / "out")
+        expected = "output folder is not writable"
+    elif case == "missing_teacher":
+        stage, expected = "student", "teacher checkpoint not found"
+    cfg = write_config(tmp_path / "bad.yml", config)
+    code, err = run_main(train.main, ["--cfg", cfg, "--stage", stage])
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()          # a failed start leaves no output folder behind
+
+
+def test_loss_modes_combine_the_parts_as_documented():
+    from model import DualVGR, ModelConfig
+    from model.losses import logit_distill_loss
+    from vqakd.config import LossConfig
+    from vqakd.engine import compute_loss
+
+    torch.manual_seed(0)
+    config = ModelConfig(question_vocab_size=15, answer_vocab_size=11, vision_dim=16, module_dim=32, word_dim=12,
+                         num_nodes=4, graph_layers=1, fusion_dim=16)
+    student, teacher = DualVGR(config).eval(), DualVGR(config).eval()
+    inputs = (torch.randn(5, 4, 3, 16), torch.randn(5, 4, 16), torch.randint(2, 15, (5, 6)),
+              torch.tensor([6, 3, 2, 6, 1]))
+    labels = torch.tensor([2, 3, 4, 0, 10])
+    out, t_out = student(*inputs), teacher(*inputs)
+    loss = LossConfig(alpha=10.0, beta=1e-3, kappa_app=2.0, kappa_mo=0.5, logit_tau=2.0, logit_mix=0.25)
+    hard = compute_loss(out, labels, loss, "teacher")
+    assert set(hard) == {"loss", "hard", "ce", "common", "dependence"}
+    torch.testing.assert_close(hard["loss"], hard["ce"] + 10.0 * hard["common"] + 1e-3 * hard["dependence"])
+    feature = compute_loss(out, labels, loss, "student", t_out)
+    torch.testing.assert_close(feature["loss"], feature["hard"] + 2.0 * feature["app"] + 0.5 * feature["mo"])
+    logit = compute_loss(out, labels, LossConfig(**{**loss.__dict__, "distill": "logit"}), "student", t_out)
+    torch.testing.assert_close(logit["kd"], logit_distill_loss(out.logits, t_out.logits, labels, 2.0, 0.25))
+    torch.testing.assert_close(logit["loss"], logit["kd"] + 10.0 * logit["common"] + 1e-3 * logit["dependence"])
+    alone = compute_loss(out, labels, LossConfig(**{**loss.__dict__, "distill": "none"}), "student")
+    torch.testing.assert_close(alone["loss"], hard["loss"])
+
+
+def test_torchrun_is_refused_until_supported(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = write_config(tmp_path / "c.yml", tiny_config_dict(tiny["data"]["paths"], tmp_path / "out"))
+    code, err = run_main(train.main, ["--cfg", cfg, "--stage", "teacher"])
+    assert code == 2 and "multi-process training (torchrun) is not supported yet" in err
+
+
+def test_validate_checks_the_data_against_the_checkpoint(teacher_run, tmp_path):
+    data = make_dataset(tmp_path / "data", videos=6, questions_per_video=3, num_nodes=3)
+    cfg = write_config(tmp_path / "c.yml", tiny_config_dict(data["paths"], tmp_path / "out", model={"num_nodes": 3}))
+    code, err = run_main(validate.main, ["--cfg", cfg, "--checkpoint", str(teacher_run["folder"] / "best.pt"),
+                                         "--out", str(tmp_path / "e.json")])
+    assert code == 2 and "has 3 clips per video but the checkpoint's model_config.num_nodes is 4" in err
+    assert not (tmp_path / "e.json").exists()

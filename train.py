@@ -1,0 +1,58 @@
+"""Train the DualVGR teacher, then distil the one-graph-layer student (SPEC §4, §5).
+
+    python train.py --cfg configs/msvd_qa.yml --stage teacher
+    python train.py --cfg configs/msvd_qa.yml --stage student [--teacher <checkpoint>] [--distill feature|logit|none]
+
+Writes `<output_dir>/<stage>/{last.pt, best.pt, metrics.csv, results.json, curves.png, config.yml,
+train.log}`; `--resume` continues a stopped run exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from vqakd.config import ORIGINAL_FLAGS, STAGES, load_config  # noqa: E402
+from vqakd.errors import run_cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True, help="YAML config (configs/msvd_qa.yml, configs/msrvtt_qa.yml)")
+    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--teacher", default=None,
+                        help="teacher checkpoint for the student stage (default: <output_dir>/teacher/best.pt)")
+    parser.add_argument("--distill", default=None, choices=("feature", "logit", "none"),
+                        help="student loss (sets loss.distill; default from the config: feature)")
+    parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/<stage>/last.pt")
+    parser.add_argument("--overwrite", action="store_true", help="discard an existing run of this stage")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (sets train.device)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set train.lr=2e-4 (repeatable)")
+    original = parser.add_argument_group("flags of the original code")
+    for flag, key in ORIGINAL_FLAGS.items():
+        kind = int if flag == "unit_layers" else float
+        original.add_argument(f"--{flag}", type=kind, default=None, help=f"sets {key}")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.distill is not None:
+        overrides.insert(0, f"loss.distill={args.distill}")
+    if args.device is not None:
+        overrides.insert(0, f"train.device={args.device}")
+    config = load_config(args.cfg, overrides, {flag: getattr(args, flag) for flag in ORIGINAL_FLAGS})
+
+    from vqakd.engine import run_training
+
+    run_training(config, args.stage, teacher_path=args.teacher, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

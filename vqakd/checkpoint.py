@@ -1,0 +1,182 @@
+"""Checkpoints: atomic save, safe load (`torch.load(weights_only=True)`), original-code import.
+
+Our checkpoint is a dict of tensors and plain Python values only, so it loads with
+`weights_only=True` (no arbitrary unpickling):
+  format, format_version, toolkit_version, stage, epoch,
+  model_config (dataclasses.asdict of model.ModelConfig), state_dict,
+  optimizer, scheduler (their state_dicts), rng (python / numpy / torch / cuda states as
+  tensors and lists), metrics (this epoch's row), history (all rows so far), best
+  ({epoch, val_accuracy}), vocab ({question_size, answer_size, sha256, path}), config (the run's
+  whole config as a dict).
+A checkpoint written by the original DualVGR/VQAKD code (it has `model_kwargs`) is converted
+with `model.original.load_original_checkpoint` and returned in the same shape, minus the
+training state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+import vqakd
+from vqakd.errors import UserError, require_file
+from vqakd.io import atomic_path
+
+CHECKPOINT_FORMAT = "vqakd-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------- RNG states
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from, in weights_only-loadable types."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state({
+        "bit_generator": numpy_state["bit_generator"],
+        "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+        "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)     # also seeds every CUDA device
+
+
+# ----------------------------------------------------------------------------------- save / load
+
+def build_checkpoint(*, model: torch.nn.Module, stage: str, epoch: int, optimizer=None, scheduler=None,
+                     metrics: Mapping | None = None, history: list | None = None, best: Mapping | None = None,
+                     vocab: Mapping | None = None, config: Mapping | None = None) -> dict[str, Any]:
+    module = getattr(model, "module", model)      # unwrap DistributedDataParallel
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "toolkit_version": vqakd.__version__,
+        "stage": stage,
+        "epoch": epoch,
+        "model_config": dataclasses.asdict(module.config),
+        "state_dict": module.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": capture_rng_state(),
+        "metrics": dict(metrics or {}),
+        "history": list(history or []),
+        "best": dict(best or {}),
+        "vocab": dict(vocab or {}),
+        "config": dict(config or {}),
+    }
+
+
+def save_checkpoint(path: str, checkpoint: Mapping[str, Any]) -> None:
+    """Write atomically: a crash never leaves a half-written file at `path`."""
+    with atomic_path(path) as tmp:
+        torch.save(dict(checkpoint), tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load ours or an original DualVGR/VQAKD checkpoint (the latter converted to our key names).
+
+    Always returns at least {"model_config": dict, "state_dict": dict, "epoch", "stage", "original"}.
+    """
+    path = require_file(path, "checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # zip/pickle/EOF/runtime errors all mean "not a readable checkpoint"
+        raise UserError(f"{path}: cannot read it as a checkpoint ({_first_line(exc)}); the file may be "
+                        "truncated, or it holds objects other than tensors and plain values") from None
+    if not isinstance(checkpoint, Mapping):
+        raise UserError(f"{path}: not a checkpoint (a {type(checkpoint).__name__}, expected a dict)")
+    if "model_kwargs" in checkpoint:
+        from model.original import load_original_checkpoint
+
+        model_config, state_dict = load_original_checkpoint(path)
+        return {"format": "original-dualvgr", "original": True, "stage": None,
+                "epoch": checkpoint.get("epoch"), "model_config": dataclasses.asdict(model_config),
+                "state_dict": state_dict, "vocab": {}, "config": {}, "metrics": {}, "history": [], "best": {}}
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a vqakd checkpoint (no 'format': {CHECKPOINT_FORMAT!r}) and not an original "
+                        "DualVGR checkpoint (no 'model_kwargs')")
+    for key in ("model_config", "state_dict"):
+        if not isinstance(checkpoint.get(key), Mapping):
+            raise UserError(f"{path}: checkpoint entry {key!r} is missing or not a mapping")
+    checkpoint = dict(checkpoint)
+    checkpoint["original"] = False
+    return checkpoint
+
+
+def model_config_from(checkpoint: Mapping[str, Any], path: str):
+    from model import ModelConfig
+
+    raw = dict(checkpoint["model_config"])
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"{path}: model_config has unknown field {unknown[0]!r}; written by a newer toolkit?")
+    try:
+        return ModelConfig(**raw)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path}: invalid model_config ({exc})") from None
+
+
+def load_state_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str) -> None:
+    """`load_state_dict(strict=True)` with an error naming the first bad key."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    if missing:
+        raise UserError(f"{path}: weights do not fit the model: missing key {missing[0]!r}"
+                        + (f" ({len(missing)} missing)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise UserError(f"{path}: weights do not fit the model: unexpected key {unexpected[0]!r}"
+                        + (f" ({len(unexpected)} unexpected)" if len(unexpected) > 1 else ""))
+    for key, value in expected.items():
+        got = state_dict[key]
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(value.shape):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise UserError(f"{path}: weights do not fit the model: key {key!r} has shape {shape}, "
+                            f"the model needs {tuple(value.shape)}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def build_model(checkpoint: Mapping[str, Any], path: str, device: torch.device):
+    """The network a checkpoint describes, with its weights loaded, on `device`."""
+    from model import DualVGR
+
+    model = DualVGR(model_config_from(checkpoint, path))
+    load_state_strict(model, checkpoint["state_dict"], path)
+    return model.to(device)

@@ -1,0 +1,435 @@
+"""The typed configuration of `train.py` / `validate.py`: YAML file + command-line overrides.
+
+Every setting is a dataclass field with a named default (SPEC §5 for training, §4 for the loss
+weights). A YAML file only needs the keys it changes. Loading checks, before any work starts:
+- every key exists (an unknown key is an error with a "did you mean" suggestion);
+- every value has the declared type (ints where ints are meant, one of the listed choices, ...);
+- the values make sense on their own (positive sizes, probabilities in [0, 1), ...).
+Checks that need the data (clips per video == `model.num_nodes`, feature sizes, vocabulary
+sizes) happen when the data is loaded (`vqakd.data`).
+
+Overrides: `--set section.key=value` (the value is parsed as YAML, so `--set train.amp=bf16`,
+`--set data.glove=null`, `--set train.lr=2e-4` all work), and the original DualVGR/VQAKD flags
+`--alpha --beta --unit_layers --t_app --t_mo --kd_alpha --kd_beta` (see ORIGINAL_FLAGS).
+Precedence: YAML file < original flags < `--set`.
+
+Paths may use `{dataset}` and `{name}`; relative paths are resolved from the current directory
+(the shipped configs assume the repository root).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+from vqakd.errors import UserError
+from vqakd.io import atomic_open
+
+DATASET_CHOICES = ("msvd-qa", "msrvtt-qa", "demo")
+STAGES = ("teacher", "student")
+
+
+@dataclass
+class DataConfig:
+    """Input files (SPEC §2) and how the feature table is held."""
+
+    vocab: str = "data/{dataset}/{dataset}_vocab.json"
+    train_questions: str = "data/{dataset}/{dataset}_train_questions.pt"
+    val_questions: str = "data/{dataset}/{dataset}_val_questions.pt"
+    test_questions: str = "data/{dataset}/{dataset}_test_questions.pt"
+    appearance_feat: str = "data/{dataset}/{dataset}_appearance_feat.h5"
+    motion_feat: str = "data/{dataset}/{dataset}_motion_feat.h5"
+    # Initialise the word embedding with the GloVe matrix stored in the train question file.
+    use_glove: bool = True
+    # Only used when the train question file carries no GloVe matrix: a GloVe pickle
+    # ({word: vector}, from txt2pickle.py) or the GloVe text file, looked up for the vocab words.
+    glove: Optional[str] = None
+    # float16 halves the memory of the in-memory feature table (MSRVTT-QA appearance: 21 GB -> 10.5 GB);
+    # batches are cast back to float32 before the network.
+    feature_dtype: Literal["float32", "float16"] = "float32"
+    # memory: both HDF5 files read once into one table, batches gathered by index.
+    # lazy: for feature files larger than RAM; each loader worker keeps one open handle per file.
+    feature_mode: Literal["memory", "lazy"] = "memory"
+    # Where the in-memory table lives: auto = on the training GPU when it fits there, else CPU.
+    feature_device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class ModelSection:
+    """Network sizes shared by teacher and student (SPEC §3); graph layers are per stage."""
+
+    vision_dim: int = 2048
+    module_dim: int = 768
+    word_dim: int = 300
+    num_nodes: int = 8          # clips per video N; must equal the feature files' clip count
+    unit_layers: int = 1        # U
+    num_heads: int = 4
+    fusion_dim: int = 256
+    fusion_factor: int = 2
+    word_dropout: float = 0.15
+    frame_dropout: float = 0.15
+    encoder_dropout: float = 0.18
+    graph_dropout: float = 0.15
+    head_dropout: float = 0.15
+
+
+@dataclass
+class StageSection:
+    graph_layers: int = 1       # G
+
+
+@dataclass
+class TrainConfig:
+    """SPEC §5 protocol."""
+
+    lr: float = 1e-4
+    batch_size: int = 256
+    eval_batch_size: Optional[int] = None   # None: same as batch_size
+    epochs: int = 25
+    lr_halve_every: int = 10                # StepLR step size, stepped once per epoch
+    lr_decay: float = 0.5                   # StepLR gamma ("halve")
+    grad_clip: float = 12.0                 # max gradient L2 norm
+    seed: int = 666
+    num_workers: int = 0                    # loader worker processes (useful in lazy mode)
+    amp: Literal["none", "bf16"] = "none"   # bf16 autocast on CUDA; the losses always run in float32
+    device: str = "auto"                    # auto | cpu | cuda | cuda:N
+    log_every: int = 50                     # steps between progress-bar updates (the only host syncs)
+    progress: bool = True                   # tqdm bars
+    # Stop (as if interrupted) after this epoch, leaving last.pt for --resume; for tests and
+    # for splitting a run across scheduler time slots. None: run all epochs.
+    stop_after_epoch: Optional[int] = None
+
+
+@dataclass
+class LossConfig:
+    """SPEC §4 loss weights."""
+
+    alpha: float = 100.0        # common loss weight
+    beta: float = 1e-6          # dependence (HSIC) loss weight
+    tau_app: float = 1.0        # temperature of the APP distillation term
+    tau_mo: float = 1.0         # temperature of the MO distillation term
+    kappa_app: float = 1.0      # weight of APP (original flag --kd_alpha)
+    kappa_mo: float = 1.0       # weight of MO (original flag --kd_beta)
+    # Student stage: feature = the paper (hard + κ_a APP + κ_m MO); logit = Hinton distillation of
+    # the answer logits (+ α C + β H); none = the student trained alone (hard loss only).
+    distill: Literal["feature", "logit", "none"] = "feature"
+    logit_tau: float = 4.0
+    logit_mix: float = 0.5      # weight of the KL term; 1 - mix goes to cross-entropy
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    dataset: Literal["msvd-qa", "msrvtt-qa", "demo"] = "msvd-qa"
+    output_dir: Optional[str] = None        # None: results/{dataset}/{name}
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    teacher: StageSection = field(default_factory=lambda: StageSection(graph_layers=4))
+    student: StageSection = field(default_factory=lambda: StageSection(graph_layers=1))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def stage(self, stage: str) -> StageSection:
+        if stage not in STAGES:
+            raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+        return getattr(self, stage)
+
+    def stage_dir(self, stage: str) -> str:
+        return os.path.join(self.output_dir, stage)
+
+
+# The original DualVGR / VQAKD command-line flags and the keys they set.
+ORIGINAL_FLAGS = {
+    "alpha": "loss.alpha",
+    "beta": "loss.beta",
+    "unit_layers": "model.unit_layers",
+    "t_app": "loss.tau_app",
+    "t_mo": "loss.tau_mo",
+    "kd_alpha": "loss.kappa_app",
+    "kd_beta": "loss.kappa_mo",
+}
+
+
+# ---------------------------------------------------------------------------- typed conversion
+
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in typing.get_args(tp))
+    if origin is typing.Union:
+        inner = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        return " or ".join(_type_name(arg) for arg in inner) + " or null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert_scalar(value: Any, tp: Any) -> Any:
+    """`value` as type `tp`, or raise TypeError."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert_scalar(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
+    if origin is Literal:
+        if isinstance(value, str) and value in typing.get_args(tp):
+            return value
+        raise TypeError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string; accept numeric text for numbers.
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def _suggest(key: str, choices: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {prefix + close[0]!r}?)"
+    return f" (known keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(choices)})"
+
+
+def _build(cls: type, raw: Any, prefix: str, origins: dict[str, str], default_source: str) -> Any:
+    """Build dataclass `cls` from the mapping `raw`, checking keys and types."""
+    where = prefix.rstrip(".") or "the top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        source = origins.get(prefix.rstrip("."), default_source)
+        raise UserError(f"{source}: {where} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in hints:
+            full = f"{prefix}{key}"
+            source = origins.get(full, default_source)
+            raise UserError(f"{source}: unknown key {full!r}{_suggest(str(key), names, prefix)}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        tp = hints[name]
+        full = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, raw[name], f"{full}.", origins, default_source)
+            continue
+        try:
+            values[name] = _convert_scalar(raw[name], tp)
+        except TypeError:
+            source = origins.get(full, default_source)
+            raise UserError(f"{source}: key {full!r} must be {_type_name(tp)}, got {raw[name]!r}") from None
+    obj = cls(**values)
+    # Sections the file left out keep their dataclass defaults (e.g. teacher G = 4).
+    return obj
+
+
+def _schema_child(cls: type, key: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints.get(key)
+
+
+def _check_key_path(path: list[str], source: str) -> None:
+    """Make sure `a.b.c` names a setting of the schema (with a suggestion if not)."""
+    cls: Any = Config
+    for depth, key in enumerate(path):
+        if not dataclasses.is_dataclass(cls):
+            raise UserError(f"{source}: {'.'.join(path[:depth])!r} is a setting, not a section")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if key not in names:
+            full = ".".join(path[:depth + 1])
+            prefix = ".".join(path[:depth]) + "." if depth else ""
+            raise UserError(f"{source}: unknown key {full!r}{_suggest(key, names, prefix)}")
+        cls = _schema_child(cls, key)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], YAML-parsed value)."""
+    source = f"--set {text}"
+    if "=" not in text:
+        raise UserError(f"{source}: expected key=value, e.g. --set train.lr=2e-4")
+    key, value_text = text.split("=", 1)
+    path = [part for part in key.strip().split(".")]
+    if not all(path):
+        raise UserError(f"{source}: {key!r} is not a dotted key such as train.lr")
+    _check_key_path(path, source)
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    return path, value
+
+
+def _set_nested(raw: dict, path: list[str], value: Any, source: str) -> None:
+    node = raw
+    for key in path[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"{source}: cannot set {'.'.join(path)} inside the non-mapping value {child!r}")
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: invalid YAML{at}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections (name, dataset, data, model, train, loss, ...)")
+    return raw
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                flags: dict[str, Any] | None = None) -> Config:
+    """Read `path` (or the defaults), apply original `flags` ({flag: value}, None = not given),
+    then `--set` `overrides`; check types and values; fill in the `{dataset}` path templates."""
+    raw = read_yaml(path) if path else {}
+    default_source = path or "config"
+    origins: dict[str, str] = {}
+    for flag, value in (flags or {}).items():
+        if value is None:
+            continue
+        if flag not in ORIGINAL_FLAGS:
+            raise ValueError(f"unknown original flag {flag!r}")
+        key = ORIGINAL_FLAGS[flag]
+        _set_nested(raw, key.split("."), value, f"--{flag}")
+        origins[key] = f"--{flag}"
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        _set_nested(raw, key_path, value, f"--set {text}")
+        origins[".".join(key_path)] = f"--set {text}"
+    config = _build(Config, raw, "", origins, default_source)
+    resolve_paths(config)
+    check_values(config, default_source)
+    return config
+
+
+def resolve_paths(config: Config) -> None:
+    """Fill `{dataset}` / `{name}` templates and the default output folder, in place."""
+    names = {"dataset": config.dataset, "name": config.name}
+
+    def fill(value: str) -> str:
+        try:
+            return value.format(**names)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise UserError(f"path {value!r}: unknown placeholder {exc} (only {{dataset}} and {{name}} exist)") \
+                from None
+
+    for f in dataclasses.fields(DataConfig):
+        value = getattr(config.data, f.name)
+        if isinstance(value, str) and f.name not in ("feature_dtype", "feature_mode", "feature_device"):
+            setattr(config.data, f.name, fill(value))
+    config.output_dir = fill(config.output_dir) if config.output_dir else os.path.join(
+        "results", config.dataset, config.name)
+
+
+def check_values(config: Config, source: str) -> None:
+    """Value ranges that do not need the data."""
+    problems = []
+
+    def positive(section: str, name: str) -> None:
+        value = getattr(getattr(config, section), name)
+        if value is not None and not value > 0:
+            problems.append(f"{section}.{name} must be > 0, got {value}")
+
+    for name in ("vision_dim", "module_dim", "word_dim", "num_nodes", "unit_layers", "num_heads",
+                 "fusion_dim", "fusion_factor"):
+        positive("model", name)
+    for stage in STAGES:
+        positive(stage, "graph_layers")
+    for name in ("lr", "batch_size", "eval_batch_size", "epochs", "lr_halve_every", "lr_decay", "grad_clip",
+                 "log_every", "stop_after_epoch"):
+        positive("train", name)
+    for name in ("tau_app", "tau_mo", "logit_tau"):
+        positive("loss", name)
+    for name in ("alpha", "beta", "kappa_app", "kappa_mo"):
+        if getattr(config.loss, name) < 0:
+            problems.append(f"loss.{name} must be >= 0, got {getattr(config.loss, name)}")
+    if not 0.0 <= config.loss.logit_mix <= 1.0:
+        problems.append(f"loss.logit_mix must be in [0, 1], got {config.loss.logit_mix}")
+    for name in ("word_dropout", "frame_dropout", "encoder_dropout", "graph_dropout", "head_dropout"):
+        value = getattr(config.model, name)
+        if not 0.0 <= value < 1.0:
+            problems.append(f"model.{name} must be in [0, 1), got {value}")
+    if config.model.module_dim % 2 == 0 and config.model.module_dim % config.model.num_heads:
+        problems.append(f"model.module_dim ({config.model.module_dim}) must be divisible by "
+                        f"model.num_heads ({config.model.num_heads})")
+    if config.model.module_dim % 2:
+        problems.append(f"model.module_dim must be even (two LSTM directions), got {config.model.module_dim}")
+    if config.train.num_workers < 0:
+        problems.append(f"train.num_workers must be >= 0, got {config.train.num_workers}")
+    if config.train.seed < 0:
+        problems.append(f"train.seed must be >= 0, got {config.train.seed}")
+    if config.train.stop_after_epoch is not None and config.train.stop_after_epoch > config.train.epochs:
+        problems.append(f"train.stop_after_epoch ({config.train.stop_after_epoch}) is after the last epoch "
+                        f"({config.train.epochs})")
+    if not config.name or "/" in config.name or config.name in (".", ".."):
+        problems.append(f"name must be a plain folder name, got {config.name!r}")
+    if problems:
+        raise UserError(f"{source}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+# ---------------------------------------------------------------------------- output
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "checkpoint config") -> Config:
+    """Rebuild a Config saved with `config_to_dict` (e.g. from a checkpoint), with the same checks."""
+    config = _build(Config, raw, "", {}, source)
+    resolve_paths(config)
+    return config
+
+
+def dump_config(config: Config, path: str) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(config_to_dict(config), handle, sort_keys=False, default_flow_style=False)
+
+
+def eval_batch_size(config: Config) -> int:
+    return config.train.eval_batch_size or config.train.batch_size

@@ -1,0 +1,138 @@
+"""Accuracy overall and per question type, kept as sums/counts; a small smoothed-value logger.
+
+Question type (SPEC §5) = the first token of the question: what / who / how / when / where;
+every other question counts only in the overall figure. Counts are kept per type in one
+(TYPES + 1,) tensor on the device, so updating costs no host synchronisation and the sums can
+be all-reduced across processes before the division.
+
+Labels 0 (`<UNK0>`, a train answer outside the vocabulary) and 1 (`<UNK1>`, a val/test answer
+outside it) stand for "some answer we cannot name": they never count as correct, even when
+the arg-max happens to be that index, and they stay in the denominator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from vqakd.distributed import all_reduce_sum
+
+QUESTION_TYPES = ("what", "who", "how", "when", "where")
+OTHER_TYPE = len(QUESTION_TYPES)            # code of every other first token
+NUM_TYPE_CODES = len(QUESTION_TYPES) + 1
+UNKNOWN_ANSWER_LABELS = (0, 1)              # <UNK0>, <UNK1>: never a correct prediction
+FIRST_ANSWER_LABEL = max(UNKNOWN_ANSWER_LABELS) + 1
+
+
+def question_type_code(first_token: str) -> int:
+    try:
+        return QUESTION_TYPES.index(first_token)
+    except ValueError:
+        return OTHER_TYPE
+
+
+def question_type_codes(first_tokens: Iterable[str]) -> torch.Tensor:
+    return torch.tensor([question_type_code(token) for token in first_tokens], dtype=torch.long)
+
+
+def correct_predictions(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Boolean per question: exact match with a nameable answer (labels 0/1 are never correct)."""
+    labels = labels.to(predictions.device)
+    return (predictions == labels) & (labels >= FIRST_ANSWER_LABEL)
+
+
+class AccuracyCounter:
+    """Correct / total per question-type code (OTHER_TYPE included), on one device."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.correct = torch.zeros(NUM_TYPE_CODES, dtype=torch.long, device=device)
+        self.total = torch.zeros(NUM_TYPE_CODES, dtype=torch.long, device=device)
+
+    def update(self, predictions: torch.Tensor, labels: torch.Tensor, qtypes: torch.Tensor) -> torch.Tensor:
+        """Add one batch; returns the per-question correctness (on the device, no sync)."""
+        hits = correct_predictions(predictions, labels)
+        qtypes = qtypes.to(self.correct.device)
+        self.correct.index_add_(0, qtypes, hits.long())
+        self.total.index_add_(0, qtypes, torch.ones_like(qtypes))
+        return hits
+
+    def all_reduce(self) -> "AccuracyCounter":
+        all_reduce_sum(self.correct)
+        all_reduce_sum(self.total)
+        return self
+
+    def summary(self) -> dict:
+        """{"accuracy", "correct", "count", "per_type": {type: {"accuracy", "correct", "count"}}};
+        accuracies are fractions in [0, 1] (0 for an empty group)."""
+        correct = self.correct.cpu().tolist()
+        total = self.total.cpu().tolist()
+        return summarize(correct, total)
+
+
+def summarize(correct: Sequence[int], total: Sequence[int]) -> dict:
+    def ratio(c: int, t: int) -> float:
+        return c / t if t else 0.0
+
+    all_correct, all_total = int(sum(correct)), int(sum(total))
+    return {
+        "accuracy": ratio(all_correct, all_total),
+        "correct": all_correct,
+        "count": all_total,
+        "per_type": {name: {"accuracy": ratio(correct[code], total[code]), "correct": int(correct[code]),
+                            "count": int(total[code])}
+                     for code, name in enumerate(QUESTION_TYPES)},
+    }
+
+
+def format_table(summary: Mapping, title: str = "") -> str:
+    """A plain-text table: overall and per type, accuracy in % with counts."""
+    lines = [title] if title else []
+    lines.append(f"{'type':<8} {'accuracy':>9} {'correct':>9} {'count':>9}")
+    rows = [(name, values) for name, values in summary["per_type"].items()]
+    rows.append(("all", summary))
+    for name, values in rows:
+        lines.append(f"{name:<8} {100 * values['accuracy']:>8.2f}% {values['correct']:>9d} {values['count']:>9d}")
+    return "\n".join(lines)
+
+
+class SmoothedValue:
+    """A window of recent values plus the running total, for progress-bar display."""
+
+    def __init__(self, window: int = 20):
+        self.recent: deque[float] = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float, weight: int = 1) -> None:
+        self.recent.append(value)
+        self.total += value * weight
+        self.count += weight
+
+    @property
+    def smoothed(self) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else math.nan
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+
+class MetricLogger:
+    """Named smoothed values; `postfix()` gives a compact dict for `tqdm.set_postfix`."""
+
+    def __init__(self, window: int = 20):
+        self.window = window
+        self.meters: dict[str, SmoothedValue] = {}
+
+    def update(self, weight: int = 1, **values: float) -> None:
+        for name, value in values.items():
+            self.meters.setdefault(name, SmoothedValue(self.window)).update(float(value), weight)
+
+    def postfix(self) -> dict[str, str]:
+        return {name: f"{meter.smoothed:.4g}" for name, meter in self.meters.items()}
+
+    def averages(self) -> dict[str, float]:
+        return {name: meter.global_avg for name, meter in self.meters.items()}
