@@ -7,11 +7,11 @@ and the record.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 from vqakd.errors import UserError
+from vqakd.io import read_json
 
 DATASETS = ("msvd-qa", "msrvtt-qa")
 SPLITS = ("train", "val", "test")
@@ -42,13 +42,7 @@ def load_qa(annotation_dir: str, split: str, dataset: str = "msvd-qa") -> list[d
     if not os.path.isfile(path):
         raise UserError(f"annotation file not found: {path} (download the {dataset.upper()} "
                         "annotations and pass their folder with --annotation-dir)")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            records = json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    records = read_json(path)
     if not isinstance(records, list):
         raise UserError(f"{path}: expected a JSON list of QA records, found {type(records).__name__}")
     if not records:

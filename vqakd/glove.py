@@ -12,7 +12,6 @@ A pickle made from it (`txt2pickle.py`, or the pandas script of the HCRN codebas
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vqakd.errors import UserError
+from vqakd.io import read_json
 from vqakd.safe_pickle import safe_load
 
 # Kept lines are parsed in batches: one C-level parse of many vectors is faster than one per line.
@@ -266,13 +266,7 @@ def read_word_list(path: str | os.PathLike) -> list[str]:
     if not os.path.isfile(path):
         raise UserError(f"vocabulary file not found: {path}")
     if path.endswith(".json"):
-        try:
-            with open(path, encoding="utf-8") as handle:
-                vocab = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+        vocab = read_json(path)
         tables = [key for key in ("question_token_to_idx", "question_answer_token_to_idx")
                   if isinstance(vocab, dict) and isinstance(vocab.get(key), dict)]
         if not tables:

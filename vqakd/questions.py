@@ -15,7 +15,6 @@ The rules follow SPEC §1.2 exactly, as the HCRN / DualVGR preprocessing applied
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from vqakd.annotations import SPLITS, check_dataset, load_msvd_mapping, load_qa, qa_path
 from vqakd.errors import UserError
 from vqakd.glove import load_glove
-from vqakd.io import write_json, write_pickle
+from vqakd.io import read_json, write_json, write_pickle
 from vqakd.safe_pickle import safe_load
 
 NULL_TOKEN, UNK_TOKEN = "<NULL>", "<UNK>"
@@ -121,13 +120,7 @@ def load_vocab(path: str) -> Vocab:
     if not os.path.isfile(path):
         raise UserError(f"vocabulary file not found: {path}; run the train split first "
                         "(--mode train builds the vocabulary that val and test are encoded with)")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object with {', '.join(VOCAB_KEYS)}")
     for key in VOCAB_KEYS[:2]:
