@@ -3,6 +3,7 @@
     python bench/features.py                 # default settings (N=8, F=16, 224 / 112) on --device auto
     python bench/features.py --small         # reduced sizes for a CPU-only machine
     python bench/features.py --precision-check   # also fp16 / bf16 against fp32 (CUDA)
+    python bench/features.py --torchrun 2        # also the command line: 2 torchrun ranks vs 1 process
 
 Both paths use the same generated MSVD-like videos (mpeg4 AVI with moving content), the same
 network object with random weights (speed does not depend on the weight values) and the same
@@ -11,7 +12,13 @@ video to RGB, then resize and run each clip through the network on its own. The 
 decodes only the needed frames in worker processes, batches frames across clips and videos,
 and writes its resumable parts and the final HDF5 file (included in its time). The report
 prints videos per second for each and their ratio, and the largest difference between the two
-outputs relative to the largest feature value.
+outputs relative to the largest feature value. With --torchrun K the command line
+(preprocess/preprocess_features.py) also runs on the same videos once as one process and once
+under `torchrun --nproc_per_node=K` (ranks share the GPU when there are fewer GPUs than ranks),
+timed from launch to merged file (start-up included), and the two files are compared.
+
+The videos are made and decoded with PyAV; without it the benchmark prints one skip line and
+exits with status 0.
 """
 
 import argparse
@@ -19,13 +26,14 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-import av  # noqa: E402
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -47,6 +55,7 @@ DISTINCT_VIDEOS = 4   # the rest are copies: decoding cost is the same, generati
 
 def make_videos(folder: str, count: int, width: int, height: int, frames: int, fps: int) -> list[Video]:
     """MSVD-like clips: a moving gradient with moving noise, so the codec has real work to do."""
+    import av
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:height, 0:width]
     noise = rng.integers(0, 24, (height, width * 2, 3), dtype=np.int16)
@@ -96,6 +105,7 @@ def calibrate_batchnorm(extractor, video: Video, passes: int = 4) -> None:
 
 def baseline(extractor, videos: list[Video]) -> np.ndarray:
     """Decode all frames to RGB, then each clip alone: resize its frames, one forward pass."""
+    import av
     s = extractor.settings
     outputs = []
     with extractor._numerics():
@@ -174,6 +184,52 @@ def bench_model(model: str, sizes: dict, videos, folder, device, args) -> dict:
     return row
 
 
+def cli_comparison(videos: list[Video], folder: str, sizes: dict, device: torch.device, args) -> dict:
+    """The command line on the generated videos: one process, then K torchrun ranks; same settings."""
+    annotations = os.path.join(folder, "annotations")
+    os.makedirs(annotations, exist_ok=True)
+    with open(os.path.join(annotations, "youtube_mapping.txt"), "w", encoding="utf-8") as handle:
+        handle.writelines(f"{video.name} vid{video.video_id + 1}\n" for video in videos)
+    with open(os.path.join(annotations, "train_qa.json"), "w", encoding="utf-8") as handle:
+        json.dump([{"question": "what?", "answer": "a", "video_id": video.video_id + 1, "id": video.video_id}
+                   for video in videos], handle)
+    model = args.models.split(",")[0]
+    size = sizes["resnet_size"] if model == "resnet101" else sizes["resnext_size"]
+    script = os.path.join(ROOT, "preprocess", "preprocess_features.py")
+    common = ["--dataset", "msvd-qa", "--video-dir", folder, "--annotation-dir", annotations, "--model", model,
+              "--random-weights", "--num-clips", str(sizes["num_clips"]), "--frames-per-clip",
+              str(sizes["frames_per_clip"]), "--image-height", str(size), "--image-width", str(size),
+              "--num-workers", str(args.num_workers), "--no-progress"]
+    if args.batch_size:
+        common += ["--batch-size", str(args.batch_size)]
+    if device.type == "cuda" and torch.cuda.device_count() < args.torchrun:
+        # More ranks than GPUs: all share this one (a plain "cuda" would mean cuda:LOCAL_RANK).
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        common += ["--device", f"cuda:{index}"]
+    elif device.type == "cpu":
+        common += ["--device", "cpu"]
+    launches = {"1 process": [sys.executable, script],
+                f"torchrun {args.torchrun} ranks": [sys.executable, "-m", "torch.distributed.run",
+                                                    f"--nproc_per_node={args.torchrun}", "--standalone", script]}
+    row, outputs = {"model": model, "videos": len(videos)}, {}
+    for name, launch in launches.items():
+        out = os.path.join(folder, name.replace(" ", "_") + ".h5")
+        start = time.perf_counter()
+        result = subprocess.run(launch + common + ["--out", out], capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+            raise SystemExit(f"{name} command line failed (status {result.returncode}): " + " | ".join(tail))
+        with h5py.File(out, "r") as h5:
+            outputs[name] = (h5["ids"][()], h5[list(k for k in h5 if k != "ids")[0]][()])
+        row[name] = {"seconds": elapsed, "videos_per_s": len(videos) / elapsed}
+    (single_ids, single), (ranks_ids, ranks) = outputs.values()
+    row["same_ids"] = bool(np.array_equal(single_ids, ranks_ids))
+    row["bit_identical"] = bool(row["same_ids"] and np.array_equal(single, ranks))
+    row["agreement"] = compare(single, ranks) if row["same_ids"] else None
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto")
@@ -186,8 +242,16 @@ def main(argv=None) -> int:
     parser.add_argument("--num-workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--precision-check", action="store_true", help="also run fp16 and bf16 (CUDA)")
+    parser.add_argument("--torchrun", type=int, default=0, metavar="K",
+                        help="also time the command line under torchrun with K ranks against one process")
     parser.add_argument("--json", default=None, help="write the results here too")
     args = parser.parse_args(argv)
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        print("bench/features.py: skipped, PyAV (package av) is not installed here, so no video can be "
+              "made or decoded (pip install av)")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -215,6 +279,17 @@ def main(argv=None) -> int:
                     print(f"  {precision}: {p['videos_per_s']:.2f} videos/s; vs fp32 max |diff| / max |feature| "
                           f"= {p['max_diff_over_max_value']:.2e}, min cosine {p['min_cosine']:.6f}, "
                           f"finite {p['finite']}")
+        if args.torchrun:
+            row = cli_comparison(videos, folder, sizes, device, args)
+            results.append({"command_line": row})
+            names = [name for name in row if name.endswith("process") or name.endswith("ranks")]
+            timings = ", ".join(f"{name} {row[name]['videos_per_s']:.2f} videos/s ({row[name]['seconds']:.1f} s)"
+                                for name in names)
+            agreement = ("bit-identical" if row["bit_identical"] else
+                         f"max |diff| / max |feature| = {row['agreement']['max_diff_over_max_value']:.2e}"
+                         if row["agreement"] else "DIFFERENT VIDEO IDS")
+            print(f"command line, {row['model']}, {row['videos']} videos, start-up included: {timings}; "
+                  f"merged output vs one process: {agreement}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"device": name, "sizes": sizes, "results": results}, handle, indent=2)

@@ -9,20 +9,29 @@ Writes `data/<dataset>/<dataset>_appearance_feat.h5` (resnet101) or `..._motion_
 (resnext101) unless `--out` says otherwise, and `<out>.failures.json` listing the videos that
 could not be used. A killed run resumes when the same command is started again. The exit status
 is 1 when some video failed (0 with --allow-failures), 2 for a usage or input error.
+
+Many GPUs: `torchrun --nproc_per_node=K preprocess/preprocess_features.py ...` (add torchrun's
+--nnodes/--node-rank/--rdzv-* flags for several machines sharing the --out filesystem). Machines
+without a shared disk: run `--num-shards S --shard-index i` on each, copy the `<out>.parts`
+folders together and run preprocess/merge_features.py.
 """
 
 import argparse
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vqakd.annotations import DATASETS, list_videos  # noqa: E402
 from vqakd.device import resolve_device  # noqa: E402
+from vqakd.distributed import cleanup, get_world_size, is_main, local_rank  # noqa: E402
 from vqakd.errors import UserError, run_cli  # noqa: E402
 from vqakd.extractors import (DEFAULT_CHUNK_VIDEOS, DEFAULT_FRAMES_PER_CLIP,  # noqa: E402
                               DEFAULT_NUM_CLIPS, DEFAULT_RANDOM_SEED, EXTRACTORS,
-                              ExtractionSettings, make_extractor)
+                              ExtractionSettings, PeerError, Shard, make_extractor,
+                              start_process_group)
 from vqakd.io import ensure_writable_dir  # noqa: E402
 
 DEFAULT_NUM_WORKERS = 4
@@ -70,14 +79,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an output (or unfinished run) made with other settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--num-shards", dest="num_shards", type=int, default=1,
+                        help="split the work into this many separate runs (e.g. one per machine); each "
+                             "writes <out>.parts, merged afterwards by preprocess/merge_features.py")
+    parser.add_argument("--shard-index", dest="shard_index", type=int, default=None,
+                        help="which of the --num-shards runs this is (0-based)")
     return parser.parse_args(argv)
+
+
+def choose_device(args: argparse.Namespace):
+    """--device / --gpu_id; under torchrun "auto" and "cuda" mean this rank's GPU, cuda:LOCAL_RANK."""
+    if args.gpu_id is not None and args.device is not None:
+        raise UserError("give either --device or --gpu_id, not both")
+    spec = f"cuda:{args.gpu_id}" if args.gpu_id is not None else (args.device or "auto")
+    if get_world_size() > 1 and spec.strip().lower() in ("auto", "cuda"):
+        device = resolve_device(spec)
+        if device.type == "cuda":
+            return resolve_device(f"cuda:{local_rank()}")
+        return device
+    return resolve_device(spec)
+
+
+def choose_shard(args: argparse.Namespace) -> Shard:
+    if args.shard_index is None:
+        if args.num_shards != 1:
+            raise UserError(f"--num-shards {args.num_shards} needs --shard-index (0..{args.num_shards - 1})")
+        return Shard()
+    return Shard(args.num_shards, args.shard_index)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.gpu_id is not None and args.device is not None:
-        raise UserError("give either --device or --gpu_id, not both")
-    device = resolve_device(f"cuda:{args.gpu_id}" if args.gpu_id is not None else (args.device or "auto"))
+    distributed = start_process_group()
+    try:
+        return extract(args)
+    except PeerError:
+        return 2   # rank 0 prints the reason
+    finally:
+        if distributed:
+            cleanup()
+
+
+def extract(args: argparse.Namespace) -> int:
+    shard = choose_shard(args)
+    device = choose_device(args)
+    if device.type == "cuda" and device.index is not None:
+        # The decoders' pin-memory thread and any stray allocation follow the current device;
+        # left at cuda:0, every rank would also open a context on the first GPU.
+        torch.cuda.set_device(device)
     out = args.out or os.path.join("data", args.dataset, f"{args.dataset}_{OUTPUT_KIND[args.model]}_feat.h5")
     ensure_writable_dir(os.path.dirname(os.path.abspath(out)), "output folder")
     if not os.path.isdir(args.video_dir):
@@ -93,11 +142,18 @@ def main(argv=None) -> int:
         precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
         chunk_videos=args.chunk_videos)
     extractor = make_extractor(settings, device, args.batch_size, args.num_workers,
-                               progress=not args.no_progress)
-    result = extractor.run(videos, out, overwrite=args.overwrite)
-    note = "; output already complete" if result.already_complete else ""
-    print(f"{result.written} videos written, {len(result.failures)} failed (see {result.report}); "
-          f"features in {result.output}{note}")
+                               progress=not args.no_progress and is_main())
+    result = extractor.run(videos, out, overwrite=args.overwrite, shard=shard)
+    if not result.main:
+        return 0
+    if not result.merged:
+        print(f"shard {shard.index} of {shard.count}: {result.written} of its {result.videos} videos written, "
+              f"{len(result.failures)} failed; parts in {result.output}. When every shard is done, "
+              f"bring the parts folders together and run: python preprocess/merge_features.py --out {out}")
+    else:
+        note = "; output already complete" if result.already_complete else ""
+        print(f"{result.written} videos written, {len(result.failures)} failed (see {result.report}); "
+              f"features in {result.output}{note}")
     if result.failures and not args.allow_failures:
         return 1
     return 0

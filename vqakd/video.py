@@ -31,9 +31,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import av
 import numpy as np
 from PIL import Image
+
+from vqakd.errors import UserError
+
+try:
+    import av
+except ImportError:   # merging parts and reading features need no decoder
+    av = None
 
 # Containers whose index lists every video sample, so `stream.frames` is the packet count.
 INDEXED_CONTAINERS = ("mov", "mp4")
@@ -46,6 +52,13 @@ class VideoError(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def require_decoder() -> None:
+    """Fail with one clear line before any work when PyAV is not installed."""
+    if av is None:
+        raise UserError("video decoding needs PyAV, which is not installed: pip install av "
+                        "(see requirements.txt)")
 
 
 def clip_frame_indices(total_frames: int, num_clips: int, frames_per_clip: int) -> np.ndarray:
@@ -84,6 +97,7 @@ class ClipFrames:
 
 
 def _open(path: str) -> av.container.InputContainer:
+    require_decoder()
     if not os.path.exists(path):
         raise VideoError("file not found")
     if os.path.isdir(path):

@@ -1,0 +1,62 @@
+"""Merge the parts of a feature extraction made by separate runs into the one SPEC HDF5 file.
+
+    # machine i of S (no shared disk), the same command everywhere but the index:
+    python preprocess/preprocess_features.py ... --out data/msvd-qa/msvd-qa_appearance_feat.h5 \\
+        --num-shards S --shard-index i
+    # then, with every machine's data/msvd-qa/msvd-qa_appearance_feat.h5.parts copied into that
+    # same folder on one machine (the chunk files have distinct names):
+    python preprocess/merge_features.py --out data/msvd-qa/msvd-qa_appearance_feat.h5
+    # or name the copied folders one by one:
+    python preprocess/merge_features.py --out data/msvd-qa/msvd-qa_appearance_feat.h5 \\
+        machine0/msvd-qa_appearance_feat.h5.parts machine1/msvd-qa_appearance_feat.h5.parts
+
+The parts must hold every chunk of the video list exactly once, all made with the same
+settings (model, weights, clips, image size, precision, ...); otherwise nothing is written and
+one line names the offending part file. Writes `<out>` (atomically) and `<out>.failures.json`
+with the failures of every shard, then removes the parts folders (unless --keep-parts).
+`preprocess_features.py` under torchrun merges by itself; this script is for parts made apart.
+Exit status: 0, or 1 when some video failed (0 with --allow-failures), 2 for an input error.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vqakd.errors import run_cli  # noqa: E402
+from vqakd.extractors import merge_into_output  # noqa: E402
+from vqakd.io import ensure_writable_dir  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="the feature file to write (the --out of the shards)")
+    parser.add_argument("parts", nargs="*",
+                        help="parts folders (default: <out>.parts, holding every shard's chunks)")
+    parser.add_argument("--keep-parts", action="store_true", help="leave the parts folders in place")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out made otherwise")
+    parser.add_argument("--allow-failures", action="store_true",
+                        help="exit with status 0 even when some videos could not be used")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    parts = args.parts or [args.out + ".parts"]
+    ensure_writable_dir(os.path.dirname(os.path.abspath(args.out)), "output folder")
+    result = merge_into_output(parts, args.out, overwrite=args.overwrite, keep_parts=args.keep_parts)
+    if result.already_complete:
+        print(f"{args.out} already holds these features ({result.written} videos, {len(result.failures)} "
+              "failed); nothing to merge")
+        return 1 if result.failures and not args.allow_failures else 0
+    kept = "kept" if args.keep_parts else "removed"
+    print(f"{result.written} videos written, {len(result.failures)} failed (see {result.report}); "
+          f"features in {result.output}; {len(parts)} parts folder(s) {kept}")
+    if result.failures and not args.allow_failures:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
