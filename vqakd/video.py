@@ -29,6 +29,7 @@ it and goes on with the next video.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,9 +99,17 @@ class ClipFrames:
 
 def _open(path: str) -> av.container.InputContainer:
     require_decoder()
-    if not os.path.exists(path):
-        raise VideoError("file not found")
-    if os.path.isdir(path):
+    # os.path.exists() is False both for a missing file and for one inside a folder the user
+    # cannot search; only stat() tells them apart, and the two need different fixes.
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise VideoError("file not found") from None
+    except PermissionError:
+        raise VideoError("cannot open: Permission denied (a folder on its path is not readable)") from None
+    except OSError as exc:
+        raise VideoError(f"cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
         raise VideoError("is a directory, not a video file")
     try:
         return av.open(path, mode="r")
