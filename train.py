@@ -5,6 +5,13 @@
 
 Writes `<output_dir>/<stage>/{last.pt, best.pt, metrics.csv, results.json, curves.png, config.yml,
 train.log}`; `--resume` continues a stopped run exactly where it stopped.
+
+Several GPUs / nodes (DistributedDataParallel; `train.batch_size` is the global batch, split
+evenly over the processes; only global rank 0 writes):
+    torchrun --nproc_per_node=4 train.py --cfg configs/msrvtt_qa.yml --stage teacher
+    # on every node (same command):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=<job id> --rdzv_backend=c10d \
+        --rdzv_endpoint=<host of node 0>:29500 train.py --cfg configs/msrvtt_qa.yml --stage teacher
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vqakd.config import ORIGINAL_FLAGS, STAGES, load_config  # noqa: E402
+from vqakd.distributed import quiet_unless_main  # noqa: E402
 from vqakd.errors import run_cli  # noqa: E402
 
 
@@ -41,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Under torchrun an error every rank hits is printed once, by rank 0.
+    return quiet_unless_main(lambda: _main(args))
+
+
+def _main(args) -> int:
     overrides = list(args.overrides)
     if args.distill is not None:
         overrides.insert(0, f"loss.distill={args.distill}")

@@ -5,6 +5,8 @@
 
 Prints overall and per-question-type accuracy with counts and writes them as JSON (default
 `<checkpoint folder>/eval_<split>.json`); `--write-preds` adds a CSV with one row per question.
+Under `torchrun --nproc_per_node=K` each process evaluates a share of the split and rank 0
+writes the figures of the whole split (every question counted once).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vqakd.config import load_config  # noqa: E402
+from vqakd.distributed import quiet_unless_main  # noqa: E402
 from vqakd.errors import run_cli  # noqa: E402
 
 
@@ -36,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Under torchrun an error every rank hits is printed once, by rank 0.
+    return quiet_unless_main(lambda: _main(args))
+
+
+def _main(args) -> int:
     overrides = list(args.overrides)
     if args.device is not None:
         overrides.insert(0, f"train.device={args.device}")

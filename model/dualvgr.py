@@ -440,7 +440,7 @@ class DualVGR(nn.Module):
 
         words, dyn, sentence = self.question_encoder(question, question_len)
         positions = torch.arange(question.size(1), device=device)
-        word_mask = positions.unsqueeze(0) < question_len.to(device).unsqueeze(1)
+        word_mask = positions.unsqueeze(0) < question_len.to(device, non_blocking=True).unsqueeze(1)
 
         appearance_feat = self.appearance_encoder(appearance)
         motion_feat = self.motion_encoder(motion)

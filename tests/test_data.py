@@ -262,3 +262,62 @@ def test_files_without_question_text_decode_tokens(tmp_path):
     split = bundle.splits["val"]
     assert split.question_text is None
     assert split.text(0, bundle.vocab).startswith("what colour is it")
+
+
+def test_reused_batch_buffers_give_the_same_batches(tiny, tmp_path):
+    bundle = load_data(config_for(tiny, tmp_path), splits=("train",), progress=False)
+    split = bundle.splits["train"]
+    fresh = make_loader(split, bundle.table, 10, True, 3, 0, False)
+    reused = make_loader(split, bundle.table, 10, True, 3, 0, False, reuse_buffers=True)
+    pointers = []
+    for epoch in (1, 2):
+        fresh.sampler.set_epoch(epoch)
+        reused.sampler.set_epoch(epoch)
+        for a, b in zip(fresh, reused, strict=True):
+            # Compared before the next batch is drawn: a reused batch is valid until then.
+            assert torch.equal(a["index"], b["index"])
+            assert torch.equal(a["appearance"], b["appearance"]) and torch.equal(a["motion"], b["motion"])
+            pointers.append(b["appearance"].data_ptr())
+    assert len(split) % 10 != 0                     # the short last batch is a view of a buffer too
+    assert len(set(pointers)) == QuestionBatches.BUFFER_RING
+    # Worker processes never reuse buffers (their tensors travel through shared memory).
+    assert not make_loader(split, bundle.table, 10, True, 3, 2, False, reuse_buffers=True).dataset.reuse_buffers
+
+
+def test_feature_device_choices_on_a_cpu_machine(tiny, tmp_path):
+    from vqakd.data import choose_table_device
+
+    bundle = load_data(config_for(tiny, tmp_path), splits=("val",), device=torch.device("cpu"), progress=False)
+    assert bundle.table.device == torch.device("cpu")
+    auto = config_for(tiny, tmp_path)
+    assert choose_table_device(auto, bundle.table, torch.device("cpu")) == torch.device("cpu")
+    forced = config_for(tiny, tmp_path, data={**tiny_data(tiny), "feature_device": "cuda"})
+    with pytest.raises(UserError, match="feature_device: cuda needs a CUDA training device"):
+        choose_table_device(forced, bundle.table, torch.device("cpu"))
+    batch = QuestionBatches(bundle.splits["val"], bundle.table)[torch.tensor([0, 2])]
+    assert batch["question_len"].device.type == "cpu" and batch["appearance"].device.type == "cpu"
+
+
+def test_data_path_benchmark_runs_and_reports_both_loaders(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_data_path", os.path.join(root, "bench", "data_path.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    previous = torch.get_num_threads()
+    try:
+        assert bench.main(["--videos", "6", "--clips", "2", "--frames", "3", "--dim", "16", "--questions", "40",
+                           "--batch-size", "8", "--batches", "2", "--rounds", "2", "--dir", str(tmp_path / "files"),
+                           "--json-out", str(tmp_path / "r.json")]) == 0
+    finally:
+        torch.set_num_threads(previous)
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["ours"]["questions_per_s"] > 0 and result["per_sample_hdf5"]["questions_per_s"] > 0
+    assert len(result["ours"]["rounds"]) == 2 and all(r["questions"] == 16 for r in result["ours"]["rounds"])
+    assert result["speedup"] == pytest.approx(result["ours"]["questions_per_s"] /
+                                              result["per_sample_hdf5"]["questions_per_s"])
+    assert "questions/s" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--questions must be at least"):
+        bench.main(["--questions", "10", "--dir", str(tmp_path / "x")])

@@ -422,11 +422,15 @@ def test_loss_modes_combine_the_parts_as_documented():
     torch.testing.assert_close(alone["loss"], hard["loss"])
 
 
-def test_torchrun_is_refused_until_supported(tiny, tmp_path, monkeypatch):
+def test_world_size_without_torchrun_is_one_clear_line(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     cfg = write_config(tmp_path / "c.yml", tiny_config_dict(tiny["data"]["paths"], tmp_path / "out"))
     code, err = run_main(train.main, ["--cfg", cfg, "--stage", "teacher"])
-    assert code == 2 and "multi-process training (torchrun) is not supported yet" in err
+    assert code == 2 and err.count("\n") == 1
+    assert "WORLD_SIZE is 2 but RANK is not set; launch with torchrun" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_validate_checks_the_data_against_the_checkpoint(teacher_run, tmp_path):
@@ -436,3 +440,67 @@ def test_validate_checks_the_data_against_the_checkpoint(teacher_run, tmp_path):
                                          "--out", str(tmp_path / "e.json")])
     assert code == 2 and "has 3 clips per video but the checkpoint's model_config.num_nodes is 4" in err
     assert not (tmp_path / "e.json").exists()
+
+
+def _small_training_setup(tiny):
+    from vqakd.config import load_config
+    from vqakd.data import load_data, make_loader
+    from vqakd.engine import build_student_or_teacher
+
+    config = load_config(tiny["cfg"], ["data.use_glove=false"])
+    device = torch.device("cpu")
+    bundle = load_data(config, splits=("train",), device=device, progress=False)
+    torch.manual_seed(0)
+    model = build_student_or_teacher(config, "teacher", bundle, device, False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = make_loader(bundle.splits["train"], bundle.table, 32, True, 0, 0, False, reuse_buffers=True)
+    return config, device, model, optimizer, loader
+
+
+def test_training_step_reads_nothing_back_except_every_log_every_steps(tiny, monkeypatch):
+    """The GPU rule, checked on the CPU: the toolkit's code (engine, metrics, data) converts no
+    tensor to a Python value or host copy inside a step, except on logging steps."""
+    import vqakd.data
+    import vqakd.engine as engine
+    import vqakd.metrics
+
+    config, device, model, optimizer, loader = _small_training_setup(tiny)
+    ours = {os.path.abspath(m.__file__) for m in (engine, vqakd.metrics, vqakd.data)}
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            if os.path.abspath(sys._getframe(1).f_code.co_filename) in ours:
+                reads.append(name)
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    per_step = []
+    real_step = optimizer.step
+
+    def step(*args, **kwargs):
+        per_step.append(len(reads))
+        return real_step(*args, **kwargs)
+
+    optimizer.step = step
+    engine.train_one_epoch(model, loader, optimizer, device, 1, stage="teacher", loss_cfg=config.loss,
+                           log_every=3, check_every=3, progress=True)
+    assert len(per_step) == 6
+    # reads[k] counted before step k+1's update: a step's reads show up in the next difference.
+    deltas = [b - a for a, b in zip([0] + per_step[:-1], per_step)]
+    assert deltas[:4] == [0, 0, 0, deltas[3]] and deltas[3] > 0       # step 3 logged and checked
+    assert deltas[1] == deltas[2] == deltas[4] == deltas[5] == 0
+
+
+def test_bf16_autocast_trains_on_the_cpu(tiny):
+    import vqakd.engine as engine
+
+    config, device, model, optimizer, loader = _small_training_setup(tiny)
+    stats = engine.train_one_epoch(model, loader, optimizer, device, 1, stage="teacher", loss_cfg=config.loss,
+                                   amp="bf16", progress=False)
+    assert 0 < stats["loss"] < float("inf") and stats["questions"] == len(loader.dataset)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

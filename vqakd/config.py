@@ -90,6 +90,8 @@ class TrainConfig:
     """SPEC §5 protocol."""
 
     lr: float = 1e-4
+    # The GLOBAL batch: under torchrun with K processes each takes batch_size / K questions per
+    # step (must divide), so K GPUs follow the one-GPU recipe.
     batch_size: int = 256
     eval_batch_size: Optional[int] = None   # None: same as batch_size
     epochs: int = 25
@@ -99,6 +101,7 @@ class TrainConfig:
     seed: int = 666
     num_workers: int = 0                    # loader worker processes (useful in lazy mode)
     amp: Literal["none", "bf16"] = "none"   # bf16 autocast on CUDA; the losses always run in float32
+    tf32: bool = True                       # TF32 matmuls/convolutions on CUDA (no effect on the CPU)
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
     log_every: int = 50                     # steps between progress-bar updates (the only host syncs)
     progress: bool = True                   # tqdm bars

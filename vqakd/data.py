@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from vqakd.config import Config
+from vqakd.distributed import local_world_size
 from vqakd.errors import UserError, require_file
 from vqakd.metrics import question_type_codes
 from vqakd.questions import load_question_file, load_vocab
@@ -227,18 +228,28 @@ class FeatureTable:
         mot = np.array([self.motion_info.row_of[int(v)] for v in video_ids], dtype=np.int64)
         return app, mot
 
-    def load(self, progress: bool = True) -> None:
-        """Read both files into memory, checking every video for NaN/inf."""
-        available = _available_memory_bytes()
-        if available is not None and self.nbytes() > MEMORY_HEADROOM * available:
-            raise UserError(
-                f"the feature table needs {self.nbytes() / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of "
-                "memory is available; set data.feature_dtype: float16 (half the size) or data.feature_mode: lazy")
-        self.appearance = self._load_file(self.appearance_info, progress)
-        self.motion = self._load_file(self.motion_info, progress)
+    def load(self, progress: bool = True, device: torch.device | None = None, copies_per_node: int = 1) -> None:
+        """Read both files into memory on `device` (default CPU), checking every video for NaN/inf.
 
-    def _load_file(self, info: FeatureFileInfo, progress: bool) -> torch.Tensor:
-        table = torch.empty(info.shape, dtype=self.dtype)
+        A GPU table is filled chunk by chunk, so host memory never holds the whole table.
+        `copies_per_node`: processes on this machine that each hold a CPU copy (torchrun's
+        LOCAL_WORLD_SIZE); they share its RAM.
+        """
+        device = torch.device("cpu") if device is None else device
+        if device.type == "cpu":
+            available = _available_memory_bytes()
+            needed = self.nbytes() * copies_per_node
+            if available is not None and needed > MEMORY_HEADROOM * available:
+                copies = f" ({copies_per_node} processes on this machine, one copy each)" if copies_per_node > 1 else ""
+                raise UserError(
+                    f"the feature table needs {needed / 2**30:.1f} GiB{copies} but only {available / 2**30:.1f} GiB "
+                    "of memory is available; set data.feature_dtype: float16 (half the size) or "
+                    "data.feature_mode: lazy")
+        self.appearance = self._load_file(self.appearance_info, progress, device)
+        self.motion = self._load_file(self.motion_info, progress, device)
+
+    def _load_file(self, info: FeatureFileInfo, progress: bool, device: torch.device) -> torch.Tensor:
+        table = torch.empty(info.shape, dtype=self.dtype, device=device)
         row_bytes = int(np.prod(info.shape[1:])) * 4
         chunk = max(1, LOAD_CHUNK_BYTES // row_bytes)
         with _open_h5(info.path) as handle:
@@ -253,7 +264,7 @@ class FeatureTable:
                     raise UserError(f"{info.path}: cannot read {info.dataset!r} rows {start}..{stop - 1} ({exc}); "
                                     "the file may be truncated") from None
                 block = _convert_checked(info, block, np.arange(start, stop), self.dtype_name)
-                table[start:stop] = torch.from_numpy(block)
+                table[start:stop] = torch.from_numpy(block).to(device)
                 bar.update(stop - start)
             bar.close()
         return table
@@ -271,11 +282,16 @@ class FeatureTable:
             self._handles = (pid, _open_h5(self.appearance_info.path), _open_h5(self.motion_info.path))
         return self._handles[1], self._handles[2]
 
-    def gather(self, app_rows: torch.Tensor, mot_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of a batch of rows (float32 or float16, on the table's device)."""
+    def gather(self, app_rows: torch.Tensor, mot_rows: torch.Tensor,
+               out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of a batch of rows (float32 or float16, on the table's device); in memory
+        mode written into `out` (appearance, motion) when given."""
         if self.mode == "memory":
-            return (self.appearance.index_select(0, app_rows.to(self.appearance.device)),
-                    self.motion.index_select(0, mot_rows.to(self.motion.device)))
+            app_rows, mot_rows = app_rows.to(self.appearance.device), mot_rows.to(self.motion.device)
+            if out is None:
+                return self.appearance.index_select(0, app_rows), self.motion.index_select(0, mot_rows)
+            return (torch.index_select(self.appearance, 0, app_rows, out=out[0]),
+                    torch.index_select(self.motion, 0, mot_rows, out=out[1]))
         app_file, mot_file = self._lazy_handles()
         rows_a, rows_m = app_rows.cpu().numpy(), mot_rows.cpu().numpy()
         app = _convert_checked(self.appearance_info, _read_rows(self.appearance_info, app_file, rows_a), rows_a,
@@ -348,27 +364,69 @@ def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable) -> 
 # ----------------------------------------------------------------------------------- batches
 
 class QuestionBatches(Dataset):
-    """`dataset[indices]` -> one whole batch (a dict of tensors); indices is a 1-D index tensor."""
+    """`dataset[indices]` -> one whole batch (a dict of tensors); indices is a 1-D index tensor.
 
-    def __init__(self, split: QuestionSplit, table: FeatureTable):
+    When the feature table is on a GPU, the split's per-question tensors are copied there once
+    and a batch is gathered entirely on the device: one small non-blocking copy of the index,
+    no host synchronisation. `question_len` always stays on the CPU (pack_padded_sequence
+    wants CPU lengths; reading them back from a GPU would wait for the GPU).
+
+    `reuse_buffers` (a CPU table gathered in the main process): the features are written into
+    one of BUFFER_RING preallocated batch buffers in turn instead of a fresh tensor per batch.
+    A fresh 256 MiB tensor costs ~65k page faults (the allocator returns such blocks to the OS),
+    six times the copy itself. A batch's feature tensors are therefore only valid until
+    BUFFER_RING - 1 further batches have been drawn: right for a training/eval loop, wrong for
+    code that keeps batches (which must leave it off, the default).
+    """
+
+    ON_DEVICE = ("questions", "answers", "qtypes", "app_rows", "mot_rows")
+    BUFFER_RING = 2
+
+    def __init__(self, split: QuestionSplit, table: FeatureTable, reuse_buffers: bool = False):
         self.split = split
         self.table = table
+        self.device = table.device if table.mode == "memory" else torch.device("cpu")
+        self.columns = {name: getattr(split, name).to(self.device) for name in self.ON_DEVICE}
+        self.reuse_buffers = reuse_buffers and table.mode == "memory" and self.device.type == "cpu"
+        self._ring: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = []
+        self._turn = -1
+
+    def _buffers(self, size: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.reuse_buffers:
+            return None
+        self._turn = (self._turn + 1) % self.BUFFER_RING
+        if len(self._ring) <= self._turn:
+            self._ring.append(None)
+        pair = self._ring[self._turn]
+        if pair is None or pair[0].shape[0] < size:
+            table = self.table
+            pair = (torch.empty((size,) + tuple(table.appearance.shape[1:]), dtype=table.appearance.dtype),
+                    torch.empty((size,) + tuple(table.motion.shape[1:]), dtype=table.motion.dtype))
+            self._ring[self._turn] = pair
+        return pair[0][:size], pair[1][:size]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_ring"] = []          # a worker process builds its own (never used there: see make_loader)
+        return state
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, indices: Any) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        split = self.split
-        appearance, motion = self.table.gather(split.app_rows[index], split.mot_rows[index])
+        at = index.to(self.device, non_blocking=True)
+        columns = self.columns
+        appearance, motion = self.table.gather(columns["app_rows"][at], columns["mot_rows"][at],
+                                               out=self._buffers(int(index.shape[0])))
         return {
             "index": index,
             "appearance": appearance,
             "motion": motion,
-            "question": split.questions[index],
-            "question_len": split.lengths[index],
-            "answer": split.answers[index],
-            "qtype": split.qtypes[index],
+            "question": columns["questions"][at],
+            "question_len": self.split.lengths[index],
+            "answer": columns["answers"][at],
+            "qtype": columns["qtypes"][at],
         }
 
 
@@ -426,14 +484,19 @@ class EpochBatchSampler(Sampler):
 
 
 def make_loader(split: QuestionSplit, table: FeatureTable, batch_size: int, shuffle: bool, seed: int,
-                num_workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1) -> DataLoader:
+                num_workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1,
+                reuse_buffers: bool = False) -> DataLoader:
+    """Batches of `split` (this rank's share). `reuse_buffers`: see QuestionBatches; only used
+    when batches are gathered in this process (no workers: a worker's tensors travel through
+    shared memory, which a reused buffer would overwrite)."""
     sampler = EpochBatchSampler(len(split), batch_size, shuffle, seed, rank, world_size, drop_single_last=shuffle)
     on_gpu = table.device.type != "cpu"
+    workers = 0 if on_gpu else num_workers
     return DataLoader(
-        QuestionBatches(split, table),
+        QuestionBatches(split, table, reuse_buffers=reuse_buffers and workers == 0),
         sampler=sampler,
         batch_size=None,                          # the sampler yields whole batches
-        num_workers=0 if on_gpu else num_workers,
+        num_workers=workers,
         pin_memory=pin_memory and not on_gpu,
         # A private generator: creating loader iterators must not consume the global RNG that
         # dropout draws from (a resumed run restores that RNG exactly).
@@ -479,9 +542,14 @@ def choose_table_device(config: Config, table: FeatureTable, device: torch.devic
         if want == "cuda" and (device.type != "cuda" or table.mode != "memory"):
             raise UserError("data.feature_device: cuda needs a CUDA training device and data.feature_mode: memory")
         return torch.device("cpu")
-    if want == "cuda":
-        return device
     free, _total = torch.cuda.mem_get_info(device)
+    if want == "cuda":
+        if table.nbytes() > free:
+            raise UserError(f"data.feature_device: cuda, but the feature table needs {table.nbytes() / 2**30:.1f} GiB "
+                            f"and {device} has {free / 2**30:.1f} GiB free; use feature_device: auto or cpu, or "
+                            "feature_dtype: float16")
+        return device
+    # auto: leave at least half of the free memory to the model, its activations and the optimizer.
     return device if table.nbytes() <= GPU_TABLE_SHARE * free else torch.device("cpu")
 
 
@@ -495,9 +563,8 @@ def load_data(config: Config, splits: tuple[str, ...] = SPLITS, device: torch.de
              "test": config.data.test_questions}
     loaded = {name: load_split(name, paths[name], vocab, table) for name in splits}
     if table.mode == "memory":
-        table.load(progress)
-        if device is not None:
-            table.to(choose_table_device(config, table, device))
+        target = choose_table_device(config, table, device) if device is not None else torch.device("cpu")
+        table.load(progress, target, copies_per_node=local_world_size() if target.type == "cpu" else 1)
     return DataBundle(vocab, table, loaded)
 
 

@@ -13,6 +13,16 @@ Stages (SPEC §4, §5):
 Loss values and accuracies stay on the device during an epoch; the host reads them only every
 `train.log_every` steps (and every step on the CPU, where reading costs nothing), which is also
 when a non-finite loss is reported, naming the epoch, the step and the loss part.
+
+Several processes (`torchrun --nproc_per_node=K`, any number of nodes): DistributedDataParallel
+with `train.batch_size` as the GLOBAL batch (B/K questions per process, B must be divisible by
+K), so K processes follow the one-process recipe: each step's K shares are exactly the
+one-process batch, gradients are averaged, BatchNorm statistics cover the whole batch
+(`vqakd.distributed.GlobalBatchNorm1d`) and the HSIC term, a per-question sum, is scaled by K on
+each share. With dropout off, K processes and one process train the same network up to float
+rounding; with dropout on, each process draws its own masks (seeded by seed, epoch and rank, so
+--resume is still exact). Evaluation shards each split without padding and sums correct/total
+counts, so every question counts exactly once. Only global rank 0 writes files and logs.
 """
 
 from __future__ import annotations
@@ -49,11 +59,20 @@ CURVES_REFRESH_S = 60.0
 # ----------------------------------------------------------------------------------- the loss
 
 def compute_loss(output, labels: torch.Tensor, loss_cfg: LossConfig, stage: str,
-                 teacher_output=None) -> dict[str, torch.Tensor]:
-    """All loss parts of one batch; "loss" is the one to minimise."""
+                 teacher_output=None, batch_shards: int = 1) -> dict[str, torch.Tensor]:
+    """All loss parts of one batch; "loss" is the one to minimise.
+
+    `batch_shards`: the global batch is split over this many processes whose gradients are
+    averaged. Every part is a per-question mean except the HSIC dependence term, a sum over
+    the batch: it is multiplied by the shard count, so the averaged gradient (and the logged
+    value) equals the one-process one.
+    """
     from model.losses import feature_distill_loss, hard_loss, logit_distill_loss
 
     hard, parts = hard_loss(output, labels, alpha=loss_cfg.alpha, beta=loss_cfg.beta)
+    if batch_shards > 1:
+        parts = dict(parts, dependence=parts["dependence"] * batch_shards)
+        hard = parts["ce"] + loss_cfg.alpha * parts["common"] + loss_cfg.beta * parts["dependence"]
     values = {"hard": hard, "ce": parts["ce"], "common": parts["common"], "dependence": parts["dependence"]}
     distill = loss_cfg.distill if stage == "student" else "none"
     if distill == "feature":
@@ -72,8 +91,48 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
+# Stay on the CPU: the model hands the lengths to pack_padded_sequence, which wants them there.
+HOST_KEYS = ("question_len", "index")
+
+
 def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    return {key: value if key in HOST_KEYS else value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def configure_backends(device: torch.device, tf32: bool = True) -> None:
+    """TF32 matmuls and convolutions on CUDA (Ampere and newer): ~same accuracy for this model,
+    several times the float32 throughput."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def resolve_training_device(spec: str) -> torch.device:
+    """`train.device` for this process: under torchrun, auto/cuda mean cuda:LOCAL_RANK (the GPU
+    of this process on its own node)."""
+    if dist.env_world_size() <= 1 and not dist.launched_by_torchrun():
+        return resolve_device(spec)
+    spec = (spec or "auto").strip().lower()
+    if spec.startswith("cuda:"):
+        raise UserError(f"train.device {spec!r}: under torchrun every process uses cuda:LOCAL_RANK; set train.device "
+                        "to auto or cuda (and pick GPUs with CUDA_VISIBLE_DEVICES)")
+    device = resolve_device(spec)
+    if device.type != "cuda":
+        return device
+    index = dist.local_rank()
+    if index >= torch.cuda.device_count():
+        raise UserError(f"LOCAL_RANK {index} but only {torch.cuda.device_count()} CUDA device(s) are visible; use "
+                        "--nproc_per_node at most the number of GPUs per node")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def per_process_batch(batch_size: int, world_size: int, what: str = "train.batch_size") -> int:
+    """The global batch split over the processes."""
+    if batch_size % world_size:
+        raise UserError(f"{what} ({batch_size}) is the global batch and must be divisible by the number of processes "
+                        f"({world_size}); e.g. --set {what}={batch_size // world_size * world_size or world_size}")
+    return batch_size // world_size
 
 
 def _forward(model, batch):
@@ -106,10 +165,23 @@ class _NonFiniteWatch:
         self.values = torch.where(newly, values, self.values)
 
     def check(self, epoch: int, steps: int) -> None:
-        step = int(self.step)
-        if step < 0:
-            return
-        values = self.values.cpu().tolist()
+        """Raise if a step so far was not finite. Under torchrun every rank calls this at the same
+        steps and every rank raises the same error (the earliest bad step of any rank)."""
+        world = dist.get_world_size()
+        if world > 1:
+            never = (steps + 1) * world
+            key = torch.where(self.step < 0, torch.full_like(self.step, never), self.step * world + dist.get_rank())
+            dist.all_reduce_min(key)
+            key = int(key)
+            if key >= never:
+                return
+            step, owner = divmod(key, world)
+            values = dist.broadcast(self.values.clone(), owner).cpu().tolist()
+        else:
+            step = int(self.step)
+            if step < 0:
+                return
+            values = self.values.cpu().tolist()
         parts = dict(zip(self.names, values[:len(self.names)]))
         raw = [f"{name} = {value}" for name, value in parts.items()
                if name in self.RAW_PARTS and not math.isfinite(value)]
@@ -117,14 +189,24 @@ class _NonFiniteWatch:
                     for (part, weight_name, weight), value in zip(self.weighted, values[len(self.names):])
                     if not math.isfinite(value)]
         bad = raw or weighted or [f"{name} = {value}" for name, value in parts.items() if not math.isfinite(value)]
-        raise UserError(f"non-finite loss at epoch {epoch}, step {step} of {steps}: {'; '.join(bad)}; "
-                        "lower train.lr or the loss weights, or check the features for extreme values")
+        error = UserError(f"non-finite loss at epoch {epoch}, step {step} of {steps}: {'; '.join(bad)}; "
+                          "lower train.lr or the loss weights, or check the features for extreme values")
+        error.shown_by_main = world > 1          # every rank raises it; rank 0 prints it
+        raise error
 
 
 def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, *, stage: str,
                     loss_cfg: LossConfig, teacher=None, grad_clip: float = 12.0, amp: str = "none",
-                    log_every: int = 50, progress: bool = True) -> dict[str, Any]:
-    """One pass over the training loader. Returns averaged loss parts, train accuracy, time."""
+                    log_every: int = 50, progress: bool = True, batch_shards: int = 1,
+                    check_every: Optional[int] = None) -> dict[str, Any]:
+    """One pass over the training loader. Returns averaged loss parts, train accuracy, time
+    (summed over every process). `model` may be wrapped in DistributedDataParallel;
+    `batch_shards` is then the world size (see `compute_loss`).
+
+    No host synchronisation inside a step on a GPU: the step's values are accumulated on the
+    device and read every `log_every` steps (the non-finite check and the progress bar).
+    `check_every`: steps between non-finite checks (default: every step on the CPU, where
+    reading a value costs nothing, else log_every)."""
     model.train()
     if teacher is not None:
         teacher.eval()
@@ -138,7 +220,8 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
     if distill == "feature":
         weighted += (("app", "loss.kappa_app", loss_cfg.kappa_app), ("mo", "loss.kappa_mo", loss_cfg.kappa_mo))
     watch = _NonFiniteWatch(names, weighted, device)
-    check_every = 1 if device.type == "cpu" else log_every
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else log_every
     logger = MetricLogger()
     steps = len(loader)
     started = time.perf_counter()
@@ -154,7 +237,7 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
                 teacher_output = _forward(teacher, batch)
         with _autocast(device, amp):
             output = _forward(model, batch)
-        values = compute_loss(output, labels, loss_cfg, stage, teacher_output)
+        values = compute_loss(output, labels, loss_cfg, stage, teacher_output, batch_shards)
         optimizer.zero_grad(set_to_none=True)
         values["loss"].backward()
         torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
@@ -188,7 +271,13 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
 def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_predictions: bool = False,
              progress: bool = False, desc: str = "eval") -> tuple[dict, Optional[dict[str, np.ndarray]]]:
     """Accuracy overall and per question type (summed over all processes); optionally the
-    arg-max prediction of every question ({"index", "prediction"}, this process's share)."""
+    arg-max prediction of every question ({"index", "prediction"}, this process's share).
+    Runs the plain module even when given a DDP wrapper: ranks may hold different numbers of
+    batches, and DDP's forward must not be called a different number of times per rank."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
     model.eval()
     counter = AccuracyCounter(device)
     indices, predictions = [], []
@@ -349,12 +438,13 @@ def _folders_to_create(path: str) -> list[str]:
 
 def _start_stage(config: Config, stage: str, paths: SimpleNamespace, teacher_path: Optional[str], resume: bool,
                  overwrite: bool, device: torch.device, log: RunLog) -> SimpleNamespace:
-    """Every start-up check and load, before anything in the output folder changes."""
+    """Every start-up check and load, before anything in the output folder changes (every rank
+    runs it; nothing here writes but the writability probe)."""
     ensure_writable_dir(paths.folder, f"{stage} output folder")
     if os.path.exists(paths.last) and not resume and not overwrite:
         raise UserError(f"{paths.folder} already holds a {stage} run ({paths.last}); pass --resume to continue it "
                         "or --overwrite to start again")
-    progress = config.train.progress
+    progress = config.train.progress and dist.is_main()
     distill = config.loss.distill if stage == "student" else "none"
     teacher_file = None
     if distill != "none":
@@ -364,6 +454,7 @@ def _start_stage(config: Config, stage: str, paths: SimpleNamespace, teacher_pat
                             "(--stage teacher) or pass --teacher <checkpoint>")
 
     bundle = load_data(config, device=device, progress=progress)
+    # The frozen teacher runs on every rank, on that rank's own share of the batch.
     teacher = load_teacher(teacher_file, config, bundle, device)[0] if teacher_file else None
 
     seed_everything(config.train.seed)
@@ -374,6 +465,7 @@ def _start_stage(config: Config, stage: str, paths: SimpleNamespace, teacher_pat
     state = SimpleNamespace(bundle=bundle, teacher=teacher, teacher_file=teacher_file, distill=distill, model=model,
                             optimizer=optimizer, scheduler=scheduler, history=[], best={}, start_epoch=1)
     if resume and os.path.isfile(paths.last):
+        # Every rank reads the checkpoint (to the CPU; load_state_dict copies to this rank's device).
         checkpoint = load_checkpoint(paths.last)
         ours = dataclasses.asdict(model.config)
         saved = checkpoint["model_config"]
@@ -392,31 +484,60 @@ def _start_stage(config: Config, stage: str, paths: SimpleNamespace, teacher_pat
         state.history = list(checkpoint.get("history") or [])
         state.best = dict(checkpoint.get("best") or {})
         state.start_epoch = int(checkpoint["epoch"]) + 1
-        log(f"resuming {stage} from {paths.last} after epoch {checkpoint['epoch']}")
-    elif resume:
-        log(f"no checkpoint at {paths.last}; starting {stage} from epoch 1")
-    elif overwrite:
-        # Only now that the new run has passed every check is the old one discarded.
-        for name in STAGE_FILES:
-            if os.path.exists(getattr(paths, name)):
-                os.remove(getattr(paths, name))
+        state.resumed_from = int(checkpoint["epoch"])
     return state
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Under torchrun: each rank's dropout masks for an epoch come from (seed, epoch, rank), so a
+    resumed run draws what an uninterrupted one draws without saving every rank's RNG state."""
+    torch.manual_seed(seed + 1_000_003 * epoch + 7_919 * rank)
+
+
+def _wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.convert_batchnorm(model)
+    # Every parameter gets a gradient in every stage and distillation mode (checked by
+    # tests/test_distributed_train.py), so DDP need not search for unused ones. BatchNorm
+    # buffers are identical on every rank (global statistics): no per-step buffer broadcast.
+    import inspect
+
+    # torch >= 2.14 renames broadcast_buffers (it still syncs once at start, which is harmless here).
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                      else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=False, **no_buffer_sync)
 
 
 def run_training(config: Config, stage: str, teacher_path: Optional[str] = None, resume: bool = False,
                  overwrite: bool = False) -> dict[str, Any]:
-    """Train one stage end to end; returns the results.json content (or {} when stopped early)."""
+    """Train one stage end to end; returns the results.json content (or {} when stopped early).
+    Under torchrun every process calls this; see the module docstring."""
+    with dist.session():
+        return _run_training(config, stage, teacher_path, resume, overwrite)
+
+
+def _run_training(config: Config, stage: str, teacher_path: Optional[str], resume: bool,
+                  overwrite: bool) -> dict[str, Any]:
     from vqakd.plots import plot_curves
 
     config.stage(stage)
-    if dist.env_world_size() > 1:
-        raise UserError("multi-process training (torchrun) is not supported yet; run a single process")
-    device = resolve_device(config.train.device)
+    world, rank, main = dist.get_world_size(), dist.get_rank(), dist.is_main()
     paths = stage_files(config.stage_dir(stage))
     log = RunLog(paths.log)
     new_folders = _folders_to_create(paths.folder)
-    try:
+
+    def start():
+        device = resolve_training_device(config.train.device)
+        batch_train = per_process_batch(config.train.batch_size, world)
         state = _start_stage(config, stage, paths, teacher_path, resume, overwrite, device, log)
+        state.device, state.batch_train = device, batch_train
+        return state
+
+    try:
+        state = dist.agree(start)
     except BaseException:
         # A run that fails its start-up checks leaves no empty output folders behind.
         for folder in new_folders:
@@ -425,25 +546,40 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
             except OSError:
                 break
         raise
+    device = state.device
+    configure_backends(device, config.train.tf32)
     bundle, model, optimizer, scheduler = state.bundle, state.model, state.optimizer, state.scheduler
     teacher, teacher_file, distill = state.teacher, state.teacher_file, state.distill
     history, best, start_epoch = state.history, state.best, state.start_epoch
-    progress = config.train.progress
-    dump_config(config, paths.config)
+    progress = config.train.progress and main
+    if main:
+        if hasattr(state, "resumed_from"):
+            log(f"resuming {stage} from {paths.last} after epoch {state.resumed_from}")
+        elif resume:
+            log(f"no checkpoint at {paths.last}; starting {stage} from epoch 1")
+        elif overwrite:
+            # Only now that every rank has passed every check is the old run discarded.
+            for name in STAGE_FILES:
+                if os.path.exists(getattr(paths, name)):
+                    os.remove(getattr(paths, name))
+        dump_config(config, paths.config)
+    dist.barrier()
 
     params = count_parameters(model)
+    processes = (f", DistributedDataParallel: {world} processes x {state.batch_train} questions (global batch "
+                 f"{config.train.batch_size})" if dist.is_initialized() else "")
     log(f"{stage}: {params:,} parameters (G={model.config.graph_layers}, U={model.config.unit_layers}), "
-        f"device {device}, features on {bundle.table.device} ({bundle.table.mode}, {bundle.table.dtype_name}), "
-        f"{len(bundle.splits['train'])} train / {len(bundle.splits['val'])} val / "
+        f"device {device}{processes}, features on {bundle.table.device} ({bundle.table.mode}, "
+        f"{bundle.table.dtype_name}), {len(bundle.splits['train'])} train / {len(bundle.splits['val'])} val / "
         f"{len(bundle.splits['test'])} test questions" + (f", distill {distill} from {teacher_file}"
                                                           if teacher_file else ""))
+    trained = _wrap_ddp(model, device) if dist.is_initialized() else model
     pin = device.type == "cuda"
-    train_loader = make_loader(bundle.splits["train"], bundle.table, config.train.batch_size, True,
-                               config.train.seed, config.train.num_workers, pin,
-                               dist.get_rank(), dist.get_world_size())
-    batch_eval = eval_batch_size(config)
+    train_loader = make_loader(bundle.splits["train"], bundle.table, state.batch_train, True,
+                               config.train.seed, config.train.num_workers, pin, rank, world, reuse_buffers=True)
+    batch_eval = -(-eval_batch_size(config) // world)
     val_loader = make_loader(bundle.splits["val"], bundle.table, batch_eval, False, config.train.seed,
-                             config.train.num_workers, pin, dist.get_rank(), dist.get_world_size())
+                             config.train.num_workers, pin, rank, world, reuse_buffers=True)
 
     vocab_info = bundle.vocab.info()
     config_dict = config_to_dict(config)
@@ -451,20 +587,24 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
     last_plot = time.monotonic()
     for epoch in range(start_epoch, epochs + 1):
         train_loader.sampler.set_epoch(epoch)
+        if world > 1:
+            _seed_epoch(config.train.seed, epoch, rank)
         lr = optimizer.param_groups[0]["lr"]
         epoch_started = time.perf_counter()
-        train_stats = train_one_epoch(model, train_loader, optimizer, device, epoch, stage=stage,
+        train_stats = train_one_epoch(trained, train_loader, optimizer, device, epoch, stage=stage,
                                       loss_cfg=config.loss, teacher=teacher, grad_clip=config.train.grad_clip,
-                                      amp=config.train.amp, log_every=config.train.log_every, progress=progress)
+                                      amp=config.train.amp, log_every=config.train.log_every, progress=progress,
+                                      batch_shards=world)
         val_summary, _ = evaluate(model, val_loader, device, amp=config.train.amp, progress=progress,
                                   desc=f"val epoch {epoch}")
         scheduler.step()
         row = metrics_row(epoch, lr, train_stats, val_summary, time.perf_counter() - epoch_started)
         history.append(row)
+        # val_summary is the whole split's (summed over ranks): every rank takes the same decision.
         is_best = not best or val_summary["accuracy"] > best["val_accuracy"]
         if is_best:
             best = {"epoch": epoch, "val_accuracy": val_summary["accuracy"]}
-        if dist.is_main():
+        if main:
             checkpoint = build_checkpoint(model=model, stage=stage, epoch=epoch, optimizer=optimizer,
                                           scheduler=scheduler, metrics=row, history=history, best=best,
                                           vocab=vocab_info, config=config_dict)
@@ -482,14 +622,20 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
         log(epoch_line(row, epochs, is_best))
         if config.train.stop_after_epoch == epoch and epoch < epochs:
             log(f"stopped after epoch {epoch} (train.stop_after_epoch); continue with --resume")
+            dist.barrier()
             return {}
 
-    if not os.path.isfile(paths.best):
-        raise UserError(f"{paths.best} does not exist; nothing to evaluate (was the run trained?)")
-    best_checkpoint = load_checkpoint(paths.best)
-    best_model = build_model(best_checkpoint, paths.best, device)
+    dist.barrier()          # best.pt is complete before any rank reads it
+
+    def load_best():
+        if not os.path.isfile(paths.best):
+            raise UserError(f"{paths.best} does not exist; nothing to evaluate (was the run trained?)")
+        best_checkpoint = load_checkpoint(paths.best)
+        return best_checkpoint, build_model(best_checkpoint, paths.best, device)
+
+    best_checkpoint, best_model = dist.agree(load_best, "loading best.pt")
     test_loader = make_loader(bundle.splits["test"], bundle.table, batch_eval, False, config.train.seed,
-                              config.train.num_workers, pin, dist.get_rank(), dist.get_world_size())
+                              config.train.num_workers, pin, rank, world, reuse_buffers=True)
     test_summary, _ = evaluate(best_model, test_loader, device, amp=config.train.amp, progress=progress,
                                desc="test")
     results = {
@@ -507,11 +653,13 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
         "teacher": teacher_file,
         "model_config": best_checkpoint["model_config"],
         "config": config_dict,
+        "world_size": world,
     }
-    if dist.is_main():
+    if main:
         write_json(paths.results, results)
     log(format_table(test_summary, f"{stage} test accuracy (best epoch {results['epoch']} by val accuracy):"))
     log(f"wrote {paths.results}, {paths.metrics}, {paths.curves}")
+    dist.barrier()
     return results
 
 
@@ -519,27 +667,44 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
 
 def run_validation(config: Config, checkpoint_path: str, split: str = "test", write_preds: bool = False,
                    out: Optional[str] = None, preds_out: Optional[str] = None) -> dict[str, Any]:
-    """Evaluate a checkpoint (ours or original) on a split; write JSON (and predictions CSV)."""
-    if split not in ("train", "val", "test"):
-        raise UserError(f"unknown split {split!r}; choose train, val or test")
-    device = resolve_device(config.train.device)
-    checkpoint = load_checkpoint(checkpoint_path)
+    """Evaluate a checkpoint (ours or original) on a split; write JSON (and predictions CSV).
+    Under torchrun each process evaluates its share and rank 0 writes the whole split's figures."""
+    with dist.session():
+        return _run_validation(config, checkpoint_path, split, write_preds, out, preds_out)
+
+
+def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: Optional[str],
+                    preds_out: Optional[str]) -> dict[str, Any]:
+    world, rank, main = dist.get_world_size(), dist.get_rank(), dist.is_main()
     folder = os.path.dirname(os.path.abspath(checkpoint_path))
     out = out or os.path.join(folder, f"eval_{split}.json")
     preds_out = preds_out or os.path.splitext(out)[0] + "_preds.csv"
-    ensure_writable_dir(os.path.dirname(os.path.abspath(out)), "output folder for the evaluation results")
-    model_config = model_config_from(checkpoint, checkpoint_path)
-    # The checkpoint defines the network: its clip count and feature size are what the data must match.
-    config.model.num_nodes = model_config.num_nodes
-    config.model.vision_dim = model_config.vision_dim
-    bundle = load_data(config, splits=(split,), device=device, progress=config.train.progress,
-                       expected_by="the checkpoint's model_config")
-    _check_vocab_match(checkpoint, checkpoint_path, bundle, "the checkpoint")
-    model = build_model(checkpoint, checkpoint_path, device)
-    loader = make_loader(bundle.splits[split], bundle.table, eval_batch_size(config), False, config.train.seed,
-                         config.train.num_workers, device.type == "cuda")
+
+    def start():
+        if split not in ("train", "val", "test"):
+            raise UserError(f"unknown split {split!r}; choose train, val or test")
+        device = resolve_training_device(config.train.device)
+        checkpoint = load_checkpoint(checkpoint_path)
+        ensure_writable_dir(os.path.dirname(os.path.abspath(out)), "output folder for the evaluation results")
+        model_config = model_config_from(checkpoint, checkpoint_path)
+        # The checkpoint defines the network: its clip count and feature size are what the data must match.
+        config.model.num_nodes = model_config.num_nodes
+        config.model.vision_dim = model_config.vision_dim
+        bundle = load_data(config, splits=(split,), device=device, progress=config.train.progress and main,
+                           expected_by="the checkpoint's model_config")
+        _check_vocab_match(checkpoint, checkpoint_path, bundle, "the checkpoint")
+        return device, checkpoint, bundle, build_model(checkpoint, checkpoint_path, device)
+
+    device, checkpoint, bundle, model = dist.agree(start)
+    configure_backends(device, config.train.tf32)
+    loader = make_loader(bundle.splits[split], bundle.table, -(-eval_batch_size(config) // world), False,
+                         config.train.seed, config.train.num_workers, device.type == "cuda", rank, world,
+                         reuse_buffers=True)
     summary, found = evaluate(model, loader, device, amp=config.train.amp, return_predictions=write_preds,
-                              progress=config.train.progress, desc=split)
+                              progress=config.train.progress and main, desc=split)
+    if write_preds and world > 1:
+        shares = dist.all_gather_objects(found)
+        found = {key: np.concatenate([share[key] for share in shares]) for key in ("index", "prediction")}
     result = {
         "checkpoint": checkpoint_path,
         "split": split,
@@ -552,12 +717,14 @@ def run_validation(config: Config, checkpoint_path: str, split: str = "test", wr
         "original_checkpoint": bool(checkpoint.get("original")),
         "params": count_parameters(model),
     }
-    print(format_table(summary, f"{checkpoint_path} on {split} ({summary['count']} questions):"))
-    write_json(out, result)
-    print(f"wrote {out}")
-    if write_preds:
-        write_predictions(preds_out, bundle, split, found)
-        print(f"wrote {preds_out}")
+    if main:
+        print(format_table(summary, f"{checkpoint_path} on {split} ({summary['count']} questions):"))
+        write_json(out, result)
+        print(f"wrote {out}")
+        if write_preds:
+            write_predictions(preds_out, bundle, split, found)
+            print(f"wrote {preds_out}")
+    dist.barrier()
     return result
 
 
