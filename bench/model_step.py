@@ -1,11 +1,13 @@
-"""Training-step and inference timing of the DualVGR teacher (G=4) and student (G=1).
+"""Training throughput and eval latency of the DualVGR teacher (G=4) and student (G=1), side by side.
 
-Times, on the chosen device, one forward + backward of each model's own training loss
-(teacher: hard loss; student: hard loss + APP + MO against a fixed teacher feature tensor)
-at B=32, N=8, F=16, L=12, |Q|=4000, |A|=1002 by default, as the median over --steps steps
-after --warmup untimed ones; then the eval-mode forward latency per question.
+Times, on the chosen device, one training step of each model with its own loss (teacher: hard
+loss; student: hard loss + APP + MO against a fixed teacher feature tensor; forward + backward,
+no optimizer step) at B=32, N=8, F=16, L=12, |Q|=4000, |A|=1002 by default, as the median over
+--steps steps after --warmup untimed ones; then the eval-mode forward of the same batch.
+Reports training throughput in questions/s (B / median step time) and eval latency per question
+(median eval batch time / B), teacher and student in one table with their ratio.
 
-    python bench/model_step.py --device auto --steps 10 [--amp bf16] [--compile] [--json out.json]
+    python bench/model_step.py --device auto --steps 10 [--amp bf16] [--compile] [--json-out out.json]
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def parse_args(argv):
                         help="run forward passes under torch.autocast with this dtype (default none)")
     parser.add_argument("--compile", action="store_true", help="wrap the models in torch.compile")
     parser.add_argument("--models", default="teacher,student", help="comma-separated subset of teacher,student")
-    parser.add_argument("--json", dest="json_path", help="also write the results here as JSON")
+    parser.add_argument("--json-out", "--json", dest="json_path", help="also write the results here as JSON")
     args = parser.parse_args(argv)
     for name in ("steps", "batch", "nodes", "frames", "length", "question_vocab", "answer_vocab"):
         if getattr(args, name) < 1:
@@ -141,6 +143,8 @@ def bench_model(name: str, args, device: torch.device) -> dict:
         "train_step_ms_min": round(min(train_times) * 1e3, 3),
         "eval_batch_ms_median": round(eval_ms, 3),
         "eval_ms_per_question": round(eval_ms / args.batch, 4),
+        "train_questions_per_s": round(args.batch / (train_ms / 1e3), 1),
+        "eval_questions_per_s": round(args.batch / (eval_ms / 1e3), 1),
         "train_peak_memory_mib": None if peak is None else round(peak / 2 ** 20, 1),
     }
 
@@ -157,6 +161,7 @@ def main(argv=None) -> int:
         "batch": args.batch, "nodes": args.nodes, "frames": args.frames, "length": args.length,
         "question_vocab": args.question_vocab, "answer_vocab": args.answer_vocab,
         "amp": args.amp, "compile": args.compile, "steps": args.steps, "warmup": args.warmup,
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     results = [bench_model(name, args, device) for name in args.models]
 
@@ -164,23 +169,23 @@ def main(argv=None) -> int:
           f"B={args.batch} N={args.nodes} F={args.frames} L={args.length} |Q|={args.question_vocab} "
           f"|A|={args.answer_vocab}, amp={args.amp}, compile={args.compile}, median of {args.steps} "
           f"after {args.warmup} warm-up")
-    header = f"{'model':<8} {'G':>2} {'params':>12} {'fwd+bwd ms':>11} {'eval ms/batch':>14} {'eval ms/q':>10}"
+    rows = [("graph layers G", "graph_layers", "{:d}"), ("parameters", "parameters", "{:,}"),
+            ("train step ms (fwd+bwd)", "train_step_ms_median", "{:.1f}"),
+            ("train questions/s", "train_questions_per_s", "{:,.0f}"),
+            ("eval ms per batch", "eval_batch_ms_median", "{:.2f}"),
+            ("eval ms per question", "eval_ms_per_question", "{:.3f}"),
+            ("eval questions/s", "eval_questions_per_s", "{:,.0f}")]
     if device.type == "cuda":
-        header += f" {'peak MiB':>9}"
-    print(header)
-    for row in results:
-        line = (f"{row['model']:<8} {row['graph_layers']:>2} {row['parameters']:>12,} "
-                f"{row['train_step_ms_median']:>11.1f} {row['eval_batch_ms_median']:>14.1f} "
-                f"{row['eval_ms_per_question']:>10.3f}")
-        if row["train_peak_memory_mib"] is not None:
-            line += f" {row['train_peak_memory_mib']:>9.0f}"
-        print(line)
+        rows.append(("train peak MiB", "train_peak_memory_mib", "{:.0f}"))
     by_name = {row["model"]: row for row in results}
-    if {"teacher", "student"} <= by_name.keys():
-        teacher, student = by_name["teacher"], by_name["student"]
-        print(f"student/teacher: fwd+bwd {student['train_step_ms_median'] / teacher['train_step_ms_median']:.2f}x, "
-              f"eval {student['eval_batch_ms_median'] / teacher['eval_batch_ms_median']:.2f}x, "
-              f"params {student['parameters'] / teacher['parameters']:.3f}x")
+    names = [name for name in MODELS if name in by_name]
+    both = len(names) == 2
+    print(f"{'':<24}" + "".join(f"{name:>12}" for name in names) + (f"{'student/teacher':>17}" if both else ""))
+    for label, key, fmt in rows:
+        line = f"{label:<24}" + "".join(f"{fmt.format(by_name[name][key]):>12}" for name in names)
+        if both and key not in ("graph_layers",):
+            line += f"{by_name['student'][key] / by_name['teacher'][key]:>16.2f}x"
+        print(line)
     if args.json_path:
         write_json(args.json_path, {"setting": setting, "results": results})
         print(f"wrote {args.json_path}")
