@@ -1,0 +1,291 @@
+"""The synthetic demo: the dataset generator (vqakd/demo_data.py, preprocess/make_demo_dataset.py)
+and the runner behind `make demo` (vqakd/demo.py)."""
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+from vqakd import demo, demo_data
+from vqakd.annotations import list_videos, load_msvd_mapping, load_qa
+from vqakd.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DEMO = ["--num-videos", "6", "--frame-size", "32", "--image-size", "32", "--appearance-frames", "2",
+             "--motion-frames", "4", "--feature-workers", "0", "--set", "model.num_nodes=2", "--set", "train.epochs=1",
+             "--set", "model.module_dim=16", "--set", "train.batch_size=8", "--quiet"]
+DEMO_STEPS = 10
+# The full demo must beat the majority-answer rate by at least this much (fraction of questions).
+FULL_DEMO_MARGIN = 0.20
+
+
+def kind_of(question: str) -> str:
+    """The QUESTION_KINDS entry a generated question belongs to."""
+    if question.startswith("what colour"):
+        return "what_colour"
+    if question.startswith("what shape"):
+        return "what_shape"
+    return question.split()[0]
+
+
+def write_small_dataset(out, seed=3, num_videos=8):
+    settings = demo_data.DemoSettings(num_videos=num_videos, seed=seed, frame_size=32, fps=10, seconds=1.0)
+    return demo_data.write_dataset(str(out), settings, progress=False)
+
+
+# ----------------------------------------------------------------------------------- generator
+
+def test_same_seed_same_files_other_seed_other_dataset(tmp_path):
+    write_small_dataset(tmp_path / "a")
+    write_small_dataset(tmp_path / "b")
+    write_small_dataset(tmp_path / "c", seed=4)
+    names = ["train_qa.json", "val_qa.json", "test_qa.json", "youtube_mapping.txt", demo_data.GLOVE_FILENAME,
+             "dataset_info.json"]
+    clips = sorted(os.listdir(tmp_path / "a" / demo_data.VIDEO_FOLDER))
+    assert len(clips) == 8
+    for name in names + [os.path.join(demo_data.VIDEO_FOLDER, clip) for clip in clips]:
+        assert filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False), name
+    assert (tmp_path / "a" / "train_qa.json").read_text() != (tmp_path / "c" / "train_qa.json").read_text()
+
+
+def test_msvd_qa_layout_read_by_the_toolkit(tmp_path):
+    info = write_small_dataset(tmp_path)
+    mapping = load_msvd_mapping(str(tmp_path))
+    videos = list_videos("msvd-qa", str(tmp_path), str(tmp_path))
+    assert sorted(video.video_id for video in videos) == sorted(mapping) == list(range(1, 9))
+    assert all(os.path.isfile(video.path) and video.path.endswith(".avi") for video in videos)
+    seen_ids = set()
+    split_videos = {}
+    for split in ("train", "val", "test"):
+        records = load_qa(str(tmp_path), split, "msvd-qa")
+        assert len(records) == info["questions"][split]
+        assert all(set(record) == {"question", "answer", "video_id", "id"} for record in records)
+        assert all(record["question"].endswith("?") for record in records)
+        seen_ids.update(record["id"] for record in records)
+        split_videos[split] = {record["video_id"] for record in records}
+    assert len(seen_ids) == sum(info["questions"].values())           # question ids are unique
+    assert not split_videos["train"] & split_videos["test"] and not split_videos["val"] & split_videos["test"]
+    import av
+    with av.open(videos[0].path) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(frames) == info["settings"]["num_frames"] and frames[0].shape == (32, 32, 3)
+
+
+def test_answers_balanced_and_all_five_question_types():
+    scenes, qa = demo_data.build_annotations(demo_data.DemoSettings(num_videos=demo_data.DEFAULT_NUM_VIDEOS))
+    for split, records in qa.items():
+        assert {record["question"].split()[0] for record in records} == set(demo_data.QUESTION_TYPES), split
+        by_kind = defaultdict(Counter)
+        for record in records:
+            by_kind[kind_of(record["question"])][record["answer"]] += 1
+        assert set(by_kind) == set(demo_data.QUESTION_KINDS)
+        expected = {"what_colour": set(demo_data.COLOURS), "what_shape": set(demo_data.SHAPES),
+                    "who": set(demo_data.SHAPES), "where": set(demo_data.DIRECTIONS),
+                    "how": set(demo_data.COUNT_WORDS.values()), "when": set(demo_data.TIMINGS)}
+        for kind, answers in by_kind.items():
+            assert set(answers) == expected[kind], (split, kind)
+            # Dealt from balanced decks: every answer of a kind equally often, up to the remainder.
+            assert max(answers.values()) - min(answers.values()) <= 1, (split, kind, answers)
+        rates = demo_data.majority_rates(records)
+        assert rates["overall"] < 0.2
+        assert rates["per_type"]["where"]["rate"] == pytest.approx(0.25, abs=0.03)
+
+
+def test_question_only_rate_is_the_best_blind_guess():
+    train = [{"question": "who moves up, the circle or the square", "answer": "circle"},
+             {"question": "who moves up, the circle or the square", "answer": "circle"},
+             {"question": "who moves up, the circle or the square", "answer": "square"},
+             {"question": "what colour is the square", "answer": "red"},
+             {"question": "what colour is the circle", "answer": "blue"},
+             {"question": "what colour is the circle", "answer": "blue"}]
+    test = [{"question": "who moves up, the circle or the square", "answer": "circle"},    # by text: right
+            {"question": "who moves up, the circle or the square", "answer": "square"},    # by text: wrong
+            {"question": "what colour is the square", "answer": "green"},                  # by text: wrong
+            {"question": "what colour is the triangle", "answer": "blue"},                 # unseen: type -> blue
+            {"question": "when does the red circle appear", "answer": "circle"}]           # unseen type -> overall
+    rates = demo_data.question_only_rates(train, test)
+    assert rates["per_type"] == {"who": 0.5, "what": 0.5, "when": 1.0}
+    assert rates["overall"] == pytest.approx(3 / 5)
+
+
+def test_answers_match_the_scene_and_the_pixels():
+    """Every answer is what the frames show: colour, count and shape by area, direction by the
+    shift between frames, start/end by when the shapes are visible."""
+    settings = demo_data.DemoSettings(num_videos=24, seed=5, frame_size=64)
+    scenes, qa = demo_data.build_annotations(settings)
+    by_video = defaultdict(dict)
+    for record in (r for records in qa.values() for r in records):
+        by_video[record["video_id"]][kind_of(record["question"])] = record["answer"]
+    radius = demo_data.RADIUS * settings.frame_size
+    shape_area = {"square": 4 * radius ** 2, "circle": np.pi * radius ** 2, "triangle": 2 * radius ** 2}
+    step = demo_data.SPEED * settings.frame_size
+    timings_seen = Counter()
+    for scene in scenes:
+        answers = by_video[scene.video_id]
+        assert answers["what_colour"] == scene.colour and answers["where"] == scene.direction
+        assert answers["who"] == answers["what_shape"] == scene.shape
+        assert answers["how"] == demo_data.COUNT_WORDS[scene.count]
+        frames = demo_data.render_video(scene, settings)
+        mask = np.all(frames == np.array(demo_data.COLOURS[answers["what_colour"]], np.uint8), axis=-1)
+        visible = mask.any(axis=(1, 2))
+        half = settings.num_frames // 2
+        timing = answers.get("when", "whole")
+        timings_seen[timing] += 1
+        if timing == "start":
+            assert visible[:half].all() and not visible[half:].any()
+        elif timing == "end":
+            assert not visible[:-half].any() and visible[-half:].all()
+        else:
+            assert visible.all()
+        first = int(np.flatnonzero(visible)[0])
+        count = {word: n for n, word in demo_data.COUNT_WORDS.items()}[answers["how"]]
+        area = mask[first].sum()
+        assert area == pytest.approx(count * shape_area[answers["what_shape"]], rel=0.15), scene.video_id
+        # The next frame is this one moved by `step` pixels in the answered direction (on the torus).
+        dx, dy = demo_data.DIRECTIONS[answers["where"]]
+        mismatch = {}
+        for name, (mx, my) in demo_data.DIRECTIONS.items():
+            moved = np.roll(mask[first], (round(my * step), round(mx * step)), axis=(0, 1))
+            mismatch[name] = np.sum(moved != mask[first + 1])
+        assert min(mismatch, key=mismatch.get) == answers["where"], (scene.video_id, mismatch)
+    assert timings_seen["start"] and timings_seen["end"] and timings_seen["whole"]
+
+
+def test_generator_rejects_bad_settings():
+    with pytest.raises(UserError, match="--num-videos"):
+        demo_data.DemoSettings(num_videos=2).check()
+    with pytest.raises(UserError, match="--frame-size"):
+        demo_data.DemoSettings(frame_size=33).check()
+
+
+# ----------------------------------------------------------------------------------- runner
+
+def write_script(path, body):
+    path.write_text("import sys\n" + body)
+    return str(path)
+
+
+def fake_step(tmp_path, script, inputs, outputs, restart=lambda resuming: []):
+    return demo.Step("fake", script, ["--flag", "1"], lambda: inputs, lambda: outputs,
+                     demo.StateFile(str(tmp_path)), restart_args=restart)
+
+
+def test_runner_skips_done_steps_and_reruns_when_inputs_or_outputs_change(tmp_path, capsys):
+    source = tmp_path / "in.txt"
+    source.write_text("one")
+    out = tmp_path / "out.txt"
+    calls = tmp_path / "calls.txt"
+    script = write_script(tmp_path / "copy.py",
+                          f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+                          f"open({str(out)!r}, 'w').write(open({str(source)!r}).read())\n")
+    runner = demo.Runner(quiet=True, log_dir=str(tmp_path / "logs"))
+
+    def run():
+        runner.run(fake_step(tmp_path, script, [str(source)], [str(out)]), 1, 1)
+        return calls.read_text().count("\n")
+
+    assert run() == 1
+    assert run() == 1 and "skip" in capsys.readouterr().out
+    source.write_text("two")                      # a changed input runs the step again
+    assert run() == 2 and out.read_text() == "two"
+    out.write_text("damaged")                     # so does a changed output
+    assert run() == 3 and out.read_text() == "two"
+    assert [status for _, status, _ in runner.times] == ["ran", "skipped", "ran", "ran"]
+
+
+def test_runner_resumes_an_interrupted_step_and_restarts_a_changed_one(tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("one")
+    out = tmp_path / "out.txt"
+    seen = []
+
+    def restart(resuming):
+        seen.append(resuming)
+        return ["--resume"] if resuming else []
+
+    script = write_script(tmp_path / "step.py", "sys.exit(3)\n")
+    runner = demo.Runner(quiet=True, log_dir=str(tmp_path / "logs"))
+    with pytest.raises(UserError, match=r"demo step 'fake' failed \(exit status 3\): python .*step\.py --flag 1"):
+        runner.run(fake_step(tmp_path, script, [str(source)], [str(out)], restart), 1, 1)
+    write_script(tmp_path / "step.py", f"open({str(out)!r}, 'w').write(' '.join(sys.argv[1:]))\n")
+    runner.run(fake_step(tmp_path, script, [str(source)], [str(out)], restart), 1, 1)
+    assert out.read_text() == "--flag 1 --resume"         # same inputs as the failed try: resumed
+    source.write_text("two")
+    runner.run(fake_step(tmp_path, script, [str(source)], [str(out)], restart), 1, 1)
+    assert seen == [False, True, False] and out.read_text() == "--flag 1"
+
+
+def run_demo(cwd, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "vqakd.demo", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_bad_override_is_one_line_error(tmp_path):
+    result = run_demo(tmp_path, "--set", "train.epoch=2")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "train.epochs" in result.stderr        # the did-you-mean suggestion of the config loader
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("demo")
+    first = run_demo(cwd, *TINY_DEMO)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return cwd, first
+
+
+def test_tiny_demo_runs_the_user_commands_and_writes_the_summary(tiny_demo):
+    cwd, result = tiny_demo
+    out = result.stdout
+    for command in ("preprocess/make_demo_dataset.py --out data/demo", "txt2pickle.py --glove data/demo/",
+                    "preprocess_questions.py --dataset msvd-qa", "--mode all",
+                    "--model resnet101 --random-weights --num-clips 2", "--model resnext101 --random-weights",
+                    "train.py --cfg", "--stage teacher", "--stage student",
+                    "validate.py --cfg", "--checkpoint results/demo/teacher/best.pt --split test"):
+        assert command in out, command
+    assert out.count(": done in ") == DEMO_STEPS
+    summary = json.loads((cwd / "results" / "demo" / "summary.json").read_text())
+    info = json.loads((cwd / "data" / "demo" / "dataset_info.json").read_text())
+    assert summary["majority_rate"] == info["majority_rate"]["test"]["overall"]
+    for stage in ("teacher", "student"):
+        entry = summary[stage]
+        assert {"params", "accuracy", "per_type", "ms_per_question"} <= set(entry)
+        evaluation = json.loads((cwd / "results" / "demo" / stage / "eval_test.json").read_text())
+        assert entry["accuracy"] == evaluation["accuracy"] and entry["params"] == evaluation["params"]
+        assert set(entry["per_type"]) == set(demo.QUESTION_TYPES)
+        assert entry["ms_per_question"] > 0
+    assert summary["teacher"]["params"] > summary["student"]["params"]
+    assert summary["teacher"]["graph_layers"] == 4 and summary["student"]["graph_layers"] == 1
+    assert "test accuracy, all" in out and "inference ms/question" in out and "majority answer" in out
+    assert 0 < summary["question_only_rate"] < 1 and "question only" in out
+
+
+def test_tiny_demo_rerun_skips_every_step(tiny_demo):
+    cwd, _ = tiny_demo
+    files = [os.path.join(folder, name) for base in ("data", "results") for folder, _, names in os.walk(cwd / base)
+             for name in names if name != demo.STATE_FILE and "demo_logs" not in folder]
+    before = {path: os.stat(path).st_mtime_ns for path in files}
+    again = run_demo(cwd, *TINY_DEMO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count(": skip, outputs up to date") == DEMO_STEPS
+    assert ": done in " not in again.stdout
+    assert {path: os.stat(path).st_mtime_ns for path in files} == before
+    assert "test accuracy, all" in again.stdout
+
+
+@pytest.mark.slow
+def test_full_demo_beats_the_majority_answer(tmp_path):
+    result = run_demo(tmp_path, "--quiet")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "results" / "demo" / "summary.json").read_text())
+    for stage in ("teacher", "student"):
+        assert summary[stage]["accuracy"] > summary["majority_rate"] + FULL_DEMO_MARGIN, (stage, summary[stage])
+        # and part of it comes from the video, not from the question text alone
+        assert summary[stage]["accuracy"] > summary["question_only_rate"] + 0.03, (stage, summary[stage])

@@ -1,0 +1,508 @@
+"""The synthetic demo dataset: videos of moving coloured shapes with MSVD-QA-style questions.
+
+`make demo` must show the whole toolkit working with no download, so this module draws its own
+"videos" and writes them in exactly the layout of the real MSVD-QA release (SPEC §2):
+
+    <out>/YouTubeClips/<clip>.avi     mpeg4 videos (PyAV)
+    <out>/youtube_mapping.txt         lines `clipname vidN`
+    <out>/{train,val,test}_qa.json    lists of {question, answer, video_id, id}
+    <out>/glove.demo.300d.txt         GloVe-format word vectors covering the demo vocabulary
+    <out>/dataset_info.json           settings, counts and the majority-answer rates
+
+Each video shows one, two or three copies of one shape (square, circle or triangle) in one
+colour (red, green, blue or yellow), side by side, all sliding quickly in one direction (left,
+right, up or down) and wrapping around the frame edge. The grey background darkens steadily
+from the first frame to the last, like dusk. In some videos the shapes are visible only in the
+first or only in the second half.
+
+Why so plain: the demo's features come from *randomly initialised* ResNet-101 / 3D ResNeXt-101
+(nothing is downloaded), and such features keep little beyond the global make-up of a frame.
+Measured with linear probes on them, colour, position, covered area and presence survive well,
+shape only partly, and which colour belongs to which of several shapes hardly at all. So the
+shapes are large, and every attribute a question asks about is shared by everything in the
+video. Two more constraints come from the network: DualVGR's clip graph is complete and has no
+position encoding, and its clip pooling is a weighted sum, so it cannot tell the order of the
+clips. Hence (a) motion is fast enough to be seen *inside* one clip of a few consecutive frames
+(objects wrap around instead of leaving the frame), and (b) "start"/"end" is readable from each
+clip alone: a shape seen against a light background appeared at the start, against a dark one
+at the end.
+
+What the demo's network makes of it (`make demo`: configs/demo.yml, 240 videos, seed 0, CPU):
+47% test accuracy for the teacher and 41% for the student, against a majority-answer rate of
+12%. Part of that margin is the answer type, which the question alone gives away (a model that
+reads only the question could reach about 35%; "who" questions even name the two candidate
+shapes, so 50% needs no video). What clearly comes from the video: "when" (96% / 92% against
+50%) and "what" (44% / 37% against 17%; about 29% from the question alone); "how many" only for
+the teacher (50% against 33%). "where" stays at its 25% chance level: from random-weight
+features and 144 training videos the direction of motion is not learned. The demo's per-type
+table shows all of this; it is a limit of random features and of a tiny training set, not of
+the pipeline (the real datasets use pretrained networks).
+
+Every question starts with one of the five words of the per-type tables (SPEC §5) and can only
+be answered by looking at the video:
+
+    what colour is the square / are the squares            -> red / green / blue / yellow
+    what shape moves left                                  -> square / circle / triangle
+    where does the red circle move / do the red circles    -> left / right / up / down
+    how many objects (or circles) are there                -> one / two / three
+    who moves up, the circle or the triangle               -> the shape in the video
+    when does the green triangle appear / do ... appear    -> start / end
+
+Attributes are dealt from balanced decks within each split, so every question type's answers
+are (nearly) balanced in every split. Everything is drawn from one `numpy.random.Generator`
+seeded by the user: the same seed gives the same annotations and the same frames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from vqakd.errors import UserError
+from vqakd.io import atomic_open, atomic_path, ensure_writable_dir, write_json
+
+COLOURS = {                      # RGB; far apart so that even random features separate them
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 60, 230),
+    "yellow": (240, 220, 20),
+}
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+TIMINGS = ("start", "end")       # transient shapes are visible in the first / the second half only
+QUESTION_TYPES = ("what", "who", "how", "when", "where")
+# Background grey level at the first and at the last frame (it darkens linearly in between).
+BACKGROUND_START = 190
+BACKGROUND_END = 40
+
+DEFAULT_NUM_VIDEOS = 240
+DEFAULT_FRAME_SIZE = 128
+DEFAULT_FPS = 20
+DEFAULT_SECONDS = 3.0
+DEFAULT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
+DEFAULT_TRANSIENT_RATE = 0.5     # share of videos whose shapes are visible half the time ("when")
+GLOVE_FILENAME = "glove.demo.300d.txt"
+GLOVE_DIM = 300
+VIDEO_FOLDER = "YouTubeClips"
+VIDEO_BIT_RATE = 2_000_000       # ample for 128x128: flat colours survive the compression
+
+# Shape "radius" (half the side of the square), as a fraction of the frame side: as large as
+# three copies allow, because area is what random features see best; the same for every count,
+# so that the covered area grows with the count.
+RADIUS = 0.155
+GAP = 0.02                       # between neighbouring copies
+# Distance moved per frame, as a fraction of the side: a few frames (one clip) show a clear shift.
+SPEED = 0.05
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    radius: float                # fraction of the frame side
+    direction: str
+    timing: str                  # "whole", "start" or "end"
+    start_xy: tuple[float, float]  # centre at the first visible frame, fractions of the side
+
+
+@dataclass
+class Scene:
+    video_id: int
+    clip_name: str
+    objects: list[SceneObject] = field(default_factory=list)
+
+    # Every object of a scene shares these; the questions ask about them.
+    @property
+    def shape(self) -> str:
+        return self.objects[0].shape
+
+    @property
+    def colour(self) -> str:
+        return self.objects[0].colour
+
+    @property
+    def direction(self) -> str:
+        return self.objects[0].direction
+
+    @property
+    def timing(self) -> str:
+        return self.objects[0].timing
+
+    @property
+    def count(self) -> int:
+        return len(self.objects)
+
+@dataclass(frozen=True)
+class DemoSettings:
+    num_videos: int = DEFAULT_NUM_VIDEOS
+    seed: int = 0
+    frame_size: int = DEFAULT_FRAME_SIZE
+    fps: int = DEFAULT_FPS
+    seconds: float = DEFAULT_SECONDS
+    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
+    transient_rate: float = DEFAULT_TRANSIENT_RATE
+
+    @property
+    def num_frames(self) -> int:
+        return int(round(self.fps * self.seconds))
+
+    def check(self) -> "DemoSettings":
+        if self.num_videos < 5:
+            raise UserError(f"--num-videos {self.num_videos}: need at least 5 videos (train, val and test "
+                            "each need some)")
+        if self.frame_size < 32 or self.frame_size % 2:
+            raise UserError(f"--frame-size {self.frame_size}: must be an even number >= 32")
+        if self.fps < 1 or self.num_frames < 8:
+            raise UserError(f"--fps {self.fps} --seconds {self.seconds}: need at least 8 frames per video")
+        if len(self.split_fractions) != 3 or min(self.split_fractions) <= 0:
+            raise UserError(f"--split {self.split_fractions}: need three positive fractions (train val test)")
+        if not 0.0 <= self.transient_rate <= 1.0:
+            raise UserError(f"--transient-rate {self.transient_rate}: must be between 0 and 1")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# scenes
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """What one video shows; the scene adds where the copies start."""
+    count: int
+    shape: str
+    colour: str
+    direction: str
+    timing: str
+
+
+def sample_scene(rng: np.random.Generator, video_id: int, spec: SceneSpec) -> Scene:
+    """`spec.count` copies in a row across the direction of motion."""
+    dx, _ = DIRECTIONS[spec.direction]
+    along = float(rng.uniform(0.0, 1.0))                 # motion wraps around: any start works
+    row = spec.count * 2 * RADIUS + (spec.count - 1) * GAP
+    first = float(rng.uniform(RADIUS, RADIUS + (1.0 - row)))  # centre of the first copy across
+    objects = []
+    for k in range(spec.count):
+        across = first + k * (2 * RADIUS + GAP)
+        start = (along, across) if dx else (across, along)
+        objects.append(SceneObject(spec.shape, spec.colour, RADIUS, spec.direction, spec.timing, start))
+    return Scene(video_id, clip_name(video_id), objects)
+
+
+def deal(rng: np.random.Generator, values: list, n: int) -> list:
+    """`n` values in random order, each of `values` equally often (the remainder drawn at random)."""
+    hand = list(values) * (n // len(values))
+    hand += [values[i] for i in rng.permutation(len(values))[:n % len(values)]]
+    return [hand[i] for i in rng.permutation(n)]
+
+
+def scene_specs(rng: np.random.Generator, n: int, transient_rate: float) -> list[SceneSpec]:
+    counts = deal(rng, list(COUNT_WORDS), n)
+    shapes = deal(rng, list(SHAPES), n)
+    colours = deal(rng, list(COLOURS), n)
+    directions = deal(rng, list(DIRECTIONS), n)
+    transient = int(round(transient_rate * n))
+    timings = deal(rng, list(TIMINGS), transient) + ["whole"] * (n - transient)
+    timings = [timings[i] for i in rng.permutation(n)]
+    return [SceneSpec(*values) for values in zip(counts, shapes, colours, directions, timings)]
+
+
+def clip_name(video_id: int) -> str:
+    return f"shapes{video_id:04d}_0_3"
+
+
+def visible_span(obj: SceneObject, num_frames: int) -> tuple[int, int]:
+    """First and one-past-last frame in which `obj` is drawn."""
+    half = num_frames // 2
+    if obj.timing == "start":
+        return 0, half
+    if obj.timing == "end":
+        return num_frames - half, num_frames
+    return 0, num_frames
+
+
+def object_centre(obj: SceneObject, frame: int, num_frames: int) -> tuple[float, float] | None:
+    """Centre (fractions of the side, wrapped into [0, 1)) at `frame`, None while invisible."""
+    first, stop = visible_span(obj, num_frames)
+    if not first <= frame < stop:
+        return None
+    dx, dy = DIRECTIONS[obj.direction]
+    shift = SPEED * frame
+    return (obj.start_xy[0] + dx * shift) % 1.0, (obj.start_xy[1] + dy * shift) % 1.0
+
+
+def background_level(frame: int, num_frames: int) -> int:
+    progress = frame / max(num_frames - 1, 1)
+    return int(round(BACKGROUND_START + (BACKGROUND_END - BACKGROUND_START) * progress))
+
+
+def render_frame(scene: Scene, frame: int, num_frames: int, size: int) -> np.ndarray:
+    """One RGB frame (size, size, 3) uint8."""
+    image = np.empty((size, size, 3), dtype=np.uint8)
+    image[:] = background_level(frame, num_frames)
+    grid = (np.arange(size, dtype=np.float32) + 0.5) / size
+    for obj in scene.objects:
+        centre = object_centre(obj, frame, num_frames)
+        if centre is None:
+            continue
+        # Offsets from the centre on the torus, so a shape crossing an edge shows on both sides.
+        off_x = (grid[None, :] - centre[0] + 0.5) % 1.0 - 0.5
+        off_y = (grid[:, None] - centre[1] + 0.5) % 1.0 - 0.5
+        radius = obj.radius
+        if obj.shape == "square":
+            mask = (np.abs(off_x) <= radius) & (np.abs(off_y) <= radius)
+        elif obj.shape == "circle":
+            mask = off_x ** 2 + off_y ** 2 <= radius ** 2
+        else:  # upright triangle inside the same box: apex at the top, base at the bottom
+            rel_y = (off_y + radius) / (2 * radius)              # 0 at the apex, 1 at the base
+            mask = (rel_y >= 0) & (rel_y <= 1) & (np.abs(off_x) <= rel_y * radius)
+        image[mask] = COLOURS[obj.colour]
+    return image
+
+
+def render_video(scene: Scene, settings: DemoSettings) -> np.ndarray:
+    return np.stack([render_frame(scene, f, settings.num_frames, settings.frame_size)
+                     for f in range(settings.num_frames)])
+
+
+def write_video(path: str, frames: np.ndarray, fps: int) -> None:
+    import av  # imported here so that the annotation helpers work without PyAV
+
+    with atomic_path(path) as tmp:
+        with av.open(tmp, mode="w", format="avi") as container:
+            stream = container.add_stream("mpeg4", rate=fps)
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.bit_rate = VIDEO_BIT_RATE
+            stream.codec_context.thread_count = 1   # same output on every machine and run
+            for rgb in frames:
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+
+
+# --------------------------------------------------------------------------------------------
+# questions
+
+QUESTION_KINDS = ("what_colour", "what_shape", "where", "how", "who", "when")
+
+
+def scene_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """One (question, answer) of each kind that `scene` allows, in QUESTION_KINDS order."""
+    plural = scene.count > 1
+    shape, colour, direction = scene.shape, scene.colour, scene.direction
+    thing = f"{shape}s" if plural else shape
+    be, do = ("are", "do") if plural else ("is", "does")
+    counted = "objects" if rng.random() < 0.5 else f"{shape}s"
+    other = str(rng.choice([s for s in SHAPES if s != shape]))
+    first, second = (shape, other) if rng.random() < 0.5 else (other, shape)
+    questions = [
+        (f"what colour {be} the {thing}?", colour),
+        (f"what shape moves {direction}?", shape),
+        (f"where {do} the {colour} {thing} move?", direction),
+        (f"how many {counted} are there?", COUNT_WORDS[scene.count]),
+        (f"who moves {direction}, the {first} or the {second}?", shape),
+    ]
+    if scene.timing != "whole":
+        questions.append((f"when {do} the {colour} {thing} appear?", scene.timing))
+    return questions
+
+
+def majority_rates(records: list[dict]) -> dict:
+    """Share of the most frequent answer, overall and within each question type."""
+    if not records:
+        return {"overall": 0.0, "overall_answer": None, "per_type": {}}
+    answers = Counter(r["answer"] for r in records)
+    top_answer, top_count = answers.most_common(1)[0]
+    per_type = {}
+    for qtype in QUESTION_TYPES:
+        typed = Counter(r["answer"] for r in records if r["question"].split()[0] == qtype)
+        if typed:
+            answer, count = typed.most_common(1)[0]
+            per_type[qtype] = {"rate": count / sum(typed.values()), "answer": answer,
+                               "questions": sum(typed.values())}
+    return {"overall": top_count / len(records), "overall_answer": top_answer, "per_type": per_type}
+
+
+def question_only_rates(train: list[dict], test: list[dict]) -> dict:
+    """Accuracy on `test` of a blind guesser that knows the train answers but never sees a video:
+    for each question, the most frequent train answer to the same question text, else the most
+    frequent train answer of its question type. What a model scores above this, it took from
+    the video ("who moves up, the circle or the triangle" is already 50% from the text)."""
+    by_text: dict[str, Counter] = {}
+    by_type: dict[str, Counter] = {}
+    for record in train:
+        by_text.setdefault(record["question"], Counter())[record["answer"]] += 1
+        by_type.setdefault(record["question"].split()[0], Counter())[record["answer"]] += 1
+    overall = Counter(record["answer"] for record in train)
+    correct: Counter = Counter()
+    counts: Counter = Counter()
+    for record in test:
+        qtype = record["question"].split()[0]
+        table = by_text.get(record["question"]) or by_type.get(qtype) or overall
+        guess = table.most_common(1)[0][0] if table else None
+        counts[qtype] += 1
+        correct[qtype] += guess == record["answer"]
+    total = sum(counts.values())
+    return {"overall": sum(correct.values()) / total if total else 0.0,
+            "per_type": {qtype: correct[qtype] / counts[qtype] for qtype in QUESTION_TYPES if counts[qtype]}}
+
+
+# --------------------------------------------------------------------------------------------
+# GloVe-format word vectors
+
+
+# Words that share a meaning group get vectors near a common group centre, like real GloVe
+# vectors of related words; every other word gets its own random direction.
+WORD_GROUPS = {
+    "colour": list(COLOURS) + ["colour"],
+    "shape": list(SHAPES) + [f"{shape}s" for shape in SHAPES] + ["shape", "objects"],
+    "direction": list(DIRECTIONS) + ["move", "moves"],
+    "number": list(COUNT_WORDS.values()) + ["many"],
+    "time": list(TIMINGS) + ["when", "appear"],
+}
+
+
+def demo_vocabulary(records: list[dict]) -> list[str]:
+    from vqakd.questions import tokenize_question  # the exact tokens the preprocessing will look up
+
+    words: dict[str, None] = {}
+    for record in records:
+        for token in tokenize_question(record["question"]):
+            words[token] = None
+        words[record["answer"]] = None
+    for group in WORD_GROUPS.values():
+        for word in group:
+            words[word] = None
+    return list(words)
+
+
+def glove_vectors(words: list[str], seed: int, dim: int = GLOVE_DIM) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([seed, 300])
+    group_of = {word: group for group, members in WORD_GROUPS.items() for word in members}
+    centres = {group: rng.normal(0.0, 0.5, dim) for group in WORD_GROUPS}
+    vectors = {}
+    for word in sorted(words):          # sorted: vectors do not depend on question order
+        noise = rng.normal(0.0, 0.25 if word in group_of else 0.5, dim)
+        base = centres[group_of[word]] if word in group_of else 0.0
+        vectors[word] = (base + noise).astype(np.float32)
+    return vectors
+
+
+def write_glove(path: str, vectors: dict[str, np.ndarray]) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        for word in sorted(vectors):
+            handle.write(word + " " + " ".join(f"{v:.5f}" for v in vectors[word]) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# the whole dataset
+
+
+def split_videos(num_videos: int, fractions: tuple[float, float, float],
+                 rng: np.random.Generator) -> dict[str, list[int]]:
+    """Video ids 1..num_videos shuffled into train/val/test by `fractions` (each non-empty)."""
+    ids = [int(v) for v in rng.permutation(np.arange(1, num_videos + 1))]
+    total = sum(fractions)
+    n_val = max(1, int(round(num_videos * fractions[1] / total)))
+    n_test = max(1, int(round(num_videos * fractions[2] / total)))
+    n_train = num_videos - n_val - n_test
+    return {"train": sorted(ids[:n_train]),
+            "val": sorted(ids[n_train:n_train + n_val]),
+            "test": sorted(ids[n_train + n_val:])}
+
+
+def build_annotations(settings: DemoSettings) -> tuple[list[Scene], dict[str, list[dict]]]:
+    """Scenes (sorted by video id) and the QA records of each split; no files written."""
+    settings.check()
+    rng = np.random.default_rng(settings.seed)
+    splits = split_videos(settings.num_videos, settings.split_fractions, rng)
+    scenes = []
+    qa: dict[str, list[dict]] = {}
+    next_id = 0
+    for split in ("train", "val", "test"):
+        # Attributes are dealt within each split so that every split is balanced on its own.
+        video_ids = splits[split]
+        specs = scene_specs(rng, len(video_ids), settings.transient_rate)
+        records = []
+        for video_id, spec in zip(video_ids, specs):
+            scene = sample_scene(rng, video_id, spec)
+            scenes.append(scene)
+            for question, answer in scene_questions(scene, rng):
+                records.append({"question": question, "answer": answer, "video_id": video_id, "id": next_id})
+                next_id += 1
+        qa[split] = records
+    scenes.sort(key=lambda scene: scene.video_id)
+    return scenes, qa
+
+
+def write_dataset(out_dir: str, settings: DemoSettings, progress: bool = True) -> dict:
+    """Write the whole demo dataset under `out_dir`; returns what goes into dataset_info.json."""
+    scenes, qa = build_annotations(settings)
+    ensure_writable_dir(out_dir, "demo dataset folder")
+    video_dir = ensure_writable_dir(os.path.join(out_dir, VIDEO_FOLDER), "demo video folder")
+
+    iterator = scenes
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(scenes, desc="demo videos", unit="video")
+    for scene in iterator:
+        write_video(os.path.join(video_dir, f"{scene.clip_name}.avi"),
+                    render_video(scene, settings), settings.fps)
+
+    with atomic_open(os.path.join(out_dir, "youtube_mapping.txt"), "w", encoding="utf-8") as handle:
+        for scene in scenes:
+            handle.write(f"{scene.clip_name} vid{scene.video_id}\n")
+    for split, records in qa.items():
+        write_json(os.path.join(out_dir, f"{split}_qa.json"), records)
+
+    all_records = [r for records in qa.values() for r in records]
+    words = demo_vocabulary(all_records)
+    write_glove(os.path.join(out_dir, GLOVE_FILENAME), glove_vectors(words, settings.seed))
+
+    info = {
+        "settings": {**asdict(settings), "num_frames": settings.num_frames},
+        "videos": {split: len({r["video_id"] for r in records}) for split, records in qa.items()},
+        "questions": {split: len(records) for split, records in qa.items()},
+        "question_types": {split: dict(Counter(r["question"].split()[0] for r in records))
+                           for split, records in qa.items()},
+        "answers": sorted({r["answer"] for r in all_records}),
+        "glove_words": len(words),
+        "majority_rate": {split: majority_rates(records) for split, records in qa.items()},
+    }
+    write_json(os.path.join(out_dir, "dataset_info.json"), info)
+    return info
+
+
+def scene_table(scenes: list[Scene]) -> list[dict]:
+    """Scenes as plain dicts (for debugging and tests)."""
+    return [{"video_id": s.video_id, "clip": s.clip_name, "objects": [asdict(o) for o in s.objects]}
+            for s in scenes]
+
+
+def read_info(out_dir: str) -> dict | None:
+    path = os.path.join(out_dir, "dataset_info.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def format_info(info: dict, out_dir: str) -> str:
+    """The short summary the generator prints."""
+    lines = [f"demo dataset in {out_dir}: "
+             + ", ".join(f"{split} {info['videos'][split]} videos / {info['questions'][split]} questions"
+                         for split in ("train", "val", "test")),
+             f"{len(info['answers'])} answers, {info['glove_words']} words in {GLOVE_FILENAME}"]
+    test = info["majority_rate"]["test"]
+    per_type = ", ".join(f"{qtype} {entry['rate']:.1%}" for qtype, entry in test["per_type"].items())
+    lines.append(f"test majority-answer rate: {test['overall']:.1%} (answer {test['overall_answer']!r}); "
+                 f"within each type: {per_type}")
+    return "\n".join(lines)
