@@ -23,7 +23,7 @@ demo: venv
 	$(PY) -m vqakd.demo
 
 bench: venv
-	$(PY) bench/model_step.py
+	bash bench/gpu_check.sh --cpu
 
 clean:
 	rm -rf results/demo data/demo .pytest_cache

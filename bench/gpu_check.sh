@@ -59,9 +59,9 @@ if [ "$MODE" = cpu ]; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
     MODEL_CHECK_ARGS=(--tiny-only)
     STEP_ARGS=(--batch 4 --steps 3 --warmup 1)
-    DATA_PATH_SIZE=(--small)
+    DATA_PATH_SIZE=(--videos 80 --questions 1024 --batches 4)
     TINY_ARGS=(--videos 60 --epochs 2 --batch-size 32)
-    FEATURES_ARGS=(--small --videos 3 --baseline-videos 1 --models resnext101 --num-workers 1 --threads 1)
+    FEATURES_ARGS=(--small --videos 4 --baseline-videos 1 --models resnet101 --num-workers 1 --threads 1 --torchrun 2)
 else
     DEVICE=cuda
     BUDGET=${BUDGET:-450}
@@ -73,7 +73,8 @@ else
     STEP_ARGS=(--steps 10 --warmup 3)
     DATA_PATH_SIZE=()
     TINY_ARGS=(--videos 1200 --epochs 3 --batch-size 256)
-    FEATURES_ARGS=(--videos 16 --baseline-videos 4)
+    # 32 videos, and the same run once more under torchrun with 2 ranks sharing the GPU
+    FEATURES_ARGS=(--videos 32 --baseline-videos 8 --torchrun 2)
 fi
 
 START=$(date +%s)
@@ -118,10 +119,6 @@ run_step() {  # name limit_seconds command...
 
 # (Possibly empty arrays are expanded as ${A[@]+"${A[@]}"}: bash before 4.4 calls "${A[@]}"
 # unbound under set -u.)
-# Pass a JSON flag / size flag only if the script knows it (bench/data_path.py is written by
-# another helper; its flags are read from its --help rather than assumed).
-flags_of() { "$PY" "$1" --help 2>/dev/null; }
-
 {
     echo "gpu_check.sh mode=$MODE device=$DEVICE budget=${BUDGET}s started $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "python $PY"
@@ -141,16 +138,8 @@ run_step model_step_bf16 100 "$PY" bench/model_step.py --device "$DEVICE" "${STE
     --json-out "$OUT_DIR/model_step_bf16.json"
 
 # 3. the data path
-DATA_PATH_ARGS=()
-if [ -f bench/data_path.py ]; then
-    HELP=$(flags_of bench/data_path.py)
-    if grep -q -- "--json-out" <<< "$HELP"; then DATA_PATH_ARGS+=(--json-out "$OUT_DIR/data_path.json")
-    elif grep -q -- "--json" <<< "$HELP"; then DATA_PATH_ARGS+=(--json "$OUT_DIR/data_path.json"); fi
-    if [ "${#DATA_PATH_SIZE[@]}" -gt 0 ] && grep -q -- "--small" <<< "$HELP"; then DATA_PATH_ARGS+=(${DATA_PATH_SIZE[@]+"${DATA_PATH_SIZE[@]}"}); fi
-    if grep -q -- "--device" <<< "$HELP"; then DATA_PATH_ARGS+=(--device "$DEVICE"); fi
-fi
-# Called even when missing, so that the summary says so.
-run_step data_path 120 "$PY" bench/data_path.py ${DATA_PATH_ARGS[@]+"${DATA_PATH_ARGS[@]}"}
+run_step data_path 120 "$PY" bench/data_path.py --device "$DEVICE" ${DATA_PATH_SIZE[@]+"${DATA_PATH_SIZE[@]}"} \
+    --json-out "$OUT_DIR/data_path.json"
 
 # 4. a short DDP training run on one device: teacher, then the student distilled from it
 if run_step tiny_data 60 "$PY" bench/make_tiny_data.py --out "$WORK/tiny" --device "$DEVICE" "${TINY_ARGS[@]}"; then
