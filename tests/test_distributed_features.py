@@ -33,14 +33,6 @@ VIDEOS = {1: ("clipA", 20), 2: ("clipB", 9), 3: ("clipC_missing", None), 4: ("cl
 GOOD = [vid for vid, (_, frames) in VIDEOS.items() if frames]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("msvd")

@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 
+from cli_helpers import run_main as quiet_run_main
 from test_train_fixtures import make_dataset, tiny_config_dict, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ sys.path.insert(0, ROOT)
 import train  # noqa: E402
 import validate  # noqa: E402
 from vqakd import distributed as dist  # noqa: E402
-from vqakd.errors import UserError, run_cli  # noqa: E402
+from vqakd.errors import UserError  # noqa: E402
 
 EPOCHS = 2
 NO_DROPOUT = {name: 0.0 for name in ("word_dropout", "frame_dropout", "encoder_dropout", "graph_dropout",
@@ -44,14 +45,7 @@ def torchrun(script: str, *args: str, nproc: int = 2) -> subprocess.CompletedPro
 
 
 def run_main(main, argv) -> tuple[int, str]:
-    import contextlib
-    import io
-
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()), \
-            pytest.raises(SystemExit) as exited:
-        run_cli(lambda: main(argv))
-    return exited.value.code, stderr.getvalue()
+    return quiet_run_main(main, argv, quiet=True)
 
 
 def read_csv(path) -> list[dict]:

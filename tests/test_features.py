@@ -51,14 +51,6 @@ MSVD_FAILURES = {4: "cannot open", 5: "file not found", 6: "no frames", 9: "unsu
 MSVD_GOOD = [vid for vid in MSVD_VIDEOS if vid not in MSVD_FAILURES]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_qa(folder, split, video_ids):
     records = [{"question": f"what is in video {vid}?", "answer": "cat", "video_id": vid, "id": i}
                for i, vid in enumerate(video_ids)]

@@ -35,14 +35,6 @@ GRAPH_LAYERS = {"teacher": 2, "student": 1}
 FUZZ_EXAMPLES = int(os.environ.get("VQAKD_FUZZ_EXAMPLES", "60"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 _models: dict[tuple, DualVGR] = {}
 
 

@@ -14,7 +14,6 @@ import importlib.util
 import os
 import re
 import shlex
-import sys
 
 import pytest
 

@@ -30,6 +30,7 @@ import time
 import pytest
 import torch
 
+from cli_helpers import run_main as quiet_run_main
 from test_train_fixtures import make_dataset, tiny_config_dict, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,7 @@ sys.path.insert(0, ROOT)
 import train  # noqa: E402
 import validate  # noqa: E402
 from vqakd.checkpoint import load_checkpoint  # noqa: E402
-from vqakd.errors import UserError, run_cli  # noqa: E402
+from vqakd.errors import UserError  # noqa: E402
 
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
 EPOCHS = 3
@@ -49,21 +50,8 @@ STAGE_FILES = {"last.pt", "best.pt", "metrics.csv", "config.yml", "train.log", "
 SUBPROCESS_TIMEOUT_S = 300
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def run_main(main, argv) -> tuple[int, str]:
-    """An entry point run in-process the way the CLI runs it: (exit code, stderr)."""
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()), \
-            pytest.raises(SystemExit) as exited:
-        run_cli(lambda: main(argv))
-    return exited.value.code, stderr.getvalue()
+    return quiet_run_main(main, argv, quiet=True)
 
 
 def assert_one_line_error(code, err, *fragments):

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from cli_helpers import run_main
 from test_train_fixtures import make_dataset, tiny_config_dict, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,36 +24,16 @@ sys.path.insert(0, ROOT)
 import train  # noqa: E402
 import validate  # noqa: E402
 from vqakd.checkpoint import load_checkpoint  # noqa: E402
-from vqakd.errors import UserError, run_cli  # noqa: E402
+from vqakd.errors import UserError  # noqa: E402
 
 TEACHER_EPOCHS = 8
 STUDENT_EPOCHS = 7
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small models: one thread is fastest and keeps a busy 2-core machine predictable.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
                           env=env, timeout=300)
-
-
-def run_main(main, argv) -> tuple[int, str]:
-    """Run an entry point in-process as the CLI would; returns (exit code, stderr text)."""
-    import contextlib
-    import io
-
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exited:
-        run_cli(lambda: main(argv))
-    return exited.value.code, stderr.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,22 @@
+"""Running an entry point in-process exactly as its command line would, for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+
+from vqakd.errors import run_cli
+
+
+def run_main(main, argv, quiet: bool = False) -> tuple[int, str]:
+    """`run_cli(main(argv))` in this process: (exit code, stderr text); `quiet` also swallows stdout."""
+    stderr = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.redirect_stderr(stderr))
+        if quiet:
+            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        exited = stack.enter_context(pytest.raises(SystemExit))
+        run_cli(lambda: main(argv))
+    return exited.value.code, stderr.getvalue()
