@@ -59,7 +59,7 @@ if [ "$MODE" = cpu ]; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
     MODEL_CHECK_ARGS=(--tiny-only)
     STEP_ARGS=(--batch 4 --steps 3 --warmup 1)
-    DATA_PATH_SIZE=(--videos 80 --questions 1024 --batches 4)
+    DATA_PATH_SIZE=(--videos 80 --questions 1536 --batches 4)
     TINY_ARGS=(--videos 60 --epochs 2 --batch-size 32)
     FEATURES_ARGS=(--small --videos 4 --baseline-videos 1 --models resnet101 --num-workers 1 --threads 1 --torchrun 2)
 else
