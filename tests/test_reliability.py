@@ -292,6 +292,9 @@ def test_training_killed_while_writing_a_checkpoint_keeps_the_previous_one(tiny,
     code, err = run_main(train.main, ["--cfg", cfg, "--stage", "teacher", "--resume"])
     assert code == 0, err
     assert_same_run(folder, reference)
+    # the resumed run cleared the interrupted write's temp file away (it is checkpoint-sized)
+    assert not os.path.exists(half_written)
+    assert f"removed {half_written}, left by an interrupted write" in (folder / "train.log").read_text()
 
 
 # ------------------------------------------------------------------ question preprocessing killed

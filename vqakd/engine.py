@@ -426,6 +426,17 @@ def stage_files(folder: str) -> SimpleNamespace:
     return SimpleNamespace(folder=folder, **{key: os.path.join(folder, name) for key, name in STAGE_FILES.items()})
 
 
+def stale_temporaries(paths: SimpleNamespace) -> list[str]:
+    """Temp files of `vqakd.io.atomic_path` for this stage's outputs (`.<name>.<random>.tmp`)."""
+    names = tuple(f".{name}." for name in STAGE_FILES.values())
+    try:
+        entries = os.listdir(paths.folder)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.join(paths.folder, entry) for entry in entries
+                  if entry.startswith(names) and entry.endswith(".tmp"))
+
+
 def _folders_to_create(path: str) -> list[str]:
     """The folders `os.makedirs(path)` would create, deepest first."""
     missing = []
@@ -562,6 +573,11 @@ def _run_training(config: Config, stage: str, teacher_path: Optional[str], resum
             for name in STAGE_FILES:
                 if os.path.exists(getattr(paths, name)):
                     os.remove(getattr(paths, name))
+        for leftover in stale_temporaries(paths):
+            # A job killed while writing a checkpoint leaves its hidden temp file (the size of a
+            # checkpoint); the final files were never touched, so it is only waste.
+            os.remove(leftover)
+            log(f"removed {leftover}, left by an interrupted write")
         dump_config(config, paths.config)
     dist.barrier()
 
