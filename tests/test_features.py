@@ -22,6 +22,7 @@ from test_video import make_corrupt_video, make_unsupported_codec_video, make_vi
 from vqakd import extractors as extractors_module
 from vqakd.annotations import Video
 from vqakd.errors import UserError, run_cli
+from vqakd.io import file_sha256
 from vqakd.extractors import KINETICS_MEAN, ExtractionSettings, ResNet101Extractor, make_extractor
 from vqakd.resnext3d import load_resnext101, resnext101
 from vqakd.video import read_clip_frames
@@ -221,7 +222,7 @@ def test_resnet_features_equal_frame_by_frame_reference(resnet_weights, two_vide
     assert data["resnet_features"].shape == (2, 2, 3, 2048) and data["resnet_features"].dtype == np.float32
     assert data["ids"].tolist() == [11, 12] and data["ids"].dtype == np.int64
     assert attrs["weights"] == str(resnet_weights) and attrs["random_weights"] == np.False_
-    assert attrs["weights_sha256"] == extractors_module.sha256_file(str(resnet_weights))
+    assert attrs["weights_sha256"] == file_sha256(str(resnet_weights))
 
     reference = torchvision.models.resnet101(weights=None)
     reference.load_state_dict(torch.load(resnet_weights, weights_only=True))

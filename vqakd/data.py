@@ -19,7 +19,6 @@ answer indices inside the vocabulary, GloVe rows == question vocabulary size.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from vqakd.config import Config
 from vqakd.distributed import local_world_size
 from vqakd.errors import UserError, require_file
+from vqakd.io import file_sha256
 from vqakd.metrics import question_type_codes
 from vqakd.questions import load_question_file, load_vocab
 
@@ -76,14 +76,6 @@ class Vocabulary:
         """What a checkpoint records about the vocabulary it was trained with."""
         return {"question_size": self.question_size, "answer_size": self.answer_size, "sha256": self.sha256,
                 "path": self.path}
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_vocabulary(path: str) -> Vocabulary:

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from vqakd.errors import UserError, run_cli
-from vqakd.io import ensure_writable_dir, read_json, write_json
+from vqakd.io import ensure_writable_dir, file_sha256, read_json, write_json
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yml")
@@ -91,11 +91,7 @@ class FileHashes:
             return None
         key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
         if key not in self._cache:
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            self._cache[key] = digest.hexdigest()
+            self._cache[key] = file_sha256(path)
         return self._cache[key]
 
 

@@ -60,7 +60,7 @@ import vqakd
 from vqakd.annotations import Video
 from vqakd.distributed import env_world_size, get_rank, get_world_size, is_initialized
 from vqakd.errors import UserError
-from vqakd.io import atomic_open, atomic_path, write_json
+from vqakd.io import atomic_open, atomic_path, file_sha256, write_json
 from vqakd.resnext3d import WEIGHTS_HOW_TO_GET as RESNEXT_HOW_TO_GET
 from vqakd.resnext3d import load_strict, read_state_dict, resnext101
 from vqakd.video import VideoError, read_clip_frames, require_decoder
@@ -254,14 +254,6 @@ def _keep_item(item: DecodedVideo) -> DecodedVideo:
     return item
 
 
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def videos_digest(videos: Sequence[Video]) -> str:
     digest = hashlib.sha256()
     for video in videos:
@@ -373,7 +365,7 @@ class FeatureExtractor:
         if self.settings.random_weights:
             return "random", f"random (seed {self.settings.random_seed})"
         path = os.path.abspath(self.find_weights())
-        return path, sha256_file(path)
+        return path, file_sha256(path)
 
     def _build_loaded_network(self) -> nn.Module:
         if self.settings.random_weights:

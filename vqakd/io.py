@@ -6,6 +6,7 @@ A reader (or a crashed job being resumed) never sees a half-written file at the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -81,3 +82,12 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") ->
     except OSError as exc:
         raise UserError(f"{what} is not writable: {path} ({exc.strerror or exc})") from None
     return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's contents, read in 1 MiB blocks (weights files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
