@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from vqakd.annotations import SPLITS
 from vqakd.config import Config
 from vqakd.distributed import local_world_size
 from vqakd.errors import UserError, require_file
@@ -38,7 +39,6 @@ from vqakd.questions import load_question_file, load_vocab
 APPEARANCE_DATASET = "resnet_features"
 MOTION_DATASET = "resnext_features"
 IDS_DATASET = "ids"
-SPLITS = ("train", "val", "test")
 # Rows read from an HDF5 file per chunk while building the in-memory table.
 LOAD_CHUNK_BYTES = 256 << 20
 # Keep this share of free memory unused when deciding whether the table fits.
@@ -260,12 +260,6 @@ class FeatureTable:
                 bar.update(stop - start)
             bar.close()
         return table
-
-    def to(self, device: torch.device) -> "FeatureTable":
-        if self.mode == "memory" and self.appearance is not None:
-            self.appearance = self.appearance.to(device)
-            self.motion = self.motion.to(device)
-        return self
 
     def _lazy_handles(self):
         # One handle per file per process: a forked loader worker must not reuse the parent's.
