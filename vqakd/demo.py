@@ -45,6 +45,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from vqakd.annotations import SPLITS
+from vqakd.config import STAGES
+from vqakd import demo_data
+from vqakd.demo_data import QUESTION_TYPES
 from vqakd.errors import UserError, run_cli
 from vqakd.io import ensure_writable_dir, file_sha256, read_json, write_json
 
@@ -63,9 +67,6 @@ FEATURE_WORKERS = 1             # one decoding process beside the network on two
 TIMING_PASSES = 5
 STATE_FILE = "demo_state.json"
 SUMMARY_FILE = "summary.json"
-QUESTION_TYPES = ("what", "who", "how", "when", "where")
-STAGES = ("teacher", "student")
-SPLITS = ("train", "val", "test")
 LOG_TAIL_LINES = 20
 
 
@@ -261,9 +262,7 @@ class DemoPlan:
 
     @property
     def glove_txt(self) -> str:
-        from vqakd.demo_data import GLOVE_FILENAME
-
-        return self.data_file(GLOVE_FILENAME)
+        return self.data_file(demo_data.GLOVE_FILENAME)
 
     @property
     def glove_pkl(self) -> str:
@@ -310,10 +309,9 @@ def make_plan(args: argparse.Namespace) -> DemoPlan:
 def video_files(plan: DemoPlan) -> list[str]:
     """The clips youtube_mapping.txt lists (raises UserError while it does not exist)."""
     from vqakd.annotations import load_msvd_mapping
-    from vqakd.demo_data import VIDEO_FOLDER
 
     mapping = load_msvd_mapping(plan.data_dir)
-    return [os.path.join(plan.data_dir, VIDEO_FOLDER, f"{name}.avi") for _, name in sorted(mapping.items())]
+    return [os.path.join(plan.data_dir, demo_data.VIDEO_FOLDER, f"{name}.avi") for _, name in sorted(mapping.items())]
 
 
 def build_steps(plan: DemoPlan) -> list[Step]:
@@ -448,8 +446,6 @@ def build_summary(plan: DemoPlan, step_times: list[tuple[str, str, float]]) -> d
     info = read_json(plan.data_file("dataset_info.json"))
     majority = info["majority_rate"]["test"]
     timings = time_inference(plan)
-    from vqakd import demo_data
-
     blind = demo_data.question_only_rates(read_json(plan.data_file("train_qa.json")),
                                           read_json(plan.data_file("test_qa.json")))
     summary: dict = {
@@ -533,8 +529,6 @@ def format_table(summary: dict) -> str:
 # ----------------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
-    from vqakd import demo_data
-
     parser = argparse.ArgumentParser(
         prog="python -m vqakd.demo", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1] + "\nA tiny run (a smoke test in a minute): --num-videos 10 "
