@@ -254,6 +254,15 @@ def _keep_item(item: DecodedVideo) -> DecodedVideo:
     return item
 
 
+def torchvision_weights_cache() -> str:
+    """Where torchvision keeps downloaded weights ($TORCH_HOME/hub/checkpoints, TORCH_HOME
+    defaulting to $XDG_CACHE_HOME/torch or ~/.cache/torch). Only looked into, never filled:
+    the path is worked out here rather than through torch.hub, whose job is downloading."""
+    cache_home = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    torch_home = os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(cache_home, "torch")))
+    return os.path.join(torch_home, "hub", "checkpoints")
+
+
 def videos_digest(videos: Sequence[Video]) -> str:
     digest = hashlib.sha256()
     for video in videos:
@@ -350,8 +359,7 @@ class FeatureExtractor:
             if not os.path.isfile(path):
                 raise UserError(f"{self.weights_what} file not found: {path}; {self.how_to_get_weights}")
             return path
-        folders = [os.path.join(TOOLKIT_ROOT, "data", "weights"),
-                   os.path.join(torch.hub.get_dir(), "checkpoints")]
+        folders = [os.path.join(TOOLKIT_ROOT, "data", "weights"), torchvision_weights_cache()]
         for folder in folders:
             for name in self.weight_files:
                 candidate = os.path.join(folder, name)
