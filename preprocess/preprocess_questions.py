@@ -1,4 +1,4 @@
-"""Encode MSVD-QA / MSRVTT-QA questions into the SPEC §2 vocab and question files.
+"""Encode MSVD-QA / MSRVTT-QA questions into HCRN / DualVGR-format vocab and question files.
 
     python preprocess/preprocess_questions.py --dataset msvd-qa --annotation-dir <folder with
         {train,val,test}_qa.json> --out-dir data/msvd-qa --glove data/glove/glove.840.300d.pkl --mode all
@@ -19,8 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vqakd.annotations import DATASETS, SPLITS  # noqa: E402
 from vqakd.errors import UserError, run_cli  # noqa: E402
 from vqakd.io import ensure_writable_dir  # noqa: E402
-from vqakd.questions import (DEFAULT_ANSWER_TOP, format_summary, preprocess_split,  # noqa: E402
-                             questions_path, summary_path, vocab_path)
+from vqakd.questions import (format_summary, preprocess_split, questions_path, summary_path,  # noqa: E402
+                             vocab_path)
+from vqakd.vocab import DEFAULT_ANSWER_TOP  # noqa: E402
 
 DEFAULT_GLOVE = "data/glove/glove.840.300d.pkl"
 MODES = SPLITS + ("all",)

@@ -55,7 +55,7 @@ def test_question_types_come_from_the_first_token(tiny, tmp_path):
     expected = [QUESTION_TYPES.index(t) if t in QUESTION_TYPES else OTHER_TYPE for t in first]
     assert split.qtypes.tolist() == expected
     assert OTHER_TYPE in expected and QUESTION_TYPES.index("where") in expected
-    # Labels 1 for the answers outside the vocabulary, as SPEC §1.2 stores them for test.
+    # Label 1 for the test answers outside the vocabulary, as the original preprocessing stores them.
     assert split.answers[:3].tolist() == [1, 1, 1]
     assert split.text(0, bundle.vocab).endswith("?")
 
@@ -129,9 +129,9 @@ def tiny_data(tiny):
 
 
 def test_table_too_big_for_memory_suggests_float16_or_lazy(tiny, tmp_path, monkeypatch):
-    import vqakd.data as data
+    import vqakd.feature_table as feature_table
 
-    monkeypatch.setattr(data, "_available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(feature_table, "_available_memory_bytes", lambda: 1000)
     with pytest.raises(UserError, match="feature_dtype: float16 .* or data.feature_mode: lazy"):
         load_data(config_for(tiny, tmp_path), splits=("val",), progress=False)
 

@@ -1,4 +1,5 @@
-"""Question preprocessing (SPEC §1.2, §2): exact tokens, vocab order, labels, padding, GloVe rows,
+"""Question preprocessing (docs/method.md#question-preprocessing, #question-files): exact tokens,
+vocab order, labels, padding, GloVe rows,
 the checked reader, and every bad-input path of the annotations and question pickles."""
 
 import json
@@ -15,8 +16,8 @@ from hypothesis import strategies as st
 import vqakd.io
 from preprocess.preprocess_questions import main as preprocess_main
 from vqakd.errors import UserError, run_cli
-from vqakd.questions import (build_vocab, encode_answer, encode_tokens, load_question_file, pad_questions,
-                             record_tokens, tokenize_question)
+from vqakd.questions import load_question_file, pad_questions, record_tokens, tokenize_question
+from vqakd.vocab import Vocabulary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 4
@@ -39,7 +40,7 @@ MAPPING = "clipA_1_5 vid1\nclipB_2_9 vid3\nclipC_0_4 vid7\n"
 GLOVE_WORDS = {"what": 1.0, "is": 2.0, "a": 3.0, "man": 4.0, "the": 5.0, "who": 6.0, "guitar": 7.0,
                "hom": 8.0, "unused": 9.0}
 
-# What the rules of SPEC §1.2 give for MSVD_TRAIN, by hand.
+# What the original preprocessing rules give for MSVD_TRAIN, by hand.
 TRAIN_TOKENS = [["what", "is", "a", "man", "doing"],
                 ["who", "'s", "the", "man", "'s", "friend"],
                 ["what", "is", "the", "man", "cutting"],
@@ -82,7 +83,7 @@ def assert_one_line_error(code, err, *fragments):
         assert fragment in err, (fragment, err)
 
 
-def test_tokenization_is_exactly_spec_1_2():
+def test_tokens_are_those_of_the_original_preprocessing():
     assert tokenize_question("Who's the man's friend?") == ["who", "'s", "the", "man", "'s", "friend"]
     assert tokenize_question("What can't she do?") == ["what", "ca", "n't", "she", "do"]
     assert tokenize_question('what does the "cat" eat?') == ["what", "does", "the", "``", "cat", "''", "eat"]
@@ -92,7 +93,7 @@ def test_tokenization_is_exactly_spec_1_2():
 
 
 def test_vocab_order_and_answer_ties():
-    vocab = build_vocab(TRAIN_TOKENS, [r["answer"] for r in MSVD_TRAIN], answer_top=3)
+    vocab = Vocabulary.build(TRAIN_TOKENS, [r["answer"] for r in MSVD_TRAIN], answer_top=3)
     assert list(vocab.question_token_to_idx) == QUESTION_VOCAB
     assert list(vocab.question_token_to_idx.values()) == list(range(len(QUESTION_VOCAB)))
     # cook and man both occur twice (cook seen first), then onion/guitar/woman once: onion was first.
@@ -104,14 +105,30 @@ def test_vocab_order_and_answer_ties():
 
 
 def test_encoding_rules():
-    table = {"<NULL>": 0, "<UNK>": 1, "what": 2}
-    assert encode_tokens(["what", "zebra"], table) == [2, 1]
-    answers = {"<UNK0>": 0, "<UNK1>": 1, "cook": 2}
-    assert [encode_answer("cook", answers, s) for s in ("train", "val", "test")] == [2, 2, 2]
-    assert [encode_answer("zebra", answers, s) for s in ("train", "val", "test")] == [0, 1, 1]
+    vocab = Vocabulary({"<NULL>": 0, "<UNK>": 1, "what": 2}, {"<UNK0>": 0, "<UNK1>": 1, "cook": 2})
+    assert vocab.encode_question(["what", "zebra"]) == [2, 1]
+    assert [vocab.answer_label("cook", s) for s in ("train", "val", "test")] == [2, 2, 2]
+    assert [vocab.answer_label("zebra", s) for s in ("train", "val", "test")] == [0, 1, 1]
+    assert vocab.idx_to_question_token == ["<NULL>", "<UNK>", "what"] and vocab.idx_to_answer[2] == "cook"
+    assert vocab.decode_question(np.array([2, 1, 0]), 2) == "what <UNK>"
     matrix, lengths = pad_questions([[2, 3], [4, 5, 6, 7], [8]])
     np.testing.assert_array_equal(matrix, [[2, 3, 0, 0], [4, 5, 6, 7], [8, 0, 0, 0]])
     assert matrix.dtype == np.int32 and lengths.dtype == np.int32 and lengths.tolist() == [2, 4, 1]
+
+
+def test_written_vocabulary_loads_back_identical_with_its_file_hash(tmp_path):
+    built = Vocabulary.build(TRAIN_TOKENS, [r["answer"] for r in MSVD_TRAIN], answer_top=3)
+    path = tmp_path / "x_vocab.json"
+    vqakd.io.write_json(str(path), built.to_json())
+    assert set(json.loads(path.read_text())) == {"question_token_to_idx", "answer_token_to_idx",
+                                                 "question_answer_token_to_idx"}
+    loaded = Vocabulary.load(str(path))
+    assert loaded.to_json() == built.to_json() and loaded.idx_to_question_token == QUESTION_VOCAB
+    assert loaded.info() == {"question_size": len(QUESTION_VOCAB), "answer_size": 5,
+                             "sha256": vqakd.io.file_sha256(str(path)), "path": str(path)}
+    path.write_text(json.dumps({**built.to_json(), "answer_token_to_idx": {"<UNK0>": 0, "cook": 2}}))
+    with pytest.raises(UserError, match="answer_token_to_idx: indices must be 0..1, each used once"):
+        Vocabulary.load(str(path))
 
 
 def test_msvd_end_to_end(msvd, capsys):
@@ -340,7 +357,7 @@ def test_reader_refuses_code_and_other_objects(tmp_path):
 
 # ---------------------------------------------------------------- fuzzing
 
-VOCAB = build_vocab(TRAIN_TOKENS, [r["answer"] for r in MSVD_TRAIN])
+VOCAB = Vocabulary.build(TRAIN_TOKENS, [r["answer"] for r in MSVD_TRAIN])
 
 question_strings = st.one_of(
     st.text(max_size=80),
@@ -365,7 +382,7 @@ def test_fuzz_tokenize_and_encode(questions):
             assert "\n" not in str(exc).replace(repr(question), "")
             continue
         assert tokens and all(isinstance(t, str) and t for t in tokens)
-        ids = encode_tokens(tokens, VOCAB.question_token_to_idx)
+        ids = VOCAB.encode_question(tokens)
         assert len(ids) == len(tokens) and all(0 < i < len(VOCAB.question_token_to_idx) for i in ids)
         encoded.append(ids)
     if encoded:

@@ -1,12 +1,9 @@
-"""Questions: tokenization, vocabularies, encoding, and the `{name}_{split}_questions.pt` files.
+"""Questions: tokenization, encoding, and the `{name}_{split}_questions.pt` files.
 
-The rules follow SPEC §1.2 exactly, as the HCRN / DualVGR preprocessing applied them:
+The rules (docs/method.md#question-preprocessing), as the HCRN / DualVGR preprocessing applied them:
 - tokens: `question.lower()` with its final character dropped, through NLTK's Treebank word
   tokenizer (`preserve_line=True`, so no `punkt` download is needed);
-- question vocab (train only): `<NULL>`=0, `<UNK>`=1, then tokens in first-seen order;
-- answer vocab (train only): `<UNK0>`=0, `<UNK1>`=1, then the `answer_top` most frequent train
-  answers (ties in first-seen order, as `Counter.most_common` gives them);
-- a train answer outside the vocab is labelled 0, a val/test one 1 (never predicted, so wrong);
+- the vocabularies and answer labels: see vqakd/vocab.py (built from the train split only);
 - questions are padded with `<NULL>`=0 to the longest question of the split;
 - the train file carries the GloVe matrix (|Q| x D float32, zero rows for words GloVe lacks).
 
@@ -16,7 +13,6 @@ The rules follow SPEC §1.2 exactly, as the HCRN / DualVGR preprocessing applied
 from __future__ import annotations
 
 import os
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -26,20 +22,14 @@ from tqdm import tqdm
 from vqakd.annotations import SPLITS, check_dataset, load_msvd_mapping, load_qa, qa_path
 from vqakd.errors import UserError
 from vqakd.glove import load_glove
-from vqakd.io import read_json, write_json, write_pickle
+from vqakd.io import write_json, write_pickle
 from vqakd.safe_pickle import safe_load
+from vqakd.vocab import DEFAULT_ANSWER_TOP, NULL_INDEX, NULL_TOKEN, UNK_INDEX, UNK_TOKEN, Vocabulary
 
-NULL_TOKEN, UNK_TOKEN = "<NULL>", "<UNK>"
-NULL_INDEX, UNK_INDEX = 0, 1
-TRAIN_UNKNOWN_ANSWER = 0      # label of a train answer outside the answer vocab (`<UNK0>`)
-EVAL_UNKNOWN_ANSWER = 1       # label of a val/test answer outside it (`<UNK1>`): never predicted
-ANSWER_SPECIALS = ("<UNK0>", "<UNK1>")
-DEFAULT_ANSWER_TOP = 4000
-VOCAB_KEYS = ("question_token_to_idx", "answer_token_to_idx", "question_answer_token_to_idx")
 QUESTION_FILE_KEYS = ("questions", "questions_len", "question_id", "video_ids", "video_names", "answers", "glove")
 
 
-# ---------------------------------------------------------------- file names (SPEC §2)
+# ---------------------------------------------------------------- file names (docs/method.md#file-formats)
 
 def vocab_path(out_dir: str, dataset: str) -> str:
     return os.path.join(out_dir, f"{dataset}_vocab.json")
@@ -53,10 +43,10 @@ def summary_path(out_dir: str, dataset: str, split: str) -> str:
     return os.path.join(out_dir, f"{dataset}_{split}_summary.json")
 
 
-# ---------------------------------------------------------------- tokens and vocabularies
+# ---------------------------------------------------------------- tokens
 
 def tokenize_question(question: str) -> list[str]:
-    """SPEC §1.2 tokens of one question (possibly none)."""
+    """The tokens of one question (possibly none), as the original preprocessing made them."""
     # Imported here: `import nltk` takes seconds, and readers of question files never tokenize.
     import nltk
 
@@ -72,81 +62,7 @@ def record_tokens(question: str, source: str, index: int, record_id: Any) -> lis
     return tokens
 
 
-@dataclass
-class Vocab:
-    question_token_to_idx: dict[str, int]
-    answer_token_to_idx: dict[str, int]
-    question_answer_token_to_idx: dict[str, int]
-
-    def to_json(self) -> dict[str, dict[str, int]]:
-        return {key: getattr(self, key) for key in VOCAB_KEYS}
-
-
-def build_vocab(questions_tokens: Sequence[Sequence[str]], answers: Sequence[str],
-                answer_top: int = DEFAULT_ANSWER_TOP) -> Vocab:
-    """Train-split vocabularies (SPEC §1.2) from the tokenized questions and the raw answers."""
-    if answer_top < 0:
-        raise UserError(f"--answer-top must be >= 0, got {answer_top}")
-    question_token_to_idx = {NULL_TOKEN: NULL_INDEX, UNK_TOKEN: UNK_INDEX}
-    for tokens in questions_tokens:
-        for token in tokens:
-            if token not in question_token_to_idx:
-                question_token_to_idx[token] = len(question_token_to_idx)
-    answer_token_to_idx = {special: index for index, special in enumerate(ANSWER_SPECIALS)}
-    for answer, _count in Counter(answers).most_common(answer_top):
-        if answer not in answer_token_to_idx:
-            answer_token_to_idx[answer] = len(answer_token_to_idx)
-    # As in HCRN: the question vocab, then the answers it does not hold yet.
-    question_answer_token_to_idx = dict(question_token_to_idx)
-    for answer in answer_token_to_idx:
-        if answer not in ANSWER_SPECIALS and answer not in question_answer_token_to_idx:
-            question_answer_token_to_idx[answer] = len(question_answer_token_to_idx)
-    return Vocab(question_token_to_idx, answer_token_to_idx, question_answer_token_to_idx)
-
-
-def _check_index_table(table: object, path: str, key: str) -> dict[str, int]:
-    if not isinstance(table, dict) or not table:
-        raise UserError(f"{path}: {key} must be a non-empty object mapping tokens to indices")
-    for token, index in table.items():
-        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-            raise UserError(f"{path}: {key}: token {token!r} has index {index!r}, expected an integer >= 0")
-    if sorted(table.values()) != list(range(len(table))):
-        raise UserError(f"{path}: {key}: indices must be 0..{len(table) - 1}, each used once")
-    return table
-
-
-def load_vocab(path: str) -> Vocab:
-    """Read and check a `{name}_vocab.json` (ours or one written by HCRN/DualVGR)."""
-    if not os.path.isfile(path):
-        raise UserError(f"vocabulary file not found: {path}; run the train split first "
-                        "(--mode train builds the vocabulary that val and test are encoded with)")
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object with {', '.join(VOCAB_KEYS)}")
-    for key in VOCAB_KEYS[:2]:
-        if key not in data:
-            raise UserError(f"{path}: no {key}; not a vocabulary file of this format")
-    question = _check_index_table(data["question_token_to_idx"], path, "question_token_to_idx")
-    answer = _check_index_table(data["answer_token_to_idx"], path, "answer_token_to_idx")
-    if question.get(NULL_TOKEN) != NULL_INDEX or question.get(UNK_TOKEN) != UNK_INDEX:
-        raise UserError(f"{path}: question_token_to_idx must map {NULL_TOKEN} to 0 and {UNK_TOKEN} to 1")
-    combined = data.get("question_answer_token_to_idx") or {}
-    if not isinstance(combined, dict):
-        raise UserError(f"{path}: question_answer_token_to_idx must be an object")
-    return Vocab(question, answer, combined)
-
-
 # ---------------------------------------------------------------- encoding
-
-def encode_tokens(tokens: Sequence[str], question_token_to_idx: Mapping[str, int]) -> list[int]:
-    return [question_token_to_idx.get(token, UNK_INDEX) for token in tokens]
-
-
-def encode_answer(answer: str, answer_token_to_idx: Mapping[str, int], split: str) -> int:
-    if answer in answer_token_to_idx:
-        return answer_token_to_idx[answer]
-    return TRAIN_UNKNOWN_ANSWER if split == "train" else EVAL_UNKNOWN_ANSWER
-
 
 def pad_questions(encoded: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """(Q, L) int32 padded with <NULL> to the longest question, and the (Q,) int32 lengths."""
@@ -203,11 +119,11 @@ def video_names_for(dataset: str, annotation_dir: str, split_records: SplitRecor
     return names
 
 
-def encode_split(split_records: SplitRecords, vocab: Vocab, split: str,
+def encode_split(split_records: SplitRecords, vocab: Vocabulary, split: str,
                  video_names: Sequence[str]) -> dict[str, Any]:
-    """The SPEC §2 question-file object (without `glove`), plus `question_text`."""
+    """The question-file object (docs/method.md#question-files) without `glove`, plus `question_text`."""
     records = split_records.records
-    encoded = [encode_tokens(tokens, vocab.question_token_to_idx) for tokens in split_records.tokens]
+    encoded = [vocab.encode_question(tokens) for tokens in split_records.tokens]
     questions, lengths = pad_questions(encoded)
     return {
         "questions": questions,
@@ -215,7 +131,7 @@ def encode_split(split_records: SplitRecords, vocab: Vocab, split: str,
         "question_id": [record.get("id", index) for index, record in enumerate(records)],
         "video_ids": np.array([int(record["video_id"]) for record in records], dtype=np.int64),
         "video_names": list(video_names),
-        "answers": [encode_answer(record["answer"], vocab.answer_token_to_idx, split) for record in records],
+        "answers": [vocab.answer_label(record["answer"], split) for record in records],
         "glove": None,
         "question_text": [record["question"] for record in records],
     }
@@ -235,11 +151,11 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if split != "train":
-        vocab = load_vocab(vocab_file)        # before the slow work, so a missing vocab fails fast
+        vocab = Vocabulary.load(vocab_file)   # before the slow work, so a missing vocab fails fast
     split_records = read_split(annotation_dir, split, dataset, progress)
     names = video_names_for(dataset, annotation_dir, split_records)
     if split == "train":
-        vocab = build_vocab(split_records.tokens, [r["answer"] for r in split_records.records], answer_top)
+        vocab = Vocabulary.build(split_records.tokens, [r["answer"] for r in split_records.records], answer_top)
     obj = encode_split(split_records, vocab, split, names)
 
     summary: dict[str, Any] = {
