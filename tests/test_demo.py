@@ -1,5 +1,6 @@
-"""The synthetic demo: the dataset generator (vqakd/demo_data.py, preprocess/make_demo_dataset.py)
-and the runner behind `make demo` (vqakd/demo.py)."""
+"""The synthetic demo: the dataset generator (vqakd/demo_scenes.py, vqakd/demo_data.py,
+preprocess/make_demo_dataset.py), the step runner (vqakd/demo_steps.py) and the demo behind
+`make demo` (vqakd/demo.py)."""
 
 import filecmp
 import json
@@ -11,7 +12,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from vqakd import demo, demo_data
+from vqakd import demo, demo_data, demo_scenes, demo_steps
 from vqakd.annotations import list_videos, load_msvd_mapping, load_qa
 from vqakd.errors import UserError
 
@@ -84,9 +85,9 @@ def test_answers_balanced_and_all_five_question_types():
         for record in records:
             by_kind[kind_of(record["question"])][record["answer"]] += 1
         assert set(by_kind) == set(demo_data.QUESTION_KINDS)
-        expected = {"what_colour": set(demo_data.COLOURS), "what_shape": set(demo_data.SHAPES),
-                    "who": set(demo_data.SHAPES), "where": set(demo_data.DIRECTIONS),
-                    "how": set(demo_data.COUNT_WORDS.values()), "when": set(demo_data.TIMINGS)}
+        expected = {"what_colour": set(demo_scenes.COLOURS), "what_shape": set(demo_scenes.SHAPES),
+                    "who": set(demo_scenes.SHAPES), "where": set(demo_scenes.DIRECTIONS),
+                    "how": set(demo_scenes.COUNT_WORDS.values()), "when": set(demo_scenes.TIMINGS)}
         for kind, answers in by_kind.items():
             assert set(answers) == expected[kind], (split, kind)
             # Dealt from balanced decks: every answer of a kind equally often, up to the remainder.
@@ -121,17 +122,17 @@ def test_answers_match_the_scene_and_the_pixels():
     by_video = defaultdict(dict)
     for record in (r for records in qa.values() for r in records):
         by_video[record["video_id"]][kind_of(record["question"])] = record["answer"]
-    radius = demo_data.RADIUS * settings.frame_size
+    radius = demo_scenes.RADIUS * settings.frame_size
     shape_area = {"square": 4 * radius ** 2, "circle": np.pi * radius ** 2, "triangle": 2 * radius ** 2}
-    step = demo_data.SPEED * settings.frame_size
+    step = demo_scenes.SPEED * settings.frame_size
     timings_seen = Counter()
     for scene in scenes:
         answers = by_video[scene.video_id]
         assert answers["what_colour"] == scene.colour and answers["where"] == scene.direction
         assert answers["who"] == answers["what_shape"] == scene.shape
-        assert answers["how"] == demo_data.COUNT_WORDS[scene.count]
-        frames = demo_data.render_video(scene, settings)
-        mask = np.all(frames == np.array(demo_data.COLOURS[answers["what_colour"]], np.uint8), axis=-1)
+        assert answers["how"] == demo_scenes.COUNT_WORDS[scene.count]
+        frames = demo_scenes.render_video(scene, settings)
+        mask = np.all(frames == np.array(demo_scenes.COLOURS[answers["what_colour"]], np.uint8), axis=-1)
         visible = mask.any(axis=(1, 2))
         half = settings.num_frames // 2
         timing = answers.get("when", "whole")
@@ -143,13 +144,13 @@ def test_answers_match_the_scene_and_the_pixels():
         else:
             assert visible.all()
         first = int(np.flatnonzero(visible)[0])
-        count = {word: n for n, word in demo_data.COUNT_WORDS.items()}[answers["how"]]
+        count = {word: n for n, word in demo_scenes.COUNT_WORDS.items()}[answers["how"]]
         area = mask[first].sum()
         assert area == pytest.approx(count * shape_area[answers["what_shape"]], rel=0.15), scene.video_id
         # The next frame is this one moved by `step` pixels in the answered direction (on the torus).
-        dx, dy = demo_data.DIRECTIONS[answers["where"]]
+        dx, dy = demo_scenes.DIRECTIONS[answers["where"]]
         mismatch = {}
-        for name, (mx, my) in demo_data.DIRECTIONS.items():
+        for name, (mx, my) in demo_scenes.DIRECTIONS.items():
             moved = np.roll(mask[first], (round(my * step), round(mx * step)), axis=(0, 1))
             mismatch[name] = np.sum(moved != mask[first + 1])
         assert min(mismatch, key=mismatch.get) == answers["where"], (scene.video_id, mismatch)
@@ -171,8 +172,8 @@ def write_script(path, body):
 
 
 def fake_step(tmp_path, script, inputs, outputs, restart=lambda resuming: []):
-    return demo.Step("fake", script, ["--flag", "1"], lambda: inputs, lambda: outputs,
-                     demo.StateFile(str(tmp_path)), restart_args=restart)
+    return demo_steps.Step("fake", script, ["--flag", "1"], lambda: inputs, lambda: outputs,
+                           demo_steps.StateFile(str(tmp_path)), restart_args=restart)
 
 
 def test_runner_skips_done_steps_and_reruns_when_inputs_or_outputs_change(tmp_path, capsys):
@@ -183,7 +184,7 @@ def test_runner_skips_done_steps_and_reruns_when_inputs_or_outputs_change(tmp_pa
     script = write_script(tmp_path / "copy.py",
                           f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
                           f"open({str(out)!r}, 'w').write(open({str(source)!r}).read())\n")
-    runner = demo.Runner(quiet=True, log_dir=str(tmp_path / "logs"))
+    runner = demo_steps.Runner(quiet=True, log_dir=str(tmp_path / "logs"))
 
     def run():
         runner.run(fake_step(tmp_path, script, [str(source)], [str(out)]), 1, 1)
@@ -209,7 +210,7 @@ def test_runner_resumes_an_interrupted_step_and_restarts_a_changed_one(tmp_path)
         return ["--resume"] if resuming else []
 
     script = write_script(tmp_path / "step.py", "sys.exit(3)\n")
-    runner = demo.Runner(quiet=True, log_dir=str(tmp_path / "logs"))
+    runner = demo_steps.Runner(quiet=True, log_dir=str(tmp_path / "logs"))
     with pytest.raises(UserError, match=r"demo step 'fake' failed \(exit status 3\): python .*step\.py --flag 1"):
         runner.run(fake_step(tmp_path, script, [str(source)], [str(out)], restart), 1, 1)
     write_script(tmp_path / "step.py", f"open({str(out)!r}, 'w').write(' '.join(sys.argv[1:]))\n")
@@ -272,7 +273,7 @@ def test_tiny_demo_runs_the_user_commands_and_writes_the_summary(tiny_demo):
 def test_tiny_demo_rerun_skips_every_step(tiny_demo):
     cwd, _ = tiny_demo
     files = [os.path.join(folder, name) for base in ("data", "results") for folder, _, names in os.walk(cwd / base)
-             for name in names if name != demo.STATE_FILE and "demo_logs" not in folder]
+             for name in names if name != demo_steps.STATE_FILE and "demo_logs" not in folder]
     before = {path: os.stat(path).st_mtime_ns for path in files}
     again = run_demo(cwd, *TINY_DEMO)
     assert again.returncode == 0, again.stderr[-3000:]

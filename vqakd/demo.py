@@ -22,7 +22,7 @@ and outputs are unchanged is skipped. A step that was interrupted is continued w
 script's own resume (`train.py --resume`; feature extraction resumes from its parts folder); a
 step whose inputs changed starts afresh (`--overwrite`). Flags that only change what is shown
 (progress bars) are not part of the fingerprint. The scripts' code is not either: after changing
-the scene design in vqakd/demo_data.py, start afresh with `make clean`.
+the scene design in vqakd/demo_scenes.py, start afresh with `make clean`.
 
 Inference time per question is measured here, not by validate.py (which does not time itself):
 both best.pt are loaded, the test split is evaluated once to warm up and then TIMING_PASSES
@@ -34,23 +34,20 @@ against validate.py's eval_test.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 from vqakd.annotations import SPLITS
 from vqakd.config import STAGES
 from vqakd import demo_data
 from vqakd.demo_data import QUESTION_TYPES
+from vqakd.demo_steps import Runner, Step, StateFile, display_path
 from vqakd.errors import UserError, run_cli
-from vqakd.io import ensure_writable_dir, file_sha256, read_json, write_json
+from vqakd.io import ensure_writable_dir, read_json, write_json
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yml")
@@ -59,173 +56,13 @@ DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yml")
 DATASET = "msvd-qa"
 DEFAULT_SEED = 0
 # Feature extraction settings, sized for a 2-core CPU. Random-weight features keep the global
-# make-up of a frame (vqakd/demo_data.py), which 32x32 frames show as well as 224x224 ones.
+# make-up of a frame (vqakd/demo_scenes.py), which 32x32 frames show as well as 224x224 ones.
 IMAGE_SIZE = 32
 APPEARANCE_FRAMES_PER_CLIP = 4
 MOTION_FRAMES_PER_CLIP = 8      # a 3D ResNeXt clip: enough frames to see a shape move
 FEATURE_WORKERS = 1             # one decoding process beside the network on two cores
 TIMING_PASSES = 5
-STATE_FILE = "demo_state.json"
 SUMMARY_FILE = "summary.json"
-LOG_TAIL_LINES = 20
-
-
-# ----------------------------------------------------------------------------------- helpers
-
-def display_path(path: str) -> str:
-    """`path` relative to the current directory when it lies below it, else absolute."""
-    absolute = os.path.abspath(path)
-    relative = os.path.relpath(absolute)
-    return absolute if relative.startswith("..") else relative
-
-
-class FileHashes:
-    """sha256 of files, computed once per (path, size, mtime) in this process."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, int, int], str] = {}
-
-    def __call__(self, path: str) -> Optional[str]:
-        try:
-            stat = os.stat(path)
-        except OSError:
-            return None
-        key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-        if key not in self._cache:
-            self._cache[key] = file_sha256(path)
-        return self._cache[key]
-
-
-class StateFile:
-    """`demo_state.json` of one folder: {step name: {inputs, done, outputs, seconds, command}}."""
-
-    def __init__(self, folder: str) -> None:
-        self.path = os.path.join(folder, STATE_FILE)
-        self.steps: dict = {}
-        if os.path.isfile(self.path):
-            try:
-                loaded = read_json(self.path)
-            except UserError:
-                loaded = None   # a damaged state file only costs a re-run of the steps
-            if isinstance(loaded, dict) and isinstance(loaded.get("steps"), dict):
-                self.steps = loaded["steps"]
-
-    def get(self, name: str) -> dict:
-        entry = self.steps.get(name)
-        return entry if isinstance(entry, dict) else {}
-
-    def put(self, name: str, entry: dict) -> None:
-        self.steps[name] = entry
-        ensure_writable_dir(os.path.dirname(self.path) or ".", "demo state folder")
-        write_json(self.path, {"steps": self.steps})
-
-
-@dataclass
-class Step:
-    name: str
-    script: Optional[str]                       # None: done in this process by `action`
-    args: list[str]                             # the arguments that decide the result
-    inputs: Callable[[], list[str]]             # files whose contents the step reads
-    outputs: Callable[[], list[str]]            # files it leaves behind
-    state: StateFile
-    show_args: list[str] = field(default_factory=list)    # progress/quiet flags: not fingerprinted
-    # (resuming an interrupted run of the same inputs?) -> extra flags (--resume / --overwrite)
-    restart_args: Callable[[bool], list[str]] = lambda resuming: []
-    action: Optional[Callable[[], None]] = None
-
-    def argv(self, extra: list[str]) -> list[str]:
-        return [sys.executable, self.script, *self.args, *extra, *self.show_args]
-
-    def command_line(self, extra: list[str]) -> str:
-        shown = ["python", display_path(self.script), *self.args, *extra, *self.show_args]
-        return " ".join(shlex.quote(part) for part in shown)
-
-
-def fingerprint(step: Step, hashes: FileHashes) -> str:
-    """What the step's result depends on: its arguments and the contents of its inputs."""
-    files = {}
-    for path in step.inputs():
-        digest = hashes(path)
-        if digest is None:
-            raise UserError(f"demo step {step.name!r}: input file {display_path(path)} is missing "
-                            "(an earlier step did not write it)")
-        files[display_path(path)] = digest
-    text = json.dumps({"script": os.path.basename(step.script or step.name), "args": step.args, "inputs": files},
-                      sort_keys=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def is_up_to_date(step: Step, inputs_fp: str, hashes: FileHashes) -> bool:
-    entry = step.state.get(step.name)
-    if not entry.get("done") or entry.get("inputs") != inputs_fp:
-        return False
-    recorded = entry.get("outputs") or {}
-    try:
-        expected = step.outputs()
-    except UserError:
-        return False
-    if not expected or any(display_path(path) not in recorded for path in expected):
-        return False
-    return all(hashes(path) == recorded[display_path(path)] for path in expected)
-
-
-# ----------------------------------------------------------------------------------- the runner
-
-class Runner:
-    def __init__(self, quiet: bool, log_dir: str) -> None:
-        self.quiet = quiet
-        self.log_dir = log_dir
-        self.hashes = FileHashes()
-        self.times: list[tuple[str, str, float]] = []      # (step, "ran" | "skipped", seconds)
-
-    def run(self, step: Step, number: int, total: int) -> None:
-        started = time.perf_counter()
-        inputs_fp = fingerprint(step, self.hashes)
-        label = f"[{number}/{total}] {step.name}"
-        if is_up_to_date(step, inputs_fp, self.hashes):
-            shown = step.command_line([]) if step.script else "(in the runner)"
-            print(f"{label}: skip, outputs up to date: {shown}", flush=True)
-            self.times.append((step.name, "skipped", time.perf_counter() - started))
-            return
-        previous = step.state.get(step.name)
-        resuming = previous.get("inputs") == inputs_fp and not previous.get("done")
-        extra = step.restart_args(resuming)
-        step.state.put(step.name, {"inputs": inputs_fp, "done": False})
-        if step.script is None:
-            print(f"{label}: (in the runner)", flush=True)
-            step.action()
-        else:
-            command = step.command_line(extra)
-            print(f"{label}: {command}", flush=True)
-            self._call(step, extra, command)
-        outputs = {}
-        for path in step.outputs():
-            digest = self.hashes(path)
-            if digest is None:
-                raise UserError(f"demo step {step.name!r} did not write {display_path(path)}")
-            outputs[display_path(path)] = digest
-        seconds = time.perf_counter() - started
-        step.state.put(step.name, {"inputs": inputs_fp, "done": True, "outputs": outputs,
-                                   "seconds": round(seconds, 2), "command": step.command_line([])
-                                   if step.script else "(in the runner)"})
-        print(f"{label}: done in {seconds:.1f} s", flush=True)
-        self.times.append((step.name, "ran", seconds))
-
-    def _call(self, step: Step, extra: list[str], command: str) -> None:
-        argv = step.argv(extra)
-        if self.quiet:
-            ensure_writable_dir(self.log_dir, "demo log folder")
-            log_path = os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log")
-            with open(log_path, "w", encoding="utf-8") as log:
-                code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT)
-            if code != 0:
-                with open(log_path, encoding="utf-8", errors="replace") as log:
-                    tail = log.read().splitlines()[-LOG_TAIL_LINES:]
-                print("\n".join(tail), file=sys.stderr)
-        else:
-            code = subprocess.call(argv)
-        if code != 0:
-            raise UserError(f"demo step {step.name!r} failed (exit status {code}): {command}")
 
 
 # ----------------------------------------------------------------------------------- settings
