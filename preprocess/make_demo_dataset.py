@@ -4,8 +4,8 @@
 
 Writes `YouTubeClips/*.avi`, `youtube_mapping.txt`, `{train,val,test}_qa.json`,
 `glove.demo.300d.txt` and `dataset_info.json` (counts and majority-answer rates). The same seed
-and settings always give the same files' contents. See `vqakd/demo_data.py` for the scenes and
-the questions.
+and settings always give the same files' contents. See `vqakd/demo_scenes.py` for the scenes and
+`vqakd/demo_data.py` for the questions.
 """
 
 from __future__ import annotations
