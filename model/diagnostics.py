@@ -43,17 +43,37 @@ def relative_spread(nodes: Tensor) -> Tensor:
     return spread / size.clamp_min(torch.finfo(values.dtype).tiny)
 
 
-def node_spread(output: DualVGROutput | Sequence[LayerOutput]) -> Tensor:
-    """Per graph layer and stream, the clip spread averaged over the batch -> (layers, 4) float32.
+def sample_spread(output: DualVGROutput | Sequence[LayerOutput]) -> Tensor:
+    """Per graph layer, sample and stream, the clip spread -> (layers, B, 4) float32.
 
     Rows follow `output.layers` (layer (u, g) at row u·G + g), columns follow `STREAMS`.
     """
     layers = output.layers if isinstance(output, DualVGROutput) else tuple(output)
     if not layers:
         raise ValueError("node_spread needs the per-layer outputs of a DualVGR forward pass")
-    rows = [torch.stack([relative_spread(getattr(layer, field)) for _, field in STREAMS], dim=-1)
-            for layer in layers]
-    return torch.stack(rows).mean(dim=1)           # (layers, B, 4) -> (layers, 4)
+    return torch.stack([torch.stack([relative_spread(getattr(layer, field)) for _, field in STREAMS], dim=-1)
+                        for layer in layers])
+
+
+def node_spread(output: DualVGROutput | Sequence[LayerOutput]) -> Tensor:
+    """Per graph layer and stream, the clip spread averaged over the batch -> (layers, 4) float32."""
+    return sample_spread(output).mean(dim=1)
+
+
+def _common_columns() -> list[int]:
+    names = [name for name, _ in STREAMS]
+    return [names.index(name) for name in COMMON_STREAMS]
+
+
+def collapsed_fraction(output: DualVGROutput | Sequence[LayerOutput],
+                       threshold: float = COLLAPSE_THRESHOLD) -> Tensor:
+    """(layers,): fraction of the batch whose common appearance or common motion is collapsed.
+
+    The batch mean of `node_spread` hides samples that collapse while others do not (an
+    untrained teacher's first layer does this); their common loss is noise all the same.
+    """
+    common = sample_spread(output)[..., _common_columns()]                          # (layers, B, 2)
+    return (common < threshold).any(dim=-1).float().mean(dim=1)
 
 
 class NodeSpreadMeter:
@@ -62,15 +82,19 @@ class NodeSpreadMeter:
     `update(output)` per batch (inside torch.no_grad, model in eval mode), then `columns()`.
     """
 
-    def __init__(self) -> None:
-        self.total: Tensor | None = None
+    def __init__(self, threshold: float = COLLAPSE_THRESHOLD) -> None:
+        self.threshold = threshold
+        self.total: Tensor | None = None         # (layers, 4) summed spread
+        self.collapsed: Tensor | None = None     # (layers,) count of samples with a collapsed common stream
         self.samples = 0
 
     def update(self, output: DualVGROutput) -> None:
-        batch = output.logits.size(0)
-        spread = node_spread(output) * batch
+        per_sample = sample_spread(output)                                           # (layers, B, 4)
+        spread = per_sample.sum(dim=1)
+        collapsed = (per_sample[..., _common_columns()] < self.threshold).any(dim=-1).sum(dim=1)
         self.total = spread if self.total is None else self.total + spread
-        self.samples += batch
+        self.collapsed = collapsed if self.collapsed is None else self.collapsed + collapsed
+        self.samples += per_sample.size(1)
 
     def value(self) -> Tensor:
         """(layers, 4) mean spread over every sample seen."""
@@ -78,8 +102,19 @@ class NodeSpreadMeter:
             raise ValueError("NodeSpreadMeter.value() before any update()")
         return self.total / self.samples
 
+    def collapsed_fraction(self) -> Tensor:
+        """(layers,) fraction of samples seen whose common loss was rounding noise."""
+        if self.collapsed is None:
+            raise ValueError("NodeSpreadMeter.collapsed_fraction() before any update()")
+        return self.collapsed.float() / self.samples
+
     def columns(self, graph_layers: int | None = None) -> dict[str, float]:
-        return spread_columns(self.value(), graph_layers)
+        """node_spread_<layer>_<stream> for every layer and stream, then node_collapsed_<layer>."""
+        columns = spread_columns(self.value(), graph_layers)
+        fractions = self.collapsed_fraction().tolist()
+        columns.update({f"node_collapsed_{layer_name(row, len(fractions), graph_layers)}": float(value)
+                        for row, value in enumerate(fractions)})
+        return columns
 
 
 def layer_name(row: int, rows: int, graph_layers: int | None = None) -> str:
@@ -104,8 +139,7 @@ def spread_columns(spread: Tensor, graph_layers: int | None = None) -> dict[str,
 def collapsed_layers(spread: Tensor, threshold: float = COLLAPSE_THRESHOLD) -> list[int]:
     """Rows (0-based) of a (layers, 4) spread whose common appearance or common motion stream is
     below `threshold`: there the common loss normalises rounding noise."""
-    columns = [name for name, _ in STREAMS]
-    common = spread[:, [columns.index(name) for name in COMMON_STREAMS]]
+    common = spread[:, _common_columns()]
     return [int(row) for row in torch.nonzero((common < threshold).any(dim=1)).flatten().tolist()]
 
 
@@ -128,6 +162,7 @@ def attention_row_spread(weights: Tensor) -> Tensor:
     return (weights.amax(dim=2) - weights.amin(dim=2)).amax(dim=-1)
 
 
-__all__ = ("STREAMS", "COMMON_STREAMS", "COLLAPSE_THRESHOLD", "relative_spread", "node_spread",
+__all__ = ("STREAMS", "COMMON_STREAMS", "COLLAPSE_THRESHOLD", "relative_spread", "sample_spread", "node_spread",
+           "collapsed_fraction",
                           "NodeSpreadMeter", "spread_columns", "collapsed_layers", "collapse_warning",
                           "collapse_warnings", "attention_row_spread", "layer_name")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from model import DualVGR, LayerOutput, ModelConfig
 from model.diagnostics import (COLLAPSE_THRESHOLD, NodeSpreadMeter, attention_row_spread, collapse_warnings,
-                               collapsed_layers, node_spread, spread_columns)
+                               collapsed_fraction, collapsed_layers, node_spread, spread_columns)
 from model.dualvgr import GraphAttention
 from model.losses import common_loss, hsic_loss
 from model.original import original_to_ours, ours_to_original
@@ -63,6 +63,11 @@ def test_diagnostic_flags_a_collapsed_layer_and_not_a_diverse_one():
     assert bool((spread[0] > 0.5).all())                          # randn: std ≈ 1, mean |x| ≈ 0.8
     assert bool((spread[1] < 1e-6).all()) and bool((spread[1] > 0).all())
     assert collapsed_layers(spread) == [1, 2]
+    assert collapsed_fraction(layers).tolist() == [0.0, 1.0, 1.0]
+    # one collapsed sample out of five: the batch mean stays high, the fraction shows it
+    mixed = [torch.cat([c[:1], d[1:]]) for c, d in zip(collapsed, diverse)]
+    assert collapsed_layers(node_spread([layer_of(*mixed)])) == []
+    assert collapsed_fraction([layer_of(*mixed)]).tolist() == [pytest.approx(0.2)]
     assert collapse_warnings(spread) == [
         "graph layer 2: clip features identical across clips; the common loss there is rounding noise",
         "graph layer 3: clip features identical across clips; the common loss there is rounding noise",
@@ -103,9 +108,17 @@ def test_diagnostic_on_a_forward_pass_and_meter_over_batches():
     # the meter weights each batch by its size: (3·same + 4·diverse) / 7
     expected = (3 * node_spread(same) + 4 * node_spread(diverse)) / 7
     torch.testing.assert_close(meter.value(), expected)
-    assert sorted(meter.columns(config.graph_layers)) == sorted(
-        f"node_spread_g{g}_{stream}" for g in (1, 2, 3)
-        for stream in ("specific_appearance", "common_appearance", "specific_motion", "common_motion"))
+    columns = meter.columns(config.graph_layers)
+    assert sorted(columns) == sorted(
+        [f"node_spread_g{g}_{stream}" for g in (1, 2, 3)
+         for stream in ("specific_appearance", "common_appearance", "specific_motion", "common_motion")]
+        + [f"node_collapsed_g{g}" for g in (1, 2, 3)])
+    # every sample of the identical-clips batch is collapsed; the first layer of the diverse one is not
+    assert collapsed_fraction(same).tolist() == [1.0, 1.0, 1.0]
+    assert collapsed_fraction(diverse)[0] == 0.0
+    expected_fraction = (3 * collapsed_fraction(same) + 4 * collapsed_fraction(diverse)) / 7
+    torch.testing.assert_close(meter.collapsed_fraction(), expected_fraction)
+    assert columns["node_collapsed_g1"] == pytest.approx(3 / 7)
     # several units: layers are named per unit
     assert "node_spread_u2_g1_common_motion" in spread_columns(torch.ones(6, 4), graph_layers=3)
 
