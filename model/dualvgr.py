@@ -32,6 +32,7 @@ from vqakd.errors import UserError
 # Fixed constants of the original architecture (not tuned anywhere in DualVGR/VQAKD).
 GAT_LEAKY_SLOPE = 0.01          # LeakyReLU slope of the graph-attention score
 QUERY_ATTENTION_EPS = 1e-5      # added to the kept attention mass before renormalising
+ATTENTION_KINDS = ("gat", "gatv2")   # ModelConfig.attention; see GraphAttention
 
 
 @dataclass
@@ -54,6 +55,10 @@ class ModelConfig:
     encoder_dropout: float = 0.18   # on the sentence vector q and the clip vectors a
     graph_dropout: float = 0.15     # GAT input, attention weights and output
     head_dropout: float = 0.15      # clip pooling input and both classifier dropouts
+    # Graph-attention score: "gat" is the original network's (static attention: on a complete
+    # graph every clip attends with the same weights); "gatv2" scores each (i, j) pair through
+    # a LeakyReLU before the dot product, so the weights depend on the query clip i.
+    attention: str = "gat"
 
     def __post_init__(self) -> None:
         for name in ("question_vocab_size", "answer_vocab_size", "vision_dim", "module_dim", "word_dim",
@@ -70,6 +75,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {value!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"ModelConfig.attention must be one of {', '.join(ATTENTION_KINDS)}, "
+                             f"got {self.attention!r}")
 
 
 class LayerOutput(NamedTuple):
@@ -196,21 +204,40 @@ class GraphAttention(nn.Module):
     """Multi-head graph attention over the complete graph of clips (self-loops included).
 
     All heads share one projection matmul: `proj.weight` stacks the per-head W (dh × d) along
-    its output rows, head h at rows [h·dh, (h+1)·dh). Each head's score vector a = [a1 ‖ a2]
-    is stored split: `attn_self[h]` = a1 acts on h_i (the node being updated), `attn_neighbor[h]`
-    = a2 acts on h_j (the node sending the message), `attn_bias[h]` is a's bias. The score is
-    e_ij = LeakyReLU(a1·h_i + a2·h_j + b); the B×N×N×2dh pair tensor is never built.
+    its output rows, head h at rows [h·dh, (h+1)·dh). The message node j sends is W h_j + b
+    (`proj`), scaled by its query-punishment gate. How the scores e_ij are made depends on
+    `config.attention`:
+
+    "gat" (default, the original network): each head's score vector a = [a1 ‖ a2] is stored
+    split: `attn_self[h]` = a1 acts on W h_i (the node being updated), `attn_neighbor[h]` = a2
+    acts on W h_j (the node sending the message), `attn_bias[h]` is a's bias, and
+    e_ij = LeakyReLU(a1·W h_i + a2·W h_j + b); the B×N×N×2dh pair tensor is never built.
+    Parameters per block: d·d + d (proj) + 2·d + H (a) = d² + 3d + H, with d = module_dim.
+    On a complete graph this attention is static: wherever the LeakyReLU stays on one branch
+    the softmax over j cancels the a1 term, so every node i attends with the same weights.
+
+    "gatv2" (Brody, Alon & Yahav, ICLR 2022): e_ij = a_h · LeakyReLU(W_s h_i + b_s + W h_j + b)
+    per head, with a second stacked projection `target_proj` (W_s, b_s; same head sizes) for
+    the node being updated and one score vector `attn[h]` (dh) per head. A bias after the dot
+    product would be constant over j and cancel in the softmax, so there is none. Parameters
+    per block: 2·(d·d + d) (proj, target_proj) + d (attn) = 2d² + 3d. The scores need a
+    B×H×N×N×dh tensor (B·N²·d values; N is small).
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.kind = config.attention
         self.num_heads = config.num_heads
         self.head_dim = config.module_dim // config.num_heads
         self.dropout = config.graph_dropout
         self.proj = nn.Linear(config.module_dim, self.num_heads * self.head_dim)
-        self.attn_self = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
-        self.attn_neighbor = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
-        self.attn_bias = nn.Parameter(torch.empty(self.num_heads))
+        if self.kind == "gat":
+            self.attn_self = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
+            self.attn_neighbor = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
+            self.attn_bias = nn.Parameter(torch.empty(self.num_heads))
+        else:
+            self.target_proj = nn.Linear(config.module_dim, self.num_heads * self.head_dim)
+            self.attn = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -222,29 +249,51 @@ class GraphAttention(nn.Module):
         bound_w = math.sqrt(6.0 / (fan_in + self.head_dim))
         self.proj.weight.uniform_(-bound_w, bound_w)
         self.proj.bias.zero_()
-        bound_a = math.sqrt(6.0 / (2 * self.head_dim + 1))
-        self.attn_self.uniform_(-bound_a, bound_a)
-        self.attn_neighbor.uniform_(-bound_a, bound_a)
-        self.attn_bias.zero_()
+        if self.kind == "gat":
+            bound_a = math.sqrt(6.0 / (2 * self.head_dim + 1))
+            self.attn_self.uniform_(-bound_a, bound_a)
+            self.attn_neighbor.uniform_(-bound_a, bound_a)
+            self.attn_bias.zero_()
+        else:
+            # W_s like W (per head d -> dh); a is one Linear(dh -> 1) per head.
+            self.target_proj.weight.uniform_(-bound_w, bound_w)
+            self.target_proj.bias.zero_()
+            bound_a = math.sqrt(6.0 / (self.head_dim + 1))
+            self.attn.uniform_(-bound_a, bound_a)
 
     def project(self, x: Tensor) -> Tensor:
         """(B, N, d) -> per-head node features (B, H, N, dh)."""
         batch, nodes, _ = x.shape
         return self.proj(x).view(batch, nodes, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def attention_scores(self, heads: Tensor) -> Tensor:
-        """Per-head node features (B, H, N, dh) -> e (B, H, N, N), e[b,h,i,j] for message j -> i."""
+    def attention_scores(self, heads: Tensor, x: Tensor | None = None) -> Tensor:
+        """Per-head node features (B, H, N, dh) -> e (B, H, N, N), e[b,h,i,j] for message j -> i.
+
+        "gatv2" also needs the layer input x (B, N, d) for the target projection W_s h_i.
+        """
+        if self.kind == "gatv2":
+            if x is None:
+                raise ValueError("GATv2 attention scores need the layer input x")
+            batch, nodes, _ = x.shape
+            targets = self.target_proj(x).view(batch, nodes, self.num_heads, self.head_dim).transpose(1, 2)
+            pairs = F.leaky_relu(targets.unsqueeze(3) + heads.unsqueeze(2), GAT_LEAKY_SLOPE)   # (B,H,N,N,dh)
+            return torch.einsum("bhijd,hd->bhij", pairs, self.attn.to(pairs.dtype))
         to_self = torch.einsum("bhnd,hd->bhn", heads, self.attn_self.to(heads.dtype))
         to_neighbor = torch.einsum("bhnd,hd->bhn", heads, self.attn_neighbor.to(heads.dtype))
         raw = to_self.unsqueeze(-1) + to_neighbor.unsqueeze(-2) + self.attn_bias.to(heads.dtype).view(1, -1, 1, 1)
         return F.leaky_relu(raw, GAT_LEAKY_SLOPE)
+
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """Softmax attention (B, H, N, N) of input x (B, N, d), no dropout: row i is how node i
+        weighs the N messages (for diagnostics and tests)."""
+        return torch.softmax(self.attention_scores(self.project(x), x), dim=-1)
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:
         """x (B, N, d), gate (B, N, 1) -> (B, N, d)."""
         batch, nodes, _ = x.shape
         x = F.dropout(x, self.dropout, self.training)
         heads = self.project(x)
-        attention = torch.softmax(self.attention_scores(heads), dim=-1)
+        attention = torch.softmax(self.attention_scores(heads, x), dim=-1)
         attention = F.dropout(attention, self.dropout, self.training)
         # The query-punishment gate of node j scales the message node j sends; the scores
         # above are computed from the ungated features, as in the original.

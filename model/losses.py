@@ -24,11 +24,31 @@ def _wide(tensor: Tensor) -> Tensor:
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
-def common_loss(x: Tensor, y: Tensor) -> Tensor:
+COMMON_LOSS_MODES = ("original", "safe")
+# "safe" common loss: a node's centred feature counts as rounding noise when its norm is at most
+# this many machine epsilons (of the features' own dtype, e.g. bf16 under autocast) times the
+# sample's largest node norm. 8 eps is ~1e-6 in float32, the collapse threshold of
+# model/diagnostics.py; rounding in a collapsed layer stays well below it.
+SAFE_COMMON_EPS_FACTOR = 8.0
+
+
+def common_loss(x: Tensor, y: Tensor, mode: str = "original", rel_tol: float | None = None) -> Tensor:
     """mean((n(x̃) n(x̃)ᵀ − n(ỹ) n(ỹ)ᵀ)²) over B·N·N; x, y (B, N, d).
 
     x̃ is x centred over the N nodes, n() L2-normalises each node's feature vector.
+
+    mode="original" is the original network's loss. On a collapsed layer (all clip vectors equal
+    up to rounding) x̃ is pure rounding noise and n() blows it up to unit length, so the loss and
+    its gradient are noise of order 1. mode="safe" drops every node pair (i, j) in which either
+    node's centred x or y is at most `rel_tol` × the sample's largest node norm (default
+    SAFE_COMMON_EPS_FACTOR × eps of the inputs' dtype): those pairs contribute 0 with a zero
+    gradient, while the mean stays over all B·N·N pairs, so wherever the clips really differ the
+    value equals the original loss.
     """
+    if mode not in COMMON_LOSS_MODES:
+        raise ValueError(f"common loss mode must be one of {', '.join(COMMON_LOSS_MODES)}, got {mode!r}")
+    if mode == "safe":
+        return _safe_common_loss(x, y, rel_tol)
     with _no_autocast(x):
         x = _wide(x)
         y = _wide(y)
@@ -37,6 +57,30 @@ def common_loss(x: Tensor, y: Tensor) -> Tensor:
         gram_x = torch.bmm(x, x.transpose(1, 2))
         gram_y = torch.bmm(y, y.transpose(1, 2))
         return ((gram_x - gram_y) ** 2).mean()
+
+
+def _centred_directions(x: Tensor, rel_tol: float | None) -> tuple[Tensor, Tensor]:
+    """x (B, N, d) -> (unit centred node vectors with noise nodes zeroed, (B, N) bool: node is real)."""
+    tol = SAFE_COMMON_EPS_FACTOR * torch.finfo(x.dtype).eps if rel_tol is None else rel_tol
+    x = _wide(x)
+    centred = x - x.mean(dim=1, keepdim=True)
+    squared = (centred * centred).sum(dim=2)                                        # (B, N)
+    scale = (x.detach() * x.detach()).sum(dim=2).amax(dim=1, keepdim=True)          # (B, 1) max ‖x_i‖²
+    real = squared > (tol * tol) * scale
+    # sqrt and division only see real nodes' norms, so no inf/NaN reaches the masked gradient.
+    norm = torch.sqrt(torch.where(real, squared, torch.ones_like(squared)))
+    return centred / norm.unsqueeze(-1) * real.unsqueeze(-1).to(centred.dtype), real
+
+
+def _safe_common_loss(x: Tensor, y: Tensor, rel_tol: float | None) -> Tensor:
+    with _no_autocast(x):
+        unit_x, real_x = _centred_directions(x, rel_tol)
+        unit_y, real_y = _centred_directions(y, rel_tol)
+        real = (real_x & real_y).to(unit_x.dtype)                                   # (B, N)
+        keep = real.unsqueeze(2) * real.unsqueeze(1)                                # (B, N, N)
+        gram_x = torch.bmm(unit_x, unit_x.transpose(1, 2))
+        gram_y = torch.bmm(unit_y, unit_y.transpose(1, 2))
+        return (((gram_x - gram_y) ** 2) * keep).mean()
 
 
 def hsic_loss(x: Tensor, y: Tensor) -> Tensor:

@@ -92,6 +92,13 @@ def _gat_modules(config: ModelConfig) -> list[tuple[str, str]]:
     return modules
 
 
+def _require_gat(config: ModelConfig) -> None:
+    """The original code only has GAT attention; a GATv2 network has no original layout."""
+    if config.attention != "gat":
+        raise ValueError(f"original DualVGR checkpoints only hold GAT attention; a model with "
+                         f"attention={config.attention!r} cannot be converted to or from one")
+
+
 def _our_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shapes and dtypes of our state dict for `config`, without allocating any weights."""
     with torch.device("meta"):
@@ -129,7 +136,8 @@ def _check_keys(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, .
 
 
 def ours_to_original(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """Our state dict -> the original DualVGR key layout (strict)."""
+    """Our state dict -> the original DualVGR key layout (strict; GAT attention only)."""
+    _require_gat(config)
     ours = _our_shapes(config)
     _check_keys(state, {key: shape for key, (shape, _) in ours.items()}, "DualVGR state dict")
     result = {original: state[key].detach().clone() for key, original in _renamed_keys(config)}
@@ -153,8 +161,9 @@ def original_to_ours(state: Mapping[str, Tensor], config: ModelConfig,
                      source: str = "original DualVGR state dict") -> dict[str, Tensor]:
     """An original DualVGR state dict -> ours (strict: every key present, none extra, shapes fit).
 
-    `source` starts every error message (e.g. the checkpoint's path).
+    `source` starts every error message (e.g. the checkpoint's path). GAT attention only.
     """
+    _require_gat(config)
     ours = _our_shapes(config)
     _check_keys(state, _original_shapes(config, ours), source)
     result = {key: state[original].detach().clone() for key, original in _renamed_keys(config)}

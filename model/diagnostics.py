@@ -1,0 +1,168 @@
+"""Is graph reasoning still telling the clips apart?
+
+The graph layers of a trained DualVGR can collapse: every clip node leaves a layer with the same
+vector (GAT's attention is static on a complete graph, so once the clips look alike they stay
+alike). The common loss then centres the node features over the clips and L2-normalises what is
+left, which on a collapsed layer is rounding noise. `node_spread` measures, per graph layer and
+stream, how far the N clip vectors are apart relative to their size; `collapsed_layers` and
+`collapse_warning` turn that into a one-line warning.
+
+Everything here works on the `layers` of an ordinary forward pass (no extra model outputs), is
+detached, and loops over layers and streams only, never over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from model.dualvgr import DualVGROutput, LayerOutput
+
+# The four GAT outputs of a layer, in LayerOutput order: (column name, LayerOutput field).
+STREAMS = (
+    ("specific_appearance", "appearance"),
+    ("common_appearance", "common_appearance"),
+    ("specific_motion", "motion"),
+    ("common_motion", "common_motion"),
+)
+# The streams the common loss compares: if either is collapsed, that layer's common loss is noise.
+COMMON_STREAMS = ("common_appearance", "common_motion")
+# Below this relative spread the clip vectors differ only by float32 rounding (the demo teacher's
+# collapsed layers measure <= 2.3e-8; layers that really tell clips apart are at 1e-3 and above).
+COLLAPSE_THRESHOLD = 1e-6
+
+
+def relative_spread(nodes: Tensor) -> Tensor:
+    """(B, N, d) node features -> (B,): std over the N clips (population std, averaged over the
+    d channels) divided by the mean |value|; 0 for an all-zero sample."""
+    values = nodes.detach().float()
+    spread = values.std(dim=1, correction=0).mean(dim=-1)
+    size = values.abs().mean(dim=(1, 2))
+    return spread / size.clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def sample_spread(output: DualVGROutput | Sequence[LayerOutput]) -> Tensor:
+    """Per graph layer, sample and stream, the clip spread -> (layers, B, 4) float32.
+
+    Rows follow `output.layers` (layer (u, g) at row u·G + g), columns follow `STREAMS`.
+    """
+    layers = output.layers if isinstance(output, DualVGROutput) else tuple(output)
+    if not layers:
+        raise ValueError("node_spread needs the per-layer outputs of a DualVGR forward pass")
+    return torch.stack([torch.stack([relative_spread(getattr(layer, field)) for _, field in STREAMS], dim=-1)
+                        for layer in layers])
+
+
+def node_spread(output: DualVGROutput | Sequence[LayerOutput]) -> Tensor:
+    """Per graph layer and stream, the clip spread averaged over the batch -> (layers, 4) float32."""
+    return sample_spread(output).mean(dim=1)
+
+
+def _common_columns() -> list[int]:
+    names = [name for name, _ in STREAMS]
+    return [names.index(name) for name in COMMON_STREAMS]
+
+
+def collapsed_fraction(output: DualVGROutput | Sequence[LayerOutput],
+                       threshold: float = COLLAPSE_THRESHOLD) -> Tensor:
+    """(layers,): fraction of the batch whose common appearance or common motion is collapsed.
+
+    The batch mean of `node_spread` hides samples that collapse while others do not (an
+    untrained teacher's first layer does this); their common loss is noise all the same.
+    """
+    common = sample_spread(output)[..., _common_columns()]                          # (layers, B, 2)
+    return (common < threshold).any(dim=-1).float().mean(dim=1)
+
+
+class NodeSpreadMeter:
+    """Accumulates `node_spread` over the batches of a split, weighted by batch size.
+
+    `update(output)` per batch (inside torch.no_grad, model in eval mode), then `columns()`.
+    """
+
+    def __init__(self, threshold: float = COLLAPSE_THRESHOLD) -> None:
+        self.threshold = threshold
+        self.total: Tensor | None = None         # (layers, 4) summed spread
+        self.collapsed: Tensor | None = None     # (layers,) count of samples with a collapsed common stream
+        self.samples = 0
+
+    def update(self, output: DualVGROutput) -> None:
+        per_sample = sample_spread(output)                                           # (layers, B, 4)
+        spread = per_sample.sum(dim=1)
+        collapsed = (per_sample[..., _common_columns()] < self.threshold).any(dim=-1).sum(dim=1)
+        self.total = spread if self.total is None else self.total + spread
+        self.collapsed = collapsed if self.collapsed is None else self.collapsed + collapsed
+        self.samples += per_sample.size(1)
+
+    def value(self) -> Tensor:
+        """(layers, 4) mean spread over every sample seen."""
+        if self.total is None:
+            raise ValueError("NodeSpreadMeter.value() before any update()")
+        return self.total / self.samples
+
+    def collapsed_fraction(self) -> Tensor:
+        """(layers,) fraction of samples seen whose common loss was rounding noise."""
+        if self.collapsed is None:
+            raise ValueError("NodeSpreadMeter.collapsed_fraction() before any update()")
+        return self.collapsed.float() / self.samples
+
+    def columns(self, graph_layers: int | None = None) -> dict[str, float]:
+        """node_spread_<layer>_<stream> for every layer and stream, then node_collapsed_<layer>."""
+        columns = spread_columns(self.value(), graph_layers)
+        fractions = self.collapsed_fraction().tolist()
+        columns.update({f"node_collapsed_{layer_name(row, len(fractions), graph_layers)}": float(value)
+                        for row, value in enumerate(fractions)})
+        return columns
+
+
+def layer_name(row: int, rows: int, graph_layers: int | None = None) -> str:
+    """Name of row `row` (0-based) of a `rows`-row node_spread: "g2" (1-based), or "u2_g1" when
+    `graph_layers` is given and there are several units (rows > graph_layers)."""
+    if graph_layers is None or rows <= graph_layers:
+        return f"g{row + 1}"
+    return f"u{row // graph_layers + 1}_g{row % graph_layers + 1}"
+
+
+def spread_columns(spread: Tensor, graph_layers: int | None = None) -> dict[str, float]:
+    """(layers, 4) -> {"node_spread_g1_common_appearance": ..., ...}, one column per layer and stream.
+
+    With `graph_layers` (config.graph_layers) given and several units, layers are named "u1_g1",
+    "u1_g2", ...; a single unit always gives "g1" ... "gG".
+    """
+    values = spread.detach().cpu().tolist()
+    return {f"node_spread_{layer_name(row, len(values), graph_layers)}_{stream}": float(values[row][col])
+            for row in range(len(values)) for col, (stream, _) in enumerate(STREAMS)}
+
+
+def collapsed_layers(spread: Tensor, threshold: float = COLLAPSE_THRESHOLD) -> list[int]:
+    """Rows (0-based) of a (layers, 4) spread whose common appearance or common motion stream is
+    below `threshold`: there the common loss normalises rounding noise."""
+    common = spread[:, _common_columns()]
+    return [int(row) for row in torch.nonzero((common < threshold).any(dim=1)).flatten().tolist()]
+
+
+def collapse_warning(row: int, rows: int = 0, graph_layers: int | None = None) -> str:
+    """The one-line warning for collapsed row `row` (0-based) of a `rows`-row node_spread."""
+    name = layer_name(row, rows, graph_layers)
+    label = name[1:] if name.startswith("g") else name
+    return f"graph layer {label}: clip features identical across clips; the common loss there is rounding noise"
+
+
+def collapse_warnings(spread: Tensor, graph_layers: int | None = None,
+                      threshold: float = COLLAPSE_THRESHOLD) -> list[str]:
+    """One warning line per collapsed layer (empty when every layer tells its clips apart)."""
+    return [collapse_warning(row, spread.size(0), graph_layers) for row in collapsed_layers(spread, threshold)]
+
+
+def attention_row_spread(weights: Tensor) -> Tensor:
+    """(B, H, N, N) attention -> (B, H): largest difference between any two query rows i.
+    0 means every node attends with the same weights (static attention)."""
+    return (weights.amax(dim=2) - weights.amin(dim=2)).amax(dim=-1)
+
+
+__all__ = ("STREAMS", "COMMON_STREAMS", "COLLAPSE_THRESHOLD", "relative_spread", "sample_spread", "node_spread",
+           "collapsed_fraction",
+                          "NodeSpreadMeter", "spread_columns", "collapsed_layers", "collapse_warning",
+                          "collapse_warnings", "attention_row_spread", "layer_name")
