@@ -15,9 +15,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vqakd.errors import UserError, run_cli  # noqa: E402
-from vqakd.glove import read_glove_text_with_stats, read_word_list  # noqa: E402
-from vqakd.io import ensure_writable_dir, write_pickle  # noqa: E402
+from vqakd.errors import UserError, interruptible_imports, run_cli  # noqa: E402
+
+with interruptible_imports():       # numpy and tqdm take a moment: Ctrl-C there is a clean exit too
+    from vqakd.glove import read_glove_text_with_stats, read_word_list  # noqa: E402
+    from vqakd.io import ensure_writable_dir, remove_stale_temporaries, write_pickle  # noqa: E402
+    from vqakd.locks import FolderLock  # noqa: E402
+    from vqakd.outputs import check_output_paths  # noqa: E402
 
 DEFAULT_GLOVE_TEXT = "data/glove/glove.840B.300d.txt"
 DEFAULT_OUT = "data/glove/glove.840.300d.pkl"
@@ -46,13 +50,20 @@ def _size(num_bytes: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.path.abspath(args.out) == os.path.abspath(args.glove):
-        raise UserError(f"--out {args.out} would overwrite the GloVe text file")
-    ensure_writable_dir(os.path.dirname(os.path.abspath(args.out)), "output folder")
+    check_output_paths({"--glove": args.glove, "--vocab": args.vocab}, {"--out": args.out})
+    out_dir = ensure_writable_dir(os.path.dirname(os.path.abspath(args.out)), "output folder")
+    with FolderLock(out_dir, "output folder"):
+        remove_stale_temporaries([args.out])
+        return _convert(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
     keep = read_word_list(args.vocab) if args.vocab else None
     if keep is not None and not keep:
         raise UserError(f"{args.vocab}: the word list is empty")
     words, stats = read_glove_text_with_stats(args.glove, dim=args.dim, keep=keep, progress=not args.no_progress)
+    if not words and keep is None:
+        raise UserError(f"{args.glove}: no word vectors kept: {stats.long_token_note()}")
     if not words:
         raise UserError(f"{args.glove}: none of the {len(keep or [])} words of {args.vocab} is in this GloVe file")
     write_pickle(args.out, words)
@@ -60,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if keep is not None:
         kept += f" of {len(keep)} requested ({len(stats.missing)} not in GloVe)"
     duplicates = f", {stats.duplicates} repeated tokens (later line kept)" if stats.duplicates else ""
-    print(f"{args.glove}: {stats.lines} lines, {kept}, dim {stats.dim}{duplicates} -> {args.out} "
+    skipped = f", {stats.long_token_note()}" if stats.long_tokens else ""
+    print(f"{args.glove}: {stats.lines} lines, {kept}, dim {stats.dim}{duplicates}{skipped} -> {args.out} "
           f"({_size(os.path.getsize(args.out))})")
     return 0
 

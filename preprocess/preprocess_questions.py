@@ -11,17 +11,21 @@ with that vocabulary, so they need the train split done first (`--mode all` runs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vqakd.annotations import DATASETS, SPLITS  # noqa: E402
-from vqakd.errors import UserError, run_cli  # noqa: E402
-from vqakd.io import ensure_writable_dir  # noqa: E402
-from vqakd.questions import (format_summary, preprocess_split, questions_path, summary_path,  # noqa: E402
-                             vocab_path)
-from vqakd.vocab import DEFAULT_ANSWER_TOP  # noqa: E402
+from vqakd.errors import UserError, interruptible_imports, run_cli  # noqa: E402
+
+with interruptible_imports():       # numpy, nltk and tqdm take a moment: Ctrl-C there is a clean exit too
+    from vqakd.annotations import DATASETS, SPLITS, qa_path  # noqa: E402
+    from vqakd.io import ensure_writable_dir, remove_stale_temporaries  # noqa: E402
+    from vqakd.locks import FolderLock  # noqa: E402
+    from vqakd.outputs import check_output_paths, expand_template  # noqa: E402
+    from vqakd.questions import format_summary, preprocess_split, questions_path, summary_path, vocab_path  # noqa: E402
+    from vqakd.vocab import DEFAULT_ANSWER_TOP  # noqa: E402
 
 DEFAULT_GLOVE = "data/glove/glove.840.300d.pkl"
 MODES = SPLITS + ("all",)
@@ -43,9 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--answer-top", "--answer_top", type=int, default=DEFAULT_ANSWER_TOP,
                         help="answer vocabulary size, besides <UNK0>/<UNK1> (default: %(default)s)")
     parser.add_argument("--output-pt", "--output_pt", default=None,
-                        help="question file path; HCRN-style '{}' placeholders get (dataset, dataset, split)")
+                        help="question file path template: {dataset} and {split} are filled in, and "
+                             "HCRN-style '{}' placeholders get (dataset, dataset, split)")
     parser.add_argument("--vocab-json", "--vocab_json", default=None,
-                        help="vocab file path; HCRN-style '{}' placeholders get (dataset, dataset)")
+                        help="vocab file path template: {dataset} is filled in, and HCRN-style '{}' "
+                             "placeholders get (dataset, dataset)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.answer_top < 0:
@@ -57,31 +63,47 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     splits = SPLITS if args.mode == "all" else (args.mode,)
     out_dir = args.out_dir or os.path.join("data", args.dataset)
-    vocab_file = (args.vocab_json.format(args.dataset, args.dataset) if args.vocab_json
-                  else vocab_path(out_dir, args.dataset))
-    if args.output_pt and len(splits) > 1 and "{" not in args.output_pt:
-        raise UserError(f"--output-pt {args.output_pt} names one file but --mode {args.mode} writes "
-                        f"{len(splits)} splits; use a '{{}}' placeholder or one --mode at a time")
+    vocab_file = (expand_template(args.vocab_json, "--vocab-json", (args.dataset, args.dataset),
+                                  dataset=args.dataset)
+                  if args.vocab_json else vocab_path(out_dir, args.dataset))
 
     def output(split: str) -> str:
         if args.output_pt:
-            return args.output_pt.format(args.dataset, args.dataset, split)
+            return expand_template(args.output_pt, "--output-pt", (args.dataset, args.dataset, split),
+                                   dataset=args.dataset, split=split)
         return questions_path(out_dir, args.dataset, split)
 
-    for folder in {os.path.dirname(os.path.abspath(p)) for p in [vocab_file] + [output(s) for s in splits]}:
-        ensure_writable_dir(folder, "output folder")
+    def summary(split: str) -> str:
+        return summary_path(os.path.dirname(output(split)), args.dataset, split)
+
     glove = None if args.no_glove else args.glove
+    inputs = {f"the {split} annotation file": qa_path(args.annotation_dir, split) for split in splits}
+    inputs["the youtube_mapping.txt file"] = os.path.join(args.annotation_dir, "youtube_mapping.txt")
+    if "train" in splits:
+        inputs["--glove"] = glove
+    else:
+        inputs["--vocab-json (the vocabulary of the train split)"] = vocab_file
+    outputs = [(f"--output-pt ({split} split)", output(split)) for split in splits]
+    outputs += [(f"the {split} summary", summary(split)) for split in splits]
+    if "train" in splits:
+        outputs.append(("--vocab-json", vocab_file))
+    check_output_paths(inputs, outputs, hint="put {split} in the --output-pt template, or run one --mode at a time")
+    folders = sorted({os.path.dirname(os.path.abspath(path)) for _, path in outputs})
+    for folder in folders:
+        ensure_writable_dir(folder, "output folder")
     if "train" in splits and glove is not None and not os.path.isfile(glove):
         raise UserError(f"GloVe file not found: {glove} (make it with `python txt2pickle.py`, pass the "
                         "GloVe .txt file itself, or use --no-glove)")
 
-    for split in splits:
-        questions_out = output(split)
-        summary = preprocess_split(args.dataset, args.annotation_dir, split, questions_out, vocab_file,
-                                   summary_path(os.path.dirname(questions_out), args.dataset, split),
-                                   glove_source=glove, answer_top=args.answer_top,
-                                   progress=not args.no_progress)
-        print(format_summary(summary), flush=True)
+    with contextlib.ExitStack() as locks:
+        for folder in folders:
+            locks.enter_context(FolderLock(folder, "output folder"))
+        remove_stale_temporaries([path for _, path in outputs])
+        for split in splits:
+            result = preprocess_split(args.dataset, args.annotation_dir, split, output(split), vocab_file,
+                                      summary(split), glove_source=glove, answer_top=args.answer_top,
+                                      progress=not args.no_progress)
+            print(format_summary(result), flush=True)
     return 0
 
 

@@ -146,7 +146,7 @@ def test_msvd_end_to_end(msvd, capsys):
     with open(out / "msvd-qa_train_questions.pt", "rb") as handle:
         raw = pickle.load(handle)
     assert set(raw) == {"questions", "questions_len", "question_id", "video_ids", "video_names", "answers",
-                        "glove", "question_text"}
+                        "glove", "question_text", "vocab_sha256"}
     assert raw["questions"].dtype == np.int32 and raw["questions_len"].dtype == np.int32
     assert raw["questions"].shape == (7, 6)                                  # padded to the longest (6 tokens)
     for row, tokens in zip(raw["questions"], TRAIN_TOKENS):

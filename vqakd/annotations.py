@@ -57,12 +57,32 @@ def load_qa(annotation_dir: str, split: str, dataset: str = "msvd-qa") -> list[d
         if not isinstance(record["question"], str) or not isinstance(record["answer"], str):
             raise UserError(f"{path}: record {index} (id {record.get('id', index)}): "
                             "question and answer must be strings")
-        try:
-            int(record["video_id"])
-        except (TypeError, ValueError):
+        if parse_video_id(record["video_id"]) is None:
             raise UserError(f"{path}: record {index} (id {record.get('id', index)}): "
-                            f"video_id {record['video_id']!r} is not an integer") from None
+                            f"video_id {record['video_id']!r} is not a whole number >= 0")
     return records
+
+
+def parse_video_id(value: object) -> int | None:
+    """The video id a record's `video_id` holds, or None when it is not a whole number >= 0.
+
+    Accepted: a JSON integer, a string of digits ("12"), or a float without a fraction (12.0).
+    Refused: `true`/`false` (JSON booleans would otherwise read as 1/0), `2.9` (would read
+    as 2), negative numbers, anything else.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not value.is_integer():
+            return None
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        number = int(value.strip())
+    else:
+        return None
+    return number if number >= 0 else None
 
 
 def load_msvd_mapping(annotation_dir: str) -> dict[int, str]:
@@ -72,14 +92,20 @@ def load_msvd_mapping(annotation_dir: str) -> dict[int, str]:
         raise UserError(f"MSVD-QA mapping file not found: {path} (it ships with the MSVD-QA "
                         "annotations next to the {split}_qa.json files)")
     mapping: dict[int, str] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 2 or not parts[1].startswith("vid") or not parts[1][3:].isdigit():
-                raise UserError(f"{path}: line {line_no}: expected 'clipname vidN', got {line.strip()!r}")
-            mapping[int(parts[1][3:])] = parts[0]
+    # utf-8-sig: a byte-order mark (added by some Windows editors) would otherwise become part
+    # of the first clip's name, and that clip would then be reported missing.
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            lines = handle.read().split("\n")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].startswith("vid") or not parts[1][3:].isdigit():
+            raise UserError(f"{path}: line {line_no}: expected 'clipname vidN', got {line.strip()!r}")
+        mapping[int(parts[1][3:])] = parts[0]
     return mapping
 
 

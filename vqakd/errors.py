@@ -8,9 +8,10 @@ raise normally so that bugs keep their tracebacks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 
 class UserError(Exception):
@@ -35,6 +36,28 @@ def run_cli(main: Callable[[], int | None]) -> None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit_interrupted()
     sys.exit(code or 0)
+
+
+def _exit_interrupted() -> None:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+@contextlib.contextmanager
+def interruptible_imports() -> Iterator[None]:
+    """Wrap an entry script's slow imports (torch takes seconds) so that Ctrl-C there ends the run
+    as it does inside `run_cli`: one line, `interrupted`, exit status 130, no traceback.
+
+    This module imports only `os` and `sys`, so importing it first costs nothing:
+
+        from vqakd.errors import interruptible_imports, run_cli
+        with interruptible_imports():
+            import torch
+            from vqakd.engine import train
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        _exit_interrupted()

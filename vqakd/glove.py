@@ -33,6 +33,9 @@ MAX_TOKEN_SHOWN = 60
 # Without --dim, the vector size is the most common one among the first lines (not just the
 # first line's, whose token might itself hold a space).
 DIM_SAMPLE_LINES = 1000
+# GloVe's own tools (vocab_count.c, MAX_STRING_LENGTH) never emit a token this long; a longer
+# "token" is almost always two lines run together (a lost newline), so the line is skipped.
+MAX_TOKEN_BYTES = 1000
 
 
 @dataclass
@@ -43,6 +46,15 @@ class GloveReadStats:
     kept: int = 0             # distinct words in the result
     duplicates: int = 0       # kept lines whose token had already been seen (the later line wins)
     missing: list[str] = field(default_factory=list)   # words of the keep set absent from the file
+    long_tokens: int = 0      # lines skipped because their token is longer than MAX_TOKEN_BYTES
+    first_long_line: int = 0  # the first such line (1-based), 0 if none
+
+    def long_token_note(self) -> str:
+        """One phrase for the summary line, empty when no line was skipped."""
+        if not self.long_tokens:
+            return ""
+        return (f"{self.long_tokens} line(s) skipped whose token is longer than {MAX_TOKEN_BYTES} bytes "
+                f"(first at line {self.first_long_line}; probably lines run together)")
 
 
 def _shown(token: bytes | str) -> str:
@@ -191,6 +203,10 @@ def read_glove_text_with_stats(path: str | os.PathLike, dim: int | None = None,
                 # A token with spaces: everything before the last `dim` fields.
                 cut = len(line.rsplit(b" ", dim)[0])
             token_bytes = line[:cut]
+            if cut > MAX_TOKEN_BYTES:
+                stats.long_tokens += 1
+                stats.first_long_line = stats.first_long_line or line_no
+                continue
             if keep_bytes is not None and token_bytes not in keep_bytes:
                 continue
             try:

@@ -6,14 +6,32 @@ A reader (or a crashed job being resumed) never sees a half-written file at the 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
 import pickle
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from vqakd.errors import UserError
+
+# What `atomic_path` names its temporary files: `.<final name>.<mkstemp's random part>.tmp`.
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(UserError, OSError):
+    """The disk (or the quota) filled up while writing; still an OSError for callers that catch those."""
+
+
+def _disk_full(exc: OSError, path: str) -> DiskFullError:
+    what = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+    error = DiskFullError(f"{what} while writing {path}; nothing was written there and earlier files "
+                          "are intact: free some space and run again")
+    error.errno = exc.errno
+    return error
 
 
 @contextlib.contextmanager
@@ -21,8 +39,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path next to `path`; on success rename it over `path`, else delete it."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.path.basename(path)}.", suffix=TEMP_SUFFIX,
+                                   dir=folder)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise _disk_full(exc, path) from None
+        raise
     os.close(fd)
     # mkstemp creates 0600 files; give the result the permissions a plain open() would have,
     # so features and checkpoints stay readable by the group on shared clusters.
@@ -32,9 +56,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, DiskFullError) and exc.errno in _DISK_FULL:
+            raise _disk_full(exc, path) from None
         raise
 
 
@@ -53,17 +79,23 @@ def read_json(path: str | os.PathLike) -> Any:
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            text = handle.read()
+        # A byte-order mark (editors on Windows add one) is not part of the JSON.
+        return json.loads(text[1:] if text.startswith("\ufeff") else text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
 
 
+def json_bytes(obj: Any) -> bytes:
+    """The exact bytes `write_json` writes for `obj` (so their sha256 is known before writing)."""
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_open(path, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2, sort_keys=False)
-        handle.write("\n")
+    with atomic_open(path, "wb") as handle:
+        handle.write(json_bytes(obj))
 
 
 def write_pickle(path: str | os.PathLike, obj: Any) -> None:
@@ -91,3 +123,30 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def stale_temporaries(output_paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Leftover temporary files of `atomic_path` for these outputs (a run killed mid-write)."""
+    found: set[str] = set()
+    for path in output_paths:
+        path = os.path.abspath(os.fspath(path))
+        pattern = glob.escape(os.path.join(os.path.dirname(path), f"{TEMP_PREFIX}{os.path.basename(path)}."))
+        found.update(candidate for candidate in glob.glob(pattern + "*" + TEMP_SUFFIX) if os.path.isfile(candidate))
+    return sorted(found)
+
+
+def remove_stale_temporaries(output_paths: Iterable[str | os.PathLike],
+                             log: Callable[[str], Any] | None = print) -> list[str]:
+    """Delete the leftover temporaries of `output_paths`; `log` gets one line naming them.
+
+    Call it only while this run holds the lock on the output folder (vqakd.locks), so that a
+    temporary file is never one another live run is still writing.
+    """
+    removed = []
+    for path in stale_temporaries(output_paths):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+            removed.append(path)
+    if removed and log is not None:
+        log(f"removed {len(removed)} temporary file(s) left by an interrupted run: {', '.join(removed)}")
+    return removed

@@ -12,6 +12,7 @@ The rules (docs/method.md#question-preprocessing), as the HCRN / DualVGR preproc
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -22,10 +23,12 @@ from tqdm import tqdm
 from vqakd.annotations import SPLITS, check_dataset, load_msvd_mapping, load_qa, qa_path
 from vqakd.errors import UserError
 from vqakd.glove import load_glove
-from vqakd.io import write_json, write_pickle
+from vqakd.io import atomic_open, file_sha256, json_bytes, write_json, write_pickle
 from vqakd.safe_pickle import safe_load
 from vqakd.vocab import DEFAULT_ANSWER_TOP, NULL_INDEX, NULL_TOKEN, UNK_INDEX, UNK_TOKEN, Vocabulary
 
+# The sha256 of the vocabulary file a question file was encoded with (absent in HCRN/DualVGR files).
+VOCAB_SHA256_KEY = "vocab_sha256"
 QUESTION_FILE_KEYS = ("questions", "questions_len", "question_id", "video_ids", "video_names", "answers", "glove")
 
 
@@ -152,11 +155,16 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if split != "train":
         vocab = Vocabulary.load(vocab_file)   # before the slow work, so a missing vocab fails fast
+        vocab_sha256 = file_sha256(vocab_file)
     split_records = read_split(annotation_dir, split, dataset, progress)
     names = video_names_for(dataset, annotation_dir, split_records)
     if split == "train":
         vocab = Vocabulary.build(split_records.tokens, [r["answer"] for r in split_records.records], answer_top)
+        vocab_bytes = json_bytes(vocab.to_json())
+        vocab_sha256 = hashlib.sha256(vocab_bytes).hexdigest()
     obj = encode_split(split_records, vocab, split, names)
+    # Binds this file to the exact vocabulary it was encoded with (see check_vocab_binding).
+    obj[VOCAB_SHA256_KEY] = vocab_sha256
 
     summary: dict[str, Any] = {
         "dataset": dataset,
@@ -172,6 +180,7 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
         "unknown_token_rate": float((obj["questions"] == UNK_INDEX).sum() / obj["questions_len"].sum()),
         "questions_file": questions_out,
         "vocab_file": vocab_file,
+        VOCAB_SHA256_KEY: vocab_sha256,
     }
     if split == "train" and glove_source is not None:
         words = [token for token in vocab.question_token_to_idx if token not in (NULL_TOKEN, UNK_TOKEN)]
@@ -187,7 +196,8 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
 
     write_pickle(questions_out, obj)
     if split == "train":
-        write_json(vocab_file, vocab.to_json())
+        with atomic_open(vocab_file, "wb") as handle:      # exactly the bytes hashed above
+            handle.write(vocab_bytes)
     write_json(summary_out, summary)
     return summary
 
@@ -296,4 +306,31 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
         "answers": answers,
         "glove": glove,
         "question_text": None if text is None else [str(q) for q in text],
+        VOCAB_SHA256_KEY: data.get(VOCAB_SHA256_KEY),
     }
+
+
+# ---------------------------------------------------------------- question file <-> vocabulary
+
+REENCODE_COMMAND = ("python preprocess/preprocess_questions.py --dataset <dataset> --annotation-dir <folder> "
+                    "--mode all")
+
+
+def check_vocab_binding(question_file_obj: Mapping[str, Any], question_path: str, vocab_path: str,
+                        vocab_sha256: str) -> None:
+    """Refuse a question file encoded with another vocabulary than the one at `vocab_path`.
+
+    `question_file_obj` is the file's object (raw, or as `load_question_file` returns it) and
+    `vocab_sha256` the sha256 of `vocab_path` (`vqakd.io.file_sha256`). Files without the key
+    (written by the original HCRN/DualVGR code, or before it was recorded) are accepted as they are.
+    """
+    recorded = question_file_obj.get(VOCAB_SHA256_KEY)
+    if recorded is None:
+        return
+    if not isinstance(recorded, str) or len(recorded) != 64:
+        raise UserError(f"{question_path}: {VOCAB_SHA256_KEY} must be a sha256 hex string, found {recorded!r}")
+    if recorded.lower() != vocab_sha256.lower():
+        raise UserError(f"{question_path} was encoded with another vocabulary than {vocab_path} (vocabulary "
+                        f"sha256 {recorded[:12]}... recorded, {vocab_sha256[:12]}... now): its token and answer "
+                        f"indices would mean other words; re-encode every split with one vocabulary: "
+                        f"{REENCODE_COMMAND}")

@@ -1,0 +1,107 @@
+"""One run per output folder: a second run is refused with the holder's pid; a folder left by a
+killed run is taken over. Uses real processes, since that is what the lock is for."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import vqakd.locks
+from vqakd.errors import UserError
+from vqakd.locks import LOCK_NAME, FolderLock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOLD = ("import sys, time\n"
+        "from vqakd.locks import FolderLock\n"
+        "lock = FolderLock(sys.argv[1], 'output folder').acquire()\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n")
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A second process holding the lock on tmp_path/out; killed at the end."""
+    folder = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "locked\n"
+    yield folder, proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_second_run_is_refused_naming_folder_and_holder(holder):
+    folder, proc = holder
+    with pytest.raises(UserError) as exc:
+        with FolderLock(folder):
+            pass
+    message = str(exc.value)
+    assert "\n" not in message
+    assert f"output folder {folder} is in use by another run (pid {proc.pid} on {socket.gethostname()}" in message
+
+
+def test_lock_of_a_killed_run_is_taken_over(holder):
+    folder, proc = holder
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (folder / LOCK_NAME).exists()          # kill -9 leaves the file, but not the flock
+    lines = []
+    with FolderLock(folder, log=lines.append) as lock:
+        assert lock.held
+        record = json.loads((folder / LOCK_NAME).read_text())
+        assert record["pid"] == os.getpid()
+    assert len(lines) == 1 and "taking over the lock" in lines[0] and f"pid {proc.pid}" in lines[0]
+    assert not (folder / LOCK_NAME).exists()       # a finished run leaves nothing behind
+
+
+def test_txt2pickle_refuses_a_folder_in_use(holder, tmp_path):
+    folder, proc = holder
+    glove = tmp_path / "g.txt"
+    glove.write_text("a 1 2\n")
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "txt2pickle.py"), "--glove", str(glove),
+                          "--out", str(folder / "g.pkl"), "--no-progress"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and f"pid {proc.pid}" in run.stderr and str(folder) in run.stderr
+    assert not (folder / "g.pkl").exists()
+
+
+def test_same_process_is_refused_too_and_release_frees_it(tmp_path):
+    with FolderLock(tmp_path, log=None):
+        with pytest.raises(UserError, match=f"pid {os.getpid()}"):
+            FolderLock(tmp_path, log=None).acquire()
+    with FolderLock(tmp_path, log=None):
+        pass
+    assert os.listdir(tmp_path) == []
+
+
+def test_without_flock_the_record_decides(tmp_path, monkeypatch, holder):
+    monkeypatch.setattr(vqakd.locks, "fcntl", None)
+    lock_file = tmp_path / LOCK_NAME
+    base = {"host": socket.gethostname(), "command": "train.py", "started": time.time()}
+    # A record of a dead process is stale: taken over.
+    lock_file.write_text(json.dumps(dict(base, pid=dead_pid())))
+    lines = []
+    with FolderLock(tmp_path, log=lines.append):
+        pass
+    assert lines and "taking over" in lines[0]
+    # A record of a live process on this host holds the folder.
+    _, proc = holder
+    lock_file.write_text(json.dumps(dict(base, pid=proc.pid)))
+    with pytest.raises(UserError, match=f"pid {proc.pid}"):
+        FolderLock(tmp_path, log=None).acquire()
+    # A garbled record is no holder.
+    lock_file.write_text("{not json")
+    with FolderLock(tmp_path, log=None):
+        pass
