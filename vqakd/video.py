@@ -66,6 +66,9 @@ def require_decoder() -> None:
     if av is None:
         raise UserError("video decoding needs PyAV, which is not installed: pip install av "
                         "(see requirements.txt)")
+    if not hasattr(av.VideoFrame, "rotation"):
+        raise UserError(f"PyAV {av.__version__} is too old: frames must carry the container's rotation "
+                        "(VideoFrame.rotation); pip install --upgrade av (see requirements.txt)")
 
 
 def check_frames_per_clip(frames_per_clip: int) -> str | None:
