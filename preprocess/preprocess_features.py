@@ -30,7 +30,7 @@ from vqakd.distributed import cleanup, get_world_size, is_main, local_rank  # no
 from vqakd.errors import UserError, run_cli  # noqa: E402
 from vqakd.extractors import (DEFAULT_CHUNK_VIDEOS, DEFAULT_FRAMES_PER_CLIP,  # noqa: E402
                               DEFAULT_NUM_CLIPS, DEFAULT_RANDOM_SEED, EXTRACTORS,
-                              ExtractionSettings, PeerError, Shard, make_extractor,
+                              NORMALIZATIONS, ExtractionSettings, PeerError, Shard, make_extractor,
                               start_process_group)
 from vqakd.io import ensure_writable_dir  # noqa: E402
 
@@ -49,10 +49,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-clips", "--num_clips", dest="num_clips", type=int, default=DEFAULT_NUM_CLIPS,
                         help="clips per video, N (8 for MSVD-QA, 16 for MSRVTT-QA)")
     parser.add_argument("--frames-per-clip", "--frames_per_clip", dest="frames_per_clip", type=int,
-                        default=DEFAULT_FRAMES_PER_CLIP)
+                        default=DEFAULT_FRAMES_PER_CLIP, help="frames per clip, F (even; default 16)")
     parser.add_argument("--image-height", "--image_height", dest="image_height", type=int, default=None,
-                        help="default 224 for resnet101, 112 for resnext101")
-    parser.add_argument("--image-width", "--image_width", dest="image_width", type=int, default=None)
+                        help="default 224 for resnet101, 112 for resnext101. As in the original, the "
+                             "resize is given (height, width) in Pillow's (width, height) order: a "
+                             "non-square size gives frames --image-width rows by --image-height columns")
+    parser.add_argument("--image-width", "--image_width", dest="image_width", type=int, default=None,
+                        help="see --image-height (the same by default)")
+    parser.add_argument("--normalization", choices=sorted(NORMALIZATIONS), default="original",
+                        help="resnet101 mean/std: 'original' (the original work's, std 0.229, 0.224, "
+                             "0.224; default) or 'torchvision' (std 0.229, 0.224, 0.225)")
+    parser.add_argument("--decode-past-damage", action="store_true",
+                        help="skip packets the decoder rejects and go on (default: stop there, as the "
+                             "original did; either way such videos are listed in <out>.failures.json)")
     parser.add_argument("--weights", default=None,
                         help="weights file (default: data/weights/<published name>, then torchvision's cache)")
     parser.add_argument("--random-weights", action="store_true",
@@ -140,7 +149,8 @@ def extract(args: argparse.Namespace) -> int:
         image_width=args.image_width, weights=args.weights, random_weights=args.random_weights,
         random_seed=args.seed, kinetics_mean=args.kinetics_mean,
         precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
-        chunk_videos=args.chunk_videos)
+        chunk_videos=args.chunk_videos, normalization=args.normalization,
+        decode_past_damage=args.decode_past_damage)
     extractor = make_extractor(settings, device, args.batch_size, args.num_workers,
                                progress=not args.no_progress and is_main())
     result = extractor.run(videos, out, overwrite=args.overwrite, shard=shard)
@@ -152,7 +162,9 @@ def extract(args: argparse.Namespace) -> int:
               f"bring the parts folders together and run: python preprocess/merge_features.py --out {out}")
     else:
         note = "; output already complete" if result.already_complete else ""
-        print(f"{result.written} videos written, {len(result.failures)} failed (see {result.report}); "
+        damaged = (f", {len(result.damaged)} written from damaged files"
+                   if result.damaged else "")
+        print(f"{result.written} videos written{damaged}, {len(result.failures)} failed (see {result.report}); "
               f"features in {result.output}{note}")
     if result.failures and not args.allow_failures:
         return 1

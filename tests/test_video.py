@@ -1,4 +1,4 @@
-"""Clip sampling (SPEC §1.3) and PyAV decoding, checked on generated videos whose frames carry their index.
+"""Clip sampling (the original's rule) and PyAV decoding, checked on generated videos whose frames carry their index.
 
 Each generated frame shows its index as an 8-bit bar code of large black/white blocks (4 x 2
 grid), which survives lossy mpeg4/h264 coding and a bicubic resize to a small size, so the test
@@ -86,17 +86,19 @@ def make_corrupt_video(path) -> str:
 
 
 def reference_clip_indices(total: int, num_clips: int, frames_per_clip: int) -> list[list[int]]:
-    """SPEC §1.3 read literally: cut [c − F/2, c − F/2 + F) to the video, then pad the cut clip by
-    repeating its first frame in front and its last frame at the back."""
+    """The original's clip rule restated on a list of frames (here: their indices)."""
+    frames = list(range(total))
     clips = []
-    for i in range(1, num_clips + 1):
-        centre = int(i * total / (num_clips + 1))
-        start = centre - frames_per_clip // 2
-        first, stop = max(start, 0), min(start + frames_per_clip, total)
-        inside = list(range(first, stop))
-        front = [inside[0]] * (first - start)
-        back = [inside[-1]] * (frames_per_clip - len(front) - len(inside))
-        clips.append(front + inside + back)
+    for centre in np.linspace(0, total, num_clips + 2).astype(np.int32)[1:num_clips + 1]:
+        start, end = int(centre) - frames_per_clip // 2, int(centre) + frames_per_clip // 2
+        start = 0 if start < 0 else start
+        end = total - 1 if end > total else end
+        clip = frames[start:end]
+        if start == 0:
+            clip = [frames[start]] * (frames_per_clip - len(frames[start:end])) + clip
+        if end == total - 1:
+            clip = clip + [frames[end]] * (frames_per_clip - len(frames[start:end]))
+        clips.append(clip[:frames_per_clip])
     return clips
 
 
@@ -109,25 +111,28 @@ def test_clip_indices_hand_computed():
     assert indices[:, 8].tolist() == [11, 22, 33, 44, 55, 66, 77, 88]
     assert indices[0].tolist() == list(range(3, 19))
     assert indices[7].tolist() == list(range(80, 96))
-    # a 10-frame video, clips of 16: centres 3 and 6, both cut at both ends and padded
-    short = clip_frame_indices(10, 2, 16)
-    assert short[0].tolist() == [0] * 6 + list(range(1, 10)) + [9]
-    assert short[1].tolist() == [0] * 3 + list(range(1, 10)) + [9] * 4
+    # a 10-frame video, clips of 16: centres 3 and 6; start clamped to 0 and end to 9: the slice
+    # 0..8 gets 7 copies of frame 0 in front, and the back padding falls beyond 16 frames
+    assert clip_frame_indices(10, 2, 16).tolist() == [[0] * 7 + list(range(9))] * 2
+    # end clamped: T=20, centres 6 and 13; the second slice is 5..18, frame 19 comes back twice
+    assert clip_frame_indices(20, 2, 16)[1].tolist() == list(range(5, 19)) + [19, 19]
+    assert clip_frame_indices(20, 2, 16)[0].tolist() == [0, 0] + list(range(14))
     assert clip_frame_indices(1, 3, 4).tolist() == [[0] * 4] * 3
-    # odd clip length: [c - 2, c + 3)
-    assert clip_frame_indices(30, 1, 5).tolist() == [[13, 14, 15, 16, 17]]
 
 
-@pytest.mark.parametrize("num_clips,frames_per_clip", [(8, 16), (16, 16), (3, 4), (2, 5), (1, 1)])
-def test_clip_indices_match_literal_spec(num_clips, frames_per_clip):
+@pytest.mark.parametrize("num_clips,frames_per_clip", [(8, 16), (16, 16), (3, 4), (2, 6), (1, 2)])
+def test_clip_indices_match_the_original_rule(num_clips, frames_per_clip):
     for total in list(range(1, 60)) + [97, 250, 301, 1000, 4799]:
         expected = reference_clip_indices(total, num_clips, frames_per_clip)
         assert clip_frame_indices(total, num_clips, frames_per_clip).tolist() == expected, total
 
 
-def test_clip_indices_reject_empty_video():
+def test_clip_indices_reject_empty_video_and_odd_clips():
     with pytest.raises(ValueError):
         clip_frame_indices(0, 8, 16)
+    for odd in (1, 3, 5):   # the rule takes F//2 frames each side: F-1 frames for odd F
+        with pytest.raises(ValueError, match="even"):
+            clip_frame_indices(30, 2, odd)
 
 
 # ----- decoding --------------------------------------------------------------------------------
@@ -172,10 +177,11 @@ def test_decoded_clips_hold_the_right_frames(videos, name, num_clips, frames_per
     clip_frames = read_clip_frames(videos[name], num_clips, frames_per_clip, size=(32, 40))
     total = VIDEOS[name][0]
     expected = clip_frame_indices(total, num_clips, frames_per_clip)
-    assert clip_frames.total_frames == total
+    assert clip_frames.total_frames == total and not clip_frames.truncated
     assert np.array_equal(clip_frames.indices, expected)
     clips = clip_frames.clips()
-    assert clips.shape == (num_clips, frames_per_clip, 32, 40, 3) and clips.dtype == np.uint8
+    # (height 32, width 40) handed to Pillow as (width, height), as the original did
+    assert clips.shape == (num_clips, frames_per_clip, 40, 32, 3) and clips.dtype == np.uint8
     shown = np.array([[read_barcode(frame) for frame in clip] for clip in clips])
     assert np.array_equal(shown, expected)
     # each needed frame is decoded and resized once
@@ -187,10 +193,12 @@ def test_native_size_and_resize(videos):
     assert native.frames.shape[1:] == (64, 80, 3)
     resized = read_clip_frames(videos["msrvtt_like.mp4"], 2, 2, size=(112, 112))
     assert resized.frames.shape[1:] == (112, 112, 3)
+    assert read_clip_frames(videos["msrvtt_like.mp4"], 2, 2, size=(30, 50)).frames.shape[1:] == (50, 30, 3)
 
 
-def test_decoding_stops_after_last_needed_frame(videos):
-    outcome = video_module._decode_selected(videos["bframes.avi"], np.array([2, 9]), None, 1)
+def test_second_pass_stops_after_last_needed_frame(videos):
+    outcome = video_module._decode_selected(videos["bframes.avi"], np.array([2, 9]), None, 1,
+                                            stop_after_wanted=True)
     assert sorted(outcome.kept) == [2, 9] and outcome.decoded == 10 and not outcome.at_end
     assert [read_barcode(outcome.kept[i]) for i in (2, 9)] == [2, 9]
 
@@ -200,29 +208,31 @@ def test_overstated_frame_count_falls_back_to_decoded_count(videos, monkeypatch)
     path = videos["msvd_like.avi"]
     monkeypatch.setattr(video_module, "count_frames", lambda p: (2 * VIDEOS["msvd_like.avi"][0], "packets"))
     clip_frames = read_clip_frames(path, 4, 8, size=(32, 32))
-    assert clip_frames.total_frames == 47 and clip_frames.frame_count_source == "decoded"
+    assert clip_frames.total_frames == 47 and clip_frames.announced_frames == 94
     assert np.array_equal(clip_frames.indices, clip_frame_indices(47, 4, 8))
     assert [[read_barcode(f) for f in clip] for clip in clip_frames.clips()] == clip_frames.indices.tolist()
 
 
-def test_truncated_avi_uses_the_frames_present(videos, tmp_path):
-    """A file cut short (a download that stopped) keeps its complete frames; the cut packet is
-    skipped and the clips are chosen from the frames that remain."""
+def test_truncated_avi_stops_at_the_cut(videos, tmp_path):
+    """A file cut short (a download that stopped): decoding ends where the file does, as OpenCV's
+    does; the clips are chosen from the frames decoded and the truncation is reported."""
     data = open(videos["msvd_like.avi"], "rb").read()
     truncated = tmp_path / "truncated.avi"
-    truncated.write_bytes(data[:len(data) * 3 // 4])
-    decodable = 0
+    truncated.write_bytes(data[:len(data) * 9 // 10])
+    decoded = 0
     with av.open(str(truncated)) as container:
-        for packet in container.demux(video=0):
-            try:
-                decodable += len(packet.decode())
-            except av.error.InvalidDataError:
-                pass
-    assert 0 < decodable < 47
+        try:
+            for packet in container.demux(video=0):
+                decoded += len(packet.decode())
+        except av.error.FFmpegError:
+            pass
+    assert 0 < decoded < 47
     clip_frames = read_clip_frames(str(truncated), 4, 8, size=(32, 32))
-    assert clip_frames.total_frames == decodable
+    assert clip_frames.total_frames == decoded and clip_frames.truncated
+    assert clip_frames.damage()["frames_kept"] == decoded
+    assert clip_frames.damage()["frames_announced"] == count_frames(str(truncated))[0]
     assert [[read_barcode(f) for f in clip] for clip in clip_frames.clips()] == \
-        clip_frame_indices(decodable, 4, 8).tolist()
+        clip_frame_indices(decoded, 4, 8).tolist()
 
 
 @pytest.mark.parametrize("kind,reason", [

@@ -63,7 +63,7 @@ from vqakd.errors import UserError
 from vqakd.io import atomic_open, atomic_path, file_sha256, write_json
 from vqakd.resnext3d import WEIGHTS_HOW_TO_GET as RESNEXT_HOW_TO_GET
 from vqakd.resnext3d import load_strict, read_state_dict, resnext101
-from vqakd.video import VideoError, read_clip_frames, require_decoder
+from vqakd.video import VideoError, check_frames_per_clip, read_clip_frames, require_decoder
 
 FEATURE_DIM = 2048
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -72,7 +72,10 @@ DEFAULT_FRAMES_PER_CLIP = 16
 DEFAULT_CHUNK_VIDEOS = 16
 DEFAULT_RANDOM_SEED = 0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# Appearance normalisation (x / 255 - mean) / std: "original" is the original work's constants
+# (its third std is 0.224), "torchvision" the ones the ImageNet weights were trained with.
+NORMALIZATIONS = {"original": (IMAGENET_MEAN, (0.229, 0.224, 0.224)),
+                  "torchvision": (IMAGENET_MEAN, (0.229, 0.224, 0.225))}
 # Mean RGB (0–255) that Hara et al. subtracted when training the Kinetics models (their
 # `get_mean(1, "activitynet")`, the default of their training script).
 KINETICS_MEAN = (114.7748, 107.7354, 99.4750)
@@ -111,6 +114,8 @@ class ExtractionSettings:
     kinetics_mean: bool = False
     precision: str = "fp32"
     chunk_videos: int = DEFAULT_CHUNK_VIDEOS
+    normalization: str = "original"     # resnet101: a key of NORMALIZATIONS
+    decode_past_damage: bool = False    # skip packets the decoder rejects instead of stopping
 
 
 class ExtractionResult(NamedTuple):
@@ -122,6 +127,7 @@ class ExtractionResult(NamedTuple):
     already_complete: bool
     merged: bool = True          # False: one shard's parts, to be merged with merge_parts
     main: bool = True            # False on torchrun ranks other than 0 (rank 0 reports)
+    damaged: list[dict] = []     # videos written from damaged files (truncated or packets skipped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +221,7 @@ class DecodedVideo(NamedTuple):
     inputs: torch.Tensor | None      # uint8 network inputs (rows, ...), None on failure
     inverse: torch.Tensor | None     # (N, F) rows of `inputs` for each clip frame (frame models)
     error: str | None
+    damage: dict | None = None       # truncation / skipped packets, for the failures report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +232,7 @@ class DecodeSpec:
     size: tuple[int, int]
     per_frame: bool        # True: distinct frames (U, H, W, 3); False: clips (N, F, H, W, 3)
     threads: int
+    past_damage: bool = False
 
 
 class VideoDecodeDataset(torch.utils.data.Dataset):
@@ -239,15 +247,17 @@ class VideoDecodeDataset(torch.utils.data.Dataset):
         spec = self.spec
         try:
             clip_frames = read_clip_frames(self.videos[position].path, spec.num_clips,
-                                           spec.frames_per_clip, spec.size, spec.threads)
+                                           spec.frames_per_clip, spec.size, spec.threads,
+                                           spec.past_damage)
         except VideoError as exc:
             return DecodedVideo(position, None, None, exc.reason)
         except Exception as exc:  # one odd file must not stop a day-long run; the reason is reported
             return DecodedVideo(position, None, None, f"unexpected {type(exc).__name__}: {exc}")
         if spec.per_frame:
             return DecodedVideo(position, torch.from_numpy(clip_frames.frames),
-                                torch.from_numpy(clip_frames.inverse), None)
-        return DecodedVideo(position, torch.from_numpy(np.ascontiguousarray(clip_frames.clips())), None, None)
+                                torch.from_numpy(clip_frames.inverse), None, clip_frames.damage())
+        return DecodedVideo(position, torch.from_numpy(np.ascontiguousarray(clip_frames.clips())), None, None,
+                            clip_frames.damage())
 
 
 def _keep_item(item: DecodedVideo) -> DecodedVideo:
@@ -351,6 +361,12 @@ class FeatureExtractor:
                             "on CPU features are computed in fp32")
         if s.random_weights and s.weights:
             raise UserError("--weights and --random-weights exclude each other")
+        if check_frames_per_clip(s.frames_per_clip):
+            raise UserError(f"--{check_frames_per_clip(s.frames_per_clip)}")
+        if s.normalization not in NORMALIZATIONS:
+            raise UserError(f"unknown normalization {s.normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
+        if s.normalization != "original" and not self.per_frame:
+            raise UserError("--normalization applies to the resnet101 appearance model only")
 
     def find_weights(self) -> str:
         """The weights file: --weights, else data/weights/<name>, else torchvision's cache."""
@@ -397,6 +413,8 @@ class FeatureExtractor:
             "image_width": s.image_width,
             "kinetics_mean": bool(s.kinetics_mean),
             "normalisation": self.normalisation(),
+            "normalization": s.normalization,
+            "decode_past_damage": bool(s.decode_past_damage),
             "precision": s.precision,
             "weights": self.weights_path,
             "weights_sha256": self.weights_sha256,
@@ -521,7 +539,8 @@ class FeatureExtractor:
     def _loader(self, videos: Sequence[Video]) -> torch.utils.data.DataLoader:
         s = self.settings
         spec = DecodeSpec(s.num_clips, s.frames_per_clip, (s.image_height, s.image_width),
-                          self.per_frame, threads=1 if self.num_workers > 0 else 0)
+                          self.per_frame, threads=1 if self.num_workers > 0 else 0,
+                          past_damage=self.settings.decode_past_damage)
         return torch.utils.data.DataLoader(
             VideoDecodeDataset(videos, spec), batch_size=None, shuffle=False,
             num_workers=self.num_workers, collate_fn=_keep_item,
@@ -582,12 +601,14 @@ class FeatureExtractor:
     def _write_chunk(self, parts_dir: str, chunk: int, chunk_videos: list[Video],
                      items: list[DecodedVideo], rows: torch.Tensor, identity: str) -> None:
         rows = rows.cpu()
-        ids, features, failures = [], [], []
+        ids, features, failures, damaged = [], [], [], []
         offset = 0
         for video, item in zip(chunk_videos, items):
             if item.inputs is None:
                 failures.append(_failure(video, item.error))
                 continue
+            if item.damage is not None:
+                damaged.append({**_failure(video, item.damage["reason"]), **item.damage})
             count = item.inputs.shape[0]
             video_rows = rows[offset:offset + count]
             offset += count
@@ -603,7 +624,8 @@ class FeatureExtractor:
                    else np.zeros((0,) + self.video_shape(), np.float32))
         with atomic_open(os.path.join(parts_dir, chunk_name(chunk)), "wb") as handle:
             np.savez(handle, ids=np.asarray(ids, np.int64), features=stacked,
-                     failures=np.asarray(json.dumps(failures)), identity=np.asarray(identity))
+                     failures=np.asarray(json.dumps(failures)), identity=np.asarray(identity),
+                     damaged=np.asarray(json.dumps(damaged)))
 
     def _already_complete(self, videos: Sequence[Video], out_path: str, report_path: str) -> ExtractionResult:
         failures: list[dict] = []
@@ -673,8 +695,9 @@ class ResNet101Extractor(FeatureExtractor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        mean, std = NORMALIZATIONS[self.settings.normalization]
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
 
     def _check_settings(self) -> None:
         super()._check_settings()
@@ -695,7 +718,8 @@ class ResNet101Extractor(FeatureExtractor):
         return network
 
     def normalisation(self) -> str:
-        return "imagenet mean/std on 0-1 RGB"
+        mean, std = NORMALIZATIONS[self.settings.normalization]
+        return f"{self.settings.normalization}: (RGB / 255 - mean {mean}) / std {std}"
 
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
         # (B, H, W, 3) uint8 → (B, 3, H, W); the permuted view is already channels-last in memory.
@@ -944,16 +968,18 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
                         f"({_missing_hint(missing, chunks, first.videos, folders)}); run the extraction "
                         "(shards) that make them, or give every parts folder")
 
-    ids, failures = [], []
+    ids, failures, damaged = [], [], []
     for k, chunk in enumerate(chunks):
         chunk_ids, chunk_failures = _check_chunk(owner[k], [first.videos[i][0] for i in chunk],
                                                  video_shape, identity)
         ids.append(chunk_ids)
         failures.extend(chunk_failures)
+        damaged.extend(_chunk_damage(owner[k]))
     all_ids = np.concatenate(ids)
     report_path = out_path + ".failures.json"
     report = {"output": os.path.abspath(out_path), "model": model, "videos": len(first.videos),
-              "written": int(len(all_ids)), "failed": len(failures), "failures": failures}
+              "written": int(len(all_ids)), "failed": len(failures), "failures": failures,
+              "damaged": len(damaged), "damaged_videos": damaged}
     write_json(report_path, report)
     if len(all_ids) == 0:
         example = failures[0]
@@ -977,7 +1003,14 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
     if not keep_parts:
         for folder in folders:
             shutil.rmtree(folder.path, ignore_errors=True)
-    return ExtractionResult(out_path, report_path, len(first.videos), int(len(all_ids)), failures, False)
+    return ExtractionResult(out_path, report_path, len(first.videos), int(len(all_ids)), failures, False,
+                            damaged=damaged)
+
+
+def _chunk_damage(path: str) -> list[dict]:
+    """The damaged-but-written videos a chunk records (written from damaged files)."""
+    with np.load(path, allow_pickle=False) as part:
+        return json.loads(str(part["damaged"])) if "damaged" in part.files else []
 
 
 def merge_into_output(parts_dirs: Sequence[str], out_path: str, overwrite: bool = False,

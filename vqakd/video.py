@@ -1,26 +1,29 @@
-"""Video decoding for feature extraction (SPEC §1.3): which frames form each clip, and reading them.
+"""Video decoding for feature extraction: which frames form each clip, and reading them.
 
-Clip sampling is a pure function of the frame count (`clip_frame_indices`), so tests can check
-the exact frames. Reading (`read_clip_frames`) decodes the file sequentially with PyAV and keeps
-only the frames the clips need:
+The frames reproduce the original VQAKD preprocessing (docs/preprocessing.md), which read videos
+with OpenCV's `VideoCapture` (FFmpeg underneath):
 
-* Seeking is not used: on AVI/mpeg4 (MSVD) seeking lands on key frames with unreliable
-  timestamps, so "frame k" after a seek is not always the k-th frame. Sequential decoding is
-  exact, and it stops right after the last needed frame (about 1/(N+1) of the video is never
-  decoded).
-* Frames the clips do not use are never converted to RGB nor resized, which is most of the cost
-  after decoding itself.
-* The clips depend on the true frame count, which must be known before decoding. MP4/MOV files
-  list every sample in their index, so the stream's frame count is the number of packets. AVI
-  headers (MSVD) are often wrong, so for every other container the video packets are counted
-  first with a demux-only pass (no decoding: a few milliseconds). A decoder can still emit fewer
-  frames than there are packets (e.g. non-coded mpeg4 frames); when decoding reaches the end of
-  the stream before the last needed frame, the decoded count is the true one and the clips are
-  chosen again from it. (A shortfall of a frame or two that never reaches the last needed frame
-  goes unseen: the price of not decoding the tail of every video.)
-* Like FFmpeg's command line, packets the decoder rejects (or that a cut-short file truncated)
-  are skipped; after such a packet the frame count is not trusted and decoding runs to the end
-  of the stream to learn the true count.
+* The frame count T is the number of frames actually decoded, in presentation order.
+* The container's rotation (display matrix) is applied, by multiples of 90 degrees only, as
+  OpenCV does: phone videos come out upright.
+* At the first packet the decoder rejects, decoding stops (OpenCV's `read()` fails there and the
+  original loop ends). The video is kept with the frames decoded so far and the truncation is
+  reported (`ClipFrames.truncated`). `past_damage=True` instead skips rejected packets and goes on,
+  like FFmpeg's command line.
+* Clips follow the original's index rule (`clip_frame_indices`), quirks included.
+* Each kept frame is resized by Pillow (bicubic) with the size tuple given in the original's order.
+
+How it is done quickly, with the same result:
+
+* Decoding is sequential (no seeking: on AVI/mpeg4 a seek lands on key frames with unreliable
+  timestamps), and only the frames the clips need are converted to RGB, rotated and resized.
+* The clips depend on T, known only once the stream is decoded. The packet count (or the MP4/MOV
+  index) is the first guess; the frames that guess needs are converted while the whole stream is
+  decoded to learn T. When T differs from the guess (non-coded frames, damage), the clips are
+  chosen again from T and the frames still missing are decoded in a second pass.
+* The decoder runs single-threaded or with slice threads, never frame threads: with frame
+  threads a rejected packet is reported late, so where decoding stops would depend on the
+  thread count.
 
 Every problem with one video is a `VideoError` carrying a short reason; the extraction records
 it and goes on with the next video.
@@ -44,7 +47,10 @@ except ImportError:   # merging parts and reading features need no decoder
 
 # Containers whose index lists every video sample, so `stream.frames` is the packet count.
 INDEXED_CONTAINERS = ("mov", "mp4")
-RESIZE_FILTER = Image.Resampling.BICUBIC   # what scipy.misc.imresize(interp="bicubic") used
+RESIZE_FILTER = Image.Resampling.BICUBIC   # the original's Image.resize(size, Image.BICUBIC)
+# Counter-clockwise quarter turns (FFmpeg's display rotation / 90) -> Pillow transpose.
+QUARTER_TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180,
+                 3: Image.Transpose.ROTATE_270}
 
 
 class VideoError(Exception):
@@ -60,23 +66,52 @@ def require_decoder() -> None:
     if av is None:
         raise UserError("video decoding needs PyAV, which is not installed: pip install av "
                         "(see requirements.txt)")
+    if not hasattr(av.VideoFrame, "rotation"):
+        raise UserError(f"PyAV {av.__version__} is too old: frames must carry the container's rotation "
+                        "(VideoFrame.rotation); pip install --upgrade av (see requirements.txt)")
+
+
+def check_frames_per_clip(frames_per_clip: int) -> str | None:
+    """Why `frames_per_clip` cannot be used with the original's clip rule (None: it can)."""
+    if frames_per_clip < 2 or frames_per_clip % 2:
+        return (f"frames per clip must be even and at least 2, got {frames_per_clip}: the original "
+                "clip rule takes F/2 frames each side of the centre, so an odd F gives clips of F-1 frames")
+    return None
 
 
 def clip_frame_indices(total_frames: int, num_clips: int, frames_per_clip: int) -> np.ndarray:
-    """Frame indices (num_clips, frames_per_clip) of each clip, per SPEC §1.3.
+    """Frame indices (num_clips, frames_per_clip) of each clip, by the original's rule.
 
-    Centres are `linspace(0, total_frames, N+2)[1:N+1]` truncated to integers; clip k covers
-    [centre − F//2, centre − F//2 + F), and indices outside [0, total_frames) are clamped, which
-    pads a clip cut by the start or the end of the video with copies of its first or last frame.
+    Centres c = linspace(0, T, N+2) as int32, entries 1..N. start = c - F//2, end = c + F//2;
+    start < 0 becomes 0, end > T becomes T - 1; the clip is frames[start:end]. When start == 0,
+    F - (end - start) copies of frames[start] go in front; then when end == T - 1, F - (end - start)
+    copies of frames[end] go at the back; the first F frames are kept. So a clip cut by the end
+    of the video leaves frame T-1 out of its slice and gets it back as padding, and a video
+    shorter than a clip is padded in front only (the back padding falls beyond F).
     """
     if total_frames < 1:
         raise ValueError(f"a video needs at least one frame, got {total_frames}")
-    if num_clips < 1 or frames_per_clip < 1:
-        raise ValueError("num_clips and frames_per_clip must be positive")
-    centres = np.linspace(0, total_frames, num_clips + 2)[1:num_clips + 1].astype(np.int64)
-    starts = centres - frames_per_clip // 2
-    indices = starts[:, None] + np.arange(frames_per_clip, dtype=np.int64)[None, :]
-    return np.clip(indices, 0, total_frames - 1)
+    if num_clips < 1:
+        raise ValueError("num_clips must be positive")
+    problem = check_frames_per_clip(frames_per_clip)
+    if problem:
+        raise ValueError(problem)
+    half = frames_per_clip // 2
+    centres = np.linspace(0, total_frames, num_clips + 2).astype(np.int32)[1:num_clips + 1]
+    clips = []
+    for centre in centres.tolist():
+        start, end = centre - half, centre + half
+        if start < 0:
+            start = 0
+        if end > total_frames:
+            end = total_frames - 1
+        clip = list(range(start, end))
+        if start == 0:
+            clip = [start] * (frames_per_clip - (end - start)) + clip
+        if end == total_frames - 1:
+            clip = clip + [end] * (frames_per_clip - (end - start))
+        clips.append(clip[:frames_per_clip])
+    return np.asarray(clips, dtype=np.int64).reshape(num_clips, frames_per_clip)
 
 
 @dataclass(frozen=True)
@@ -88,13 +123,27 @@ class ClipFrames:
     frames: np.ndarray        # (U, H, W, 3) uint8, U distinct frames in increasing index order
     inverse: np.ndarray       # (N, F) int64 into `frames`
     indices: np.ndarray       # (N, F) int64 frame indices in the video
-    total_frames: int
-    frame_count_source: str   # "container index", "packets" or "decoded"
-    bad_packets: int = 0      # packets skipped (truncated or rejected by the decoder)
+    total_frames: int         # T: frames decoded (up to a rejected packet, unless past_damage)
+    announced_frames: int     # frames the container announces (its index, else its packet count)
+    truncated: bool = False   # decoding stopped at a damaged packet (frames after it left out)
+    bad_packets: int = 0      # packets rejected (past_damage: skipped; otherwise the one stopped at)
+    rotation: int = 0         # counter-clockwise degrees applied (0, 90, 180 or 270)
 
     def clips(self) -> np.ndarray:
         """(N, F, H, W, 3) uint8: the clips with repeated frames materialised."""
         return self.frames[self.inverse]
+
+    def damage(self) -> dict | None:
+        """What the failures report says about this video's damage (None: none)."""
+        if self.truncated:
+            return {"frames_kept": self.total_frames, "frames_announced": self.announced_frames,
+                    "reason": f"decoding stopped at a damaged packet after {self.total_frames} of "
+                              f"{self.announced_frames} frames (as the original); "
+                              "--decode-past-damage decodes past it"}
+        if self.bad_packets:
+            return {"frames_kept": self.total_frames, "frames_announced": self.announced_frames,
+                    "reason": f"{self.bad_packets} damaged packets skipped (--decode-past-damage)"}
+        return None
 
 
 def _open(path: str) -> av.container.InputContainer:
@@ -133,7 +182,7 @@ def _video_stream(container: av.container.InputContainer) -> av.video.stream.Vid
 
 
 def count_frames(path: str) -> tuple[int, str]:
-    """(frame count, where it came from), without decoding any frame."""
+    """(frames the container announces, where that came from), without decoding any frame."""
     container = _open(path)
     try:
         stream = _video_stream(container)
@@ -143,9 +192,7 @@ def count_frames(path: str) -> tuple[int, str]:
         count = 0
         try:
             for packet in container.demux(stream):
-                # Empty packets are the demuxer's end-of-stream markers; corrupt ones were cut
-                # short by the end of the file and are skipped when decoding too.
-                if packet.size > 0 and not packet.is_corrupt:
+                if packet.size > 0:   # empty packets are the demuxer's end-of-stream markers
                     count += 1
         except av.error.FFmpegError:
             pass   # unreadable rest of the file: it ends here, for decoding as well
@@ -154,43 +201,60 @@ def count_frames(path: str) -> tuple[int, str]:
         container.close()
 
 
+def quarter_turns(rotation: float) -> int:
+    """Counter-clockwise quarter turns OpenCV applies for FFmpeg's display rotation (degrees,
+    counter-clockwise): only multiples of 90 are applied, any other angle is ignored."""
+    degrees = int(round(rotation)) % 360
+    return degrees // 90 if degrees % 90 == 0 else 0
+
+
 @dataclass
 class _Decoded:
     kept: dict[int, np.ndarray]   # frame index -> RGB uint8 (H, W, 3)
     decoded: int                  # frames decoded
-    at_end: bool                  # reached the end of the stream (no early stop)
-    bad_packets: int              # packets skipped: truncated, or rejected by the decoder
+    at_end: bool                  # decoded up to the end (or the stop), not stopped early
+    truncated: bool               # stopped at a rejected packet or an unreadable rest of file
+    bad_packets: int              # packets rejected
+    turns: int | None             # quarter turns (from the first frame; None: no frame yet)
 
 
-def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None,
-                     threads: int) -> _Decoded:
-    """Decode `path` in order, converting only frames whose index is in `wanted` (sorted).
+def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None, threads: int,
+                     past_damage: bool = False, stop_after_wanted: bool = False) -> _Decoded:
+    """Decode `path` in order, converting only the frames whose index is in `wanted`.
 
-    Like FFmpeg's command line, a packet the decoder rejects is skipped and decoding goes on. A
-    skipped packet makes the packet count wrong, so after one no early stop is made: the stream
-    is decoded to its end, which gives the true frame count.
+    Without `past_damage`, decoding ends at the first packet the decoder rejects, frames still
+    buffered in the decoder included (OpenCV's read() fails there). `stop_after_wanted` ends it
+    right after the last wanted frame (for a second pass, once the frame count is known).
     """
     wanted_set = set(int(i) for i in wanted)
-    last_wanted = int(wanted[-1])
-    result = _Decoded({}, 0, False, 0)
+    last_wanted = max(wanted_set) if wanted_set else -1
+    result = _Decoded({}, 0, False, False, 0, None)
     container = _open(path)
 
     def take(frames) -> bool:
         for frame in frames:
+            if result.turns is None:
+                # OpenCV reads one rotation for the whole stream; FFmpeg copies the stream's
+                # display matrix onto every frame.
+                result.turns = quarter_turns(frame.rotation)
             if result.decoded in wanted_set:
                 image = frame.to_image()
-                if size is not None and (image.height, image.width) != size:
-                    image = image.resize((size[1], size[0]), RESIZE_FILTER)
+                if result.turns:
+                    image = image.transpose(QUARTER_TURNS[result.turns])
+                if size is not None and image.size != size:
+                    # The size tuple goes to Pillow as given, (height, width), which Pillow reads
+                    # as (width, height): the original's order, the same for square sizes.
+                    image = image.resize(size, RESIZE_FILTER)
                 result.kept[result.decoded] = np.asarray(image, dtype=np.uint8)
             result.decoded += 1
-            if result.decoded > last_wanted and result.bad_packets == 0:
+            if stop_after_wanted and result.decoded > last_wanted:
                 return True
         return False
 
     try:
         stream = _video_stream(container)
         if threads != 1:
-            stream.codec_context.thread_type = "AUTO"
+            stream.codec_context.thread_type = "SLICE"
         stream.codec_context.thread_count = threads
         packets = container.demux(stream)
         while True:
@@ -199,20 +263,26 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
             except StopIteration:
                 break
             except av.error.FFmpegError:
-                result.bad_packets += 1   # unreadable rest of the file: flush what is buffered
+                # Unreadable rest of the file: OpenCV (and FFmpeg) end the stream here, flushing
+                # what the decoder holds.
+                result.truncated = not past_damage
+                result.bad_packets += int(past_damage)
                 try:
                     take(stream.codec_context.decode(None))
                 except av.error.FFmpegError:
                     pass
                 break
-            if packet.is_corrupt:
+            if past_damage and packet.is_corrupt:
                 result.bad_packets += 1
                 continue
             try:
                 frames = packet.decode()
             except av.error.FFmpegError:
                 result.bad_packets += 1
-                continue
+                if past_damage:
+                    continue
+                result.truncated = True
+                break
             if take(frames):
                 return result
         result.at_end = True
@@ -222,34 +292,44 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
 
 
 def read_clip_frames(path: str, num_clips: int, frames_per_clip: int,
-                     size: tuple[int, int] | None = None, threads: int = 1) -> ClipFrames:
+                     size: tuple[int, int] | None = None, threads: int = 1,
+                     past_damage: bool = False) -> ClipFrames:
     """Decode the frames of `num_clips` clips of `frames_per_clip` frames from the video at `path`.
 
-    `size` is (height, width) for a bicubic resize (None keeps the decoded size); `threads` is
-    FFmpeg's decoder thread count (1 inside DataLoader workers, 0 = FFmpeg's choice).
+    `size` is (image_height, image_width), handed to Pillow's bicubic resize in that order as the
+    original did: the frames come out image_width rows by image_height columns (the same for
+    square sizes). None keeps the decoded size. `threads` is FFmpeg's decoder thread count (1
+    inside DataLoader workers, 0 = FFmpeg's choice, slice threads only). `past_damage` skips
+    packets the decoder rejects instead of stopping there.
     """
-    total, source = count_frames(path)
+    announced, _ = count_frames(path)
+    guess = max(announced, 1)
+    indices = clip_frame_indices(guess, num_clips, frames_per_clip)
+    outcome = _decode_selected(path, np.unique(indices), size, threads, past_damage)
+    total = outcome.decoded
     if total == 0:
-        raise VideoError("no frames")
-    indices = clip_frame_indices(total, num_clips, frames_per_clip)
-    wanted = np.unique(indices)
-    outcome = _decode_selected(path, wanted, size, threads)
-    if outcome.at_end and outcome.decoded != total:
-        # The decoder emitted another number of frames than the packets promised (non-coded
-        # frames, skipped bad packets). The decoded count is the true one: choose the clips
-        # again from it and decode them again.
-        if outcome.decoded == 0:
-            raise VideoError(f"no decodable frames ({total} packets, {outcome.bad_packets} rejected)")
-        total, source = outcome.decoded, "decoded"
+        if announced == 0:
+            raise VideoError("no frames")
+        raise VideoError(f"no decodable frames ({announced} announced, "
+                         f"{outcome.bad_packets} packets rejected)")
+    kept = outcome.kept
+    if total != guess:
+        # The decoder gave another number of frames than the container announced: choose the
+        # clips again from the true count, and decode the frames the first pass did not keep.
         indices = clip_frame_indices(total, num_clips, frames_per_clip)
-        wanted = np.unique(indices)
-        outcome = _decode_selected(path, wanted, size, threads)
-    missing = [int(i) for i in wanted if int(i) not in outcome.kept]
-    if missing:
-        raise VideoError(f"stream ended at frame {outcome.decoded} of {total} (needed frame {missing[0]})")
-    shapes = {frame.shape for frame in outcome.kept.values()}
+        missing = np.array([i for i in np.unique(indices).tolist() if i not in kept], dtype=np.int64)
+        if len(missing):
+            second = _decode_selected(path, missing, size, threads, past_damage, stop_after_wanted=True)
+            kept = {**kept, **second.kept}
+    wanted = np.unique(indices)
+    missing_frames = [int(i) for i in wanted if int(i) not in kept]
+    if missing_frames:   # a second decoding that ended earlier than the first: not deterministic
+        raise VideoError(f"decoding the video twice gave different frames (frame {missing_frames[0]} "
+                         f"of {total} missing the second time)")
+    shapes = {kept[int(i)].shape for i in wanted}
     if len(shapes) != 1:
         raise VideoError(f"frame size changes inside the video {sorted(shapes)}; pass an image size")
-    frames = np.stack([outcome.kept[int(i)] for i in wanted])
+    frames = np.stack([kept[int(i)] for i in wanted])
     inverse = np.searchsorted(wanted, indices)
-    return ClipFrames(frames, inverse, indices, total, source, outcome.bad_packets)
+    return ClipFrames(frames, inverse, indices, total, announced, outcome.truncated,
+                      outcome.bad_packets, 90 * (outcome.turns or 0))
