@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from torch import nn
 
-import vqakd
 from vqakd import distributed
 from vqakd.annotations import Video
 from vqakd.errors import UserError
@@ -42,8 +41,8 @@ from vqakd.extraction.parts import (chunk_partition, failure_record, failures_re
                                     write_chunk)
 from vqakd.extraction.plan import (already_complete, finish_shard, make_plan, require_shared_parts_folder,
                                    wait_for_chunks)
-from vqakd.extraction.settings import (FEATURE_DIM, MANIFEST_FORMAT, ExtractionResult, ExtractionSettings,
-                                       Shard, check_settings, identity_digest, videos_digest)
+from vqakd.extraction.settings import (FEATURE_DIM, ExtractionResult, ExtractionSettings, Shard, build_manifest,
+                                       check_settings, identity_digest)
 from vqakd.extraction.weights import WeightsIdentity, file_identity, find_weights, random_identity
 from vqakd.video import require_decoder
 
@@ -89,27 +88,8 @@ class FeatureExtractor:
 
     def manifest(self, videos: Sequence[Video]) -> dict[str, Any]:
         """The settings that determine the numbers (and the weights file), stored with them."""
-        s = self.settings
-        return {
-            "format": MANIFEST_FORMAT,
-            "toolkit_version": vqakd.__version__,
-            "dataset": s.dataset,
-            "model": self.model.model_name,
-            "feature_dataset": self.model.feature_dataset,
-            "num_clips": s.num_clips,
-            "frames_per_clip": s.frames_per_clip,
-            "image_height": s.image_height,
-            "image_width": s.image_width,
-            "kinetics_mean": bool(s.kinetics_mean),
-            "normalisation": self.model.normalisation(),
-            "precision": s.precision,
-            "weights": self.weights.path,
-            "weights_sha256": self.weights.sha256,
-            "random_weights": bool(s.random_weights),
-            "chunk_videos": s.chunk_videos,
-            "videos": len(videos),
-            "videos_sha256": videos_digest(videos),
-        }
+        return build_manifest(self.settings, self.model.model_name, self.model.feature_dataset,
+                              self.model.normalisation(), self.weights.path, self.weights.sha256, videos)
 
     # ----- the run -----------------------------------------------------------------------------
 

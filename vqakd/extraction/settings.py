@@ -10,6 +10,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+import vqakd
 from vqakd.annotations import Video
 from vqakd.errors import UserError
 
@@ -95,6 +96,33 @@ def videos_digest(videos: Sequence[Video]) -> str:
     for video in videos:
         digest.update(f"{video.video_id}\t{video.name}\n".encode("utf-8"))
     return digest.hexdigest()
+
+
+def build_manifest(settings: ExtractionSettings, model_name: str, feature_dataset: str, normalisation: str,
+                   weights_path: str, weights_sha256: str, videos: Sequence[Video]) -> dict:
+    """The manifest of a run: the settings that determine the numbers (and the weights file),
+    stored with the parts and in the output's attributes. `settings` has its image size filled in."""
+    s = settings
+    return {
+        "format": MANIFEST_FORMAT,
+        "toolkit_version": vqakd.__version__,
+        "dataset": s.dataset,
+        "model": model_name,
+        "feature_dataset": feature_dataset,
+        "num_clips": s.num_clips,
+        "frames_per_clip": s.frames_per_clip,
+        "image_height": s.image_height,
+        "image_width": s.image_width,
+        "kinetics_mean": bool(s.kinetics_mean),
+        "normalisation": normalisation,
+        "precision": s.precision,
+        "weights": weights_path,
+        "weights_sha256": weights_sha256,
+        "random_weights": bool(s.random_weights),
+        "chunk_videos": s.chunk_videos,
+        "videos": len(videos),
+        "videos_sha256": videos_digest(videos),
+    }
 
 
 def identity(manifest: dict | None) -> dict | None:
