@@ -41,7 +41,7 @@ from PIL import Image  # noqa: E402
 
 from vqakd.annotations import Video  # noqa: E402
 from vqakd.device import resolve_device  # noqa: E402
-from vqakd.extractors import ExtractionSettings, make_extractor  # noqa: E402
+from vqakd.extraction import ExtractionSettings, make_extractor  # noqa: E402
 from vqakd.video import RESIZE_FILTER, clip_frame_indices, read_clip_frames  # noqa: E402
 
 DEFAULT = {"videos": 32, "width": 320, "height": 240, "frames": 300, "fps": 30,
@@ -90,7 +90,7 @@ def calibrate_batchnorm(extractor, video: Video, passes: int = 4) -> None:
     s = extractor.settings
     clips = torch.from_numpy(read_clip_frames(video.path, s.num_clips, s.frames_per_clip,
                                               (s.image_height, s.image_width)).clips())
-    inputs = clips.reshape((-1,) + clips.shape[2:]) if extractor.per_frame else clips
+    inputs = clips.reshape((-1,) + clips.shape[2:]) if extractor.model.per_frame else clips
     network = extractor.network
     norms = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for module in norms:
@@ -99,7 +99,7 @@ def calibrate_batchnorm(extractor, video: Video, passes: int = 4) -> None:
     network.train()
     with torch.no_grad():
         for _ in range(passes):
-            network(extractor.prepare(inputs.to(extractor.device)))
+            network(extractor.model.prepare(inputs.to(extractor.device)))
     network.eval()
 
 
@@ -108,7 +108,7 @@ def baseline(extractor, videos: list[Video]) -> np.ndarray:
     import av
     s = extractor.settings
     outputs = []
-    with extractor._numerics():
+    with extractor.numerics():
         for video in videos:
             with av.open(video.path) as container:
                 frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
@@ -117,9 +117,9 @@ def baseline(extractor, videos: list[Video]) -> np.ndarray:
                 images = np.stack([np.asarray(Image.fromarray(frames[i]).resize(
                     (s.image_width, s.image_height), RESIZE_FILTER)) for i in clip])
                 batch = torch.from_numpy(images).to(extractor.device)
-                if not extractor.per_frame:
+                if not extractor.model.per_frame:
                     batch = batch[None]                       # one clip (1, F, H, W, 3)
-                per_clip.append(extractor._forward(batch).cpu())
+                per_clip.append(extractor.forward(batch).cpu())
             outputs.append(torch.stack(per_clip).reshape(extractor.video_shape()).numpy())
     return np.stack(outputs)
 
@@ -138,7 +138,7 @@ def run_extractor(extractor, videos, folder, name) -> tuple[float, np.ndarray]:
     elapsed = time.perf_counter() - start
     assert result.written == len(videos), result.failures
     with h5py.File(out, "r") as h5:
-        features = h5[extractor.feature_dataset][()]
+        features = h5[extractor.model.feature_dataset][()]
     os.remove(out)
     os.remove(out + ".failures.json")
     return elapsed, features

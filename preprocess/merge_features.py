@@ -1,4 +1,4 @@
-"""Merge the parts of a feature extraction made by separate runs into the one SPEC HDF5 file.
+"""Merge the parts of a feature extraction made by separate runs into its one HDF5 feature file.
 
     # machine i of S (no shared disk), the same command everywhere but the index:
     python preprocess/preprocess_features.py ... --out data/msvd-qa/msvd-qa_appearance_feat.h5 \\
@@ -25,7 +25,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vqakd.errors import run_cli  # noqa: E402
-from vqakd.extractors import merge_into_output  # noqa: E402
+from vqakd.extraction import merge_into_output  # noqa: E402
 from vqakd.io import ensure_writable_dir  # noqa: E402
 
 

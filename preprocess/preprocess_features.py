@@ -1,4 +1,4 @@
-"""Extract appearance (ResNet-101) or motion (3D ResNeXt-101) features of every video (SPEC §1.3, §2).
+"""Extract appearance (ResNet-101) or motion (3D ResNeXt-101) features of every video.
 
     python preprocess/preprocess_features.py --dataset msvd-qa --video-dir data/msvd-qa \\
         --annotation-dir data/msvd-qa --model resnet101 --weights data/weights/resnet101-63fe2227.pth
@@ -20,18 +20,15 @@ import argparse
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vqakd.annotations import DATASETS, list_videos  # noqa: E402
-from vqakd.device import resolve_device  # noqa: E402
-from vqakd.distributed import cleanup, get_world_size, is_main, local_rank  # noqa: E402
+from vqakd.device import resolve_process_device  # noqa: E402
+from vqakd.distributed import agree, is_main, quiet_unless_main, session  # noqa: E402
 from vqakd.errors import UserError, run_cli  # noqa: E402
-from vqakd.extractors import (DEFAULT_CHUNK_VIDEOS, DEFAULT_FRAMES_PER_CLIP,  # noqa: E402
-                              DEFAULT_NUM_CLIPS, DEFAULT_RANDOM_SEED, EXTRACTORS,
-                              NORMALIZATIONS, ExtractionSettings, PeerError, Shard, make_extractor,
-                              start_process_group)
+from vqakd.extraction import (DEFAULT_CHUNK_VIDEOS, DEFAULT_FRAMES_PER_CLIP,  # noqa: E402
+                              DEFAULT_NUM_CLIPS, DEFAULT_RANDOM_SEED, NETWORKS, NORMALIZATIONS,
+                              PROCESS_GROUP_TIMEOUT, ExtractionSettings, Shard, make_extractor)
 from vqakd.io import ensure_writable_dir  # noqa: E402
 
 DEFAULT_NUM_WORKERS = 4
@@ -45,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="folder holding the videos (or their YouTubeClips / TrainValVideo / TestVideo folders)")
     parser.add_argument("--annotation-dir", "--annotation_dir", dest="annotation_dir", required=True,
                         help="folder holding {train,val,test}_qa.json (and youtube_mapping.txt for MSVD-QA)")
-    parser.add_argument("--model", required=True, choices=sorted(EXTRACTORS))
+    parser.add_argument("--model", required=True, choices=sorted(NETWORKS))
     parser.add_argument("--num-clips", "--num_clips", dest="num_clips", type=int, default=DEFAULT_NUM_CLIPS,
                         help="clips per video, N (8 for MSVD-QA, 16 for MSRVTT-QA)")
     parser.add_argument("--frames-per-clip", "--frames_per_clip", dest="frames_per_clip", type=int,
@@ -97,16 +94,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def choose_device(args: argparse.Namespace):
-    """--device / --gpu_id; under torchrun "auto" and "cuda" mean this rank's GPU, cuda:LOCAL_RANK."""
+    """--device / --gpu_id, by the rule of `resolve_process_device` (under torchrun: auto and
+    cuda mean this rank's GPU, cuda:LOCAL_RANK)."""
     if args.gpu_id is not None and args.device is not None:
         raise UserError("give either --device or --gpu_id, not both")
-    spec = f"cuda:{args.gpu_id}" if args.gpu_id is not None else (args.device or "auto")
-    if get_world_size() > 1 and spec.strip().lower() in ("auto", "cuda"):
-        device = resolve_device(spec)
-        if device.type == "cuda":
-            return resolve_device(f"cuda:{local_rank()}")
-        return device
-    return resolve_device(spec)
+    if args.gpu_id is not None:
+        return resolve_process_device(f"cuda:{args.gpu_id}", what="--gpu_id")
+    return resolve_process_device(args.device or "auto", what="--device")
 
 
 def choose_shard(args: argparse.Namespace) -> Shard:
@@ -119,23 +113,20 @@ def choose_shard(args: argparse.Namespace) -> Shard:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    distributed = start_process_group()
-    try:
+    return quiet_unless_main(lambda: _extract_in_session(args))
+
+
+def _extract_in_session(args: argparse.Namespace) -> int:
+    # The ranks only agree on the plan and wait for each other (gloo, no GPU involved); the
+    # long timeout covers the final barrier, which waits for the slowest rank's last chunk.
+    with session(timeout=PROCESS_GROUP_TIMEOUT, control_only=True):
         return extract(args)
-    except PeerError:
-        return 2   # rank 0 prints the reason
-    finally:
-        if distributed:
-            cleanup()
 
 
-def extract(args: argparse.Namespace) -> int:
+def prepare(args: argparse.Namespace):
+    """Check the command line and the folders, list the videos, set up the extractor."""
     shard = choose_shard(args)
     device = choose_device(args)
-    if device.type == "cuda" and device.index is not None:
-        # The decoders' pin-memory thread and any stray allocation follow the current device;
-        # left at cuda:0, every rank would also open a context on the first GPU.
-        torch.cuda.set_device(device)
     out = args.out or os.path.join("data", args.dataset, f"{args.dataset}_{OUTPUT_KIND[args.model]}_feat.h5")
     ensure_writable_dir(os.path.dirname(os.path.abspath(out)), "output folder")
     if not os.path.isdir(args.video_dir):
@@ -153,6 +144,12 @@ def extract(args: argparse.Namespace) -> int:
         decode_past_damage=args.decode_past_damage)
     extractor = make_extractor(settings, device, args.batch_size, args.num_workers,
                                progress=not args.no_progress and is_main())
+    return shard, out, videos, extractor
+
+
+def extract(args: argparse.Namespace) -> int:
+    # Every rank checks; a problem on any rank stops all of them and is printed once.
+    shard, out, videos, extractor = agree(lambda: prepare(args), what="start-up")
     result = extractor.run(videos, out, overwrite=args.overwrite, shard=shard)
     if not result.main:
         return 0

@@ -9,9 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from vqakd.annotations import list_videos, load_qa
-from vqakd.device import resolve_device
+from vqakd.device import resolve_device, resolve_process_device
 from vqakd.errors import UserError
 from vqakd.io import atomic_open, ensure_writable_dir, write_json
 from vqakd.safe_pickle import safe_load
@@ -55,6 +56,55 @@ def test_resolve_device():
     assert resolve_device("auto").type in ("cpu", "cuda")
     with pytest.raises(UserError):
         resolve_device("tpu")
+
+
+@pytest.fixture
+def four_gpus(monkeypatch):
+    """A machine with four (pretend) GPUs; set_device calls are recorded, not made."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    return chosen
+
+
+def test_process_device_alone_is_what_the_user_asked(four_gpus):
+    assert resolve_process_device("auto") == torch.device("cuda")
+    assert resolve_process_device("cuda:2") == torch.device("cuda", 2)
+    assert four_gpus == [torch.device("cuda", 2)]
+    assert resolve_process_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="only 4 CUDA device"):
+        resolve_process_device("cuda:4")
+
+
+@pytest.mark.parametrize("launch", [
+    {"WORLD_SIZE": "8", "RANK": "7", "LOCAL_RANK": "3"},                  # the 4th process of node 2
+    {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"},
+])
+def test_process_device_under_torchrun_is_the_local_rank_gpu(four_gpus, monkeypatch, launch):
+    for name, value in launch.items():
+        monkeypatch.setenv(name, value)
+    gpu = torch.device("cuda", int(launch["LOCAL_RANK"]))
+    assert resolve_process_device("auto") == gpu and resolve_process_device("CUDA") == gpu
+    assert four_gpus == [gpu, gpu]      # the current device too: no stray context on GPU 0
+    assert resolve_process_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match=r"train.device 'cuda:1': under torchrun every process uses "
+                                        r"cuda:LOCAL_RANK.*CUDA_VISIBLE_DEVICES"):
+        resolve_process_device("cuda:1", what="train.device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_process_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="CUDA is not available"):
+        resolve_process_device("cuda")
+
+
+def test_process_device_refuses_more_processes_than_gpus(four_gpus, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(UserError, match="LOCAL_RANK 5 but only 4 CUDA device.*--nproc_per_node"):
+        resolve_process_device("auto")
+    assert four_gpus == []
 
 
 def test_ensure_writable_dir_reports_unwritable_folder(tmp_path):

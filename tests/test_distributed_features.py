@@ -18,7 +18,8 @@ import torch
 
 from test_video import make_video
 from vqakd.errors import UserError, run_cli
-from vqakd.extractors import Shard, _launch_problem
+from vqakd.extraction import Shard
+from vqakd.extraction.plan import launch_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "preprocess", "preprocess_features.py")
@@ -110,6 +111,23 @@ def test_torchrun_two_ranks_resume_and_merge_equal_single_process(dataset, refer
     capsys.readouterr()
     assert preprocess_features.main(arguments(dataset, out, "--allow-failures")) == 0
     assert "output already complete" in capsys.readouterr().out
+
+
+def test_torchrun_failure_on_rank_0_stops_every_rank_and_is_printed_once(dataset, reference, tmp_path):
+    """Rank 0 alone checks the output (vqakd.distributed.from_main): here one made with other
+    settings. Every rank stops; rank 0 prints the reason once, the other exits quietly."""
+    out = tmp_path / "msvd-qa_appearance_feat.h5"
+    shutil.copy(reference, out)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+               SCRIPT, *arguments(dataset, out, "--num-clips", "3")]
+    result = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300, cwd=ROOT)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {out} already exists and was made with other settings (num_clips: 2 there, "
+                      "3 now); pass --overwrite to replace it or choose another --out"], result.stderr[-3000:]
+    # no traceback through the toolkit (torchrun prints its own summary of the failed worker)
+    assert f'File "{SCRIPT}"' not in result.stderr and os.path.join(ROOT, "vqakd") not in result.stderr
+    assert not (tmp_path / (out.name + ".parts")).exists()
 
 
 @pytest.fixture(scope="module")
@@ -208,18 +226,23 @@ def test_shard_and_device_choice(monkeypatch):
     with pytest.raises(UserError, match=r"--shard-index must be in 0..1 for --num-shards 2, got 2"):
         Shard(2, 2)
     assert [k for k in range(7) if Shard(3, 1).owns(k)] == [1, 4]
-    # under torchrun, auto/cuda means this rank's GPU; an explicit one is kept
-    monkeypatch.setattr(preprocess_features, "get_world_size", lambda: 4)
-    monkeypatch.setattr(preprocess_features, "local_rank", lambda: 3)
+    # under torchrun, auto/cuda means this rank's GPU (the rule of vqakd.device.resolve_process_device)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     args = preprocess_features.parse_args(["--dataset", "msvd-qa", "--video-dir", ".", "--annotation-dir", ".",
                                            "--model", "resnet101"])
     assert str(preprocess_features.choose_device(args)) == "cuda:3"
     args.device = "cuda:1"
-    assert str(preprocess_features.choose_device(args)) == "cuda:1"
+    with pytest.raises(UserError, match="--device 'cuda:1': under torchrun every process uses cuda:LOCAL_RANK"):
+        preprocess_features.choose_device(args)
+    args.device, args.gpu_id = None, 1
+    with pytest.raises(UserError, match="--gpu_id 'cuda:1': under torchrun"):
+        preprocess_features.choose_device(args)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    args.device = None
+    args.gpu_id = None
     assert str(preprocess_features.choose_device(args)) == "cpu"
 
 
@@ -227,7 +250,7 @@ def test_rank_that_cannot_see_the_parts_folder_is_reported(tmp_path):
     parts = tmp_path / "out.h5.parts"
     parts.mkdir()
     (parts / "launch.json").write_text(json.dumps({"token": "abc"}))
-    assert _launch_problem(str(parts), "abc") is None
-    problem = _launch_problem(str(parts), "def")
+    assert launch_problem(str(parts), "abc") is None
+    problem = launch_problem(str(parts), "def")
     assert "cannot see the parts folder" in problem and "--num-shards" in problem
-    assert "cannot see" in _launch_problem(str(tmp_path / "elsewhere"), "abc")
+    assert "cannot see" in launch_problem(str(tmp_path / "elsewhere"), "abc")

@@ -31,7 +31,7 @@ def make_project(folder) -> None:
     import torchvision
 
     from vqakd import demo_data
-    from vqakd.resnext3d import resnext101
+    from vqakd.extraction.resnext3d import resnext101
 
     data = folder / "data" / "msvd-qa"
     settings = demo_data.DemoSettings(num_videos=8, seed=3, frame_size=64, fps=10, seconds=2.0).check()

@@ -587,7 +587,7 @@ class Exploit:
 
 def test_checkpoint_holding_a_pickled_object_is_refused_everywhere(tiny, reference, tmp_path):
     from model.original import load_original_checkpoint
-    from vqakd.resnext3d import load_resnext101
+    from vqakd.extraction.resnext3d import load_resnext101
 
     marker = tmp_path / "code_ran"
     evil = dict(torch.load(reference / "best.pt", weights_only=True), payload=Exploit(marker))
@@ -653,4 +653,4 @@ def test_every_torch_load_is_weights_only_and_no_plain_unpickling():
     assert not unsafe, unsafe
     # the scan sees the real loaders: checkpoints, original checkpoints, ResNeXt weights
     assert {os.path.join("vqakd", "checkpoint.py"), os.path.join("model", "original.py"),
-            os.path.join("vqakd", "resnext3d.py")} <= set(loads), loads
+            os.path.join("vqakd", "extraction", "weights.py")} <= set(loads), loads

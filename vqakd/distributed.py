@@ -13,11 +13,18 @@ are written by global rank 0 only, so nothing assumes a single node.
 Metrics are kept as sums and counts so that `all_reduce_sum` gives the figures of the whole
 split, not of one rank's share.
 
+A group that only coordinates (`init_distributed(control_only=True)`, used by feature
+extraction: ranks agree on a plan and wait for each other, each writing its own files) is
+gloo alone and never touches a GPU.
+
 Errors: a check that fails on one rank must stop every rank, not leave the others waiting in
-a collective. `agree(fn)` runs a phase on every rank and exchanges the outcome; if any rank
-failed, every rank raises the same `UserError` (marked `shown_by_main`, so only rank 0 prints
-it). Collectives time out after `DEFAULT_TIMEOUT_S` (env VQAKD_DIST_TIMEOUT_S), so a rank that
-dies mid-epoch ends the job instead of hanging it forever.
+a collective. `agree(fn)` runs a phase on every rank and exchanges the outcome; `from_main(fn)`
+runs it on rank 0 alone (e.g. a look at the output folder) and hands every rank its value. If
+any rank failed, every rank raises: the failing rank its own exception, the others a
+`UserError` marked `shown_by_main`, so only rank 0 prints it and `quiet_unless_main` ends the
+other ranks with status 2 and no second copy of the message. Collectives time out after
+`DEFAULT_TIMEOUT_S` (env VQAKD_DIST_TIMEOUT_S) unless the caller gives its own timeout, so a
+rank that dies mid-epoch ends the job instead of hanging it forever.
 """
 
 from __future__ import annotations
@@ -80,12 +87,15 @@ def timeout_seconds() -> int:
     return value if value > 0 else DEFAULT_TIMEOUT_S
 
 
-def init_distributed(device: torch.device | None = None) -> bool:
+def init_distributed(device: torch.device | None = None, *, timeout: datetime.timedelta | None = None,
+                     control_only: bool = False) -> bool:
     """Start the process group when launched by torchrun or with several processes; returns
     whether one exists now.
 
     `device` is accepted for callers that know it; the backend choice only depends on whether
-    CUDA exists (see the module docstring).
+    CUDA exists (see the module docstring), unless `control_only`: then the group is gloo alone
+    (no tensors travel, only agreement and waiting) and no CUDA device is selected here.
+    `timeout` (default `timeout_seconds()`) bounds every collective, barriers included.
     """
     if is_initialized() or (env_world_size() <= 1 and not launched_by_torchrun()):
         return is_initialized()
@@ -96,11 +106,11 @@ def init_distributed(device: torch.device | None = None) -> bool:
             raise UserError(f"WORLD_SIZE is {env_world_size()} but {name} is not set; launch with torchrun "
                             "(python -m torch.distributed.run) or unset WORLD_SIZE")
     backend = "gloo"
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not control_only:
         if local_rank() < torch.cuda.device_count():
             torch.cuda.set_device(local_rank())
         backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
+    dist.init_process_group(backend=backend, timeout=timeout or datetime.timedelta(seconds=timeout_seconds()))
     return True
 
 
@@ -174,9 +184,10 @@ def cleanup() -> None:
 
 
 @contextlib.contextmanager
-def session() -> Iterator[None]:
-    """The process group for the duration of a script (when launched by torchrun)."""
-    started = init_distributed()
+def session(*, timeout: datetime.timedelta | None = None, control_only: bool = False) -> Iterator[None]:
+    """The process group for the duration of a script (when launched by torchrun); the
+    arguments are those of `init_distributed`."""
+    started = init_distributed(timeout=timeout, control_only=control_only)
     try:
         yield
     finally:
@@ -188,6 +199,32 @@ def _shown_error(message: str) -> UserError:
     error = UserError(message)
     error.shown_by_main = True      # type: ignore[attr-defined]
     return error
+
+
+def _outcome(failure: BaseException | None) -> tuple[str, str, bool] | None:
+    """What the other ranks learn of a rank's failure (None: it did not fail)."""
+    return None if failure is None else (type(failure).__name__, str(failure), isinstance(failure, UserError))
+
+
+def _raise_first_failure(failure: BaseException | None, outcomes: list[Any], what: str) -> None:
+    """Raise on this rank if any rank failed (`outcomes` in rank order, None for success).
+
+    The first rank that failed re-raises its own exception (a programming error keeps its
+    traceback); every other rank raises a UserError naming that rank and its message, marked
+    `shown_by_main` (rank 0 prints it, the rest stay quiet)."""
+    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+    if not failed:
+        return
+    rank, (kind, message, is_user) = failed[0]
+    if failure is not None and rank == get_rank():
+        # Rank 0 prints its own error; another rank's UserError is printed by rank 0 (below).
+        if isinstance(failure, UserError) and rank != 0:
+            failure.shown_by_main = True   # type: ignore[attr-defined]
+        raise failure
+    text = message if is_user else f"{kind}: {message}"
+    if rank != 0:
+        text = f"rank {rank} failed during {what}: {text}"
+    raise _shown_error(text)
 
 
 def agree(fn: Callable[[], T], what: str = "start-up") -> T:
@@ -205,21 +242,29 @@ def agree(fn: Callable[[], T], what: str = "start-up") -> T:
         result = fn()
     except Exception as exc:       # noqa: BLE001 - reported to every rank, then re-raised
         failure = exc
-    mine = None if failure is None else (type(failure).__name__, str(failure), isinstance(failure, UserError))
-    outcomes = all_gather_objects(mine)
-    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
-    if not failed:
-        return result  # type: ignore[return-value]
-    rank, (kind, message, is_user) = failed[0]
-    if failure is not None and rank == get_rank():
-        # Rank 0 prints its own error; another rank's UserError is printed by rank 0 (below).
-        if isinstance(failure, UserError) and rank != 0:
-            failure.shown_by_main = True   # type: ignore[attr-defined]
-        raise failure
-    text = message if is_user else f"{kind}: {message}"
-    if rank != 0:
-        text = f"rank {rank} failed during {what}: {text}"
-    raise _shown_error(text)
+    _raise_first_failure(failure, all_gather_objects(_outcome(failure)), what)
+    return result  # type: ignore[return-value]
+
+
+def from_main(fn: Callable[[], T], what: str = "start-up") -> T:
+    """Run `fn` on rank 0 only and return its (picklable) value on every rank; if it raised,
+    rank 0 re-raises its exception and the other ranks raise a UserError that rank 0 prints
+    (as in `agree`). In a single process this is just `fn()`."""
+    if not (is_initialized() and get_world_size() > 1):
+        return fn()
+    failure: BaseException | None = None
+    payload: list[Any] = [None]
+    if get_rank() == 0:
+        result = None
+        try:
+            result = fn()
+        except Exception as exc:   # noqa: BLE001 - reported to every rank, then re-raised
+            failure = exc
+        payload = [(None if failure is not None else result, _outcome(failure))]
+    dist.broadcast_object_list(payload, src=0, group=_cpu_group())
+    value, outcome = payload[0]
+    _raise_first_failure(failure, [outcome], what)
+    return value
 
 
 def quiet_unless_main(fn: Callable[[], int]) -> int:

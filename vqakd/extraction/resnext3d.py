@@ -1,4 +1,5 @@
-"""The 3D ResNeXt-101 of Hara et al. (SPEC §1.3), laid out so the published Kinetics weights load as they are.
+"""The 3D ResNeXt-101 of Hara et al., whose pooled output is the motion feature of a clip, laid
+out so the published Kinetics weights load as they are.
 
 `resnext-101-kinetics.pth` (github.com/kenshohara/3D-ResNets-PyTorch, release files) is a dict
 whose `state_dict` holds the weights of a `DataParallel`-wrapped model: every key starts with
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from vqakd.errors import UserError
+from vqakd.extraction.weights import load_weights
 
 KINETICS_CLASSES = 400
 RESNEXT101_LAYERS = (3, 4, 23, 3)
@@ -92,7 +94,7 @@ class ResNeXt3D(nn.Module):
         return nn.Sequential(*layers)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The global-average-pool output (B, 2048): the motion feature of SPEC §1.3."""
+        """The global-average-pool output (B, 2048): the motion feature of a clip."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
@@ -105,54 +107,11 @@ def resnext101() -> ResNeXt3D:
     return ResNeXt3D(RESNEXT101_LAYERS, CARDINALITY, KINETICS_CLASSES)
 
 
-def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file: a bare state dict or a checkpoint dict holding `state_dict`,
-    with any DataParallel `module.` prefix removed. Only tensors are unpickled (weights_only)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: cannot read {what} (truncated or not a PyTorch weights file: "
-                        f"{first_line})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj:
-        raise UserError(f"{path}: {what} holds no state dict (found {type(obj).__name__})")
-    state = {}
-    for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise UserError(f"{path}: {what}: entry {key!r} is not a named tensor")
-        state[key[len("module."):] if key.startswith("module.") else key] = value
-    return state
-
-
-def load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str, what: str) -> None:
-    """Load `state` into `model`, failing with the first missing, unexpected or misshapen key.
-
-    Files saved before PyTorch 0.4.1 (like the 2017 Kinetics weights) lack BatchNorm's
-    `num_batches_tracked` counters; BatchNorm fills those in itself, so they are not required.
-    """
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
-    if missing:
-        raise UserError(f"{path}: {what} does not match the architecture: missing key {missing[0]!r} "
-                        f"({len(missing)} missing)")
-    unexpected = [key for key in state if key not in expected]
-    if unexpected:
-        raise UserError(f"{path}: {what} does not match the architecture: unexpected key "
-                        f"{unexpected[0]!r} ({len(unexpected)} unexpected)")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise UserError(f"{path}: {what} does not match the architecture: key {key!r} has shape "
-                            f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}")
-    model.load_state_dict(state, strict=True)
-
-
 def load_resnext101(path: str | os.PathLike) -> ResNeXt3D:
     """The 3D ResNeXt-101 with the published `resnext-101-kinetics.pth` weights (strict)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"3D ResNeXt-101 weights file not found: {path}; {WEIGHTS_HOW_TO_GET}")
     model = resnext101()
-    load_strict(model, read_state_dict(path, "3D ResNeXt-101 weights"), path, "3D ResNeXt-101 weights")
+    load_weights(model, path, "3D ResNeXt-101 weights")
     return model

@@ -1,0 +1,84 @@
+"""Decoding videos into network inputs in DataLoader worker processes, overlapped with the
+network on the device. Each worker decodes only the frames a video's clips need
+(`vqakd.video`); a video that cannot be decoded comes back with its reason instead of inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from vqakd.annotations import Video
+from vqakd.errors import UserError
+from vqakd.video import VideoError, read_clip_frames
+
+
+class DecodedVideo(NamedTuple):
+    """What a decoding worker hands back for one video."""
+    position: int                    # index in the list of videos still to do
+    inputs: torch.Tensor | None      # uint8 network inputs (rows, ...), None on failure
+    inverse: torch.Tensor | None     # (N, F) rows of `inputs` for each clip frame (frame models)
+    error: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """How a worker turns a video file into network inputs (picklable, no network in it)."""
+    num_clips: int
+    frames_per_clip: int
+    size: tuple[int, int]
+    per_frame: bool        # True: distinct frames (U, H, W, 3); False: clips (N, F, H, W, 3)
+    threads: int
+
+
+class VideoDecodeDataset(torch.utils.data.Dataset):
+    def __init__(self, videos: Sequence[Video], spec: DecodeSpec):
+        self.videos = list(videos)
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, position: int) -> DecodedVideo:
+        spec = self.spec
+        try:
+            clip_frames = read_clip_frames(self.videos[position].path, spec.num_clips,
+                                           spec.frames_per_clip, spec.size, spec.threads)
+        except VideoError as exc:
+            return DecodedVideo(position, None, None, exc.reason)
+        except Exception as exc:  # one odd file must not stop a day-long run; the reason is reported
+            return DecodedVideo(position, None, None, f"unexpected {type(exc).__name__}: {exc}")
+        if spec.per_frame:
+            return DecodedVideo(position, torch.from_numpy(clip_frames.frames),
+                                torch.from_numpy(clip_frames.inverse), None)
+        return DecodedVideo(position, torch.from_numpy(np.ascontiguousarray(clip_frames.clips())), None, None)
+
+
+def _keep_item(item: DecodedVideo) -> DecodedVideo:
+    return item
+
+
+def decoded_videos(videos: Sequence[Video], num_clips: int, frames_per_clip: int, size: tuple[int, int],
+                   per_frame: bool, num_workers: int, pin_memory: bool) -> Iterator[DecodedVideo]:
+    """The videos decoded in order by `num_workers` processes (0: in this process); deleting
+    the iterator shuts the workers down."""
+    spec = DecodeSpec(num_clips, frames_per_clip, size, per_frame, threads=1 if num_workers > 0 else 0)
+    loader = torch.utils.data.DataLoader(
+        VideoDecodeDataset(videos, spec), batch_size=None, shuffle=False,
+        num_workers=num_workers, collate_fn=_keep_item, pin_memory=pin_memory)
+    return iter(loader)
+
+
+def next_decoded(items: Iterator[DecodedVideo], chunk_videos: Sequence[Video]) -> DecodedVideo:
+    """The next decoded video; a crashed worker becomes a UserError naming the chunk's files."""
+    try:
+        return next(items)
+    except RuntimeError as exc:
+        if "DataLoader worker" not in str(exc):
+            raise
+        names = ", ".join(video.path for video in chunk_videos)
+        raise UserError(f"a video decoding worker died ({str(exc).splitlines()[0]}) while reading one "
+                        f"of: {names}; finished chunks are kept — re-run with --num-workers 0 to see "
+                        "which file crashes the decoder") from None

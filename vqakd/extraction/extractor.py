@@ -1,0 +1,267 @@
+"""The extraction loop: decode, batch, run the network, save each chunk, contain failures.
+
+* Videos are decoded in worker processes (`decoding.py`) while the network runs on the device.
+* All frames (or clips) of a video, and of consecutive videos, go through the network together
+  in batches of `batch_size` images (or clips) (`RowBatcher`).
+* Work is saved chunk by chunk into `<out>.parts` (`parts.py`); re-running the same command
+  skips the finished chunks, then assembles `<out>` and removes the parts (`merge.py`). Chunks
+  are a fixed partition of the video list and a chunk's batches depend only on its videos, so
+  a resumed run computes every number exactly as an uninterrupted run does (bit-identical on
+  CPU). Ranks and shards split the chunks between them (`plan.py`).
+* A video that cannot be used (missing, corrupt, no frames, unsupported codec, non-finite
+  features) is recorded with its reason, left out of the output and listed in
+  `<out>.failures.json`; the run goes on.
+* The settings that determine the numbers (model, weights hash, clip sampling, image size,
+  normalisation, precision, video list, toolkit version) are stored with the parts and in the
+  output's attributes; resuming with different settings is refused.
+
+Under torchrun every rank runs `FeatureExtractor.run` with the same arguments; a failure on
+any rank stops every rank through `vqakd.distributed` (`from_main`, `agree`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from vqakd import distributed
+from vqakd.annotations import Video
+from vqakd.errors import UserError
+from vqakd.extraction.decoding import DecodedVideo, decoded_videos, next_decoded
+from vqakd.extraction.merge import merge_parts
+from vqakd.extraction.networks import NETWORKS, FeatureNetwork
+from vqakd.extraction.parts import (chunk_partition, failure_record, failures_report, parts_folder,
+                                    write_chunk)
+from vqakd.extraction.plan import (already_complete, finish_shard, make_plan, require_shared_parts_folder,
+                                   wait_for_chunks)
+from vqakd.extraction.settings import (FEATURE_DIM, ExtractionResult, ExtractionSettings, Shard, build_manifest,
+                                       check_settings, identity_digest)
+from vqakd.extraction.weights import WeightsIdentity, file_identity, find_weights, random_identity
+from vqakd.video import require_decoder
+
+# How long ranks wait for each other (the final barrier waits for the slowest rank's last chunk).
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=24)
+
+
+class FeatureExtractor:
+    """One extraction: a feature network (`model`), its weights, and the loop that runs it."""
+
+    def __init__(self, settings: ExtractionSettings, device: torch.device | str = "cpu",
+                 batch_size: int | None = None, num_workers: int = 0, progress: bool = True):
+        network_type = NETWORKS[settings.model]
+        self.device = torch.device(device)
+        self.batch_size = batch_size or network_type.default_batch_size
+        self.num_workers = num_workers
+        self.progress = progress
+        height = settings.image_height or network_type.default_image_size[0]
+        width = settings.image_width or network_type.default_image_size[1]
+        self.settings = dataclasses.replace(settings, image_height=height, image_width=width)
+        check_settings(self.settings, self.device, self.batch_size, self.num_workers)
+        network_type.check_settings(self.settings)
+        self.model: FeatureNetwork = network_type(self.settings, self.device)
+        self.weights: WeightsIdentity = self._weights_identity()
+        self._network: nn.Module | None = None
+
+    def _weights_identity(self) -> WeightsIdentity:
+        if self.settings.random_weights:
+            return random_identity(self.settings.random_seed)
+        model = self.model
+        return file_identity(find_weights(self.settings.weights, model.weight_files, model.weights_what,
+                                          model.how_to_get_weights))
+
+    @property
+    def network(self) -> nn.Module:
+        """The network on the device, built on first use (a finished run never loads it)."""
+        if self._network is None:
+            self._network = self.model.instantiate(self.weights)
+        return self._network
+
+    def video_shape(self) -> tuple[int, ...]:
+        return self.model.shape_for(self.settings.num_clips, self.settings.frames_per_clip)
+
+    def manifest(self, videos: Sequence[Video]) -> dict[str, Any]:
+        """The settings that determine the numbers (and the weights file), stored with them."""
+        return build_manifest(self.settings, self.model.model_name, self.model.feature_dataset,
+                              self.model.normalisation(), self.weights.path, self.weights.sha256, videos)
+
+    # ----- the run -----------------------------------------------------------------------------
+
+    def run(self, videos: Sequence[Video], out_path: str, overwrite: bool = False,
+            shard: Shard = Shard()) -> ExtractionResult:
+        """Extract features of `videos` into `out_path`, resuming a previous run of the same settings.
+
+        Under torchrun every rank calls this with the same arguments; with a `shard` of several,
+        only that shard's chunks are made and the output is left to `merge_parts`.
+        """
+        if not videos:
+            raise UserError("no videos to extract features from")
+        rank, world = distributed.get_rank(), distributed.get_world_size()
+        out_path = os.fspath(out_path)
+        parts_dir = parts_folder(out_path)
+        report_path = failures_report(out_path)
+        manifest = self.manifest(videos)
+        chunks = chunk_partition(len(videos), self.settings.chunk_videos)
+        plan = distributed.from_main(
+            lambda: make_plan(videos, chunks, out_path, manifest, overwrite, shard, world),
+            what="the check of the output and its parts folder")
+        if plan.complete:
+            if rank != 0:
+                return ExtractionResult(out_path, report_path, len(videos), 0, [], True, main=False)
+            return already_complete(videos, out_path)
+        if world > 1:
+            distributed.agree(lambda: require_shared_parts_folder(parts_dir, plan.token),
+                              what="the check of the shared parts folder")
+        mine = plan.todo[rank::world]
+        if world > 1:
+            label = f"{self.model.model_name} [rank {rank}/{world}]"
+            total, initial = sum(len(chunks[k]) for k in mine), 0
+        else:
+            label, total, initial = self.model.model_name, plan.shard_videos, plan.done_videos
+        self._extract_chunks(videos, chunks, mine, parts_dir, total, initial, label,
+                             identity_digest(manifest))
+        distributed.barrier()
+        if rank != 0:
+            return ExtractionResult(out_path, report_path, len(videos), 0, [], False, main=False)
+        if world > 1:
+            wait_for_chunks(parts_dir, plan.todo)
+        if shard.count == 1:
+            return merge_parts([parts_dir], out_path)
+        return finish_shard(chunks, parts_dir, shard)
+
+    def _extract_chunks(self, videos: Sequence[Video], chunks: list[list[int]], todo: list[int],
+                        parts_dir: str, progress_total: int, progress_initial: int, label: str,
+                        identity: str) -> None:
+        if not todo:
+            return
+        require_decoder()
+        queue = [videos[i] for k in todo for i in chunks[k]]
+        self.network   # load the weights (and fail on a bad file) before starting the decoders
+        progress = _progress_bar(progress_total, progress_initial, label, self.progress)
+        batcher = RowBatcher(self.forward, self.batch_size)
+        s = self.settings
+        items = decoded_videos(queue, s.num_clips, s.frames_per_clip, (s.image_height, s.image_width),
+                               self.model.per_frame, self.num_workers, pin_memory=self.device.type == "cuda")
+        try:
+            with self.numerics():
+                for k in todo:
+                    chunk_videos = [videos[i] for i in chunks[k]]
+                    chunk_items = []
+                    for _ in chunk_videos:
+                        item = next_decoded(items, chunk_videos)
+                        if item.inputs is not None:
+                            batcher.add(item.inputs.to(self.device, non_blocking=True))
+                        chunk_items.append(item)
+                        progress.update(1)
+                    ids, features, failures = self._split_rows(chunk_videos, chunk_items, batcher.finish())
+                    write_chunk(parts_dir, k, ids, features, failures, identity)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"out of GPU memory with --batch-size {self.batch_size}; lower it and "
+                            "re-run (finished chunks are kept and resumed)") from None
+        finally:
+            del items   # shuts the decoding workers down
+            progress.close()
+
+    @contextlib.contextmanager
+    def numerics(self):
+        """fp32 is true fp32 (no TF32 on CUDA); fp16/bf16 run under CUDA autocast."""
+        if self.device.type != "cuda":
+            with torch.inference_mode():
+                yield
+            return
+        saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.settings.precision)
+            autocast = (torch.autocast("cuda", dtype=dtype) if dtype is not None
+                        else contextlib.nullcontext())
+            with torch.inference_mode(), autocast:
+                yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 inputs on the device → float32 features (B, 2048)."""
+        return self.model.embed(self.network, self.model.prepare(batch)).float()
+
+    def _split_rows(self, chunk_videos: list[Video], items: list[DecodedVideo],
+                    rows: torch.Tensor) -> tuple[list[int], np.ndarray, list[dict]]:
+        """The network's output rows of a chunk → each usable video's features, and the failures."""
+        rows = rows.cpu()
+        ids, features, failures = [], [], []
+        offset = 0
+        for video, item in zip(chunk_videos, items):
+            if item.inputs is None:
+                failures.append(failure_record(video, item.error))
+                continue
+            count = item.inputs.shape[0]
+            video_rows = rows[offset:offset + count]
+            offset += count
+            if item.inverse is not None:
+                video_rows = video_rows[item.inverse]
+            if not torch.isfinite(video_rows).all():
+                failures.append(failure_record(video, "the network produced non-finite features "
+                                                      f"(precision {self.settings.precision})"))
+                continue
+            ids.append(video.video_id)
+            features.append(video_rows.numpy().reshape(self.video_shape()))
+        stacked = (np.stack(features).astype(np.float32, copy=False) if features
+                   else np.zeros((0,) + self.video_shape(), np.float32))
+        return ids, stacked, failures
+
+
+class RowBatcher:
+    """Runs rows (frames or clips) through the network in batches of exactly `batch_size`.
+
+    Rows arrive video by video; a batch may span videos. `finish()` runs what is left and returns
+    every output row in arrival order, so the batch layout depends only on the rows of a chunk.
+    """
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], batch_size: int):
+        self.forward = forward
+        self.batch_size = batch_size
+        self.pending: list[torch.Tensor] = []
+        self.pending_rows = 0
+        self.outputs: list[torch.Tensor] = []
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.pending.append(rows)
+        self.pending_rows += rows.shape[0]
+        while self.pending_rows >= self.batch_size:
+            self._run(self.batch_size)
+
+    def _run(self, count: int) -> None:
+        buffer = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending)
+        self.outputs.append(self.forward(buffer[:count]))
+        rest = buffer[count:]
+        self.pending = [rest] if rest.shape[0] else []
+        self.pending_rows = rest.shape[0]
+
+    def finish(self) -> torch.Tensor:
+        if self.pending_rows:
+            self._run(self.pending_rows)
+        outputs = self.outputs
+        self.outputs = []
+        if not outputs:
+            return torch.zeros((0, FEATURE_DIM))
+        return torch.cat(outputs)
+
+
+def make_extractor(settings: ExtractionSettings, device: torch.device | str = "cpu",
+                   batch_size: int | None = None, num_workers: int = 0,
+                   progress: bool = True) -> FeatureExtractor:
+    if settings.model not in NETWORKS:
+        raise UserError(f"unknown model {settings.model!r}; choose one of {', '.join(NETWORKS)}")
+    return FeatureExtractor(settings, device, batch_size, num_workers, progress)
+
+
+def _progress_bar(total: int, initial: int, label: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="video", desc=label, disable=not enabled,
+                dynamic_ncols=True, smoothing=0.05)

@@ -1,0 +1,228 @@
+"""Checking the parts folders of one extraction and assembling its output HDF5 file and
+failure report (written to a temporary name, renamed when complete; then the parts go).
+
+The folders (one, or one per shard or machine) must hold every chunk exactly once, all made
+with the same settings for the same video list; otherwise nothing is written and one line
+names the offending file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from typing import NamedTuple, Sequence
+
+import h5py
+import numpy as np
+
+from vqakd.annotations import Video
+from vqakd.errors import UserError
+from vqakd.extraction.networks import NETWORKS
+from vqakd.extraction.parts import (PARTS_SETTINGS, PARTS_VIDEOS, chunk_files, chunk_name, chunk_partition,
+                                    failures_report, read_json_or_none, read_output_manifest,
+                                    remove_stale_temporaries, shard_counts)
+from vqakd.extraction.settings import ExtractionResult, difference, identity, identity_digest, videos_digest
+from vqakd.io import atomic_path, write_json
+
+
+class PartsFolder(NamedTuple):
+    path: str
+    manifest: dict
+    videos: list[tuple[int, str]]
+    chunks: dict[int, str]
+
+
+def read_parts_folder(parts_dir: str) -> PartsFolder:
+    if not os.path.isdir(parts_dir):
+        raise UserError(f"{parts_dir}: parts folder not found (made by preprocess/preprocess_features.py "
+                        "next to its --out, as <out>.parts)")
+    settings_path = os.path.join(parts_dir, PARTS_SETTINGS)
+    manifest = read_json_or_none(settings_path)
+    if not isinstance(manifest, dict) or "feature_dataset" not in manifest or "videos_sha256" not in manifest:
+        raise UserError(f"{settings_path}: missing or unreadable extraction settings; not a parts folder "
+                        "of preprocess/preprocess_features.py")
+    videos_path = os.path.join(parts_dir, PARTS_VIDEOS)
+    listing = read_json_or_none(videos_path)
+    try:
+        videos = [(int(vid), str(name)) for vid, name in listing["videos"]]
+    except (TypeError, KeyError, ValueError):
+        raise UserError(f"{videos_path}: missing or unreadable video list") from None
+    if videos_digest([Video(vid, name, "") for vid, name in videos]) != manifest["videos_sha256"]:
+        raise UserError(f"{videos_path}: the video list does not match {settings_path} (videos_sha256)")
+    return PartsFolder(parts_dir, manifest, videos, chunk_files(parts_dir))
+
+
+def _npy_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array of an .npz file, without reading its data."""
+    with archive.open(f"{name}.npy") as handle:
+        version = np.lib.format.read_magic(handle)
+        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = reader(handle)
+    return tuple(shape), np.dtype(dtype)
+
+
+def _short(ids: Sequence[int], limit: int = 6) -> str:
+    ids = list(ids)
+    text = ", ".join(str(i) for i in ids[:limit])
+    return text + (f", … ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...], identity: str) -> tuple[np.ndarray, list[dict]]:
+    """A chunk's ids and failures, after checking them against its place in the video list."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            shape, dtype = _npy_header(archive, "features")
+        with np.load(path, allow_pickle=False) as part:
+            ids = np.asarray(part["ids"])
+            failures = json.loads(str(part["failures"]))
+            saved_identity = str(part["identity"]) if "identity" in part.files else None
+        failure_ids = [int(failure["video_id"]) for failure in failures]
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path}: unreadable part file ({type(exc).__name__}: {exc}); delete it and "
+                        "re-run the extraction (shard) that made it") from None
+    if saved_identity is not None and saved_identity != identity:
+        raise UserError(f"{path}: made with other extraction settings than its folder's {PARTS_SETTINGS}")
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise UserError(f"{path}: ids must be a list of integers, got {ids.dtype} {ids.shape}")
+    if dtype != np.float32 or shape != (len(ids),) + video_shape:
+        raise UserError(f"{path}: features are {dtype} {shape}, expected float32 {(len(ids),) + video_shape}")
+    held = [int(i) for i in ids] + failure_ids
+    if sorted(held) != sorted(expected):
+        duplicated = sorted({i for i in held if held.count(i) > 1})
+        extra = [i for i in held if i not in expected]
+        missing = [i for i in expected if i not in held]
+        detail = "; ".join(text for text in (
+            f"videos twice: {_short(duplicated)}" if duplicated else "",
+            f"videos not in this chunk of the video list: {_short(extra)}" if extra else "",
+            f"videos missing: {_short(missing)}" if missing else "") if text)
+        raise UserError(f"{path}: does not hold exactly its chunk of the video list ({detail})")
+    if [int(i) for i in ids] != [i for i in expected if i in set(held) - set(failure_ids)]:
+        raise UserError(f"{path}: videos are not in the order of the video list")
+    return ids.astype(np.int64), failures
+
+
+def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = False) -> ExtractionResult:
+    """Check the parts folders of one extraction and write its output and failure report.
+
+    The folders (one, or one per shard or machine) must hold every chunk exactly once, all made
+    with the same settings for the same video list. The output is written to a temporary name
+    and renamed when complete; then the parts folders are removed (unless `keep_parts`).
+    """
+    if not parts_dirs:
+        raise UserError("no parts folder given")
+    folders = [read_parts_folder(os.fspath(path)) for path in parts_dirs]
+    first = folders[0]
+    manifest = first.manifest
+    for folder in folders[1:]:
+        if identity(folder.manifest) != identity(manifest):
+            raise UserError(f"{os.path.join(folder.path, PARTS_SETTINGS)}: made "
+                            f"{difference(folder.manifest, manifest)} than {first.path}")
+    model = manifest.get("model")
+    if model not in NETWORKS or manifest["feature_dataset"] != NETWORKS[model].feature_dataset:
+        raise UserError(f"{os.path.join(first.path, PARTS_SETTINGS)}: unknown model {model!r}")
+    video_shape = NETWORKS[model].shape_for(int(manifest["num_clips"]), int(manifest["frames_per_clip"]))
+    chunks = chunk_partition(len(first.videos), int(manifest["chunk_videos"]))
+    digest = identity_digest(manifest)
+
+    owner: dict[int, str] = {}
+    for folder in folders:
+        for k, path in sorted(folder.chunks.items()):
+            if k >= len(chunks):
+                raise UserError(f"{path}: chunk {k} is beyond the {len(chunks)} chunks of the video list")
+            if k in owner:
+                raise UserError(f"{path}: chunk {k} is also in {owner[k]}; give each chunk once")
+            owner[k] = path
+    missing = [k for k in range(len(chunks)) if k not in owner]
+    if missing:
+        raise UserError(f"{first.path}: {len(missing)} of {len(chunks)} chunks missing "
+                        f"({_missing_hint(missing, chunks, first.videos, folders)}); run the extraction "
+                        "(shards) that make them, or give every parts folder")
+
+    ids, failures = [], []
+    for k, chunk in enumerate(chunks):
+        chunk_ids, chunk_failures = check_chunk(owner[k], [first.videos[i][0] for i in chunk],
+                                                video_shape, digest)
+        ids.append(chunk_ids)
+        failures.extend(chunk_failures)
+    all_ids = np.concatenate(ids)
+    report_path = failures_report(out_path)
+    report = {"output": os.path.abspath(out_path), "model": model, "videos": len(first.videos),
+              "written": int(len(all_ids)), "failed": len(failures), "failures": failures}
+    write_json(report_path, report)
+    if len(all_ids) == 0:
+        example = failures[0]
+        raise UserError(f"no video could be used (e.g. {example['path']}: {example['reason']}); "
+                        f"{len(failures)} failures listed in {report_path}")
+    with atomic_path(out_path) as tmp:
+        with h5py.File(tmp, "w") as h5:
+            data = h5.create_dataset(manifest["feature_dataset"], shape=(len(all_ids),) + video_shape,
+                                     dtype="float32")
+            row = 0
+            for k in range(len(chunks)):
+                with np.load(owner[k], allow_pickle=False) as part:
+                    features = part["features"]
+                    data[row:row + len(features)] = features
+                    row += len(features)
+            h5.create_dataset("ids", data=all_ids)
+            for key, value in manifest.items():
+                h5.attrs[key] = value
+            h5.attrs["failed_videos"] = len(failures)
+            h5.attrs["manifest"] = json.dumps(manifest, sort_keys=True)
+    if not keep_parts:
+        for folder in folders:
+            shutil.rmtree(folder.path, ignore_errors=True)
+    return ExtractionResult(out_path, report_path, len(first.videos), int(len(all_ids)), failures, False)
+
+
+def merge_into_output(parts_dirs: Sequence[str], out_path: str, overwrite: bool = False,
+                      keep_parts: bool = False) -> ExtractionResult:
+    """`merge_parts`, unless `out_path` already holds these features (a finished merge).
+
+    An existing output made with other settings is kept unless `overwrite`.
+    """
+    out_path = os.fspath(out_path)
+    if os.path.exists(out_path) and not overwrite:
+        existing = read_output_manifest(out_path)
+        present = [path for path in parts_dirs if os.path.isdir(path)]
+        settings = read_json_or_none(os.path.join(present[0], PARTS_SETTINGS)) if present else None
+        if existing is not None and (not present or identity(settings) == identity(existing)):
+            if not keep_parts:   # a merge killed while removing its parts
+                for path in present:
+                    shutil.rmtree(path, ignore_errors=True)
+            return _completed_result(out_path, existing)
+        made = difference(existing, settings) if isinstance(settings, dict) else "by something else"
+        raise UserError(f"{out_path} already exists and was made {made}; pass --overwrite to "
+                        "replace it or choose another --out")
+    remove_stale_temporaries(out_path, [], output_too=True)
+    return merge_parts(parts_dirs, out_path, keep_parts)
+
+
+def _completed_result(out_path: str, manifest: dict) -> ExtractionResult:
+    report_path = failures_report(out_path)
+    report = read_json_or_none(report_path)
+    try:
+        failures, written = list(report["failures"]), int(report["written"])
+    except (TypeError, KeyError, ValueError):
+        with h5py.File(out_path, "r") as h5:
+            written = len(h5["ids"])
+        failures = []
+    return ExtractionResult(out_path, report_path, int(manifest.get("videos", written)), written,
+                            failures, True)
+
+
+def _missing_hint(missing: list[int], chunks: list[list[int]], videos: list[tuple[int, str]],
+                  folders: list[PartsFolder]) -> str:
+    names = ", ".join(chunk_name(k) for k in missing[:4]) + (", …" if len(missing) > 4 else "")
+    first_video = videos[chunks[missing[0]][0]][0]
+    hint = f"{names}; the first holds video {first_video}"
+    counts = set()
+    for folder in folders:
+        counts |= shard_counts(folder.path)
+    if len(counts) == 1:
+        count = counts.pop()
+        indices = sorted({k % count for k in missing})
+        hint += f"; made by --num-shards {count} --shard-index {', '.join(str(i) for i in indices)}"
+    return hint

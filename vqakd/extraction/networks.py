@@ -1,0 +1,203 @@
+"""The two feature networks: the architecture, its weights, how uint8 video inputs become
+its float input, and the shape of one video's features.
+
+* Appearance: torchvision's ResNet-101 (ImageNet) without its classifier, one 2048-d vector
+  per frame → (N clips, F frames, 2048) per video.
+* Motion: the 3D ResNeXt-101 of Hara et al. (Kinetics), one 2048-d vector per clip of F
+  frames → (N clips, 2048) per video.
+
+Input normalisation lives here and only here: the constants, their description stored in
+the output's attributes (`normalisation()`), and their use (`prepare`).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vqakd.errors import UserError
+from vqakd.extraction.resnext3d import WEIGHTS_HOW_TO_GET as RESNEXT_HOW_TO_GET
+from vqakd.extraction.resnext3d import resnext101
+from vqakd.extraction.settings import FEATURE_DIM, ExtractionSettings
+from vqakd.extraction.weights import WeightsIdentity, load_weights
+
+# ----- input normalisation ---------------------------------------------------------------------
+# ResNet-101: ImageNet mean and standard deviation of 0-1 RGB, as torchvision's weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# 3D ResNeXt-101: raw 0-255 RGB, as the original work fed it; optionally minus the mean RGB
+# (0–255) that Hara et al. subtracted when training the Kinetics models (their
+# `get_mean(1, "activitynet")`, the default of their training script).
+KINETICS_MEAN = (114.7748, 107.7354, 99.4750)
+
+# torchvision's file names for ResNet-101 IMAGENET1K_V1 (current, and the same weights' older name).
+RESNET101_FILES = ("resnet101-63fe2227.pth", "resnet101-5d3b4d8f.pth")
+RESNET_HOW_TO_GET = ("download https://download.pytorch.org/models/resnet101-63fe2227.pth "
+                     "(torchvision ResNet-101 IMAGENET1K_V1) and pass it with --weights, or use "
+                     "--random-weights for a test run")
+RESNEXT101_FILES = ("resnext-101-kinetics.pth",)
+
+
+class FeatureNetwork:
+    """One feature model: its description (class attributes) and, per run, its input
+    preparation on the run's device. The torch module itself is built by `instantiate`."""
+
+    model_name: ClassVar[str]
+    feature_dataset: ClassVar[str]       # the HDF5 dataset name of the output
+    default_image_size: ClassVar[tuple[int, int]]
+    default_batch_size: ClassVar[int]
+    per_frame: ClassVar[bool]            # inputs are single frames (True) or whole clips (False)
+    weight_files: ClassVar[tuple[str, ...]]
+    how_to_get_weights: ClassVar[str]
+    weights_what: ClassVar[str]
+    memory_format: ClassVar[torch.memory_format] = torch.contiguous_format
+
+    def __init__(self, settings: ExtractionSettings, device: torch.device):
+        self.settings = settings
+        self.device = device
+
+    @classmethod
+    def check_settings(cls, settings: ExtractionSettings) -> None:
+        """Settings that make no sense for this model."""
+
+    def build(self) -> nn.Module:
+        """The architecture with its own initialisation (weights are loaded over it)."""
+        raise NotImplementedError
+
+    def load(self, path: str) -> nn.Module:
+        """The architecture with the weights of `path`, loaded strictly."""
+        raise NotImplementedError
+
+    def instantiate(self, weights: WeightsIdentity) -> nn.Module:
+        """The network with the run's weights, on the device, in eval mode."""
+        if self.settings.random_weights:
+            # Seeded so that a resumed run rebuilds exactly the same random network.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.settings.random_seed)
+                network = self.build()
+        else:
+            network = self.load(weights.path)
+        network = network.to(self.device).eval()
+        if self.device.type == "cuda":
+            network = network.to(memory_format=self.memory_format)
+        return network
+
+    def normalisation(self) -> str:
+        """How inputs are normalised, in words (stored with the features)."""
+        raise NotImplementedError
+
+    def prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 inputs on the device → the network's float input."""
+        raise NotImplementedError
+
+    def embed(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, ...) network input → (B, 2048) features."""
+        raise NotImplementedError
+
+    @staticmethod
+    def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
+        """The feature array of one video."""
+        raise NotImplementedError
+
+
+class ResNet101Features(FeatureNetwork):
+    """torchvision ResNet-101 without its fc: one 2048-d vector per frame → (N, F, 2048) per video."""
+
+    model_name = "resnet101"
+    feature_dataset = "resnet_features"
+    default_image_size = (224, 224)
+    default_batch_size = 128
+    per_frame = True
+    weight_files = RESNET101_FILES
+    how_to_get_weights = RESNET_HOW_TO_GET
+    weights_what = "ResNet-101 weights"
+    memory_format = torch.channels_last
+
+    def __init__(self, settings: ExtractionSettings, device: torch.device):
+        super().__init__(settings, device)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    @classmethod
+    def check_settings(cls, settings: ExtractionSettings) -> None:
+        if settings.kinetics_mean:
+            raise UserError("--kinetics-mean applies to the resnext101 motion model only")
+
+    def build(self) -> nn.Module:
+        import torchvision
+        network = torchvision.models.resnet101(weights=None)
+        network.fc = nn.Identity()
+        return network
+
+    def load(self, path: str) -> nn.Module:
+        import torchvision
+        network = torchvision.models.resnet101(weights=None)
+        load_weights(network, path, self.weights_what)
+        network.fc = nn.Identity()
+        return network
+
+    def normalisation(self) -> str:
+        return "imagenet mean/std on 0-1 RGB"
+
+    def prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        # (B, H, W, 3) uint8 → (B, 3, H, W); the permuted view is already channels-last in memory.
+        images = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        return images.sub_(self.mean).div_(self.std)
+
+    def embed(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return network(inputs)
+
+    @staticmethod
+    def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
+        return (num_clips, frames_per_clip, FEATURE_DIM)
+
+
+class ResNeXt101Features(FeatureNetwork):
+    """3D ResNeXt-101 (Kinetics): one 2048-d vector per clip → (N, 2048) per video."""
+
+    model_name = "resnext101"
+    feature_dataset = "resnext_features"
+    default_image_size = (112, 112)
+    default_batch_size = 16
+    per_frame = False
+    weight_files = RESNEXT101_FILES
+    how_to_get_weights = RESNEXT_HOW_TO_GET
+    weights_what = "3D ResNeXt-101 weights"
+    memory_format = torch.channels_last_3d
+
+    def __init__(self, settings: ExtractionSettings, device: torch.device):
+        super().__init__(settings, device)
+        self.mean = torch.tensor(KINETICS_MEAN, device=device).view(1, 3, 1, 1, 1)
+
+    def build(self) -> nn.Module:
+        return resnext101()
+
+    def load(self, path: str) -> nn.Module:
+        network = resnext101()
+        load_weights(network, path, self.weights_what)
+        return network
+
+    def normalisation(self) -> str:
+        return "0-255 RGB minus Kinetics mean" if self.settings.kinetics_mean else "raw 0-255 RGB"
+
+    def prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        # (B, F, H, W, 3) uint8 → (B, 3, F, H, W), raw 0–255 values as the original work fed them.
+        clips = batch.permute(0, 4, 1, 2, 3).float()
+        if self.settings.kinetics_mean:
+            clips = clips.sub_(self.mean)
+        return clips
+
+    def embed(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return network.features(inputs)
+
+    @staticmethod
+    def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
+        return (num_clips, FEATURE_DIM)
+
+
+NETWORKS: dict[str, type[FeatureNetwork]] = {
+    ResNet101Features.model_name: ResNet101Features,
+    ResNeXt101Features.model_name: ResNeXt101Features,
+}

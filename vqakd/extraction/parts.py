@@ -1,0 +1,156 @@
+"""The parts folder `<out>.parts` of an extraction in progress, and its files.
+
+Work is saved in chunks: a fixed partition of the video list into runs of `chunk_videos`
+videos, chunk k written atomically to `chunk-<k>.npz` (ids, features, failures and the
+settings' identity digest). A process killed at any instant (SIGKILL included) loses at most
+the chunk in progress: an HDF5 file being written when the process dies can be left
+unreadable, a renamed-into-place chunk file cannot. Beside the chunks: `settings.json` (the
+manifest of the settings), `videos.json` (the video list), `launch.json` (the mark of a
+torchrun launch) and `shard-<i>-of-<S>.json` (what a --num-shards run made).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+from typing import Any, Iterable, Sequence
+
+import h5py
+import numpy as np
+
+from vqakd.annotations import Video
+from vqakd.errors import UserError
+from vqakd.extraction.settings import difference, identity
+from vqakd.io import atomic_open, write_json
+
+PARTS_SETTINGS = "settings.json"
+PARTS_VIDEOS = "videos.json"
+PARTS_LAUNCH = "launch.json"
+CHUNK_PATTERN = "chunk-*.npz"
+
+
+def parts_folder(out_path: str) -> str:
+    return out_path + ".parts"
+
+
+def failures_report(out_path: str) -> str:
+    return out_path + ".failures.json"
+
+
+def chunk_partition(num_videos: int, chunk_videos: int) -> list[list[int]]:
+    """The fixed partition of the video list into chunks (a chunk's number names its file)."""
+    return [list(range(start, min(start + chunk_videos, num_videos)))
+            for start in range(0, num_videos, chunk_videos)]
+
+
+def chunk_name(chunk: int) -> str:
+    return f"chunk-{chunk:06d}.npz"
+
+
+def chunk_files(parts_dir: str) -> dict[int, str]:
+    """The finished chunks in a parts folder: number → path."""
+    found = {}
+    for path in glob.glob(os.path.join(glob.escape(parts_dir), CHUNK_PATTERN)):
+        number = os.path.basename(path)[len("chunk-"):-len(".npz")]
+        if number.isdigit():
+            found[int(number)] = path
+    return found
+
+
+def read_json_or_none(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def failure_record(video: Video, reason: str | None) -> dict:
+    """One entry of a failure report: the video and why it could not be used."""
+    return {"video_id": video.video_id, "name": video.name, "path": video.path,
+            "reason": reason or "unknown"}
+
+
+def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence[Video]) -> set[int]:
+    """Create or check the parts folder; return the chunks already finished."""
+    settings_path = os.path.join(parts_dir, PARTS_SETTINGS)
+    if os.path.isdir(parts_dir):
+        saved = read_json_or_none(settings_path)
+        has_chunks = bool(glob.glob(os.path.join(glob.escape(parts_dir), CHUNK_PATTERN)))
+        if (saved is not None or has_chunks) and identity(saved) != identity(manifest):
+            if not overwrite:
+                raise UserError(f"{parts_dir} holds an unfinished run made "
+                                f"{difference(saved, manifest)}; re-run with the same settings "
+                                "to resume it, or pass --overwrite to discard it")
+            shutil.rmtree(parts_dir)
+    # A folder without settings (killed before writing them) is simply completed: another
+    # shard sharing the folder may be creating it at this very moment.
+    os.makedirs(parts_dir, exist_ok=True)
+    if not os.path.isfile(settings_path):
+        write_json(settings_path, manifest)
+    if not os.path.isfile(os.path.join(parts_dir, PARTS_VIDEOS)):
+        write_json(os.path.join(parts_dir, PARTS_VIDEOS),
+                   {"videos": [[video.video_id, video.name] for video in videos]})
+    return set(chunk_files(parts_dir))
+
+
+def write_chunk(parts_dir: str, chunk: int, ids: list[int], features: np.ndarray, failures: list[dict],
+                identity_digest: str) -> None:
+    """Save one finished chunk atomically."""
+    with atomic_open(os.path.join(parts_dir, chunk_name(chunk)), "wb") as handle:
+        np.savez(handle, ids=np.asarray(ids, np.int64), features=features,
+                 failures=np.asarray(json.dumps(failures)), identity=np.asarray(identity_digest))
+
+
+def read_chunk_outcome(path: str) -> tuple[int, list[dict]]:
+    """How many videos a chunk holds, and its failures."""
+    with np.load(path, allow_pickle=False) as part:
+        return len(part["ids"]), json.loads(str(part["failures"]))
+
+
+def shard_note_name(index: int, count: int) -> str:
+    return f"shard-{index}-of-{count}.json"
+
+
+def shard_counts(parts_dir: str) -> set[int]:
+    """The --num-shards of the shard notes in a parts folder."""
+    counts = set()
+    for path in glob.glob(os.path.join(glob.escape(parts_dir), "shard-*-of-*.json")):
+        note = read_json_or_none(path)
+        if isinstance(note, dict) and isinstance(note.get("num_shards"), int):
+            counts.add(note["num_shards"])
+    return counts
+
+
+def read_output_manifest(path: str) -> dict | None:
+    """The settings a finished output was made with (None: not one of ours, or unreadable)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            text = h5.attrs.get("manifest")
+    except (OSError, ValueError):
+        return None
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def remove_stale_temporaries(out_path: str, chunks: Iterable[int], output_too: bool) -> None:
+    """Temporary files of a killed run (atomic writes in progress): those of `chunks`, and the
+    output's and the parts folder's own when `output_too` (only the merging run may touch them)."""
+    folder = os.path.dirname(os.path.abspath(out_path))
+    parts_dir = parts_folder(out_path)
+    stale = [path for k in chunks
+             for path in glob.glob(os.path.join(glob.escape(parts_dir), glob.escape(f".{chunk_name(k)}.") + "*.tmp"))]
+    if output_too:
+        stale += glob.glob(os.path.join(folder, glob.escape(f".{os.path.basename(out_path)}.") + "*.tmp"))
+        stale += [path for path in glob.glob(os.path.join(glob.escape(parts_dir), ".*.tmp"))
+                  if not os.path.basename(path).startswith(".chunk-")]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)

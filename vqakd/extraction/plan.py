@@ -1,0 +1,145 @@
+"""Which chunks a run makes, and how the runs of one extraction find each other's work.
+
+Chunks are keyed by their place in the video list, not by who made them, so the work splits
+without changing a number:
+
+* `torchrun --nproc_per_node=K` (any number of nodes): rank 0 checks the output and the parts
+  folder (`make_plan`) and every rank receives the list of unfinished chunks; rank r takes
+  every K-th of them. All ranks write into the same parts folder, which therefore must be on
+  a filesystem every node sees (`require_shared_parts_folder`). A killed launch resumes with
+  any number of ranks.
+* `Shard(count=S, index=i)` (`--num-shards/--shard-index`): separate runs, e.g. on machines
+  without a shared disk, each make the chunks k with k % S == i and leave a note
+  (`finish_shard`); `merge_parts` then checks the collected parts folders and writes the
+  output. A shard may itself run under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import h5py
+
+from vqakd.annotations import Video
+from vqakd.errors import UserError
+from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, failure_record, failures_report, open_parts,
+                                    parts_folder, read_chunk_outcome, read_json_or_none, read_output_manifest,
+                                    remove_stale_temporaries, shard_note_name)
+from vqakd.extraction.settings import ExtractionResult, Shard, difference, identity
+from vqakd.io import write_json
+
+# Network filesystems may show a file another machine just wrote only after their attribute
+# caches expire (NFS: up to a minute); ranks look this long before calling a file missing.
+SHARED_FS_WAIT_S = 90.0
+
+
+class Plan(NamedTuple):
+    """What rank 0 found before the work starts (shared with every rank)."""
+    complete: bool          # the output exists with these settings: nothing to do
+    todo: list[int]         # this shard's unfinished chunks, in order
+    shard_videos: int       # videos in this shard's chunks
+    done_videos: int        # of which already in finished chunks
+    token: str | None       # this launch's mark in the parts folder (several ranks)
+
+
+def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, manifest: dict,
+              overwrite: bool, shard: Shard, world: int) -> Plan:
+    """Rank 0: check the output and the parts folder; list this shard's unfinished chunks."""
+    parts_dir = parts_folder(out_path)
+    mine = [k for k in range(len(chunks)) if shard.owns(k)]
+    # Another shard may be writing into a shared parts folder: only this shard's temporaries
+    # (and the output's, when this run merges) can be left over from a killed run.
+    remove_stale_temporaries(out_path, mine, output_too=shard.count == 1)
+    if os.path.exists(out_path):
+        existing = read_output_manifest(out_path)
+        if existing is not None and identity(existing) == identity(manifest) and not overwrite:
+            # The output is renamed into place only once complete; parts left beside it
+            # belong to a run killed while removing them.
+            shutil.rmtree(parts_dir, ignore_errors=True)
+            return Plan(True, [], 0, 0, None)
+        if not overwrite:
+            raise UserError(f"{out_path} already exists and was made "
+                            f"{difference(existing, manifest)}; pass --overwrite to replace it "
+                            "or choose another --out")
+    done = open_parts(parts_dir, manifest, overwrite, videos)
+    token = None
+    if world > 1:
+        token = secrets.token_hex(8)
+        write_json(os.path.join(parts_dir, PARTS_LAUNCH), {"token": token, "world_size": world})
+    return Plan(False, [k for k in mine if k not in done], sum(len(chunks[k]) for k in mine),
+                sum(len(chunks[k]) for k in mine if k in done), token)
+
+
+def launch_problem(parts_dir: str, token: str | None) -> str | None:
+    """This rank's view of the parts folder rank 0 just marked: it must be the same folder."""
+    saved = read_json_or_none(os.path.join(parts_dir, PARTS_LAUNCH))
+    if isinstance(saved, dict) and saved.get("token") == token:
+        return None
+    return (f"cannot see the parts folder {os.path.abspath(parts_dir)} that rank 0 prepared; under torchrun "
+            "on several machines --out must be on a filesystem every node shares (otherwise run "
+            "each machine with --num-shards/--shard-index and merge with preprocess/merge_features.py)")
+
+
+def require_shared_parts_folder(parts_dir: str, token: str | None) -> None:
+    """Every rank: wait (briefly) to see rank 0's mark in the parts folder, else fail."""
+    _wait_until_visible([os.path.join(parts_dir, PARTS_LAUNCH)], lambda: launch_problem(parts_dir, token) is None)
+    problem = launch_problem(parts_dir, token)
+    if problem:
+        raise UserError(problem)
+
+
+def wait_for_chunks(parts_dir: str, chunks: Sequence[int]) -> None:
+    """Rank 0, after the final barrier: the other ranks' chunks may show up late on a network
+    filesystem (the merge then names any still missing)."""
+    _wait_until_visible([os.path.join(parts_dir, chunk_name(k)) for k in chunks])
+
+
+def _wait_until_visible(paths: Sequence[str], ready: Callable[[], bool] | None = None,
+                        timeout: float = SHARED_FS_WAIT_S) -> None:
+    """Wait (briefly) until `paths` exist and `ready()` holds; the caller then reports what is not."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while time.monotonic() < deadline:
+        if all(os.path.exists(path) for path in paths) and (ready is None or ready()):
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+def finish_shard(chunks: list[list[int]], parts_dir: str, shard: Shard) -> ExtractionResult:
+    """Rank 0 of a shard: count what the shard made and leave a note for merge_parts."""
+    mine = [k for k in range(len(chunks)) if shard.owns(k)]
+    written, failures = 0, []
+    for k in mine:
+        count, chunk_failures = read_chunk_outcome(os.path.join(parts_dir, chunk_name(k)))
+        written += count
+        failures.extend(chunk_failures)
+    write_json(os.path.join(parts_dir, shard_note_name(shard.index, shard.count)),
+               {"num_shards": shard.count, "shard_index": shard.index, "chunks": mine,
+                "videos": sum(len(chunks[k]) for k in mine), "written": written,
+                "failed": len(failures)})
+    return ExtractionResult(parts_dir, "", sum(len(chunks[k]) for k in mine), written, failures,
+                            False, merged=False)
+
+
+def already_complete(videos: Sequence[Video], out_path: str) -> ExtractionResult:
+    """The result of a finished extraction, from its failure report (or, without one, its ids)."""
+    report_path = failures_report(out_path)
+    failures: list[dict] = []
+    written = None
+    try:
+        with open(report_path, encoding="utf-8") as handle:
+            report = json.load(handle)
+        failures, written = list(report["failures"]), int(report["written"])
+    except (OSError, ValueError, KeyError, TypeError):
+        with h5py.File(out_path, "r") as h5:
+            present = set(int(i) for i in h5["ids"][()])
+        written = len(present)
+        failures = [failure_record(v, "not in the existing output (no failure report found)")
+                    for v in videos if v.video_id not in present]
+    return ExtractionResult(out_path, report_path, len(videos), written, failures, True)

@@ -1,0 +1,149 @@
+"""What one extraction is: its settings, how its work is split, what it returns, and the
+identity (the settings that determine the numbers) stored with every part and output."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import NamedTuple, Sequence
+
+import torch
+
+import vqakd
+from vqakd.annotations import Video
+from vqakd.errors import UserError
+
+FEATURE_DIM = 2048
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEFAULT_NUM_CLIPS = 8
+DEFAULT_FRAMES_PER_CLIP = 16
+DEFAULT_CHUNK_VIDEOS = 16
+DEFAULT_RANDOM_SEED = 0
+MANIFEST_FORMAT = 1
+# Manifest entries that may differ between runs whose numbers are the same.
+NOT_IDENTITY = ("weights",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractionSettings:
+    """Everything that determines the extracted numbers."""
+    dataset: str
+    model: str
+    num_clips: int = DEFAULT_NUM_CLIPS
+    frames_per_clip: int = DEFAULT_FRAMES_PER_CLIP
+    image_height: int | None = None     # None: the model's default size
+    image_width: int | None = None
+    weights: str | None = None          # None: look in the default places (see weights.find_weights)
+    random_weights: bool = False
+    random_seed: int = DEFAULT_RANDOM_SEED
+    kinetics_mean: bool = False
+    precision: str = "fp32"
+    chunk_videos: int = DEFAULT_CHUNK_VIDEOS
+
+
+def check_settings(settings: ExtractionSettings, device: torch.device, batch_size: int,
+                   num_workers: int) -> None:
+    """The checks every model shares (each network adds its own, see networks.py)."""
+    s = settings
+    for name in ("num_clips", "frames_per_clip", "image_height", "image_width", "chunk_videos"):
+        if getattr(s, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
+    if s.precision not in PRECISIONS:
+        raise UserError(f"unknown precision {s.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if s.precision != "fp32" and device.type != "cuda":
+        raise UserError(f"--{s.precision} needs a CUDA device (device is {device}); "
+                        "on CPU features are computed in fp32")
+    if s.random_weights and s.weights:
+        raise UserError("--weights and --random-weights exclude each other")
+
+
+class ExtractionResult(NamedTuple):
+    output: str
+    report: str
+    videos: int
+    written: int
+    failures: list[dict]
+    already_complete: bool
+    merged: bool = True          # False: one shard's parts, to be merged with merge_parts
+    main: bool = True            # False on torchrun ranks other than 0 (rank 0 reports)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One of `count` separate runs that split the chunks of one extraction: it makes the chunks
+    k with k % count == index (a fixed rule, so every machine agrees without talking)."""
+    count: int = 1
+    index: int = 0
+
+    def __post_init__(self):
+        if self.count < 1:
+            raise UserError(f"--num-shards must be at least 1, got {self.count}")
+        if not 0 <= self.index < self.count:
+            raise UserError(f"--shard-index must be in 0..{self.count - 1} for --num-shards {self.count}, "
+                            f"got {self.index}")
+
+    def owns(self, chunk: int) -> bool:
+        return chunk % self.count == self.index
+
+
+def videos_digest(videos: Sequence[Video]) -> str:
+    digest = hashlib.sha256()
+    for video in videos:
+        digest.update(f"{video.video_id}\t{video.name}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def build_manifest(settings: ExtractionSettings, model_name: str, feature_dataset: str, normalisation: str,
+                   weights_path: str, weights_sha256: str, videos: Sequence[Video]) -> dict:
+    """The manifest of a run: the settings that determine the numbers (and the weights file),
+    stored with the parts and in the output's attributes. `settings` has its image size filled in."""
+    s = settings
+    return {
+        "format": MANIFEST_FORMAT,
+        "toolkit_version": vqakd.__version__,
+        "dataset": s.dataset,
+        "model": model_name,
+        "feature_dataset": feature_dataset,
+        "num_clips": s.num_clips,
+        "frames_per_clip": s.frames_per_clip,
+        "image_height": s.image_height,
+        "image_width": s.image_width,
+        "kinetics_mean": bool(s.kinetics_mean),
+        "normalisation": normalisation,
+        "precision": s.precision,
+        "weights": weights_path,
+        "weights_sha256": weights_sha256,
+        "random_weights": bool(s.random_weights),
+        "chunk_videos": s.chunk_videos,
+        "videos": len(videos),
+        "videos_sha256": videos_digest(videos),
+    }
+
+
+def identity(manifest: dict | None) -> dict | None:
+    """The manifest without the entries that do not change the numbers."""
+    if manifest is None:
+        return None
+    return {key: value for key, value in manifest.items() if key not in NOT_IDENTITY}
+
+
+def identity_digest(manifest: dict) -> str:
+    """Hash of the settings that determine the numbers, stored in every chunk."""
+    return hashlib.sha256(json.dumps(identity(manifest), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def difference(saved: dict | None, manifest: dict) -> str:
+    """How `saved` was made differently from `manifest`, for messages ("made <difference>")."""
+    if saved is None:
+        return "by something else (no readable extraction settings in it)"
+    for key, value in manifest.items():
+        if key in NOT_IDENTITY:
+            continue
+        if saved.get(key) != value:
+            return f"with other settings ({key}: {saved.get(key)!r} there, {value!r} now)"
+    return "with other settings"

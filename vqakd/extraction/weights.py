@@ -1,0 +1,91 @@
+"""Weights files of the two networks: where they are found, what identifies them, and how
+they are read (tensors only) and loaded strictly. Nothing is ever downloaded."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from vqakd.checkpoint import load_state_strict
+from vqakd.errors import UserError
+from vqakd.io import file_sha256
+
+TOOLKIT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class WeightsIdentity(NamedTuple):
+    """The weights of one run: the file's absolute path and SHA-256, or "random" and the seed."""
+    path: str
+    sha256: str
+
+
+def torchvision_weights_cache() -> str:
+    """Where torchvision keeps downloaded weights ($TORCH_HOME/hub/checkpoints, TORCH_HOME
+    defaulting to $XDG_CACHE_HOME/torch or ~/.cache/torch). Only looked into, never filled:
+    the path is worked out here rather than through torch.hub, whose job is downloading."""
+    cache_home = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    torch_home = os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(cache_home, "torch")))
+    return os.path.join(torch_home, "hub", "checkpoints")
+
+
+def find_weights(given: str | None, file_names: tuple[str, ...], what: str, how_to_get: str) -> str:
+    """The weights file: `given` (--weights), else data/weights/<name>, else torchvision's cache,
+    trying each of the published `file_names`."""
+    if given:
+        if not os.path.isfile(given):
+            raise UserError(f"{what} file not found: {given}; {how_to_get}")
+        return given
+    folders = [os.path.join(TOOLKIT_ROOT, "data", "weights"), torchvision_weights_cache()]
+    for folder in folders:
+        for name in file_names:
+            candidate = os.path.join(folder, name)
+            if os.path.isfile(candidate):
+                return candidate
+    looked = ", ".join(os.path.join(folder, file_names[0]) for folder in folders)
+    raise UserError(f"no {what} file given (--weights) or found (looked for {looked}); {how_to_get}")
+
+
+def random_identity(seed: int) -> WeightsIdentity:
+    return WeightsIdentity("random", f"random (seed {seed})")
+
+
+def file_identity(path: str) -> WeightsIdentity:
+    path = os.path.abspath(path)
+    return WeightsIdentity(path, file_sha256(path))
+
+
+def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: a bare state dict or a checkpoint dict holding `state_dict`,
+    with any DataParallel `module.` prefix removed. Only tensors are unpickled (weights_only)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: cannot read {what} (truncated or not a PyTorch weights file: "
+                        f"{first_line})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise UserError(f"{path}: {what} holds no state dict (found {type(obj).__name__})")
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise UserError(f"{path}: {what}: entry {key!r} is not a named tensor")
+        state[key[len("module."):] if key.startswith("module.") else key] = value
+    return state
+
+
+def load_weights(network: nn.Module, path: str, what: str) -> None:
+    """Load the weights file `path` into `network`, strictly (an error names the first bad key).
+
+    Files saved before PyTorch 0.4.1 (like the 2017 Kinetics weights) lack BatchNorm's
+    `num_batches_tracked` counters; those count training steps and never enter a forward pass
+    in eval mode, so the network's own are kept where the file has none.
+    """
+    state = read_state_dict(path, what)
+    counters = {key: value for key, value in network.state_dict().items()
+                if key.endswith("num_batches_tracked") and key not in state}
+    load_state_strict(network, {**state, **counters}, path)
