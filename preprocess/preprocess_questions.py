@@ -6,6 +6,9 @@
 The train split builds `{name}_vocab.json` (and stores the GloVe matrix); val and test are encoded
 with that vocabulary, so they need the train split done first (`--mode all` runs train, val, test).
 `--glove` also accepts the GloVe `.txt` file itself, read for the question words only.
+The files hold the original code's keys with its values and types (`question_id` is the position
+in the split, `video_names` repeats `video_ids`); record ids, clip names and question texts
+follow under `record_id`, `clip_names` and `question_text` (docs/method.md#question-files).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ import pytest
 import txt2pickle
 import vqakd.io
 from vqakd.errors import UserError, run_cli
-from vqakd.glove import load_glove_pickle, read_glove_text, read_glove_text_with_stats, read_word_list
+from vqakd.glove import (load_glove, load_glove_pickle, load_glove_pickle_with_stats, read_glove_text,
+                         read_glove_text_with_stats, read_word_list)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 5
@@ -234,3 +235,28 @@ def test_txt2pickle_killed_mid_write_leaves_no_file(tmp_path):
     assert killed_while_writing, "the pickle was written before the test could kill the process"
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
+
+
+def test_pandas_made_pickle_with_a_nan_key_loads_without_it(tmp_path, capsys):
+    # The pandas-based txt2pickle.py of the original code reads `null`, `nan`, `NA`, ... as missing
+    # values; they all become one float NaN key (the last vector read wins).
+    made = {"the": np.full(3, 1.0), float("nan"): np.full(3, 9.0), "man": np.full(3, 2.0),
+            "null-ish": np.full(3, 3.0)}
+    path = tmp_path / "pandas_glove.pkl"
+    path.write_bytes(pickle.dumps(made))
+    words, skipped = load_glove_pickle_with_stats(path)
+    assert skipped == 1 and list(words) == ["the", "man", "null-ish"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pandas_glove.pkl: skipped 1 key(s) that are not words (nan)" in err
+    assert sorted(load_glove(str(path))) == ["man", "null-ish", "the"]      # the plain loaders drop it too
+    # A NaN key's vector is not checked (nothing can use it) ...
+    path.write_bytes(pickle.dumps({float("nan"): np.ones(5), 7: "junk", "man": np.ones(3)}))
+    assert load_glove_pickle_with_stats(path)[0].keys() == {"man"}
+    assert "skipped 2 key(s) that are not words (nan, 7)" in capsys.readouterr().err
+    # ... but a pickle without a single word key is not a GloVe pickle.
+    path.write_bytes(pickle.dumps({b"man": np.ones(3), b"who": np.ones(3)}))
+    with pytest.raises(UserError, match=r"pandas_glove.pkl: no key is a word: 2 key\(s\) such as b'man' \(bytes\)"):
+        load_glove_pickle(path)
+    # A clean pickle: nothing skipped, nothing printed.
+    path.write_bytes(pickle.dumps({"man": np.ones(3)}))
+    assert load_glove_pickle_with_stats(path)[1] == 0 and capsys.readouterr().err == ""

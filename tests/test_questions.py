@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import vqakd.io
 from preprocess.preprocess_questions import main as preprocess_main
 from vqakd.errors import UserError, run_cli
-from vqakd.questions import load_question_file, pad_questions, record_tokens, tokenize_question
+from vqakd.questions import display_ids, load_question_file, pad_questions, record_tokens, tokenize_question
 from vqakd.vocab import Vocabulary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,10 +98,8 @@ def test_vocab_order_and_answer_ties():
     assert list(vocab.question_token_to_idx.values()) == list(range(len(QUESTION_VOCAB)))
     # cook and man both occur twice (cook seen first), then onion/guitar/woman once: onion was first.
     assert vocab.answer_token_to_idx == {"<UNK0>": 0, "<UNK1>": 1, "cook": 2, "man": 3, "onion": 4}
-    combined = vocab.question_answer_token_to_idx
-    assert list(combined)[:len(QUESTION_VOCAB)] == QUESTION_VOCAB
-    assert list(combined)[len(QUESTION_VOCAB):] == ["cook", "onion"]          # man is a question word already
-    assert list(combined.values()) == list(range(len(combined)))
+    # The original's MSVD-QA/MSRVTT-QA preprocessing leaves the combined table at the two specials.
+    assert vocab.question_answer_token_to_idx == {"<NULL>": 0, "<UNK>": 1}
 
 
 def test_encoding_rules():
@@ -145,8 +143,8 @@ def test_msvd_end_to_end(msvd, capsys):
 
     with open(out / "msvd-qa_train_questions.pt", "rb") as handle:
         raw = pickle.load(handle)
-    assert set(raw) == {"questions", "questions_len", "question_id", "video_ids", "video_names", "answers",
-                        "glove", "question_text", "vocab_sha256"}
+    assert list(raw) == ["questions", "questions_len", "question_id", "video_ids", "video_names", "answers",
+                         "glove", "record_id", "clip_names", "question_text", "vocab_sha256"]
     assert raw["questions"].dtype == np.int32 and raw["questions_len"].dtype == np.int32
     assert raw["questions"].shape == (7, 6)                                  # padded to the longest (6 tokens)
     for row, tokens in zip(raw["questions"], TRAIN_TOKENS):
@@ -156,8 +154,10 @@ def test_msvd_end_to_end(msvd, capsys):
     assert raw["answers"] == [2, 3, 4, 3, 2, 0, 0]
     assert raw["question_id"] == [0, 1, 2, 3, 4, 5, 6]
     assert raw["video_ids"].tolist() == [3, 1, 3, 1, 7, 7, 3]
-    assert raw["video_names"] == ["clipB_2_9", "clipA_1_5", "clipB_2_9", "clipA_1_5", "clipC_0_4", "clipC_0_4",
-                                  "clipB_2_9"]
+    np.testing.assert_array_equal(raw["video_names"], raw["video_ids"])
+    assert raw["record_id"] == [0, 1, 2, 3, 4, 5, 6]
+    assert raw["clip_names"] == ["clipB_2_9", "clipA_1_5", "clipB_2_9", "clipA_1_5", "clipC_0_4", "clipC_0_4",
+                                 "clipB_2_9"]
     assert raw["question_text"] == [r["question"] for r in MSVD_TRAIN]
     glove_rows = raw["glove"]
     assert glove_rows.dtype == np.float32 and glove_rows.shape == (len(QUESTION_VOCAB), DIM)
@@ -170,9 +170,10 @@ def test_msvd_end_to_end(msvd, capsys):
     assert val["questions"].tolist() == [[2, 3, 4, 16, 1], [7, 1, 0, 0, 0]]
     assert val["questions_len"].tolist() == [5, 2]
     assert val["answers"].tolist() == [1, 3]                                 # unknown val answer -> 1
-    assert val["glove"] is None and val["video_names"] == ["clipA_1_5", "clipC_0_4"]
+    assert val["glove"] is None and val["clip_names"] == ["clipA_1_5", "clipC_0_4"]
+    assert val["question_id"] == [0, 1] and val["record_id"] == [7, 8]       # running index; the records' ids
     test = load_question_file(out / "msvd-qa_test_questions.pt")
-    assert test["answers"].tolist() == [1] and test["question_id"] == [9]
+    assert test["answers"].tolist() == [1] and test["question_id"] == [0] and test["record_id"] == [9]
 
     train = load_question_file(out / "msvd-qa_train_questions.pt", len(q_index))
     assert train["glove"].shape == (len(QUESTION_VOCAB), DIM)
@@ -202,10 +203,10 @@ def test_msrvtt_script_as_a_user_runs_it(tmp_path):
     assert "msrvtt-qa train: 2 questions" in proc.stdout and "GloVe coverage 28.57%" in proc.stdout
     out = tmp_path / "data" / "msrvtt-qa"                    # the default --out-dir, relative to the cwd
     train = load_question_file(out / "msrvtt-qa_train_questions.pt")
-    assert train["video_names"] == ["video5", "video9"] and train["video_ids"].tolist() == [5, 9]
+    assert train["clip_names"] == ["video5", "video9"] and train["video_ids"].tolist() == [5, 9]
     assert train["glove"][2].tolist() == [1, 1, 1, 1] and train["glove"][5].tolist() == [2, 2, 2, 2]
     test = load_question_file(out / "msrvtt-qa_test_questions.pt")
-    assert test["video_names"] == ["video7012"] and test["answers"].tolist() == [1]
+    assert test["clip_names"] == ["video7012"] and test["answers"].tolist() == [1]
 
 
 def test_hcrn_style_paths(msvd):
@@ -306,7 +307,18 @@ def test_reader_accepts_hcrn_written_files(tmp_path):
     path.write_bytes(pickle.dumps(obj))
     data = load_question_file(path, question_vocab_size=7, answer_vocab_size=3)
     assert data["video_names"] == ["3", "1"] and data["question_text"] is None
+    assert data["record_id"] is None and data["clip_names"] is None
     assert data["answers"].tolist() == [2, 0] and data["questions"].dtype == np.int64
+    assert display_ids(data) == [0, 1]                                       # no record ids: the running index
+
+
+def test_reader_returns_our_extra_keys_and_shows_record_ids(tmp_path):
+    obj = dict(good_question_file(), record_id=[17, 4], clip_names=["clipX", "clipY"], question_text=["a?", "b?"])
+    path = tmp_path / "ours.pt"
+    path.write_bytes(pickle.dumps(obj))
+    data = load_question_file(path)
+    assert data["question_id"] == [0, 1] and data["record_id"] == [17, 4] and display_ids(data) == [17, 4]
+    assert data["clip_names"] == ["clipX", "clipY"] and data["question_text"] == ["a?", "b?"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -316,6 +328,8 @@ def test_reader_accepts_hcrn_written_files(tmp_path):
     ({"questions_len": np.array([0, 3])}, "question 0: length 0 is outside 1..3"),
     ({"answers": [2]}, "answers has 1 entries but questions has 2 rows"),
     ({"video_names": ["a"]}, "video_names has 1 entries but questions has 2 rows"),
+    ({"record_id": [5]}, "record_id has 1 entries but questions has 2 rows"),
+    ({"clip_names": "ab"}, "clip_names must be a list"),
     ({"video_ids": np.array(["x", "y"])}, "video_ids must be a 1-D integer array"),
     ({"answers": [2, 5]}, "question 1: answer label 5 is outside the answer vocabulary (0..2)"),
     ({"questions": np.array([[2, 9, 0], [4, 5, 6]])}, "question 0: token index outside the question vocabulary"),

@@ -7,12 +7,16 @@ ASCII spaces separate fields; other Unicode whitespace (a no-break space, say) b
 
 A pickle made from it (`txt2pickle.py`, or the pandas script of the HCRN codebase) is a dict
 `{word: 1-D float array}`; it is read with the restricted unpickler and its sizes are checked.
+The pandas script reads tokens such as `null`, `nan` or `NA` as missing values, so its pickles
+hold one float NaN key (all of them collapsed into one) that no question word can match: keys
+that are not strings are dropped, with a warning that counts them.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Collection, Iterable
@@ -232,8 +236,16 @@ def read_glove_text(path: str | os.PathLike, dim: int | None = None, keep: Colle
     return read_glove_text_with_stats(path, dim=dim, keep=keep, progress=progress)[0]
 
 
+def non_word_keys(glove: dict) -> list:
+    """The keys of a GloVe dict that are not strings (pandas' NaN for `null`/`nan`, say)."""
+    return [key for key in glove if not isinstance(key, str)]
+
+
 def check_glove_dict(glove: object, source: str, dim: int | None = None) -> int:
-    """Check a `{word: 1-D float array}` dict; return its vector size. Errors name `source`."""
+    """Check a `{word: 1-D float array}` dict; return its vector size. Errors name `source`.
+
+    Keys that are not strings are not checked (no question word can match them; see
+    `non_word_keys`), but a dict with no string key at all is refused."""
     if not isinstance(glove, dict):
         raise UserError(f"{source}: expected a dict of word -> vector, found {type(glove).__name__}")
     if not glove:
@@ -241,7 +253,7 @@ def check_glove_dict(glove: object, source: str, dim: int | None = None) -> int:
     size_source = "the requested size"
     for word, vector in glove.items():
         if not isinstance(word, str):
-            raise UserError(f"{source}: key {word!r} is a {type(word).__name__}, expected a word (str)")
+            continue
         if not isinstance(vector, np.ndarray) or vector.ndim != 1 or vector.dtype.kind not in "fiu":
             what = (f"array of shape {vector.shape} and dtype {vector.dtype}" if isinstance(vector, np.ndarray)
                     else type(vector).__name__)
@@ -252,28 +264,52 @@ def check_glove_dict(glove: object, source: str, dim: int | None = None) -> int:
         elif vector.shape[0] != dim:
             raise UserError(f"{source}: word {_shown(word)} has a vector of size {vector.shape[0]}, "
                             f"expected {dim} ({size_source})")
-    assert dim is not None
+    if dim is None:
+        key = next(iter(glove))
+        raise UserError(f"{source}: no key is a word: {len(glove)} key(s) such as {key!r} "
+                        f"({type(key).__name__}), expected str")
     return dim
 
 
-def load_glove_pickle(path: str | os.PathLike, dim: int | None = None) -> dict[str, np.ndarray]:
-    """Load `{word: vector}` from a GloVe pickle with the restricted unpickler and check it."""
+def load_glove_pickle_with_stats(path: str | os.PathLike,
+                                 dim: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """`{word: vector}` from a GloVe pickle (restricted unpickler, checked), and how many keys
+    that are not words were dropped (a warning on stderr says so when there are any)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"GloVe pickle not found: {path} (make it with `python txt2pickle.py --glove "
                         "glove.840B.300d.txt --out <pkl>`)")
     glove = safe_load(path)
     check_glove_dict(glove, path, dim)
-    return glove
+    dropped = non_word_keys(glove)
+    if dropped:
+        for key in dropped:
+            del glove[key]
+        shown = ", ".join(repr(key) for key in dropped[:3]) + (", ..." if len(dropped) > 3 else "")
+        print(f"warning: {path}: skipped {len(dropped)} key(s) that are not words ({shown}); pandas-based "
+              "converters read tokens such as 'null' and 'nan' as missing values, so those words get a "
+              "zero vector, as in the original preprocessing", file=sys.stderr, flush=True)
+    return glove, len(dropped)
+
+
+def load_glove_pickle(path: str | os.PathLike, dim: int | None = None) -> dict[str, np.ndarray]:
+    """Load `{word: vector}` from a GloVe pickle with the restricted unpickler and check it."""
+    return load_glove_pickle_with_stats(path, dim)[0]
+
+
+def load_glove_with_stats(path: str | os.PathLike, keep: Collection[str] | None = None,
+                          progress: bool = True) -> tuple[dict[str, np.ndarray], int]:
+    """`load_glove`, and the number of non-word keys dropped from a pickle (0 for a text file)."""
+    path = os.fspath(path)
+    if path.endswith(".txt"):
+        return read_glove_text(path, keep=keep, progress=progress), 0
+    return load_glove_pickle_with_stats(path)
 
 
 def load_glove(path: str | os.PathLike, keep: Collection[str] | None = None,
                progress: bool = True) -> dict[str, np.ndarray]:
     """A GloVe pickle, or (for a `.txt` path) the text file parsed for the `keep` words only."""
-    path = os.fspath(path)
-    if path.endswith(".txt"):
-        return read_glove_text(path, keep=keep, progress=progress)
-    return load_glove_pickle(path)
+    return load_glove_with_stats(path, keep, progress)[0]
 
 
 def read_word_list(path: str | os.PathLike) -> list[str]:

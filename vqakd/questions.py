@@ -7,6 +7,11 @@ The rules (docs/method.md#question-preprocessing), as the HCRN / DualVGR preproc
 - questions are padded with `<NULL>`=0 to the longest question of the split;
 - the train file carries the GloVe matrix (|Q| x D float32, zero rows for words GloVe lacks).
 
+The file holds the original's seven keys with the original's values and types (`question_id` is
+the running index within the split; `video_ids` and `video_names` are the same integer arrays),
+then keys of ours: `record_id` (each record's `id`), `clip_names` (the video's clip name),
+`question_text` and `vocab_sha256` (docs/method.md#question-files).
+
 `load_question_file` is the checked reader the training data loader uses.
 """
 
@@ -20,16 +25,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from vqakd.annotations import SPLITS, check_dataset, load_msvd_mapping, load_qa, qa_path
+from vqakd.annotations import SPLITS, check_dataset, load_msvd_mapping, load_qa, parse_video_id, qa_path
 from vqakd.errors import UserError
-from vqakd.glove import load_glove
-from vqakd.io import atomic_open, file_sha256, json_bytes, write_json, write_pickle
+from vqakd.glove import load_glove_with_stats
+from vqakd.io import atomic_open, file_sha256, write_json, write_pickle
 from vqakd.safe_pickle import safe_load
 from vqakd.vocab import DEFAULT_ANSWER_TOP, NULL_INDEX, NULL_TOKEN, UNK_INDEX, UNK_TOKEN, Vocabulary
 
 # The sha256 of the vocabulary file a question file was encoded with (absent in HCRN/DualVGR files).
 VOCAB_SHA256_KEY = "vocab_sha256"
+# The original's keys, in its order; ours follow them (EXTRA_KEYS, then VOCAB_SHA256_KEY).
 QUESTION_FILE_KEYS = ("questions", "questions_len", "question_id", "video_ids", "video_names", "answers", "glove")
+EXTRA_KEYS = ("record_id", "clip_names", "question_text")
 
 
 # ---------------------------------------------------------------- file names (docs/method.md#file-formats)
@@ -78,7 +85,10 @@ def pad_questions(encoded: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndar
 
 def glove_matrix(question_token_to_idx: Mapping[str, int],
                  glove: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
-    """(|Q|, D) float32 rows in vocab order, zero for words GloVe lacks; and the number found."""
+    """(|Q|, D) float32 rows in vocab order, zero for words GloVe lacks; and the number of
+    vocabulary words (besides <NULL>/<UNK>) found.
+
+    Every token is looked up, the specials included, as the original did."""
     dim = next(iter(glove.values())).shape[0]
     matrix = np.zeros((len(question_token_to_idx), dim), dtype=np.float32)
     found = 0
@@ -86,7 +96,7 @@ def glove_matrix(question_token_to_idx: Mapping[str, int],
         vector = glove.get(token)
         if vector is not None:
             matrix[index] = vector
-            found += 1
+            found += token not in (NULL_TOKEN, UNK_TOKEN)
     return matrix, found
 
 
@@ -107,7 +117,8 @@ def read_split(annotation_dir: str, split: str, dataset: str, progress: bool = T
     return SplitRecords(source, records, tokens)
 
 
-def video_names_for(dataset: str, annotation_dir: str, split_records: SplitRecords) -> list[str]:
+def clip_names_for(dataset: str, annotation_dir: str, split_records: SplitRecords) -> list[str]:
+    """Each record's clip name: MSVD-QA's from youtube_mapping.txt, MSRVTT-QA's `video{id}`."""
     if dataset != "msvd-qa":
         return [f"video{int(record['video_id'])}" for record in split_records.records]
     mapping = load_msvd_mapping(annotation_dir)
@@ -123,19 +134,25 @@ def video_names_for(dataset: str, annotation_dir: str, split_records: SplitRecor
 
 
 def encode_split(split_records: SplitRecords, vocab: Vocabulary, split: str,
-                 video_names: Sequence[str]) -> dict[str, Any]:
-    """The question-file object (docs/method.md#question-files) without `glove`, plus `question_text`."""
+                 clip_names: Sequence[str]) -> dict[str, Any]:
+    """The question-file object (docs/method.md#question-files) with `glove` still None."""
     records = split_records.records
     encoded = [vocab.encode_question(tokens) for tokens in split_records.tokens]
     questions, lengths = pad_questions(encoded)
+    # Plain ints (annotations may write "12" or 12.0; load_qa checked they are whole numbers).
+    video_ids = [parse_video_id(record["video_id"]) for record in records]
     return {
         "questions": questions,
         "questions_len": lengths,
-        "question_id": [record.get("id", index) for index, record in enumerate(records)],
-        "video_ids": np.array([int(record["video_id"]) for record in records], dtype=np.int64),
-        "video_names": list(video_names),
+        "question_id": list(range(len(records))),
+        # Two arrays made from the same list, with numpy's default integer type, as the original's
+        # np.asarray / np.array calls make them.
+        "video_ids": np.asarray(video_ids),
+        "video_names": np.array(video_ids),
         "answers": [vocab.answer_label(record["answer"], split) for record in records],
         "glove": None,
+        "record_id": [record.get("id", index) for index, record in enumerate(records)],
+        "clip_names": list(clip_names),
         "question_text": [record["question"] for record in records],
     }
 
@@ -157,10 +174,10 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
         vocab = Vocabulary.load(vocab_file)   # before the slow work, so a missing vocab fails fast
         vocab_sha256 = file_sha256(vocab_file)
     split_records = read_split(annotation_dir, split, dataset, progress)
-    names = video_names_for(dataset, annotation_dir, split_records)
+    names = clip_names_for(dataset, annotation_dir, split_records)
     if split == "train":
         vocab = Vocabulary.build(split_records.tokens, [r["answer"] for r in split_records.records], answer_top)
-        vocab_bytes = json_bytes(vocab.to_json())
+        vocab_bytes = vocab.json_bytes()
         vocab_sha256 = hashlib.sha256(vocab_bytes).hexdigest()
     obj = encode_split(split_records, vocab, split, names)
     # Binds this file to the exact vocabulary it was encoded with (see check_vocab_binding).
@@ -184,15 +201,16 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
     }
     if split == "train" and glove_source is not None:
         words = [token for token in vocab.question_token_to_idx if token not in (NULL_TOKEN, UNK_TOKEN)]
-        glove = load_glove(glove_source, keep=set(words), progress=progress)
+        glove, skipped_keys = load_glove_with_stats(glove_source, keep=set(vocab.question_token_to_idx),
+                                                    progress=progress)
         if not glove:
             raise UserError(f"{glove_source}: none of the {len(words)} question words is in this GloVe file")
         obj["glove"], found = glove_matrix(vocab.question_token_to_idx, glove)
         del glove
         summary.update(glove_file=glove_source, glove_dim=int(obj["glove"].shape[1]),
-                       glove_coverage=(found / len(words)) if words else 0.0)
+                       glove_coverage=(found / len(words)) if words else 0.0, glove_skipped_keys=skipped_keys)
     elif split == "train":
-        summary.update(glove_file=None, glove_dim=None, glove_coverage=None)
+        summary.update(glove_file=None, glove_dim=None, glove_coverage=None, glove_skipped_keys=None)
 
     write_pickle(questions_out, obj)
     if split == "train":
@@ -213,6 +231,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     if summary.get("glove_coverage") is not None:
         parts.append(f"GloVe coverage {100 * summary['glove_coverage']:.2f}% of the vocab "
                      f"(dim {summary['glove_dim']})")
+        if summary.get("glove_skipped_keys"):
+            parts.append(f"{summary['glove_skipped_keys']} non-word GloVe key(s) skipped")
     elif summary["split"] == "train":
         parts.append("no GloVe matrix")
     return ", ".join(parts) + f" -> {summary['questions_file']}"
@@ -237,8 +257,11 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
     """Read and check a `{name}_{split}_questions.pt` (ours, or one written by HCRN/DualVGR).
 
     Returns a dict with `questions` (Q, L) int64, `questions_len` (Q,) int64, `question_id`
-    list, `video_ids` (Q,) int64, `video_names` list of str, `answers` (Q,) int64, `glove`
-    (|Q|, D) float32 or None, and `question_text` (list of str, or None for files without it).
+    list (as stored: the running index in files of the original layout), `video_ids` (Q,) int64,
+    `video_names` list of str, `answers` (Q,) int64, `glove` (|Q|, D) float32 or None, and ours:
+    `record_id` (the annotation records' ids), `clip_names` (list of str) and `question_text`
+    (list of str), each None for files without it, and `vocab_sha256`.
+    `display_ids(data)` gives the id to show a question by.
     The vocabulary sizes, when given, bound the token and answer indices (and `glove`'s rows).
     """
     path = os.fspath(path)
@@ -256,7 +279,7 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
     video_ids = _int_array(data["video_ids"], path, "video_ids", 1)
     answers = _int_array(data["answers"], path, "answers", 1)
     sized = {"questions_len": lengths, "video_ids": video_ids, "answers": answers}
-    for key in ("question_id", "video_names", "question_text"):
+    for key in ("question_id", "video_names") + EXTRA_KEYS:
         if key in data and data[key] is not None:
             if not isinstance(data[key], (list, tuple, np.ndarray)) or np.ndim(data[key]) != 1:
                 raise UserError(f"{path}: {key} must be a list, found {type(data[key]).__name__}")
@@ -297,6 +320,8 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
         glove = glove.astype(np.float32, copy=False)
 
     text = data.get("question_text")
+    record_id = data.get("record_id")
+    clip_names = data.get("clip_names")
     return {
         "questions": questions,
         "questions_len": lengths,
@@ -305,9 +330,19 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
         "video_names": [str(name) for name in data["video_names"]],
         "answers": answers,
         "glove": glove,
+        "record_id": None if record_id is None else list(record_id),
+        "clip_names": None if clip_names is None else [str(name) for name in clip_names],
         "question_text": None if text is None else [str(q) for q in text],
         VOCAB_SHA256_KEY: data.get(VOCAB_SHA256_KEY),
     }
+
+
+def display_ids(data: Mapping[str, Any]) -> list:
+    """The id to show each question by (predictions files): the annotation record's `id` where the
+    file records it (`record_id`), else the stored `question_id` (a running index in the
+    original's layout; the record id in files this toolkit wrote before `record_id` existed)."""
+    record_id = data.get("record_id")
+    return list(record_id) if record_id is not None else list(data["question_id"])
 
 
 # ---------------------------------------------------------------- question file <-> vocabulary

@@ -9,11 +9,15 @@ The rules (docs/method.md#question-preprocessing), as the HCRN / DualVGR preproc
 - a train answer outside the vocab is labelled 0, a val/test one 1 (never predicted, so wrong).
 
 The JSON file holds `question_token_to_idx`, `answer_token_to_idx` and
-`question_answer_token_to_idx` (docs/method.md#vocabulary-file); files written by HCRN/DualVGR load too.
+`question_answer_token_to_idx`, the last being `{"<NULL>": 0, "<UNK>": 1}` as the original
+MSVD-QA / MSRVTT-QA preprocessing leaves it (docs/method.md#vocabulary-file). It is written with the
+same `json.dump(..., indent=4)` call as the original, so the files are byte-identical; files
+written by HCRN/DualVGR load too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +35,9 @@ EVAL_UNKNOWN_ANSWER = 1       # label of a val/test answer outside it (`<UNK1>`)
 ANSWER_SPECIALS = ("<UNK0>", "<UNK1>")
 DEFAULT_ANSWER_TOP = 4000
 VOCAB_KEYS = ("question_token_to_idx", "answer_token_to_idx", "question_answer_token_to_idx")
+# For MSVD-QA and MSRVTT-QA the original writes only the two question specials here (HCRN's
+# TGIF-QA preprocessing is what fills this table with the words and answers).
+QUESTION_ANSWER_TABLE = {NULL_TOKEN: NULL_INDEX, UNK_TOKEN: UNK_INDEX}
 
 
 def _tokens_by_index(table: dict[str, int]) -> list[str]:
@@ -84,6 +91,10 @@ class Vocabulary:
     def to_json(self) -> dict[str, dict[str, int]]:
         return {key: getattr(self, key) for key in VOCAB_KEYS}
 
+    def json_bytes(self) -> bytes:
+        """The file's exact bytes: what the original's `json.dump(vocab, f, indent=4)` writes."""
+        return json.dumps(self.to_json(), indent=4).encode("ascii")
+
     def info(self) -> dict[str, Any]:
         """What a checkpoint records about the vocabulary it was trained with."""
         return {"question_size": self.question_size, "answer_size": self.answer_size, "sha256": self.sha256,
@@ -104,12 +115,7 @@ class Vocabulary:
         for answer, _count in Counter(answers).most_common(answer_top):
             if answer not in answer_token_to_idx:
                 answer_token_to_idx[answer] = len(answer_token_to_idx)
-        # As in HCRN: the question vocab, then the answers it does not hold yet.
-        question_answer_token_to_idx = dict(question_token_to_idx)
-        for answer in answer_token_to_idx:
-            if answer not in ANSWER_SPECIALS and answer not in question_answer_token_to_idx:
-                question_answer_token_to_idx[answer] = len(question_answer_token_to_idx)
-        return cls(question_token_to_idx, answer_token_to_idx, question_answer_token_to_idx)
+        return cls(question_token_to_idx, answer_token_to_idx, dict(QUESTION_ANSWER_TABLE))
 
     @classmethod
     def load(cls, path: str) -> "Vocabulary":
