@@ -51,7 +51,8 @@ def main(argv=None) -> int:
               "failed); nothing to merge")
         return 1 if result.failures and not args.allow_failures else 0
     kept = "kept" if args.keep_parts else "removed"
-    print(f"{result.written} videos written, {len(result.failures)} failed (see {result.report}); "
+    damaged = f", {len(result.damaged)} written from damaged files" if result.damaged else ""
+    print(f"{result.written} videos written{damaged}, {len(result.failures)} failed (see {result.report}); "
           f"features in {result.output}; {len(parts)} parts folder(s) {kept}")
     if result.failures and not args.allow_failures:
         return 1

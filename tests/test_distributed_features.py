@@ -74,6 +74,8 @@ def assert_same_file(path, reference):
     report = json.loads(open(f"{path}.failures.json").read())
     expected_report = json.loads(open(f"{reference}.failures.json").read())
     assert report["failures"] == expected_report["failures"]
+    assert report["damaged_videos"] == expected_report["damaged_videos"]
+    assert report["damaged"] == expected_report["damaged"] == len(report["damaged_videos"])
     assert (report["videos"], report["written"]) == (expected_report["videos"], expected_report["written"])
 
 

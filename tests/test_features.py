@@ -212,13 +212,13 @@ def two_videos(tmp_path_factory):
 
 def test_resnet_features_equal_frame_by_frame_reference(resnet_weights, two_videos, tmp_path):
     import torchvision
-    settings = ExtractionSettings("msvd-qa", "resnet101", num_clips=2, frames_per_clip=3,
+    settings = ExtractionSettings("msvd-qa", "resnet101", num_clips=2, frames_per_clip=4,
                                   image_height=32, image_width=32, weights=str(resnet_weights))
     extractor = make_extractor(settings, "cpu", batch_size=4, num_workers=0, progress=False)
     result = extractor.run(two_videos, str(tmp_path / "app.h5"))
     assert result.written == 2 and result.failures == []
     data, attrs = read_h5(tmp_path / "app.h5")
-    assert data["resnet_features"].shape == (2, 2, 3, 2048) and data["resnet_features"].dtype == np.float32
+    assert data["resnet_features"].shape == (2, 2, 4, 2048) and data["resnet_features"].dtype == np.float32
     assert data["ids"].tolist() == [11, 12] and data["ids"].dtype == np.int64
     assert attrs["weights"] == str(resnet_weights) and attrs["random_weights"] == np.False_
     assert attrs["weights_sha256"] == file_sha256(str(resnet_weights))
@@ -228,12 +228,12 @@ def test_resnet_features_equal_frame_by_frame_reference(resnet_weights, two_vide
     reference.fc = torch.nn.Identity()
     reference.eval()
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.224]).view(1, 3, 1, 1)
     for row, video in enumerate(two_videos):
-        clips = read_clip_frames(video.path, 2, 3, (32, 32)).clips()       # (N, F, H, W, 3)
+        clips = read_clip_frames(video.path, 2, 4, (32, 32)).clips()       # (N, F, H, W, 3)
         images = torch.from_numpy(clips.reshape(-1, 32, 32, 3)).permute(0, 3, 1, 2).float() / 255
         with torch.no_grad():
-            expected = reference((images - mean) / std).reshape(2, 3, 2048).numpy()
+            expected = reference((images - mean) / std).reshape(2, 4, 2048).numpy()
         np.testing.assert_allclose(data["resnet_features"][row], expected, rtol=1e-4, atol=1e-4)
 
 
@@ -271,10 +271,10 @@ def test_cli_writes_layout_reports_failures_and_exit_status(resnet_run, msvd, ca
     features = data["resnet_features"]
     assert features.shape == (6, 2, 4, 2048) and features.dtype == np.float32
     assert np.isfinite(features).all()
-    # the 3-frame video: clips [0, 0, 1, 2] and [0, 1, 2, 2] (padding repeats the end frames)
+    # the 3-frame video, by the original clip rule: clips [0, 0, 1, 2] and [0, 0, 0, 1]
     short = features[MSVD_GOOD.index(3)]
-    assert np.array_equal(short[0, 0], short[0, 1]) and np.array_equal(short[0, 0], short[1, 0])
-    assert np.array_equal(short[0, 3], short[1, 2]) and np.array_equal(short[1, 2], short[1, 3])
+    assert np.array_equal(short[0, 0], short[0, 1]) and np.array_equal(short[0, 0], short[1, 2])
+    assert np.array_equal(short[0, 2], short[1, 3]) and not np.array_equal(short[0, 2], short[0, 3])
     assert not np.array_equal(short[0, 1], short[0, 2])
     expected_attrs = {"model": "resnet101", "dataset": "msvd-qa", "num_clips": 2, "frames_per_clip": 4,
                       "image_height": 32, "image_width": 32, "random_weights": True, "weights": "random",

@@ -20,7 +20,8 @@ from test_video import barcode_frame
 from test_video import make_video as make_barcode_video
 from vqakd.annotations import Video
 from vqakd.errors import UserError
-from vqakd.extractors import DecodeSpec, ExtractionSettings, VideoDecodeDataset, make_extractor
+from vqakd.extraction import ExtractionSettings, make_extractor
+from vqakd.extraction.decoding import DecodeSpec, VideoDecodeDataset
 from vqakd.video import read_clip_frames
 
 ORIGINAL_MEAN = (0.485, 0.456, 0.406)
@@ -221,7 +222,7 @@ def test_appearance_tensors_equal_the_original(videos, normalization, std):
                                   image_width=24, random_weights=True, normalization=normalization)
     extractor = make_extractor(settings, "cpu", progress=False)
     clips = original_inputs(videos["forty.avi"], 3, 4, 40, 24)
-    prepared = extractor.prepare(torch.from_numpy(clips.reshape((-1,) + clips.shape[2:]))).numpy()
+    prepared = extractor.model.prepare(torch.from_numpy(clips.reshape((-1,) + clips.shape[2:]))).numpy()
     np.testing.assert_allclose(prepared, original_appearance(clips, std), rtol=0, atol=1e-6)
     assert extractor.manifest([Video(1, "v", "v")])["normalization"] == normalization
 
@@ -230,7 +231,7 @@ def test_motion_tensors_equal_the_original(videos):
     settings = ExtractionSettings("msvd-qa", "resnext101", num_clips=3, frames_per_clip=4, random_weights=True)
     extractor = make_extractor(settings, "cpu", progress=False)
     clips = original_inputs(videos["forty.avi"], 3, 4, 112, 112)
-    assert np.array_equal(extractor.prepare(torch.from_numpy(clips)).numpy(), original_motion(clips))
+    assert np.array_equal(extractor.model.prepare(torch.from_numpy(clips)).numpy(), original_motion(clips))
 
 
 def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -248,7 +249,7 @@ def test_random_network_features_equal_the_original(videos, tmp_path, model):
     assert extractor.run(chosen, str(out)).written == 3
     import h5py
     with h5py.File(out, "r") as h5:
-        features = h5[extractor.feature_dataset][()]
+        features = h5[extractor.model.feature_dataset][()]
         assert h5.attrs["normalization"] == "original" and not h5.attrs["decode_past_damage"]
     for row, video in enumerate(chosen):
         clips = original_inputs(video.path, 2, 4, 32, 32)

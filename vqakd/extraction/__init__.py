@@ -14,7 +14,7 @@ One file per job:
 
 from vqakd.extraction.extractor import PROCESS_GROUP_TIMEOUT, FeatureExtractor, make_extractor
 from vqakd.extraction.merge import merge_into_output, merge_parts
-from vqakd.extraction.networks import (IMAGENET_MEAN, IMAGENET_STD, KINETICS_MEAN, NETWORKS, FeatureNetwork,
+from vqakd.extraction.networks import (IMAGENET_MEAN, KINETICS_MEAN, NETWORKS, NORMALIZATIONS, FeatureNetwork,
                                        ResNet101Features, ResNeXt101Features)
 from vqakd.extraction.parts import chunk_name, chunk_partition
 from vqakd.extraction.settings import (DEFAULT_CHUNK_VIDEOS, DEFAULT_FRAMES_PER_CLIP, DEFAULT_NUM_CLIPS,
@@ -23,7 +23,7 @@ from vqakd.extraction.settings import (DEFAULT_CHUNK_VIDEOS, DEFAULT_FRAMES_PER_
 
 __all__ = [
     "DEFAULT_CHUNK_VIDEOS", "DEFAULT_FRAMES_PER_CLIP", "DEFAULT_NUM_CLIPS", "DEFAULT_RANDOM_SEED",
-    "FEATURE_DIM", "IMAGENET_MEAN", "IMAGENET_STD", "KINETICS_MEAN", "NETWORKS", "PRECISIONS",
+    "FEATURE_DIM", "IMAGENET_MEAN", "KINETICS_MEAN", "NETWORKS", "NORMALIZATIONS", "PRECISIONS",
     "PROCESS_GROUP_TIMEOUT", "ExtractionResult", "ExtractionSettings", "FeatureExtractor", "FeatureNetwork",
     "ResNet101Features", "ResNeXt101Features", "Shard", "chunk_name", "chunk_partition", "identity_digest",
     "make_extractor", "merge_into_output", "merge_parts",

@@ -21,6 +21,7 @@ class DecodedVideo(NamedTuple):
     inputs: torch.Tensor | None      # uint8 network inputs (rows, ...), None on failure
     inverse: torch.Tensor | None     # (N, F) rows of `inputs` for each clip frame (frame models)
     error: str | None
+    damage: dict | None = None       # truncation / skipped packets, for the failures report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,7 @@ class DecodeSpec:
     size: tuple[int, int]
     per_frame: bool        # True: distinct frames (U, H, W, 3); False: clips (N, F, H, W, 3)
     threads: int
+    past_damage: bool = False  # skip packets the decoder rejects instead of stopping there
 
 
 class VideoDecodeDataset(torch.utils.data.Dataset):
@@ -45,15 +47,17 @@ class VideoDecodeDataset(torch.utils.data.Dataset):
         spec = self.spec
         try:
             clip_frames = read_clip_frames(self.videos[position].path, spec.num_clips,
-                                           spec.frames_per_clip, spec.size, spec.threads)
+                                           spec.frames_per_clip, spec.size, spec.threads,
+                                           spec.past_damage)
         except VideoError as exc:
             return DecodedVideo(position, None, None, exc.reason)
         except Exception as exc:  # one odd file must not stop a day-long run; the reason is reported
             return DecodedVideo(position, None, None, f"unexpected {type(exc).__name__}: {exc}")
         if spec.per_frame:
             return DecodedVideo(position, torch.from_numpy(clip_frames.frames),
-                                torch.from_numpy(clip_frames.inverse), None)
-        return DecodedVideo(position, torch.from_numpy(np.ascontiguousarray(clip_frames.clips())), None, None)
+                                torch.from_numpy(clip_frames.inverse), None, clip_frames.damage())
+        return DecodedVideo(position, torch.from_numpy(np.ascontiguousarray(clip_frames.clips())), None, None,
+                            clip_frames.damage())
 
 
 def _keep_item(item: DecodedVideo) -> DecodedVideo:
@@ -61,10 +65,12 @@ def _keep_item(item: DecodedVideo) -> DecodedVideo:
 
 
 def decoded_videos(videos: Sequence[Video], num_clips: int, frames_per_clip: int, size: tuple[int, int],
-                   per_frame: bool, num_workers: int, pin_memory: bool) -> Iterator[DecodedVideo]:
+                   per_frame: bool, num_workers: int, pin_memory: bool,
+                   past_damage: bool = False) -> Iterator[DecodedVideo]:
     """The videos decoded in order by `num_workers` processes (0: in this process); deleting
     the iterator shuts the workers down."""
-    spec = DecodeSpec(num_clips, frames_per_clip, size, per_frame, threads=1 if num_workers > 0 else 0)
+    spec = DecodeSpec(num_clips, frames_per_clip, size, per_frame, threads=1 if num_workers > 0 else 0,
+                      past_damage=past_damage)
     loader = torch.utils.data.DataLoader(
         VideoDecodeDataset(videos, spec), batch_size=None, shuffle=False,
         num_workers=num_workers, collate_fn=_keep_item, pin_memory=pin_memory)

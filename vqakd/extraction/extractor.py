@@ -147,7 +147,8 @@ class FeatureExtractor:
         batcher = RowBatcher(self.forward, self.batch_size)
         s = self.settings
         items = decoded_videos(queue, s.num_clips, s.frames_per_clip, (s.image_height, s.image_width),
-                               self.model.per_frame, self.num_workers, pin_memory=self.device.type == "cuda")
+                               self.model.per_frame, self.num_workers, pin_memory=self.device.type == "cuda",
+                               past_damage=s.decode_past_damage)
         try:
             with self.numerics():
                 for k in todo:
@@ -159,8 +160,9 @@ class FeatureExtractor:
                             batcher.add(item.inputs.to(self.device, non_blocking=True))
                         chunk_items.append(item)
                         progress.update(1)
-                    ids, features, failures = self._split_rows(chunk_videos, chunk_items, batcher.finish())
-                    write_chunk(parts_dir, k, ids, features, failures, identity)
+                    ids, features, failures, damaged = self._split_rows(chunk_videos, chunk_items,
+                                                                        batcher.finish())
+                    write_chunk(parts_dir, k, ids, features, failures, identity, damaged)
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"out of GPU memory with --batch-size {self.batch_size}; lower it and "
                             "re-run (finished chunks are kept and resumed)") from None
@@ -191,10 +193,11 @@ class FeatureExtractor:
         return self.model.embed(self.network, self.model.prepare(batch)).float()
 
     def _split_rows(self, chunk_videos: list[Video], items: list[DecodedVideo],
-                    rows: torch.Tensor) -> tuple[list[int], np.ndarray, list[dict]]:
-        """The network's output rows of a chunk → each usable video's features, and the failures."""
+                    rows: torch.Tensor) -> tuple[list[int], np.ndarray, list[dict], list[dict]]:
+        """The network's output rows of a chunk → each usable video's features, the failures, and
+        the videos written from damaged files."""
         rows = rows.cpu()
-        ids, features, failures = [], [], []
+        ids, features, failures, damaged = [], [], [], []
         offset = 0
         for video, item in zip(chunk_videos, items):
             if item.inputs is None:
@@ -211,9 +214,11 @@ class FeatureExtractor:
                 continue
             ids.append(video.video_id)
             features.append(video_rows.numpy().reshape(self.video_shape()))
+            if item.damage is not None:
+                damaged.append({**failure_record(video, item.damage["reason"]), **item.damage})
         stacked = (np.stack(features).astype(np.float32, copy=False) if features
                    else np.zeros((0,) + self.video_shape(), np.float32))
-        return ids, stacked, failures
+        return ids, stacked, failures, damaged
 
 
 class RowBatcher:

@@ -21,7 +21,7 @@ from vqakd.annotations import Video
 from vqakd.errors import UserError
 from vqakd.extraction.networks import NETWORKS
 from vqakd.extraction.parts import (PARTS_SETTINGS, PARTS_VIDEOS, chunk_files, chunk_name, chunk_partition,
-                                    failures_report, read_json_or_none, read_output_manifest,
+                                    failures_report, read_chunk_damage, read_json_or_none, read_output_manifest,
                                     remove_stale_temporaries, shard_counts)
 from vqakd.extraction.settings import ExtractionResult, difference, identity, identity_digest, videos_digest
 from vqakd.io import atomic_path, write_json
@@ -141,16 +141,18 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
                         f"({_missing_hint(missing, chunks, first.videos, folders)}); run the extraction "
                         "(shards) that make them, or give every parts folder")
 
-    ids, failures = [], []
+    ids, failures, damaged = [], [], []
     for k, chunk in enumerate(chunks):
         chunk_ids, chunk_failures = check_chunk(owner[k], [first.videos[i][0] for i in chunk],
                                                 video_shape, digest)
         ids.append(chunk_ids)
         failures.extend(chunk_failures)
+        damaged.extend(read_chunk_damage(owner[k]))
     all_ids = np.concatenate(ids)
     report_path = failures_report(out_path)
     report = {"output": os.path.abspath(out_path), "model": model, "videos": len(first.videos),
-              "written": int(len(all_ids)), "failed": len(failures), "failures": failures}
+              "written": int(len(all_ids)), "failed": len(failures), "failures": failures,
+              "damaged": len(damaged), "damaged_videos": damaged}
     write_json(report_path, report)
     if len(all_ids) == 0:
         example = failures[0]
@@ -174,7 +176,8 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
     if not keep_parts:
         for folder in folders:
             shutil.rmtree(folder.path, ignore_errors=True)
-    return ExtractionResult(out_path, report_path, len(first.videos), int(len(all_ids)), failures, False)
+    return ExtractionResult(out_path, report_path, len(first.videos), int(len(all_ids)), failures, False,
+                            damaged=damaged)
 
 
 def merge_into_output(parts_dirs: Sequence[str], out_path: str, overwrite: bool = False,
@@ -205,12 +208,13 @@ def _completed_result(out_path: str, manifest: dict) -> ExtractionResult:
     report = read_json_or_none(report_path)
     try:
         failures, written = list(report["failures"]), int(report["written"])
+        damaged = list(report.get("damaged_videos", []))
     except (TypeError, KeyError, ValueError):
         with h5py.File(out_path, "r") as h5:
             written = len(h5["ids"])
-        failures = []
+        failures, damaged = [], []
     return ExtractionResult(out_path, report_path, int(manifest.get("videos", written)), written,
-                            failures, True)
+                            failures, True, damaged=damaged)
 
 
 def _missing_hint(missing: list[int], chunks: list[list[int]], videos: list[tuple[int, str]],

@@ -24,9 +24,11 @@ from vqakd.extraction.settings import FEATURE_DIM, ExtractionSettings
 from vqakd.extraction.weights import WeightsIdentity, load_weights
 
 # ----- input normalisation ---------------------------------------------------------------------
-# ResNet-101: ImageNet mean and standard deviation of 0-1 RGB, as torchvision's weights expect.
+# ResNet-101: (RGB / 255 - mean) / std with the ImageNet mean. "original" is the original work's
+# constants (its third std is 0.224), "torchvision" the ones the ImageNet weights were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = {"original": (IMAGENET_MEAN, (0.229, 0.224, 0.224)),
+                  "torchvision": (IMAGENET_MEAN, (0.229, 0.224, 0.225))}
 # 3D ResNeXt-101: raw 0-255 RGB, as the original work fed it; optionally minus the mean RGB
 # (0–255) that Hara et al. subtracted when training the Kinetics models (their
 # `get_mean(1, "activitynet")`, the default of their training script).
@@ -60,7 +62,10 @@ class FeatureNetwork:
 
     @classmethod
     def check_settings(cls, settings: ExtractionSettings) -> None:
-        """Settings that make no sense for this model."""
+        """Settings that make no sense for this model (subclasses call this first)."""
+        if settings.normalization not in NORMALIZATIONS:
+            raise UserError(f"unknown normalization {settings.normalization!r}; "
+                            f"choose one of {', '.join(NORMALIZATIONS)}")
 
     def build(self) -> nn.Module:
         """The architecture with its own initialisation (weights are loaded over it)."""
@@ -117,11 +122,13 @@ class ResNet101Features(FeatureNetwork):
 
     def __init__(self, settings: ExtractionSettings, device: torch.device):
         super().__init__(settings, device)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        mean, std = NORMALIZATIONS[settings.normalization]
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
     @classmethod
     def check_settings(cls, settings: ExtractionSettings) -> None:
+        super().check_settings(settings)
         if settings.kinetics_mean:
             raise UserError("--kinetics-mean applies to the resnext101 motion model only")
 
@@ -139,7 +146,8 @@ class ResNet101Features(FeatureNetwork):
         return network
 
     def normalisation(self) -> str:
-        return "imagenet mean/std on 0-1 RGB"
+        mean, std = NORMALIZATIONS[self.settings.normalization]
+        return f"{self.settings.normalization}: (RGB / 255 - mean {mean}) / std {std}"
 
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
         # (B, H, W, 3) uint8 → (B, 3, H, W); the permuted view is already channels-last in memory.
@@ -170,6 +178,12 @@ class ResNeXt101Features(FeatureNetwork):
     def __init__(self, settings: ExtractionSettings, device: torch.device):
         super().__init__(settings, device)
         self.mean = torch.tensor(KINETICS_MEAN, device=device).view(1, 3, 1, 1, 1)
+
+    @classmethod
+    def check_settings(cls, settings: ExtractionSettings) -> None:
+        super().check_settings(settings)
+        if settings.normalization != "original":
+            raise UserError("--normalization applies to the resnet101 appearance model only")
 
     def build(self) -> nn.Module:
         return resnext101()

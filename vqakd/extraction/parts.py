@@ -1,8 +1,8 @@
 """The parts folder `<out>.parts` of an extraction in progress, and its files.
 
 Work is saved in chunks: a fixed partition of the video list into runs of `chunk_videos`
-videos, chunk k written atomically to `chunk-<k>.npz` (ids, features, failures and the
-settings' identity digest). A process killed at any instant (SIGKILL included) loses at most
+videos, chunk k written atomically to `chunk-<k>.npz` (ids, features, failures, the videos
+written from damaged files, and the settings' identity digest). A process killed at any instant (SIGKILL included) loses at most
 the chunk in progress: an HDF5 file being written when the process dies can be left
 unreadable, a renamed-into-place chunk file cannot. Beside the chunks: `settings.json` (the
 manifest of the settings), `videos.json` (the video list), `launch.json` (the mark of a
@@ -98,17 +98,24 @@ def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence
 
 
 def write_chunk(parts_dir: str, chunk: int, ids: list[int], features: np.ndarray, failures: list[dict],
-                identity_digest: str) -> None:
+                identity_digest: str, damaged: Sequence[dict] = ()) -> None:
     """Save one finished chunk atomically."""
     with atomic_open(os.path.join(parts_dir, chunk_name(chunk)), "wb") as handle:
         np.savez(handle, ids=np.asarray(ids, np.int64), features=features,
-                 failures=np.asarray(json.dumps(failures)), identity=np.asarray(identity_digest))
+                 failures=np.asarray(json.dumps(failures)), identity=np.asarray(identity_digest),
+                 damaged=np.asarray(json.dumps(list(damaged))))
 
 
 def read_chunk_outcome(path: str) -> tuple[int, list[dict]]:
     """How many videos a chunk holds, and its failures."""
     with np.load(path, allow_pickle=False) as part:
         return len(part["ids"]), json.loads(str(part["failures"]))
+
+
+def read_chunk_damage(path: str) -> list[dict]:
+    """The videos a chunk wrote from damaged files (truncated, or packets skipped)."""
+    with np.load(path, allow_pickle=False) as part:
+        return json.loads(str(part["damaged"])) if "damaged" in part.files else []
 
 
 def shard_note_name(index: int, count: int) -> str:

@@ -28,7 +28,8 @@ import h5py
 from vqakd.annotations import Video
 from vqakd.errors import UserError
 from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, failure_record, failures_report, open_parts,
-                                    parts_folder, read_chunk_outcome, read_json_or_none, read_output_manifest,
+                                    parts_folder, read_chunk_damage, read_chunk_outcome, read_json_or_none,
+                                    read_output_manifest,
                                     remove_stale_temporaries, shard_note_name)
 from vqakd.extraction.settings import ExtractionResult, Shard, difference, identity
 from vqakd.io import write_json
@@ -114,32 +115,36 @@ def _wait_until_visible(paths: Sequence[str], ready: Callable[[], bool] | None =
 def finish_shard(chunks: list[list[int]], parts_dir: str, shard: Shard) -> ExtractionResult:
     """Rank 0 of a shard: count what the shard made and leave a note for merge_parts."""
     mine = [k for k in range(len(chunks)) if shard.owns(k)]
-    written, failures = 0, []
+    written, failures, damaged = 0, [], []
     for k in mine:
-        count, chunk_failures = read_chunk_outcome(os.path.join(parts_dir, chunk_name(k)))
+        path = os.path.join(parts_dir, chunk_name(k))
+        count, chunk_failures = read_chunk_outcome(path)
         written += count
         failures.extend(chunk_failures)
+        damaged.extend(read_chunk_damage(path))
     write_json(os.path.join(parts_dir, shard_note_name(shard.index, shard.count)),
                {"num_shards": shard.count, "shard_index": shard.index, "chunks": mine,
                 "videos": sum(len(chunks[k]) for k in mine), "written": written,
-                "failed": len(failures)})
+                "failed": len(failures), "damaged": len(damaged)})
     return ExtractionResult(parts_dir, "", sum(len(chunks[k]) for k in mine), written, failures,
-                            False, merged=False)
+                            False, merged=False, damaged=damaged)
 
 
 def already_complete(videos: Sequence[Video], out_path: str) -> ExtractionResult:
     """The result of a finished extraction, from its failure report (or, without one, its ids)."""
     report_path = failures_report(out_path)
     failures: list[dict] = []
+    damaged: list[dict] = []
     written = None
     try:
         with open(report_path, encoding="utf-8") as handle:
             report = json.load(handle)
         failures, written = list(report["failures"]), int(report["written"])
+        damaged = list(report.get("damaged_videos", []))
     except (OSError, ValueError, KeyError, TypeError):
         with h5py.File(out_path, "r") as h5:
             present = set(int(i) for i in h5["ids"][()])
         written = len(present)
         failures = [failure_record(v, "not in the existing output (no failure report found)")
                     for v in videos if v.video_id not in present]
-    return ExtractionResult(out_path, report_path, len(videos), written, failures, True)
+    return ExtractionResult(out_path, report_path, len(videos), written, failures, True, damaged=damaged)

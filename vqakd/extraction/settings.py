@@ -13,6 +13,7 @@ import torch
 import vqakd
 from vqakd.annotations import Video
 from vqakd.errors import UserError
+from vqakd.video import check_frames_per_clip
 
 FEATURE_DIM = 2048
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -40,6 +41,8 @@ class ExtractionSettings:
     kinetics_mean: bool = False
     precision: str = "fp32"
     chunk_videos: int = DEFAULT_CHUNK_VIDEOS
+    normalization: str = "original"     # resnet101: a key of networks.NORMALIZATIONS
+    decode_past_damage: bool = False    # skip packets the decoder rejects instead of stopping
 
 
 def check_settings(settings: ExtractionSettings, device: torch.device, batch_size: int,
@@ -49,6 +52,9 @@ def check_settings(settings: ExtractionSettings, device: torch.device, batch_siz
     for name in ("num_clips", "frames_per_clip", "image_height", "image_width", "chunk_videos"):
         if getattr(s, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    problem = check_frames_per_clip(s.frames_per_clip)
+    if problem:
+        raise UserError(f"--frames-per-clip: {problem}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if num_workers < 0:
@@ -71,6 +77,7 @@ class ExtractionResult(NamedTuple):
     already_complete: bool
     merged: bool = True          # False: one shard's parts, to be merged with merge_parts
     main: bool = True            # False on torchrun ranks other than 0 (rank 0 reports)
+    damaged: list[dict] = []     # videos written from damaged files (truncated or packets skipped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +122,8 @@ def build_manifest(settings: ExtractionSettings, model_name: str, feature_datase
         "image_width": s.image_width,
         "kinetics_mean": bool(s.kinetics_mean),
         "normalisation": normalisation,
+        "normalization": s.normalization,
+        "decode_past_damage": bool(s.decode_past_damage),
         "precision": s.precision,
         "weights": weights_path,
         "weights_sha256": weights_sha256,
