@@ -136,9 +136,7 @@ def test_train_cli_flags_reach_the_config(monkeypatch):
     def fake_run(config, stage, **kwargs):
         seen.update(config=config, stage=stage, **kwargs)
 
-    import vqakd.engine
-
-    monkeypatch.setattr(vqakd.engine, "run_training", fake_run)
+    monkeypatch.setattr(train, "run_training", fake_run)
     assert train.main(["--cfg", MSVD, "--stage", "student", "--kd_alpha", "2", "--t_mo", "3", "--unit_layers", "2",
                        "--distill", "logit", "--device", "cpu", "--set", "train.epochs=3", "--resume"]) == 0
     config = seen["config"]

@@ -242,7 +242,7 @@ def test_global_batchnorm_agreement_and_nan_watch_in_two_processes(tmp_path):
 
 def test_global_batch_is_split_and_must_divide():
     from vqakd.data import EpochBatchSampler
-    from vqakd.engine import per_process_batch
+    from train import per_process_batch
 
     assert per_process_batch(256, 4) == 64 and per_process_batch(32, 1) == 32
     with pytest.raises(UserError, match=r"train.batch_size \(30\) is the global batch .* \(4\); e.g. --set "
