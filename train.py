@@ -14,10 +14,7 @@ evenly over the processes; only global rank 0 writes):
         --rdzv_endpoint=<host of node 0>:29500 train.py --cfg configs/msrvtt_qa.yml --stage teacher
 """
 
-from __future__ import annotations
-
 import argparse
-import sys
 
 from vqakd.errors import run_cli
 from vqakd.flags import ORIGINAL_FLAGS, STAGES
@@ -130,6 +127,8 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 # ----------------------------------------------------------------------------------- start-up
 
+# (No `from __future__ import annotations` in this script: a dataclass with string annotations
+# needs its module in sys.modules, which a script loaded by path is not.)
 @dataclass
 class StageStart:
     """What the epoch loop starts from, every part loaded and checked before the output folder

@@ -19,7 +19,6 @@ from cli_helpers import run_main
 from test_train_fixtures import make_dataset, tiny_config_dict, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 import validate  # noqa: E402
