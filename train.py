@@ -1,4 +1,4 @@
-"""Train the DualVGR teacher, then distil the one-graph-layer student (SPEC §4, §5).
+"""Train the DualVGR teacher, then distil the one-graph-layer student.
 
     python train.py --cfg configs/msvd_qa.yml --stage teacher
     python train.py --cfg configs/msvd_qa.yml --stage student [--teacher <checkpoint>] [--distill feature|logit|none]
@@ -14,17 +14,10 @@ evenly over the processes; only global rank 0 writes):
         --rdzv_endpoint=<host of node 0>:29500 train.py --cfg configs/msrvtt_qa.yml --stage teacher
 """
 
-from __future__ import annotations
-
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from vqakd.config import ORIGINAL_FLAGS, STAGES, load_config  # noqa: E402
-from vqakd.distributed import quiet_unless_main  # noqa: E402
-from vqakd.errors import run_cli  # noqa: E402
+from vqakd.errors import run_cli
+from vqakd.flags import ORIGINAL_FLAGS, STAGES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,10 +40,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+if __name__ == "__main__":
+    # --help and flag errors answer before torch is imported (seconds); main() parses again.
+    build_parser().parse_args()
+
+import inspect  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+import torch  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+from model import DualVGR  # noqa: E402
+from vqakd import distributed as dist  # noqa: E402
+from vqakd.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_from_checkpoint,  # noqa: E402
+                              restore_rng_state, save_checkpoint, seed_everything)
+from vqakd.config import Config, config_to_dict, dump_config, eval_batch_size, load_config  # noqa: E402
+from vqakd.data import DataBundle, load_data, make_loader  # noqa: E402
+from vqakd.device import resolve_process_device  # noqa: E402
+from vqakd.engine import configure_backends, evaluate, train_one_epoch  # noqa: E402
+from vqakd.errors import UserError  # noqa: E402
+from vqakd.io import ensure_writable_dir, write_json  # noqa: E402
+from vqakd.metrics import epoch_line, format_table, metrics_row, write_metrics_csv  # noqa: E402
+from vqakd.models import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,  # noqa: E402
+                          load_teacher)
+from vqakd.plots import plot_curves  # noqa: E402
+from vqakd.run_folder import RunFolder, RunLog, remove_empty_folders  # noqa: E402
+
+CURVES_REFRESH_S = 60.0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # Under torchrun an error every rank hits is printed once, by rank 0.
-    return quiet_unless_main(lambda: _main(args))
+    return dist.quiet_unless_main(lambda: _main(args))
 
 
 def _main(args) -> int:
@@ -60,11 +85,289 @@ def _main(args) -> int:
     if args.device is not None:
         overrides.insert(0, f"train.device={args.device}")
     config = load_config(args.cfg, overrides, {flag: getattr(args, flag) for flag in ORIGINAL_FLAGS})
-
-    from vqakd.engine import run_training
-
     run_training(config, args.stage, teacher_path=args.teacher, resume=args.resume, overwrite=args.overwrite)
     return 0
+
+
+# ----------------------------------------------------------------------------------- several processes
+# DistributedDataParallel with `train.batch_size` as the GLOBAL batch (B/K questions per process, B
+# divisible by K), so K processes follow the one-process recipe: each step's K shares are exactly
+# the one-process batch, gradients are averaged, BatchNorm statistics cover the whole batch
+# (`vqakd.distributed.GlobalBatchNorm1d`) and the HSIC term is scaled by K on each share
+# (`vqakd.engine.compute_loss`). With dropout off, K processes and one process train the same
+# network up to float rounding; with dropout on, each process draws its own masks (seeded by seed,
+# epoch and rank, so --resume is still exact). Evaluation shards each split without padding and
+# sums correct/total counts. Only global rank 0 writes files and logs.
+
+def per_process_batch(batch_size: int, world_size: int, what: str = "train.batch_size") -> int:
+    """The global batch split over the processes."""
+    if batch_size % world_size:
+        raise UserError(f"{what} ({batch_size}) is the global batch and must be divisible by the number of processes "
+                        f"({world_size}); e.g. --set {what}={batch_size // world_size * world_size or world_size}")
+    return batch_size // world_size
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Under torchrun: each rank's dropout masks for an epoch come from (seed, epoch, rank), so a
+    resumed run draws what an uninterrupted one draws without saving every rank's RNG state."""
+    torch.manual_seed(seed + 1_000_003 * epoch + 7_919 * rank)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    dist.convert_batchnorm(model)
+    # Every parameter gets a gradient in every stage and distillation mode (checked by
+    # tests/test_distributed_train.py), so DDP need not search for unused ones. BatchNorm
+    # buffers are identical on every rank (global statistics): no per-step buffer broadcast.
+    # torch >= 2.14 renames broadcast_buffers (it still syncs once at start, which is harmless here).
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                      else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=False, **no_buffer_sync)
+
+
+# ----------------------------------------------------------------------------------- start-up
+
+# (No `from __future__ import annotations` in this script: a dataclass with string annotations
+# needs its module in sys.modules, which a script loaded by path is not.)
+@dataclass
+class StageStart:
+    """What the epoch loop starts from, every part loaded and checked before the output folder
+    changes."""
+
+    device: torch.device
+    batch_train: int                 # questions per process and step
+    bundle: DataBundle
+    model: DualVGR
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR
+    distill: str                     # feature, logit or none (always none for the teacher)
+    teacher: Optional[DualVGR] = None
+    teacher_file: Optional[str] = None
+    history: list = field(default_factory=list)     # metrics.csv rows so far
+    best: dict = field(default_factory=dict)        # {epoch, val_accuracy} of best.pt
+    start_epoch: int = 1
+    resumed_from: Optional[int] = None              # the epoch of the last.pt resumed from
+
+
+def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Optional[str], resume: bool,
+                overwrite: bool) -> StageStart:
+    """Every start-up check and load, before anything in the output folder changes (every rank
+    runs it; nothing here writes but the writability probe)."""
+    device = resolve_process_device(config.train.device, what="train.device")
+    batch_train = per_process_batch(config.train.batch_size, dist.get_world_size())
+    ensure_writable_dir(folder.folder, f"{stage} output folder")
+    if os.path.exists(folder.last) and not resume and not overwrite:
+        raise UserError(f"{folder.folder} already holds a {stage} run ({folder.last}); pass --resume to continue it "
+                        "or --overwrite to start again")
+    progress = config.train.progress and dist.is_main()
+    distill = config.loss.distill if stage == "student" else "none"
+    teacher_file = None
+    if distill != "none":
+        teacher_file = teacher_path or RunFolder(config.stage_dir("teacher")).best
+        if not os.path.isfile(teacher_file):
+            raise UserError(f"teacher checkpoint not found: {teacher_file}; train the teacher first "
+                            "(--stage teacher) or pass --teacher <checkpoint>")
+
+    bundle = load_data(config, device=device, progress=progress)
+    # The frozen teacher runs on every rank, on that rank's own share of the batch.
+    teacher = load_teacher(teacher_file, config, bundle, device)[0] if teacher_file else None
+
+    seed_everything(config.train.seed)
+    model = build_model_for_stage(config, stage, bundle, device, progress)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.train.lr_halve_every,
+                                                gamma=config.train.lr_decay)
+    start = StageStart(device=device, batch_train=batch_train, bundle=bundle, model=model, optimizer=optimizer,
+                       scheduler=scheduler, distill=distill, teacher=teacher, teacher_file=teacher_file)
+    if resume and os.path.isfile(folder.last):
+        resume_from(folder.last, start)
+    return start
+
+
+def resume_from(path: str, start: StageStart) -> None:
+    """Restore the weights, optimizer, scheduler, RNGs and history of `path` into `start`.
+    Every rank reads the checkpoint (to the CPU; load_state_dict copies to this rank's device)."""
+    checkpoint = load_checkpoint(path)
+    check_same_model(checkpoint, path, start.model)
+    check_vocab_match(checkpoint, path, start.bundle, "the run being resumed")
+    load_state_strict(start.model, checkpoint["state_dict"], path)
+    try:
+        start.optimizer.load_state_dict(checkpoint["optimizer"])
+        start.scheduler.load_state_dict(checkpoint["scheduler"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: cannot restore the optimizer/scheduler state ({exc})") from None
+    restore_rng_state(checkpoint["rng"])
+    start.history = list(checkpoint.get("history") or [])
+    start.best = dict(checkpoint.get("best") or {})
+    start.start_epoch = int(checkpoint["epoch"]) + 1
+    start.resumed_from = int(checkpoint["epoch"])
+
+
+def prepare_folder(folder: RunFolder, start: StageStart, config: Config, stage: str, resume: bool,
+                   overwrite: bool, log: RunLog) -> None:
+    """Main process, once every rank has passed every check: discard an overwritten run, clear
+    interrupted writes, save the config."""
+    if start.resumed_from is not None:
+        log(f"resuming {stage} from {folder.last} after epoch {start.resumed_from}")
+    elif resume:
+        log(f"no checkpoint at {folder.last}; starting {stage} from epoch 1")
+    elif overwrite:
+        folder.remove_outputs()
+    for leftover in folder.stale_temporaries():
+        # A job killed while writing a checkpoint leaves its hidden temp file (the size of a
+        # checkpoint); the final files were never touched, so it is only waste.
+        os.remove(leftover)
+        log(f"removed {leftover}, left by an interrupted write")
+    dump_config(config, folder.config)
+
+
+# ----------------------------------------------------------------------------------- the run
+
+def run_training(config: Config, stage: str, teacher_path: Optional[str] = None, resume: bool = False,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Train one stage end to end; returns the results.json content (or {} when stopped early).
+    Under torchrun every process calls this."""
+    with dist.session():
+        return _run_training(config, stage, teacher_path, resume, overwrite)
+
+
+def _run_training(config: Config, stage: str, teacher_path: Optional[str], resume: bool,
+                  overwrite: bool) -> dict[str, Any]:
+    config.stage(stage)
+    world, rank, main = dist.get_world_size(), dist.get_rank(), dist.is_main()
+    folder = RunFolder(config.stage_dir(stage))
+    log = RunLog(folder.log)
+    new_folders = folder.folders_to_create()
+    try:
+        start = dist.agree(lambda: start_stage(config, stage, folder, teacher_path, resume, overwrite))
+    except BaseException:
+        # A run that fails its start-up checks leaves no empty output folders behind.
+        remove_empty_folders(new_folders)
+        raise
+    device, bundle, model = start.device, start.bundle, start.model
+    configure_backends(device, config.train.tf32)
+    if main:
+        prepare_folder(folder, start, config, stage, resume, overwrite, log)
+    dist.barrier()
+
+    processes = (f", DistributedDataParallel: {world} processes x {start.batch_train} questions (global batch "
+                 f"{config.train.batch_size})" if dist.is_initialized() else "")
+    log(f"{stage}: {count_parameters(model):,} parameters (G={model.config.graph_layers}, "
+        f"U={model.config.unit_layers}), device {device}{processes}, features on {bundle.table.device} "
+        f"({bundle.table.mode}, {bundle.table.dtype_name}), {len(bundle.splits['train'])} train / "
+        f"{len(bundle.splits['val'])} val / {len(bundle.splits['test'])} test questions"
+        + (f", distill {start.distill} from {start.teacher_file}" if start.teacher_file else ""))
+    if not train_epochs(config, stage, start, folder, log):
+        return {}
+    dist.barrier()          # best.pt is complete before any rank reads it
+    return evaluate_best(config, stage, start, folder, log)
+
+
+def _loader(config: Config, bundle: DataBundle, split: str, batch_size: int, shuffle: bool, device: torch.device):
+    return make_loader(bundle.splits[split], bundle.table, batch_size, shuffle, config.train.seed,
+                       config.train.num_workers, device.type == "cuda", dist.get_rank(), dist.get_world_size(),
+                       reuse_buffers=True)
+
+
+def _eval_batch(config: Config) -> int:
+    """Questions per process in an evaluation batch (the last process may get fewer)."""
+    return -(-eval_batch_size(config) // dist.get_world_size())
+
+
+def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolder, log: RunLog) -> bool:
+    """The epoch loop: train, validate, step the scheduler, write checkpoints, metrics.csv and the
+    curves. False when stopped early by train.stop_after_epoch."""
+    world, main = dist.get_world_size(), dist.is_main()
+    device, model, optimizer, scheduler = start.device, start.model, start.optimizer, start.scheduler
+    progress = config.train.progress and main
+    trained = wrap_ddp(model, device) if dist.is_initialized() else model
+    train_loader = _loader(config, start.bundle, "train", start.batch_train, True, device)
+    val_loader = _loader(config, start.bundle, "val", _eval_batch(config), False, device)
+    vocab_info = start.bundle.vocab.info()
+    config_dict = config_to_dict(config)
+    history, best, epochs = start.history, start.best, config.train.epochs
+    last_plot = time.monotonic()
+    for epoch in range(start.start_epoch, epochs + 1):
+        train_loader.sampler.set_epoch(epoch)
+        if world > 1:
+            seed_epoch(config.train.seed, epoch, dist.get_rank())
+        lr = optimizer.param_groups[0]["lr"]
+        epoch_started = time.perf_counter()
+        train_stats = train_one_epoch(trained, train_loader, optimizer, device, epoch, stage=stage,
+                                      loss_cfg=config.loss, teacher=start.teacher, grad_clip=config.train.grad_clip,
+                                      amp=config.train.amp, log_every=config.train.log_every, progress=progress,
+                                      batch_shards=world)
+        val_summary, _ = evaluate(model, val_loader, device, amp=config.train.amp, progress=progress,
+                                  desc=f"val epoch {epoch}")
+        scheduler.step()
+        row = metrics_row(epoch, lr, train_stats, val_summary, time.perf_counter() - epoch_started)
+        history.append(row)
+        # val_summary is the whole split's (summed over ranks): every rank takes the same decision.
+        is_best = not best or val_summary["accuracy"] > best["val_accuracy"]
+        if is_best:
+            best = {"epoch": epoch, "val_accuracy": val_summary["accuracy"]}
+        if main:
+            checkpoint = build_checkpoint(model=model, stage=stage, epoch=epoch, optimizer=optimizer,
+                                          scheduler=scheduler, metrics=row, history=history, best=best,
+                                          vocab=vocab_info, config=config_dict)
+            # best first: if the job dies between the two writes, last.pt still points to the
+            # previous epoch and resuming redoes this one, rewriting both.
+            if is_best:
+                save_checkpoint(folder.best, checkpoint)
+            save_checkpoint(folder.last, checkpoint)
+            write_metrics_csv(folder.metrics, history)
+            stopping = epoch == epochs or config.train.stop_after_epoch == epoch
+            # Drawing takes a second or two: refresh the PNG at most once a minute, and at the end.
+            if stopping or time.monotonic() - last_plot >= CURVES_REFRESH_S:
+                plot_curves(history, folder.curves, stage)
+                last_plot = time.monotonic()
+        log(epoch_line(row, epochs, is_best))
+        if config.train.stop_after_epoch == epoch and epoch < epochs:
+            log(f"stopped after epoch {epoch} (train.stop_after_epoch); continue with --resume")
+            dist.barrier()
+            return False
+    return True
+
+
+def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFolder, log: RunLog) -> dict[str, Any]:
+    """Evaluate best.pt on the test split and write results.json."""
+    device = start.device
+
+    def load_best():
+        if not os.path.isfile(folder.best):
+            raise UserError(f"{folder.best} does not exist; nothing to evaluate (was the run trained?)")
+        best_checkpoint = load_checkpoint(folder.best)
+        return best_checkpoint, model_from_checkpoint(best_checkpoint, folder.best, device)
+
+    best_checkpoint, best_model = dist.agree(load_best, "loading best.pt")
+    test_loader = _loader(config, start.bundle, "test", _eval_batch(config), False, device)
+    progress = config.train.progress and dist.is_main()
+    test_summary, _ = evaluate(best_model, test_loader, device, amp=config.train.amp, progress=progress,
+                               desc="test")
+    results = {
+        "stage": stage,
+        "split": "test",
+        "accuracy": test_summary["accuracy"],
+        "correct": test_summary["correct"],
+        "count": test_summary["count"],
+        "per_type": test_summary["per_type"],
+        "epoch": int(best_checkpoint["epoch"]),
+        "val_accuracy": best_checkpoint.get("best", {}).get("val_accuracy"),
+        "params": count_parameters(best_model),
+        "checkpoint": folder.best,
+        "distill": start.distill if stage == "student" else None,
+        "teacher": start.teacher_file,
+        "model_config": best_checkpoint["model_config"],
+        "config": config_to_dict(config),
+        "world_size": dist.get_world_size(),
+    }
+    if dist.is_main():
+        write_json(folder.results, results)
+    log(format_table(test_summary, f"{stage} test accuracy (best epoch {results['epoch']} by val accuracy):"))
+    log(f"wrote {folder.results}, {folder.metrics}, {folder.curves}")
+    dist.barrier()
+    return results
 
 
 if __name__ == "__main__":

@@ -12,14 +12,8 @@ writes the figures of the whole split (every question counted once).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from vqakd.config import load_config  # noqa: E402
-from vqakd.distributed import quiet_unless_main  # noqa: E402
-from vqakd.errors import run_cli  # noqa: E402
+from vqakd.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +31,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+if __name__ == "__main__":
+    # --help and flag errors answer before torch is imported (seconds); main() parses again.
+    build_parser().parse_args()
+
+import csv  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+from typing import Any, Mapping, Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from vqakd import distributed as dist  # noqa: E402
+from vqakd.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint  # noqa: E402
+from vqakd.config import Config, eval_batch_size, load_config  # noqa: E402
+from vqakd.data import DataBundle, load_data, make_loader  # noqa: E402
+from vqakd.device import resolve_process_device  # noqa: E402
+from vqakd.engine import configure_backends, evaluate  # noqa: E402
+from vqakd.errors import UserError  # noqa: E402
+from vqakd.io import atomic_open, ensure_writable_dir, write_json  # noqa: E402
+from vqakd.metrics import FIRST_ANSWER_LABEL, format_table  # noqa: E402
+from vqakd.models import check_vocab_match, count_parameters  # noqa: E402
+
+PREDICTION_COLUMNS = ("question_id", "video_id", "question", "predicted_answer", "answer", "correct")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # Under torchrun an error every rank hits is printed once, by rank 0.
-    return quiet_unless_main(lambda: _main(args))
+    return dist.quiet_unless_main(lambda: _main(args))
 
 
 def _main(args) -> int:
@@ -48,12 +67,90 @@ def _main(args) -> int:
     if args.device is not None:
         overrides.insert(0, f"train.device={args.device}")
     config = load_config(args.cfg, overrides)
-
-    from vqakd.engine import run_validation
-
     run_validation(config, args.checkpoint, split=args.split, write_preds=args.write_preds, out=args.out,
                    preds_out=args.preds_out)
     return 0
+
+
+def run_validation(config: Config, checkpoint_path: str, split: str = "test", write_preds: bool = False,
+                   out: Optional[str] = None, preds_out: Optional[str] = None) -> dict[str, Any]:
+    """Evaluate a checkpoint (ours or original) on a split; write JSON (and predictions CSV).
+    Under torchrun each process evaluates its share and rank 0 writes the whole split's figures."""
+    with dist.session():
+        return _run_validation(config, checkpoint_path, split, write_preds, out, preds_out)
+
+
+def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: Optional[str],
+                    preds_out: Optional[str]) -> dict[str, Any]:
+    world, rank, main = dist.get_world_size(), dist.get_rank(), dist.is_main()
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    out = out or os.path.join(folder, f"eval_{split}.json")
+    preds_out = preds_out or os.path.splitext(out)[0] + "_preds.csv"
+
+    def start():
+        if split not in ("train", "val", "test"):
+            raise UserError(f"unknown split {split!r}; choose train, val or test")
+        device = resolve_process_device(config.train.device, what="train.device")
+        checkpoint = load_checkpoint(checkpoint_path)
+        ensure_writable_dir(os.path.dirname(os.path.abspath(out)), "output folder for the evaluation results")
+        model_config = model_config_from(checkpoint, checkpoint_path)
+        # The checkpoint defines the network: its clip count and feature size are what the data must match.
+        config.model.num_nodes = model_config.num_nodes
+        config.model.vision_dim = model_config.vision_dim
+        bundle = load_data(config, splits=(split,), device=device, progress=config.train.progress and main,
+                           expected_by="the checkpoint's model_config")
+        check_vocab_match(checkpoint, checkpoint_path, bundle, "the checkpoint")
+        return device, checkpoint, bundle, model_from_checkpoint(checkpoint, checkpoint_path, device)
+
+    device, checkpoint, bundle, model = dist.agree(start)
+    configure_backends(device, config.train.tf32)
+    loader = make_loader(bundle.splits[split], bundle.table, -(-eval_batch_size(config) // world), False,
+                         config.train.seed, config.train.num_workers, device.type == "cuda", rank, world,
+                         reuse_buffers=True)
+    summary, found = evaluate(model, loader, device, amp=config.train.amp, return_predictions=write_preds,
+                              progress=config.train.progress and main, desc=split)
+    if write_preds and world > 1:
+        shares = dist.all_gather_objects(found)
+        found = {key: np.concatenate([share[key] for share in shares]) for key in ("index", "prediction")}
+    result = {
+        "checkpoint": checkpoint_path,
+        "split": split,
+        "accuracy": summary["accuracy"],
+        "correct": summary["correct"],
+        "count": summary["count"],
+        "per_type": summary["per_type"],
+        "epoch": checkpoint.get("epoch"),
+        "stage": checkpoint.get("stage"),
+        "original_checkpoint": bool(checkpoint.get("original")),
+        "params": count_parameters(model),
+    }
+    if main:
+        print(format_table(summary, f"{checkpoint_path} on {split} ({summary['count']} questions):"))
+        write_json(out, result)
+        print(f"wrote {out}")
+        if write_preds:
+            write_predictions(preds_out, bundle, split, found)
+            print(f"wrote {preds_out}")
+    dist.barrier()
+    return result
+
+
+def write_predictions(path: str, bundle: DataBundle, split: str, found: Mapping[str, np.ndarray]) -> None:
+    """One CSV row per question of `split`, in question order (`found`: index and arg-max answer
+    of every question, from `evaluate(..., return_predictions=True)`)."""
+    data = bundle.splits[split]
+    answers = bundle.vocab.idx_to_answer
+    order = np.argsort(found["index"], kind="stable")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PREDICTION_COLUMNS)
+    for index, predicted in zip(found["index"][order], found["prediction"][order]):
+        label = int(data.answers[index])
+        writer.writerow([data.display_id(int(index)), int(data.video_ids[index]), data.text(int(index), bundle.vocab),
+                         answers[int(predicted)], answers[label],
+                         int(int(predicted) == label and label >= FIRST_ANSWER_LABEL)])
+    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(buffer.getvalue())
 
 
 if __name__ == "__main__":

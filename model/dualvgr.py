@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-from vqakd.errors import UserError
 
 # Fixed constants of the original architecture (not tuned anywhere in DualVGR/VQAKD).
 GAT_LEAKY_SLOPE = 0.01          # LeakyReLU slope of the graph-attention score
@@ -61,23 +59,49 @@ class ModelConfig:
     attention: str = "gat"
 
     def __post_init__(self) -> None:
-        for name in ("question_vocab_size", "answer_vocab_size", "vision_dim", "module_dim", "word_dim",
-                     "num_nodes", "graph_layers", "unit_layers", "num_heads", "fusion_dim", "fusion_factor"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        if self.module_dim % 2:
-            raise ValueError(f"ModelConfig.module_dim must be even (two LSTM directions), got {self.module_dim}")
-        if self.module_dim % self.num_heads:
-            raise ValueError(f"ModelConfig.module_dim ({self.module_dim}) must be divisible by "
-                             f"num_heads ({self.num_heads})")
-        for name in ("word_dropout", "frame_dropout", "encoder_dropout", "graph_dropout", "head_dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= float(value) < 1.0:
-                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {value!r}")
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"ModelConfig.attention must be one of {', '.join(ATTENTION_KINDS)}, "
-                             f"got {self.attention!r}")
+        problems = model_config_problems(self, "ModelConfig.")
+        if problems:
+            raise ValueError(problems[0])
+
+
+POSITIVE_INT_FIELDS = ("question_vocab_size", "answer_vocab_size", "vision_dim", "module_dim", "word_dim",
+                       "num_nodes", "graph_layers", "unit_layers", "num_heads", "fusion_dim", "fusion_factor")
+DROPOUT_FIELDS = ("word_dropout", "frame_dropout", "encoder_dropout", "graph_dropout", "head_dropout")
+
+
+def model_config_problems(settings: Any, prefix: str) -> list[str]:
+    """What is wrong with ModelConfig values, each problem as `<prefix><field> ...`, in a fixed
+    order. `settings` is a ModelConfig or anything with some of its fields as attributes (the
+    config file's `model:` section); fields it lacks are not checked."""
+    def value(name: str) -> Any:
+        return getattr(settings, name, None)
+
+    problems = []
+    for name in POSITIVE_INT_FIELDS:
+        number = value(name)
+        if number is None:
+            continue
+        if isinstance(number, bool) or not isinstance(number, int):
+            problems.append(f"{prefix}{name} must be an integer, got {number!r}")
+        elif number < 1:
+            problems.append(f"{prefix}{name} must be > 0, got {number}")
+    for name in DROPOUT_FIELDS:
+        rate = value(name)
+        if rate is None:
+            continue
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            problems.append(f"{prefix}{name} must be in [0, 1), got {rate!r}")
+    module_dim, num_heads = value("module_dim"), value("num_heads")
+    if isinstance(module_dim, int) and isinstance(num_heads, int) and module_dim > 0 and num_heads > 0:
+        # An odd size is reported as such; whether it divides by the heads then does not matter.
+        if module_dim % 2 == 0 and module_dim % num_heads:
+            problems.append(f"{prefix}module_dim ({module_dim}) must be divisible by {prefix}num_heads ({num_heads})")
+        if module_dim % 2:
+            problems.append(f"{prefix}module_dim must be even (two LSTM directions), got {module_dim}")
+    attention = value("attention")
+    if attention is not None and attention not in ATTENTION_KINDS:
+        problems.append(f"{prefix}attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
+    return problems
 
 
 class LayerOutput(NamedTuple):
@@ -470,11 +494,11 @@ class DualVGR(nn.Module):
         weight = self.question_encoder.embedding.weight
         values = torch.as_tensor(np.asarray(matrix) if not isinstance(matrix, Tensor) else matrix)
         if tuple(values.shape) != tuple(weight.shape):
-            raise UserError(f"GloVe matrix has shape {tuple(values.shape)} but the model's question vocabulary "
+            raise ValueError(f"GloVe matrix has shape {tuple(values.shape)} but the model's question vocabulary "
                             f"needs {tuple(weight.shape)} (|Q| x word_dim); were the GloVe matrix and the "
                             "vocabulary made by the same preprocessing run?")
         if not bool(torch.isfinite(values).all()):
-            raise UserError("GloVe matrix contains NaN or infinite values")
+            raise ValueError("GloVe matrix contains NaN or infinite values")
         with torch.no_grad():
             weight.copy_(values.to(device=weight.device, dtype=weight.dtype))
 

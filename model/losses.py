@@ -99,12 +99,14 @@ def hsic_loss(x: Tensor, y: Tensor) -> Tensor:
         return (gram_x_centred * gram_y).sum()
 
 
-def hard_loss(output: DualVGROutput, labels: Tensor, alpha: float = 100.0,
-              beta: float = 1e-6) -> tuple[Tensor, dict[str, Tensor]]:
+def hard_loss(output: DualVGROutput, labels: Tensor, alpha: float = 100.0, beta: float = 1e-6,
+              dependence_scale: float = 1) -> tuple[Tensor, dict[str, Tensor]]:
     """CE + α · mean_ℓ C_ℓ + β · mean_ℓ (H^a_ℓ + H^m_ℓ), ℓ over the U·G graph layers.
 
     Returns the total and its parts {"ce", "common", "dependence"} (unweighted layer means,
-    still attached to the graph so callers can log or reuse them).
+    still attached to the graph so callers can log or reuse them). `dependence_scale`
+    multiplies the dependence term, a sum over the batch: a batch split over K processes whose
+    gradients are averaged passes K, so the total equals the one-process one.
     """
     layers = output.layers
     if not layers:
@@ -117,8 +119,16 @@ def hard_loss(output: DualVGROutput, labels: Tensor, alpha: float = 100.0,
         hsic_loss(layer.appearance, layer.common_appearance) + hsic_loss(layer.motion, layer.common_motion)
         for layer in layers
     ]).mean()
-    total = ce + alpha * common + beta * dependence
-    return total, {"ce": ce, "common": common, "dependence": dependence}
+    if dependence_scale != 1:
+        dependence = dependence * dependence_scale
+    return with_regularisers(ce, common, dependence, alpha, beta), {"ce": ce, "common": common,
+                                                                    "dependence": dependence}
+
+
+def with_regularisers(fit: Tensor, common: Tensor, dependence: Tensor, alpha: float, beta: float) -> Tensor:
+    """fit + α · common + β · dependence, added in this order; `fit` is the cross-entropy of the
+    hard loss, or the logit-distillation term that replaces it."""
+    return fit + alpha * common + beta * dependence
 
 
 def kd_feature_loss(student_feat: Tensor, teacher_feat: Tensor, tau: float = 1.0) -> Tensor:

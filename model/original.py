@@ -4,7 +4,9 @@ Those files are a `torch.save` of `{epoch, state_dict, optimizer, model_kwargs}`
 state-dict keys follow the original module tree (`linguistic_input_unit.*`,
 `visual_input_unit.appearance_GCN.{k}.attention_{h}.W.weight`, ...). `original_to_ours` and
 `ours_to_original` translate between that layout and ours, both strictly: a missing or extra
-key, or a shape that does not fit the config, raises a UserError naming the key.
+key, or a shape that does not fit the config, raises an OriginalCheckpointError naming the key.
+`convert_original_checkpoint` turns such a file's contents (read by the caller) into our config
+and state dict.
 
 The only structural difference is the graph-attention block: the original keeps one module
 per head (`attention_{h}.W`: Linear(d → dh), `attention_{h}.a`: Linear(2·dh → 1)); ours stacks
@@ -14,7 +16,6 @@ on h_i) and `attn_neighbor` (last dh weights, acting on h_j).
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Mapping
 
@@ -22,7 +23,11 @@ import torch
 from torch import Tensor
 
 from model.dualvgr import DualVGR, ModelConfig
-from vqakd.errors import UserError, require_file
+
+
+class OriginalCheckpointError(ValueError):
+    """An original checkpoint that cannot be converted; the message names the file and the key."""
+
 
 _LSTM_PARAMS = tuple(f"{kind}_{part}_l0{suffix}" for suffix in ("", "_reverse")
                      for kind, part in (("weight", "ih"), ("weight", "hh"), ("bias", "ih"), ("bias", "hh")))
@@ -121,18 +126,22 @@ def _original_shapes(config: ModelConfig, ours: dict) -> dict[str, tuple[int, ..
 def _check_keys(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
     missing = [key for key in expected if key not in state]
     if missing:
-        raise UserError(f"{what}: missing key {missing[0]!r}"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise OriginalCheckpointError(
+            f"{what}: missing key {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     extra = [key for key in state if key not in expected]
     if extra:
-        raise UserError(f"{what}: unexpected key {extra[0]!r}"
-                        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise OriginalCheckpointError(
+            f"{what}: unexpected key {extra[0]!r}"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     for key, shape in expected.items():
         value = state[key]
         if not isinstance(value, Tensor):
-            raise UserError(f"{what}: key {key!r} holds a {type(value).__name__}, not a tensor")
+            raise OriginalCheckpointError(
+                f"{what}: key {key!r} holds a {type(value).__name__}, not a tensor")
         if tuple(value.shape) != tuple(shape):
-            raise UserError(f"{what}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+            raise OriginalCheckpointError(
+                f"{what}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
 
 
 def ours_to_original(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
@@ -188,10 +197,12 @@ def _indices(state: Mapping[str, Tensor], pattern: str) -> set[int]:
 def _shape_of(state: Mapping[str, Tensor], key: str, what: str, dims: int) -> tuple[int, ...]:
     value = state.get(key)
     if value is None:
-        raise UserError(f"{what}: missing key {key!r}")
+        raise OriginalCheckpointError(
+            f"{what}: missing key {key!r}")
     if not isinstance(value, Tensor) or value.dim() != dims:
-        raise UserError(f"{what}: key {key!r} should be a {dims}-d tensor, "
-                        f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+        raise OriginalCheckpointError(
+            f"{what}: key {key!r} should be a {dims}-d tensor, "
+            f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
     return tuple(value.shape)
 
 
@@ -199,11 +210,14 @@ def _kwarg_int(kwargs: Mapping, name: str, derived: int | None, what: str) -> in
     """An integer from model_kwargs, cross-checked against what the weights say."""
     value = kwargs.get(name, derived)
     if value is None:
-        raise UserError(f"{what}: model_kwargs has no {name!r}")
+        raise OriginalCheckpointError(
+            f"{what}: model_kwargs has no {name!r}")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{what}: model_kwargs[{name!r}] = {value!r} is not an integer")
+        raise OriginalCheckpointError(
+            f"{what}: model_kwargs[{name!r}] = {value!r} is not an integer")
     if derived is not None and value != derived:
-        raise UserError(f"{what}: model_kwargs[{name!r}] = {value} but the weights imply {derived}")
+        raise OriginalCheckpointError(
+            f"{what}: model_kwargs[{name!r}] = {value} but the weights imply {derived}")
     return value
 
 
@@ -218,21 +232,26 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
     graph_modules = _indices(state, r"visual_input_unit\.appearance_GCN\.(\d+)\.")
     heads = _indices(state, r"visual_input_unit\.appearance_GCN\.0\.attention_(\d+)\.")
     if not units:
-        raise UserError(f"{what}: missing key 'visual_input_unit.queryAttn.0.fc.weight'")
+        raise OriginalCheckpointError(
+            f"{what}: missing key 'visual_input_unit.queryAttn.0.fc.weight'")
     if not graph_modules or not heads:
-        raise UserError(f"{what}: missing key 'visual_input_unit.appearance_GCN.0.attention_0.W.weight'")
+        raise OriginalCheckpointError(
+            f"{what}: missing key 'visual_input_unit.appearance_GCN.0.attention_0.W.weight'")
     unit_layers = max(units) + 1
     if (max(graph_modules) + 1) % unit_layers:
-        raise UserError(f"{what}: {max(graph_modules) + 1} graph-attention modules per role do not divide "
-                        f"into {unit_layers} units")
+        raise OriginalCheckpointError(
+            f"{what}: {max(graph_modules) + 1} graph-attention modules per role do not divide "
+            f"into {unit_layers} units")
     graph_layers = (max(graph_modules) + 1) // unit_layers
     if fusion_wide % fusion_dim:
-        raise UserError(f"{what}: key {_FUSION_IN_KEY!r} has {fusion_wide} rows, not a multiple of "
-                        f"the pooled size {fusion_dim}")
+        raise OriginalCheckpointError(
+            f"{what}: key {_FUSION_IN_KEY!r} has {fusion_wide} rows, not a multiple of "
+            f"the pooled size {fusion_dim}")
 
     graph_module = model_kwargs.get("graph_module", "GAT")
     if graph_module != "GAT":
-        raise UserError(f"{what}: model_kwargs['graph_module'] = {graph_module!r}; only 'GAT' models exist")
+        raise OriginalCheckpointError(
+            f"{what}: model_kwargs['graph_module'] = {graph_module!r}; only 'GAT' models exist")
     # DualVGR's own train.py never stored `unit_layers` (its model then used the class default),
     # so the unit and layer counts come from the weights and are only cross-checked here.
     unit_layers = _kwarg_int(model_kwargs, "unit_layers", unit_layers, what)
@@ -241,9 +260,10 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
         # The original code runs layer (u, g) with module index u + g, so units share graph
         # layers and some stored modules are never used; that network cannot be expressed with
         # per-unit parameters (index u·G + g), and loading it would silently change its output.
-        raise UserError(f"{what}: a checkpoint with unit_layers={unit_layers} and graph_layers={graph_layers} "
-                        "cannot be converted: the original code shares graph layers between units "
-                        "(module index u+g), which this model does not")
+        raise OriginalCheckpointError(
+            f"{what}: a checkpoint with unit_layers={unit_layers} and graph_layers={graph_layers} "
+            "cannot be converted: the original code shares graph layers between units "
+            "(module index u+g), which this model does not")
     return ModelConfig(
         question_vocab_size=question_vocab,
         answer_vocab_size=answer_vocab,
@@ -259,23 +279,22 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
     )
 
 
-def load_original_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """Read a checkpoint written by the original DualVGR/VQAKD code -> (config, our state dict)."""
-    path = require_file(path, "original DualVGR checkpoint")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types here (pickle, zip, EOF, runtime); all mean "unreadable"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: cannot read it as a PyTorch checkpoint ({reason})") from None
-    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
-        raise UserError(f"{path}: not an original DualVGR checkpoint (no 'state_dict' entry)")
+def convert_original_checkpoint(checkpoint: Mapping, path: str) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """The contents of a checkpoint written by the original DualVGR/VQAKD code (the dict its
+    `torch.save` wrote, already loaded) -> (our config, our state dict). `path` starts every
+    error message."""
+    if "state_dict" not in checkpoint:
+        raise OriginalCheckpointError(
+            f"{path}: not an original DualVGR checkpoint (no 'state_dict' entry)")
     state = checkpoint["state_dict"]
     if not isinstance(state, Mapping):
-        raise UserError(f"{path}: 'state_dict' is a {type(state).__name__}, not a mapping")
+        raise OriginalCheckpointError(
+            f"{path}: 'state_dict' is a {type(state).__name__}, not a mapping")
     model_kwargs = checkpoint.get("model_kwargs")
     if not isinstance(model_kwargs, Mapping):
-        raise UserError(f"{path}: checkpoint has no 'model_kwargs' dict (vision_dim, module_dim, word_dim, "
-                        "num_of_nodes, graph_layers)")
+        raise OriginalCheckpointError(
+            f"{path}: checkpoint has no 'model_kwargs' dict (vision_dim, module_dim, word_dim, "
+            "num_of_nodes, graph_layers)")
     # A model trained under nn.DataParallel was saved with every key prefixed by 'module.'.
     if state and all(isinstance(key, str) and key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}

@@ -33,13 +33,14 @@ def _one_step(config, stage: str, teacher_path: str | None) -> dict:
     """Losses and gradients of the first training batch of a fresh run of `stage`."""
     from vqakd.checkpoint import seed_everything
     from vqakd.data import load_data, make_loader
-    from vqakd.engine import _forward, build_student_or_teacher, compute_loss, load_teacher
+    from vqakd.engine import compute_loss, forward_batch
+    from vqakd.models import build_model_for_stage, load_teacher
 
     device = torch.device("cpu")
     bundle = load_data(config, device=device, progress=False)
     teacher = load_teacher(teacher_path, config, bundle, device)[0] if teacher_path else None
     seed_everything(config.train.seed)
-    model = build_student_or_teacher(config, stage, bundle, device, False)
+    model = build_model_for_stage(config, stage, bundle, device, False)
     loader = make_loader(bundle.splits["train"], bundle.table, config.train.batch_size, True, config.train.seed, 0,
                          False)
     loader.sampler.set_epoch(1)
@@ -48,8 +49,8 @@ def _one_step(config, stage: str, teacher_path: str | None) -> dict:
     teacher_output = None
     if teacher is not None:
         with torch.no_grad():
-            teacher_output = _forward(teacher, batch)
-    output = _forward(model, batch)
+            teacher_output = forward_batch(teacher, batch)
+    output = forward_batch(model, batch)
     values = compute_loss(output, batch["answer"], config.loss, stage, teacher_output)
     values["loss"].backward()
     return {"losses": {name: float(value) for name, value in values.items()}, "grads": _grad_summary(model)}

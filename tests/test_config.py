@@ -136,9 +136,7 @@ def test_train_cli_flags_reach_the_config(monkeypatch):
     def fake_run(config, stage, **kwargs):
         seen.update(config=config, stage=stage, **kwargs)
 
-    import vqakd.engine
-
-    monkeypatch.setattr(vqakd.engine, "run_training", fake_run)
+    monkeypatch.setattr(train, "run_training", fake_run)
     assert train.main(["--cfg", MSVD, "--stage", "student", "--kd_alpha", "2", "--t_mo", "3", "--unit_layers", "2",
                        "--distill", "logit", "--device", "cpu", "--set", "train.epochs=3", "--resume"]) == 0
     config = seen["config"]
@@ -164,3 +162,24 @@ def test_path_templates(tmp_path):
         load_config(write(tmp_path, "data:\n  vocab: /d/{split}.json\n"))
     with pytest.raises(UserError, match="unknown stage 'pupil'"):
         load_config(None).stage("pupil")
+
+
+def test_model_section_is_the_network_settings_less_what_data_and_stage_set():
+    """One list of network settings: every ModelConfig field but the vocabulary sizes (from the
+    data) and the graph layers (per stage) is a `model.` key with ModelConfig's default, and
+    reaches the network unchanged."""
+    import dataclasses
+
+    from model import ModelConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+              if f.name not in ("question_vocab_size", "answer_vocab_size", "graph_layers")}
+    assert config_to_dict(load_config(None))["model"] == fields
+    config = load_config(None, ["model.fusion_factor=3", "model.graph_dropout=0.25"])
+    network = ModelConfig(question_vocab_size=9, answer_vocab_size=5, graph_layers=config.student.graph_layers,
+                          **dataclasses.asdict(config.model))
+    assert (network.fusion_factor, network.graph_dropout, network.graph_layers) == (3, 0.25, 1)
+    with pytest.raises(UserError, match=r"model.graph_dropout must be in \[0, 1\), got 1.0"):
+        load_config(None, ["model.graph_dropout=1.0"])
+    with pytest.raises(ValueError, match=r"ModelConfig.graph_dropout must be in \[0, 1\), got 1.0"):
+        ModelConfig(question_vocab_size=9, answer_vocab_size=5, graph_dropout=1.0)

@@ -24,7 +24,6 @@ from cli_helpers import run_main as quiet_run_main
 from test_train_fixtures import make_dataset, tiny_config_dict, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 import validate  # noqa: E402
@@ -242,7 +241,7 @@ def test_global_batchnorm_agreement_and_nan_watch_in_two_processes(tmp_path):
 
 def test_global_batch_is_split_and_must_divide():
     from vqakd.data import EpochBatchSampler
-    from vqakd.engine import per_process_batch
+    from train import per_process_batch
 
     assert per_process_batch(256, 4) == 64 and per_process_batch(32, 1) == 32
     with pytest.raises(UserError, match=r"train.batch_size \(30\) is the global batch .* \(4\); e.g. --set "
@@ -275,7 +274,7 @@ def test_hsic_term_is_scaled_per_share():
 
 
 def test_single_process_pieces_need_no_process_group(monkeypatch):
-    from vqakd.engine import resolve_training_device
+    from vqakd.device import resolve_process_device
 
     layer = torch.nn.BatchNorm1d(3)
     converted = dist.convert_batchnorm(torch.nn.Sequential(layer))
@@ -291,5 +290,5 @@ def test_single_process_pieces_need_no_process_group(monkeypatch):
     with pytest.raises(UserError, match="launch with torchrun"):
         dist.init_distributed()
     with pytest.raises(UserError, match="under torchrun every process uses cuda:LOCAL_RANK"):
-        resolve_training_device("cuda:1")
-    assert resolve_training_device("cpu") == torch.device("cpu")
+        resolve_process_device("cuda:1", what="train.device")
+    assert resolve_process_device("cpu", what="train.device") == torch.device("cpu")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from model import DualVGR, DualVGROutput, LayerOutput, ModelConfig
 from model.dualvgr import GraphAttention
 from model.losses import feature_distill_loss, hard_loss
-from model.original import load_original_checkpoint, original_to_ours, ours_to_original
+from model.original import OriginalCheckpointError, original_to_ours, ours_to_original
+from vqakd.checkpoint import load_checkpoint
 from vqakd.errors import UserError
 
 SPEC_TEACHER_PARAMS = 30_294_700
@@ -251,7 +253,7 @@ def test_load_glove_overwrites_embedding_and_checks_shape():
     model.load_glove(glove)
     assert torch.equal(model.question_encoder.embedding.weight.detach(), torch.from_numpy(glove))
     assert model.question_encoder.embedding.weight.requires_grad
-    with pytest.raises(UserError, match=r"\(29, 12\)"):
+    with pytest.raises(ValueError, match=r"\(29, 12\)"):
         model.load_glove(glove[:-1])
 
 
@@ -326,6 +328,13 @@ def test_student_total_loss_reaches_every_student_parameter_and_no_teacher_param
 def original_kwargs(config):
     return {"vision_dim": config.vision_dim, "module_dim": config.module_dim, "word_dim": config.word_dim,
             "num_of_nodes": config.num_nodes, "graph_module": "GAT", "graph_layers": config.graph_layers}
+
+
+def load_original_checkpoint(path):
+    """An original checkpoint read the way validate.py reads it -> (ModelConfig, our state dict)."""
+    checkpoint = load_checkpoint(str(path))
+    assert checkpoint["original"] is True
+    return ModelConfig(**checkpoint["model_config"]), checkpoint["state_dict"]
 
 
 def randomised(model):
@@ -423,7 +432,7 @@ def test_original_checkpoint_errors_name_the_key(tmp_path):
         load_original_checkpoint(tmp_path / "absent.pt")
 
     # our own layout is refused with a key name too
-    with pytest.raises(UserError, match="missing key"):
+    with pytest.raises(OriginalCheckpointError, match="missing key"):
         original_to_ours(make_model(config).state_dict(), config)
 
 
@@ -475,3 +484,20 @@ def test_compiled_model_matches_eager():
         eager = model(*inputs).logits
         compiled = torch.compile(model)(*inputs).logits
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_model_package_stands_alone():
+    """model/ is the network and its losses only: it imports nothing from the vqakd toolkit."""
+    import ast
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model")
+    imported = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            tree = ast.parse(open(os.path.join(folder, name), encoding="utf-8").read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    imported.append((name, node.module))
+                elif isinstance(node, ast.Import):
+                    imported += [(name, alias.name) for alias in node.names]
+    assert imported and not [(name, module) for name, module in imported if module.split(".")[0] == "vqakd"]

@@ -34,7 +34,6 @@ from cli_helpers import run_main as quiet_run_main
 from test_train_fixtures import make_dataset, tiny_config_dict, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 import validate  # noqa: E402
@@ -586,7 +585,6 @@ class Exploit:
 
 
 def test_checkpoint_holding_a_pickled_object_is_refused_everywhere(tiny, reference, tmp_path):
-    from model.original import load_original_checkpoint
     from vqakd.extraction.resnext3d import load_resnext101
 
     marker = tmp_path / "code_ran"
@@ -608,7 +606,7 @@ def test_checkpoint_holding_a_pickled_object_is_refused_everywhere(tiny, referen
     # an original-layout checkpoint and a ResNeXt weights file with the same payload
     torch.save({"epoch": 1, "state_dict": {}, "model_kwargs": {}, "payload": Exploit(marker)}, evil_path)
     with pytest.raises(UserError, match=str(evil_path)):
-        load_original_checkpoint(str(evil_path))
+        load_checkpoint(str(evil_path))
     torch.save({"state_dict": {"conv1.weight": Exploit(marker)}}, evil_path)
     with pytest.raises(UserError, match=str(evil_path)):
         load_resnext101(str(evil_path))
@@ -651,6 +649,5 @@ def test_every_torch_load_is_weights_only_and_no_plain_unpickling():
                     unsafe.append(f"{os.path.relpath(path, ROOT)}:{call.lineno}: pickle.{function} "
                                   "(use vqakd.safe_pickle)")
     assert not unsafe, unsafe
-    # the scan sees the real loaders: checkpoints, original checkpoints, ResNeXt weights
-    assert {os.path.join("vqakd", "checkpoint.py"), os.path.join("model", "original.py"),
-            os.path.join("vqakd", "extraction", "weights.py")} <= set(loads), loads
+    # the scan sees the real loaders: checkpoints (ours and original ones), ResNeXt weights
+    assert {os.path.join("vqakd", "checkpoint.py"), os.path.join("vqakd", "extraction", "weights.py")} <= set(loads), loads

@@ -19,7 +19,6 @@ from cli_helpers import run_main
 from test_train_fixtures import make_dataset, tiny_config_dict, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 import validate  # noqa: E402
@@ -275,17 +274,18 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path):
 def test_teacher_is_frozen_and_never_updated(tiny):
     from vqakd.config import load_config
     from vqakd.data import load_data, make_loader
-    from vqakd.engine import build_student_or_teacher, train_one_epoch
+    from vqakd.engine import train_one_epoch
+    from vqakd.models import build_model_for_stage
 
     config = load_config(tiny["cfg"], ["data.use_glove=false"])
     device = torch.device("cpu")
     bundle = load_data(config, splits=("train",), device=device, progress=False)
     torch.manual_seed(0)
-    teacher = build_student_or_teacher(config, "teacher", bundle, device, False)
+    teacher = build_model_for_stage(config, "teacher", bundle, device, False)
     teacher.eval()
     teacher.requires_grad_(False)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student = build_student_or_teacher(config, "student", bundle, device, False)
+    student = build_model_for_stage(config, "student", bundle, device, False)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
     loader = make_loader(bundle.splits["train"], bundle.table, 64, True, 0, 0, False)
     stats = train_one_epoch(student, loader, optimizer, device, 1, stage="student", loss_cfg=config.loss,
@@ -301,12 +301,13 @@ def test_nan_loss_names_epoch_step_and_part(tiny, monkeypatch):
     import vqakd.engine as engine
     from vqakd.config import load_config
     from vqakd.data import load_data, make_loader
+    from vqakd.models import build_model_for_stage
 
     config = load_config(tiny["cfg"], ["data.use_glove=false"])
     device = torch.device("cpu")
     bundle = load_data(config, splits=("train",), device=device, progress=False)
     torch.manual_seed(0)
-    model = engine.build_student_or_teacher(config, "teacher", bundle, device, False)
+    model = build_model_for_stage(config, "teacher", bundle, device, False)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = make_loader(bundle.splits["train"], bundle.table, 32, True, 0, 0, False)
     real = engine.compute_loss
@@ -426,13 +427,13 @@ def test_validate_checks_the_data_against_the_checkpoint(teacher_run, tmp_path):
 def _small_training_setup(tiny):
     from vqakd.config import load_config
     from vqakd.data import load_data, make_loader
-    from vqakd.engine import build_student_or_teacher
+    from vqakd.models import build_model_for_stage
 
     config = load_config(tiny["cfg"], ["data.use_glove=false"])
     device = torch.device("cpu")
     bundle = load_data(config, splits=("train",), device=device, progress=False)
     torch.manual_seed(0)
-    model = build_student_or_teacher(config, "teacher", bundle, device, False)
+    model = build_model_for_stage(config, "teacher", bundle, device, False)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = make_loader(bundle.splits["train"], bundle.table, 32, True, 0, 0, False, reuse_buffers=True)
     return config, device, model, optimizer, loader

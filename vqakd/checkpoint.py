@@ -8,9 +8,9 @@ Our checkpoint is a dict of tensors and plain Python values only, so it loads wi
   tensors and lists), metrics (this epoch's row), history (all rows so far), best
   ({epoch, val_accuracy}), vocab ({question_size, answer_size, sha256, path}), config (the run's
   whole config as a dict).
-A checkpoint written by the original DualVGR/VQAKD code (it has `model_kwargs`) is converted
-with `model.original.load_original_checkpoint` and returned in the same shape, minus the
-training state.
+A checkpoint written by the original DualVGR/VQAKD code (it has `model_kwargs`) is read the same
+way, converted with `model.original.convert_original_checkpoint` and returned in the same
+shape, minus the training state.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 import vqakd
+from model import DualVGR, ModelConfig
+from model.original import OriginalCheckpointError, convert_original_checkpoint
 from vqakd.errors import UserError, require_file
 from vqakd.io import atomic_path
 
@@ -122,9 +124,10 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if not isinstance(checkpoint, Mapping):
         raise UserError(f"{path}: not a checkpoint (a {type(checkpoint).__name__}, expected a dict)")
     if "model_kwargs" in checkpoint:
-        from model.original import load_original_checkpoint
-
-        model_config, state_dict = load_original_checkpoint(path)
+        try:
+            model_config, state_dict = convert_original_checkpoint(checkpoint, path)
+        except OriginalCheckpointError as exc:
+            raise UserError(str(exc)) from None
         return {"format": "original-dualvgr", "original": True, "stage": None,
                 "epoch": checkpoint.get("epoch"), "model_config": dataclasses.asdict(model_config),
                 "state_dict": state_dict, "vocab": {}, "config": {}, "metrics": {}, "history": [], "best": {}}
@@ -139,9 +142,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     return checkpoint
 
 
-def model_config_from(checkpoint: Mapping[str, Any], path: str):
-    from model import ModelConfig
-
+def model_config_from(checkpoint: Mapping[str, Any], path: str) -> ModelConfig:
     raw = dict(checkpoint["model_config"])
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(raw) - known)
@@ -153,30 +154,37 @@ def model_config_from(checkpoint: Mapping[str, Any], path: str):
         raise UserError(f"{path}: invalid model_config ({exc})") from None
 
 
-def load_state_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str) -> None:
-    """`load_state_dict(strict=True)` with an error naming the first bad key."""
+def load_state_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str,
+                      what: str = "checkpoint") -> None:
+    """`load_state_dict(strict=True)` with a one-line error naming `path`, `what` it holds and the
+    first missing, unexpected or misshapen key.
+
+    A missing BatchNorm `num_batches_tracked` counter is allowed (files saved before PyTorch 0.4.1
+    lack it): the model's own counter is kept.
+    """
     expected = model.state_dict()
-    missing = [key for key in expected if key not in state_dict]
+    problem = f"{path}: {what} weights do not fit the model"
+    missing = [key for key in expected if key not in state_dict and not key.endswith("num_batches_tracked")]
     unexpected = [key for key in state_dict if key not in expected]
     if missing:
-        raise UserError(f"{path}: weights do not fit the model: missing key {missing[0]!r}"
+        raise UserError(f"{problem}: missing key {missing[0]!r}"
                         + (f" ({len(missing)} missing)" if len(missing) > 1 else ""))
     if unexpected:
-        raise UserError(f"{path}: weights do not fit the model: unexpected key {unexpected[0]!r}"
+        raise UserError(f"{problem}: unexpected key {unexpected[0]!r}"
                         + (f" ({len(unexpected)} unexpected)" if len(unexpected) > 1 else ""))
+    counters = [key for key in expected if key not in state_dict]
+    if counters:
+        state_dict = {**state_dict, **{key: expected[key] for key in counters}}
     for key, value in expected.items():
         got = state_dict[key]
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(value.shape):
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            raise UserError(f"{path}: weights do not fit the model: key {key!r} has shape {shape}, "
-                            f"the model needs {tuple(value.shape)}")
+            raise UserError(f"{problem}: key {key!r} has shape {shape}, the model needs {tuple(value.shape)}")
     model.load_state_dict(state_dict, strict=True)
 
 
-def build_model(checkpoint: Mapping[str, Any], path: str, device: torch.device):
-    """The network a checkpoint describes, with its weights loaded, on `device`."""
-    from model import DualVGR
-
+def model_from_checkpoint(checkpoint: Mapping[str, Any], path: str, device: torch.device) -> DualVGR:
+    """The network a (loaded) checkpoint describes, with its weights loaded, on `device`."""
     model = DualVGR(model_config_from(checkpoint, path))
     load_state_strict(model, checkpoint["state_dict"], path)
     return model.to(device)

@@ -29,11 +29,17 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from model import ModelConfig
+from model.dualvgr import model_config_problems
 from vqakd.errors import UserError
+from vqakd.flags import ORIGINAL_FLAGS, STAGES
 from vqakd.io import atomic_open
 
+__all__ = ["ORIGINAL_FLAGS", "STAGES", "Config", "DataConfig", "ModelSection", "StageSection", "TrainConfig",
+           "LossConfig", "load_config", "config_from_dict", "config_to_dict", "dump_config", "eval_batch_size",
+           "parse_override", "read_yaml"]
+
 DATASET_CHOICES = ("msvd-qa", "msrvtt-qa", "demo")
-STAGES = ("teacher", "student")
 
 
 @dataclass
@@ -61,23 +67,24 @@ class DataConfig:
     feature_device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-@dataclass
-class ModelSection:
-    """Network sizes shared by teacher and student (SPEC §3); graph layers are per stage."""
+# ModelConfig fields that are not in the `model:` section: the vocabulary sizes come from the
+# data, the graph layers from the stage (`teacher.graph_layers`, `student.graph_layers`).
+NOT_IN_MODEL_SECTION = ("question_vocab_size", "answer_vocab_size", "graph_layers")
 
-    vision_dim: int = 2048
-    module_dim: int = 768
-    word_dim: int = 300
-    num_nodes: int = 8          # clips per video N; must equal the feature files' clip count
-    unit_layers: int = 1        # U
-    num_heads: int = 4
-    fusion_dim: int = 256
-    fusion_factor: int = 2
-    word_dropout: float = 0.15
-    frame_dropout: float = 0.15
-    encoder_dropout: float = 0.18
-    graph_dropout: float = 0.15
-    head_dropout: float = 0.15
+
+def _model_section_class() -> type:
+    """The `model:` section: model.ModelConfig's own fields, types and defaults, less the ones
+    set elsewhere, so a new network setting is a config key without further code."""
+    hints = typing.get_type_hints(ModelConfig)
+    fields = [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(ModelConfig)
+              if f.name not in NOT_IN_MODEL_SECTION]
+    section = dataclasses.make_dataclass("ModelSection", fields)
+    section.__module__ = __name__
+    section.__doc__ = "Network sizes shared by teacher and student (model.ModelConfig); graph layers are per stage."
+    return section
+
+
+ModelSection = _model_section_class()
 
 
 @dataclass
@@ -146,18 +153,6 @@ class Config:
 
     def stage_dir(self, stage: str) -> str:
         return os.path.join(self.output_dir, stage)
-
-
-# The original DualVGR / VQAKD command-line flags and the keys they set.
-ORIGINAL_FLAGS = {
-    "alpha": "loss.alpha",
-    "beta": "loss.beta",
-    "unit_layers": "model.unit_layers",
-    "t_app": "loss.tau_app",
-    "t_mo": "loss.tau_mo",
-    "kd_alpha": "loss.kappa_app",
-    "kd_beta": "loss.kappa_mo",
-}
 
 
 # ---------------------------------------------------------------------------- typed conversion
@@ -379,9 +374,7 @@ def check_values(config: Config, source: str) -> None:
         if value is not None and not value > 0:
             problems.append(f"{section}.{name} must be > 0, got {value}")
 
-    for name in ("vision_dim", "module_dim", "word_dim", "num_nodes", "unit_layers", "num_heads",
-                 "fusion_dim", "fusion_factor"):
-        positive("model", name)
+    problems += model_config_problems(config.model, "model.")
     for stage in STAGES:
         positive(stage, "graph_layers")
     for name in ("lr", "batch_size", "eval_batch_size", "epochs", "lr_halve_every", "lr_decay", "grad_clip",
@@ -394,15 +387,6 @@ def check_values(config: Config, source: str) -> None:
             problems.append(f"loss.{name} must be >= 0, got {getattr(config.loss, name)}")
     if not 0.0 <= config.loss.logit_mix <= 1.0:
         problems.append(f"loss.logit_mix must be in [0, 1], got {config.loss.logit_mix}")
-    for name in ("word_dropout", "frame_dropout", "encoder_dropout", "graph_dropout", "head_dropout"):
-        value = getattr(config.model, name)
-        if not 0.0 <= value < 1.0:
-            problems.append(f"model.{name} must be in [0, 1), got {value}")
-    if config.model.module_dim % 2 == 0 and config.model.module_dim % config.model.num_heads:
-        problems.append(f"model.module_dim ({config.model.module_dim}) must be divisible by "
-                        f"model.num_heads ({config.model.num_heads})")
-    if config.model.module_dim % 2:
-        problems.append(f"model.module_dim must be even (two LSTM directions), got {config.model.module_dim}")
     if config.train.num_workers < 0:
         problems.append(f"train.num_workers must be >= 0, got {config.train.num_workers}")
     if config.train.seed < 0:

@@ -31,7 +31,7 @@ from vqakd.distributed import local_world_size
 from vqakd.errors import UserError, require_file
 from vqakd.feature_table import FeatureFileInfo, FeatureTable, choose_table_device, load_feature_table
 from vqakd.metrics import question_type_codes
-from vqakd.questions import load_question_file
+from vqakd.questions import check_vocab_binding, load_question_file
 from vqakd.vocab import NULL_TOKEN, UNK_TOKEN, Vocabulary
 
 MISSING_IDS_SHOWN = 5
@@ -54,6 +54,13 @@ class QuestionSplit:
     video_names: list[str]
     question_text: Optional[list[str]]
     glove: Optional[np.ndarray]
+    record_id: Optional[list] = None          # the annotation records' ids (our files only)
+    clip_names: Optional[list[str]] = None    # the video files' names (our files only)
+
+    def display_id(self, index: int):
+        """The id a user finds in the annotations: the record's id where the file has it, else
+        the file's question_id (the running index in files of the original code)."""
+        return (self.record_id if self.record_id is not None else self.question_id)[index]
 
     def __len__(self) -> int:
         return int(self.questions.shape[0])
@@ -76,6 +83,7 @@ def _check_video_ids(path: str, video_ids: np.ndarray, info: FeatureFileInfo) ->
 def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable) -> QuestionSplit:
     require_file(path, f"{name} question file", "make it with preprocess/preprocess_questions.py")
     data = load_question_file(path, vocab.question_size, vocab.answer_size)
+    check_vocab_binding(data, path, vocab.path, vocab.sha256)
     _check_video_ids(path, data["video_ids"], table.appearance_info)
     _check_video_ids(path, data["video_ids"], table.motion_info)
     app_rows, mot_rows = table.rows(data["video_ids"])
@@ -89,6 +97,7 @@ def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable) -> 
         app_rows=torch.from_numpy(app_rows), mot_rows=torch.from_numpy(mot_rows),
         question_id=data["question_id"], video_ids=data["video_ids"], video_names=data["video_names"],
         question_text=data["question_text"], glove=data["glove"],
+        record_id=data["record_id"], clip_names=data["clip_names"],
     )
 
 

@@ -246,7 +246,7 @@ def time_inference(plan: DemoPlan) -> dict:
     """Per stage: median seconds of one pass over the test split, and that pass's accuracy."""
     import torch
 
-    from vqakd.checkpoint import build_model, load_checkpoint
+    from vqakd.checkpoint import load_checkpoint, model_from_checkpoint
     from vqakd.config import eval_batch_size, load_config
     from vqakd.data import load_data, make_loader
     from vqakd.device import resolve_device
@@ -261,7 +261,7 @@ def time_inference(plan: DemoPlan) -> dict:
     timings = {}
     for stage in STAGES:
         path = os.path.join(plan.stage_dir(stage), "best.pt")
-        model = build_model(load_checkpoint(path), path, device)
+        model = model_from_checkpoint(load_checkpoint(path), path, device)
         summary, _ = evaluate(model, loader, device)          # warm-up (and the accuracy check)
         passes = []
         for _ in range(TIMING_PASSES):

@@ -1,4 +1,5 @@
-"""Accuracy overall and per question type, kept as sums/counts; a small smoothed-value logger.
+"""Accuracy overall and per question type, kept as sums/counts; a small smoothed-value logger;
+the rows of a run's metrics.csv and its one-line epoch summary.
 
 Question type (SPEC §5) = the first token of the question: what / who / how / when / where;
 every other question counts only in the overall figure. Counts are kept per type in one
@@ -12,19 +13,24 @@ the arg-max happens to be that index, and they stay in the denominator.
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections import deque
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
 from vqakd.distributed import all_reduce_sum
+from vqakd.io import atomic_open
 
 QUESTION_TYPES = ("what", "who", "how", "when", "where")
 OTHER_TYPE = len(QUESTION_TYPES)            # code of every other first token
 NUM_TYPE_CODES = len(QUESTION_TYPES) + 1
 UNKNOWN_ANSWER_LABELS = (0, 1)              # <UNK0>, <UNK1>: never a correct prediction
 FIRST_ANSWER_LABEL = max(UNKNOWN_ANSWER_LABELS) + 1
+# Loss parts in reporting order; "loss" is the total that is minimised.
+LOSS_PARTS = ("loss", "hard", "ce", "common", "dependence", "app", "mo", "kd")
 
 
 def question_type_code(first_token: str) -> int:
@@ -136,3 +142,44 @@ class MetricLogger:
 
     def averages(self) -> dict[str, float]:
         return {name: meter.global_avg for name, meter in self.meters.items()}
+
+
+# ----------------------------------------------------------------------------------- metrics.csv
+
+def metrics_row(epoch: int, lr: float, train: Mapping, val: Mapping, epoch_time: float) -> dict[str, Any]:
+    """One metrics.csv row: every column always present (empty where a part does not apply).
+    `time_s` is the whole epoch (training and validation)."""
+    row: dict[str, Any] = {"epoch": epoch, "lr": lr, "time_s": round(epoch_time, 3),
+                           "train_questions_per_s": round(train["questions_per_s"], 2)}
+    for name in LOSS_PARTS:
+        row[f"train_{name}"] = train.get(name, "")
+    for prefix, summary in (("train", train["accuracy"]), ("val", val)):
+        row[f"{prefix}_acc"] = summary["accuracy"]
+        for qtype in QUESTION_TYPES:
+            row[f"{prefix}_acc_{qtype}"] = summary["per_type"][qtype]["accuracy"]
+    row["val_count"] = val["count"]
+    return row
+
+
+def write_metrics_csv(path: str, rows: list[Mapping[str, Any]]) -> None:
+    if not rows:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        handle.write(buffer.getvalue())
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def epoch_line(row: Mapping[str, Any], epochs: int, is_best: bool) -> str:
+    """The log line of one epoch, from its metrics.csv row."""
+    losses = " ".join(f"{name} {_fmt(row[f'train_{name}'])}" for name in LOSS_PARTS if row[f"train_{name}"] != "")
+    per_type = " ".join(f"{qtype} {100 * row[f'val_acc_{qtype}']:.1f}" for qtype in QUESTION_TYPES)
+    return (f"epoch {row['epoch']}/{epochs} | {losses} | train acc {100 * row['train_acc']:.2f}% | "
+            f"val acc {100 * row['val_acc']:.2f}% ({per_type}) | lr {row['lr']:.3g} | {row['time_s']:.1f}s"
+            + (" | best" if is_best else ""))

@@ -32,10 +32,12 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str, stage: str) -> Non
     """Write the curves of `rows` (dicts with epoch, train_<part>, train_acc, val_acc) to `path`."""
     if not rows:
         return
+    # Imported here, not at the top: matplotlib takes a second to load and only rank 0 draws.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [int(row["epoch"]) for row in rows]
     figure, (loss_axis, reg_axis, acc_axis) = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -69,8 +71,6 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str, stage: str) -> Non
     acc_axis.set_xlabel("epoch")
     acc_axis.legend()
     acc_axis.grid(alpha=0.3)
-
-    from matplotlib.ticker import MaxNLocator
 
     for axis in (loss_axis, reg_axis, acc_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -88,4 +88,5 @@ def load_weights(network: nn.Module, path: str, what: str) -> None:
     state = read_state_dict(path, what)
     counters = {key: value for key, value in network.state_dict().items()
                 if key.endswith("num_batches_tracked") and key not in state}
-    load_state_strict(network, {**state, **counters}, path)
+    # "ResNet-101 weights" -> "<path>: ResNet-101 weights do not fit the model: ..."
+    load_state_strict(network, {**state, **counters}, path, what=what.removesuffix(" weights"))

@@ -1,0 +1,86 @@
+"""The folder of one training stage, `<output_dir>/<stage>/`, and its log.
+
+    last.pt, best.pt     checkpoints (vqakd.checkpoint)
+    metrics.csv          one row per epoch (vqakd.metrics.metrics_row)
+    results.json         test figures of best.pt
+    curves.png           loss and accuracy curves (vqakd.plots)
+    config.yml           the run's whole config
+    train.log            every line the run printed
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from vqakd import distributed as dist
+
+STAGE_FILES = {"last": "last.pt", "best": "best.pt", "metrics": "metrics.csv", "results": "results.json",
+               "curves": "curves.png", "config": "config.yml", "log": "train.log"}
+
+
+class RunFolder:
+    """The paths of one stage's outputs, and the housekeeping around them."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.last = os.path.join(folder, STAGE_FILES["last"])
+        self.best = os.path.join(folder, STAGE_FILES["best"])
+        self.metrics = os.path.join(folder, STAGE_FILES["metrics"])
+        self.results = os.path.join(folder, STAGE_FILES["results"])
+        self.curves = os.path.join(folder, STAGE_FILES["curves"])
+        self.config = os.path.join(folder, STAGE_FILES["config"])
+        self.log = os.path.join(folder, STAGE_FILES["log"])
+
+    def outputs(self) -> list[str]:
+        """Every output path, in STAGE_FILES order."""
+        return [os.path.join(self.folder, name) for name in STAGE_FILES.values()]
+
+    def remove_outputs(self) -> None:
+        """Discard a previous run of this stage (--overwrite)."""
+        for path in self.outputs():
+            if os.path.exists(path):
+                os.remove(path)
+
+    def stale_temporaries(self) -> list[str]:
+        """Temp files of `vqakd.io.atomic_path` for this stage's outputs (`.<name>.<random>.tmp`)."""
+        names = tuple(f".{name}." for name in STAGE_FILES.values())
+        try:
+            entries = os.listdir(self.folder)
+        except FileNotFoundError:
+            return []
+        return sorted(os.path.join(self.folder, entry) for entry in entries
+                      if entry.startswith(names) and entry.endswith(".tmp"))
+
+    def folders_to_create(self) -> list[str]:
+        """The folders `os.makedirs(self.folder)` would create, deepest first."""
+        missing = []
+        path = os.path.abspath(self.folder)
+        while not os.path.exists(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        return missing
+
+
+def remove_empty_folders(folders: list[str]) -> None:
+    """Remove `folders` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
+
+
+class RunLog:
+    """Lines to stdout and appended to a log file (main process only)."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+
+    def __call__(self, message: str) -> None:
+        if not dist.is_main():
+            return
+        print(message, flush=True)
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(message + "\n")
