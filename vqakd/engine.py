@@ -50,6 +50,7 @@ from vqakd.device import resolve_device
 from vqakd.errors import UserError
 from vqakd.io import atomic_open, ensure_writable_dir, write_json
 from vqakd.metrics import QUESTION_TYPES, AccuracyCounter, MetricLogger, format_table
+from vqakd.provenance import inference_record
 
 # Loss parts in reporting order; "loss" is the total that is minimised.
 LOSS_PARTS = ("loss", "hard", "ce", "common", "dependence", "app", "mo", "kd")
@@ -598,6 +599,7 @@ def _run_training(config: Config, stage: str, teacher_path: Optional[str], resum
                              config.train.num_workers, pin, rank, world, reuse_buffers=True)
 
     vocab_info = bundle.vocab.info()
+    inference = inference_record(config.data.appearance_feat, config.data.motion_feat, bundle.vocab)
     config_dict = config_to_dict(config)
     epochs = config.train.epochs
     last_plot = time.monotonic()
@@ -623,7 +625,7 @@ def _run_training(config: Config, stage: str, teacher_path: Optional[str], resum
         if main:
             checkpoint = build_checkpoint(model=model, stage=stage, epoch=epoch, optimizer=optimizer,
                                           scheduler=scheduler, metrics=row, history=history, best=best,
-                                          vocab=vocab_info, config=config_dict)
+                                          vocab=vocab_info, config=config_dict, inference=inference)
             # best first: if the job dies between the two writes, last.pt still points to the
             # previous epoch and resuming redoes this one, rewriting both.
             if is_best:
