@@ -82,8 +82,8 @@ def main(argv=None) -> int:
         parser.error("--out goes with --questions")
 
     from vqakd.device import resolve_device
-    from vqakd.predict import (Answerer, ExtractionFlags, answer_rows, format_answer, read_question_rows,
-                               write_records)
+    from vqakd.predict import Answerer, ExtractionFlags, format_answer
+    from vqakd.predict_batch import answer_rows, read_question_rows, write_records
 
     rows = read_question_rows(args.questions) if args.questions else None
     if single and not os.path.isfile(args.video):
