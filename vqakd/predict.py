@@ -277,6 +277,11 @@ class Answerer:
         self.vocab = question_vocab(checkpoint, flags, config, checkpoint_path)
         self.top_k = min(top_k, len(self.vocab.idx_to_answer))
         self.batch_size = batch_size
+        # validate.py runs the model with the run's train.tf32 on CUDA (TF32 matmuls and
+        # convolutions); the same here gives the same probabilities on the same GPU.
+        train = (checkpoint.get("config") or {}).get("train") or {}
+        self.tf32 = bool(train.get("tf32", True))
+        self.amp = str(train.get("amp", "none"))     # validate.py evaluates under the run's train.amp
         folder = cache_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), CACHE_FOLDER)
         self.cache = FeatureCache(folder if use_cache else None)
         self._extractors: dict[str, Any] = {}
@@ -412,9 +417,13 @@ class Answerer:
         lengths = torch.tensor([len(q.indices) for q in questions], dtype=torch.long)
         appearance = torch.from_numpy(features.appearance).to(self.device).unsqueeze(0)
         motion = torch.from_numpy(features.motion).to(self.device).unsqueeze(0)
-        logits = self.model(appearance.expand(count, *appearance.shape[1:]).contiguous(),
-                            motion.expand(count, *motion.shape[1:]).contiguous(),
-                            tokens.to(self.device), lengths).logits.float()
+        if self.device.type == "cuda":
+            # Set for every call: the feature extractors switch TF32 off while they run.
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
+            logits = self.model(appearance.expand(count, *appearance.shape[1:]).contiguous(),
+                                motion.expand(count, *motion.shape[1:]).contiguous(),
+                                tokens.to(self.device), lengths).logits.float()
         probabilities = torch.softmax(logits, dim=1)
         top = probabilities.topk(self.top_k, dim=1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
