@@ -67,6 +67,7 @@ from vqakd.metrics import epoch_line, format_table, metrics_row, write_metrics_c
 from vqakd.models import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,  # noqa: E402
                           load_teacher)
 from vqakd.plots import plot_curves  # noqa: E402
+from vqakd.provenance import inference_record  # noqa: E402
 from vqakd.run_folder import RunFolder, RunLog, remove_empty_folders  # noqa: E402
 
 CURVES_REFRESH_S = 60.0
@@ -285,6 +286,8 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
     train_loader = _loader(config, start.bundle, "train", start.batch_train, True, device)
     val_loader = _loader(config, start.bundle, "val", _eval_batch(config), False, device)
     vocab_info = start.bundle.vocab.info()
+    # What predict.py needs to answer about a new video as this run's data was made.
+    inference = inference_record(config.data.appearance_feat, config.data.motion_feat, start.bundle.vocab)
     config_dict = config_to_dict(config)
     history, best, epochs = start.history, start.best, config.train.epochs
     last_plot = time.monotonic()
@@ -310,7 +313,7 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
         if main:
             checkpoint = build_checkpoint(model=model, stage=stage, epoch=epoch, optimizer=optimizer,
                                           scheduler=scheduler, metrics=row, history=history, best=best,
-                                          vocab=vocab_info, config=config_dict)
+                                          vocab=vocab_info, config=config_dict, inference=inference)
             # best first: if the job dies between the two writes, last.pt still points to the
             # previous epoch and resuming redoes this one, rewriting both.
             if is_best:

@@ -7,7 +7,8 @@ Our checkpoint is a dict of tensors and plain Python values only, so it loads wi
   optimizer, scheduler (their state_dicts), rng (python / numpy / torch / cuda states as
   tensors and lists), metrics (this epoch's row), history (all rows so far), best
   ({epoch, val_accuracy}), vocab ({question_size, answer_size, sha256, path}), config (the run's
-  whole config as a dict).
+  whole config as a dict), inference (vqakd/provenance.py: the feature files' extraction settings
+  and the vocabulary's tokens, for predict.py).
 A checkpoint written by the original DualVGR/VQAKD code (it has `model_kwargs`) is read the same
 way, converted with `model.original.convert_original_checkpoint` and returned in the same
 shape, minus the training state.
@@ -76,7 +77,8 @@ def seed_everything(seed: int) -> None:
 
 def build_checkpoint(*, model: torch.nn.Module, stage: str, epoch: int, optimizer=None, scheduler=None,
                      metrics: Mapping | None = None, history: list | None = None, best: Mapping | None = None,
-                     vocab: Mapping | None = None, config: Mapping | None = None) -> dict[str, Any]:
+                     vocab: Mapping | None = None, config: Mapping | None = None,
+                     inference: Mapping | None = None) -> dict[str, Any]:
     module = getattr(model, "module", model)      # unwrap DistributedDataParallel
     return {
         "format": CHECKPOINT_FORMAT,
@@ -94,6 +96,9 @@ def build_checkpoint(*, model: torch.nn.Module, stage: str, epoch: int, optimize
         "best": dict(best or {}),
         "vocab": dict(vocab or {}),
         "config": dict(config or {}),
+        # Extraction settings of the training features and the vocabulary (vqakd/provenance.py):
+        # what predict.py needs to answer a question about a new video.
+        "inference": dict(inference or {}),
     }
 
 

@@ -1,0 +1,262 @@
+"""predict.py: answers about video files agree with validate.py, features are cached, bad input
+is one clear line.
+
+One module-scoped pipeline on a tiny demo dataset (random-weight networks, 2 clips, 32x32
+images, 1 training epoch), as `make demo` runs it, then predict.py against validate.py's CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.cli_helpers import run_main
+from vqakd import demo_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLIPS = 2
+OVERRIDES = ["model.num_nodes=2", "model.module_dim=16", "train.epochs=1", "train.batch_size=8",
+             "train.progress=false", "data.use_glove=false"]
+
+
+def _script(*parts):
+    return os.path.join(ROOT, *parts)
+
+
+def _run_script(path, argv):
+    """Run a repository script's main() in this process (exactly its command line)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    code, err = run_main(module.main, argv, quiet=True)
+    assert code == 0, err
+    return module
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    data, out = root / "data", root / "results"
+    demo_data.write_dataset(str(data), demo_data.DemoSettings(num_videos=8, seed=5, frame_size=32, fps=10,
+                                                              seconds=1.0), progress=False)
+    _run_script(_script("preprocess", "preprocess_questions.py"),
+                ["--dataset", "msvd-qa", "--annotation-dir", str(data), "--out-dir", str(data), "--no-glove",
+                 "--no-progress"])
+    for kind, model, frames in (("appearance", "resnet101", 2), ("motion", "resnext101", 4)):
+        _run_script(_script("preprocess", "preprocess_features.py"),
+                    ["--dataset", "msvd-qa", "--video-dir", str(data), "--annotation-dir", str(data),
+                     "--model", model, "--random-weights", "--num-clips", str(NUM_CLIPS), "--frames-per-clip",
+                     str(frames), "--image-height", "32", "--image-width", "32", "--device", "cpu",
+                     "--num-workers", "0", "--no-progress", "--out", str(data / f"msvd-qa_{kind}_feat.h5")])
+    sets = []
+    for override in OVERRIDES + [f"output_dir={out}"] + [
+            f"data.{key}={data / name}" for key, name in (
+                ("vocab", "msvd-qa_vocab.json"), ("train_questions", "msvd-qa_train_questions.pt"),
+                ("val_questions", "msvd-qa_val_questions.pt"), ("test_questions", "msvd-qa_test_questions.pt"),
+                ("appearance_feat", "msvd-qa_appearance_feat.h5"), ("motion_feat", "msvd-qa_motion_feat.h5"))]:
+        sets += ["--set", override]
+    cfg = _script("configs", "demo.yml")
+    _run_script(_script("train.py"), ["--cfg", cfg, "--stage", "teacher", "--device", "cpu", *sets])
+    checkpoint = out / "teacher" / "best.pt"
+    _run_script(_script("validate.py"), ["--cfg", cfg, "--checkpoint", str(checkpoint), "--split", "test",
+                                         "--write-preds", "--device", "cpu", *sets])
+    return {"root": root, "data": data, "checkpoint": checkpoint, "cfg": cfg, "sets": sets,
+            "preds": out / "teacher" / "eval_test_preds.csv"}
+
+
+def predict_main(argv):
+    import predict
+    return run_main(predict.main, argv)
+
+
+def reference_probabilities(pipeline):
+    """validate.py's model on the stored features: each test question's top probability."""
+    from vqakd.checkpoint import build_model, load_checkpoint
+    from vqakd.config import load_config
+    from vqakd.data import load_data, make_loader
+
+    config = load_config(pipeline["cfg"], [s for s in pipeline["sets"] if s != "--set"])
+    bundle = load_data(config, splits=("test",), progress=False)
+    model = build_model(load_checkpoint(str(pipeline["checkpoint"])), str(pipeline["checkpoint"]), torch.device("cpu"))
+    model.eval()
+    found = {}
+    loader = make_loader(bundle.splits["test"], bundle.table, 256, False, 0, 0, False)
+    with torch.no_grad():
+        for batch in loader:
+            probs = torch.softmax(model(batch["appearance"], batch["motion"], batch["question"],
+                                        batch["question_len"]).logits.float(), dim=1)
+            top, index = probs.max(dim=1)
+            for i, p, a in zip(batch["index"].tolist(), top.tolist(), index.tolist()):
+                found[bundle.splits["test"].question_id[i]] = (bundle.vocab.idx_to_answer[a], p)
+    return found
+
+
+def test_checkpoint_records_extraction_settings_and_vocabulary(pipeline):
+    checkpoint = torch.load(pipeline["checkpoint"], weights_only=True)
+    record = checkpoint["inference"]
+    assert record["features"]["appearance"]["model"] == "resnet101"
+    assert record["features"]["appearance"]["frames_per_clip"] == 2
+    assert record["features"]["motion"]["frames_per_clip"] == 4
+    assert record["features"]["motion"]["image_height"] == 32
+    assert record["features"]["motion"]["random_weights"] is True
+    assert record["features"]["appearance"]["random_seed"] == 0
+    vocab = json.loads((pipeline["data"] / "msvd-qa_vocab.json").read_text())
+    assert record["vocabulary"]["question_token_to_idx"] == vocab["question_token_to_idx"]
+
+
+def test_same_answers_and_probabilities_as_validate(pipeline, tmp_path):
+    """Every test question of every test video: predict.py's top answer is validate.py's, with
+    the probability the model gives on the stored features (to 1e-5)."""
+    with open(pipeline["preds"], encoding="utf-8") as handle:
+        preds = list(csv.DictReader(handle))
+    test_qa = json.loads((pipeline["data"] / "test_qa.json").read_text())
+    mapping = dict(line.split()[::-1] for line in (pipeline["data"] / "youtube_mapping.txt").read_text().splitlines())
+    questions = tmp_path / "questions.csv"
+    with open(questions, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "video", "question"])
+        for record in test_qa:
+            clip = mapping[f"vid{record['video_id']}"]
+            writer.writerow([record["id"], str(pipeline["data"] / "YouTubeClips" / f"{clip}.avi"), record["question"]])
+    assert len({r["video_id"] for r in test_qa}) >= 2
+    out = tmp_path / "answers.jsonl"
+    code, err = predict_main(["--checkpoint", str(pipeline["checkpoint"]), "--questions", str(questions),
+                              "--out", str(out), "--device", "cpu", "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0, err
+    answers = {str(r["id"]): r for r in map(json.loads, out.read_text().splitlines())}
+    reference = reference_probabilities(pipeline)
+    assert len(answers) == len(preds) == len(test_qa)
+    for row in preds:
+        got = answers[str(row["question_id"])]
+        assert got["answers"][0]["answer"] == row["predicted_answer"], row
+        want_answer, want_probability = reference[int(row["question_id"])]
+        assert want_answer == row["predicted_answer"]
+        assert abs(got["answers"][0]["probability"] - want_probability) < 1e-5
+        assert len(got["answers"]) == 5
+        assert not got["features_cached"]
+
+
+def _one_video(pipeline):
+    return str(sorted((pipeline["data"] / "YouTubeClips").iterdir())[0])
+
+
+def test_single_question_cache_and_unknown_words(pipeline, tmp_path, capsys):
+    video = _one_video(pipeline)
+    base = ["--checkpoint", str(pipeline["checkpoint"]), "--video", video, "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "--json", "--top-k", "3"]
+    code, err = predict_main(base + ["--question", "what colour is the zebra?"])
+    assert code == 0, err
+    first = json.loads(capsys.readouterr().out)
+    assert not first["features_cached"] and len(first["answers"]) == 3
+    assert first["unknown_words"] == ["zebra"] and first["warnings"] == []
+    cached = list((tmp_path / "cache").rglob("*.npy"))
+    assert len(cached) == 2
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".")]  # no temporaries left
+    started = time.perf_counter()
+    code, err = predict_main(base + ["--question", "xyzzy plugh?"])
+    assert code == 0, err
+    second = json.loads(capsys.readouterr().out)
+    assert second["features_cached"]
+    assert second["unknown_words"] == ["xyzzy", "plugh"]
+    assert any("ignores the question text" in w for w in second["warnings"])
+    assert time.perf_counter() - started < 30
+    # --no-cache: extracted again, same numbers
+    code, err = predict_main(base[:4] + ["--device", "cpu", "--json", "--top-k", "3", "--no-cache",
+                                         "--question", "what colour is the zebra?"])
+    assert code == 0, err
+    again = json.loads(capsys.readouterr().out)
+    assert not again["features_cached"]
+    assert again["answers"][0]["answer"] == first["answers"][0]["answer"]
+    assert abs(again["answers"][0]["probability"] - first["answers"][0]["probability"]) < 1e-6
+
+
+def test_bad_inputs_are_one_line(pipeline, tmp_path):
+    ckpt = str(pipeline["checkpoint"])
+    video = _one_video(pipeline)
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    code, err = predict_main(["--checkpoint", ckpt, "--video", str(tmp_path / "nope.mp4"), "--question", "what?"] + cache)
+    assert code == 2 and "video not found" in err and "Traceback" not in err and err.count("\n") == 1
+    broken = tmp_path / "broken.avi"
+    broken.write_bytes(b"not a video at all" * 100)
+    code, err = predict_main(["--checkpoint", ckpt, "--video", str(broken), "--question", "what?"] + cache)
+    assert code == 2 and str(broken) in err and err.count("\n") == 1, err
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    code, err = predict_main(["--checkpoint", str(other), "--video", video, "--question", "what?"] + cache)
+    assert code == 2 and "not a vqakd checkpoint" in err and err.count("\n") == 1
+    # batch: the failing rows are reported, the rest answered, exit 1
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "video": video, "question": "what colour is the square?"},
+        {"id": "b", "video": str(broken), "question": "what?"},
+        {"id": "c", "video": "missing.avi", "question": "what?"},
+        {"id": "d", "video": video}]) + "\n")
+    out = tmp_path / "answers.csv"
+    code, err = predict_main(["--checkpoint", ckpt, "--questions", str(questions), "--out", str(out)] + cache)
+    assert code == 1
+    assert "(id b)" in err and "(id c)" in err and "(id d)" in err and "(id a)" not in err
+    rows = {row["id"]: row for row in csv.DictReader(open(out, encoding="utf-8"))}
+    assert rows["a"]["answer_1"] and not rows["a"]["error"]
+    assert rows["b"]["error"] and rows["c"]["error"] and rows["d"]["error"] == "no question"
+
+
+def test_weights_sha256_mismatch_is_refused(pipeline, tmp_path):
+    """A checkpoint recording real weights refuses a weights file with another sha256, naming both."""
+    from vqakd.predict import Answerer
+    from vqakd.errors import UserError
+
+    checkpoint = torch.load(pipeline["checkpoint"], weights_only=True)
+    motion = checkpoint["inference"]["features"]["motion"]
+    motion.update(random_weights=False, random_seed=None, weights="/elsewhere/resnext-101-kinetics.pth",
+                  weights_sha256="ab" * 32)
+    path = tmp_path / "real.pt"
+    torch.save(checkpoint, path)
+    fake = tmp_path / "resnext-101-kinetics.pth"
+    torch.save({"x": torch.zeros(1)}, fake)
+    from vqakd.predict import ExtractionFlags
+    answerer = Answerer(str(path), torch.device("cpu"), ExtractionFlags(motion_weights=str(fake)), use_cache=False)
+    with pytest.raises(UserError) as info:
+        answerer.answer(_one_video(pipeline), "what colour is the square?")
+    message = str(info.value)
+    assert str(fake) in message and "ab" * 32 in message and "/elsewhere/resnext-101-kinetics.pth" in message
+
+
+def test_checkpoint_without_record_needs_the_settings_as_flags(pipeline, tmp_path, capsys):
+    checkpoint = torch.load(pipeline["checkpoint"], weights_only=True)
+    del checkpoint["inference"]
+    path = tmp_path / "old.pt"
+    torch.save(checkpoint, path)
+    video = _one_video(pipeline)
+    base = ["--checkpoint", str(path), "--video", video, "--question", "what colour is the square?",
+            "--device", "cpu", "--no-cache", "--json"]
+    code, err = predict_main(base)
+    assert code == 2
+    for flag in ("--appearance-frames-per-clip", "--motion-frames-per-clip", "--appearance-image-size",
+                 "--motion-image-size", "--motion-normalisation"):
+        assert flag in err
+    code, err = predict_main(base + ["--appearance-frames-per-clip", "2", "--motion-frames-per-clip", "4",
+                                     "--appearance-image-size", "32", "--motion-image-size", "32x32",
+                                     "--motion-normalisation", "raw", "--random-weights"])
+    assert code == 0, err
+    old = json.loads(capsys.readouterr().out)
+    code, err = predict_main(["--checkpoint", str(pipeline["checkpoint"])] + base[2:])
+    new = json.loads(capsys.readouterr().out)
+    assert old["answers"] == new["answers"]
+
+
+def test_help_is_fast_and_imports_no_torch():
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-X", "importtime", _script("predict.py"), "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--checkpoint" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert "torch" not in imported and time.perf_counter() - started < 20

@@ -1,0 +1,484 @@
+"""Answer questions about any video file with a trained checkpoint (predict.py).
+
+A new video is turned into features exactly as the training videos were: the checkpoint records
+the extraction settings of the feature files it was trained on (vqakd/provenance.py), and the
+extraction itself is vqakd/extraction's (`make_extractor(...).run`), not a copy of it. The
+weights files are looked up as preprocess/preprocess_features.py does (a flag, then
+data/weights/<published name>, then torchvision's cache; first the path recorded at training time
+when it still exists) and must have the recorded sha256. Questions are tokenized by
+vqakd/questions.py, so a question in the evaluation data gets the answer validate.py gives.
+
+Features are cached under `<checkpoint folder>/predict_cache/` (or a given folder), one `.npy`
+per video file content (sha256) and network settings, written atomically: asking again about a
+video costs its sha256 and the model's forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from vqakd.annotations import Video
+from vqakd.checkpoint import build_model, load_checkpoint
+from vqakd.errors import UserError
+from vqakd.io import atomic_open, file_sha256
+from vqakd.provenance import FEATURE_KINDS, MODEL_OF_KIND, identity, random_seed_of
+from vqakd.questions import NULL_INDEX, UNK_INDEX, UNK_TOKEN, encode_tokens, load_vocab, tokenize_question
+
+# The one place the extraction code is imported from (it is moving to a package).
+from vqakd.extraction import NETWORKS, ExtractionSettings, make_extractor  # noqa: E402  isort: skip
+
+DEFAULT_TOP_K = 5
+CACHE_FOLDER = "predict_cache"
+NO_KNOWN_WORD = "no word of the question is in the vocabulary: the answer ignores the question text"
+LAST_CHARACTER = ("the question's last character is dropped, as in the training data (which ends "
+                  "questions with '?'); end it with '?'")
+
+
+# ----------------------------------------------------------------------------------- settings
+
+@dataclasses.dataclass
+class ExtractionFlags:
+    """Command-line settings: the weights files always; the rest only for a checkpoint that does
+    not record its features' extraction settings (they must then say how it was trained)."""
+    appearance_weights: Optional[str] = None
+    motion_weights: Optional[str] = None
+    appearance_frames: Optional[int] = None
+    motion_frames: Optional[int] = None
+    appearance_size: Optional[tuple[int, int]] = None
+    motion_size: Optional[tuple[int, int]] = None
+    motion_normalisation: Optional[str] = None      # "raw" or "kinetics-mean"
+    random_weights: Optional[bool] = None
+    seed: int = 0
+    vocab: Optional[str] = None
+
+
+FLAG_NAMES = {"appearance_frames": "--appearance-frames-per-clip", "motion_frames": "--motion-frames-per-clip",
+              "appearance_size": "--appearance-image-size", "motion_size": "--motion-image-size",
+              "motion_normalisation": "--motion-normalisation"}
+
+
+def settings_from_flags(flags: ExtractionFlags, num_clips: int, path: str) -> dict[str, dict]:
+    """Both networks' settings from the flags, for a checkpoint without a record of them."""
+    missing = [name for key, name in FLAG_NAMES.items() if getattr(flags, key) is None]
+    if missing:
+        raise UserError(f"{path} does not record how its features were extracted (made before predict.py, or "
+                        f"by the original code); give the settings of its feature files: missing "
+                        f"{', '.join(missing)} (and --random-weights if they came from random networks)")
+    result = {}
+    for kind in FEATURE_KINDS:
+        height, width = getattr(flags, f"{kind}_size")
+        result[kind] = {
+            "model": MODEL_OF_KIND[kind], "num_clips": num_clips, "frames_per_clip": getattr(flags, f"{kind}_frames"),
+            "image_height": height, "image_width": width,
+            "kinetics_mean": kind == "motion" and flags.motion_normalisation == "kinetics-mean",
+            "precision": "fp32", "random_weights": bool(flags.random_weights),
+            "random_seed": flags.seed if flags.random_weights else None,
+            "weights_sha256": None, "weights": None, "dataset": "msvd-qa"}
+    return result
+
+
+def check_recorded(record: Mapping[str, Any], flags: ExtractionFlags, path: str) -> None:
+    """Settings flags next to a record may only repeat it (one source of truth)."""
+    for kind in FEATURE_KINDS:
+        settings = record[kind]
+        given = {"frames_per_clip": getattr(flags, f"{kind}_frames")}
+        size = getattr(flags, f"{kind}_size")
+        if size is not None:
+            given.update(image_height=size[0], image_width=size[1])
+        if kind == "motion" and flags.motion_normalisation is not None:
+            given["kinetics_mean"] = flags.motion_normalisation == "kinetics-mean"
+        if flags.random_weights is not None:
+            given["random_weights"] = flags.random_weights
+        for key, value in given.items():
+            if value is not None and settings.get(key) != value:
+                raise UserError(f"{path} records {kind} features extracted with {key}={settings.get(key)!r}, "
+                                f"not {value!r}; leave the flag out (the checkpoint's settings are used)")
+
+
+def feature_settings(checkpoint: Mapping[str, Any], flags: ExtractionFlags, num_clips: int,
+                     path: str) -> dict[str, dict]:
+    record = ((checkpoint.get("inference") or {}).get("features") or {})
+    if all(record.get(kind) for kind in FEATURE_KINDS):
+        check_recorded(record, flags, path)
+        settings = {kind: dict(record[kind]) for kind in FEATURE_KINDS}
+        for kind in FEATURE_KINDS:
+            settings[kind]["random_seed"] = random_seed_of(settings[kind], path)
+    else:
+        settings = settings_from_flags(flags, num_clips, path)
+    for kind in FEATURE_KINDS:
+        if settings[kind].get("model") != MODEL_OF_KIND[kind]:
+            raise UserError(f"{path}: {kind} features recorded as made by {settings[kind].get('model')!r}, "
+                            f"expected {MODEL_OF_KIND[kind]}")
+        if int(settings[kind]["num_clips"]) != num_clips:
+            raise UserError(f"{path}: {kind} features have {settings[kind]['num_clips']} clips but the model "
+                            f"was built for {num_clips}")
+    return settings
+
+
+def settings_digest(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity(settings), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------------- vocabulary
+
+@dataclasses.dataclass
+class QuestionVocab:
+    question_token_to_idx: dict[str, int]
+    idx_to_answer: list[str]
+
+
+def _answers_in_order(table: Mapping[str, int]) -> list[str]:
+    answers = [""] * len(table)
+    for answer, index in table.items():
+        answers[int(index)] = answer
+    return answers
+
+
+def question_vocab(checkpoint: Mapping[str, Any], flags: ExtractionFlags, model_config, path: str) -> QuestionVocab:
+    recorded = (checkpoint.get("inference") or {}).get("vocabulary")
+    if recorded and flags.vocab is None:
+        vocab = QuestionVocab(dict(recorded["question_token_to_idx"]),
+                              _answers_in_order(recorded["answer_token_to_idx"]))
+    else:
+        info = checkpoint.get("vocab") or {}
+        vocab_path = flags.vocab or info.get("path")
+        if not vocab_path or not os.path.isfile(vocab_path):
+            where = f" (it was trained with {vocab_path}, not found)" if vocab_path else ""
+            raise UserError(f"{path} does not hold its vocabulary{where}; give the vocabulary file with --vocab")
+        if info.get("sha256") and file_sha256(vocab_path) != info["sha256"]:
+            raise UserError(f"{vocab_path}: not the vocabulary {path} was trained with (sha256 differs)")
+        loaded = load_vocab(vocab_path)
+        vocab = QuestionVocab(loaded.question_token_to_idx, _answers_in_order(loaded.answer_token_to_idx))
+    if (len(vocab.question_token_to_idx), len(vocab.idx_to_answer)) != (
+            model_config.question_vocab_size, model_config.answer_vocab_size):
+        raise UserError(f"{path}: the vocabulary has {len(vocab.question_token_to_idx)} question words and "
+                        f"{len(vocab.idx_to_answer)} answers, the model {model_config.question_vocab_size} and "
+                        f"{model_config.answer_vocab_size}")
+    return vocab
+
+
+@dataclasses.dataclass
+class EncodedQuestion:
+    text: str
+    tokens: list[str]
+    indices: list[int]
+    unknown: list[str]
+    warnings: list[str]
+
+
+def encode_question(text: str, vocab: Mapping[str, int]) -> EncodedQuestion:
+    """Tokens and indices exactly as preprocess/preprocess_questions.py makes them."""
+    tokens = tokenize_question(text)
+    indices = encode_tokens(tokens, vocab)
+    unknown = [token for token, index in zip(tokens, indices) if index == UNK_INDEX and token != UNK_TOKEN]
+    warnings = []
+    if text and text[-1].isalnum():
+        warnings.append(LAST_CHARACTER)
+    if not indices or all(index in (UNK_INDEX, NULL_INDEX) for index in indices):
+        warnings.append(NO_KNOWN_WORD)
+    if not indices:
+        indices = [UNK_INDEX]   # the model needs one token; an unknown word says nothing either
+    return EncodedQuestion(text, tokens, indices, unknown, warnings)
+
+
+# ----------------------------------------------------------------------------------- features
+
+class FeatureCache:
+    """`<folder>/<sha[:2]>/<video sha256>.<kind>.<settings digest>.npy`, written atomically."""
+
+    def __init__(self, folder: Optional[str]):
+        self.folder = folder
+
+    def path(self, video_sha: str, kind: str, digest: str) -> Optional[str]:
+        if self.folder is None:
+            return None
+        return os.path.join(self.folder, video_sha[:2], f"{video_sha}.{kind}.{digest[:20]}.npy")
+
+    def get(self, video_sha: str, kind: str, digest: str, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+        path = self.path(video_sha, kind, digest)
+        if path is None or not os.path.isfile(path):
+            return None
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None     # unreadable: extracted again and rewritten
+        if array.shape != shape or array.dtype != np.float32:
+            return None
+        return array
+
+    def put(self, video_sha: str, kind: str, digest: str, array: np.ndarray) -> None:
+        path = self.path(video_sha, kind, digest)
+        if path is None:
+            return
+        try:
+            with atomic_open(path, "wb") as handle:
+                np.save(handle, array, allow_pickle=False)
+        except OSError as exc:
+            raise UserError(f"cannot write the feature cache {path} ({exc.strerror or exc}); choose "
+                            "another --cache-dir or pass --no-cache") from None
+
+
+class VideoFailure(Exception):
+    """This video cannot be used; the message says why."""
+
+
+@dataclasses.dataclass
+class VideoFeatures:
+    appearance: np.ndarray
+    motion: np.ndarray
+    cached: bool
+    seconds: float
+
+
+# ----------------------------------------------------------------------------------- the answerer
+
+@dataclasses.dataclass
+class Answer:
+    video: str
+    question: str
+    answers: list[tuple[str, float]]
+    unknown_words: list[str]
+    warnings: list[str]
+    cached: bool
+    extract_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"video": self.video, "question": self.question,
+                "answers": [{"answer": a, "probability": p} for a, p in self.answers],
+                "unknown_words": self.unknown_words, "warnings": self.warnings,
+                "features_cached": self.cached, "extract_seconds": round(self.extract_seconds, 4)}
+
+
+class Answerer:
+    """A checkpoint, its extraction settings and vocabulary, ready to answer questions."""
+
+    def __init__(self, checkpoint_path: str, device: torch.device, flags: ExtractionFlags | None = None,
+                 cache_dir: Optional[str] = None, use_cache: bool = True, top_k: int = DEFAULT_TOP_K,
+                 batch_size: int | None = None):
+        flags = flags or ExtractionFlags()
+        if top_k < 1:
+            raise UserError(f"--top-k must be at least 1, got {top_k}")
+        self.path = checkpoint_path
+        self.device = device
+        self.flags = flags
+        checkpoint = load_checkpoint(checkpoint_path)
+        self.model = build_model(checkpoint, checkpoint_path, device).eval()
+        config = self.model.config
+        self.settings = feature_settings(checkpoint, flags, config.num_nodes, checkpoint_path)
+        self.vocab = question_vocab(checkpoint, flags, config, checkpoint_path)
+        self.top_k = min(top_k, len(self.vocab.idx_to_answer))
+        self.batch_size = batch_size
+        # validate.py runs the model with the run's train.tf32 on CUDA (TF32 matmuls and
+        # convolutions); the same here gives the same probabilities on the same GPU.
+        train = (checkpoint.get("config") or {}).get("train") or {}
+        self.tf32 = bool(train.get("tf32", True))
+        self.amp = str(train.get("amp", "none"))     # validate.py evaluates under the run's train.amp
+        folder = cache_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), CACHE_FOLDER)
+        self.cache = FeatureCache(folder if use_cache else None)
+        self._extractors: dict[str, Any] = {}
+        self._sha_of: dict[tuple[str, int, int], str] = {}
+
+    # ----- features ------------------------------------------------------------------------------
+
+    def extractor(self, kind: str):
+        """The kind's extractor, built on first need (a fully cached run never reads weights)."""
+        if kind not in self._extractors:
+            settings = self.settings[kind]
+            weights = getattr(self.flags, f"{kind}_weights")
+            if weights is None and settings.get("weights") and os.path.isfile(str(settings["weights"])):
+                weights = str(settings["weights"])
+            random_weights = bool(settings.get("random_weights"))
+            if random_weights and getattr(self.flags, f"{kind}_weights"):
+                raise UserError(f"{self.path}: its {kind} features came from a randomly initialised network; "
+                                f"--{kind}-weights does not apply")
+            extraction = ExtractionSettings(
+                dataset=str(settings.get("dataset") or "msvd-qa"), model=settings["model"],
+                num_clips=int(settings["num_clips"]), frames_per_clip=int(settings["frames_per_clip"]),
+                image_height=int(settings["image_height"]), image_width=int(settings["image_width"]),
+                weights=None if random_weights else weights, random_weights=random_weights,
+                random_seed=int(settings.get("random_seed") or 0), kinetics_mean=bool(settings.get("kinetics_mean")),
+                precision=str(settings.get("precision") or "fp32"),
+                normalization=str(settings.get("normalization") or "original"),
+                decode_past_damage=bool(settings.get("decode_past_damage")))
+            extractor = make_extractor(extraction, self.device, self.batch_size, num_workers=0, progress=False)
+            recorded = settings.get("weights_sha256")
+            if recorded and extractor.weights.sha256 != recorded:
+                raise UserError(
+                    f"{extractor.weights.path}: sha256 {extractor.weights.sha256} differs from the weights the "
+                    f"checkpoint's {kind} features were made with ({settings.get('weights') or 'unknown path'}, "
+                    f"sha256 {recorded}); give that file with --{kind}-weights")
+            self._extractors[kind] = extractor
+        return self._extractors[kind]
+
+    def video_sha256(self, path: str) -> str:
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            raise VideoFailure(f"video not found: {path}" if isinstance(exc, FileNotFoundError)
+                               else f"{path}: {exc.strerror or exc}") from None
+        if not os.path.isfile(path):
+            raise VideoFailure(f"not a file: {path}")
+        key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._sha_of:
+            try:
+                self._sha_of[key] = file_sha256(path)
+            except OSError as exc:
+                raise VideoFailure(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        return self._sha_of[key]
+
+    def shape(self, kind: str) -> tuple[int, ...]:
+        settings = self.settings[kind]
+        return NETWORKS[settings["model"]].shape_for(int(settings["num_clips"]), int(settings["frames_per_clip"]))
+
+    def features(self, videos: Sequence[str]) -> dict[str, VideoFeatures | VideoFailure]:
+        """Features of each distinct video (cached, else extracted: all new videos in one run)."""
+        result: dict[str, VideoFeatures | VideoFailure] = {}
+        found: dict[str, dict[str, np.ndarray]] = {}
+        shas: dict[str, str] = {}
+        for video in dict.fromkeys(videos):
+            try:
+                shas[video] = self.video_sha256(video)
+            except VideoFailure as exc:
+                result[video] = exc
+                continue
+            found[video] = {}
+            for kind in FEATURE_KINDS:
+                array = self.cache.get(shas[video], kind, settings_digest(self.settings[kind]), self.shape(kind))
+                if array is not None:
+                    found[video][kind] = array
+        timings = {video: 0.0 for video in found}
+        for kind in FEATURE_KINDS:
+            todo = [video for video in found if kind not in found[video] and video not in result]
+            if not todo:
+                continue
+            started = time.perf_counter()
+            arrays = self._extract(kind, todo)
+            share = (time.perf_counter() - started) / len(todo)
+            for video in todo:
+                timings[video] += share
+                if isinstance(arrays[video], VideoFailure):
+                    result[video] = arrays[video]
+                    continue
+                found[video][kind] = arrays[video]
+                self.cache.put(shas[video], kind, settings_digest(self.settings[kind]), arrays[video])
+        for video, arrays in found.items():
+            if video not in result:
+                result[video] = VideoFeatures(arrays["appearance"], arrays["motion"], timings[video] == 0.0,
+                                              timings[video])
+        return {video: result[video] for video in dict.fromkeys(videos)}
+
+    def _extract(self, kind: str, paths: Sequence[str]) -> dict[str, np.ndarray | VideoFailure]:
+        import h5py
+
+        extractor = self.extractor(kind)
+        videos = [Video(index, os.path.basename(path), path) for index, path in enumerate(paths)]
+        scratch = self.cache.folder
+        if scratch is not None:
+            os.makedirs(scratch, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".extract-", dir=scratch) as folder:
+            out = os.path.join(folder, f"{kind}.h5")
+            try:
+                result = extractor.run(videos, out)
+                failures = result.failures
+            except UserError:
+                report = _read_report(out + ".failures.json")
+                if report is None or len(report) != len(videos):
+                    raise
+                failures, out = report, None
+            arrays: dict[str, np.ndarray | VideoFailure] = {}
+            for failure in failures:
+                path = paths[int(failure["video_id"])]
+                arrays[path] = VideoFailure(f"{path}: cannot use this video ({failure['reason']})")
+            if out is not None:
+                with h5py.File(out, "r") as handle:
+                    ids = handle["ids"][()]
+                    data = handle[extractor.feature_dataset][()]
+                for row, video_id in enumerate(ids):
+                    arrays[paths[int(video_id)]] = np.ascontiguousarray(data[row], dtype=np.float32)
+        return arrays
+
+    # ----- answering -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def answer_encoded(self, features: VideoFeatures, questions: Sequence[EncodedQuestion]) -> list[list[tuple[str, float]]]:
+        """Top-k (answer, probability) of each question about one video, in one forward pass."""
+        count = len(questions)
+        length = max(len(q.indices) for q in questions)
+        tokens = torch.full((count, length), NULL_INDEX, dtype=torch.long)
+        for row, question in enumerate(questions):
+            tokens[row, :len(question.indices)] = torch.tensor(question.indices, dtype=torch.long)
+        lengths = torch.tensor([len(q.indices) for q in questions], dtype=torch.long)
+        appearance = torch.from_numpy(features.appearance).to(self.device).unsqueeze(0)
+        motion = torch.from_numpy(features.motion).to(self.device).unsqueeze(0)
+        if self.device.type == "cuda":
+            # Set for every call: the feature extractors switch TF32 off while they run.
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
+            logits = self.model(appearance.expand(count, *appearance.shape[1:]).contiguous(),
+                                motion.expand(count, *motion.shape[1:]).contiguous(),
+                                tokens.to(self.device), lengths).logits.float()
+        probabilities = torch.softmax(logits, dim=1)
+        top = probabilities.topk(self.top_k, dim=1)
+        values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
+        return [[(self.vocab.idx_to_answer[i], float(p)) for i, p in zip(row_i, row_p)]
+                for row_i, row_p in zip(indices, values)]
+
+    def encode(self, text: str) -> EncodedQuestion:
+        return encode_question(text, self.vocab.question_token_to_idx)
+
+    def answer(self, video: str, question: str) -> Answer:
+        """One question about one video; a video that cannot be used is a UserError."""
+        features = self.features([video])[video]
+        if isinstance(features, VideoFailure):
+            raise UserError(str(features))
+        encoded = self.encode(question)
+        answers = self.answer_encoded(features, [encoded])[0]
+        return Answer(video, question, answers, encoded.unknown, encoded.warnings, features.cached, features.seconds)
+
+    def answer_many(self, rows: Sequence[Mapping[str, str]]) -> list[Answer | str]:
+        """Each row's Answer, or the reason it failed; every distinct video is extracted once."""
+        features = self.features([row["video"] for row in rows])
+        by_video: dict[str, list[int]] = {}
+        results: list[Answer | str] = [""] * len(rows)
+        for index, row in enumerate(rows):
+            if isinstance(features[row["video"]], VideoFailure):
+                results[index] = str(features[row["video"]])
+            else:
+                by_video.setdefault(row["video"], []).append(index)
+        for video, indices in by_video.items():
+            encoded = [self.encode(rows[i]["question"]) for i in indices]
+            feats = features[video]
+            for i, question, answers in zip(indices, encoded, self.answer_encoded(feats, encoded)):
+                results[i] = Answer(video, rows[i]["question"], answers, question.unknown, question.warnings,
+                                    feats.cached, feats.seconds)
+        return results
+
+
+def _read_report(path: str) -> Optional[list[dict]]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return list(json.load(handle)["failures"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def format_answer(answer: Answer) -> str:
+    lines = [f"{answer.video}: {answer.question}"]
+    if answer.unknown_words:
+        lines.append(f"  not in the vocabulary (read as <UNK>): {', '.join(answer.unknown_words)}")
+    lines += [f"  warning: {warning}" for warning in answer.warnings]
+    width = max(len(text) for text, _ in answer.answers)
+    lines += [f"  {rank}. {text:<{width}}  {probability:.4f}"
+              for rank, (text, probability) in enumerate(answer.answers, 1)]
+    source = "cached features" if answer.cached else f"features extracted in {answer.extract_seconds:.2f} s"
+    lines.append(f"  ({source})")
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""predict.py's many-questions mode: reading (video, question) rows, writing the answers."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from vqakd.errors import UserError
+from vqakd.io import atomic_open
+from vqakd.predict import Answerer
+
+QUESTION_COLUMNS = ("video", "question")
+ID_COLUMNS = ("id", "question_id")
+
+
+def read_question_rows(path: str) -> list[dict[str, str]]:
+    """(video, question[, id]) rows of a CSV file with a header, or of a JSON-lines file
+    (.jsonl/.json); relative video paths are taken from the file's folder."""
+    import csv
+
+    if not os.path.isfile(path):
+        raise UserError(f"questions file not found: {path}")
+    rows: list[dict[str, Any]] = []
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            if path.lower().endswith((".jsonl", ".json")):
+                for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError as exc:
+                        raise UserError(f"{path}: line {number}: not JSON ({exc})") from None
+                    if not isinstance(record, dict):
+                        raise UserError(f"{path}: line {number}: expected an object with video and question")
+                    rows.append({"_where": f"line {number}", **record})
+            else:
+                reader = csv.DictReader(handle)
+                columns = reader.fieldnames or []
+                missing = [name for name in QUESTION_COLUMNS if name not in columns]
+                if missing:
+                    raise UserError(f"{path}: no {' or '.join(missing)} column (header: {', '.join(columns) or 'none'}); "
+                                    "the first line must name the columns video,question[,id]")
+                for number, record in enumerate(reader, 2):
+                    rows.append({"_where": f"line {number}", **record})
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    folder = os.path.dirname(os.path.abspath(path))
+    checked = []
+    for record in rows:
+        row = {"where": record["_where"], "id": next((str(record[k]) for k in ID_COLUMNS if record.get(k) not in
+                                                      (None, "")), ""),
+               "video": record.get("video"), "question": record.get("question"), "problem": None}
+        for key in QUESTION_COLUMNS:
+            if not isinstance(row[key], str) or not row[key].strip():
+                row["problem"] = f"no {key}"
+        if row["problem"] is None:
+            row["video"] = os.path.join(folder, os.path.expanduser(row["video"]))
+        checked.append(row)
+    if not checked:
+        raise UserError(f"{path}: no questions in it")
+    return checked
+
+
+def answer_rows(answerer: Answerer, rows: list[dict]) -> list[dict[str, Any]]:
+    """One output record per input row: the answers, or `error`."""
+    usable = [row for row in rows if row["problem"] is None]
+    results = iter(answerer.answer_many(usable))
+    records = []
+    for row in rows:
+        result = row["problem"] if row["problem"] is not None else next(results)
+        base = {"id": row["id"], "video": row["video"], "question": row["question"]}
+        if isinstance(result, str):
+            records.append({**base, "error": result, "where": row["where"]})
+        else:
+            records.append({**base, **result.as_dict(), "error": None})
+    return records
+
+
+def write_records(path: str, records: list[dict[str, Any]], top_k: int) -> None:
+    """JSON lines (.jsonl/.json) or CSV (answer_1, probability_1, ... columns), written atomically."""
+    import csv
+    import io
+
+    if path.lower().endswith((".jsonl", ".json")):
+        text = "".join(json.dumps(record) + "\n" for record in records)
+    else:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        ranks = [f"{what}_{rank}" for rank in range(1, top_k + 1) for what in ("answer", "probability")]
+        writer.writerow(["id", "video", "question", *ranks, "unknown_words", "warnings", "error"])
+        for record in records:
+            cells = []
+            for answer in (record.get("answers") or [])[:top_k]:
+                cells += [answer["answer"], f"{answer['probability']:.6f}"]
+            cells += [""] * (2 * top_k - len(cells))
+            writer.writerow([record["id"], record["video"], record["question"], *cells,
+                             " ".join(record.get("unknown_words") or []), " | ".join(record.get("warnings") or []),
+                             record.get("error") or ""])
+        text = buffer.getvalue()
+    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
