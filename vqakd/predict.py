@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from vqakd.annotations import Video
-from vqakd.checkpoint import build_model, load_checkpoint
+from vqakd.checkpoint import load_checkpoint, model_from_checkpoint
 from vqakd.errors import UserError
 from vqakd.io import atomic_open, file_sha256
 from vqakd.provenance import FEATURE_KINDS, MODEL_OF_KIND, identity, random_seed_of
@@ -271,7 +271,7 @@ class Answerer:
         self.device = device
         self.flags = flags
         checkpoint = load_checkpoint(checkpoint_path)
-        self.model = build_model(checkpoint, checkpoint_path, device).eval()
+        self.model = model_from_checkpoint(checkpoint, checkpoint_path, device).eval()
         config = self.model.config
         self.settings = feature_settings(checkpoint, flags, config.num_nodes, checkpoint_path)
         self.vocab = question_vocab(checkpoint, flags, config, checkpoint_path)
