@@ -122,9 +122,13 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
         "epoch": checkpoint.get("epoch"),
         "stage": checkpoint.get("stage"),
         "original_checkpoint": bool(checkpoint.get("original")),
+        # model_kwargs values of an original checkpoint that its weights contradict (ignored).
+        "claimed_model_kwargs": checkpoint.get("claimed_model_kwargs") or {},
         "params": count_parameters(model),
     }
     if main:
+        for note in checkpoint.get("notes") or ():
+            print(f"note: {note}")
         print(format_table(summary, f"{checkpoint_path} on {split} ({summary['count']} questions):"))
         write_json(out, result)
         print(f"wrote {out}")

@@ -145,10 +145,27 @@ def _check_keys(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, .
 
 
 def ours_to_original(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """Our state dict -> the original DualVGR key layout (strict; GAT attention only)."""
+    """Our state dict -> the original DualVGR key layout (strict; GAT attention only).
+
+    Refuses a model with several units AND several graph layers: the original code runs graph
+    layer (u, g) with module index u + g (units share modules), so it would compute something
+    else with these weights than our network does."""
     _require_gat(config)
+    _require_unshared_graph_layers(config)
     ours = _our_shapes(config)
     _check_keys(state, {key: shape for key, (shape, _) in ours.items()}, "DualVGR state dict")
+    return _export(state, config)
+
+
+def _require_unshared_graph_layers(config: ModelConfig) -> None:
+    if config.unit_layers > 1 and config.graph_layers > 1:
+        raise OriginalCheckpointError(
+            f"a model with unit_layers={config.unit_layers} and graph_layers={config.graph_layers} cannot be "
+            "exported to the original layout: the original code shares graph layers between units (module "
+            "index u+g) and would run these weights differently")
+
+
+def _export(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     result = {original: state[key].detach().clone() for key, original in _renamed_keys(config)}
     head_dim = config.module_dim // config.num_heads
     for our_prefix, original in _gat_modules(config):
@@ -221,8 +238,14 @@ def _kwarg_int(kwargs: Mapping, name: str, derived: int | None, what: str) -> in
     return value
 
 
-def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, what: str) -> ModelConfig:
-    """Rebuild our ModelConfig from an original state dict and its `model_kwargs`."""
+def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, what: str,
+                         claimed: dict | None = None) -> ModelConfig:
+    """Rebuild our ModelConfig from an original state dict and its `model_kwargs`.
+
+    The weights decide the number of graph layers: VQAKD's `train_kd_2.py` saves the student
+    with `model_kwargs['graph_layers']` copied from the teacher's config (4) although the student
+    has one graph layer. Such a claim that the weights contradict is ignored and, when `claimed`
+    is given, recorded there ({"graph_layers": 4}) so the caller can say so."""
     question_vocab, word_dim = _shape_of(state, _EMBEDDING_KEY, what, 2)
     answer_vocab, module_dim = _shape_of(state, _ANSWER_KEY, what, 2)
     _, vision_dim = _shape_of(state, _MOTION_KEY, what, 2)
@@ -255,7 +278,9 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
     # DualVGR's own train.py never stored `unit_layers` (its model then used the class default),
     # so the unit and layer counts come from the weights and are only cross-checked here.
     unit_layers = _kwarg_int(model_kwargs, "unit_layers", unit_layers, what)
-    graph_layers = _kwarg_int(model_kwargs, "graph_layers", graph_layers, what)
+    claim = _kwarg_int(model_kwargs, "graph_layers", None, what) if "graph_layers" in model_kwargs else graph_layers
+    if claim != graph_layers and claimed is not None:
+        claimed["graph_layers"] = claim
     if unit_layers > 1 and graph_layers > 1:
         # The original code runs layer (u, g) with module index u + g, so units share graph
         # layers and some stored modules are never used; that network cannot be expressed with
@@ -279,10 +304,12 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
     )
 
 
-def convert_original_checkpoint(checkpoint: Mapping, path: str) -> tuple[ModelConfig, dict[str, Tensor]]:
+def convert_original_checkpoint(checkpoint: Mapping, path: str,
+                                claimed: dict | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
     """The contents of a checkpoint written by the original DualVGR/VQAKD code (the dict its
     `torch.save` wrote, already loaded) -> (our config, our state dict). `path` starts every
-    error message."""
+    error message; `claimed` collects model_kwargs values the weights contradict (see
+    `config_from_original`)."""
     if "state_dict" not in checkpoint:
         raise OriginalCheckpointError(
             f"{path}: not an original DualVGR checkpoint (no 'state_dict' entry)")
@@ -299,5 +326,5 @@ def convert_original_checkpoint(checkpoint: Mapping, path: str) -> tuple[ModelCo
     if state and all(isinstance(key, str) and key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}
     what = f"{path}: original DualVGR state dict"
-    config = config_from_original(state, model_kwargs, what)
+    config = config_from_original(state, model_kwargs, what, claimed)
     return config, original_to_ours(state, config, source=what)

@@ -206,8 +206,9 @@ def test_validate_accepts_original_checkpoint(tiny, teacher_run, tmp_path):
         "state_dict": ours_to_original(ours["state_dict"], config),
         "optimizer": {},
         "model_kwargs": {"vision_dim": config.vision_dim, "module_dim": config.module_dim, "word_dim": config.word_dim,
-                         "num_of_nodes": config.num_nodes, "graph_module": "GAT", "graph_layers": config.graph_layers,
-                         "unit_layers": config.unit_layers},
+                         "num_of_nodes": config.num_nodes, "graph_module": "GAT",
+                         # as VQAKD's train_kd_2.py writes students: a graph_layers its weights contradict
+                         "graph_layers": config.graph_layers + 2, "unit_layers": config.unit_layers},
     }
     path = tmp_path / "original.pt"
     torch.save(original, path)
@@ -217,6 +218,7 @@ def test_validate_accepts_original_checkpoint(tiny, teacher_run, tmp_path):
     evaluated = json.loads(out.read_text())
     written = json.loads((teacher_run["folder"] / "results.json").read_text())
     assert evaluated["original_checkpoint"] is True and evaluated["epoch"] == 7
+    assert evaluated["claimed_model_kwargs"] == {"graph_layers": config.graph_layers + 2}
     assert evaluated["accuracy"] == written["accuracy"] and evaluated["per_type"] == written["per_type"]
 
 

@@ -130,10 +130,14 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise UserError(f"{path}: not a checkpoint (a {type(checkpoint).__name__}, expected a dict)")
     if "model_kwargs" in checkpoint:
         try:
-            model_config, state_dict = convert_original_checkpoint(checkpoint, path)
+            claimed: dict = {}
+            model_config, state_dict = convert_original_checkpoint(checkpoint, path, claimed)
         except OriginalCheckpointError as exc:
             raise UserError(str(exc)) from None
-        return {"format": "original-dualvgr", "original": True, "stage": None,
+        notes = [f"{path}: model_kwargs claims {key}={value}, but its weights hold {getattr(model_config, key)}; "
+                 f"loaded with {key}={getattr(model_config, key)} (the weights decide)" for key, value in claimed.items()]
+        return {"format": "original-dualvgr", "original": True, "stage": None, "claimed_model_kwargs": claimed,
+                "notes": notes,
                 "epoch": checkpoint.get("epoch"), "model_config": dataclasses.asdict(model_config),
                 "state_dict": state_dict, "vocab": {}, "config": {}, "metrics": {}, "history": [], "best": {}}
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
