@@ -221,9 +221,10 @@ def _newer_or_same(path: str, than: str) -> bool:
 
 def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
     """Train (or resume) every run that needs it, then evaluate each finished run's best.pt on
-    the test split with predictions. Returns the runs still unfinished (stopped early, or whose
-    teacher is unfinished); every rank returns the same list. Raises SystemExit-style codes via
-    the returned value of train/validate on ranks that only relay an error."""
+    the test split with predictions (validate.py --write-preds; reused while newer than best.pt).
+    Returns the runs still unfinished (stopped early, or waiting for an unfinished teacher);
+    every rank returns the same list. A non-zero status from train/validate (a rank relaying an
+    error rank 0 printed) raises _RankExit."""
     import train
     import validate
 
