@@ -205,3 +205,20 @@ def test_help_is_fast_and_imports_no_torch():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--seeds" in result.stdout
     assert not [line for line in result.stderr.splitlines() if line.rstrip().endswith(" torch")]
+
+
+def test_study_under_torchrun_trains_teacher_then_student(tiny, tmp_path):
+    """Every rank makes the same train/validate calls in one process group (a second group in one
+    process could not connect); rank 0 alone writes the report."""
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+               os.path.join(ROOT, "study.py"), "--cfg", tiny["cfg"], "--seeds", "5,", "--arms", "student-feature",
+               "--out", str(out), "--timing-passes", "1", "--set", "train.epochs=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", VQAKD_DIST_TIMEOUT_S="60")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DistributedDataParallel: 2 processes" in open(os.path.join(stage_dir(out, 5, "student-feature"),
+                                                                      "train.log")).read()
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert list(report["arms"]) == ["teacher", "student-feature"]
+    assert result.stdout.count("study: wrote") == 1

@@ -258,6 +258,25 @@ def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
     return [run for run in runs if not run.finished]
 
 
+@contextlib.contextmanager
+def _one_process_group():
+    """One process group for every train/validate call of the study. Under torchrun a second
+    init_process_group in one process cannot connect (the rendezvous keys of the first remain),
+    so the group must outlive each call; `distributed.session()` destroys a group it finds
+    already started, so its cleanup is held back until the study's own session ends."""
+    from vqakd import distributed as dist
+
+    cleanup = dist.cleanup
+    dist.cleanup = lambda: None
+    try:
+        with dist.session():
+            yield
+    finally:
+        dist.cleanup = cleanup
+        if dist.is_initialized():
+            cleanup()
+
+
 class _RankExit(Exception):
     """A rank other than 0 ends with the status train/validate returned (rank 0 printed the error)."""
 
@@ -337,7 +356,8 @@ def run_study(cfg: str, seeds_text: str = "3", arms_text: Optional[str] = None, 
     # Two studies writing into one folder would overwrite each other's runs; rank 0 holds the lock.
     with FolderLock(study_dir, "study folder") if main else contextlib.nullcontext():
         try:
-            unfinished = execute(runs, cfg, log)
+            with _one_process_group():
+                unfinished = execute(runs, cfg, log)
         except _RankExit as exc:
             return exc.code
         if not main:
