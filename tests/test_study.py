@@ -44,7 +44,7 @@ def study_argv(tiny, *extra):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    data = make_dataset(root / "data", videos=30)
+    data = make_dataset(root / "data", videos=24)
     cfg = write_config(root / "tiny.yml", tiny_config_dict(data["paths"], root / "unused", train={"epochs": 3}))
     return {"cfg": cfg, "out": root / "study"}
 
@@ -181,6 +181,18 @@ def test_changed_settings_are_refused_not_mixed(finished):
     assert code == 2 and "train.lr" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
 
 
+def test_overwrite_retrains_runs_with_changed_settings(finished):
+    from vqakd.study import plan_study
+
+    runs = plan_study(finished["cfg"], str(finished["out"]), list(SEEDS), parse_arms(",".join(ARM_NAMES)),
+                      ["train.lr=0.001"], overwrite=True)
+    assert {run.action for run in runs} == {"overwrite"} and "train.lr" in runs[0].reason
+    assert "--overwrite" in runs[0].train_argv(finished["cfg"])
+    same = plan_study(finished["cfg"], str(finished["out"]), list(SEEDS), parse_arms(",".join(ARM_NAMES)), [],
+                      device="cpu")
+    assert {run.action for run in same} == {"reuse"}      # the device is not a setting that changes results
+
+
 def test_arguments():
     assert parse_seeds("3", 666) == [666, 667, 668]
     assert parse_seeds("5,1", 666) == [5, 1] and parse_seeds("42,", 0) == [42]
@@ -207,6 +219,7 @@ def test_help_is_fast_and_imports_no_torch():
     assert not [line for line in result.stderr.splitlines() if line.rstrip().endswith(" torch")]
 
 
+@pytest.mark.slow          # two processes importing torch: ~35 s on a busy 2-core machine
 def test_study_under_torchrun_trains_teacher_then_student(tiny, tmp_path):
     """Every rank makes the same train/validate calls in one process group (a second group in one
     process could not connect); rank 0 alone writes the report."""

@@ -66,12 +66,14 @@ def collect(runs) -> dict[str, Any]:
             "epoch": results["epoch"], "val_accuracy": results.get("val_accuracy"),
             "per_type": {t: {"accuracy": v["accuracy"], "count": v["count"]} for t, v in results["per_type"].items()},
             "ms_per_question": timing.get("ms_per_question"), "teacher": results.get("teacher"),
+            "graph_layers": (results.get("model_config") or {}).get("graph_layers"),
             "run_dir": run.stage_dir}
     for entry in arms.values():
         seeds = list(entry["seeds"].values())
         entry["accuracy"] = mean_std([s["accuracy"] for s in seeds])
         entry["val_accuracy"] = mean_std([s["val_accuracy"] for s in seeds if s["val_accuracy"] is not None])
         entry["params"] = seeds[0]["params"]
+        entry["graph_layers"] = seeds[0]["graph_layers"]
         times = [s["ms_per_question"] for s in seeds if s["ms_per_question"] is not None]
         entry["ms_per_question"] = mean_std(times) if times else None
         entry["per_type"] = {}
@@ -225,7 +227,13 @@ def plot_confusion(arm: str, labels: list[str], matrix: list[list[int]], path: s
     axis.set_yticks(range(len(labels)), labels, fontsize=8)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true answer")
-    axis.set_title(f"{arm}: confusion among the {len(labels)} most frequent answers", fontsize=9)
+    axis.set_title(f"{arm}:\nconfusion among the {len(labels)} most frequent answers", fontsize=9)
+    peak = max((max(row) for row in matrix), default=0)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            if value:
+                axis.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                          color="white" if value > peak / 2 else "black")
     figure.colorbar(image, ax=axis)
     figure.tight_layout()
     _save(figure, path, plt)
@@ -263,10 +271,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     rows = []
     for name, arm in arms.items():
         ms = arm["ms_per_question"]
-        rows.append([name, arm["note"], f"{arm['params']:,}", _pct(arm["accuracy"]), _pct(arm["val_accuracy"]),
-                     f"{ms['mean']:.3f}" if ms else "–"])
-    rows += [[row["model"], "published", "", f"{row['accuracy']:.2f}", "", ""] for row in published]
-    out += _table(["arm", "what it is", "parameters", "test accuracy", "val accuracy", "ms/question"], rows)
+        rows.append([name, arm["note"], str(arm["graph_layers"]), f"{arm['params']:,}", _pct(arm["accuracy"]),
+                     _pct(arm["val_accuracy"]), f"{ms['mean']:.3f}" if ms else "–"])
+    rows += [[row["model"], "published", "", "", f"{row['accuracy']:.2f}", "", ""] for row in published]
+    out += _table(["arm", "what it is", "graph layers", "parameters", "test accuracy", "val accuracy",
+                   "ms/question"], rows)
     out += ["", "ms/question: inference of best.pt over the test split at the config's evaluation batch size "
             "(median of timed passes after a warm-up), mean over seeds.", "", "## Per question type", ""]
     rows = [[name] + [_pct(arm["per_type"][t], counts[t]) for t in types] + [_pct(arm["accuracy"])]

@@ -41,7 +41,7 @@ class Arm:
 
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in (
-    Arm("teacher", "teacher", note="DualVGR teacher (teacher.graph_layers)"),
+    Arm("teacher", "teacher", note="DualVGR teacher"),
     Arm("student-none", "student", "none", note="student trained alone (hard loss)"),
     Arm("student-feature", "student", "feature", teacher="teacher", note="feature distillation (the paper)"),
     Arm("student-logit", "student", "logit", teacher="teacher", note="logit distillation (Hinton)"),
