@@ -186,8 +186,10 @@ def cleanup() -> None:
 @contextlib.contextmanager
 def session(*, timeout: datetime.timedelta | None = None, control_only: bool = False) -> Iterator[None]:
     """The process group for the duration of a script (when launched by torchrun); the
-    arguments are those of `init_distributed`."""
-    started = init_distributed(timeout=timeout, control_only=control_only)
+    arguments are those of `init_distributed`. A session inside another (study.py running
+    train.py's run in-process) keeps the outer group: destroying it would leave the next
+    stage unable to rejoin under torchrun."""
+    started = not is_initialized() and init_distributed(timeout=timeout, control_only=control_only)
     try:
         yield
     finally:
