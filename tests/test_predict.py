@@ -80,13 +80,13 @@ def predict_main(argv):
 
 def reference_probabilities(pipeline):
     """validate.py's model on the stored features: each test question's top probability."""
-    from vqakd.checkpoint import build_model, load_checkpoint
+    from vqakd.checkpoint import load_checkpoint, model_from_checkpoint
     from vqakd.config import load_config
     from vqakd.data import load_data, make_loader
 
     config = load_config(pipeline["cfg"], [s for s in pipeline["sets"] if s != "--set"])
     bundle = load_data(config, splits=("test",), progress=False)
-    model = build_model(load_checkpoint(str(pipeline["checkpoint"])), str(pipeline["checkpoint"]), torch.device("cpu"))
+    model = model_from_checkpoint(load_checkpoint(str(pipeline["checkpoint"])), str(pipeline["checkpoint"]), torch.device("cpu"))
     model.eval()
     found = {}
     loader = make_loader(bundle.splits["test"], bundle.table, 256, False, 0, 0, False)
@@ -96,7 +96,7 @@ def reference_probabilities(pipeline):
                                         batch["question_len"]).logits.float(), dim=1)
             top, index = probs.max(dim=1)
             for i, p, a in zip(batch["index"].tolist(), top.tolist(), index.tolist()):
-                found[bundle.splits["test"].question_id[i]] = (bundle.vocab.idx_to_answer[a], p)
+                found[bundle.splits["test"].display_id(i)] = (bundle.vocab.idx_to_answer[a], p)
     return found
 
 

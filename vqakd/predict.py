@@ -31,7 +31,8 @@ from vqakd.checkpoint import load_checkpoint, model_from_checkpoint
 from vqakd.errors import UserError
 from vqakd.io import atomic_open, file_sha256
 from vqakd.provenance import FEATURE_KINDS, MODEL_OF_KIND, identity, random_seed_of
-from vqakd.questions import NULL_INDEX, UNK_INDEX, UNK_TOKEN, encode_tokens, load_vocab, tokenize_question
+from vqakd.questions import tokenize_question
+from vqakd.vocab import NULL_INDEX, UNK_INDEX, UNK_TOKEN, Vocabulary
 
 # The one place the extraction code is imported from (it is moving to a package).
 from vqakd.extraction import NETWORKS, ExtractionSettings, make_extractor  # noqa: E402  isort: skip
@@ -130,24 +131,10 @@ def settings_digest(settings: Mapping[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------- vocabulary
 
-@dataclasses.dataclass
-class QuestionVocab:
-    question_token_to_idx: dict[str, int]
-    idx_to_answer: list[str]
-
-
-def _answers_in_order(table: Mapping[str, int]) -> list[str]:
-    answers = [""] * len(table)
-    for answer, index in table.items():
-        answers[int(index)] = answer
-    return answers
-
-
-def question_vocab(checkpoint: Mapping[str, Any], flags: ExtractionFlags, model_config, path: str) -> QuestionVocab:
+def question_vocab(checkpoint: Mapping[str, Any], flags: ExtractionFlags, model_config, path: str) -> Vocabulary:
     recorded = (checkpoint.get("inference") or {}).get("vocabulary")
     if recorded and flags.vocab is None:
-        vocab = QuestionVocab(dict(recorded["question_token_to_idx"]),
-                              _answers_in_order(recorded["answer_token_to_idx"]))
+        vocab = Vocabulary(dict(recorded["question_token_to_idx"]), dict(recorded["answer_token_to_idx"]))
     else:
         info = checkpoint.get("vocab") or {}
         vocab_path = flags.vocab or info.get("path")
@@ -156,8 +143,7 @@ def question_vocab(checkpoint: Mapping[str, Any], flags: ExtractionFlags, model_
             raise UserError(f"{path} does not hold its vocabulary{where}; give the vocabulary file with --vocab")
         if info.get("sha256") and file_sha256(vocab_path) != info["sha256"]:
             raise UserError(f"{vocab_path}: not the vocabulary {path} was trained with (sha256 differs)")
-        loaded = load_vocab(vocab_path)
-        vocab = QuestionVocab(loaded.question_token_to_idx, _answers_in_order(loaded.answer_token_to_idx))
+        vocab = Vocabulary.load(vocab_path)
     if (len(vocab.question_token_to_idx), len(vocab.idx_to_answer)) != (
             model_config.question_vocab_size, model_config.answer_vocab_size):
         raise UserError(f"{path}: the vocabulary has {len(vocab.question_token_to_idx)} question words and "
@@ -175,10 +161,10 @@ class EncodedQuestion:
     warnings: list[str]
 
 
-def encode_question(text: str, vocab: Mapping[str, int]) -> EncodedQuestion:
+def encode_question(text: str, vocab: Vocabulary) -> EncodedQuestion:
     """Tokens and indices exactly as preprocess/preprocess_questions.py makes them."""
     tokens = tokenize_question(text)
-    indices = encode_tokens(tokens, vocab)
+    indices = vocab.encode_question(tokens)
     unknown = [token for token, index in zip(tokens, indices) if index == UNK_INDEX and token != UNK_TOKEN]
     warnings = []
     if text and text[-1].isalnum():
@@ -401,7 +387,7 @@ class Answerer:
             if out is not None:
                 with h5py.File(out, "r") as handle:
                     ids = handle["ids"][()]
-                    data = handle[extractor.feature_dataset][()]
+                    data = handle[extractor.model.feature_dataset][()]
                 for row, video_id in enumerate(ids):
                     arrays[paths[int(video_id)]] = np.ascontiguousarray(data[row], dtype=np.float32)
         return arrays
@@ -433,7 +419,7 @@ class Answerer:
                 for row_i, row_p in zip(indices, values)]
 
     def encode(self, text: str) -> EncodedQuestion:
-        return encode_question(text, self.vocab.question_token_to_idx)
+        return encode_question(text, self.vocab)
 
     def answer(self, video: str, question: str) -> Answer:
         """One question about one video; a video that cannot be used is a UserError."""

@@ -293,7 +293,7 @@ def time_inference(run: Run, passes: int, cache: dict) -> Optional[dict]:
 
     import torch
 
-    from vqakd.checkpoint import build_model, load_checkpoint
+    from vqakd.checkpoint import load_checkpoint, model_from_checkpoint
     from vqakd.config import eval_batch_size
     from vqakd.data import load_data, make_loader
     from vqakd.device import resolve_device
@@ -320,7 +320,7 @@ def time_inference(run: Run, passes: int, cache: dict) -> Optional[dict]:
         cache.clear()           # one feature table in memory at a time
         cache[key] = load_data(config, splits=("test",), device=device, progress=False)
     bundle = cache[key]
-    model = build_model(checkpoint, best, device)
+    model = model_from_checkpoint(checkpoint, best, device)
     loader = make_loader(bundle.splits["test"], bundle.table, batch, False, config.train.seed, 0,
                          device.type == "cuda", reuse_buffers=True)
     seconds = []
