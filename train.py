@@ -58,16 +58,17 @@ from vqakd import distributed as dist  # noqa: E402
 from vqakd.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_from_checkpoint,  # noqa: E402
                               restore_rng_state, save_checkpoint, seed_everything)
 from vqakd.config import Config, config_to_dict, dump_config, eval_batch_size, load_config  # noqa: E402
-from vqakd.data import DataBundle, load_data, make_loader  # noqa: E402
+from vqakd.data import DataBundle, load_data, make_loader, with_dropped  # noqa: E402
 from vqakd.device import resolve_process_device  # noqa: E402
 from vqakd.engine import configure_backends, evaluate, train_one_epoch  # noqa: E402
 from vqakd.errors import UserError  # noqa: E402
-from vqakd.io import ensure_writable_dir, write_json  # noqa: E402
+from vqakd.io import ensure_writable_dir, read_json, write_json  # noqa: E402
 from vqakd.metrics import epoch_line, format_table, metrics_row, write_metrics_csv  # noqa: E402
 from vqakd.models import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,  # noqa: E402
                           load_teacher)
 from vqakd.plots import plot_curves  # noqa: E402
 from vqakd.provenance import inference_record  # noqa: E402
+from vqakd.resume_settings import LR_SCHEDULE_KEYS, apply_lr_schedule, resume_changes  # noqa: E402
 from vqakd.run_folder import RunFolder, RunLog, remove_empty_folders  # noqa: E402
 
 CURVES_REFRESH_S = 60.0
@@ -149,6 +150,12 @@ class StageStart:
     best: dict = field(default_factory=dict)        # {epoch, val_accuracy} of best.pt
     start_epoch: int = 1
     resumed_from: Optional[int] = None              # the epoch of the last.pt resumed from
+    # Every resume of this run: {epoch (first epoch run), after_epoch, changed: {key: [old, new]}}.
+    resumes: list = field(default_factory=list)
+
+
+# The run folder's record of its resumes and the settings each changed (results.json `resumed`).
+RESUMES_FILE = "resumes.json"
 
 
 def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Optional[str], resume: bool,
@@ -156,6 +163,9 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
     """Every start-up check and load, before anything in the output folder changes (every rank
     runs it; nothing here writes but the writability probe)."""
     device = resolve_process_device(config.train.device, what="train.device")
+    if config.train.batch_size < 2:
+        raise UserError(f"train.batch_size is {config.train.batch_size}: BatchNorm needs at least 2 questions per "
+                        "training batch; use 2 or more")
     batch_train = per_process_batch(config.train.batch_size, dist.get_world_size())
     ensure_writable_dir(folder.folder, f"{stage} output folder")
     if os.path.exists(folder.last) and not resume and not overwrite:
@@ -171,6 +181,9 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
                             "(--stage teacher) or pass --teacher <checkpoint>")
 
     bundle = load_data(config, device=device, progress=progress)
+    if len(bundle.splits["train"]) < 2:
+        raise UserError(f"{bundle.splits['train'].path}: {len(bundle.splits['train'])} training question(s); "
+                        "BatchNorm needs at least 2")
     # The frozen teacher runs on every rank, on that rank's own share of the batch.
     teacher = load_teacher(teacher_file, config, bundle, device)[0] if teacher_file else None
 
@@ -182,15 +195,18 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
     start = StageStart(device=device, batch_train=batch_train, bundle=bundle, model=model, optimizer=optimizer,
                        scheduler=scheduler, distill=distill, teacher=teacher, teacher_file=teacher_file)
     if resume and os.path.isfile(folder.last):
-        resume_from(folder.last, start)
+        resume_from(folder.last, start, config, stage)
     return start
 
 
-def resume_from(path: str, start: StageStart) -> None:
+def resume_from(path: str, start: StageStart, config: Config, stage: str) -> None:
     """Restore the weights, optimizer, scheduler, RNGs and history of `path` into `start`.
-    Every rank reads the checkpoint (to the CPU; load_state_dict copies to this rank's device)."""
+    Every rank reads the checkpoint (to the CPU; load_state_dict copies to this rank's device).
+    Settings that differ from the run's saved config are refused or applied and recorded
+    (vqakd/resume_settings.py); a changed lr schedule is put into the optimizer and scheduler."""
     checkpoint = load_checkpoint(path)
     check_same_model(checkpoint, path, start.model)
+    changed = resume_changes(checkpoint.get("config") or {}, config, stage, path)
     check_vocab_match(checkpoint, path, start.bundle, "the run being resumed")
     load_state_strict(start.model, checkpoint["state_dict"], path)
     try:
@@ -198,23 +214,51 @@ def resume_from(path: str, start: StageStart) -> None:
         start.scheduler.load_state_dict(checkpoint["scheduler"])
     except (KeyError, ValueError, TypeError) as exc:
         raise UserError(f"{path}: cannot restore the optimizer/scheduler state ({exc})") from None
+    if any(key in changed for key in LR_SCHEDULE_KEYS):
+        apply_lr_schedule(start.optimizer, start.scheduler, config.train)
     restore_rng_state(checkpoint["rng"])
     start.history = list(checkpoint.get("history") or [])
     start.best = dict(checkpoint.get("best") or {})
     start.start_epoch = int(checkpoint["epoch"]) + 1
     start.resumed_from = int(checkpoint["epoch"])
+    # Resumes recorded before, less those whose epochs were never checkpointed (redone now).
+    earlier = _read_resumes(os.path.join(os.path.dirname(path), RESUMES_FILE))
+    start.resumes = [entry for entry in earlier if entry["epoch"] < start.start_epoch]
+    start.resumes.append({"epoch": start.start_epoch, "after_epoch": start.resumed_from, "changed": changed})
+
+
+def _read_resumes(path: str) -> list:
+    if not os.path.isfile(path):
+        return []
+    entries = read_json(path)
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("epoch"), int)
+                                                for e in entries):
+        raise UserError(f"{path}: not a list of resumes ({{epoch, after_epoch, changed}}); delete it to continue")
+    return entries
 
 
 def prepare_folder(folder: RunFolder, start: StageStart, config: Config, stage: str, resume: bool,
                    overwrite: bool, log: RunLog) -> None:
     """Main process, once every rank has passed every check: discard an overwritten run, clear
     interrupted writes, save the config."""
+    resumes_path = os.path.join(folder.folder, RESUMES_FILE)
     if start.resumed_from is not None:
         log(f"resuming {stage} from {folder.last} after epoch {start.resumed_from}")
+        changed = start.resumes[-1]["changed"]
+        if changed:
+            log(f"settings changed from epoch {start.start_epoch} on: "
+                + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()))
+        write_json(resumes_path, start.resumes)
     elif resume:
         log(f"no checkpoint at {folder.last}; starting {stage} from epoch 1")
     elif overwrite:
         folder.remove_outputs()
+    if start.resumed_from is None and os.path.exists(resumes_path):
+        os.remove(resumes_path)         # left by a run that is started again
+    dropped = {name: split.dropped for name, split in start.bundle.splits.items() if split.dropped}
+    if dropped:
+        log("data.missing_videos: drop left out " + ", ".join(f"{count} {name}" for name, count in dropped.items())
+            + " question(s) whose video is missing from the feature files (val/test: counted as wrong)")
     for leftover in folder.stale_temporaries():
         # A job killed while writing a checkpoint leaves its hidden temp file (the size of a
         # checkpoint); the final files were never touched, so it is only waste.
@@ -348,12 +392,17 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
     progress = config.train.progress and dist.is_main()
     test_summary, _ = evaluate(best_model, test_loader, device, amp=config.train.amp, progress=progress,
                                desc="test")
+    # Questions left out for missing videos (data.missing_videos: drop) count as wrong.
+    test_summary = with_dropped(test_summary, start.bundle.splits["test"])
     results = {
         "stage": stage,
         "split": "test",
         "accuracy": test_summary["accuracy"],
         "correct": test_summary["correct"],
         "count": test_summary["count"],
+        "accuracy_answered": test_summary["accuracy_answered"],
+        "count_answered": test_summary["count_answered"],
+        "dropped_questions": {name: split.dropped for name, split in start.bundle.splits.items()},
         "per_type": test_summary["per_type"],
         "epoch": int(best_checkpoint["epoch"]),
         "val_accuracy": best_checkpoint.get("best", {}).get("val_accuracy"),
@@ -363,6 +412,8 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
         "teacher": start.teacher_file,
         "model_config": best_checkpoint["model_config"],
         "config": config_to_dict(config),
+        # Settings changed on --resume, from which epoch (config above: the values at the end).
+        "resumed": start.resumes,
         "world_size": dist.get_world_size(),
     }
     if dist.is_main():

@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 from vqakd import distributed as dist  # noqa: E402
 from vqakd.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint  # noqa: E402
 from vqakd.config import Config, eval_batch_size, load_config  # noqa: E402
-from vqakd.data import DataBundle, load_data, make_loader  # noqa: E402
+from vqakd.data import DataBundle, load_data, make_loader, with_dropped  # noqa: E402
 from vqakd.device import resolve_process_device  # noqa: E402
 from vqakd.engine import configure_backends, evaluate  # noqa: E402
 from vqakd.errors import UserError  # noqa: E402
@@ -109,6 +109,8 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
                          reuse_buffers=True)
     summary, found = evaluate(model, loader, device, amp=config.train.amp, return_predictions=write_preds,
                               progress=config.train.progress and main, desc=split)
+    # Questions left out for missing videos (data.missing_videos: drop) count as wrong.
+    summary = with_dropped(summary, bundle.splits[split])
     if write_preds and world > 1:
         shares = dist.all_gather_objects(found)
         found = {key: np.concatenate([share[key] for share in shares]) for key in ("index", "prediction")}
@@ -118,6 +120,9 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
         "accuracy": summary["accuracy"],
         "correct": summary["correct"],
         "count": summary["count"],
+        "accuracy_answered": summary["accuracy_answered"],
+        "count_answered": summary["count_answered"],
+        "dropped_questions": {split: bundle.splits[split].dropped},
         "per_type": summary["per_type"],
         "epoch": checkpoint.get("epoch"),
         "stage": checkpoint.get("stage"),

@@ -19,8 +19,10 @@ Paths may use `{dataset}` and `{name}`; relative paths are resolved from the cur
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import typing
@@ -65,6 +67,10 @@ class DataConfig:
     feature_mode: Literal["memory", "lazy"] = "memory"
     # Where the in-memory table lives: auto = on the training GPU when it fits there, else CPU.
     feature_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # A question whose video is missing from a feature file (e.g. its extraction failed under
+    # --allow-failures): error = stop before training; drop = leave the question out (counted
+    # per split in the log and results.json; dropped val/test questions count as wrong).
+    missing_videos: Literal["error", "drop"] = "error"
 
 
 # ModelConfig fields that are not in the `model:` section: the vocabulary sizes come from the
@@ -243,11 +249,13 @@ def _build(cls: type, raw: Any, prefix: str, origins: dict[str, str], default_so
         if dataclasses.is_dataclass(tp):
             values[name] = _build(tp, raw[name], f"{full}.", origins, default_source)
             continue
+        source = origins.get(full, default_source)
         try:
             values[name] = _convert_scalar(raw[name], tp)
         except TypeError:
-            source = origins.get(full, default_source)
             raise UserError(f"{source}: key {full!r} must be {_type_name(tp)}, got {raw[name]!r}") from None
+        if isinstance(values[name], float) and not math.isfinite(values[name]):
+            raise UserError(f"{source}: key {full!r} must be a finite number, got {raw[name]!r}")
     obj = cls(**values)
     # Sections the file left out keep their dataclass defaults (e.g. teacher G = 4).
     return obj
@@ -318,7 +326,19 @@ def read_yaml(path: str) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections (name, dataset, data, model, train, loss, ...)")
-    return raw
+    # YAML aliases (`student: *g`) make sections share one dict; a later --set on one of them
+    # must not change the other, so every section gets its own copy.
+    return _unshare(raw)
+
+
+def _unshare(node: Any) -> Any:
+    """A copy of parsed YAML in which no two places share a mapping or list (unlike
+    copy.deepcopy, which keeps aliases shared in its copy)."""
+    if isinstance(node, dict):
+        return {key: _unshare(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unshare(value) for value in node]
+    return copy.copy(node)
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None,
@@ -342,7 +362,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
         origins[".".join(key_path)] = f"--set {text}"
     config = _build(Config, raw, "", origins, default_source)
     resolve_paths(config)
-    check_values(config, default_source)
+    check_values(config, default_source, origins)
     return config
 
 
@@ -359,22 +379,29 @@ def resolve_paths(config: Config) -> None:
 
     for f in dataclasses.fields(DataConfig):
         value = getattr(config.data, f.name)
-        if isinstance(value, str) and f.name not in ("feature_dtype", "feature_mode", "feature_device"):
+        if isinstance(value, str) and f.name not in ("feature_dtype", "feature_mode", "feature_device",
+                                                     "missing_videos"):
             setattr(config.data, f.name, fill(value))
     config.output_dir = fill(config.output_dir) if config.output_dir else os.path.join(
         "results", config.dataset, config.name)
 
 
-def check_values(config: Config, source: str) -> None:
-    """Value ranges that do not need the data."""
-    problems = []
+# numpy's and Python's random seeds must fit in 32 bits.
+MAX_SEED = 2**32 - 1
+
+
+def check_values(config: Config, source: str, origins: dict[str, str] | None = None) -> None:
+    """Value ranges that do not need the data. A problem is blamed on the option that set the
+    key (`origins`: key -> "--set ..." or "--flag"), else on `source` (the YAML file)."""
+    problems: list[tuple[str, str]] = []       # (key, problem)
 
     def positive(section: str, name: str) -> None:
         value = getattr(getattr(config, section), name)
         if value is not None and not value > 0:
-            problems.append(f"{section}.{name} must be > 0, got {value}")
+            problems.append((f"{section}.{name}", f"{section}.{name} must be > 0, got {value}"))
 
-    problems += model_config_problems(config.model, "model.")
+    for problem in model_config_problems(config.model, "model."):
+        problems.append((problem.split(" ", 1)[0], problem))
     for stage in STAGES:
         positive(stage, "graph_layers")
     for name in ("lr", "batch_size", "eval_batch_size", "epochs", "lr_halve_every", "lr_decay", "grad_clip",
@@ -384,20 +411,22 @@ def check_values(config: Config, source: str) -> None:
         positive("loss", name)
     for name in ("alpha", "beta", "kappa_app", "kappa_mo"):
         if getattr(config.loss, name) < 0:
-            problems.append(f"loss.{name} must be >= 0, got {getattr(config.loss, name)}")
+            problems.append((f"loss.{name}", f"loss.{name} must be >= 0, got {getattr(config.loss, name)}"))
     if not 0.0 <= config.loss.logit_mix <= 1.0:
-        problems.append(f"loss.logit_mix must be in [0, 1], got {config.loss.logit_mix}")
+        problems.append(("loss.logit_mix", f"loss.logit_mix must be in [0, 1], got {config.loss.logit_mix}"))
     if config.train.num_workers < 0:
-        problems.append(f"train.num_workers must be >= 0, got {config.train.num_workers}")
-    if config.train.seed < 0:
-        problems.append(f"train.seed must be >= 0, got {config.train.seed}")
+        problems.append(("train.num_workers", f"train.num_workers must be >= 0, got {config.train.num_workers}"))
+    if not 0 <= config.train.seed <= MAX_SEED:
+        problems.append(("train.seed", f"train.seed must be in [0, {MAX_SEED}] (2**32 - 1), got {config.train.seed}"))
     if config.train.stop_after_epoch is not None and config.train.stop_after_epoch > config.train.epochs:
-        problems.append(f"train.stop_after_epoch ({config.train.stop_after_epoch}) is after the last epoch "
-                        f"({config.train.epochs})")
+        problems.append(("train.stop_after_epoch", f"train.stop_after_epoch ({config.train.stop_after_epoch}) is "
+                                                   f"after the last epoch ({config.train.epochs})"))
     if not config.name or "/" in config.name or config.name in (".", ".."):
-        problems.append(f"name must be a plain folder name, got {config.name!r}")
+        problems.append(("name", f"name must be a plain folder name, got {config.name!r}"))
     if problems:
-        raise UserError(f"{source}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        key, first = problems[0]
+        blamed = (origins or {}).get(key, source)
+        raise UserError(f"{blamed}: {first}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
 
 # ---------------------------------------------------------------------------- output
@@ -420,3 +449,4 @@ def dump_config(config: Config, path: str) -> None:
 
 def eval_batch_size(config: Config) -> int:
     return config.train.eval_batch_size or config.train.batch_size
+

@@ -12,7 +12,8 @@ together and served in batches.
 
 Everything checkable is checked before training starts, with errors that name the file:
 dataset names and shapes, clips per video == `model.num_nodes`, feature size == `model.vision_dim`,
-every question's video present in both files, NaN/inf features (naming the video), token and
+every question's video present in both files (or, with `data.missing_videos: drop`, the
+questions of missing videos left out and counted: `QuestionSplit.dropped`, `with_dropped`), NaN/inf features (naming the video), token and
 answer indices inside the vocabulary, GloVe rows == question vocabulary size.
 """
 
@@ -30,7 +31,7 @@ from vqakd.config import Config
 from vqakd.distributed import local_world_size
 from vqakd.errors import UserError, require_file
 from vqakd.feature_table import FeatureFileInfo, FeatureTable, choose_table_device, load_feature_table
-from vqakd.metrics import question_type_codes
+from vqakd.metrics import QUESTION_TYPES, question_type_codes
 from vqakd.questions import check_vocab_binding, load_question_file
 from vqakd.vocab import NULL_TOKEN, UNK_TOKEN, Vocabulary
 
@@ -56,6 +57,13 @@ class QuestionSplit:
     glove: Optional[np.ndarray]
     record_id: Optional[list] = None          # the annotation records' ids (our files only)
     clip_names: Optional[list[str]] = None    # the video files' names (our files only)
+    # Questions left out because their video is missing (data.missing_videos: drop): their
+    # question-type codes, so val/test accuracy can keep them in its denominators.
+    dropped_qtypes: Optional[torch.Tensor] = None
+
+    @property
+    def dropped(self) -> int:
+        return 0 if self.dropped_qtypes is None else int(self.dropped_qtypes.numel())
 
     def display_id(self, index: int):
         """The id a user finds in the annotations: the record's id where the file has it, else
@@ -71,34 +79,80 @@ class QuestionSplit:
         return vocab.decode_question(self.questions[index].numpy(), int(self.lengths[index]))
 
 
-def _check_video_ids(path: str, video_ids: np.ndarray, info: FeatureFileInfo) -> None:
+def _missing_video_ids(path: str, video_ids: np.ndarray, info: FeatureFileInfo, policy: str) -> set[int]:
+    """Video ids used by the questions of `path` that `info`'s file lacks; an error unless
+    `policy` is drop."""
     missing = sorted({int(v) for v in np.unique(video_ids)} - info.row_of.keys())
-    if missing:
+    if missing and policy != "drop":
         shown = ", ".join(str(v) for v in missing[:MISSING_IDS_SHOWN])
         more = ", ..." if len(missing) > MISSING_IDS_SHOWN else ""
         raise UserError(f"{path}: {len(missing)} video id(s) used by its questions are missing from "
-                        f"{info.path}: {shown}{more}")
+                        f"{info.path}: {shown}{more}; set data.missing_videos: drop to leave their questions "
+                        "out (they then count as wrong in val/test accuracy)")
+    return set(missing)
 
 
-def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable) -> QuestionSplit:
+def _keep(values, keep: np.ndarray):
+    """`values` (array, tensor, list or None) at the positions where `keep` is true."""
+    if values is None:
+        return None
+    if isinstance(values, (np.ndarray, torch.Tensor)):
+        return values[torch.from_numpy(keep) if isinstance(values, torch.Tensor) else keep]
+    return [value for value, kept in zip(values, keep) if kept]
+
+
+def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable,
+               missing_videos: str = "error") -> QuestionSplit:
+    """One question file, checked against the vocabulary and the feature table.
+    `missing_videos`: error, or drop (questions of videos missing from a feature file are left
+    out and recorded in `dropped_qtypes`)."""
     require_file(path, f"{name} question file", "make it with preprocess/preprocess_questions.py")
     data = load_question_file(path, vocab.question_size, vocab.answer_size)
     check_vocab_binding(data, path, vocab.path, vocab.sha256)
-    _check_video_ids(path, data["video_ids"], table.appearance_info)
-    _check_video_ids(path, data["video_ids"], table.motion_info)
-    app_rows, mot_rows = table.rows(data["video_ids"])
-    questions = torch.from_numpy(data["questions"]).long()
+    video_ids = np.asarray(data["video_ids"])
+    missing = (_missing_video_ids(path, video_ids, table.appearance_info, missing_videos)
+               | _missing_video_ids(path, video_ids, table.motion_info, missing_videos))
     first_tokens = [vocab.idx_to_question_token[int(t)] for t in data["questions"][:, 0]]
+    qtypes = question_type_codes(first_tokens)
+    keep = ~np.isin(video_ids, np.array(sorted(missing), dtype=np.int64)) if missing else np.ones(len(video_ids), bool)
+    if not keep.any():
+        raise UserError(f"{path}: none of its {len(video_ids)} questions has its video in both feature files "
+                        f"({table.appearance_info.path}, {table.motion_info.path})")
+    dropped_qtypes = qtypes[torch.from_numpy(~keep)] if missing else None
+    kept = {key: _keep(data[key], keep) if missing else data[key]
+            for key in ("questions", "questions_len", "answers", "question_id", "video_ids", "video_names",
+                        "question_text", "record_id", "clip_names")}
+    app_rows, mot_rows = table.rows(kept["video_ids"])
     return QuestionSplit(
-        name=name, path=path, questions=questions,
-        lengths=torch.from_numpy(data["questions_len"]).long(),
-        answers=torch.from_numpy(data["answers"]).long(),
-        qtypes=question_type_codes(first_tokens),
+        name=name, path=path, questions=torch.from_numpy(np.ascontiguousarray(kept["questions"])).long(),
+        lengths=torch.from_numpy(np.ascontiguousarray(kept["questions_len"])).long(),
+        answers=torch.as_tensor(np.asarray(kept["answers"])).long(),
+        qtypes=qtypes[torch.from_numpy(keep)],
         app_rows=torch.from_numpy(app_rows), mot_rows=torch.from_numpy(mot_rows),
-        question_id=data["question_id"], video_ids=data["video_ids"], video_names=data["video_names"],
-        question_text=data["question_text"], glove=data["glove"],
-        record_id=data["record_id"], clip_names=data["clip_names"],
+        question_id=kept["question_id"], video_ids=kept["video_ids"], video_names=kept["video_names"],
+        question_text=kept["question_text"], glove=data["glove"],
+        record_id=kept["record_id"], clip_names=kept["clip_names"], dropped_qtypes=dropped_qtypes,
     )
+
+
+def with_dropped(summary: dict, split: QuestionSplit) -> dict:
+    """An evaluation summary (vqakd.metrics.summarize) of `split` in which the questions dropped
+    for missing videos count as wrong: they stay in every denominator (overall and per type).
+    The figures on the answered questions alone are kept next to them (`accuracy_answered`,
+    `count_answered`), and `dropped` says how many were left out. A split with nothing dropped
+    gets the same keys (accuracy_answered == accuracy, dropped 0)."""
+    dropped_per_code = (torch.bincount(split.dropped_qtypes, minlength=len(QUESTION_TYPES) + 1).tolist()
+                        if split.dropped else [0] * (len(QUESTION_TYPES) + 1))
+
+    def adjust(values: dict, dropped: int) -> dict:
+        count = values["count"] + dropped
+        return {**values, "accuracy": values["correct"] / count if count else 0.0, "count": count,
+                "accuracy_answered": values["accuracy"], "count_answered": values["count"], "dropped": dropped}
+
+    result = adjust(summary, split.dropped)
+    result["per_type"] = {name: adjust(summary["per_type"][name], dropped_per_code[code])
+                          for code, name in enumerate(QUESTION_TYPES)}
+    return result
 
 
 # ----------------------------------------------------------------------------------- batches
@@ -262,7 +316,7 @@ def load_data(config: Config, splits: tuple[str, ...] = SPLITS, device: torch.de
     table = load_feature_table(config, expected_by)
     paths = {"train": config.data.train_questions, "val": config.data.val_questions,
              "test": config.data.test_questions}
-    loaded = {name: load_split(name, paths[name], vocab, table) for name in splits}
+    loaded = {name: load_split(name, paths[name], vocab, table, config.data.missing_videos) for name in splits}
     if table.mode == "memory":
         target = choose_table_device(config, table, device) if device is not None else torch.device("cpu")
         table.load(progress, target, copies_per_node=local_world_size() if target.type == "cpu" else 1)

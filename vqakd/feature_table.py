@@ -116,7 +116,8 @@ def _read_rows(info: FeatureFileInfo, handle, rows: np.ndarray) -> np.ndarray:
 
 
 def _convert_checked(info: FeatureFileInfo, block: np.ndarray, rows: np.ndarray, dtype_name: str) -> np.ndarray:
-    """`block` in the table's dtype; NaN/inf in the file, or values float16 cannot hold, name the video."""
+    """`block` in the table's dtype; NaN/inf in the file, or values the table's dtype cannot
+    hold (a float64 file read as float32 or float16), name the file, dataset and video."""
     bad = _first_nonfinite_row(block)
     if bad is not None:
         raise UserError(f"{info.path}: {info.dataset!r} of video id {int(info.ids[rows[bad]])} holds NaN or "
@@ -126,8 +127,14 @@ def _convert_checked(info: FeatureFileInfo, block: np.ndarray, rows: np.ndarray,
     if converted.dtype != block.dtype:
         bad = _first_nonfinite_row(converted)
         if bad is not None:
-            raise UserError(f"{info.path}: {info.dataset!r} of video id {int(info.ids[rows[bad]])} holds values "
-                            "too large for float16; use data.feature_dtype: float32")
+            largest = float(np.abs(block[bad]).max())
+            fits_float32 = largest <= float(np.finfo(np.float32).max)
+            limit = float(np.finfo(NUMPY_DTYPES[dtype_name]).max)
+            advice = ("use data.feature_dtype: float32" if dtype_name == "float16" and fits_float32
+                      else "no feature extractor makes such values: re-extract this video's features")
+            raise UserError(f"{info.path}: {info.dataset!r} of video id {int(info.ids[rows[bad]])} holds values up "
+                            f"to {largest:.3g} ({block.dtype} in the file), too large for {dtype_name}; {advice} "
+                            f"({dtype_name} holds at most {limit:.3g})")
     return converted
 
 
