@@ -12,6 +12,7 @@ and exit status 2, before anything slow runs. This module imports only the stand
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from typing import Iterable
 
@@ -36,6 +37,9 @@ def missing_modules(modules: Iterable[str]) -> list[str]:
 def missing_message(missing: list[str]) -> str:
     names = ", ".join(MODULE_PACKAGE.get(name, name) for name in missing)
     verb = "is" if len(missing) == 1 else "are"
+    if sys.prefix != sys.base_prefix and os.path.basename(sys.prefix) == ".venv":
+        # Already the project's environment: it is incomplete, not the wrong Python.
+        return f"{names} {verb} not installed for {sys.executable}; run `make venv` to install requirements.txt"
     return f"{names} {verb} not installed for {sys.executable}; {HINT}"
 
 
