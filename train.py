@@ -23,7 +23,9 @@ from vqakd.flags import ORIGINAL_FLAGS, STAGES
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True, help="YAML config (configs/msvd_qa.yml, configs/msrvtt_qa.yml)")
-    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--stage", required=True, choices=STAGES,
+                        help="teacher: the 4-graph-layer DualVGR; student: the 1-graph-layer network distilled "
+                             "from the teacher's best.pt (graph layers: teacher.graph_layers, student.graph_layers)")
     parser.add_argument("--teacher", default=None,
                         help="teacher checkpoint for the student stage (default: <output_dir>/teacher/best.pt)")
     parser.add_argument("--distill", default=None, choices=("feature", "logit", "none"),
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     # --help and flag errors answer before torch is imported (seconds); main() parses again.
     build_parser().parse_args()
+    from vqakd.requirements_check import check_requirements
+    check_requirements("matplotlib")  # torch & co. missing: one line naming `make venv`, not a traceback
 
 import inspect  # noqa: E402
 import os  # noqa: E402
@@ -69,6 +73,7 @@ from vqakd.models import (build_model_for_stage, check_same_model, check_vocab_m
 from vqakd.plots import plot_curves  # noqa: E402
 from vqakd.provenance import inference_record  # noqa: E402
 from vqakd.resume_settings import LR_SCHEDULE_KEYS, apply_lr_schedule, resume_changes  # noqa: E402
+from vqakd.provenance_run import provenance_for_config, utc_now  # noqa: E402
 from vqakd.run_folder import RunFolder, RunLog, remove_empty_folders  # noqa: E402
 
 CURVES_REFRESH_S = 60.0
@@ -279,10 +284,16 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
 
 def _run_training(config: Config, stage: str, teacher_path: Optional[str], resume: bool,
                   overwrite: bool) -> dict[str, Any]:
+    started = utc_now()
     config.stage(stage)
     world, rank, main = dist.get_world_size(), dist.get_rank(), dist.is_main()
     folder = RunFolder(config.stage_dir(stage))
     log = RunLog(folder.log)
+    if resume:
+        finished = finished_run(folder, config, stage)
+        if finished is not None:
+            log(finished[0])
+            return finished[1]
     new_folders = folder.folders_to_create()
     try:
         start = dist.agree(lambda: start_stage(config, stage, folder, teacher_path, resume, overwrite))
@@ -306,7 +317,23 @@ def _run_training(config: Config, stage: str, teacher_path: Optional[str], resum
     if not train_epochs(config, stage, start, folder, log):
         return {}
     dist.barrier()          # best.pt is complete before any rank reads it
-    return evaluate_best(config, stage, start, folder, log)
+    return evaluate_best(config, stage, start, folder, log, started)
+
+
+def finished_run(folder: RunFolder, config: Config, stage: str) -> Optional[tuple[str, dict[str, Any]]]:
+    """(message, results.json) when --resume finds the run complete: every epoch of
+    train.epochs trained and the test figures written. Nothing is trained or rewritten then."""
+    if not (os.path.isfile(folder.last) and os.path.isfile(folder.results)):
+        return None
+    epoch = load_checkpoint(folder.last).get("epoch")
+    if not isinstance(epoch, int) or epoch < config.train.epochs:
+        return None
+    try:
+        results = read_json(folder.results)
+    except UserError:
+        return None         # an unreadable results.json: resuming rewrites it
+    return (f"{stage} run in {folder.folder} is finished: all {epoch} epochs done and "
+            f"{folder.results} written; to train longer, add --set train.epochs=N with N > {epoch}"), results
 
 
 def _loader(config: Config, bundle: DataBundle, split: str, batch_size: int, shuffle: bool, device: torch.device):
@@ -347,6 +374,8 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
                                       batch_shards=world)
         val_summary, _ = evaluate(model, val_loader, device, amp=config.train.amp, progress=progress,
                                   desc=f"val epoch {epoch}")
+        # Questions dropped for missing videos count as wrong (same denominator every epoch).
+        val_summary = with_dropped(val_summary, start.bundle.splits["val"])
         scheduler.step()
         row = metrics_row(epoch, lr, train_stats, val_summary, time.perf_counter() - epoch_started)
         history.append(row)
@@ -377,7 +406,8 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
     return True
 
 
-def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFolder, log: RunLog) -> dict[str, Any]:
+def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFolder, log: RunLog,
+                  started: Optional[str] = None) -> dict[str, Any]:
     """Evaluate best.pt on the test split and write results.json."""
     device = start.device
 
@@ -417,6 +447,8 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
         "world_size": dist.get_world_size(),
     }
     if dist.is_main():
+        results["provenance"] = provenance_for_config(config, started=started or utc_now(), device=device,
+                                                      world_size=dist.get_world_size())
         write_json(folder.results, results)
     log(format_table(test_summary, f"{stage} test accuracy (best epoch {results['epoch']} by val accuracy):"))
     log(f"wrote {folder.results}, {folder.metrics}, {folder.curves}")

@@ -4,7 +4,10 @@
         [--split test|val|train] [--write-preds] [--out eval.json]
 
 Prints overall and per-question-type accuracy with counts and writes them as JSON (default
-`<checkpoint folder>/eval_<split>.json`); `--write-preds` adds a CSV with one row per question.
+`<checkpoint folder>/eval_<split>.json`, with the run's provenance); `--write-preds` adds a CSV with
+one row per question (its type, the predicted answer's probability and the five most probable
+answers) and `<out>_answers.json`: precision, recall and F1 of the most frequent answers and the
+confusion among them (scikit-learn).
 Under `torchrun --nproc_per_node=K` each process evaluates a share of the split and rank 0
 writes the figures of the whole split (every question counted once).
 """
@@ -22,18 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="a best.pt/last.pt, or an original DualVGR checkpoint")
     parser.add_argument("--split", default="test", choices=("test", "val", "train"))
     parser.add_argument("--write-preds", action="store_true",
-                        help="also write one CSV row per question (id, video, question, prediction, answer, correct)")
+                        help="also write one CSV row per question (id, video, question, prediction, answer, correct, "
+                             "type, probability, top 5) and per-answer precision/recall/F1 (<out>_answers.json)")
     parser.add_argument("--out", default=None, help="JSON output (default <checkpoint folder>/eval_<split>.json)")
     parser.add_argument("--preds-out", default=None, help="CSV output of --write-preds (default <out>_preds.csv)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (sets train.device)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set data.test_questions=... (repeatable)")
+                        help="override a config key, e.g. --set data.test_questions=... (repeatable; not model.*: "
+                             "the checkpoint defines the model)")
     return parser
 
 
 if __name__ == "__main__":
     # --help and flag errors answer before torch is imported (seconds); main() parses again.
     build_parser().parse_args()
+    from vqakd.requirements_check import check_requirements
+    check_requirements("sklearn")  # torch & co. missing: one line naming `make venv`, not a traceback
 
 import csv  # noqa: E402
 import io  # noqa: E402
@@ -41,19 +48,28 @@ import os  # noqa: E402
 from typing import Any, Mapping, Optional  # noqa: E402
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from vqakd import distributed as dist  # noqa: E402
 from vqakd.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint  # noqa: E402
 from vqakd.config import Config, eval_batch_size, load_config  # noqa: E402
 from vqakd.data import DataBundle, load_data, make_loader, with_dropped  # noqa: E402
 from vqakd.device import resolve_process_device  # noqa: E402
-from vqakd.engine import configure_backends, evaluate  # noqa: E402
+from vqakd.engine import HOST_KEYS, configure_backends, evaluate, forward_batch  # noqa: E402
 from vqakd.errors import UserError  # noqa: E402
 from vqakd.io import atomic_open, ensure_writable_dir, write_json  # noqa: E402
-from vqakd.metrics import FIRST_ANSWER_LABEL, format_table  # noqa: E402
+from vqakd.metrics import FIRST_ANSWER_LABEL, OTHER_TYPE, QUESTION_TYPES, format_table  # noqa: E402
 from vqakd.models import check_vocab_match, count_parameters  # noqa: E402
+from vqakd.progress import progress_bar  # noqa: E402
+from vqakd.provenance_run import provenance_for_config, utc_now  # noqa: E402
 
-PREDICTION_COLUMNS = ("question_id", "video_id", "question", "predicted_answer", "answer", "correct")
+PREDICTION_COLUMNS = ("question_id", "video_id", "question", "predicted_answer", "answer", "correct",
+                      "question_type", "probability", "top5")
+TOP_K = 5
+# Per-answer figures cover this many of the split's most frequent true answers; the confusion
+# matrix the CONFUSION_ANSWERS most frequent (a readable square).
+REPORTED_ANSWERS = 20
+CONFUSION_ANSWERS = 10
 
 
 def main(argv=None) -> int:
@@ -63,6 +79,11 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    model_keys = [text for text in args.overrides if text.split("=", 1)[0].strip().startswith("model.")]
+    if model_keys:
+        # The network is rebuilt from the checkpoint's model_config; a model.* override would be ignored.
+        raise UserError(f"--set {model_keys[0]}: the checkpoint defines the model; validate.py takes no model.* "
+                        "settings")
     overrides = list(args.overrides)
     if args.device is not None:
         overrides.insert(0, f"train.device={args.device}")
@@ -82,6 +103,7 @@ def run_validation(config: Config, checkpoint_path: str, split: str = "test", wr
 
 def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: Optional[str],
                     preds_out: Optional[str]) -> dict[str, Any]:
+    started = utc_now()
     world, rank, main = dist.get_world_size(), dist.get_rank(), dist.is_main()
     folder = os.path.dirname(os.path.abspath(checkpoint_path))
     out = out or os.path.join(folder, f"eval_{split}.json")
@@ -107,13 +129,17 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
     loader = make_loader(bundle.splits[split], bundle.table, -(-eval_batch_size(config) // world), False,
                          config.train.seed, config.train.num_workers, device.type == "cuda", rank, world,
                          reuse_buffers=True)
-    summary, found = evaluate(model, loader, device, amp=config.train.amp, return_predictions=write_preds,
-                              progress=config.train.progress and main, desc=split)
+    summary, _ = evaluate(model, loader, device, amp=config.train.amp, progress=config.train.progress and main,
+                          desc=split)
     # Questions left out for missing videos (data.missing_videos: drop) count as wrong.
     summary = with_dropped(summary, bundle.splits[split])
-    if write_preds and world > 1:
-        shares = dist.all_gather_objects(found)
-        found = {key: np.concatenate([share[key] for share in shares]) for key in ("index", "prediction")}
+    found = None
+    if write_preds:
+        found = predictions_with_probabilities(model, loader, device, config.train.amp,
+                                               config.train.progress and main)
+        if world > 1:
+            shares = dist.all_gather_objects(found)
+            found = {key: np.concatenate([share[key] for share in shares]) for key in found}
     result = {
         "checkpoint": checkpoint_path,
         "split": split,
@@ -134,32 +160,114 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
     if main:
         for note in checkpoint.get("notes") or ():
             print(f"note: {note}")
+        result["provenance"] = provenance_for_config(config, started=started, device=device, world_size=world)
         print(format_table(summary, f"{checkpoint_path} on {split} ({summary['count']} questions):"))
         write_json(out, result)
         print(f"wrote {out}")
         if write_preds:
             write_predictions(preds_out, bundle, split, found)
             print(f"wrote {preds_out}")
+            answers_out = os.path.splitext(out)[0] + "_answers.json"
+            report = answer_report(bundle, split, found)
+            write_json(answers_out, report)
+            print(format_answer_report(report))
+            print(f"wrote {answers_out}")
     dist.barrier()
     return result
 
 
+@torch.no_grad()
+def predictions_with_probabilities(model, loader, device: torch.device, amp: str = "none",
+                                   progress: bool = False) -> dict[str, np.ndarray]:
+    """This process's share of the split: {"index", "prediction", "top_answers" (Q, k), "top_probs"
+    (Q, k)}, the answers by softmax probability. A pass of its own (evaluate() gives only the
+    arg-max); the prediction is the same arg-max of the same logits."""
+    model.eval()
+    indices, top_answers, top_probs = [], [], []
+    for batch in progress_bar(loader, enabled=progress, total=len(loader), desc="answer probabilities",
+                              unit="batch", leave=False):
+        batch = {key: value if key in HOST_KEYS else value.to(device, non_blocking=True)
+                 for key, value in batch.items()}
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            logits = forward_batch(model, batch).logits
+        probs = torch.softmax(logits.float(), dim=1)
+        values, answers = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
+        # topk breaks ties like argmax only by luck: take the arg-max itself as the prediction.
+        answers[:, 0] = logits.argmax(dim=1)
+        values[:, 0] = probs.gather(1, answers[:, :1]).squeeze(1)
+        indices.append(batch["index"].cpu())
+        top_answers.append(answers.cpu())
+        top_probs.append(values.cpu())
+    if not indices:
+        return {"index": np.zeros(0, dtype=np.int64), "prediction": np.zeros(0, dtype=np.int64),
+                "top_answers": np.zeros((0, TOP_K), dtype=np.int64), "top_probs": np.zeros((0, TOP_K), np.float32)}
+    answers = torch.cat(top_answers).numpy()
+    return {"index": torch.cat(indices).numpy(), "prediction": answers[:, 0].copy(), "top_answers": answers,
+            "top_probs": torch.cat(top_probs).numpy()}
+
+
+def question_type_name(code: int) -> str:
+    return QUESTION_TYPES[code] if code < OTHER_TYPE else "other"
+
+
 def write_predictions(path: str, bundle: DataBundle, split: str, found: Mapping[str, np.ndarray]) -> None:
-    """One CSV row per question of `split`, in question order (`found`: index and arg-max answer
-    of every question, from `evaluate(..., return_predictions=True)`)."""
+    """One CSV row per question of `split`, in question order (`found`: from
+    `predictions_with_probabilities`, every process's share)."""
     data = bundle.splits[split]
     answers = bundle.vocab.idx_to_answer
     order = np.argsort(found["index"], kind="stable")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(PREDICTION_COLUMNS)
-    for index, predicted in zip(found["index"][order], found["prediction"][order]):
+    for at in order:
+        index, predicted = int(found["index"][at]), int(found["prediction"][at])
         label = int(data.answers[index])
-        writer.writerow([data.display_id(int(index)), int(data.video_ids[index]), data.text(int(index), bundle.vocab),
-                         answers[int(predicted)], answers[label],
-                         int(int(predicted) == label and label >= FIRST_ANSWER_LABEL)])
+        top = "|".join(f"{answers[int(answer)]}:{prob:.4f}"
+                       for answer, prob in zip(found["top_answers"][at], found["top_probs"][at]))
+        writer.writerow([data.display_id(index), int(data.video_ids[index]), data.text(index, bundle.vocab),
+                         answers[predicted], answers[label], int(predicted == label and label >= FIRST_ANSWER_LABEL),
+                         question_type_name(int(data.qtypes[index])), f"{float(found['top_probs'][at][0]):.4f}", top])
     with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
         handle.write(buffer.getvalue())
+
+
+
+def answer_report(bundle: DataBundle, split: str, found: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Precision, recall, F1 and support of the split's most frequent true answers (nameable ones:
+    <UNK0>/<UNK1> are never correct), and the confusion matrix among the most frequent of them
+    (rows: true answer, columns: predicted; a prediction outside those answers is not counted)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    data = bundle.splits[split]
+    names = bundle.vocab.idx_to_answer
+    truth = data.answers.numpy()[found["index"]]
+    predicted = found["prediction"]
+    labels, counts = np.unique(truth[truth >= FIRST_ANSWER_LABEL], return_counts=True)
+    frequent = [int(label) for label in labels[np.argsort(-counts, kind="stable")][:REPORTED_ANSWERS]]
+    report: dict[str, Any] = {"split": split, "questions": int(len(truth)), "answers": [], "confusion": None,
+                              "note": "per-answer figures of the most frequent true answers (scikit-learn); "
+                                      "confusion rows are true answers, columns predicted answers"}
+    if not frequent:
+        return report
+    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=frequent,
+                                                                     zero_division=0)
+    report["answers"] = [{"answer": names[label], "precision": float(p), "recall": float(r), "f1": float(f),
+                          "support": int(n)} for label, p, r, f, n in zip(frequent, precision, recall, f1, support)]
+    square = frequent[:CONFUSION_ANSWERS]
+    report["confusion"] = {"answers": [names[label] for label in square],
+                           "matrix": confusion_matrix(truth, predicted, labels=square).tolist()}
+    return report
+
+
+def format_answer_report(report: Mapping[str, Any], lines: int = 5) -> str:
+    """A few printed lines: the most frequent answers' precision / recall / F1."""
+    if not report["answers"]:
+        return "per-answer figures: no nameable answer in this split"
+    out = [f"most frequent answers ({len(report['answers'])} in the JSON): precision / recall / F1 (support)"]
+    for entry in report["answers"][:lines]:
+        out.append(f"  {entry['answer']:<16} {100 * entry['precision']:5.1f}% {100 * entry['recall']:5.1f}% "
+                   f"{100 * entry['f1']:5.1f}% ({entry['support']})")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vqakd.requirements_check import check_requirements  # noqa: E402
+check_requirements("torchvision", "av")  # torch & co. missing: one line naming `make venv`, not a traceback
 
 from vqakd.annotations import DATASETS, list_videos  # noqa: E402
 from vqakd.device import resolve_process_device  # noqa: E402

@@ -19,6 +19,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vqakd.requirements_check import check_requirements  # noqa: E402
+check_requirements(modules=("numpy", "tqdm", "nltk"))  # numpy & co. missing: one line naming `make venv`, not a traceback
 
 from vqakd.errors import UserError, interruptible_imports, run_cli  # noqa: E402
 

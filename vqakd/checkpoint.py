@@ -27,8 +27,9 @@ import torch
 import vqakd
 from model import DualVGR, ModelConfig
 from model.original import OriginalCheckpointError, convert_original_checkpoint
-from vqakd.errors import UserError, require_file
+from vqakd.errors import UserError
 from vqakd.io import atomic_path
+from vqakd.paths import missing_file_message
 
 CHECKPOINT_FORMAT = "vqakd-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -115,12 +116,27 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _looks_like_torch_file(path: str) -> bool:
+    """torch.save writes a zip archive (`PK`); files from before PyTorch 1.6 start with a pickle
+    protocol marker (0x80). Anything else (a CSV, a log, a JSON file) would reach the legacy
+    unpickler and fail with a message about its internals ("pop from empty list")."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load ours or an original DualVGR/VQAKD checkpoint (the latter converted to our key names).
 
     Always returns at least {"model_config": dict, "state_dict": dict, "epoch", "stage", "original"}.
     """
-    path = require_file(path, "checkpoint")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder; give best.pt or last.pt inside it")
+    if not os.path.isfile(path):
+        raise UserError(missing_file_message(path, "checkpoint"))
+    if not _looks_like_torch_file(path):
+        raise UserError(f"{path}: not a PyTorch checkpoint (neither the zip archive torch.save writes nor a "
+                        "pickle); give a best.pt or last.pt")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # zip/pickle/EOF/runtime errors all mean "not a readable checkpoint"

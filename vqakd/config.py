@@ -14,7 +14,8 @@ Overrides: `--set section.key=value` (the value is parsed as YAML, so `--set tra
 Precedence: YAML file < original flags < `--set`.
 
 Paths may use `{dataset}` and `{name}`; relative paths are resolved from the current directory
-(the shipped configs assume the repository root).
+(the shipped configs assume the repository root), and a missing file's error names that folder
+(vqakd/paths.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from model.dualvgr import model_config_problems
 from vqakd.errors import UserError
 from vqakd.flags import ORIGINAL_FLAGS, STAGES
 from vqakd.io import atomic_open
+from vqakd.paths import missing_file_message
 
 __all__ = ["ORIGINAL_FLAGS", "STAGES", "Config", "DataConfig", "ModelSection", "StageSection", "TrainConfig",
            "LossConfig", "load_config", "config_from_dict", "config_to_dict", "dump_config", "eval_batch_size",
@@ -311,7 +313,7 @@ def _set_nested(raw: dict, path: list[str], value: Any, source: str) -> None:
 
 def read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
-        raise UserError(f"config file not found: {path}")
+        raise UserError(missing_file_message(path, "config file"))
     try:
         with open(path, encoding="utf-8") as handle:
             raw = yaml.safe_load(handle)

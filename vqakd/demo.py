@@ -48,6 +48,7 @@ from vqakd.demo_data import QUESTION_TYPES
 from vqakd.demo_steps import Runner, Step, StateFile, display_path
 from vqakd.errors import UserError, run_cli
 from vqakd.io import ensure_writable_dir, read_json, write_json
+from vqakd.provenance_run import provenance_for_config, utc_now
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yml")
@@ -408,8 +409,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     runner = Runner(plan.quiet, os.path.join(plan.output_dir, "demo_logs"))
     summary_path = os.path.join(plan.output_dir, SUMMARY_FILE)
 
+    started_utc = utc_now()
+
     def write_summary() -> None:
-        write_json(summary_path, build_summary(plan, runner.times))
+        from vqakd.config import load_config
+
+        summary = build_summary(plan, runner.times)
+        # The demo's own provenance: code version, command, times, versions, config, vocabulary, features.
+        summary["provenance"] = provenance_for_config(load_config(plan.config_path, plan.overrides),
+                                                      started=started_utc, device=summary["timing"]["device"])
+        write_json(summary_path, summary)
 
     steps[-1].action = write_summary
     print(f"vqakd demo: data in {display_path(plan.data_dir)}, results in {display_path(plan.output_dir)}; "

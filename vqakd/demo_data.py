@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from vqakd.progress import progress_bar
 from vqakd.demo_scenes import (COLOURS, COUNT_WORDS, DIRECTIONS, SHAPES, TIMINGS, Scene, render_video,
                                sample_scene, scene_specs, write_video)
 from vqakd.errors import UserError
@@ -257,8 +258,7 @@ def write_dataset(out_dir: str, settings: DemoSettings, progress: bool = True) -
 
     iterator = scenes
     if progress:
-        from tqdm import tqdm
-        iterator = tqdm(scenes, desc="demo videos", unit="video")
+        iterator = progress_bar(scenes, desc="demo videos", unit="video")
     for scene in iterator:
         write_video(os.path.join(video_dir, f"{scene.clip_name}.avi"),
                     render_video(scene, settings), settings.fps)

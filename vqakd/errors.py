@@ -22,8 +22,9 @@ def require_file(path: str | os.PathLike, what: str, how_to_get: str = "") -> st
     """Return `path` as a string if it is an existing file, else raise a UserError naming it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        hint = f"; {how_to_get}" if how_to_get else ""
-        raise UserError(f"{what} not found: {path}{hint}")
+        from vqakd.paths import missing_file_message     # standard library only
+
+        raise UserError(missing_file_message(path, what, how_to_get))
     return path
 
 

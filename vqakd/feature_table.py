@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from vqakd.progress import progress_bar
 from vqakd.config import Config
 from vqakd.errors import UserError, require_file
 
@@ -195,8 +195,8 @@ class FeatureTable:
         chunk = max(1, LOAD_CHUNK_BYTES // row_bytes)
         with _open_h5(info.path) as handle:
             dataset = handle[info.dataset]
-            bar = tqdm(total=info.shape[0], desc=f"loading {os.path.basename(info.path)}", unit="video",
-                       disable=not progress, dynamic_ncols=True, leave=False)
+            bar = progress_bar(total=info.shape[0], desc=f"loading {os.path.basename(info.path)}", unit="video",
+                               enabled=progress, dynamic_ncols=True, leave=False)
             for start in range(0, info.shape[0], chunk):
                 stop = min(start + chunk, info.shape[0])
                 try:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Collection, Iterable
 
 import numpy as np
-from tqdm import tqdm
 
+from vqakd.progress import progress_bar
 from vqakd.errors import UserError
 from vqakd.io import read_json
 from vqakd.safe_pickle import safe_load
@@ -178,8 +178,8 @@ def read_glove_text_with_stats(path: str | os.PathLike, dim: int | None = None,
         if dim < 1:
             raise UserError(f"{path}: the first lines hold tokens without vector values; is this a GloVe file?")
     total_bytes = os.path.getsize(path)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-               desc=f"reading {os.path.basename(path)}", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"reading {os.path.basename(path)}", enabled=progress, dynamic_ncols=True)
     bytes_read = bytes_shown = 0
     with open(path, "rb") as handle, bar:
         for line_no, raw in enumerate(handle, 1):

@@ -93,13 +93,21 @@ def summarize(correct: Sequence[int], total: Sequence[int]) -> dict:
     }
 
 
+NO_VALUE = "\u2013"          # en dash: the table cell of a type without questions
+
+
 def format_table(summary: Mapping, title: str = "") -> str:
-    """A plain-text table: overall and per type, accuracy in % with counts."""
+    """A plain-text table: overall and per type, accuracy in % with counts ("–" for a type
+    without questions)."""
     lines = [title] if title else []
     lines.append(f"{'type':<8} {'accuracy':>9} {'correct':>9} {'count':>9}")
     rows = [(name, values) for name, values in summary["per_type"].items()]
     rows.append(("all", summary))
     for name, values in rows:
+        if not values["count"]:
+            # No question of this type: there is no accuracy, and "0.00%" would read as one.
+            lines.append(f"{name:<8} {NO_VALUE:>9} {NO_VALUE:>9} {0:>9d}")
+            continue
         lines.append(f"{name:<8} {100 * values['accuracy']:>8.2f}% {values['correct']:>9d} {values['count']:>9d}")
     return "\n".join(lines)
 

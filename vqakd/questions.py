@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
+from vqakd.progress import progress_bar
 from vqakd.annotations import SPLITS, check_dataset, load_msvd_mapping, load_qa, parse_video_id, qa_path
 from vqakd.errors import UserError
 from vqakd.glove import load_glove_with_stats
@@ -112,8 +112,8 @@ def read_split(annotation_dir: str, split: str, dataset: str, progress: bool = T
     source = qa_path(annotation_dir, split)
     records = load_qa(annotation_dir, split, dataset)
     tokens = [record_tokens(record["question"], source, index, record.get("id", index))
-              for index, record in enumerate(tqdm(records, desc=f"tokenizing {split}", unit="q",
-                                                  disable=not progress, dynamic_ncols=True))]
+              for index, record in enumerate(progress_bar(records, desc=f"tokenizing {split}", unit="q",
+                                                          enabled=progress, dynamic_ncols=True))]
     return SplitRecords(source, records, tokens)
 
 

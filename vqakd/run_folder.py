@@ -5,7 +5,7 @@
     results.json         test figures of best.pt
     curves.png           loss and accuracy curves (vqakd.plots)
     config.yml           the run's whole config
-    train.log            every line the run printed
+    train.log            every line the run printed, each prefixed with its UTC time
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 from typing import Optional
 
 from vqakd import distributed as dist
+from vqakd.provenance_run import utc_now
 
 STAGE_FILES = {"last": "last.pt", "best": "best.pt", "metrics": "metrics.csv", "results": "results.json",
                "curves": "curves.png", "config": "config.yml", "log": "train.log"}
@@ -71,8 +72,15 @@ def remove_empty_folders(folders: list[str]) -> None:
             break
 
 
+def timestamped(message: str, stamp: str) -> str:
+    """Every line of `message` prefixed with `stamp` (a table stays one block at one time)."""
+    return "".join(f"{stamp} {line}\n" for line in message.split("\n"))
+
+
 class RunLog:
-    """Lines to stdout and appended to a log file (main process only)."""
+    """Lines to stdout and appended to a log file (main process only); in the file each line starts
+    with its UTC time (`2026-11-28T15:02:03Z epoch 3/25 | ...`), so a log read later says when
+    each epoch ended and how long a resumed run paused."""
 
     def __init__(self, path: Optional[str]):
         self.path = path
@@ -83,4 +91,4 @@ class RunLog:
         print(message, flush=True)
         if self.path:
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(message + "\n")
+                handle.write(timestamped(message, utc_now()))

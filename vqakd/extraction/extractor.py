@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from vqakd import distributed
+from vqakd.progress import progress_bar
 from vqakd.annotations import Video
 from vqakd.errors import UserError
 from vqakd.extraction.decoding import DecodedVideo, decoded_videos, next_decoded
@@ -267,6 +268,5 @@ def make_extractor(settings: ExtractionSettings, device: torch.device | str = "c
 
 
 def _progress_bar(total: int, initial: int, label: str, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, unit="video", desc=label, disable=not enabled,
-                dynamic_ncols=True, smoothing=0.05)
+    return progress_bar(total=total, initial=initial, unit="video", desc=label, enabled=enabled,
+                        dynamic_ncols=True, smoothing=0.05)

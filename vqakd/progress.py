@@ -1,0 +1,44 @@
+"""The one way this toolkit draws a progress bar.
+
+A tqdm bar redraws itself in place with carriage returns. On a terminal that is what one wants;
+in a file (`python train.py ... 2> train.err`, the demo's step logs, a batch scheduler's output)
+every redraw is kept, and a short run fills hundreds of kilobytes with them. So when the bar's
+stream is not a terminal it redraws at most once every NOT_A_TERMINAL_INTERVAL_S seconds (a long
+job still shows it is alive) and never as the live-updating postfix.
+Set VQAKD_PROGRESS=0 to hide every bar, =1 to draw them as on a terminal.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Iterable, Optional
+
+NOT_A_TERMINAL_INTERVAL_S = 60.0
+ENV_SWITCH = "VQAKD_PROGRESS"
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):        # no isatty, or a closed stream
+        return False
+
+
+def bar_options(enabled: bool = True, file: Any = None) -> dict[str, Any]:
+    """The tqdm keyword arguments this toolkit's bars take (disable, mininterval, file)."""
+    stream = sys.stderr if file is None else file
+    switch = os.environ.get(ENV_SWITCH, "").strip()
+    options: dict[str, Any] = {"file": stream, "disable": not enabled or switch == "0"}
+    if switch != "1" and not _is_terminal(stream):
+        options.update(mininterval=NOT_A_TERMINAL_INTERVAL_S, maxinterval=NOT_A_TERMINAL_INTERVAL_S)
+    return options
+
+
+def progress_bar(iterable: Optional[Iterable] = None, *, enabled: bool = True, file: Any = None, **kwargs: Any):
+    """`tqdm(iterable, **kwargs)` drawn only when `enabled`, throttled when not on a terminal."""
+    from tqdm import tqdm       # here, not at the top: scripts import this before their slow imports
+
+    options = bar_options(enabled, file)
+    # The caller's other settings (desc, unit, total, leave, ...) pass through; the throttle wins.
+    return tqdm(iterable, **{**kwargs, **options})
