@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preds-out", default=None, help="CSV output of --write-preds (default <out>_preds.csv)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (sets train.device)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set data.test_questions=... (repeatable; not model.*: "
-                             "the checkpoint defines the model)")
+                        help="override a config key, e.g. --set data.test_questions=... (repeatable; a model.* value must "
+                             "equal the checkpoint's: the checkpoint defines the model)")
     return parser
 
 
@@ -45,7 +45,7 @@ if __name__ == "__main__":
 import csv  # noqa: E402
 import io  # noqa: E402
 import os  # noqa: E402
-from typing import Any, Mapping, Optional  # noqa: E402
+from typing import Any, Mapping, Optional, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -79,30 +79,41 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    model_keys = [text for text in args.overrides if text.split("=", 1)[0].strip().startswith("model.")]
-    if model_keys:
-        # The network is rebuilt from the checkpoint's model_config; a model.* override would be ignored.
-        raise UserError(f"--set {model_keys[0]}: the checkpoint defines the model; validate.py takes no model.* "
-                        "settings")
+    # The network is rebuilt from the checkpoint's model_config: a model.* override can only
+    # repeat the checkpoint's value (checked once the checkpoint is read), never change it.
+    model_keys = [text.split("=", 1)[0].strip() for text in args.overrides
+                  if text.split("=", 1)[0].strip().startswith("model.")]
     overrides = list(args.overrides)
     if args.device is not None:
         overrides.insert(0, f"train.device={args.device}")
     config = load_config(args.cfg, overrides)
     run_validation(config, args.checkpoint, split=args.split, write_preds=args.write_preds, out=args.out,
-                   preds_out=args.preds_out)
+                   preds_out=args.preds_out, model_overrides=model_keys)
     return 0
 
 
 def run_validation(config: Config, checkpoint_path: str, split: str = "test", write_preds: bool = False,
-                   out: Optional[str] = None, preds_out: Optional[str] = None) -> dict[str, Any]:
+                   out: Optional[str] = None, preds_out: Optional[str] = None,
+                   model_overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Evaluate a checkpoint (ours or original) on a split; write JSON (and predictions CSV).
-    Under torchrun each process evaluates its share and rank 0 writes the whole split's figures."""
+    Under torchrun each process evaluates its share and rank 0 writes the whole split's figures.
+    `model_overrides`: the model.* keys the user set, refused where they differ from the
+    checkpoint's model_config (the checkpoint defines the network)."""
     with dist.session():
-        return _run_validation(config, checkpoint_path, split, write_preds, out, preds_out)
+        return _run_validation(config, checkpoint_path, split, write_preds, out, preds_out, model_overrides)
+
+
+def check_model_overrides(config: Config, model_config, keys: Sequence[str]) -> None:
+    for key in keys:
+        name = key.split(".", 1)[1]
+        given, recorded = getattr(config.model, name, None), getattr(model_config, name, None)
+        if given != recorded:
+            raise UserError(f"--set {key}={given}: the checkpoint defines the model and has {name} = {recorded}; "
+                            "validate.py cannot change it (drop the --set)")
 
 
 def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: Optional[str],
-                    preds_out: Optional[str]) -> dict[str, Any]:
+                    preds_out: Optional[str], model_overrides: Sequence[str] = ()) -> dict[str, Any]:
     started = utc_now()
     world, rank, main = dist.get_world_size(), dist.get_rank(), dist.is_main()
     folder = os.path.dirname(os.path.abspath(checkpoint_path))
@@ -116,6 +127,7 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
         checkpoint = load_checkpoint(checkpoint_path)
         ensure_writable_dir(os.path.dirname(os.path.abspath(out)), "output folder for the evaluation results")
         model_config = model_config_from(checkpoint, checkpoint_path)
+        check_model_overrides(config, model_config, model_overrides)
         # The checkpoint defines the network: its clip count and feature size are what the data must match.
         config.model.num_nodes = model_config.num_nodes
         config.model.vision_dim = model_config.vision_dim

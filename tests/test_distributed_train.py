@@ -105,7 +105,8 @@ def test_two_processes_match_one_process_epoch_by_epoch(runs):
 
 
 def test_rank_zero_alone_writes_one_set_of_files_and_resume_works(runs):
-    assert {p.name for p in runs["two"].iterdir()} == STAGE_FILES       # no temp files, no per-rank copies
+    # no temp files, no per-rank copies; resumes.json records the (settings of the) resume
+    assert {p.name for p in runs["two"].iterdir()} == STAGE_FILES | {"resumes.json"}
     log = (runs["two"] / "train.log").read_text()
     assert log.count("resuming teacher") == 1 and log.count("epoch 1/2") == 1 and log.count("epoch 2/2") == 1
     assert "DistributedDataParallel: 2 processes x 10 questions (global batch 20)" in log
@@ -126,10 +127,12 @@ def test_validate_under_torchrun_counts_every_question_once(runs, tmp_path):
                       "--write-preds", "--out", str(multi_out), "--set", "train.eval_batch_size=4")
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = json.loads(single_out.read_text()), json.loads(multi_out.read_text())
+    # provenance tells how each was made (command line, times, world size): the figures are equal
+    assert two.pop("provenance")["world_size"] == 2 and one.pop("provenance")["world_size"] == 1
     assert two["count"] == 25 and two == one
     assert (tmp_path / "two_preds.csv").read_text() == (tmp_path / "one_preds.csv").read_text()
-    assert result.stdout.count("wrote") == 2 and sorted(os.listdir(tmp_path)) == sorted(
-        ["one.json", "one_preds.csv", "two.json", "two_preds.csv"])
+    assert result.stdout.count("wrote") == 3 and sorted(os.listdir(tmp_path)) == sorted(
+        ["one.json", "one_answers.json", "one_preds.csv", "two.json", "two_answers.json", "two_preds.csv"])
 
 
 @pytest.mark.slow

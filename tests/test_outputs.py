@@ -240,6 +240,15 @@ def test_validate_refuses_model_overrides(run):
     code, err = run_main(validate.main, ["--cfg", run["cfg"], "--checkpoint", str(run["folder"] / "best.pt"),
                                          "--set", "model.module_dim=64"])
     assert code == 2 and err.count("\n") == 1 and "the checkpoint defines the model" in err
+    # repeating the checkpoint's own value changes nothing and is accepted (the demo passes its
+    # model settings to every step)
+    from vqakd.checkpoint import load_checkpoint
+
+    module_dim = load_checkpoint(str(run["folder"] / "best.pt"))["model_config"]["module_dim"]
+    code, err = run_main(validate.main, ["--cfg", run["cfg"], "--checkpoint", str(run["folder"] / "best.pt"),
+                                         "--out", str(run["root"] / "same.json"),
+                                         "--set", f"model.module_dim={module_dim}"], quiet=True)
+    assert code == 0, err
 
 
 def test_checkpoint_folder_and_non_checkpoint_files_get_clear_messages(run):
