@@ -50,6 +50,11 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCH)
 
+if __name__ == "__main__":
+    from vqakd.threads import apply_for_script
+
+    apply_for_script()          # as train.py: waiting OpenMP threads sleep (before torch is imported)
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -60,7 +65,7 @@ from vqakd.io import write_json  # noqa: E402
 FULL = dict(videos=1970, train_questions=30933, val_questions=6415, clips=8, frames=16, dim=2048,
             batch_size=256, question_vocab=4000, answers=1000, module_dim=768, word_dim=300,
             baseline_batches=8, workers=min(8, os.cpu_count() or 1))
-SMALL = dict(videos=32, train_questions=256, val_questions=64, clips=4, frames=4, dim=64,
+SMALL = dict(videos=32, train_questions=256, val_questions=128, clips=4, frames=4, dim=64,
              batch_size=64, question_vocab=60, answers=20, module_dim=32, word_dim=16,
              baseline_batches=2, workers=1)
 MSRVTT = dict(videos=10000, clips=16, frames=16, dim=2048, train_questions=158581)
@@ -349,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-tf32", action="store_true", help="full float32 matmuls on CUDA")
     parser.add_argument("--stages", default="teacher,student")
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs of ours (median reported)")
-    parser.add_argument("--warmup-epochs", type=int, default=None,
-                        help="untimed epochs of ours before them (default 1 on CUDA or with --compile, else 0)")
+    parser.add_argument("--warmup-epochs", type=int, default=1,
+                        help="untimed epochs of ours before them (compilation, first-call allocations)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the original's approach")
     parser.add_argument("--max-train-steps", type=int, default=0, help="cut ours' epochs short and extrapolate (0: all)")
     parser.add_argument("--max-val-steps", type=int, default=0)
@@ -378,7 +383,7 @@ def main(argv=None) -> int:
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
     if not stages or any(s not in MODELS for s in stages):
         raise UserError(f"--stages: choose from {', '.join(MODELS)}")
-    if a.epochs < 1 or (a.warmup_epochs or 0) < 0 or a.max_train_steps < 0 or a.max_val_steps < 0:
+    if a.epochs < 1 or a.warmup_epochs < 0 or a.max_train_steps < 0 or a.max_val_steps < 0:
         raise UserError("--epochs must be >= 1; --warmup-epochs, --max-train-steps, --max-val-steps >= 0")
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -387,8 +392,6 @@ def main(argv=None) -> int:
     from vqakd.engine import configure_backends
 
     a.device_obj = device = resolve_device(a.device)
-    if a.warmup_epochs is None:
-        a.warmup_epochs = 1 if a.compile or device.type == "cuda" else 0
     configure_backends(device, tf32=not a.no_tf32)
     folder = a.dir or tempfile.mkdtemp(prefix="vqakd_bench_epoch_")
     os.makedirs(folder, exist_ok=True)

@@ -25,7 +25,7 @@ def test_small_epoch_writes_both_paths(tmp_path):
     out = tmp_path / "epoch.json"
     data = tmp_path / "data"
     load_bench().main(["--small", "--device", "cpu", "--videos", "8", "--train-questions", "96",
-                       "--val-questions", "40", "--batch-size", "32", "--baseline-batches", "1", "--workers", "0",
+                       "--val-questions", "40", "--batch-size", "32", "--baseline-batches", "1", "--workers", "0", "--warmup-epochs", "0",
                        "--dir", str(data), "--json-out", str(out)])
     report = json.loads(out.read_text())
     assert report["device_name"] == "cpu" and report["batch_size"] == 32 and not report["full_msvd_qa_size"]
