@@ -62,6 +62,8 @@ def test_thread_count_argument_beats_the_variable():
     env = {"VQAKD_THREADS": "4"}
     apply_thread_defaults(env, threads="2")
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"
+    with pytest.raises(UserError, match="^--threads: "):
+        apply_thread_defaults({}, threads="x")
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1"])
@@ -90,4 +92,4 @@ def test_bad_variable_ends_the_script_with_one_line():
                             cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: --threads / VQAKD_THREADS: expected a positive whole number, found 'many'"]
+        "error: VQAKD_THREADS: expected a positive whole number of threads, found 'many'"]

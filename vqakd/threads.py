@@ -42,7 +42,8 @@ def apply_thread_defaults(environ: Optional[MutableMapping[str, str]] = None,
         if not count.isdigit() or int(count) < 1:
             from vqakd.errors import UserError
 
-            raise UserError(f"--threads / {THREADS_VARIABLE}: expected a positive whole number, found {count!r}")
+            source = "--threads" if threads is not None else THREADS_VARIABLE
+            raise UserError(f"{source}: expected a positive whole number of threads, found {count!r}")
         for name in COUNT_VARIABLES:
             if name not in environ:
                 environ[name] = applied[name] = count
