@@ -1,4 +1,4 @@
-"""GloVe text file -> pickle of {word: float32 vector} (SPEC §1.1).
+"""GloVe text file -> pickle of {word: float32 vector} (docs/method.md#question-preprocessing).
 
     python txt2pickle.py --glove data/glove/glove.840B.300d.txt --out data/glove/glove.840.300d.pkl
     python txt2pickle.py ... --vocab data/msvd-qa/msvd-qa_vocab.json   # keep only the needed words

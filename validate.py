@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
+    # Before torch is imported: waiting OpenMP threads sleep instead of spinning (vqakd/threads.py).
+    from vqakd.threads import apply_for_script
+
+    apply_for_script()
     # --help and flag errors answer before torch is imported (seconds); main() parses again.
     build_parser().parse_args()
     from vqakd.requirements_check import check_requirements

@@ -3,7 +3,7 @@
     python bench/data_path.py [--videos 160] [--questions 4096] [--batch-size 256] [--batches 8]
                               [--rounds 3] [--workers 0] [--device cpu|cuda] [--json-out data_path.json]
 
-Writes synthetic feature files in the SPEC §2 layout (V videos x N clips x F frames x 2048
+Writes synthetic feature files in the layout of docs/method.md#feature-files (V videos x N clips x F frames x 2048
 appearance, V x N x 2048 motion, float32) plus a vocabulary and a train question file, then
 reads the same batches of the same files two ways, side by side in one run:
 - ours: `vqakd.data` as `train.py` uses it — both HDF5 files read once into the feature table
@@ -52,7 +52,7 @@ ANSWERS = 40
 
 def write_synthetic(folder: str, videos: int, clips: int, frames: int, dim: int, questions: int,
                     seed: int = 0) -> dict[str, str]:
-    """Feature files, vocabulary and a train question file in the SPEC §2 formats."""
+    """Feature files, vocabulary and a train question file in the formats of docs/method.md#file-formats."""
     import h5py
 
     rng = np.random.default_rng(seed)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the toolkit in one run, with a summary table at the end.
 #
-#   bash bench/gpu_check.sh [--cpu] [--out DIR] [--budget SECONDS]
+#   bash bench/gpu_check.sh [--cpu] [--out DIR] [--budget SECONDS] [--steps LIST]
 #
 # Steps (each with its own time limit; a failure is recorded and the next step runs):
 #   model_check       bench/cuda_model_check.py: CPU vs device logits, lengths on the CPU, a bf16
@@ -9,18 +9,31 @@
 #   model_step_fp32   bench/model_step.py: teacher vs student training questions/s, eval ms/question
 #   model_step_bf16   the same under bf16 autocast
 #   data_path         bench/data_path.py: our loader vs an HDF5-per-sample loader, questions/s
+#   epoch_fp32        bench/epoch.py: a whole MSVD-QA-sized epoch (train + val, batch 256), teacher
+#                     and student, ours vs the original's per-question HDF5 approach; TF32 on
+#   epoch_bf16        the same under bf16 autocast (val accuracy after 2 epochs vs epoch_fp32)
+#   epoch_bf16_compile  ours only, bf16 + torch.compile (GPU only)
+#   epoch_msrvtt      ours only, MSRVTT-QA shape (16 clips, 158,581 train questions), epoch time
+#                     extrapolated from 60 steps, and the MSRVTT-QA table's memory plan
 #   tiny_data         bench/make_tiny_data.py: a small learnable set for the training run
 #   ddp_teacher       torchrun --nproc_per_node=1 --standalone train.py --stage teacher
 #   ddp_student       the same, --stage student (distils from the teacher just trained)
+#   tiny_bf16         train.py --stage teacher --set train.amp=bf16 on the same set (test accuracy
+#                     next to ddp_teacher's float32 one)
 #   features          bench/features.py: extractor vs clip-at-a-time baseline, videos/s (needs PyAV;
-#                     a wheel in shared/wheels/ or wheels/ is installed when `import av` fails)
+#                     a wheel in shared/wheels/ or wheels/ is installed when `import av` fails);
+#                     GPU utilisation sampled by nvidia-smi meanwhile (features_gpu_util.csv)
+#
+# --steps LIST runs only the steps whose names start with one of the comma-separated LIST
+# entries (e.g. --steps epoch,features); tiny_data runs whenever a step needs it.
 #
 # --cpu runs the same steps on the CPU with small sizes and one thread per process (how the
 # script is tested on a machine without a GPU). Without --cpu a CUDA device is required.
 # Outputs (JSON per step, logs, summary.json) go to --out, else $OUT/gpu_check when $OUT is set
 # (the device runner's folder), else results/gpu_check/<UTC time>. The whole run stops starting
-# steps once --budget seconds (default 450 on a GPU, 290 with --cpu) are used, so it ends within
-# 8 minutes on one H100 (5 minutes on a CPU). Exit status: 0 when no step failed, 1 otherwise.
+# steps once --budget seconds (default 560 on a GPU, 290 with --cpu) are used, so it ends within
+# 10 minutes on one GPU (5 minutes on a CPU); on a GPU the budget does not reach every step: pick
+# them with --steps (bench/README.md gives the command for the epoch figures). Exit status: 0 when no step failed, 1 otherwise.
 set -u
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -29,12 +42,14 @@ ROOT=$(pwd)
 MODE=gpu
 OUT_DIR=""
 BUDGET=""
+ONLY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu) MODE=cpu ;;
         --out) OUT_DIR=${2:?--out needs a folder}; shift ;;
         --budget) BUDGET=${2:?--budget needs seconds}; shift ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --steps) ONLY=${2:?--steps needs a comma-separated list}; shift ;;
+        -h|--help) sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -62,9 +77,11 @@ if [ "$MODE" = cpu ]; then
     DATA_PATH_SIZE=(--videos 80 --questions 1536 --batches 4)
     TINY_ARGS=(--videos 60 --epochs 2 --batch-size 32)
     FEATURES_ARGS=(--small --videos 4 --baseline-videos 1 --models resnet101 --num-workers 1 --threads 1 --torchrun 2)
+    EPOCH_ARGS=(--small --threads 1)
+    MSRVTT_ARGS=(--small --clips 16 --train-questions 2048 --max-train-steps 2 --max-val-steps 1)
 else
     DEVICE=cuda
-    BUDGET=${BUDGET:-450}
+    BUDGET=${BUDGET:-560}
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
         echo "gpu_check.sh: no CUDA device visible to $PY; run with --cpu for the CPU variant" >&2
         exit 2
@@ -75,6 +92,11 @@ else
     TINY_ARGS=(--videos 1200 --epochs 3 --batch-size 256)
     # 32 videos, and the same run once more under torchrun with 2 ranks sharing the GPU
     FEATURES_ARGS=(--videos 32 --baseline-videos 8 --torchrun 2)
+    # full MSVD-QA size (bench/epoch.py's defaults); 1 warm-up + 1 timed epoch of ours per stage
+    EPOCH_ARGS=(--epochs 1)
+    # a table of 400 videos is enough to time steps; the steps of a whole epoch are extrapolated
+    MSRVTT_ARGS=(--clips 16 --videos 400 --train-questions 158581 --val-questions 12278
+                 --max-train-steps 60 --max-val-steps 10)
 fi
 
 START=$(date +%s)
@@ -89,9 +111,23 @@ skip_step() {  # name reason
     record "$1" skip 0 "$2"
 }
 
+wanted() {  # name: selected by --steps (everything when --steps is not given)
+    [ -z "$ONLY" ] && return 0
+    local prefix
+    if [ "$1" = tiny_data ]; then          # the training steps need its data
+        wanted ddp_teacher || wanted ddp_student || wanted tiny_bf16
+        return
+    fi
+    for prefix in ${ONLY//,/ }; do
+        case $1 in "$prefix"*) return 0 ;; esac
+    done
+    return 1
+}
+
 run_step() {  # name limit_seconds command...
     local name=$1 limit=$2
     shift 2
+    wanted "$name" || return 0
     local left=$(( BUDGET - $(elapsed) ))
     if [ "$left" -lt 20 ]; then
         skip_step "$name" "time budget of ${BUDGET}s used up"
@@ -141,31 +177,63 @@ run_step model_step_bf16 100 "$PY" bench/model_step.py --device "$DEVICE" "${STE
 run_step data_path 120 "$PY" bench/data_path.py --device "$DEVICE" ${DATA_PATH_SIZE[@]+"${DATA_PATH_SIZE[@]}"} \
     --json-out "$OUT_DIR/data_path.json"
 
-# 4. a short DDP training run on one device: teacher, then the student distilled from it
-if run_step tiny_data 60 "$PY" bench/make_tiny_data.py --out "$WORK/tiny" --device "$DEVICE" "${TINY_ARGS[@]}"; then
-    CFG="$WORK/tiny/tiny.yml"
-    for stage in teacher student; do
-        run_step "ddp_$stage" 120 "$PY" -m torch.distributed.run --nproc_per_node=1 --standalone \
-            train.py --cfg "$CFG" --stage "$stage"
-        for file in results.json metrics.csv train.log; do
-            [ -f "$WORK/tiny/results/$stage/$file" ] && cp "$WORK/tiny/results/$stage/$file" "$OUT_DIR/ddp_${stage}_$file"
-        done
-    done
+# 4. whole epochs at MSVD-QA size: ours vs the original's approach, float32 (TF32) and bf16;
+#    then bf16 + torch.compile, and the MSRVTT-QA shape
+run_step epoch_fp32 180 "$PY" bench/epoch.py --device "$DEVICE" "${EPOCH_ARGS[@]}" --amp none \
+    --json-out "$OUT_DIR/epoch_fp32.json"
+run_step epoch_bf16 180 "$PY" bench/epoch.py --device "$DEVICE" "${EPOCH_ARGS[@]}" --amp bf16 \
+    --json-out "$OUT_DIR/epoch_bf16.json"
+if [ "$MODE" = cpu ]; then
+    wanted epoch_bf16_compile && skip_step epoch_bf16_compile "GPU only (compiling on this CPU takes minutes)"
 else
-    skip_step ddp_teacher "no tiny data"
-    skip_step ddp_student "no tiny data"
+    run_step epoch_bf16_compile 240 "$PY" bench/epoch.py --device "$DEVICE" "${EPOCH_ARGS[@]}" --amp bf16 \
+        --compile --no-baseline --json-out "$OUT_DIR/epoch_bf16_compile.json"
+fi
+run_step epoch_msrvtt 120 "$PY" bench/epoch.py --device "$DEVICE" "${MSRVTT_ARGS[@]}" --amp bf16 --no-baseline \
+    --json-out "$OUT_DIR/epoch_msrvtt.json"
+
+# 5. a short DDP training run on one device: teacher, then the student distilled from it; and
+#    the teacher once more in one process under bf16, for its accuracy next to float32's
+if wanted tiny_data; then
+    if run_step tiny_data 60 "$PY" bench/make_tiny_data.py --out "$WORK/tiny" --device "$DEVICE" "${TINY_ARGS[@]}"; then
+        CFG="$WORK/tiny/tiny.yml"
+        for stage in teacher student; do
+            run_step "ddp_$stage" 120 "$PY" -m torch.distributed.run --nproc_per_node=1 --standalone \
+                train.py --cfg "$CFG" --stage "$stage"
+            for file in results.json metrics.csv train.log; do
+                [ -f "$WORK/tiny/results/$stage/$file" ] && cp "$WORK/tiny/results/$stage/$file" "$OUT_DIR/ddp_${stage}_$file"
+            done
+        done
+        run_step tiny_bf16 120 "$PY" train.py --cfg "$CFG" --stage teacher --set train.amp=bf16 \
+            --set output_dir="$WORK/tiny/results_bf16"
+        for file in results.json metrics.csv; do
+            [ -f "$WORK/tiny/results_bf16/teacher/$file" ] && cp "$WORK/tiny/results_bf16/teacher/$file" "$OUT_DIR/tiny_bf16_$file"
+        done
+    else
+        for name in ddp_teacher ddp_student tiny_bf16; do wanted "$name" && skip_step "$name" "no tiny data"; done
+    fi
 fi
 
-# 5. feature extraction (PyAV needed to make and decode the videos)
-if ! "$PY" -c "import av" 2>/dev/null; then
+# 6. feature extraction (PyAV needed to make and decode the videos)
+if wanted features && ! "$PY" -c "import av" 2>/dev/null; then
     WHEEL=$(ls shared/wheels/av-*.whl wheels/av-*.whl 2>/dev/null | head -n 1)
     if [ -n "$WHEEL" ]; then
         echo "=== installing $WHEEL (PyAV is not installed)"
         "$PY" -m pip install --quiet --no-index --no-deps "$WHEEL" 2>&1 | tail -n 3
     fi
 fi
-if "$PY" -c "import av" 2>/dev/null; then
+if ! wanted features; then
+    :
+elif "$PY" -c "import av" 2>/dev/null; then
+    # GPU utilisation during the step (baseline and extractor phases alike), one sample per 250 ms
+    SAMPLER=""
+    if [ "$MODE" = gpu ] && command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=timestamp,index,utilization.gpu --format=csv,noheader,nounits -lms 250 \
+            > "$OUT_DIR/features_gpu_util.csv" 2>/dev/null &
+        SAMPLER=$!
+    fi
     run_step features 200 "$PY" bench/features.py --device "$DEVICE" "${FEATURES_ARGS[@]}" --json "$OUT_DIR/features.json"
+    [ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null && wait "$SAMPLER" 2>/dev/null
 else
     skip_step features "PyAV (import av) is not available and no av-*.whl in shared/wheels/ or wheels/"
 fi
@@ -228,13 +296,13 @@ def generic(data):
     return "; ".join(f"{path} {value:.4g}" for _, path, value in found[:4]) or "see JSON"
 
 
-def ddp(stage):
-    results = load(f"ddp_{stage}_results.json")
+def ddp(prefix):
+    results = load(f"{prefix}_results.json")
     if not results:
         return "no results.json"
     text = f"test acc {100 * results['accuracy']:.1f}% (best epoch {results['epoch']})"
     try:
-        with open(os.path.join(out, f"ddp_{stage}_metrics.csv"), newline="") as handle:
+        with open(os.path.join(out, f"{prefix}_metrics.csv"), newline="") as handle:
             rows = list(csv.DictReader(handle))
         text += f"; last epoch {rate(float(rows[-1]['train_questions_per_s']))} q/s train, {float(rows[-1]['time_s']):.1f}s"
     except (OSError, KeyError, IndexError, ValueError):
@@ -242,14 +310,53 @@ def ddp(stage):
     return text
 
 
+def epoch(name):
+    data = load(f"{name}.json")
+    parts = []
+    for stage, row in data["stages"].items():
+        ours = row["ours"]
+        text = (f"{stage} {ours['epoch_s']:.2f}s{' (extrap.)' if ours['extrapolated'] else ''}, "
+                f"val acc {100 * ours['epochs'][-1]['val_accuracy']:.1f}%")
+        if "ratio" in row:
+            text += f", {row['ratio']:.1f}x the original"
+        parts.append(text)
+    util = data.get("gpu_utilization_percent") or {}
+    if util.get("ours_teacher"):
+        parts.append(f"GPU busy {util['ours_teacher']['mean']:.0f}% (teacher)")
+    if name == "epoch_msrvtt":
+        plan = data["msrvtt_qa_memory_plan"]
+        parts.append(f"table {plan['table_gib']['float32']:.1f}/{plan['table_gib']['float16']:.1f} GiB fp32/fp16 -> "
+                     f"{plan['choice']}")
+    return "; ".join(parts)
+
+
+def features():
+    text = generic(load("features.json"))
+    try:
+        with open(os.path.join(out, "features_gpu_util.csv"), encoding="utf-8") as handle:
+            values = [float(line.split(",")[2]) for line in handle if line.count(",") >= 2]
+    except (OSError, ValueError):
+        values = []
+    if values:
+        busy = [v for v in values if v > 0]
+        text += (f"; GPU utilisation over the step {sum(values) / len(values):.0f}% mean"
+                 + (f", {sum(busy) / len(busy):.0f}% while active" if busy else ""))
+    return text
+
+
 describe = {
+    "epoch_fp32": lambda: epoch("epoch_fp32"),
+    "epoch_bf16": lambda: epoch("epoch_bf16"),
+    "epoch_bf16_compile": lambda: epoch("epoch_bf16_compile"),
+    "epoch_msrvtt": lambda: epoch("epoch_msrvtt"),
+    "tiny_bf16": lambda: ddp("tiny_bf16"),
     "model_check": lambda: model_check(load("model_check.json")),
     "model_step_fp32": lambda: model_step(load("model_step_fp32.json")),
     "model_step_bf16": lambda: model_step(load("model_step_bf16.json")),
     "data_path": lambda: generic(load("data_path.json")),
-    "features": lambda: generic(load("features.json")),
-    "ddp_teacher": lambda: ddp("teacher"),
-    "ddp_student": lambda: ddp("student"),
+    "features": features,
+    "ddp_teacher": lambda: ddp("ddp_teacher"),
+    "ddp_student": lambda: ddp("ddp_student"),
 }
 steps = []
 with open(os.path.join(out, "steps.tsv"), encoding="utf-8") as handle:

@@ -1,4 +1,4 @@
-"""Write a small learnable VideoQA set in the SPEC §2 formats plus a training config for it.
+"""Write a small learnable VideoQA set in the formats of docs/method.md#file-formats plus a training config for it.
 
 Used by bench/gpu_check.sh for its short `torchrun` training run (teacher, then student); the
 data are the training tests' generator (tests/test_train_fixtures.py): colour / direction

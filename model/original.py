@@ -1,4 +1,4 @@
-"""Checkpoints written by the original DualVGR / VQAKD code (SPEC §7).
+"""Checkpoints written by the original DualVGR / VQAKD code (docs/method.md#original-checkpoint-layout).
 
 Those files are a `torch.save` of `{epoch, state_dict, optimizer, model_kwargs}` whose
 state-dict keys follow the original module tree (`linguistic_input_unit.*`,
@@ -22,7 +22,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from model.dualvgr import DualVGR, ModelConfig
+from model.dualvgr import DualVGR
+from model.settings import ModelConfig
 
 
 class OriginalCheckpointError(ValueError):

@@ -1,4 +1,4 @@
-"""The losses of SPEC §4, against straightforward per-sample reference implementations."""
+"""The losses of docs/method.md#losses, against straightforward per-sample reference implementations."""
 
 import pytest
 import torch

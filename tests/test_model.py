@@ -1,4 +1,5 @@
-"""The DualVGR network (SPEC §3) and the original-checkpoint converter (SPEC §7)."""
+"""The DualVGR network (docs/method.md#network) and the original-checkpoint converter
+(docs/method.md#original-checkpoint-layout)."""
 
 import dataclasses
 import math
@@ -15,8 +16,8 @@ from model.original import OriginalCheckpointError, original_to_ours, ours_to_or
 from vqakd.checkpoint import load_checkpoint
 from vqakd.errors import UserError
 
-SPEC_TEACHER_PARAMS = 30_294_700
-SPEC_STUDENT_PARAMS = 23_189_116
+PAPER_TEACHER_PARAMS = 30_294_700
+PAPER_STUDENT_PARAMS = 23_189_116
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -60,8 +61,8 @@ def count(module) -> int:
 
 def test_parameter_counts_match_spec(full_size_models):
     teacher, student = full_size_models
-    assert count(teacher) == SPEC_TEACHER_PARAMS
-    assert count(student) == SPEC_STUDENT_PARAMS
+    assert count(teacher) == PAPER_TEACHER_PARAMS
+    assert count(student) == PAPER_STUDENT_PARAMS
     assert all(p.requires_grad for p in teacher.parameters())
 
 
@@ -93,7 +94,7 @@ def test_parameter_breakdown_matches_spec(full_size_models):
     assert len(unit.layers) == 4 and len(student.units[0].layers) == 1
     # every parameter is in exactly one of the parts above
     parts = sum(number for _, number in expected.values()) + classifier + 15 * 592_132
-    assert parts == SPEC_TEACHER_PARAMS
+    assert parts == PAPER_TEACHER_PARAMS
 
 
 def test_initialisation_follows_spec():
@@ -351,7 +352,7 @@ def test_original_checkpoint_round_trip(tmp_path, units, layers):
     config = tiny_config(unit_layers=units, graph_layers=layers)
     model = randomised(make_model(config)).eval()
     original = ours_to_original(model.state_dict(), config)
-    # the keys follow SPEC §7
+    # the keys follow docs/method.md#original-checkpoint-layout
     dh = config.module_dim // config.num_heads
     assert original["visual_input_unit.acGCN.0.attention_3.a.weight"].shape == (1, 2 * dh)
     assert original["visual_input_unit.mcGCN.0.attention_0.W.weight"].shape == (dh, config.module_dim)

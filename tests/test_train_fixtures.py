@@ -1,4 +1,4 @@
-"""A tiny learnable VideoQA set written directly in the SPEC §2 formats (shared by the training,
+"""A tiny learnable VideoQA set written directly in the formats of docs/method.md#file-formats (shared by the training,
 data and config tests; it holds no tests itself).
 
 Each video has a colour (0..3) and a direction (0..2). The colour is a bump on feature channel

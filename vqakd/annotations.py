@@ -1,4 +1,4 @@
-"""MSVD-QA / MSRVTT-QA annotation files (SPEC §2): QA records and the video each refers to.
+"""MSVD-QA / MSRVTT-QA annotation files (docs/method.md#annotations): QA records and the video each refers to.
 
 Shared by the question preprocessing (which reads the QA records) and the feature extraction
 (which needs the list of videos and their files). Every problem is a `UserError` naming the file

@@ -33,7 +33,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from model import ModelConfig
-from model.dualvgr import model_config_problems
+from model.settings import model_config_problems
 from vqakd.errors import UserError
 from vqakd.flags import ORIGINAL_FLAGS, STAGES
 from vqakd.io import atomic_open

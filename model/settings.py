@@ -1,0 +1,81 @@
+"""The network's settings: `ModelConfig` (everything needed to rebuild a DualVGR, stored in
+every checkpoint) and its checks, written once for the model and the config file's `model:`
+section alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ATTENTION_KINDS = ("gat", "gatv2")   # ModelConfig.attention; see GraphAttention
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the network; `dataclasses.asdict(cfg)` goes into checkpoints."""
+
+    question_vocab_size: int
+    answer_vocab_size: int
+    vision_dim: int = 2048
+    module_dim: int = 768
+    word_dim: int = 300
+    num_nodes: int = 8              # clips per video N (graph nodes)
+    graph_layers: int = 4           # G: teacher 4, student 1
+    unit_layers: int = 1            # U: reasoning units, each with its own parameters
+    num_heads: int = 4              # GAT heads, each module_dim // num_heads wide
+    fusion_dim: int = 256           # MFB pooled size; its projections are fusion_dim * fusion_factor wide
+    fusion_factor: int = 2
+    word_dropout: float = 0.15      # on the word embeddings, before tanh
+    frame_dropout: float = 0.15     # on the per-frame appearance features, before tanh
+    encoder_dropout: float = 0.18   # on the sentence vector q and the clip vectors a
+    graph_dropout: float = 0.15     # GAT input, attention weights and output
+    head_dropout: float = 0.15      # clip pooling input and both classifier dropouts
+    # Graph-attention score: "gat" is the original network's (static attention: on a complete
+    # graph every clip attends with the same weights); "gatv2" scores each (i, j) pair through
+    # a LeakyReLU before the dot product, so the weights depend on the query clip i.
+    attention: str = "gat"
+
+    def __post_init__(self) -> None:
+        problems = model_config_problems(self, "ModelConfig.")
+        if problems:
+            raise ValueError(problems[0])
+
+
+POSITIVE_INT_FIELDS = ("question_vocab_size", "answer_vocab_size", "vision_dim", "module_dim", "word_dim",
+                       "num_nodes", "graph_layers", "unit_layers", "num_heads", "fusion_dim", "fusion_factor")
+DROPOUT_FIELDS = ("word_dropout", "frame_dropout", "encoder_dropout", "graph_dropout", "head_dropout")
+
+
+def model_config_problems(settings: Any, prefix: str) -> list[str]:
+    """What is wrong with ModelConfig values, each problem as `<prefix><field> ...`, in a fixed
+    order. `settings` is a ModelConfig or anything with some of its fields as attributes (the
+    config file's `model:` section); fields it lacks are not checked."""
+    def value(name: str) -> Any:
+        return getattr(settings, name, None)
+
+    problems = []
+    for name in POSITIVE_INT_FIELDS:
+        number = value(name)
+        if number is None:
+            continue
+        if isinstance(number, bool) or not isinstance(number, int):
+            problems.append(f"{prefix}{name} must be an integer, got {number!r}")
+        elif number < 1:
+            problems.append(f"{prefix}{name} must be > 0, got {number}")
+    for name in DROPOUT_FIELDS:
+        rate = value(name)
+        if rate is None:
+            continue
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            problems.append(f"{prefix}{name} must be in [0, 1), got {rate!r}")
+    module_dim, num_heads = value("module_dim"), value("num_heads")
+    if isinstance(module_dim, int) and isinstance(num_heads, int) and module_dim > 0 and num_heads > 0:
+        # An odd size is reported as such; whether it divides by the heads then does not matter.
+        if module_dim % 2 == 0 and module_dim % num_heads:
+            problems.append(f"{prefix}module_dim ({module_dim}) must be divisible by {prefix}num_heads ({num_heads})")
+        if module_dim % 2:
+            problems.append(f"{prefix}module_dim must be even (two LSTM directions), got {module_dim}")
+    attention = value("attention")
+    if attention is not None and attention not in ATTENTION_KINDS:
+        problems.append(f"{prefix}attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
+    return problems
