@@ -155,7 +155,9 @@ def _same_clips(data: dict) -> None:
 def test_collapse_warning_once_per_layer_per_run(tmp_path):
     data = make_dataset(tmp_path / "data", videos=24)
     _same_clips(data)
-    _, folder = train_tiny(tmp_path, data, epochs=3)                     # teacher: 2 graph layers
+    # teacher: 2 graph layers; stopped after epoch 1 and resumed: still one warning per layer
+    train_tiny(tmp_path, data, epochs=3, train={"epochs": 3, "stop_after_epoch": 1})
+    _, folder = train_tiny(tmp_path, data, epochs=3, extra=("--resume",))
     log = (folder / "train.log").read_text()
     assert log.count(f"graph layer 1: {WARNING}") == 1 and log.count(f"graph layer 2: {WARNING}") == 1
     rows = read_csv(folder / "metrics.csv")
