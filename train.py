@@ -62,6 +62,7 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from model import DualVGR  # noqa: E402
+from model.diagnostics import layer_warning  # noqa: E402
 from vqakd import distributed as dist  # noqa: E402
 from vqakd.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_from_checkpoint,  # noqa: E402
                               restore_rng_state, save_checkpoint, seed_everything)
@@ -71,7 +72,7 @@ from vqakd.device import resolve_process_device  # noqa: E402
 from vqakd.engine import configure_backends, evaluate, train_one_epoch  # noqa: E402
 from vqakd.errors import UserError  # noqa: E402
 from vqakd.io import ensure_writable_dir, read_json, write_json  # noqa: E402
-from vqakd.metrics import epoch_line, format_table, metrics_row, write_metrics_csv  # noqa: E402
+from vqakd.metrics import collapsed_layer_names, epoch_line, format_table, metrics_row, write_metrics_csv  # noqa: E402
 from vqakd.models import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,  # noqa: E402
                           load_teacher)
 from vqakd.plots import plot_curves  # noqa: E402
@@ -290,7 +291,7 @@ def _run_training(config: Config, stage: str, teacher_path: Optional[str], resum
                   overwrite: bool) -> dict[str, Any]:
     started = utc_now()
     config.stage(stage)
-    world, rank, main = dist.get_world_size(), dist.get_rank(), dist.is_main()
+    world, main = dist.get_world_size(), dist.is_main()
     folder = RunFolder(config.stage_dir(stage))
     log = RunLog(folder.log)
     if resume:
@@ -366,6 +367,7 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
     config_dict = config_to_dict(config)
     history, best, epochs = start.history, start.best, config.train.epochs
     last_plot = time.monotonic()
+    warned = {name for earlier in history for name in collapsed_layer_names(earlier)}   # collapse warnings given
     for epoch in range(start.start_epoch, epochs + 1):
         train_loader.sampler.set_epoch(epoch)
         if world > 1:
@@ -376,8 +378,10 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
                                       loss_cfg=config.loss, teacher=start.teacher, grad_clip=config.train.grad_clip,
                                       amp=config.train.amp, log_every=config.train.log_every, progress=progress,
                                       batch_shards=world)
+        # The same forward passes give the validation losses and the graph layers' node spread.
         val_summary, _ = evaluate(model, val_loader, device, amp=config.train.amp, progress=progress,
-                                  desc=f"val epoch {epoch}")
+                                  desc=f"val epoch {epoch}", loss_cfg=config.loss, stage=stage,
+                                  teacher=start.teacher, reference_batch=config.train.batch_size, node_spread=True)
         # Questions dropped for missing videos count as wrong (same denominator every epoch).
         val_summary = with_dropped(val_summary, start.bundle.splits["val"])
         scheduler.step()
@@ -403,6 +407,10 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
                 plot_curves(history, folder.curves, stage)
                 last_plot = time.monotonic()
         log(epoch_line(row, epochs, is_best))
+        for name in collapsed_layer_names(row):
+            if name not in warned:          # once per layer and run
+                warned.add(name)
+                log(layer_warning(name))
         if config.train.stop_after_epoch == epoch and epoch < epochs:
             log(f"stopped after epoch {epoch} (train.stop_after_epoch); continue with --resume")
             dist.barrier()

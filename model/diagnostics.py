@@ -145,7 +145,11 @@ def collapsed_layers(spread: Tensor, threshold: float = COLLAPSE_THRESHOLD) -> l
 
 def collapse_warning(row: int, rows: int = 0, graph_layers: int | None = None) -> str:
     """The one-line warning for collapsed row `row` (0-based) of a `rows`-row node_spread."""
-    name = layer_name(row, rows, graph_layers)
+    return layer_warning(layer_name(row, rows, graph_layers))
+
+
+def layer_warning(name: str) -> str:
+    """The one-line warning for the collapsed layer named `name` ("g2", "u1_g2", see `layer_name`)."""
     label = name[1:] if name.startswith("g") else name
     return f"graph layer {label}: clip features identical across clips; the common loss there is rounding noise"
 
@@ -165,4 +169,4 @@ def attention_row_spread(weights: Tensor) -> Tensor:
 __all__ = ("STREAMS", "COMMON_STREAMS", "COLLAPSE_THRESHOLD", "relative_spread", "sample_spread", "node_spread",
            "collapsed_fraction",
                           "NodeSpreadMeter", "spread_columns", "collapsed_layers", "collapse_warning",
-                          "collapse_warnings", "attention_row_spread", "layer_name")
+                          "collapse_warnings", "attention_row_spread", "layer_name", "layer_warning")

@@ -1,4 +1,4 @@
-"""Losses of SPEC §4: common loss, HSIC dependence loss, the hard loss, feature distillation
+"""Losses of the method (docs/method.md): common loss, HSIC dependence loss, the hard loss, feature distillation
 (APP / MO) and the optional classic logit distillation.
 
 All of them are computed in at least float32 with autocast switched off: the HSIC terms of raw 768-d
@@ -100,13 +100,14 @@ def hsic_loss(x: Tensor, y: Tensor) -> Tensor:
 
 
 def hard_loss(output: DualVGROutput, labels: Tensor, alpha: float = 100.0, beta: float = 1e-6,
-              dependence_scale: float = 1) -> tuple[Tensor, dict[str, Tensor]]:
+              dependence_scale: float = 1, common_mode: str = "original") -> tuple[Tensor, dict[str, Tensor]]:
     """CE + α · mean_ℓ C_ℓ + β · mean_ℓ (H^a_ℓ + H^m_ℓ), ℓ over the U·G graph layers.
 
     Returns the total and its parts {"ce", "common", "dependence"} (unweighted layer means,
     still attached to the graph so callers can log or reuse them). `dependence_scale`
     multiplies the dependence term, a sum over the batch: a batch split over K processes whose
-    gradients are averaged passes K, so the total equals the one-process one.
+    gradients are averaged passes K, so the total equals the one-process one. `common_mode`:
+    "original" or "safe", see `common_loss`.
     """
     layers = output.layers
     if not layers:
@@ -114,7 +115,8 @@ def hard_loss(output: DualVGROutput, labels: Tensor, alpha: float = 100.0, beta:
     logits = output.logits
     with _no_autocast(logits):
         ce = F.cross_entropy(_wide(logits), labels.to(logits.device).long())
-    common = torch.stack([common_loss(layer.common_appearance, layer.common_motion) for layer in layers]).mean()
+    common = torch.stack([common_loss(layer.common_appearance, layer.common_motion, common_mode)
+                          for layer in layers]).mean()
     dependence = torch.stack([
         hsic_loss(layer.appearance, layer.common_appearance) + hsic_loss(layer.motion, layer.common_motion)
         for layer in layers

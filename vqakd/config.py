@@ -140,6 +140,9 @@ class LossConfig:
     distill: Literal["feature", "logit", "none"] = "feature"
     logit_tau: float = 4.0
     logit_mix: float = 0.5      # weight of the KL term; 1 - mix goes to cross-entropy
+    # Common loss: original = the paper's; safe = node pairs whose centred features are only
+    # rounding noise (a collapsed graph layer) count 0 instead of normalised noise (docs/method.md).
+    common: Literal["original", "safe"] = "original"
 
 
 @dataclass

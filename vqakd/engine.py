@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model import DualVGROutput
+from model.diagnostics import STREAMS, NodeSpreadMeter, collapsed_layers
 from model.losses import feature_distill_loss, hard_loss, logit_distill_loss, with_regularisers
 from vqakd import distributed as dist
 from vqakd.config import LossConfig
@@ -50,9 +51,11 @@ def compute_loss(output, labels: torch.Tensor, loss_cfg: LossConfig, stage: str,
     `batch_shards`: the global batch is split over this many processes whose gradients are
     averaged. Every part is a per-question mean except the HSIC dependence term, a sum over
     the batch: it is multiplied by the shard count, so the averaged gradient (and the logged
-    value) equals the one-process one.
+    value) equals the one-process one. (`evaluate` passes a fractional count: the reference batch
+    over this batch's size.) `loss_cfg.common` chooses the common loss (original or safe).
     """
-    hard, parts = hard_loss(output, labels, alpha=loss_cfg.alpha, beta=loss_cfg.beta, dependence_scale=batch_shards)
+    hard, parts = hard_loss(output, labels, alpha=loss_cfg.alpha, beta=loss_cfg.beta, dependence_scale=batch_shards,
+                            common_mode=loss_cfg.common)
     values = {"hard": hard, "ce": parts["ce"], "common": parts["common"], "dependence": parts["dependence"]}
     distill = loss_cfg.distill if stage == "student" else "none"
     if distill == "feature":
@@ -168,8 +171,7 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
     if teacher is not None:
         teacher.eval()
     distill = loss_cfg.distill if stage == "student" else "none"
-    names = ("loss", "hard", "ce", "common", "dependence") + {"feature": ("app", "mo"), "logit": ("kd",)}.get(
-        distill, ())
+    names = loss_names(stage, loss_cfg)
     sums = torch.zeros(len(names), dtype=torch.float64, device=device)
     questions = torch.zeros((), dtype=torch.long, device=device)
     counter = AccuracyCounter(device)
@@ -224,29 +226,121 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
     return result
 
 
+def loss_names(stage: str, loss_cfg: LossConfig) -> tuple[str, ...]:
+    """The loss parts a stage logs, in LOSS_PARTS order."""
+    distill = loss_cfg.distill if stage == "student" else "none"
+    return ("loss", "hard", "ce", "common", "dependence") + {"feature": ("app", "mo"), "logit": ("kd",)}.get(
+        distill, ())
+
+
+class _ValidationLosses:
+    """Every training loss part on evaluation batches, summed per question on the device.
+
+    The HSIC dependence term is a sum over a batch, so its value depends on the batch size: each
+    batch's is rescaled to `reference_batch` questions (the global training batch), which makes
+    val_dependence, val_hard and val_loss the quantities the training logs, on other questions.
+    """
+
+    def __init__(self, device: torch.device, loss_cfg: LossConfig, stage: str, teacher, reference_batch: int,
+                 amp: str):
+        self.loss_cfg, self.stage, self.teacher, self.amp = loss_cfg, stage, teacher, amp
+        self.reference_batch = reference_batch
+        self.names = loss_names(stage, loss_cfg)
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+        self.questions = torch.zeros((), dtype=torch.long, device=device)
+        self.distill = loss_cfg.distill if stage == "student" else "none"
+        if self.distill != "none" and teacher is None:
+            raise ValueError(f"validation losses of a student with distill={self.distill!r} need the teacher")
+        if teacher is not None:
+            teacher.eval()
+
+    def update(self, output: DualVGROutput, batch: Mapping[str, torch.Tensor], device: torch.device) -> None:
+        labels = batch["answer"]
+        size = labels.shape[0]
+        teacher_output = None
+        if self.distill != "none":
+            with _autocast(device, self.amp):
+                teacher_output = forward_batch(self.teacher, batch)
+        values = compute_loss(output, labels, self.loss_cfg, self.stage, teacher_output,
+                              batch_shards=self.reference_batch / size)
+        self.sums += torch.stack([values[name].detach().double() for name in self.names]) * size
+        self.questions += size
+
+    def result(self) -> dict[str, float]:
+        """{part: mean per question over every process's questions}."""
+        dist.all_reduce_sum(self.sums)
+        dist.all_reduce_sum(self.questions)
+        count = max(int(self.questions), 1)
+        return {name: float(value) / count for name, value in zip(self.names, self.sums.cpu().tolist())}
+
+
+def _spread_result(meter: NodeSpreadMeter, layers: int, graph_layers: int, device: torch.device) -> dict:
+    """The node-spread columns of the whole split (sums over every process first); {} when no
+    process saw a batch."""
+    total = meter.total if meter.total is not None else torch.zeros(layers, len(STREAMS), device=device)
+    collapsed = meter.collapsed if meter.collapsed is not None else torch.zeros(layers, dtype=torch.long,
+                                                                                  device=device)
+    samples = torch.tensor(meter.samples, dtype=torch.long, device=device)
+    total, collapsed = total.double(), collapsed.long()
+    dist.all_reduce_sum(total)
+    dist.all_reduce_sum(collapsed)
+    dist.all_reduce_sum(samples)
+    if int(samples) == 0:
+        return {}
+    meter.total, meter.collapsed, meter.samples = total.float(), collapsed, int(samples)
+    return {"columns": meter.columns(graph_layers), "collapsed": collapsed_layers(meter.value(), meter.threshold),
+            "spread": meter.value().cpu()}
+
+
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_predictions: bool = False,
-             progress: bool = False, desc: str = "eval") -> tuple[dict, Optional[dict[str, np.ndarray]]]:
+             progress: bool = False, desc: str = "eval", loss_cfg: Optional[LossConfig] = None,
+             stage: str = "teacher", teacher=None, reference_batch: Optional[int] = None,
+             node_spread: bool = False) -> tuple[dict, Optional[dict[str, np.ndarray]]]:
     """Accuracy overall and per question type (summed over all processes); optionally the
     arg-max prediction of every question ({"index", "prediction"}, this process's share).
     Runs the plain module even when given a DDP wrapper: ranks may hold different numbers of
-    batches, and DDP's forward must not be called a different number of times per rank."""
+    batches, and DDP's forward must not be called a different number of times per rank.
+
+    From the same forward passes, on request (both summed over every process):
+    - `loss_cfg`: summary["losses"], every loss part the training of `stage` logs, per question
+      (a distilling student needs the frozen `teacher`, run on each batch; `reference_batch`:
+      see `_ValidationLosses`, default the evaluation batch);
+    - `node_spread`: summary["node_spread"] = {"columns": node_spread_* and node_collapsed_*
+      columns, "collapsed": rows of the graph layers whose clips are identical, "spread":
+      (layers, 4) tensor}; see model/diagnostics.py."""
     if isinstance(model, DistributedDataParallel):
         model = model.module
     model.eval()
     counter = AccuracyCounter(device)
     indices, predictions = [], []
+    losses = None
+    if loss_cfg is not None:
+        losses = _ValidationLosses(device, loss_cfg, stage, teacher,
+                                   reference_batch or getattr(loader, "batch_size", None) or 1, amp)
+    meter = NodeSpreadMeter() if node_spread else None
     for batch in tqdm(loader, total=len(loader), desc=desc, unit="batch", disable=not progress,
                       dynamic_ncols=True, leave=False, file=sys.stderr):
         batch = _to_device(batch, device)
         with _autocast(device, amp):
-            logits = forward_batch(model, batch).logits
+            output = forward_batch(model, batch)
+        logits = output.logits
         predicted = logits.argmax(dim=1)
         counter.update(predicted, batch["answer"], batch["qtype"])
+        if losses is not None:
+            losses.update(output, batch, device)
+        if meter is not None:
+            meter.update(output)
         if return_predictions:
             indices.append(batch["index"])
             predictions.append(predicted)
     summary = counter.all_reduce().summary()
+    if losses is not None:
+        summary["losses"] = losses.result()
+    if meter is not None:
+        config = model.config
+        summary["node_spread"] = _spread_result(meter, config.graph_layers * config.unit_layers,
+                                                config.graph_layers, device)
     if not return_predictions:
         return summary, None
     if indices:

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from model.diagnostics import COLLAPSE_THRESHOLD, COMMON_STREAMS
 from vqakd.distributed import all_reduce_sum
 from vqakd.io import atomic_open
 
@@ -156,28 +157,54 @@ class MetricLogger:
 
 def metrics_row(epoch: int, lr: float, train: Mapping, val: Mapping, epoch_time: float) -> dict[str, Any]:
     """One metrics.csv row: every column always present (empty where a part does not apply).
-    `time_s` is the whole epoch (training and validation)."""
+    `time_s` is the whole epoch (training and validation). `val` is `evaluate`'s summary; its
+    "losses" give the val_<part> columns (next to train_<part>), its "node_spread" the
+    node_spread_* / node_collapsed_* columns of the graph-layer diagnostic."""
     row: dict[str, Any] = {"epoch": epoch, "lr": lr, "time_s": round(epoch_time, 3),
                            "train_questions_per_s": round(train["questions_per_s"], 2)}
+    val_losses = val.get("losses") or {}
     for name in LOSS_PARTS:
         row[f"train_{name}"] = train.get(name, "")
+        row[f"val_{name}"] = val_losses.get(name, "")
     for prefix, summary in (("train", train["accuracy"]), ("val", val)):
         row[f"{prefix}_acc"] = summary["accuracy"]
         for qtype in QUESTION_TYPES:
             row[f"{prefix}_acc_{qtype}"] = summary["per_type"][qtype]["accuracy"]
     row["val_count"] = val["count"]
+    row.update((val.get("node_spread") or {}).get("columns", {}))
     return row
 
 
 def write_metrics_csv(path: str, rows: list[Mapping[str, Any]]) -> None:
+    """Every column any row has, in first-seen order (a run resumed from a checkpoint written
+    before a column existed leaves that column empty in its early rows)."""
     if not rows:
         return
+    fieldnames = list(dict.fromkeys(key for row in rows for key in row))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     with atomic_open(path, "w", encoding="utf-8") as handle:
         handle.write(buffer.getvalue())
+
+
+def collapsed_layer_names(row: Mapping[str, Any], threshold: float = COLLAPSE_THRESHOLD) -> list[str]:
+    """The graph layers ("g1", "u2_g1", ...) whose common appearance or common motion spread in
+    this metrics.csv row is below `threshold` (model/diagnostics.py)."""
+    names = []
+    for key, value in row.items():
+        for stream in COMMON_STREAMS:
+            suffix = f"_{stream}"
+            if key.startswith("node_spread_") and key.endswith(suffix):
+                try:
+                    collapsed = float(value) < threshold
+                except (TypeError, ValueError):
+                    continue
+                name = key[len("node_spread_"):-len(suffix)]
+                if collapsed and name not in names:
+                    names.append(name)
+    return names
 
 
 def _fmt(value: Any) -> str:
@@ -188,6 +215,7 @@ def epoch_line(row: Mapping[str, Any], epochs: int, is_best: bool) -> str:
     """The log line of one epoch, from its metrics.csv row."""
     losses = " ".join(f"{name} {_fmt(row[f'train_{name}'])}" for name in LOSS_PARTS if row[f"train_{name}"] != "")
     per_type = " ".join(f"{qtype} {100 * row[f'val_acc_{qtype}']:.1f}" for qtype in QUESTION_TYPES)
-    return (f"epoch {row['epoch']}/{epochs} | {losses} | train acc {100 * row['train_acc']:.2f}% | "
+    val_loss = f" | val loss {_fmt(row['val_loss'])}" if row.get("val_loss", "") != "" else ""
+    return (f"epoch {row['epoch']}/{epochs} | {losses}{val_loss} | train acc {100 * row['train_acc']:.2f}% | "
             f"val acc {100 * row['val_acc']:.2f}% ({per_type}) | lr {row['lr']:.3g} | {row['time_s']:.1f}s"
             + (" | best" if is_best else ""))
