@@ -1,7 +1,7 @@
 """The typed configuration of `train.py` / `validate.py`: YAML file + command-line overrides.
 
-Every setting is a dataclass field with a named default (SPEC §5 for training, §4 for the loss
-weights). A YAML file only needs the keys it changes. Loading checks, before any work starts:
+Every setting is a dataclass field with a named default (docs/method.md#training-and-evaluation
+for training, docs/method.md#losses for the loss weights). A YAML file only needs the keys it changes. Loading checks, before any work starts:
 - every key exists (an unknown key is an error with a "did you mean" suggestion);
 - every value has the declared type (ints where ints are meant, one of the listed choices, ...);
 - the values make sense on their own (positive sizes, probabilities in [0, 1), ...).
@@ -48,7 +48,7 @@ DATASET_CHOICES = ("msvd-qa", "msrvtt-qa", "demo")
 
 @dataclass
 class DataConfig:
-    """Input files (SPEC §2) and how the feature table is held."""
+    """Input files (docs/method.md#file-formats) and how the feature table is held."""
 
     vocab: str = "data/{dataset}/{dataset}_vocab.json"
     train_questions: str = "data/{dataset}/{dataset}_train_questions.pt"
@@ -102,7 +102,7 @@ class StageSection:
 
 @dataclass
 class TrainConfig:
-    """SPEC §5 protocol."""
+    """The paper's training protocol (docs/method.md#training-and-evaluation)."""
 
     lr: float = 1e-4
     # The GLOBAL batch: under torchrun with K processes each takes batch_size / K questions per
@@ -127,7 +127,7 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    """SPEC §4 loss weights."""
+    """Loss weights (docs/method.md#losses)."""
 
     alpha: float = 100.0        # common loss weight
     beta: float = 1e-6          # dependence (HSIC) loss weight

@@ -1,7 +1,7 @@
 """Accuracy overall and per question type, kept as sums/counts; a small smoothed-value logger;
 the rows of a run's metrics.csv and its one-line epoch summary.
 
-Question type (SPEC §5) = the first token of the question: what / who / how / when / where;
+Question type (docs/method.md#training-and-evaluation) = the first token of the question: what / who / how / when / where;
 every other question counts only in the overall figure. Counts are kept per type in one
 (TYPES + 1,) tensor on the device, so updating costs no host synchronisation and the sums can
 be all-reduced across processes before the division.
