@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 from vqakd.requirements_check import check_requirements  # noqa: E402
 check_requirements("torchvision", "av")  # torch & co. missing: one line naming `make venv`, not a traceback
 

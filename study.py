@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vqakd.errors import UserError, interruptible_imports, run_cli  # noqa: E402
 

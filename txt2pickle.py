@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vqakd.requirements_check import check_requirements  # noqa: E402
 check_requirements(modules=("numpy", "tqdm"))  # numpy & co. missing: one line naming `make venv`, not a traceback
 
