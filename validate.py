@@ -35,23 +35,29 @@ if __name__ == "__main__":
     # --help and flag errors answer before torch is imported (seconds); main() parses again.
     build_parser().parse_args()
 
+import contextlib  # noqa: E402
 import csv  # noqa: E402
 import io  # noqa: E402
 import os  # noqa: E402
 from typing import Any, Mapping, Optional  # noqa: E402
 
-import numpy as np  # noqa: E402
+from vqakd.errors import interruptible_imports  # noqa: E402
 
-from vqakd import distributed as dist  # noqa: E402
-from vqakd.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint  # noqa: E402
-from vqakd.config import Config, eval_batch_size, load_config  # noqa: E402
-from vqakd.data import DataBundle, load_data, make_loader  # noqa: E402
-from vqakd.device import resolve_process_device  # noqa: E402
-from vqakd.engine import configure_backends, evaluate  # noqa: E402
-from vqakd.errors import UserError  # noqa: E402
-from vqakd.io import atomic_open, ensure_writable_dir, write_json  # noqa: E402
-from vqakd.metrics import FIRST_ANSWER_LABEL, format_table  # noqa: E402
-from vqakd.models import check_vocab_match, count_parameters  # noqa: E402
+with interruptible_imports():       # torch takes seconds to import: Ctrl-C there is a clean exit too
+    import numpy as np  # noqa: E402
+
+    from vqakd import distributed as dist  # noqa: E402
+    from vqakd.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint  # noqa: E402
+    from vqakd.config import Config, eval_batch_size, load_config  # noqa: E402
+    from vqakd.data import DataBundle, load_data, make_loader  # noqa: E402
+    from vqakd.device import resolve_process_device  # noqa: E402
+    from vqakd.engine import configure_backends, evaluate  # noqa: E402
+    from vqakd.errors import UserError  # noqa: E402
+    from vqakd.io import atomic_open, ensure_writable_dir, remove_stale_temporaries, write_json  # noqa: E402
+    from vqakd.locks import output_lock  # noqa: E402
+    from vqakd.metrics import FIRST_ANSWER_LABEL, format_table  # noqa: E402
+    from vqakd.models import check_vocab_match, count_parameters  # noqa: E402
+    from vqakd.outputs import check_output_paths  # noqa: E402
 
 PREDICTION_COLUMNS = ("question_id", "video_id", "question", "predicted_answer", "answer", "correct")
 
@@ -68,24 +74,41 @@ def _main(args) -> int:
         overrides.insert(0, f"train.device={args.device}")
     config = load_config(args.cfg, overrides)
     run_validation(config, args.checkpoint, split=args.split, write_preds=args.write_preds, out=args.out,
-                   preds_out=args.preds_out)
+                   preds_out=args.preds_out, config_file=args.cfg)
     return 0
 
 
 def run_validation(config: Config, checkpoint_path: str, split: str = "test", write_preds: bool = False,
-                   out: Optional[str] = None, preds_out: Optional[str] = None) -> dict[str, Any]:
+                   out: Optional[str] = None, preds_out: Optional[str] = None,
+                   config_file: Optional[str] = None) -> dict[str, Any]:
     """Evaluate a checkpoint (ours or original) on a split; write JSON (and predictions CSV).
     Under torchrun each process evaluates its share and rank 0 writes the whole split's figures."""
-    with dist.session():
-        return _run_validation(config, checkpoint_path, split, write_preds, out, preds_out)
-
-
-def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: Optional[str],
-                    preds_out: Optional[str]) -> dict[str, Any]:
-    world, rank, main = dist.get_world_size(), dist.get_rank(), dist.is_main()
     folder = os.path.dirname(os.path.abspath(checkpoint_path))
     out = out or os.path.join(folder, f"eval_{split}.json")
     preds_out = preds_out or os.path.splitext(out)[0] + "_preds.csv"
+    outputs = {"--out": out, "--preds-out": preds_out if write_preds else None}
+    inputs = {"--checkpoint": checkpoint_path, "--cfg": config_file,
+              **{f"data.{key}": getattr(config.data, key) for key in (
+                  "vocab", "train_questions", "val_questions", "test_questions", "appearance_feat", "motion_feat")}}
+    check_output_paths(inputs, outputs)         # before any work: never replace the checkpoint
+    written = [path for path in outputs.values() if path]
+
+    def take_outputs(locks: contextlib.ExitStack) -> None:
+        # Only the main process writes: it locks the files (a second evaluation writing them is
+        # refused) and clears the temporary files a killed evaluation left.
+        if dist.is_main():
+            for path in written:
+                locks.enter_context(output_lock(path, "evaluation output"))
+            remove_stale_temporaries(written)
+
+    with dist.session(), contextlib.ExitStack() as locks:
+        dist.agree(lambda: take_outputs(locks), "the check of the output files")
+        return _run_validation(config, checkpoint_path, split, write_preds, out, preds_out)
+
+
+def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: str,
+                    preds_out: str) -> dict[str, Any]:
+    world, rank, main = dist.get_world_size(), dist.get_rank(), dist.is_main()
 
     def start():
         if split not in ("train", "val", "test"):

@@ -65,11 +65,14 @@ class FolderLock:
     """
 
     def __init__(self, folder: str | os.PathLike, what: str = "output folder",
-                 log: Callable[[str], Any] | None = print) -> None:
+                 log: Callable[[str], Any] | None = print, lock_name: str = LOCK_NAME,
+                 shown: str | os.PathLike | None = None) -> None:
         self.folder = os.fspath(folder)
         self.what = what
         self.log = log
-        self.path = os.path.join(self.folder, LOCK_NAME)
+        self.path = os.path.join(self.folder, lock_name)
+        # What messages name: the folder, or the one output file an `output_lock` guards.
+        self.shown = os.fspath(shown) if shown is not None else self.folder
         self._fd: int | None = None
 
     # ---------------------------------------------------------------- record
@@ -102,8 +105,8 @@ class FolderLock:
 
     def _refuse(self, record: dict[str, Any] | None) -> UserError:
         holder = _describe(record) if record else "a run that has not written its record yet"
-        return UserError(f"{self.what} {self.folder} is in use by another run ({holder}); wait for it to "
-                         f"finish or stop it, or choose another folder (lock file {self.path})")
+        return UserError(f"{self.what} {self.shown} is in use by another run ({holder}); wait for it to "
+                         f"finish or stop it, or choose another output (lock file {self.path})")
 
     # ---------------------------------------------------------------- acquire / release
 
@@ -133,7 +136,7 @@ class FolderLock:
                 elif not locked:
                     raise self._refuse(record)
                 if record and record.get("pid") != os.getpid() and self.log is not None:
-                    self.log(f"{self.what} {self.folder}: taking over the lock left by a run that is no "
+                    self.log(f"{self.what} {self.shown}: taking over the lock left by a run that is no "
                              f"longer running ({_describe(record)})")
                 self._write_record(fd)
             except BaseException:
@@ -141,7 +144,7 @@ class FolderLock:
                 raise
             self._fd = fd
             return self
-        raise UserError(f"{self.what} {self.folder}: could not take the lock {self.path} (it keeps being replaced)")
+        raise UserError(f"{self.what} {self.shown}: could not take the lock {self.path} (it keeps being replaced)")
 
     def _is_current(self, fd: int) -> bool:
         """Is `fd` the file now at the lock path (not one a finished holder has removed)?"""
@@ -190,3 +193,12 @@ class FolderLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def output_lock(path: str | os.PathLike, what: str = "output file",
+                log: Callable[[str], Any] | None = print) -> FolderLock:
+    """A lock on one output file rather than its whole folder (`.<name>.lock` beside it): two
+    runs may write different files of one folder (eval_val.json and eval_test.json, appearance
+    and motion features), but never the same file."""
+    path = os.path.abspath(os.fspath(path))
+    return FolderLock(os.path.dirname(path), what, log, lock_name=f".{os.path.basename(path)}.lock", shown=path)
