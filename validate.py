@@ -98,6 +98,7 @@ def run_validation(config: Config, checkpoint_path: str, split: str = "test", wr
         # refused) and clears the temporary files a killed evaluation left.
         if dist.is_main():
             for path in written:
+                ensure_writable_dir(os.path.dirname(os.path.abspath(path)), "output folder for the evaluation results")
                 locks.enter_context(output_lock(path, "evaluation output"))
             remove_stale_temporaries(written)
 

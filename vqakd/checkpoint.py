@@ -210,16 +210,20 @@ def check_sizes(model_config: ModelConfig, state_dict: Mapping[str, Any], path: 
         raise UserError(f"{path}: model_config does not describe a network ({_first_line(exc)})") from None
     sizes = {name: value for name, value in dataclasses.asdict(model_config).items()
              if isinstance(value, int) and not isinstance(value, bool)}
+    mismatched = []
     for key, value in expected.items():
         got = state_dict.get(key)
-        if not isinstance(got, torch.Tensor) or tuple(got.shape) == tuple(value.shape):
-            continue        # missing keys and non-tensors are named by load_state_strict
-        wrong = [size for size in value.shape if size not in got.shape]
-        culprits = [f"{name} {number}" for name, number in sizes.items() if number in wrong]
-        because = f"model_config {culprits[0]}" if culprits else "model_config"
-        raise UserError(f"{path}: {because} does not fit the weights in the file (state_dict key {key!r} has shape "
-                        f"{tuple(got.shape)}, that model_config needs {tuple(value.shape)}); the file is damaged "
-                        "or was edited")
+        if isinstance(got, torch.Tensor) and tuple(got.shape) != tuple(value.shape):
+            wrong = [size for size in value.shape if size not in got.shape]
+            culprits = [f"{name} {number}" for name, number in sizes.items() if number in wrong]
+            mismatched.append((key, tuple(got.shape), tuple(value.shape), culprits))
+    if not mismatched:
+        return              # missing keys and non-tensors are named by load_state_strict
+    # Name the size most likely at fault: the first mismatch that shows a model_config value.
+    key, got, needed, culprits = next((m for m in mismatched if m[3]), mismatched[0])
+    because = f"model_config {culprits[0]} of the file" if culprits else "the file's model_config"
+    raise UserError(f"{path}: checkpoint weights do not fit the model: key {key!r} has shape {got}, "
+                    f"the model needs {needed} (from {because}; is the file damaged or edited?)")
 
 
 def model_from_checkpoint(checkpoint: Mapping[str, Any], path: str, device: torch.device) -> DualVGR:

@@ -116,7 +116,7 @@ class FolderLock:
         try:
             os.makedirs(self.folder, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"{self.what} cannot be created: {self.folder} ({exc.strerror or exc})") from None
+            raise UserError(f"{self.what} is not writable: {self.folder} ({exc.strerror or exc})") from None
         for _ in range(100):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
