@@ -35,6 +35,21 @@ except ImportError:         # Windows: only the record-based check is available
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".vqakd.lock"
+# The descriptors of the locks this process holds. A forked child (a data-loader or decoding
+# worker) closes its copies at once: the flock belongs to the open file, so a worker that
+# outlived a killed run would otherwise keep its folder locked. Closing a copy never unlocks.
+_HELD_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 # Without flock, a record from another host (whose pid cannot be checked) older than this is stale.
 STALE_AFTER_S = 7 * 24 * 3600
 
@@ -143,6 +158,7 @@ class FolderLock:
                 os.close(fd)
                 raise
             self._fd = fd
+            _HELD_FDS.add(fd)
             return self
         raise UserError(f"{self.what} {self.shown}: could not take the lock {self.path} (it keeps being replaced)")
 
@@ -175,6 +191,7 @@ class FolderLock:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        _HELD_FDS.discard(fd)
         try:
             # Remove the file while still holding the lock (acquire() checks it locked the file
             # that is at the path), so that a finished run leaves nothing behind.
