@@ -58,28 +58,31 @@ import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
-import torch  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from vqakd.errors import interruptible_imports  # noqa: E402
 
-from model import DualVGR  # noqa: E402
-from model.diagnostics import layer_warning  # noqa: E402
-from vqakd import distributed as dist  # noqa: E402
-from vqakd.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_from_checkpoint,  # noqa: E402
-                              restore_rng_state, save_checkpoint, seed_everything)
-from vqakd.config import Config, config_to_dict, dump_config, eval_batch_size, load_config  # noqa: E402
-from vqakd.data import DataBundle, load_data, make_loader, with_dropped  # noqa: E402
-from vqakd.device import resolve_process_device  # noqa: E402
-from vqakd.engine import configure_backends, evaluate, train_one_epoch  # noqa: E402
-from vqakd.errors import UserError  # noqa: E402
-from vqakd.io import ensure_writable_dir, read_json, write_json  # noqa: E402
-from vqakd.metrics import collapsed_layer_names, epoch_line, format_table, metrics_row, write_metrics_csv  # noqa: E402
-from vqakd.models import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,  # noqa: E402
-                          load_teacher)
-from vqakd.plots import plot_curves  # noqa: E402
-from vqakd.provenance import inference_record  # noqa: E402
-from vqakd.resume_settings import LR_SCHEDULE_KEYS, apply_lr_schedule, resume_changes  # noqa: E402
-from vqakd.provenance_run import provenance_for_config, utc_now  # noqa: E402
-from vqakd.run_folder import RunFolder, RunLog, remove_empty_folders  # noqa: E402
+with interruptible_imports():       # torch takes seconds to import: Ctrl-C there is a clean exit too
+    import torch  # noqa: E402
+    from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+    from model import DualVGR  # noqa: E402
+    from model.diagnostics import layer_warning  # noqa: E402
+    from vqakd import distributed as dist  # noqa: E402
+    from vqakd.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_from_checkpoint,  # noqa: E402
+                                  restore_rng_state, save_checkpoint, seed_everything)
+    from vqakd.config import Config, config_to_dict, dump_config, eval_batch_size, load_config  # noqa: E402
+    from vqakd.data import DataBundle, load_data, make_loader, with_dropped  # noqa: E402
+    from vqakd.device import resolve_process_device  # noqa: E402
+    from vqakd.engine import configure_backends, evaluate, train_one_epoch  # noqa: E402
+    from vqakd.errors import UserError  # noqa: E402
+    from vqakd.io import ensure_writable_dir, read_json, write_json  # noqa: E402
+    from vqakd.metrics import collapsed_layer_names, epoch_line, format_table, metrics_row, write_metrics_csv  # noqa: E402
+    from vqakd.models import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,  # noqa: E402
+                              load_teacher)
+    from vqakd.plots import plot_curves  # noqa: E402
+    from vqakd.provenance import inference_record  # noqa: E402
+    from vqakd.provenance_run import provenance_for_config, utc_now  # noqa: E402
+    from vqakd.resume_settings import LR_SCHEDULE_KEYS, apply_lr_schedule, resume_changes  # noqa: E402
+    from vqakd.run_folder import RunFolder, RunLog, remove_empty_folders, stage_guard  # noqa: E402
 
 CURVES_REFRESH_S = 60.0
 
@@ -97,7 +100,8 @@ def _main(args) -> int:
     if args.device is not None:
         overrides.insert(0, f"train.device={args.device}")
     config = load_config(args.cfg, overrides, {flag: getattr(args, flag) for flag in ORIGINAL_FLAGS})
-    run_training(config, args.stage, teacher_path=args.teacher, resume=args.resume, overwrite=args.overwrite)
+    run_training(config, args.stage, teacher_path=args.teacher, resume=args.resume, overwrite=args.overwrite,
+                 config_file=args.cfg)
     return 0
 
 
@@ -280,10 +284,14 @@ def prepare_folder(folder: RunFolder, start: StageStart, config: Config, stage: 
 # ----------------------------------------------------------------------------------- the run
 
 def run_training(config: Config, stage: str, teacher_path: Optional[str] = None, resume: bool = False,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False, config_file: Optional[str] = None) -> dict[str, Any]:
     """Train one stage end to end; returns the results.json content (or {} when stopped early).
-    Under torchrun every process calls this."""
-    with dist.session():
+    Under torchrun every process calls this. The stage folder is locked for the whole run, and
+    no stage file may be one of the run's inputs."""
+    teacher = teacher_path or (RunFolder(config.stage_dir("teacher")).best if stage == "student" else None)
+    inputs = {"--cfg": config_file, "--teacher": teacher, **{f"data.{key}": getattr(config.data, key) for key in (
+        "vocab", "train_questions", "val_questions", "test_questions", "appearance_feat", "motion_feat", "glove")}}
+    with dist.session(), stage_guard(RunFolder(config.stage_dir(stage)), stage, inputs):
         return _run_training(config, stage, teacher_path, resume, overwrite)
 
 

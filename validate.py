@@ -46,26 +46,32 @@ if __name__ == "__main__":
     from vqakd.requirements_check import check_requirements
     check_requirements("sklearn")  # torch & co. missing: one line naming `make venv`, not a traceback
 
+import contextlib  # noqa: E402
 import csv  # noqa: E402
 import io  # noqa: E402
 import os  # noqa: E402
 from typing import Any, Mapping, Optional, Sequence  # noqa: E402
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from vqakd.errors import interruptible_imports  # noqa: E402
 
-from vqakd import distributed as dist  # noqa: E402
-from vqakd.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint  # noqa: E402
-from vqakd.config import Config, eval_batch_size, load_config  # noqa: E402
-from vqakd.data import DataBundle, load_data, make_loader, with_dropped  # noqa: E402
-from vqakd.device import resolve_process_device  # noqa: E402
-from vqakd.engine import HOST_KEYS, configure_backends, evaluate, forward_batch  # noqa: E402
-from vqakd.errors import UserError  # noqa: E402
-from vqakd.io import atomic_open, ensure_writable_dir, write_json  # noqa: E402
-from vqakd.metrics import FIRST_ANSWER_LABEL, OTHER_TYPE, QUESTION_TYPES, format_table  # noqa: E402
-from vqakd.models import check_vocab_match, count_parameters  # noqa: E402
-from vqakd.progress import progress_bar  # noqa: E402
-from vqakd.provenance_run import provenance_for_config, utc_now  # noqa: E402
+with interruptible_imports():       # torch takes seconds to import: Ctrl-C there is a clean exit too
+    import numpy as np  # noqa: E402
+    import torch  # noqa: E402
+
+    from vqakd import distributed as dist  # noqa: E402
+    from vqakd.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint  # noqa: E402
+    from vqakd.config import Config, eval_batch_size, load_config  # noqa: E402
+    from vqakd.data import DataBundle, load_data, make_loader, with_dropped  # noqa: E402
+    from vqakd.device import resolve_process_device  # noqa: E402
+    from vqakd.engine import HOST_KEYS, configure_backends, evaluate, forward_batch  # noqa: E402
+    from vqakd.errors import UserError  # noqa: E402
+    from vqakd.io import atomic_open, ensure_writable_dir, remove_stale_temporaries, write_json  # noqa: E402
+    from vqakd.locks import output_lock  # noqa: E402
+    from vqakd.metrics import FIRST_ANSWER_LABEL, OTHER_TYPE, QUESTION_TYPES, format_table  # noqa: E402
+    from vqakd.models import check_vocab_match, count_parameters  # noqa: E402
+    from vqakd.outputs import check_output_paths  # noqa: E402
+    from vqakd.progress import progress_bar  # noqa: E402
+    from vqakd.provenance_run import provenance_for_config, utc_now  # noqa: E402
 
 PREDICTION_COLUMNS = ("question_id", "video_id", "question", "predicted_answer", "answer", "correct",
                       "question_type", "probability", "top5")
@@ -92,18 +98,40 @@ def _main(args) -> int:
         overrides.insert(0, f"train.device={args.device}")
     config = load_config(args.cfg, overrides)
     run_validation(config, args.checkpoint, split=args.split, write_preds=args.write_preds, out=args.out,
-                   preds_out=args.preds_out, model_overrides=model_keys)
+                   preds_out=args.preds_out, model_overrides=model_keys, config_file=args.cfg)
     return 0
 
 
 def run_validation(config: Config, checkpoint_path: str, split: str = "test", write_preds: bool = False,
                    out: Optional[str] = None, preds_out: Optional[str] = None,
-                   model_overrides: Sequence[str] = ()) -> dict[str, Any]:
+                   model_overrides: Sequence[str] = (), config_file: Optional[str] = None) -> dict[str, Any]:
     """Evaluate a checkpoint (ours or original) on a split; write JSON (and predictions CSV).
     Under torchrun each process evaluates its share and rank 0 writes the whole split's figures.
     `model_overrides`: the model.* keys the user set, refused where they differ from the
     checkpoint's model_config (the checkpoint defines the network)."""
-    with dist.session():
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    out = out or os.path.join(folder, f"eval_{split}.json")
+    preds_out = preds_out or os.path.splitext(out)[0] + "_preds.csv"
+    answers_out = os.path.splitext(out)[0] + "_answers.json"
+    outputs = {"--out": out, "--preds-out": preds_out if write_preds else None,
+               "the per-answer figures": answers_out if write_preds else None}
+    inputs = {"--checkpoint": checkpoint_path, "--cfg": config_file,
+              **{f"data.{key}": getattr(config.data, key) for key in (
+                  "vocab", "train_questions", "val_questions", "test_questions", "appearance_feat", "motion_feat")}}
+    check_output_paths(inputs, outputs)         # before any work: never replace the checkpoint
+    written = [path for path in outputs.values() if path]
+
+    def take_outputs(locks: contextlib.ExitStack) -> None:
+        # Only the main process writes: it locks the files (a second evaluation writing them is
+        # refused) and clears the temporary files a killed evaluation left.
+        if dist.is_main():
+            for path in written:
+                ensure_writable_dir(os.path.dirname(os.path.abspath(path)), "output folder for the evaluation results")
+                locks.enter_context(output_lock(path, "evaluation output"))
+            remove_stale_temporaries(written)
+
+    with dist.session(), contextlib.ExitStack() as locks:
+        dist.agree(lambda: take_outputs(locks), "the check of the output files")
         return _run_validation(config, checkpoint_path, split, write_preds, out, preds_out, model_overrides)
 
 
@@ -116,13 +144,10 @@ def check_model_overrides(config: Config, model_config, keys: Sequence[str]) -> 
                             "validate.py cannot change it (drop the --set)")
 
 
-def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: Optional[str],
-                    preds_out: Optional[str], model_overrides: Sequence[str] = ()) -> dict[str, Any]:
+def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: str,
+                    preds_out: str, model_overrides: Sequence[str] = ()) -> dict[str, Any]:
     started = utc_now()
     world, rank, main = dist.get_world_size(), dist.get_rank(), dist.is_main()
-    folder = os.path.dirname(os.path.abspath(checkpoint_path))
-    out = out or os.path.join(folder, f"eval_{split}.json")
-    preds_out = preds_out or os.path.splitext(out)[0] + "_preds.csv"
 
     def start():
         if split not in ("train", "val", "test"):

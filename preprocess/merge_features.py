@@ -26,9 +26,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vqakd.requirements_check import check_requirements  # noqa: E402
 check_requirements()  # torch & co. missing: one line naming `make venv`, not a traceback
 
-from vqakd.errors import run_cli  # noqa: E402
-from vqakd.extraction import merge_into_output  # noqa: E402
-from vqakd.io import ensure_writable_dir  # noqa: E402
+from vqakd.errors import interruptible_imports, run_cli  # noqa: E402
+
+with interruptible_imports():       # h5py and torch take seconds to import: Ctrl-C there is a clean exit too
+    from vqakd.extraction import merge_into_output  # noqa: E402
+    from vqakd.extraction.parts import failures_report  # noqa: E402
+    from vqakd.io import ensure_writable_dir, remove_stale_temporaries  # noqa: E402
+    from vqakd.locks import output_lock  # noqa: E402
+    from vqakd.outputs import check_output_paths  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,8 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     parts = args.parts or [args.out + ".parts"]
+    outputs = {"--out": args.out, "its failure report": failures_report(args.out)}
+    check_output_paths([(f"parts folder {path}", path) for path in parts], outputs)
     ensure_writable_dir(os.path.dirname(os.path.abspath(args.out)), "output folder")
-    result = merge_into_output(parts, args.out, overwrite=args.overwrite, keep_parts=args.keep_parts)
+    with output_lock(args.out, "feature output"):
+        # A merge killed while writing leaves its temporary files beside the output.
+        remove_stale_temporaries(outputs.values())
+        result = merge_into_output(parts, args.out, overwrite=args.overwrite, keep_parts=args.keep_parts)
     if result.already_complete:
         print(f"{args.out} already holds these features ({result.written} videos, {len(result.failures)} "
               "failed); nothing to merge")

@@ -17,6 +17,7 @@ folders together and run preprocess/merge_features.py.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -24,14 +25,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vqakd.requirements_check import check_requirements  # noqa: E402
 check_requirements("torchvision", "av")  # torch & co. missing: one line naming `make venv`, not a traceback
 
-from vqakd.annotations import DATASETS, list_videos  # noqa: E402
-from vqakd.device import resolve_process_device  # noqa: E402
-from vqakd.distributed import agree, is_main, quiet_unless_main, session  # noqa: E402
-from vqakd.errors import UserError, run_cli  # noqa: E402
-from vqakd.extraction import (DEFAULT_CHUNK_VIDEOS, DEFAULT_FRAMES_PER_CLIP,  # noqa: E402
-                              DEFAULT_NUM_CLIPS, DEFAULT_RANDOM_SEED, NETWORKS, NORMALIZATIONS,
-                              PROCESS_GROUP_TIMEOUT, ExtractionSettings, Shard, make_extractor)
-from vqakd.io import ensure_writable_dir  # noqa: E402
+from vqakd.errors import UserError, interruptible_imports, run_cli  # noqa: E402
+
+with interruptible_imports():       # torch takes seconds to import: Ctrl-C there is a clean exit too
+    from vqakd.annotations import DATASETS, list_videos  # noqa: E402
+    from vqakd.device import resolve_process_device  # noqa: E402
+    from vqakd.distributed import agree, is_main, quiet_unless_main, session  # noqa: E402
+    from vqakd.extraction import (DEFAULT_CHUNK_VIDEOS, DEFAULT_FRAMES_PER_CLIP,  # noqa: E402
+                                  DEFAULT_NUM_CLIPS, DEFAULT_RANDOM_SEED, NETWORKS, NORMALIZATIONS,
+                                  PROCESS_GROUP_TIMEOUT, ExtractionSettings, Shard, make_extractor)
+    from vqakd.extraction.parts import failures_report  # noqa: E402
+    from vqakd.io import ensure_writable_dir  # noqa: E402
+    from vqakd.locks import output_lock  # noqa: E402
+    from vqakd.outputs import check_output_paths  # noqa: E402
 
 DEFAULT_NUM_WORKERS = 4
 OUTPUT_KIND = {"resnet101": "appearance", "resnext101": "motion"}
@@ -125,8 +131,9 @@ def _extract_in_session(args: argparse.Namespace) -> int:
         return extract(args)
 
 
-def prepare(args: argparse.Namespace):
-    """Check the command line and the folders, list the videos, set up the extractor."""
+def prepare(args: argparse.Namespace, held: contextlib.ExitStack):
+    """Check the command line and the folders, list the videos, set up the extractor; the
+    process that will write `<out>` locks it (held until `held` closes)."""
     shard = choose_shard(args)
     device = choose_device(args)
     out = args.out or os.path.join("data", args.dataset, f"{args.dataset}_{OUTPUT_KIND[args.model]}_feat.h5")
@@ -136,6 +143,14 @@ def prepare(args: argparse.Namespace):
     if not os.access(args.video_dir, os.R_OK | os.X_OK):
         raise UserError(f"video folder is not readable: {args.video_dir}")
     videos = list_videos(args.dataset, args.annotation_dir, args.video_dir)
+    inputs = [("--weights", args.weights)]
+    inputs += [("annotation file", os.path.join(args.annotation_dir, name))
+               for name in ("train_qa.json", "val_qa.json", "test_qa.json", "youtube_mapping.txt")]
+    inputs += [(f"video {video.video_id}", video.path) for video in videos]
+    check_output_paths(inputs, {"--out": out, "its failure report": failures_report(out)})
+    if is_main() and shard.count == 1:
+        # Shards of --num-shards share <out>.parts by design; the run that merges owns <out>.
+        held.enter_context(output_lock(out, "feature output"))
     settings = ExtractionSettings(
         dataset=args.dataset, model=args.model, num_clips=args.num_clips,
         frames_per_clip=args.frames_per_clip, image_height=args.image_height,
@@ -150,9 +165,14 @@ def prepare(args: argparse.Namespace):
 
 
 def extract(args: argparse.Namespace) -> int:
-    # Every rank checks; a problem on any rank stops all of them and is printed once.
-    shard, out, videos, extractor = agree(lambda: prepare(args), what="start-up")
-    result = extractor.run(videos, out, overwrite=args.overwrite, shard=shard)
+    with contextlib.ExitStack() as held:
+        # Every rank checks; a problem on any rank stops all of them and is printed once.
+        shard, out, videos, extractor = agree(lambda: prepare(args, held), what="start-up")
+        result = extractor.run(videos, out, overwrite=args.overwrite, shard=shard)
+    return report(args, shard, out, result)
+
+
+def report(args: argparse.Namespace, shard, out: str, result) -> int:
     if not result.main:
         return 0
     if not result.merged:

@@ -17,8 +17,10 @@ shape, minus the training state.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import random
+import shutil
 from typing import Any, Mapping
 
 import numpy as np
@@ -33,6 +35,8 @@ from vqakd.paths import missing_file_message
 
 CHECKPOINT_FORMAT = "vqakd-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
+# Free bytes under which a failed checkpoint write is taken for a full disk.
+DISK_NEARLY_FULL = 256 << 20
 
 
 # ----------------------------------------------------------------------------------- RNG states
@@ -106,7 +110,14 @@ def build_checkpoint(*, model: torch.nn.Module, stage: str, epoch: int, optimize
 def save_checkpoint(path: str, checkpoint: Mapping[str, Any]) -> None:
     """Write atomically: a crash never leaves a half-written file at `path`."""
     with atomic_path(path) as tmp:
-        torch.save(dict(checkpoint), tmp)
+        try:
+            torch.save(dict(checkpoint), tmp)
+        except RuntimeError as exc:
+            # torch's zip writer reports a full disk as "file write failed", without an errno.
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free
+            if "write failed" in str(exc) and free < DISK_NEARLY_FULL:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp) from None
+            raise
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
 
@@ -208,8 +219,37 @@ def load_state_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Ten
     model.load_state_dict(state_dict, strict=True)
 
 
+def check_sizes(model_config: ModelConfig, state_dict: Mapping[str, Any], path: str) -> None:
+    """The sizes in `model_config` are those of the weights in the file, checked on a network
+    without storage (the meta device) before a real one is built: a damaged or edited size
+    (module_dim 4194304 in a small file) would otherwise try to allocate terabytes."""
+    try:
+        with torch.device("meta"):
+            expected = DualVGR(model_config).state_dict()
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: model_config does not describe a network ({_first_line(exc)})") from None
+    sizes = {name: value for name, value in dataclasses.asdict(model_config).items()
+             if isinstance(value, int) and not isinstance(value, bool)}
+    mismatched = []
+    for key, value in expected.items():
+        got = state_dict.get(key)
+        if isinstance(got, torch.Tensor) and tuple(got.shape) != tuple(value.shape):
+            wrong = [size for size in value.shape if size not in got.shape]
+            culprits = [f"{name} {number}" for name, number in sizes.items() if number in wrong]
+            mismatched.append((key, tuple(got.shape), tuple(value.shape), culprits))
+    if not mismatched:
+        return              # missing keys and non-tensors are named by load_state_strict
+    # Name the size most likely at fault: the first mismatch that shows a model_config value.
+    key, got, needed, culprits = next((m for m in mismatched if m[3]), mismatched[0])
+    because = f"model_config {culprits[0]} of the file" if culprits else "the file's model_config"
+    raise UserError(f"{path}: checkpoint weights do not fit the model: key {key!r} has shape {got}, "
+                    f"the model needs {needed} (from {because}; is the file damaged or edited?)")
+
+
 def model_from_checkpoint(checkpoint: Mapping[str, Any], path: str, device: torch.device) -> DualVGR:
     """The network a (loaded) checkpoint describes, with its weights loaded, on `device`."""
-    model = DualVGR(model_config_from(checkpoint, path))
+    model_config = model_config_from(checkpoint, path)
+    check_sizes(model_config, checkpoint["state_dict"], path)
+    model = DualVGR(model_config)
     load_state_strict(model, checkpoint["state_dict"], path)
     return model.to(device)

@@ -9,7 +9,9 @@ raise normally so that bugs keep their tracebacks.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import signal
 import sys
 from typing import Callable, Iterator
 
@@ -30,6 +32,10 @@ def require_file(path: str | os.PathLike, what: str, how_to_get: str = "") -> st
 
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run an entry point; turn UserError (and Ctrl-C) into a one-line message and exit code."""
+    forward_interrupts_from_children()
+    interrupted = False
+    hook = sys.unraisablehook
+    sys.unraisablehook = _interrupt_again(hook)
     try:
         code = main()
     except UserError as exc:
@@ -37,13 +43,78 @@ def run_cli(main: Callable[[], int | None]) -> None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        sys.unraisablehook = hook
+    if interrupted:
         _exit_interrupted()
     sys.exit(code or 0)
 
 
+def _interrupt_again(hook: Callable) -> Callable:
+    """An unraisablehook that does not let a Ctrl-C vanish: Python ignores an exception raised in a
+    __del__ (a data loader shutting its workers down at the end of an epoch is a likely place for
+    the signal to land), so the interrupt is raised again, once that code is left."""
+    def unraisable(info) -> None:
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            # Not from here (it would land in this hook and be ignored again): a moment later,
+            # from another thread; the main thread then raises it wherever it is.
+            import threading
+            threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return
+        hook(info)
+    return unraisable
+
+
 def _exit_interrupted() -> None:
-    print("interrupted", file=sys.stderr)
+    """Call after leaving the `except KeyboardInterrupt` block, so that what the interrupt left
+    half-built is freed here: a data loader interrupted while starting its workers complains
+    from its __del__, and a second Ctrl-C (or the one a worker forwards) would add a traceback."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda _: None
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:          # not the main thread: signals cannot be changed
+        previous = None
+    try:
+        print("interrupted", file=sys.stderr)
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     sys.exit(130)
+
+
+_FORWARDING_TO: list[int] = []
+
+
+def forward_interrupts_from_children() -> None:
+    """Make a Ctrl-C that reaches a forked child (a data-loader or video-decoding worker) stop
+    this process too.
+
+    PyTorch's loader workers catch KeyboardInterrupt and exit quietly, assuming the main
+    process got the same signal; when it did not (the signal reached only the worker, or the
+    worker was idle between epochs), the run carried on or failed much later with an unrelated
+    error. A forked child of this process sends SIGINT on to it before raising
+    KeyboardInterrupt as usual, so the run ends like any Ctrl-C: `interrupted`, exit status 130.
+    """
+    if _FORWARDING_TO or not hasattr(os, "register_at_fork"):
+        return
+    _FORWARDING_TO.append(os.getpid())
+
+    def forward(signum, frame):
+        if os.getppid() in _FORWARDING_TO:
+            with contextlib.suppress(OSError):
+                os.kill(os.getppid(), signal.SIGINT)
+        raise KeyboardInterrupt
+
+    def in_child() -> None:
+        # Only children whose SIGINT is the default handler (not one that ignores it).
+        if os.getppid() in _FORWARDING_TO and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, forward)
+
+    os.register_at_fork(after_in_child=in_child)
 
 
 @contextlib.contextmanager
@@ -58,7 +129,10 @@ def interruptible_imports() -> Iterator[None]:
             import torch
             from vqakd.engine import train
     """
+    interrupted = False
     try:
         yield
     except KeyboardInterrupt:
+        interrupted = True
+    if interrupted:
         _exit_interrupted()

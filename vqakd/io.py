@@ -26,8 +26,20 @@ class DiskFullError(UserError, OSError):
     """The disk (or the quota) filled up while writing; still an OSError for callers that catch those."""
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Did a write fail for want of space? An OSError's errno says so; h5py puts the C library's
+    errno only into its message ("errno = 28, error message = 'No space left on device'")."""
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno in _DISK_FULL:
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
 def _disk_full(exc: OSError, path: str) -> DiskFullError:
-    what = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+    quota = exc.errno == errno.EDQUOT or (exc.errno not in _DISK_FULL and "Disk quota exceeded" in str(exc))
+    what = "disk quota exceeded" if quota else "no space left on device"
     error = DiskFullError(f"{what} while writing {path}; nothing was written there and earlier files "
                           "are intact: free some space and run again")
     error.errno = exc.errno
@@ -44,7 +56,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.path.basename(path)}.", suffix=TEMP_SUFFIX,
                                    dir=folder)
     except OSError as exc:
-        if exc.errno in _DISK_FULL:
+        if is_disk_full(exc):
             raise _disk_full(exc, path) from None
         raise
     os.close(fd)
@@ -59,7 +71,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, DiskFullError) and exc.errno in _DISK_FULL:
+        if not isinstance(exc, DiskFullError) and is_disk_full(exc):
             raise _disk_full(exc, path) from None
         raise
 

@@ -35,6 +35,21 @@ except ImportError:         # Windows: only the record-based check is available
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".vqakd.lock"
+# The descriptors of the locks this process holds. A forked child (a data-loader or decoding
+# worker) closes its copies at once: the flock belongs to the open file, so a worker that
+# outlived a killed run would otherwise keep its folder locked. Closing a copy never unlocks.
+_HELD_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 # Without flock, a record from another host (whose pid cannot be checked) older than this is stale.
 STALE_AFTER_S = 7 * 24 * 3600
 
@@ -65,11 +80,14 @@ class FolderLock:
     """
 
     def __init__(self, folder: str | os.PathLike, what: str = "output folder",
-                 log: Callable[[str], Any] | None = print) -> None:
+                 log: Callable[[str], Any] | None = print, lock_name: str = LOCK_NAME,
+                 shown: str | os.PathLike | None = None) -> None:
         self.folder = os.fspath(folder)
         self.what = what
         self.log = log
-        self.path = os.path.join(self.folder, LOCK_NAME)
+        self.path = os.path.join(self.folder, lock_name)
+        # What messages name: the folder, or the one output file an `output_lock` guards.
+        self.shown = os.fspath(shown) if shown is not None else self.folder
         self._fd: int | None = None
 
     # ---------------------------------------------------------------- record
@@ -102,8 +120,8 @@ class FolderLock:
 
     def _refuse(self, record: dict[str, Any] | None) -> UserError:
         holder = _describe(record) if record else "a run that has not written its record yet"
-        return UserError(f"{self.what} {self.folder} is in use by another run ({holder}); wait for it to "
-                         f"finish or stop it, or choose another folder (lock file {self.path})")
+        return UserError(f"{self.what} {self.shown} is in use by another run ({holder}); wait for it to "
+                         f"finish or stop it, or choose another output (lock file {self.path})")
 
     # ---------------------------------------------------------------- acquire / release
 
@@ -113,7 +131,7 @@ class FolderLock:
         try:
             os.makedirs(self.folder, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"{self.what} cannot be created: {self.folder} ({exc.strerror or exc})") from None
+            raise UserError(f"{self.what} is not writable: {self.folder} ({exc.strerror or exc})") from None
         for _ in range(100):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -133,15 +151,16 @@ class FolderLock:
                 elif not locked:
                     raise self._refuse(record)
                 if record and record.get("pid") != os.getpid() and self.log is not None:
-                    self.log(f"{self.what} {self.folder}: taking over the lock left by a run that is no "
+                    self.log(f"{self.what} {self.shown}: taking over the lock left by a run that is no "
                              f"longer running ({_describe(record)})")
                 self._write_record(fd)
             except BaseException:
                 os.close(fd)
                 raise
             self._fd = fd
+            _HELD_FDS.add(fd)
             return self
-        raise UserError(f"{self.what} {self.folder}: could not take the lock {self.path} (it keeps being replaced)")
+        raise UserError(f"{self.what} {self.shown}: could not take the lock {self.path} (it keeps being replaced)")
 
     def _is_current(self, fd: int) -> bool:
         """Is `fd` the file now at the lock path (not one a finished holder has removed)?"""
@@ -172,6 +191,7 @@ class FolderLock:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        _HELD_FDS.discard(fd)
         try:
             # Remove the file while still holding the lock (acquire() checks it locked the file
             # that is at the path), so that a finished run leaves nothing behind.
@@ -190,3 +210,12 @@ class FolderLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def output_lock(path: str | os.PathLike, what: str = "output file",
+                log: Callable[[str], Any] | None = print) -> FolderLock:
+    """A lock on one output file rather than its whole folder (`.<name>.lock` beside it): two
+    runs may write different files of one folder (eval_val.json and eval_test.json, appearance
+    and motion features), but never the same file."""
+    path = os.path.abspath(os.fspath(path))
+    return FolderLock(os.path.dirname(path), what, log, lock_name=f".{os.path.basename(path)}.lock", shown=path)

@@ -10,10 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from typing import Iterator, Mapping, Optional
 
 from vqakd import distributed as dist
+from vqakd.locks import FolderLock
+from vqakd.outputs import check_output_paths
 from vqakd.provenance_run import utc_now
 
 STAGE_FILES = {"last": "last.pt", "best": "best.pt", "metrics": "metrics.csv", "results": "results.json",
@@ -61,6 +64,31 @@ class RunFolder:
             missing.append(path)
             path = os.path.dirname(path)
         return missing
+
+
+@contextlib.contextmanager
+def stage_guard(folder: RunFolder, stage: str, inputs: Mapping[str, Optional[str]]) -> Iterator[None]:
+    """For the whole run of one stage: refuse stage files that are one of the run's `inputs`
+    (config, teacher checkpoint, vocabulary, question and feature files), then hold the lock on
+    the stage folder so that a second run into it is refused. Under torchrun only the main
+    process locks; a refusal there stops every rank. A folder the guard created is removed
+    again if the run leaves it empty (failed start-up checks)."""
+    # last.pt is read when resuming and is meant to be rewritten: it is not an output here.
+    outputs = {f"{stage} {name}": path for name, path in zip(STAGE_FILES.values(), folder.outputs())
+               if path != folder.last}
+    new_folders = folder.folders_to_create()
+    lock = FolderLock(folder.folder, f"{stage} output folder")
+
+    def take() -> None:
+        check_output_paths(inputs, outputs)
+        if dist.is_main():
+            lock.acquire()
+    try:
+        dist.agree(take, "the check of the output folder")
+        yield
+    finally:
+        lock.release()
+        remove_empty_folders(new_folders)
 
 
 def remove_empty_folders(folders: list[str]) -> None:

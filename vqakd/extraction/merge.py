@@ -41,8 +41,9 @@ def read_parts_folder(parts_dir: str) -> PartsFolder:
     settings_path = os.path.join(parts_dir, PARTS_SETTINGS)
     manifest = read_json_or_none(settings_path)
     if not isinstance(manifest, dict) or "feature_dataset" not in manifest or "videos_sha256" not in manifest:
-        raise UserError(f"{settings_path}: missing or unreadable extraction settings; not a parts folder "
-                        "of preprocess/preprocess_features.py")
+        raise UserError(f"{settings_path}: missing or unreadable extraction settings, so {parts_dir} is not "
+                        "(or no longer) the parts folder of one extraction: another run into the same --out "
+                        "may have replaced or removed it; give each extraction its own --out and run it again")
     videos_path = os.path.join(parts_dir, PARTS_VIDEOS)
     listing = read_json_or_none(videos_path)
     try:

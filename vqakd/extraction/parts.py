@@ -83,8 +83,9 @@ def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence
         if (saved is not None or has_chunks) and identity(saved) != identity(manifest):
             if not overwrite:
                 raise UserError(f"{parts_dir} holds an unfinished run made "
-                                f"{difference(saved, manifest)}; re-run with the same settings "
-                                "to resume it, or pass --overwrite to discard it")
+                                f"{difference(saved, manifest)}; re-run with its settings to resume "
+                                "it, pass --overwrite to discard it, or choose another --out (one per "
+                                "model: appearance and motion features are separate files)")
             shutil.rmtree(parts_dir)
     # A folder without settings (killed before writing them) is simply completed: another
     # shard sharing the folder may be creating it at this very moment.

@@ -66,7 +66,8 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
         if not overwrite:
             raise UserError(f"{out_path} already exists and was made "
                             f"{difference(existing, manifest)}; pass --overwrite to replace it "
-                            "or choose another --out")
+                            "or choose another --out (one per model: appearance and motion features "
+                            "are separate files)")
     done = open_parts(parts_dir, manifest, overwrite, videos)
     token = None
     if world > 1:

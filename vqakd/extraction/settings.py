@@ -150,9 +150,11 @@ def difference(saved: dict | None, manifest: dict) -> str:
     """How `saved` was made differently from `manifest`, for messages ("made <difference>")."""
     if saved is None:
         return "by something else (no readable extraction settings in it)"
-    for key, value in manifest.items():
-        if key in NOT_IDENTITY:
-            continue
-        if saved.get(key) != value:
-            return f"with other settings ({key}: {saved.get(key)!r} there, {value!r} now)"
-    return "with other settings"
+    # Every setting that differs (an appearance and a motion run differ in several), the most
+    # telling first: the manifest lists the model before the sizes and the hashes.
+    differing = [f"{key}: {saved.get(key)!r} there, {value!r} now" for key, value in manifest.items()
+                 if key not in NOT_IDENTITY and saved.get(key) != value]
+    if not differing:
+        return "with other settings"
+    more = f"; and {len(differing) - 3} more" if len(differing) > 3 else ""
+    return f"with other settings ({'; '.join(differing[:3])}{more})"
