@@ -126,7 +126,8 @@ def test_torchrun_failure_on_rank_0_stops_every_rank_and_is_printed_once(dataset
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: {out} already exists and was made with other settings (num_clips: 2 there, "
-                      "3 now); pass --overwrite to replace it or choose another --out"], result.stderr[-3000:]
+                      "3 now); pass --overwrite to replace it or choose another --out (one per model: appearance "
+                      "and motion features are separate files)"], result.stderr[-3000:]
     # no traceback through the toolkit (torchrun prints its own summary of the failed worker)
     assert f'File "{SCRIPT}"' not in result.stderr and os.path.join(ROOT, "vqakd") not in result.stderr
     assert not (tmp_path / (out.name + ".parts")).exists()

@@ -13,15 +13,7 @@ from model.dualvgr import GraphAttention
 from model.losses import common_loss, hsic_loss
 from model.original import original_to_ours, ours_to_original
 
-PAPER_TEACHER_PARAMS = 30_294_700          # tests/test_model.py: the paper's GAT teacher and student
-PAPER_STUDENT_PARAMS = 23_189_116
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    values = dict(question_vocab_size=30, answer_vocab_size=11, vision_dim=24, module_dim=32, word_dim=12,
-                  num_nodes=4, graph_layers=2, unit_layers=1, num_heads=4, fusion_dim=16)
-    values.update(overrides)
-    return ModelConfig(**values)
+from test_model import PAPER_STUDENT_PARAMS, PAPER_TEACHER_PARAMS, tiny_config  # noqa: E402  the paper's GAT sizes
 
 
 def make_inputs(config, batch=3, frames=3, seed=0, same_clips=False):

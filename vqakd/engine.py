@@ -24,14 +24,12 @@ over the processes, so every question counts exactly once.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from model import DualVGROutput
 from model.diagnostics import STREAMS, NodeSpreadMeter, collapsed_layers
@@ -40,6 +38,7 @@ from vqakd import distributed as dist
 from vqakd.config import LossConfig
 from vqakd.errors import UserError
 from vqakd.metrics import AccuracyCounter, MetricLogger
+from vqakd.progress import progress_bar
 
 
 # ----------------------------------------------------------------------------------- the loss
@@ -184,8 +183,8 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
     logger = MetricLogger()
     steps = len(loader)
     started = time.perf_counter()
-    bar = tqdm(loader, total=steps, desc=f"{stage} epoch {epoch}", unit="batch", disable=not progress,
-               dynamic_ncols=True, leave=False, file=sys.stderr)
+    bar = progress_bar(loader, total=steps, desc=f"{stage} epoch {epoch}", unit="batch", enabled=progress,
+                       dynamic_ncols=True, leave=False)
     parameters = [p for p in model.parameters() if p.requires_grad]
     for step, batch in enumerate(bar, start=1):
         batch = _to_device(batch, device)
@@ -319,8 +318,8 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
         losses = _ValidationLosses(device, loss_cfg, stage, teacher,
                                    reference_batch or getattr(loader, "batch_size", None) or 1, amp)
     meter = NodeSpreadMeter() if node_spread else None
-    for batch in tqdm(loader, total=len(loader), desc=desc, unit="batch", disable=not progress,
-                      dynamic_ncols=True, leave=False, file=sys.stderr):
+    for batch in progress_bar(loader, total=len(loader), desc=desc, unit="batch", enabled=progress,
+                              dynamic_ncols=True, leave=False):
         batch = _to_device(batch, device)
         with _autocast(device, amp):
             output = forward_batch(model, batch)

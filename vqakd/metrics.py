@@ -171,6 +171,8 @@ def metrics_row(epoch: int, lr: float, train: Mapping, val: Mapping, epoch_time:
         for qtype in QUESTION_TYPES:
             row[f"{prefix}_acc_{qtype}"] = summary["per_type"][qtype]["accuracy"]
     row["val_count"] = val["count"]
+    for qtype in QUESTION_TYPES:
+        row[f"val_count_{qtype}"] = val["per_type"][qtype]["count"]
     row.update((val.get("node_spread") or {}).get("columns", {}))
     return row
 
@@ -214,7 +216,9 @@ def _fmt(value: Any) -> str:
 def epoch_line(row: Mapping[str, Any], epochs: int, is_best: bool) -> str:
     """The log line of one epoch, from its metrics.csv row."""
     losses = " ".join(f"{name} {_fmt(row[f'train_{name}'])}" for name in LOSS_PARTS if row[f"train_{name}"] != "")
-    per_type = " ".join(f"{qtype} {100 * row[f'val_acc_{qtype}']:.1f}" for qtype in QUESTION_TYPES)
+    # A type without validation questions shows "–" (rows written before the counts existed show the value).
+    per_type = " ".join(f"{qtype} –" if row.get(f"val_count_{qtype}") == 0 else
+                        f"{qtype} {100 * row[f'val_acc_{qtype}']:.1f}" for qtype in QUESTION_TYPES)
     val_loss = f" | val loss {_fmt(row['val_loss'])}" if row.get("val_loss", "") != "" else ""
     return (f"epoch {row['epoch']}/{epochs} | {losses}{val_loss} | train acc {100 * row['train_acc']:.2f}% | "
             f"val acc {100 * row['val_acc']:.2f}% ({per_type}) | lr {row['lr']:.3g} | {row['time_s']:.1f}s"
