@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from vqakd import demo, demo_data, demo_scenes, demo_steps, demo_table
+from vqakd import demo_data, demo_scenes, demo_steps, demo_table
 from vqakd.annotations import list_videos, load_msvd_mapping, load_qa
 from vqakd.errors import UserError
 

@@ -43,7 +43,6 @@ from typing import Optional
 
 from vqakd.annotations import SPLITS
 from vqakd import demo_data, demo_table
-from vqakd.demo_data import QUESTION_TYPES  # noqa: F401  (re-exported for the tests)
 from vqakd.demo_steps import Runner, Step, StateFile, display_path
 from vqakd.demo_table import ARMS
 from vqakd.errors import UserError, run_cli

@@ -11,27 +11,22 @@ of the real MSVD-QA release (docs/method.md#annotations):
     <out>/glove.demo.300d.txt         GloVe-format word vectors covering the demo vocabulary
     <out>/dataset_info.json           settings, counts and the majority-answer rates
 
-What the demo's network makes of it (`make demo`: configs/demo.yml, 240 videos, seed 0, CPU):
-47% test accuracy for the teacher and 41% for the student, against a majority-answer rate of
-12%. Part of that margin is the answer type, which the question alone gives away (a model that
-reads only the question could reach about 35%; "who" questions even name the two candidate
-shapes, so 50% needs no video). What clearly comes from the video: "when" (96% / 92% against
-50%) and "what" (44% / 37% against 17%; about 29% from the question alone); "how many" only for
-the teacher (50% against 33%). "where" stays at its 25% chance level: from random-weight
-features and 144 training videos the direction of motion is not learned. The demo's per-type
-table shows all of this; it is a limit of random features and of a tiny training set, not of
-the pipeline (the real datasets use pretrained networks).
-
 Every question starts with one of the five words of the per-type accuracy tables
-(docs/method.md#training-and-evaluation) and can only
-be answered by looking at the video:
+(docs/method.md#training-and-evaluation) and can only be answered by looking at the video:
+the words a question names (a shape, a colour, a direction) are dealt independently of what it
+asks, so a guesser that reads only the question is at chance on every question text:
 
     what colour is the square / are the squares            -> red / green / blue / yellow
-    what shape moves left                                  -> square / circle / triangle
-    where does the red circle move / do the red circles    -> left / right / up / down
-    how many objects (or circles) are there                -> one / two / three
-    who moves up, the circle or the triangle               -> the shape in the video
-    when does the green triangle appear / do ... appear    -> start / end
+    who moves left                                         -> square / circle / triangle
+    how many objects (or shapes) are there                 -> one / two / three
+    when does the green triangle appear / do ... appear    -> start / end (half of the videos)
+    where is the red circle / are the red circles          -> top / bottom / left / right (the half of
+                                                              the frame the shapes move in)
+
+Earlier versions asked "where does the red circle move" (random-weight features do not carry the
+direction of motion: it stayed at chance) and "who moves up, the circle or the triangle" (the
+text alone gave 50%); the demo's table (vqakd/demo_table.py) marks a type the features do not
+carry.
 
 Attributes are dealt from balanced decks within each split, so every question type's answers
 are (nearly) balanced in every split. Everything is drawn from one `numpy.random.Generator`

@@ -2,10 +2,12 @@
 written as an mpeg4 .avi (the questions about them are made in vqakd/demo_data.py).
 
 Each video shows one, two or three copies of one shape (square, circle or triangle) in one
-colour (red, green, blue or yellow), side by side, all sliding quickly in one direction (left,
-right, up or down) and wrapping around the frame edge. The grey background darkens steadily
-from the first frame to the last, like dusk. In some videos the shapes are visible only in the
-first or only in the second half.
+colour (red, green, blue or yellow), evenly spaced in a row along their direction of motion
+(left, right, up or down), sliding quickly and wrapping around the frame edge, all within one
+half of the frame: the top or bottom half for left/right motion, the left or right half for
+up/down ("where" asks which). The grey background darkens steadily from the first frame to the
+last, like dusk. In some videos the shapes are visible only in the first or only in the second
+half.
 
 Why so plain: the demo's features come from *randomly initialised* ResNet-101 / 3D ResNeXt-101
 (nothing is downloaded), and such features keep little beyond the global make-up of a frame.

@@ -3,7 +3,7 @@ and what README.md shows (generated from docs/demo_summary.json, the committed s
 
     python -m vqakd.demo_table                          # the table of docs/demo_summary.json
     python -m vqakd.demo_table results/demo/summary.json
-    python -m vqakd.demo_table docs/demo_summary.json --readme README.md   # rewrite README's table
+    python -m vqakd.demo_table results/demo/summary.json --save docs/demo_summary.json --readme README.md
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 from typing import Optional
 
 from vqakd.errors import UserError, run_cli
-from vqakd.io import atomic_open, read_json
+from vqakd.io import atomic_open, read_json, write_json
 
 QUESTION_TYPES = ("what", "who", "how", "when", "where")
 ARMS = ("teacher", "student-none", "student-feature")
@@ -121,14 +121,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("summary", nargs="?", default=os.path.relpath(COMMITTED_SUMMARY),
                         help="a demo summary.json (default %(default)s)")
     parser.add_argument("--readme", help="rewrite the demo table in this README.md instead of printing it")
+    parser.add_argument("--save", metavar="JSON", help="write the summary's figures (no provenance) to this file, "
+                                                      "e.g. docs/demo_summary.json after a new `make demo`")
     args = parser.parse_args(argv)
     summary = read_json(args.summary)
     if not isinstance(summary, dict) or "arms" not in summary:
         raise UserError(f"{args.summary}: not a demo summary (no 'arms'); run `make demo` to write one")
+    if args.save:
+        write_json(args.save, small_summary(summary))
+        print(f"wrote {args.save}")
     if args.readme:
         changed = update_readme(args.readme, summary)
         print(f"{args.readme}: demo table {'updated' if changed else 'already up to date'}")
-    else:
+    elif not args.save:
         print(format_table(summary))
     return 0
 
