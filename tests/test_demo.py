@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from vqakd import demo, demo_data, demo_scenes, demo_steps
+from vqakd import demo_data, demo_scenes, demo_steps, demo_table
 from vqakd.annotations import list_videos, load_msvd_mapping, load_qa
 from vqakd.errors import UserError
 
@@ -20,17 +20,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DEMO = ["--num-videos", "6", "--frame-size", "32", "--image-size", "32", "--appearance-frames", "2",
              "--motion-frames", "4", "--feature-workers", "0", "--set", "model.num_nodes=2", "--set", "train.epochs=1",
              "--set", "model.module_dim=16", "--set", "train.batch_size=8", "--quiet"]
-DEMO_STEPS = 10
-# The full demo must beat the majority-answer rate by at least this much (fraction of questions).
-FULL_DEMO_MARGIN = 0.20
+DEMO_STEPS = 8
+ARMS = ("teacher", "student-none", "student-feature")
+# The full demo's teacher and distilled student must beat the question-only guesser by this much.
+FULL_DEMO_MARGIN = 0.10
 
 
 def kind_of(question: str) -> str:
     """The QUESTION_KINDS entry a generated question belongs to."""
-    if question.startswith("what colour"):
-        return "what_colour"
-    if question.startswith("what shape"):
-        return "what_shape"
     return question.split()[0]
 
 
@@ -85,8 +82,8 @@ def test_answers_balanced_and_all_five_question_types():
         for record in records:
             by_kind[kind_of(record["question"])][record["answer"]] += 1
         assert set(by_kind) == set(demo_data.QUESTION_KINDS)
-        expected = {"what_colour": set(demo_scenes.COLOURS), "what_shape": set(demo_scenes.SHAPES),
-                    "who": set(demo_scenes.SHAPES), "where": set(demo_scenes.DIRECTIONS),
+        expected = {"what": set(demo_scenes.COLOURS), "who": set(demo_scenes.SHAPES),
+                    "where": set(demo_scenes.PLACES),
                     "how": set(demo_scenes.COUNT_WORDS.values()), "when": set(demo_scenes.TIMINGS)}
         for kind, answers in by_kind.items():
             assert set(answers) == expected[kind], (split, kind)
@@ -128,11 +125,11 @@ def test_answers_match_the_scene_and_the_pixels():
     timings_seen = Counter()
     for scene in scenes:
         answers = by_video[scene.video_id]
-        assert answers["what_colour"] == scene.colour and answers["where"] == scene.direction
-        assert answers["who"] == answers["what_shape"] == scene.shape
+        assert answers["what"] == scene.colour and answers["where"] == scene.place
+        assert answers["who"] == scene.shape
         assert answers["how"] == demo_scenes.COUNT_WORDS[scene.count]
         frames = demo_scenes.render_video(scene, settings)
-        mask = np.all(frames == np.array(demo_scenes.COLOURS[answers["what_colour"]], np.uint8), axis=-1)
+        mask = np.all(frames == np.array(demo_scenes.COLOURS[answers["what"]], np.uint8), axis=-1)
         visible = mask.any(axis=(1, 2))
         half = settings.num_frames // 2
         timing = answers.get("when", "whole")
@@ -146,14 +143,19 @@ def test_answers_match_the_scene_and_the_pixels():
         first = int(np.flatnonzero(visible)[0])
         count = {word: n for n, word in demo_scenes.COUNT_WORDS.items()}[answers["how"]]
         area = mask[first].sum()
-        assert area == pytest.approx(count * shape_area[answers["what_shape"]], rel=0.15), scene.video_id
-        # The next frame is this one moved by `step` pixels in the answered direction (on the torus).
-        dx, dy = demo_scenes.DIRECTIONS[answers["where"]]
+        assert area == pytest.approx(count * shape_area[answers["who"]], rel=0.15), scene.video_id
+        # Every shape is in the half of the frame the "where" answer names.
+        rows, cols = np.nonzero(mask[first])
+        half_side = settings.frame_size / 2
+        inside = {"top": rows < half_side, "bottom": rows >= half_side, "left": cols < half_side,
+                  "right": cols >= half_side}[answers["where"]]
+        assert inside.all(), (scene.video_id, answers["where"])
+        # The next frame is this one moved by `step` pixels in the scene's direction (on the torus).
         mismatch = {}
         for name, (mx, my) in demo_scenes.DIRECTIONS.items():
             moved = np.roll(mask[first], (round(my * step), round(mx * step)), axis=(0, 1))
             mismatch[name] = np.sum(moved != mask[first + 1])
-        assert min(mismatch, key=mismatch.get) == answers["where"], (scene.video_id, mismatch)
+        assert min(mismatch, key=mismatch.get) == scene.direction, (scene.video_id, mismatch)
     assert timings_seen["start"] and timings_seen["end"] and timings_seen["whole"]
 
 
@@ -245,29 +247,41 @@ def tiny_demo(tmp_path_factory):
 def test_tiny_demo_runs_the_user_commands_and_writes_the_summary(tiny_demo):
     cwd, result = tiny_demo
     out = result.stdout
+    student = "results/demo/study/seed666/student-feature/student/best.pt"
     for command in ("preprocess/make_demo_dataset.py --out data/demo", "txt2pickle.py --glove data/demo/",
                     "preprocess_questions.py --dataset msvd-qa", "--mode all",
                     "--model resnet101 --random-weights --num-clips 2", "--model resnext101 --random-weights",
-                    "train.py --cfg", "--stage teacher", "--stage student",
-                    "validate.py --cfg", "--checkpoint results/demo/teacher/best.pt --split test"):
+                    "study.py --cfg", "--seeds 1 --arms teacher,student-none,student-feature --device cpu",
+                    f"predict.py --checkpoint {student} --video data/demo/YouTubeClips/"):
         assert command in out, command
     assert out.count(": done in ") == DEMO_STEPS
     summary = json.loads((cwd / "results" / "demo" / "summary.json").read_text())
     info = json.loads((cwd / "data" / "demo" / "dataset_info.json").read_text())
     assert summary["majority_rate"] == info["majority_rate"]["test"]["overall"]
-    for stage in ("teacher", "student"):
-        entry = summary[stage]
-        assert {"params", "accuracy", "per_type", "ms_per_question"} <= set(entry)
-        evaluation = json.loads((cwd / "results" / "demo" / stage / "eval_test.json").read_text())
+    assert "provenance" in summary and set(summary["arms"]) == set(ARMS)
+    for arm in ARMS:
+        entry = summary["arms"][arm]
+        stage = "teacher" if arm == "teacher" else "student"
+        evaluation = json.loads((cwd / "results" / "demo" / "study" / "seed666" / arm / stage /
+                                 "eval_test.json").read_text())
         assert entry["accuracy"] == evaluation["accuracy"] and entry["params"] == evaluation["params"]
-        assert set(entry["per_type"]) == set(demo.QUESTION_TYPES)
+        assert set(entry["per_type"]) == set(demo_data.QUESTION_TYPES)
         assert entry["ms_per_question"] > 0
-    assert summary["teacher"]["params"] > summary["student"]["params"]
-    assert summary["teacher"]["graph_layers"] == 4 and summary["student"]["graph_layers"] == 1
-    assert "test accuracy, all" in out and "inference ms/question" in out and "majority answer" in out
+    arms = summary["arms"]
+    assert arms["teacher"]["params"] > arms["student-feature"]["params"] == arms["student-none"]["params"]
+    assert arms["teacher"]["graph_layers"] == 4 and arms["student-feature"]["graph_layers"] == 1
+    assert arms["student-none"]["distill"] == "none" and arms["student-feature"]["distill"] == "feature"
     blind = demo_data.question_only_rates(json.loads((cwd / "data" / "demo" / "train_qa.json").read_text()),
                                           json.loads((cwd / "data" / "demo" / "test_qa.json").read_text()))
-    assert summary["question_only_rate"] == blind["overall"] and "question only" in out
+    assert summary["question_only_rate"] == blind["overall"]
+    # The printed table is the rendering of summary.json, the function README.md's table comes from.
+    assert demo_table.format_table(summary) in out
+    # predict.py's answer to the example question, next to the truth.
+    example = summary["prediction"]
+    test_qa = json.loads((cwd / "data" / "demo" / "test_qa.json").read_text())
+    assert any(r["question"] == example["question"] and r["answer"] == example["truth"] for r in test_qa)
+    assert 0 < example["probability"] <= 1 and example["command"] in out
+    assert f"the truth is {example['truth']!r}" in out
 
 
 def test_tiny_demo_rerun_skips_every_step(tiny_demo):
@@ -280,15 +294,61 @@ def test_tiny_demo_rerun_skips_every_step(tiny_demo):
     assert again.stdout.count(": skip, outputs up to date") == DEMO_STEPS
     assert ": done in " not in again.stdout
     assert {path: os.stat(path).st_mtime_ns for path in files} == before
-    assert "test accuracy, all" in again.stdout
+    assert "test accuracy, all" in again.stdout and "the truth is" in again.stdout
+
+
+# ----------------------------------------------------------------------------------- README's table
+
+def test_question_only_guesser_is_at_chance_on_the_demo_data():
+    """No question text gives its answer away: a guesser reading only the question is at chance."""
+    _, qa = demo_data.build_annotations(demo_data.DemoSettings())
+    chance = {"what": 1 / 4, "who": 1 / 3, "how": 1 / 3, "when": 1 / 2, "where": 1 / 4}
+    for split in ("val", "test"):
+        rates = demo_data.question_only_rates(qa["train"], qa[split])["per_type"]
+        for qtype, rate in rates.items():
+            assert rate < chance[qtype] + 0.15, (split, qtype, rate)
+    # within each question text of the train split, every answer of the kind occurs
+    by_text = defaultdict(Counter)
+    for record in qa["train"]:
+        by_text[record["question"]][record["answer"]] += 1
+    frequent = [answers for answers in by_text.values() if sum(answers.values()) >= 12]
+    assert frequent and all(len(answers) > 1 for answers in frequent)
+
+
+def test_readme_demo_table_is_the_rendering_of_the_committed_summary():
+    summary = json.loads(open(demo_table.COMMITTED_SUMMARY, encoding="utf-8").read())
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert demo_table.readme_table(readme) == demo_table.readme_block(summary), \
+        "README.md's demo table differs from docs/demo_summary.json: run python -m vqakd.demo_table --readme README.md"
+
+
+def test_table_marks_question_types_the_features_do_not_carry(tmp_path):
+    summary = json.loads(open(demo_table.COMMITTED_SUMMARY, encoding="utf-8").read())
+    summary["arms"]["teacher"]["per_type"]["how"] = summary["question_only_per_type"]["how"]
+    summary.pop("not_carried")
+    table = demo_table.format_table(summary)
+    assert "  how (" in table and [line for line in table.splitlines() if line.startswith("  how (")][0].split(")")[
+        1].startswith(" *")
+    assert "random-weight features do not carry" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{demo_table.README_BEGIN}\n    old\n{demo_table.README_END}\nrest\n")
+    assert demo_table.update_readme(str(readme), summary)
+    assert demo_table.readme_table(readme.read_text()) == demo_table.readme_block(summary)
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("rest\n")
+    assert not demo_table.update_readme(str(readme), summary)
 
 
 @pytest.mark.slow
-def test_full_demo_beats_the_majority_answer(tmp_path):
+def test_full_demo_reproduces_the_committed_summary(tmp_path):
     result = run_demo(tmp_path, "--quiet")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "results" / "demo" / "summary.json").read_text())
-    for stage in ("teacher", "student"):
-        assert summary[stage]["accuracy"] > summary["majority_rate"] + FULL_DEMO_MARGIN, (stage, summary[stage])
-        # and part of it comes from the video, not from the question text alone
-        assert summary[stage]["accuracy"] > summary["question_only_rate"] + 0.03, (stage, summary[stage])
+    committed = json.loads(open(demo_table.COMMITTED_SUMMARY, encoding="utf-8").read())
+    for key in ("majority_rate", "question_only_rate", "question_only_per_type", "test_questions"):
+        assert summary[key] == pytest.approx(committed[key]), key
+    for arm in ARMS:
+        assert summary["arms"][arm]["accuracy"] == pytest.approx(committed["arms"][arm]["accuracy"]), arm
+        assert summary["arms"][arm]["per_type"] == pytest.approx(committed["arms"][arm]["per_type"]), arm
+    # the models read the video: well above a guesser that reads only the question
+    for arm in ("teacher", "student-feature"):
+        assert summary["above_question_only"][arm] >= FULL_DEMO_MARGIN, (arm, summary["arms"][arm])

@@ -10,42 +10,41 @@ Steps (each printed as the command line it runs, then run with this Python as a 
      3. preprocess/preprocess_questions.py --mode all (train, which builds the vocabulary, then val, test)
    4-5. preprocess/preprocess_features.py --model resnet101 / resnext101 --random-weights (small images,
         few clips: nothing is downloaded, so the networks keep their random initialisation)
-   6-7. train.py --stage teacher, then --stage student (distilled from the teacher)
-   8-9. validate.py on the test split for both best.pt
-    10. the summary: a table (parameters, test accuracy overall and per question type, the
-        majority-answer rate, inference ms per question) and <output_dir>/summary.json
+     6. study.py --seeds 1 --arms teacher,student-none,student-feature: the paper's study on the demo,
+        one seed: the teacher (4 graph layers), the student (1 graph layer) trained alone and the
+        student distilled from the teacher's features, each evaluated on the test split (validate.py
+        --write-preds), timed, and reported in <output_dir>/study/report/
+     7. predict.py: the distilled student answers one test question about one demo video
+     8. the summary: a table (parameters, test accuracy overall and per question type, the
+        majority-answer rate and a question-only guesser's, inference ms per question), also
+        <output_dir>/summary.json; vqakd/demo_table.py renders it (README.md's table too)
 
 Running it again reuses what is done. Every step records in `demo_state.json` (in the data
-folder for steps 1-5, in the output folder for 6-10) a fingerprint of its command and of the
+folder for steps 1-5, in the output folder for 6-8) a fingerprint of its command and of the
 contents of the files it reads, and the sha256 of the files it wrote; a step whose fingerprint
 and outputs are unchanged is skipped. A step that was interrupted is continued with the
-script's own resume (`train.py --resume`; feature extraction resumes from its parts folder); a
-step whose inputs changed starts afresh (`--overwrite`). Flags that only change what is shown
+script's own resume (study.py resumes its runs; feature extraction resumes from its parts
+folder); a step whose inputs changed starts afresh (`--overwrite`; the study folder is removed,
+as study.py would reuse runs trained on the old features). Flags that only change what is shown
 (progress bars) are not part of the fingerprint. The scripts' code is not either: after changing
 the scene design in vqakd/demo_scenes.py, start afresh with `make clean`.
-
-Inference time per question is measured here, not by validate.py (which does not time itself):
-both best.pt are loaded, the test split is evaluated once to warm up and then TIMING_PASSES
-times, and the median pass time divided by the number of test questions is reported (batch size
-train.eval_batch_size, on the training device). The accuracy of those passes is checked
-against validate.py's eval_test.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 from vqakd.annotations import SPLITS
-from vqakd.config import STAGES
-from vqakd import demo_data
-from vqakd.demo_data import QUESTION_TYPES
+from vqakd import demo_data, demo_table
 from vqakd.demo_steps import Runner, Step, StateFile, display_path
+from vqakd.demo_table import ARMS
 from vqakd.errors import UserError, run_cli
 from vqakd.io import ensure_writable_dir, read_json, write_json
 from vqakd.provenance_run import provenance_for_config, utc_now
@@ -62,8 +61,9 @@ IMAGE_SIZE = 32
 APPEARANCE_FRAMES_PER_CLIP = 4
 MOTION_FRAMES_PER_CLIP = 8      # a 3D ResNeXt clip: enough frames to see a shape move
 FEATURE_WORKERS = 1             # one decoding process beside the network on two cores
-TIMING_PASSES = 5
 SUMMARY_FILE = "summary.json"
+PREDICT_ARM = "student-feature"        # the distilled student answers the example question
+EXAMPLE_TYPES = ("what", "where", "how", "when", "who")   # the example question's type, in this preference
 
 
 # ----------------------------------------------------------------------------------- settings
@@ -84,6 +84,8 @@ class DemoPlan:
     motion_frames: int
     feature_workers: int
     quiet: bool
+    config_output_dir: str          # the config's output_dir before --set (the study's default folder is below it)
+    seed_folder: str                # seed<S>: the study's folder of its one seed
 
     def data_file(self, name: str) -> str:
         return os.path.join(self.data_dir, name)
@@ -106,8 +108,26 @@ class DemoPlan:
     def glove_pkl(self) -> str:
         return os.path.splitext(self.glove_txt)[0] + ".pkl"
 
-    def stage_dir(self, stage: str) -> str:
-        return os.path.join(self.output_dir, stage)
+    @property
+    def study_dir(self) -> str:
+        return os.path.join(self.output_dir, "study")
+
+    def run_file(self, arm: str, name: str) -> str:
+        """A file of the study's run of `arm` (<study>/seed<S>/<arm>/<stage>/<name>)."""
+        stage = "teacher" if arm.startswith("teacher") else "student"
+        return os.path.join(self.study_dir, self.seed_folder, arm, stage, name)
+
+    @property
+    def report_json(self) -> str:
+        return os.path.join(self.study_dir, "report", "report.json")
+
+    @property
+    def predict_output(self) -> str:
+        return os.path.join(self.output_dir, "predict_example.txt")
+
+    @property
+    def summary_path(self) -> str:
+        return os.path.join(self.output_dir, SUMMARY_FILE)
 
 
 def data_overrides(config, data_dir: str) -> list[str]:
@@ -127,6 +147,7 @@ def make_plan(args: argparse.Namespace) -> DemoPlan:
     from vqakd.config import load_config
 
     config = load_config(args.cfg, list(args.overrides))
+    config_output_dir = load_config(args.cfg, []).output_dir
     data_dir = args.data_dir or os.path.dirname(config.data.vocab) or "."
     overrides = data_overrides(config, data_dir) + list(args.overrides)
     config = load_config(args.cfg, overrides)
@@ -139,7 +160,8 @@ def make_plan(args: argparse.Namespace) -> DemoPlan:
                     device=args.device or config.train.device, overrides=overrides, num_videos=args.num_videos,
                     seed=args.seed, frame_size=args.frame_size, num_clips=config.model.num_nodes,
                     image_size=args.image_size, appearance_frames=args.appearance_frames,
-                    motion_frames=args.motion_frames, feature_workers=args.feature_workers, quiet=args.quiet)
+                    motion_frames=args.motion_frames, feature_workers=args.feature_workers, quiet=args.quiet,
+                    config_output_dir=config_output_dir, seed_folder=f"seed{config.train.seed}")
 
 
 # ----------------------------------------------------------------------------------- the steps
@@ -202,166 +224,139 @@ def build_steps(plan: DemoPlan) -> list[Step]:
 
     config_sets = []
     for override in plan.overrides:
-        config_sets += ["--set", override]
+        if override.split("=", 1)[0].strip() != "output_dir":    # the study names its runs' folders
+            config_sets += ["--set", override]
     train_inputs = [plan.config_path, plan.vocab, *(plan.questions(split) for split in SPLITS),
                     plan.features("appearance"), plan.features("motion")]
     progress_off = ["--set", "train.progress=false"] if quiet else []
-    for stage in STAGES:
-        folder = plan.stage_dir(stage)
-        reads = train_inputs + ([os.path.join(plan.stage_dir("teacher"), "best.pt")] if stage == "student" else [])
+    study_dir = plan.study_dir
+    default_study = os.path.join(plan.config_output_dir, "study")
+    out_args = [] if os.path.normpath(study_dir) == os.path.normpath(default_study) else ["--out", study_dir]
 
-        def restart(resuming: bool, folder: str = folder) -> list[str]:
-            if not os.path.exists(os.path.join(folder, "last.pt")):
-                return []
-            return ["--resume"] if resuming else ["--overwrite"]
+    def restart_study(resuming: bool) -> list[str]:
+        # The study reuses a finished run whose settings match, whatever features it was trained
+        # on: when the inputs changed, its runs must go (an interrupted study resumes by itself).
+        if not resuming and os.path.isdir(study_dir):
+            print(f"inputs changed: removing {display_path(study_dir)}", flush=True)
+            shutil.rmtree(study_dir)
+        return []
 
-        steps.append(Step(
-            f"train {stage}", script("train.py"),
-            ["--cfg", plan.config_path, "--stage", stage, "--device", plan.device, *config_sets],
-            lambda reads=reads: reads,
-            lambda folder=folder: [os.path.join(folder, name) for name in ("best.pt", "last.pt", "results.json")],
-            out_state, show_args=progress_off, restart_args=restart))
-    for stage in STAGES:
-        checkpoint = os.path.join(plan.stage_dir(stage), "best.pt")
-        eval_json = os.path.join(plan.stage_dir(stage), "eval_test.json")
-        steps.append(Step(
-            f"validate {stage}", script("validate.py"),
-            ["--cfg", plan.config_path, "--checkpoint", checkpoint, "--split", "test", "--write-preds",
-             "--device", plan.device, *config_sets],
-            lambda reads=train_inputs + [checkpoint]: reads,
-            lambda eval_json=eval_json: [eval_json, os.path.splitext(eval_json)[0] + "_preds.csv"],
-            out_state, show_args=progress_off))
-    summary_path = os.path.join(plan.output_dir, SUMMARY_FILE)
-    summary_inputs = [plan.data_file("dataset_info.json"), plan.config_path, plan.vocab, plan.questions("test"),
-                      plan.features("appearance"), plan.features("motion")]
-    for stage in STAGES:
-        summary_inputs += [os.path.join(plan.stage_dir(stage), name) for name in ("best.pt", "eval_test.json")]
-    steps.append(Step("summary", None, [f"timing passes {TIMING_PASSES}", f"device {plan.device}"],
-                      lambda: summary_inputs, lambda: [summary_path], out_state))
+    steps.append(Step(
+        "study", script("study.py"),
+        ["--cfg", plan.config_path, "--seeds", "1", "--arms", ",".join(ARMS), *out_args, "--device", plan.device,
+         *config_sets],
+        lambda: train_inputs,
+        lambda: [plan.report_json] + [plan.run_file(arm, name) for arm in ARMS
+                                      for name in ("best.pt", "results.json", "eval_test.json")],
+        out_state, show_args=progress_off, restart_args=restart_study))
+    question = {}
+
+    def predict_args() -> list[str]:
+        question.update(example_question(plan))
+        return ["--checkpoint", plan.run_file(PREDICT_ARM, "best.pt"), "--video", question["video"],
+                "--question", question["question"], "--device", plan.device]
+
+    steps.append(Step(
+        "predict", script("predict.py"), [], lambda: [plan.run_file(PREDICT_ARM, "best.pt"), question["video"]],
+        lambda: [plan.predict_output], out_state, late_args=predict_args, stdout_path=plan.predict_output))
+    summary_inputs = [plan.data_file("dataset_info.json"), plan.data_file("train_qa.json"),
+                      plan.data_file("test_qa.json"), plan.report_json, plan.predict_output]
+    steps.append(Step("summary", None, [], lambda: summary_inputs, lambda: [plan.summary_path], out_state))
     return steps
 
 
 # ----------------------------------------------------------------------------------- summary
 
-def time_inference(plan: DemoPlan) -> dict:
-    """Per stage: median seconds of one pass over the test split, and that pass's accuracy."""
-    import torch
-
-    from vqakd.checkpoint import load_checkpoint, model_from_checkpoint
-    from vqakd.config import eval_batch_size, load_config
-    from vqakd.data import load_data, make_loader
-    from vqakd.device import resolve_device
-    from vqakd.engine import evaluate
-
-    config = load_config(plan.config_path, plan.overrides)
-    device = resolve_device(plan.device)
-    bundle = load_data(config, splits=("test",), device=device, progress=False)
-    split = bundle.splits["test"]
-    batch_size = eval_batch_size(config)
-    loader = make_loader(split, bundle.table, batch_size, False, config.train.seed, 0, False)
-    timings = {}
-    for stage in STAGES:
-        path = os.path.join(plan.stage_dir(stage), "best.pt")
-        model = model_from_checkpoint(load_checkpoint(path), path, device)
-        summary, _ = evaluate(model, loader, device)          # warm-up (and the accuracy check)
-        passes = []
-        for _ in range(TIMING_PASSES):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            evaluate(model, loader, device)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            passes.append(time.perf_counter() - started)
-        timings[stage] = {"pass_seconds": statistics.median(passes), "questions": len(split),
-                          "accuracy": summary["accuracy"]}
-    timings["setup"] = {"device": str(device), "batch_size": batch_size, "passes": TIMING_PASSES,
-                        "threads": torch.get_num_threads()}
-    return timings
+def example_question(plan: DemoPlan) -> dict:
+    """The question predict.py is asked: the first test question (by id) of the first type in
+    EXAMPLE_TYPES that the test split has, chosen before any model is trained."""
+    records = sorted(read_json(plan.data_file("test_qa.json")), key=lambda record: record["id"])
+    mapping = {video_id: name for video_id, name in _mapping(plan).items()}
+    for qtype in EXAMPLE_TYPES:
+        for record in records:
+            if record["question"].split()[0] == qtype and record["video_id"] in mapping:
+                video = os.path.join(plan.data_dir, demo_data.VIDEO_FOLDER, f"{mapping[record['video_id']]}.avi")
+                return {"video": video, "question": record["question"], "truth": record["answer"],
+                        "video_id": record["video_id"], "id": record["id"]}
+    raise UserError(f"{display_path(plan.data_file('test_qa.json'))}: no test question to ask predict.py")
 
 
-def build_summary(plan: DemoPlan, step_times: list[tuple[str, str, float]]) -> dict:
+def _mapping(plan: DemoPlan) -> dict:
+    from vqakd.annotations import load_msvd_mapping
+
+    return load_msvd_mapping(plan.data_dir)
+
+
+def parse_prediction(path: str) -> list[tuple[str, float]]:
+    """The ranked (answer, probability) lines of predict.py's output."""
+    answers = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            match = re.match(r"^\s+\d+\. (\S+)\s+([0-9.]+)\s*$", line)
+            if match:
+                answers.append((match.group(1), float(match.group(2))))
+    if not answers:
+        raise UserError(f"{display_path(path)}: no ranked answers in predict.py's output")
+    return answers
+
+
+def build_summary(plan: DemoPlan, runner: Runner, predict_command: str) -> dict:
     info = read_json(plan.data_file("dataset_info.json"))
     majority = info["majority_rate"]["test"]
-    timings = time_inference(plan)
     blind = demo_data.question_only_rates(read_json(plan.data_file("train_qa.json")),
                                           read_json(plan.data_file("test_qa.json")))
+    report = read_json(plan.report_json)
+    seed = report["seeds"][0]
     summary: dict = {
         "majority_rate": majority["overall"],
         "majority_per_type": {qtype: entry["rate"] for qtype, entry in majority["per_type"].items()},
         "majority_answer": majority["overall_answer"],
         "question_only_rate": blind["overall"],
         "question_only_per_type": blind["per_type"],
-        "test_questions": timings["teacher"]["questions"],
+        "seed": seed,
+        "arms": {},
     }
-    for stage in STAGES:
-        evaluation = read_json(os.path.join(plan.stage_dir(stage), "eval_test.json"))
-        results = read_json(os.path.join(plan.stage_dir(stage), "results.json"))
-        timed = timings[stage]
-        if abs(timed["accuracy"] - evaluation["accuracy"]) > 1e-9:
-            print(f"warning: {stage}: the timing passes scored {timed['accuracy']:.4f}, validate.py "
-                  f"{evaluation['accuracy']:.4f}", file=sys.stderr)
-        summary[stage] = {
-            "params": evaluation["params"],
-            "accuracy": evaluation["accuracy"],
-            "per_type": {qtype: evaluation["per_type"][qtype]["accuracy"] for qtype in QUESTION_TYPES
-                         if qtype in evaluation["per_type"]},
-            "ms_per_question": 1000.0 * timed["pass_seconds"] / timed["questions"],
-            "per_type_counts": {qtype: {"correct": evaluation["per_type"][qtype]["correct"],
-                                        "count": evaluation["per_type"][qtype]["count"]}
-                                for qtype in QUESTION_TYPES if qtype in evaluation["per_type"]},
-            "graph_layers": results["model_config"]["graph_layers"],
-            "best_epoch": results["epoch"],
-            "val_accuracy": results["val_accuracy"],
-            "checkpoint": display_path(os.path.join(plan.stage_dir(stage), "best.pt")),
+    for arm in ARMS:
+        entry = report["arms"][arm]
+        run = entry["seeds"][str(seed)]
+        summary["test_questions"] = run["count"]
+        summary["arms"][arm] = {
+            "note": entry["note"], "distill": entry["distill"], "graph_layers": entry["graph_layers"],
+            "params": entry["params"], "accuracy": run["accuracy"],
+            "per_type": {qtype: values["accuracy"] for qtype, values in run["per_type"].items()},
+            "per_type_counts": {qtype: values["count"] for qtype, values in run["per_type"].items()},
+            "ms_per_question": run["ms_per_question"], "best_epoch": run["epoch"],
+            "val_accuracy": run["val_accuracy"], "checkpoint": display_path(plan.run_file(arm, "best.pt")),
         }
-    summary["above_majority"] = {stage: summary[stage]["accuracy"] - summary["majority_rate"] for stage in STAGES}
-    summary["above_question_only"] = {stage: summary[stage]["accuracy"] - summary["question_only_rate"]
-                                      for stage in STAGES}
-    summary["timing"] = {**timings["setup"], "method": (
-        "measured by the demo runner: best.pt evaluated on the test split, one warm-up pass, then the "
-        f"median of {TIMING_PASSES} passes divided by the number of test questions")}
+    arms = summary["arms"]
+    summary["above_majority"] = {arm: arms[arm]["accuracy"] - summary["majority_rate"] for arm in ARMS}
+    summary["above_question_only"] = {arm: arms[arm]["accuracy"] - summary["question_only_rate"] for arm in ARMS}
+    summary["not_carried"] = demo_table.not_carried(summary)
+    timing = read_json(plan.run_file("teacher", "timing_test.json"))
+    summary["timing"] = {"device": timing["device"], "batch_size": timing["batch_size"], "passes": timing["passes"],
+                         "method": "measured by study.py: best.pt evaluated on the test split, one warm-up pass, "
+                                   "then the median of the timed passes divided by the number of test questions"}
     summary["features"] = {"random_weights": True, "num_clips": plan.num_clips, "image_size": plan.image_size,
                            "appearance_frames_per_clip": plan.appearance_frames,
                            "motion_frames_per_clip": plan.motion_frames}
-    summary["step_seconds"] = {name: round(seconds, 2) for name, status, seconds in step_times if status == "ran"}
+    example = example_question(plan)
+    answers = parse_prediction(plan.predict_output)
+    summary["prediction"] = {"command": predict_command, "checkpoint": display_path(plan.run_file(PREDICT_ARM,
+                                                                                                   "best.pt")),
+                             "video": display_path(example["video"]), "question": example["question"],
+                             "truth": example["truth"], "answer": answers[0][0], "probability": answers[0][1],
+                             "correct": answers[0][0] == example["truth"]}
+    summary["step_seconds"] = {name: round(seconds, 2) for name, status, seconds in runner.times if status == "ran"}
+    summary["step_cpu_seconds"] = {name: round(seconds, 2) for name, seconds in runner.cpu.items()}
     return summary
 
 
-def format_table(summary: dict) -> str:
-    teacher, student = summary["teacher"], summary["student"]
-
-    def pct(value: Optional[float]) -> str:
-        return "-" if value is None else f"{100 * value:.1f}%"
-
-    rows = [("", f"teacher (G={teacher['graph_layers']})", f"student (G={student['graph_layers']})",
-             "majority answer", "question only"),
-            ("parameters", f"{teacher['params']:,}", f"{student['params']:,}", "", "")]
-    rows.append(("test accuracy, all", pct(teacher["accuracy"]), pct(student["accuracy"]),
-                 pct(summary["majority_rate"]), pct(summary["question_only_rate"])))
-    for qtype in QUESTION_TYPES:
-        count = teacher["per_type_counts"].get(qtype, {}).get("count", 0)
-        rows.append((f"  {qtype} ({count})", pct(teacher["per_type"].get(qtype)), pct(student["per_type"].get(qtype)),
-                     pct(summary["majority_per_type"].get(qtype)),
-                     pct(summary["question_only_per_type"].get(qtype))))
-    rows.append(("inference ms/question", f"{teacher['ms_per_question']:.2f}", f"{student['ms_per_question']:.2f}",
-                 "", ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = [f"demo results on the test split ({summary['test_questions']} questions; features from "
-             "random-weight networks)"]
-    for row in rows:
-        lines.append("  ".join([row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in
-                                                             zip(row[1:], widths[1:])]).rstrip())
-    above = summary["above_majority"]
-    lines.append(f"above the majority-answer rate: teacher +{100 * above['teacher']:.1f} points, "
-                 f"student +{100 * above['student']:.1f} points")
-    blind = summary["above_question_only"]
-    lines.append(f"above a blind guesser that reads only the question: teacher {100 * blind['teacher']:+.1f} points, "
-                 f"student {100 * blind['student']:+.1f} points")
-    timing = summary["timing"]
-    lines.append(f"inference time: best.pt on {timing['device']} ({timing['threads']} threads), batch "
-                 f"{timing['batch_size']}, median of {timing['passes']} passes over the test split")
-    return "\n".join(lines)
+def format_prediction(summary: dict) -> str:
+    example = summary["prediction"]
+    verdict = "right" if example["correct"] else "wrong"
+    return (f"{example['video']}: {example['question']}\n"
+            f"  {PREDICT_ARM} answers {example['answer']!r} (probability {example['probability']:.2f}); "
+            f"the truth is {example['truth']!r}: {verdict}")
 
 
 # ----------------------------------------------------------------------------------- main
@@ -406,19 +401,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     ensure_writable_dir(plan.data_dir, "demo data folder")
     ensure_writable_dir(plan.output_dir, "demo output folder")
     steps = build_steps(plan)
+    predict_step = next(step for step in steps if step.name == "predict")
     runner = Runner(plan.quiet, os.path.join(plan.output_dir, "demo_logs"))
-    summary_path = os.path.join(plan.output_dir, SUMMARY_FILE)
 
     started_utc = utc_now()
 
     def write_summary() -> None:
         from vqakd.config import load_config
 
-        summary = build_summary(plan, runner.times)
+        summary = build_summary(plan, runner, predict_step.command_line([]))
         # The demo's own provenance: code version, command, times, versions, config, vocabulary, features.
         summary["provenance"] = provenance_for_config(load_config(plan.config_path, plan.overrides),
                                                       started=started_utc, device=summary["timing"]["device"])
-        write_json(summary_path, summary)
+        write_json(plan.summary_path, summary)
 
     steps[-1].action = write_summary
     print(f"vqakd demo: data in {display_path(plan.data_dir)}, results in {display_path(plan.output_dir)}; "
@@ -428,14 +423,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         runner.run(step, number, len(steps))
     total = time.perf_counter() - started
 
-    summary = read_json(summary_path)
+    summary = read_json(plan.summary_path)
     print()
-    print("wall time per step: " + ", ".join(f"{name} {seconds:.1f} s" + (" (skipped)" if status == "skipped" else "")
-                                             for name, status, seconds in runner.times))
+    print("time per step (wall / CPU): " + ", ".join(
+        f"{name} {seconds:.1f} s" + (" (skipped)" if status == "skipped" else f" / {runner.cpu.get(name, 0):.1f} s")
+        for name, status, seconds in runner.times))
     print(f"demo finished in {total:.1f} s")
     print()
-    print(format_table(summary))
-    print(f"summary: {display_path(summary_path)}")
+    print(demo_table.format_table(summary))
+    print(f"summary: {display_path(plan.summary_path)}; the study's report: "
+          f"{display_path(os.path.join(plan.study_dir, 'report', 'report.md'))}")
+    print()
+    print(f"asked the distilled student ({summary['prediction']['command']}):")
+    print(format_prediction(summary))
     return 0
 
 

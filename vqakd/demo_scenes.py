@@ -2,10 +2,12 @@
 written as an mpeg4 .avi (the questions about them are made in vqakd/demo_data.py).
 
 Each video shows one, two or three copies of one shape (square, circle or triangle) in one
-colour (red, green, blue or yellow), side by side, all sliding quickly in one direction (left,
-right, up or down) and wrapping around the frame edge. The grey background darkens steadily
-from the first frame to the last, like dusk. In some videos the shapes are visible only in the
-first or only in the second half.
+colour (red, green, blue or yellow), evenly spaced in a row along their direction of motion
+(left, right, up or down), sliding quickly and wrapping around the frame edge, all within one
+half of the frame: the top or bottom half for left/right motion, the left or right half for
+up/down ("where" asks which). The grey background darkens steadily from the first frame to the
+last, like dusk. In some videos the shapes are visible only in the first or only in the second
+half.
 
 Why so plain: the demo's features come from *randomly initialised* ResNet-101 / 3D ResNeXt-101
 (nothing is downloaded), and such features keep little beyond the global make-up of a frame.
@@ -42,6 +44,8 @@ SHAPES = ("square", "circle", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 TIMINGS = ("start", "end")       # transient shapes are visible in the first / the second half only
+PLACES = ("top", "bottom", "left", "right")
+PLACE_AXIS = {"top": ("left", "right"), "bottom": ("left", "right"), "left": ("up", "down"), "right": ("up", "down")}
 # Background grey level at the first and at the last frame (it darkens linearly in between).
 BACKGROUND_START = 190
 BACKGROUND_END = 40
@@ -52,7 +56,10 @@ VIDEO_BIT_RATE = 2_000_000       # ample for 128x128: flat colours survive the c
 # three copies allow, because area is what random features see best; the same for every count,
 # so that the covered area grows with the count.
 RADIUS = 0.155
-GAP = 0.02                       # between neighbouring copies
+# Centre of the band the copies move in, across the direction of motion: the near (top or left)
+# or the far (bottom or right) half of the frame; where in that half is jittered a little.
+BAND_CENTRES = {"near": 0.25, "far": 0.75}
+BAND_JITTER = 0.05
 # Distance moved per frame, as a fraction of the side: a few frames (one clip) show a clear shift.
 SPEED = 0.05
 
@@ -94,6 +101,15 @@ class Scene:
     def count(self) -> int:
         return len(self.objects)
 
+    @property
+    def place(self) -> str:
+        """Where the shapes are: "top"/"bottom" (moving left or right), "left"/"right" (up or down)."""
+        dx, _ = DIRECTIONS[self.direction]
+        centre = self.objects[0].start_xy[1 if dx else 0]
+        if dx:
+            return "top" if centre < 0.5 else "bottom"
+        return "left" if centre < 0.5 else "right"
+
 
 @dataclass(frozen=True)
 class SceneSpec:
@@ -103,18 +119,19 @@ class SceneSpec:
     colour: str
     direction: str
     timing: str
+    side: str = "near"           # "near" or "far": the half of the frame the copies move in
 
 
 def sample_scene(rng: np.random.Generator, video_id: int, spec: SceneSpec) -> Scene:
-    """`spec.count` copies in a row across the direction of motion."""
+    """`spec.count` copies evenly spaced along the direction of motion, in one half of the frame
+    across it (the upper or lower half for left/right motion, the left or right half for up/down)."""
     dx, _ = DIRECTIONS[spec.direction]
     along = float(rng.uniform(0.0, 1.0))                 # motion wraps around: any start works
-    row = spec.count * 2 * RADIUS + (spec.count - 1) * GAP
-    first = float(rng.uniform(RADIUS, RADIUS + (1.0 - row)))  # centre of the first copy across
+    across = BAND_CENTRES[spec.side] + float(rng.uniform(-BAND_JITTER, BAND_JITTER))
     objects = []
     for k in range(spec.count):
-        across = first + k * (2 * RADIUS + GAP)
-        start = (along, across) if dx else (across, along)
+        position = (along + k / spec.count) % 1.0
+        start = (position, across) if dx else (across, position)
         objects.append(SceneObject(spec.shape, spec.colour, RADIUS, spec.direction, spec.timing, start))
     return Scene(video_id, clip_name(video_id), objects)
 
@@ -130,11 +147,17 @@ def scene_specs(rng: np.random.Generator, n: int, transient_rate: float) -> list
     counts = deal(rng, list(COUNT_WORDS), n)
     shapes = deal(rng, list(SHAPES), n)
     colours = deal(rng, list(COLOURS), n)
-    directions = deal(rng, list(DIRECTIONS), n)
+    # The place decides the axis of motion (shapes in the top or bottom half move left or
+    # right): deal the places, then the directions along each place's axis.
+    places = deal(rng, list(PLACES), n)
+    along = {axis: iter(deal(rng, list(axis), sum(PLACE_AXIS[p] == axis for p in places)))
+             for axis in set(PLACE_AXIS.values())}
+    directions = [next(along[PLACE_AXIS[place]]) for place in places]
+    sides = ["near" if place in ("top", "left") else "far" for place in places]
     transient = int(round(transient_rate * n))
     timings = deal(rng, list(TIMINGS), transient) + ["whole"] * (n - transient)
     timings = [timings[i] for i in rng.permutation(n)]
-    return [SceneSpec(*values) for values in zip(counts, shapes, colours, directions, timings)]
+    return [SceneSpec(*values) for values in zip(counts, shapes, colours, directions, timings, sides)]
 
 
 def clip_name(video_id: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from vqakd.errors import UserError
-from vqakd.io import ensure_writable_dir, file_sha256, read_json, write_json
+from vqakd.io import atomic_open, ensure_writable_dir, file_sha256, read_json, write_json
 
 STATE_FILE = "demo_state.json"
 LOG_TAIL_LINES = 20
@@ -83,6 +84,9 @@ class Step:
     # (resuming an interrupted run of the same inputs?) -> extra flags (--resume / --overwrite)
     restart_args: Callable[[bool], list[str]] = lambda resuming: []
     action: Optional[Callable[[], None]] = None
+    # Arguments known only once earlier steps ran (they replace `args` before the fingerprint).
+    late_args: Optional[Callable[[], list[str]]] = None
+    stdout_path: Optional[str] = None            # the script's standard output is kept in this file
 
     def argv(self, extra: list[str]) -> list[str]:
         return [sys.executable, self.script, *self.args, *extra, *self.show_args]
@@ -128,9 +132,15 @@ class Runner:
         self.log_dir = log_dir
         self.hashes = FileHashes()
         self.times: list[tuple[str, str, float]] = []      # (step, "ran" | "skipped", seconds)
+        # CPU seconds (user + system, all processes) of each step that ran: with the wall times,
+        # what a step would take on an idle machine (the demo's machine may be shared).
+        self.cpu: dict[str, float] = {}
 
     def run(self, step: Step, number: int, total: int) -> None:
         started = time.perf_counter()
+        cpu_started = _cpu_seconds()
+        if step.late_args is not None:
+            step.args = step.late_args()
         inputs_fp = fingerprint(step, self.hashes)
         label = f"[{number}/{total}] {step.name}"
         if is_up_to_date(step, inputs_fp, self.hashes):
@@ -159,12 +169,30 @@ class Runner:
         step.state.put(step.name, {"inputs": inputs_fp, "done": True, "outputs": outputs,
                                    "seconds": round(seconds, 2), "command": step.command_line([])
                                    if step.script else "(in the runner)"})
-        print(f"{label}: done in {seconds:.1f} s", flush=True)
+        self.cpu[step.name] = _cpu_seconds() - cpu_started
+        print(f"{label}: done in {seconds:.1f} s ({self.cpu[step.name]:.1f} s CPU)", flush=True)
         self.times.append((step.name, "ran", seconds))
 
     def _call(self, step: Step, extra: list[str], command: str) -> None:
         argv = step.argv(extra)
-        if self.quiet:
+        if step.stdout_path:
+            stderr = None
+            if self.quiet:
+                ensure_writable_dir(self.log_dir, "demo log folder")
+                stderr = open(os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log"), "w",
+                              encoding="utf-8")
+            try:
+                result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
+            finally:
+                if stderr is not None:
+                    stderr.close()
+            code = result.returncode
+            if not self.quiet or code != 0:
+                print(result.stdout, end="", flush=True)
+            if code == 0:
+                with atomic_open(step.stdout_path, "w", encoding="utf-8") as handle:
+                    handle.write(result.stdout)
+        elif self.quiet:
             ensure_writable_dir(self.log_dir, "demo log folder")
             log_path = os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log")
             with open(log_path, "w", encoding="utf-8") as log:
@@ -177,3 +205,12 @@ class Runner:
             code = subprocess.call(argv)
         if code != 0:
             raise UserError(f"demo step {step.name!r} failed (exit status {code}): {command}")
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished children."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total

@@ -251,7 +251,9 @@ def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
         argv = ["--cfg", cfg, "--checkpoint", best, "--split", "test", "--write-preds", "--out", eval_json,
                 "--preds-out", run.preds_path]
         for text in run.overrides:
-            argv += ["--set", text]
+            # The checkpoint defines the model: validate.py refuses model.* settings.
+            if not text.split("=", 1)[0].strip().startswith("model."):
+                argv += ["--set", text]
         code = validate.main(argv)
         if code:
             raise _RankExit(code)
