@@ -61,6 +61,10 @@ IMAGE_SIZE = 32
 APPEARANCE_FRAMES_PER_CLIP = 4
 MOTION_FRAMES_PER_CLIP = 8      # a 3D ResNeXt clip: enough frames to see a shape move
 FEATURE_WORKERS = 1             # one decoding process beside the network on two cores
+# The demo's networks are small (batches of 32 questions, module_dim 128): one thread per
+# training runs them in about a quarter of the CPU time of two, whose threads mostly wait on
+# each other (and slow to a crawl when another program shares the cores).
+TRAINING_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SUMMARY_FILE = "summary.json"
 PREDICT_ARM = "student-feature"        # the distilled student answers the example question
 EXAMPLE_TYPES = ("what", "where", "how", "when", "who")   # the example question's type, in this preference
@@ -248,7 +252,7 @@ def build_steps(plan: DemoPlan) -> list[Step]:
         lambda: train_inputs,
         lambda: [plan.report_json] + [plan.run_file(arm, name) for arm in ARMS
                                       for name in ("best.pt", "results.json", "eval_test.json")],
-        out_state, show_args=progress_off, restart_args=restart_study))
+        out_state, show_args=progress_off, restart_args=restart_study, env=TRAINING_THREADS))
     question = {}
 
     def predict_args() -> list[str]:
@@ -258,7 +262,8 @@ def build_steps(plan: DemoPlan) -> list[Step]:
 
     steps.append(Step(
         "predict", script("predict.py"), [], lambda: [plan.run_file(PREDICT_ARM, "best.pt"), question["video"]],
-        lambda: [plan.predict_output], out_state, late_args=predict_args, stdout_path=plan.predict_output))
+        lambda: [plan.predict_output], out_state, late_args=predict_args, stdout_path=plan.predict_output,
+        env=TRAINING_THREADS))
     summary_inputs = [plan.data_file("dataset_info.json"), plan.data_file("train_qa.json"),
                       plan.data_file("test_qa.json"), plan.report_json, plan.predict_output]
     steps.append(Step("summary", None, [], lambda: summary_inputs, lambda: [plan.summary_path], out_state))

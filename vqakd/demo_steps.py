@@ -87,6 +87,8 @@ class Step:
     # Arguments known only once earlier steps ran (they replace `args` before the fingerprint).
     late_args: Optional[Callable[[], list[str]]] = None
     stdout_path: Optional[str] = None            # the script's standard output is kept in this file
+    # Environment variables set for the script (not fingerprinted: they change speed, not results).
+    env: dict[str, str] = field(default_factory=dict)
 
     def argv(self, extra: list[str]) -> list[str]:
         return [sys.executable, self.script, *self.args, *extra, *self.show_args]
@@ -175,6 +177,7 @@ class Runner:
 
     def _call(self, step: Step, extra: list[str], command: str) -> None:
         argv = step.argv(extra)
+        env = {**os.environ, **step.env} if step.env else None
         if step.stdout_path:
             stderr = None
             if self.quiet:
@@ -182,7 +185,7 @@ class Runner:
                 stderr = open(os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log"), "w",
                               encoding="utf-8")
             try:
-                result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
+                result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
             finally:
                 if stderr is not None:
                     stderr.close()
@@ -196,13 +199,13 @@ class Runner:
             ensure_writable_dir(self.log_dir, "demo log folder")
             log_path = os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log")
             with open(log_path, "w", encoding="utf-8") as log:
-                code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT)
+                code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
             if code != 0:
                 with open(log_path, encoding="utf-8", errors="replace") as log:
                     tail = log.read().splitlines()[-LOG_TAIL_LINES:]
                 print("\n".join(tail), file=sys.stderr)
         else:
-            code = subprocess.call(argv)
+            code = subprocess.call(argv, env=env)
         if code != 0:
             raise UserError(f"demo step {step.name!r} failed (exit status {code}): {command}")
 

@@ -23,7 +23,8 @@ COMMITTED_SUMMARY = os.path.join(REPO_ROOT, "docs", "demo_summary.json")
 README_BEGIN = "<!-- demo table: generated from docs/demo_summary.json by python -m vqakd.demo_table -->"
 README_END = "<!-- end of demo table -->"
 # A question type on which the teacher is not this far above the question-only guesser is one
-# whose answer the random-weight features do not carry (the table marks it).
+# whose answer the short training did not learn or the random-weight features do not carry
+# (the table marks it; a linear classifier on the demo's features separates every type's answers).
 CARRIED_MARGIN = 0.05
 KEEP_KEYS = ("majority_rate", "majority_per_type", "majority_answer", "question_only_rate",
              "question_only_per_type", "test_questions", "seed", "arms", "above_majority", "above_question_only",
@@ -72,7 +73,7 @@ def format_table(summary: dict) -> str:
                  + " points")
     if weak:
         lines.append(f"* the teacher is less than {100 * CARRIED_MARGIN:.0f} points above the question-only "
-                     "guesser: random-weight features do not carry what this type asks")
+                     "guesser: too short a training, or random-weight features do not carry what this type asks")
     timing = summary["timing"]
     lines.append(f"ms/question: best.pt on {timing['device']}, batch {timing['batch_size']}, median of "
                  f"{timing['passes']} passes over the test split after a warm-up")
