@@ -56,21 +56,19 @@ from vqakd.errors import interruptible_imports  # noqa: E402
 
 with interruptible_imports():       # torch takes seconds to import: Ctrl-C there is a clean exit too
     import numpy as np  # noqa: E402
-    import torch  # noqa: E402
 
     from vqakd import distributed as dist  # noqa: E402
     from vqakd.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint  # noqa: E402
     from vqakd.config import Config, eval_batch_size, load_config  # noqa: E402
     from vqakd.data import DataBundle, load_data, make_loader, with_dropped  # noqa: E402
     from vqakd.device import resolve_process_device  # noqa: E402
-    from vqakd.engine import HOST_KEYS, configure_backends, evaluate, forward_batch  # noqa: E402
+    from vqakd.engine import configure_backends, evaluate  # noqa: E402
     from vqakd.errors import UserError  # noqa: E402
     from vqakd.io import atomic_open, ensure_writable_dir, remove_stale_temporaries, write_json  # noqa: E402
     from vqakd.locks import output_lock  # noqa: E402
     from vqakd.metrics import FIRST_ANSWER_LABEL, OTHER_TYPE, QUESTION_TYPES, format_table  # noqa: E402
     from vqakd.models import check_vocab_match, count_parameters  # noqa: E402
     from vqakd.outputs import check_output_paths  # noqa: E402
-    from vqakd.progress import progress_bar  # noqa: E402
     from vqakd.provenance_run import provenance_for_config, utc_now  # noqa: E402
 
 PREDICTION_COLUMNS = ("question_id", "video_id", "question", "predicted_answer", "answer", "correct",
@@ -170,17 +168,14 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
     loader = make_loader(bundle.splits[split], bundle.table, -(-eval_batch_size(config) // world), False,
                          config.train.seed, config.train.num_workers, device.type == "cuda", rank, world,
                          reuse_buffers=True)
-    summary, _ = evaluate(model, loader, device, amp=config.train.amp, progress=config.train.progress and main,
-                          desc=split)
+    # One pass gives the accuracy and, with --write-preds, each question's top answers.
+    summary, found = evaluate(model, loader, device, amp=config.train.amp, return_predictions=write_preds,
+                              progress=config.train.progress and main, desc=split, top_k=TOP_K)
     # Questions left out for missing videos (data.missing_videos: drop) count as wrong.
     summary = with_dropped(summary, bundle.splits[split])
-    found = None
-    if write_preds:
-        found = predictions_with_probabilities(model, loader, device, config.train.amp,
-                                               config.train.progress and main)
-        if world > 1:
-            shares = dist.all_gather_objects(found)
-            found = {key: np.concatenate([share[key] for share in shares]) for key in found}
+    if write_preds and world > 1:
+        shares = dist.all_gather_objects(found)
+        found = {key: np.concatenate([share[key] for share in shares]) for key in found}
     result = {
         "checkpoint": checkpoint_path,
         "split": split,
@@ -217,43 +212,13 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
     return result
 
 
-@torch.no_grad()
-def predictions_with_probabilities(model, loader, device: torch.device, amp: str = "none",
-                                   progress: bool = False) -> dict[str, np.ndarray]:
-    """This process's share of the split: {"index", "prediction", "top_answers" (Q, k), "top_probs"
-    (Q, k)}, the answers by softmax probability. A pass of its own (evaluate() gives only the
-    arg-max); the prediction is the same arg-max of the same logits."""
-    model.eval()
-    indices, top_answers, top_probs = [], [], []
-    for batch in progress_bar(loader, enabled=progress, total=len(loader), desc="answer probabilities",
-                              unit="batch", leave=False):
-        batch = {key: value if key in HOST_KEYS else value.to(device, non_blocking=True)
-                 for key, value in batch.items()}
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            logits = forward_batch(model, batch).logits
-        probs = torch.softmax(logits.float(), dim=1)
-        values, answers = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
-        # topk breaks ties like argmax only by luck: take the arg-max itself as the prediction.
-        answers[:, 0] = logits.argmax(dim=1)
-        values[:, 0] = probs.gather(1, answers[:, :1]).squeeze(1)
-        indices.append(batch["index"].cpu())
-        top_answers.append(answers.cpu())
-        top_probs.append(values.cpu())
-    if not indices:
-        return {"index": np.zeros(0, dtype=np.int64), "prediction": np.zeros(0, dtype=np.int64),
-                "top_answers": np.zeros((0, TOP_K), dtype=np.int64), "top_probs": np.zeros((0, TOP_K), np.float32)}
-    answers = torch.cat(top_answers).numpy()
-    return {"index": torch.cat(indices).numpy(), "prediction": answers[:, 0].copy(), "top_answers": answers,
-            "top_probs": torch.cat(top_probs).numpy()}
-
-
 def question_type_name(code: int) -> str:
     return QUESTION_TYPES[code] if code < OTHER_TYPE else "other"
 
 
 def write_predictions(path: str, bundle: DataBundle, split: str, found: Mapping[str, np.ndarray]) -> None:
     """One CSV row per question of `split`, in question order (`found`: from
-    `predictions_with_probabilities`, every process's share)."""
+    `evaluate(..., return_predictions=True)`, every process's share)."""
     data = bundle.splits[split]
     answers = bundle.vocab.idx_to_answer
     order = np.argsort(found["index"], kind="stable")

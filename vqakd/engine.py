@@ -295,9 +295,11 @@ def _spread_result(meter: NodeSpreadMeter, layers: int, graph_layers: int, devic
 def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_predictions: bool = False,
              progress: bool = False, desc: str = "eval", loss_cfg: Optional[LossConfig] = None,
              stage: str = "teacher", teacher=None, reference_batch: Optional[int] = None,
-             node_spread: bool = False) -> tuple[dict, Optional[dict[str, np.ndarray]]]:
+             node_spread: bool = False, top_k: int = 5) -> tuple[dict, Optional[dict[str, np.ndarray]]]:
     """Accuracy overall and per question type (summed over all processes); optionally the
-    arg-max prediction of every question ({"index", "prediction"}, this process's share).
+    arg-max prediction of every question and its `top_k` answers by softmax probability
+    ({"index", "prediction", "top_answers" (Q, k), "top_probs" (Q, k)}, this process's share;
+    column 0 is the arg-max itself, whatever order topk gives ties).
     Runs the plain module even when given a DDP wrapper: ranks may hold different numbers of
     batches, and DDP's forward must not be called a different number of times per rank.
 
@@ -312,7 +314,7 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
         model = model.module
     model.eval()
     counter = AccuracyCounter(device)
-    indices, predictions = [], []
+    indices, top_answers, top_probs = [], [], []
     losses = None
     if loss_cfg is not None:
         losses = _ValidationLosses(device, loss_cfg, stage, teacher,
@@ -331,8 +333,13 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
         if meter is not None:
             meter.update(output)
         if return_predictions:
+            probs = torch.softmax(logits.float(), dim=1)
+            values, answers = probs.topk(min(top_k, probs.shape[1]), dim=1)
+            answers[:, 0] = predicted
+            values[:, 0] = probs.gather(1, predicted.unsqueeze(1)).squeeze(1)
             indices.append(batch["index"])
-            predictions.append(predicted)
+            top_answers.append(answers)
+            top_probs.append(values)
     summary = counter.all_reduce().summary()
     if losses is not None:
         summary["losses"] = losses.result()
@@ -342,8 +349,10 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
                                                 config.graph_layers, device)
     if not return_predictions:
         return summary, None
-    if indices:
-        found = {"index": torch.cat(indices).cpu().numpy(), "prediction": torch.cat(predictions).cpu().numpy()}
-    else:
-        found = {"index": np.zeros(0, dtype=np.int64), "prediction": np.zeros(0, dtype=np.int64)}
-    return summary, found
+    if not indices:
+        return summary, {"index": np.zeros(0, dtype=np.int64), "prediction": np.zeros(0, dtype=np.int64),
+                         "top_answers": np.zeros((0, top_k), dtype=np.int64),
+                         "top_probs": np.zeros((0, top_k), dtype=np.float32)}
+    answers = torch.cat(top_answers).cpu().numpy()
+    return summary, {"index": torch.cat(indices).cpu().numpy(), "prediction": answers[:, 0].copy(),
+                     "top_answers": answers, "top_probs": torch.cat(top_probs).cpu().numpy()}
