@@ -23,8 +23,8 @@ from typing import Collection, Iterable
 
 import numpy as np
 
+from vqakd.errors import UserError, require_file
 from vqakd.progress import progress_bar
-from vqakd.errors import UserError
 from vqakd.io import read_json
 from vqakd.safe_pickle import safe_load
 
@@ -314,9 +314,7 @@ def load_glove(path: str | os.PathLike, keep: Collection[str] | None = None,
 
 def read_word_list(path: str | os.PathLike) -> list[str]:
     """The words a GloVe subset must keep: a `{name}_vocab.json` or a text file, one word a line."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"vocabulary file not found: {path}")
+    path = require_file(path, "vocabulary file")
     if path.endswith(".json"):
         vocab = read_json(path)
         tables = [key for key in ("question_token_to_idx", "question_answer_token_to_idx")

@@ -18,14 +18,13 @@ written by HCRN/DualVGR load too.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from vqakd.errors import UserError
+from vqakd.errors import UserError, require_file
 from vqakd.io import file_sha256, read_json
 
 NULL_TOKEN, UNK_TOKEN = "<NULL>", "<UNK>"
@@ -120,9 +119,8 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str) -> "Vocabulary":
         """Read and check a `{name}_vocab.json` (ours or one written by HCRN/DualVGR)."""
-        if not os.path.isfile(path):
-            raise UserError(f"vocabulary file not found: {path}; run the train split first "
-                            "(--mode train builds the vocabulary that val and test are encoded with)")
+        require_file(path, "vocabulary file", "run the train split first (--mode train builds the vocabulary "
+                     "that val and test are encoded with)")
         data = read_json(path)
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a JSON object with {', '.join(VOCAB_KEYS)}")
