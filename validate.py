@@ -110,7 +110,7 @@ def run_validation(config: Config, checkpoint_path: str, split: str = "test", wr
     folder = os.path.dirname(os.path.abspath(checkpoint_path))
     out = out or os.path.join(folder, f"eval_{split}.json")
     preds_out = preds_out or os.path.splitext(out)[0] + "_preds.csv"
-    answers_out = os.path.splitext(out)[0] + "_answers.json"
+    answers_out = answers_path(out)
     outputs = {"--out": out, "--preds-out": preds_out if write_preds else None,
                "the per-answer figures": answers_out if write_preds else None}
     inputs = {"--checkpoint": checkpoint_path, "--cfg": config_file,
@@ -131,6 +131,11 @@ def run_validation(config: Config, checkpoint_path: str, split: str = "test", wr
     with dist.session(), contextlib.ExitStack() as locks:
         dist.agree(lambda: take_outputs(locks), "the check of the output files")
         return _run_validation(config, checkpoint_path, split, write_preds, out, preds_out, model_overrides)
+
+
+def answers_path(out: str) -> str:
+    """Where --write-preds puts the per-answer figures: next to the evaluation JSON."""
+    return os.path.splitext(out)[0] + "_answers.json"
 
 
 def check_model_overrides(config: Config, model_config, keys: Sequence[str]) -> None:
@@ -203,7 +208,7 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
         if write_preds:
             write_predictions(preds_out, bundle, split, found)
             print(f"wrote {preds_out}")
-            answers_out = os.path.splitext(out)[0] + "_answers.json"
+            answers_out = answers_path(out)
             report = answer_report(bundle, split, found)
             write_json(answers_out, report)
             print(format_answer_report(report))
