@@ -22,10 +22,10 @@ import os
 import sys
 
 
-from vqakd.requirements_check import check_requirements  # noqa: E402
+from vqakd.core.script import check_requirements  # noqa: E402
 check_requirements("torchvision", "av")  # torch & co. missing: one line naming `make venv`, not a traceback
 
-from vqakd.errors import UserError, run_cli  # noqa: E402
+from vqakd.core.errors import UserError, run_cli  # noqa: E402
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     if args.out and not args.questions:
         parser.error("--out goes with --questions")
 
-    from vqakd.device import resolve_device
+    from vqakd.core.distributed import resolve_device
     from vqakd.predict import Answerer, ExtractionFlags, format_answer
     from vqakd.predict_batch import answer_rows, read_question_rows, write_records
 

@@ -23,7 +23,7 @@ import argparse
 import os
 
 
-from vqakd.errors import UserError, interruptible_imports, run_cli  # noqa: E402
+from vqakd.core.errors import UserError, interruptible_imports, run_cli  # noqa: E402
 
 ARM_NAMES = ("teacher, student-none, student-feature, student-logit (default); teacher-gatv2, "
              "student-feature-gatv2, teacher-safe, student-feature-safe")
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with interruptible_imports():
-        from vqakd.study import run_study
+        from vqakd.study.runner import run_study
     try:
         return run_study(args.cfg, args.seeds, args.arms, args.out, args.device, args.overrides, args.overwrite,
                          args.timing_passes, args.examples)

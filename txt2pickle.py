@@ -12,16 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 
-from vqakd.requirements_check import check_requirements  # noqa: E402
+from vqakd.core.script import check_requirements  # noqa: E402
 check_requirements(modules=("numpy", "tqdm"))  # numpy & co. missing: one line naming `make venv`, not a traceback
 
-from vqakd.errors import UserError, interruptible_imports, run_cli  # noqa: E402
+from vqakd.core.errors import UserError, interruptible_imports, run_cli  # noqa: E402
 
 with interruptible_imports():       # numpy and tqdm take a moment: Ctrl-C there is a clean exit too
-    from vqakd.glove import read_glove_text_with_stats, read_word_list  # noqa: E402
-    from vqakd.io import ensure_writable_dir, remove_stale_temporaries, write_pickle  # noqa: E402
-    from vqakd.locks import FolderLock  # noqa: E402
-    from vqakd.outputs import check_output_paths  # noqa: E402
+    from vqakd.data.glove import read_glove_text_with_stats, read_word_list  # noqa: E402
+    from vqakd.core.files import ensure_writable_dir, remove_stale_temporaries, write_pickle  # noqa: E402
+    from vqakd.core.locks import FolderLock  # noqa: E402
+    from vqakd.core.files import check_output_paths  # noqa: E402
 
 DEFAULT_GLOVE_TEXT = "data/glove/glove.840B.300d.txt"
 DEFAULT_OUT = "data/glove/glove.840.300d.pkl"

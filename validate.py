@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import argparse
 
-from vqakd.errors import run_cli
+from vqakd.core.errors import interruptible_imports, run_cli
+from vqakd.core.script import prepare_script
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,248 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    # Before torch is imported: waiting OpenMP threads sleep instead of spinning (vqakd/threads.py).
-    from vqakd.threads import apply_for_script
-
-    apply_for_script()
-    # --help and flag errors answer before torch is imported (seconds); main() parses again.
-    build_parser().parse_args()
-    from vqakd.requirements_check import check_requirements
-    check_requirements("sklearn")  # torch & co. missing: one line naming `make venv`, not a traceback
-
-import contextlib  # noqa: E402
-import csv  # noqa: E402
-import io  # noqa: E402
-import os  # noqa: E402
-from typing import Any, Mapping, Optional, Sequence  # noqa: E402
-
-from vqakd.errors import interruptible_imports  # noqa: E402
+    prepare_script(build_parser(), "sklearn")      # --help and flag errors answer before torch loads
 
 with interruptible_imports():       # torch takes seconds to import: Ctrl-C there is a clean exit too
-    import numpy as np  # noqa: E402
-
-    from vqakd import distributed as dist  # noqa: E402
-    from vqakd.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint  # noqa: E402
-    from vqakd.config import Config, eval_batch_size, load_config  # noqa: E402
-    from vqakd.data import DataBundle, load_data, make_loader, with_dropped  # noqa: E402
-    from vqakd.device import resolve_process_device  # noqa: E402
-    from vqakd.engine import configure_backends, evaluate  # noqa: E402
-    from vqakd.errors import UserError  # noqa: E402
-    from vqakd.io import atomic_open, ensure_writable_dir, remove_stale_temporaries, write_json  # noqa: E402
-    from vqakd.locks import output_lock  # noqa: E402
-    from vqakd.metrics import FIRST_ANSWER_LABEL, OTHER_TYPE, QUESTION_TYPES, format_table  # noqa: E402
-    from vqakd.models import check_vocab_match, count_parameters  # noqa: E402
-    from vqakd.outputs import check_output_paths  # noqa: E402
-    from vqakd.provenance_run import provenance_for_config, utc_now  # noqa: E402
-
-PREDICTION_COLUMNS = ("question_id", "video_id", "question", "predicted_answer", "answer", "correct",
-                      "question_type", "probability", "top5")
-TOP_K = 5
-# Per-answer figures cover this many of the split's most frequent true answers; the confusion
-# matrix the CONFUSION_ANSWERS most frequent (a readable square).
-REPORTED_ANSWERS = 20
-CONFUSION_ANSWERS = 10
+    from vqakd.core import distributed as dist
+    from vqakd.training.validation import validate_checkpoint
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+
+    def run() -> int:
+        validate_checkpoint(args.cfg, args.checkpoint, args.overrides, split=args.split, write_preds=args.write_preds,
+                            out=args.out, preds_out=args.preds_out, device=args.device)
+        return 0
+
     # Under torchrun an error every rank hits is printed once, by rank 0.
-    return dist.quiet_unless_main(lambda: _main(args))
-
-
-def _main(args) -> int:
-    # The network is rebuilt from the checkpoint's model_config: a model.* override can only
-    # repeat the checkpoint's value (checked once the checkpoint is read), never change it.
-    model_keys = [text.split("=", 1)[0].strip() for text in args.overrides
-                  if text.split("=", 1)[0].strip().startswith("model.")]
-    overrides = list(args.overrides)
-    if args.device is not None:
-        overrides.insert(0, f"train.device={args.device}")
-    config = load_config(args.cfg, overrides)
-    run_validation(config, args.checkpoint, split=args.split, write_preds=args.write_preds, out=args.out,
-                   preds_out=args.preds_out, model_overrides=model_keys, config_file=args.cfg)
-    return 0
-
-
-def run_validation(config: Config, checkpoint_path: str, split: str = "test", write_preds: bool = False,
-                   out: Optional[str] = None, preds_out: Optional[str] = None,
-                   model_overrides: Sequence[str] = (), config_file: Optional[str] = None) -> dict[str, Any]:
-    """Evaluate a checkpoint (ours or original) on a split; write JSON (and predictions CSV).
-    Under torchrun each process evaluates its share and rank 0 writes the whole split's figures.
-    `model_overrides`: the model.* keys the user set, refused where they differ from the
-    checkpoint's model_config (the checkpoint defines the network)."""
-    folder = os.path.dirname(os.path.abspath(checkpoint_path))
-    out = out or os.path.join(folder, f"eval_{split}.json")
-    preds_out = preds_out or os.path.splitext(out)[0] + "_preds.csv"
-    answers_out = answers_path(out)
-    outputs = {"--out": out, "--preds-out": preds_out if write_preds else None,
-               "the per-answer figures": answers_out if write_preds else None}
-    inputs = {"--checkpoint": checkpoint_path, "--cfg": config_file,
-              **{f"data.{key}": getattr(config.data, key) for key in (
-                  "vocab", "train_questions", "val_questions", "test_questions", "appearance_feat", "motion_feat")}}
-    check_output_paths(inputs, outputs)         # before any work: never replace the checkpoint
-    written = [path for path in outputs.values() if path]
-
-    def take_outputs(locks: contextlib.ExitStack) -> None:
-        # Only the main process writes: it locks the files (a second evaluation writing them is
-        # refused) and clears the temporary files a killed evaluation left.
-        if dist.is_main():
-            for path in written:
-                ensure_writable_dir(os.path.dirname(os.path.abspath(path)), "output folder for the evaluation results")
-                locks.enter_context(output_lock(path, "evaluation output"))
-            remove_stale_temporaries(written)
-
-    with dist.session(), contextlib.ExitStack() as locks:
-        dist.agree(lambda: take_outputs(locks), "the check of the output files")
-        return _run_validation(config, checkpoint_path, split, write_preds, out, preds_out, model_overrides)
-
-
-def answers_path(out: str) -> str:
-    """Where --write-preds puts the per-answer figures: next to the evaluation JSON."""
-    return os.path.splitext(out)[0] + "_answers.json"
-
-
-def check_model_overrides(config: Config, model_config, keys: Sequence[str]) -> None:
-    for key in keys:
-        name = key.split(".", 1)[1]
-        given, recorded = getattr(config.model, name, None), getattr(model_config, name, None)
-        if given != recorded:
-            raise UserError(f"--set {key}={given}: the checkpoint defines the model and has {name} = {recorded}; "
-                            "validate.py cannot change it (drop the --set)")
-
-
-def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: str,
-                    preds_out: str, model_overrides: Sequence[str] = ()) -> dict[str, Any]:
-    started = utc_now()
-    world, rank, main = dist.get_world_size(), dist.get_rank(), dist.is_main()
-
-    def start():
-        if split not in ("train", "val", "test"):
-            raise UserError(f"unknown split {split!r}; choose train, val or test")
-        device = resolve_process_device(config.train.device, what="train.device")
-        checkpoint = load_checkpoint(checkpoint_path)
-        ensure_writable_dir(os.path.dirname(os.path.abspath(out)), "output folder for the evaluation results")
-        model_config = model_config_from(checkpoint, checkpoint_path)
-        check_model_overrides(config, model_config, model_overrides)
-        # The checkpoint defines the network: its clip count and feature size are what the data must match.
-        config.model.num_nodes = model_config.num_nodes
-        config.model.vision_dim = model_config.vision_dim
-        bundle = load_data(config, splits=(split,), device=device, progress=config.train.progress and main,
-                           expected_by="the checkpoint's model_config")
-        check_vocab_match(checkpoint, checkpoint_path, bundle, "the checkpoint")
-        return device, checkpoint, bundle, model_from_checkpoint(checkpoint, checkpoint_path, device)
-
-    device, checkpoint, bundle, model = dist.agree(start)
-    configure_backends(device, config.train.tf32)
-    loader = make_loader(bundle.splits[split], bundle.table, -(-eval_batch_size(config) // world), False,
-                         config.train.seed, config.train.num_workers, device.type == "cuda", rank, world,
-                         reuse_buffers=True)
-    # One pass gives the accuracy and, with --write-preds, each question's top answers.
-    summary, found = evaluate(model, loader, device, amp=config.train.amp, return_predictions=write_preds,
-                              progress=config.train.progress and main, desc=split, top_k=TOP_K)
-    # Questions left out for missing videos (data.missing_videos: drop) count as wrong.
-    summary = with_dropped(summary, bundle.splits[split])
-    if write_preds and world > 1:
-        shares = dist.all_gather_objects(found)
-        found = {key: np.concatenate([share[key] for share in shares]) for key in found}
-    result = {
-        "checkpoint": checkpoint_path,
-        "split": split,
-        "accuracy": summary["accuracy"],
-        "correct": summary["correct"],
-        "count": summary["count"],
-        "accuracy_answered": summary["accuracy_answered"],
-        "count_answered": summary["count_answered"],
-        "dropped_questions": {split: bundle.splits[split].dropped},
-        "per_type": summary["per_type"],
-        "epoch": checkpoint.get("epoch"),
-        "stage": checkpoint.get("stage"),
-        "original_checkpoint": bool(checkpoint.get("original")),
-        # model_kwargs values of an original checkpoint that its weights contradict (ignored).
-        "claimed_model_kwargs": checkpoint.get("claimed_model_kwargs") or {},
-        "params": count_parameters(model),
-    }
-    if main:
-        for note in checkpoint.get("notes") or ():
-            print(f"note: {note}")
-        result["provenance"] = provenance_for_config(config, started=started, device=device, world_size=world)
-        print(format_table(summary, f"{checkpoint_path} on {split} ({summary['count']} questions):"))
-        write_json(out, result)
-        print(f"wrote {out}")
-        if write_preds:
-            write_predictions(preds_out, bundle, split, found)
-            print(f"wrote {preds_out}")
-            answers_out = answers_path(out)
-            report = answer_report(bundle, split, found)
-            write_json(answers_out, report)
-            print(format_answer_report(report))
-            print(f"wrote {answers_out}")
-    dist.barrier()
-    return result
-
-
-def question_type_name(code: int) -> str:
-    return QUESTION_TYPES[code] if code < OTHER_TYPE else "other"
-
-
-def write_predictions(path: str, bundle: DataBundle, split: str, found: Mapping[str, np.ndarray]) -> None:
-    """One CSV row per question of `split`, in question order (`found`: from
-    `evaluate(..., return_predictions=True)`, every process's share)."""
-    data = bundle.splits[split]
-    answers = bundle.vocab.idx_to_answer
-    order = np.argsort(found["index"], kind="stable")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(PREDICTION_COLUMNS)
-    for at in order:
-        index, predicted = int(found["index"][at]), int(found["prediction"][at])
-        label = int(data.answers[index])
-        top = "|".join(f"{answers[int(answer)]}:{prob:.4f}"
-                       for answer, prob in zip(found["top_answers"][at], found["top_probs"][at]))
-        writer.writerow([data.display_id(index), int(data.video_ids[index]), data.text(index, bundle.vocab),
-                         answers[predicted], answers[label], int(predicted == label and label >= FIRST_ANSWER_LABEL),
-                         question_type_name(int(data.qtypes[index])), f"{float(found['top_probs'][at][0]):.4f}", top])
-    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
-        handle.write(buffer.getvalue())
-
-
-
-def answer_report(bundle: DataBundle, split: str, found: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Precision, recall, F1 and support of the split's most frequent true answers (nameable ones:
-    <UNK0>/<UNK1> are never correct), and the confusion matrix among the most frequent of them
-    (rows: true answer, columns: predicted; a prediction outside those answers is not counted)."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-    data = bundle.splits[split]
-    names = bundle.vocab.idx_to_answer
-    truth = data.answers.numpy()[found["index"]]
-    predicted = found["prediction"]
-    labels, counts = np.unique(truth[truth >= FIRST_ANSWER_LABEL], return_counts=True)
-    frequent = [int(label) for label in labels[np.argsort(-counts, kind="stable")][:REPORTED_ANSWERS]]
-    report: dict[str, Any] = {"split": split, "questions": int(len(truth)), "answers": [], "confusion": None,
-                              "note": "per-answer figures of the most frequent true answers (scikit-learn); "
-                                      "confusion rows are true answers, columns predicted answers"}
-    if not frequent:
-        return report
-    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=frequent,
-                                                                     zero_division=0)
-    report["answers"] = [{"answer": names[label], "precision": float(p), "recall": float(r), "f1": float(f),
-                          "support": int(n)} for label, p, r, f, n in zip(frequent, precision, recall, f1, support)]
-    square = frequent[:CONFUSION_ANSWERS]
-    report["confusion"] = {"answers": [names[label] for label in square],
-                           "matrix": confusion_matrix(truth, predicted, labels=square).tolist()}
-    return report
-
-
-def format_answer_report(report: Mapping[str, Any], lines: int = 5) -> str:
-    """A few printed lines: the most frequent answers' precision / recall / F1."""
-    if not report["answers"]:
-        return "per-answer figures: no nameable answer in this split"
-    out = [f"most frequent answers ({len(report['answers'])} in the JSON): precision / recall / F1 (support)"]
-    for entry in report["answers"][:lines]:
-        out.append(f"  {entry['answer']:<16} {100 * entry['precision']:5.1f}% {100 * entry['recall']:5.1f}% "
-                   f"{100 * entry['f1']:5.1f}% ({entry['support']})")
-    return "\n".join(out)
+    return dist.quiet_unless_main(run)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Training on a shared CPU: a short demo-sized training alone and beside one CPU-bound process,
-with the old thread settings and the new defaults (vqakd/threads.py), side by side in one run.
+with the old thread settings and the new defaults (vqakd/core/script.py), side by side in one run.
 
     python bench/contention.py [--steps 12] [--rounds 3] [--json-out bench/results/contention_cpu.json]
 
@@ -47,14 +47,14 @@ THREAD_VARIABLES = ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "MKL_
 def worker(setting: str, steps: int) -> None:
     """Runs in the measured process: apply the setting, then import torch and train."""
     if SETTINGS[setting]["defaults"]:
-        from vqakd.threads import apply_thread_defaults
+        from vqakd.core.script import apply_thread_defaults
 
         apply_thread_defaults()
     import torch
 
     from model import DualVGR, ModelConfig
-    from vqakd.config import LossConfig
-    from vqakd.engine import train_one_epoch
+    from vqakd.core.config import LossConfig
+    from vqakd.training.engine import train_one_epoch
 
     torch.manual_seed(0)
     batch, nodes, frames, dim, length = 32, 6, 4, 2048, 10
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args.worker, args.steps)
         return 0
-    from vqakd.errors import UserError
+    from vqakd.core.errors import UserError
 
     settings = [name.strip() for name in args.settings.split(",") if name.strip()]
     unknown = [name for name in settings if name not in SETTINGS]
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         print(f"{name:<12} {row['threads']:>7} {row['alone_s']:>8.2f} {row['contended_s']:>12.2f} "
               f"{row['slowdown']:>8.2f}x")
     if args.json_out:
-        from vqakd.io import write_json
+        from vqakd.core.files import write_json
 
         write_json(args.json_out, {"benchmark": "contention", "steps": args.steps, "rounds": args.rounds,
                                    "competitor": args.competitor, "cpus": os.cpu_count(),
@@ -154,6 +154,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from vqakd.errors import run_cli
+    from vqakd.core.errors import run_cli
 
     run_cli(main)

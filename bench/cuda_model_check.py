@@ -34,9 +34,9 @@ import torch  # noqa: E402
 
 from model import DualVGR, ModelConfig  # noqa: E402
 from model.losses import feature_distill_loss, hard_loss  # noqa: E402
-from vqakd.device import resolve_device  # noqa: E402
-from vqakd.errors import run_cli  # noqa: E402
-from vqakd.io import write_json  # noqa: E402
+from vqakd.core.distributed import resolve_device  # noqa: E402
+from vqakd.core.errors import run_cli  # noqa: E402
+from vqakd.core.files import write_json  # noqa: E402
 
 TINY = dict(question_vocab_size=30, answer_vocab_size=11, vision_dim=24, module_dim=32, word_dim=12, num_nodes=4,
             graph_layers=2, num_heads=4, fusion_dim=16)

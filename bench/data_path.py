@@ -6,7 +6,7 @@
 Writes synthetic feature files in the layout of docs/method.md#feature-files (V videos x N clips x F frames x 2048
 appearance, V x N x 2048 motion, float32) plus a vocabulary and a train question file, then
 reads the same batches of the same files two ways, side by side in one run:
-- ours: `vqakd.data` as `train.py` uses it — both HDF5 files read once into the feature table
+- ours: `vqakd.data.batches` as `train.py` uses it — both HDF5 files read once into the feature table
   (`load_data`, time reported separately as a one-off), each batch one index gather
   (`make_loader` / `QuestionBatches` / `FeatureTable.gather`);
 - original: the HCRN/DualVGR approach — `Dataset.__getitem__` opens both HDF5 files and reads one
@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vqakd.errors import UserError, run_cli  # noqa: E402
-from vqakd.io import write_json  # noqa: E402
+from vqakd.core.errors import UserError, run_cli  # noqa: E402
+from vqakd.core.files import write_json  # noqa: E402
 
 DEFAULT_VIDEOS = 160
 DEFAULT_QUESTIONS = 4096
@@ -181,11 +181,11 @@ def main(argv=None) -> int:
         raise UserError(f"--questions must be at least (batches + 1) x batch size = "
                         f"{(args.batches + 1) * args.batch_size}")
     torch.set_num_threads(args.threads)
-    from vqakd.device import resolve_device
+    from vqakd.core.distributed import resolve_device
 
     device = resolve_device(args.device)
-    from vqakd.config import config_from_dict
-    from vqakd.data import load_data, make_loader
+    from vqakd.core.config import config_from_dict
+    from vqakd.data.batches import load_data, make_loader
 
     folder = args.dir or tempfile.mkdtemp(prefix="vqakd_bench_data_")
     os.makedirs(folder, exist_ok=True)

@@ -12,7 +12,7 @@ by one on a motion channel, so the validation accuracy of a few epochs compares 
 Then, for the teacher (G=4) and the student (G=1, feature distillation, the frozen teacher's
 forward included), side by side in one process:
 - ours: the real run's path: `load_data` (the feature table, on the GPU when it fits),
-  `make_loader`, `train_one_epoch` and `evaluate` of vqakd/engine.py, with TF32 on CUDA and the
+  `make_loader`, `train_one_epoch` and `evaluate` of vqakd/training/engine.py, with TF32 on CUDA and the
   chosen `--amp` / `--compile`. --warmup-epochs untimed epochs first (compilation, cuDNN
   autotuning), then --epochs timed ones;
 - original: a Dataset whose __getitem__ opens both HDF5 files and reads one question's video
@@ -51,7 +51,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCH)
 
 if __name__ == "__main__":
-    from vqakd.threads import apply_for_script
+    from vqakd.core.script import apply_for_script
 
     apply_for_script()          # as train.py: waiting OpenMP threads sleep (before torch is imported)
 
@@ -59,8 +59,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data_path import PerSampleHDF5  # noqa: E402
-from vqakd.errors import UserError, run_cli  # noqa: E402
-from vqakd.io import write_json  # noqa: E402
+from vqakd.core.errors import UserError, run_cli  # noqa: E402
+from vqakd.core.files import write_json  # noqa: E402
 
 FULL = dict(videos=1970, train_questions=30933, val_questions=6415, clips=8, frames=16, dim=2048,
             batch_size=256, question_vocab=4000, answers=1000, module_dim=768, word_dim=300,
@@ -124,7 +124,7 @@ def write_data(folder: str, a: argparse.Namespace, seed: int = 0) -> dict[str, s
 
 
 def bench_config(paths: dict[str, str], a: argparse.Namespace, folder: str):
-    from vqakd.config import config_from_dict
+    from vqakd.core.config import config_from_dict
 
     return config_from_dict({
         "dataset": "msvd-qa", "output_dir": folder,
@@ -200,7 +200,7 @@ class Limited:
 
 
 def make_models(config, stage: str, bundle, device: torch.device, compile_: bool):
-    from vqakd.models import build_model_for_stage
+    from vqakd.training.builders import build_model_for_stage
 
     torch.manual_seed(0)
     model = build_model_for_stage(config, stage, bundle, device, progress=False)
@@ -216,8 +216,8 @@ def make_models(config, stage: str, bundle, device: torch.device, compile_: bool
 
 def ours(stage: str, config, bundle, a: argparse.Namespace, sampler: Optional[GpuSampler]) -> dict[str, Any]:
     """Epochs of the real engine; the last --epochs of them timed."""
-    from vqakd.data import make_loader
-    from vqakd.engine import evaluate, train_one_epoch
+    from vqakd.data.batches import make_loader
+    from vqakd.training.engine import evaluate, train_one_epoch
 
     device = a.device_obj
     model, teacher = make_models(config, stage, bundle, device, a.compile)
@@ -263,7 +263,7 @@ def ours(stage: str, config, bundle, a: argparse.Namespace, sampler: Optional[Gp
 
 def original(stage: str, config, bundle, paths, a: argparse.Namespace, sampler: Optional[GpuSampler]) -> dict:
     """The per-question HDF5 loader and a plain loop, over --baseline-batches batches per split."""
-    from vqakd.engine import compute_loss
+    from vqakd.training.engine import compute_loss
 
     device = a.device_obj
     model, teacher = make_models(config, stage, bundle, device, False)
@@ -324,7 +324,7 @@ def original(stage: str, config, bundle, paths, a: argparse.Namespace, sampler: 
 
 def memory_plan(device: torch.device) -> dict[str, Any]:
     """An MSRVTT-QA-sized table: bytes per dtype, and where it would go on this machine."""
-    from vqakd.feature_table import GPU_TABLE_SHARE, MEMORY_HEADROOM, _available_memory_bytes
+    from vqakd.data.features import GPU_TABLE_SHARE, MEMORY_HEADROOM, _available_memory_bytes
 
     values = MSRVTT["videos"] * MSRVTT["clips"] * MSRVTT["dim"] * (MSRVTT["frames"] + 1)
     plan = {"videos": MSRVTT["videos"], "clips": MSRVTT["clips"], "frames": MSRVTT["frames"], "dim": MSRVTT["dim"],
@@ -387,9 +387,9 @@ def main(argv=None) -> int:
         raise UserError("--epochs must be >= 1; --warmup-epochs, --max-train-steps, --max-val-steps >= 0")
     if a.threads:
         torch.set_num_threads(a.threads)
-    from vqakd.data import load_data
-    from vqakd.device import resolve_device
-    from vqakd.engine import configure_backends
+    from vqakd.data.batches import load_data
+    from vqakd.core.distributed import resolve_device
+    from vqakd.training.engine import configure_backends
 
     a.device_obj = device = resolve_device(a.device)
     configure_backends(device, tf32=not a.no_tf32)

@@ -39,10 +39,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vqakd.annotations import Video  # noqa: E402
-from vqakd.device import resolve_device  # noqa: E402
+from vqakd.data.annotations import Video  # noqa: E402
+from vqakd.core.distributed import resolve_device  # noqa: E402
 from vqakd.extraction import ExtractionSettings, make_extractor  # noqa: E402
-from vqakd.video import RESIZE_FILTER, clip_frame_indices, read_clip_frames  # noqa: E402
+from vqakd.extraction.video import RESIZE_FILTER, clip_frame_indices, read_clip_frames  # noqa: E402
 
 DEFAULT = {"videos": 32, "width": 320, "height": 240, "frames": 300, "fps": 30,
            "num_clips": 8, "frames_per_clip": 16, "resnet_size": 224, "resnext_size": 112}

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from test_train_fixtures import make_dataset, tiny_config_dict, write_config  # noqa: E402
 
-from vqakd.errors import UserError, run_cli  # noqa: E402
+from vqakd.core.errors import UserError, run_cli  # noqa: E402
 
 DEFAULT_VIDEOS = 120
 DEFAULT_QUESTIONS_PER_VIDEO = 6

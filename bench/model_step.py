@@ -25,9 +25,9 @@ import torch  # noqa: E402
 
 from model import DualVGR, ModelConfig  # noqa: E402
 from model.losses import feature_distill_loss, hard_loss  # noqa: E402
-from vqakd.device import resolve_device  # noqa: E402
-from vqakd.errors import UserError, run_cli  # noqa: E402
-from vqakd.io import write_json  # noqa: E402
+from vqakd.core.distributed import resolve_device  # noqa: E402
+from vqakd.core.errors import UserError, run_cli  # noqa: E402
+from vqakd.core.files import write_json  # noqa: E402
 
 DEFAULT_BATCH = 32
 DEFAULT_NODES = 8

@@ -3,7 +3,7 @@ the answer; the first video of a process also builds the networks: reported apar
 
     python bench/predict.py [--videos 3] [--questions 20] [--full] [--json-out predict.json]
 
-Generates demo videos (vqakd/demo_data.py) and a student-sized checkpoint whose record says
+Generates demo videos (vqakd/demo/data.py) and a student-sized checkpoint whose record says
 "random-weight networks" (nothing to download), with the demo's extraction settings (6 clips,
 32x32 images, 4 / 8 frames per clip), or the real datasets' with --full (8 clips, 224x224 /
 112x112 images, 16 frames per clip; minutes per video on a small CPU). Prints one JSON object.
@@ -27,8 +27,8 @@ def make_checkpoint(path: str, num_clips: int, sizes: dict, frames: dict, words:
     import torch
 
     from model import DualVGR, ModelConfig
-    from vqakd.checkpoint import build_checkpoint, save_checkpoint
-    from vqakd.provenance import MODEL_OF_KIND
+    from vqakd.training.checkpoint import build_checkpoint, save_checkpoint
+    from vqakd.training.inference_record import MODEL_OF_KIND
 
     question_vocab = {"<NULL>": 0, "<UNK>": 1, **{w: i + 2 for i, w in enumerate(words)}}
     answer_vocab = {"<UNK0>": 0, "<UNK1>": 1, **{a: i + 2 for i, a in enumerate(answers)}}
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from vqakd import demo_data
+    from vqakd.demo import data as demo_data
     from vqakd.predict import Answerer
 
     torch.set_num_threads(args.threads)

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from test_train_fixtures import make_dataset, tiny_config_dict, write_config  # noqa: E402
 
-from vqakd.errors import UserError, run_cli  # noqa: E402
+from vqakd.core.errors import UserError, run_cli  # noqa: E402
 
 NO_DROPOUT = {name: 0.0 for name in ("word_dropout", "frame_dropout", "encoder_dropout", "graph_dropout",
                                      "head_dropout")}

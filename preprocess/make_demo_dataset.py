@@ -4,8 +4,8 @@
 
 Writes `YouTubeClips/*.avi`, `youtube_mapping.txt`, `{train,val,test}_qa.json`,
 `glove.demo.300d.txt` and `dataset_info.json` (counts and majority-answer rates). The same seed
-and settings always give the same files' contents. See `vqakd/demo_scenes.py` for the scenes and
-`vqakd/demo_data.py` for the questions.
+and settings always give the same files' contents. See `vqakd/demo/scenes.py` for the scenes and
+`vqakd/demo/data.py` for the questions.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vqakd.requirements_check import check_requirements  # noqa: E402
+from vqakd.core.script import check_requirements  # noqa: E402
 check_requirements(modules=("numpy", "tqdm", "av"))  # numpy & co. missing: one line naming `make venv`, not a traceback
 
-from vqakd import demo_data  # noqa: E402
-from vqakd.errors import run_cli  # noqa: E402
+from vqakd.demo import data as demo_data  # noqa: E402
+from vqakd.core.errors import run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

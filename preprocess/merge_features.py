@@ -23,17 +23,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vqakd.requirements_check import check_requirements  # noqa: E402
+from vqakd.core.script import check_requirements  # noqa: E402
 check_requirements()  # torch & co. missing: one line naming `make venv`, not a traceback
 
-from vqakd.errors import interruptible_imports, run_cli  # noqa: E402
+from vqakd.core.errors import interruptible_imports, run_cli  # noqa: E402
 
 with interruptible_imports():       # h5py and torch take seconds to import: Ctrl-C there is a clean exit too
     from vqakd.extraction import merge_into_output  # noqa: E402
     from vqakd.extraction.parts import failures_report  # noqa: E402
-    from vqakd.io import ensure_writable_dir, remove_stale_temporaries  # noqa: E402
-    from vqakd.locks import output_lock  # noqa: E402
-    from vqakd.outputs import check_output_paths  # noqa: E402
+    from vqakd.core.files import ensure_writable_dir, remove_stale_temporaries  # noqa: E402
+    from vqakd.core.locks import output_lock  # noqa: E402
+    from vqakd.core.files import check_output_paths  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -22,22 +22,22 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vqakd.requirements_check import check_requirements  # noqa: E402
+from vqakd.core.script import check_requirements  # noqa: E402
 check_requirements("torchvision", "av")  # torch & co. missing: one line naming `make venv`, not a traceback
 
-from vqakd.errors import UserError, interruptible_imports, run_cli  # noqa: E402
+from vqakd.core.errors import UserError, interruptible_imports, run_cli  # noqa: E402
 
 with interruptible_imports():       # torch takes seconds to import: Ctrl-C there is a clean exit too
-    from vqakd.annotations import DATASETS, list_videos  # noqa: E402
-    from vqakd.device import resolve_process_device  # noqa: E402
-    from vqakd.distributed import agree, is_main, quiet_unless_main, session  # noqa: E402
+    from vqakd.data.annotations import DATASETS, list_videos  # noqa: E402
+    from vqakd.core.distributed import resolve_process_device  # noqa: E402
+    from vqakd.core.distributed import agree, is_main, quiet_unless_main, session  # noqa: E402
     from vqakd.extraction import (DEFAULT_CHUNK_VIDEOS, DEFAULT_FRAMES_PER_CLIP,  # noqa: E402
                                   DEFAULT_NUM_CLIPS, DEFAULT_RANDOM_SEED, NETWORKS, NORMALIZATIONS,
                                   PROCESS_GROUP_TIMEOUT, ExtractionSettings, Shard, make_extractor)
     from vqakd.extraction.parts import failures_report  # noqa: E402
-    from vqakd.io import ensure_writable_dir  # noqa: E402
-    from vqakd.locks import output_lock  # noqa: E402
-    from vqakd.outputs import check_output_paths  # noqa: E402
+    from vqakd.core.files import ensure_writable_dir  # noqa: E402
+    from vqakd.core.locks import output_lock  # noqa: E402
+    from vqakd.core.files import check_output_paths  # noqa: E402
 
 DEFAULT_NUM_WORKERS = 4
 OUTPUT_KIND = {"resnet101": "appearance", "resnext101": "motion"}

@@ -19,18 +19,18 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vqakd.requirements_check import check_requirements  # noqa: E402
+from vqakd.core.script import check_requirements  # noqa: E402
 check_requirements(modules=("numpy", "tqdm", "nltk"))  # numpy & co. missing: one line naming `make venv`, not a traceback
 
-from vqakd.errors import UserError, interruptible_imports, run_cli  # noqa: E402
+from vqakd.core.errors import UserError, interruptible_imports, run_cli  # noqa: E402
 
 with interruptible_imports():       # numpy, nltk and tqdm take a moment: Ctrl-C there is a clean exit too
-    from vqakd.annotations import DATASETS, SPLITS, qa_path  # noqa: E402
-    from vqakd.io import ensure_writable_dir, remove_stale_temporaries  # noqa: E402
-    from vqakd.locks import FolderLock  # noqa: E402
-    from vqakd.outputs import check_output_paths, expand_template  # noqa: E402
-    from vqakd.questions import format_summary, preprocess_split, questions_path, summary_path, vocab_path  # noqa: E402
-    from vqakd.vocab import DEFAULT_ANSWER_TOP  # noqa: E402
+    from vqakd.data.annotations import DATASETS, SPLITS, qa_path  # noqa: E402
+    from vqakd.core.files import ensure_writable_dir, remove_stale_temporaries  # noqa: E402
+    from vqakd.core.locks import FolderLock  # noqa: E402
+    from vqakd.core.files import check_output_paths, expand_template  # noqa: E402
+    from vqakd.data.questions import format_summary, preprocess_split, questions_path, summary_path, vocab_path  # noqa: E402
+    from vqakd.data.vocab import DEFAULT_ANSWER_TOP  # noqa: E402
 
 DEFAULT_GLOVE = "data/glove/glove.840.300d.pkl"
 MODES = SPLITS + ("all",)

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from vqakd.errors import run_cli
+from vqakd.core.errors import run_cli
 
 
 def run_main(main, argv, quiet: bool = False) -> tuple[int, str]:

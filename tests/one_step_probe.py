@@ -31,10 +31,10 @@ def _grad_summary(model: torch.nn.Module) -> dict:
 
 def _one_step(config, stage: str, teacher_path: str | None) -> dict:
     """Losses and gradients of the first training batch of a fresh run of `stage`."""
-    from vqakd.checkpoint import seed_everything
-    from vqakd.data import load_data, make_loader
-    from vqakd.engine import compute_loss, forward_batch
-    from vqakd.models import build_model_for_stage, load_teacher
+    from vqakd.training.checkpoint import seed_everything
+    from vqakd.data.batches import load_data, make_loader
+    from vqakd.training.engine import compute_loss, forward_batch
+    from vqakd.training.builders import build_model_for_stage, load_teacher
 
     device = torch.device("cpu")
     bundle = load_data(config, device=device, progress=False)
@@ -59,7 +59,7 @@ def _one_step(config, stage: str, teacher_path: str | None) -> dict:
 def measure(tmp: str) -> dict:
     import train
     import validate
-    from vqakd.config import load_config
+    from vqakd.core.config import load_config
 
     data = make_dataset(os.path.join(tmp, "data"))
     cfg = write_config(os.path.join(tmp, "tiny.yml"),

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from vqakd.annotations import list_videos, load_qa
-from vqakd.device import resolve_device, resolve_process_device
-from vqakd.errors import UserError
-from vqakd.io import atomic_open, ensure_writable_dir, write_json
-from vqakd.safe_pickle import safe_load
+from vqakd.data.annotations import list_videos, load_qa
+from vqakd.core.distributed import resolve_device, resolve_process_device
+from vqakd.core.errors import UserError
+from vqakd.core.files import atomic_open, ensure_writable_dir, write_json
+from vqakd.core.safe_pickle import safe_load
 
 
 def test_atomic_open_leaves_nothing_on_failure(tmp_path):
@@ -135,7 +135,7 @@ def test_annotations_msvd_and_errors(tmp_path):
 
 
 def test_run_cli_prints_one_line_and_exits_2(tmp_path):
-    code = ("from vqakd.errors import run_cli, UserError\n"
+    code = ("from vqakd.core.errors import run_cli, UserError\n"
             "def main():\n    raise UserError('data/x.h5: record 3: bad shape')\n"
             "run_cli(main)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

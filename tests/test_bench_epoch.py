@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from vqakd.errors import UserError
+from vqakd.core.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,9 +7,9 @@ import os
 import pytest
 import yaml
 
-from vqakd.config import (Config, config_from_dict, config_to_dict, dump_config, eval_batch_size, load_config,
+from vqakd.core.config import (Config, config_from_dict, config_to_dict, dump_config, eval_batch_size, load_config,
                           parse_override)
-from vqakd.errors import UserError
+from vqakd.core.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MSVD = os.path.join(ROOT, "configs", "msvd_qa.yml")
@@ -130,13 +130,14 @@ def test_original_flags_map_onto_keys_and_set_wins():
 
 def test_train_cli_flags_reach_the_config(monkeypatch):
     import train
+    import vqakd.training.run
 
     seen = {}
 
     def fake_run(config, stage, **kwargs):
         seen.update(config=config, stage=stage, **kwargs)
 
-    monkeypatch.setattr(train, "run_training", fake_run)
+    monkeypatch.setattr(vqakd.training.run, "run_training", fake_run)
     assert train.main(["--cfg", MSVD, "--stage", "student", "--kd_alpha", "2", "--t_mo", "3", "--unit_layers", "2",
                        "--distill", "logit", "--device", "cpu", "--set", "train.epochs=3", "--resume"]) == 0
     config = seen["config"]

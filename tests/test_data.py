@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from test_train_fixtures import make_dataset, tiny_config_dict
-from vqakd.config import config_from_dict
-from vqakd.data import EpochBatchSampler, QuestionBatches, load_data, make_loader
-from vqakd.errors import UserError
-from vqakd.metrics import OTHER_TYPE, QUESTION_TYPES
+from vqakd.core.config import config_from_dict
+from vqakd.data.batches import EpochBatchSampler, QuestionBatches, load_data, make_loader
+from vqakd.core.errors import UserError
+from vqakd.data.questions import OTHER_TYPE, QUESTION_TYPES
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def tiny_data(tiny):
 
 
 def test_table_too_big_for_memory_suggests_float16_or_lazy(tiny, tmp_path, monkeypatch):
-    import vqakd.feature_table as feature_table
+    import vqakd.data.features as feature_table
 
     monkeypatch.setattr(feature_table, "_available_memory_bytes", lambda: 1000)
     with pytest.raises(UserError, match="feature_dtype: float16 .* or data.feature_mode: lazy"):
@@ -285,7 +285,7 @@ def test_reused_batch_buffers_give_the_same_batches(tiny, tmp_path):
 
 
 def test_feature_device_choices_on_a_cpu_machine(tiny, tmp_path):
-    from vqakd.data import choose_table_device
+    from vqakd.data.batches import choose_table_device
 
     bundle = load_data(config_for(tiny, tmp_path), splits=("val",), device=torch.device("cpu"), progress=False)
     assert bundle.table.device == torch.device("cpu")

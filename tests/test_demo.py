@@ -1,6 +1,6 @@
-"""The synthetic demo: the dataset generator (vqakd/demo_scenes.py, vqakd/demo_data.py,
-preprocess/make_demo_dataset.py), the step runner (vqakd/demo_steps.py) and the demo behind
-`make demo` (vqakd/demo.py)."""
+"""The synthetic demo: the dataset generator (vqakd/demo/scenes.py, vqakd/demo/data.py,
+preprocess/make_demo_dataset.py), the step runner (vqakd/demo/steps.py) and the demo behind
+`make demo` (vqakd/demo/pipeline.py)."""
 
 import filecmp
 import json
@@ -12,9 +12,9 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from vqakd import demo_data, demo_scenes, demo_steps, demo_table
-from vqakd.annotations import list_videos, load_msvd_mapping, load_qa
-from vqakd.errors import UserError
+from vqakd.demo import data as demo_data, scenes as demo_scenes, steps as demo_steps, table as demo_table
+from vqakd.data.annotations import list_videos, load_msvd_mapping, load_qa
+from vqakd.core.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DEMO = ["--num-videos", "6", "--frame-size", "32", "--image-size", "32", "--appearance-frames", "2",
@@ -81,7 +81,7 @@ def test_answers_balanced_and_all_five_question_types():
         by_kind = defaultdict(Counter)
         for record in records:
             by_kind[kind_of(record["question"])][record["answer"]] += 1
-        assert set(by_kind) == set(demo_data.QUESTION_KINDS)
+        assert set(by_kind) == set(demo_data.QUESTION_TYPES)
         expected = {"what": set(demo_scenes.COLOURS), "who": set(demo_scenes.SHAPES),
                     "where": set(demo_scenes.PLACES),
                     "how": set(demo_scenes.COUNT_WORDS.values()), "when": set(demo_scenes.TIMINGS)}
@@ -128,7 +128,7 @@ def test_answers_match_the_scene_and_the_pixels():
         assert answers["what"] == scene.colour and answers["where"] == scene.place
         assert answers["who"] == scene.shape
         assert answers["how"] == demo_scenes.COUNT_WORDS[scene.count]
-        frames = demo_scenes.render_video(scene, settings)
+        frames = demo_scenes.render_video(scene, settings.num_frames, settings.frame_size)
         mask = np.all(frames == np.array(demo_scenes.COLOURS[answers["what"]], np.uint8), axis=-1)
         visible = mask.any(axis=(1, 2))
         half = settings.num_frames // 2
@@ -319,7 +319,7 @@ def test_readme_demo_table_is_the_rendering_of_the_committed_summary():
     summary = json.loads(open(demo_table.COMMITTED_SUMMARY, encoding="utf-8").read())
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     assert demo_table.readme_table(readme) == demo_table.readme_block(summary), \
-        "README.md's demo table differs from docs/demo_summary.json: run python -m vqakd.demo_table --readme README.md"
+        "README.md's demo table differs from docs/demo_summary.json: run python -m vqakd.demo.table --readme README.md"
 
 
 def test_table_marks_question_types_the_features_do_not_carry(tmp_path):

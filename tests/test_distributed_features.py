@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from test_video import make_video
-from vqakd.errors import UserError, run_cli
+from vqakd.core.errors import UserError, run_cli
 from vqakd.extraction import Shard
 from vqakd.extraction.plan import launch_problem
 
@@ -116,7 +116,7 @@ def test_torchrun_two_ranks_resume_and_merge_equal_single_process(dataset, refer
 
 
 def test_torchrun_failure_on_rank_0_stops_every_rank_and_is_printed_once(dataset, reference, tmp_path):
-    """Rank 0 alone checks the output (vqakd.distributed.from_main): here one made with other
+    """Rank 0 alone checks the output (vqakd.core.distributed.from_main): here one made with other
     settings. Every rank stops; rank 0 prints the reason once, the other exits quietly."""
     out = tmp_path / "msvd-qa_appearance_feat.h5"
     shutil.copy(reference, out)
@@ -229,7 +229,7 @@ def test_shard_and_device_choice(monkeypatch):
     with pytest.raises(UserError, match=r"--shard-index must be in 0..1 for --num-shards 2, got 2"):
         Shard(2, 2)
     assert [k for k in range(7) if Shard(3, 1).owns(k)] == [1, 4]
-    # under torchrun, auto/cuda means this rank's GPU (the rule of vqakd.device.resolve_process_device)
+    # under torchrun, auto/cuda means this rank's GPU (the rule of vqakd.core.distributed.resolve_process_device)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

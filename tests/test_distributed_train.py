@@ -27,8 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import train  # noqa: E402
 import validate  # noqa: E402
-from vqakd import distributed as dist  # noqa: E402
-from vqakd.errors import UserError  # noqa: E402
+from vqakd.core import distributed as dist  # noqa: E402
+from vqakd.core.errors import UserError  # noqa: E402
 
 EPOCHS = 2
 NO_DROPOUT = {name: 0.0 for name in ("word_dropout", "frame_dropout", "encoder_dropout", "graph_dropout",
@@ -213,7 +213,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             report["agree_quiet"] = bool(getattr(exc, "shown_by_main", False))
 
         # 3. A non-finite loss on rank 1 only: every rank raises the same error at the same check.
-        from vqakd.engine import _NonFiniteWatch
+        from vqakd.training.engine import _NonFiniteWatch
         watch = _NonFiniteWatch(("loss", "ce"), (), torch.device("cpu"))
         watch.update(1, torch.tensor([1.0, 1.0]))
         watch.update(2, torch.tensor([float("nan") if rank == 1 else 2.0, 1.0]))
@@ -243,8 +243,8 @@ def test_global_batchnorm_agreement_and_nan_watch_in_two_processes(tmp_path):
 # ----------------------------------------------------------------------------- single-process pieces
 
 def test_global_batch_is_split_and_must_divide():
-    from vqakd.data import EpochBatchSampler
-    from train import per_process_batch
+    from vqakd.data.batches import EpochBatchSampler
+    from vqakd.training.run import per_process_batch
 
     assert per_process_batch(256, 4) == 64 and per_process_batch(32, 1) == 32
     with pytest.raises(UserError, match=r"train.batch_size \(30\) is the global batch .* \(4\); e.g. --set "
@@ -259,8 +259,8 @@ def test_global_batch_is_split_and_must_divide():
 
 def test_hsic_term_is_scaled_per_share():
     from model import DualVGR, ModelConfig
-    from vqakd.config import LossConfig
-    from vqakd.engine import compute_loss
+    from vqakd.core.config import LossConfig
+    from vqakd.training.engine import compute_loss
 
     torch.manual_seed(0)
     config = ModelConfig(question_vocab_size=15, answer_vocab_size=11, vision_dim=16, module_dim=32, word_dim=12,
@@ -277,7 +277,7 @@ def test_hsic_term_is_scaled_per_share():
 
 
 def test_single_process_pieces_need_no_process_group(monkeypatch):
-    from vqakd.device import resolve_process_device
+    from vqakd.core.distributed import resolve_process_device
 
     layer = torch.nn.BatchNorm1d(3)
     converted = dist.convert_batchnorm(torch.nn.Sequential(layer))

@@ -20,12 +20,12 @@ import torch
 
 from test_video import make_corrupt_video, make_unsupported_codec_video, make_video
 from vqakd.extraction import weights as weights_module
-from vqakd.annotations import Video
-from vqakd.errors import UserError, run_cli
-from vqakd.io import file_sha256
+from vqakd.data.annotations import Video
+from vqakd.core.errors import UserError, run_cli
+from vqakd.core.files import file_sha256
 from vqakd.extraction import KINETICS_MEAN, ExtractionSettings, make_extractor
 from vqakd.extraction.resnext3d import load_resnext101, resnext101
-from vqakd.video import read_clip_frames
+from vqakd.extraction.video import read_clip_frames
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "preprocess", "preprocess_features.py")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import txt2pickle
-import vqakd.io
-from vqakd.errors import UserError, run_cli
-from vqakd.glove import (load_glove, load_glove_pickle, load_glove_pickle_with_stats, read_glove_text,
+import vqakd.core.files
+from vqakd.core.errors import UserError, run_cli
+from vqakd.data.glove import (load_glove, load_glove_pickle, load_glove_pickle_with_stats, read_glove_text,
                          read_glove_text_with_stats, read_word_list)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,7 +204,7 @@ def test_txt2pickle_failing_mid_write_leaves_no_file(glove_txt, tmp_path, monkey
         handle.write(pickle.dumps(obj)[:50])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(vqakd.io.pickle, "dump", dump_half_then_die)
+    monkeypatch.setattr(vqakd.core.files.pickle, "dump", dump_half_then_die)
     with pytest.raises(OSError):
         txt2pickle.main(["--glove", str(glove_txt), "--out", str(out), "--no-progress"])
     assert os.listdir(tmp_path) == [glove_txt.name]

@@ -19,11 +19,11 @@ import train  # noqa: E402
 import validate  # noqa: E402
 from model import DualVGROutput, LayerOutput, ModelConfig  # noqa: E402
 from model.original import ours_to_original  # noqa: E402
-from vqakd.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from vqakd.config import LossConfig, load_config  # noqa: E402
-from vqakd.data import load_data, make_loader  # noqa: E402
-from vqakd.engine import compute_loss, evaluate  # noqa: E402
-from vqakd.metrics import LOSS_PARTS  # noqa: E402
+from vqakd.training.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from vqakd.core.config import LossConfig, load_config  # noqa: E402
+from vqakd.data.batches import load_data, make_loader  # noqa: E402
+from vqakd.training.engine import compute_loss, evaluate  # noqa: E402
+from vqakd.training.metrics import LOSS_PARTS  # noqa: E402
 
 WARNING = "clip features identical across clips; the common loss there is rounding noise"
 STREAMS = ("specific_appearance", "common_appearance", "specific_motion", "common_motion")

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 
 import txt2pickle
-import vqakd.io
+import vqakd.core.files
 from preprocess.preprocess_questions import main as preprocess_main
-from vqakd.annotations import load_msvd_mapping, load_qa
-from vqakd.errors import UserError, run_cli
-from vqakd.glove import MAX_TOKEN_BYTES, read_glove_text_with_stats
-from vqakd.io import atomic_open, file_sha256, remove_stale_temporaries, write_json, write_pickle
-from vqakd.outputs import check_output_paths, expand_template
-from vqakd.questions import check_vocab_binding, load_question_file
-from vqakd.safe_pickle import safe_load
+from vqakd.data.annotations import load_msvd_mapping, load_qa
+from vqakd.core.errors import UserError, run_cli
+from vqakd.data.glove import MAX_TOKEN_BYTES, read_glove_text_with_stats
+from vqakd.core.files import atomic_open, file_sha256, remove_stale_temporaries, write_json, write_pickle
+from vqakd.core.files import check_output_paths, expand_template
+from vqakd.data.questions import check_vocab_binding, load_question_file
+from vqakd.core.safe_pickle import safe_load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -186,7 +186,7 @@ def test_full_disk_is_one_line_and_earlier_files_stay(tmp_path, monkeypatch):
         handle.write(b"\x80\x04partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(vqakd.io.pickle, "dump", full)
+    monkeypatch.setattr(vqakd.core.files.pickle, "dump", full)
     with pytest.raises(UserError) as exc:
         write_pickle(target, {"new": 2})
     message = str(exc.value)
@@ -203,11 +203,11 @@ def test_full_disk_at_fsync_or_creating_the_temporary(tmp_path, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(vqakd.io.os, "fsync", no_space)
+    monkeypatch.setattr(vqakd.core.files.os, "fsync", no_space)
     with pytest.raises(UserError, match="no space left on device while writing"):
         with atomic_open(target, "w") as handle:
             handle.write("{}")
-    monkeypatch.setattr(vqakd.io.tempfile, "mkstemp", no_space)
+    monkeypatch.setattr(vqakd.core.files.tempfile, "mkstemp", no_space)
     with pytest.raises(UserError, match="no space left on device while writing"):
         write_json(target, {"b": 2})
     assert json.loads(target.read_text()) == {"a": 1}
@@ -221,7 +221,7 @@ def test_txt2pickle_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     def full(obj, handle, protocol=None):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(vqakd.io.pickle, "dump", full)
+    monkeypatch.setattr(vqakd.core.files.pickle, "dump", full)
     code, err = run(txt2pickle.main, ["--glove", str(glove), "--out", str(tmp_path / "g.pkl"), "--no-progress"],
                     capsys)
     one_line_error(code, err, "no space left on device while writing", str(tmp_path / "g.pkl"))

@@ -15,6 +15,8 @@ import time
 
 import h5py
 import numpy as np
+
+from vqakd.training.run import run_training
 import pytest
 import torch
 
@@ -29,9 +31,9 @@ import merge_features  # noqa: E402
 import preprocess_features  # noqa: E402
 import train  # noqa: E402
 import validate  # noqa: E402
-from vqakd.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from vqakd.config import load_config  # noqa: E402
-from vqakd.locks import output_lock  # noqa: E402
+from vqakd.training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from vqakd.core.config import load_config  # noqa: E402
+from vqakd.core.locks import output_lock  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 SMALL = ["--num-clips", "2", "--frames-per-clip", "4", "--image-height", "32", "--image-width", "32"]
@@ -55,7 +57,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher(tiny):
     """A one-epoch teacher run, in this process."""
-    train.run_training(load_config(tiny["cfg"]), "teacher")
+    run_training(load_config(tiny["cfg"]), "teacher")
     return tiny["out"] / "teacher"
 
 
@@ -341,14 +343,14 @@ def test_checkpoint_with_absurd_size_is_refused_before_allocating(teacher, tmp_p
     checkpoint["model_config"] = dict(checkpoint["model_config"], module_dim=2 ** 22)
     path = tmp_path / "forged.pt"
     save_checkpoint(str(path), checkpoint)
-    from vqakd.checkpoint import model_from_checkpoint
-    from vqakd.errors import UserError
+    from vqakd.training.checkpoint import model_from_checkpoint
+    from vqakd.core.errors import UserError
     with pytest.raises(UserError, match=rf"{path}: checkpoint weights do not fit the model: key .* \(from model_config module_dim 4194304 "):
         model_from_checkpoint(load_checkpoint(str(path)), str(path), torch.device("cpu"))
 
 
 def test_checkpoint_sizes_check_accepts_real_checkpoints(teacher):
-    from vqakd.checkpoint import check_sizes, model_config_from
+    from vqakd.training.checkpoint import check_sizes, model_config_from
     checkpoint = load_checkpoint(str(teacher / "best.pt"))
     config = model_config_from(checkpoint, "best.pt")
     check_sizes(config, checkpoint["state_dict"], "best.pt")

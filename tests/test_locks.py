@@ -11,13 +11,13 @@ import time
 
 import pytest
 
-import vqakd.locks
-from vqakd.errors import UserError
-from vqakd.locks import LOCK_NAME, FolderLock
+import vqakd.core.locks
+from vqakd.core.errors import UserError
+from vqakd.core.locks import LOCK_NAME, FolderLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLD = ("import sys, time\n"
-        "from vqakd.locks import FolderLock\n"
+        "from vqakd.core.locks import FolderLock\n"
         "lock = FolderLock(sys.argv[1], 'output folder').acquire()\n"
         "print('locked', flush=True)\n"
         "time.sleep(120)\n")
@@ -87,7 +87,7 @@ def test_same_process_is_refused_too_and_release_frees_it(tmp_path):
 
 
 def test_without_flock_the_record_decides(tmp_path, monkeypatch, holder):
-    monkeypatch.setattr(vqakd.locks, "fcntl", None)
+    monkeypatch.setattr(vqakd.core.locks, "fcntl", None)
     lock_file = tmp_path / LOCK_NAME
     base = {"host": socket.gethostname(), "command": "train.py", "started": time.time()}
     # A record of a dead process is stale: taken over.

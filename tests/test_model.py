@@ -13,8 +13,8 @@ from model import DualVGR, DualVGROutput, LayerOutput, ModelConfig
 from model.dualvgr import GraphAttention
 from model.losses import feature_distill_loss, hard_loss
 from model.original import OriginalCheckpointError, original_to_ours, ours_to_original
-from vqakd.checkpoint import load_checkpoint
-from vqakd.errors import UserError
+from vqakd.training.checkpoint import load_checkpoint
+from vqakd.core.errors import UserError
 
 PAPER_TEACHER_PARAMS = 30_294_700
 PAPER_STUDENT_PARAMS = 23_189_116

@@ -1,5 +1,5 @@
 """The network inputs equal the original VQAKD preprocessing (docs/preprocessing.md), restated
-here independently of vqakd.video, on generated videos: odd sizes, 1 to more than N*F frames,
+here independently of vqakd.extraction.video, on generated videos: odd sizes, 1 to more than N*F frames,
 clips longer than the video, rotated containers and a damaged file.
 
 The restatement decodes with PyAV (whose colour conversion the toolkit keeps) following OpenCV's
@@ -18,11 +18,11 @@ from PIL import Image
 
 from test_video import barcode_frame
 from test_video import make_video as make_barcode_video
-from vqakd.annotations import Video
-from vqakd.errors import UserError
+from vqakd.data.annotations import Video
+from vqakd.core.errors import UserError
 from vqakd.extraction import ExtractionSettings, make_extractor
 from vqakd.extraction.decoding import DecodeSpec, VideoDecodeDataset
-from vqakd.video import read_clip_frames
+from vqakd.extraction.video import read_clip_frames
 
 ORIGINAL_MEAN = (0.485, 0.456, 0.406)
 ORIGINAL_STD = (0.229, 0.224, 0.224)

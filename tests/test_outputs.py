@@ -24,9 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import train  # noqa: E402
 import validate  # noqa: E402
-from vqakd import provenance_run  # noqa: E402
-from vqakd.errors import UserError  # noqa: E402
-from vqakd.metrics import QUESTION_TYPES, format_table, summarize  # noqa: E402
+from vqakd.training import provenance as provenance_run  # noqa: E402
+from vqakd.core.errors import UserError  # noqa: E402
+from vqakd.data.questions import QUESTION_TYPES  # noqa: E402
+from vqakd.training.metrics import format_table, summarize  # noqa: E402
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ")
 EPOCHS = 2
@@ -102,7 +103,7 @@ def test_train_log_lines_start_with_their_utc_time(run):
 
 
 def test_progress_bar_written_to_a_file_is_throttled(monkeypatch):
-    from vqakd.progress import NOT_A_TERMINAL_INTERVAL_S, bar_options, progress_bar
+    from vqakd.core.progress import NOT_A_TERMINAL_INTERVAL_S, bar_options, progress_bar
 
     monkeypatch.delenv("VQAKD_PROGRESS", raising=False)
     stream = io.StringIO()
@@ -182,7 +183,7 @@ def _rows(with_val_loss: bool):
 def test_curves_show_every_epoch_mark_the_best_and_dash_validation_losses(tmp_path):
     import matplotlib.pyplot as plt
 
-    from vqakd.plots import best_epoch, curves_figure, plot_curves
+    from vqakd.training.plots import best_epoch, curves_figure, plot_curves
 
     rows = _rows(with_val_loss=True)
     assert best_epoch(rows) == 3
@@ -213,7 +214,7 @@ def test_table_shows_a_dash_for_a_type_without_questions():
 # ----------------------------------------------------------------------------------- friction
 
 def test_missing_requirement_is_one_line_naming_make_venv(tmp_path):
-    from vqakd.requirements_check import check_requirements
+    from vqakd.core.script import check_requirements
 
     with pytest.raises(SystemExit) as exited:
         check_requirements("no_such_module_for_vqakd")
@@ -226,8 +227,8 @@ def test_missing_requirement_is_one_line_naming_make_venv(tmp_path):
 
 
 def test_relative_missing_path_names_the_folder_it_was_looked_up_in(tmp_path, monkeypatch):
-    from vqakd.checkpoint import load_checkpoint
-    from vqakd.config import load_config
+    from vqakd.training.checkpoint import load_checkpoint
+    from vqakd.core.config import load_config
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=re.escape(f"configs/nothing.yml (relative to {tmp_path}")):
@@ -242,7 +243,7 @@ def test_validate_refuses_model_overrides(run):
     assert code == 2 and err.count("\n") == 1 and "the checkpoint defines the model" in err
     # repeating the checkpoint's own value changes nothing and is accepted (the demo passes its
     # model settings to every step)
-    from vqakd.checkpoint import load_checkpoint
+    from vqakd.training.checkpoint import load_checkpoint
 
     module_dim = load_checkpoint(str(run["folder"] / "best.pt"))["model_config"]["module_dim"]
     code, err = run_main(validate.main, ["--cfg", run["cfg"], "--checkpoint", str(run["folder"] / "best.pt"),

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.cli_helpers import run_main
-from vqakd import demo_data
+from vqakd.demo import data as demo_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLIPS = 2
@@ -80,9 +80,9 @@ def predict_main(argv):
 
 def reference_probabilities(pipeline):
     """validate.py's model on the stored features: each test question's top probability."""
-    from vqakd.checkpoint import load_checkpoint, model_from_checkpoint
-    from vqakd.config import load_config
-    from vqakd.data import load_data, make_loader
+    from vqakd.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from vqakd.core.config import load_config
+    from vqakd.data.batches import load_data, make_loader
 
     config = load_config(pipeline["cfg"], [s for s in pipeline["sets"] if s != "--set"])
     bundle = load_data(config, splits=("test",), progress=False)
@@ -212,7 +212,7 @@ def test_bad_inputs_are_one_line(pipeline, tmp_path):
 def test_weights_sha256_mismatch_is_refused(pipeline, tmp_path):
     """A checkpoint recording real weights refuses a weights file with another sha256, naming both."""
     from vqakd.predict import Answerer
-    from vqakd.errors import UserError
+    from vqakd.core.errors import UserError
 
     checkpoint = torch.load(pipeline["checkpoint"], weights_only=True)
     motion = checkpoint["inference"]["features"]["motion"]

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import vqakd.io
+import vqakd.core.files
 from preprocess.preprocess_questions import main as preprocess_main
-from vqakd.errors import UserError, run_cli
-from vqakd.questions import display_ids, load_question_file, pad_questions, record_tokens, tokenize_question
-from vqakd.vocab import Vocabulary
+from vqakd.core.errors import UserError, run_cli
+from vqakd.data.questions import display_ids, load_question_file, pad_questions, record_tokens, tokenize_question
+from vqakd.data.vocab import Vocabulary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 4
@@ -117,13 +117,13 @@ def test_encoding_rules():
 def test_written_vocabulary_loads_back_identical_with_its_file_hash(tmp_path):
     built = Vocabulary.build(TRAIN_TOKENS, [r["answer"] for r in MSVD_TRAIN], answer_top=3)
     path = tmp_path / "x_vocab.json"
-    vqakd.io.write_json(str(path), built.to_json())
+    vqakd.core.files.write_json(str(path), built.to_json())
     assert set(json.loads(path.read_text())) == {"question_token_to_idx", "answer_token_to_idx",
                                                  "question_answer_token_to_idx"}
     loaded = Vocabulary.load(str(path))
     assert loaded.to_json() == built.to_json() and loaded.idx_to_question_token == QUESTION_VOCAB
     assert loaded.info() == {"question_size": len(QUESTION_VOCAB), "answer_size": 5,
-                             "sha256": vqakd.io.file_sha256(str(path)), "path": str(path)}
+                             "sha256": vqakd.core.files.file_sha256(str(path)), "path": str(path)}
     path.write_text(json.dumps({**built.to_json(), "answer_token_to_idx": {"<UNK0>": 0, "cook": 2}}))
     with pytest.raises(UserError, match="answer_token_to_idx: indices must be 0..1, each used once"):
         Vocabulary.load(str(path))
@@ -285,7 +285,7 @@ def test_failing_mid_write_leaves_no_file(msvd, monkeypatch):
         handle.write(pickle.dumps(obj)[:40])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(vqakd.io.pickle, "dump", dump_half_then_die)
+    monkeypatch.setattr(vqakd.core.files.pickle, "dump", dump_half_then_die)
     with pytest.raises(OSError):
         preprocess_main(["--dataset", "msvd-qa", "--annotation-dir", str(ann), "--out-dir", str(out),
                          "--glove", str(glove), "--mode", "train", "--no-progress"])

@@ -137,6 +137,6 @@ def test_readme_command_is_valid(command, monkeypatch):
         argv = argv[1:]
     namespace = _parse_only(monkeypatch, main, argv)
     if getattr(namespace, "cfg", None):
-        from vqakd.config import load_config
+        from vqakd.core.config import load_config
 
         load_config(namespace.cfg, list(getattr(namespace, "overrides", None) or []))

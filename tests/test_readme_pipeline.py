@@ -30,7 +30,7 @@ def pipeline_commands() -> list[str]:
 def make_project(folder) -> None:
     import torchvision
 
-    from vqakd import demo_data
+    from vqakd.demo import data as demo_data
     from vqakd.extraction.resnext3d import resnext101
 
     data = folder / "data" / "msvd-qa"

@@ -37,8 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import train  # noqa: E402
 import validate  # noqa: E402
-from vqakd.checkpoint import load_checkpoint  # noqa: E402
-from vqakd.errors import UserError  # noqa: E402
+from vqakd.training.checkpoint import load_checkpoint  # noqa: E402
+from vqakd.core.errors import UserError  # noqa: E402
 
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
 EPOCHS = 3
@@ -339,7 +339,7 @@ def test_question_preprocessing_killed_mid_write_leaves_no_truncated_file(tmp_pa
 
     # The same command again (here in-process) completes, and its output reads back.
     from preprocess.preprocess_questions import main as preprocess_questions
-    from vqakd.questions import load_question_file
+    from vqakd.data.questions import load_question_file
 
     with contextlib.redirect_stdout(io.StringIO()):
         assert preprocess_questions(command[1:]) == 0
@@ -352,7 +352,7 @@ def test_question_preprocessing_killed_mid_write_leaves_no_truncated_file(tmp_pa
 
 # One restricted process runs every start-up case below (importing torch once instead of once per
 # case): each job is an entry script run as `python <script> <args>` would run it (exit status and
-# stderr recorded), or one video opened with vqakd.video.read_clip_frames (the failure reason).
+# stderr recorded), or one video opened with vqakd.extraction.video.read_clip_frames (the failure reason).
 RESTRICTED_DRIVER = r"""
 import contextlib, io, json, runpy, sys
 results = {}
@@ -370,7 +370,7 @@ for name, kind, args in json.loads(sys.argv[1]):
                 code, _ = "crash", print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         results[name] = {"code": code, "stderr": stderr.getvalue(), "stdout": stdout.getvalue()}
     else:
-        from vqakd.video import VideoError, read_clip_frames
+        from vqakd.extraction.video import VideoError, read_clip_frames
         try:
             read_clip_frames(args, 2, 2, size=(32, 32))
             results[name] = {"reason": None}
@@ -647,7 +647,7 @@ def test_every_torch_load_is_weights_only_and_no_plain_unpickling():
             for function in ("load", "loads", "Unpickler"):
                 for call in _calls(tree, "pickle", function):
                     unsafe.append(f"{os.path.relpath(path, ROOT)}:{call.lineno}: pickle.{function} "
-                                  "(use vqakd.safe_pickle)")
+                                  "(use vqakd.core.safe_pickle)")
     assert not unsafe, unsafe
     # the scan sees the real loaders: checkpoints (ours and original ones), ResNeXt weights
     assert {os.path.join("vqakd", "checkpoint.py"), os.path.join("vqakd", "extraction", "weights.py")} <= set(loads), loads

@@ -18,8 +18,8 @@ from test_train_fixtures import make_dataset, tiny_config_dict, write_config
 
 import train  # noqa: E402
 import validate  # noqa: E402
-from vqakd.checkpoint import load_checkpoint  # noqa: E402
-from vqakd.config import load_config  # noqa: E402
+from vqakd.training.checkpoint import load_checkpoint  # noqa: E402
+from vqakd.core.config import load_config  # noqa: E402
 
 SECTIONS = dict(teacher={"graph_layers": 1}, train={"epochs": 2, "lr_halve_every": 6, "lr": 3e-3})
 

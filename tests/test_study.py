@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import study  # noqa: E402
-from vqakd.study import ARMS, parse_arms, parse_seeds  # noqa: E402
-from vqakd.errors import UserError  # noqa: E402
+from vqakd.study.runner import ARMS, parse_arms, parse_seeds  # noqa: E402
+from vqakd.core.errors import UserError  # noqa: E402
 
 SEEDS = (1, 2)
 ARM_NAMES = ("teacher", "student-none", "student-feature")
@@ -157,14 +157,14 @@ def test_disagreement_examples_are_real(finished):
 
 
 def test_rerun_reuses_everything(finished, monkeypatch):
-    import train
-    import validate
+    import vqakd.training.run
+    import vqakd.training.validation
 
-    def refuse(argv=None):
-        raise AssertionError(f"a finished study must not train or evaluate again: {argv}")
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a finished study must not train or evaluate again: {args}")
 
-    monkeypatch.setattr(train, "main", refuse)
-    monkeypatch.setattr(validate, "main", refuse)
+    monkeypatch.setattr(vqakd.training.run, "train_stage", refuse)
+    monkeypatch.setattr(vqakd.training.validation, "validate_checkpoint", refuse)
     out = finished["out"]
     watched = [os.path.join(stage_dir(out, s, a), name) for s in SEEDS for a in ARM_NAMES
                for name in ("last.pt", "results.json", "eval_test_preds.csv", "timing_test.json")]
@@ -182,7 +182,7 @@ def test_changed_settings_are_refused_not_mixed(finished):
 
 
 def test_overwrite_retrains_runs_with_changed_settings(finished):
-    from vqakd.study import plan_study
+    from vqakd.study.runner import plan_study
 
     runs = plan_study(finished["cfg"], str(finished["out"]), list(SEEDS), parse_arms(",".join(ARM_NAMES)),
                       ["train.lr=0.001"], overwrite=True)

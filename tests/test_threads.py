@@ -1,4 +1,4 @@
-"""CPU thread defaults (vqakd/threads.py): applied by train.py / validate.py before torch is
+"""CPU thread defaults (vqakd/core/script.py): applied by train.py / validate.py before torch is
 imported, and never over a setting the user made."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from vqakd.errors import UserError
-from vqakd.threads import apply_thread_defaults
+from vqakd.core.errors import UserError
+from vqakd.core.script import apply_thread_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIABLES = ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "VQAKD_THREADS")

@@ -22,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import train  # noqa: E402
 import validate  # noqa: E402
-from vqakd.checkpoint import load_checkpoint  # noqa: E402
-from vqakd.errors import UserError  # noqa: E402
+from vqakd.training.checkpoint import load_checkpoint  # noqa: E402
+from vqakd.core.errors import UserError  # noqa: E402
 
 TEACHER_EPOCHS = 8
 STUDENT_EPOCHS = 7
@@ -274,10 +274,10 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path):
 # ----------------------------------------------------------------------------------- engine
 
 def test_teacher_is_frozen_and_never_updated(tiny):
-    from vqakd.config import load_config
-    from vqakd.data import load_data, make_loader
-    from vqakd.engine import train_one_epoch
-    from vqakd.models import build_model_for_stage
+    from vqakd.core.config import load_config
+    from vqakd.data.batches import load_data, make_loader
+    from vqakd.training.engine import train_one_epoch
+    from vqakd.training.builders import build_model_for_stage
 
     config = load_config(tiny["cfg"], ["data.use_glove=false"])
     device = torch.device("cpu")
@@ -300,10 +300,10 @@ def test_teacher_is_frozen_and_never_updated(tiny):
 
 
 def test_nan_loss_names_epoch_step_and_part(tiny, monkeypatch):
-    import vqakd.engine as engine
-    from vqakd.config import load_config
-    from vqakd.data import load_data, make_loader
-    from vqakd.models import build_model_for_stage
+    import vqakd.training.engine as engine
+    from vqakd.core.config import load_config
+    from vqakd.data.batches import load_data, make_loader
+    from vqakd.training.builders import build_model_for_stage
 
     config = load_config(tiny["cfg"], ["data.use_glove=false"])
     device = torch.device("cpu")
@@ -382,8 +382,8 @@ def test_bad_input_fails_with_one_clear_line(tiny, tmp_path, case):
 def test_loss_modes_combine_the_parts_as_documented():
     from model import DualVGR, ModelConfig
     from model.losses import logit_distill_loss
-    from vqakd.config import LossConfig
-    from vqakd.engine import compute_loss
+    from vqakd.core.config import LossConfig
+    from vqakd.training.engine import compute_loss
 
     torch.manual_seed(0)
     config = ModelConfig(question_vocab_size=15, answer_vocab_size=11, vision_dim=16, module_dim=32, word_dim=12,
@@ -427,9 +427,9 @@ def test_validate_checks_the_data_against_the_checkpoint(teacher_run, tmp_path):
 
 
 def _small_training_setup(tiny):
-    from vqakd.config import load_config
-    from vqakd.data import load_data, make_loader
-    from vqakd.models import build_model_for_stage
+    from vqakd.core.config import load_config
+    from vqakd.data.batches import load_data, make_loader
+    from vqakd.training.builders import build_model_for_stage
 
     config = load_config(tiny["cfg"], ["data.use_glove=false"])
     device = torch.device("cpu")
@@ -444,12 +444,12 @@ def _small_training_setup(tiny):
 def test_training_step_reads_nothing_back_except_every_log_every_steps(tiny, monkeypatch):
     """The GPU rule, checked on the CPU: the toolkit's code (engine, metrics, data) converts no
     tensor to a Python value or host copy inside a step, except on logging steps."""
-    import vqakd.data
-    import vqakd.engine as engine
-    import vqakd.metrics
+    import vqakd.data.batches
+    import vqakd.training.engine as engine
+    import vqakd.training.metrics
 
     config, device, model, optimizer, loader = _small_training_setup(tiny)
-    ours = {os.path.abspath(m.__file__) for m in (engine, vqakd.metrics, vqakd.data)}
+    ours = {os.path.abspath(m.__file__) for m in (engine, vqakd.training.metrics, vqakd.data.batches)}
     reads = []
 
     def counting(name):
@@ -481,7 +481,7 @@ def test_training_step_reads_nothing_back_except_every_log_every_steps(tiny, mon
 
 
 def test_bf16_autocast_trains_on_the_cpu(tiny):
-    import vqakd.engine as engine
+    import vqakd.training.engine as engine
 
     config, device, model, optimizer, loader = _small_training_setup(tiny)
     stats = engine.train_one_epoch(model, loader, optimizer, device, 1, stage="teacher", loss_cfg=config.loss,

@@ -11,8 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from vqakd import video as video_module
-from vqakd.video import VideoError, clip_frame_indices, count_frames, read_clip_frames
+from vqakd.extraction import video as video_module
+from vqakd.extraction.video import VideoError, clip_frame_indices, count_frames, read_clip_frames
 
 BARCODE_COLUMNS, BARCODE_ROWS = 4, 2
 BLACK, WHITE = 16, 235

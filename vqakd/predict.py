@@ -1,12 +1,12 @@
 """Answer questions about any video file with a trained checkpoint (predict.py).
 
 A new video is turned into features exactly as the training videos were: the checkpoint records
-the extraction settings of the feature files it was trained on (vqakd/provenance.py), and the
+the extraction settings of the feature files it was trained on (vqakd/training/inference_record.py), and the
 extraction itself is vqakd/extraction's (`make_extractor(...).run`), not a copy of it. The
 weights files are looked up as preprocess/preprocess_features.py does (a flag, then
 data/weights/<published name>, then torchvision's cache; first the path recorded at training time
 when it still exists) and must have the recorded sha256. Questions are tokenized by
-vqakd/questions.py, so a question in the evaluation data gets the answer validate.py gives.
+vqakd/data/questions.py, so a question in the evaluation data gets the answer validate.py gives.
 
 Features are cached under `<checkpoint folder>/predict_cache/` (or a given folder), one `.npy`
 per video file content (sha256) and network settings, written atomically: asking again about a
@@ -26,13 +26,13 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from vqakd.annotations import Video
-from vqakd.checkpoint import load_checkpoint, model_from_checkpoint
-from vqakd.errors import UserError
-from vqakd.io import atomic_open, file_sha256
-from vqakd.provenance import FEATURE_KINDS, MODEL_OF_KIND, identity, random_seed_of
-from vqakd.questions import tokenize_question
-from vqakd.vocab import NULL_INDEX, UNK_INDEX, UNK_TOKEN, Vocabulary
+from vqakd.data.annotations import Video
+from vqakd.training.checkpoint import load_checkpoint, model_from_checkpoint
+from vqakd.core.errors import UserError
+from vqakd.core.files import atomic_open, file_sha256
+from vqakd.training.inference_record import FEATURE_KINDS, MODEL_OF_KIND, identity, random_seed_of
+from vqakd.data.questions import tokenize_question
+from vqakd.data.vocab import NULL_INDEX, UNK_INDEX, UNK_TOKEN, Vocabulary
 
 # The one place the extraction code is imported from (it is moving to a package).
 from vqakd.extraction import NETWORKS, ExtractionSettings, make_extractor  # noqa: E402  isort: skip

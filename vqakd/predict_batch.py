@@ -6,8 +6,8 @@ import json
 import os
 from typing import Any
 
-from vqakd.errors import UserError
-from vqakd.io import atomic_open
+from vqakd.core.errors import UserError
+from vqakd.core.files import atomic_open
 from vqakd.predict import Answerer
 
 QUESTION_COLUMNS = ("video", "question")

@@ -1,6 +1,6 @@
 """Decoding videos into network inputs in DataLoader worker processes, overlapped with the
 network on the device. Each worker decodes only the frames a video's clips need
-(`vqakd.video`); a video that cannot be decoded comes back with its reason instead of inputs."""
+(`vqakd.extraction.video`); a video that cannot be decoded comes back with its reason instead of inputs."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from vqakd.annotations import Video
-from vqakd.errors import UserError
-from vqakd.video import VideoError, read_clip_frames
+from vqakd.data.annotations import Video
+from vqakd.core.errors import UserError
+from vqakd.extraction.video import VideoError, read_clip_frames
 
 
 class DecodedVideo(NamedTuple):

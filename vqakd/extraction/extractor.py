@@ -16,7 +16,7 @@
   output's attributes; resuming with different settings is refused.
 
 Under torchrun every rank runs `FeatureExtractor.run` with the same arguments; a failure on
-any rank stops every rank through `vqakd.distributed` (`from_main`, `agree`).
+any rank stops every rank through `vqakd.core.distributed` (`from_main`, `agree`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from vqakd import distributed
-from vqakd.progress import progress_bar
-from vqakd.annotations import Video
-from vqakd.errors import UserError
+from vqakd.core import distributed
+from vqakd.core.progress import progress_bar
+from vqakd.data.annotations import Video
+from vqakd.core.errors import UserError
 from vqakd.extraction.decoding import DecodedVideo, decoded_videos, next_decoded
 from vqakd.extraction.merge import merge_parts
 from vqakd.extraction.networks import NETWORKS, FeatureNetwork
@@ -45,7 +45,7 @@ from vqakd.extraction.plan import (already_complete, finish_shard, make_plan, re
 from vqakd.extraction.settings import (FEATURE_DIM, ExtractionResult, ExtractionSettings, Shard, build_manifest,
                                        check_settings, identity_digest)
 from vqakd.extraction.weights import WeightsIdentity, file_identity, find_weights, random_identity
-from vqakd.video import require_decoder
+from vqakd.extraction.video import require_decoder
 
 # How long ranks wait for each other (the final barrier waits for the slowest rank's last chunk).
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=24)

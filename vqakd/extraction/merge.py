@@ -17,14 +17,14 @@ from typing import NamedTuple, Sequence
 import h5py
 import numpy as np
 
-from vqakd.annotations import Video
-from vqakd.errors import UserError
+from vqakd.data.annotations import Video
+from vqakd.core.errors import UserError
 from vqakd.extraction.networks import NETWORKS
 from vqakd.extraction.parts import (PARTS_SETTINGS, PARTS_VIDEOS, chunk_files, chunk_name, chunk_partition,
                                     failures_report, read_chunk_damage, read_json_or_none, read_output_manifest,
                                     remove_stale_temporaries, shard_counts)
 from vqakd.extraction.settings import ExtractionResult, difference, identity, identity_digest, videos_digest
-from vqakd.io import atomic_path, write_json
+from vqakd.core.files import atomic_path, write_json
 
 
 class PartsFolder(NamedTuple):

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from vqakd.errors import UserError
+from vqakd.core.errors import UserError
 from vqakd.extraction.resnext3d import WEIGHTS_HOW_TO_GET as RESNEXT_HOW_TO_GET
 from vqakd.extraction.resnext3d import resnext101
 from vqakd.extraction.settings import FEATURE_DIM, ExtractionSettings

@@ -21,10 +21,10 @@ from typing import Any, Iterable, Sequence
 import h5py
 import numpy as np
 
-from vqakd.annotations import Video
-from vqakd.errors import UserError
+from vqakd.data.annotations import Video
+from vqakd.core.errors import UserError
 from vqakd.extraction.settings import difference, identity
-from vqakd.io import atomic_open, write_json
+from vqakd.core.files import atomic_open, write_json
 
 PARTS_SETTINGS = "settings.json"
 PARTS_VIDEOS = "videos.json"

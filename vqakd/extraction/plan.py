@@ -25,14 +25,14 @@ from typing import Callable, NamedTuple, Sequence
 
 import h5py
 
-from vqakd.annotations import Video
-from vqakd.errors import UserError
+from vqakd.data.annotations import Video
+from vqakd.core.errors import UserError
 from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, failure_record, failures_report, open_parts,
                                     parts_folder, read_chunk_damage, read_chunk_outcome, read_json_or_none,
                                     read_output_manifest,
                                     remove_stale_temporaries, shard_note_name)
 from vqakd.extraction.settings import ExtractionResult, Shard, difference, identity
-from vqakd.io import write_json
+from vqakd.core.files import write_json
 
 # Network filesystems may show a file another machine just wrote only after their attribute
 # caches expire (NFS: up to a minute); ranks look this long before calling a file missing.

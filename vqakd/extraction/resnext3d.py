@@ -20,7 +20,7 @@ import os
 import torch
 from torch import nn
 
-from vqakd.errors import UserError
+from vqakd.core.errors import UserError
 from vqakd.extraction.weights import load_weights
 
 KINETICS_CLASSES = 400

@@ -11,9 +11,9 @@ from typing import NamedTuple, Sequence
 import torch
 
 import vqakd
-from vqakd.annotations import Video
-from vqakd.errors import UserError
-from vqakd.video import check_frames_per_clip
+from vqakd.data.annotations import Video
+from vqakd.core.errors import UserError
+from vqakd.extraction.video import check_frames_per_clip
 
 FEATURE_DIM = 2048
 PRECISIONS = ("fp32", "fp16", "bf16")

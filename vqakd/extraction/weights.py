@@ -4,14 +4,13 @@ they are read (tensors only) and loaded strictly. Nothing is ever downloaded."""
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import torch
 from torch import nn
 
-from vqakd.checkpoint import load_state_strict
-from vqakd.errors import UserError
-from vqakd.io import file_sha256
+from vqakd.core.errors import UserError
+from vqakd.core.files import file_sha256
 
 TOOLKIT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -90,3 +89,32 @@ def load_weights(network: nn.Module, path: str, what: str) -> None:
                 if key.endswith("num_batches_tracked") and key not in state}
     # "ResNet-101 weights" -> "<path>: ResNet-101 weights do not fit the model: ..."
     load_state_strict(network, {**state, **counters}, path, what=what.removesuffix(" weights"))
+
+
+def load_state_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str,
+                      what: str = "checkpoint") -> None:
+    """`load_state_dict(strict=True)` with a one-line error naming `path`, `what` it holds and the
+    first missing, unexpected or misshapen key.
+
+    A missing BatchNorm `num_batches_tracked` counter is allowed (files saved before PyTorch 0.4.1
+    lack it): the model's own counter is kept.
+    """
+    expected = model.state_dict()
+    problem = f"{path}: {what} weights do not fit the model"
+    missing = [key for key in expected if key not in state_dict and not key.endswith("num_batches_tracked")]
+    unexpected = [key for key in state_dict if key not in expected]
+    if missing:
+        raise UserError(f"{problem}: missing key {missing[0]!r}"
+                        + (f" ({len(missing)} missing)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise UserError(f"{problem}: unexpected key {unexpected[0]!r}"
+                        + (f" ({len(unexpected)} unexpected)" if len(unexpected) > 1 else ""))
+    counters = [key for key in expected if key not in state_dict]
+    if counters:
+        state_dict = {**state_dict, **{key: expected[key] for key in counters}}
+    for key, value in expected.items():
+        got = state_dict[key]
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(value.shape):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise UserError(f"{problem}: key {key!r} has shape {shape}, the model needs {tuple(value.shape)}")
+    model.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,457 @@
+"""The typed configuration of `train.py` / `validate.py`: YAML file + command-line overrides.
+
+Every setting is a dataclass field with a named default (docs/method.md#training-and-evaluation
+for training, docs/method.md#losses for the loss weights). A YAML file only needs the keys it changes. Loading checks, before any work starts:
+- every key exists (an unknown key is an error with a "did you mean" suggestion);
+- every value has the declared type (ints where ints are meant, one of the listed choices, ...);
+- the values make sense on their own (positive sizes, probabilities in [0, 1), ...).
+Checks that need the data (clips per video == `model.num_nodes`, feature sizes, vocabulary
+sizes) happen when the data is loaded (`vqakd.data.batches`).
+
+Overrides: `--set section.key=value` (the value is parsed as YAML, so `--set train.amp=bf16`,
+`--set data.glove=null`, `--set train.lr=2e-4` all work), and the original DualVGR/VQAKD flags
+`--alpha --beta --unit_layers --t_app --t_mo --kd_alpha --kd_beta` (see ORIGINAL_FLAGS).
+Precedence: YAML file < original flags < `--set`.
+
+Paths may use `{dataset}` and `{name}`; relative paths are resolved from the current directory
+(the shipped configs assume the repository root), and a missing file's error names that folder
+(vqakd/core/errors.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+from model import ModelConfig
+from model.settings import model_config_problems
+from vqakd.core.errors import UserError
+from vqakd.core.script import ORIGINAL_FLAGS, STAGES
+from vqakd.core.files import atomic_open
+from vqakd.core.errors import missing_file_message
+
+__all__ = ["ORIGINAL_FLAGS", "STAGES", "Config", "DataConfig", "ModelSection", "StageSection", "TrainConfig",
+           "LossConfig", "load_config", "config_from_dict", "config_to_dict", "dump_config", "eval_batch_size",
+           "parse_override", "read_yaml"]
+
+DATASET_CHOICES = ("msvd-qa", "msrvtt-qa", "demo")
+
+
+@dataclass
+class DataConfig:
+    """Input files (docs/method.md#file-formats) and how the feature table is held."""
+
+    vocab: str = "data/{dataset}/{dataset}_vocab.json"
+    train_questions: str = "data/{dataset}/{dataset}_train_questions.pt"
+    val_questions: str = "data/{dataset}/{dataset}_val_questions.pt"
+    test_questions: str = "data/{dataset}/{dataset}_test_questions.pt"
+    appearance_feat: str = "data/{dataset}/{dataset}_appearance_feat.h5"
+    motion_feat: str = "data/{dataset}/{dataset}_motion_feat.h5"
+    # Initialise the word embedding with the GloVe matrix stored in the train question file.
+    use_glove: bool = True
+    # Only used when the train question file carries no GloVe matrix: a GloVe pickle
+    # ({word: vector}, from txt2pickle.py) or the GloVe text file, looked up for the vocab words.
+    glove: Optional[str] = None
+    # float16 halves the memory of the in-memory feature table (MSRVTT-QA appearance: 21 GB -> 10.5 GB);
+    # batches are cast back to float32 before the network.
+    feature_dtype: Literal["float32", "float16"] = "float32"
+    # memory: both HDF5 files read once into one table, batches gathered by index.
+    # lazy: for feature files larger than RAM; each loader worker keeps one open handle per file.
+    feature_mode: Literal["memory", "lazy"] = "memory"
+    # Where the in-memory table lives: auto = on the training GPU when it fits there, else CPU.
+    feature_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # A question whose video is missing from a feature file (e.g. its extraction failed under
+    # --allow-failures): error = stop before training; drop = leave the question out (counted
+    # per split in the log and results.json; dropped val/test questions count as wrong).
+    missing_videos: Literal["error", "drop"] = "error"
+
+
+# ModelConfig fields that are not in the `model:` section: the vocabulary sizes come from the
+# data, the graph layers from the stage (`teacher.graph_layers`, `student.graph_layers`).
+NOT_IN_MODEL_SECTION = ("question_vocab_size", "answer_vocab_size", "graph_layers")
+
+
+def _model_section_class() -> type:
+    """The `model:` section: model.ModelConfig's own fields, types and defaults, less the ones
+    set elsewhere, so a new network setting is a config key without further code."""
+    hints = typing.get_type_hints(ModelConfig)
+    fields = [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(ModelConfig)
+              if f.name not in NOT_IN_MODEL_SECTION]
+    section = dataclasses.make_dataclass("ModelSection", fields)
+    section.__module__ = __name__
+    section.__doc__ = "Network sizes shared by teacher and student (model.ModelConfig); graph layers are per stage."
+    return section
+
+
+ModelSection = _model_section_class()
+
+
+@dataclass
+class StageSection:
+    graph_layers: int = 1       # G
+
+
+@dataclass
+class TrainConfig:
+    """The paper's training protocol (docs/method.md#training-and-evaluation)."""
+
+    lr: float = 1e-4
+    # The GLOBAL batch: under torchrun with K processes each takes batch_size / K questions per
+    # step (must divide), so K GPUs follow the one-GPU recipe.
+    batch_size: int = 256
+    eval_batch_size: Optional[int] = None   # None: same as batch_size
+    epochs: int = 25
+    lr_halve_every: int = 10                # StepLR step size, stepped once per epoch
+    lr_decay: float = 0.5                   # StepLR gamma ("halve")
+    grad_clip: float = 12.0                 # max gradient L2 norm
+    seed: int = 666
+    num_workers: int = 0                    # loader worker processes (useful in lazy mode)
+    amp: Literal["none", "bf16"] = "none"   # bf16 autocast on CUDA; the losses always run in float32
+    tf32: bool = True                       # TF32 matmuls/convolutions on CUDA (no effect on the CPU)
+    device: str = "auto"                    # auto | cpu | cuda | cuda:N
+    log_every: int = 50                     # steps between progress-bar updates (the only host syncs)
+    progress: bool = True                   # tqdm bars
+    # Stop (as if interrupted) after this epoch, leaving last.pt for --resume; for tests and
+    # for splitting a run across scheduler time slots. None: run all epochs.
+    stop_after_epoch: Optional[int] = None
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (docs/method.md#losses)."""
+
+    alpha: float = 100.0        # common loss weight
+    beta: float = 1e-6          # dependence (HSIC) loss weight
+    tau_app: float = 1.0        # temperature of the APP distillation term
+    tau_mo: float = 1.0         # temperature of the MO distillation term
+    kappa_app: float = 1.0      # weight of APP (original flag --kd_alpha)
+    kappa_mo: float = 1.0       # weight of MO (original flag --kd_beta)
+    # Student stage: feature = the paper (hard + κ_a APP + κ_m MO); logit = Hinton distillation of
+    # the answer logits (+ α C + β H); none = the student trained alone (hard loss only).
+    distill: Literal["feature", "logit", "none"] = "feature"
+    logit_tau: float = 4.0
+    logit_mix: float = 0.5      # weight of the KL term; 1 - mix goes to cross-entropy
+    # Common loss: original = the paper's; safe = node pairs whose centred features are only
+    # rounding noise (a collapsed graph layer) count 0 instead of normalised noise (docs/method.md).
+    common: Literal["original", "safe"] = "original"
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    dataset: Literal["msvd-qa", "msrvtt-qa", "demo"] = "msvd-qa"
+    output_dir: Optional[str] = None        # None: results/{dataset}/{name}
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    teacher: StageSection = field(default_factory=lambda: StageSection(graph_layers=4))
+    student: StageSection = field(default_factory=lambda: StageSection(graph_layers=1))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def stage(self, stage: str) -> StageSection:
+        if stage not in STAGES:
+            raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+        return getattr(self, stage)
+
+    def stage_dir(self, stage: str) -> str:
+        return os.path.join(self.output_dir, stage)
+
+
+# ---------------------------------------------------------------------------- typed conversion
+
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in typing.get_args(tp))
+    if origin is typing.Union:
+        inner = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        return " or ".join(_type_name(arg) for arg in inner) + " or null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert_scalar(value: Any, tp: Any) -> Any:
+    """`value` as type `tp`, or raise TypeError."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert_scalar(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
+    if origin is Literal:
+        if isinstance(value, str) and value in typing.get_args(tp):
+            return value
+        raise TypeError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string; accept numeric text for numbers.
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def _suggest(key: str, choices: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {prefix + close[0]!r}?)"
+    return f" (known keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(choices)})"
+
+
+def _build(cls: type, raw: Any, prefix: str, origins: dict[str, str], default_source: str) -> Any:
+    """Build dataclass `cls` from the mapping `raw`, checking keys and types."""
+    where = prefix.rstrip(".") or "the top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        source = origins.get(prefix.rstrip("."), default_source)
+        raise UserError(f"{source}: {where} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in hints:
+            full = f"{prefix}{key}"
+            source = origins.get(full, default_source)
+            raise UserError(f"{source}: unknown key {full!r}{_suggest(str(key), names, prefix)}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        tp = hints[name]
+        full = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, raw[name], f"{full}.", origins, default_source)
+            continue
+        source = origins.get(full, default_source)
+        try:
+            values[name] = _convert_scalar(raw[name], tp)
+        except TypeError:
+            raise UserError(f"{source}: key {full!r} must be {_type_name(tp)}, got {raw[name]!r}") from None
+        if isinstance(values[name], float) and not math.isfinite(values[name]):
+            raise UserError(f"{source}: key {full!r} must be a finite number, got {raw[name]!r}")
+    obj = cls(**values)
+    # Sections the file left out keep their dataclass defaults (e.g. teacher G = 4).
+    return obj
+
+
+def _schema_child(cls: type, key: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints.get(key)
+
+
+def _check_key_path(path: list[str], source: str) -> None:
+    """Make sure `a.b.c` names a setting of the schema (with a suggestion if not)."""
+    cls: Any = Config
+    for depth, key in enumerate(path):
+        if not dataclasses.is_dataclass(cls):
+            raise UserError(f"{source}: {'.'.join(path[:depth])!r} is a setting, not a section")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if key not in names:
+            full = ".".join(path[:depth + 1])
+            prefix = ".".join(path[:depth]) + "." if depth else ""
+            raise UserError(f"{source}: unknown key {full!r}{_suggest(key, names, prefix)}")
+        cls = _schema_child(cls, key)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], YAML-parsed value)."""
+    source = f"--set {text}"
+    if "=" not in text:
+        raise UserError(f"{source}: expected key=value, e.g. --set train.lr=2e-4")
+    key, value_text = text.split("=", 1)
+    path = [part for part in key.strip().split(".")]
+    if not all(path):
+        raise UserError(f"{source}: {key!r} is not a dotted key such as train.lr")
+    _check_key_path(path, source)
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    return path, value
+
+
+def _set_nested(raw: dict, path: list[str], value: Any, source: str) -> None:
+    node = raw
+    for key in path[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"{source}: cannot set {'.'.join(path)} inside the non-mapping value {child!r}")
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(missing_file_message(path, "config file"))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: invalid YAML{at}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections (name, dataset, data, model, train, loss, ...)")
+    # YAML aliases (`student: *g`) make sections share one dict; a later --set on one of them
+    # must not change the other, so every section gets its own copy.
+    return _unshare(raw)
+
+
+def _unshare(node: Any) -> Any:
+    """A copy of parsed YAML in which no two places share a mapping or list (unlike
+    copy.deepcopy, which keeps aliases shared in its copy)."""
+    if isinstance(node, dict):
+        return {key: _unshare(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unshare(value) for value in node]
+    return copy.copy(node)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                flags: dict[str, Any] | None = None) -> Config:
+    """Read `path` (or the defaults), apply original `flags` ({flag: value}, None = not given),
+    then `--set` `overrides`; check types and values; fill in the `{dataset}` path templates."""
+    raw = read_yaml(path) if path else {}
+    default_source = path or "config"
+    origins: dict[str, str] = {}
+    for flag, value in (flags or {}).items():
+        if value is None:
+            continue
+        if flag not in ORIGINAL_FLAGS:
+            raise ValueError(f"unknown original flag {flag!r}")
+        key = ORIGINAL_FLAGS[flag]
+        _set_nested(raw, key.split("."), value, f"--{flag}")
+        origins[key] = f"--{flag}"
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        _set_nested(raw, key_path, value, f"--set {text}")
+        origins[".".join(key_path)] = f"--set {text}"
+    config = _build(Config, raw, "", origins, default_source)
+    resolve_paths(config)
+    check_values(config, default_source, origins)
+    return config
+
+
+def resolve_paths(config: Config) -> None:
+    """Fill `{dataset}` / `{name}` templates and the default output folder, in place."""
+    names = {"dataset": config.dataset, "name": config.name}
+
+    def fill(value: str) -> str:
+        try:
+            return value.format(**names)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise UserError(f"path {value!r}: unknown placeholder {exc} (only {{dataset}} and {{name}} exist)") \
+                from None
+
+    for f in dataclasses.fields(DataConfig):
+        value = getattr(config.data, f.name)
+        if isinstance(value, str) and f.name not in ("feature_dtype", "feature_mode", "feature_device",
+                                                     "missing_videos"):
+            setattr(config.data, f.name, fill(value))
+    config.output_dir = fill(config.output_dir) if config.output_dir else os.path.join(
+        "results", config.dataset, config.name)
+
+
+# numpy's and Python's random seeds must fit in 32 bits.
+MAX_SEED = 2**32 - 1
+
+
+def check_values(config: Config, source: str, origins: dict[str, str] | None = None) -> None:
+    """Value ranges that do not need the data. A problem is blamed on the option that set the
+    key (`origins`: key -> "--set ..." or "--flag"), else on `source` (the YAML file)."""
+    problems: list[tuple[str, str]] = []       # (key, problem)
+
+    def positive(section: str, name: str) -> None:
+        value = getattr(getattr(config, section), name)
+        if value is not None and not value > 0:
+            problems.append((f"{section}.{name}", f"{section}.{name} must be > 0, got {value}"))
+
+    for problem in model_config_problems(config.model, "model."):
+        problems.append((problem.split(" ", 1)[0], problem))
+    for stage in STAGES:
+        positive(stage, "graph_layers")
+    for name in ("lr", "batch_size", "eval_batch_size", "epochs", "lr_halve_every", "lr_decay", "grad_clip",
+                 "log_every", "stop_after_epoch"):
+        positive("train", name)
+    for name in ("tau_app", "tau_mo", "logit_tau"):
+        positive("loss", name)
+    for name in ("alpha", "beta", "kappa_app", "kappa_mo"):
+        if getattr(config.loss, name) < 0:
+            problems.append((f"loss.{name}", f"loss.{name} must be >= 0, got {getattr(config.loss, name)}"))
+    if not 0.0 <= config.loss.logit_mix <= 1.0:
+        problems.append(("loss.logit_mix", f"loss.logit_mix must be in [0, 1], got {config.loss.logit_mix}"))
+    if config.train.num_workers < 0:
+        problems.append(("train.num_workers", f"train.num_workers must be >= 0, got {config.train.num_workers}"))
+    if not 0 <= config.train.seed <= MAX_SEED:
+        problems.append(("train.seed", f"train.seed must be in [0, {MAX_SEED}] (2**32 - 1), got {config.train.seed}"))
+    if config.train.stop_after_epoch is not None and config.train.stop_after_epoch > config.train.epochs:
+        problems.append(("train.stop_after_epoch", f"train.stop_after_epoch ({config.train.stop_after_epoch}) is "
+                                                   f"after the last epoch ({config.train.epochs})"))
+    if not config.name or "/" in config.name or config.name in (".", ".."):
+        problems.append(("name", f"name must be a plain folder name, got {config.name!r}"))
+    if problems:
+        key, first = problems[0]
+        blamed = (origins or {}).get(key, source)
+        raise UserError(f"{blamed}: {first}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+# ---------------------------------------------------------------------------- output
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "checkpoint config") -> Config:
+    """Rebuild a Config saved with `config_to_dict` (e.g. from a checkpoint), with the same checks."""
+    config = _build(Config, raw, "", {}, source)
+    resolve_paths(config)
+    return config
+
+
+def dump_config(config: Config, path: str) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(config_to_dict(config), handle, sort_keys=False, default_flow_style=False)
+
+
+def eval_batch_size(config: Config) -> int:
+    return config.train.eval_batch_size or config.train.batch_size
+

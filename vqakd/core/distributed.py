@@ -1,0 +1,428 @@
+"""Process-group helpers that are no-ops in a single process and work under `torchrun`.
+
+`torchrun` sets RANK, LOCAL_RANK, WORLD_SIZE (and MASTER_ADDR/PORT from its rendezvous);
+`init_distributed()` starts the default process group from them. Without them everything here
+behaves as rank 0 of a world of size 1, so callers never branch on "am I distributed".
+
+Backends: gloo for CPU tensors; when CUDA is available the group is "cpu:gloo,cuda:nccl", so
+the model's gradients and metrics on the GPU go through NCCL while the small control messages
+(start-up agreement, error texts, gathered predictions) stay on gloo and never need a GPU.
+Every rank places its CUDA work on `cuda:LOCAL_RANK` (the GPU index on its own node); files
+are written by global rank 0 only, so nothing assumes a single node.
+
+Metrics are kept as sums and counts so that `all_reduce_sum` gives the figures of the whole
+split, not of one rank's share.
+
+A group that only coordinates (`init_distributed(control_only=True)`, used by feature
+extraction: ranks agree on a plan and wait for each other, each writing its own files) is
+gloo alone and never touches a GPU.
+
+Errors: a check that fails on one rank must stop every rank, not leave the others waiting in
+a collective. `agree(fn)` runs a phase on every rank and exchanges the outcome; `from_main(fn)`
+runs it on rank 0 alone (e.g. a look at the output folder) and hands every rank its value. If
+any rank failed, every rank raises: the failing rank its own exception, the others a
+`UserError` marked `shown_by_main`, so only rank 0 prints it and `quiet_unless_main` ends the
+other ranks with status 2 and no second copy of the message. Collectives time out after
+`DEFAULT_TIMEOUT_S` (env VQAKD_DIST_TIMEOUT_S) unless the caller gives its own timeout, so a
+rank that dies mid-epoch ends the job instead of hanging it forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from vqakd.core.errors import UserError
+
+DEFAULT_TIMEOUT_S = 1800
+TIMEOUT_ENV = "VQAKD_DIST_TIMEOUT_S"
+T = TypeVar("T")
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, str(default)))
+    except ValueError:
+        return default
+
+
+def env_world_size() -> int:
+    """The world size `torchrun` announced (1 when not launched by it)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def env_rank() -> int:
+    """The global rank `torchrun` announced (0 when not launched by it); valid before and after
+    the process group exists."""
+    return _env_int("RANK", 0)
+
+
+def local_rank() -> int:
+    """The rank on this node: which GPU of the node this process uses."""
+    return _env_int("LOCAL_RANK", 0)
+
+
+def local_world_size() -> int:
+    """Processes on this node (they share its RAM)."""
+    return _env_int("LOCAL_WORLD_SIZE", 1)
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (or another launcher speaking its protocol) started this process, even as a
+    world of one: then the DDP code path runs too (a one-GPU check of the multi-GPU path)."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def timeout_seconds() -> int:
+    value = _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+    return value if value > 0 else DEFAULT_TIMEOUT_S
+
+
+def init_distributed(device: torch.device | None = None, *, timeout: datetime.timedelta | None = None,
+                     control_only: bool = False) -> bool:
+    """Start the process group when launched by torchrun or with several processes; returns
+    whether one exists now.
+
+    `device` is accepted for callers that know it; the backend choice only depends on whether
+    CUDA exists (see the module docstring), unless `control_only`: then the group is gloo alone
+    (no tensors travel, only agreement and waiting) and no CUDA device is selected here.
+    `timeout` (default `timeout_seconds()`) bounds every collective, barriers included.
+    """
+    if is_initialized() or (env_world_size() <= 1 and not launched_by_torchrun()):
+        return is_initialized()
+    if not dist.is_available():
+        raise UserError("this PyTorch build has no torch.distributed; run a single process")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise UserError(f"WORLD_SIZE is {env_world_size()} but {name} is not set; launch with torchrun "
+                            "(python -m torch.distributed.run) or unset WORLD_SIZE")
+    backend = "gloo"
+    if torch.cuda.is_available() and not control_only:
+        if local_rank() < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank())
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend=backend, timeout=timeout or datetime.timedelta(seconds=timeout_seconds()))
+    return True
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Only the main process (global rank 0) writes files and logs."""
+    return get_rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all ranks in place (and return it); identity in a single process."""
+    if is_initialized() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    if is_initialized() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    if is_initialized() and get_world_size() > 1:
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order; [obj] in a single process. Goes through
+    gloo (CPU), so it needs no GPU."""
+    if not (is_initialized() and get_world_size() > 1):
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    group = _cpu_group()
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
+_CPU_GROUP: Any = None
+
+
+def _cpu_group():
+    """A gloo group for control messages (the default group when it is gloo already)."""
+    global _CPU_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def barrier() -> None:
+    """Wait for every rank (a CPU all-reduce: never touches a GPU of the wrong process)."""
+    if is_initialized() and get_world_size() > 1:
+        dist.all_reduce(torch.zeros(1), group=_cpu_group())
+
+
+def cleanup() -> None:
+    global _CPU_GROUP
+    if is_initialized():
+        dist.destroy_process_group()
+    _CPU_GROUP = None
+
+
+@contextlib.contextmanager
+def session(*, timeout: datetime.timedelta | None = None, control_only: bool = False) -> Iterator[None]:
+    """The process group for the duration of a script (when launched by torchrun); the
+    arguments are those of `init_distributed`. A session inside another (study.py running
+    train.py's run in-process) keeps the outer group: destroying it would leave the next
+    stage unable to rejoin under torchrun."""
+    started = not is_initialized() and init_distributed(timeout=timeout, control_only=control_only)
+    try:
+        yield
+    finally:
+        if started:
+            cleanup()
+
+
+def _shown_error(message: str) -> UserError:
+    error = UserError(message)
+    error.shown_by_main = True      # type: ignore[attr-defined]
+    return error
+
+
+def _outcome(failure: BaseException | None) -> tuple[str, str, bool] | None:
+    """What the other ranks learn of a rank's failure (None: it did not fail)."""
+    return None if failure is None else (type(failure).__name__, str(failure), isinstance(failure, UserError))
+
+
+def _raise_first_failure(failure: BaseException | None, outcomes: list[Any], what: str) -> None:
+    """Raise on this rank if any rank failed (`outcomes` in rank order, None for success).
+
+    The first rank that failed re-raises its own exception (a programming error keeps its
+    traceback); every other rank raises a UserError naming that rank and its message, marked
+    `shown_by_main` (rank 0 prints it, the rest stay quiet)."""
+    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+    if not failed:
+        return
+    rank, (kind, message, is_user) = failed[0]
+    if failure is not None and rank == get_rank():
+        # Rank 0 prints its own error; another rank's UserError is printed by rank 0 (below).
+        if isinstance(failure, UserError) and rank != 0:
+            failure.shown_by_main = True   # type: ignore[attr-defined]
+        raise failure
+    text = message if is_user else f"{kind}: {message}"
+    if rank != 0:
+        text = f"rank {rank} failed during {what}: {text}"
+    raise _shown_error(text)
+
+
+def agree(fn: Callable[[], T], what: str = "start-up") -> T:
+    """Run `fn` on every rank; if it raised on any rank, raise on every rank.
+
+    The rank that failed re-raises its own exception (a programming error keeps its
+    traceback); the others raise a UserError naming that rank and its message. In a single
+    process this is just `fn()`.
+    """
+    if not (is_initialized() and get_world_size() > 1):
+        return fn()
+    failure: BaseException | None = None
+    result = None
+    try:
+        result = fn()
+    except Exception as exc:       # noqa: BLE001 - reported to every rank, then re-raised
+        failure = exc
+    _raise_first_failure(failure, all_gather_objects(_outcome(failure)), what)
+    return result  # type: ignore[return-value]
+
+
+def from_main(fn: Callable[[], T], what: str = "start-up") -> T:
+    """Run `fn` on rank 0 only and return its (picklable) value on every rank; if it raised,
+    rank 0 re-raises its exception and the other ranks raise a UserError that rank 0 prints
+    (as in `agree`). In a single process this is just `fn()`."""
+    if not (is_initialized() and get_world_size() > 1):
+        return fn()
+    failure: BaseException | None = None
+    payload: list[Any] = [None]
+    if get_rank() == 0:
+        result = None
+        try:
+            result = fn()
+        except Exception as exc:   # noqa: BLE001 - reported to every rank, then re-raised
+            failure = exc
+        payload = [(None if failure is not None else result, _outcome(failure))]
+    dist.broadcast_object_list(payload, src=0, group=_cpu_group())
+    value, outcome = payload[0]
+    _raise_first_failure(failure, [outcome], what)
+    return value
+
+
+def quiet_unless_main(fn: Callable[[], int]) -> int:
+    """Run an entry point's body; on ranks other than 0, an error that rank 0 also raised and
+    prints (see `agree`) ends the process with status 2 without printing it a second time."""
+    try:
+        return fn()
+    except UserError as exc:
+        if env_rank() != 0 and getattr(exc, "shown_by_main", False):
+            return 2
+        if env_rank() != 0 and env_world_size() > 1:
+            raise UserError(f"rank {env_rank()}: {exc}") from None
+        raise
+
+
+class _DifferentiableAllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients over ranks (what SyncBatchNorm does)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        summed = tensor.clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        summed = grad.contiguous().clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed
+
+
+class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
+    """BatchNorm1d whose training-mode statistics cover the whole global batch (every rank's
+    share), on any device and backend (`torch.nn.SyncBatchNorm` refuses CPU tensors).
+
+    With it, K processes with B/K questions each compute the same normalisation, running
+    statistics and (after DDP's gradient averaging) the same gradients as one process with B,
+    up to float rounding. Same parameters and buffers as BatchNorm1d, so checkpoints are
+    interchangeable. Two reductions per call (sum, then squared deviations) keep the variance
+    as accurate as the single-process two-pass one.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_initialized() and get_world_size() > 1):
+            return super().forward(input)
+        differentiable_all_reduce = _DifferentiableAllReduceSum.apply
+        self._check_input_dim(input)
+        out_dtype = input.dtype
+        if input.dtype in (torch.float16, torch.bfloat16):
+            input = input.float()       # statistics (and the count) in float32, as F.batch_norm does
+        dims = [0] + list(range(2, input.dim()))
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        local_count = input.numel() // input.size(1)
+        count_and_sum = torch.cat([input.new_full((1,), float(local_count)), input.sum(dim=dims)])
+        count_and_sum = differentiable_all_reduce(count_and_sum)
+        count = count_and_sum[0].detach()
+        mean = count_and_sum[1:] / count
+        centred = input - mean.view(shape)
+        var = differentiable_all_reduce((centred * centred).sum(dim=dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum)
+                unbiased = var * count / (count - 1).clamp(min=1)
+                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.detach(), alpha=factor)
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(out_dtype)
+
+
+def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every BatchNorm1d in `module` (in place, sharing parameters and buffers) with
+    GlobalBatchNorm1d; returns `module`."""
+    for name, child in list(module.named_children()):
+        if type(child) is torch.nn.BatchNorm1d:
+            replacement = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                            child.track_running_stats)
+            if child.affine:
+                replacement.weight = child.weight
+                replacement.bias = child.bias
+            if child.track_running_stats:
+                replacement.running_mean = child.running_mean
+                replacement.running_var = child.running_var
+                replacement.num_batches_tracked = child.num_batches_tracked
+            replacement.train(child.training)
+            setattr(module, name, replacement)
+        else:
+            convert_batchnorm(child)
+    return module
+
+
+# `--device auto|cpu|cuda|cuda:N` resolution, shared by every script; `resolve_process_device`
+# adds the rule for processes launched by torchrun.
+
+
+
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """Turn a user's device string into a torch.device, checking that it exists."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {spec!r} requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {spec!r} requested but only {torch.cuda.device_count()} "
+                            "CUDA device(s) are visible")
+    elif device.type != "cpu":
+        raise UserError(f"unsupported device {spec!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def under_torchrun() -> bool:
+    """This process is one of a launch by torchrun (even a launch of one process)."""
+    return env_world_size() > 1 or launched_by_torchrun()
+
+
+def resolve_process_device(spec: str = "auto", what: str = "--device") -> torch.device:
+    """The device of this process, for training and feature extraction alike.
+
+    Run alone, this is `resolve_device(spec)`. Under torchrun, where every process needs a GPU
+    of its own, the rule is:
+
+    * auto (with CUDA available) and cuda mean cuda:LOCAL_RANK, the GPU of this process on
+      its own node; a LOCAL_RANK beyond the visible GPUs is an error (too many processes
+      per node);
+    * cpu (or auto without CUDA) is the CPU of every process;
+    * cuda:N is refused: it would put every process on the same GPU. The GPUs a launch uses
+      are chosen with CUDA_VISIBLE_DEVICES.
+
+    A chosen GPU with an index also becomes the current CUDA device, so that stray
+    allocations (the pin-memory thread, library workspaces) follow it instead of opening a
+    context on GPU 0. `what` names the setting in messages (--device, train.device, ...).
+    """
+    if not under_torchrun():
+        device = resolve_device(spec)
+    else:
+        spec = (spec or "auto").strip().lower()
+        if spec.startswith("cuda:"):
+            raise UserError(f"{what} {spec!r}: under torchrun every process uses cuda:LOCAL_RANK; set {what} "
+                            "to auto or cuda (and pick GPUs with CUDA_VISIBLE_DEVICES)")
+        device = resolve_device(spec)
+        if device.type == "cuda":
+            index = local_rank()
+            if index >= torch.cuda.device_count():
+                raise UserError(f"LOCAL_RANK {index} but only {torch.cuda.device_count()} CUDA device(s) are "
+                                "visible; use --nproc_per_node at most the number of GPUs per node")
+            device = torch.device("cuda", index)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device

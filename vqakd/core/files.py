@@ -1,0 +1,244 @@
+"""Atomic file output: write to a temporary file in the same folder, then rename.
+
+A reader (or a crashed job being resumed) never sees a half-written file at the final path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from typing import Any, Callable, Iterable, Iterator
+
+from vqakd.core.errors import UserError
+import string
+from typing import Iterable, Mapping, Sequence, Tuple, Union
+
+# What `atomic_path` names its temporary files: `.<final name>.<mkstemp's random part>.tmp`.
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(UserError, OSError):
+    """The disk (or the quota) filled up while writing; still an OSError for callers that catch those."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Did a write fail for want of space? An OSError's errno says so; h5py puts the C library's
+    errno only into its message ("errno = 28, error message = 'No space left on device'")."""
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno in _DISK_FULL:
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def _disk_full(exc: OSError, path: str) -> DiskFullError:
+    quota = exc.errno == errno.EDQUOT or (exc.errno not in _DISK_FULL and "Disk quota exceeded" in str(exc))
+    what = "disk quota exceeded" if quota else "no space left on device"
+    error = DiskFullError(f"{what} while writing {path}; nothing was written there and earlier files "
+                          "are intact: free some space and run again")
+    error.errno = exc.errno
+    return error
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path next to `path`; on success rename it over `path`, else delete it."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.path.basename(path)}.", suffix=TEMP_SUFFIX,
+                                   dir=folder)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise _disk_full(exc, path) from None
+        raise
+    os.close(fd)
+    # mkstemp creates 0600 files; give the result the permissions a plain open() would have,
+    # so features and checkpoints stay readable by the group on shared clusters.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        if not isinstance(exc, DiskFullError) and is_disk_full(exc):
+            raise _disk_full(exc, path) from None
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[Any]:
+    """`open()` for writing whose result only appears at `path` once the block succeeds."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; invalid JSON or non-UTF-8 text is a UserError naming the file and place."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        # A byte-order mark (editors on Windows add one) is not part of the JSON.
+        return json.loads(text[1:] if text.startswith("\ufeff") else text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The exact bytes `write_json` writes for `obj` (so their sha256 is known before writing)."""
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_open(path, "wb") as handle:
+        handle.write(json_bytes(obj))
+
+
+def write_pickle(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_open(path, "wb") as handle:
+        pickle.dump(obj, handle, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> str:
+    """Create `path` if needed and prove it is writable now, before hours of work start."""
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise UserError(f"{what} is not writable: {path} ({exc.strerror or exc})") from None
+    return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's contents, read in 1 MiB blocks (weights files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def stale_temporaries(output_paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Leftover temporary files of `atomic_path` for these outputs (a run killed mid-write)."""
+    found: set[str] = set()
+    for path in output_paths:
+        path = os.path.abspath(os.fspath(path))
+        pattern = glob.escape(os.path.join(os.path.dirname(path), f"{TEMP_PREFIX}{os.path.basename(path)}."))
+        found.update(candidate for candidate in glob.glob(pattern + "*" + TEMP_SUFFIX) if os.path.isfile(candidate))
+    return sorted(found)
+
+
+def remove_stale_temporaries(output_paths: Iterable[str | os.PathLike],
+                             log: Callable[[str], Any] | None = print) -> list[str]:
+    """Delete the leftover temporaries of `output_paths`; `log` gets one line naming them.
+
+    Call it only while this run holds the lock on the output folder (vqakd.core.locks), so that a
+    temporary file is never one another live run is still writing.
+    """
+    removed = []
+    for path in stale_temporaries(output_paths):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+            removed.append(path)
+    if removed and log is not None:
+        log(f"removed {len(removed)} temporary file(s) left by an interrupted run: {', '.join(removed)}")
+    return removed
+
+
+# Checks every command runs on its output paths before any work starts.
+#
+# - An output may not be one of the command's inputs (a checkpoint, config, vocabulary, question,
+#   feature or GloVe file) nor another output of the same run: paths are compared after resolving
+#   links and `..`, and existing files also by identity (a hard link is the same file).
+# - Output path templates take named fields (`{split}`, `{dataset}`) and, for the HCRN-style
+#   options, positional `{}`; a template that cannot be filled is a one-line error.
+
+
+
+
+PathLike = Union[str, os.PathLike]
+Labelled = Union[Mapping[str, Union[PathLike, None]], Iterable[Tuple[str, Union[PathLike, None]]]]
+
+
+def _pairs(paths: Labelled) -> list[tuple[str, str]]:
+    items = paths.items() if isinstance(paths, Mapping) else paths
+    return [(label, os.fspath(path)) for label, path in items if path is not None]
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:         # one of them does not exist yet: different files
+        return False
+
+
+def check_output_paths(inputs: Labelled, outputs: Labelled, hint: str = "") -> None:
+    """Refuse an output that is the same file as an input, or as another output.
+
+    `inputs` and `outputs` map a label the user recognises (the option, say `--checkpoint`,
+    or `--output-pt (val split)`) to a path; None paths are skipped. `hint` is appended to the
+    message for two outputs that collide (for instance how to make a template distinct).
+    """
+    ins, outs = _pairs(inputs), _pairs(outputs)
+    for out_index, (out_label, out_path) in enumerate(outs):
+        for in_label, in_path in ins:
+            if _same_file(out_path, in_path):
+                shown = out_path if out_path == in_path else f"{out_path} (= {in_path})"
+                raise UserError(f"{out_label} {shown} would overwrite {in_label}, an input of this run; "
+                                "choose another output path")
+        for other_label, other_path in outs[:out_index]:
+            if _same_file(out_path, other_path):
+                extra = f"; {hint}" if hint else ""
+                raise UserError(f"{other_label} and {out_label} are the same file {out_path}: one would "
+                                f"overwrite the other{extra}")
+
+
+def template_fields(template: str) -> list[str]:
+    """The replacement fields of a `str.format` template (`''` for positional `{}`)."""
+    try:
+        return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError:
+        return []
+
+
+def expand_template(template: str, option: str, positional: Sequence[object] = (), **fields: object) -> str:
+    """Fill an output path template; any problem is one line naming the option and the template.
+
+    `fields` are the named fields (`{split}`, `{dataset}`); `positional` what `{}` / `{0}` get.
+    """
+    allowed = ", ".join("{" + name + "}" for name in fields)
+    if positional:
+        allowed += f" (or '{{}}' for {', '.join(map(str, positional))} in that order)"
+    try:
+        return template.format(*positional, **fields)
+    except KeyError as exc:
+        raise UserError(f"{option} {template!r}: unknown field {{{exc.args[0]}}}; the fields are {allowed}") from None
+    except IndexError:
+        raise UserError(f"{option} {template!r}: more '{{}}' placeholders than the {len(positional)} values "
+                        f"they take; the fields are {allowed}") from None
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise UserError(f"{option} {template!r}: not a usable path template ({exc}); the fields are "
+                        f"{allowed}, and a literal brace is written '{{{{' or '}}}}'") from None

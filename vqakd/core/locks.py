@@ -1,0 +1,221 @@
+"""An exclusive lock on an output folder, held for a whole run.
+
+Two runs writing into the same folder (two trainings with one output_dir, two extractions of
+one feature file) would overwrite each other's files. A run takes the lock with
+
+    with FolderLock(out_dir, "output folder"):
+        ...                                   # all the writing
+
+and a second run is refused at once with one line naming the folder and the holder's pid.
+
+The lock is `fcntl.flock` on `<folder>/.vqakd.lock`, so the kernel releases it when the holder
+dies, however it dies (kill -9 included): a folder left by a killed run is simply taken over.
+The file also records who holds it (pid, host, command, start time) for the refusal message;
+a record left behind by a dead holder is stale and is replaced. On file systems without flock
+(some network mounts) the record alone decides: a holder on this host whose pid is alive keeps
+the folder; a record from another host is trusted unless it is older than `STALE_AFTER_S`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any, Callable
+
+from vqakd.core.errors import UserError
+
+try:
+    import fcntl
+except ImportError:         # Windows: only the record-based check is available
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".vqakd.lock"
+# The descriptors of the locks this process holds. A forked child (a data-loader or decoding
+# worker) closes its copies at once: the flock belongs to the open file, so a worker that
+# outlived a killed run would otherwise keep its folder locked. Closing a copy never unlocks.
+_HELD_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+# Without flock, a record from another host (whose pid cannot be checked) older than this is stale.
+STALE_AFTER_S = 7 * 24 * 3600
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # alive, owned by someone else
+        return True
+    return True
+
+
+def _describe(record: dict[str, Any]) -> str:
+    started = record.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+    return (f"pid {record.get('pid', '?')} on {record.get('host', '?')}, started {when}: "
+            f"{record.get('command', '?')}")
+
+
+class FolderLock:
+    """Context manager: hold an exclusive lock on `folder` (created if needed) while inside.
+
+    `what` names the folder in messages ("output folder", "feature folder"). `log` receives one
+    line when a stale lock of a dead run is taken over. Locks are not re-entrant: a second
+    FolderLock on the same folder is refused even in the same process.
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str = "output folder",
+                 log: Callable[[str], Any] | None = print, lock_name: str = LOCK_NAME,
+                 shown: str | os.PathLike | None = None) -> None:
+        self.folder = os.fspath(folder)
+        self.what = what
+        self.log = log
+        self.path = os.path.join(self.folder, lock_name)
+        # What messages name: the folder, or the one output file an `output_lock` guards.
+        self.shown = os.fspath(shown) if shown is not None else self.folder
+        self._fd: int | None = None
+
+    # ---------------------------------------------------------------- record
+
+    def _read_record(self, fd: int) -> dict[str, Any] | None:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            data = os.read(fd, 1 << 16)
+            record = json.loads(data.decode("utf-8")) if data.strip() else None
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _write_record(self, fd: int) -> None:
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv) or "python",
+                  "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
+        os.fsync(fd)
+
+    def _record_holds(self, record: dict[str, Any] | None) -> bool:
+        """Without flock: does this record name a run that may still be alive?"""
+        if not record or not isinstance(record.get("pid"), int):
+            return False
+        if record.get("host") == socket.gethostname():
+            return record["pid"] != os.getpid() and _pid_alive(record["pid"])
+        started = record.get("started")
+        return isinstance(started, (int, float)) and time.time() - started < STALE_AFTER_S
+
+    def _refuse(self, record: dict[str, Any] | None) -> UserError:
+        holder = _describe(record) if record else "a run that has not written its record yet"
+        return UserError(f"{self.what} {self.shown} is in use by another run ({holder}); wait for it to "
+                         f"finish or stop it, or choose another output (lock file {self.path})")
+
+    # ---------------------------------------------------------------- acquire / release
+
+    def acquire(self) -> "FolderLock":
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path} is already held by this FolderLock")
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{self.what} is not writable: {self.folder} ({exc.strerror or exc})") from None
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise UserError(f"{self.what} is not writable: {self.folder} ({exc.strerror or exc})") from None
+            try:
+                locked = self._flock(fd)
+                # The holder removes the file when it is done: if it did so between our open()
+                # and flock(), we hold a lock on a deleted file. Start again on the new one.
+                if not self._is_current(fd):
+                    os.close(fd)
+                    continue
+                record = self._read_record(fd)
+                if locked is None:              # no flock on this file system: the record decides
+                    if self._record_holds(record):
+                        raise self._refuse(record)
+                elif not locked:
+                    raise self._refuse(record)
+                if record and record.get("pid") != os.getpid() and self.log is not None:
+                    self.log(f"{self.what} {self.shown}: taking over the lock left by a run that is no "
+                             f"longer running ({_describe(record)})")
+                self._write_record(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            _HELD_FDS.add(fd)
+            return self
+        raise UserError(f"{self.what} {self.shown}: could not take the lock {self.path} (it keeps being replaced)")
+
+    def _is_current(self, fd: int) -> bool:
+        """Is `fd` the file now at the lock path (not one a finished holder has removed)?"""
+        try:
+            here, there = os.fstat(fd), os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+    @staticmethod
+    def _flock(fd: int) -> bool | None:
+        """True if locked, False if another holder has it, None if the file system has no flock."""
+        if fcntl is None:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                return None
+            raise
+        return True
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        _HELD_FDS.discard(fd)
+        try:
+            # Remove the file while still holding the lock (acquire() checks it locked the file
+            # that is at the path), so that a finished run leaves nothing behind.
+            if self._is_current(fd):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+        finally:
+            os.close(fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def output_lock(path: str | os.PathLike, what: str = "output file",
+                log: Callable[[str], Any] | None = print) -> FolderLock:
+    """A lock on one output file rather than its whole folder (`.<name>.lock` beside it): two
+    runs may write different files of one folder (eval_val.json and eval_test.json, appearance
+    and motion features), but never the same file."""
+    path = os.path.abspath(os.fspath(path))
+    return FolderLock(os.path.dirname(path), what, log, lock_name=f".{os.path.basename(path)}.lock", shown=path)

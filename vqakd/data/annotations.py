@@ -1,0 +1,152 @@
+"""MSVD-QA / MSRVTT-QA annotation files (docs/method.md#annotations): QA records and the video each refers to.
+
+Shared by the question preprocessing (which reads the QA records) and the feature extraction
+(which needs the list of videos and their files). Every problem is a `UserError` naming the file
+and the record.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from vqakd.core.errors import UserError
+from vqakd.core.files import read_json
+
+DATASETS = ("msvd-qa", "msrvtt-qa")
+SPLITS = ("train", "val", "test")
+REQUIRED_FIELDS = ("question", "answer", "video_id")
+
+
+@dataclass(frozen=True)
+class Video:
+    video_id: int      # the integer id stored in the HDF5 `ids` dataset and in `video_ids`
+    name: str          # MSVD-QA: the YouTube clip name; MSRVTT-QA: "video{id}"
+    path: str          # the video file this id refers to (it may not exist; extraction reports it)
+
+
+def check_dataset(dataset: str) -> str:
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return dataset
+
+
+def qa_path(annotation_dir: str, split: str) -> str:
+    return os.path.join(annotation_dir, f"{split}_qa.json")
+
+
+def load_qa(annotation_dir: str, split: str, dataset: str = "msvd-qa") -> list[dict]:
+    """Read `{split}_qa.json`, checking that every record has question, answer and video_id."""
+    check_dataset(dataset)
+    path = qa_path(annotation_dir, split)
+    if not os.path.isfile(path):
+        raise UserError(f"annotation file not found: {path} (download the {dataset.upper()} "
+                        "annotations and pass their folder with --annotation-dir)")
+    records = read_json(path)
+    if not isinstance(records, list):
+        raise UserError(f"{path}: expected a JSON list of QA records, found {type(records).__name__}")
+    if not records:
+        raise UserError(f"{path}: the {split} split has no QA records")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: record {index} is a {type(record).__name__}, expected an object")
+        missing = [field for field in REQUIRED_FIELDS if field not in record]
+        if missing:
+            rid = record.get("id", index)
+            raise UserError(f"{path}: record {index} (id {rid}) has no {', '.join(missing)}")
+        if not isinstance(record["question"], str) or not isinstance(record["answer"], str):
+            raise UserError(f"{path}: record {index} (id {record.get('id', index)}): "
+                            "question and answer must be strings")
+        if parse_video_id(record["video_id"]) is None:
+            raise UserError(f"{path}: record {index} (id {record.get('id', index)}): "
+                            f"video_id {record['video_id']!r} is not a whole number >= 0")
+    return records
+
+
+def parse_video_id(value: object) -> int | None:
+    """The video id a record's `video_id` holds, or None when it is not a whole number >= 0.
+
+    Accepted: a JSON integer, a string of digits ("12"), or a float without a fraction (12.0).
+    Refused: `true`/`false` (JSON booleans would otherwise read as 1/0), `2.9` (would read
+    as 2), negative numbers, anything else.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not value.is_integer():
+            return None
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        number = int(value.strip())
+    else:
+        return None
+    return number if number >= 0 else None
+
+
+def load_msvd_mapping(annotation_dir: str) -> dict[int, str]:
+    """`youtube_mapping.txt` lines `clipname vidN` → {N: clipname}."""
+    path = os.path.join(annotation_dir, "youtube_mapping.txt")
+    if not os.path.isfile(path):
+        raise UserError(f"MSVD-QA mapping file not found: {path} (it ships with the MSVD-QA "
+                        "annotations next to the {split}_qa.json files)")
+    mapping: dict[int, str] = {}
+    # utf-8-sig: a byte-order mark (added by some Windows editors) would otherwise become part
+    # of the first clip's name, and that clip would then be reported missing.
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            lines = handle.read().split("\n")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].startswith("vid") or not parts[1][3:].isdigit():
+            raise UserError(f"{path}: line {line_no}: expected 'clipname vidN', got {line.strip()!r}")
+        mapping[int(parts[1][3:])] = parts[0]
+    return mapping
+
+
+def _subfolder(video_dir: str, name: str) -> str:
+    candidate = os.path.join(video_dir, name)
+    return candidate if os.path.isdir(candidate) else video_dir
+
+
+def video_name(dataset: str, video_id: int, mapping: dict[int, str] | None = None) -> str:
+    if dataset == "msvd-qa":
+        if mapping is None or video_id not in mapping:
+            raise UserError(f"video id {video_id} is not in youtube_mapping.txt")
+        return mapping[video_id]
+    return f"video{video_id}"
+
+
+def list_videos(dataset: str, annotation_dir: str, video_dir: str,
+                splits: tuple[str, ...] = SPLITS) -> list[Video]:
+    """Every video referred to by the QA files of `splits` (those present), sorted by id.
+
+    MSVD-QA: `video_dir/YouTubeClips/<clip>.avi` (or `video_dir/<clip>.avi`).
+    MSRVTT-QA: `video_dir/TrainValVideo/video<id>.mp4` for train/val and
+    `video_dir/TestVideo/video<id>.mp4` for test (or `video_dir/video<id>.mp4`).
+    """
+    check_dataset(dataset)
+    present = [split for split in splits if os.path.isfile(qa_path(annotation_dir, split))]
+    if not present:
+        raise UserError(f"no QA files ({', '.join(qa_path(annotation_dir, s) for s in splits)}) "
+                        f"found in {annotation_dir}")
+    mapping = load_msvd_mapping(annotation_dir) if dataset == "msvd-qa" else None
+    videos: dict[int, Video] = {}
+    for split in present:
+        for record in load_qa(annotation_dir, split, dataset):
+            vid = int(record["video_id"])
+            if vid in videos:
+                continue
+            name = video_name(dataset, vid, mapping)
+            if dataset == "msvd-qa":
+                path = os.path.join(_subfolder(video_dir, "YouTubeClips"), f"{name}.avi")
+            else:
+                folder = "TestVideo" if split == "test" else "TrainValVideo"
+                path = os.path.join(_subfolder(video_dir, folder), f"{name}.mp4")
+            videos[vid] = Video(vid, name, path)
+    return [videos[vid] for vid in sorted(videos)]

@@ -1,0 +1,342 @@
+"""A run's training data: the vocabulary, the question splits and the feature table, checked
+together and served in batches.
+
+- `load_data` assembles a `DataBundle`: the vocabulary (vqakd/data/vocab.py), the requested question
+  splits, and the feature table (vqakd/data/features.py), loaded onto its device.
+- `QuestionSplit`: one split's question tensors plus, per question, the feature-table rows of its
+  video and its question-type code.
+- `QuestionBatches`: a Dataset indexed by a *batch* of question indices (fed by
+  `EpochBatchSampler` through a DataLoader with `batch_size=None`, see `make_loader`), so a
+  batch is one index-tensor gather, never one HDF5 read or `__getitem__` per sample.
+- `glove_matrix_for`: the word-embedding initialisation of a run.
+
+Everything checkable is checked before training starts, with errors that name the file:
+dataset names and shapes, clips per video == `model.num_nodes`, feature size == `model.vision_dim`,
+every question's video present in both files (or, with `data.missing_videos: drop`, the
+questions of missing videos left out and counted: `QuestionSplit.dropped`, `with_dropped`), NaN/inf features (naming the video), token and
+answer indices inside the vocabulary, GloVe rows == question vocabulary size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vqakd.data.annotations import SPLITS
+from vqakd.core.config import Config
+from vqakd.core.distributed import local_world_size
+from vqakd.core.errors import UserError, require_file
+from vqakd.data.features import FeatureFileInfo, FeatureTable, choose_table_device, load_feature_table
+from vqakd.data.questions import QUESTION_TYPES, check_vocab_binding, load_question_file, question_type_code
+from vqakd.data.vocab import NULL_TOKEN, UNK_TOKEN, Vocabulary
+
+MISSING_IDS_SHOWN = 5
+
+
+# ----------------------------------------------------------------------------------- questions
+
+@dataclass
+class QuestionSplit:
+    name: str
+    path: str
+    questions: torch.Tensor          # (Q, L) long
+    lengths: torch.Tensor            # (Q,) long
+    answers: torch.Tensor            # (Q,) long
+    qtypes: torch.Tensor             # (Q,) long question-type codes (vqakd.training.metrics)
+    app_rows: torch.Tensor           # (Q,) long rows in the feature table
+    mot_rows: torch.Tensor
+    question_id: list
+    video_ids: np.ndarray
+    video_names: list[str]
+    question_text: Optional[list[str]]
+    glove: Optional[np.ndarray]
+    record_id: Optional[list] = None          # the annotation records' ids (our files only)
+    clip_names: Optional[list[str]] = None    # the video files' names (our files only)
+    # Questions left out because their video is missing (data.missing_videos: drop): their
+    # question-type codes, so val/test accuracy can keep them in its denominators.
+    dropped_qtypes: Optional[torch.Tensor] = None
+
+    @property
+    def dropped(self) -> int:
+        return 0 if self.dropped_qtypes is None else int(self.dropped_qtypes.numel())
+
+    def display_id(self, index: int):
+        """The id a user finds in the annotations: the record's id where the file has it, else
+        the file's question_id (the running index in files of the original code)."""
+        return (self.record_id if self.record_id is not None else self.question_id)[index]
+
+    def __len__(self) -> int:
+        return int(self.questions.shape[0])
+
+    def text(self, index: int, vocab: Vocabulary) -> str:
+        if self.question_text is not None:
+            return self.question_text[index]
+        return vocab.decode_question(self.questions[index].numpy(), int(self.lengths[index]))
+
+
+def _missing_video_ids(path: str, video_ids: np.ndarray, info: FeatureFileInfo, policy: str) -> set[int]:
+    """Video ids used by the questions of `path` that `info`'s file lacks; an error unless
+    `policy` is drop."""
+    missing = sorted({int(v) for v in np.unique(video_ids)} - info.row_of.keys())
+    if missing and policy != "drop":
+        shown = ", ".join(str(v) for v in missing[:MISSING_IDS_SHOWN])
+        more = ", ..." if len(missing) > MISSING_IDS_SHOWN else ""
+        raise UserError(f"{path}: {len(missing)} video id(s) used by its questions are missing from "
+                        f"{info.path}: {shown}{more}; set data.missing_videos: drop to leave their questions "
+                        "out (they then count as wrong in val/test accuracy)")
+    return set(missing)
+
+
+def _keep(values, keep: np.ndarray):
+    """`values` (array, tensor, list or None) at the positions where `keep` is true."""
+    if values is None:
+        return None
+    if isinstance(values, (np.ndarray, torch.Tensor)):
+        return values[torch.from_numpy(keep) if isinstance(values, torch.Tensor) else keep]
+    return [value for value, kept in zip(values, keep) if kept]
+
+
+def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable,
+               missing_videos: str = "error") -> QuestionSplit:
+    """One question file, checked against the vocabulary and the feature table.
+    `missing_videos`: error, or drop (questions of videos missing from a feature file are left
+    out and recorded in `dropped_qtypes`)."""
+    require_file(path, f"{name} question file", "make it with preprocess/preprocess_questions.py")
+    data = load_question_file(path, vocab.question_size, vocab.answer_size)
+    check_vocab_binding(data, path, vocab.path, vocab.sha256)
+    video_ids = np.asarray(data["video_ids"])
+    missing = (_missing_video_ids(path, video_ids, table.appearance_info, missing_videos)
+               | _missing_video_ids(path, video_ids, table.motion_info, missing_videos))
+    first_tokens = [vocab.idx_to_question_token[int(t)] for t in data["questions"][:, 0]]
+    qtypes = torch.tensor([question_type_code(token) for token in first_tokens], dtype=torch.long)
+    keep = ~np.isin(video_ids, np.array(sorted(missing), dtype=np.int64)) if missing else np.ones(len(video_ids), bool)
+    if not keep.any():
+        raise UserError(f"{path}: none of its {len(video_ids)} questions has its video in both feature files "
+                        f"({table.appearance_info.path}, {table.motion_info.path})")
+    dropped_qtypes = qtypes[torch.from_numpy(~keep)] if missing else None
+    kept = {key: _keep(data[key], keep) if missing else data[key]
+            for key in ("questions", "questions_len", "answers", "question_id", "video_ids", "video_names",
+                        "question_text", "record_id", "clip_names")}
+    app_rows, mot_rows = table.rows(kept["video_ids"])
+    return QuestionSplit(
+        name=name, path=path, questions=torch.from_numpy(np.ascontiguousarray(kept["questions"])).long(),
+        lengths=torch.from_numpy(np.ascontiguousarray(kept["questions_len"])).long(),
+        answers=torch.as_tensor(np.asarray(kept["answers"])).long(),
+        qtypes=qtypes[torch.from_numpy(keep)],
+        app_rows=torch.from_numpy(app_rows), mot_rows=torch.from_numpy(mot_rows),
+        question_id=kept["question_id"], video_ids=kept["video_ids"], video_names=kept["video_names"],
+        question_text=kept["question_text"], glove=data["glove"],
+        record_id=kept["record_id"], clip_names=kept["clip_names"], dropped_qtypes=dropped_qtypes,
+    )
+
+
+def with_dropped(summary: dict, split: QuestionSplit) -> dict:
+    """An evaluation summary (vqakd.training.metrics.summarize) of `split` in which the questions dropped
+    for missing videos count as wrong: they stay in every denominator (overall and per type).
+    The figures on the answered questions alone are kept next to them (`accuracy_answered`,
+    `count_answered`), and `dropped` says how many were left out. A split with nothing dropped
+    gets the same keys (accuracy_answered == accuracy, dropped 0)."""
+    dropped_per_code = (torch.bincount(split.dropped_qtypes, minlength=len(QUESTION_TYPES) + 1).tolist()
+                        if split.dropped else [0] * (len(QUESTION_TYPES) + 1))
+
+    def adjust(values: dict, dropped: int) -> dict:
+        count = values["count"] + dropped
+        return {**values, "accuracy": values["correct"] / count if count else 0.0, "count": count,
+                "accuracy_answered": values["accuracy"], "count_answered": values["count"], "dropped": dropped}
+
+    result = adjust(summary, split.dropped)
+    result["per_type"] = {name: adjust(summary["per_type"][name], dropped_per_code[code])
+                          for code, name in enumerate(QUESTION_TYPES)}
+    return result
+
+
+# ----------------------------------------------------------------------------------- batches
+
+class QuestionBatches(Dataset):
+    """`dataset[indices]` -> one whole batch (a dict of tensors); indices is a 1-D index tensor.
+
+    When the feature table is on a GPU, the split's per-question tensors are copied there once
+    and a batch is gathered entirely on the device: one small non-blocking copy of the index,
+    no host synchronisation. `question_len` always stays on the CPU (pack_padded_sequence
+    wants CPU lengths; reading them back from a GPU would wait for the GPU).
+
+    `reuse_buffers` (a CPU table gathered in the main process): the features are written into
+    one of BUFFER_RING preallocated batch buffers in turn instead of a fresh tensor per batch.
+    A fresh 256 MiB tensor costs ~65k page faults (the allocator returns such blocks to the OS),
+    six times the copy itself. A batch's feature tensors are therefore only valid until
+    BUFFER_RING - 1 further batches have been drawn: right for a training/eval loop, wrong for
+    code that keeps batches (which must leave it off, the default).
+    """
+
+    ON_DEVICE = ("questions", "answers", "qtypes", "app_rows", "mot_rows")
+    BUFFER_RING = 2
+
+    def __init__(self, split: QuestionSplit, table: FeatureTable, reuse_buffers: bool = False):
+        self.split = split
+        self.table = table
+        self.device = table.device if table.mode == "memory" else torch.device("cpu")
+        self.columns = {name: getattr(split, name).to(self.device) for name in self.ON_DEVICE}
+        self.reuse_buffers = reuse_buffers and table.mode == "memory" and self.device.type == "cpu"
+        self._ring: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = []
+        self._turn = -1
+
+    def _buffers(self, size: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.reuse_buffers:
+            return None
+        self._turn = (self._turn + 1) % self.BUFFER_RING
+        if len(self._ring) <= self._turn:
+            self._ring.append(None)
+        pair = self._ring[self._turn]
+        if pair is None or pair[0].shape[0] < size:
+            table = self.table
+            pair = (torch.empty((size,) + tuple(table.appearance.shape[1:]), dtype=table.appearance.dtype),
+                    torch.empty((size,) + tuple(table.motion.shape[1:]), dtype=table.motion.dtype))
+            self._ring[self._turn] = pair
+        return pair[0][:size], pair[1][:size]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_ring"] = []          # a worker process builds its own (never used there: see make_loader)
+        return state
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, indices: Any) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        at = index.to(self.device, non_blocking=True)
+        columns = self.columns
+        appearance, motion = self.table.gather(columns["app_rows"][at], columns["mot_rows"][at],
+                                               out=self._buffers(int(index.shape[0])))
+        return {
+            "index": index,
+            "appearance": appearance,
+            "motion": motion,
+            "question": columns["questions"][at],
+            "question_len": self.split.lengths[index],
+            "answer": columns["answers"][at],
+            "qtype": columns["qtypes"][at],
+        }
+
+
+class EpochBatchSampler(Sampler):
+    """Batches of question indices; shuffled with a generator seeded by (seed + epoch), so a run
+    resumed at any epoch sees exactly the batches an uninterrupted run sees.
+
+    With several processes each rank takes every world_size-th index of the same permutation;
+    for training the permutation is padded (with its own first indices) to a multiple of the
+    world size so every rank runs the same number of steps; for evaluation nothing is padded, so
+    every question is counted exactly once.
+    """
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_single_last: bool = False):
+        self.size = size
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        # A final training batch of one question would make BatchNorm fail; it is dropped.
+        self.drop_single_last = drop_single_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.arange(self.size)
+        if self.world_size > 1:
+            if self.shuffle:
+                padding = (-self.size) % self.world_size
+                order = torch.cat([order, order[:padding]])
+            order = order[self.rank::self.world_size]
+        return order
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = self._indices()
+        batches = list(torch.split(order, self.batch_size))
+        if self.drop_single_last and batches and len(batches[-1]) == 1 and len(batches) > 1:
+            batches.pop()
+        return iter(batches)
+
+    def __len__(self) -> int:
+        count = len(self._indices())
+        batches = -(-count // self.batch_size)
+        if self.drop_single_last and batches > 1 and count % self.batch_size == 1:
+            batches -= 1
+        return batches
+
+
+def make_loader(split: QuestionSplit, table: FeatureTable, batch_size: int, shuffle: bool, seed: int,
+                num_workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1,
+                reuse_buffers: bool = False) -> DataLoader:
+    """Batches of `split` (this rank's share). `reuse_buffers`: see QuestionBatches; only used
+    when batches are gathered in this process (no workers: a worker's tensors travel through
+    shared memory, which a reused buffer would overwrite)."""
+    sampler = EpochBatchSampler(len(split), batch_size, shuffle, seed, rank, world_size, drop_single_last=shuffle)
+    on_gpu = table.device.type != "cpu"
+    workers = 0 if on_gpu else num_workers
+    return DataLoader(
+        QuestionBatches(split, table, reuse_buffers=reuse_buffers and workers == 0),
+        sampler=sampler,
+        batch_size=None,                          # the sampler yields whole batches
+        num_workers=workers,
+        pin_memory=pin_memory and not on_gpu,
+        # A private generator: creating loader iterators must not consume the global RNG that
+        # dropout draws from (a resumed run restores that RNG exactly).
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
+
+
+# ----------------------------------------------------------------------------------- everything
+
+@dataclass
+class DataBundle:
+    vocab: Vocabulary
+    table: FeatureTable
+    splits: dict[str, QuestionSplit]
+
+
+def load_data(config: Config, splits: tuple[str, ...] = SPLITS, device: torch.device | None = None,
+              progress: bool = True, expected_by: str = "model") -> DataBundle:
+    """Vocabulary, the requested question splits and the feature table, all checked."""
+    vocab_path = require_file(config.data.vocab, "vocabulary file", "make it with preprocess/preprocess_questions.py")
+    vocab = Vocabulary.load(vocab_path)
+    table = load_feature_table(config, expected_by)
+    paths = {"train": config.data.train_questions, "val": config.data.val_questions,
+             "test": config.data.test_questions}
+    loaded = {name: load_split(name, paths[name], vocab, table, config.data.missing_videos) for name in splits}
+    if table.mode == "memory":
+        target = choose_table_device(config, table, device) if device is not None else torch.device("cpu")
+        table.load(progress, target, copies_per_node=local_world_size() if target.type == "cpu" else 1)
+    return DataBundle(vocab, table, loaded)
+
+
+def glove_matrix_for(config: Config, bundle: DataBundle, progress: bool = True) -> Optional[np.ndarray]:
+    """The embedding initialisation: the train file's GloVe matrix, else `data.glove`, else None."""
+    if not config.data.use_glove:
+        return None
+    train = bundle.splits.get("train")
+    if train is not None and train.glove is not None:
+        return train.glove
+    if config.data.glove:
+        from vqakd.data.glove import load_glove
+        from vqakd.data.questions import glove_matrix
+
+        words = {token for token in bundle.vocab.question_token_to_idx if token not in (NULL_TOKEN, UNK_TOKEN)}
+        vectors = load_glove(config.data.glove, keep=words, progress=progress)
+        if not vectors:
+            raise UserError(f"{config.data.glove}: none of the question words is in this GloVe file")
+        matrix, _found = glove_matrix(bundle.vocab.question_token_to_idx, vectors)
+        return matrix
+    return None

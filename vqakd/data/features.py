@@ -1,0 +1,280 @@
+"""The video feature table: the two HDF5 feature files (docs/method.md#feature-files), checked
+and read into memory once, or read batch by batch in lazy mode.
+
+- `read_feature_header` checks one file's dataset names, shapes, dtypes and ids without reading
+  the features; `load_feature_table` checks both against the model's sizes.
+- `FeatureTable`: both files read ONCE into two tensors (appearance (V, N, F, Dv), motion
+  (V, N, Dv)), optionally as float16, optionally on the GPU; rows are looked up by video id.
+  In lazy mode (feature files larger than RAM) nothing is read up front; each process that
+  gathers a batch keeps one open handle per file and reads the batch's rows in one call.
+  NaN/inf features are reported naming the video.
+- `choose_table_device`: where the in-memory table lives (data.feature_device).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from vqakd.core.progress import progress_bar
+from vqakd.core.config import Config
+from vqakd.core.errors import UserError, require_file
+
+APPEARANCE_DATASET = "resnet_features"
+MOTION_DATASET = "resnext_features"
+IDS_DATASET = "ids"
+# Rows read from an HDF5 file per chunk while building the in-memory table.
+LOAD_CHUNK_BYTES = 256 << 20
+# Keep this share of free memory unused when deciding whether the table fits.
+MEMORY_HEADROOM = 0.9
+# The GPU table may use at most this share of the free GPU memory (the model needs the rest).
+GPU_TABLE_SHARE = 0.5
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _open_h5(path: str):
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot open as HDF5 ({exc}); the file may be truncated or of another "
+                        "format") from None
+
+
+@dataclass
+class FeatureFileInfo:
+    path: str
+    dataset: str
+    shape: tuple[int, ...]
+    ids: np.ndarray            # (V,) int64
+    row_of: dict[int, int]     # video id -> row
+
+
+def read_feature_header(path: str, dataset: str, ndim: int, layout: str) -> FeatureFileInfo:
+    """Check one feature file's dataset names and shapes; read its ids."""
+    require_file(path, "feature file", "make it with preprocess/preprocess_features.py")
+    with _open_h5(path) as handle:
+        names = sorted(handle.keys())
+        for name in (dataset, IDS_DATASET):
+            if name not in handle:
+                raise UserError(f"{path}: no dataset {name!r} (found: {', '.join(names) or 'none'}); expected "
+                                f"{dataset!r} {layout} and {IDS_DATASET!r} (V,)")
+        features, ids_ds = handle[dataset], handle[IDS_DATASET]
+        if len(features.shape) != ndim:
+            raise UserError(f"{path}: dataset {dataset!r} has shape {tuple(features.shape)}; expected {layout}")
+        if features.dtype.kind != "f":
+            raise UserError(f"{path}: dataset {dataset!r} has dtype {features.dtype}; expected floats")
+        if len(ids_ds.shape) != 1 or ids_ds.dtype.kind not in "iu":
+            raise UserError(f"{path}: dataset {IDS_DATASET!r} has shape {tuple(ids_ds.shape)} and dtype "
+                            f"{ids_ds.dtype}; expected integer (V,)")
+        if ids_ds.shape[0] != features.shape[0]:
+            raise UserError(f"{path}: {IDS_DATASET!r} has {ids_ds.shape[0]} entries but {dataset!r} has "
+                            f"{features.shape[0]} videos")
+        try:
+            ids = np.asarray(ids_ds[()], dtype=np.int64)
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read {IDS_DATASET!r} ({exc}); the file may be truncated") from None
+        shape = tuple(int(s) for s in features.shape)
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise UserError(f"{path}: video id {int(unique[counts > 1][0])} appears {int(counts.max())} times in "
+                        f"{IDS_DATASET!r}")
+    return FeatureFileInfo(path, dataset, shape, ids, {int(v): row for row, v in enumerate(ids.tolist())})
+
+
+def _available_memory_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _first_nonfinite_row(chunk: np.ndarray) -> Optional[int]:
+    finite = np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1)
+    bad = np.flatnonzero(~finite)
+    return int(bad[0]) if bad.size else None
+
+
+def _read_rows(info: FeatureFileInfo, handle, rows: np.ndarray) -> np.ndarray:
+    """Rows (any order, repeats allowed) of one feature file in one HDF5 read."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    try:
+        block = handle[info.dataset][unique]
+    except OSError as exc:
+        raise UserError(f"{info.path}: cannot read {info.dataset!r} ({exc}); the file may be truncated") from None
+    return block[inverse]
+
+
+def _convert_checked(info: FeatureFileInfo, block: np.ndarray, rows: np.ndarray, dtype_name: str) -> np.ndarray:
+    """`block` in the table's dtype; NaN/inf in the file, or values the table's dtype cannot
+    hold (a float64 file read as float32 or float16), name the file, dataset and video."""
+    bad = _first_nonfinite_row(block)
+    if bad is not None:
+        raise UserError(f"{info.path}: {info.dataset!r} of video id {int(info.ids[rows[bad]])} holds NaN or "
+                        "infinite values")
+    with np.errstate(over="ignore"):       # overflow is detected just below, with the video named
+        converted = block.astype(NUMPY_DTYPES[dtype_name], copy=False)
+    if converted.dtype != block.dtype:
+        bad = _first_nonfinite_row(converted)
+        if bad is not None:
+            largest = float(np.abs(block[bad]).max())
+            fits_float32 = largest <= float(np.finfo(np.float32).max)
+            limit = float(np.finfo(NUMPY_DTYPES[dtype_name]).max)
+            advice = ("use data.feature_dtype: float32" if dtype_name == "float16" and fits_float32
+                      else "no feature extractor makes such values: re-extract this video's features")
+            raise UserError(f"{info.path}: {info.dataset!r} of video id {int(info.ids[rows[bad]])} holds values up "
+                            f"to {largest:.3g} ({block.dtype} in the file), too large for {dtype_name}; {advice} "
+                            f"({dtype_name} holds at most {limit:.3g})")
+    return converted
+
+
+class FeatureTable:
+    """Appearance and motion features of every video, looked up by table row."""
+
+    def __init__(self, appearance: FeatureFileInfo, motion: FeatureFileInfo, dtype: str = "float32",
+                 mode: str = "memory"):
+        self.appearance_info = appearance
+        self.motion_info = motion
+        self.dtype_name = dtype
+        self.dtype = TORCH_DTYPES[dtype]
+        self.mode = mode
+        self.appearance: Optional[torch.Tensor] = None
+        self.motion: Optional[torch.Tensor] = None
+        self._handles: Optional[tuple[int, Any, Any]] = None   # (pid, appearance file, motion file)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.appearance_info.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.appearance.device if self.appearance is not None else torch.device("cpu")
+
+    def nbytes(self) -> int:
+        size = TORCH_DTYPES[self.dtype_name].itemsize
+        return (int(np.prod(self.appearance_info.shape)) + int(np.prod(self.motion_info.shape))) * size
+
+    def rows(self, video_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        app = np.array([self.appearance_info.row_of[int(v)] for v in video_ids], dtype=np.int64)
+        mot = np.array([self.motion_info.row_of[int(v)] for v in video_ids], dtype=np.int64)
+        return app, mot
+
+    def load(self, progress: bool = True, device: torch.device | None = None, copies_per_node: int = 1) -> None:
+        """Read both files into memory on `device` (default CPU), checking every video for NaN/inf.
+
+        A GPU table is filled chunk by chunk, so host memory never holds the whole table.
+        `copies_per_node`: processes on this machine that each hold a CPU copy (torchrun's
+        LOCAL_WORLD_SIZE); they share its RAM.
+        """
+        device = torch.device("cpu") if device is None else device
+        if device.type == "cpu":
+            available = _available_memory_bytes()
+            needed = self.nbytes() * copies_per_node
+            if available is not None and needed > MEMORY_HEADROOM * available:
+                copies = f" ({copies_per_node} processes on this machine, one copy each)" if copies_per_node > 1 else ""
+                raise UserError(
+                    f"the feature table needs {needed / 2**30:.1f} GiB{copies} but only {available / 2**30:.1f} GiB "
+                    "of memory is available; set data.feature_dtype: float16 (half the size) or "
+                    "data.feature_mode: lazy")
+        self.appearance = self._load_file(self.appearance_info, progress, device)
+        self.motion = self._load_file(self.motion_info, progress, device)
+
+    def _load_file(self, info: FeatureFileInfo, progress: bool, device: torch.device) -> torch.Tensor:
+        table = torch.empty(info.shape, dtype=self.dtype, device=device)
+        row_bytes = int(np.prod(info.shape[1:])) * 4
+        chunk = max(1, LOAD_CHUNK_BYTES // row_bytes)
+        with _open_h5(info.path) as handle:
+            dataset = handle[info.dataset]
+            bar = progress_bar(total=info.shape[0], desc=f"loading {os.path.basename(info.path)}", unit="video",
+                               enabled=progress, dynamic_ncols=True, leave=False)
+            for start in range(0, info.shape[0], chunk):
+                stop = min(start + chunk, info.shape[0])
+                try:
+                    block = dataset[start:stop]
+                except OSError as exc:
+                    raise UserError(f"{info.path}: cannot read {info.dataset!r} rows {start}..{stop - 1} ({exc}); "
+                                    "the file may be truncated") from None
+                block = _convert_checked(info, block, np.arange(start, stop), self.dtype_name)
+                table[start:stop] = torch.from_numpy(block).to(device)
+                bar.update(stop - start)
+            bar.close()
+        return table
+
+    def _lazy_handles(self):
+        # One handle per file per process: a forked loader worker must not reuse the parent's.
+        pid = os.getpid()
+        if self._handles is None or self._handles[0] != pid:
+            self._handles = (pid, _open_h5(self.appearance_info.path), _open_h5(self.motion_info.path))
+        return self._handles[1], self._handles[2]
+
+    def gather(self, app_rows: torch.Tensor, mot_rows: torch.Tensor,
+               out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of a batch of rows (float32 or float16, on the table's device); in memory
+        mode written into `out` (appearance, motion) when given."""
+        if self.mode == "memory":
+            app_rows, mot_rows = app_rows.to(self.appearance.device), mot_rows.to(self.motion.device)
+            if out is None:
+                return self.appearance.index_select(0, app_rows), self.motion.index_select(0, mot_rows)
+            return (torch.index_select(self.appearance, 0, app_rows, out=out[0]),
+                    torch.index_select(self.motion, 0, mot_rows, out=out[1]))
+        app_file, mot_file = self._lazy_handles()
+        rows_a, rows_m = app_rows.cpu().numpy(), mot_rows.cpu().numpy()
+        app = _convert_checked(self.appearance_info, _read_rows(self.appearance_info, app_file, rows_a), rows_a,
+                               self.dtype_name)
+        mot = _convert_checked(self.motion_info, _read_rows(self.motion_info, mot_file, rows_m), rows_m,
+                               self.dtype_name)
+        return torch.from_numpy(np.ascontiguousarray(app)), torch.from_numpy(np.ascontiguousarray(mot))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"] = None       # h5py handles cannot cross process boundaries
+        return state
+
+
+def load_feature_table(config: Config, expected_by: str = "model") -> FeatureTable:
+    """Check both feature files' layout against `config.model` (`expected_by` names where those
+    sizes come from in the messages) and return the (not yet loaded) table."""
+    model = config.model
+    appearance = read_feature_header(config.data.appearance_feat, APPEARANCE_DATASET, 4,
+                                     "(V, N, F, D) = (videos, clips, frames per clip, feature size)")
+    motion = read_feature_header(config.data.motion_feat, MOTION_DATASET, 3, "(V, N, D) = (videos, clips, feature size)")
+    for info, clips, size in ((appearance, appearance.shape[1], appearance.shape[3]),
+                              (motion, motion.shape[1], motion.shape[2])):
+        if clips != model.num_nodes:
+            raise UserError(f"{info.path}: {info.dataset!r} has {clips} clips per video but {expected_by}.num_nodes "
+                            f"is {model.num_nodes}; use features with {model.num_nodes} clips"
+                            + (f" or set model.num_nodes: {clips}" if expected_by == "model" else ""))
+        if size != model.vision_dim:
+            raise UserError(f"{info.path}: {info.dataset!r} has feature size {size} but {expected_by}.vision_dim "
+                            f"is {model.vision_dim}")
+    if appearance.shape[2] < 1:
+        raise UserError(f"{appearance.path}: {APPEARANCE_DATASET!r} has no frames per clip")
+    return FeatureTable(appearance, motion, config.data.feature_dtype, config.data.feature_mode)
+
+
+def choose_table_device(config: Config, table: FeatureTable, device: torch.device) -> torch.device:
+    """Where the in-memory table lives (data.feature_device)."""
+    want = config.data.feature_device
+    if table.mode != "memory" or want == "cpu" or device.type != "cuda":
+        if want == "cuda" and (device.type != "cuda" or table.mode != "memory"):
+            raise UserError("data.feature_device: cuda needs a CUDA training device and data.feature_mode: memory")
+        return torch.device("cpu")
+    free, _total = torch.cuda.mem_get_info(device)
+    if want == "cuda":
+        if table.nbytes() > free:
+            raise UserError(f"data.feature_device: cuda, but the feature table needs {table.nbytes() / 2**30:.1f} GiB "
+                            f"and {device} has {free / 2**30:.1f} GiB free; use feature_device: auto or cpu, or "
+                            "feature_dtype: float16")
+        return device
+    # auto: leave at least half of the free memory to the model, its activations and the optimizer.
+    return device if table.nbytes() <= GPU_TABLE_SHARE * free else torch.device("cpu")

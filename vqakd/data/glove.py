@@ -1,0 +1,334 @@
+"""GloVe word vectors: stream-parse the published text file, load the pickles made from it.
+
+The text file (`glove.840B.300d.txt`: 2.2M lines, 5.6 GB) holds one `token v1 ... vD` line per
+word, separated by single ASCII spaces. Some tokens themselves contain spaces, so a line is split
+from the right: the last D fields are the vector and everything before them is the token. Only
+ASCII spaces separate fields; other Unicode whitespace (a no-break space, say) belongs to the token.
+
+A pickle made from it (`txt2pickle.py`, or the pandas script of the HCRN codebase) is a dict
+`{word: 1-D float array}`; it is read with the restricted unpickler and its sizes are checked.
+The pandas script reads tokens such as `null`, `nan` or `NA` as missing values, so its pickles
+hold one float NaN key (all of them collapsed into one) that no question word can match: keys
+that are not strings are dropped, with a warning that counts them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Collection, Iterable
+
+import numpy as np
+
+from vqakd.core.errors import UserError, require_file
+from vqakd.core.progress import progress_bar
+from vqakd.core.files import read_json
+from vqakd.core.safe_pickle import safe_load
+
+# Kept lines are parsed in batches: one C-level parse of many vectors is faster than one per line.
+PARSE_BATCH_LINES = 4096
+# The progress bar is advanced every this many bytes, so that it costs nothing per line.
+PROGRESS_STEP_BYTES = 8 << 20
+UTF8_BOM = b"\xef\xbb\xbf"
+MAX_TOKEN_SHOWN = 60
+# Without --dim, the vector size is the most common one among the first lines (not just the
+# first line's, whose token might itself hold a space).
+DIM_SAMPLE_LINES = 1000
+# GloVe's own tools (vocab_count.c, MAX_STRING_LENGTH) never emit a token this long; a longer
+# "token" is almost always two lines run together (a lost newline), so the line is skipped.
+MAX_TOKEN_BYTES = 1000
+
+
+@dataclass
+class GloveReadStats:
+    path: str
+    dim: int = 0
+    lines: int = 0            # non-blank lines read
+    kept: int = 0             # distinct words in the result
+    duplicates: int = 0       # kept lines whose token had already been seen (the later line wins)
+    missing: list[str] = field(default_factory=list)   # words of the keep set absent from the file
+    long_tokens: int = 0      # lines skipped because their token is longer than MAX_TOKEN_BYTES
+    first_long_line: int = 0  # the first such line (1-based), 0 if none
+
+    def long_token_note(self) -> str:
+        """One phrase for the summary line, empty when no line was skipped."""
+        if not self.long_tokens:
+            return ""
+        return (f"{self.long_tokens} line(s) skipped whose token is longer than {MAX_TOKEN_BYTES} bytes "
+                f"(first at line {self.first_long_line}; probably lines run together)")
+
+
+def _shown(token: bytes | str) -> str:
+    text = token.decode("utf-8", "replace") if isinstance(token, bytes) else token
+    return repr(text if len(text) <= MAX_TOKEN_SHOWN else text[:MAX_TOKEN_SHOWN] + "...")
+
+
+class _BatchParser:
+    """Collects (token, vector text) of kept lines and turns them into float32 rows in bulk."""
+
+    def __init__(self, path: str, dim: int, words: dict[str, np.ndarray], stats: GloveReadStats):
+        self.path, self.dim, self.words, self.stats = path, dim, words, stats
+        self.tokens: list[str] = []
+        self.vectors: list[bytes] = []
+        self.line_numbers: list[int] = []
+
+    def add(self, token: str, vector_text: bytes, line_no: int) -> None:
+        self.tokens.append(token)
+        self.vectors.append(vector_text)
+        self.line_numbers.append(line_no)
+        if len(self.tokens) >= PARSE_BATCH_LINES:
+            self.flush()
+
+    def _parse_one(self, vector_text: bytes, line_no: int, token: str) -> np.ndarray:
+        try:
+            row = np.array(vector_text.split(b" "), dtype=np.float32)
+        except ValueError:
+            bad = next((v for v in vector_text.split(b" ") if not _is_float(v)), vector_text[:MAX_TOKEN_SHOWN])
+            raise UserError(f"{self.path}: line {line_no}: token {_shown(token)}: non-numeric value "
+                            f"{_shown(bad)} in the vector") from None
+        return row
+
+    def flush(self) -> None:
+        if not self.tokens:
+            return
+        try:
+            block = np.loadtxt(io.BytesIO(b"\n".join(self.vectors)), dtype=np.float32, delimiter=" ",
+                               comments=None, ndmin=2)
+            if block.shape != (len(self.tokens), self.dim):
+                raise ValueError("unexpected shape")
+        except ValueError:
+            # Rare path: find the offending line so that the message can name it.
+            block = np.stack([self._parse_one(v, n, t)
+                              for v, n, t in zip(self.vectors, self.line_numbers, self.tokens)])
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            raise UserError(f"{self.path}: line {self.line_numbers[bad]}: token {_shown(self.tokens[bad])}: "
+                            "the vector holds a non-finite value (nan or inf)")
+        for token, row in zip(self.tokens, block):
+            if token in self.words:
+                self.stats.duplicates += 1
+            self.words[token] = row
+        self.tokens, self.vectors, self.line_numbers = [], [], []
+
+
+def _is_float(text: bytes) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _trailing_values(line: bytes) -> int:
+    """How many fields at the end of a line are numbers (the first field is always the token)."""
+    count = 0
+    for value in reversed(line.split(b" ")[1:]):
+        if not _is_float(value):
+            break
+        count += 1
+    return count
+
+
+def infer_dim(path: str) -> int | None:
+    """The most common vector size among the first lines (None for an empty file).
+
+    A line's size is its count of trailing numeric fields, so that a token holding spaces does
+    not count; on a tie the size seen first wins.
+    """
+    counts: Counter[int] = Counter()
+    with open(path, "rb") as handle:
+        for raw in handle:
+            line = raw.rstrip()
+            if line:
+                counts[_trailing_values(line)] += 1
+                if sum(counts.values()) >= DIM_SAMPLE_LINES:
+                    break
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
+def read_glove_text_with_stats(path: str | os.PathLike, dim: int | None = None,
+                               keep: Collection[str] | None = None,
+                               progress: bool = True) -> tuple[dict[str, np.ndarray], GloveReadStats]:
+    """Parse a GloVe text file into `{word: float32 (dim,)}`.
+
+    `dim` is the vector size; when None it is the most common value count of the first lines. Every line must carry exactly `dim` values after its token, else a UserError
+    names the file, the line and the token. With `keep`, only those words are parsed and
+    returned (the others are only checked for their field count). A token seen twice keeps its
+    later vector, as a dict built from the whole file would.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"GloVe text file not found: {path} (download glove.840B.300d.zip from "
+                        "https://nlp.stanford.edu/projects/glove/ and unzip it)")
+    if dim is not None and dim < 1:
+        raise UserError(f"the GloVe vector size must be positive, got {dim}")
+    keep_bytes = None if keep is None else {word.encode("utf-8") for word in keep}
+    stats = GloveReadStats(path=path, dim=dim or 0)
+    words: dict[str, np.ndarray] = {}
+    parser: _BatchParser | None = None
+    dim_source = "--dim" if dim is not None else "the first lines of the file; pass --dim to set it"
+    if dim is None:
+        dim = infer_dim(path)
+        if dim is None:
+            raise UserError(f"{path}: the GloVe file is empty (no word vectors in it)")
+        if dim < 1:
+            raise UserError(f"{path}: the first lines hold tokens without vector values; is this a GloVe file?")
+    total_bytes = os.path.getsize(path)
+    bar = progress_bar(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"reading {os.path.basename(path)}", enabled=progress, dynamic_ncols=True)
+    bytes_read = bytes_shown = 0
+    with open(path, "rb") as handle, bar:
+        for line_no, raw in enumerate(handle, 1):
+            bytes_read += len(raw)
+            if bytes_read - bytes_shown >= PROGRESS_STEP_BYTES:
+                bar.update(bytes_read - bytes_shown)
+                bytes_shown = bytes_read
+            line = raw.rstrip()
+            if line_no == 1 and line.startswith(UTF8_BOM):
+                line = line[len(UTF8_BOM):]
+            if not line:
+                continue
+            spaces = line.count(b" ")
+            if parser is None:
+                stats.dim = dim
+                parser = _BatchParser(path, dim, words, stats)
+            stats.lines += 1
+            if spaces < dim:
+                token = line.split(b" ", 1)[0]
+                raise UserError(f"{path}: line {line_no}: token {_shown(token)}: vector has {spaces} values, "
+                                f"expected {dim} (the size set by {dim_source})")
+            if spaces == dim:
+                cut = line.find(b" ")
+            else:
+                # A token with spaces: everything before the last `dim` fields.
+                cut = len(line.rsplit(b" ", dim)[0])
+            token_bytes = line[:cut]
+            if cut > MAX_TOKEN_BYTES:
+                stats.long_tokens += 1
+                stats.first_long_line = stats.first_long_line or line_no
+                continue
+            if keep_bytes is not None and token_bytes not in keep_bytes:
+                continue
+            try:
+                token = token_bytes.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: line {line_no}: the token is not UTF-8 text: {_shown(token_bytes)}") from None
+            if not token:
+                raise UserError(f"{path}: line {line_no}: empty token (the line starts with a space)")
+            parser.add(token, line[cut + 1:], line_no)
+        bar.update(bytes_read - bytes_shown)
+    if parser is None:
+        raise UserError(f"{path}: the GloVe file is empty (no word vectors in it)")
+    parser.flush()
+    stats.kept = len(words)
+    if keep is not None:
+        stats.missing = [word for word in keep if word not in words]
+    return words, stats
+
+
+def read_glove_text(path: str | os.PathLike, dim: int | None = None, keep: Collection[str] | None = None,
+                    progress: bool = True) -> dict[str, np.ndarray]:
+    """`read_glove_text_with_stats` without the statistics."""
+    return read_glove_text_with_stats(path, dim=dim, keep=keep, progress=progress)[0]
+
+
+def non_word_keys(glove: dict) -> list:
+    """The keys of a GloVe dict that are not strings (pandas' NaN for `null`/`nan`, say)."""
+    return [key for key in glove if not isinstance(key, str)]
+
+
+def check_glove_dict(glove: object, source: str, dim: int | None = None) -> int:
+    """Check a `{word: 1-D float array}` dict; return its vector size. Errors name `source`.
+
+    Keys that are not strings are not checked (no question word can match them; see
+    `non_word_keys`), but a dict with no string key at all is refused."""
+    if not isinstance(glove, dict):
+        raise UserError(f"{source}: expected a dict of word -> vector, found {type(glove).__name__}")
+    if not glove:
+        raise UserError(f"{source}: the GloVe dict is empty")
+    size_source = "the requested size"
+    for word, vector in glove.items():
+        if not isinstance(word, str):
+            continue
+        if not isinstance(vector, np.ndarray) or vector.ndim != 1 or vector.dtype.kind not in "fiu":
+            what = (f"array of shape {vector.shape} and dtype {vector.dtype}" if isinstance(vector, np.ndarray)
+                    else type(vector).__name__)
+            raise UserError(f"{source}: word {_shown(word)}: expected a 1-D numeric vector, found {what}")
+        if dim is None:
+            dim = vector.shape[0]
+            size_source = f"the size of {_shown(word)}"
+        elif vector.shape[0] != dim:
+            raise UserError(f"{source}: word {_shown(word)} has a vector of size {vector.shape[0]}, "
+                            f"expected {dim} ({size_source})")
+    if dim is None:
+        key = next(iter(glove))
+        raise UserError(f"{source}: no key is a word: {len(glove)} key(s) such as {key!r} "
+                        f"({type(key).__name__}), expected str")
+    return dim
+
+
+def load_glove_pickle_with_stats(path: str | os.PathLike,
+                                 dim: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """`{word: vector}` from a GloVe pickle (restricted unpickler, checked), and how many keys
+    that are not words were dropped (a warning on stderr says so when there are any)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"GloVe pickle not found: {path} (make it with `python txt2pickle.py --glove "
+                        "glove.840B.300d.txt --out <pkl>`)")
+    glove = safe_load(path)
+    check_glove_dict(glove, path, dim)
+    dropped = non_word_keys(glove)
+    if dropped:
+        for key in dropped:
+            del glove[key]
+        shown = ", ".join(repr(key) for key in dropped[:3]) + (", ..." if len(dropped) > 3 else "")
+        print(f"warning: {path}: skipped {len(dropped)} key(s) that are not words ({shown}); pandas-based "
+              "converters read tokens such as 'null' and 'nan' as missing values, so those words get a "
+              "zero vector, as in the original preprocessing", file=sys.stderr, flush=True)
+    return glove, len(dropped)
+
+
+def load_glove_pickle(path: str | os.PathLike, dim: int | None = None) -> dict[str, np.ndarray]:
+    """Load `{word: vector}` from a GloVe pickle with the restricted unpickler and check it."""
+    return load_glove_pickle_with_stats(path, dim)[0]
+
+
+def load_glove_with_stats(path: str | os.PathLike, keep: Collection[str] | None = None,
+                          progress: bool = True) -> tuple[dict[str, np.ndarray], int]:
+    """`load_glove`, and the number of non-word keys dropped from a pickle (0 for a text file)."""
+    path = os.fspath(path)
+    if path.endswith(".txt"):
+        return read_glove_text(path, keep=keep, progress=progress), 0
+    return load_glove_pickle_with_stats(path)
+
+
+def load_glove(path: str | os.PathLike, keep: Collection[str] | None = None,
+               progress: bool = True) -> dict[str, np.ndarray]:
+    """A GloVe pickle, or (for a `.txt` path) the text file parsed for the `keep` words only."""
+    return load_glove_with_stats(path, keep, progress)[0]
+
+
+def read_word_list(path: str | os.PathLike) -> list[str]:
+    """The words a GloVe subset must keep: a `{name}_vocab.json` or a text file, one word a line."""
+    path = require_file(path, "vocabulary file")
+    if path.endswith(".json"):
+        vocab = read_json(path)
+        tables = [key for key in ("question_token_to_idx", "question_answer_token_to_idx")
+                  if isinstance(vocab, dict) and isinstance(vocab.get(key), dict)]
+        if not tables:
+            raise UserError(f"{path}: expected a vocab JSON with question_token_to_idx or "
+                            "question_answer_token_to_idx")
+        return _unique(word for key in tables for word in vocab[key])
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return _unique(line.rstrip("\r\n") for line in handle if line.strip())
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
+def _unique(words: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(words))

@@ -1,0 +1,392 @@
+"""Questions: tokenization, encoding, and the `{name}_{split}_questions.pt` files.
+
+The rules (docs/method.md#question-preprocessing), as the HCRN / DualVGR preprocessing applied them:
+- tokens: `question.lower()` with its final character dropped, through NLTK's Treebank word
+  tokenizer (`preserve_line=True`, so no `punkt` download is needed);
+- the vocabularies and answer labels: see vqakd/data/vocab.py (built from the train split only);
+- questions are padded with `<NULL>`=0 to the longest question of the split;
+- the train file carries the GloVe matrix (|Q| x D float32, zero rows for words GloVe lacks).
+
+The file holds the original's seven keys with the original's values and types (`question_id` is
+the running index within the split; `video_ids` and `video_names` are the same integer arrays),
+then keys of ours: `record_id` (each record's `id`), `clip_names` (the video's clip name),
+`question_text` and `vocab_sha256` (docs/method.md#question-files).
+
+`load_question_file` is the checked reader the training data loader uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from vqakd.core.progress import progress_bar
+from vqakd.data.annotations import SPLITS, check_dataset, load_msvd_mapping, load_qa, parse_video_id, qa_path
+from vqakd.core.errors import UserError
+from vqakd.data.glove import load_glove_with_stats
+from vqakd.core.files import atomic_open, file_sha256, write_json, write_pickle
+from vqakd.core.safe_pickle import safe_load
+from vqakd.data.vocab import DEFAULT_ANSWER_TOP, NULL_INDEX, NULL_TOKEN, UNK_INDEX, UNK_TOKEN, Vocabulary
+
+# The sha256 of the vocabulary file a question file was encoded with (absent in HCRN/DualVGR files).
+VOCAB_SHA256_KEY = "vocab_sha256"
+# The original's keys, in its order; ours follow them (EXTRA_KEYS, then VOCAB_SHA256_KEY).
+QUESTION_FILE_KEYS = ("questions", "questions_len", "question_id", "video_ids", "video_names", "answers", "glove")
+EXTRA_KEYS = ("record_id", "clip_names", "question_text")
+
+
+# ---------------------------------------------------------------- file names (docs/method.md#file-formats)
+
+def vocab_path(out_dir: str, dataset: str) -> str:
+    return os.path.join(out_dir, f"{dataset}_vocab.json")
+
+
+def questions_path(out_dir: str, dataset: str, split: str) -> str:
+    return os.path.join(out_dir, f"{dataset}_{split}_questions.pt")
+
+
+def summary_path(out_dir: str, dataset: str, split: str) -> str:
+    return os.path.join(out_dir, f"{dataset}_{split}_summary.json")
+
+
+# ---------------------------------------------------------------- tokens
+
+# The question types of MSVD-QA and MSRVTT-QA: a question's type is its first token (as
+# `tokenize_question` makes it, so "what's" is "what"), every other first token is "other".
+QUESTION_TYPES = ("what", "who", "how", "when", "where")
+OTHER_TYPE = len(QUESTION_TYPES)            # code of every other first token
+NUM_TYPE_CODES = len(QUESTION_TYPES) + 1
+TYPE_NAMES = (*QUESTION_TYPES, "other")     # by code
+
+
+def question_type_code(first_token: str) -> int:
+    try:
+        return QUESTION_TYPES.index(first_token)
+    except ValueError:
+        return OTHER_TYPE
+
+
+def question_type(question: str) -> str:
+    """The type of a question's text, by the same rule the metrics apply to its first token."""
+    tokens = tokenize_question(question)
+    return TYPE_NAMES[question_type_code(tokens[0] if tokens else "")]
+
+
+def tokenize_question(question: str) -> list[str]:
+    """The tokens of one question (possibly none), as the original preprocessing made them."""
+    # Imported here: `import nltk` takes seconds, and readers of question files never tokenize.
+    import nltk
+
+    return nltk.word_tokenize(question.lower()[:-1], preserve_line=True)
+
+
+def record_tokens(question: str, source: str, index: int, record_id: Any) -> list[str]:
+    """Tokens of one annotation record's question; a question without any is a UserError."""
+    tokens = tokenize_question(question)
+    if not tokens:
+        raise UserError(f"{source}: record {index} (id {record_id}): question {question!r} has no tokens "
+                        "(after lower-casing, dropping its last character and tokenizing)")
+    return tokens
+
+
+# ---------------------------------------------------------------- encoding
+
+def pad_questions(encoded: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, L) int32 padded with <NULL> to the longest question, and the (Q,) int32 lengths."""
+    lengths = np.array([len(tokens) for tokens in encoded], dtype=np.int32)
+    matrix = np.full((len(encoded), int(lengths.max(initial=0))), NULL_INDEX, dtype=np.int32)
+    for row, tokens in enumerate(encoded):
+        matrix[row, :len(tokens)] = tokens
+    return matrix, lengths
+
+
+def glove_matrix(question_token_to_idx: Mapping[str, int],
+                 glove: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
+    """(|Q|, D) float32 rows in vocab order, zero for words GloVe lacks; and the number of
+    vocabulary words (besides <NULL>/<UNK>) found.
+
+    Every token is looked up, the specials included, as the original did."""
+    dim = next(iter(glove.values())).shape[0]
+    matrix = np.zeros((len(question_token_to_idx), dim), dtype=np.float32)
+    found = 0
+    for token, index in question_token_to_idx.items():
+        vector = glove.get(token)
+        if vector is not None:
+            matrix[index] = vector
+            found += token not in (NULL_TOKEN, UNK_TOKEN)
+    return matrix, found
+
+
+@dataclass
+class SplitRecords:
+    """One split's annotation records, tokenized and checked."""
+    source: str
+    records: list[dict]
+    tokens: list[list[str]]
+
+
+def read_split(annotation_dir: str, split: str, dataset: str, progress: bool = True) -> SplitRecords:
+    source = qa_path(annotation_dir, split)
+    records = load_qa(annotation_dir, split, dataset)
+    tokens = [record_tokens(record["question"], source, index, record.get("id", index))
+              for index, record in enumerate(progress_bar(records, desc=f"tokenizing {split}", unit="q",
+                                                          enabled=progress, dynamic_ncols=True))]
+    return SplitRecords(source, records, tokens)
+
+
+def clip_names_for(dataset: str, annotation_dir: str, split_records: SplitRecords) -> list[str]:
+    """Each record's clip name: MSVD-QA's from youtube_mapping.txt, MSRVTT-QA's `video{id}`."""
+    if dataset != "msvd-qa":
+        return [f"video{int(record['video_id'])}" for record in split_records.records]
+    mapping = load_msvd_mapping(annotation_dir)
+    names = []
+    for index, record in enumerate(split_records.records):
+        video_id = int(record["video_id"])
+        if video_id not in mapping:
+            raise UserError(f"{split_records.source}: record {index} (id {record.get('id', index)}): video_id "
+                            f"{video_id} (vid{video_id}) is not in "
+                            f"{os.path.join(annotation_dir, 'youtube_mapping.txt')}")
+        names.append(mapping[video_id])
+    return names
+
+
+def encode_split(split_records: SplitRecords, vocab: Vocabulary, split: str,
+                 clip_names: Sequence[str]) -> dict[str, Any]:
+    """The question-file object (docs/method.md#question-files) with `glove` still None."""
+    records = split_records.records
+    encoded = [vocab.encode_question(tokens) for tokens in split_records.tokens]
+    questions, lengths = pad_questions(encoded)
+    # Plain ints (annotations may write "12" or 12.0; load_qa checked they are whole numbers).
+    video_ids = [parse_video_id(record["video_id"]) for record in records]
+    return {
+        "questions": questions,
+        "questions_len": lengths,
+        "question_id": list(range(len(records))),
+        # Two arrays made from the same list, with numpy's default integer type, as the original's
+        # np.asarray / np.array calls make them.
+        "video_ids": np.asarray(video_ids),
+        "video_names": np.array(video_ids),
+        "answers": [vocab.answer_label(record["answer"], split) for record in records],
+        "glove": None,
+        "record_id": [record.get("id", index) for index, record in enumerate(records)],
+        "clip_names": list(clip_names),
+        "question_text": [record["question"] for record in records],
+    }
+
+
+# ---------------------------------------------------------------- one split, end to end
+
+def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_out: str, vocab_file: str,
+                     summary_out: str, glove_source: str | None = None,
+                     answer_top: int = DEFAULT_ANSWER_TOP, progress: bool = True) -> dict[str, Any]:
+    """Encode one split; the train split also builds and writes the vocabulary.
+
+    `glove_source` (train only): a GloVe pickle, or a GloVe `.txt` file read for the vocab words
+    only; None stores `glove: None`. Returns the summary that is also written to `summary_out`.
+    """
+    check_dataset(dataset)
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if split != "train":
+        vocab = Vocabulary.load(vocab_file)   # before the slow work, so a missing vocab fails fast
+        vocab_sha256 = file_sha256(vocab_file)
+    split_records = read_split(annotation_dir, split, dataset, progress)
+    names = clip_names_for(dataset, annotation_dir, split_records)
+    if split == "train":
+        vocab = Vocabulary.build(split_records.tokens, [r["answer"] for r in split_records.records], answer_top)
+        vocab_bytes = vocab.json_bytes()
+        vocab_sha256 = hashlib.sha256(vocab_bytes).hexdigest()
+    obj = encode_split(split_records, vocab, split, names)
+    # Binds this file to the exact vocabulary it was encoded with (see check_vocab_binding).
+    obj[VOCAB_SHA256_KEY] = vocab_sha256
+
+    summary: dict[str, Any] = {
+        "dataset": dataset,
+        "split": split,
+        "annotation_file": split_records.source,
+        "questions": len(split_records.records),
+        "max_question_length": int(obj["questions"].shape[1]),
+        "question_vocab_size": len(vocab.question_token_to_idx),
+        "answer_vocab_size": len(vocab.answer_token_to_idx),
+        "answer_coverage": float(np.mean([r["answer"] in vocab.answer_token_to_idx
+                                          for r in split_records.records])),
+        # Padding is <NULL>, so every <UNK> is a real token.
+        "unknown_token_rate": float((obj["questions"] == UNK_INDEX).sum() / obj["questions_len"].sum()),
+        "questions_file": questions_out,
+        "vocab_file": vocab_file,
+        VOCAB_SHA256_KEY: vocab_sha256,
+    }
+    if split == "train" and glove_source is not None:
+        words = [token for token in vocab.question_token_to_idx if token not in (NULL_TOKEN, UNK_TOKEN)]
+        glove, skipped_keys = load_glove_with_stats(glove_source, keep=set(vocab.question_token_to_idx),
+                                                    progress=progress)
+        if not glove:
+            raise UserError(f"{glove_source}: none of the {len(words)} question words is in this GloVe file")
+        obj["glove"], found = glove_matrix(vocab.question_token_to_idx, glove)
+        del glove
+        summary.update(glove_file=glove_source, glove_dim=int(obj["glove"].shape[1]),
+                       glove_coverage=(found / len(words)) if words else 0.0, glove_skipped_keys=skipped_keys)
+    elif split == "train":
+        summary.update(glove_file=None, glove_dim=None, glove_coverage=None, glove_skipped_keys=None)
+
+    write_pickle(questions_out, obj)
+    if split == "train":
+        with atomic_open(vocab_file, "wb") as handle:      # exactly the bytes hashed above
+            handle.write(vocab_bytes)
+    write_json(summary_out, summary)
+    return summary
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    parts = [f"{summary['dataset']} {summary['split']}: {summary['questions']} questions "
+             f"(max length {summary['max_question_length']})",
+             f"question vocab {summary['question_vocab_size']}",
+             f"answer vocab {summary['answer_vocab_size']}",
+             f"answer coverage {100 * summary['answer_coverage']:.2f}%"]
+    if summary["split"] != "train":
+        parts.append(f"unknown tokens {100 * summary['unknown_token_rate']:.2f}%")
+    if summary.get("glove_coverage") is not None:
+        parts.append(f"GloVe coverage {100 * summary['glove_coverage']:.2f}% of the vocab "
+                     f"(dim {summary['glove_dim']})")
+        if summary.get("glove_skipped_keys"):
+            parts.append(f"{summary['glove_skipped_keys']} non-word GloVe key(s) skipped")
+    elif summary["split"] == "train":
+        parts.append("no GloVe matrix")
+    return ", ".join(parts) + f" -> {summary['questions_file']}"
+
+
+# ---------------------------------------------------------------- the checked reader
+
+def _int_array(value: Any, path: str, key: str, ndim: int) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        array = None
+    if array is None or array.dtype == object or array.ndim != ndim or (
+            array.size and array.dtype.kind not in "iu"):
+        what = f"array of shape {array.shape} and dtype {array.dtype}" if array is not None else type(value).__name__
+        raise UserError(f"{path}: {key} must be a {ndim}-D integer array, found {what}")
+    return array.astype(np.int64, copy=False)
+
+
+def load_question_file(path: str | os.PathLike, question_vocab_size: int | None = None,
+                       answer_vocab_size: int | None = None) -> dict[str, Any]:
+    """Read and check a `{name}_{split}_questions.pt` (ours, or one written by HCRN/DualVGR).
+
+    Returns a dict with `questions` (Q, L) int64, `questions_len` (Q,) int64, `question_id`
+    list (as stored: the running index in files of the original layout), `video_ids` (Q,) int64,
+    `video_names` list of str, `answers` (Q,) int64, `glove` (|Q|, D) float32 or None, and ours:
+    `record_id` (the annotation records' ids), `clip_names` (list of str) and `question_text`
+    (list of str), each None for files without it, and `vocab_sha256`.
+    `display_ids(data)` gives the id to show a question by.
+    The vocabulary sizes, when given, bound the token and answer indices (and `glove`'s rows).
+    """
+    path = os.fspath(path)
+    data = safe_load(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a dict of question arrays, found {type(data).__name__}")
+    missing = [key for key in QUESTION_FILE_KEYS if key not in data and key != "glove"]
+    if missing:
+        raise UserError(f"{path}: missing {', '.join(missing)}; not a question file of this format")
+    questions = _int_array(data["questions"], path, "questions", 2)
+    count, max_len = questions.shape
+    if count == 0 or max_len == 0:
+        raise UserError(f"{path}: questions has shape {questions.shape}; expected at least one token and question")
+    lengths = _int_array(data["questions_len"], path, "questions_len", 1)
+    video_ids = _int_array(data["video_ids"], path, "video_ids", 1)
+    answers = _int_array(data["answers"], path, "answers", 1)
+    sized = {"questions_len": lengths, "video_ids": video_ids, "answers": answers}
+    for key in ("question_id", "video_names") + EXTRA_KEYS:
+        if key in data and data[key] is not None:
+            if not isinstance(data[key], (list, tuple, np.ndarray)) or np.ndim(data[key]) != 1:
+                raise UserError(f"{path}: {key} must be a list, found {type(data[key]).__name__}")
+            sized[key] = data[key]
+    for key, value in sized.items():
+        if len(value) != count:
+            raise UserError(f"{path}: {key} has {len(value)} entries but questions has {count} rows")
+    bad = np.flatnonzero((lengths < 1) | (lengths > max_len))
+    if bad.size:
+        raise UserError(f"{path}: question {int(bad[0])}: length {int(lengths[bad[0]])} is outside 1..{max_len}")
+    token_limit = question_vocab_size if question_vocab_size is not None else np.iinfo(np.int64).max
+    bad = np.flatnonzero(((questions < 0) | (questions >= token_limit)).any(axis=1))
+    if bad.size:
+        limit = f" (0..{token_limit - 1})" if question_vocab_size is not None else ""
+        raise UserError(f"{path}: question {int(bad[0])}: token index outside the question vocabulary{limit}")
+    answer_limit = answer_vocab_size if answer_vocab_size is not None else np.iinfo(np.int64).max
+    bad = np.flatnonzero((answers < 0) | (answers >= answer_limit))
+    if bad.size:
+        limit = f" (0..{answer_limit - 1})" if answer_vocab_size is not None else ""
+        raise UserError(f"{path}: question {int(bad[0])}: answer label {int(answers[bad[0]])} is outside "
+                        f"the answer vocabulary{limit}")
+
+    glove = data.get("glove")
+    if glove is not None:
+        if not isinstance(glove, np.ndarray) or glove.ndim != 2 or glove.dtype.kind != "f":
+            what = (f"array of shape {glove.shape} and dtype {glove.dtype}" if isinstance(glove, np.ndarray)
+                    else type(glove).__name__)
+            raise UserError(f"{path}: glove must be a 2-D float array (|Q|, D) or None, found {what}")
+        if question_vocab_size is not None and glove.shape[0] != question_vocab_size:
+            raise UserError(f"{path}: glove has {glove.shape[0]} rows but the question vocabulary has "
+                            f"{question_vocab_size} words")
+        if int(questions.max()) >= glove.shape[0]:
+            raise UserError(f"{path}: questions use token index {int(questions.max())} but glove has only "
+                            f"{glove.shape[0]} rows")
+        if not np.isfinite(glove).all():
+            raise UserError(f"{path}: glove holds non-finite values (row "
+                            f"{int(np.flatnonzero(~np.isfinite(glove).all(axis=1))[0])})")
+        glove = glove.astype(np.float32, copy=False)
+
+    text = data.get("question_text")
+    record_id = data.get("record_id")
+    clip_names = data.get("clip_names")
+    return {
+        "questions": questions,
+        "questions_len": lengths,
+        "question_id": list(data["question_id"]),
+        "video_ids": video_ids,
+        "video_names": [str(name) for name in data["video_names"]],
+        "answers": answers,
+        "glove": glove,
+        "record_id": None if record_id is None else list(record_id),
+        "clip_names": None if clip_names is None else [str(name) for name in clip_names],
+        "question_text": None if text is None else [str(q) for q in text],
+        VOCAB_SHA256_KEY: data.get(VOCAB_SHA256_KEY),
+    }
+
+
+def display_ids(data: Mapping[str, Any]) -> list:
+    """The id to show each question by (predictions files): the annotation record's `id` where the
+    file records it (`record_id`), else the stored `question_id` (a running index in the
+    original's layout; the record id in files this toolkit wrote before `record_id` existed)."""
+    record_id = data.get("record_id")
+    return list(record_id) if record_id is not None else list(data["question_id"])
+
+
+# ---------------------------------------------------------------- question file <-> vocabulary
+
+REENCODE_COMMAND = ("python preprocess/preprocess_questions.py --dataset <dataset> --annotation-dir <folder> "
+                    "--mode all")
+
+
+def check_vocab_binding(question_file_obj: Mapping[str, Any], question_path: str, vocab_path: str,
+                        vocab_sha256: str) -> None:
+    """Refuse a question file encoded with another vocabulary than the one at `vocab_path`.
+
+    `question_file_obj` is the file's object (raw, or as `load_question_file` returns it) and
+    `vocab_sha256` the sha256 of `vocab_path` (`vqakd.core.files.file_sha256`). Files without the key
+    (written by the original HCRN/DualVGR code, or before it was recorded) are accepted as they are.
+    """
+    recorded = question_file_obj.get(VOCAB_SHA256_KEY)
+    if recorded is None:
+        return
+    if not isinstance(recorded, str) or len(recorded) != 64:
+        raise UserError(f"{question_path}: {VOCAB_SHA256_KEY} must be a sha256 hex string, found {recorded!r}")
+    if recorded.lower() != vocab_sha256.lower():
+        raise UserError(f"{question_path} was encoded with another vocabulary than {vocab_path} (vocabulary "
+                        f"sha256 {recorded[:12]}... recorded, {vocab_sha256[:12]}... now): its token and answer "
+                        f"indices would mean other words; re-encode every split with one vocabulary: "
+                        f"{REENCODE_COMMAND}")

@@ -1,0 +1,148 @@
+"""The question and answer vocabularies of a dataset: one `Vocabulary` class for both the
+preprocessing (built from the train split, written as `{name}_vocab.json`) and training
+(loaded with checks, identified by its sha256 in checkpoints).
+
+The rules (docs/method.md#question-preprocessing), as the HCRN / DualVGR preprocessing applied them:
+- question vocab (train only): `<NULL>`=0, `<UNK>`=1, then tokens in first-seen order;
+- answer vocab (train only): `<UNK0>`=0, `<UNK1>`=1, then the `answer_top` most frequent train
+  answers (ties in first-seen order, as `Counter.most_common` gives them);
+- a train answer outside the vocab is labelled 0, a val/test one 1 (never predicted, so wrong).
+
+The JSON file holds `question_token_to_idx`, `answer_token_to_idx` and
+`question_answer_token_to_idx`, the last being `{"<NULL>": 0, "<UNK>": 1}` as the original
+MSVD-QA / MSRVTT-QA preprocessing leaves it (docs/method.md#vocabulary-file). It is written with the
+same `json.dump(..., indent=4)` call as the original, so the files are byte-identical; files
+written by HCRN/DualVGR load too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from vqakd.core.errors import UserError, require_file
+from vqakd.core.files import file_sha256, read_json
+
+NULL_TOKEN, UNK_TOKEN = "<NULL>", "<UNK>"
+NULL_INDEX, UNK_INDEX = 0, 1
+TRAIN_UNKNOWN_ANSWER = 0      # label of a train answer outside the answer vocab (`<UNK0>`)
+EVAL_UNKNOWN_ANSWER = 1       # label of a val/test answer outside it (`<UNK1>`): never predicted
+ANSWER_SPECIALS = ("<UNK0>", "<UNK1>")
+DEFAULT_ANSWER_TOP = 4000
+VOCAB_KEYS = ("question_token_to_idx", "answer_token_to_idx", "question_answer_token_to_idx")
+# For MSVD-QA and MSRVTT-QA the original writes only the two question specials here (HCRN's
+# TGIF-QA preprocessing is what fills this table with the words and answers).
+QUESTION_ANSWER_TABLE = {NULL_TOKEN: NULL_INDEX, UNK_TOKEN: UNK_INDEX}
+
+
+def _tokens_by_index(table: dict[str, int]) -> list[str]:
+    tokens = [""] * len(table)
+    for token, index in table.items():
+        tokens[index] = token
+    return tokens
+
+
+@dataclass
+class Vocabulary:
+    """Token -> index tables of the questions and answers, their inverses, and (when read from a
+    file) that file's path and sha256."""
+    question_token_to_idx: dict[str, int]
+    answer_token_to_idx: dict[str, int]
+    question_answer_token_to_idx: dict[str, int] = field(default_factory=dict)
+    path: Optional[str] = None
+    sha256: Optional[str] = None
+    idx_to_question_token: list[str] = field(init=False, repr=False, compare=False)
+    idx_to_answer: list[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.idx_to_question_token = _tokens_by_index(self.question_token_to_idx)
+        self.idx_to_answer = _tokens_by_index(self.answer_token_to_idx)
+
+    # ------------------------------------------------------------------ sizes and lookups
+
+    @property
+    def question_size(self) -> int:
+        return len(self.question_token_to_idx)
+
+    @property
+    def answer_size(self) -> int:
+        return len(self.answer_token_to_idx)
+
+    def encode_question(self, tokens: Sequence[str]) -> list[int]:
+        """Token indices of one question; a word outside the vocab is `<UNK>`."""
+        return [self.question_token_to_idx.get(token, UNK_INDEX) for token in tokens]
+
+    def answer_label(self, answer: str, split: str) -> int:
+        """The class label of `answer`; outside the vocab: 0 for train, 1 (never predicted) otherwise."""
+        if answer in self.answer_token_to_idx:
+            return self.answer_token_to_idx[answer]
+        return TRAIN_UNKNOWN_ANSWER if split == "train" else EVAL_UNKNOWN_ANSWER
+
+    def decode_question(self, tokens: np.ndarray, length: int) -> str:
+        return " ".join(self.idx_to_question_token[int(t)] for t in tokens[:length])
+
+    # ------------------------------------------------------------------ files and records
+
+    def to_json(self) -> dict[str, dict[str, int]]:
+        return {key: getattr(self, key) for key in VOCAB_KEYS}
+
+    def json_bytes(self) -> bytes:
+        """The file's exact bytes: what the original's `json.dump(vocab, f, indent=4)` writes."""
+        return json.dumps(self.to_json(), indent=4).encode("ascii")
+
+    def info(self) -> dict[str, Any]:
+        """What a checkpoint records about the vocabulary it was trained with."""
+        return {"question_size": self.question_size, "answer_size": self.answer_size, "sha256": self.sha256,
+                "path": self.path}
+
+    @classmethod
+    def build(cls, questions_tokens: Sequence[Sequence[str]], answers: Sequence[str],
+              answer_top: int = DEFAULT_ANSWER_TOP) -> "Vocabulary":
+        """Train-split vocabularies from the tokenized questions and the raw answers."""
+        if answer_top < 0:
+            raise UserError(f"--answer-top must be >= 0, got {answer_top}")
+        question_token_to_idx = {NULL_TOKEN: NULL_INDEX, UNK_TOKEN: UNK_INDEX}
+        for tokens in questions_tokens:
+            for token in tokens:
+                if token not in question_token_to_idx:
+                    question_token_to_idx[token] = len(question_token_to_idx)
+        answer_token_to_idx = {special: index for index, special in enumerate(ANSWER_SPECIALS)}
+        for answer, _count in Counter(answers).most_common(answer_top):
+            if answer not in answer_token_to_idx:
+                answer_token_to_idx[answer] = len(answer_token_to_idx)
+        return cls(question_token_to_idx, answer_token_to_idx, dict(QUESTION_ANSWER_TABLE))
+
+    @classmethod
+    def load(cls, path: str) -> "Vocabulary":
+        """Read and check a `{name}_vocab.json` (ours or one written by HCRN/DualVGR)."""
+        require_file(path, "vocabulary file", "run the train split first (--mode train builds the vocabulary "
+                     "that val and test are encoded with)")
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a JSON object with {', '.join(VOCAB_KEYS)}")
+        for key in VOCAB_KEYS[:2]:
+            if key not in data:
+                raise UserError(f"{path}: no {key}; not a vocabulary file of this format")
+        question = _check_index_table(data["question_token_to_idx"], path, "question_token_to_idx")
+        answer = _check_index_table(data["answer_token_to_idx"], path, "answer_token_to_idx")
+        if question.get(NULL_TOKEN) != NULL_INDEX or question.get(UNK_TOKEN) != UNK_INDEX:
+            raise UserError(f"{path}: question_token_to_idx must map {NULL_TOKEN} to 0 and {UNK_TOKEN} to 1")
+        combined = data.get("question_answer_token_to_idx") or {}
+        if not isinstance(combined, dict):
+            raise UserError(f"{path}: question_answer_token_to_idx must be an object")
+        return cls(question, answer, combined, path=path, sha256=file_sha256(path))
+
+
+def _check_index_table(table: object, path: str, key: str) -> dict[str, int]:
+    if not isinstance(table, dict) or not table:
+        raise UserError(f"{path}: {key} must be a non-empty object mapping tokens to indices")
+    for token, index in table.items():
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise UserError(f"{path}: {key}: token {token!r} has index {index!r}, expected an integer >= 0")
+    if sorted(table.values()) != list(range(len(table))):
+        raise UserError(f"{path}: {key}: indices must be 0..{len(table) - 1}, each used once")
+    return table

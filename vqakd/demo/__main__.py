@@ -1,0 +1,6 @@
+"""`python -m vqakd.demo`: the whole pipeline on a generated dataset."""
+
+from vqakd.demo.pipeline import main
+
+if __name__ == "__main__":
+    main()

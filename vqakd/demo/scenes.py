@@ -1,0 +1,231 @@
+"""The scenes of the synthetic demo videos: what each video shows, drawn frame by frame and
+written as an mpeg4 .avi (the questions about them are made in vqakd/demo/data.py).
+
+Each video shows one, two or three copies of one shape (square, circle or triangle) in one
+colour (red, green, blue or yellow), evenly spaced in a row along their direction of motion
+(left, right, up or down), sliding quickly and wrapping around the frame edge, all within one
+half of the frame: the top or bottom half for left/right motion, the left or right half for
+up/down ("where" asks which). The grey background darkens steadily from the first frame to the
+last, like dusk. In some videos the shapes are visible only in the first or only in the second
+half.
+
+Why so plain: the demo's features come from *randomly initialised* ResNet-101 / 3D ResNeXt-101
+(nothing is downloaded), and such features keep little beyond the global make-up of a frame.
+Measured with linear probes on them, colour, position, covered area and presence survive well,
+shape only partly, and which colour belongs to which of several shapes hardly at all. So the
+shapes are large, and every attribute a question asks about is shared by everything in the
+video. Two more constraints come from the network: DualVGR's clip graph is complete and has no
+position encoding, and its clip pooling is a weighted sum, so it cannot tell the order of the
+clips. Hence (a) motion is fast enough to be seen *inside* one clip of a few consecutive frames
+(objects wrap around instead of leaving the frame), and (b) "start"/"end" is readable from each
+clip alone: a shape seen against a light background appeared at the start, against a dark one
+at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vqakd.core.files import atomic_path
+
+COLOURS = {                      # RGB; far apart so that even random features separate them
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 60, 230),
+    "yellow": (240, 220, 20),
+}
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+TIMINGS = ("start", "end")       # transient shapes are visible in the first / the second half only
+PLACES = ("top", "bottom", "left", "right")
+PLACE_AXIS = {"top": ("left", "right"), "bottom": ("left", "right"), "left": ("up", "down"), "right": ("up", "down")}
+# Background grey level at the first and at the last frame (it darkens linearly in between).
+BACKGROUND_START = 190
+BACKGROUND_END = 40
+
+VIDEO_BIT_RATE = 2_000_000       # ample for 128x128: flat colours survive the compression
+
+# Shape "radius" (half the side of the square), as a fraction of the frame side: as large as
+# three copies allow, because area is what random features see best; the same for every count,
+# so that the covered area grows with the count.
+RADIUS = 0.155
+# Centre of the band the copies move in, across the direction of motion: the near (top or left)
+# or the far (bottom or right) half of the frame; where in that half is jittered a little.
+BAND_CENTRES = {"near": 0.25, "far": 0.75}
+BAND_JITTER = 0.05
+# Distance moved per frame, as a fraction of the side: a few frames (one clip) show a clear shift.
+SPEED = 0.05
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    radius: float                # fraction of the frame side
+    direction: str
+    timing: str                  # "whole", "start" or "end"
+    start_xy: tuple[float, float]  # centre at the first visible frame, fractions of the side
+
+
+@dataclass
+class Scene:
+    video_id: int
+    clip_name: str
+    objects: list[SceneObject] = field(default_factory=list)
+
+    # Every object of a scene shares these; the questions ask about them.
+    @property
+    def shape(self) -> str:
+        return self.objects[0].shape
+
+    @property
+    def colour(self) -> str:
+        return self.objects[0].colour
+
+    @property
+    def direction(self) -> str:
+        return self.objects[0].direction
+
+    @property
+    def timing(self) -> str:
+        return self.objects[0].timing
+
+    @property
+    def count(self) -> int:
+        return len(self.objects)
+
+    @property
+    def place(self) -> str:
+        """Where the shapes are: "top"/"bottom" (moving left or right), "left"/"right" (up or down)."""
+        dx, _ = DIRECTIONS[self.direction]
+        centre = self.objects[0].start_xy[1 if dx else 0]
+        if dx:
+            return "top" if centre < 0.5 else "bottom"
+        return "left" if centre < 0.5 else "right"
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """What one video shows; the scene adds where the copies start."""
+    count: int
+    shape: str
+    colour: str
+    direction: str
+    timing: str
+    side: str = "near"           # "near" or "far": the half of the frame the copies move in
+
+
+def sample_scene(rng: np.random.Generator, video_id: int, spec: SceneSpec) -> Scene:
+    """`spec.count` copies evenly spaced along the direction of motion, in one half of the frame
+    across it (the upper or lower half for left/right motion, the left or right half for up/down)."""
+    dx, _ = DIRECTIONS[spec.direction]
+    along = float(rng.uniform(0.0, 1.0))                 # motion wraps around: any start works
+    across = BAND_CENTRES[spec.side] + float(rng.uniform(-BAND_JITTER, BAND_JITTER))
+    objects = []
+    for k in range(spec.count):
+        position = (along + k / spec.count) % 1.0
+        start = (position, across) if dx else (across, position)
+        objects.append(SceneObject(spec.shape, spec.colour, RADIUS, spec.direction, spec.timing, start))
+    return Scene(video_id, clip_name(video_id), objects)
+
+
+def deal(rng: np.random.Generator, values: list, n: int) -> list:
+    """`n` values in random order, each of `values` equally often (the remainder drawn at random)."""
+    hand = list(values) * (n // len(values))
+    hand += [values[i] for i in rng.permutation(len(values))[:n % len(values)]]
+    return [hand[i] for i in rng.permutation(n)]
+
+
+def scene_specs(rng: np.random.Generator, n: int, transient_rate: float) -> list[SceneSpec]:
+    counts = deal(rng, list(COUNT_WORDS), n)
+    shapes = deal(rng, list(SHAPES), n)
+    colours = deal(rng, list(COLOURS), n)
+    # The place decides the axis of motion (shapes in the top or bottom half move left or
+    # right): deal the places, then the directions along each place's axis.
+    places = deal(rng, list(PLACES), n)
+    along = {axis: iter(deal(rng, list(axis), sum(PLACE_AXIS[p] == axis for p in places)))
+             for axis in set(PLACE_AXIS.values())}
+    directions = [next(along[PLACE_AXIS[place]]) for place in places]
+    sides = ["near" if place in ("top", "left") else "far" for place in places]
+    transient = int(round(transient_rate * n))
+    timings = deal(rng, list(TIMINGS), transient) + ["whole"] * (n - transient)
+    timings = [timings[i] for i in rng.permutation(n)]
+    return [SceneSpec(*values) for values in zip(counts, shapes, colours, directions, timings, sides)]
+
+
+def clip_name(video_id: int) -> str:
+    return f"shapes{video_id:04d}_0_3"
+
+
+def visible_span(obj: SceneObject, num_frames: int) -> tuple[int, int]:
+    """First and one-past-last frame in which `obj` is drawn."""
+    half = num_frames // 2
+    if obj.timing == "start":
+        return 0, half
+    if obj.timing == "end":
+        return num_frames - half, num_frames
+    return 0, num_frames
+
+
+def object_centre(obj: SceneObject, frame: int, num_frames: int) -> tuple[float, float] | None:
+    """Centre (fractions of the side, wrapped into [0, 1)) at `frame`, None while invisible."""
+    first, stop = visible_span(obj, num_frames)
+    if not first <= frame < stop:
+        return None
+    dx, dy = DIRECTIONS[obj.direction]
+    shift = SPEED * frame
+    return (obj.start_xy[0] + dx * shift) % 1.0, (obj.start_xy[1] + dy * shift) % 1.0
+
+
+def background_level(frame: int, num_frames: int) -> int:
+    progress = frame / max(num_frames - 1, 1)
+    return int(round(BACKGROUND_START + (BACKGROUND_END - BACKGROUND_START) * progress))
+
+
+def render_frame(scene: Scene, frame: int, num_frames: int, size: int) -> np.ndarray:
+    """One RGB frame (size, size, 3) uint8."""
+    image = np.empty((size, size, 3), dtype=np.uint8)
+    image[:] = background_level(frame, num_frames)
+    grid = (np.arange(size, dtype=np.float32) + 0.5) / size
+    for obj in scene.objects:
+        centre = object_centre(obj, frame, num_frames)
+        if centre is None:
+            continue
+        # Offsets from the centre on the torus, so a shape crossing an edge shows on both sides.
+        off_x = (grid[None, :] - centre[0] + 0.5) % 1.0 - 0.5
+        off_y = (grid[:, None] - centre[1] + 0.5) % 1.0 - 0.5
+        radius = obj.radius
+        if obj.shape == "square":
+            mask = (np.abs(off_x) <= radius) & (np.abs(off_y) <= radius)
+        elif obj.shape == "circle":
+            mask = off_x ** 2 + off_y ** 2 <= radius ** 2
+        else:  # upright triangle inside the same box: apex at the top, base at the bottom
+            rel_y = (off_y + radius) / (2 * radius)              # 0 at the apex, 1 at the base
+            mask = (rel_y >= 0) & (rel_y <= 1) & (np.abs(off_x) <= rel_y * radius)
+        image[mask] = COLOURS[obj.colour]
+    return image
+
+
+def render_video(scene: Scene, num_frames: int, frame_size: int) -> np.ndarray:
+    return np.stack([render_frame(scene, f, num_frames, frame_size) for f in range(num_frames)])
+
+
+def write_video(path: str, frames: np.ndarray, fps: int) -> None:
+    import av  # imported here so that the annotation helpers work without PyAV
+
+    with atomic_path(path) as tmp:
+        with av.open(tmp, mode="w", format="avi") as container:
+            stream = container.add_stream("mpeg4", rate=fps)
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.bit_rate = VIDEO_BIT_RATE
+            stream.codec_context.thread_count = 1   # same output on every machine and run
+            for rgb in frames:
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)

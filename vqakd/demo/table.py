@@ -1,0 +1,143 @@
+"""The demo's results table, rendered from its summary.json: what `make demo` prints at the end
+and what README.md shows (generated from docs/demo_summary.json, the committed summary).
+
+    python -m vqakd.demo.table                          # the table of docs/demo_summary.json
+    python -m vqakd.demo.table results/demo/summary.json
+    python -m vqakd.demo.table results/demo/summary.json --save docs/demo_summary.json --readme README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional
+
+from vqakd.core.errors import UserError, run_cli
+from vqakd.core.files import atomic_open, read_json, write_json
+from vqakd.data.questions import QUESTION_TYPES
+
+ARMS = ("teacher", "student-none", "student-feature")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMITTED_SUMMARY = os.path.join(REPO_ROOT, "docs", "demo_summary.json")
+# README.md holds the table, indented 4 spaces, between these two lines.
+README_BEGIN = "<!-- demo table: generated from docs/demo_summary.json by python -m vqakd.demo.table -->"
+README_END = "<!-- end of demo table -->"
+# A question type on which the teacher is not this far above the question-only guesser is one
+# whose answer the short training did not learn or the random-weight features do not carry
+# (the table marks it; a linear classifier on the demo's features separates every type's answers).
+CARRIED_MARGIN = 0.05
+KEEP_KEYS = ("majority_rate", "majority_per_type", "majority_answer", "question_only_rate",
+             "question_only_per_type", "test_questions", "seed", "arms", "above_majority", "above_question_only",
+             "not_carried", "timing", "features", "prediction", "step_seconds", "step_cpu_seconds")
+
+
+def not_carried(summary: dict) -> list[str]:
+    """Question types on which the teacher is less than CARRIED_MARGIN above the question-only guesser."""
+    teacher = summary["arms"]["teacher"]["per_type"]
+    blind = summary["question_only_per_type"]
+    return [qtype for qtype in QUESTION_TYPES
+            if qtype in teacher and qtype in blind and teacher[qtype] - blind[qtype] < CARRIED_MARGIN]
+
+
+def format_table(summary: dict) -> str:
+    arms = [arm for arm in ARMS if arm in summary["arms"]]
+    entries = [summary["arms"][arm] for arm in arms]
+    weak = set(summary.get("not_carried", not_carried(summary)))
+
+    def pct(value: Optional[float]) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    rows = [("", *arms, "majority answer", "question only"),
+            ("graph layers", *(str(e["graph_layers"]) for e in entries), "", ""),
+            ("parameters", *(f"{e['params']:,}" for e in entries), "", ""),
+            ("test accuracy, all", *(pct(e["accuracy"]) for e in entries), pct(summary["majority_rate"]),
+             pct(summary["question_only_rate"]))]
+    for qtype in QUESTION_TYPES:
+        count = entries[0]["per_type_counts"].get(qtype, 0)
+        label = f"  {qtype} ({count})" + (" *" if qtype in weak else "")
+        rows.append((label, *(pct(e["per_type"].get(qtype)) for e in entries),
+                     pct(summary["majority_per_type"].get(qtype)), pct(summary["question_only_per_type"].get(qtype))))
+    rows.append(("inference ms/question", *(f"{e['ms_per_question']:.2f}" if e.get("ms_per_question") is not None
+                                            else "-" for e in entries), "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"demo results on the test split ({summary['test_questions']} questions, seed {summary['seed']}; "
+             "features from random-weight networks)"]
+    for row in rows:
+        lines.append("  ".join([row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in
+                                                             zip(row[1:], widths[1:])]).rstrip())
+    blind = summary["above_question_only"]
+    lines.append("above the question-only guesser: "
+                 + ", ".join(f"{arm} {100 * blind[arm]:+.1f}" for arm in arms) + " points")
+    above = summary["above_majority"]
+    lines.append("above the majority answer: " + ", ".join(f"{arm} {100 * above[arm]:+.1f}" for arm in arms)
+                 + " points")
+    if weak:
+        lines.append(f"* the teacher is less than {100 * CARRIED_MARGIN:.0f} points above the question-only "
+                     "guesser: too short a training, or random-weight features do not carry what this type asks")
+    timing = summary["timing"]
+    lines.append(f"ms/question: best.pt on {timing['device']}, batch {timing['batch_size']}, median of "
+                 f"{timing['passes']} passes over the test split after a warm-up")
+    return "\n".join(lines)
+
+
+def small_summary(summary: dict) -> dict:
+    """What docs/demo_summary.json keeps of a summary.json: the figures, not the provenance."""
+    small = {key: summary[key] for key in KEEP_KEYS if key in summary}
+    provenance = summary.get("provenance") or {}
+    small["code_version"] = provenance.get("code")
+    return small
+
+
+def readme_block(summary: dict) -> str:
+    return "\n".join(("    " + line).rstrip() for line in format_table(summary).splitlines())
+
+
+def readme_table(readme_text: str, path: str = "README.md") -> str:
+    """The table lines between README_BEGIN and README_END."""
+    try:
+        start = readme_text.index(README_BEGIN) + len(README_BEGIN)
+        end = readme_text.index(README_END, start)
+    except ValueError:
+        raise UserError(f"{path}: no demo table (the lines {README_BEGIN!r} ... {README_END!r})") from None
+    return readme_text[start:end].strip("\n")
+
+
+def update_readme(path: str, summary: dict) -> bool:
+    """Rewrite the table in README `path`; returns whether it changed."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    old = readme_table(text, path)
+    new = readme_block(summary)
+    if old == new:
+        return False
+    start = text.index(README_BEGIN) + len(README_BEGIN)
+    end = text.index(README_END, start)
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        handle.write(text[:start] + "\n" + new + "\n" + text[end:])
+    return True
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vqakd.demo.table", description=__doc__.split("\n\n")[0])
+    parser.add_argument("summary", nargs="?", default=os.path.relpath(COMMITTED_SUMMARY),
+                        help="a demo summary.json (default %(default)s)")
+    parser.add_argument("--readme", help="rewrite the demo table in this README.md instead of printing it")
+    parser.add_argument("--save", metavar="JSON", help="write the summary's figures (no provenance) to this file, "
+                                                      "e.g. docs/demo_summary.json after a new `make demo`")
+    args = parser.parse_args(argv)
+    summary = read_json(args.summary)
+    if not isinstance(summary, dict) or "arms" not in summary:
+        raise UserError(f"{args.summary}: not a demo summary (no 'arms'); run `make demo` to write one")
+    if args.save:
+        write_json(args.save, small_summary(summary))
+        print(f"wrote {args.save}")
+    if args.readme:
+        changed = update_readme(args.readme, summary)
+        print(f"{args.readme}: demo table {'updated' if changed else 'already up to date'}")
+    elif not args.save:
+        print(format_table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

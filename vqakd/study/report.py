@@ -1,0 +1,345 @@
+"""The study's report: `<study>/report/{report.md, report.json, *.png}` from the runs' files.
+
+Read per (arm, seed) run: results.json (test accuracy of best.pt, overall and per question type,
+parameters), metrics.csv (losses and accuracies per epoch), eval_test_preds.csv (validate.py
+--write-preds) and the inference timing. Tables give mean ± sample standard deviation (n − 1)
+over seeds with every seed's value beside them, and the published numbers for the dataset.
+Per-answer precision / recall / F1 and the confusions among the most frequent test answers use
+scikit-learn on the predictions of all seeds together (every seed answers the same questions).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+from collections import Counter
+from typing import Any, Optional, Sequence
+
+from vqakd.core.files import atomic_open, atomic_path, read_json, write_json
+from vqakd.data.questions import QUESTION_TYPES
+
+LOSS_PARTS = ("loss", "hard", "ce", "common", "dependence", "app", "mo", "kd")
+TOP_ANSWERS = 10
+
+# Published test accuracy (%) for the teacher's architecture (DualVGR) and HCRN; see
+# docs/method.md#published-numbers. The distillation paper's own tables are not machine-readable.
+PUBLISHED = {
+    "msvd-qa": [{"model": "DualVGR (published)", "accuracy": 39.03,
+                 "per_type": {"what": 28.65, "who": 53.82, "how": 80.00, "when": 70.69, "where": 46.43}},
+                {"model": "HCRN (published)", "accuracy": 36.1, "per_type": {}}],
+    "msrvtt-qa": [{"model": "DualVGR (published)", "accuracy": 35.52,
+                   "per_type": {"what": 29.40, "who": 45.56, "how": 79.76, "when": 76.66, "where": 36.40}},
+                  {"model": "HCRN (published)", "accuracy": 35.6, "per_type": {}}],
+}
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (None for fewer than two values)."""
+    values = [float(v) for v in values]
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def read_csv(path: str) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def collect(runs) -> dict[str, Any]:
+    """Everything the tables show, per arm: per-seed values and their mean ± std."""
+    arms: dict[str, Any] = {}
+    for run in runs:
+        results = read_json(run.path("results.json"))
+        timing = run.extra.get("timing") or {}
+        entry = arms.setdefault(run.arm.name, {"stage": run.arm.stage, "distill": run.arm.distill,
+                                               "overrides": list(run.arm.overrides), "note": run.arm.note,
+                                               "teacher_arm": run.arm.teacher, "seeds": {}})
+        entry["seeds"][str(run.seed)] = {
+            "accuracy": results["accuracy"], "count": results["count"], "params": results["params"],
+            "epoch": results["epoch"], "val_accuracy": results.get("val_accuracy"),
+            "per_type": {t: {"accuracy": v["accuracy"], "count": v["count"]} for t, v in results["per_type"].items()},
+            "ms_per_question": timing.get("ms_per_question"), "teacher": results.get("teacher"),
+            "graph_layers": (results.get("model_config") or {}).get("graph_layers"),
+            "run_dir": run.stage_dir}
+    for entry in arms.values():
+        seeds = list(entry["seeds"].values())
+        entry["accuracy"] = mean_std([s["accuracy"] for s in seeds])
+        entry["val_accuracy"] = mean_std([s["val_accuracy"] for s in seeds if s["val_accuracy"] is not None])
+        entry["params"] = seeds[0]["params"]
+        entry["graph_layers"] = seeds[0]["graph_layers"]
+        times = [s["ms_per_question"] for s in seeds if s["ms_per_question"] is not None]
+        entry["ms_per_question"] = mean_std(times) if times else None
+        entry["per_type"] = {}
+        for qtype in QUESTION_TYPES:
+            count = seeds[0]["per_type"].get(qtype, {}).get("count", 0)
+            stats = mean_std([s["per_type"][qtype]["accuracy"] for s in seeds]) if count else \
+                {"mean": None, "std": None, "n": len(seeds)}
+            entry["per_type"][qtype] = dict(stats, count=count)
+    return arms
+
+
+def answer_metrics(preds: dict[str, list[dict]], top: int = TOP_ANSWERS) -> dict[str, Any]:
+    """Per-answer precision/recall/F1 and the confusion matrix among the `top` most frequent true
+    test answers (answers outside the vocabulary left out), per arm, all seeds pooled."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    first = next(iter(preds.values()), [])
+    counts = Counter(row["answer"] for row in first if not row["answer"].startswith("<UNK"))
+    labels = [answer for answer, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:top]]
+    out: dict[str, Any] = {"labels": labels, "arms": {}}
+    for arm, rows in preds.items():
+        truth = [row["answer"] for row in rows]
+        guess = [row["predicted_answer"] for row in rows]
+        if not labels:
+            continue
+        precision, recall, f1, support = precision_recall_fscore_support(truth, guess, labels=labels,
+                                                                         zero_division=0)
+        matrix = confusion_matrix(truth, guess, labels=labels)
+        pairs = [(int(matrix[i, j]), labels[i], labels[j]) for i in range(len(labels)) for j in range(len(labels))
+                 if i != j and matrix[i, j] > 0]
+        pairs.sort(key=lambda item: (-item[0], item[1], item[2]))
+        out["arms"][arm] = {
+            "per_answer": {label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                           for label, p, r, f, s in zip(labels, precision, recall, f1, support)},
+            "confusion": matrix.tolist(),
+            "most_confused": [{"answer": a, "predicted": b, "count": n} for n, a, b in pairs[:5]]}
+    return out
+
+
+def disagreements(preds: dict[str, list[dict]], limit: int) -> list[dict[str, Any]]:
+    """Test questions on which the arms (one seed) answer differently: taken in question-id order,
+    one question type after another, so that the handful shown covers several types."""
+    arms = list(preds)
+    by_id = [{row["question_id"]: row for row in preds[arm]} for arm in arms]
+    common = set(by_id[0]).intersection(*by_id[1:]) if by_id else set()
+    found: dict[str, list] = {}
+    # Questions with a nameable true answer first, then in question-id order.
+    for qid in sorted(common, key=lambda q: (by_id[0][q]["answer"].startswith("<UNK"), len(q), q)):
+        rows = [table[qid] for table in by_id]
+        answers = {row["predicted_answer"] for row in rows}
+        if len(answers) < 2:
+            continue
+        first = rows[0]
+        found.setdefault(first["question_type"], []).append({
+            "question_id": qid, "video_id": first["video_id"], "question": first["question"],
+            "type": first["question_type"], "answer": first["answer"],
+            "predictions": {arm: row["predicted_answer"] for arm, row in zip(arms, rows)},
+            "correct": {arm: row["correct"] == "1" for arm, row in zip(arms, rows)}})
+    chosen: list[dict] = []
+    order = [t for t in (*QUESTION_TYPES, "other") if t in found]
+    while len(chosen) < limit and any(found[t] for t in order):
+        for qtype in order:
+            if found[qtype] and len(chosen) < limit:
+                chosen.append(found[qtype].pop(0))
+    return chosen
+
+
+# ----------------------------------------------------------------------------------- figures
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def plot_arm_curves(arm: str, metrics: dict[str, list[dict]], best: dict[str, int], path: str) -> None:
+    """Train (solid) and validation (dashed, when metrics.csv has val_<part>) loss parts, mean over
+    seeds, on a log scale (parts differ by orders of magnitude); val accuracy per seed. Every
+    epoch is a marker; dotted lines / stars mark each seed's best epoch (by val accuracy)."""
+    plt = _plt()
+    figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(13, 4.5))
+    seeds = list(metrics)
+    epochs = [int(row["epoch"]) for row in metrics[seeds[0]]]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, part in enumerate(LOSS_PARTS):
+        for prefix, style in (("train", "-"), ("val", "--")):
+            series = [[_number(row.get(f"{prefix}_{part}")) for row in metrics[s]][:len(epochs)] for s in seeds]
+            values = [statistics.fmean(v) if all(not math.isnan(x) for x in v) else math.nan for v in zip(*series)]
+            values = [v if v > 0 else math.nan for v in values]
+            if any(not math.isnan(v) for v in values):
+                loss_axis.plot(epochs, values, style, marker="o", ms=3, color=colours[index % len(colours)],
+                               label=f"{prefix} {part}")
+    loss_axis.set_yscale("log")
+    for seed in seeds:
+        loss_axis.axvline(best[seed], color="grey", linestyle=":", linewidth=1)
+    loss_axis.set_title(f"{arm}: loss parts (mean over {len(seeds)} seeds; dotted: best epochs)")
+    acc_axis.set_title(f"{arm}: validation accuracy (star: best epoch)")
+    for seed in seeds:
+        accuracy = [100 * _number(row.get("val_acc")) for row in metrics[seed]]
+        line, = acc_axis.plot(epochs[:len(accuracy)], accuracy, marker="o", ms=3, label=f"seed {seed}")
+        acc_axis.plot([best[seed]], [accuracy[best[seed] - 1]], "*", ms=14, color=line.get_color())
+    acc_axis.set_ylabel("%")
+    for axis in (loss_axis, acc_axis):
+        axis.set_xlabel("epoch")
+        if len(epochs) <= 30:
+            axis.set_xticks(epochs)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    _save(figure, path, plt)
+
+
+def plot_per_type(arms: dict[str, Any], published: list[dict], path: str) -> None:
+    """Accuracy per question type: one bar per arm (mean, error bar = std over seeds), the
+    published DualVGR numbers as black markers; types without test questions are left out."""
+    plt = _plt()
+    types = [t for t in QUESTION_TYPES if any(a["per_type"][t]["count"] for a in arms.values())] + ["all"]
+    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(types) * max(1, len(arms)) / 3), 4.5))
+    width = 0.8 / max(1, len(arms))
+    for index, (name, arm) in enumerate(arms.items()):
+        stats = [arm["per_type"][t] if t != "all" else arm["accuracy"] for t in types]
+        axis.bar([i + index * width for i in range(len(types))], [100 * s["mean"] for s in stats], width,
+                 yerr=[100 * (s["std"] or 0) for s in stats], capsize=3, label=name)
+    for row in published[:1]:
+        values = [row["per_type"].get(t) if t != "all" else row["accuracy"] for t in types]
+        axis.plot([i + 0.4 - width / 2 for i in range(len(types))], [v if v is not None else math.nan for v in values],
+                  "k_", ms=30, mew=2, label=row["model"])
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(types))])
+    axis.set_xticklabels(types)
+    axis.set_ylabel("test accuracy (%)")
+    axis.legend(fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    _save(figure, path, plt)
+
+
+def plot_confusion(arm: str, labels: list[str], matrix: list[list[int]], path: str) -> None:
+    plt = _plt()
+    figure, axis = plt.subplots(figsize=(1.0 + 0.55 * len(labels), 0.8 + 0.5 * len(labels)))
+    image = axis.imshow(matrix, cmap="Blues")
+    axis.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    axis.set_yticks(range(len(labels)), labels, fontsize=8)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true answer")
+    axis.set_title(f"{arm}:\nconfusion among the {len(labels)} most frequent answers", fontsize=9)
+    peak = max((max(row) for row in matrix), default=0)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            if value:
+                axis.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                          color="white" if value > peak / 2 else "black")
+    figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    _save(figure, path, plt)
+
+
+def _save(figure, path: str, plt) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------- markdown
+
+def _pct(stats: Optional[dict], count: Optional[int] = None) -> str:
+    if count == 0 or not stats or stats.get("mean") is None:
+        return "–"
+    text = f"{100 * stats['mean']:.2f}"
+    return text + (f" ± {100 * stats['std']:.2f}" if stats.get("std") is not None else "")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    arms, seeds, published = report["arms"], report["seeds"], report["published"]
+    types = list(QUESTION_TYPES)
+    counts = {t: next(iter(arms.values()))["per_type"][t]["count"] for t in types}
+    first = next(iter(arms.values()))
+    total = next(iter(first["seeds"].values()))["count"]
+    out = [f"# Study report: {report['dataset']}", "",
+           f"Seeds: {', '.join(map(str, seeds))}. Test accuracy (%) of each run's best.pt (chosen by validation "
+           f"accuracy), mean ± sample standard deviation over seeds; {total} test questions.", "",
+           "## Overall", ""]
+    rows = []
+    for name, arm in arms.items():
+        ms = arm["ms_per_question"]
+        rows.append([name, arm["note"], str(arm["graph_layers"]), f"{arm['params']:,}", _pct(arm["accuracy"]),
+                     _pct(arm["val_accuracy"]), f"{ms['mean']:.3f}" if ms else "–"])
+    rows += [[row["model"], "published", "", "", f"{row['accuracy']:.2f}", "", ""] for row in published]
+    out += _table(["arm", "what it is", "graph layers", "parameters", "test accuracy", "val accuracy",
+                   "ms/question"], rows)
+    out += ["", "ms/question: inference of best.pt over the test split at the config's evaluation batch size "
+            "(median of timed passes after a warm-up), mean over seeds.", "", "## Per question type", ""]
+    rows = [[name] + [_pct(arm["per_type"][t], counts[t]) for t in types] + [_pct(arm["accuracy"])]
+            for name, arm in arms.items()]
+    rows += [[row["model"]] + [f"{row['per_type'][t]:.2f}" if t in row["per_type"] and counts[t] else "–"
+                               for t in types] + [f"{row['accuracy']:.2f}"] for row in published]
+    out += _table(["arm"] + [f"{t} ({counts[t]})" for t in types] + [f"all ({total})"], rows)
+    out += ["", "\"–\": no test question of that type.", "", "![per-type accuracy](per_type.png)", "",
+            "## Every seed", ""]
+    rows = []
+    for name, arm in arms.items():
+        for seed, values in arm["seeds"].items():
+            rows.append([name, seed, f"{100 * values['accuracy']:.2f}"]
+                        + [f"{100 * values['per_type'][t]['accuracy']:.2f}" if counts[t] else "–" for t in types]
+                        + [str(values["epoch"]), os.path.relpath(values["teacher"], report["study_dir"])
+                           if values["teacher"] else "–"])
+    out += _table(["arm", "seed", "all"] + types + ["best epoch", "teacher"], rows)
+    out += ["", "## Training curves", ""] + [f"![{name}]({name}_curves.png)" for name in arms]
+    examples = report["examples"]
+    out += ["", f"## Where the arms disagree (seed {examples['seed']})", ""]
+    if examples["items"]:
+        rows = [[item["video_id"], item["question"].replace("|", "\\|")]
+                + [item["predictions"][a] + (" ✓" if item["correct"][a] else "") for a in arms] + [item["answer"]]
+                for item in examples["items"]]
+        out += _table(["video", "question"] + list(arms) + ["true answer"], rows)
+    else:
+        out.append("The arms gave the same answer to every test question.")
+    answers = report["answers"]
+    if answers["labels"]:
+        out += ["", f"## The {len(answers['labels'])} most frequent test answers (all seeds pooled)", "",
+                "F1 per arm (precision and recall are in report.json); support = test questions × seeds.", ""]
+        rows = [[label, str(next(iter(answers["arms"].values()))["per_answer"][label]["support"])]
+                + [f"{answers['arms'][a]['per_answer'][label]['f1']:.2f}" for a in answers["arms"]]
+                for label in answers["labels"]]
+        out += _table(["answer", "support"] + list(answers["arms"]), rows)
+        out += ["", "Most frequent confusions (true → predicted, count):", ""]
+        for name, values in answers["arms"].items():
+            pairs = ", ".join(f"{p['answer']} → {p['predicted']} ({p['count']})" for p in values["most_confused"])
+            out.append(f"- {name}: {pairs or 'none'} ([matrix]({name}_confusion.png))")
+    return "\n".join(out) + "\n"
+
+
+def write_report(runs, report_dir: str, dataset: str, examples: int = 8) -> dict[str, Any]:
+    """Write report.json, report.md and the figures; returns the report dict."""
+    os.makedirs(report_dir, exist_ok=True)
+    arms = collect(runs)
+    seeds = sorted({run.seed for run in runs}, key=[run.seed for run in runs].index)
+    preds = {name: [] for name in arms}
+    first_seed_preds: dict[str, list] = {}
+    metrics: dict[str, dict] = {name: {} for name in arms}
+    for run in runs:
+        rows = read_csv(run.preds_path)
+        preds[run.arm.name] += rows
+        if run.seed == seeds[0]:
+            first_seed_preds[run.arm.name] = rows
+        metrics[run.arm.name][str(run.seed)] = read_csv(run.path("metrics.csv"))
+    published = PUBLISHED.get(dataset, [])
+    report = {"dataset": dataset, "seeds": seeds, "study_dir": os.path.dirname(os.path.abspath(report_dir)),
+              "arms": arms, "published": published, "answers": answer_metrics(preds),
+              "examples": {"seed": seeds[0], "items": disagreements(first_seed_preds, examples)},
+              "std": "sample standard deviation over seeds (n - 1)"}
+    for name, arm in arms.items():
+        best = {seed: values["epoch"] for seed, values in arm["seeds"].items()}
+        plot_arm_curves(name, metrics[name], best, os.path.join(report_dir, f"{name}_curves.png"))
+        if name in report["answers"]["arms"]:
+            plot_confusion(name, report["answers"]["labels"], report["answers"]["arms"][name]["confusion"],
+                           os.path.join(report_dir, f"{name}_confusion.png"))
+    plot_per_type(arms, published, os.path.join(report_dir, "per_type.png"))
+    write_json(os.path.join(report_dir, "report.json"), report)
+    with atomic_open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as handle:
+        handle.write(render_markdown(report))
+    return report

@@ -1,0 +1,384 @@
+"""The paper's study: every arm (teacher, students with each distillation) for several seeds.
+
+An arm is one training recipe: a stage of train.py plus `--set` overrides (ARMS below; adding a
+variant is one line). Each (arm, seed) run gets its own output_dir,
+
+    <study>/seed<S>/<arm>/<stage>/{best.pt, last.pt, results.json, metrics.csv, ...}
+
+and a student distils from the teacher arm of its own seed. Runs are plain `train.main` /
+`validate.main` calls in this process, so under `torchrun` every rank makes the same calls in
+the same order (decided from the files rank 0 wrote before the last barrier) and training is
+distributed exactly as with train.py; only rank 0 times inference and writes the report.
+
+Reuse: a run whose results.json exists and whose recorded config equals the one the study would
+use is not trained again; a run with last.pt but no results.json is resumed (`--resume`). A run
+recorded with different settings stops the study with one line naming the first difference
+(`--overwrite` retrains such runs instead). Settings that do not change the numbers (device,
+progress bars, loader workers, where the feature table lives, stop_after_epoch) are not compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from vqakd.core.config import config_to_dict, load_config
+from vqakd.core.errors import UserError
+from vqakd.core.files import read_json, write_json
+from vqakd.core.locks import FolderLock
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    stage: str                              # teacher | student
+    distill: Optional[str] = None           # students: feature | logit | none
+    overrides: tuple[str, ...] = ()         # extra --set key=value of this arm
+    teacher: Optional[str] = None           # the arm whose best.pt (same seed) a student distils from
+    note: str = ""
+
+
+ARMS: dict[str, Arm] = {arm.name: arm for arm in (
+    Arm("teacher", "teacher", note="DualVGR teacher"),
+    Arm("student-none", "student", "none", note="student trained alone (hard loss)"),
+    Arm("student-feature", "student", "feature", teacher="teacher", note="feature distillation (the paper)"),
+    Arm("student-logit", "student", "logit", teacher="teacher", note="logit distillation (Hinton)"),
+    Arm("teacher-gatv2", "teacher", overrides=("model.attention=gatv2",), note="teacher, GATv2 attention"),
+    Arm("student-feature-gatv2", "student", "feature", ("model.attention=gatv2",), "teacher-gatv2",
+        "feature distillation, GATv2 attention"),
+    Arm("teacher-safe", "teacher", overrides=("loss.common=safe",), note="teacher, safe common loss"),
+    Arm("student-feature-safe", "student", "feature", ("loss.common=safe",), "teacher-safe",
+        "feature distillation, safe common loss"),
+)}
+DEFAULT_ARMS = ("teacher", "student-none", "student-feature", "student-logit")
+
+# Settings that do not change what a run computes: not compared when deciding to reuse a run.
+NOT_COMPARED = ("output_dir", "train.device", "train.progress", "train.log_every", "train.num_workers",
+                "train.stop_after_epoch", "train.eval_batch_size", "data.feature_mode", "data.feature_device")
+# Set by the study itself, per run.
+STUDY_KEYS = ("train.seed", "output_dir")
+
+
+def parse_seeds(text: str, first_seed: int) -> list[int]:
+    """`3` -> three seeds from the config's train.seed (666, 667, 668); `1,2,5` -> those seeds."""
+    text = str(text).strip()
+    try:
+        if "," in text:
+            seeds = [int(part) for part in text.split(",") if part.strip()]
+        else:
+            seeds = list(range(first_seed, first_seed + int(text)))
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: give a count (3) or a comma-separated list (1,2,3)") from None
+    if not seeds or any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r}: need at least one seed, all >= 0 and different")
+    return seeds
+
+
+def parse_arms(text: Optional[str]) -> list[Arm]:
+    """The named arms in the order given, each student's teacher arm added before it if missing."""
+    names = [name.strip() for name in text.split(",") if name.strip()] if text else list(DEFAULT_ARMS)
+    unknown = [name for name in names if name not in ARMS]
+    if unknown:
+        raise UserError(f"--arms: unknown arm {unknown[0]!r}; known arms: {', '.join(ARMS)}")
+    ordered: list[str] = []
+    for name in names:
+        teacher = ARMS[name].teacher
+        if teacher and teacher not in ordered:
+            ordered.append(teacher)
+        if name not in ordered:
+            ordered.append(name)
+    return [ARMS[name] for name in ordered]
+
+
+@dataclass
+class Run:
+    """One arm trained with one seed."""
+
+    arm: Arm
+    seed: int
+    output_dir: str
+    overrides: list[str]                    # every --set of the train.py call
+    config: Any = None                      # the Config the run uses
+    teacher_run: Optional["Run"] = None
+    action: str = "train"                   # reuse | resume | train | overwrite | skip
+    reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def stage_dir(self) -> str:
+        return os.path.join(self.output_dir, self.arm.stage)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.stage_dir, name)
+
+    @property
+    def finished(self) -> bool:
+        return os.path.isfile(self.path("results.json"))
+
+    @property
+    def preds_path(self) -> str:
+        return self.path("eval_test_preds.csv")
+
+    def train(self, cfg: str) -> None:
+        """Train (or resume, or start over) this run, as `train.py` would."""
+        from vqakd.training.run import train_stage
+
+        teacher = self.teacher_run.path("best.pt") if self.teacher_run is not None else None
+        train_stage(cfg, self.arm.stage, self.overrides, teacher=teacher, resume=self.action == "resume",
+                    overwrite=self.action == "overwrite")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def config_difference(recorded: Any, expected: Any) -> Optional[str]:
+    """The first compared setting that differs ("key: recorded -> expected"), or None."""
+    old, new = _flatten(recorded or {}), _flatten(expected)
+    for key in sorted(set(old) | set(new)):
+        if key in NOT_COMPARED:
+            continue
+        if old.get(key, "<missing>") != new.get(key, "<missing>"):
+            return f"{key} is {old.get(key, '<missing>')!r} there but {new.get(key, '<missing>')!r} in this study"
+    return None
+
+
+def plan_study(cfg: str, study_dir: str, seeds: list[int], arms: list[Arm], user_overrides: list[str],
+               device: Optional[str] = None, overwrite: bool = False) -> list[Run]:
+    """Every run in training order (per seed: the arms as listed) with what to do about it."""
+    for text in user_overrides:
+        key = text.split("=", 1)[0].strip()
+        if key in STUDY_KEYS:
+            raise UserError(f"--set {text}: the study sets {key} itself; use --seeds / --out instead")
+    shared = ([f"train.device={device}"] if device else []) + list(user_overrides)
+    runs: list[Run] = []
+    for seed in seeds:
+        by_arm: dict[str, Run] = {}
+        for arm in arms:
+            output_dir = os.path.join(study_dir, f"seed{seed}", arm.name)
+            overrides = list(shared) + ([f"loss.distill={arm.distill}"] if arm.distill else []) + list(arm.overrides)
+            overrides += [f"train.seed={seed}", f"output_dir={output_dir}"]
+            try:
+                config = load_config(cfg, overrides)
+            except UserError as exc:
+                raise UserError(f"arm {arm.name}: {exc}") from None
+            run = Run(arm, seed, output_dir, overrides, config,
+                      by_arm.get(arm.teacher) if arm.teacher else None)
+            _decide(run, overwrite)
+            by_arm[arm.name] = run
+            runs.append(run)
+    return runs
+
+
+def _decide(run: Run, overwrite: bool) -> None:
+    expected = config_to_dict(run.config)
+    if run.finished:
+        results = read_json(run.path("results.json"))
+        problem = config_difference(results.get("config"), expected)
+        wanted_teacher = run.teacher_run.path("best.pt") if run.teacher_run else None
+        if problem is None and wanted_teacher and os.path.realpath(str(results.get("teacher"))) != \
+                os.path.realpath(wanted_teacher):
+            problem = f"it distilled from {results.get('teacher')}, this study uses {wanted_teacher}"
+        run.action, run.reason = ("reuse", "finished") if problem is None else ("overwrite", problem)
+    elif os.path.isfile(run.path("last.pt")):
+        import yaml
+
+        recorded = None
+        if os.path.isfile(run.path("config.yml")):
+            with open(run.path("config.yml"), encoding="utf-8") as handle:
+                recorded = yaml.safe_load(handle)
+        problem = config_difference(recorded, expected)
+        run.action, run.reason = ("resume", "interrupted") if problem is None else ("overwrite", problem)
+    else:
+        run.action, run.reason = "train", "new"
+    if run.action == "overwrite" and not overwrite:
+        raise UserError(f"{run.stage_dir} holds a run with other settings ({run.reason}); use another --out, "
+                        "delete that folder, or pass --overwrite to retrain it")
+
+
+def describe_plan(runs: list[Run]) -> str:
+    lines = ["study plan:"]
+    for run in runs:
+        teacher = f" (teacher {run.teacher_run.arm.name}, seed {run.seed})" if run.teacher_run else ""
+        lines.append(f"  seed {run.seed:<6} {run.arm.name:<24} {run.action:<9} {run.stage_dir}{teacher}")
+    return "\n".join(lines)
+
+
+def _newer_or_same(path: str, than: str) -> bool:
+    return os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(than)
+
+
+def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
+    """Train (or resume) every run that needs it, then evaluate each finished run's best.pt on
+    the test split with predictions (validate.py --write-preds; reused while newer than best.pt).
+    Returns the runs still unfinished (stopped early, or waiting for an unfinished teacher);
+    every rank returns the same list. A non-zero status from train/validate (a rank relaying an
+    error rank 0 printed) raises _RankExit."""
+    from vqakd.core import distributed as dist
+    from vqakd.training.validation import validate_checkpoint
+
+    for run in runs:
+        if run.action == "reuse":
+            continue
+        if run.teacher_run is not None and not run.teacher_run.finished:
+            run.action, run.reason = "skip", f"its teacher ({run.teacher_run.stage_dir}) is not finished"
+            log(f"study: skipping {run.arm.name} seed {run.seed}: {run.reason}")
+            continue
+        log(f"study: {run.action} {run.arm.name} seed {run.seed} -> {run.stage_dir}")
+        code = dist.quiet_unless_main(lambda: run.train(cfg) or 0)
+        if code:
+            raise _RankExit(code)
+        if not run.finished:
+            run.action, run.reason = "skip", "stopped before the last epoch (train.stop_after_epoch)"
+    for run in runs:
+        if not run.finished:
+            continue
+        best = run.path("best.pt")
+        eval_json = run.path("eval_test.json")
+        if _newer_or_same(run.preds_path, best) and _newer_or_same(eval_json, best):
+            continue
+        # The checkpoint defines the model: validate.py refuses model.* settings.
+        overrides = [text for text in run.overrides if not text.split("=", 1)[0].strip().startswith("model.")]
+
+        def evaluate_best() -> int:
+            validate_checkpoint(cfg, best, overrides, split="test", write_preds=True, out=eval_json,
+                                preds_out=run.preds_path)
+            return 0
+
+        code = dist.quiet_unless_main(evaluate_best)
+        if code:
+            raise _RankExit(code)
+    return [run for run in runs if not run.finished]
+
+
+@contextlib.contextmanager
+def _one_process_group():
+    """One process group for every train/validate call of the study. Under torchrun a second
+    init_process_group in one process cannot connect (the rendezvous keys of the first remain),
+    so the group must outlive each call; `distributed.session()` destroys a group it finds
+    already started, so its cleanup is held back until the study's own session ends."""
+    from vqakd.core import distributed as dist
+
+    cleanup = dist.cleanup
+    dist.cleanup = lambda: None
+    try:
+        with dist.session():
+            yield
+    finally:
+        dist.cleanup = cleanup
+        if dist.is_initialized():
+            cleanup()
+
+
+class _RankExit(Exception):
+    """A rank other than 0 ends with the status train/validate returned (rank 0 printed the error)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def time_inference(run: Run, passes: int, cache: dict) -> Optional[dict]:
+    """Milliseconds per test question of the run's best.pt: one warm-up pass over the test split,
+    then the median of `passes` timed passes, at the config's evaluation batch size. Cached in
+    `<stage>/timing_test.json` (until best.pt changes or the device differs)."""
+    import time
+
+    import torch
+
+    from vqakd.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from vqakd.core.config import eval_batch_size
+    from vqakd.data.batches import load_data, make_loader
+    from vqakd.core.distributed import resolve_device
+    from vqakd.training.engine import evaluate
+
+    if passes <= 0:
+        return None
+    config = run.config
+    device = resolve_device(config.train.device)
+    best = run.path("best.pt")
+    cache_path = run.path("timing_test.json")
+    batch = eval_batch_size(config)
+    stamp = {"best_mtime": os.path.getmtime(best), "device": str(device), "batch_size": batch, "passes": passes}
+    if os.path.isfile(cache_path):
+        cached = read_json(cache_path)
+        if all(cached.get(key) == value for key, value in stamp.items()):
+            return cached
+    checkpoint = load_checkpoint(best)
+    config.model.num_nodes = checkpoint["model_config"]["num_nodes"]
+    config.model.vision_dim = checkpoint["model_config"]["vision_dim"]
+    key = (config.data.vocab, config.data.test_questions, config.data.appearance_feat, config.data.motion_feat,
+           str(device))
+    if key not in cache:
+        cache.clear()           # one feature table in memory at a time
+        cache[key] = load_data(config, splits=("test",), device=device, progress=False)
+    bundle = cache[key]
+    model = model_from_checkpoint(checkpoint, best, device)
+    loader = make_loader(bundle.splits["test"], bundle.table, batch, False, config.train.seed, 0,
+                         device.type == "cuda", reuse_buffers=True)
+    seconds = []
+    for index in range(passes + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        evaluate(model, loader, device, amp=config.train.amp)       # reads the counts back: synchronised
+        if index:                                                   # pass 0 is the warm-up
+            seconds.append(time.perf_counter() - started)
+    questions = max(len(bundle.splits["test"]), 1)
+    seconds.sort()
+    result = dict(stamp, questions=questions, seconds=seconds,
+                  ms_per_question=1000.0 * seconds[len(seconds) // 2] / questions)
+    write_json(cache_path, result)
+    return result
+
+
+def run_study(cfg: str, seeds_text: str = "3", arms_text: Optional[str] = None, out: Optional[str] = None,
+              device: Optional[str] = None, overrides: Optional[list[str]] = None, overwrite: bool = False,
+              timing_passes: int = 3, examples: int = 8) -> int:
+    """The whole study: plan, train, evaluate, then (rank 0) time and write `<study>/report/`."""
+    from vqakd.core import distributed as dist
+
+    overrides = list(overrides or [])
+    base = load_config(cfg, ([f"train.device={device}"] if device else []) + overrides)
+    study_dir = out or os.path.join(base.output_dir, "study")
+    seeds = parse_seeds(seeds_text, base.train.seed)
+    runs = plan_study(cfg, study_dir, seeds, parse_arms(arms_text), overrides, device, overwrite)
+    main = dist.env_rank() == 0
+    log = print if main else (lambda message: None)
+    log(describe_plan(runs))
+    # Two studies writing into one folder would overwrite each other's runs; rank 0 holds the lock.
+    with FolderLock(study_dir, "study folder") if main else contextlib.nullcontext():
+        try:
+            with _one_process_group():
+                unfinished = execute(runs, cfg, log)
+        except _RankExit as exc:
+            return exc.code
+        if not main:
+            return 0
+        return _finish(runs, unfinished, study_dir, base.dataset, timing_passes, examples, log)
+
+
+def _finish(runs: list[Run], unfinished: list[Run], study_dir: str, dataset: str, timing_passes: int,
+            examples: int, log) -> int:
+    if unfinished:
+        for run in unfinished:
+            log(f"study: not finished: {run.arm.name} seed {run.seed} ({run.reason or 'stopped early'})")
+        log("study: run the same command again to continue; the report is written when every run is finished")
+        return 0
+    from vqakd.study.report import write_report
+
+    cache: dict = {}
+    for run in runs:
+        run.extra["timing"] = time_inference(run, timing_passes, cache)
+    cache.clear()
+    report_dir = os.path.join(study_dir, "report")
+    write_report(runs, report_dir, dataset=dataset, examples=examples)
+    log(f"study: wrote {os.path.join(report_dir, 'report.md')} and report.json")
+    return 0

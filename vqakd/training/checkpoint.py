@@ -1,0 +1,226 @@
+"""Checkpoints: atomic save, safe load (`torch.load(weights_only=True)`), original-code import.
+
+Our checkpoint is a dict of tensors and plain Python values only, so it loads with
+`weights_only=True` (no arbitrary unpickling):
+  format, format_version, toolkit_version, stage, epoch,
+  model_config (dataclasses.asdict of model.ModelConfig), state_dict,
+  optimizer, scheduler (their state_dicts), rng (python / numpy / torch / cuda states as
+  tensors and lists), metrics (this epoch's row), history (all rows so far), best
+  ({epoch, val_accuracy}), vocab ({question_size, answer_size, sha256, path}), config (the run's
+  whole config as a dict), inference (vqakd/training/inference_record.py: the feature files' extraction settings
+  and the vocabulary's tokens, for predict.py).
+A checkpoint written by the original DualVGR/VQAKD code (it has `model_kwargs`) is read the same
+way, converted with `model.original.convert_original_checkpoint` and returned in the same
+shape, minus the training state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import random
+import shutil
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+import vqakd
+from model import DualVGR, ModelConfig
+from model.original import OriginalCheckpointError, convert_original_checkpoint
+from vqakd.core.errors import UserError, missing_file_message
+from vqakd.core.files import atomic_path
+from vqakd.extraction.weights import load_state_strict
+
+CHECKPOINT_FORMAT = "vqakd-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+# Free bytes under which a failed checkpoint write is taken for a full disk.
+DISK_NEARLY_FULL = 256 << 20
+
+
+# ----------------------------------------------------------------------------------- RNG states
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from, in weights_only-loadable types."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state({
+        "bit_generator": numpy_state["bit_generator"],
+        "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+        "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)     # also seeds every CUDA device
+
+
+# ----------------------------------------------------------------------------------- save / load
+
+def build_checkpoint(*, model: torch.nn.Module, stage: str, epoch: int, optimizer=None, scheduler=None,
+                     metrics: Mapping | None = None, history: list | None = None, best: Mapping | None = None,
+                     vocab: Mapping | None = None, config: Mapping | None = None,
+                     inference: Mapping | None = None) -> dict[str, Any]:
+    module = getattr(model, "module", model)      # unwrap DistributedDataParallel
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "toolkit_version": vqakd.__version__,
+        "stage": stage,
+        "epoch": epoch,
+        "model_config": dataclasses.asdict(module.config),
+        "state_dict": module.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": capture_rng_state(),
+        "metrics": dict(metrics or {}),
+        "history": list(history or []),
+        "best": dict(best or {}),
+        "vocab": dict(vocab or {}),
+        "config": dict(config or {}),
+        # Extraction settings of the training features and the vocabulary (vqakd/training/inference_record.py):
+        # what predict.py needs to answer a question about a new video.
+        "inference": dict(inference or {}),
+    }
+
+
+def save_checkpoint(path: str, checkpoint: Mapping[str, Any]) -> None:
+    """Write atomically: a crash never leaves a half-written file at `path`."""
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(dict(checkpoint), tmp)
+        except RuntimeError as exc:
+            # torch's zip writer reports a full disk as "file write failed", without an errno.
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free
+            if "write failed" in str(exc) and free < DISK_NEARLY_FULL:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp) from None
+            raise
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _looks_like_torch_file(path: str) -> bool:
+    """torch.save writes a zip archive (`PK`); files from before PyTorch 1.6 start with a pickle
+    protocol marker (0x80). Anything else (a CSV, a log, a JSON file) would reach the legacy
+    unpickler and fail with a message about its internals ("pop from empty list")."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load ours or an original DualVGR/VQAKD checkpoint (the latter converted to our key names).
+
+    Always returns at least {"model_config": dict, "state_dict": dict, "epoch", "stage", "original"}.
+    """
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder; give best.pt or last.pt inside it")
+    if not os.path.isfile(path):
+        raise UserError(missing_file_message(path, "checkpoint"))
+    if not _looks_like_torch_file(path):
+        raise UserError(f"{path}: not a PyTorch checkpoint (neither the zip archive torch.save writes nor a "
+                        "pickle); give a best.pt or last.pt")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # zip/pickle/EOF/runtime errors all mean "not a readable checkpoint"
+        raise UserError(f"{path}: cannot read it as a checkpoint ({_first_line(exc)}); the file may be "
+                        "truncated, or it holds objects other than tensors and plain values") from None
+    if not isinstance(checkpoint, Mapping):
+        raise UserError(f"{path}: not a checkpoint (a {type(checkpoint).__name__}, expected a dict)")
+    if "model_kwargs" in checkpoint:
+        try:
+            claimed: dict = {}
+            model_config, state_dict = convert_original_checkpoint(checkpoint, path, claimed)
+        except OriginalCheckpointError as exc:
+            raise UserError(str(exc)) from None
+        notes = [f"{path}: model_kwargs claims {key}={value}, but its weights hold {getattr(model_config, key)}; "
+                 f"loaded with {key}={getattr(model_config, key)} (the weights decide)" for key, value in claimed.items()]
+        return {"format": "original-dualvgr", "original": True, "stage": None, "claimed_model_kwargs": claimed,
+                "notes": notes,
+                "epoch": checkpoint.get("epoch"), "model_config": dataclasses.asdict(model_config),
+                "state_dict": state_dict, "vocab": {}, "config": {}, "metrics": {}, "history": [], "best": {}}
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a vqakd checkpoint (no 'format': {CHECKPOINT_FORMAT!r}) and not an original "
+                        "DualVGR checkpoint (no 'model_kwargs')")
+    for key in ("model_config", "state_dict"):
+        if not isinstance(checkpoint.get(key), Mapping):
+            raise UserError(f"{path}: checkpoint entry {key!r} is missing or not a mapping")
+    checkpoint = dict(checkpoint)
+    checkpoint["original"] = False
+    return checkpoint
+
+
+def model_config_from(checkpoint: Mapping[str, Any], path: str) -> ModelConfig:
+    raw = dict(checkpoint["model_config"])
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"{path}: model_config has unknown field {unknown[0]!r}; written by a newer toolkit?")
+    try:
+        return ModelConfig(**raw)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path}: invalid model_config ({exc})") from None
+
+
+def check_sizes(model_config: ModelConfig, state_dict: Mapping[str, Any], path: str) -> None:
+    """The sizes in `model_config` are those of the weights in the file, checked on a network
+    without storage (the meta device) before a real one is built: a damaged or edited size
+    (module_dim 4194304 in a small file) would otherwise try to allocate terabytes."""
+    try:
+        with torch.device("meta"):
+            expected = DualVGR(model_config).state_dict()
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: model_config does not describe a network ({_first_line(exc)})") from None
+    sizes = {name: value for name, value in dataclasses.asdict(model_config).items()
+             if isinstance(value, int) and not isinstance(value, bool)}
+    mismatched = []
+    for key, value in expected.items():
+        got = state_dict.get(key)
+        if isinstance(got, torch.Tensor) and tuple(got.shape) != tuple(value.shape):
+            wrong = [size for size in value.shape if size not in got.shape]
+            culprits = [f"{name} {number}" for name, number in sizes.items() if number in wrong]
+            mismatched.append((key, tuple(got.shape), tuple(value.shape), culprits))
+    if not mismatched:
+        return              # missing keys and non-tensors are named by load_state_strict
+    # Name the size most likely at fault: the first mismatch that shows a model_config value.
+    key, got, needed, culprits = next((m for m in mismatched if m[3]), mismatched[0])
+    because = f"model_config {culprits[0]} of the file" if culprits else "the file's model_config"
+    raise UserError(f"{path}: checkpoint weights do not fit the model: key {key!r} has shape {got}, "
+                    f"the model needs {needed} (from {because}; is the file damaged or edited?)")
+
+
+def model_from_checkpoint(checkpoint: Mapping[str, Any], path: str, device: torch.device) -> DualVGR:
+    """The network a (loaded) checkpoint describes, with its weights loaded, on `device`."""
+    model_config = model_config_from(checkpoint, path)
+    check_sizes(model_config, checkpoint["state_dict"], path)
+    model = DualVGR(model_config)
+    load_state_strict(model, checkpoint["state_dict"], path)
+    return model.to(device)

@@ -1,0 +1,101 @@
+"""What a checkpoint records so that a new video can be answered exactly as the training data was.
+
+`inference_record(appearance_h5, motion_h5, vocab)` gathers, for `build_checkpoint(inference=...)`:
+
+    {"format": 1,
+     "features": {"appearance": {...}, "motion": {...}},   # extraction settings, or None per file
+     "vocabulary": {"question_token_to_idx": {...}, "answer_token_to_idx": {...}, "sha256": ...}}
+
+The extraction settings are read from the feature files' own attributes, which
+preprocess/preprocess_features.py writes (the manifest of vqakd/extraction): both networks,
+their weights files' sha256 (or the random-initialisation seed), clips, frames per clip, image
+size, normalisation, precision. Feature files made by other code carry no such attributes; their
+entry is None and predicting needs the settings as flags (see vqakd/predict.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping, Optional
+
+from vqakd.core.errors import UserError
+
+RECORD_FORMAT = 1
+FEATURE_KINDS = ("appearance", "motion")
+MODEL_OF_KIND = {"appearance": "resnet101", "motion": "resnext101"}
+# The settings that determine the numbers of a video's features (and so key the feature cache).
+IDENTITY_KEYS = ("model", "num_clips", "frames_per_clip", "image_height", "image_width", "kinetics_mean",
+                 "precision", "random_weights", "random_seed", "weights_sha256", "normalization",
+                 "decode_past_damage")
+RECORDED_KEYS = IDENTITY_KEYS + ("feature_dataset", "normalisation", "weights", "dataset", "toolkit_version")
+# How the extractors name the "weights hash" of a randomly initialised network.
+RANDOM_WEIGHTS = re.compile(r"^random \(seed (-?\d+)\)$")
+
+
+def _plain(value: Any) -> Any:
+    """HDF5 attributes come back as numpy scalars; checkpoints want plain Python values."""
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    return value
+
+
+def read_extraction_settings(path: str) -> Optional[dict[str, Any]]:
+    """The extraction settings stored in one feature file, or None when it has none."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            attrs = {key: _plain(value) for key, value in handle.attrs.items()}
+    except OSError as exc:
+        raise UserError(f"{path}: cannot open as HDF5 ({exc})") from None
+    manifest = attrs.get("manifest")
+    if isinstance(manifest, str):
+        try:
+            attrs.update(json.loads(manifest))
+        except ValueError:
+            raise UserError(f"{path}: its 'manifest' attribute is not valid JSON") from None
+    if "model" not in attrs or "weights_sha256" not in attrs:
+        return None
+    settings = {key: attrs[key] for key in RECORDED_KEYS if key in attrs and key != "random_seed"}
+    settings["random_weights"] = bool(settings.get("random_weights", False))
+    settings["kinetics_mean"] = bool(settings.get("kinetics_mean", False))
+    # Files from before the normalisation option: ResNet-101 inputs used torchvision's constants.
+    settings.setdefault("normalization", "torchvision" if settings["model"] == "resnet101" else "original")
+    settings["decode_past_damage"] = bool(settings.get("decode_past_damage", False))
+    settings["random_seed"] = random_seed_of(settings, path)
+    for key in ("num_clips", "frames_per_clip", "image_height", "image_width"):
+        if key in settings:
+            settings[key] = int(settings[key])
+    return settings
+
+
+def random_seed_of(settings: Mapping[str, Any], where: str) -> Optional[int]:
+    if not settings.get("random_weights"):
+        return None
+    if settings.get("random_seed") is not None:
+        return int(settings["random_seed"])
+    match = RANDOM_WEIGHTS.match(str(settings.get("weights_sha256", "")))
+    if match is None:
+        raise UserError(f"{where}: random weights but no seed in weights_sha256 "
+                        f"({settings.get('weights_sha256')!r})")
+    return int(match.group(1))
+
+
+def identity(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a network's settings that determines its features."""
+    return {key: settings.get(key) for key in IDENTITY_KEYS}
+
+
+def inference_record(appearance_path: str, motion_path: str, vocab) -> dict[str, Any]:
+    """What `build_checkpoint(inference=...)` stores; `vocab` is a vqakd.data.batches.Vocabulary."""
+    return {
+        "format": RECORD_FORMAT,
+        "features": {"appearance": read_extraction_settings(appearance_path),
+                     "motion": read_extraction_settings(motion_path)},
+        "vocabulary": {"question_token_to_idx": dict(vocab.question_token_to_idx),
+                       "answer_token_to_idx": dict(vocab.answer_token_to_idx),
+                       "sha256": vocab.sha256},
+    }

@@ -1,0 +1,212 @@
+"""Accuracy overall and per question type, kept as sums/counts; a small smoothed-value logger;
+the rows of a run's metrics.csv and its one-line epoch summary.
+
+Question type (docs/method.md#training-and-evaluation) = the first token of the question: what / who / how / when / where;
+every other question counts only in the overall figure. Counts are kept per type in one
+(TYPES + 1,) tensor on the device, so updating costs no host synchronisation and the sums can
+be all-reduced across processes before the division.
+
+Labels 0 (`<UNK0>`, a train answer outside the vocabulary) and 1 (`<UNK1>`, a val/test answer
+outside it) stand for "some answer we cannot name": they never count as correct, even when
+the arg-max happens to be that index, and they stay in the denominator.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import deque
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from model.diagnostics import COLLAPSE_THRESHOLD, COMMON_STREAMS
+from vqakd.core.distributed import all_reduce_sum
+from vqakd.core.files import atomic_open
+from vqakd.data.questions import NUM_TYPE_CODES, QUESTION_TYPES
+
+UNKNOWN_ANSWER_LABELS = (0, 1)              # <UNK0>, <UNK1>: never a correct prediction
+FIRST_ANSWER_LABEL = max(UNKNOWN_ANSWER_LABELS) + 1
+# Loss parts in reporting order; "loss" is the total that is minimised.
+LOSS_PARTS = ("loss", "hard", "ce", "common", "dependence", "app", "mo", "kd")
+
+
+def correct_predictions(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Boolean per question: exact match with a nameable answer (labels 0/1 are never correct)."""
+    labels = labels.to(predictions.device)
+    return (predictions == labels) & (labels >= FIRST_ANSWER_LABEL)
+
+
+class AccuracyCounter:
+    """Correct / total per question-type code (OTHER_TYPE included), on one device."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.correct = torch.zeros(NUM_TYPE_CODES, dtype=torch.long, device=device)
+        self.total = torch.zeros(NUM_TYPE_CODES, dtype=torch.long, device=device)
+
+    def update(self, predictions: torch.Tensor, labels: torch.Tensor, qtypes: torch.Tensor) -> torch.Tensor:
+        """Add one batch; returns the per-question correctness (on the device, no sync)."""
+        hits = correct_predictions(predictions, labels)
+        qtypes = qtypes.to(self.correct.device)
+        self.correct.index_add_(0, qtypes, hits.long())
+        self.total.index_add_(0, qtypes, torch.ones_like(qtypes))
+        return hits
+
+    def all_reduce(self) -> "AccuracyCounter":
+        all_reduce_sum(self.correct)
+        all_reduce_sum(self.total)
+        return self
+
+    def summary(self) -> dict:
+        """{"accuracy", "correct", "count", "per_type": {type: {"accuracy", "correct", "count"}}};
+        accuracies are fractions in [0, 1] (0 for an empty group)."""
+        correct = self.correct.cpu().tolist()
+        total = self.total.cpu().tolist()
+        return summarize(correct, total)
+
+
+def summarize(correct: Sequence[int], total: Sequence[int]) -> dict:
+    def ratio(c: int, t: int) -> float:
+        return c / t if t else 0.0
+
+    all_correct, all_total = int(sum(correct)), int(sum(total))
+    return {
+        "accuracy": ratio(all_correct, all_total),
+        "correct": all_correct,
+        "count": all_total,
+        "per_type": {name: {"accuracy": ratio(correct[code], total[code]), "correct": int(correct[code]),
+                            "count": int(total[code])}
+                     for code, name in enumerate(QUESTION_TYPES)},
+    }
+
+
+NO_VALUE = "\u2013"          # en dash: the table cell of a type without questions
+
+
+def format_table(summary: Mapping, title: str = "") -> str:
+    """A plain-text table: overall and per type, accuracy in % with counts ("–" for a type
+    without questions)."""
+    lines = [title] if title else []
+    lines.append(f"{'type':<8} {'accuracy':>9} {'correct':>9} {'count':>9}")
+    rows = [(name, values) for name, values in summary["per_type"].items()]
+    rows.append(("all", summary))
+    for name, values in rows:
+        if not values["count"]:
+            # No question of this type: there is no accuracy, and "0.00%" would read as one.
+            lines.append(f"{name:<8} {NO_VALUE:>9} {NO_VALUE:>9} {0:>9d}")
+            continue
+        lines.append(f"{name:<8} {100 * values['accuracy']:>8.2f}% {values['correct']:>9d} {values['count']:>9d}")
+    return "\n".join(lines)
+
+
+class SmoothedValue:
+    """A window of recent values plus the running total, for progress-bar display."""
+
+    def __init__(self, window: int = 20):
+        self.recent: deque[float] = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float, weight: int = 1) -> None:
+        self.recent.append(value)
+        self.total += value * weight
+        self.count += weight
+
+    @property
+    def smoothed(self) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else math.nan
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+
+class MetricLogger:
+    """Named smoothed values; `postfix()` gives a compact dict for `tqdm.set_postfix`."""
+
+    def __init__(self, window: int = 20):
+        self.window = window
+        self.meters: dict[str, SmoothedValue] = {}
+
+    def update(self, weight: int = 1, **values: float) -> None:
+        for name, value in values.items():
+            self.meters.setdefault(name, SmoothedValue(self.window)).update(float(value), weight)
+
+    def postfix(self) -> dict[str, str]:
+        return {name: f"{meter.smoothed:.4g}" for name, meter in self.meters.items()}
+
+    def averages(self) -> dict[str, float]:
+        return {name: meter.global_avg for name, meter in self.meters.items()}
+
+
+# ----------------------------------------------------------------------------------- metrics.csv
+
+def metrics_row(epoch: int, lr: float, train: Mapping, val: Mapping, epoch_time: float) -> dict[str, Any]:
+    """One metrics.csv row: every column always present (empty where a part does not apply).
+    `time_s` is the whole epoch (training and validation). `val` is `evaluate`'s summary; its
+    "losses" give the val_<part> columns (next to train_<part>), its "node_spread" the
+    node_spread_* / node_collapsed_* columns of the graph-layer diagnostic."""
+    row: dict[str, Any] = {"epoch": epoch, "lr": lr, "time_s": round(epoch_time, 3),
+                           "train_questions_per_s": round(train["questions_per_s"], 2)}
+    val_losses = val.get("losses") or {}
+    for name in LOSS_PARTS:
+        row[f"train_{name}"] = train.get(name, "")
+        row[f"val_{name}"] = val_losses.get(name, "")
+    for prefix, summary in (("train", train["accuracy"]), ("val", val)):
+        row[f"{prefix}_acc"] = summary["accuracy"]
+        for qtype in QUESTION_TYPES:
+            row[f"{prefix}_acc_{qtype}"] = summary["per_type"][qtype]["accuracy"]
+    row["val_count"] = val["count"]
+    for qtype in QUESTION_TYPES:
+        row[f"val_count_{qtype}"] = val["per_type"][qtype]["count"]
+    row.update((val.get("node_spread") or {}).get("columns", {}))
+    return row
+
+
+def write_metrics_csv(path: str, rows: list[Mapping[str, Any]]) -> None:
+    """Every column any row has, in first-seen order (a run resumed from a checkpoint written
+    before a column existed leaves that column empty in its early rows)."""
+    if not rows:
+        return
+    fieldnames = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        handle.write(buffer.getvalue())
+
+
+def collapsed_layer_names(row: Mapping[str, Any], threshold: float = COLLAPSE_THRESHOLD) -> list[str]:
+    """The graph layers ("g1", "u2_g1", ...) whose common appearance or common motion spread in
+    this metrics.csv row is below `threshold` (model/diagnostics.py)."""
+    names = []
+    for key, value in row.items():
+        for stream in COMMON_STREAMS:
+            suffix = f"_{stream}"
+            if key.startswith("node_spread_") and key.endswith(suffix):
+                try:
+                    collapsed = float(value) < threshold
+                except (TypeError, ValueError):
+                    continue
+                name = key[len("node_spread_"):-len(suffix)]
+                if collapsed and name not in names:
+                    names.append(name)
+    return names
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def epoch_line(row: Mapping[str, Any], epochs: int, is_best: bool) -> str:
+    """The log line of one epoch, from its metrics.csv row."""
+    losses = " ".join(f"{name} {_fmt(row[f'train_{name}'])}" for name in LOSS_PARTS if row[f"train_{name}"] != "")
+    # A type without validation questions shows "–" (rows written before the counts existed show the value).
+    per_type = " ".join(f"{qtype} –" if row.get(f"val_count_{qtype}") == 0 else
+                        f"{qtype} {100 * row[f'val_acc_{qtype}']:.1f}" for qtype in QUESTION_TYPES)
+    val_loss = f" | val loss {_fmt(row['val_loss'])}" if row.get("val_loss", "") != "" else ""
+    return (f"epoch {row['epoch']}/{epochs} | {losses}{val_loss} | train acc {100 * row['train_acc']:.2f}% | "
+            f"val acc {100 * row['val_acc']:.2f}% ({per_type}) | lr {row['lr']:.3g} | {row['time_s']:.1f}s"
+            + (" | best" if is_best else ""))

@@ -1,0 +1,138 @@
+"""Where a result came from: the record stored under `provenance` in results.json (train.py),
+eval_<split>.json (validate.py) and the demo's summary.json.
+
+`run_provenance(...)` gathers what a reader needs to trust or redo a number: the code version
+(git commit and whether the working tree had edits, or the package version outside a git
+checkout), the command line, UTC start and end, host, Python / PyTorch / CUDA versions, the
+device, the number of processes, the sha256 of the config as run and of the vocabulary file, and
+the extraction settings the feature files record (vqakd/training/inference_record.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from typing import Any, Mapping, Optional, Sequence
+
+import vqakd
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIT_TIMEOUT_S = 10
+
+
+def utc_now() -> str:
+    """The current time as UTC ISO 8601 to the second, e.g. 2026-11-28T15:02:03Z."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        done = subprocess.run(["git", "-C", REPOSITORY, *args], capture_output=True, text=True,
+                              timeout=GIT_TIMEOUT_S, check=False)
+    except (OSError, subprocess.SubprocessError):      # no git, or it hung
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def code_version() -> dict[str, Any]:
+    """{"git_commit", "git_modified"} in a git checkout of this repository; always "version"."""
+    version: dict[str, Any] = {"version": vqakd.__version__}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        version.update(git_commit=commit, git_modified=None if status is None else bool(status))
+    return version
+
+
+def config_sha256(config: Mapping[str, Any]) -> str:
+    """sha256 of the config as run: its dict as canonical JSON (sorted keys), so the same
+    settings always hash the same whatever file or flags produced them."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: Optional[str]) -> Optional[str]:
+    if not path or not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def software_versions() -> dict[str, Any]:
+    versions: dict[str, Any] = {"python": platform.python_version()}
+    torch = sys.modules.get("torch")            # only when the run has imported it already
+    if torch is not None:
+        versions.update(torch=torch.__version__, cuda=torch.version.cuda,
+                        cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
+    return versions
+
+
+def device_name(device: Any) -> Optional[str]:
+    """`cuda:0 (NVIDIA H200)`, `cpu (x86_64)`, or None when no device is given."""
+    if device is None:
+        return None
+    text = str(device)
+    torch = sys.modules.get("torch")
+    if text.startswith("cuda") and torch is not None and torch.cuda.is_available():
+        try:
+            return f"{text} ({torch.cuda.get_device_name(torch.device(text))})"
+        except (RuntimeError, AssertionError, ValueError):
+            return text
+    if text == "cpu":
+        return f"cpu ({platform.processor() or platform.machine()})"
+    return text
+
+
+def feature_settings(paths: Mapping[str, Optional[str]]) -> dict[str, Any]:
+    """The extraction settings each feature file records (None where it records none or is absent)."""
+    from vqakd.core.errors import UserError
+    from vqakd.training.inference_record import read_extraction_settings
+
+    settings: dict[str, Any] = {}
+    for kind, path in paths.items():
+        try:
+            settings[kind] = read_extraction_settings(path) if path and os.path.isfile(path) else None
+        except UserError as exc:         # provenance never stops a finished run from being written
+            settings[kind] = {"unreadable": str(exc)}
+    return settings
+
+
+def run_provenance(*, started: str, config: Optional[Mapping[str, Any]] = None, vocab_path: Optional[str] = None,
+                   feature_paths: Optional[Mapping[str, Optional[str]]] = None, device: Any = None,
+                   world_size: int = 1, argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """The provenance record of a run that began at `started` (utc_now()) and ends now."""
+    return {
+        "code": code_version(),
+        "command": [os.path.basename(sys.executable)] + list(sys.argv if argv is None else argv),
+        "working_directory": os.getcwd(),
+        "started_utc": started,
+        "ended_utc": utc_now(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "versions": software_versions(),
+        "device": device_name(device),
+        "world_size": int(world_size),
+        "config_sha256": config_sha256(config) if config is not None else None,
+        "vocab_sha256": file_sha256(vocab_path),
+        "vocab_path": vocab_path,
+        "features": feature_settings(feature_paths or {}),
+    }
+
+
+def provenance_for_config(config, *, started: str, device: Any = None, world_size: int = 1) -> dict[str, Any]:
+    """`run_provenance` for a vqakd.core.config.Config: its vocabulary and feature files."""
+    from vqakd.core.config import config_to_dict
+
+    return run_provenance(started=started, config=config_to_dict(config), vocab_path=config.data.vocab,
+                          feature_paths={"appearance": config.data.appearance_feat,
+                                         "motion": config.data.motion_feat},
+                          device=device, world_size=world_size)

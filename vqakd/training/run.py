@@ -1,0 +1,423 @@
+"""A training run of one stage, top to bottom: start (device, data, teacher, model, resume),
+the epoch loop (train, validate, checkpoints, curves), the test figures of best.pt."""
+
+import inspect
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from model import DualVGR
+from model.diagnostics import layer_warning
+from vqakd.core import distributed as dist
+from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_from_checkpoint,
+                              restore_rng_state, save_checkpoint, seed_everything)
+from vqakd.core.config import Config, config_to_dict, dump_config, eval_batch_size, load_config
+from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
+from vqakd.core.distributed import resolve_process_device
+from vqakd.training.engine import configure_backends, evaluate, train_one_epoch
+from vqakd.core.errors import UserError
+from vqakd.core.files import ensure_writable_dir, read_json, write_json
+from vqakd.training.metrics import collapsed_layer_names, epoch_line, format_table, metrics_row, write_metrics_csv
+from vqakd.training.builders import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,
+                          load_teacher)
+from vqakd.training.plots import plot_curves
+from vqakd.training.inference_record import inference_record
+from vqakd.training.provenance import provenance_for_config, utc_now
+from vqakd.training.resume import LR_SCHEDULE_KEYS, apply_lr_schedule, resume_changes
+from vqakd.training.run_folder import RunFolder, RunLog, remove_empty_folders, stage_guard
+
+CURVES_REFRESH_S = 60.0
+
+
+# ----------------------------------------------------------------------------------- several processes
+# DistributedDataParallel with `train.batch_size` as the GLOBAL batch (B/K questions per process, B
+# divisible by K), so K processes follow the one-process recipe: each step's K shares are exactly
+# the one-process batch, gradients are averaged, BatchNorm statistics cover the whole batch
+# (`vqakd.core.distributed.GlobalBatchNorm1d`) and the HSIC term is scaled by K on each share
+# (`vqakd.training.engine.compute_loss`). With dropout off, K processes and one process train the same
+# network up to float rounding; with dropout on, each process draws its own masks (seeded by seed,
+# epoch and rank, so --resume is still exact). Evaluation shards each split without padding and
+# sums correct/total counts. Only global rank 0 writes files and logs.
+
+def per_process_batch(batch_size: int, world_size: int, what: str = "train.batch_size") -> int:
+    """The global batch split over the processes."""
+    if batch_size % world_size:
+        raise UserError(f"{what} ({batch_size}) is the global batch and must be divisible by the number of processes "
+                        f"({world_size}); e.g. --set {what}={batch_size // world_size * world_size or world_size}")
+    return batch_size // world_size
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Under torchrun: each rank's dropout masks for an epoch come from (seed, epoch, rank), so a
+    resumed run draws what an uninterrupted one draws without saving every rank's RNG state."""
+    torch.manual_seed(seed + 1_000_003 * epoch + 7_919 * rank)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    dist.convert_batchnorm(model)
+    # Every parameter gets a gradient in every stage and distillation mode (checked by
+    # tests/test_distributed_train.py), so DDP need not search for unused ones. BatchNorm
+    # buffers are identical on every rank (global statistics): no per-step buffer broadcast.
+    # torch >= 2.14 renames broadcast_buffers (it still syncs once at start, which is harmless here).
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                      else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=False, **no_buffer_sync)
+
+
+# ----------------------------------------------------------------------------------- start-up
+
+# (No `from __future__ import annotations` in this script: a dataclass with string annotations
+# needs its module in sys.modules, which a script loaded by path is not.)
+@dataclass
+class StageStart:
+    """What the epoch loop starts from, every part loaded and checked before the output folder
+    changes."""
+
+    device: torch.device
+    batch_train: int                 # questions per process and step
+    bundle: DataBundle
+    model: DualVGR
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR
+    distill: str                     # feature, logit or none (always none for the teacher)
+    teacher: Optional[DualVGR] = None
+    teacher_file: Optional[str] = None
+    history: list = field(default_factory=list)     # metrics.csv rows so far
+    best: dict = field(default_factory=dict)        # {epoch, val_accuracy} of best.pt
+    start_epoch: int = 1
+    resumed_from: Optional[int] = None              # the epoch of the last.pt resumed from
+    # Every resume of this run: {epoch (first epoch run), after_epoch, changed: {key: [old, new]}}.
+    resumes: list = field(default_factory=list)
+
+
+# The run folder's record of its resumes and the settings each changed (results.json `resumed`).
+RESUMES_FILE = "resumes.json"
+
+
+def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Optional[str], resume: bool,
+                overwrite: bool) -> StageStart:
+    """Every start-up check and load, before anything in the output folder changes (every rank
+    runs it; nothing here writes but the writability probe)."""
+    device = resolve_process_device(config.train.device, what="train.device")
+    if config.train.batch_size < 2:
+        raise UserError(f"train.batch_size is {config.train.batch_size}: BatchNorm needs at least 2 questions per "
+                        "training batch; use 2 or more")
+    batch_train = per_process_batch(config.train.batch_size, dist.get_world_size())
+    ensure_writable_dir(folder.folder, f"{stage} output folder")
+    if os.path.exists(folder.last) and not resume and not overwrite:
+        raise UserError(f"{folder.folder} already holds a {stage} run ({folder.last}); pass --resume to continue it "
+                        "or --overwrite to start again")
+    progress = config.train.progress and dist.is_main()
+    distill = config.loss.distill if stage == "student" else "none"
+    teacher_file = None
+    if distill != "none":
+        teacher_file = teacher_path or RunFolder(config.stage_dir("teacher")).best
+        if not os.path.isfile(teacher_file):
+            raise UserError(f"teacher checkpoint not found: {teacher_file}; train the teacher first "
+                            "(--stage teacher) or pass --teacher <checkpoint>")
+
+    bundle = load_data(config, device=device, progress=progress)
+    if len(bundle.splits["train"]) < 2:
+        raise UserError(f"{bundle.splits['train'].path}: {len(bundle.splits['train'])} training question(s); "
+                        "BatchNorm needs at least 2")
+    # The frozen teacher runs on every rank, on that rank's own share of the batch.
+    teacher = load_teacher(teacher_file, config, bundle, device)[0] if teacher_file else None
+
+    seed_everything(config.train.seed)
+    model = build_model_for_stage(config, stage, bundle, device, progress)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.train.lr_halve_every,
+                                                gamma=config.train.lr_decay)
+    start = StageStart(device=device, batch_train=batch_train, bundle=bundle, model=model, optimizer=optimizer,
+                       scheduler=scheduler, distill=distill, teacher=teacher, teacher_file=teacher_file)
+    if resume and os.path.isfile(folder.last):
+        resume_from(folder.last, start, config, stage)
+    return start
+
+
+def resume_from(path: str, start: StageStart, config: Config, stage: str) -> None:
+    """Restore the weights, optimizer, scheduler, RNGs and history of `path` into `start`.
+    Every rank reads the checkpoint (to the CPU; load_state_dict copies to this rank's device).
+    Settings that differ from the run's saved config are refused or applied and recorded
+    (vqakd/training/resume.py); a changed lr schedule is put into the optimizer and scheduler."""
+    checkpoint = load_checkpoint(path)
+    check_same_model(checkpoint, path, start.model)
+    changed = resume_changes(checkpoint.get("config") or {}, config, stage, path)
+    check_vocab_match(checkpoint, path, start.bundle, "the run being resumed")
+    load_state_strict(start.model, checkpoint["state_dict"], path)
+    try:
+        start.optimizer.load_state_dict(checkpoint["optimizer"])
+        start.scheduler.load_state_dict(checkpoint["scheduler"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: cannot restore the optimizer/scheduler state ({exc})") from None
+    if any(key in changed for key in LR_SCHEDULE_KEYS):
+        apply_lr_schedule(start.optimizer, start.scheduler, config.train)
+    restore_rng_state(checkpoint["rng"])
+    start.history = list(checkpoint.get("history") or [])
+    start.best = dict(checkpoint.get("best") or {})
+    start.start_epoch = int(checkpoint["epoch"]) + 1
+    start.resumed_from = int(checkpoint["epoch"])
+    # Resumes recorded before, less those whose epochs were never checkpointed (redone now).
+    earlier = _read_resumes(os.path.join(os.path.dirname(path), RESUMES_FILE))
+    start.resumes = [entry for entry in earlier if entry["epoch"] < start.start_epoch]
+    start.resumes.append({"epoch": start.start_epoch, "after_epoch": start.resumed_from, "changed": changed})
+
+
+def _read_resumes(path: str) -> list:
+    if not os.path.isfile(path):
+        return []
+    entries = read_json(path)
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("epoch"), int)
+                                                for e in entries):
+        raise UserError(f"{path}: not a list of resumes ({{epoch, after_epoch, changed}}); delete it to continue")
+    return entries
+
+
+def prepare_folder(folder: RunFolder, start: StageStart, config: Config, stage: str, resume: bool,
+                   overwrite: bool, log: RunLog) -> None:
+    """Main process, once every rank has passed every check: discard an overwritten run, clear
+    interrupted writes, save the config."""
+    resumes_path = os.path.join(folder.folder, RESUMES_FILE)
+    if start.resumed_from is not None:
+        log(f"resuming {stage} from {folder.last} after epoch {start.resumed_from}")
+        changed = start.resumes[-1]["changed"]
+        if changed:
+            log(f"settings changed from epoch {start.start_epoch} on: "
+                + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()))
+        write_json(resumes_path, start.resumes)
+    elif resume:
+        log(f"no checkpoint at {folder.last}; starting {stage} from epoch 1")
+    elif overwrite:
+        folder.remove_outputs()
+    if start.resumed_from is None and os.path.exists(resumes_path):
+        os.remove(resumes_path)         # left by a run that is started again
+    dropped = {name: split.dropped for name, split in start.bundle.splits.items() if split.dropped}
+    if dropped:
+        log("data.missing_videos: drop left out " + ", ".join(f"{count} {name}" for name, count in dropped.items())
+            + " question(s) whose video is missing from the feature files (val/test: counted as wrong)")
+    for leftover in folder.stale_temporaries():
+        # A job killed while writing a checkpoint leaves its hidden temp file (the size of a
+        # checkpoint); the final files were never touched, so it is only waste.
+        os.remove(leftover)
+        log(f"removed {leftover}, left by an interrupted write")
+    dump_config(config, folder.config)
+
+
+# ----------------------------------------------------------------------------------- the run
+
+def run_training(config: Config, stage: str, teacher_path: Optional[str] = None, resume: bool = False,
+                 overwrite: bool = False, config_file: Optional[str] = None) -> dict[str, Any]:
+    """Train one stage end to end; returns the results.json content (or {} when stopped early).
+    Under torchrun every process calls this. The stage folder is locked for the whole run, and
+    no stage file may be one of the run's inputs."""
+    teacher = teacher_path or (RunFolder(config.stage_dir("teacher")).best if stage == "student" else None)
+    inputs = {"--cfg": config_file, "--teacher": teacher, **{f"data.{key}": getattr(config.data, key) for key in (
+        "vocab", "train_questions", "val_questions", "test_questions", "appearance_feat", "motion_feat", "glove")}}
+    with dist.session(), stage_guard(RunFolder(config.stage_dir(stage)), stage, inputs):
+        return _run_training(config, stage, teacher_path, resume, overwrite)
+
+
+def _run_training(config: Config, stage: str, teacher_path: Optional[str], resume: bool,
+                  overwrite: bool) -> dict[str, Any]:
+    started = utc_now()
+    config.stage(stage)
+    world, main = dist.get_world_size(), dist.is_main()
+    folder = RunFolder(config.stage_dir(stage))
+    log = RunLog(folder.log)
+    if resume:
+        finished = finished_run(folder, config, stage)
+        if finished is not None:
+            log(finished[0])
+            return finished[1]
+    new_folders = folder.folders_to_create()
+    try:
+        start = dist.agree(lambda: start_stage(config, stage, folder, teacher_path, resume, overwrite))
+    except BaseException:
+        # A run that fails its start-up checks leaves no empty output folders behind.
+        remove_empty_folders(new_folders)
+        raise
+    device, bundle, model = start.device, start.bundle, start.model
+    configure_backends(device, config.train.tf32)
+    if main:
+        prepare_folder(folder, start, config, stage, resume, overwrite, log)
+    dist.barrier()
+
+    processes = (f", DistributedDataParallel: {world} processes x {start.batch_train} questions (global batch "
+                 f"{config.train.batch_size})" if dist.is_initialized() else "")
+    log(f"{stage}: {count_parameters(model):,} parameters (G={model.config.graph_layers}, "
+        f"U={model.config.unit_layers}), device {device}{processes}, features on {bundle.table.device} "
+        f"({bundle.table.mode}, {bundle.table.dtype_name}), {len(bundle.splits['train'])} train / "
+        f"{len(bundle.splits['val'])} val / {len(bundle.splits['test'])} test questions"
+        + (f", distill {start.distill} from {start.teacher_file}" if start.teacher_file else ""))
+    if not train_epochs(config, stage, start, folder, log):
+        return {}
+    dist.barrier()          # best.pt is complete before any rank reads it
+    return evaluate_best(config, stage, start, folder, log, started)
+
+
+def finished_run(folder: RunFolder, config: Config, stage: str) -> Optional[tuple[str, dict[str, Any]]]:
+    """(message, results.json) when --resume finds the run complete: every epoch of
+    train.epochs trained and the test figures written. Nothing is trained or rewritten then."""
+    if not (os.path.isfile(folder.last) and os.path.isfile(folder.results)):
+        return None
+    epoch = load_checkpoint(folder.last).get("epoch")
+    if not isinstance(epoch, int) or epoch < config.train.epochs:
+        return None
+    try:
+        results = read_json(folder.results)
+    except UserError:
+        return None         # an unreadable results.json: resuming rewrites it
+    return (f"{stage} run in {folder.folder} is finished: all {epoch} epochs done and "
+            f"{folder.results} written; to train longer, add --set train.epochs=N with N > {epoch}"), results
+
+
+def _loader(config: Config, bundle: DataBundle, split: str, batch_size: int, shuffle: bool, device: torch.device):
+    return make_loader(bundle.splits[split], bundle.table, batch_size, shuffle, config.train.seed,
+                       config.train.num_workers, device.type == "cuda", dist.get_rank(), dist.get_world_size(),
+                       reuse_buffers=True)
+
+
+def _eval_batch(config: Config) -> int:
+    """Questions per process in an evaluation batch (the last process may get fewer)."""
+    return -(-eval_batch_size(config) // dist.get_world_size())
+
+
+def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolder, log: RunLog) -> bool:
+    """The epoch loop: train, validate, step the scheduler, write checkpoints, metrics.csv and the
+    curves. False when stopped early by train.stop_after_epoch."""
+    world, main = dist.get_world_size(), dist.is_main()
+    device, model, optimizer, scheduler = start.device, start.model, start.optimizer, start.scheduler
+    progress = config.train.progress and main
+    trained = wrap_ddp(model, device) if dist.is_initialized() else model
+    train_loader = _loader(config, start.bundle, "train", start.batch_train, True, device)
+    val_loader = _loader(config, start.bundle, "val", _eval_batch(config), False, device)
+    vocab_info = start.bundle.vocab.info()
+    # What predict.py needs to answer about a new video as this run's data was made.
+    inference = inference_record(config.data.appearance_feat, config.data.motion_feat, start.bundle.vocab)
+    config_dict = config_to_dict(config)
+    history, best, epochs = start.history, start.best, config.train.epochs
+    last_plot = time.monotonic()
+    warned = {name for earlier in history for name in collapsed_layer_names(earlier)}   # collapse warnings given
+    for epoch in range(start.start_epoch, epochs + 1):
+        train_loader.sampler.set_epoch(epoch)
+        if world > 1:
+            seed_epoch(config.train.seed, epoch, dist.get_rank())
+        lr = optimizer.param_groups[0]["lr"]
+        epoch_started = time.perf_counter()
+        train_stats = train_one_epoch(trained, train_loader, optimizer, device, epoch, stage=stage,
+                                      loss_cfg=config.loss, teacher=start.teacher, grad_clip=config.train.grad_clip,
+                                      amp=config.train.amp, log_every=config.train.log_every, progress=progress,
+                                      batch_shards=world)
+        # The same forward passes give the validation losses and the graph layers' node spread.
+        val_summary, _ = evaluate(model, val_loader, device, amp=config.train.amp, progress=progress,
+                                  desc=f"val epoch {epoch}", loss_cfg=config.loss, stage=stage,
+                                  teacher=start.teacher, reference_batch=config.train.batch_size, node_spread=True)
+        # Questions dropped for missing videos count as wrong (same denominator every epoch).
+        val_summary = with_dropped(val_summary, start.bundle.splits["val"])
+        scheduler.step()
+        row = metrics_row(epoch, lr, train_stats, val_summary, time.perf_counter() - epoch_started)
+        history.append(row)
+        # val_summary is the whole split's (summed over ranks): every rank takes the same decision.
+        is_best = not best or val_summary["accuracy"] > best["val_accuracy"]
+        if is_best:
+            best = {"epoch": epoch, "val_accuracy": val_summary["accuracy"]}
+        if main:
+            checkpoint = build_checkpoint(model=model, stage=stage, epoch=epoch, optimizer=optimizer,
+                                          scheduler=scheduler, metrics=row, history=history, best=best,
+                                          vocab=vocab_info, config=config_dict, inference=inference)
+            # best first: if the job dies between the two writes, last.pt still points to the
+            # previous epoch and resuming redoes this one, rewriting both.
+            if is_best:
+                save_checkpoint(folder.best, checkpoint)
+            save_checkpoint(folder.last, checkpoint)
+            write_metrics_csv(folder.metrics, history)
+            stopping = epoch == epochs or config.train.stop_after_epoch == epoch
+            # Drawing takes a second or two: refresh the PNG at most once a minute, and at the end.
+            if stopping or time.monotonic() - last_plot >= CURVES_REFRESH_S:
+                plot_curves(history, folder.curves, stage)
+                last_plot = time.monotonic()
+        log(epoch_line(row, epochs, is_best))
+        for name in collapsed_layer_names(row):
+            if name not in warned:          # once per layer and run
+                warned.add(name)
+                log(layer_warning(name))
+        if config.train.stop_after_epoch == epoch and epoch < epochs:
+            log(f"stopped after epoch {epoch} (train.stop_after_epoch); continue with --resume")
+            dist.barrier()
+            return False
+    return True
+
+
+def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFolder, log: RunLog,
+                  started: Optional[str] = None) -> dict[str, Any]:
+    """Evaluate best.pt on the test split and write results.json."""
+    device = start.device
+
+    def load_best():
+        if not os.path.isfile(folder.best):
+            raise UserError(f"{folder.best} does not exist; nothing to evaluate (was the run trained?)")
+        best_checkpoint = load_checkpoint(folder.best)
+        return best_checkpoint, model_from_checkpoint(best_checkpoint, folder.best, device)
+
+    best_checkpoint, best_model = dist.agree(load_best, "loading best.pt")
+    test_loader = _loader(config, start.bundle, "test", _eval_batch(config), False, device)
+    progress = config.train.progress and dist.is_main()
+    test_summary, _ = evaluate(best_model, test_loader, device, amp=config.train.amp, progress=progress,
+                               desc="test")
+    # Questions left out for missing videos (data.missing_videos: drop) count as wrong.
+    test_summary = with_dropped(test_summary, start.bundle.splits["test"])
+    results = {
+        "stage": stage,
+        "split": "test",
+        "accuracy": test_summary["accuracy"],
+        "correct": test_summary["correct"],
+        "count": test_summary["count"],
+        "accuracy_answered": test_summary["accuracy_answered"],
+        "count_answered": test_summary["count_answered"],
+        "dropped_questions": {name: split.dropped for name, split in start.bundle.splits.items()},
+        "per_type": test_summary["per_type"],
+        "epoch": int(best_checkpoint["epoch"]),
+        "val_accuracy": best_checkpoint.get("best", {}).get("val_accuracy"),
+        "params": count_parameters(best_model),
+        "checkpoint": folder.best,
+        "distill": start.distill if stage == "student" else None,
+        "teacher": start.teacher_file,
+        "model_config": best_checkpoint["model_config"],
+        "config": config_to_dict(config),
+        # Settings changed on --resume, from which epoch (config above: the values at the end).
+        "resumed": start.resumes,
+        "world_size": dist.get_world_size(),
+    }
+    if dist.is_main():
+        results["provenance"] = provenance_for_config(config, started=started or utc_now(), device=device,
+                                                      world_size=dist.get_world_size())
+        write_json(folder.results, results)
+    log(format_table(test_summary, f"{stage} test accuracy (best epoch {results['epoch']} by val accuracy):"))
+    log(f"wrote {folder.results}, {folder.metrics}, {folder.curves}")
+    dist.barrier()
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
+
+
+def train_stage(cfg: str, stage: str, overrides: list[str] = (), *, teacher: Optional[str] = None,
+                distill: Optional[str] = None, device: Optional[str] = None, resume: bool = False,
+                overwrite: bool = False, original_flags: Optional[dict[str, Any]] = None) -> None:
+    """What `python train.py` does with its flags: the config (YAML + `--set` + the original
+    code's flags), then `run_training`."""
+    overrides = list(overrides)
+    if distill is not None:
+        overrides.insert(0, f"loss.distill={distill}")
+    if device is not None:
+        overrides.insert(0, f"train.device={device}")
+    config = load_config(cfg, overrides, original_flags or {})
+    run_training(config, stage, teacher_path=teacher, resume=resume, overwrite=overwrite, config_file=cfg)

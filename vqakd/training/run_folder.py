@@ -1,0 +1,122 @@
+"""The folder of one training stage, `<output_dir>/<stage>/`, and its log.
+
+    last.pt, best.pt     checkpoints (vqakd.training.checkpoint)
+    metrics.csv          one row per epoch (vqakd.training.metrics.metrics_row)
+    results.json         test figures of best.pt
+    curves.png           loss and accuracy curves (vqakd.training.plots)
+    config.yml           the run's whole config
+    train.log            every line the run printed, each prefixed with its UTC time
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Mapping, Optional
+
+from vqakd.core import distributed as dist
+from vqakd.core.locks import FolderLock
+from vqakd.core.files import check_output_paths
+from vqakd.training.provenance import utc_now
+
+STAGE_FILES = {"last": "last.pt", "best": "best.pt", "metrics": "metrics.csv", "results": "results.json",
+               "curves": "curves.png", "config": "config.yml", "log": "train.log"}
+
+
+class RunFolder:
+    """The paths of one stage's outputs, and the housekeeping around them."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.last = os.path.join(folder, STAGE_FILES["last"])
+        self.best = os.path.join(folder, STAGE_FILES["best"])
+        self.metrics = os.path.join(folder, STAGE_FILES["metrics"])
+        self.results = os.path.join(folder, STAGE_FILES["results"])
+        self.curves = os.path.join(folder, STAGE_FILES["curves"])
+        self.config = os.path.join(folder, STAGE_FILES["config"])
+        self.log = os.path.join(folder, STAGE_FILES["log"])
+
+    def outputs(self) -> list[str]:
+        """Every output path, in STAGE_FILES order."""
+        return [os.path.join(self.folder, name) for name in STAGE_FILES.values()]
+
+    def remove_outputs(self) -> None:
+        """Discard a previous run of this stage (--overwrite)."""
+        for path in self.outputs():
+            if os.path.exists(path):
+                os.remove(path)
+
+    def stale_temporaries(self) -> list[str]:
+        """Temp files of `vqakd.core.files.atomic_path` for this stage's outputs (`.<name>.<random>.tmp`)."""
+        names = tuple(f".{name}." for name in STAGE_FILES.values())
+        try:
+            entries = os.listdir(self.folder)
+        except FileNotFoundError:
+            return []
+        return sorted(os.path.join(self.folder, entry) for entry in entries
+                      if entry.startswith(names) and entry.endswith(".tmp"))
+
+    def folders_to_create(self) -> list[str]:
+        """The folders `os.makedirs(self.folder)` would create, deepest first."""
+        missing = []
+        path = os.path.abspath(self.folder)
+        while not os.path.exists(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        return missing
+
+
+@contextlib.contextmanager
+def stage_guard(folder: RunFolder, stage: str, inputs: Mapping[str, Optional[str]]) -> Iterator[None]:
+    """For the whole run of one stage: refuse stage files that are one of the run's `inputs`
+    (config, teacher checkpoint, vocabulary, question and feature files), then hold the lock on
+    the stage folder so that a second run into it is refused. Under torchrun only the main
+    process locks; a refusal there stops every rank. A folder the guard created is removed
+    again if the run leaves it empty (failed start-up checks)."""
+    # last.pt is read when resuming and is meant to be rewritten: it is not an output here.
+    outputs = {f"{stage} {name}": path for name, path in zip(STAGE_FILES.values(), folder.outputs())
+               if path != folder.last}
+    new_folders = folder.folders_to_create()
+    lock = FolderLock(folder.folder, f"{stage} output folder")
+
+    def take() -> None:
+        check_output_paths(inputs, outputs)
+        if dist.is_main():
+            lock.acquire()
+    try:
+        dist.agree(take, "the check of the output folder")
+        yield
+    finally:
+        lock.release()
+        remove_empty_folders(new_folders)
+
+
+def remove_empty_folders(folders: list[str]) -> None:
+    """Remove `folders` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
+
+
+def timestamped(message: str, stamp: str) -> str:
+    """Every line of `message` prefixed with `stamp` (a table stays one block at one time)."""
+    return "".join(f"{stamp} {line}\n" for line in message.split("\n"))
+
+
+class RunLog:
+    """Lines to stdout and appended to a log file (main process only); in the file each line starts
+    with its UTC time (`2026-11-28T15:02:03Z epoch 3/25 | ...`), so a log read later says when
+    each epoch ended and how long a resumed run paused."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+
+    def __call__(self, message: str) -> None:
+        if not dist.is_main():
+            return
+        print(message, flush=True)
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(timestamped(message, utc_now()))
