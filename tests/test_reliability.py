@@ -631,7 +631,7 @@ def toolkit_sources():
 
 def test_every_torch_load_is_weights_only_and_no_plain_unpickling():
     unsafe, loads, sources = [], [], list(toolkit_sources())
-    assert any(path.endswith(os.path.join("vqakd", "checkpoint.py")) for path in sources)
+    assert any(path.endswith(os.path.join("vqakd", "training", "checkpoint.py")) for path in sources)
     for path in sources:
         tree = ast.parse(open(path, encoding="utf-8").read(), filename=path)
         for call in _calls(tree, "torch", "load"):
@@ -643,11 +643,11 @@ def test_every_torch_load_is_weights_only_and_no_plain_unpickling():
         # bench/ reads back only files it has just written itself (data_path.py re-creates the
         # original per-sample loader, pickle.load included); everything else reads user files.
         relative = os.path.relpath(path, ROOT)
-        if relative != os.path.join("vqakd", "safe_pickle.py") and not relative.startswith("bench" + os.sep):
+        if relative != os.path.join("vqakd", "core", "safe_pickle.py") and not relative.startswith("bench" + os.sep):
             for function in ("load", "loads", "Unpickler"):
                 for call in _calls(tree, "pickle", function):
                     unsafe.append(f"{os.path.relpath(path, ROOT)}:{call.lineno}: pickle.{function} "
                                   "(use vqakd.core.safe_pickle)")
     assert not unsafe, unsafe
     # the scan sees the real loaders: checkpoints (ours and original ones), ResNeXt weights
-    assert {os.path.join("vqakd", "checkpoint.py"), os.path.join("vqakd", "extraction", "weights.py")} <= set(loads), loads
+    assert {os.path.join("vqakd", "training", "checkpoint.py"), os.path.join("vqakd", "extraction", "weights.py")} <= set(loads), loads

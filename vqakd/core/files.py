@@ -19,6 +19,8 @@ from vqakd.core.errors import UserError
 import string
 from typing import Iterable, Mapping, Sequence, Tuple, Union
 
+# The toolkit's checkout: configs/, docs/ and the entry scripts are found from here.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # What `atomic_path` names its temporary files: `.<final name>.<mkstemp's random part>.tmp`.
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

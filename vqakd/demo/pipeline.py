@@ -46,10 +46,9 @@ from vqakd.demo import data as demo_data, table as demo_table
 from vqakd.demo.steps import Runner, Step, StateFile, display_path
 from vqakd.demo.table import ARMS
 from vqakd.core.errors import UserError, run_cli
-from vqakd.core.files import ensure_writable_dir, read_json, write_json
+from vqakd.core.files import REPO_ROOT, ensure_writable_dir, read_json, write_json
 from vqakd.training.provenance import provenance_for_config, utc_now
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yml")
 # The demo data is written in the MSVD-QA layout, so every script runs with --dataset msvd-qa
 # and names its outputs msvd-qa_* (configs/demo.yml points at those names).
@@ -442,7 +441,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"asked the distilled student ({summary['prediction']['command']}):")
     print(format_prediction(summary))
     return 0
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -13,11 +13,10 @@ import os
 from typing import Optional
 
 from vqakd.core.errors import UserError, run_cli
-from vqakd.core.files import atomic_open, read_json, write_json
+from vqakd.core.files import REPO_ROOT, atomic_open, read_json, write_json
 from vqakd.data.questions import QUESTION_TYPES
 
 ARMS = ("teacher", "student-none", "student-feature")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED_SUMMARY = os.path.join(REPO_ROOT, "docs", "demo_summary.json")
 # README.md holds the table, indented 4 spaces, between these two lines.
 README_BEGIN = "<!-- demo table: generated from docs/demo_summary.json by python -m vqakd.demo.table -->"

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from vqakd.core.errors import UserError
-from vqakd.core.files import file_sha256
+from vqakd.core.files import REPO_ROOT, file_sha256
 
-TOOLKIT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOLKIT_ROOT = REPO_ROOT
 
 
 class WeightsIdentity(NamedTuple):

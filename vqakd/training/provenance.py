@@ -21,8 +21,9 @@ import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import vqakd
+from vqakd.core.files import REPO_ROOT
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPOSITORY = REPO_ROOT
 GIT_TIMEOUT_S = 10
 
 
