@@ -142,3 +142,28 @@ def test_run_cli_prints_one_line_and_exits_2(tmp_path):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: data/x.h5: record 3: bad shape"
+
+
+def test_msvd_video_in_another_container_is_found(tmp_path):
+    # Re-downloaded MSVD clips come as .mp4/.webm; the release names them .avi.
+    (tmp_path / "train_qa.json").write_text(json.dumps([
+        {"question": "what is a man doing?", "answer": "cook", "video_id": 1, "id": 0},
+        {"question": "who plays?", "answer": "man", "video_id": 2, "id": 1},
+        {"question": "who sings?", "answer": "girl", "video_id": 3, "id": 2}]))
+    (tmp_path / "youtube_mapping.txt").write_text("clipA_1_5 vid1\nclipB_2_9 vid2\nclipC_3_4 vid3\n")
+    clips = tmp_path / "YouTubeClips"
+    clips.mkdir()
+    (clips / "clipA_1_5.mp4").write_bytes(b"x")
+    (clips / "clipB_2_9.avi").write_bytes(b"x")
+    (clips / "clipB_2_9.mp4").write_bytes(b"x")           # the release's .avi wins
+    (clips / "clipC_3_4.video").write_bytes(b"x")         # not a container FFmpeg is asked to read
+    paths = [os.path.basename(v.path) for v in list_videos("msvd-qa", str(tmp_path), str(tmp_path))]
+    assert paths == ["clipA_1_5.mp4", "clipB_2_9.avi", "clipC_3_4.avi"]
+
+
+def test_missing_video_names_the_file_beside_it(tmp_path):
+    from vqakd.extraction.video import VideoError, read_clip_frames
+
+    (tmp_path / "clipC_3_4.video").write_bytes(b"x")
+    with pytest.raises(VideoError, match=r"file not found \(clipC_3_4.video beside it has the same name"):
+        read_clip_frames(str(tmp_path / "clipC_3_4.avi"), 2, 4, (32, 32))

@@ -16,6 +16,10 @@ from vqakd.core.files import read_json
 DATASETS = ("msvd-qa", "msrvtt-qa")
 SPLITS = ("train", "val", "test")
 REQUIRED_FIELDS = ("question", "answer", "video_id")
+# Containers FFmpeg reads, in the order a video is looked for when `<name>.<release extension>`
+# is absent: MSVD clips re-downloaded from YouTube arrive as .mp4 or .webm, not the release's .avi.
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv")
+RELEASE_EXTENSION = {"msvd-qa": ".avi", "msrvtt-qa": ".mp4"}
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,36 @@ def _subfolder(video_dir: str, name: str) -> str:
     return candidate if os.path.isdir(candidate) else video_dir
 
 
+class _VideoFolder:
+    """The files of one video folder, listed once (10,000 stat calls on a network file system take
+    minutes): `<name>.<release extension>` if present, else the same name in another container
+    FFmpeg reads."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        try:
+            self.names = set(os.listdir(folder))
+        except OSError:
+            self.names = set()
+
+    def path(self, name: str, release_ext: str) -> str:
+        for ext in (release_ext, *VIDEO_EXTENSIONS):
+            for candidate in (f"{name}{ext}", f"{name}{ext.upper()}"):
+                if candidate in self.names:
+                    return os.path.join(self.folder, candidate)
+        return os.path.join(self.folder, f"{name}{release_ext}")
+
+
+def other_containers(path: str) -> list[str]:
+    """Files beside a missing video with its name and another extension (for the error message)."""
+    folder, base = os.path.split(path)
+    stem = os.path.splitext(base)[0]
+    try:
+        return sorted(entry for entry in os.listdir(folder or ".") if os.path.splitext(entry)[0] == stem and entry != base)
+    except OSError:
+        return []
+
+
 def video_name(dataset: str, video_id: int, mapping: dict[int, str] | None = None) -> str:
     if dataset == "msvd-qa":
         if mapping is None or video_id not in mapping:
@@ -129,6 +163,8 @@ def list_videos(dataset: str, annotation_dir: str, video_dir: str,
     MSVD-QA: `video_dir/YouTubeClips/<clip>.avi` (or `video_dir/<clip>.avi`).
     MSRVTT-QA: `video_dir/TrainValVideo/video<id>.mp4` for train/val and
     `video_dir/TestVideo/video<id>.mp4` for test (or `video_dir/video<id>.mp4`).
+    Where that file is absent, the same name in another container FFmpeg reads (VIDEO_EXTENSIONS:
+    `<clip>.mp4`, `<clip>.webm`, ...) is the video.
     """
     check_dataset(dataset)
     present = [split for split in splits if os.path.isfile(qa_path(annotation_dir, split))]
@@ -137,6 +173,13 @@ def list_videos(dataset: str, annotation_dir: str, video_dir: str,
                         f"found in {annotation_dir}")
     mapping = load_msvd_mapping(annotation_dir) if dataset == "msvd-qa" else None
     videos: dict[int, Video] = {}
+    folders: dict[str, _VideoFolder] = {}
+
+    def find(folder: str, name: str) -> str:
+        if folder not in folders:
+            folders[folder] = _VideoFolder(folder)
+        return folders[folder].path(name, RELEASE_EXTENSION[dataset])
+
     for split in present:
         for record in load_qa(annotation_dir, split, dataset):
             vid = int(record["video_id"])
@@ -144,9 +187,8 @@ def list_videos(dataset: str, annotation_dir: str, video_dir: str,
                 continue
             name = video_name(dataset, vid, mapping)
             if dataset == "msvd-qa":
-                path = os.path.join(_subfolder(video_dir, "YouTubeClips"), f"{name}.avi")
+                folder = "YouTubeClips"
             else:
                 folder = "TestVideo" if split == "test" else "TrainValVideo"
-                path = os.path.join(_subfolder(video_dir, folder), f"{name}.mp4")
-            videos[vid] = Video(vid, name, path)
+            videos[vid] = Video(vid, name, find(_subfolder(video_dir, folder), name))
     return [videos[vid] for vid in sorted(videos)]

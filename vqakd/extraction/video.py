@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from vqakd.core.errors import UserError
+from vqakd.data.annotations import VIDEO_EXTENSIONS, other_containers
 
 try:
     import av
@@ -153,7 +154,10 @@ def _open(path: str) -> av.container.InputContainer:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise VideoError("file not found") from None
+        others = other_containers(path)
+        hint = (f" ({', '.join(others)} beside it has the same name: give it an extension FFmpeg reads, "
+                f"one of {', '.join(VIDEO_EXTENSIONS)})" if others else "")
+        raise VideoError(f"file not found{hint}") from None
     except PermissionError:
         raise VideoError("cannot open: Permission denied (a folder on its path is not readable)") from None
     except OSError as exc:
