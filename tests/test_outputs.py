@@ -129,11 +129,15 @@ def test_progress_bar_written_to_a_file_is_throttled(monkeypatch):
 def test_predictions_csv_has_type_probability_and_top5(run):
     with open(run["root"] / "eval_preds.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0])[:6] == ["question_id", "video_id", "question", "predicted_answer", "answer", "correct"]
-    assert list(rows[0])[6:] == ["question_type", "probability", "top5"]
+    assert list(rows[0]) == ["question_id", "video_id", "question", "predicted_answer", "answer", "true_answer",
+                             "answer_in_vocab", "correct", "question_type", "probability", "top5"]
     evaluation = json.loads((run["root"] / "eval.json").read_text())
     assert len(rows) == evaluation["count"] and sum(int(r["correct"]) for r in rows) == evaluation["correct"]
     for row in rows:
+        # The truth as annotated, also where the vocabulary has no entry for it (<UNK1>).
+        assert row["true_answer"] and row["answer_in_vocab"] == str(int(not row["answer"].startswith("<UNK")))
+        if row["answer_in_vocab"] == "1":
+            assert row["true_answer"] == row["answer"]
         top = [entry.rsplit(":", 1) for entry in row["top5"].split("|")]
         probs = [float(p) for _, p in top]
         assert len(top) == 5 and top[0][0] == row["predicted_answer"]
@@ -142,6 +146,8 @@ def test_predictions_csv_has_type_probability_and_top5(run):
         assert row["question_type"] == (row["question"].split()[0].lower() if row["question"].split()[0].lower()
                                         in QUESTION_TYPES else "other")
     assert {row["question_type"] for row in rows} >= {"what", "where", "other"}
+    outside = [row for row in rows if row["answer_in_vocab"] == "0"]
+    assert outside and {row["true_answer"] for row in outside} == {"purple"}   # not <UNK1>
 
 
 def test_per_answer_figures_with_scikit_learn(run):

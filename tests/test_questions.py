@@ -144,7 +144,7 @@ def test_msvd_end_to_end(msvd, capsys):
     with open(out / "msvd-qa_train_questions.pt", "rb") as handle:
         raw = pickle.load(handle)
     assert list(raw) == ["questions", "questions_len", "question_id", "video_ids", "video_names", "answers",
-                         "glove", "record_id", "clip_names", "question_text", "vocab_sha256"]
+                         "glove", "record_id", "clip_names", "question_text", "answer_text", "vocab_sha256"]
     assert raw["questions"].dtype == np.int32 and raw["questions_len"].dtype == np.int32
     assert raw["questions"].shape == (7, 6)                                  # padded to the longest (6 tokens)
     for row, tokens in zip(raw["questions"], TRAIN_TOKENS):
@@ -159,6 +159,7 @@ def test_msvd_end_to_end(msvd, capsys):
     assert raw["clip_names"] == ["clipB_2_9", "clipA_1_5", "clipB_2_9", "clipA_1_5", "clipC_0_4", "clipC_0_4",
                                  "clipB_2_9"]
     assert raw["question_text"] == [r["question"] for r in MSVD_TRAIN]
+    assert raw["answer_text"] == [r["answer"] for r in MSVD_TRAIN]
     glove_rows = raw["glove"]
     assert glove_rows.dtype == np.float32 and glove_rows.shape == (len(QUESTION_VOCAB), DIM)
     for token, index in q_index.items():

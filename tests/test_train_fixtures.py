@@ -64,6 +64,7 @@ def _split_file(records, qvocab, avocab, glove, with_text: bool):
     }
     if with_text:
         obj["question_text"] = [r["text"] for r in records]
+        obj["answer_text"] = [r["answer"] for r in records]
     return obj
 
 

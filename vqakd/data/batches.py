@@ -53,6 +53,7 @@ class QuestionSplit:
     video_ids: np.ndarray
     video_names: list[str]
     question_text: Optional[list[str]]
+    answer_text: Optional[list[str]]          # the annotation's answers (question files made before lack them)
     glove: Optional[np.ndarray]
     record_id: Optional[list] = None          # the annotation records' ids (our files only)
     clip_names: Optional[list[str]] = None    # the video files' names (our files only)
@@ -120,7 +121,7 @@ def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable,
     dropped_qtypes = qtypes[torch.from_numpy(~keep)] if missing else None
     kept = {key: _keep(data[key], keep) if missing else data[key]
             for key in ("questions", "questions_len", "answers", "question_id", "video_ids", "video_names",
-                        "question_text", "record_id", "clip_names")}
+                        "question_text", "answer_text", "record_id", "clip_names")}
     app_rows, mot_rows = table.rows(kept["video_ids"])
     return QuestionSplit(
         name=name, path=path, questions=torch.from_numpy(np.ascontiguousarray(kept["questions"])).long(),
@@ -129,7 +130,7 @@ def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable,
         qtypes=qtypes[torch.from_numpy(keep)],
         app_rows=torch.from_numpy(app_rows), mot_rows=torch.from_numpy(mot_rows),
         question_id=kept["question_id"], video_ids=kept["video_ids"], video_names=kept["video_names"],
-        question_text=kept["question_text"], glove=data["glove"],
+        question_text=kept["question_text"], answer_text=kept["answer_text"], glove=data["glove"],
         record_id=kept["record_id"], clip_names=kept["clip_names"], dropped_qtypes=dropped_qtypes,
     )
 

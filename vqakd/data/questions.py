@@ -10,7 +10,7 @@ The rules (docs/method.md#question-preprocessing), as the HCRN / DualVGR preproc
 The file holds the original's seven keys with the original's values and types (`question_id` is
 the running index within the split; `video_ids` and `video_names` are the same integer arrays),
 then keys of ours: `record_id` (each record's `id`), `clip_names` (the video's clip name),
-`question_text` and `vocab_sha256` (docs/method.md#question-files).
+`question_text`, `answer_text` and `vocab_sha256` (docs/method.md#question-files).
 
 `load_question_file` is the checked reader the training data loader uses.
 """
@@ -36,7 +36,7 @@ from vqakd.data.vocab import DEFAULT_ANSWER_TOP, NULL_INDEX, NULL_TOKEN, UNK_IND
 VOCAB_SHA256_KEY = "vocab_sha256"
 # The original's keys, in its order; ours follow them (EXTRA_KEYS, then VOCAB_SHA256_KEY).
 QUESTION_FILE_KEYS = ("questions", "questions_len", "question_id", "video_ids", "video_names", "answers", "glove")
-EXTRA_KEYS = ("record_id", "clip_names", "question_text")
+EXTRA_KEYS = ("record_id", "clip_names", "question_text", "answer_text")
 
 
 # ---------------------------------------------------------------- file names (docs/method.md#file-formats)
@@ -175,6 +175,9 @@ def encode_split(split_records: SplitRecords, vocab: Vocabulary, split: str,
         "record_id": [record.get("id", index) for index, record in enumerate(records)],
         "clip_names": list(clip_names),
         "question_text": [record["question"] for record in records],
+        # The annotation's answer as written: a label of 0/1 (outside the answer vocabulary)
+        # would otherwise lose the truth on the way to the predictions file and the report.
+        "answer_text": [record["answer"] for record in records],
     }
 
 
@@ -341,6 +344,7 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
         glove = glove.astype(np.float32, copy=False)
 
     text = data.get("question_text")
+    answer_text = data.get("answer_text")
     record_id = data.get("record_id")
     clip_names = data.get("clip_names")
     return {
@@ -354,6 +358,7 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
         "record_id": None if record_id is None else list(record_id),
         "clip_names": None if clip_names is None else [str(name) for name in clip_names],
         "question_text": None if text is None else [str(q) for q in text],
+        "answer_text": None if answer_text is None else [str(a) for a in answer_text],
         VOCAB_SHA256_KEY: data.get(VOCAB_SHA256_KEY),
     }
 

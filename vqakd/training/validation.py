@@ -25,8 +25,11 @@ from vqakd.training.builders import check_vocab_match, count_parameters
 from vqakd.core.files import check_output_paths
 from vqakd.training.provenance import provenance_for_config, utc_now
 
-PREDICTION_COLUMNS = ("question_id", "video_id", "question", "predicted_answer", "answer", "correct",
-                      "question_type", "probability", "top5")
+# `answer`: the true answer's vocabulary entry (<UNK1> outside the answer vocabulary);
+# `true_answer`: the annotation's answer as written (empty for question files made before it was kept);
+# `answer_in_vocab`: 1 where the model could name the true answer at all.
+PREDICTION_COLUMNS = ("question_id", "video_id", "question", "predicted_answer", "answer", "true_answer",
+                      "answer_in_vocab", "correct", "question_type", "probability", "top5")
 TOP_K = 5
 # Per-answer figures cover this many of the split's most frequent true answers; the confusion
 # matrix the CONFUSION_ANSWERS most frequent (a readable square).
@@ -165,8 +168,10 @@ def write_predictions(path: str, bundle: DataBundle, split: str, found: Mapping[
         label = int(data.answers[index])
         top = "|".join(f"{answers[int(answer)]}:{prob:.4f}"
                        for answer, prob in zip(found["top_answers"][at], found["top_probs"][at]))
+        in_vocab = label >= FIRST_ANSWER_LABEL
+        truth = data.answer_text[index] if data.answer_text is not None else (answers[label] if in_vocab else "")
         writer.writerow([data.display_id(index), int(data.video_ids[index]), data.text(index, bundle.vocab),
-                         answers[predicted], answers[label], int(predicted == label and label >= FIRST_ANSWER_LABEL),
+                         answers[predicted], answers[label], truth, int(in_vocab), int(predicted == label and in_vocab),
                          TYPE_NAMES[int(data.qtypes[index])], f"{float(found['top_probs'][at][0]):.4f}", top])
     with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
         handle.write(buffer.getvalue())
