@@ -82,6 +82,19 @@ def main(argv=None) -> int:
         parser.error("--video and --question go together")
     if args.out and not args.questions:
         parser.error("--out goes with --questions")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+        raise UserError(f"--cache-dir {args.cache_dir} is a file; name a folder for the cached features")
+    if args.out:
+        # Before any work: the answers never replace an input (the questions, the checkpoint...).
+        from vqakd.core.files import check_output_paths
+
+        if os.path.isdir(args.out):
+            raise UserError(f"--out {args.out} is a folder; name the answers file (.csv or .jsonl)")
+        check_output_paths({"--questions": args.questions, "--checkpoint": args.checkpoint, "--vocab": args.vocab,
+                            "--appearance-weights": args.appearance_weights,
+                            "--motion-weights": args.motion_weights}, {"--out": args.out})
 
     from vqakd.core.distributed import resolve_device
     from vqakd.predict import Answerer, ExtractionFlags, format_answer

@@ -260,3 +260,52 @@ def test_help_is_fast_and_imports_no_torch():
     assert result.returncode == 0 and "--checkpoint" in result.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
     assert "torch" not in imported and time.perf_counter() - started < 20
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_outputs_never_replace_inputs(pipeline, tmp_path):
+    ckpt = str(pipeline["checkpoint"])
+    questions = tmp_path / "q.csv"
+    questions.write_text(f"video,question\n{_one_video(pipeline)},what colour is the square?\n")
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    before = {path: _sha256(path) for path in (questions, ckpt)}
+    for out in (questions, ckpt):
+        code, err = predict_main(["--checkpoint", ckpt, "--questions", str(questions), "--out", str(out)] + cache)
+        assert code == 2 and "would overwrite" in err and err.count("\n") == 1, err
+    assert {path: _sha256(path) for path in before} == before
+    code, err = predict_main(["--checkpoint", ckpt, "--questions", str(questions), "--out", str(tmp_path)] + cache)
+    assert code == 2 and "is a folder" in err and err.count("\n") == 1, err
+    code, err = predict_main(["--checkpoint", ckpt, "--questions", str(questions), "--cache-dir", str(questions)])
+    assert code == 2 and "--cache-dir" in err and "is a file" in err and err.count("\n") == 1, err
+    code, err = predict_main(["--checkpoint", ckpt, "--questions", str(questions), "--batch-size", "0"])
+    assert code == 2 and "--batch-size 0" in err
+
+
+def test_questions_file_without_id_to_stdout(pipeline, tmp_path, capsys):
+    # The documented video,question format, answers on stdout: each row named by its line.
+    questions = tmp_path / "noid.csv"
+    questions.write_text(f"video,question\n{_one_video(pipeline)},what colour is the square?\n")
+    code, err = predict_main(["--checkpoint", str(pipeline["checkpoint"]), "--questions", str(questions),
+                              "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    assert code == 0, err
+    assert capsys.readouterr().out.startswith("line 2\t")
+
+
+def test_question_rows_bom_quotes_and_physical_lines(tmp_path):
+    from vqakd.core.errors import UserError
+    from vqakd.predict_batch import read_question_rows
+
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffvideo,question,id\r\na.avi,\"what is it,\r\nthe small one?\",7\r\n\r\nb.avi,who?,8\r\n"
+                     .encode("utf-8"))
+    rows = read_question_rows(str(path))
+    assert [(r["id"], r["where"], r["question"]) for r in rows] == [
+        ("7", "line 2", "what is it,\r\nthe small one?"), ("8", "line 5", "who?")]
+    path.write_text("video,question\na.avi,what?\n\nb.avi,what colour are the triangles, the small ones?\n")
+    with pytest.raises(UserError, match=r"excel.csv: line 4: 3 fields where the header names 2 .*double quotes"):
+        read_question_rows(str(path))

@@ -16,14 +16,15 @@ ID_COLUMNS = ("id", "question_id")
 
 def read_question_rows(path: str) -> list[dict[str, str]]:
     """(video, question[, id]) rows of a CSV file with a header, or of a JSON-lines file
-    (.jsonl/.json); relative video paths are taken from the file's folder."""
+    (.jsonl/.json); relative video paths are taken from the file's folder. Rows are named by the
+    physical line they start on; a byte-order mark (Excel's "CSV UTF-8") is skipped."""
     import csv
 
     if not os.path.isfile(path):
         raise UserError(f"questions file not found: {path}")
     rows: list[dict[str, Any]] = []
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
             if path.lower().endswith((".jsonl", ".json")):
                 for number, line in enumerate(handle, 1):
                     if not line.strip():
@@ -36,14 +37,24 @@ def read_question_rows(path: str) -> list[dict[str, str]]:
                         raise UserError(f"{path}: line {number}: expected an object with video and question")
                     rows.append({"_where": f"line {number}", **record})
             else:
-                reader = csv.DictReader(handle)
-                columns = reader.fieldnames or []
+                reader = csv.reader(handle)
+                columns = next(reader, None) or []
                 missing = [name for name in QUESTION_COLUMNS if name not in columns]
                 if missing:
                     raise UserError(f"{path}: no {' or '.join(missing)} column (header: {', '.join(columns) or 'none'}); "
                                     "the first line must name the columns video,question[,id]")
-                for number, record in enumerate(reader, 2):
-                    rows.append({"_where": f"line {number}", **record})
+                while True:
+                    number = reader.line_num + 1        # where the record starts: a quoted field may span lines
+                    cells = next(reader, None)
+                    if cells is None:
+                        break
+                    if not any(cell.strip() for cell in cells):
+                        continue
+                    if len(cells) > len(columns):       # a comma inside an unquoted question
+                        raise UserError(f"{path}: line {number}: {len(cells)} fields where the header names "
+                                        f"{len(columns)} ({', '.join(columns)}); put a question that contains a "
+                                        'comma in double quotes: video.avi,"what is it, the small one?"')
+                    rows.append({"_where": f"line {number}", **dict(zip(columns, cells))})
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
     folder = os.path.dirname(os.path.abspath(path))
@@ -74,7 +85,7 @@ def answer_rows(answerer: Answerer, rows: list[dict]) -> list[dict[str, Any]]:
         if isinstance(result, str):
             records.append({**base, "error": result, "where": row["where"]})
         else:
-            records.append({**base, **result.as_dict(), "error": None})
+            records.append({**base, **result.as_dict(), "error": None, "where": row["where"]})
     return records
 
 
