@@ -309,3 +309,31 @@ def test_question_rows_bom_quotes_and_physical_lines(tmp_path):
     path.write_text("video,question\na.avi,what?\n\nb.avi,what colour are the triangles, the small ones?\n")
     with pytest.raises(UserError, match=r"excel.csv: line 4: 3 fields where the header names 2 .*double quotes"):
         read_question_rows(str(path))
+
+
+def test_many_questions_about_one_video_go_in_bounded_passes(pipeline, tmp_path, monkeypatch):
+    import vqakd.predict as predict_module
+
+    seen = []
+    original = predict_module.Answerer.answer_encoded
+
+    def spy(self, features, questions):
+        seen.append(len(questions))
+        return original(self, features, questions)
+
+    monkeypatch.setattr(predict_module, "QUESTIONS_PER_PASS", 4)
+    monkeypatch.setattr(predict_module.Answerer, "answer_encoded", spy)
+    questions = tmp_path / "many.csv"
+    video = _one_video(pipeline)
+    questions.write_text("video,question,id\n" + "".join(f"{video},what colour is the square?,{i}\n" for i in range(10)))
+    out = tmp_path / "answers.jsonl"
+    code, err = predict_main(["--checkpoint", str(pipeline["checkpoint"]), "--questions", str(questions), "--out",
+                              str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    assert code == 0, err
+    assert seen == [4, 4, 2]
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    # The same question, the same answers (to rounding: a pass of 2 and one of 4 round differently).
+    first = answers[0]["answers"]
+    for answer in answers:
+        assert [a["answer"] for a in answer["answers"]] == [a["answer"] for a in first]
+        assert [a["probability"] for a in answer["answers"]] == pytest.approx([a["probability"] for a in first], abs=1e-5)

@@ -39,6 +39,7 @@ from vqakd.extraction import NETWORKS, ExtractionSettings, make_extractor  # noq
 
 DEFAULT_TOP_K = 5
 CACHE_FOLDER = "predict_cache"
+QUESTIONS_PER_PASS = 256          # questions about one video answered in one forward pass
 NO_KNOWN_WORD = "no word of the question is in the vocabulary: the answer ignores the question text"
 LAST_CHARACTER = ("the question's last character is dropped, as in the training data (which ends "
                   "questions with '?'); end it with '?'")
@@ -441,11 +442,15 @@ class Answerer:
             else:
                 by_video.setdefault(row["video"], []).append(index)
         for video, indices in by_video.items():
-            encoded = [self.encode(rows[i]["question"]) for i in indices]
             feats = features[video]
-            for i, question, answers in zip(indices, encoded, self.answer_encoded(feats, encoded)):
-                results[i] = Answer(video, rows[i]["question"], answers, question.unknown, question.warnings,
-                                    feats.cached, feats.seconds)
+            # In passes of QUESTIONS_PER_PASS: memory is bounded by that, not by how many
+            # questions one video has (10,000 rows about one video took 11 GB in one pass).
+            for start in range(0, len(indices), QUESTIONS_PER_PASS):
+                chunk = indices[start:start + QUESTIONS_PER_PASS]
+                encoded = [self.encode(rows[i]["question"]) for i in chunk]
+                for i, question, answers in zip(chunk, encoded, self.answer_encoded(feats, encoded)):
+                    results[i] = Answer(video, rows[i]["question"], answers, question.unknown, question.warnings,
+                                        feats.cached, feats.seconds)
         return results
 
 
