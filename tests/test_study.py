@@ -204,6 +204,9 @@ def test_arguments():
     assert parse_arms("student-feature-gatv2")[0].name == "teacher-gatv2"
     with pytest.raises(UserError, match="known arms"):
         parse_arms("student-bogus")
+    for nothing in ("", " , ", ","):         # trained nothing, then failed in the report; or ran the defaults
+        with pytest.raises(UserError, match="names no arm"):
+            parse_arms(nothing)
 
 
 def test_study_sets_seed_and_folder_itself(tiny):
