@@ -282,3 +282,20 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(run):
 def test_stage_flag_is_explained_in_help():
     stage_help = next(action.help for action in train.build_parser()._actions if "--stage" in action.option_strings)
     assert "teacher" in stage_help and "student" in stage_help and "distil" in stage_help
+
+
+def test_ceiling_names_a_type_the_vocabulary_cannot_answer():
+    from types import SimpleNamespace
+
+    import torch
+
+    from vqakd.training.validation import answer_ceiling, format_ceiling
+
+    # what: both answers outside the vocabulary (label 1); who: one of two inside.
+    split = SimpleNamespace(answers=torch.tensor([1, 1, 5, 1]), qtypes=torch.tensor([0, 0, 1, 1]), dropped=0,
+                            dropped_qtypes=None)
+    ceiling = answer_ceiling(split)
+    assert ceiling == {"all": 0.25, "per_type": {"what": 0.0, "who": 0.5}}
+    text = format_ceiling(ceiling)
+    assert "all 25.0%" in text and "who 50.0%" in text
+    assert "no what question has its answer in the answer vocabulary" in text

@@ -5,7 +5,9 @@ settings or features stop with one line naming their origin."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 
 import h5py
@@ -161,10 +163,18 @@ def test_missing_videos_stop_training_unless_dropped_and_dropped_questions_count
     code, err = run_main(validate.main, ["--cfg", cfg, "--checkpoint", str(folder / "best.pt"), "--out", str(out)],
                          quiet=True)
     one_line_error(code, err, "data.missing_videos: drop")
-    code, err = run_main(validate.main, ["--cfg", cfg, "--checkpoint", str(folder / "best.pt"), "--out", str(out),
-                                         "--set", "data.missing_videos=drop"], quiet=True)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code, err = run_main(validate.main, ["--cfg", cfg, "--checkpoint", str(folder / "best.pt"), "--out", str(out),
+                                             "--set", "data.missing_videos=drop"])
     assert code == 0, err
+    # The terminal says so, not only the JSON.
+    assert f"6 of {stats['count']} questions were left out" in printed.getvalue()
+    assert "count as wrong" in printed.getvalue()
     evaluated = json.loads(out.read_text())
+    # Ceiling: the answers the vocabulary can name, the dropped questions counted as unreachable.
+    labels = np.asarray(stats["answers"])
+    assert evaluated["ceiling"]["all"] == pytest.approx(float((labels[:-6] >= 2).sum()) / stats["count"])
     for key in ("accuracy", "count", "accuracy_answered", "count_answered", "per_type"):
         assert evaluated[key] == results[key], key
     assert evaluated["dropped_questions"] == {"test": 6}

@@ -9,6 +9,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 
 import numpy as np
+import torch
 
 from vqakd.core import distributed as dist
 from vqakd.training.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
@@ -128,6 +129,7 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
         "count_answered": summary["count_answered"],
         "dropped_questions": {split: bundle.splits[split].dropped},
         "per_type": summary["per_type"],
+        "ceiling": answer_ceiling(bundle.splits[split]),
         "epoch": checkpoint.get("epoch"),
         "stage": checkpoint.get("stage"),
         "original_checkpoint": bool(checkpoint.get("original")),
@@ -140,6 +142,12 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
             print(f"note: {note}")
         result["provenance"] = provenance_for_config(config, started=started, device=device, world_size=world)
         print(format_table(summary, f"{checkpoint_path} on {split} ({summary['count']} questions):"))
+        dropped = bundle.splits[split].dropped
+        if dropped:
+            print(f"{dropped} of {summary['count']} questions were left out (their videos are missing from a "
+                  f"feature file; data.missing_videos: drop) and count as wrong; accuracy over the "
+                  f"{summary['count_answered']} answered: {100 * summary['accuracy_answered']:.2f}%")
+        print(format_ceiling(result["ceiling"]))
         write_json(out, result)
         print(f"wrote {out}")
         if write_preds:
@@ -176,6 +184,29 @@ def write_predictions(path: str, bundle: DataBundle, split: str, found: Mapping[
     with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
         handle.write(buffer.getvalue())
 
+
+
+def answer_ceiling(data) -> dict[str, Any]:
+    """The best accuracy any model can reach on a split, overall and per question type: the share
+    of questions whose true answer is inside the answer vocabulary (labels 0/1 are never right)."""
+    nameable = data.answers >= FIRST_ANSWER_LABEL
+    # Dropped questions (data.missing_videos: drop) count as wrong, so they lower the ceiling too.
+    totals = torch.bincount(data.qtypes, minlength=len(TYPE_NAMES))
+    if data.dropped:
+        totals = totals + torch.bincount(data.dropped_qtypes, minlength=len(TYPE_NAMES))
+    reachable = torch.bincount(data.qtypes[nameable], minlength=len(TYPE_NAMES))
+    per_type = {name: int(reachable[code]) / int(totals[code]) for code, name in enumerate(TYPE_NAMES) if totals[code]}
+    return {"all": int(reachable.sum()) / max(int(totals.sum()), 1), "per_type": per_type}
+
+
+def format_ceiling(ceiling: Mapping[str, Any]) -> str:
+    """One line: the ceiling overall and per type, types the answer vocabulary cannot reach named."""
+    types = ", ".join(f"{name} {100 * value:.1f}%" for name, value in ceiling["per_type"].items())
+    line = f"ceiling (true answer inside the answer vocabulary): all {100 * ceiling['all']:.1f}%; {types}"
+    unreachable = [name for name, value in ceiling["per_type"].items() if value == 0]
+    if unreachable:
+        line += f"\nno {'/'.join(unreachable)} question has its answer in the answer vocabulary: that type scores 0%"
+    return line
 
 
 def answer_report(bundle: DataBundle, split: str, found: Mapping[str, np.ndarray]) -> dict[str, Any]:
