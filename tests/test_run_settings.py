@@ -85,6 +85,18 @@ def test_resume_applies_and_records_a_changed_lr_schedule_and_more_epochs(tiny, 
     assert results["resumed"][1]["changed"] == {"train.epochs": [3, 4]}
     assert lrs(folder) == pytest.approx([3e-3, 5e-4, 2.5e-4, 1.25e-4])
 
+    # Fewer epochs than done: refused (nothing would run, yet config and results would say 2);
+    # likewise for a run stopped early (below).
+    before = (folder / "last.pt").read_bytes(), (folder / "results.json").read_bytes()
+    code, err = teacher(cfg, "--resume", "--set", "train.lr=1e-3", "--set", "train.lr_halve_every=1",
+                        "--set", "train.epochs=2", "--set", "loss.alpha=0")
+    one_line_error(code, err, "train.epochs=2", "already trained 4 epochs")
+    assert ((folder / "last.pt").read_bytes(), (folder / "results.json").read_bytes()) == before
+    code, err = teacher(cfg, "--overwrite", "--set", "train.epochs=4", "--set", "train.stop_after_epoch=3")
+    assert code == 0, err
+    code, err = teacher(cfg, "--resume", "--set", "train.epochs=2")
+    one_line_error(code, err, "train.epochs=2", "already trained 3 epochs")
+
 
 @pytest.mark.parametrize("override, key, old, new", [
     ("train.seed=1", "train.seed", "666", "1"),

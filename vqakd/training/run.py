@@ -162,8 +162,14 @@ def resume_from(path: str, start: StageStart, config: Config, stage: str) -> Non
     restore_rng_state(checkpoint["rng"])
     start.history = list(checkpoint.get("history") or [])
     start.best = dict(checkpoint.get("best") or {})
-    start.start_epoch = int(checkpoint["epoch"]) + 1
-    start.resumed_from = int(checkpoint["epoch"])
+    done = int(checkpoint["epoch"])
+    if config.train.epochs < done:
+        # Nothing would run, yet the config and results.json would say train.epochs epochs.
+        raise UserError(f"--resume with train.epochs={config.train.epochs}: {path} has already trained {done} "
+                        f"epochs; set train.epochs to {done} or more (results of epoch {done} are in "
+                        f"{os.path.dirname(path)})")
+    start.start_epoch = done + 1
+    start.resumed_from = done
     # Resumes recorded before, less those whose epochs were never checkpointed (redone now).
     earlier = _read_resumes(os.path.join(os.path.dirname(path), RESUMES_FILE))
     start.resumes = [entry for entry in earlier if entry["epoch"] < start.start_epoch]
@@ -268,8 +274,8 @@ def finished_run(folder: RunFolder, config: Config, stage: str) -> Optional[tupl
     if not (os.path.isfile(folder.last) and os.path.isfile(folder.results)):
         return None
     epoch = load_checkpoint(folder.last).get("epoch")
-    if not isinstance(epoch, int) or epoch < config.train.epochs:
-        return None
+    if not isinstance(epoch, int) or epoch != config.train.epochs:
+        return None         # more epochs to train, or fewer asked for than done (refused by resume_from)
     try:
         results = read_json(folder.results)
     except UserError:
