@@ -202,6 +202,18 @@ def test_full_disk_while_saving_a_checkpoint_is_one_line(teacher, tmp_path, monk
     one_line(code, err, f"error: no space left on device while writing {path}")
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["best.pt"]
 
+    # torch's own words for a short write on a full disk: no errno, the same one line.
+    import shutil
+
+    def short_write(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1052160 vs 1052054")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
+    code, err = run_main(lambda argv: save_checkpoint(str(path), checkpoint), [])
+    one_line(code, err, f"error: no space left on device while writing {path}")
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["best.pt"]
+
 
 def test_full_disk_during_training_is_one_line_and_keeps_earlier_files(tiny, tmp_path, monkeypatch):
     cfg = write_config(tmp_path / "c.yml", tiny_config_dict(tiny["data"]["paths"], tmp_path / "out",

@@ -113,9 +113,10 @@ def save_checkpoint(path: str, checkpoint: Mapping[str, Any]) -> None:
         try:
             torch.save(dict(checkpoint), tmp)
         except RuntimeError as exc:
-            # torch's zip writer reports a full disk as "file write failed", without an errno.
+            # torch's zip writer reports a full disk without an errno: "file write failed", or
+            # "[enforce fail at inline_container.cc] unexpected pos" when the last write was short.
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free
-            if "write failed" in str(exc) and free < DISK_NEARLY_FULL:
+            if any(text in str(exc) for text in ("write failed", "unexpected pos")) and free < DISK_NEARLY_FULL:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp) from None
             raise
         with open(tmp, "rb") as handle:
