@@ -227,3 +227,10 @@ def test_features_overflowing_float32_are_named_as_such(tiny, tmp_path):
     one_line_error(code, err, f"{path}: 'resnet_features' of video id {int(ids[3])} holds values up to 1e+300 "
                    "(float64 in the file), too large for float32")
     assert "float16" not in err
+
+
+def test_a_network_larger_than_memory_is_refused_before_it_is_built(tiny, tmp_path):
+    cfg = config_file(tiny, tmp_path)
+    code, err = teacher(cfg, "--set", "model.module_dim=4194304")
+    one_line_error(code, err, "parameters", "GiB", "model.module_dim=4194304")
+    assert not (tmp_path / "out" / "teacher" / "last.pt").exists()

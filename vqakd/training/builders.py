@@ -4,6 +4,7 @@ and the checks that a checkpoint fits this run's data and settings."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Mapping
 
 import torch
@@ -30,6 +31,7 @@ def build_model_for_stage(config: Config, stage: str, bundle: DataBundle, device
                                    **dataclasses.asdict(config.model))
     except ValueError as exc:
         raise UserError(f"invalid model settings: {exc}") from None
+    check_model_fits_memory(model_config)
     model = DualVGR(model_config)
     glove = glove_matrix_for(config, bundle, progress)
     if glove is not None:
@@ -38,6 +40,26 @@ def build_model_for_stage(config: Config, stage: str, bundle: DataBundle, device
         except ValueError as exc:
             raise UserError(str(exc)) from None
     return model.to(device)
+
+
+def check_model_fits_memory(model_config: ModelConfig, memory_bytes: int | None = None) -> None:
+    """Refuse a network whose weights alone (float32, with Adam's two moments and the gradient:
+    4 copies) exceed this machine's memory, sized on the meta device before anything is allocated:
+    `model.module_dim=4194304` would otherwise die deep inside the allocator."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in DualVGR(model_config).parameters())
+    need = 4 * 4 * parameters
+    if memory_bytes is None:
+        try:
+            memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return              # the size of memory is unknown here: let the allocator decide
+    if need > memory_bytes:
+        sizes = ", ".join(f"model.{key}={getattr(model_config, key)}" for key in ("module_dim", "word_dim", "vision_dim")
+                          if hasattr(model_config, key))
+        raise UserError(f"the network would have {parameters:,} parameters, {need / 2**30:,.1f} GiB to train "
+                        f"(weights, gradients, Adam state), more than this machine's {memory_bytes / 2**30:,.1f} GiB "
+                        f"of memory; check the model sizes ({sizes})")
 
 
 def check_vocab_match(checkpoint: Mapping[str, Any], path: str, bundle: DataBundle, what: str) -> None:
