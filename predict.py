@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     old.add_argument("--motion-normalisation", choices=("raw", "kinetics-mean"))
     old.add_argument("--random-weights", action="store_true", default=None,
                      help="the features came from randomly initialised networks (tests, the demo)")
-    old.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    old.add_argument("--seed", type=int, default=None, help="seed of --random-weights (default 0)")
     return parser
 
 

@@ -251,6 +251,11 @@ def test_checkpoint_without_record_needs_the_settings_as_flags(pipeline, tmp_pat
     code, err = predict_main(["--checkpoint", str(pipeline["checkpoint"])] + base[2:])
     new = json.loads(capsys.readouterr().out)
     assert old["answers"] == new["answers"]
+    # A flag the record decides may only repeat it: --seed 7 is refused, not ignored.
+    code, err = predict_main(["--checkpoint", str(pipeline["checkpoint"])] + base[2:] + ["--seed", "7"])
+    assert code == 2 and "not seed 7" in err and "leave --seed out" in err and err.count("\n") == 1, err
+    code, err = predict_main(["--checkpoint", str(pipeline["checkpoint"])] + base[2:] + ["--seed", "0"])
+    assert code == 0, err
 
 
 def test_help_is_fast_and_imports_no_torch():

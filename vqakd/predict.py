@@ -59,7 +59,7 @@ class ExtractionFlags:
     motion_size: Optional[tuple[int, int]] = None
     motion_normalisation: Optional[str] = None      # "raw" or "kinetics-mean"
     random_weights: Optional[bool] = None
-    seed: int = 0
+    seed: Optional[int] = None                       # of --random-weights; 0 where not given
     vocab: Optional[str] = None
 
 
@@ -83,7 +83,7 @@ def settings_from_flags(flags: ExtractionFlags, num_clips: int, path: str) -> di
             "image_height": height, "image_width": width,
             "kinetics_mean": kind == "motion" and flags.motion_normalisation == "kinetics-mean",
             "precision": "fp32", "random_weights": bool(flags.random_weights),
-            "random_seed": flags.seed if flags.random_weights else None,
+            "random_seed": (flags.seed or 0) if flags.random_weights else None,
             "weights_sha256": None, "weights": None, "dataset": "msvd-qa"}
     return result
 
@@ -104,6 +104,13 @@ def check_recorded(record: Mapping[str, Any], flags: ExtractionFlags, path: str)
             if value is not None and settings.get(key) != value:
                 raise UserError(f"{path} records {kind} features extracted with {key}={settings.get(key)!r}, "
                                 f"not {value!r}; leave the flag out (the checkpoint's settings are used)")
+        if flags.seed is not None:
+            recorded_seed = random_seed_of(settings, path) if settings.get("random_weights") else None
+            if recorded_seed != flags.seed:
+                made = (f"random networks of seed {recorded_seed}" if recorded_seed is not None
+                        else "pretrained networks, where --seed does nothing")
+                raise UserError(f"{path} records {kind} features made by {made}, not seed {flags.seed}; leave "
+                                "--seed out (the checkpoint's settings are used)")
 
 
 def feature_settings(checkpoint: Mapping[str, Any], flags: ExtractionFlags, num_clips: int,
