@@ -342,3 +342,38 @@ def test_many_questions_about_one_video_go_in_bounded_passes(pipeline, tmp_path,
     for answer in answers:
         assert [a["answer"] for a in answer["answers"]] == [a["answer"] for a in first]
         assert [a["probability"] for a in answer["answers"]] == pytest.approx([a["probability"] for a in first], abs=1e-5)
+
+
+def test_a_killed_batch_keeps_the_videos_it_finished(pipeline, tmp_path, monkeypatch):
+    import vqakd.predict as predict_module
+
+    videos = [str(path) for path in sorted((pipeline["data"] / "YouTubeClips").iterdir())[:6]]
+    questions = tmp_path / "q.csv"
+    questions.write_text("video,question\n" + "".join(f"{v},what colour is the square?\n" for v in videos))
+    cache = tmp_path / "cache"
+    dead = cache / f"{predict_module.SCRATCH_PREFIX}999999999-abc"      # left by a killed run
+    dead.mkdir(parents=True)
+    (dead / "appearance.h5.parts").mkdir()
+    monkeypatch.setattr(predict_module, "VIDEOS_PER_EXTRACTION", 2)
+    original, calls = predict_module.Answerer._extract, []
+
+    def killed_at_the_third_group(self, kind, paths):
+        calls.append(list(paths))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, kind, paths)
+
+    monkeypatch.setattr(predict_module.Answerer, "_extract", killed_at_the_third_group)
+    argv = ["--checkpoint", str(pipeline["checkpoint"]), "--questions", str(questions), "--out",
+            str(tmp_path / "a.csv"), "--cache-dir", str(cache), "--device", "cpu"]
+    code, err = predict_main(argv)
+    assert code == 130
+    assert not dead.exists()                                   # scratch of a dead process is removed
+    assert len(list(cache.glob("*/*.appearance.*.npy"))) == 4  # two finished groups are cached
+    calls.clear()
+    monkeypatch.setattr(predict_module.Answerer, "_extract", lambda self, kind, paths: calls.append(list(paths))
+                        or original(self, kind, paths))
+    code, err = predict_main(argv)
+    assert code == 0, err
+    assert calls[0] == videos[4:]                              # the rerun extracts only the rest
+    assert not list(cache.glob(f"{predict_module.SCRATCH_PREFIX}*"))

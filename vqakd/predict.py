@@ -40,6 +40,10 @@ from vqakd.extraction import NETWORKS, ExtractionSettings, make_extractor  # noq
 DEFAULT_TOP_K = 5
 CACHE_FOLDER = "predict_cache"
 QUESTIONS_PER_PASS = 256          # questions about one video answered in one forward pass
+# New videos are extracted this many at a time, each group cached as soon as it is done: a killed
+# batch keeps all but the group in progress, and the rerun extracts only what is not cached.
+VIDEOS_PER_EXTRACTION = 4
+SCRATCH_PREFIX = ".extract-"      # + the pid of the process using it
 NO_KNOWN_WORD = "no word of the question is in the vocabulary: the answer ignores the question text"
 LAST_CHARACTER = ("the question's last character is dropped, as in the training data (which ends "
                   "questions with '?'); end it with '?'")
@@ -354,16 +358,18 @@ class Answerer:
             todo = [video for video in found if kind not in found[video] and video not in result]
             if not todo:
                 continue
-            started = time.perf_counter()
-            arrays = self._extract(kind, todo)
-            share = (time.perf_counter() - started) / len(todo)
-            for video in todo:
-                timings[video] += share
-                if isinstance(arrays[video], VideoFailure):
-                    result[video] = arrays[video]
-                    continue
-                found[video][kind] = arrays[video]
-                self.cache.put(shas[video], kind, settings_digest(self.settings[kind]), arrays[video])
+            for start in range(0, len(todo), VIDEOS_PER_EXTRACTION):
+                group = todo[start:start + VIDEOS_PER_EXTRACTION]
+                started = time.perf_counter()
+                arrays = self._extract(kind, group)
+                share = (time.perf_counter() - started) / len(group)
+                for video in group:
+                    timings[video] += share
+                    if isinstance(arrays[video], VideoFailure):
+                        result[video] = arrays[video]
+                        continue
+                    found[video][kind] = arrays[video]
+                    self.cache.put(shas[video], kind, settings_digest(self.settings[kind]), arrays[video])
         for video, arrays in found.items():
             if video not in result:
                 result[video] = VideoFeatures(arrays["appearance"], arrays["motion"], timings[video] == 0.0,
@@ -378,7 +384,8 @@ class Answerer:
         scratch = self.cache.folder
         if scratch is not None:
             os.makedirs(scratch, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".extract-", dir=scratch) as folder:
+            remove_dead_scratch(scratch)
+        with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=scratch) as folder:
             out = os.path.join(folder, f"{kind}.h5")
             try:
                 result = extractor.run(videos, out)
@@ -459,6 +466,29 @@ class Answerer:
                     results[i] = Answer(video, rows[i]["question"], answers, question.unknown, question.warnings,
                                         feats.cached, feats.seconds)
         return results
+
+
+def remove_dead_scratch(folder: str) -> None:
+    """Remove the extraction scratch folders that killed runs left in the cache folder (those of a
+    process still running stay: two predict.py runs may share a cache)."""
+    import shutil
+
+    for entry in os.listdir(folder):
+        if not entry.startswith(SCRATCH_PREFIX):
+            continue
+        pid = entry[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _read_report(path: str) -> Optional[list[dict]]:
