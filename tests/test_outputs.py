@@ -299,3 +299,12 @@ def test_ceiling_names_a_type_the_vocabulary_cannot_answer():
     text = format_ceiling(ceiling)
     assert "all 25.0%" in text and "who 50.0%" in text
     assert "no what question has its answer in the answer vocabulary" in text
+
+
+def test_an_output_that_is_a_folder_is_refused_before_any_work(run, tmp_path):
+    # Before: IsADirectoryError after the whole evaluation.
+    checkpoint = str(run["folder"] / "best.pt")
+    for flag in ("--out", "--preds-out"):
+        argv = ["--cfg", run["cfg"], "--checkpoint", checkpoint, "--write-preds", flag, str(tmp_path)]
+        code, err = run_main(validate.main, argv, quiet=True)
+        assert code == 2 and f"{flag} {tmp_path} is a folder" in err and err.count("\n") == 1, err

@@ -205,6 +205,9 @@ def check_output_paths(inputs: Labelled, outputs: Labelled, hint: str = "") -> N
     message for two outputs that collide (for instance how to make a template distinct).
     """
     ins, outs = _pairs(inputs), _pairs(outputs)
+    for out_label, out_path in outs:
+        if os.path.isdir(out_path):
+            raise UserError(f"{out_label} {out_path} is a folder; name a file (it would fail only after all the work)")
     for out_index, (out_label, out_path) in enumerate(outs):
         for in_label, in_path in ins:
             if _same_file(out_path, in_path):
