@@ -46,7 +46,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     data = make_dataset(root / "data", videos=24)
     cfg = write_config(root / "tiny.yml", tiny_config_dict(data["paths"], root / "unused", train={"epochs": 3}))
-    return {"cfg": cfg, "out": root / "study"}
+    return {"cfg": cfg, "out": root / "study", "data": root / "data"}
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +237,13 @@ def test_study_under_torchrun_trains_teacher_then_student(tiny, tmp_path):
     report = json.loads((out / "report" / "report.json").read_text())
     assert list(report["arms"]) == ["teacher", "student-feature"]
     assert result.stdout.count("study: wrote") == 1
+
+
+def test_study_folder_guarded_before_any_training(tiny, tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    code, err = run_main(study.main, ["--cfg", tiny["cfg"], "--out", str(afile)], quiet=True)
+    assert code == 2 and "is a file" in err and err.count("\n") == 1, err
+    assert afile.read_text() == "x"
+    code, err = run_main(study.main, ["--cfg", tiny["cfg"], "--out", str(tiny["data"])], quiet=True)
+    assert code == 2 and "holds an input of the study" in err, err

@@ -353,6 +353,17 @@ def run_study(cfg: str, seeds_text: str = "3", arms_text: Optional[str] = None, 
     overrides = list(overrides or [])
     base = load_config(cfg, ([f"train.device={device}"] if device else []) + overrides)
     study_dir = out or os.path.join(base.output_dir, "study")
+    if os.path.exists(study_dir) and not os.path.isdir(study_dir):
+        raise UserError(f"--out {study_dir} is a file; the study writes a folder of runs and a report")
+    inputs = {"--cfg": cfg, **{f"data.{key}": getattr(base.data, key) for key in (
+        "vocab", "train_questions", "val_questions", "test_questions", "appearance_feat", "motion_feat")}}
+    inside = [f"{label} {path}" for label, path in inputs.items()
+              if path and os.path.abspath(path).startswith(os.path.abspath(study_dir) + os.sep)]
+    if inside:
+        # --overwrite and a changed run replace what is in the study folder: never an input.
+        raise UserError(f"--out {study_dir} holds an input of the study ({inside[0]}); choose another study folder")
+    if examples < 0:
+        raise UserError(f"--examples {examples}: must be 0 or more")
     seeds = parse_seeds(seeds_text, base.train.seed)
     runs = plan_study(cfg, study_dir, seeds, parse_arms(arms_text), overrides, device, overwrite)
     main = dist.env_rank() == 0
