@@ -68,8 +68,8 @@ def _renamed_keys(config: ModelConfig) -> list[tuple[str, str]]:
         ours, original = f"units.{u}", "visual_input_unit"
         pairs += linear(f"{ours}.query_attention.feat_enhance", f"{original}.queryAttn.{u}.feat_enhance")
         pairs += linear(f"{ours}.query_attention.score", f"{original}.queryAttn.{u}.fc")
-        pairs += linear(f"{ours}.appearance_punishment.query_proj", f"{original}.queryPunish_appear.{u}.query_weight")
-        pairs += linear(f"{ours}.motion_punishment.query_proj", f"{original}.queryPunish_motion.{u}.query_weight")
+        pairs += linear(f"{ours}.appearance_gate.query_proj", f"{original}.queryPunish_appear.{u}.query_weight")
+        pairs += linear(f"{ours}.motion_gate.query_proj", f"{original}.queryPunish_motion.{u}.query_weight")
         for stream in ("appearance", "motion"):
             pairs += linear(f"{ours}.{stream}_view_fusion.project", f"{original}.attention_{stream}.{u}.project.0")
             pairs += linear(f"{ours}.{stream}_view_fusion.score", f"{original}.attention_{stream}.{u}.project.2",

@@ -22,7 +22,7 @@ from vqakd.core.distributed import resolve_process_device
 from vqakd.training.engine import configure_backends, evaluate, train_one_epoch
 from vqakd.core.errors import UserError
 from vqakd.core.files import ensure_writable_dir, read_json, write_json
-from vqakd.training.metrics import collapsed_layer_names, epoch_line, format_table, metrics_row, write_metrics_csv
+from vqakd.training.metrics import epoch_line, format_table, metrics_row, write_metrics_csv
 from vqakd.training.builders import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,
                           load_teacher)
 from vqakd.training.plots import plot_curves
@@ -304,7 +304,7 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
     config_dict = config_to_dict(config)
     history, best, epochs = start.history, start.best, config.train.epochs
     last_plot = time.monotonic()
-    warned = {name for earlier in history for name in collapsed_layer_names(earlier)}   # collapse warnings given
+    warned = {name for earlier in history for name in str(earlier.get("collapsed_layers", "")).split()}
     for epoch in range(start.start_epoch, epochs + 1):
         train_loader.sampler.set_epoch(epoch)
         if world > 1:
@@ -344,7 +344,7 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
                 plot_curves(history, folder.curves, stage)
                 last_plot = time.monotonic()
         log(epoch_line(row, epochs, is_best))
-        for name in collapsed_layer_names(row):
+        for name in row.get("collapsed_layers", "").split():
             if name not in warned:          # once per layer and run
                 warned.add(name)
                 log(layer_warning(name))
