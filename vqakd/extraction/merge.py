@@ -19,6 +19,7 @@ import numpy as np
 
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
+from vqakd.data.features import IDS_DATASET
 from vqakd.extraction.networks import NETWORKS
 from vqakd.extraction.parts import (PARTS_SETTINGS, PARTS_VIDEOS, chunk_files, chunk_name, chunk_partition,
                                     failures_report, read_chunk_damage, read_json_or_none, read_output_manifest,
@@ -169,7 +170,7 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
                     features = part["features"]
                     data[row:row + len(features)] = features
                     row += len(features)
-            h5.create_dataset("ids", data=all_ids)
+            h5.create_dataset(IDS_DATASET, data=all_ids)
             for key, value in manifest.items():
                 h5.attrs[key] = value
             h5.attrs["failed_videos"] = len(failures)
@@ -212,7 +213,7 @@ def _completed_result(out_path: str, manifest: dict) -> ExtractionResult:
         damaged = list(report.get("damaged_videos", []))
     except (TypeError, KeyError, ValueError):
         with h5py.File(out_path, "r") as h5:
-            written = len(h5["ids"])
+            written = len(h5[IDS_DATASET])
         failures, damaged = [], []
     return ExtractionResult(out_path, report_path, int(manifest.get("videos", written)), written,
                             failures, True, damaged=damaged)

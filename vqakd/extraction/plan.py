@@ -27,6 +27,7 @@ import h5py
 
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
+from vqakd.data.features import IDS_DATASET
 from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, failure_record, failures_report, open_parts,
                                     parts_folder, read_chunk_damage, read_chunk_outcome, read_json_or_none,
                                     read_output_manifest,
@@ -144,7 +145,7 @@ def already_complete(videos: Sequence[Video], out_path: str) -> ExtractionResult
         damaged = list(report.get("damaged_videos", []))
     except (OSError, ValueError, KeyError, TypeError):
         with h5py.File(out_path, "r") as h5:
-            present = set(int(i) for i in h5["ids"][()])
+            present = set(int(i) for i in h5[IDS_DATASET][()])
         written = len(present)
         failures = [failure_record(v, "not in the existing output (no failure report found)")
                     for v in videos if v.video_id not in present]
