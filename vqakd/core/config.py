@@ -144,6 +144,10 @@ class LossConfig:
     # rounding noise (a collapsed graph layer) count 0 instead of normalised noise (docs/method.md).
     common: Literal["original", "safe"] = "original"
 
+    def distill_of(self, stage: str) -> str:
+        """The distillation `stage` trains with: the teacher never distils."""
+        return self.distill if stage == "student" else "none"
+
 
 @dataclass
 class Config:
