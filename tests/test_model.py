@@ -465,12 +465,11 @@ def test_exporting_shared_unit_graph_layers_to_the_original_layout_is_refused():
         ours_to_original(make_model(config).state_dict(), config)
 
 
-def test_original_checkpoint_with_shared_graph_layers_is_refused(tmp_path, monkeypatch):
+def test_original_checkpoint_with_shared_graph_layers_is_refused(tmp_path):
     config = tiny_config(unit_layers=2, graph_layers=2)
-    # ours_to_original refuses to write this layout; build it with the refusal switched off
-    import model.original as original_module
-    monkeypatch.setattr(original_module, "_require_unshared_graph_layers", lambda config: None)
-    original = ours_to_original(make_model(config).state_dict(), config)
+    # ours_to_original refuses to write this layout; build it with the key mapping alone
+    from model.original import _export
+    original = _export(make_model(config).state_dict(), config)
     path = tmp_path / "multi.pt"
     torch.save({"epoch": 0, "state_dict": original, "optimizer": {},
                 "model_kwargs": dict(original_kwargs(config), unit_layers=2)}, path)
