@@ -46,9 +46,14 @@ __all__ = ["ORIGINAL_FLAGS", "STAGES", "Config", "DataConfig", "ModelSection", "
 DATASET_CHOICES = ("msvd-qa", "msrvtt-qa", "demo")
 
 
+# The DataConfig entries that are a run's input files.
+DATA_FILES = ("vocab", "train_questions", "val_questions", "test_questions", "appearance_feat", "motion_feat",
+              "glove")
+
+
 @dataclass
 class DataConfig:
-    """Input files (docs/method.md#file-formats) and how the feature table is held."""
+    """Input files (docs/method.md#file-formats, listed in DATA_FILES) and how the feature table is held."""
 
     vocab: str = "data/{dataset}/{dataset}_vocab.json"
     train_questions: str = "data/{dataset}/{dataset}_train_questions.pt"

@@ -13,7 +13,7 @@ import torch
 
 from vqakd.core import distributed as dist
 from vqakd.training.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
-from vqakd.core.config import Config, eval_batch_size, load_config
+from vqakd.core.config import DATA_FILES, Config, eval_batch_size, load_config
 from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
 from vqakd.core.distributed import resolve_process_device
 from vqakd.training.engine import configure_backends, evaluate
@@ -67,8 +67,7 @@ def run_validation(config: Config, checkpoint_path: str, split: str = "test", wr
     outputs = {"--out": out, "--preds-out": preds_out if write_preds else None,
                "the per-answer figures": answers_out if write_preds else None}
     inputs = {"--checkpoint": checkpoint_path, "--cfg": config_file,
-              **{f"data.{key}": getattr(config.data, key) for key in (
-                  "vocab", "train_questions", "val_questions", "test_questions", "appearance_feat", "motion_feat")}}
+              **{f"data.{key}": getattr(config.data, key) for key in DATA_FILES}}
     check_output_paths(inputs, outputs)         # before any work: never replace the checkpoint
     written = [path for path in outputs.values() if path]
 
