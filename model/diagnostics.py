@@ -4,8 +4,8 @@ The graph layers of a trained DualVGR can collapse: every clip node leaves a lay
 vector (GAT's attention is static on a complete graph, so once the clips look alike they stay
 alike). The common loss then centres the node features over the clips and L2-normalises what is
 left, which on a collapsed layer is rounding noise. `node_spread` measures, per graph layer and
-stream, how far the N clip vectors are apart relative to their size; `collapsed_layers` and
-`collapse_warning` turn that into a one-line warning.
+stream, how far the N clip vectors are apart relative to their size; `is_collapsed` is the rule
+that calls a layer collapsed and `layer_warning` the one-line warning.
 
 Everything here works on the `layers` of an ordinary forward pass (no extra model outputs), is
 detached, and loops over layers and streams only, never over the batch.
@@ -60,16 +60,6 @@ def is_collapsed(spread: Tensor, threshold: float = COLLAPSE_THRESHOLD) -> Tenso
     return (spread[..., [STREAMS.index(name) for name in COMMON_STREAMS]] < threshold).any(dim=-1)
 
 
-def collapsed_fraction(output: DualVGROutput | Sequence[LayerOutput],
-                       threshold: float = COLLAPSE_THRESHOLD) -> Tensor:
-    """(layers,): fraction of the batch whose layer is collapsed (`is_collapsed` per sample).
-
-    The batch mean of `node_spread` hides samples that collapse while others do not (an
-    untrained teacher's first layer does this); their common loss is noise all the same.
-    """
-    return is_collapsed(sample_spread(output), threshold).float().mean(dim=1)
-
-
 class NodeSpreadMeter:
     """Accumulates `node_spread` over the batches of a split, weighted by batch size.
 
@@ -82,7 +72,7 @@ class NodeSpreadMeter:
         self.collapsed: Tensor | None = None     # (layers,) count of samples with a collapsed common stream
         self.samples = 0
 
-    def update(self, output: DualVGROutput) -> None:
+    def update(self, output: DualVGROutput | Sequence[LayerOutput]) -> None:
         per_sample = sample_spread(output)                                           # (layers, B, 4)
         spread = per_sample.sum(dim=1)
         collapsed = is_collapsed(per_sample, self.threshold).sum(dim=1)
@@ -97,7 +87,9 @@ class NodeSpreadMeter:
         return self.total / self.samples
 
     def collapsed_fraction(self) -> Tensor:
-        """(layers,) fraction of samples seen whose common loss was rounding noise."""
+        """(layers,) fraction of the samples seen whose layer `is_collapsed`. The batch mean of
+        `node_spread` hides samples that collapse while others do not (an untrained teacher's
+        first layer does this); their common loss is noise all the same."""
         if self.collapsed is None:
             raise ValueError("NodeSpreadMeter.collapsed_fraction() before any update()")
         return self.collapsed.float() / self.samples
@@ -140,29 +132,13 @@ def collapsed_layers(spread: Tensor, threshold: float = COLLAPSE_THRESHOLD) -> l
     return [int(row) for row in torch.nonzero(is_collapsed(spread, threshold)).flatten().tolist()]
 
 
-def collapse_warning(row: int, rows: int = 0, graph_layers: int | None = None) -> str:
-    """The one-line warning for collapsed row `row` (0-based) of a `rows`-row node_spread."""
-    return layer_warning(layer_name(row, rows, graph_layers))
-
-
 def layer_warning(name: str) -> str:
     """The one-line warning for the collapsed layer named `name` ("g2", "u1_g2", see `layer_name`)."""
     label = name[1:] if name.startswith("g") else name
     return f"graph layer {label}: clip features identical across clips; the common loss there is rounding noise"
 
 
-def collapse_warnings(spread: Tensor, graph_layers: int | None = None,
-                      threshold: float = COLLAPSE_THRESHOLD) -> list[str]:
-    """One warning line per collapsed layer (empty when every layer tells its clips apart)."""
-    return [collapse_warning(row, spread.size(0), graph_layers) for row in collapsed_layers(spread, threshold)]
-
-
 def attention_row_spread(weights: Tensor) -> Tensor:
     """(B, H, N, N) attention -> (B, H): largest difference between any two query rows i.
     0 means every node attends with the same weights (static attention)."""
     return (weights.amax(dim=2) - weights.amin(dim=2)).amax(dim=-1)
-
-
-__all__ = ("STREAMS", "COMMON_STREAMS", "COLLAPSE_THRESHOLD", "relative_spread", "sample_spread", "node_spread",
-           "is_collapsed", "collapsed_fraction", "NodeSpreadMeter", "spread_columns", "collapsed_layers",
-           "collapse_warning", "collapse_warnings", "attention_row_spread", "layer_name", "layer_warning")

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from model import DualVGR, LayerOutput, ModelConfig
-from model.diagnostics import (COLLAPSE_THRESHOLD, NodeSpreadMeter, attention_row_spread, collapse_warnings,
-                               collapsed_fraction, collapsed_layers, node_spread, spread_columns)
+from model.diagnostics import (COLLAPSE_THRESHOLD, NodeSpreadMeter, attention_row_spread, collapsed_layers,
+                               layer_name, layer_warning, node_spread, spread_columns)
 from model.dualvgr import GRAPH_ATTENTIONS, GraphAttention
 from model.losses import common_loss, hsic_loss
 from model.original import original_to_ours, ours_to_original
@@ -36,6 +36,13 @@ def ulp_noise(base: torch.Tensor, nodes: int, seed: int = 0) -> torch.Tensor:
     return base.expand(-1, nodes, -1) * (1 + steps * torch.finfo(base.dtype).eps)
 
 
+def collapsed_fraction(layers) -> torch.Tensor:
+    """(layers,) fraction of the batch whose layer is collapsed, measured by a meter."""
+    meter = NodeSpreadMeter()
+    meter.update(layers)
+    return meter.collapsed_fraction()
+
+
 def layer_of(appearance, common_appearance, motion, common_motion):
     return LayerOutput(specific_appearance=appearance, common_appearance=common_appearance,
                        specific_motion=motion, common_motion=common_motion)
@@ -60,7 +67,7 @@ def test_diagnostic_flags_a_collapsed_layer_and_not_a_diverse_one():
     mixed = [torch.cat([c[:1], d[1:]]) for c, d in zip(collapsed, diverse)]
     assert collapsed_layers(node_spread([layer_of(*mixed)])) == []
     assert collapsed_fraction([layer_of(*mixed)]).tolist() == [pytest.approx(0.2)]
-    assert collapse_warnings(spread) == [
+    assert [layer_warning(layer_name(row, 3)) for row in collapsed_layers(spread)] == [
         "graph layer 2: clip features identical across clips; the common loss there is rounding noise",
         "graph layer 3: clip features identical across clips; the common loss there is rounding noise",
     ]
