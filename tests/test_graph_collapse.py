@@ -280,7 +280,8 @@ def test_every_parameter_gets_a_gradient(attention, mode, graph_layers):
     common = torch.stack([common_loss(layer.common_appearance, layer.common_motion, mode=mode)
                           for layer in output.layers]).mean()
     dependence = torch.stack([hsic_loss(layer.specific_appearance, layer.common_appearance)
-                              + hsic_loss(layer.specific_motion, layer.common_motion) for layer in output.layers]).mean()
+                              + hsic_loss(layer.specific_motion, layer.common_motion)
+                              for layer in output.layers]).mean()
     (F.cross_entropy(output.logits, labels) + 100.0 * common + 1e-6 * dependence).backward()
     for name, param in model.named_parameters():
         assert param.grad is not None, name

@@ -87,7 +87,6 @@ class StageStart:
     model: DualVGR
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.StepLR
-    distill: str                     # feature, logit or none (always none for the teacher)
     teacher: Optional[DualVGR] = None
     teacher_file: Optional[str] = None
     history: list = field(default_factory=list)     # metrics.csv rows so far
@@ -141,7 +140,7 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.train.lr_halve_every,
                                                 gamma=config.train.lr_decay)
     start = StageStart(device=device, batch_train=batch_train, bundle=bundle, model=model, optimizer=optimizer,
-                       scheduler=scheduler, distill=config.loss.distill_of(stage), teacher=teacher, teacher_file=teacher_file)
+                       scheduler=scheduler, teacher=teacher, teacher_file=teacher_file)
     if resume and os.path.isfile(folder.last):
         resume_from(folder.last, start, config, stage)
     return start
@@ -253,7 +252,7 @@ def _run_training(config: Config, stage: str, teacher_path: Optional[str], resum
         f"U={model.config.unit_layers}), device {device}{processes}, features on {bundle.table.device} "
         f"({bundle.table.mode}, {bundle.table.dtype_name}), {len(bundle.splits['train'])} train / "
         f"{len(bundle.splits['val'])} val / {len(bundle.splits['test'])} test questions"
-        + (f", distill {start.distill} from {start.teacher_file}" if start.teacher_file else ""))
+        + (f", distill {config.loss.distill_of(stage)} from {start.teacher_file}" if start.teacher_file else ""))
     if not train_epochs(config, stage, start, folder, log):
         return {}
     dist.barrier()          # best.pt is complete before any rank reads it
@@ -368,7 +367,7 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
         **evaluation_record(test_summary, "test", dropped, best_checkpoint, best_model),
         "val_accuracy": best_checkpoint.get("best", {}).get("val_accuracy"),
         "checkpoint": folder.best,
-        "distill": start.distill if stage == "student" else None,
+        "distill": config.loss.distill if stage == "student" else None,
         "teacher": start.teacher_file,
         "model_config": best_checkpoint["model_config"],
         "config": config_to_dict(config),
