@@ -22,7 +22,7 @@ from vqakd.core.errors import UserError
 from vqakd.data.features import IDS_DATASET
 from vqakd.extraction.networks import NETWORKS
 from vqakd.extraction.parts import (PARTS_SETTINGS, PARTS_VIDEOS, chunk_files, chunk_name, chunk_partition,
-                                    failure_record, failures_report, read_chunk_damage, read_json_or_none,
+                                    failure_record, failures_report, read_chunk_outcome, read_json_or_none,
                                     read_output_manifest, remove_stale_temporaries, shard_counts)
 from vqakd.extraction.settings import ExtractionResult, difference, identity, identity_digest, videos_digest
 from vqakd.core.files import atomic_path, write_json
@@ -149,7 +149,7 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
                                                 video_shape, digest)
         ids.append(chunk_ids)
         failures.extend(chunk_failures)
-        damaged.extend(read_chunk_damage(owner[k]))
+        damaged.extend(read_chunk_outcome(owner[k])[2])
     all_ids = np.concatenate(ids)
     report_path = failures_report(out_path)
     report = {"output": os.path.abspath(out_path), "model": model, "videos": len(first.videos),

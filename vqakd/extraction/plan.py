@@ -25,8 +25,8 @@ from typing import Callable, NamedTuple, Sequence
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
 from vqakd.extraction.merge import existing_output
-from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, open_parts, parts_folder, read_chunk_damage,
-                                    read_chunk_outcome, read_json_or_none, remove_stale_temporaries, shard_note_name)
+from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, open_parts, parts_folder, read_chunk_outcome,
+                                    read_json_or_none, remove_stale_temporaries, shard_note_name)
 from vqakd.extraction.settings import ExtractionResult, Shard
 from vqakd.core.files import write_json
 
@@ -107,11 +107,10 @@ def finish_shard(chunks: list[list[int]], parts_dir: str, shard: Shard) -> Extra
     mine = [k for k in range(len(chunks)) if shard.owns(k)]
     written, failures, damaged = 0, [], []
     for k in mine:
-        path = os.path.join(parts_dir, chunk_name(k))
-        count, chunk_failures = read_chunk_outcome(path)
+        count, chunk_failures, chunk_damaged = read_chunk_outcome(os.path.join(parts_dir, chunk_name(k)))
         written += count
         failures.extend(chunk_failures)
-        damaged.extend(read_chunk_damage(path))
+        damaged.extend(chunk_damaged)
     write_json(os.path.join(parts_dir, shard_note_name(shard.index, shard.count)),
                {"num_shards": shard.count, "shard_index": shard.index, "chunks": mine,
                 "videos": sum(len(chunks[k]) for k in mine), "written": written,
