@@ -136,9 +136,3 @@ def layer_warning(name: str) -> str:
     """The one-line warning for the collapsed layer named `name` ("g2", "u1_g2", see `layer_name`)."""
     label = name[1:] if name.startswith("g") else name
     return f"graph layer {label}: clip features identical across clips; the common loss there is rounding noise"
-
-
-def attention_row_spread(weights: Tensor) -> Tensor:
-    """(B, H, N, N) attention -> (B, H): largest difference between any two query rows i.
-    0 means every node attends with the same weights (static attention)."""
-    return (weights.amax(dim=2) - weights.amin(dim=2)).amax(dim=-1)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from model import DualVGR, LayerOutput, ModelConfig
-from model.diagnostics import (COLLAPSE_THRESHOLD, NodeSpreadMeter, attention_row_spread, collapsed_layers,
+from model.diagnostics import (COLLAPSE_THRESHOLD, NodeSpreadMeter, collapsed_layers,
                                layer_name, layer_warning, node_spread, spread_columns)
 from model.dualvgr import GRAPH_ATTENTIONS, GraphAttention
 from model.losses import common_loss, hsic_loss
@@ -34,6 +34,12 @@ def ulp_noise(base: torch.Tensor, nodes: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     steps = torch.randint(-3, 4, (base.size(0), nodes, base.size(2)), generator=generator).to(base.dtype)
     return base.expand(-1, nodes, -1) * (1 + steps * torch.finfo(base.dtype).eps)
+
+
+def attention_row_spread(weights: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, N) attention -> (B, H): largest difference between any two query rows i.
+    0 means every node attends with the same weights (static attention)."""
+    return (weights.amax(dim=2) - weights.amin(dim=2)).amax(dim=-1)
 
 
 def collapsed_fraction(layers) -> torch.Tensor:
