@@ -283,15 +283,8 @@ class Answerer:
             if random_weights and getattr(self.flags, f"{kind}_weights"):
                 raise UserError(f"{self.path}: its {kind} features came from a randomly initialised network; "
                                 f"--{kind}-weights does not apply")
-            extraction = ExtractionSettings(
-                dataset=str(settings.get("dataset") or "msvd-qa"), model=settings["model"],
-                num_clips=int(settings["num_clips"]), frames_per_clip=int(settings["frames_per_clip"]),
-                image_height=int(settings["image_height"]), image_width=int(settings["image_width"]),
-                weights=None if random_weights else weights, random_weights=random_weights,
-                random_seed=int(settings.get("random_seed") or 0), kinetics_mean=bool(settings.get("kinetics_mean")),
-                precision=str(settings.get("precision") or "fp32"),
-                normalization=str(settings.get("normalization") or "original"),
-                decode_past_damage=bool(settings.get("decode_past_damage")))
+            extraction = dataclasses.replace(ExtractionSettings.from_record(settings),
+                                             weights=None if random_weights else weights)
             extractor = make_extractor(extraction, self.device, self.batch_size, num_workers=0, progress=False)
             recorded = settings.get("weights_sha256")
             if recorded and extractor.weights.sha256 != recorded:

@@ -51,6 +51,14 @@ class ExtractionSettings:
     normalization: str = "original"     # resnet101: a key of networks.NORMALIZATIONS
     decode_past_damage: bool = False    # skip packets the decoder rejects instead of stopping
 
+    @classmethod
+    def from_record(cls, record: Mapping) -> "ExtractionSettings":
+        """The settings a feature file recorded (a checkpoint's copy of them); an entry it lacks,
+        or holds as None, takes its default here (the dataset only names the run: msvd-qa)."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{"dataset": "msvd-qa", **{key: value for key, value in record.items()
+                                               if key in known and value is not None}})
+
 
 def check_settings(settings: ExtractionSettings, device: torch.device, batch_size: int,
                    num_workers: int) -> None:
