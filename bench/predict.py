@@ -28,7 +28,7 @@ def make_checkpoint(path: str, num_clips: int, sizes: dict, frames: dict, words:
 
     from model import DualVGR, ModelConfig
     from vqakd.training.checkpoint import build_checkpoint, save_checkpoint
-    from vqakd.training.inference_record import MODEL_OF_KIND
+    from vqakd.extraction.networks import MODEL_OF_KIND
 
     question_vocab = {"<NULL>": 0, "<UNK>": 1, **{w: i + 2 for i, w in enumerate(words)}}
     answer_vocab = {"<UNK0>": 0, "<UNK1>": 1, **{a: i + 2 for i, a in enumerate(answers)}}

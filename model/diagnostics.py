@@ -4,8 +4,8 @@ The graph layers of a trained DualVGR can collapse: every clip node leaves a lay
 vector (GAT's attention is static on a complete graph, so once the clips look alike they stay
 alike). The common loss then centres the node features over the clips and L2-normalises what is
 left, which on a collapsed layer is rounding noise. `node_spread` measures, per graph layer and
-stream, how far the N clip vectors are apart relative to their size; `collapsed_layers` and
-`collapse_warning` turn that into a one-line warning.
+stream, how far the N clip vectors are apart relative to their size; `is_collapsed` is the rule
+that calls a layer collapsed and `layer_warning` the one-line warning.
 
 Everything here works on the `layers` of an ordinary forward pass (no extra model outputs), is
 detached, and loops over layers and streams only, never over the batch.
@@ -20,13 +20,8 @@ from torch import Tensor
 
 from model.dualvgr import DualVGROutput, LayerOutput
 
-# The four GAT outputs of a layer, in LayerOutput order: (column name, LayerOutput field).
-STREAMS = (
-    ("specific_appearance", "appearance"),
-    ("common_appearance", "common_appearance"),
-    ("specific_motion", "motion"),
-    ("common_motion", "common_motion"),
-)
+# The four GAT outputs of a layer, in LayerOutput order (and the metrics.csv column names).
+STREAMS = LayerOutput._fields
 # The streams the common loss compares: if either is collapsed, that layer's common loss is noise.
 COMMON_STREAMS = ("common_appearance", "common_motion")
 # Below this relative spread the clip vectors differ only by float32 rounding (the demo teacher's
@@ -51,8 +46,7 @@ def sample_spread(output: DualVGROutput | Sequence[LayerOutput]) -> Tensor:
     layers = output.layers if isinstance(output, DualVGROutput) else tuple(output)
     if not layers:
         raise ValueError("node_spread needs the per-layer outputs of a DualVGR forward pass")
-    return torch.stack([torch.stack([relative_spread(getattr(layer, field)) for _, field in STREAMS], dim=-1)
-                        for layer in layers])
+    return torch.stack([torch.stack([relative_spread(stream) for stream in layer], dim=-1) for layer in layers])
 
 
 def node_spread(output: DualVGROutput | Sequence[LayerOutput]) -> Tensor:
@@ -60,20 +54,10 @@ def node_spread(output: DualVGROutput | Sequence[LayerOutput]) -> Tensor:
     return sample_spread(output).mean(dim=1)
 
 
-def _common_columns() -> list[int]:
-    names = [name for name, _ in STREAMS]
-    return [names.index(name) for name in COMMON_STREAMS]
-
-
-def collapsed_fraction(output: DualVGROutput | Sequence[LayerOutput],
-                       threshold: float = COLLAPSE_THRESHOLD) -> Tensor:
-    """(layers,): fraction of the batch whose common appearance or common motion is collapsed.
-
-    The batch mean of `node_spread` hides samples that collapse while others do not (an
-    untrained teacher's first layer does this); their common loss is noise all the same.
-    """
-    common = sample_spread(output)[..., _common_columns()]                          # (layers, B, 2)
-    return (common < threshold).any(dim=-1).float().mean(dim=1)
+def is_collapsed(spread: Tensor, threshold: float = COLLAPSE_THRESHOLD) -> Tensor:
+    """(..., 4) spread -> (...) bool, the one collapse rule: the common appearance or the common
+    motion clips differ only by rounding, so the common loss there normalises noise."""
+    return (spread[..., [STREAMS.index(name) for name in COMMON_STREAMS]] < threshold).any(dim=-1)
 
 
 class NodeSpreadMeter:
@@ -88,10 +72,10 @@ class NodeSpreadMeter:
         self.collapsed: Tensor | None = None     # (layers,) count of samples with a collapsed common stream
         self.samples = 0
 
-    def update(self, output: DualVGROutput) -> None:
+    def update(self, output: DualVGROutput | Sequence[LayerOutput]) -> None:
         per_sample = sample_spread(output)                                           # (layers, B, 4)
         spread = per_sample.sum(dim=1)
-        collapsed = (per_sample[..., _common_columns()] < self.threshold).any(dim=-1).sum(dim=1)
+        collapsed = is_collapsed(per_sample, self.threshold).sum(dim=1)
         self.total = spread if self.total is None else self.total + spread
         self.collapsed = collapsed if self.collapsed is None else self.collapsed + collapsed
         self.samples += per_sample.size(1)
@@ -103,10 +87,17 @@ class NodeSpreadMeter:
         return self.total / self.samples
 
     def collapsed_fraction(self) -> Tensor:
-        """(layers,) fraction of samples seen whose common loss was rounding noise."""
+        """(layers,) fraction of the samples seen whose layer `is_collapsed`. The batch mean of
+        `node_spread` hides samples that collapse while others do not (an untrained teacher's
+        first layer does this); their common loss is noise all the same."""
         if self.collapsed is None:
             raise ValueError("NodeSpreadMeter.collapsed_fraction() before any update()")
         return self.collapsed.float() / self.samples
+
+    def collapsed_names(self, graph_layers: int | None = None) -> list[str]:
+        """The layers whose mean spread over every sample seen `is_collapsed` ("g1", "u2_g1", ...)."""
+        spread = self.value()
+        return [layer_name(row, spread.size(0), graph_layers) for row in collapsed_layers(spread, self.threshold)]
 
     def columns(self, graph_layers: int | None = None) -> dict[str, float]:
         """node_spread_<layer>_<stream> for every layer and stream, then node_collapsed_<layer>."""
@@ -133,40 +124,15 @@ def spread_columns(spread: Tensor, graph_layers: int | None = None) -> dict[str,
     """
     values = spread.detach().cpu().tolist()
     return {f"node_spread_{layer_name(row, len(values), graph_layers)}_{stream}": float(values[row][col])
-            for row in range(len(values)) for col, (stream, _) in enumerate(STREAMS)}
+            for row in range(len(values)) for col, stream in enumerate(STREAMS)}
 
 
 def collapsed_layers(spread: Tensor, threshold: float = COLLAPSE_THRESHOLD) -> list[int]:
-    """Rows (0-based) of a (layers, 4) spread whose common appearance or common motion stream is
-    below `threshold`: there the common loss normalises rounding noise."""
-    common = spread[:, _common_columns()]
-    return [int(row) for row in torch.nonzero((common < threshold).any(dim=1)).flatten().tolist()]
-
-
-def collapse_warning(row: int, rows: int = 0, graph_layers: int | None = None) -> str:
-    """The one-line warning for collapsed row `row` (0-based) of a `rows`-row node_spread."""
-    return layer_warning(layer_name(row, rows, graph_layers))
+    """Rows (0-based) of a (layers, 4) spread that `is_collapsed`."""
+    return [int(row) for row in torch.nonzero(is_collapsed(spread, threshold)).flatten().tolist()]
 
 
 def layer_warning(name: str) -> str:
     """The one-line warning for the collapsed layer named `name` ("g2", "u1_g2", see `layer_name`)."""
     label = name[1:] if name.startswith("g") else name
     return f"graph layer {label}: clip features identical across clips; the common loss there is rounding noise"
-
-
-def collapse_warnings(spread: Tensor, graph_layers: int | None = None,
-                      threshold: float = COLLAPSE_THRESHOLD) -> list[str]:
-    """One warning line per collapsed layer (empty when every layer tells its clips apart)."""
-    return [collapse_warning(row, spread.size(0), graph_layers) for row in collapsed_layers(spread, threshold)]
-
-
-def attention_row_spread(weights: Tensor) -> Tensor:
-    """(B, H, N, N) attention -> (B, H): largest difference between any two query rows i.
-    0 means every node attends with the same weights (static attention)."""
-    return (weights.amax(dim=2) - weights.amin(dim=2)).amax(dim=-1)
-
-
-__all__ = ("STREAMS", "COMMON_STREAMS", "COLLAPSE_THRESHOLD", "relative_spread", "sample_spread", "node_spread",
-           "collapsed_fraction",
-                          "NodeSpreadMeter", "spread_columns", "collapsed_layers", "collapse_warning",
-                          "collapse_warnings", "attention_row_spread", "layer_name", "layer_warning")

@@ -2,12 +2,12 @@
 
 The layout is that of docs/method.md#network (and of the original DualVGR code in every detail):
 
-    question ──Embed─dropout─tanh──> words w ──BiLSTM (packed)──> dyn (B, L, d)
-                                        └────BiLSTM (packed)──> q   (B, d)
+    question ──Embed─dropout─tanh──> words w ──BiLSTM (packed)──> word states (B, L, d)
+                                        └────BiLSTM (packed)──> q           (B, d)
     appearance (B,N,F,Dv) ──dropout─tanh─BiLSTM over F──> a (B, N, d)
     motion     (B,N,Dv)   ──Linear──────────────────────> m (B, N, d)
-    U reasoning units:  c = QueryAttention(dyn, w);  p_a, p_m = QueryPunishment(c, a / m)
-                        G graph layers of four GATs (specific/common × appearance/motion)
+    U reasoning units:  c = QueryAttention(word states, w);  p_a, p_m = QuestionGate(c, a / m)
+                        G graph layers of four GAT (or GATv2) blocks (specific/common × appearance/motion)
                         a += ViewFusion(common_a, specific_a);  m += ViewFusion(common_m, specific_m)
     v = MFB(a, m) (B, N, d) ──ClipPooling──> v̄ ;  logits = AnswerHead(v̄, q)
 
@@ -35,9 +35,9 @@ QUERY_ATTENTION_EPS = 1e-5      # added to the kept attention mass before renorm
 class LayerOutput(NamedTuple):
     """One graph layer's results, kept for the common and dependence losses (each (B, N, d))."""
 
-    appearance: Tensor           # a_{g+1}, output of the specific-appearance GAT
+    specific_appearance: Tensor  # a_{g+1}, output of the specific-appearance GAT
     common_appearance: Tensor    # output of the common-appearance GAT
-    motion: Tensor               # m_{g+1}
+    specific_motion: Tensor      # m_{g+1}
     common_motion: Tensor
 
 
@@ -66,7 +66,7 @@ def _recurrent_precision(tensor: Tensor):
 
 
 class QuestionEncoder(nn.Module):
-    """Word vectors, per-word BiLSTM states `dyn`, and the sentence vector `q`."""
+    """Word vectors, per-word BiLSTM states `word_states`, and the sentence vector `q`."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -78,7 +78,7 @@ class QuestionEncoder(nn.Module):
         self.sentence_dropout = nn.Dropout(config.encoder_dropout)
 
     def forward(self, question: Tensor, question_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """question (B, L) long, question_len (B,) -> words (B, L, Dw), dyn (B, L, d), q (B, d)."""
+        """question (B, L) long, question_len (B,) -> words (B, L, Dw), word_states (B, L, d), q (B, d)."""
         max_len = question.size(1)
         words = torch.tanh(self.word_dropout(self.embedding(question)))
         # pack_padded_sequence only accepts lengths as a CPU int64 tensor; this is the one
@@ -88,15 +88,15 @@ class QuestionEncoder(nn.Module):
             raise ValueError(f"question lengths must lie in [1, {max_len}], got {lengths.tolist()}")
         packed = pack_padded_sequence(words, lengths, batch_first=True, enforce_sorted=False)
         with _recurrent_precision(words):
-            dyn_packed, _ = self.word_lstm(packed)
+            word_states_packed, _ = self.word_lstm(packed)
             # The sentence BiLSTM also runs on the packed sequence, so its forward state is the
             # one at the true last word and the backward state starts there: padding cannot leak in.
             _, (final_hidden, _) = self.sentence_lstm(packed)
         # Padded back to the full length L (zeros after each question's end), as the original
         # DynamicRNN did with F.pad, so the query attention sees (B, L, d).
-        dyn, _ = pad_packed_sequence(dyn_packed, batch_first=True, total_length=max_len)
+        word_states, _ = pad_packed_sequence(word_states_packed, batch_first=True, total_length=max_len)
         sentence = torch.cat([final_hidden[0], final_hidden[1]], dim=-1)
-        return words, dyn, self.sentence_dropout(sentence)
+        return words, word_states, self.sentence_dropout(sentence)
 
 
 class AppearanceEncoder(nn.Module):
@@ -130,9 +130,9 @@ class QueryAttention(nn.Module):
         self.feat_enhance = nn.Linear(config.module_dim, config.module_dim)
         self.score = nn.Linear(config.module_dim, 1)
 
-    def forward(self, words: Tensor, dyn: Tensor, word_mask: Tensor) -> Tensor:
-        """words (B, L, Dw), dyn (B, L, d), word_mask (B, L) bool -> c (B, Dw)."""
-        scores = self.score(F.normalize(self.feat_enhance(dyn), p=2, dim=-1)).squeeze(-1)
+    def forward(self, words: Tensor, word_states: Tensor, word_mask: Tensor) -> Tensor:
+        """words (B, L, Dw), word_states (B, L, d), word_mask (B, L) bool -> c (B, Dw)."""
+        scores = self.score(F.normalize(self.feat_enhance(word_states), p=2, dim=-1)).squeeze(-1)
         # As in the original: softmax over all L positions, zero the padded ones, renormalise
         # by (sum + 1e-5). The epsilon makes the result depend on padding only at the 1e-5 level.
         weights = torch.softmax(scores, dim=1) * word_mask.to(scores.dtype)
@@ -140,8 +140,8 @@ class QueryAttention(nn.Module):
         return torch.bmm(weights.unsqueeze(1).to(words.dtype), words).squeeze(1)
 
 
-class QueryPunishment(nn.Module):
-    """One gate per clip: p = sigmoid(x · Linear(c)) -> (B, N, 1)."""
+class QuestionGate(nn.Module):
+    """Question gating of the clips: one gate per clip, p = sigmoid(x · Linear(c)) -> (B, N, 1)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -152,88 +152,43 @@ class QueryPunishment(nn.Module):
         return torch.sigmoid(torch.bmm(visual, projected.to(visual.dtype)))
 
 
+def _xavier_bound(fan_in: int, fan_out: int) -> float:
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
 class GraphAttention(nn.Module):
-    """Multi-head graph attention over the complete graph of clips (self-loops included).
+    """Multi-head graph attention over the complete graph of clips (self-loops included); its
+    subclasses `GAT` and `GATv2` make the scores e_ij.
 
     All heads share one projection matmul: `proj.weight` stacks the per-head W (dh × d) along
     its output rows, head h at rows [h·dh, (h+1)·dh). The message node j sends is W h_j + b
-    (`proj`), scaled by its query-punishment gate. How the scores e_ij are made depends on
-    `config.attention`:
-
-    "gat" (default, the original network): each head's score vector a = [a1 ‖ a2] is stored
-    split: `attn_self[h]` = a1 acts on W h_i (the node being updated), `attn_neighbor[h]` = a2
-    acts on W h_j (the node sending the message), `attn_bias[h]` is a's bias, and
-    e_ij = LeakyReLU(a1·W h_i + a2·W h_j + b); the B×N×N×2dh pair tensor is never built.
-    Parameters per block: d·d + d (proj) + 2·d + H (a) = d² + 3d + H, with d = module_dim.
-    On a complete graph this attention is static: wherever the LeakyReLU stays on one branch
-    the softmax over j cancels the a1 term, so every node i attends with the same weights.
-
-    "gatv2" (Brody, Alon & Yahav, ICLR 2022): e_ij = a_h · LeakyReLU(W_s h_i + b_s + W h_j + b)
-    per head, with a second stacked projection `target_proj` (W_s, b_s; same head sizes) for
-    the node being updated and one score vector `attn[h]` (dh) per head. A bias after the dot
-    product would be constant over j and cancel in the softmax, so there is none. Parameters
-    per block: 2·(d·d + d) (proj, target_proj) + d (attn) = 2d² + 3d. The scores need a
-    B×H×N×N×dh tensor (B·N²·d values; N is small).
+    (`proj`), scaled by its question gate.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.kind = config.attention
         self.num_heads = config.num_heads
         self.head_dim = config.module_dim // config.num_heads
         self.dropout = config.graph_dropout
         self.proj = nn.Linear(config.module_dim, self.num_heads * self.head_dim)
-        if self.kind == "gat":
-            self.attn_self = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
-            self.attn_neighbor = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
-            self.attn_bias = nn.Parameter(torch.empty(self.num_heads))
-        else:
-            self.target_proj = nn.Linear(config.module_dim, self.num_heads * self.head_dim)
-            self.attn = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        # Xavier-uniform per head, with the fans of the original per-head modules:
-        # W is Linear(d -> dh) and a is Linear(2·dh -> 1). Initialising the stacked (H·dh × d)
-        # matrix as one would use the wrong fan-out.
-        fan_in = self.proj.in_features
-        bound_w = math.sqrt(6.0 / (fan_in + self.head_dim))
-        self.proj.weight.uniform_(-bound_w, bound_w)
+        # Xavier-uniform per head, with the fans of the original per-head modules (W is
+        # Linear(d -> dh)): initialising the stacked (H·dh × d) matrix as one would use the wrong fan-out.
+        bound = _xavier_bound(self.proj.in_features, self.head_dim)
+        self.proj.weight.uniform_(-bound, bound)
         self.proj.bias.zero_()
-        if self.kind == "gat":
-            bound_a = math.sqrt(6.0 / (2 * self.head_dim + 1))
-            self.attn_self.uniform_(-bound_a, bound_a)
-            self.attn_neighbor.uniform_(-bound_a, bound_a)
-            self.attn_bias.zero_()
-        else:
-            # W_s like W (per head d -> dh); a is one Linear(dh -> 1) per head.
-            self.target_proj.weight.uniform_(-bound_w, bound_w)
-            self.target_proj.bias.zero_()
-            bound_a = math.sqrt(6.0 / (self.head_dim + 1))
-            self.attn.uniform_(-bound_a, bound_a)
 
     def project(self, x: Tensor) -> Tensor:
         """(B, N, d) -> per-head node features (B, H, N, dh)."""
         batch, nodes, _ = x.shape
         return self.proj(x).view(batch, nodes, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def attention_scores(self, heads: Tensor, x: Tensor | None = None) -> Tensor:
-        """Per-head node features (B, H, N, dh) -> e (B, H, N, N), e[b,h,i,j] for message j -> i.
-
-        "gatv2" also needs the layer input x (B, N, d) for the target projection W_s h_i.
-        """
-        if self.kind == "gatv2":
-            if x is None:
-                raise ValueError("GATv2 attention scores need the layer input x")
-            batch, nodes, _ = x.shape
-            targets = self.target_proj(x).view(batch, nodes, self.num_heads, self.head_dim).transpose(1, 2)
-            pairs = F.leaky_relu(targets.unsqueeze(3) + heads.unsqueeze(2), GAT_LEAKY_SLOPE)   # (B,H,N,N,dh)
-            return torch.einsum("bhijd,hd->bhij", pairs, self.attn.to(pairs.dtype))
-        to_self = torch.einsum("bhnd,hd->bhn", heads, self.attn_self.to(heads.dtype))
-        to_neighbor = torch.einsum("bhnd,hd->bhn", heads, self.attn_neighbor.to(heads.dtype))
-        raw = to_self.unsqueeze(-1) + to_neighbor.unsqueeze(-2) + self.attn_bias.to(heads.dtype).view(1, -1, 1, 1)
-        return F.leaky_relu(raw, GAT_LEAKY_SLOPE)
+    def attention_scores(self, heads: Tensor, x: Tensor) -> Tensor:
+        """Per-head node features (B, H, N, dh) of the layer input x (B, N, d) -> e (B, H, N, N),
+        e[b,h,i,j] for message j -> i."""
+        raise NotImplementedError
 
     def attention_weights(self, x: Tensor) -> Tensor:
         """Softmax attention (B, H, N, N) of input x (B, N, d), no dropout: row i is how node i
@@ -247,12 +202,78 @@ class GraphAttention(nn.Module):
         heads = self.project(x)
         attention = torch.softmax(self.attention_scores(heads, x), dim=-1)
         attention = F.dropout(attention, self.dropout, self.training)
-        # The query-punishment gate of node j scales the message node j sends; the scores
-        # above are computed from the ungated features, as in the original.
+        # The question gate of node j scales the message node j sends; the scores above are
+        # computed from the ungated features, as in the original.
         messages = heads * gate.unsqueeze(1).to(heads.dtype)
         out = F.elu(torch.matmul(attention, messages))
         out = out.transpose(1, 2).reshape(batch, nodes, self.num_heads * self.head_dim)
         return F.dropout(out, self.dropout, self.training)
+
+
+class GAT(GraphAttention):
+    """The original network's block: each head's score vector a = [a1 ‖ a2] is stored split:
+    `attn_self[h]` = a1 acts on W h_i (the node being updated), `attn_neighbor[h]` = a2 acts on
+    W h_j (the node sending the message), `attn_bias[h]` is a's bias, and
+    e_ij = LeakyReLU(a1·W h_i + a2·W h_j + b); the B×N×N×2dh pair tensor is never built.
+    Parameters per block: d·d + d (proj) + 2·d + H (a) = d² + 3d + H, with d = module_dim.
+    On a complete graph this attention is static: wherever the LeakyReLU stays on one branch
+    the softmax over j cancels the a1 term, so every node i attends with the same weights.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.attn_self = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
+        self.attn_neighbor = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
+        self.attn_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        bound = _xavier_bound(2 * self.head_dim, 1)     # a is Linear(2·dh -> 1) per head
+        self.attn_self.uniform_(-bound, bound)
+        self.attn_neighbor.uniform_(-bound, bound)
+        self.attn_bias.zero_()
+
+    def attention_scores(self, heads: Tensor, x: Tensor) -> Tensor:
+        to_self = torch.einsum("bhnd,hd->bhn", heads, self.attn_self.to(heads.dtype))
+        to_neighbor = torch.einsum("bhnd,hd->bhn", heads, self.attn_neighbor.to(heads.dtype))
+        raw = to_self.unsqueeze(-1) + to_neighbor.unsqueeze(-2) + self.attn_bias.to(heads.dtype).view(1, -1, 1, 1)
+        return F.leaky_relu(raw, GAT_LEAKY_SLOPE)
+
+
+class GATv2(GraphAttention):
+    """Brody, Alon & Yahav (ICLR 2022): e_ij = a_h · LeakyReLU(W_s h_i + b_s + W h_j + b) per
+    head, with a second stacked projection `target_proj` (W_s, b_s; same head sizes) for the node
+    being updated and one score vector `attn[h]` (dh) per head. A bias after the dot product
+    would be constant over j and cancel in the softmax, so there is none. Parameters per block:
+    2·(d·d + d) (proj, target_proj) + d (attn) = 2d² + 3d. The scores need a B×H×N×N×dh tensor
+    (B·N²·d values; N is small).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.target_proj = nn.Linear(config.module_dim, self.num_heads * self.head_dim)
+        self.attn = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        bound = _xavier_bound(self.target_proj.in_features, self.head_dim)     # W_s like W
+        self.target_proj.weight.uniform_(-bound, bound)
+        self.target_proj.bias.zero_()
+        bound = _xavier_bound(self.head_dim, 1)          # a is Linear(dh -> 1) per head
+        self.attn.uniform_(-bound, bound)
+
+    def attention_scores(self, heads: Tensor, x: Tensor) -> Tensor:
+        batch, nodes, _ = x.shape
+        targets = self.target_proj(x).view(batch, nodes, self.num_heads, self.head_dim).transpose(1, 2)
+        pairs = F.leaky_relu(targets.unsqueeze(3) + heads.unsqueeze(2), GAT_LEAKY_SLOPE)   # (B,H,N,N,dh)
+        return torch.einsum("bhijd,hd->bhij", pairs, self.attn.to(pairs.dtype))
+
+
+GRAPH_ATTENTIONS = {"gat": GAT, "gatv2": GATv2}     # model.attention -> the block
 
 
 class GraphLayer(nn.Module):
@@ -260,17 +281,18 @@ class GraphLayer(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.specific_appearance = GraphAttention(config)
-        self.common_appearance = GraphAttention(config)
-        self.specific_motion = GraphAttention(config)
-        self.common_motion = GraphAttention(config)
+        attention = GRAPH_ATTENTIONS[config.attention]
+        self.specific_appearance = attention(config)
+        self.common_appearance = attention(config)
+        self.specific_motion = attention(config)
+        self.common_motion = attention(config)
 
     def forward(self, appearance: Tensor, motion: Tensor, gate_appearance: Tensor,
                 gate_motion: Tensor) -> LayerOutput:
         return LayerOutput(
-            appearance=self.specific_appearance(appearance, gate_appearance),
+            specific_appearance=self.specific_appearance(appearance, gate_appearance),
             common_appearance=self.common_appearance(appearance, gate_appearance),
-            motion=self.specific_motion(motion, gate_motion),
+            specific_motion=self.specific_motion(motion, gate_motion),
             common_motion=self.common_motion(motion, gate_motion),
         )
 
@@ -290,32 +312,32 @@ class ViewFusion(nn.Module):
 
 
 class ReasoningUnit(nn.Module):
-    """Query attention + punishment, G graph layers, view fusion and the residual update."""
+    """Question attention and gating, G graph layers, view fusion and the residual update."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.query_attention = QueryAttention(config)
-        self.appearance_punishment = QueryPunishment(config)
-        self.motion_punishment = QueryPunishment(config)
+        self.appearance_gate = QuestionGate(config)
+        self.motion_gate = QuestionGate(config)
         self.layers = nn.ModuleList(GraphLayer(config) for _ in range(config.graph_layers))
         self.appearance_view_fusion = ViewFusion(config)
         self.motion_view_fusion = ViewFusion(config)
 
-    def forward(self, appearance: Tensor, motion: Tensor, words: Tensor, dyn: Tensor,
+    def forward(self, appearance: Tensor, motion: Tensor, words: Tensor, word_states: Tensor,
                 word_mask: Tensor) -> tuple[Tensor, Tensor, list[LayerOutput]]:
-        query = self.query_attention(words, dyn, word_mask)
+        query = self.query_attention(words, word_states, word_mask)
         # Gates come from the unit's input features and are reused by all G layers.
-        gate_appearance = self.appearance_punishment(query, appearance)
-        gate_motion = self.motion_punishment(query, motion)
+        gate_appearance = self.appearance_gate(query, appearance)
+        gate_motion = self.motion_gate(query, motion)
         outputs: list[LayerOutput] = []
         specific_appearance, specific_motion = appearance, motion
         for layer in self.layers:
             result = layer(specific_appearance, specific_motion, gate_appearance, gate_motion)
             outputs.append(result)
-            specific_appearance, specific_motion = result.appearance, result.motion
+            specific_appearance, specific_motion = result.specific_appearance, result.specific_motion
         last = outputs[-1]
-        appearance = appearance + self.appearance_view_fusion(last.common_appearance, last.appearance)
-        motion = motion + self.motion_view_fusion(last.common_motion, last.motion)
+        appearance = appearance + self.appearance_view_fusion(last.common_appearance, last.specific_appearance)
+        motion = motion + self.motion_view_fusion(last.common_motion, last.specific_motion)
         return appearance, motion, outputs
 
 
@@ -410,7 +432,7 @@ class DualVGR(nn.Module):
                         nn.init.zeros_(param)
             elif isinstance(module, nn.BatchNorm1d):
                 module.reset_parameters()
-        # GraphAttention's projection is a stacked nn.Linear; re-apply its per-head fans after
+        # GraphAttention's projections are stacked nn.Linears; re-apply their per-head fans after
         # the generic pass above.
         for module in self.modules():
             if isinstance(module, GraphAttention):
@@ -439,7 +461,7 @@ class DualVGR(nn.Module):
         motion = motion.to(device=device, dtype=dtype)
         question = question.to(device=device, dtype=torch.long)
 
-        words, dyn, sentence = self.question_encoder(question, question_len)
+        words, word_states, sentence = self.question_encoder(question, question_len)
         positions = torch.arange(question.size(1), device=device)
         word_mask = positions.unsqueeze(0) < question_len.to(device, non_blocking=True).unsqueeze(1)
 
@@ -447,7 +469,8 @@ class DualVGR(nn.Module):
         motion_feat = self.motion_encoder(motion)
         layers: list[LayerOutput] = []
         for unit in self.units:
-            appearance_feat, motion_feat, unit_layers = unit(appearance_feat, motion_feat, words, dyn, word_mask)
+            appearance_feat, motion_feat, unit_layers = unit(appearance_feat, motion_feat, words, word_states,
+                                                             word_mask)
             layers.extend(unit_layers)
 
         visual = self.visual_fusion(appearance_feat, motion_feat)

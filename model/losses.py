@@ -19,7 +19,7 @@ def _no_autocast(tensor: Tensor):
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
-def _wide(tensor: Tensor) -> Tensor:
+def _at_least_float32(tensor: Tensor) -> Tensor:
     """Half-precision tensors go to float32; float32/float64 stay as they are."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
@@ -50,8 +50,8 @@ def common_loss(x: Tensor, y: Tensor, mode: str = "original", rel_tol: float | N
     if mode == "safe":
         return _safe_common_loss(x, y, rel_tol)
     with _no_autocast(x):
-        x = _wide(x)
-        y = _wide(y)
+        x = _at_least_float32(x)
+        y = _at_least_float32(y)
         x = F.normalize(x - x.mean(dim=1, keepdim=True), p=2, dim=2)
         y = F.normalize(y - y.mean(dim=1, keepdim=True), p=2, dim=2)
         gram_x = torch.bmm(x, x.transpose(1, 2))
@@ -62,7 +62,7 @@ def common_loss(x: Tensor, y: Tensor, mode: str = "original", rel_tol: float | N
 def _centred_directions(x: Tensor, rel_tol: float | None) -> tuple[Tensor, Tensor]:
     """x (B, N, d) -> (unit centred node vectors with noise nodes zeroed, (B, N) bool: node is real)."""
     tol = SAFE_COMMON_EPS_FACTOR * torch.finfo(x.dtype).eps if rel_tol is None else rel_tol
-    x = _wide(x)
+    x = _at_least_float32(x)
     centred = x - x.mean(dim=1, keepdim=True)
     squared = (centred * centred).sum(dim=2)                                        # (B, N)
     scale = (x.detach() * x.detach()).sum(dim=2).amax(dim=1, keepdim=True)          # (B, 1) max ‖x_i‖²
@@ -91,8 +91,8 @@ def hsic_loss(x: Tensor, y: Tensor) -> Tensor:
     over the batch, as in the original).
     """
     with _no_autocast(x):
-        x = _wide(x)
-        y = _wide(y)
+        x = _at_least_float32(x)
+        y = _at_least_float32(y)
         centred = x - x.mean(dim=1, keepdim=True)
         gram_x_centred = torch.bmm(centred, centred.transpose(1, 2))
         gram_y = torch.bmm(y, y.transpose(1, 2))
@@ -114,11 +114,12 @@ def hard_loss(output: DualVGROutput, labels: Tensor, alpha: float = 100.0, beta:
         raise ValueError("hard_loss needs the per-layer outputs of a DualVGR forward pass")
     logits = output.logits
     with _no_autocast(logits):
-        ce = F.cross_entropy(_wide(logits), labels.to(logits.device).long())
+        ce = F.cross_entropy(_at_least_float32(logits), labels.to(logits.device).long())
     common = torch.stack([common_loss(layer.common_appearance, layer.common_motion, common_mode)
                           for layer in layers]).mean()
     dependence = torch.stack([
-        hsic_loss(layer.appearance, layer.common_appearance) + hsic_loss(layer.motion, layer.common_motion)
+        hsic_loss(layer.specific_appearance, layer.common_appearance)
+        + hsic_loss(layer.specific_motion, layer.common_motion)
         for layer in layers
     ]).mean()
     if dependence_scale != 1:
@@ -143,8 +144,8 @@ def kd_feature_loss(student_feat: Tensor, teacher_feat: Tensor, tau: float = 1.0
         raise ValueError(f"student features {tuple(student_feat.shape)} and teacher features "
                          f"{tuple(teacher_feat.shape)} differ in shape")
     with _no_autocast(student_feat):
-        log_student = F.log_softmax(_wide(student_feat) / tau, dim=-1)
-        teacher = F.softmax(_wide(teacher_feat.detach()) / tau, dim=-1)
+        log_student = F.log_softmax(_at_least_float32(student_feat) / tau, dim=-1)
+        teacher = F.softmax(_at_least_float32(teacher_feat.detach()) / tau, dim=-1)
         return F.kl_div(log_student, teacher, reduction="batchmean")
 
 
@@ -162,5 +163,5 @@ def logit_distill_loss(student_logits: Tensor, teacher_logits: Tensor, labels: T
     """Hinton distillation: mix · τ² · KL(softmax(t/τ) ‖ softmax(s/τ)) + (1 − mix) · CE(s, y)."""
     kl = kd_feature_loss(student_logits, teacher_logits, tau)
     with _no_autocast(student_logits):
-        ce = F.cross_entropy(_wide(student_logits), labels.to(student_logits.device).long())
+        ce = F.cross_entropy(_at_least_float32(student_logits), labels.to(student_logits.device).long())
     return mix * tau * tau * kl + (1.0 - mix) * ce

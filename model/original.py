@@ -68,8 +68,8 @@ def _renamed_keys(config: ModelConfig) -> list[tuple[str, str]]:
         ours, original = f"units.{u}", "visual_input_unit"
         pairs += linear(f"{ours}.query_attention.feat_enhance", f"{original}.queryAttn.{u}.feat_enhance")
         pairs += linear(f"{ours}.query_attention.score", f"{original}.queryAttn.{u}.fc")
-        pairs += linear(f"{ours}.appearance_punishment.query_proj", f"{original}.queryPunish_appear.{u}.query_weight")
-        pairs += linear(f"{ours}.motion_punishment.query_proj", f"{original}.queryPunish_motion.{u}.query_weight")
+        pairs += linear(f"{ours}.appearance_gate.query_proj", f"{original}.queryPunish_appear.{u}.query_weight")
+        pairs += linear(f"{ours}.motion_gate.query_proj", f"{original}.queryPunish_motion.{u}.query_weight")
         for stream in ("appearance", "motion"):
             pairs += linear(f"{ours}.{stream}_view_fusion.project", f"{original}.attention_{stream}.{u}.project.0")
             pairs += linear(f"{ours}.{stream}_view_fusion.score", f"{original}.attention_{stream}.{u}.project.2",
@@ -146,24 +146,23 @@ def _check_keys(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, .
 
 
 def ours_to_original(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """Our state dict -> the original DualVGR key layout (strict; GAT attention only).
-
-    Refuses a model with several units AND several graph layers: the original code runs graph
-    layer (u, g) with module index u + g (units share modules), so it would compute something
-    else with these weights than our network does."""
+    """Our state dict -> the original DualVGR key layout (strict; GAT attention only, and not
+    several units with several graph layers each, see `_require_unshared_graph_layers`)."""
     _require_gat(config)
-    _require_unshared_graph_layers(config)
+    _require_unshared_graph_layers(config.unit_layers, config.graph_layers, "a model", "exported to")
     ours = _our_shapes(config)
     _check_keys(state, {key: shape for key, (shape, _) in ours.items()}, "DualVGR state dict")
     return _export(state, config)
 
 
-def _require_unshared_graph_layers(config: ModelConfig) -> None:
-    if config.unit_layers > 1 and config.graph_layers > 1:
+def _require_unshared_graph_layers(unit_layers: int, graph_layers: int, what: str, verb: str) -> None:
+    """The original code runs graph layer (u, g) with module index u + g: its units share graph
+    layers and some stored modules are never used. That network has no per-unit form (index
+    u·G + g), so converting it either way would silently change what the weights compute."""
+    if unit_layers > 1 and graph_layers > 1:
         raise OriginalCheckpointError(
-            f"a model with unit_layers={config.unit_layers} and graph_layers={config.graph_layers} cannot be "
-            "exported to the original layout: the original code shares graph layers between units (module "
-            "index u+g) and would run these weights differently")
+            f"{what} with unit_layers={unit_layers} and graph_layers={graph_layers} cannot be {verb} the "
+            "original layout: the original code shares graph layers between units (module index u+g)")
 
 
 def _export(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
@@ -282,14 +281,7 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
     claim = _kwarg_int(model_kwargs, "graph_layers", None, what) if "graph_layers" in model_kwargs else graph_layers
     if claim != graph_layers and claimed is not None:
         claimed["graph_layers"] = claim
-    if unit_layers > 1 and graph_layers > 1:
-        # The original code runs layer (u, g) with module index u + g, so units share graph
-        # layers and some stored modules are never used; that network cannot be expressed with
-        # per-unit parameters (index u·G + g), and loading it would silently change its output.
-        raise OriginalCheckpointError(
-            f"{what}: a checkpoint with unit_layers={unit_layers} and graph_layers={graph_layers} "
-            "cannot be converted: the original code shares graph layers between units "
-            "(module index u+g), which this model does not")
+    _require_unshared_graph_layers(unit_layers, graph_layers, f"{what}: a checkpoint", "converted from")
     return ModelConfig(
         question_vocab_size=question_vocab,
         answer_vocab_size=answer_vocab,

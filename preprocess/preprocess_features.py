@@ -40,7 +40,6 @@ with interruptible_imports():       # torch takes seconds to import: Ctrl-C ther
     from vqakd.core.files import check_output_paths  # noqa: E402
 
 DEFAULT_NUM_WORKERS = 4
-OUTPUT_KIND = {"resnet101": "appearance", "resnext101": "motion"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -136,7 +135,7 @@ def prepare(args: argparse.Namespace, held: contextlib.ExitStack):
     process that will write `<out>` locks it (held until `held` closes)."""
     shard = choose_shard(args)
     device = choose_device(args)
-    out = args.out or os.path.join("data", args.dataset, f"{args.dataset}_{OUTPUT_KIND[args.model]}_feat.h5")
+    out = args.out or os.path.join("data", args.dataset, f"{args.dataset}_{NETWORKS[args.model].kind}_feat.h5")
     ensure_writable_dir(os.path.dirname(os.path.abspath(out)), "output folder")
     if not os.path.isdir(args.video_dir):
         raise UserError(f"video folder not found: {args.video_dir}")

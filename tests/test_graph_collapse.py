@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from model import DualVGR, LayerOutput, ModelConfig
-from model.diagnostics import (COLLAPSE_THRESHOLD, NodeSpreadMeter, attention_row_spread, collapse_warnings,
-                               collapsed_fraction, collapsed_layers, node_spread, spread_columns)
-from model.dualvgr import GraphAttention
+from model.diagnostics import (COLLAPSE_THRESHOLD, NodeSpreadMeter, collapsed_layers,
+                               layer_name, layer_warning, node_spread, spread_columns)
+from model.dualvgr import GRAPH_ATTENTIONS, GraphAttention
 from model.losses import common_loss, hsic_loss
 from model.original import original_to_ours, ours_to_original
 
@@ -36,9 +36,22 @@ def ulp_noise(base: torch.Tensor, nodes: int, seed: int = 0) -> torch.Tensor:
     return base.expand(-1, nodes, -1) * (1 + steps * torch.finfo(base.dtype).eps)
 
 
+def attention_row_spread(weights: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, N) attention -> (B, H): largest difference between any two query rows i.
+    0 means every node attends with the same weights (static attention)."""
+    return (weights.amax(dim=2) - weights.amin(dim=2)).amax(dim=-1)
+
+
+def collapsed_fraction(layers) -> torch.Tensor:
+    """(layers,) fraction of the batch whose layer is collapsed, measured by a meter."""
+    meter = NodeSpreadMeter()
+    meter.update(layers)
+    return meter.collapsed_fraction()
+
+
 def layer_of(appearance, common_appearance, motion, common_motion):
-    return LayerOutput(appearance=appearance, common_appearance=common_appearance, motion=motion,
-                       common_motion=common_motion)
+    return LayerOutput(specific_appearance=appearance, common_appearance=common_appearance,
+                       specific_motion=motion, common_motion=common_motion)
 
 
 # ---------------------------------------------------------------------------------- diagnostic
@@ -60,7 +73,7 @@ def test_diagnostic_flags_a_collapsed_layer_and_not_a_diverse_one():
     mixed = [torch.cat([c[:1], d[1:]]) for c, d in zip(collapsed, diverse)]
     assert collapsed_layers(node_spread([layer_of(*mixed)])) == []
     assert collapsed_fraction([layer_of(*mixed)]).tolist() == [pytest.approx(0.2)]
-    assert collapse_warnings(spread) == [
+    assert [layer_warning(layer_name(row, 3)) for row in collapsed_layers(spread)] == [
         "graph layer 2: clip features identical across clips; the common loss there is rounding noise",
         "graph layer 3: clip features identical across clips; the common loss there is rounding noise",
     ]
@@ -142,7 +155,7 @@ def test_default_model_is_the_gat_network_unchanged():
 
 def one_branch_gat(kind: str) -> GraphAttention:
     torch.manual_seed(5)
-    return GraphAttention(tiny_config(module_dim=48, num_heads=4, attention=kind)).eval()
+    return GRAPH_ATTENTIONS[kind](tiny_config(module_dim=48, num_heads=4, attention=kind)).eval()
 
 
 def test_gat_attention_is_static_and_gatv2_is_not():
@@ -150,7 +163,7 @@ def test_gat_attention_is_static_and_gatv2_is_not():
     gat = one_branch_gat("gat").double()
     with torch.no_grad():
         gat.attn_bias.fill_(50.0)           # every raw score positive: LeakyReLU on one branch
-        assert bool((gat.attention_scores(gat.project(x)) > 0).all())
+        assert bool((gat.attention_scores(gat.project(x), x) > 0).all())
         weights = gat.attention_weights(x)
     assert weights.shape == (3, 4, 6, 6)
     # every query node i attends with the same weights
@@ -182,16 +195,14 @@ def test_gatv2_score_equals_explicit_pairwise_formula():
                     inner = x[:, i] @ w_s.T + b_s + x[:, j] @ w_n.T + b_n
                     explicit[:, h, i, j] = F.leaky_relu(inner, 0.01) @ gatv2.attn[h]
     torch.testing.assert_close(scores, explicit, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="layer input"):
-        gatv2.attention_scores(gatv2.project(x))
 
 
 @pytest.mark.parametrize("module_dim, heads", [(48, 4), (768, 4)])
 def test_gatv2_parameter_count_matches_the_documented_formula(module_dim, heads):
     d = module_dim
     with torch.device("meta"):
-        gat = GraphAttention(tiny_config(module_dim=d, num_heads=heads))
-        gatv2 = GraphAttention(tiny_config(module_dim=d, num_heads=heads, attention="gatv2"))
+        gat = GRAPH_ATTENTIONS["gat"](tiny_config(module_dim=d, num_heads=heads))
+        gatv2 = GRAPH_ATTENTIONS["gatv2"](tiny_config(module_dim=d, num_heads=heads, attention="gatv2"))
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert count(gat) == d * d + 3 * d + heads
     assert count(gatv2) == 2 * d * d + 3 * d
@@ -274,8 +285,9 @@ def test_every_parameter_gets_a_gradient(attention, mode, graph_layers):
     labels = torch.tensor([1, 0, 5, 10])
     common = torch.stack([common_loss(layer.common_appearance, layer.common_motion, mode=mode)
                           for layer in output.layers]).mean()
-    dependence = torch.stack([hsic_loss(layer.appearance, layer.common_appearance)
-                              + hsic_loss(layer.motion, layer.common_motion) for layer in output.layers]).mean()
+    dependence = torch.stack([hsic_loss(layer.specific_appearance, layer.common_appearance)
+                              + hsic_loss(layer.specific_motion, layer.common_motion)
+                              for layer in output.layers]).mean()
     (F.cross_entropy(output.logits, labels) + 100.0 * common + 1e-6 * dependence).backward()
     for name, param in model.named_parameters():
         assert param.grad is not None, name

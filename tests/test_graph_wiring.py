@@ -50,7 +50,7 @@ def tiny_data(tmp_path_factory):
 # ----------------------------------------------------------------------------------- loss.common
 
 def _output(common: torch.Tensor, specific: torch.Tensor, logits: torch.Tensor) -> DualVGROutput:
-    layer = LayerOutput(appearance=specific, common_appearance=common, motion=specific.flip(1),
+    layer = LayerOutput(specific_appearance=specific, common_appearance=common, specific_motion=specific.flip(1),
                         common_motion=common.flip(1))
     return DualVGROutput(logits=logits, visual=specific, appearance=specific, motion=specific, layers=(layer,))
 

@@ -75,8 +75,8 @@ def test_hard_loss_is_ce_plus_weighted_layer_means():
     total, parts = hard_loss(fake_output(layers, logits), labels, alpha=2.0, beta=0.01)
     ce = F.cross_entropy(logits, labels)
     common = sum(reference_common(l.common_appearance, l.common_motion) for l in layers) / 3
-    dependence = sum(reference_hsic(l.appearance, l.common_appearance) + reference_hsic(l.motion, l.common_motion)
-                     for l in layers) / 3
+    dependence = sum(reference_hsic(l.specific_appearance, l.common_appearance)
+                     + reference_hsic(l.specific_motion, l.common_motion) for l in layers) / 3
     torch.testing.assert_close(parts["ce"], ce)
     torch.testing.assert_close(parts["common"], common)
     torch.testing.assert_close(parts["dependence"], dependence)

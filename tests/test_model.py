@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model import DualVGR, DualVGROutput, LayerOutput, ModelConfig
-from model.dualvgr import GraphAttention
+from model.dualvgr import GAT, GraphAttention
 from model.losses import feature_distill_loss, hard_loss
 from model.original import OriginalCheckpointError, original_to_ours, ours_to_original
 from vqakd.training.checkpoint import load_checkpoint
@@ -76,8 +76,8 @@ def test_parameter_breakdown_matches_spec(full_size_models):
         "appearance BiLSTM": (teacher.appearance_encoder, 7_477_248),
         "motion linear": (teacher.motion_encoder, 1_573_632),
         "query attention": (unit.query_attention, 591_361),
-        "appearance punishment": (unit.appearance_punishment, 231_168),
-        "motion punishment": (unit.motion_punishment, 231_168),
+        "appearance gate": (unit.appearance_gate, 231_168),
+        "motion gate": (unit.motion_gate, 231_168),
         "one GAT block": (unit.layers[0].common_motion, 592_132),
         "appearance view fusion": (unit.appearance_view_fusion, 591_360),
         "motion view fusion": (unit.motion_view_fusion, 591_360),
@@ -107,7 +107,7 @@ def test_initialisation_follows_spec():
     gat_projections = {id(m.proj) for m in model.modules() if isinstance(m, GraphAttention)}
     linears = [(n, m) for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and id(m) not in gat_projections]
-    assert len(linears) == 17   # motion 1, query attention 2, punishment 2, view fusion 4, MFB 3, pooling 2, head 3
+    assert len(linears) == 17   # motion 1, query attention 2, gates 2, view fusion 4, MFB 3, pooling 2, head 3
     for name, module in linears:
         fan_out, fan_in = module.weight.shape
         bound = math.sqrt(6 / (fan_in + fan_out))
@@ -130,12 +130,12 @@ def test_initialisation_follows_spec():
 
 def test_split_attention_score_equals_concatenation_form():
     torch.manual_seed(1)
-    gat = GraphAttention(tiny_config(module_dim=48, num_heads=4))
+    gat = GAT(tiny_config(module_dim=48, num_heads=4))
     with torch.no_grad():
         gat.attn_bias.normal_()
     x = torch.randn(3, 5, 48)
     heads = gat.project(x)                                            # (B, H, N, dh)
-    split = gat.attention_scores(heads)
+    split = gat.attention_scores(heads, x)
     nodes, head_dim = heads.size(2), heads.size(3)
     pairs = torch.cat([heads.unsqueeze(3).expand(-1, -1, -1, nodes, -1),     # h_i
                        heads.unsqueeze(2).expand(-1, -1, nodes, -1, -1)],    # h_j
@@ -198,7 +198,7 @@ def test_forward_returns_named_result_with_expected_shapes():
     for layer in output.layers:
         assert all(t.shape == (3, config.num_nodes, config.module_dim) for t in layer)
     # a layer's specific output is the next layer's input: they differ, and the layers are distinct
-    assert not torch.allclose(output.layers[0].appearance, output.layers[1].appearance)
+    assert not torch.allclose(output.layers[0].specific_appearance, output.layers[1].specific_appearance)
 
 
 def test_padding_does_not_change_logits_in_eval_mode():
@@ -465,12 +465,11 @@ def test_exporting_shared_unit_graph_layers_to_the_original_layout_is_refused():
         ours_to_original(make_model(config).state_dict(), config)
 
 
-def test_original_checkpoint_with_shared_graph_layers_is_refused(tmp_path, monkeypatch):
+def test_original_checkpoint_with_shared_graph_layers_is_refused(tmp_path):
     config = tiny_config(unit_layers=2, graph_layers=2)
-    # ours_to_original refuses to write this layout; build it with the refusal switched off
-    import model.original as original_module
-    monkeypatch.setattr(original_module, "_require_unshared_graph_layers", lambda config: None)
-    original = ours_to_original(make_model(config).state_dict(), config)
+    # ours_to_original refuses to write this layout; build it with the key mapping alone
+    from model.original import _export
+    original = _export(make_model(config).state_dict(), config)
     path = tmp_path / "multi.pt"
     torch.save({"epoch": 0, "state_dict": original, "optimizer": {},
                 "model_kwargs": dict(original_kwargs(config), unit_layers=2)}, path)
@@ -533,3 +532,19 @@ def test_model_package_stands_alone():
                 elif isinstance(node, ast.Import):
                     imported += [(name, alias.name) for alias in node.names]
     assert imported and not [(name, module) for name, module in imported if module.split(".")[0] == "vqakd"]
+
+
+def test_checkpoint_saved_before_the_gates_were_renamed_still_loads(tmp_path):
+    """Our checkpoints from before the rename hold the question gates as `*_punishment.*`."""
+    from vqakd.training.checkpoint import build_checkpoint, model_from_checkpoint, save_checkpoint
+
+    model = DualVGR(tiny_config())
+    checkpoint = build_checkpoint(model=model, stage="teacher", epoch=1)
+    checkpoint["state_dict"] = {key.replace("_gate.", "_punishment."): value
+                                for key, value in checkpoint["state_dict"].items()}
+    assert any("appearance_punishment" in key for key in checkpoint["state_dict"])
+    path = str(tmp_path / "old.pt")
+    save_checkpoint(path, checkpoint)
+    loaded = model_from_checkpoint(load_checkpoint(path), path, torch.device("cpu"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -16,7 +16,6 @@ video costs its sha256 and the model's forward pass.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import tempfile
@@ -30,12 +29,14 @@ from vqakd.data.annotations import Video
 from vqakd.training.checkpoint import load_checkpoint, model_from_checkpoint
 from vqakd.core.errors import UserError
 from vqakd.core.files import atomic_open, file_sha256
-from vqakd.training.inference_record import FEATURE_KINDS, MODEL_OF_KIND, identity, random_seed_of
+from vqakd.training.inference_record import random_seed_of
+from vqakd.data.features import IDS_DATASET
 from vqakd.data.questions import tokenize_question
 from vqakd.data.vocab import NULL_INDEX, UNK_INDEX, UNK_TOKEN, Vocabulary
 
-# The one place the extraction code is imported from (it is moving to a package).
-from vqakd.extraction import NETWORKS, ExtractionSettings, make_extractor  # noqa: E402  isort: skip
+from vqakd.extraction import NETWORKS, ExtractionSettings, make_extractor
+from vqakd.extraction.networks import FEATURE_KINDS, MODEL_OF_KIND
+from vqakd.extraction.settings import FEATURE_SETTINGS, identity_digest
 
 DEFAULT_TOP_K = 5
 CACHE_FOLDER = "predict_cache"
@@ -135,10 +136,6 @@ def feature_settings(checkpoint: Mapping[str, Any], flags: ExtractionFlags, num_
             raise UserError(f"{path}: {kind} features have {settings[kind]['num_clips']} clips but the model "
                             f"was built for {num_clips}")
     return settings
-
-
-def settings_digest(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity(settings), sort_keys=True).encode("utf-8")).hexdigest()
 
 
 # ----------------------------------------------------------------------------------- vocabulary
@@ -298,15 +295,8 @@ class Answerer:
             if random_weights and getattr(self.flags, f"{kind}_weights"):
                 raise UserError(f"{self.path}: its {kind} features came from a randomly initialised network; "
                                 f"--{kind}-weights does not apply")
-            extraction = ExtractionSettings(
-                dataset=str(settings.get("dataset") or "msvd-qa"), model=settings["model"],
-                num_clips=int(settings["num_clips"]), frames_per_clip=int(settings["frames_per_clip"]),
-                image_height=int(settings["image_height"]), image_width=int(settings["image_width"]),
-                weights=None if random_weights else weights, random_weights=random_weights,
-                random_seed=int(settings.get("random_seed") or 0), kinetics_mean=bool(settings.get("kinetics_mean")),
-                precision=str(settings.get("precision") or "fp32"),
-                normalization=str(settings.get("normalization") or "original"),
-                decode_past_damage=bool(settings.get("decode_past_damage")))
+            extraction = dataclasses.replace(ExtractionSettings.from_record(settings),
+                                             weights=None if random_weights else weights)
             extractor = make_extractor(extraction, self.device, self.batch_size, num_workers=0, progress=False)
             recorded = settings.get("weights_sha256")
             if recorded and extractor.weights.sha256 != recorded:
@@ -350,7 +340,8 @@ class Answerer:
                 continue
             found[video] = {}
             for kind in FEATURE_KINDS:
-                array = self.cache.get(shas[video], kind, settings_digest(self.settings[kind]), self.shape(kind))
+                array = self.cache.get(shas[video], kind, identity_digest(self.settings[kind], FEATURE_SETTINGS),
+                                       self.shape(kind))
                 if array is not None:
                     found[video][kind] = array
         timings = {video: 0.0 for video in found}
@@ -369,7 +360,8 @@ class Answerer:
                         result[video] = arrays[video]
                         continue
                     found[video][kind] = arrays[video]
-                    self.cache.put(shas[video], kind, settings_digest(self.settings[kind]), arrays[video])
+                    self.cache.put(shas[video], kind, identity_digest(self.settings[kind], FEATURE_SETTINGS),
+                                   arrays[video])
         for video, arrays in found.items():
             if video not in result:
                 result[video] = VideoFeatures(arrays["appearance"], arrays["motion"], timings[video] == 0.0,
@@ -401,7 +393,7 @@ class Answerer:
                 arrays[path] = VideoFailure(f"{path}: cannot use this video ({failure['reason']})")
             if out is not None:
                 with h5py.File(out, "r") as handle:
-                    ids = handle["ids"][()]
+                    ids = handle[IDS_DATASET][()]
                     data = handle[extractor.model.feature_dataset][()]
                 for row, video_id in enumerate(ids):
                     arrays[paths[int(video_id)]] = np.ascontiguousarray(data[row], dtype=np.float32)

@@ -46,9 +46,14 @@ __all__ = ["ORIGINAL_FLAGS", "STAGES", "Config", "DataConfig", "ModelSection", "
 DATASET_CHOICES = ("msvd-qa", "msrvtt-qa", "demo")
 
 
+# The DataConfig entries that are a run's input files.
+DATA_FILES = ("vocab", "train_questions", "val_questions", "test_questions", "appearance_feat", "motion_feat",
+              "glove")
+
+
 @dataclass
 class DataConfig:
-    """Input files (docs/method.md#file-formats) and how the feature table is held."""
+    """Input files (docs/method.md#file-formats, listed in DATA_FILES) and how the feature table is held."""
 
     vocab: str = "data/{dataset}/{dataset}_vocab.json"
     train_questions: str = "data/{dataset}/{dataset}_train_questions.pt"
@@ -143,6 +148,10 @@ class LossConfig:
     # Common loss: original = the paper's; safe = node pairs whose centred features are only
     # rounding noise (a collapsed graph layer) count 0 instead of normalised noise (docs/method.md).
     common: Literal["original", "safe"] = "original"
+
+    def distill_of(self, stage: str) -> str:
+        """The distillation `stage` trains with: the teacher never distils."""
+        return self.distill if stage == "student" else "none"
 
 
 @dataclass

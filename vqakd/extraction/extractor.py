@@ -36,11 +36,11 @@ from vqakd.core.progress import progress_bar
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
 from vqakd.extraction.decoding import DecodedVideo, decoded_videos, next_decoded
-from vqakd.extraction.merge import merge_parts
+from vqakd.extraction.merge import completed_result, merge_parts
 from vqakd.extraction.networks import NETWORKS, FeatureNetwork
 from vqakd.extraction.parts import (chunk_partition, failure_record, failures_report, parts_folder,
                                     write_chunk)
-from vqakd.extraction.plan import (already_complete, finish_shard, make_plan, require_shared_parts_folder,
+from vqakd.extraction.plan import (finish_shard, make_plan, require_shared_parts_folder,
                                    wait_for_chunks)
 from vqakd.extraction.settings import (FEATURE_DIM, ExtractionResult, ExtractionSettings, Shard, build_manifest,
                                        check_settings, identity_digest)
@@ -115,7 +115,7 @@ class FeatureExtractor:
         if plan.complete:
             if rank != 0:
                 return ExtractionResult(out_path, report_path, len(videos), 0, [], True, main=False)
-            return already_complete(videos, out_path)
+            return completed_result(out_path, videos)
         if world > 1:
             distributed.agree(lambda: require_shared_parts_folder(parts_dir, plan.token),
                               what="the check of the shared parts folder")

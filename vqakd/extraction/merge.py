@@ -19,10 +19,11 @@ import numpy as np
 
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
+from vqakd.data.features import IDS_DATASET
 from vqakd.extraction.networks import NETWORKS
 from vqakd.extraction.parts import (PARTS_SETTINGS, PARTS_VIDEOS, chunk_files, chunk_name, chunk_partition,
-                                    failures_report, read_chunk_damage, read_json_or_none, read_output_manifest,
-                                    remove_stale_temporaries, shard_counts)
+                                    failure_record, failures_report, read_chunk_outcome, read_json_or_none,
+                                    read_output_manifest, remove_stale_temporaries, shard_counts)
 from vqakd.extraction.settings import ExtractionResult, difference, identity, identity_digest, videos_digest
 from vqakd.core.files import atomic_path, write_json
 
@@ -148,7 +149,7 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
                                                 video_shape, digest)
         ids.append(chunk_ids)
         failures.extend(chunk_failures)
-        damaged.extend(read_chunk_damage(owner[k]))
+        damaged.extend(read_chunk_outcome(owner[k])[2])
     all_ids = np.concatenate(ids)
     report_path = failures_report(out_path)
     report = {"output": os.path.abspath(out_path), "model": model, "videos": len(first.videos),
@@ -169,7 +170,7 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
                     features = part["features"]
                     data[row:row + len(features)] = features
                     row += len(features)
-            h5.create_dataset("ids", data=all_ids)
+            h5.create_dataset(IDS_DATASET, data=all_ids)
             for key, value in manifest.items():
                 h5.attrs[key] = value
             h5.attrs["failed_videos"] = len(failures)
@@ -181,30 +182,23 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
                             damaged=damaged)
 
 
-def merge_into_output(parts_dirs: Sequence[str], out_path: str, overwrite: bool = False,
-                      keep_parts: bool = False) -> ExtractionResult:
-    """`merge_parts`, unless `out_path` already holds these features (a finished merge).
-
-    An existing output made with other settings is kept unless `overwrite`.
-    """
-    out_path = os.fspath(out_path)
-    if os.path.exists(out_path) and not overwrite:
-        existing = read_output_manifest(out_path)
-        present = [path for path in parts_dirs if os.path.isdir(path)]
-        settings = read_json_or_none(os.path.join(present[0], PARTS_SETTINGS)) if present else None
-        if existing is not None and (not present or identity(settings) == identity(existing)):
-            if not keep_parts:   # a merge killed while removing its parts
-                for path in present:
-                    shutil.rmtree(path, ignore_errors=True)
-            return _completed_result(out_path, existing)
-        made = difference(existing, settings) if isinstance(settings, dict) else "by something else"
-        raise UserError(f"{out_path} already exists and was made {made}; pass --overwrite to "
-                        "replace it or choose another --out")
-    remove_stale_temporaries(out_path, [], output_too=True)
-    return merge_parts(parts_dirs, out_path, keep_parts)
+def existing_output(out_path: str, manifest: dict | None, overwrite: bool) -> dict | None:
+    """The manifest of `out_path` when it already holds these features (made with `manifest`'s
+    settings, or any when None); None when there is no output yet or `overwrite`. An output made
+    otherwise is refused."""
+    if overwrite or not os.path.exists(out_path):
+        return None
+    existing = read_output_manifest(out_path)
+    if existing is not None and (manifest is None or identity(existing) == identity(manifest)):
+        return existing
+    raise UserError(f"{out_path} already exists and was made {difference(existing, manifest)}; pass --overwrite "
+                    "to replace it or choose another --out (one per model: appearance and motion features are "
+                    "separate files)")
 
 
-def _completed_result(out_path: str, manifest: dict) -> ExtractionResult:
+def completed_result(out_path: str, videos: Sequence[Video] | int | None) -> ExtractionResult:
+    """The result of a finished extraction of `videos` (or of that many; None: as many as it
+    wrote), from its failure report or, without one, its ids."""
     report_path = failures_report(out_path)
     report = read_json_or_none(report_path)
     try:
@@ -212,10 +206,31 @@ def _completed_result(out_path: str, manifest: dict) -> ExtractionResult:
         damaged = list(report.get("damaged_videos", []))
     except (TypeError, KeyError, ValueError):
         with h5py.File(out_path, "r") as h5:
-            written = len(h5["ids"])
-        failures, damaged = [], []
-    return ExtractionResult(out_path, report_path, int(manifest.get("videos", written)), written,
-                            failures, True, damaged=damaged)
+            present = set(int(i) for i in h5[IDS_DATASET][()])
+        written, damaged = len(present), []
+        failures = [failure_record(v, "not in the existing output (no failure report found)")
+                    for v in videos if v.video_id not in present] if isinstance(videos, Sequence) else []
+    count = len(videos) if isinstance(videos, Sequence) else written if videos is None else int(videos)
+    return ExtractionResult(out_path, report_path, count, written, failures, True, damaged=damaged)
+
+
+def merge_into_output(parts_dirs: Sequence[str], out_path: str, overwrite: bool = False,
+                      keep_parts: bool = False) -> ExtractionResult:
+    """`merge_parts`, unless `out_path` already holds these features (a finished merge).
+
+    An existing output made with other settings is kept unless `overwrite`.
+    """
+    out_path = os.fspath(out_path)
+    present = [path for path in parts_dirs if os.path.isdir(path)]
+    settings = (read_json_or_none(os.path.join(present[0], PARTS_SETTINGS)) or {}) if present else None
+    existing = existing_output(out_path, settings, overwrite)
+    if existing is not None:
+        if not keep_parts:   # a merge killed while removing its parts
+            for path in present:
+                shutil.rmtree(path, ignore_errors=True)
+        return completed_result(out_path, existing.get("videos"))
+    remove_stale_temporaries(out_path, [], output_too=True)
+    return merge_parts(parts_dirs, out_path, keep_parts)
 
 
 def _missing_hint(missing: list[int], chunks: list[list[int]], videos: list[tuple[int, str]],

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vqakd.core.errors import UserError
+from vqakd.data.features import APPEARANCE_DATASET, MOTION_DATASET
 from vqakd.extraction.resnext3d import WEIGHTS_HOW_TO_GET as RESNEXT_HOW_TO_GET
 from vqakd.extraction.resnext3d import resnext101
 from vqakd.extraction.settings import FEATURE_DIM, ExtractionSettings
@@ -47,6 +48,7 @@ class FeatureNetwork:
     preparation on the run's device. The torch module itself is built by `instantiate`."""
 
     model_name: ClassVar[str]
+    kind: ClassVar[str]                  # the features it makes: "appearance" or "motion"
     feature_dataset: ClassVar[str]       # the HDF5 dataset name of the output
     default_image_size: ClassVar[tuple[int, int]]
     default_batch_size: ClassVar[int]
@@ -111,7 +113,8 @@ class ResNet101Features(FeatureNetwork):
     """torchvision ResNet-101 without its fc: one 2048-d vector per frame → (N, F, 2048) per video."""
 
     model_name = "resnet101"
-    feature_dataset = "resnet_features"
+    kind = "appearance"
+    feature_dataset = APPEARANCE_DATASET
     default_image_size = (224, 224)
     default_batch_size = 128
     per_frame = True
@@ -166,7 +169,8 @@ class ResNeXt101Features(FeatureNetwork):
     """3D ResNeXt-101 (Kinetics): one 2048-d vector per clip → (N, 2048) per video."""
 
     model_name = "resnext101"
-    feature_dataset = "resnext_features"
+    kind = "motion"
+    feature_dataset = MOTION_DATASET
     default_image_size = (112, 112)
     default_batch_size = 16
     per_frame = False
@@ -215,3 +219,5 @@ NETWORKS: dict[str, type[FeatureNetwork]] = {
     ResNet101Features.model_name: ResNet101Features,
     ResNeXt101Features.model_name: ResNeXt101Features,
 }
+MODEL_OF_KIND = {network.kind: name for name, network in NETWORKS.items()}    # "appearance" -> "resnet101"
+FEATURE_KINDS = tuple(MODEL_OF_KIND)

@@ -107,16 +107,12 @@ def write_chunk(parts_dir: str, chunk: int, ids: list[int], features: np.ndarray
                  damaged=np.asarray(json.dumps(list(damaged))))
 
 
-def read_chunk_outcome(path: str) -> tuple[int, list[dict]]:
-    """How many videos a chunk holds, and its failures."""
+def read_chunk_outcome(path: str) -> tuple[int, list[dict], list[dict]]:
+    """How many videos a chunk holds, its failures, and the videos it wrote from damaged files
+    (truncated, or packets skipped)."""
     with np.load(path, allow_pickle=False) as part:
-        return len(part["ids"]), json.loads(str(part["failures"]))
-
-
-def read_chunk_damage(path: str) -> list[dict]:
-    """The videos a chunk wrote from damaged files (truncated, or packets skipped)."""
-    with np.load(path, allow_pickle=False) as part:
-        return json.loads(str(part["damaged"])) if "damaged" in part.files else []
+        damaged = json.loads(str(part["damaged"])) if "damaged" in part.files else []
+        return len(part["ids"]), json.loads(str(part["failures"])), damaged
 
 
 def shard_note_name(index: int, count: int) -> str:

@@ -16,22 +16,18 @@ without changing a number:
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
 import time
 from typing import Callable, NamedTuple, Sequence
 
-import h5py
-
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
-from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, failure_record, failures_report, open_parts,
-                                    parts_folder, read_chunk_damage, read_chunk_outcome, read_json_or_none,
-                                    read_output_manifest,
-                                    remove_stale_temporaries, shard_note_name)
-from vqakd.extraction.settings import ExtractionResult, Shard, difference, identity
+from vqakd.extraction.merge import existing_output
+from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, open_parts, parts_folder, read_chunk_outcome,
+                                    read_json_or_none, remove_stale_temporaries, shard_note_name)
+from vqakd.extraction.settings import ExtractionResult, Shard
 from vqakd.core.files import write_json
 
 # Network filesystems may show a file another machine just wrote only after their attribute
@@ -56,18 +52,11 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
     # Another shard may be writing into a shared parts folder: only this shard's temporaries
     # (and the output's, when this run merges) can be left over from a killed run.
     remove_stale_temporaries(out_path, mine, output_too=shard.count == 1)
-    if os.path.exists(out_path):
-        existing = read_output_manifest(out_path)
-        if existing is not None and identity(existing) == identity(manifest) and not overwrite:
-            # The output is renamed into place only once complete; parts left beside it
-            # belong to a run killed while removing them.
-            shutil.rmtree(parts_dir, ignore_errors=True)
-            return Plan(True, [], 0, 0, None)
-        if not overwrite:
-            raise UserError(f"{out_path} already exists and was made "
-                            f"{difference(existing, manifest)}; pass --overwrite to replace it "
-                            "or choose another --out (one per model: appearance and motion features "
-                            "are separate files)")
+    if existing_output(out_path, manifest, overwrite) is not None:
+        # The output is renamed into place only once complete; parts left beside it
+        # belong to a run killed while removing them.
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        return Plan(True, [], 0, 0, None)
     done = open_parts(parts_dir, manifest, overwrite, videos)
     token = None
     if world > 1:
@@ -118,34 +107,13 @@ def finish_shard(chunks: list[list[int]], parts_dir: str, shard: Shard) -> Extra
     mine = [k for k in range(len(chunks)) if shard.owns(k)]
     written, failures, damaged = 0, [], []
     for k in mine:
-        path = os.path.join(parts_dir, chunk_name(k))
-        count, chunk_failures = read_chunk_outcome(path)
+        count, chunk_failures, chunk_damaged = read_chunk_outcome(os.path.join(parts_dir, chunk_name(k)))
         written += count
         failures.extend(chunk_failures)
-        damaged.extend(read_chunk_damage(path))
+        damaged.extend(chunk_damaged)
     write_json(os.path.join(parts_dir, shard_note_name(shard.index, shard.count)),
                {"num_shards": shard.count, "shard_index": shard.index, "chunks": mine,
                 "videos": sum(len(chunks[k]) for k in mine), "written": written,
                 "failed": len(failures), "damaged": len(damaged)})
     return ExtractionResult(parts_dir, "", sum(len(chunks[k]) for k in mine), written, failures,
                             False, merged=False, damaged=damaged)
-
-
-def already_complete(videos: Sequence[Video], out_path: str) -> ExtractionResult:
-    """The result of a finished extraction, from its failure report (or, without one, its ids)."""
-    report_path = failures_report(out_path)
-    failures: list[dict] = []
-    damaged: list[dict] = []
-    written = None
-    try:
-        with open(report_path, encoding="utf-8") as handle:
-            report = json.load(handle)
-        failures, written = list(report["failures"]), int(report["written"])
-        damaged = list(report.get("damaged_videos", []))
-    except (OSError, ValueError, KeyError, TypeError):
-        with h5py.File(out_path, "r") as h5:
-            present = set(int(i) for i in h5["ids"][()])
-        written = len(present)
-        failures = [failure_record(v, "not in the existing output (no failure report found)")
-                    for v in videos if v.video_id not in present]
-    return ExtractionResult(out_path, report_path, len(videos), written, failures, True, damaged=damaged)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -22,8 +22,15 @@ DEFAULT_FRAMES_PER_CLIP = 16
 DEFAULT_CHUNK_VIDEOS = 16
 DEFAULT_RANDOM_SEED = 0
 MANIFEST_FORMAT = 1
-# Manifest entries that may differ between runs whose numbers are the same.
-NOT_IDENTITY = ("weights",)
+# The settings that determine a video's features. A feature file records them (its manifest);
+# a checkpoint keeps them (vqakd/training/inference_record.py) and predict.py's cache is keyed by them.
+FEATURE_SETTINGS = ("model", "num_clips", "frames_per_clip", "image_height", "image_width", "kinetics_mean",
+                    "precision", "random_weights", "random_seed", "weights_sha256", "normalization",
+                    "decode_past_damage")
+# An extraction run's parts also depend on its video list, its chunks and the toolkit: resuming and
+# merging compare these. The weights file's path (`weights`) is the manifest entry that does not count.
+RUN_SETTINGS = FEATURE_SETTINGS + ("format", "toolkit_version", "dataset", "feature_dataset", "normalisation",
+                                   "chunk_videos", "videos", "videos_sha256")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +50,14 @@ class ExtractionSettings:
     chunk_videos: int = DEFAULT_CHUNK_VIDEOS
     normalization: str = "original"     # resnet101: a key of networks.NORMALIZATIONS
     decode_past_damage: bool = False    # skip packets the decoder rejects instead of stopping
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> "ExtractionSettings":
+        """The settings a feature file recorded (a checkpoint's copy of them); an entry it lacks,
+        or holds as None, takes its default here (the dataset only names the run: msvd-qa)."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{"dataset": "msvd-qa", **{key: value for key, value in record.items()
+                                               if key in known and value is not None}})
 
 
 def check_settings(settings: ExtractionSettings, device: torch.device, batch_size: int,
@@ -134,16 +149,17 @@ def build_manifest(settings: ExtractionSettings, model_name: str, feature_datase
     }
 
 
-def identity(manifest: dict | None) -> dict | None:
-    """The manifest without the entries that do not change the numbers."""
-    if manifest is None:
+def identity(settings: Mapping | None, keys: Sequence[str] = RUN_SETTINGS) -> dict | None:
+    """The entries of `settings` (a run's manifest, or one network's recorded settings with
+    `keys=FEATURE_SETTINGS`) that determine the numbers."""
+    if settings is None:
         return None
-    return {key: value for key, value in manifest.items() if key not in NOT_IDENTITY}
+    return {key: settings[key] for key in keys if key in settings}
 
 
-def identity_digest(manifest: dict) -> str:
-    """Hash of the settings that determine the numbers, stored in every chunk."""
-    return hashlib.sha256(json.dumps(identity(manifest), sort_keys=True).encode("utf-8")).hexdigest()
+def identity_digest(settings: Mapping, keys: Sequence[str] = RUN_SETTINGS) -> str:
+    """Hash of `identity`: stored in every chunk of a run; names predict.py's cached features."""
+    return hashlib.sha256(json.dumps(identity(settings, keys), sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def difference(saved: dict | None, manifest: dict) -> str:
@@ -153,7 +169,7 @@ def difference(saved: dict | None, manifest: dict) -> str:
     # Every setting that differs (an appearance and a motion run differ in several), the most
     # telling first: the manifest lists the model before the sizes and the hashes.
     differing = [f"{key}: {saved.get(key)!r} there, {value!r} now" for key, value in manifest.items()
-                 if key not in NOT_IDENTITY and saved.get(key) != value]
+                 if key in RUN_SETTINGS and saved.get(key) != value]
     if not differing:
         return "with other settings"
     more = f"; and {len(differing) - 3} more" if len(differing) > 3 else ""

@@ -78,17 +78,9 @@ def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
 
 
 def load_weights(network: nn.Module, path: str, what: str) -> None:
-    """Load the weights file `path` into `network`, strictly (an error names the first bad key).
-
-    Files saved before PyTorch 0.4.1 (like the 2017 Kinetics weights) lack BatchNorm's
-    `num_batches_tracked` counters; those count training steps and never enter a forward pass
-    in eval mode, so the network's own are kept where the file has none.
-    """
-    state = read_state_dict(path, what)
-    counters = {key: value for key, value in network.state_dict().items()
-                if key.endswith("num_batches_tracked") and key not in state}
+    """Load the weights file `path` into `network`, strictly (an error names the first bad key)."""
     # "ResNet-101 weights" -> "<path>: ResNet-101 weights do not fit the model: ..."
-    load_state_strict(network, {**state, **counters}, path, what=what.removesuffix(" weights"))
+    load_state_strict(network, read_state_dict(path, what), path, what=what.removesuffix(" weights"))
 
 
 def load_state_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str,
@@ -96,8 +88,9 @@ def load_state_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Ten
     """`load_state_dict(strict=True)` with a one-line error naming `path`, `what` it holds and the
     first missing, unexpected or misshapen key.
 
-    A missing BatchNorm `num_batches_tracked` counter is allowed (files saved before PyTorch 0.4.1
-    lack it): the model's own counter is kept.
+    A missing BatchNorm `num_batches_tracked` counter is allowed: files saved before PyTorch 0.4.1
+    (like the 2017 Kinetics weights) lack it, and it counts training steps, never entering a
+    forward pass in eval mode; the model's own counter is kept.
     """
     expected = model.state_dict()
     problem = f"{path}: {what} weights do not fit the model"

@@ -176,6 +176,9 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
             raise UserError(f"{path}: checkpoint entry {key!r} is missing or not a mapping")
     checkpoint = dict(checkpoint)
     checkpoint["original"] = False
+    # Checkpoints saved before the question gates got their name call them "punishment".
+    checkpoint["state_dict"] = {key.replace("_punishment.", "_gate."): value
+                                for key, value in checkpoint["state_dict"].items()}
     return checkpoint
 
 

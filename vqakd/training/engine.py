@@ -32,7 +32,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from model import DualVGROutput
-from model.diagnostics import STREAMS, NodeSpreadMeter, collapsed_layers
+from model.diagnostics import STREAMS, NodeSpreadMeter
 from model.losses import feature_distill_loss, hard_loss, logit_distill_loss, with_regularisers
 from vqakd.core import distributed as dist
 from vqakd.core.config import LossConfig
@@ -56,7 +56,7 @@ def compute_loss(output, labels: torch.Tensor, loss_cfg: LossConfig, stage: str,
     hard, parts = hard_loss(output, labels, alpha=loss_cfg.alpha, beta=loss_cfg.beta, dependence_scale=batch_shards,
                             common_mode=loss_cfg.common)
     values = {"hard": hard, "ce": parts["ce"], "common": parts["common"], "dependence": parts["dependence"]}
-    distill = loss_cfg.distill if stage == "student" else "none"
+    distill = loss_cfg.distill_of(stage)
     if distill == "feature":
         app, mo = feature_distill_loss(output, teacher_output, loss_cfg.tau_app, loss_cfg.tau_mo)
         values.update(app=app, mo=mo, loss=hard + loss_cfg.kappa_app * app + loss_cfg.kappa_mo * mo)
@@ -169,7 +169,7 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
     model.train()
     if teacher is not None:
         teacher.eval()
-    distill = loss_cfg.distill if stage == "student" else "none"
+    distill = loss_cfg.distill_of(stage)
     names = loss_names(stage, loss_cfg)
     sums = torch.zeros(len(names), dtype=torch.float64, device=device)
     questions = torch.zeros((), dtype=torch.long, device=device)
@@ -227,7 +227,7 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
 
 def loss_names(stage: str, loss_cfg: LossConfig) -> tuple[str, ...]:
     """The loss parts a stage logs, in LOSS_PARTS order."""
-    distill = loss_cfg.distill if stage == "student" else "none"
+    distill = loss_cfg.distill_of(stage)
     return ("loss", "hard", "ce", "common", "dependence") + {"feature": ("app", "mo"), "logit": ("kd",)}.get(
         distill, ())
 
@@ -247,7 +247,7 @@ class _ValidationLosses:
         self.names = loss_names(stage, loss_cfg)
         self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=device)
         self.questions = torch.zeros((), dtype=torch.long, device=device)
-        self.distill = loss_cfg.distill if stage == "student" else "none"
+        self.distill = loss_cfg.distill_of(stage)
         if self.distill != "none" and teacher is None:
             raise ValueError(f"validation losses of a student with distill={self.distill!r} need the teacher")
         if teacher is not None:
@@ -287,8 +287,7 @@ def _spread_result(meter: NodeSpreadMeter, layers: int, graph_layers: int, devic
     if int(samples) == 0:
         return {}
     meter.total, meter.collapsed, meter.samples = total.float(), collapsed, int(samples)
-    return {"columns": meter.columns(graph_layers), "collapsed": collapsed_layers(meter.value(), meter.threshold),
-            "spread": meter.value().cpu()}
+    return {"columns": meter.columns(graph_layers), "collapsed": meter.collapsed_names(graph_layers)}
 
 
 @torch.no_grad()
@@ -308,8 +307,8 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
       (a distilling student needs the frozen `teacher`, run on each batch; `reference_batch`:
       see `_ValidationLosses`, default the evaluation batch);
     - `node_spread`: summary["node_spread"] = {"columns": node_spread_* and node_collapsed_*
-      columns, "collapsed": rows of the graph layers whose clips are identical, "spread":
-      (layers, 4) tensor}; see model/diagnostics.py."""
+      columns, "collapsed": names of the graph layers whose clips are identical}; see
+      model/diagnostics.py."""
     if isinstance(model, DistributedDataParallel):
         model = model.module
     model.eval()

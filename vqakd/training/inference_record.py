@@ -20,15 +20,11 @@ import re
 from typing import Any, Mapping, Optional
 
 from vqakd.core.errors import UserError
+from vqakd.extraction.networks import FEATURE_KINDS
+from vqakd.extraction.settings import FEATURE_SETTINGS
 
 RECORD_FORMAT = 1
-FEATURE_KINDS = ("appearance", "motion")
-MODEL_OF_KIND = {"appearance": "resnet101", "motion": "resnext101"}
-# The settings that determine the numbers of a video's features (and so key the feature cache).
-IDENTITY_KEYS = ("model", "num_clips", "frames_per_clip", "image_height", "image_width", "kinetics_mean",
-                 "precision", "random_weights", "random_seed", "weights_sha256", "normalization",
-                 "decode_past_damage")
-RECORDED_KEYS = IDENTITY_KEYS + ("feature_dataset", "normalisation", "weights", "dataset", "toolkit_version")
+RECORDED_KEYS = FEATURE_SETTINGS + ("feature_dataset", "normalisation", "weights", "dataset", "toolkit_version")
 # How the extractors name the "weights hash" of a randomly initialised network.
 RANDOM_WEIGHTS = re.compile(r"^random \(seed (-?\d+)\)$")
 
@@ -84,17 +80,12 @@ def random_seed_of(settings: Mapping[str, Any], where: str) -> Optional[int]:
     return int(match.group(1))
 
 
-def identity(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a network's settings that determines its features."""
-    return {key: settings.get(key) for key in IDENTITY_KEYS}
-
-
 def inference_record(appearance_path: str, motion_path: str, vocab) -> dict[str, Any]:
     """What `build_checkpoint(inference=...)` stores; `vocab` is a vqakd.data.batches.Vocabulary."""
     return {
         "format": RECORD_FORMAT,
-        "features": {"appearance": read_extraction_settings(appearance_path),
-                     "motion": read_extraction_settings(motion_path)},
+        "features": {kind: read_extraction_settings(path)
+                     for kind, path in zip(FEATURE_KINDS, (appearance_path, motion_path))},
         "vocabulary": {"question_token_to_idx": dict(vocab.question_token_to_idx),
                        "answer_token_to_idx": dict(vocab.answer_token_to_idx),
                        "sha256": vocab.sha256},

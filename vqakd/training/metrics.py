@@ -21,7 +21,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from model.diagnostics import COLLAPSE_THRESHOLD, COMMON_STREAMS
 from vqakd.core.distributed import all_reduce_sum
 from vqakd.core.files import atomic_open
 from vqakd.data.questions import NUM_TYPE_CODES, QUESTION_TYPES
@@ -146,7 +145,7 @@ def metrics_row(epoch: int, lr: float, train: Mapping, val: Mapping, epoch_time:
     """One metrics.csv row: every column always present (empty where a part does not apply).
     `time_s` is the whole epoch (training and validation). `val` is `evaluate`'s summary; its
     "losses" give the val_<part> columns (next to train_<part>), its "node_spread" the
-    node_spread_* / node_collapsed_* columns of the graph-layer diagnostic."""
+    node_spread_* / node_collapsed_* columns of the graph-layer diagnostic and collapsed_layers."""
     row: dict[str, Any] = {"epoch": epoch, "lr": lr, "time_s": round(epoch_time, 3),
                            "train_questions_per_s": round(train["questions_per_s"], 2)}
     val_losses = val.get("losses") or {}
@@ -160,7 +159,10 @@ def metrics_row(epoch: int, lr: float, train: Mapping, val: Mapping, epoch_time:
     row["val_count"] = val["count"]
     for qtype in QUESTION_TYPES:
         row[f"val_count_{qtype}"] = val["per_type"][qtype]["count"]
-    row.update((val.get("node_spread") or {}).get("columns", {}))
+    spread = val.get("node_spread") or {}
+    row.update(spread.get("columns", {}))
+    if spread:
+        row["collapsed_layers"] = " ".join(spread["collapsed"])     # "g1 g2" (model/diagnostics.is_collapsed)
     return row
 
 
@@ -176,24 +178,6 @@ def write_metrics_csv(path: str, rows: list[Mapping[str, Any]]) -> None:
     writer.writerows(rows)
     with atomic_open(path, "w", encoding="utf-8") as handle:
         handle.write(buffer.getvalue())
-
-
-def collapsed_layer_names(row: Mapping[str, Any], threshold: float = COLLAPSE_THRESHOLD) -> list[str]:
-    """The graph layers ("g1", "u2_g1", ...) whose common appearance or common motion spread in
-    this metrics.csv row is below `threshold` (model/diagnostics.py)."""
-    names = []
-    for key, value in row.items():
-        for stream in COMMON_STREAMS:
-            suffix = f"_{stream}"
-            if key.startswith("node_spread_") and key.endswith(suffix):
-                try:
-                    collapsed = float(value) < threshold
-                except (TypeError, ValueError):
-                    continue
-                name = key[len("node_spread_"):-len(suffix)]
-                if collapsed and name not in names:
-                    names.append(name)
-    return names
 
 
 def _fmt(value: Any) -> str:

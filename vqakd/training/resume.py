@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vqakd.core.config import Config, config_from_dict, config_to_dict
+from vqakd.core.config import DATA_FILES, Config, config_from_dict, config_to_dict
 from vqakd.core.errors import UserError
 
 
@@ -26,17 +26,14 @@ from vqakd.core.errors import UserError
 # workers, batch size of evaluation, logging, the feature table's dtype/mode/device and the
 # output names take effect as they are read every epoch.
 RESUME_REFUSED = {
-    "dataset": "the dataset of the run",
-    "data.vocab": "the run's data", "data.train_questions": "the run's data", "data.val_questions": "the run's data",
-    "data.test_questions": "the run's data", "data.appearance_feat": "the run's data",
-    "data.motion_feat": "the run's data", "data.missing_videos": "which questions the run uses",
+    "dataset": "the dataset of the run", **{f"data.{key}": "the run's data" for key in DATA_FILES},
+    "data.missing_videos": "which questions the run uses",
     "data.use_glove": "only used when the run starts", "data.glove": "only used when the run starts",
     "train.seed": "the run's random stream and shuffling", "train.batch_size": "the run's recipe",
     "loss.distill": "what the stage trains",
 }
 RESUME_REFUSED_SECTIONS = {"model": "the network"}     # and the stage's own graph_layers
-RESUME_PATH_KEYS = ("data.vocab", "data.train_questions", "data.val_questions", "data.test_questions",
-                    "data.appearance_feat", "data.motion_feat", "data.glove", "output_dir")
+RESUME_PATH_KEYS = tuple(f"data.{key}" for key in DATA_FILES) + ("output_dir",)
 LR_SCHEDULE_KEYS = ("train.lr", "train.lr_halve_every", "train.lr_decay")
 
 

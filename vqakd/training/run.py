@@ -16,20 +16,21 @@ from model.diagnostics import layer_warning
 from vqakd.core import distributed as dist
 from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_from_checkpoint,
                               restore_rng_state, save_checkpoint, seed_everything)
-from vqakd.core.config import Config, config_to_dict, dump_config, eval_batch_size, load_config
+from vqakd.core.config import DATA_FILES, Config, config_to_dict, dump_config, load_config
 from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
 from vqakd.core.distributed import resolve_process_device
 from vqakd.training.engine import configure_backends, evaluate, train_one_epoch
 from vqakd.core.errors import UserError
-from vqakd.core.files import ensure_writable_dir, read_json, write_json
-from vqakd.training.metrics import collapsed_layer_names, epoch_line, format_table, metrics_row, write_metrics_csv
+from vqakd.core.files import read_json, write_json
+from vqakd.training.metrics import epoch_line, format_table, metrics_row, write_metrics_csv
 from vqakd.training.builders import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,
                           load_teacher)
 from vqakd.training.plots import plot_curves
 from vqakd.training.inference_record import inference_record
 from vqakd.training.provenance import provenance_for_config, utc_now
 from vqakd.training.resume import LR_SCHEDULE_KEYS, apply_lr_schedule, resume_changes
-from vqakd.training.run_folder import RunFolder, RunLog, remove_empty_folders, stage_guard
+from vqakd.training.run_folder import RunFolder, RunLog, stage_guard
+from vqakd.training.validation import eval_loader, evaluation_record
 
 CURVES_REFRESH_S = 60.0
 
@@ -86,7 +87,6 @@ class StageStart:
     model: DualVGR
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.StepLR
-    distill: str                     # feature, logit or none (always none for the teacher)
     teacher: Optional[DualVGR] = None
     teacher_file: Optional[str] = None
     history: list = field(default_factory=list)     # metrics.csv rows so far
@@ -101,27 +101,31 @@ class StageStart:
 RESUMES_FILE = "resumes.json"
 
 
+def teacher_checkpoint(config: Config, stage: str, given: Optional[str]) -> Optional[str]:
+    """The checkpoint `stage` distils from: `given` (--teacher), else <output_dir>/teacher/best.pt;
+    None when the stage does not distil."""
+    if config.loss.distill_of(stage) == "none":
+        return None
+    return given or RunFolder(config.stage_dir("teacher")).best
+
+
 def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Optional[str], resume: bool,
                 overwrite: bool) -> StageStart:
     """Every start-up check and load, before anything in the output folder changes (every rank
-    runs it; nothing here writes but the writability probe)."""
+    runs it; nothing here writes)."""
     device = resolve_process_device(config.train.device, what="train.device")
     if config.train.batch_size < 2:
         raise UserError(f"train.batch_size is {config.train.batch_size}: BatchNorm needs at least 2 questions per "
                         "training batch; use 2 or more")
     batch_train = per_process_batch(config.train.batch_size, dist.get_world_size())
-    ensure_writable_dir(folder.folder, f"{stage} output folder")
     if os.path.exists(folder.last) and not resume and not overwrite:
         raise UserError(f"{folder.folder} already holds a {stage} run ({folder.last}); pass --resume to continue it "
                         "or --overwrite to start again")
     progress = config.train.progress and dist.is_main()
-    distill = config.loss.distill if stage == "student" else "none"
-    teacher_file = None
-    if distill != "none":
-        teacher_file = teacher_path or RunFolder(config.stage_dir("teacher")).best
-        if not os.path.isfile(teacher_file):
-            raise UserError(f"teacher checkpoint not found: {teacher_file}; train the teacher first "
-                            "(--stage teacher) or pass --teacher <checkpoint>")
+    teacher_file = teacher_checkpoint(config, stage, teacher_path)
+    if teacher_file and not os.path.isfile(teacher_file):
+        raise UserError(f"teacher checkpoint not found: {teacher_file}; train the teacher first "
+                        "(--stage teacher) or pass --teacher <checkpoint>")
 
     bundle = load_data(config, device=device, progress=progress)
     if len(bundle.splits["train"]) < 2:
@@ -136,7 +140,7 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.train.lr_halve_every,
                                                 gamma=config.train.lr_decay)
     start = StageStart(device=device, batch_train=batch_train, bundle=bundle, model=model, optimizer=optimizer,
-                       scheduler=scheduler, distill=distill, teacher=teacher, teacher_file=teacher_file)
+                       scheduler=scheduler, teacher=teacher, teacher_file=teacher_file)
     if resume and os.path.isfile(folder.last):
         resume_from(folder.last, start, config, stage)
     return start
@@ -223,9 +227,8 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
     """Train one stage end to end; returns the results.json content (or {} when stopped early).
     Under torchrun every process calls this. The stage folder is locked for the whole run, and
     no stage file may be one of the run's inputs."""
-    teacher = teacher_path or (RunFolder(config.stage_dir("teacher")).best if stage == "student" else None)
-    inputs = {"--cfg": config_file, "--teacher": teacher, **{f"data.{key}": getattr(config.data, key) for key in (
-        "vocab", "train_questions", "val_questions", "test_questions", "appearance_feat", "motion_feat", "glove")}}
+    inputs = {"--cfg": config_file, "--teacher": teacher_checkpoint(config, stage, teacher_path),
+              **{f"data.{key}": getattr(config.data, key) for key in DATA_FILES}}
     with dist.session(), stage_guard(RunFolder(config.stage_dir(stage)), stage, inputs):
         return _run_training(config, stage, teacher_path, resume, overwrite)
 
@@ -242,13 +245,7 @@ def _run_training(config: Config, stage: str, teacher_path: Optional[str], resum
         if finished is not None:
             log(finished[0])
             return finished[1]
-    new_folders = folder.folders_to_create()
-    try:
-        start = dist.agree(lambda: start_stage(config, stage, folder, teacher_path, resume, overwrite))
-    except BaseException:
-        # A run that fails its start-up checks leaves no empty output folders behind.
-        remove_empty_folders(new_folders)
-        raise
+    start = dist.agree(lambda: start_stage(config, stage, folder, teacher_path, resume, overwrite))
     device, bundle, model = start.device, start.bundle, start.model
     configure_backends(device, config.train.tf32)
     if main:
@@ -261,7 +258,7 @@ def _run_training(config: Config, stage: str, teacher_path: Optional[str], resum
         f"U={model.config.unit_layers}), device {device}{processes}, features on {bundle.table.device} "
         f"({bundle.table.mode}, {bundle.table.dtype_name}), {len(bundle.splits['train'])} train / "
         f"{len(bundle.splits['val'])} val / {len(bundle.splits['test'])} test questions"
-        + (f", distill {start.distill} from {start.teacher_file}" if start.teacher_file else ""))
+        + (f", distill {config.loss.distill_of(stage)} from {start.teacher_file}" if start.teacher_file else ""))
     if not train_epochs(config, stage, start, folder, log):
         return {}
     dist.barrier()          # best.pt is complete before any rank reads it
@@ -284,17 +281,6 @@ def finished_run(folder: RunFolder, config: Config, stage: str) -> Optional[tupl
             f"{folder.results} written; to train longer, add --set train.epochs=N with N > {epoch}"), results
 
 
-def _loader(config: Config, bundle: DataBundle, split: str, batch_size: int, shuffle: bool, device: torch.device):
-    return make_loader(bundle.splits[split], bundle.table, batch_size, shuffle, config.train.seed,
-                       config.train.num_workers, device.type == "cuda", dist.get_rank(), dist.get_world_size(),
-                       reuse_buffers=True)
-
-
-def _eval_batch(config: Config) -> int:
-    """Questions per process in an evaluation batch (the last process may get fewer)."""
-    return -(-eval_batch_size(config) // dist.get_world_size())
-
-
 def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolder, log: RunLog) -> bool:
     """The epoch loop: train, validate, step the scheduler, write checkpoints, metrics.csv and the
     curves. False when stopped early by train.stop_after_epoch."""
@@ -302,15 +288,17 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
     device, model, optimizer, scheduler = start.device, start.model, start.optimizer, start.scheduler
     progress = config.train.progress and main
     trained = wrap_ddp(model, device) if dist.is_initialized() else model
-    train_loader = _loader(config, start.bundle, "train", start.batch_train, True, device)
-    val_loader = _loader(config, start.bundle, "val", _eval_batch(config), False, device)
+    train_loader = make_loader(start.bundle.splits["train"], start.bundle.table, start.batch_train, True,
+                               config.train.seed, config.train.num_workers, device.type == "cuda", dist.get_rank(),
+                               world, reuse_buffers=True)
+    val_loader = eval_loader(config, start.bundle, "val", device)
     vocab_info = start.bundle.vocab.info()
     # What predict.py needs to answer about a new video as this run's data was made.
     inference = inference_record(config.data.appearance_feat, config.data.motion_feat, start.bundle.vocab)
     config_dict = config_to_dict(config)
     history, best, epochs = start.history, start.best, config.train.epochs
     last_plot = time.monotonic()
-    warned = {name for earlier in history for name in collapsed_layer_names(earlier)}   # collapse warnings given
+    warned = {name for earlier in history for name in str(earlier.get("collapsed_layers", "")).split()}
     for epoch in range(start.start_epoch, epochs + 1):
         train_loader.sampler.set_epoch(epoch)
         if world > 1:
@@ -350,7 +338,7 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
                 plot_curves(history, folder.curves, stage)
                 last_plot = time.monotonic()
         log(epoch_line(row, epochs, is_best))
-        for name in collapsed_layer_names(row):
+        for name in row.get("collapsed_layers", "").split():
             if name not in warned:          # once per layer and run
                 warned.add(name)
                 log(layer_warning(name))
@@ -373,27 +361,19 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
         return best_checkpoint, model_from_checkpoint(best_checkpoint, folder.best, device)
 
     best_checkpoint, best_model = dist.agree(load_best, "loading best.pt")
-    test_loader = _loader(config, start.bundle, "test", _eval_batch(config), False, device)
+    test_loader = eval_loader(config, start.bundle, "test", device)
     progress = config.train.progress and dist.is_main()
     test_summary, _ = evaluate(best_model, test_loader, device, amp=config.train.amp, progress=progress,
                                desc="test")
     # Questions left out for missing videos (data.missing_videos: drop) count as wrong.
     test_summary = with_dropped(test_summary, start.bundle.splits["test"])
+    dropped = {name: split.dropped for name, split in start.bundle.splits.items()}
     results = {
         "stage": stage,
-        "split": "test",
-        "accuracy": test_summary["accuracy"],
-        "correct": test_summary["correct"],
-        "count": test_summary["count"],
-        "accuracy_answered": test_summary["accuracy_answered"],
-        "count_answered": test_summary["count_answered"],
-        "dropped_questions": {name: split.dropped for name, split in start.bundle.splits.items()},
-        "per_type": test_summary["per_type"],
-        "epoch": int(best_checkpoint["epoch"]),
+        **evaluation_record(test_summary, "test", dropped, best_checkpoint, best_model),
         "val_accuracy": best_checkpoint.get("best", {}).get("val_accuracy"),
-        "params": count_parameters(best_model),
         "checkpoint": folder.best,
-        "distill": start.distill if stage == "student" else None,
+        "distill": config.loss.distill if stage == "student" else None,
         "teacher": start.teacher_file,
         "model_config": best_checkpoint["model_config"],
         "config": config_to_dict(config),
@@ -409,10 +389,6 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
     log(f"wrote {folder.results}, {folder.metrics}, {folder.curves}")
     dist.barrier()
     return results
-
-
-if __name__ == "__main__":
-    run_cli(main)
 
 
 def train_stage(cfg: str, stage: str, overrides: list[str] = (), *, teacher: Optional[str] = None,

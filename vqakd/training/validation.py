@@ -13,7 +13,7 @@ import torch
 
 from vqakd.core import distributed as dist
 from vqakd.training.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
-from vqakd.core.config import Config, eval_batch_size, load_config
+from vqakd.core.config import DATA_FILES, Config, eval_batch_size, load_config
 from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
 from vqakd.core.distributed import resolve_process_device
 from vqakd.training.engine import configure_backends, evaluate
@@ -36,6 +36,24 @@ TOP_K = 5
 # matrix the CONFUSION_ANSWERS most frequent (a readable square).
 REPORTED_ANSWERS = 20
 CONFUSION_ANSWERS = 10
+# The accuracy figures of evaluate's summary that results.json and the eval JSON record.
+SUMMARY_FIGURES = ("accuracy", "correct", "count", "accuracy_answered", "count_answered")
+
+
+def eval_loader(config: Config, bundle: DataBundle, split: str, device: torch.device):
+    """This process's share of `split` in evaluation batches: train.eval_batch_size questions split
+    over the processes (the last process may get fewer)."""
+    return make_loader(bundle.splits[split], bundle.table, -(-eval_batch_size(config) // dist.get_world_size()),
+                       False, config.train.seed, config.train.num_workers, device.type == "cuda", dist.get_rank(),
+                       dist.get_world_size(), reuse_buffers=True)
+
+
+def evaluation_record(summary: Mapping[str, Any], split: str, dropped: Mapping[str, int],
+                      checkpoint: Mapping[str, Any], model) -> dict[str, Any]:
+    """What results.json (train.py) and the eval JSON (validate.py) both hold: a checkpoint's
+    figures on one split (`summary`: evaluate's, with the dropped questions counted as wrong)."""
+    return {"split": split, **{key: summary[key] for key in SUMMARY_FIGURES}, "dropped_questions": dict(dropped),
+            "per_type": summary["per_type"], "epoch": checkpoint.get("epoch"), "params": count_parameters(model)}
 
 
 def run_validation(config: Config, checkpoint_path: str, split: str = "test", write_preds: bool = False,
@@ -52,8 +70,7 @@ def run_validation(config: Config, checkpoint_path: str, split: str = "test", wr
     outputs = {"--out": out, "--preds-out": preds_out if write_preds else None,
                "the per-answer figures": answers_out if write_preds else None}
     inputs = {"--checkpoint": checkpoint_path, "--cfg": config_file,
-              **{f"data.{key}": getattr(config.data, key) for key in (
-                  "vocab", "train_questions", "val_questions", "test_questions", "appearance_feat", "motion_feat")}}
+              **{f"data.{key}": getattr(config.data, key) for key in DATA_FILES}}
     check_output_paths(inputs, outputs)         # before any work: never replace the checkpoint
     written = [path for path in outputs.values() if path]
 
@@ -88,14 +105,13 @@ def check_model_overrides(config: Config, model_config, keys: Sequence[str]) -> 
 def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: str,
                     preds_out: str, model_overrides: Sequence[str] = ()) -> dict[str, Any]:
     started = utc_now()
-    world, rank, main = dist.get_world_size(), dist.get_rank(), dist.is_main()
+    world, main = dist.get_world_size(), dist.is_main()
 
     def start():
         if split not in ("train", "val", "test"):
             raise UserError(f"unknown split {split!r}; choose train, val or test")
         device = resolve_process_device(config.train.device, what="train.device")
         checkpoint = load_checkpoint(checkpoint_path)
-        ensure_writable_dir(os.path.dirname(os.path.abspath(out)), "output folder for the evaluation results")
         model_config = model_config_from(checkpoint, checkpoint_path)
         check_model_overrides(config, model_config, model_overrides)
         # The checkpoint defines the network: its clip count and feature size are what the data must match.
@@ -108,9 +124,7 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
 
     device, checkpoint, bundle, model = dist.agree(start)
     configure_backends(device, config.train.tf32)
-    loader = make_loader(bundle.splits[split], bundle.table, -(-eval_batch_size(config) // world), False,
-                         config.train.seed, config.train.num_workers, device.type == "cuda", rank, world,
-                         reuse_buffers=True)
+    loader = eval_loader(config, bundle, split, device)
     # One pass gives the accuracy and, with --write-preds, each question's top answers.
     summary, found = evaluate(model, loader, device, amp=config.train.amp, return_predictions=write_preds,
                               progress=config.train.progress and main, desc=split, top_k=TOP_K)
@@ -121,21 +135,12 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
         found = {key: np.concatenate([share[key] for share in shares]) for key in found}
     result = {
         "checkpoint": checkpoint_path,
-        "split": split,
-        "accuracy": summary["accuracy"],
-        "correct": summary["correct"],
-        "count": summary["count"],
-        "accuracy_answered": summary["accuracy_answered"],
-        "count_answered": summary["count_answered"],
-        "dropped_questions": {split: bundle.splits[split].dropped},
-        "per_type": summary["per_type"],
+        **evaluation_record(summary, split, {split: bundle.splits[split].dropped}, checkpoint, model),
         "ceiling": answer_ceiling(bundle.splits[split]),
-        "epoch": checkpoint.get("epoch"),
         "stage": checkpoint.get("stage"),
         "original_checkpoint": bool(checkpoint.get("original")),
         # model_kwargs values of an original checkpoint that its weights contradict (ignored).
         "claimed_model_kwargs": checkpoint.get("claimed_model_kwargs") or {},
-        "params": count_parameters(model),
     }
     if main:
         for note in checkpoint.get("notes") or ():
@@ -245,10 +250,6 @@ def format_answer_report(report: Mapping[str, Any], lines: int = 5) -> str:
         out.append(f"  {entry['answer']:<16} {100 * entry['precision']:5.1f}% {100 * entry['recall']:5.1f}% "
                    f"{100 * entry['f1']:5.1f}% ({entry['support']})")
     return "\n".join(out)
-
-
-if __name__ == "__main__":
-    run_cli(main)
 
 
 def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = (), *, split: str = "test",
