@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="JSON output (default <checkpoint folder>/eval_<split>.json)")
     parser.add_argument("--preds-out", default=None, help="CSV output of --write-preds (default <out>_preds.csv)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (sets train.device)")
+    parser.add_argument("--other-features", action="store_true",
+                        help="evaluate on feature files made otherwise than those the checkpoint was trained on "
+                             "(refused without it; the differences go into the eval JSON as other_features)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set data.test_questions=... (repeatable; a model.* value must "
                              "equal the checkpoint's: the checkpoint defines the model)")
@@ -50,7 +53,8 @@ def main(argv=None) -> int:
 
     def run() -> int:
         validate_checkpoint(args.cfg, args.checkpoint, args.overrides, split=args.split, write_preds=args.write_preds,
-                            out=args.out, preds_out=args.preds_out, device=args.device)
+                            out=args.out, preds_out=args.preds_out, device=args.device,
+                            other_features=args.other_features)
         return 0
 
     # Under torchrun an error every rank hits is printed once, by rank 0.

@@ -377,3 +377,30 @@ def test_a_killed_batch_keeps_the_videos_it_finished(pipeline, tmp_path, monkeyp
     assert code == 0, err
     assert calls[0] == videos[4:]                              # the rerun extracts only the rest
     assert not list(cache.glob(f"{predict_module.SCRATCH_PREFIX}*"))
+
+
+def test_validate_checks_the_features_against_the_checkpoints_record(pipeline, tmp_path):
+    # Same videos, appearance features from another random network (seed 5): validate.py refuses
+    # them unless told, and then records how they differ (predict.py enforces the same record).
+    data = pipeline["data"]
+    other = tmp_path / "appearance_seed5.h5"
+    _run_script(_script("preprocess", "preprocess_features.py"),
+                ["--dataset", "msvd-qa", "--video-dir", str(data), "--annotation-dir", str(data), "--model",
+                 "resnet101", "--random-weights", "--seed", "5", "--num-clips", str(NUM_CLIPS), "--frames-per-clip",
+                 "2", "--image-height", "32", "--image-width", "32", "--device", "cpu", "--num-workers", "0",
+                 "--no-progress", "--out", str(other)])
+    import validate
+
+    argv = ["--cfg", pipeline["cfg"], "--checkpoint", str(pipeline["checkpoint"]), "--device", "cpu",
+            "--out", str(tmp_path / "eval.json"), *pipeline["sets"], "--set", f"data.appearance_feat={other}"]
+    code, err = run_main(validate.main, argv, quiet=True)
+    assert code == 2 and "trained on features made otherwise" in err and "random_seed" in err, err
+    assert str(other) in err and "--other-features" in err and err.count("\n") == 1
+    code, err = run_main(validate.main, argv + ["--other-features"], quiet=True)
+    assert code == 0, err
+    recorded = json.loads((tmp_path / "eval.json").read_text())["other_features"]
+    assert recorded and all("appearance" in entry for entry in recorded)
+    code, err = run_main(validate.main, argv[:-2] + ["--set", f"data.appearance_feat={data / 'msvd-qa_appearance_feat.h5'}"],
+                         quiet=True)
+    assert code == 0, err
+    assert json.loads((tmp_path / "eval.json").read_text())["other_features"] == []

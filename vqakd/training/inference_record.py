@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 
 from vqakd.core.errors import UserError
 from vqakd.extraction.networks import FEATURE_KINDS
-from vqakd.extraction.settings import FEATURE_SETTINGS
+from vqakd.extraction.settings import FEATURE_SETTINGS, identity
 
 RECORD_FORMAT = 1
 RECORDED_KEYS = FEATURE_SETTINGS + ("feature_dataset", "normalisation", "weights", "dataset", "toolkit_version")
@@ -90,3 +90,24 @@ def inference_record(appearance_path: str, motion_path: str, vocab) -> dict[str,
                        "answer_token_to_idx": dict(vocab.answer_token_to_idx),
                        "sha256": vocab.sha256},
     }
+
+
+def feature_differences(checkpoint: Mapping[str, Any], paths: Mapping[str, str]) -> list[str]:
+    """How the feature files at `paths` ({kind: path}) were made differently from those the
+    checkpoint was trained on, as recorded in it (one entry per difference; none for a checkpoint
+    without a record: nothing to compare)."""
+    record = ((checkpoint.get("inference") or {}).get("features") or {})
+    found = []
+    for kind in FEATURE_KINDS:
+        trained = identity(record.get(kind), FEATURE_SETTINGS)
+        if not trained:
+            continue
+        given = identity(read_extraction_settings(paths[kind]), FEATURE_SETTINGS)
+        if given is None:
+            found.append(f"{paths[kind]} records no extraction settings; the {kind} features the checkpoint was "
+                         "trained on do")
+            continue
+        found += [f"{kind} {key} {given.get(key)!r} in {paths[kind]}, {value!r} in training"
+                  for key, value in trained.items() if given.get(key) != value]
+    return found
+

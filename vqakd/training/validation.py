@@ -24,6 +24,7 @@ from vqakd.data.questions import TYPE_NAMES
 from vqakd.training.metrics import FIRST_ANSWER_LABEL, format_table
 from vqakd.training.builders import check_vocab_match, count_parameters
 from vqakd.core.files import check_output_paths
+from vqakd.training.inference_record import feature_differences
 from vqakd.training.provenance import provenance_for_config, utc_now
 
 # `answer`: the true answer's vocabulary entry (<UNK1> outside the answer vocabulary);
@@ -58,7 +59,8 @@ def evaluation_record(summary: Mapping[str, Any], split: str, dropped: Mapping[s
 
 def run_validation(config: Config, checkpoint_path: str, split: str = "test", write_preds: bool = False,
                    out: Optional[str] = None, preds_out: Optional[str] = None,
-                   model_overrides: Sequence[str] = (), config_file: Optional[str] = None) -> dict[str, Any]:
+                   model_overrides: Sequence[str] = (), config_file: Optional[str] = None,
+                   other_features: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint (ours or original) on a split; write JSON (and predictions CSV).
     Under torchrun each process evaluates its share and rank 0 writes the whole split's figures.
     `model_overrides`: the model.* keys the user set, refused where they differ from the
@@ -85,7 +87,8 @@ def run_validation(config: Config, checkpoint_path: str, split: str = "test", wr
 
     with dist.session(), contextlib.ExitStack() as locks:
         dist.agree(lambda: take_outputs(locks), "the check of the output files")
-        return _run_validation(config, checkpoint_path, split, write_preds, out, preds_out, model_overrides)
+        return _run_validation(config, checkpoint_path, split, write_preds, out, preds_out, model_overrides,
+                               other_features)
 
 
 def answers_path(out: str) -> str:
@@ -103,7 +106,8 @@ def check_model_overrides(config: Config, model_config, keys: Sequence[str]) -> 
 
 
 def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: str,
-                    preds_out: str, model_overrides: Sequence[str] = ()) -> dict[str, Any]:
+                    preds_out: str, model_overrides: Sequence[str] = (),
+                    other_features: bool = False) -> dict[str, Any]:
     started = utc_now()
     world, main = dist.get_world_size(), dist.is_main()
 
@@ -120,9 +124,16 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
         bundle = load_data(config, splits=(split,), device=device, progress=config.train.progress and main,
                            expected_by="the checkpoint's model_config")
         check_vocab_match(checkpoint, checkpoint_path, bundle, "the checkpoint")
-        return device, checkpoint, bundle, model_from_checkpoint(checkpoint, checkpoint_path, device)
+        differences = feature_differences(checkpoint, {"appearance": config.data.appearance_feat,
+                                                       "motion": config.data.motion_feat})
+        if differences and not other_features:
+            raise UserError(f"{checkpoint_path} was trained on features made otherwise: {'; '.join(differences)}; "
+                            "evaluate on the features it was trained on, or pass --other-features to evaluate "
+                            "anyway (recorded in the eval JSON)")
+        return (device, checkpoint, bundle, model_from_checkpoint(checkpoint, checkpoint_path, device),
+                differences)
 
-    device, checkpoint, bundle, model = dist.agree(start)
+    device, checkpoint, bundle, model, differences = dist.agree(start)
     configure_backends(device, config.train.tf32)
     loader = eval_loader(config, bundle, split, device)
     # One pass gives the accuracy and, with --write-preds, each question's top answers.
@@ -141,10 +152,14 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
         "original_checkpoint": bool(checkpoint.get("original")),
         # model_kwargs values of an original checkpoint that its weights contradict (ignored).
         "claimed_model_kwargs": checkpoint.get("claimed_model_kwargs") or {},
+        # --other-features: how these features differ from the checkpoint's training features.
+        "other_features": differences,
     }
     if main:
         for note in checkpoint.get("notes") or ():
             print(f"note: {note}")
+        for difference in differences:
+            print(f"warning: features made otherwise than in training (--other-features): {difference}")
         result["provenance"] = provenance_for_config(config, started=started, device=device, world_size=world)
         print(format_table(summary, f"{checkpoint_path} on {split} ({summary['count']} questions):"))
         dropped = bundle.splits[split].dropped
@@ -254,7 +269,7 @@ def format_answer_report(report: Mapping[str, Any], lines: int = 5) -> str:
 
 def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = (), *, split: str = "test",
                         write_preds: bool = False, out: Optional[str] = None, preds_out: Optional[str] = None,
-                        device: Optional[str] = None) -> dict[str, Any]:
+                        device: Optional[str] = None, other_features: bool = False) -> dict[str, Any]:
     """What `python validate.py` does with its flags. The network is rebuilt from the checkpoint's
     model_config: a model.* override can only repeat the checkpoint's value, never change it."""
     model_keys = [text.split("=", 1)[0].strip() for text in overrides
@@ -264,4 +279,4 @@ def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = ()
         overrides.insert(0, f"train.device={device}")
     config = load_config(cfg, overrides)
     return run_validation(config, checkpoint, split=split, write_preds=write_preds, out=out, preds_out=preds_out,
-                          model_overrides=model_keys, config_file=cfg)
+                          model_overrides=model_keys, config_file=cfg, other_features=other_features)
