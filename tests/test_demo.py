@@ -263,7 +263,7 @@ def test_tiny_demo_runs_the_user_commands_and_writes_the_summary(tiny_demo):
         entry = summary["arms"][arm]
         stage = "teacher" if arm == "teacher" else "student"
         evaluation = json.loads((cwd / "results" / "demo" / "study" / "seed666" / arm / stage /
-                                 "eval_test.json").read_text())
+                                 "study_test.json").read_text())
         assert entry["accuracy"] == evaluation["accuracy"] and entry["params"] == evaluation["params"]
         assert set(entry["per_type"]) == set(demo_data.QUESTION_TYPES)
         assert entry["ms_per_question"] > 0

@@ -132,7 +132,7 @@ def test_answer_metrics_match_the_predictions(finished):
     report, out = finished["report"], finished["out"]
     answers = report["answers"]
     label = answers["labels"][0]
-    rows = [row for s in SEEDS for row in read_csv(os.path.join(stage_dir(out, s, "teacher"), "eval_test_preds.csv"))]
+    rows = [row for s in SEEDS for row in read_csv(os.path.join(stage_dir(out, s, "teacher"), "study_test_preds.csv"))]
     hits = sum(row["answer"] == label and row["predicted_answer"] == label for row in rows)
     support = sum(row["answer"] == label for row in rows)
     predicted = sum(row["predicted_answer"] == label for row in rows)
@@ -147,7 +147,7 @@ def test_disagreement_examples_are_real(finished):
     items = report["examples"]["items"]
     assert report["examples"]["seed"] == SEEDS[0] and 0 < len(items) <= 4
     preds = {arm: {row["question_id"]: row for row in read_csv(os.path.join(stage_dir(out, SEEDS[0], arm),
-                                                                            "eval_test_preds.csv"))}
+                                                                            "study_test_preds.csv"))}
              for arm in ARM_NAMES}
     for item in items:
         rows = {arm: preds[arm][item["question_id"]] for arm in ARM_NAMES}
@@ -167,7 +167,7 @@ def test_rerun_reuses_everything(finished, monkeypatch):
     monkeypatch.setattr(vqakd.training.validation, "validate_checkpoint", refuse)
     out = finished["out"]
     watched = [os.path.join(stage_dir(out, s, a), name) for s in SEEDS for a in ARM_NAMES
-               for name in ("last.pt", "results.json", "eval_test_preds.csv", "timing_test.json")]
+               for name in ("last.pt", "results.json", "study_test_preds.csv", "timing_test.json")]
     before = {path: os.path.getmtime(path) for path in watched}
     code, err = run_main(study.main, study_argv(finished), quiet=True)
     assert code == 0, err
@@ -247,3 +247,25 @@ def test_study_folder_guarded_before_any_training(tiny, tmp_path):
     assert afile.read_text() == "x"
     code, err = run_main(study.main, ["--cfg", tiny["cfg"], "--out", str(tiny["data"])], quiet=True)
     assert code == 2 and "holds an input of the study" in err, err
+
+
+def test_study_reads_only_its_own_evaluation_files(finished, monkeypatch):
+    # validate.py's own files in a run folder (another split, say) are not the study's.
+    out = finished["out"]
+    run_dir = stage_dir(out, SEEDS[0], "teacher")
+    alien = os.path.join(run_dir, "eval_test_preds.csv")
+    with open(alien, "w") as handle:
+        handle.write("question_id,video_id,question,predicted_answer,answer\n1,1,what?,x,y\n")
+    study_preds = os.path.join(run_dir, "study_test_preds.csv")
+    before = open(study_preds).read()
+    code, err = run_main(study.main, study_argv(finished), quiet=True)
+    assert code == 0, err
+    assert open(study_preds).read() == before      # reused: its own files are intact and newer than best.pt
+    # A study evaluation of another split is not reused for the test figures.
+    record = json.loads(open(os.path.join(run_dir, "study_test.json")).read())
+    record["split"] = "val"
+    with open(os.path.join(run_dir, "study_test.json"), "w") as handle:
+        json.dump(record, handle)
+    code, err = run_main(study.main, study_argv(finished), quiet=True)
+    assert code == 0, err
+    assert json.loads(open(os.path.join(run_dir, "study_test.json")).read())["split"] == "test"

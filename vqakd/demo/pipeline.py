@@ -250,7 +250,7 @@ def build_steps(plan: DemoPlan) -> list[Step]:
          *config_sets],
         lambda: train_inputs,
         lambda: [plan.report_json] + [plan.run_file(arm, name) for arm in ARMS
-                                      for name in ("best.pt", "results.json", "eval_test.json")],
+                                      for name in ("best.pt", "results.json", "study_test.json")],
         out_state, show_args=progress_off, restart_args=restart_study, env=TRAINING_THREADS))
     question = {}
 

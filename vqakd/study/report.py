@@ -1,7 +1,7 @@
 """The study's report: `<study>/report/{report.md, report.json, *.png}` from the runs' files.
 
 Read per (arm, seed) run: results.json (test accuracy of best.pt, overall and per question type,
-parameters), metrics.csv (losses and accuracies per epoch), eval_test_preds.csv (validate.py
+parameters), metrics.csv (losses and accuracies per epoch), study_test_preds.csv (validate.py
 --write-preds) and the inference timing. Tables give mean ± sample standard deviation (n − 1)
 over seeds with every seed's value beside them, and the published numbers for the dataset.
 Per-answer precision / recall / F1 and the confusions among the most frequent test answers use

@@ -122,9 +122,27 @@ class Run:
     def finished(self) -> bool:
         return os.path.isfile(self.path("results.json"))
 
+    # The study's own evaluation files: validate.py's defaults (eval_<split>*) in the same folder
+    # may hold another split or another evaluation, and are never read by the study.
     @property
     def preds_path(self) -> str:
-        return self.path("eval_test_preds.csv")
+        return self.path("study_test_preds.csv")
+
+    @property
+    def eval_path(self) -> str:
+        return self.path("study_test.json")
+
+    def evaluated(self) -> bool:
+        """The study's test evaluation of this best.pt exists: written after it, of its test split."""
+        best = self.path("best.pt")
+        if not (_newer_or_same(self.preds_path, best) and _newer_or_same(self.eval_path, best)):
+            return False
+        try:
+            record = read_json(self.eval_path)
+        except UserError:
+            return False
+        return (record.get("split") == "test" and isinstance(record.get("checkpoint"), str)
+                and os.path.abspath(record["checkpoint"]) == os.path.abspath(best))
 
     def train(self, cfg: str) -> None:
         """Train (or resume, or start over) this run, as `train.py` would."""
@@ -246,8 +264,8 @@ def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
         if not run.finished:
             continue
         best = run.path("best.pt")
-        eval_json = run.path("eval_test.json")
-        if _newer_or_same(run.preds_path, best) and _newer_or_same(eval_json, best):
+        eval_json = run.eval_path
+        if run.evaluated():
             continue
         # The checkpoint defines the model: validate.py refuses model.* settings.
         overrides = [text for text in run.overrides if not text.split("=", 1)[0].strip().startswith("model.")]
