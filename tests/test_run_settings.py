@@ -116,10 +116,10 @@ def test_resume_refuses_a_setting_that_defines_the_run(tiny, tmp_path, override,
 def test_resume_refuses_other_data_files(tiny, tmp_path):
     cfg = config_file(tiny, tmp_path)
     assert teacher(cfg, "--set", "train.stop_after_epoch=1")[0] == 0
-    other = tmp_path / "copy_test.pt"
-    other.write_bytes(open(tiny["paths"]["test_questions"], "rb").read())
+    other = tmp_path / "other_test.pt"          # other questions (a copy of the same ones would be allowed)
+    other.write_bytes(open(tiny["paths"]["val_questions"], "rb").read())
     code, err = teacher(cfg, "--resume", "--set", f"data.test_questions={other}")
-    one_line_error(code, err, "cannot resume with data.test_questions", str(other), tiny["paths"]["test_questions"])
+    one_line_error(code, err, "cannot resume", f"data.test_questions ({other}) changed")
 
 
 # ----------------------------------------------------------------------------------- YAML aliases
@@ -234,3 +234,30 @@ def test_a_network_larger_than_memory_is_refused_before_it_is_built(tiny, tmp_pa
     code, err = teacher(cfg, "--set", "model.module_dim=4194304")
     one_line_error(code, err, "parameters", "GiB", "model.module_dim=4194304")
     assert not (tmp_path / "out" / "teacher" / "last.pt").exists()
+
+
+def test_resume_refuses_inputs_whose_content_changed(tiny, tmp_path):
+    # Features re-extracted into the same path between a stopped run and --resume: the epochs
+    # done were trained on the old ones, so the resume is refused, naming the file.
+    import shutil
+
+    motion = tmp_path / "motion.h5"
+    shutil.copy(tiny["paths"]["motion_feat"], motion)
+    cfg = config_file(tiny, tmp_path, data={"motion_feat": str(motion)})
+    folder = tmp_path / "out" / "teacher"
+    assert teacher(cfg, "--set", "train.stop_after_epoch=1")[0] == 0
+    recorded = load_checkpoint(str(folder / "last.pt"))["inputs"]
+    assert recorded["data.motion_feat"] and recorded["data.vocab"]
+    with h5py.File(motion, "r+") as handle:
+        handle["resnext_features"][0] = handle["resnext_features"][0] + 1.0
+    before = (folder / "last.pt").read_bytes()
+    code, err = teacher(cfg, "--resume")
+    one_line_error(code, err, "cannot resume", f"data.motion_feat ({motion}) changed since epoch 1", "--overwrite")
+    assert (folder / "last.pt").read_bytes() == before
+    # The same content under another path (a moved dataset) is the same input: the run resumes
+    # from it, and the path change is recorded.
+    shutil.copy(tiny["paths"]["motion_feat"], tmp_path / "moved.h5")
+    code, err = teacher(cfg, "--resume", "--set", f"data.motion_feat={tmp_path / 'moved.h5'}")
+    assert code == 0, err
+    resumed = json.loads((folder / "results.json").read_text())["resumed"]
+    assert resumed[-1]["changed"]["data.motion_feat"] == [str(motion), str(tmp_path / "moved.h5")]

@@ -11,7 +11,9 @@ import statistics
 import subprocess
 import sys
 
+import h5py
 import pytest
+import yaml
 
 from cli_helpers import run_main
 from test_train_fixtures import make_dataset, tiny_config_dict, write_config
@@ -269,3 +271,31 @@ def test_study_reads_only_its_own_evaluation_files(finished, monkeypatch):
     code, err = run_main(study.main, study_argv(finished), quiet=True)
     assert code == 0, err
     assert json.loads(open(os.path.join(run_dir, "study_test.json")).read())["split"] == "test"
+
+
+def test_a_moved_study_is_reused_and_changed_features_are_seen(finished, tmp_path):
+    import shutil
+
+    from vqakd.study.runner import plan_study
+
+    arms = parse_arms(",".join(ARM_NAMES))
+    moved = tmp_path / "moved_study"
+    shutil.copytree(finished["out"], moved)
+    runs = plan_study(finished["cfg"], str(moved), list(SEEDS), arms, [])
+    assert {run.action for run in runs} == {"reuse"}, [(r.arm.name, r.reason) for r in runs]
+    # The motion features rewritten under their path: every run trained on them is out of date.
+    cfg = yaml.safe_load(open(finished["cfg"]))
+    motion = cfg["data"]["motion_feat"]
+    changed = tmp_path / "motion_changed.h5"
+    shutil.copy(motion, changed)
+    with h5py.File(changed, "r+") as handle:
+        handle["resnext_features"][0] = handle["resnext_features"][0] + 1.0
+    original = tmp_path / "original.h5"
+    shutil.copy(motion, original)
+    try:
+        shutil.copy(changed, motion)
+        runs = plan_study(finished["cfg"], str(moved), list(SEEDS), arms, [], overwrite=True)
+        assert {run.action for run in runs} == {"overwrite"}
+        assert all("inputs changed" in run.reason and "data.motion_feat" in run.reason for run in runs)
+    finally:
+        shutil.copy(original, motion)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from vqakd.core.config import config_to_dict, load_config
+from vqakd.training.provenance import changed_inputs, input_fingerprints, input_paths
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
 from vqakd.core.locks import FolderLock
@@ -206,8 +207,14 @@ def _decide(run: Run, overwrite: bool) -> None:
         results = read_json(run.path("results.json"))
         problem = config_difference(results.get("config"), expected)
         wanted_teacher = run.teacher_run.path("best.pt") if run.teacher_run else None
-        if problem is None and wanted_teacher and os.path.realpath(str(results.get("teacher"))) != \
-                os.path.realpath(wanted_teacher):
+        # Inputs compared by content: a study folder moved or copied elsewhere stays reusable, and
+        # features re-extracted under the same path (or a retrained teacher) are seen.
+        paths = input_paths(run.config, wanted_teacher)
+        changed = changed_inputs(results.get("inputs"), input_fingerprints(paths), paths)
+        if problem is None and changed:
+            problem = f"its inputs changed since it was trained: {', '.join(changed)}"
+        if problem is None and wanted_teacher and "inputs" not in results and \
+                os.path.realpath(str(results.get("teacher"))) != os.path.realpath(wanted_teacher):
             problem = f"it distilled from {results.get('teacher')}, this study uses {wanted_teacher}"
         run.action, run.reason = ("reuse", "finished") if problem is None else ("overwrite", problem)
     elif os.path.isfile(run.path("last.pt")):

@@ -83,7 +83,7 @@ def seed_everything(seed: int) -> None:
 def build_checkpoint(*, model: torch.nn.Module, stage: str, epoch: int, optimizer=None, scheduler=None,
                      metrics: Mapping | None = None, history: list | None = None, best: Mapping | None = None,
                      vocab: Mapping | None = None, config: Mapping | None = None,
-                     inference: Mapping | None = None) -> dict[str, Any]:
+                     inference: Mapping | None = None, inputs: Mapping | None = None) -> dict[str, Any]:
     module = getattr(model, "module", model)      # unwrap DistributedDataParallel
     return {
         "format": CHECKPOINT_FORMAT,
@@ -104,6 +104,8 @@ def build_checkpoint(*, model: torch.nn.Module, stage: str, epoch: int, optimize
         # Extraction settings of the training features and the vocabulary (vqakd/training/inference_record.py):
         # what predict.py needs to answer a question about a new video.
         "inference": dict(inference or {}),
+        # Content fingerprints of the run's input files (vqakd.training.provenance.input_fingerprints).
+        "inputs": dict(inputs or {}),
     }
 
 

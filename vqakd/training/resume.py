@@ -53,11 +53,13 @@ def _same_setting(key: str, old: Any, new: Any) -> bool:
     return old == new
 
 
-def resume_changes(saved: dict, config: Config, stage: str, path: str) -> dict[str, list]:
+def resume_changes(saved: dict, config: Config, stage: str, path: str,
+                   same_content: frozenset = frozenset()) -> dict[str, list]:
     """{key: [saved value, current value]} of every setting that differs from the saved config
     of the run being resumed (`saved`, from `path`); a refused change (see RESUME_REFUSED) is a
     UserError naming the key and both values. An empty `saved` (no config recorded) compares
-    nothing."""
+    nothing. `same_content`: the data settings whose file has the content the run recorded (a
+    dataset moved to another path): their path change is applied and recorded, not refused."""
     if not saved:
         return {}
     old = _flatten(config_to_dict(config_from_dict(saved, f"{path} (saved config)")))
@@ -66,6 +68,8 @@ def resume_changes(saved: dict, config: Config, stage: str, path: str) -> dict[s
                if not _same_setting(key, old.get(key), value)}
     refused = []
     for key in changed:
+        if key in same_content:
+            continue
         section = key.split(".", 1)[0]
         reason = (RESUME_REFUSED.get(key) or RESUME_REFUSED_SECTIONS.get(section)
                   or ("the network" if key == f"{stage}.graph_layers" else None))

@@ -27,7 +27,8 @@ from vqakd.training.builders import (build_model_for_stage, check_same_model, ch
                           load_teacher)
 from vqakd.training.plots import plot_curves
 from vqakd.training.inference_record import inference_record
-from vqakd.training.provenance import provenance_for_config, utc_now
+from vqakd.training.provenance import (changed_inputs, input_fingerprints, input_paths, provenance_for_config,
+                                       utc_now)
 from vqakd.training.resume import LR_SCHEDULE_KEYS, apply_lr_schedule, resume_changes
 from vqakd.training.run_folder import RunFolder, RunLog, stage_guard
 from vqakd.training.validation import eval_loader, evaluation_record
@@ -89,6 +90,10 @@ class StageStart:
     scheduler: torch.optim.lr_scheduler.StepLR
     teacher: Optional[DualVGR] = None
     teacher_file: Optional[str] = None
+    # The content fingerprint of every input file, as read at the start (checkpoints and
+    # results.json record it; --resume and the study compare it: vqakd.training.provenance).
+    inputs: dict = field(default_factory=dict)
+    input_paths: dict = field(default_factory=dict)
     history: list = field(default_factory=list)     # metrics.csv rows so far
     best: dict = field(default_factory=dict)        # {epoch, val_accuracy} of best.pt
     start_epoch: int = 1
@@ -127,6 +132,8 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
         raise UserError(f"teacher checkpoint not found: {teacher_file}; train the teacher first "
                         "(--stage teacher) or pass --teacher <checkpoint>")
 
+    paths = input_paths(config, teacher_file)
+    inputs = input_fingerprints(paths)
     bundle = load_data(config, device=device, progress=progress)
     if len(bundle.splits["train"]) < 2:
         raise UserError(f"{bundle.splits['train'].path}: {len(bundle.splits['train'])} training question(s); "
@@ -140,7 +147,8 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.train.lr_halve_every,
                                                 gamma=config.train.lr_decay)
     start = StageStart(device=device, batch_train=batch_train, bundle=bundle, model=model, optimizer=optimizer,
-                       scheduler=scheduler, teacher=teacher, teacher_file=teacher_file)
+                       scheduler=scheduler, teacher=teacher, teacher_file=teacher_file, inputs=inputs,
+                       input_paths=paths)
     if resume and os.path.isfile(folder.last):
         resume_from(folder.last, start, config, stage)
     return start
@@ -153,7 +161,14 @@ def resume_from(path: str, start: StageStart, config: Config, stage: str) -> Non
     (vqakd/training/resume.py); a changed lr schedule is put into the optimizer and scheduler."""
     checkpoint = load_checkpoint(path)
     check_same_model(checkpoint, path, start.model)
-    changed = resume_changes(checkpoint.get("config") or {}, config, stage, path)
+    changed_files = changed_inputs(checkpoint.get("inputs"), start.inputs, start.input_paths)
+    if changed_files:
+        # The epochs done were trained on other contents: continuing would mix two runs silently.
+        raise UserError(f"cannot resume {path}: {', '.join(changed_files)} changed since epoch {checkpoint.get('epoch')} was "
+                        "trained (other content under the same path); restore the file, or --overwrite to start again")
+    recorded = checkpoint.get("inputs") or {}
+    moved = frozenset(key for key, value in start.inputs.items() if value is not None and recorded.get(key) == value)
+    changed = resume_changes(checkpoint.get("config") or {}, config, stage, path, same_content=moved)
     check_vocab_match(checkpoint, path, start.bundle, "the run being resumed")
     load_state_strict(start.model, checkpoint["state_dict"], path)
     try:
@@ -325,7 +340,8 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
         if main:
             checkpoint = build_checkpoint(model=model, stage=stage, epoch=epoch, optimizer=optimizer,
                                           scheduler=scheduler, metrics=row, history=history, best=best,
-                                          vocab=vocab_info, config=config_dict, inference=inference)
+                                          vocab=vocab_info, config=config_dict, inference=inference,
+                                          inputs=start.inputs)
             # best first: if the job dies between the two writes, last.pt still points to the
             # previous epoch and resuming redoes this one, rewriting both.
             if is_best:
@@ -375,6 +391,7 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
         "checkpoint": folder.best,
         "distill": config.loss.distill if stage == "student" else None,
         "teacher": start.teacher_file,
+        "inputs": start.inputs,             # content fingerprints: what the study compares on reuse
         "model_config": best_checkpoint["model_config"],
         "config": config_to_dict(config),
         # Settings changed on --resume, from which epoch (config above: the values at the end).
