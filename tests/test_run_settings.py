@@ -261,3 +261,13 @@ def test_resume_refuses_inputs_whose_content_changed(tiny, tmp_path):
     assert code == 0, err
     resumed = json.loads((folder / "results.json").read_text())["resumed"]
     assert resumed[-1]["changed"]["data.motion_feat"] == [str(motion), str(tmp_path / "moved.h5")]
+
+
+def test_a_runs_config_yml_is_a_reusable_config(tiny, tmp_path):
+    cfg = config_file(tiny, tmp_path)
+    assert teacher(cfg, "--set", "train.lr=0.002", "--set", "train.epochs=1")[0] == 0
+    saved = tmp_path / "out" / "teacher" / "config.yml"
+    again = load_config(str(saved), [f"output_dir={tmp_path / 'again'}"])
+    assert again.train.lr == 0.002 and again.train.epochs == 1
+    code, err = teacher(str(saved), "--set", f"output_dir={tmp_path / 'again'}")
+    assert code == 0, err
