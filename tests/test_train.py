@@ -163,7 +163,12 @@ def test_student_rejects_teacher_with_other_node_count(tiny, teacher_run, tmp_pa
     cfg = write_config(tmp_path / "c.yml", config)
     code, err = run_main(train.main, ["--cfg", cfg, "--stage", "student",
                                       "--teacher", str(teacher_run["folder"] / "best.pt")])
-    assert code == 2 and "num_nodes 4" in err and "model.num_nodes is 3" in err
+    # The student takes num_nodes from its teacher (4); features of 3 clips do not fit it.
+    assert code == 2 and "3 clips per video" in err and f"the teacher {teacher_run['folder'] / 'best.pt'}" in err
+    assert err.count("\n") == 1
+    code, err = run_main(train.main, ["--cfg", cfg, "--stage", "student", "--set", "model.num_nodes=3",
+                                      "--teacher", str(teacher_run["folder"] / "best.pt")])
+    assert code == 2 and "--set model.num_nodes=3 conflicts with the teacher" in err and "num_nodes = 4" in err
 
 
 # ----------------------------------------------------------------------------------- validate
@@ -188,9 +193,11 @@ def test_validate_reproduces_training_test_figures(tiny, teacher_run):
     rows = read_csv(folder / "eval_test_preds.csv")
     assert len(rows) == written["count"]
     assert sum(int(r["correct"]) for r in rows) == written["correct"]
-    assert list(rows[0])[:6] == ["question_id", "video_id", "question", "predicted_answer", "answer", "correct"]
+    assert list(rows[0])[:8] == ["question_id", "video_id", "question", "predicted_answer", "answer", "true_answer",
+                                 "answer_in_vocab", "correct"]
     # The fixture's first test questions have answers outside the vocabulary: never correct.
     assert rows[0]["answer"] == "<UNK1>" and rows[0]["correct"] == "0"
+    assert rows[0]["true_answer"] == "purple" and rows[0]["answer_in_vocab"] == "0"     # the truth, kept
     assert rows[3]["question"].endswith("?")          # the stored question text, not decoded tokens
     assert {int(r["video_id"]) for r in rows} <= set(tiny["data"]["ids"])
 
@@ -488,3 +495,28 @@ def test_bf16_autocast_trains_on_the_cpu(tiny):
                                    amp="bf16", progress=False)
     assert 0 < stats["loss"] < float("inf") and stats["questions"] == len(loader.dataset)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_settings_come_from_the_files_that_hold_them(tiny, teacher_run, tmp_path):
+    # A config that forgot the teacher run's sizes (word_dim, module_dim) and says 300 for the
+    # GloVe width: the student takes them from the teacher checkpoint and the GloVe matrix.
+    config = tiny_config_dict(tiny["data"]["paths"], tmp_path / "out", model={"word_dim": 300, "module_dim": 64})
+    cfg = write_config(tmp_path / "forgot.yml", config)
+    teacher = str(teacher_run["folder"] / "best.pt")
+    code, err = run_main(train.main, ["--cfg", cfg, "--stage", "student", "--teacher", teacher,
+                                      "--set", "train.epochs=1"], quiet=True)
+    assert code == 0, err
+    log = (tmp_path / "out" / "student" / "train.log").read_text()
+    assert f"model.word_dim = 12 from the teacher {teacher} (the config says 300)" in log
+    assert "model.module_dim = 32 from the teacher" in log
+    saved = yaml.safe_load((tmp_path / "out" / "student" / "config.yml").read_text())
+    assert saved["model"]["word_dim"] == 12 and saved["model"]["module_dim"] == 32
+    # A teacher run whose config says 300: model.word_dim is the GloVe matrix's width.
+    code, err = run_main(train.main, ["--cfg", cfg, "--stage", "teacher", "--set", "train.epochs=1"], quiet=True)
+    assert code == 0, err
+    assert ("model.word_dim = 12 from the GloVe matrix of data.train_questions (the config says 300)"
+            in (tmp_path / "out" / "teacher" / "train.log").read_text())
+    # An explicit setting that contradicts the file is one line naming both values.
+    code, err = run_main(train.main, ["--cfg", cfg, "--stage", "teacher", "--overwrite", "--set",
+                                      "model.word_dim=300"], quiet=True)
+    assert code == 2 and "--set model.word_dim=300 conflicts with the GloVe matrix" in err and "= 12" in err

@@ -5,7 +5,7 @@ import inspect
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 
 import torch
@@ -94,6 +94,7 @@ class StageStart:
     # results.json record it; --resume and the study compare it: vqakd.training.provenance).
     inputs: dict = field(default_factory=dict)
     input_paths: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)       # settings taken from the input files
     history: list = field(default_factory=list)     # metrics.csv rows so far
     best: dict = field(default_factory=dict)        # {epoch, val_accuracy} of best.pt
     start_epoch: int = 1
@@ -114,8 +115,39 @@ def teacher_checkpoint(config: Config, stage: str, given: Optional[str]) -> Opti
     return given or RunFolder(config.stage_dir("teacher")).best
 
 
+# Model settings a student takes from its teacher's checkpoint when the command line does not set
+# them: both read the same features and words (and feature distillation compares their node
+# features: module_dim too), so the config need not repeat what the teacher run was given.
+FROM_TEACHER = ("num_nodes", "vision_dim", "word_dim")
+FROM_FEATURE_TEACHER = FROM_TEACHER + ("module_dim",)
+
+
+def settings_from_files(config: Config, teacher_file: Optional[str], glove_width: Optional[int],
+                        explicit: Sequence[str], from_teacher: Sequence[str] = FROM_TEACHER) -> list[str]:
+    """Set the model settings the input files define (the teacher checkpoint's sizes, the GloVe
+    matrix's width as model.word_dim); a conflicting `--set` is refused naming both values.
+    Returns what was taken, for the log."""
+    wanted: dict[str, tuple[Any, str]] = {}
+    if teacher_file:
+        recorded = load_checkpoint(teacher_file).get("model_config") or {}
+        wanted.update({key: (recorded[key], f"the teacher {teacher_file}") for key in from_teacher if key in recorded})
+    if glove_width is not None:
+        wanted["word_dim"] = (glove_width, "the GloVe matrix of data.train_questions")
+    notes = []
+    for key, (value, source) in wanted.items():
+        current = getattr(config.model, key)
+        if current == value:
+            continue
+        if f"model.{key}" in explicit:
+            raise UserError(f"--set model.{key}={current} conflicts with {source}, which has {key} = {value}; drop "
+                            f"the --set (the value is taken from there) or use matching files")
+        setattr(config.model, key, value)
+        notes.append(f"model.{key} = {value} from {source} (the config says {current})")
+    return notes
+
+
 def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Optional[str], resume: bool,
-                overwrite: bool) -> StageStart:
+                overwrite: bool, explicit: Sequence[str] = ()) -> StageStart:
     """Every start-up check and load, before anything in the output folder changes (every rank
     runs it; nothing here writes)."""
     device = resolve_process_device(config.train.device, what="train.device")
@@ -134,7 +166,14 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
 
     paths = input_paths(config, teacher_file)
     inputs = input_fingerprints(paths)
-    bundle = load_data(config, device=device, progress=progress)
+    keys = FROM_FEATURE_TEACHER if config.loss.distill_of(stage) == "feature" else FROM_TEACHER
+    notes = settings_from_files(config, teacher_file, None, explicit, keys)
+    taken = {note.split(" ", 1)[0] for note in notes}
+    expected_by = (f"the teacher {teacher_file} (model)" if {"model.num_nodes", "model.vision_dim"} & taken
+                   else "model")
+    bundle = load_data(config, device=device, progress=progress, expected_by=expected_by)
+    train_glove = bundle.splits["train"].glove if config.data.use_glove else None
+    notes += settings_from_files(config, None, None if train_glove is None else int(train_glove.shape[1]), explicit)
     if len(bundle.splits["train"]) < 2:
         raise UserError(f"{bundle.splits['train'].path}: {len(bundle.splits['train'])} training question(s); "
                         "BatchNorm needs at least 2")
@@ -148,7 +187,7 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
                                                 gamma=config.train.lr_decay)
     start = StageStart(device=device, batch_train=batch_train, bundle=bundle, model=model, optimizer=optimizer,
                        scheduler=scheduler, teacher=teacher, teacher_file=teacher_file, inputs=inputs,
-                       input_paths=paths)
+                       input_paths=paths, notes=notes)
     if resume and os.path.isfile(folder.last):
         resume_from(folder.last, start, config, stage)
     return start
@@ -238,18 +277,19 @@ def prepare_folder(folder: RunFolder, start: StageStart, config: Config, stage: 
 # ----------------------------------------------------------------------------------- the run
 
 def run_training(config: Config, stage: str, teacher_path: Optional[str] = None, resume: bool = False,
-                 overwrite: bool = False, config_file: Optional[str] = None) -> dict[str, Any]:
+                 overwrite: bool = False, config_file: Optional[str] = None,
+                 explicit: Sequence[str] = ()) -> dict[str, Any]:
     """Train one stage end to end; returns the results.json content (or {} when stopped early).
     Under torchrun every process calls this. The stage folder is locked for the whole run, and
     no stage file may be one of the run's inputs."""
     inputs = {"--cfg": config_file, "--teacher": teacher_checkpoint(config, stage, teacher_path),
               **{f"data.{key}": getattr(config.data, key) for key in DATA_FILES}}
     with dist.session(), stage_guard(RunFolder(config.stage_dir(stage)), stage, inputs):
-        return _run_training(config, stage, teacher_path, resume, overwrite)
+        return _run_training(config, stage, teacher_path, resume, overwrite, explicit)
 
 
 def _run_training(config: Config, stage: str, teacher_path: Optional[str], resume: bool,
-                  overwrite: bool) -> dict[str, Any]:
+                  overwrite: bool, explicit: Sequence[str] = ()) -> dict[str, Any]:
     started = utc_now()
     config.stage(stage)
     world, main = dist.get_world_size(), dist.is_main()
@@ -260,11 +300,13 @@ def _run_training(config: Config, stage: str, teacher_path: Optional[str], resum
         if finished is not None:
             log(finished[0])
             return finished[1]
-    start = dist.agree(lambda: start_stage(config, stage, folder, teacher_path, resume, overwrite))
+    start = dist.agree(lambda: start_stage(config, stage, folder, teacher_path, resume, overwrite, explicit))
     device, bundle, model = start.device, start.bundle, start.model
     configure_backends(device, config.train.tf32)
     if main:
         prepare_folder(folder, start, config, stage, resume, overwrite, log)
+    for note in start.notes:
+        log(note)
     dist.barrier()
 
     processes = (f", DistributedDataParallel: {world} processes x {start.batch_train} questions (global batch "
@@ -419,4 +461,6 @@ def train_stage(cfg: str, stage: str, overrides: list[str] = (), *, teacher: Opt
     if device is not None:
         overrides.insert(0, f"train.device={device}")
     config = load_config(cfg, overrides, original_flags or {})
-    run_training(config, stage, teacher_path=teacher, resume=resume, overwrite=overwrite, config_file=cfg)
+    explicit = [text.split("=", 1)[0].strip() for text in overrides]
+    run_training(config, stage, teacher_path=teacher, resume=resume, overwrite=overwrite, config_file=cfg,
+                 explicit=explicit)
