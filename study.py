@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 
-
-from vqakd.core.errors import UserError, interruptible_imports, run_cli  # noqa: E402
+from vqakd.core.errors import UserError, interruptible_imports, run_cli
+from vqakd.core.script import prepare_script
 
 ARM_NAMES = ("teacher, student-none, student-feature, student-logit (default); teacher-gatv2, "
              "student-feature-gatv2, teacher-safe, student-feature-safe")
@@ -63,4 +63,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    prepare_script(build_parser(), "matplotlib", "sklearn")     # thread settings, then --help before torch loads
     run_cli(main)

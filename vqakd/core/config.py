@@ -43,9 +43,6 @@ __all__ = ["ORIGINAL_FLAGS", "STAGES", "Config", "DataConfig", "ModelSection", "
            "LossConfig", "load_config", "config_from_dict", "config_to_dict", "dump_config", "eval_batch_size",
            "parse_override", "read_yaml"]
 
-DATASET_CHOICES = ("msvd-qa", "msrvtt-qa", "demo")
-
-
 @dataclass
 class DataConfig:
     """Input files (docs/method.md#file-formats) and how the feature table is held."""
@@ -438,6 +435,16 @@ def check_values(config: Config, source: str, origins: dict[str, str] | None = N
 
 def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def flat_settings(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"train.lr": value, ...} (what resumes and studies compare)."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flat_settings(value, f"{prefix}{key}."))
+    return flat
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "checkpoint config") -> Config:

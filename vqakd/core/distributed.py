@@ -87,14 +87,13 @@ def timeout_seconds() -> int:
     return value if value > 0 else DEFAULT_TIMEOUT_S
 
 
-def init_distributed(device: torch.device | None = None, *, timeout: datetime.timedelta | None = None,
-                     control_only: bool = False) -> bool:
+def init_distributed(*, timeout: datetime.timedelta | None = None, control_only: bool = False) -> bool:
     """Start the process group when launched by torchrun or with several processes; returns
     whether one exists now.
 
-    `device` is accepted for callers that know it; the backend choice only depends on whether
-    CUDA exists (see the module docstring), unless `control_only`: then the group is gloo alone
-    (no tensors travel, only agreement and waiting) and no CUDA device is selected here.
+    The backend only depends on whether CUDA exists (see the module docstring), unless
+    `control_only`: then the group is gloo alone (no tensors travel, only agreement and
+    waiting) and no CUDA device is selected here.
     `timeout` (default `timeout_seconds()`) bounds every collective, barriers included.
     """
     if is_initialized() or (env_world_size() <= 1 and not launched_by_torchrun()):
@@ -186,9 +185,9 @@ def cleanup() -> None:
 @contextlib.contextmanager
 def session(*, timeout: datetime.timedelta | None = None, control_only: bool = False) -> Iterator[None]:
     """The process group for the duration of a script (when launched by torchrun); the
-    arguments are those of `init_distributed`. A session inside another (study.py running
-    train.py's run in-process) keeps the outer group: destroying it would leave the next
-    stage unable to rejoin under torchrun."""
+    arguments are those of `init_distributed`. A session inside another (a study's train and
+    validate calls) keeps the outer group: destroying it would leave the next call unable to
+    rejoin under torchrun."""
     started = not is_initialized() and init_distributed(timeout=timeout, control_only=control_only)
     try:
         yield

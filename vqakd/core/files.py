@@ -1,6 +1,13 @@
-"""Atomic file output: write to a temporary file in the same folder, then rename.
+"""Files in and out, and the checks every command makes on its output paths.
 
-A reader (or a crashed job being resumed) never sees a half-written file at the final path.
+- Atomic output: write to a temporary file in the same folder, then rename, so a reader (or a
+  crashed job being resumed) never sees a half-written file at the final path; a full disk is
+  one line naming the file.
+- JSON and pickle reading/writing, a file's sha256.
+- Output paths: an output may not be one of the command's inputs nor another output of the
+  same run (compared after resolving links and `..`, and by identity for existing files);
+  output path templates (`{split}`, `{dataset}`, HCRN-style `{}`) that cannot be filled are a
+  one-line error. `vqakd.core.locks.guard_outputs` runs these checks with the lock.
 """
 
 from __future__ import annotations
@@ -13,11 +20,9 @@ import json
 import os
 import pickle
 import tempfile
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Tuple, Union
 
 from vqakd.core.errors import UserError
-import string
-from typing import Iterable, Mapping, Sequence, Tuple, Union
 
 # The toolkit's checkout: configs/, docs/ and the entry scripts are found from here.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -167,23 +172,11 @@ def remove_stale_temporaries(output_paths: Iterable[str | os.PathLike],
         log(f"removed {len(removed)} temporary file(s) left by an interrupted run: {', '.join(removed)}")
     return removed
 
-
-# Checks every command runs on its output paths before any work starts.
-#
-# - An output may not be one of the command's inputs (a checkpoint, config, vocabulary, question,
-#   feature or GloVe file) nor another output of the same run: paths are compared after resolving
-#   links and `..`, and existing files also by identity (a hard link is the same file).
-# - Output path templates take named fields (`{split}`, `{dataset}`) and, for the HCRN-style
-#   options, positional `{}`; a template that cannot be filled is a one-line error.
-
-
-
-
 PathLike = Union[str, os.PathLike]
 Labelled = Union[Mapping[str, Union[PathLike, None]], Iterable[Tuple[str, Union[PathLike, None]]]]
 
 
-def _pairs(paths: Labelled) -> list[tuple[str, str]]:
+def labelled_paths(paths: Labelled) -> list[tuple[str, str]]:
     items = paths.items() if isinstance(paths, Mapping) else paths
     return [(label, os.fspath(path)) for label, path in items if path is not None]
 
@@ -204,7 +197,7 @@ def check_output_paths(inputs: Labelled, outputs: Labelled, hint: str = "") -> N
     or `--output-pt (val split)`) to a path; None paths are skipped. `hint` is appended to the
     message for two outputs that collide (for instance how to make a template distinct).
     """
-    ins, outs = _pairs(inputs), _pairs(outputs)
+    ins, outs = labelled_paths(inputs), labelled_paths(outputs)
     for out_index, (out_label, out_path) in enumerate(outs):
         for in_label, in_path in ins:
             if _same_file(out_path, in_path):
@@ -216,14 +209,6 @@ def check_output_paths(inputs: Labelled, outputs: Labelled, hint: str = "") -> N
                 extra = f"; {hint}" if hint else ""
                 raise UserError(f"{other_label} and {out_label} are the same file {out_path}: one would "
                                 f"overwrite the other{extra}")
-
-
-def template_fields(template: str) -> list[str]:
-    """The replacement fields of a `str.format` template (`''` for positional `{}`)."""
-    try:
-        return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
-    except ValueError:
-        return []
 
 
 def expand_template(template: str, option: str, positional: Sequence[object] = (), **fields: object) -> str:

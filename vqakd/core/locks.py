@@ -13,7 +13,11 @@ dies, however it dies (kill -9 included): a folder left by a killed run is simpl
 The file also records who holds it (pid, host, command, start time) for the refusal message;
 a record left behind by a dead holder is stale and is replaced. On file systems without flock
 (some network mounts) the record alone decides: a holder on this host whose pid is alive keeps
-the folder; a record from another host is trusted unless it is older than `STALE_AFTER_S`.
+the folder, and so does any holder on another host (whose pid cannot be checked; the message
+names the lock file to delete if that run is gone).
+
+`guard_outputs` is the start of every command that writes: the output-path checks of
+vqakd.core.files, a writable output folder, the lock, and the temporaries a killed run left.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from vqakd.core.errors import UserError
+from vqakd.core.files import (Labelled, check_output_paths, ensure_writable_dir, labelled_paths,
+                              remove_stale_temporaries)
 
 try:
     import fcntl
@@ -50,8 +56,6 @@ def _close_inherited_locks() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited_locks)
-# Without flock, a record from another host (whose pid cannot be checked) older than this is stale.
-STALE_AFTER_S = 7 * 24 * 3600
 
 
 def _pid_alive(pid: int) -> bool:
@@ -115,8 +119,7 @@ class FolderLock:
             return False
         if record.get("host") == socket.gethostname():
             return record["pid"] != os.getpid() and _pid_alive(record["pid"])
-        started = record.get("started")
-        return isinstance(started, (int, float)) and time.time() - started < STALE_AFTER_S
+        return True
 
     def _refuse(self, record: dict[str, Any] | None) -> UserError:
         holder = _describe(record) if record else "a run that has not written its record yet"
@@ -219,3 +222,27 @@ def output_lock(path: str | os.PathLike, what: str = "output file",
     and motion features), but never the same file."""
     path = os.path.abspath(os.fspath(path))
     return FolderLock(os.path.dirname(path), what, log, lock_name=f".{os.path.basename(path)}.lock", shown=path)
+
+
+@contextlib.contextmanager
+def guard_outputs(inputs: Labelled, outputs: Labelled, what: str = "output folder", *,
+                  file_what: str | None = None, hint: str = "", lock: bool = True,
+                  log: Callable[[str], Any] | None = print) -> Iterator[None]:
+    """Before a command writes anything, and until the block ends: refuse an output that is one
+    of the `inputs` or another output (`check_output_paths`, `hint` added for two outputs that
+    collide); then, where `lock` (the process that writes: rank 0 under torchrun), prove each
+    output folder writable (`what` names it), lock it (with `file_what`, each output file alone,
+    named so: see `output_lock`) and delete the temporaries a killed run left of the outputs."""
+    check_output_paths(inputs, outputs, hint)
+    paths = [os.path.abspath(path) for _, path in labelled_paths(outputs)]
+    with contextlib.ExitStack() as held:
+        if lock:
+            for folder in sorted({os.path.dirname(path) for path in paths}):
+                ensure_writable_dir(folder, what)
+                if file_what is None:
+                    held.enter_context(FolderLock(folder, what, log))
+            if file_what is not None:
+                for path in paths:
+                    held.enter_context(output_lock(path, file_what, log))
+            remove_stale_temporaries(paths, log)
+        yield

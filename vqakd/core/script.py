@@ -127,11 +127,12 @@ def check_requirements(*extra: str, modules: Iterable[str] = CORE_MODULES) -> No
         sys.exit(2)
 
 
-def prepare_script(parser=None, *requirements: str) -> None:
+def prepare_script(parser=None, *requirements: str, modules: Iterable[str] = CORE_MODULES) -> None:
     """The start of every entry script, before its slow imports: thread defaults (they only take
-    effect before torch starts its OpenMP runtime), `--help` and flag errors answered at once, and
-    one line instead of a traceback when a requirement is not installed."""
+    effect before torch starts its OpenMP runtime), `--help` and flag errors answered at once (when
+    the script's parser needs no slow import), and one line instead of a traceback when a
+    requirement (`modules` and the extra `requirements`) is not installed."""
     apply_for_script()
     if parser is not None:
         parser.parse_args()
-    check_requirements(*requirements)
+    check_requirements(*requirements, modules=modules)

@@ -32,7 +32,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from model import DualVGROutput
-from model.diagnostics import STREAMS, NodeSpreadMeter, collapsed_layers
+from model.diagnostics import STREAMS, NodeSpreadMeter
 from model.losses import feature_distill_loss, hard_loss, logit_distill_loss, with_regularisers
 from vqakd.core import distributed as dist
 from vqakd.core.config import LossConfig
@@ -287,8 +287,7 @@ def _spread_result(meter: NodeSpreadMeter, layers: int, graph_layers: int, devic
     if int(samples) == 0:
         return {}
     meter.total, meter.collapsed, meter.samples = total.float(), collapsed, int(samples)
-    return {"columns": meter.columns(graph_layers), "collapsed": collapsed_layers(meter.value(), meter.threshold),
-            "spread": meter.value().cpu()}
+    return {"columns": meter.columns(graph_layers)}
 
 
 @torch.no_grad()
@@ -307,9 +306,8 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
     - `loss_cfg`: summary["losses"], every loss part the training of `stage` logs, per question
       (a distilling student needs the frozen `teacher`, run on each batch; `reference_batch`:
       see `_ValidationLosses`, default the evaluation batch);
-    - `node_spread`: summary["node_spread"] = {"columns": node_spread_* and node_collapsed_*
-      columns, "collapsed": rows of the graph layers whose clips are identical, "spread":
-      (layers, 4) tensor}; see model/diagnostics.py."""
+    - `node_spread`: summary["node_spread"] = {"columns": the node_spread_* and node_collapsed_*
+      columns of metrics.csv}; see model/diagnostics.py."""
     if isinstance(model, DistributedDataParallel):
         model = model.module
     model.eval()
