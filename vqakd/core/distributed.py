@@ -133,18 +133,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
-    if is_initialized() and get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor
-
-
-def broadcast(tensor: torch.Tensor, src: int) -> torch.Tensor:
-    if is_initialized() and get_world_size() > 1:
-        dist.broadcast(tensor, src=src)
-    return tensor
-
-
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj` (picklable), in rank order; [obj] in a single process. Goes through
     gloo (CPU), so it needs no GPU."""
