@@ -46,6 +46,7 @@ with interruptible_imports():       # h5py and torch take seconds to import: Ctr
     from vqakd.core.locks import guard_outputs
     from vqakd.extraction import merge_into_output
     from vqakd.extraction.parts import failures_report
+    from preprocess.preprocess_features import written_line
 
 
 def main(argv=None) -> int:
@@ -59,9 +60,7 @@ def main(argv=None) -> int:
               "failed); nothing to merge")
         return 1 if result.failures and not args.allow_failures else 0
     kept = "kept" if args.keep_parts else "removed"
-    damaged = f", {len(result.damaged)} written from damaged files" if result.damaged else ""
-    print(f"{result.written} videos written{damaged}, {len(result.failures)} failed (see {result.report}); "
-          f"features in {result.output}; {len(parts)} parts folder(s) {kept}")
+    print(f"{written_line(result)}; {len(parts)} parts folder(s) {kept}")
     if result.failures and not args.allow_failures:
         return 1
     return 0

@@ -178,14 +178,17 @@ def report(args: argparse.Namespace, shard, out: str, result) -> int:
               f"{len(result.failures)} failed; parts in {result.output}. When every shard is done, "
               f"bring the parts folders together and run: python preprocess/merge_features.py --out {out}")
     else:
-        note = "; output already complete" if result.already_complete else ""
-        damaged = (f", {len(result.damaged)} written from damaged files"
-                   if result.damaged else "")
-        print(f"{result.written} videos written{damaged}, {len(result.failures)} failed (see {result.report}); "
-              f"features in {result.output}{note}")
+        print(written_line(result) + ("; output already complete" if result.already_complete else ""))
     if result.failures and not args.allow_failures:
         return 1
     return 0
+
+
+def written_line(result) -> str:
+    """What a finished extraction (or merge) prints: videos written and failed, and where."""
+    damaged = f", {len(result.damaged)} written from damaged files" if result.damaged else ""
+    return (f"{result.written} videos written{damaged}, {len(result.failures)} failed (see {result.report}); "
+            f"features in {result.output}")
 
 
 if __name__ == "__main__":

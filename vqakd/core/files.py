@@ -28,26 +28,21 @@ from vqakd.core.errors import UserError
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # What `atomic_path` names its temporary files: `.<final name>.<mkstemp's random part>.tmp`.
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskFullError(UserError, OSError):
     """The disk (or the quota) filled up while writing; still an OSError for callers that catch those."""
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """Did a write fail for want of space? An OSError's errno says so; h5py puts the C library's
-    errno only into its message ("errno = 28, error message = 'No space left on device'")."""
-    if not isinstance(exc, OSError):
-        return False
-    if exc.errno in _DISK_FULL:
-        return True
-    text = str(exc)
-    return "No space left on device" in text or "Disk quota exceeded" in text
-
-
-def _disk_full(exc: OSError, path: str) -> DiskFullError:
-    quota = exc.errno == errno.EDQUOT or (exc.errno not in _DISK_FULL and "Disk quota exceeded" in str(exc))
+def _disk_full(exc: BaseException, path: str) -> DiskFullError | None:
+    """The one-line error of a write that failed for want of space, else None. An OSError's errno
+    says so; h5py puts the C library's errno only into its message ("errno = 28, error message =
+    'No space left on device'")."""
+    if not isinstance(exc, OSError) or isinstance(exc, DiskFullError):
+        return None
+    quota = exc.errno == errno.EDQUOT or "Disk quota exceeded" in str(exc)
+    if not (quota or exc.errno == errno.ENOSPC or "No space left on device" in str(exc)):
+        return None
     what = "disk quota exceeded" if quota else "no space left on device"
     error = DiskFullError(f"{what} while writing {path}; nothing was written there and earlier files "
                           "are intact: free some space and run again")
@@ -60,28 +55,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path next to `path`; on success rename it over `path`, else delete it."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.path.basename(path)}.", suffix=TEMP_SUFFIX,
                                    dir=folder)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise _disk_full(exc, path) from None
-        raise
-    os.close(fd)
-    # mkstemp creates 0600 files; give the result the permissions a plain open() would have,
-    # so features and checkpoints stay readable by the group on shared clusters.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
+        os.close(fd)
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would have,
+        # so features and checkpoints stay readable by the group on shared clusters.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         yield tmp
         os.replace(tmp, path)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        if not isinstance(exc, DiskFullError) and is_disk_full(exc):
-            raise _disk_full(exc, path) from None
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        full = _disk_full(exc, path)
+        if full is not None:
+            raise full from None
         raise
 
 

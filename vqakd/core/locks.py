@@ -1,4 +1,5 @@
-"""An exclusive lock on an output folder, held for a whole run.
+"""One run per output: an exclusive lock on an output folder (or one output file), held for a
+whole run, and `guard_outputs`, the start of every command that writes.
 
 Two runs writing into the same folder (two trainings with one output_dir, two extractions of
 one feature file) would overwrite each other's files. A run takes the lock with
@@ -10,14 +11,10 @@ and a second run is refused at once with one line naming the folder and the hold
 
 The lock is `fcntl.flock` on `<folder>/.vqakd.lock`, so the kernel releases it when the holder
 dies, however it dies (kill -9 included): a folder left by a killed run is simply taken over.
-The file also records who holds it (pid, host, command, start time) for the refusal message;
-a record left behind by a dead holder is stale and is replaced. On file systems without flock
-(some network mounts) the record alone decides: a holder on this host whose pid is alive keeps
-the folder, and so does any holder on another host (whose pid cannot be checked; the message
-names the lock file to delete if that run is gone).
-
-`guard_outputs` is the start of every command that writes: the output-path checks of
-vqakd.core.files, a writable output folder, the lock, and the temporaries a killed run left.
+The file also records who holds it (pid, host, command, start time) for the refusal message.
+On file systems without flock (some network mounts) the record alone decides: a holder on this
+host whose pid is alive keeps the folder, and so does any holder on another host (its pid
+cannot be checked; the message names the lock file to delete if that run is gone).
 """
 
 from __future__ import annotations
@@ -75,6 +72,51 @@ def _describe(record: dict[str, Any]) -> str:
             f"{record.get('command', '?')}")
 
 
+def _read_record(fd: int) -> dict[str, Any] | None:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = os.read(fd, 1 << 16)
+        record = json.loads(data.decode("utf-8")) if data.strip() else None
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_record(fd: int) -> None:
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv) or "python",
+              "started": time.time()}
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
+    os.fsync(fd)
+
+
+def _record_holds(record: dict[str, Any] | None) -> bool:
+    """Without flock: does this record name a run that may still be alive?"""
+    if not record or not isinstance(record.get("pid"), int):
+        return False
+    if record.get("host") == socket.gethostname():
+        return record["pid"] != os.getpid() and _pid_alive(record["pid"])
+    return True
+
+
+def _flock(fd: int) -> bool | None:
+    """True if locked, False if another holder has it, None if the file system has no flock."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+    return True
+
+
 class FolderLock:
     """Context manager: hold an exclusive lock on `folder` (created if needed) while inside.
 
@@ -94,69 +136,34 @@ class FolderLock:
         self.shown = os.fspath(shown) if shown is not None else self.folder
         self._fd: int | None = None
 
-    # ---------------------------------------------------------------- record
-
-    def _read_record(self, fd: int) -> dict[str, Any] | None:
-        try:
-            os.lseek(fd, 0, os.SEEK_SET)
-            data = os.read(fd, 1 << 16)
-            record = json.loads(data.decode("utf-8")) if data.strip() else None
-        except (OSError, ValueError):
-            return None
-        return record if isinstance(record, dict) else None
-
-    def _write_record(self, fd: int) -> None:
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv) or "python",
-                  "started": time.time()}
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
-        os.fsync(fd)
-
-    def _record_holds(self, record: dict[str, Any] | None) -> bool:
-        """Without flock: does this record name a run that may still be alive?"""
-        if not record or not isinstance(record.get("pid"), int):
-            return False
-        if record.get("host") == socket.gethostname():
-            return record["pid"] != os.getpid() and _pid_alive(record["pid"])
-        return True
-
     def _refuse(self, record: dict[str, Any] | None) -> UserError:
         holder = _describe(record) if record else "a run that has not written its record yet"
         return UserError(f"{self.what} {self.shown} is in use by another run ({holder}); wait for it to "
                          f"finish or stop it, or choose another output (lock file {self.path})")
 
-    # ---------------------------------------------------------------- acquire / release
-
     def acquire(self) -> "FolderLock":
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this FolderLock")
-        try:
-            os.makedirs(self.folder, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"{self.what} is not writable: {self.folder} ({exc.strerror or exc})") from None
         for _ in range(100):
             try:
+                os.makedirs(self.folder, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as exc:
                 raise UserError(f"{self.what} is not writable: {self.folder} ({exc.strerror or exc})") from None
             try:
-                locked = self._flock(fd)
+                locked = _flock(fd)
                 # The holder removes the file when it is done: if it did so between our open()
                 # and flock(), we hold a lock on a deleted file. Start again on the new one.
                 if not self._is_current(fd):
                     os.close(fd)
                     continue
-                record = self._read_record(fd)
-                if locked is None:              # no flock on this file system: the record decides
-                    if self._record_holds(record):
-                        raise self._refuse(record)
-                elif not locked:
+                record = _read_record(fd)
+                if locked is False or (locked is None and _record_holds(record)):
                     raise self._refuse(record)
                 if record and record.get("pid") != os.getpid() and self.log is not None:
                     self.log(f"{self.what} {self.shown}: taking over the lock left by a run that is no "
                              f"longer running ({_describe(record)})")
-                self._write_record(fd)
+                _write_record(fd)
             except BaseException:
                 os.close(fd)
                 raise
@@ -172,23 +179,6 @@ class FolderLock:
         except FileNotFoundError:
             return False
         return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
-
-    @staticmethod
-    def _flock(fd: int) -> bool | None:
-        """True if locked, False if another holder has it, None if the file system has no flock."""
-        if fcntl is None:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                return None
-            raise
-        return True
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
@@ -241,8 +231,7 @@ def guard_outputs(inputs: Labelled, outputs: Labelled, what: str = "output folde
                 ensure_writable_dir(folder, what)
                 if file_what is None:
                     held.enter_context(FolderLock(folder, what, log))
-            if file_what is not None:
-                for path in paths:
-                    held.enter_context(output_lock(path, file_what, log))
+            for path in paths if file_what is not None else ():
+                held.enter_context(output_lock(path, file_what, log))
             remove_stale_temporaries(paths, log)
         yield
