@@ -347,12 +347,7 @@ def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-# `--device auto|cpu|cuda|cuda:N` resolution, shared by every script; `resolve_process_device`
-# adds the rule for processes launched by torchrun.
-
-
-
-
+# ----------------------------------------------------------------------------------- devices
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """Turn a user's device string into a torch.device, checking that it exists."""
@@ -374,11 +369,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def under_torchrun() -> bool:
-    """This process is one of a launch by torchrun (even a launch of one process)."""
-    return env_world_size() > 1 or launched_by_torchrun()
-
-
 def resolve_process_device(spec: str = "auto", what: str = "--device") -> torch.device:
     """The device of this process, for training and feature extraction alike.
 
@@ -396,7 +386,7 @@ def resolve_process_device(spec: str = "auto", what: str = "--device") -> torch.
     allocations (the pin-memory thread, library workspaces) follow it instead of opening a
     context on GPU 0. `what` names the setting in messages (--device, train.device, ...).
     """
-    if not under_torchrun():
+    if env_world_size() <= 1 and not launched_by_torchrun():
         device = resolve_device(spec)
     else:
         spec = (spec or "auto").strip().lower()
