@@ -239,21 +239,8 @@ def from_main(fn: Callable[[], T], what: str = "start-up") -> T:
     """Run `fn` on rank 0 only and return its (picklable) value on every rank; if it raised,
     rank 0 re-raises its exception and the other ranks raise a UserError that rank 0 prints
     (as in `agree`). In a single process this is just `fn()`."""
-    if not (is_initialized() and get_world_size() > 1):
-        return fn()
-    failure: BaseException | None = None
-    payload: list[Any] = [None]
-    if get_rank() == 0:
-        result = None
-        try:
-            result = fn()
-        except Exception as exc:   # noqa: BLE001 - reported to every rank, then re-raised
-            failure = exc
-        payload = [(None if failure is not None else result, _outcome(failure))]
-    dist.broadcast_object_list(payload, src=0, group=_cpu_group())
-    value, outcome = payload[0]
-    _raise_first_failure(failure, [outcome], what)
-    return value
+    value = agree(lambda: fn() if get_rank() == 0 else None, what)
+    return all_gather_objects(value)[0]
 
 
 def quiet_unless_main(fn: Callable[[], int]) -> int:
