@@ -21,11 +21,8 @@ import json
 import os
 import sys
 
-
-from vqakd.core.script import check_requirements  # noqa: E402
-check_requirements("torchvision", "av")  # torch & co. missing: one line naming `make venv`, not a traceback
-
-from vqakd.core.errors import UserError, run_cli  # noqa: E402
+from vqakd.core.errors import UserError, run_cli
+from vqakd.core.script import prepare_script
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -135,4 +132,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    prepare_script(build_parser(), "torchvision", "av")     # --help and flag errors answer before torch loads
     run_cli(main)

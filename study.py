@@ -20,10 +20,9 @@ run after another (as train.py does); only rank 0 writes the report.
 from __future__ import annotations
 
 import argparse
-import os
 
-
-from vqakd.core.errors import UserError, interruptible_imports, run_cli  # noqa: E402
+from vqakd.core.errors import interruptible_imports, run_cli
+from vqakd.core.script import prepare_script
 
 ARM_NAMES = ("teacher, student-none, student-feature, student-logit (default); teacher-gatv2, "
              "student-feature-gatv2, teacher-safe, student-feature-safe")
@@ -51,16 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with interruptible_imports():
+        from vqakd.core.distributed import quiet_unless_main
         from vqakd.study.runner import run_study
-    try:
-        return run_study(args.cfg, args.seeds, args.arms, args.out, args.device, args.overrides, args.overwrite,
-                         args.timing_passes, args.examples)
-    except UserError:
-        # Under torchrun every rank reaches the same error; rank 0 prints it.
-        if os.environ.get("RANK", "0") != "0":
-            return 2
-        raise
+    # Under torchrun an error every rank hits is printed once, by rank 0.
+    return quiet_unless_main(lambda: run_study(args.cfg, args.seeds, args.arms, args.out, args.device, args.overrides,
+                                               args.overwrite, args.timing_passes, args.examples))
 
 
 if __name__ == "__main__":
+    prepare_script(build_parser(), "matplotlib", "sklearn")     # thread settings, then --help before torch loads
     run_cli(main)

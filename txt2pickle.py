@@ -12,22 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from vqakd.core.script import check_requirements  # noqa: E402
-check_requirements(modules=("numpy", "tqdm"))  # numpy & co. missing: one line naming `make venv`, not a traceback
-
-from vqakd.core.errors import UserError, interruptible_imports, run_cli  # noqa: E402
-
-with interruptible_imports():       # numpy and tqdm take a moment: Ctrl-C there is a clean exit too
-    from vqakd.data.glove import read_glove_text_with_stats, read_word_list  # noqa: E402
-    from vqakd.core.files import ensure_writable_dir, remove_stale_temporaries, write_pickle  # noqa: E402
-    from vqakd.core.locks import FolderLock  # noqa: E402
-    from vqakd.core.files import check_output_paths  # noqa: E402
+from vqakd.core.errors import UserError, interruptible_imports, run_cli
+from vqakd.core.script import prepare_script
 
 DEFAULT_GLOVE_TEXT = "data/glove/glove.840B.300d.txt"
 DEFAULT_OUT = "data/glove/glove.840.300d.pkl"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--glove", default=DEFAULT_GLOVE_TEXT, help="GloVe text file (default: %(default)s)")
@@ -37,7 +29,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=None,
                         help="vector size (default: the number of values on the first line)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    return parser
+
+
+if __name__ == "__main__":
+    prepare_script(build_parser(), modules=("numpy", "tqdm"))
+
+with interruptible_imports():       # numpy and tqdm take a moment: Ctrl-C there is a clean exit too
+    from vqakd.core.files import write_pickle
+    from vqakd.core.locks import guard_outputs
+    from vqakd.data.glove import read_glove_text_with_stats, read_word_list
 
 
 def _size(num_bytes: int) -> str:
@@ -49,11 +50,8 @@ def _size(num_bytes: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    check_output_paths({"--glove": args.glove, "--vocab": args.vocab}, {"--out": args.out})
-    out_dir = ensure_writable_dir(os.path.dirname(os.path.abspath(args.out)), "output folder")
-    with FolderLock(out_dir, "output folder"):
-        remove_stale_temporaries([args.out])
+    args = build_parser().parse_args(argv)
+    with guard_outputs({"--glove": args.glove, "--vocab": args.vocab}, {"--out": args.out}):
         return _convert(args)
 
 

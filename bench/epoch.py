@@ -51,9 +51,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCH)
 
 if __name__ == "__main__":
-    from vqakd.core.script import apply_for_script
+    from vqakd.core.script import prepare_script
 
-    apply_for_script()          # as train.py: waiting OpenMP threads sleep (before torch is imported)
+    prepare_script(modules=())  # as train.py: waiting OpenMP threads sleep (before torch is imported)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

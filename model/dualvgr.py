@@ -53,10 +53,11 @@ class DualVGROutput(NamedTuple):
 # Encoders
 
 
-def _recurrent_precision(tensor: Tensor):
-    """Run an LSTM in the parameters' own precision even inside an autocast region.
+def autocast_off(tensor: Tensor):
+    """Run in the parameters' own precision even inside an autocast region: the LSTMs here and
+    the losses (model/losses.py).
 
-    oneDNN has no bf16 LSTM on CPUs without AVX512-BF16/AMX (autocast then fails outright), and
+    For the LSTMs: oneDNN has no bf16 LSTM on CPUs without AVX512-BF16/AMX (autocast then fails outright), and
     a bf16 hidden state carried over 16 frames drifts from the float32 network the original was
     trained as. This gives up some GPU speed on the LSTMs (cuDNN may still use TF32 for them,
     per torch.backends.cudnn.allow_tf32); the linear, graph and fusion layers keep running
@@ -87,7 +88,7 @@ class QuestionEncoder(nn.Module):
         if not bool(((lengths >= 1) & (lengths <= max_len)).all()):
             raise ValueError(f"question lengths must lie in [1, {max_len}], got {lengths.tolist()}")
         packed = pack_padded_sequence(words, lengths, batch_first=True, enforce_sorted=False)
-        with _recurrent_precision(words):
+        with autocast_off(words):
             word_states_packed, _ = self.word_lstm(packed)
             # The sentence BiLSTM also runs on the packed sequence, so its forward state is the
             # one at the true last word and the backward state starts there: padding cannot leak in.
@@ -112,7 +113,7 @@ class AppearanceEncoder(nn.Module):
         """appearance (B, N, F, Dv) -> (B, N, d)."""
         batch, clips, frames, dim = appearance.shape
         frames_in = torch.tanh(self.frame_dropout(appearance)).reshape(batch * clips, frames, dim)
-        with _recurrent_precision(frames_in):
+        with autocast_off(frames_in):
             _, (final_hidden, _) = self.lstm(frames_in.to(self.lstm.weight_ih_l0.dtype))
         clip_vectors = torch.cat([final_hidden[0], final_hidden[1]], dim=-1)
         return self.output_dropout(clip_vectors.view(batch, clips, -1))

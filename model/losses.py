@@ -12,11 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.dualvgr import DualVGROutput
-
-
-def _no_autocast(tensor: Tensor):
-    return torch.autocast(device_type=tensor.device.type, enabled=False)
+from model.dualvgr import DualVGROutput, autocast_off
 
 
 def _at_least_float32(tensor: Tensor) -> Tensor:
@@ -49,7 +45,7 @@ def common_loss(x: Tensor, y: Tensor, mode: str = "original", rel_tol: float | N
         raise ValueError(f"common loss mode must be one of {', '.join(COMMON_LOSS_MODES)}, got {mode!r}")
     if mode == "safe":
         return _safe_common_loss(x, y, rel_tol)
-    with _no_autocast(x):
+    with autocast_off(x):
         x = _at_least_float32(x)
         y = _at_least_float32(y)
         x = F.normalize(x - x.mean(dim=1, keepdim=True), p=2, dim=2)
@@ -73,7 +69,7 @@ def _centred_directions(x: Tensor, rel_tol: float | None) -> tuple[Tensor, Tenso
 
 
 def _safe_common_loss(x: Tensor, y: Tensor, rel_tol: float | None) -> Tensor:
-    with _no_autocast(x):
+    with autocast_off(x):
         unit_x, real_x = _centred_directions(x, rel_tol)
         unit_y, real_y = _centred_directions(y, rel_tol)
         real = (real_x & real_y).to(unit_x.dtype)                                   # (B, N)
@@ -90,7 +86,7 @@ def hsic_loss(x: Tensor, y: Tensor) -> Tensor:
     symmetric K = y yᵀ, so the whole batch is two bmm's and one sum (summed, not averaged,
     over the batch, as in the original).
     """
-    with _no_autocast(x):
+    with autocast_off(x):
         x = _at_least_float32(x)
         y = _at_least_float32(y)
         centred = x - x.mean(dim=1, keepdim=True)
@@ -113,7 +109,7 @@ def hard_loss(output: DualVGROutput, labels: Tensor, alpha: float = 100.0, beta:
     if not layers:
         raise ValueError("hard_loss needs the per-layer outputs of a DualVGR forward pass")
     logits = output.logits
-    with _no_autocast(logits):
+    with autocast_off(logits):
         ce = F.cross_entropy(_at_least_float32(logits), labels.to(logits.device).long())
     common = torch.stack([common_loss(layer.common_appearance, layer.common_motion, common_mode)
                           for layer in layers]).mean()
@@ -143,7 +139,7 @@ def kd_feature_loss(student_feat: Tensor, teacher_feat: Tensor, tau: float = 1.0
     if student_feat.shape != teacher_feat.shape:
         raise ValueError(f"student features {tuple(student_feat.shape)} and teacher features "
                          f"{tuple(teacher_feat.shape)} differ in shape")
-    with _no_autocast(student_feat):
+    with autocast_off(student_feat):
         log_student = F.log_softmax(_at_least_float32(student_feat) / tau, dim=-1)
         teacher = F.softmax(_at_least_float32(teacher_feat.detach()) / tau, dim=-1)
         return F.kl_div(log_student, teacher, reduction="batchmean")
@@ -162,6 +158,6 @@ def logit_distill_loss(student_logits: Tensor, teacher_logits: Tensor, labels: T
                        mix: float = 0.5) -> Tensor:
     """Hinton distillation: mix · τ² · KL(softmax(t/τ) ‖ softmax(s/τ)) + (1 − mix) · CE(s, y)."""
     kl = kd_feature_loss(student_logits, teacher_logits, tau)
-    with _no_autocast(student_logits):
+    with autocast_off(student_logits):
         ce = F.cross_entropy(_at_least_float32(student_logits), labels.to(student_logits.device).long())
     return mix * tau * tau * kl + (1.0 - mix) * ce

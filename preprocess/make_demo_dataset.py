@@ -14,12 +14,15 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vqakd.core.script import check_requirements  # noqa: E402
-check_requirements(modules=("numpy", "tqdm", "av"))  # numpy & co. missing: one line naming `make venv`, not a traceback
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))     # the repository root
+from vqakd.core.errors import interruptible_imports, run_cli  # noqa: E402
+from vqakd.core.script import prepare_script  # noqa: E402
 
-from vqakd.demo import data as demo_data  # noqa: E402
-from vqakd.core.errors import run_cli  # noqa: E402
+if __name__ == "__main__":
+    prepare_script(modules=("numpy", "tqdm", "av"))
+
+with interruptible_imports():
+    from vqakd.demo import data as demo_data
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,21 +22,12 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vqakd.core.script import check_requirements  # noqa: E402
-check_requirements()  # torch & co. missing: one line naming `make venv`, not a traceback
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))     # the repository root
 from vqakd.core.errors import interruptible_imports, run_cli  # noqa: E402
-
-with interruptible_imports():       # h5py and torch take seconds to import: Ctrl-C there is a clean exit too
-    from vqakd.extraction import merge_into_output  # noqa: E402
-    from vqakd.extraction.parts import failures_report  # noqa: E402
-    from vqakd.core.files import ensure_writable_dir, remove_stale_temporaries  # noqa: E402
-    from vqakd.core.locks import output_lock  # noqa: E402
-    from vqakd.core.files import check_output_paths  # noqa: E402
+from vqakd.core.script import prepare_script  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the feature file to write (the --out of the shards)")
     parser.add_argument("parts", nargs="*",
@@ -45,27 +36,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out made otherwise")
     parser.add_argument("--allow-failures", action="store_true",
                         help="exit with status 0 even when some videos could not be used")
-    return parser.parse_args(argv)
+    return parser
+
+
+if __name__ == "__main__":
+    prepare_script(build_parser())      # --help and flag errors answer before torch loads
+
+with interruptible_imports():       # h5py and torch take seconds to import: Ctrl-C there is a clean exit too
+    from vqakd.core.locks import guard_outputs
+    from vqakd.extraction import merge_into_output
+    from vqakd.extraction.parts import failures_report
+    from preprocess.preprocess_features import written_line
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     parts = args.parts or [args.out + ".parts"]
     outputs = {"--out": args.out, "its failure report": failures_report(args.out)}
-    check_output_paths([(f"parts folder {path}", path) for path in parts], outputs)
-    ensure_writable_dir(os.path.dirname(os.path.abspath(args.out)), "output folder")
-    with output_lock(args.out, "feature output"):
-        # A merge killed while writing leaves its temporary files beside the output.
-        remove_stale_temporaries(outputs.values())
+    with guard_outputs([(f"parts folder {path}", path) for path in parts], outputs, file_what="feature output"):
         result = merge_into_output(parts, args.out, overwrite=args.overwrite, keep_parts=args.keep_parts)
     if result.already_complete:
         print(f"{args.out} already holds these features ({result.written} videos, {len(result.failures)} "
               "failed); nothing to merge")
         return 1 if result.failures and not args.allow_failures else 0
     kept = "kept" if args.keep_parts else "removed"
-    damaged = f", {len(result.damaged)} written from damaged files" if result.damaged else ""
-    print(f"{result.written} videos written{damaged}, {len(result.failures)} failed (see {result.report}); "
-          f"features in {result.output}; {len(parts)} parts folder(s) {kept}")
+    print(f"{written_line(result)}; {len(parts)} parts folder(s) {kept}")
     if result.failures and not args.allow_failures:
         return 1
     return 0

@@ -21,23 +21,22 @@ import contextlib
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vqakd.core.script import check_requirements  # noqa: E402
-check_requirements("torchvision", "av")  # torch & co. missing: one line naming `make venv`, not a traceback
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))     # the repository root
 from vqakd.core.errors import UserError, interruptible_imports, run_cli  # noqa: E402
+from vqakd.core.script import prepare_script  # noqa: E402
+
+if __name__ == "__main__":
+    prepare_script(None, "torchvision", "av")
 
 with interruptible_imports():       # torch takes seconds to import: Ctrl-C there is a clean exit too
-    from vqakd.data.annotations import DATASETS, list_videos  # noqa: E402
-    from vqakd.core.distributed import resolve_process_device  # noqa: E402
-    from vqakd.core.distributed import agree, is_main, quiet_unless_main, session  # noqa: E402
-    from vqakd.extraction import (DEFAULT_CHUNK_VIDEOS, DEFAULT_FRAMES_PER_CLIP,  # noqa: E402
-                                  DEFAULT_NUM_CLIPS, DEFAULT_RANDOM_SEED, NETWORKS, NORMALIZATIONS,
-                                  PROCESS_GROUP_TIMEOUT, ExtractionSettings, Shard, make_extractor)
-    from vqakd.extraction.parts import failures_report  # noqa: E402
-    from vqakd.core.files import ensure_writable_dir  # noqa: E402
-    from vqakd.core.locks import output_lock  # noqa: E402
-    from vqakd.core.files import check_output_paths  # noqa: E402
+    from vqakd.core.distributed import agree, is_main, quiet_unless_main, resolve_process_device, session
+    from vqakd.core.files import ensure_writable_dir
+    from vqakd.core.locks import guard_outputs
+    from vqakd.data.annotations import DATASETS, list_videos
+    from vqakd.extraction import (DEFAULT_CHUNK_VIDEOS, DEFAULT_FRAMES_PER_CLIP, DEFAULT_NUM_CLIPS,
+                                  DEFAULT_RANDOM_SEED, NETWORKS, NORMALIZATIONS, PROCESS_GROUP_TIMEOUT,
+                                  ExtractionSettings, Shard, make_extractor)
+    from vqakd.extraction.parts import failures_report
 
 DEFAULT_NUM_WORKERS = 4
 
@@ -146,10 +145,9 @@ def prepare(args: argparse.Namespace, held: contextlib.ExitStack):
     inputs += [("annotation file", os.path.join(args.annotation_dir, name))
                for name in ("train_qa.json", "val_qa.json", "test_qa.json", "youtube_mapping.txt")]
     inputs += [(f"video {video.video_id}", video.path) for video in videos]
-    check_output_paths(inputs, {"--out": out, "its failure report": failures_report(out)})
-    if is_main() and shard.count == 1:
-        # Shards of --num-shards share <out>.parts by design; the run that merges owns <out>.
-        held.enter_context(output_lock(out, "feature output"))
+    # Shards of --num-shards share <out>.parts by design; the run that merges owns <out>.
+    held.enter_context(guard_outputs(inputs, {"--out": out, "its failure report": failures_report(out)},
+                                     file_what="feature output", lock=is_main() and shard.count == 1))
     settings = ExtractionSettings(
         dataset=args.dataset, model=args.model, num_clips=args.num_clips,
         frames_per_clip=args.frames_per_clip, image_height=args.image_height,
@@ -179,14 +177,17 @@ def report(args: argparse.Namespace, shard, out: str, result) -> int:
               f"{len(result.failures)} failed; parts in {result.output}. When every shard is done, "
               f"bring the parts folders together and run: python preprocess/merge_features.py --out {out}")
     else:
-        note = "; output already complete" if result.already_complete else ""
-        damaged = (f", {len(result.damaged)} written from damaged files"
-                   if result.damaged else "")
-        print(f"{result.written} videos written{damaged}, {len(result.failures)} failed (see {result.report}); "
-              f"features in {result.output}{note}")
+        print(written_line(result) + ("; output already complete" if result.already_complete else ""))
     if result.failures and not args.allow_failures:
         return 1
     return 0
+
+
+def written_line(result) -> str:
+    """What a finished extraction (or merge) prints: videos written and failed, and where."""
+    damaged = f", {len(result.damaged)} written from damaged files" if result.damaged else ""
+    return (f"{result.written} videos written{damaged}, {len(result.failures)} failed (see {result.report}); "
+            f"features in {result.output}")
 
 
 if __name__ == "__main__":

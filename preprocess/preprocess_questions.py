@@ -14,23 +14,22 @@ follow under `record_id`, `clip_names` and `question_text` (docs/method.md#quest
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vqakd.core.script import check_requirements  # noqa: E402
-check_requirements(modules=("numpy", "tqdm", "nltk"))  # numpy & co. missing: one line naming `make venv`, not a traceback
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))     # the repository root
 from vqakd.core.errors import UserError, interruptible_imports, run_cli  # noqa: E402
+from vqakd.core.script import prepare_script  # noqa: E402
+
+if __name__ == "__main__":
+    prepare_script(modules=("numpy", "tqdm", "nltk"))
 
 with interruptible_imports():       # numpy, nltk and tqdm take a moment: Ctrl-C there is a clean exit too
-    from vqakd.data.annotations import DATASETS, SPLITS, qa_path  # noqa: E402
-    from vqakd.core.files import ensure_writable_dir, remove_stale_temporaries  # noqa: E402
-    from vqakd.core.locks import FolderLock  # noqa: E402
-    from vqakd.core.files import check_output_paths, expand_template  # noqa: E402
-    from vqakd.data.questions import format_summary, preprocess_split, questions_path, summary_path, vocab_path  # noqa: E402
-    from vqakd.data.vocab import DEFAULT_ANSWER_TOP  # noqa: E402
+    from vqakd.core.files import expand_template
+    from vqakd.core.locks import guard_outputs
+    from vqakd.data.annotations import DATASETS, SPLITS, qa_path
+    from vqakd.data.questions import format_summary, preprocess_split, questions_path, summary_path, vocab_path
+    from vqakd.data.vocab import DEFAULT_ANSWER_TOP
 
 DEFAULT_GLOVE = "data/glove/glove.840.300d.pkl"
 MODES = SPLITS + ("all",)
@@ -92,18 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     outputs += [(f"the {split} summary", summary(split)) for split in splits]
     if "train" in splits:
         outputs.append(("--vocab-json", vocab_file))
-    check_output_paths(inputs, outputs, hint="put {split} in the --output-pt template, or run one --mode at a time")
-    folders = sorted({os.path.dirname(os.path.abspath(path)) for _, path in outputs})
-    for folder in folders:
-        ensure_writable_dir(folder, "output folder")
-    if "train" in splits and glove is not None and not os.path.isfile(glove):
-        raise UserError(f"GloVe file not found: {glove} (make it with `python txt2pickle.py`, pass the "
-                        "GloVe .txt file itself, or use --no-glove)")
-
-    with contextlib.ExitStack() as locks:
-        for folder in folders:
-            locks.enter_context(FolderLock(folder, "output folder"))
-        remove_stale_temporaries([path for _, path in outputs])
+    with guard_outputs(inputs, outputs, hint="put {split} in the --output-pt template, or run one --mode at a time"):
+        if "train" in splits and glove is not None and not os.path.isfile(glove):
+            raise UserError(f"GloVe file not found: {glove} (make it with `python txt2pickle.py`, pass the "
+                            "GloVe .txt file itself, or use --no-glove)")
         for split in splits:
             result = preprocess_split(args.dataset, args.annotation_dir, split, output(split), vocab_file,
                                       summary(split), glove_source=glove, answer_top=args.answer_top,

@@ -222,6 +222,10 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             report["nan"] = "no error"
         except UserError as exc:
             report["nan"] = str(exc)
+        # 4. A session inside another (a study's train and validate calls) keeps the outer group.
+        with dist.session():
+            pass
+        report["nested_session_keeps_group"] = dist.is_initialized()
     with open(os.path.join(folder, f"{rank}.json"), "w") as handle:
         json.dump(report, handle)
 
@@ -233,6 +237,7 @@ def test_global_batchnorm_agreement_and_nan_watch_in_two_processes(tmp_path):
     reports = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
     for report in reports:
         assert report["bn_out"] and report["bn_grad_input"] and report["bn_grad_weight"] and report["bn_running"]
+        assert report["nested_session_keeps_group"]
         assert report["nan"].startswith("non-finite loss at epoch 3, step 2 of 4: loss = nan")
     # Rank 0 prints the error of rank 1; rank 1 raises its own (marked, so quiet_unless_main keeps it quiet).
     assert reports[0]["agree"] == "rank 1 failed during start-up: features.h5: unreadable on this node"

@@ -14,7 +14,7 @@ import pytest
 import txt2pickle
 import vqakd.core.files
 from vqakd.core.errors import UserError, run_cli
-from vqakd.data.glove import (load_glove, load_glove_pickle, load_glove_pickle_with_stats, read_glove_text,
+from vqakd.data.glove import (load_glove, load_glove_pickle_with_stats, read_glove_text,
                          read_glove_text_with_stats, read_word_list)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,17 +131,17 @@ def test_word_lists(tmp_path):
 def test_glove_pickle_loader_checks_content(tmp_path):
     good = tmp_path / "good.pkl"
     good.write_bytes(pickle.dumps({"man": np.ones(3, np.float32), "who": np.zeros(3, np.float64)}))
-    assert sorted(load_glove_pickle(good)) == ["man", "who"]
+    assert sorted(load_glove_pickle_with_stats(good)[0]) == ["man", "who"]
     with pytest.raises(UserError, match=r"good.pkl: word 'man' has a vector of size 3, expected 300"):
-        load_glove_pickle(good, dim=300)
+        load_glove_pickle_with_stats(good, dim=300)[0]
     mixed = tmp_path / "mixed.pkl"
     mixed.write_bytes(pickle.dumps({"man": np.ones(3), "who": np.ones(4)}))
     with pytest.raises(UserError, match=r"mixed.pkl: word 'who' has a vector of size 4, expected 3"):
-        load_glove_pickle(mixed)
+        load_glove_pickle_with_stats(mixed)[0]
     not_dict = tmp_path / "list.pkl"
     not_dict.write_bytes(pickle.dumps([np.ones(3)]))
     with pytest.raises(UserError, match="list.pkl: expected a dict"):
-        load_glove_pickle(not_dict)
+        load_glove_pickle_with_stats(not_dict)[0]
 
     class Evil:
         def __reduce__(self):
@@ -150,9 +150,9 @@ def test_glove_pickle_loader_checks_content(tmp_path):
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps({"man": Evil()}))
     with pytest.raises(UserError, match=r"evil.pkl: refusing to unpickle (posix|os|nt)\.system"):
-        load_glove_pickle(evil)
+        load_glove_pickle_with_stats(evil)[0]
     with pytest.raises(UserError, match="GloVe pickle not found: .*absent.pkl.*txt2pickle"):
-        load_glove_pickle(tmp_path / "absent.pkl")
+        load_glove_pickle_with_stats(tmp_path / "absent.pkl")[0]
 
 
 def test_txt2pickle_as_a_user_runs_it(glove_txt, tmp_path):
@@ -162,7 +162,7 @@ def test_txt2pickle_as_a_user_runs_it(glove_txt, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"{len(WORDS)} lines, {len(WORDS)} words kept, dim {DIM}" in proc.stdout
     assert "reading glove.small.txt" in proc.stderr          # the progress bar
-    words = load_glove_pickle(out, dim=DIM)
+    words = load_glove_pickle_with_stats(out, dim=DIM)[0]
     assert list(words) == WORDS
     np.testing.assert_array_equal(words["new\u00a0york"], vector_of(WORDS.index("new\u00a0york")))
 
@@ -174,7 +174,7 @@ def test_txt2pickle_keeps_only_vocab_words(glove_txt, tmp_path, capsys):
     assert txt2pickle.main(["--glove", str(glove_txt), "--out", str(out), "--vocab", str(listing),
                             "--no-progress"]) == 0
     assert "2 words kept of 3 requested (1 not in GloVe), dim 5" in capsys.readouterr().out
-    assert sorted(load_glove_pickle(out)) == ["at home", "man"]
+    assert sorted(load_glove_pickle_with_stats(out)[0]) == ["at home", "man"]
 
 
 @pytest.mark.parametrize("content, fragments", [
@@ -256,7 +256,7 @@ def test_pandas_made_pickle_with_a_nan_key_loads_without_it(tmp_path, capsys):
     # ... but a pickle without a single word key is not a GloVe pickle.
     path.write_bytes(pickle.dumps({b"man": np.ones(3), b"who": np.ones(3)}))
     with pytest.raises(UserError, match=r"pandas_glove.pkl: no key is a word: 2 key\(s\) such as b'man' \(bytes\)"):
-        load_glove_pickle(path)
+        load_glove_pickle_with_stats(path)[0]
     # A clean pickle: nothing skipped, nothing printed.
     path.write_bytes(pickle.dumps({"man": np.ones(3)}))
     assert load_glove_pickle_with_stats(path)[1] == 0 and capsys.readouterr().err == ""

@@ -305,14 +305,16 @@ def test_guarded_unpickler_still_reads_real_pickles(tmp_path):
 
 # ---------------------------------------------------------------- 7. Ctrl-C
 
-@pytest.mark.parametrize("script", ["txt2pickle.py", os.path.join("preprocess", "preprocess_questions.py")])
-def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path, script):
+@pytest.mark.parametrize("script, args", [
+    ("txt2pickle.py", ["--glove", "nowhere.txt"]),
+    (os.path.join("preprocess", "preprocess_questions.py"), ["--dataset", "msvd-qa", "--annotation-dir", "nowhere"])])
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path, script, args):
     # A stand-in numpy whose import is interrupted, as a Ctrl-C during the slow imports would be.
     fake = tmp_path / "fake"
     (fake / "numpy").mkdir(parents=True)
     (fake / "numpy" / "__init__.py").write_text("raise KeyboardInterrupt\n")
     env = dict(os.environ, PYTHONPATH=str(fake))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], env=env,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == "interrupted\n"

@@ -101,6 +101,10 @@ def test_without_flock_the_record_decides(tmp_path, monkeypatch, holder):
     lock_file.write_text(json.dumps(dict(base, pid=proc.pid)))
     with pytest.raises(UserError, match=f"pid {proc.pid}"):
         FolderLock(tmp_path, log=None).acquire()
+    # A record from another host (whose pid cannot be checked) holds it, naming the lock file.
+    lock_file.write_text(json.dumps(dict(base, host="elsewhere", pid=1, started=0)))
+    with pytest.raises(UserError, match=f"pid 1 on elsewhere.*lock file {lock_file}"):
+        FolderLock(tmp_path, log=None).acquire()
     # A garbled record is no holder.
     lock_file.write_text("{not json")
     with FolderLock(tmp_path, log=None):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 from vqakd.data.questions import OTHER_TYPE, QUESTION_TYPES, question_type, question_type_code
-from vqakd.training.metrics import AccuracyCounter, MetricLogger, correct_predictions, format_table, summarize
+from vqakd.training.metrics import AccuracyCounter, correct_predictions, format_table, summarize
 
 WHAT, WHO, HOW, WHEN, WHERE = range(5)
 
@@ -73,17 +72,6 @@ def test_summary_and_table_format():
     lines = table.splitlines()
     assert lines[0] == "title" and lines[-1].split() == ["all", "60.00%", "6", "10"]
     assert lines[2].split() == ["what", "75.00%", "3", "4"]
-
-
-def test_metric_logger_smooths_and_averages():
-    logger = MetricLogger(window=2)
-    logger.update(loss=4.0)
-    logger.update(loss=2.0)
-    logger.update(weight=2, loss=1.0)
-    assert logger.meters["loss"].smoothed == pytest.approx(1.5)
-    assert logger.averages()["loss"] == pytest.approx((4 + 2 + 2) / 4)
-    assert logger.postfix() == {"loss": "1.5"}
-    assert math.isnan(MetricLogger().averages().get("x", math.nan))
 
 
 def test_distributed_helpers_are_identities_in_one_process(monkeypatch):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import vqakd.core.files
 from preprocess.preprocess_questions import main as preprocess_main
 from vqakd.core.errors import UserError, run_cli
-from vqakd.data.questions import display_ids, load_question_file, pad_questions, record_tokens, tokenize_question
+from vqakd.data.questions import load_question_file, pad_questions, record_tokens, tokenize_question
 from vqakd.data.vocab import Vocabulary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -310,15 +310,14 @@ def test_reader_accepts_hcrn_written_files(tmp_path):
     assert data["video_names"] == ["3", "1"] and data["question_text"] is None
     assert data["record_id"] is None and data["clip_names"] is None
     assert data["answers"].tolist() == [2, 0] and data["questions"].dtype == np.int64
-    assert display_ids(data) == [0, 1]                                       # no record ids: the running index
 
 
-def test_reader_returns_our_extra_keys_and_shows_record_ids(tmp_path):
+def test_reader_returns_our_extra_keys(tmp_path):
     obj = dict(good_question_file(), record_id=[17, 4], clip_names=["clipX", "clipY"], question_text=["a?", "b?"])
     path = tmp_path / "ours.pt"
     path.write_bytes(pickle.dumps(obj))
     data = load_question_file(path)
-    assert data["question_id"] == [0, 1] and data["record_id"] == [17, 4] and display_ids(data) == [17, 4]
+    assert data["question_id"] == [0, 1] and data["record_id"] == [17, 4]
     assert data["clip_names"] == ["clipX", "clipY"] and data["question_text"] == ["a?", "b?"]
 
 

@@ -293,7 +293,7 @@ def test_training_killed_while_writing_a_checkpoint_keeps_the_previous_one(tiny,
     assert_same_run(folder, reference)
     # the resumed run cleared the interrupted write's temp file away (it is checkpoint-sized)
     assert not os.path.exists(half_written)
-    assert f"removed {half_written}, left by an interrupted write" in (folder / "train.log").read_text()
+    assert f"removed 1 temporary file(s) left by an interrupted run: {half_written}" in (folder / "train.log").read_text()
 
 
 # ------------------------------------------------------------------ question preprocessing killed

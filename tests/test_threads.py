@@ -1,5 +1,5 @@
-"""CPU thread defaults (vqakd/core/script.py): applied by train.py / validate.py before torch is
-imported, and never over a setting the user made."""
+"""CPU thread defaults (vqakd/core/script.py): applied by every entry script that runs torch before
+torch is imported, and never over a setting the user made."""
 
 from __future__ import annotations
 
@@ -35,7 +35,12 @@ print(json.dumps({"torch": "never imported"}))
 
 
 ARGUMENTS = {"train.py": ["--cfg", "no-such-config.yml", "--stage", "teacher"],
-             "validate.py": ["--cfg", "no-such-config.yml", "--checkpoint", "no-such.pt"]}
+             "validate.py": ["--cfg", "no-such-config.yml", "--checkpoint", "no-such.pt"],
+             "study.py": ["--cfg", "no-such-config.yml"],
+             "predict.py": ["--checkpoint", "no-such.pt", "--video", "no-such.mp4", "--question", "what?"],
+             "preprocess/preprocess_features.py": ["--dataset", "msvd-qa", "--video-dir", "nowhere",
+                                                   "--annotation-dir", "nowhere", "--model", "resnet101"],
+             "preprocess/merge_features.py": ["--out", "no-such.h5"]}
 
 
 def probe(script: str, **env) -> dict:
@@ -72,7 +77,7 @@ def test_bad_thread_count_is_a_user_error(value):
         apply_thread_defaults({"VQAKD_THREADS": value})
 
 
-@pytest.mark.parametrize("script", ["train.py", "validate.py"])
+@pytest.mark.parametrize("script", sorted(ARGUMENTS))
 def test_scripts_apply_defaults_before_torch(script):
     seen = probe(script)
     assert seen["OMP_WAIT_POLICY"] == "PASSIVE" and seen["KMP_BLOCKTIME"] == "0"

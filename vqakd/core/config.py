@@ -34,17 +34,13 @@ import yaml
 
 from model import ModelConfig
 from model.settings import model_config_problems
-from vqakd.core.errors import UserError
-from vqakd.core.script import ORIGINAL_FLAGS, STAGES
+from vqakd.core.errors import UserError, missing_file_message
 from vqakd.core.files import atomic_open
-from vqakd.core.errors import missing_file_message
+from vqakd.core.script import ORIGINAL_FLAGS, STAGES
 
 __all__ = ["ORIGINAL_FLAGS", "STAGES", "Config", "DataConfig", "ModelSection", "StageSection", "TrainConfig",
            "LossConfig", "load_config", "config_from_dict", "config_to_dict", "dump_config", "eval_batch_size",
-           "parse_override", "read_yaml"]
-
-DATASET_CHOICES = ("msvd-qa", "msrvtt-qa", "demo")
-
+           "flat_settings", "parse_override", "read_yaml"]
 
 # The DataConfig entries that are a run's input files.
 DATA_FILES = ("vocab", "train_questions", "val_questions", "test_questions", "appearance_feat", "motion_feat",
@@ -270,14 +266,8 @@ def _build(cls: type, raw: Any, prefix: str, origins: dict[str, str], default_so
             raise UserError(f"{source}: key {full!r} must be {_type_name(tp)}, got {raw[name]!r}") from None
         if isinstance(values[name], float) and not math.isfinite(values[name]):
             raise UserError(f"{source}: key {full!r} must be a finite number, got {raw[name]!r}")
-    obj = cls(**values)
     # Sections the file left out keep their dataclass defaults (e.g. teacher G = 4).
-    return obj
-
-
-def _schema_child(cls: type, key: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    return hints.get(key)
+    return cls(**values)
 
 
 def _check_key_path(path: list[str], source: str) -> None:
@@ -291,7 +281,7 @@ def _check_key_path(path: list[str], source: str) -> None:
             full = ".".join(path[:depth + 1])
             prefix = ".".join(path[:depth]) + "." if depth else ""
             raise UserError(f"{source}: unknown key {full!r}{_suggest(key, names, prefix)}")
-        cls = _schema_child(cls, key)
+        cls = typing.get_type_hints(cls).get(key)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -391,11 +381,10 @@ def resolve_paths(config: Config) -> None:
             raise UserError(f"path {value!r}: unknown placeholder {exc} (only {{dataset}} and {{name}} exist)") \
                 from None
 
-    for f in dataclasses.fields(DataConfig):
-        value = getattr(config.data, f.name)
-        if isinstance(value, str) and f.name not in ("feature_dtype", "feature_mode", "feature_device",
-                                                     "missing_videos"):
-            setattr(config.data, f.name, fill(value))
+    for name, hint in typing.get_type_hints(DataConfig).items():
+        value = getattr(config.data, name)
+        if isinstance(value, str) and typing.get_origin(hint) is not Literal:       # a path, not a choice
+            setattr(config.data, name, fill(value))
     config.output_dir = fill(config.output_dir) if config.output_dir else os.path.join(
         "results", config.dataset, config.name)
 
@@ -447,6 +436,16 @@ def check_values(config: Config, source: str, origins: dict[str, str] | None = N
 
 def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def flat_settings(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"train.lr": value, ...} (what resumes and studies compare)."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flat_settings(value, f"{prefix}{key}."))
+    return flat
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "checkpoint config") -> Config:

@@ -87,14 +87,13 @@ def timeout_seconds() -> int:
     return value if value > 0 else DEFAULT_TIMEOUT_S
 
 
-def init_distributed(device: torch.device | None = None, *, timeout: datetime.timedelta | None = None,
-                     control_only: bool = False) -> bool:
+def init_distributed(*, timeout: datetime.timedelta | None = None, control_only: bool = False) -> bool:
     """Start the process group when launched by torchrun or with several processes; returns
     whether one exists now.
 
-    `device` is accepted for callers that know it; the backend choice only depends on whether
-    CUDA exists (see the module docstring), unless `control_only`: then the group is gloo alone
-    (no tensors travel, only agreement and waiting) and no CUDA device is selected here.
+    The backend only depends on whether CUDA exists (see the module docstring), unless
+    `control_only`: then the group is gloo alone (no tensors travel, only agreement and
+    waiting) and no CUDA device is selected here.
     `timeout` (default `timeout_seconds()`) bounds every collective, barriers included.
     """
     if is_initialized() or (env_world_size() <= 1 and not launched_by_torchrun()):
@@ -131,18 +130,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over all ranks in place (and return it); identity in a single process."""
     if is_initialized() and get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
-    if is_initialized() and get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor
-
-
-def broadcast(tensor: torch.Tensor, src: int) -> torch.Tensor:
-    if is_initialized() and get_world_size() > 1:
-        dist.broadcast(tensor, src=src)
     return tensor
 
 
@@ -186,9 +173,9 @@ def cleanup() -> None:
 @contextlib.contextmanager
 def session(*, timeout: datetime.timedelta | None = None, control_only: bool = False) -> Iterator[None]:
     """The process group for the duration of a script (when launched by torchrun); the
-    arguments are those of `init_distributed`. A session inside another (study.py running
-    train.py's run in-process) keeps the outer group: destroying it would leave the next
-    stage unable to rejoin under torchrun."""
+    arguments are those of `init_distributed`. A session inside another (a study's train and
+    validate calls) keeps the outer group: destroying it would leave the next call unable to
+    rejoin under torchrun."""
     started = not is_initialized() and init_distributed(timeout=timeout, control_only=control_only)
     try:
         yield
@@ -252,21 +239,8 @@ def from_main(fn: Callable[[], T], what: str = "start-up") -> T:
     """Run `fn` on rank 0 only and return its (picklable) value on every rank; if it raised,
     rank 0 re-raises its exception and the other ranks raise a UserError that rank 0 prints
     (as in `agree`). In a single process this is just `fn()`."""
-    if not (is_initialized() and get_world_size() > 1):
-        return fn()
-    failure: BaseException | None = None
-    payload: list[Any] = [None]
-    if get_rank() == 0:
-        result = None
-        try:
-            result = fn()
-        except Exception as exc:   # noqa: BLE001 - reported to every rank, then re-raised
-            failure = exc
-        payload = [(None if failure is not None else result, _outcome(failure))]
-    dist.broadcast_object_list(payload, src=0, group=_cpu_group())
-    value, outcome = payload[0]
-    _raise_first_failure(failure, [outcome], what)
-    return value
+    value = agree(lambda: fn() if get_rank() == 0 else None, what)
+    return all_gather_objects(value)[0]
 
 
 def quiet_unless_main(fn: Callable[[], int]) -> int:
@@ -360,12 +334,7 @@ def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-# `--device auto|cpu|cuda|cuda:N` resolution, shared by every script; `resolve_process_device`
-# adds the rule for processes launched by torchrun.
-
-
-
-
+# ----------------------------------------------------------------------------------- devices
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """Turn a user's device string into a torch.device, checking that it exists."""
@@ -387,11 +356,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def under_torchrun() -> bool:
-    """This process is one of a launch by torchrun (even a launch of one process)."""
-    return env_world_size() > 1 or launched_by_torchrun()
-
-
 def resolve_process_device(spec: str = "auto", what: str = "--device") -> torch.device:
     """The device of this process, for training and feature extraction alike.
 
@@ -409,7 +373,7 @@ def resolve_process_device(spec: str = "auto", what: str = "--device") -> torch.
     allocations (the pin-memory thread, library workspaces) follow it instead of opening a
     context on GPU 0. `what` names the setting in messages (--device, train.device, ...).
     """
-    if not under_torchrun():
+    if env_world_size() <= 1 and not launched_by_torchrun():
         device = resolve_device(spec)
     else:
         spec = (spec or "auto").strip().lower()

@@ -2,8 +2,10 @@
 
 Library code raises `UserError` for anything the user can fix (a missing file, a bad record,
 an inconsistent config). Entry scripts wrap their `main` in `run_cli`, which prints
-`error: <message>` on one line to stderr and exits with status 2. Programming errors still
-raise normally so that bugs keep their tracebacks.
+`error: <message>` on one line to stderr and exits with status 2; a Ctrl-C, inside `main` or
+during a script's slow imports (`interruptible_imports`), prints `interrupted` and exits with
+status 130. Programming errors still raise normally so that bugs keep their tracebacks.
+This module imports only the standard library, so a script can import it first at no cost.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import gc
 import os
 import signal
 import sys
+import threading
 from typing import Callable, Iterator
 
 
@@ -20,11 +23,26 @@ class UserError(Exception):
     """An error caused by the user's input; its message is shown as it is."""
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """`path`, and for a relative path the folder it was looked up in: config paths are relative
+    to the folder a command is run from, so "not found: data/x.h5" alone would hide the likely
+    cause (`data/x.h5 (relative to /home/me/elsewhere, the current folder)`)."""
+    text = os.fspath(path)
+    if os.path.isabs(text):
+        return text
+    return f"{text} (relative to {os.getcwd()}, the current folder)"
+
+
+def missing_file_message(path: str | os.PathLike, what: str, how_to_get: str = "") -> str:
+    """The one-line message of a missing input file."""
+    hint = f"; {how_to_get}" if how_to_get else ""
+    return f"{what} not found: {shown_path(path)}{hint}"
+
+
 def require_file(path: str | os.PathLike, what: str, how_to_get: str = "") -> str:
     """Return `path` as a string if it is an existing file, else raise a UserError naming it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-
         raise UserError(missing_file_message(path, what, how_to_get))
     return path
 
@@ -32,41 +50,47 @@ def require_file(path: str | os.PathLike, what: str, how_to_get: str = "") -> st
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run an entry point; turn UserError (and Ctrl-C) into a one-line message and exit code."""
     forward_interrupts_from_children()
-    interrupted = False
     hook = sys.unraisablehook
-    sys.unraisablehook = _interrupt_again(hook)
+    sys.unraisablehook = lambda info: _interrupt_again(info, hook)
     try:
-        code = main()
-    except UserError as exc:
-        message = " ".join(str(exc).split("\n"))
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        interrupted = True
+        with interruptible_imports():       # the same clean end for a Ctrl-C inside `main`
+            try:
+                code = main()
+            except UserError as exc:
+                message = " ".join(str(exc).split("\n"))
+                print(f"error: {message}", file=sys.stderr)
+                sys.exit(2)
     finally:
         sys.unraisablehook = hook
-    if interrupted:
-        _exit_interrupted()
     sys.exit(code or 0)
 
 
-def _interrupt_again(hook: Callable) -> Callable:
-    """An unraisablehook that does not let a Ctrl-C vanish: Python ignores an exception raised in a
-    __del__ (a data loader shutting its workers down at the end of an epoch is a likely place for
-    the signal to land), so the interrupt is raised again, once that code is left."""
-    def unraisable(info) -> None:
-        if isinstance(info.exc_value, KeyboardInterrupt):
-            # Not from here (it would land in this hook and be ignored again): a moment later,
-            # from another thread; the main thread then raises it wherever it is.
-            import threading
-            threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
-            return
+def _interrupt_again(info, hook: Callable) -> None:
+    """Do not let a Ctrl-C vanish: Python ignores an exception raised in a __del__ (a data loader
+    shutting its workers down is a likely place for the signal to land; the training then went
+    on), so the interrupt is raised again a moment later, from another thread (raised here, it
+    would land in this hook and be ignored too)."""
+    if isinstance(info.exc_value, KeyboardInterrupt):
+        threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
+    else:
         hook(info)
-    return unraisable
+
+
+@contextlib.contextmanager
+def interruptible_imports() -> Iterator[None]:
+    """Wrap an entry script's slow imports (torch takes seconds) so that Ctrl-C there ends the run
+    as it does inside `run_cli`: one line, `interrupted`, exit status 130, no traceback."""
+    interrupted = False
+    try:
+        yield
+    except KeyboardInterrupt:
+        interrupted = True
+    if interrupted:
+        _exit_interrupted()
 
 
 def _exit_interrupted() -> None:
-    """Call after leaving the `except KeyboardInterrupt` block, so that what the interrupt left
+    """Called after leaving the `except KeyboardInterrupt` block, so that what the interrupt left
     half-built is freed here: a data loader interrupted while starting its workers complains
     from its __del__, and a second Ctrl-C (or the one a worker forwards) would add a traceback."""
     hook = sys.unraisablehook
@@ -94,9 +118,9 @@ def forward_interrupts_from_children() -> None:
 
     PyTorch's loader workers catch KeyboardInterrupt and exit quietly, assuming the main
     process got the same signal; when it did not (the signal reached only the worker, or the
-    worker was idle between epochs), the run carried on or failed much later with an unrelated
-    error. A forked child of this process sends SIGINT on to it before raising
-    KeyboardInterrupt as usual, so the run ends like any Ctrl-C: `interrupted`, exit status 130.
+    main process's interrupt landed in a __del__, where Python ignores it), the run carried on or
+    failed much later with an unrelated error. A forked child of this process sends SIGINT on
+    to it before raising KeyboardInterrupt as usual, so the run ends like any Ctrl-C.
     """
     if _FORWARDING_TO or not hasattr(os, "register_at_fork"):
         return
@@ -114,47 +138,3 @@ def forward_interrupts_from_children() -> None:
             signal.signal(signal.SIGINT, forward)
 
     os.register_at_fork(after_in_child=in_child)
-
-
-@contextlib.contextmanager
-def interruptible_imports() -> Iterator[None]:
-    """Wrap an entry script's slow imports (torch takes seconds) so that Ctrl-C there ends the run
-    as it does inside `run_cli`: one line, `interrupted`, exit status 130, no traceback.
-
-    This module imports only `os` and `sys`, so importing it first costs nothing:
-
-        with interruptible_imports():
-            import torch
-            from vqakd.training.engine import train
-    """
-    interrupted = False
-    try:
-        yield
-    except KeyboardInterrupt:
-        interrupted = True
-    if interrupted:
-        _exit_interrupted()
-
-
-# How a path is shown in an error: a relative path says which folder it was resolved against.
-#
-# Config paths (`data.vocab`, the question and feature files, `output_dir`) are relative to the
-# folder a command is run from, not to the config file: `data/msvd-qa/...` works from the
-# repository root and nowhere else. So "not found: data/x.h5" alone hides the likely cause.
-
-
-
-
-def shown_path(path: str | os.PathLike) -> str:
-    """`path`, and for a relative path the folder it was looked up in:
-    `data/x.h5 (relative to /home/me/elsewhere)`."""
-    text = os.fspath(path)
-    if os.path.isabs(text):
-        return text
-    return f"{text} (relative to {os.getcwd()}, the current folder)"
-
-
-def missing_file_message(path: str | os.PathLike, what: str, how_to_get: str = "") -> str:
-    """The one-line message of a missing input file."""
-    hint = f"; {how_to_get}" if how_to_get else ""
-    return f"{what} not found: {shown_path(path)}{hint}"

@@ -1,6 +1,13 @@
-"""Atomic file output: write to a temporary file in the same folder, then rename.
+"""Files in and out, and the checks every command makes on its output paths.
 
-A reader (or a crashed job being resumed) never sees a half-written file at the final path.
+- Atomic output: write to a temporary file in the same folder, then rename, so a reader (or a
+  crashed job being resumed) never sees a half-written file at the final path; a full disk is
+  one line naming the file.
+- JSON and pickle reading/writing, a file's sha256.
+- Output paths: an output may not be one of the command's inputs nor another output of the
+  same run (compared after resolving links and `..`, and by identity for existing files);
+  output path templates (`{split}`, `{dataset}`, HCRN-style `{}`) that cannot be filled are a
+  one-line error. `vqakd.core.locks.guard_outputs` runs these checks with the lock.
 """
 
 from __future__ import annotations
@@ -13,36 +20,29 @@ import json
 import os
 import pickle
 import tempfile
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Tuple, Union
 
 from vqakd.core.errors import UserError
-import string
-from typing import Iterable, Mapping, Sequence, Tuple, Union
 
 # The toolkit's checkout: configs/, docs/ and the entry scripts are found from here.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # What `atomic_path` names its temporary files: `.<final name>.<mkstemp's random part>.tmp`.
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskFullError(UserError, OSError):
     """The disk (or the quota) filled up while writing; still an OSError for callers that catch those."""
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """Did a write fail for want of space? An OSError's errno says so; h5py puts the C library's
-    errno only into its message ("errno = 28, error message = 'No space left on device'")."""
-    if not isinstance(exc, OSError):
-        return False
-    if exc.errno in _DISK_FULL:
-        return True
-    text = str(exc)
-    return "No space left on device" in text or "Disk quota exceeded" in text
-
-
-def _disk_full(exc: OSError, path: str) -> DiskFullError:
-    quota = exc.errno == errno.EDQUOT or (exc.errno not in _DISK_FULL and "Disk quota exceeded" in str(exc))
+def _disk_full(exc: BaseException, path: str) -> DiskFullError | None:
+    """The one-line error of a write that failed for want of space, else None. An OSError's errno
+    says so; h5py puts the C library's errno only into its message ("errno = 28, error message =
+    'No space left on device'")."""
+    if not isinstance(exc, OSError) or isinstance(exc, DiskFullError):
+        return None
+    quota = exc.errno == errno.EDQUOT or "Disk quota exceeded" in str(exc)
+    if not (quota or exc.errno == errno.ENOSPC or "No space left on device" in str(exc)):
+        return None
     what = "disk quota exceeded" if quota else "no space left on device"
     error = DiskFullError(f"{what} while writing {path}; nothing was written there and earlier files "
                           "are intact: free some space and run again")
@@ -55,28 +55,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path next to `path`; on success rename it over `path`, else delete it."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.path.basename(path)}.", suffix=TEMP_SUFFIX,
                                    dir=folder)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise _disk_full(exc, path) from None
-        raise
-    os.close(fd)
-    # mkstemp creates 0600 files; give the result the permissions a plain open() would have,
-    # so features and checkpoints stay readable by the group on shared clusters.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
+        os.close(fd)
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would have,
+        # so features and checkpoints stay readable by the group on shared clusters.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         yield tmp
         os.replace(tmp, path)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        if not isinstance(exc, DiskFullError) and is_disk_full(exc):
-            raise _disk_full(exc, path) from None
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        full = _disk_full(exc, path)
+        if full is not None:
+            raise full from None
         raise
 
 
@@ -167,23 +165,11 @@ def remove_stale_temporaries(output_paths: Iterable[str | os.PathLike],
         log(f"removed {len(removed)} temporary file(s) left by an interrupted run: {', '.join(removed)}")
     return removed
 
-
-# Checks every command runs on its output paths before any work starts.
-#
-# - An output may not be one of the command's inputs (a checkpoint, config, vocabulary, question,
-#   feature or GloVe file) nor another output of the same run: paths are compared after resolving
-#   links and `..`, and existing files also by identity (a hard link is the same file).
-# - Output path templates take named fields (`{split}`, `{dataset}`) and, for the HCRN-style
-#   options, positional `{}`; a template that cannot be filled is a one-line error.
-
-
-
-
 PathLike = Union[str, os.PathLike]
 Labelled = Union[Mapping[str, Union[PathLike, None]], Iterable[Tuple[str, Union[PathLike, None]]]]
 
 
-def _pairs(paths: Labelled) -> list[tuple[str, str]]:
+def labelled_paths(paths: Labelled) -> list[tuple[str, str]]:
     items = paths.items() if isinstance(paths, Mapping) else paths
     return [(label, os.fspath(path)) for label, path in items if path is not None]
 
@@ -204,7 +190,7 @@ def check_output_paths(inputs: Labelled, outputs: Labelled, hint: str = "") -> N
     or `--output-pt (val split)`) to a path; None paths are skipped. `hint` is appended to the
     message for two outputs that collide (for instance how to make a template distinct).
     """
-    ins, outs = _pairs(inputs), _pairs(outputs)
+    ins, outs = labelled_paths(inputs), labelled_paths(outputs)
     for out_label, out_path in outs:
         if os.path.isdir(out_path):
             raise UserError(f"{out_label} {out_path} is a folder; name a file (it would fail only after all the work)")
@@ -219,14 +205,6 @@ def check_output_paths(inputs: Labelled, outputs: Labelled, hint: str = "") -> N
                 extra = f"; {hint}" if hint else ""
                 raise UserError(f"{other_label} and {out_label} are the same file {out_path}: one would "
                                 f"overwrite the other{extra}")
-
-
-def template_fields(template: str) -> list[str]:
-    """The replacement fields of a `str.format` template (`''` for positional `{}`)."""
-    try:
-        return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
-    except ValueError:
-        return []
 
 
 def expand_template(template: str, option: str, positional: Sequence[object] = (), **fields: object) -> str:

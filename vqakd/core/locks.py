@@ -1,4 +1,5 @@
-"""An exclusive lock on an output folder, held for a whole run.
+"""One run per output: an exclusive lock on an output folder (or one output file), held for a
+whole run, and `guard_outputs`, the start of every command that writes.
 
 Two runs writing into the same folder (two trainings with one output_dir, two extractions of
 one feature file) would overwrite each other's files. A run takes the lock with
@@ -10,10 +11,10 @@ and a second run is refused at once with one line naming the folder and the hold
 
 The lock is `fcntl.flock` on `<folder>/.vqakd.lock`, so the kernel releases it when the holder
 dies, however it dies (kill -9 included): a folder left by a killed run is simply taken over.
-The file also records who holds it (pid, host, command, start time) for the refusal message;
-a record left behind by a dead holder is stale and is replaced. On file systems without flock
-(some network mounts) the record alone decides: a holder on this host whose pid is alive keeps
-the folder; a record from another host is trusted unless it is older than `STALE_AFTER_S`.
+The file also records who holds it (pid, host, command, start time) for the refusal message.
+On file systems without flock (some network mounts) the record alone decides: a holder on this
+host whose pid is alive keeps the folder, and so does any holder on another host (its pid
+cannot be checked; the message names the lock file to delete if that run is gone).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from vqakd.core.errors import UserError
+from vqakd.core.files import (Labelled, check_output_paths, ensure_writable_dir, labelled_paths,
+                              remove_stale_temporaries)
 
 try:
     import fcntl
@@ -50,8 +53,6 @@ def _close_inherited_locks() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited_locks)
-# Without flock, a record from another host (whose pid cannot be checked) older than this is stale.
-STALE_AFTER_S = 7 * 24 * 3600
 
 
 def _pid_alive(pid: int) -> bool:
@@ -69,6 +70,51 @@ def _describe(record: dict[str, Any]) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
     return (f"pid {record.get('pid', '?')} on {record.get('host', '?')}, started {when}: "
             f"{record.get('command', '?')}")
+
+
+def _read_record(fd: int) -> dict[str, Any] | None:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = os.read(fd, 1 << 16)
+        record = json.loads(data.decode("utf-8")) if data.strip() else None
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_record(fd: int) -> None:
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv) or "python",
+              "started": time.time()}
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
+    os.fsync(fd)
+
+
+def _record_holds(record: dict[str, Any] | None) -> bool:
+    """Without flock: does this record name a run that may still be alive?"""
+    if not record or not isinstance(record.get("pid"), int):
+        return False
+    if record.get("host") == socket.gethostname():
+        return record["pid"] != os.getpid() and _pid_alive(record["pid"])
+    return True
+
+
+def _flock(fd: int) -> bool | None:
+    """True if locked, False if another holder has it, None if the file system has no flock."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+    return True
 
 
 class FolderLock:
@@ -90,70 +136,34 @@ class FolderLock:
         self.shown = os.fspath(shown) if shown is not None else self.folder
         self._fd: int | None = None
 
-    # ---------------------------------------------------------------- record
-
-    def _read_record(self, fd: int) -> dict[str, Any] | None:
-        try:
-            os.lseek(fd, 0, os.SEEK_SET)
-            data = os.read(fd, 1 << 16)
-            record = json.loads(data.decode("utf-8")) if data.strip() else None
-        except (OSError, ValueError):
-            return None
-        return record if isinstance(record, dict) else None
-
-    def _write_record(self, fd: int) -> None:
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv) or "python",
-                  "started": time.time()}
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
-        os.fsync(fd)
-
-    def _record_holds(self, record: dict[str, Any] | None) -> bool:
-        """Without flock: does this record name a run that may still be alive?"""
-        if not record or not isinstance(record.get("pid"), int):
-            return False
-        if record.get("host") == socket.gethostname():
-            return record["pid"] != os.getpid() and _pid_alive(record["pid"])
-        started = record.get("started")
-        return isinstance(started, (int, float)) and time.time() - started < STALE_AFTER_S
-
     def _refuse(self, record: dict[str, Any] | None) -> UserError:
         holder = _describe(record) if record else "a run that has not written its record yet"
         return UserError(f"{self.what} {self.shown} is in use by another run ({holder}); wait for it to "
                          f"finish or stop it, or choose another output (lock file {self.path})")
 
-    # ---------------------------------------------------------------- acquire / release
-
     def acquire(self) -> "FolderLock":
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this FolderLock")
-        try:
-            os.makedirs(self.folder, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"{self.what} is not writable: {self.folder} ({exc.strerror or exc})") from None
         for _ in range(100):
             try:
+                os.makedirs(self.folder, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as exc:
                 raise UserError(f"{self.what} is not writable: {self.folder} ({exc.strerror or exc})") from None
             try:
-                locked = self._flock(fd)
+                locked = _flock(fd)
                 # The holder removes the file when it is done: if it did so between our open()
                 # and flock(), we hold a lock on a deleted file. Start again on the new one.
                 if not self._is_current(fd):
                     os.close(fd)
                     continue
-                record = self._read_record(fd)
-                if locked is None:              # no flock on this file system: the record decides
-                    if self._record_holds(record):
-                        raise self._refuse(record)
-                elif not locked:
+                record = _read_record(fd)
+                if locked is False or (locked is None and _record_holds(record)):
                     raise self._refuse(record)
                 if record and record.get("pid") != os.getpid() and self.log is not None:
                     self.log(f"{self.what} {self.shown}: taking over the lock left by a run that is no "
                              f"longer running ({_describe(record)})")
-                self._write_record(fd)
+                _write_record(fd)
             except BaseException:
                 os.close(fd)
                 raise
@@ -169,23 +179,6 @@ class FolderLock:
         except FileNotFoundError:
             return False
         return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
-
-    @staticmethod
-    def _flock(fd: int) -> bool | None:
-        """True if locked, False if another holder has it, None if the file system has no flock."""
-        if fcntl is None:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                return None
-            raise
-        return True
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
@@ -219,3 +212,26 @@ def output_lock(path: str | os.PathLike, what: str = "output file",
     and motion features), but never the same file."""
     path = os.path.abspath(os.fspath(path))
     return FolderLock(os.path.dirname(path), what, log, lock_name=f".{os.path.basename(path)}.lock", shown=path)
+
+
+@contextlib.contextmanager
+def guard_outputs(inputs: Labelled, outputs: Labelled, what: str = "output folder", *,
+                  file_what: str | None = None, hint: str = "", lock: bool = True,
+                  log: Callable[[str], Any] | None = print) -> Iterator[None]:
+    """Before a command writes anything, and until the block ends: refuse an output that is one
+    of the `inputs` or another output (`check_output_paths`, `hint` added for two outputs that
+    collide); then, where `lock` (the process that writes: rank 0 under torchrun), prove each
+    output folder writable (`what` names it), lock it (with `file_what`, each output file alone,
+    named so: see `output_lock`) and delete the temporaries a killed run left of the outputs."""
+    check_output_paths(inputs, outputs, hint)
+    paths = [os.path.abspath(path) for _, path in labelled_paths(outputs)]
+    with contextlib.ExitStack() as held:
+        if lock:
+            for folder in sorted({os.path.dirname(path) for path in paths}):
+                ensure_writable_dir(folder, what)
+                if file_what is None:
+                    held.enter_context(FolderLock(folder, what, log))
+            for path in paths if file_what is not None else ():
+                held.enter_context(output_lock(path, file_what, log))
+            remove_stale_temporaries(paths, log)
+        yield

@@ -1,73 +1,45 @@
-"""CPU thread settings, applied by train.py and validate.py before torch is imported.
+"""The start of every entry script (`prepare_script`), and train.py's command-line vocabulary that
+the config shares; standard library only, so it runs before torch is imported.
 
-On a CPU shared with other busy processes, OpenMP worker threads that wait at the end of every
-parallel region by spinning steal the cores the other threads of the same region need, and an
-epoch gets many times slower (bench/contention.py measures it). So, unless the user has set them:
+Thread settings. On a CPU shared with other busy processes, OpenMP worker threads that wait at
+the end of every parallel region by spinning steal the cores the other threads of the same
+region need, and an epoch gets many times slower (bench/contention.py measures it). So, unless
+the user has set them:
 - OMP_WAIT_POLICY=PASSIVE: a waiting OpenMP thread sleeps instead of spinning (GNU OpenMP, which
   the PyTorch wheels use);
 - KMP_BLOCKTIME=0: the same for Intel OpenMP builds;
 - VQAKD_THREADS=N sets OMP_NUM_THREADS and MKL_NUM_THREADS, the torch CPU threads, when those
   are not set (the thread count itself stays torch's default, one per core: with the passive
   wait, that is also the fastest choice beside another busy process).
-Settings the user exported always win: nothing already in the environment is changed. The
-variables only take effect if they are set before the OpenMP runtime starts, hence "before torch
-is imported".
+Settings the user exported always win. The variables only take effect if they are set before
+the OpenMP runtime starts, hence "before torch is imported".
+
+Requirements. A Python without the project's packages (say the system one instead of the
+virtual environment) gets one line and exit status 2 instead of a ModuleNotFoundError traceback:
+
+    error: torch is not installed for /usr/bin/python3; run `make venv` and use .venv/bin/python
+
+The modules are only looked up (`importlib.util.find_spec`, no import, milliseconds).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
-from typing import MutableMapping, Optional
-import importlib.util
-from typing import Iterable
+from typing import Iterable, MutableMapping, Optional
+
+from vqakd.core.errors import UserError
 
 THREADS_VARIABLE = "VQAKD_THREADS"
 WAIT_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 COUNT_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
-
-def apply_thread_defaults(environ: Optional[MutableMapping[str, str]] = None,
-                          threads: Optional[str] = None) -> dict[str, str]:
-    """Set the thread defaults in `environ` (default os.environ) where unset; return what was set.
-
-    `threads` (e.g. a command-line value) takes precedence over VQAKD_THREADS; either only sets the
-    thread-count variables the user has not set."""
-    environ = os.environ if environ is None else environ
-    applied = {}
-    for name, value in WAIT_DEFAULTS.items():
-        if name not in environ:
-            environ[name] = applied[name] = value
-    count = threads if threads is not None else environ.get(THREADS_VARIABLE)
-    if count is not None and str(count).strip():
-        count = str(count).strip()
-        if not count.isdigit() or int(count) < 1:
-            from vqakd.core.errors import UserError
-
-            source = "--threads" if threads is not None else THREADS_VARIABLE
-            raise UserError(f"{source}: expected a positive whole number of threads, found {count!r}")
-        for name in COUNT_VARIABLES:
-            if name not in environ:
-                environ[name] = applied[name] = count
-    return applied
-
-
-def apply_for_script() -> None:
-    """`apply_thread_defaults` for an entry script: a bad VQAKD_THREADS ends it with one line."""
-    from vqakd.core.errors import UserError
-
-    try:
-        apply_thread_defaults()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-# The command-line vocabulary of train.py that the config shares, importable without torch (so
-# that `train.py --help` answers at once): the stages and the original code's flags.
+# requirements.txt's packages by the module name they are imported as.
+CORE_MODULES = ("torch", "numpy", "h5py", "yaml", "tqdm")
+MODULE_PACKAGE = {"yaml": "pyyaml", "sklearn": "scikit-learn", "PIL": "pillow", "av": "av (PyAV)"}
 
 STAGES = ("teacher", "student")
-
 # The original DualVGR / VQAKD command-line flags and the config keys they set.
 ORIGINAL_FLAGS = {
     "alpha": "loss.alpha",
@@ -80,22 +52,47 @@ ORIGINAL_FLAGS = {
 }
 
 
-# One line instead of a ModuleNotFoundError traceback when a requirement is not installed.
-#
-# Entry scripts call `check_requirements()` before their heavy imports. It only looks the modules
-# up (`importlib.util.find_spec`, no import, milliseconds), so a Python without torch, say the
-# system one instead of the project's virtual environment, gets
-#
-#     error: torch is not installed for /usr/bin/python3; run `make venv` and use .venv/bin/python
-#
-# and exit status 2, before anything slow runs. This module imports only the standard library.
+def prepare_script(parser=None, *requirements: str, modules: Iterable[str] = CORE_MODULES) -> None:
+    """The start of every entry script, before its slow imports: thread defaults, `--help` and
+    flag errors answered at once (when the script's parser needs no slow import), and one line
+    instead of a traceback when a requirement (`modules` and the extra `requirements`) is not
+    installed. A bad VQAKD_THREADS ends the script with one line too."""
+    try:
+        apply_thread_defaults()
+    except UserError as exc:
+        exit_with(str(exc))
+    if parser is not None:
+        parser.parse_args()
+    check_requirements(*requirements, modules=modules)
 
 
+def exit_with(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
-# requirements.txt's packages by the module name they are imported as.
-CORE_MODULES = ("torch", "numpy", "h5py", "yaml", "tqdm")
-MODULE_PACKAGE = {"yaml": "pyyaml", "sklearn": "scikit-learn", "PIL": "pillow", "av": "av (PyAV)"}
-HINT = "run `make venv` and use .venv/bin/python"
+
+def apply_thread_defaults(environ: Optional[MutableMapping[str, str]] = None,
+                          threads: Optional[str] = None) -> dict[str, str]:
+    """Set the thread defaults in `environ` (default os.environ) where unset; return what was set.
+
+    `threads` (e.g. a command-line value) takes precedence over VQAKD_THREADS; either only sets the
+    thread-count variables the user has not set. A count that is not a positive whole number is
+    a UserError naming its source."""
+    environ = os.environ if environ is None else environ
+    applied = {}
+    for name, value in WAIT_DEFAULTS.items():
+        if name not in environ:
+            environ[name] = applied[name] = value
+    count = threads if threads is not None else environ.get(THREADS_VARIABLE)
+    if count is not None and str(count).strip():
+        count = str(count).strip()
+        if not count.isdigit() or int(count) < 1:
+            source = "--threads" if threads is not None else THREADS_VARIABLE
+            raise UserError(f"{source}: expected a positive whole number of threads, found {count!r}")
+        for name in COUNT_VARIABLES:
+            if name not in environ:
+                environ[name] = applied[name] = count
+    return applied
 
 
 def missing_modules(modules: Iterable[str]) -> list[str]:
@@ -110,28 +107,14 @@ def missing_modules(modules: Iterable[str]) -> list[str]:
     return missing
 
 
-def missing_message(missing: list[str]) -> str:
+def check_requirements(*extra: str, modules: Iterable[str] = CORE_MODULES) -> None:
+    """Exit with one `error:` line (status 2) when a required module is not importable."""
+    missing = missing_modules(list(modules) + list(extra))
+    if not missing:
+        return
     names = ", ".join(MODULE_PACKAGE.get(name, name) for name in missing)
     verb = "is" if len(missing) == 1 else "are"
     if sys.prefix != sys.base_prefix and os.path.basename(sys.prefix) == ".venv":
         # Already the project's environment: it is incomplete, not the wrong Python.
-        return f"{names} {verb} not installed for {sys.executable}; run `make venv` to install requirements.txt"
-    return f"{names} {verb} not installed for {sys.executable}; {HINT}"
-
-
-def check_requirements(*extra: str, modules: Iterable[str] = CORE_MODULES) -> None:
-    """Exit with one `error:` line (status 2) when a required module is not importable."""
-    missing = missing_modules(list(modules) + list(extra))
-    if missing:
-        print(f"error: {missing_message(missing)}", file=sys.stderr)
-        sys.exit(2)
-
-
-def prepare_script(parser=None, *requirements: str) -> None:
-    """The start of every entry script, before its slow imports: thread defaults (they only take
-    effect before torch starts its OpenMP runtime), `--help` and flag errors answered at once, and
-    one line instead of a traceback when a requirement is not installed."""
-    apply_for_script()
-    if parser is not None:
-        parser.parse_args()
-    check_requirements(*requirements)
+        exit_with(f"{names} {verb} not installed for {sys.executable}; run `make venv` to install requirements.txt")
+    exit_with(f"{names} {verb} not installed for {sys.executable}; run `make venv` and use .venv/bin/python")

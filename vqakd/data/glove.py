@@ -292,11 +292,6 @@ def load_glove_pickle_with_stats(path: str | os.PathLike,
     return glove, len(dropped)
 
 
-def load_glove_pickle(path: str | os.PathLike, dim: int | None = None) -> dict[str, np.ndarray]:
-    """Load `{word: vector}` from a GloVe pickle with the restricted unpickler and check it."""
-    return load_glove_pickle_with_stats(path, dim)[0]
-
-
 def load_glove_with_stats(path: str | os.PathLike, keep: Collection[str] | None = None,
                           progress: bool = True) -> tuple[dict[str, np.ndarray], int]:
     """`load_glove`, and the number of non-word keys dropped from a pickle (0 for a text file)."""

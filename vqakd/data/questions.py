@@ -285,7 +285,6 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
     `video_names` list of str, `answers` (Q,) int64, `glove` (|Q|, D) float32 or None, and ours:
     `record_id` (the annotation records' ids), `clip_names` (list of str) and `question_text`
     (list of str), each None for files without it, and `vocab_sha256`.
-    `display_ids(data)` gives the id to show a question by.
     The vocabulary sizes, when given, bound the token and answer indices (and `glove`'s rows).
     """
     path = os.fspath(path)
@@ -361,14 +360,6 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
         "answer_text": None if answer_text is None else [str(a) for a in answer_text],
         VOCAB_SHA256_KEY: data.get(VOCAB_SHA256_KEY),
     }
-
-
-def display_ids(data: Mapping[str, Any]) -> list:
-    """The id to show each question by (predictions files): the annotation record's `id` where the
-    file records it (`record_id`), else the stored `question_id` (a running index in the
-    original's layout; the record id in files this toolkit wrote before `record_id` existed)."""
-    record_id = data.get("record_id")
-    return list(record_id) if record_id is not None else list(data["question_id"])
 
 
 # ---------------------------------------------------------------- question file <-> vocabulary

@@ -35,7 +35,6 @@ seeded by the user: the same seed gives the same annotations and the same frames
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -280,20 +279,6 @@ def write_dataset(out_dir: str, settings: DemoSettings, progress: bool = True) -
     }
     write_json(os.path.join(out_dir, "dataset_info.json"), info)
     return info
-
-
-def scene_table(scenes: list[Scene]) -> list[dict]:
-    """Scenes as plain dicts (for debugging and tests)."""
-    return [{"video_id": s.video_id, "clip": s.clip_name, "objects": [asdict(o) for o in s.objects]}
-            for s in scenes]
-
-
-def read_info(out_dir: str) -> dict | None:
-    path = os.path.join(out_dir, "dataset_info.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def format_info(info: dict, out_dir: str) -> str:

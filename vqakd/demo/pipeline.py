@@ -45,7 +45,7 @@ from vqakd.data.annotations import SPLITS
 from vqakd.demo import data as demo_data, table as demo_table
 from vqakd.demo.steps import Runner, Step, StateFile, display_path
 from vqakd.demo.table import ARMS
-from vqakd.core.errors import UserError, run_cli
+from vqakd.core.errors import UserError
 from vqakd.core.files import REPO_ROOT, ensure_writable_dir, read_json, write_json
 from vqakd.training.provenance import provenance_for_config, utc_now
 

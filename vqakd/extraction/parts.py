@@ -24,7 +24,7 @@ import numpy as np
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
 from vqakd.extraction.settings import difference, identity
-from vqakd.core.files import atomic_open, write_json
+from vqakd.core.files import atomic_open, stale_temporaries, write_json
 
 PARTS_SETTINGS = "settings.json"
 PARTS_VIDEOS = "videos.json"
@@ -147,12 +147,10 @@ def read_output_manifest(path: str) -> dict | None:
 def remove_stale_temporaries(out_path: str, chunks: Iterable[int], output_too: bool) -> None:
     """Temporary files of a killed run (atomic writes in progress): those of `chunks`, and the
     output's and the parts folder's own when `output_too` (only the merging run may touch them)."""
-    folder = os.path.dirname(os.path.abspath(out_path))
     parts_dir = parts_folder(out_path)
-    stale = [path for k in chunks
-             for path in glob.glob(os.path.join(glob.escape(parts_dir), glob.escape(f".{chunk_name(k)}.") + "*.tmp"))]
+    stale = stale_temporaries([os.path.join(parts_dir, chunk_name(k)) for k in chunks])
     if output_too:
-        stale += glob.glob(os.path.join(folder, glob.escape(f".{os.path.basename(out_path)}.") + "*.tmp"))
+        stale += stale_temporaries([out_path])
         stale += [path for path in glob.glob(os.path.join(glob.escape(parts_dir), ".*.tmp"))
                   if not os.path.basename(path).startswith(".chunk-")]
     for path in stale:

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from vqakd.core.config import config_to_dict, load_config
+from vqakd.core.config import config_to_dict, flat_settings, load_config
 from vqakd.training.provenance import changed_inputs, input_fingerprints, input_paths
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
@@ -154,18 +154,9 @@ class Run:
                     overwrite=self.action == "overwrite")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}{key}."))
-    return flat
-
-
 def config_difference(recorded: Any, expected: Any) -> Optional[str]:
     """The first compared setting that differs ("key: recorded -> expected"), or None."""
-    old, new = _flatten(recorded or {}), _flatten(expected)
+    old, new = flat_settings(recorded or {}), flat_settings(expected)
     for key in sorted(set(old) | set(new)):
         if key in NOT_COMPARED:
             continue
@@ -288,25 +279,6 @@ def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
     return [run for run in runs if not run.finished]
 
 
-@contextlib.contextmanager
-def _one_process_group():
-    """One process group for every train/validate call of the study. Under torchrun a second
-    init_process_group in one process cannot connect (the rendezvous keys of the first remain),
-    so the group must outlive each call; `distributed.session()` destroys a group it finds
-    already started, so its cleanup is held back until the study's own session ends."""
-    from vqakd.core import distributed as dist
-
-    cleanup = dist.cleanup
-    dist.cleanup = lambda: None
-    try:
-        with dist.session():
-            yield
-    finally:
-        dist.cleanup = cleanup
-        if dist.is_initialized():
-            cleanup()
-
-
 class _RankExit(Exception):
     """A rank other than 0 ends with the status train/validate returned (rank 0 printed the error)."""
 
@@ -397,7 +369,10 @@ def run_study(cfg: str, seeds_text: str = "3", arms_text: Optional[str] = None, 
     # Two studies writing into one folder would overwrite each other's runs; rank 0 holds the lock.
     with FolderLock(study_dir, "study folder") if main else contextlib.nullcontext():
         try:
-            with _one_process_group():
+            # One process group for every train/validate call: under torchrun a second
+            # init_process_group in one process cannot connect, and the calls' own sessions
+            # keep a group they find started.
+            with dist.session():
                 unfinished = execute(runs, cfg, log)
         except _RankExit as exc:
             return exc.code

@@ -37,7 +37,7 @@ from model.losses import feature_distill_loss, hard_loss, logit_distill_loss, wi
 from vqakd.core import distributed as dist
 from vqakd.core.config import LossConfig
 from vqakd.core.errors import UserError
-from vqakd.training.metrics import AccuracyCounter, MetricLogger
+from vqakd.training.metrics import AccuracyCounter
 from vqakd.core.progress import progress_bar
 
 
@@ -99,12 +99,9 @@ def forward_batch(model, batch: Mapping[str, torch.Tensor]) -> DualVGROutput:
 
 
 class _NonFiniteWatch:
-    """Remembers, on the device, the first step whose loss values were not all finite.
-
-    `values` per step: the logged parts (total, hard, ce, common, ...) followed by the weighted
-    terms (α·common, β·dependence, ...), so that a finite part times a huge weight is reported
-    as such.
-    """
+    """Remembers, on the device (no host sync per step), the first step whose loss values were not
+    all finite: the logged parts (total, hard, ce, common, ...) and the weighted terms (α·common,
+    β·dependence, ...), so that a finite part times a huge weight is reported as such."""
 
     RAW_PARTS = ("ce", "common", "dependence", "app", "mo", "kd")
 
@@ -115,33 +112,22 @@ class _NonFiniteWatch:
         self.values = torch.zeros(len(names) + len(weighted), device=device)
 
     def update(self, step: int, values: torch.Tensor) -> None:
-        if self.weighted:
-            index = {name: i for i, name in enumerate(self.names)}
-            terms = torch.stack([values[index[part]] * weight for part, _name, weight in self.weighted])
-            values = torch.cat([values, terms])
+        index = {name: i for i, name in enumerate(self.names)}
+        values = torch.cat([values] + [values[index[part]:index[part] + 1] * weight
+                                       for part, _name, weight in self.weighted])
         newly = (~torch.isfinite(values)).any() & (self.step < 0)
         self.step = torch.where(newly, torch.full_like(self.step, step), self.step)
         self.values = torch.where(newly, values, self.values)
 
     def check(self, epoch: int, steps: int) -> None:
         """Raise if a step so far was not finite. Under torchrun every rank calls this at the same
-        steps and every rank raises the same error (the earliest bad step of any rank)."""
-        world = dist.get_world_size()
-        if world > 1:
-            never = (steps + 1) * world
-            key = torch.where(self.step < 0, torch.full_like(self.step, never), self.step * world + dist.get_rank())
-            dist.all_reduce_min(key)
-            key = int(key)
-            if key >= never:
-                return
-            step, owner = divmod(key, world)
-            values = dist.broadcast(self.values.clone(), owner).cpu().tolist()
-        else:
-            step = int(self.step)
-            if step < 0:
-                return
-            values = self.values.cpu().tolist()
-        parts = dict(zip(self.names, values[:len(self.names)]))
+        steps and raises the same error (the earliest bad step of any rank; rank 0 prints it)."""
+        found = (int(self.step), self.values.cpu().tolist()) if int(self.step) >= 0 else None
+        found = min((each for each in dist.all_gather_objects(found) if each), default=None, key=lambda f: f[0])
+        if found is None:
+            return
+        step, values = found
+        parts = dict(zip(self.names, values))
         raw = [f"{name} = {value}" for name, value in parts.items()
                if name in self.RAW_PARTS and not math.isfinite(value)]
         weighted = [f"{weight_name} × {part} = {value} ({part} = {parts[part]:.6g}, {weight_name} = {weight:g})"
@@ -150,7 +136,7 @@ class _NonFiniteWatch:
         bad = raw or weighted or [f"{name} = {value}" for name, value in parts.items() if not math.isfinite(value)]
         error = UserError(f"non-finite loss at epoch {epoch}, step {step} of {steps}: {'; '.join(bad)}; "
                           "lower train.lr or the loss weights, or check the features for extreme values")
-        error.shown_by_main = world > 1          # every rank raises it; rank 0 prints it
+        error.shown_by_main = dist.get_world_size() > 1      # every rank raises it; rank 0 prints it
         raise error
 
 
@@ -180,7 +166,6 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
     watch = _NonFiniteWatch(names, weighted, device)
     if check_every is None:
         check_every = 1 if device.type == "cpu" else log_every
-    logger = MetricLogger()
     steps = len(loader)
     started = time.perf_counter()
     bar = progress_bar(loader, total=steps, desc=f"{stage} epoch {epoch}", unit="batch", enabled=progress,
@@ -210,8 +195,8 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
         if step % check_every == 0 or step == steps:
             watch.check(epoch, steps)
         if progress and (step % log_every == 0 or step == steps):
-            logger.update(**{name: value for name, value in zip(names, detached.cpu().tolist())})
-            bar.set_postfix(logger.postfix(), refresh=False)
+            bar.set_postfix({name: f"{value:.4g}" for name, value in zip(names, detached.cpu().tolist())},
+                            refresh=False)
     bar.close()
     watch.check(epoch, steps)
     dist.all_reduce_sum(sums)

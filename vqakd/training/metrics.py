@@ -1,5 +1,4 @@
-"""Accuracy overall and per question type, kept as sums/counts; a small smoothed-value logger;
-the rows of a run's metrics.csv and its one-line epoch summary.
+"""Accuracy overall and per question type, kept as sums/counts; the rows of a run's metrics.csv and its one-line epoch summary.
 
 Question type (docs/method.md#training-and-evaluation) = the first token of the question: what / who / how / when / where;
 every other question counts only in the overall figure. Counts are kept per type in one
@@ -15,9 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
-import math
-from collections import deque
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -97,46 +94,6 @@ def format_table(summary: Mapping, title: str = "") -> str:
             continue
         lines.append(f"{name:<8} {100 * values['accuracy']:>8.2f}% {values['correct']:>9d} {values['count']:>9d}")
     return "\n".join(lines)
-
-
-class SmoothedValue:
-    """A window of recent values plus the running total, for progress-bar display."""
-
-    def __init__(self, window: int = 20):
-        self.recent: deque[float] = deque(maxlen=window)
-        self.total = 0.0
-        self.count = 0
-
-    def update(self, value: float, weight: int = 1) -> None:
-        self.recent.append(value)
-        self.total += value * weight
-        self.count += weight
-
-    @property
-    def smoothed(self) -> float:
-        return sum(self.recent) / len(self.recent) if self.recent else math.nan
-
-    @property
-    def global_avg(self) -> float:
-        return self.total / self.count if self.count else math.nan
-
-
-class MetricLogger:
-    """Named smoothed values; `postfix()` gives a compact dict for `tqdm.set_postfix`."""
-
-    def __init__(self, window: int = 20):
-        self.window = window
-        self.meters: dict[str, SmoothedValue] = {}
-
-    def update(self, weight: int = 1, **values: float) -> None:
-        for name, value in values.items():
-            self.meters.setdefault(name, SmoothedValue(self.window)).update(float(value), weight)
-
-    def postfix(self) -> dict[str, str]:
-        return {name: f"{meter.smoothed:.4g}" for name, meter in self.meters.items()}
-
-    def averages(self) -> dict[str, float]:
-        return {name: meter.global_avg for name, meter in self.meters.items()}
 
 
 # ----------------------------------------------------------------------------------- metrics.csv

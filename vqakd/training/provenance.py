@@ -21,7 +21,7 @@ import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import vqakd
-from vqakd.core.files import REPO_ROOT
+from vqakd.core.files import REPO_ROOT, file_sha256
 
 REPOSITORY = REPO_ROOT
 GIT_TIMEOUT_S = 10
@@ -56,16 +56,6 @@ def config_sha256(config: Mapping[str, Any]) -> str:
     settings always hash the same whatever file or flags produced them."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def file_sha256(path: Optional[str]) -> Optional[str]:
-    if not path or not os.path.isfile(path):
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def software_versions() -> dict[str, Any]:
@@ -123,7 +113,7 @@ def run_provenance(*, started: str, config: Optional[Mapping[str, Any]] = None, 
         "device": device_name(device),
         "world_size": int(world_size),
         "config_sha256": config_sha256(config) if config is not None else None,
-        "vocab_sha256": file_sha256(vocab_path),
+        "vocab_sha256": file_sha256(vocab_path) if vocab_path and os.path.isfile(vocab_path) else None,
         "vocab_path": vocab_path,
         "features": feature_settings(feature_paths or {}),
     }

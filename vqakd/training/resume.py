@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vqakd.core.config import DATA_FILES, Config, config_from_dict, config_to_dict
+from vqakd.core.config import DATA_FILES, Config, config_from_dict, config_to_dict, flat_settings
 from vqakd.core.errors import UserError
 
 
@@ -37,16 +37,6 @@ RESUME_PATH_KEYS = tuple(f"data.{key}" for key in DATA_FILES) + ("output_dir",)
 LR_SCHEDULE_KEYS = ("train.lr", "train.lr_halve_every", "train.lr_decay")
 
 
-def _flatten(raw: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _same_setting(key: str, old: Any, new: Any) -> bool:
     if key in RESUME_PATH_KEYS and isinstance(old, str) and isinstance(new, str):
         return os.path.abspath(old) == os.path.abspath(new)
@@ -62,8 +52,8 @@ def resume_changes(saved: dict, config: Config, stage: str, path: str,
     dataset moved to another path): their path change is applied and recorded, not refused."""
     if not saved:
         return {}
-    old = _flatten(config_to_dict(config_from_dict(saved, f"{path} (saved config)")))
-    new = _flatten(config_to_dict(config))
+    old = flat_settings(config_to_dict(config_from_dict(saved, f"{path} (saved config)")))
+    new = flat_settings(config_to_dict(config))
     changed = {key: [old.get(key), value] for key, value in new.items()
                if not _same_setting(key, old.get(key), value)}
     refused = []

@@ -266,11 +266,6 @@ def prepare_folder(folder: RunFolder, start: StageStart, config: Config, stage: 
     if dropped:
         log("data.missing_videos: drop left out " + ", ".join(f"{count} {name}" for name, count in dropped.items())
             + " question(s) whose video is missing from the feature files (val/test: counted as wrong)")
-    for leftover in folder.stale_temporaries():
-        # A job killed while writing a checkpoint leaves its hidden temp file (the size of a
-        # checkpoint); the final files were never touched, so it is only waste.
-        os.remove(leftover)
-        log(f"removed {leftover}, left by an interrupted write")
     dump_config(config, folder.config)
 
 

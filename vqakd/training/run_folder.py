@@ -15,8 +15,7 @@ import os
 from typing import Iterator, Mapping, Optional
 
 from vqakd.core import distributed as dist
-from vqakd.core.locks import FolderLock
-from vqakd.core.files import check_output_paths
+from vqakd.core.locks import guard_outputs
 from vqakd.training.provenance import utc_now
 
 STAGE_FILES = {"last": "last.pt", "best": "best.pt", "metrics": "metrics.csv", "results": "results.json",
@@ -46,16 +45,6 @@ class RunFolder:
             if os.path.exists(path):
                 os.remove(path)
 
-    def stale_temporaries(self) -> list[str]:
-        """Temp files of `vqakd.core.files.atomic_path` for this stage's outputs (`.<name>.<random>.tmp`)."""
-        names = tuple(f".{name}." for name in STAGE_FILES.values())
-        try:
-            entries = os.listdir(self.folder)
-        except FileNotFoundError:
-            return []
-        return sorted(os.path.join(self.folder, entry) for entry in entries
-                      if entry.startswith(names) and entry.endswith(".tmp"))
-
     def folders_to_create(self) -> list[str]:
         """The folders `os.makedirs(self.folder)` would create, deepest first."""
         missing = []
@@ -68,26 +57,21 @@ class RunFolder:
 
 @contextlib.contextmanager
 def stage_guard(folder: RunFolder, stage: str, inputs: Mapping[str, Optional[str]]) -> Iterator[None]:
-    """For the whole run of one stage: refuse stage files that are one of the run's `inputs`
-    (config, teacher checkpoint, vocabulary, question and feature files), then hold the lock on
-    the stage folder so that a second run into it is refused. Under torchrun only the main
-    process locks; a refusal there stops every rank. A folder the guard created is removed
-    again if the run leaves it empty (failed start-up checks)."""
-    # last.pt is read when resuming and is meant to be rewritten: it is not an output here.
-    outputs = {f"{stage} {name}": path for name, path in zip(STAGE_FILES.values(), folder.outputs())
-               if path != folder.last}
+    """For the whole run of one stage, `vqakd.core.locks.guard_outputs`: refuse stage files that
+    are one of the run's `inputs` (config, teacher checkpoint, vocabulary, question and feature
+    files), hold the lock on the stage folder so that a second run into it is refused, and clear
+    the temporaries of an interrupted write (the run's log says so). Under torchrun only the main
+    process locks; a refusal there stops every rank. A folder the guard created is removed again
+    if the run leaves it empty (failed start-up checks)."""
+    outputs = {f"{stage} {name}": path for name, path in zip(STAGE_FILES.values(), folder.outputs())}
     new_folders = folder.folders_to_create()
-    lock = FolderLock(folder.folder, f"{stage} output folder")
-
-    def take() -> None:
-        check_output_paths(inputs, outputs)
-        if dist.is_main():
-            lock.acquire()
     try:
-        dist.agree(take, "the check of the output folder")
-        yield
+        with contextlib.ExitStack() as held:
+            dist.agree(lambda: held.enter_context(guard_outputs(inputs, outputs, f"{stage} output folder",
+                                                                lock=dist.is_main(), log=RunLog(folder.log))),
+                       "the check of the output folder")
+            yield
     finally:
-        lock.release()
         remove_empty_folders(new_folders)
 
 

@@ -18,12 +18,11 @@ from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
 from vqakd.core.distributed import resolve_process_device
 from vqakd.training.engine import configure_backends, evaluate
 from vqakd.core.errors import UserError
-from vqakd.core.files import atomic_open, ensure_writable_dir, remove_stale_temporaries, write_json
-from vqakd.core.locks import output_lock
+from vqakd.core.files import atomic_open, write_json
+from vqakd.core.locks import guard_outputs
 from vqakd.data.questions import TYPE_NAMES
 from vqakd.training.metrics import FIRST_ANSWER_LABEL, format_table
 from vqakd.training.builders import check_vocab_match, count_parameters
-from vqakd.core.files import check_output_paths
 from vqakd.training.inference_record import feature_differences
 from vqakd.training.provenance import provenance_for_config, utc_now
 
@@ -73,20 +72,11 @@ def run_validation(config: Config, checkpoint_path: str, split: str = "test", wr
                "the per-answer figures": answers_out if write_preds else None}
     inputs = {"--checkpoint": checkpoint_path, "--cfg": config_file,
               **{f"data.{key}": getattr(config.data, key) for key in DATA_FILES}}
-    check_output_paths(inputs, outputs)         # before any work: never replace the checkpoint
-    written = [path for path in outputs.values() if path]
-
-    def take_outputs(locks: contextlib.ExitStack) -> None:
-        # Only the main process writes: it locks the files (a second evaluation writing them is
-        # refused) and clears the temporary files a killed evaluation left.
-        if dist.is_main():
-            for path in written:
-                ensure_writable_dir(os.path.dirname(os.path.abspath(path)), "output folder for the evaluation results")
-                locks.enter_context(output_lock(path, "evaluation output"))
-            remove_stale_temporaries(written)
-
-    with dist.session(), contextlib.ExitStack() as locks:
-        dist.agree(lambda: take_outputs(locks), "the check of the output files")
+    with dist.session(), contextlib.ExitStack() as held:
+        # Before any work: never replace the checkpoint; only the main process writes and locks.
+        dist.agree(lambda: held.enter_context(guard_outputs(
+            inputs, outputs, "output folder for the evaluation results", file_what="evaluation output",
+            lock=dist.is_main())), "the check of the output files")
         return _run_validation(config, checkpoint_path, split, write_preds, out, preds_out, model_overrides,
                                other_features)
 
