@@ -83,16 +83,17 @@ def main(argv=None) -> int:
         parser.error(f"--batch-size {args.batch_size}: must be at least 1")
     if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
         raise UserError(f"--cache-dir {args.cache_dir} is a file; name a folder for the cached features")
-    if args.out:
-        # Before any work: the answers never replace an input (the questions, the checkpoint...).
-        from vqakd.core.files import check_output_paths
+    # Before any work: the answers never replace an input (the questions, the checkpoint...), go to
+    # a writable folder, and one run at a time writes them (the guard every command uses).
+    from vqakd.core.locks import guard_outputs
 
-        if os.path.isdir(args.out):
-            raise UserError(f"--out {args.out} is a folder; name the answers file (.csv or .jsonl)")
-        check_output_paths({"--questions": args.questions, "--checkpoint": args.checkpoint, "--vocab": args.vocab,
-                            "--appearance-weights": args.appearance_weights,
-                            "--motion-weights": args.motion_weights}, {"--out": args.out})
+    inputs = {"--questions": args.questions, "--checkpoint": args.checkpoint, "--vocab": args.vocab,
+              "--appearance-weights": args.appearance_weights, "--motion-weights": args.motion_weights}
+    with guard_outputs(inputs, {"--out": args.out}, "folder of --out", file_what="answers file", log=None):
+        return answer(args, single)
 
+
+def answer(args, single: bool) -> int:
     from vqakd.core.distributed import resolve_device
     from vqakd.predict import Answerer, ExtractionFlags, format_answer
     from vqakd.predict_batch import answer_rows, read_question_rows, write_records
