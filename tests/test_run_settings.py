@@ -271,3 +271,15 @@ def test_a_runs_config_yml_is_a_reusable_config(tiny, tmp_path):
     assert again.train.lr == 0.002 and again.train.epochs == 1
     code, err = teacher(str(saved), "--set", f"output_dir={tmp_path / 'again'}")
     assert code == 0, err
+
+
+def test_a_weighted_term_that_drowns_the_cross_entropy_is_named_once(tiny, tmp_path):
+    cfg = config_file(tiny, tmp_path)
+    code, err = teacher(cfg, "--set", "loss.alpha=1e9", "--set", "train.epochs=2")
+    assert code == 0, err
+    log = (tmp_path / "out" / "teacher" / "train.log").read_text()
+    assert log.count("warning: loss.alpha x common") == 1 and "the cross-entropy" in log
+    assert "loss.beta x dependence" not in log
+    code, err = teacher(cfg, "--overwrite", "--set", "train.epochs=1")
+    assert code == 0, err
+    assert "x the cross-entropy" not in (tmp_path / "out" / "teacher" / "train.log").read_text()

@@ -160,10 +160,7 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
     sums = torch.zeros(len(names), dtype=torch.float64, device=device)
     questions = torch.zeros((), dtype=torch.long, device=device)
     counter = AccuracyCounter(device)
-    weighted = (("common", "loss.alpha", loss_cfg.alpha), ("dependence", "loss.beta", loss_cfg.beta))
-    if distill == "feature":
-        weighted += (("app", "loss.kappa_app", loss_cfg.kappa_app), ("mo", "loss.kappa_mo", loss_cfg.kappa_mo))
-    watch = _NonFiniteWatch(names, weighted, device)
+    watch = _NonFiniteWatch(names, weighted_terms(stage, loss_cfg), device)
     if check_every is None:
         check_every = 1 if device.type == "cpu" else log_every
     steps = len(loader)
@@ -208,6 +205,35 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
     result.update(accuracy=counter.summary(), time_s=elapsed, questions=int(questions),
                   questions_per_s=int(questions) / elapsed if elapsed > 0 else 0.0)
     return result
+
+
+def weighted_terms(stage: str, loss_cfg: LossConfig) -> tuple[tuple[str, str, float], ...]:
+    """(loss part, the setting that weights it, its weight) of each weighted term a stage trains with."""
+    terms = (("common", "loss.alpha", loss_cfg.alpha), ("dependence", "loss.beta", loss_cfg.beta))
+    if loss_cfg.distill_of(stage) == "feature":
+        terms += (("app", "loss.kappa_app", loss_cfg.kappa_app), ("mo", "loss.kappa_mo", loss_cfg.kappa_mo))
+    return terms
+
+
+# A weighted term this many times the cross-entropy drowns the answer's training signal.
+LOSS_SCALE_WARNING = 10.0
+
+
+def loss_scale_warnings(train: Mapping[str, float], stage: str, loss_cfg: LossConfig) -> list[str]:
+    """One line per weighted term over LOSS_SCALE_WARNING x the cross-entropy (`train`: an epoch's
+    averaged loss parts), naming the setting that scales it."""
+    ce = train.get("ce")
+    if not ce or ce <= 0:
+        return []
+    found = []
+    for name, setting, weight in weighted_terms(stage, loss_cfg):
+        value = weight * train.get(name, 0.0)
+        if value > LOSS_SCALE_WARNING * ce:
+            found.append(f"warning: {setting} x {name} = {value:.4g} is {value / ce:.0f}x the cross-entropy "
+                         f"({ce:.4g}) in the first epoch: the {name} term, not the answer, drives training; a "
+                         f"smaller {setting} balances them (features of random-weight networks, whose values are "
+                         "large, make this likely)")
+    return found
 
 
 def loss_names(stage: str, loss_cfg: LossConfig) -> tuple[str, ...]:

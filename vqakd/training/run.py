@@ -19,7 +19,7 @@ from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_s
 from vqakd.core.config import DATA_FILES, Config, config_to_dict, dump_config, load_config
 from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
 from vqakd.core.distributed import resolve_process_device
-from vqakd.training.engine import configure_backends, evaluate, train_one_epoch
+from vqakd.training.engine import configure_backends, evaluate, loss_scale_warnings, train_one_epoch
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
 from vqakd.training.metrics import epoch_line, format_table, metrics_row, write_metrics_csv
@@ -391,6 +391,9 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
                 plot_curves(history, folder.curves, stage)
                 last_plot = time.monotonic()
         log(epoch_line(row, epochs, is_best))
+        if epoch == 1:                      # once per run: a resumed run has passed epoch 1
+            for warning in loss_scale_warnings(train_stats, stage, config.loss):
+                log(warning)
         for name in row.get("collapsed_layers", "").split():
             if name not in warned:          # once per layer and run
                 warned.add(name)
