@@ -404,3 +404,24 @@ def test_validate_checks_the_features_against_the_checkpoints_record(pipeline, t
                          quiet=True)
     assert code == 0, err
     assert json.loads((tmp_path / "eval.json").read_text())["other_features"] == []
+
+
+def test_a_video_cut_short_is_reported_by_extraction_and_predict(pipeline, tmp_path, capsys):
+    # Cut mid-file, the video decodes cleanly up to its end: only the header's frame count shows
+    # what is missing. The frames kept are the original's; every step says the file is damaged.
+    whole = open(_one_video(pipeline), "rb").read()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole[:len(whole) * 4 // 5])
+    from vqakd.extraction.video import read_clip_frames
+
+    frames = read_clip_frames(str(cut), 2, 2, (32, 32))
+    assert frames.damage() is not None and "frames its header announces" in frames.damage()["reason"]
+    assert read_clip_frames(_one_video(pipeline), 2, 2, (32, 32)).damage() is None
+    argv = ["--checkpoint", str(pipeline["checkpoint"]), "--video", str(cut), "--question", "what colour is it?",
+            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--json"]
+    for cached in (False, True):
+        code, err = predict_main(argv)
+        assert code == 0, err
+        answer = json.loads(capsys.readouterr().out)
+        assert answer["features_cached"] is cached
+        assert any("damaged video" in w and "header announces" in w for w in answer["warnings"]), answer

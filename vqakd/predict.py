@@ -45,6 +45,7 @@ QUESTIONS_PER_PASS = 256          # questions about one video answered in one fo
 # batch keeps all but the group in progress, and the rerun extracts only what is not cached.
 VIDEOS_PER_EXTRACTION = 4
 SCRATCH_PREFIX = ".extract-"      # + the pid of the process using it
+DAMAGE_SUFFIX = ".damage.txt"     # beside a cached .npy: the video's damage, as extraction reported it
 NO_KNOWN_WORD = "no word of the question is in the vocabulary: the answer ignores the question text"
 LAST_CHARACTER = ("the question's last character is dropped, as in the training data (which ends "
                   "questions with '?'); end it with '?'")
@@ -210,11 +211,23 @@ class FeatureCache:
             return None
         return array
 
-    def put(self, video_sha: str, kind: str, digest: str, array: np.ndarray) -> None:
+    def damage(self, video_sha: str, kind: str, digest: str) -> Optional[str]:
+        """What extraction reported of a cached video's damage (None: none), so that an answer
+        from cached features warns as the first one did."""
+        path = self.path(video_sha, kind, digest)
+        if path is None or not os.path.isfile(path + DAMAGE_SUFFIX):
+            return None
+        with open(path + DAMAGE_SUFFIX, encoding="utf-8") as handle:
+            return handle.read().strip() or None
+
+    def put(self, video_sha: str, kind: str, digest: str, array: np.ndarray, damage: Optional[str] = None) -> None:
         path = self.path(video_sha, kind, digest)
         if path is None:
             return
         try:
+            if damage:              # first: cached features never appear without their warning
+                with atomic_open(path + DAMAGE_SUFFIX, "w", encoding="utf-8") as handle:
+                    handle.write(damage)
             with atomic_open(path, "wb") as handle:
                 np.save(handle, array, allow_pickle=False)
         except OSError as exc:
@@ -232,6 +245,7 @@ class VideoFeatures:
     motion: np.ndarray
     cached: bool
     seconds: float
+    warnings: list = dataclasses.field(default_factory=list)   # damage extraction found in the file
 
 
 # ----------------------------------------------------------------------------------- the answerer
@@ -331,6 +345,7 @@ class Answerer:
         """Features of each distinct video (cached, else extracted: all new videos in one run)."""
         result: dict[str, VideoFeatures | VideoFailure] = {}
         found: dict[str, dict[str, np.ndarray]] = {}
+        damage: dict[str, set[str]] = {}
         shas: dict[str, str] = {}
         for video in dict.fromkeys(videos):
             try:
@@ -338,12 +353,13 @@ class Answerer:
             except VideoFailure as exc:
                 result[video] = exc
                 continue
-            found[video] = {}
+            found[video], damage[video] = {}, set()
             for kind in FEATURE_KINDS:
-                array = self.cache.get(shas[video], kind, identity_digest(self.settings[kind], FEATURE_SETTINGS),
-                                       self.shape(kind))
+                digest = identity_digest(self.settings[kind], FEATURE_SETTINGS)
+                array = self.cache.get(shas[video], kind, digest, self.shape(kind))
                 if array is not None:
                     found[video][kind] = array
+                    damage[video].update(filter(None, [self.cache.damage(shas[video], kind, digest)]))
         timings = {video: 0.0 for video in found}
         for kind in FEATURE_KINDS:
             todo = [video for video in found if kind not in found[video] and video not in result]
@@ -352,7 +368,7 @@ class Answerer:
             for start in range(0, len(todo), VIDEOS_PER_EXTRACTION):
                 group = todo[start:start + VIDEOS_PER_EXTRACTION]
                 started = time.perf_counter()
-                arrays = self._extract(kind, group)
+                arrays, damaged = self._extract(kind, group)
                 share = (time.perf_counter() - started) / len(group)
                 for video in group:
                     timings[video] += share
@@ -360,15 +376,19 @@ class Answerer:
                         result[video] = arrays[video]
                         continue
                     found[video][kind] = arrays[video]
+                    if video in damaged:
+                        damage[video].add(damaged[video])
                     self.cache.put(shas[video], kind, identity_digest(self.settings[kind], FEATURE_SETTINGS),
-                                   arrays[video])
+                                   arrays[video], damaged.get(video))
         for video, arrays in found.items():
             if video not in result:
                 result[video] = VideoFeatures(arrays["appearance"], arrays["motion"], timings[video] == 0.0,
-                                              timings[video])
+                                              timings[video], [f"damaged video: {reason}"
+                                                               for reason in sorted(damage[video])])
         return {video: result[video] for video in dict.fromkeys(videos)}
 
-    def _extract(self, kind: str, paths: Sequence[str]) -> dict[str, np.ndarray | VideoFailure]:
+    def _extract(self, kind: str, paths: Sequence[str]) -> tuple[dict[str, np.ndarray | VideoFailure], dict[str, str]]:
+        """Each video's features (or why it failed), and the damage extraction found in the files."""
         import h5py
 
         extractor = self.extractor(kind)
@@ -379,9 +399,11 @@ class Answerer:
             remove_dead_scratch(scratch)
         with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=scratch) as folder:
             out = os.path.join(folder, f"{kind}.h5")
+            damaged: dict[str, str] = {}
             try:
                 result = extractor.run(videos, out)
                 failures = result.failures
+                damaged = {paths[int(record["video_id"])]: record["reason"] for record in result.damaged}
             except UserError:
                 report = _read_report(out + ".failures.json")
                 if report is None or len(report) != len(videos):
@@ -397,7 +419,7 @@ class Answerer:
                     data = handle[extractor.model.feature_dataset][()]
                 for row, video_id in enumerate(ids):
                     arrays[paths[int(video_id)]] = np.ascontiguousarray(data[row], dtype=np.float32)
-        return arrays
+        return arrays, damaged
 
     # ----- answering -----------------------------------------------------------------------------
 
@@ -435,7 +457,8 @@ class Answerer:
             raise UserError(str(features))
         encoded = self.encode(question)
         answers = self.answer_encoded(features, [encoded])[0]
-        return Answer(video, question, answers, encoded.unknown, encoded.warnings, features.cached, features.seconds)
+        return Answer(video, question, answers, encoded.unknown, encoded.warnings + features.warnings, features.cached,
+                      features.seconds)
 
     def answer_many(self, rows: Sequence[Mapping[str, str]]) -> list[Answer | str]:
         """Each row's Answer, or the reason it failed; every distinct video is extracted once."""
@@ -455,8 +478,8 @@ class Answerer:
                 chunk = indices[start:start + QUESTIONS_PER_PASS]
                 encoded = [self.encode(rows[i]["question"]) for i in chunk]
                 for i, question, answers in zip(chunk, encoded, self.answer_encoded(feats, encoded)):
-                    results[i] = Answer(video, rows[i]["question"], answers, question.unknown, question.warnings,
-                                        feats.cached, feats.seconds)
+                    results[i] = Answer(video, rows[i]["question"], answers, question.unknown,
+                                        question.warnings + feats.warnings, feats.cached, feats.seconds)
         return results
 
 

@@ -129,6 +129,9 @@ class ClipFrames:
     truncated: bool = False   # decoding stopped at a damaged packet (frames after it left out)
     bad_packets: int = 0      # packets rejected (past_damage: skipped; otherwise the one stopped at)
     rotation: int = 0         # counter-clockwise degrees applied (0, 90, 180 or 270)
+    # Frames the header says the video has, and how many fewer may decode without it being damage.
+    header_frames: int = 0
+    header_slack: int = 0
 
     def clips(self) -> np.ndarray:
         """(N, F, H, W, 3) uint8: the clips with repeated frames materialised."""
@@ -144,6 +147,12 @@ class ClipFrames:
         if self.bad_packets:
             return {"frames_kept": self.total_frames, "frames_announced": self.announced_frames,
                     "reason": f"{self.bad_packets} damaged packets skipped (--decode-past-damage)"}
+        if self.total_frames < self.header_frames - self.header_slack:
+            # A file cut short (a download that stopped) decodes cleanly up to its end: only the
+            # header's count shows what is missing. The frames kept are the original's.
+            return {"frames_kept": self.total_frames, "frames_announced": self.header_frames,
+                    "reason": f"{self.total_frames} of the {self.header_frames} frames its header announces "
+                              "decoded: the file ends early (cut short?)"}
         return None
 
 
@@ -201,6 +210,23 @@ def count_frames(path: str) -> tuple[int, str]:
         except av.error.FFmpegError:
             pass   # unreadable rest of the file: it ends here, for decoding as well
         return count, "packets"
+    finally:
+        container.close()
+
+
+def header_frames(path: str) -> tuple[int, int]:
+    """(frames the container's header announces, how many fewer may decode in a whole file): the
+    stream's frame count (AVI's header, MP4's sample table) exactly, else duration x frame rate,
+    which is approximate (2% and 2 frames of slack); (0, 0) when the header says neither."""
+    container = _open(path)
+    try:
+        stream = _video_stream(container)
+        if stream.frames > 0:
+            return int(stream.frames), 0
+        if stream.duration and stream.time_base and stream.average_rate:
+            estimate = int(round(float(stream.duration * stream.time_base * stream.average_rate)))
+            return estimate, max(2, estimate // 50)
+        return 0, 0
     finally:
         container.close()
 
@@ -335,5 +361,6 @@ def read_clip_frames(path: str, num_clips: int, frames_per_clip: int,
         raise VideoError(f"frame size changes inside the video {sorted(shapes)}; pass an image size")
     frames = np.stack([kept[int(i)] for i in wanted])
     inverse = np.searchsorted(wanted, indices)
+    expected, slack = header_frames(path)
     return ClipFrames(frames, inverse, indices, total, announced, outcome.truncated,
-                      outcome.bad_packets, 90 * (outcome.turns or 0))
+                      outcome.bad_packets, 90 * (outcome.turns or 0), expected, slack)
