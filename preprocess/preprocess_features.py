@@ -178,6 +178,10 @@ def report(args: argparse.Namespace, shard, out: str, result) -> int:
               f"bring the parts folders together and run: python preprocess/merge_features.py --out {out}")
     else:
         print(written_line(result) + ("; output already complete" if result.already_complete else ""))
+        if result.failures:
+            print("to retry the failed videos, fix or add their files and run the same command again: a video "
+                  "whose file appeared or changed is extracted again and the output re-merged (--overwrite "
+                  "extracts every video again)")
     if result.failures and not args.allow_failures:
         return 1
     return 0

@@ -289,19 +289,47 @@ def test_cli_writes_layout_reports_failures_and_exit_status(resnet_run, msvd, ca
     assert set(reasons) == set(MSVD_FAILURES)
     for vid, reason in MSVD_FAILURES.items():
         assert reason in reasons[vid], (vid, reasons[vid])
-    assert sorted(os.listdir(out.parent)) == sorted([out.name, os.path.basename(report_path)])
+    # With failures the parts folder stays, so that a fixed video is retried without the others.
+    assert sorted(os.listdir(out.parent)) == sorted([out.name, os.path.basename(report_path), out.name + ".parts"])
+    assert all(failure["file"] is None or failure["file"]["size"] > 0 for failure in report["failures"])
 
     # the same command again finds the work done; --allow-failures turns the status to 0
     assert preprocess_features.main(msvd_command(msvd, out, "--allow-failures")[2:]) == 0
     assert preprocess_features.main(msvd_command(msvd, out)[2:]) == 1
     printed = capsys.readouterr().out
     assert "already complete" in printed and "6 videos written, 4 failed" in printed
-    # a run killed while removing its parts, after the output was in place
-    parts = out.parent / (out.name + ".parts")
-    parts.mkdir()
-    (parts / "chunk-000003.npz").write_bytes(b"left over")
-    assert preprocess_features.main(msvd_command(msvd, out, "--allow-failures")[2:]) == 0
-    assert not parts.exists() and "already complete" in capsys.readouterr().out
+    assert "to retry the failed videos, fix or add their files and run the same command again" in printed
+
+
+def test_failed_videos_are_retried_once_their_file_appears_or_changes(msvd, tmp_path, capsys):
+    import shutil
+
+    videos = tmp_path / "videos"
+    shutil.copytree(msvd["videos"], videos)
+    layout = dict(msvd, videos=str(videos))
+    out = tmp_path / "appearance.h5"
+    assert preprocess_features.main(msvd_command(layout, out)[2:]) == 1
+    assert "6 videos written, 4 failed" in capsys.readouterr().out
+    before = read_h5(out)[0]["resnet_features"]
+    clips = videos / "YouTubeClips"
+    shutil.copy(clips / "clipA.avi", clips / "clipE_missing.avi")        # the missing video arrives
+    shutil.copy(clips / "clipJ.avi", clips / "clipF_zero.avi")           # the empty one is replaced
+    assert preprocess_features.main(msvd_command(layout, out)[2:]) == 1   # two still fail
+    printed = capsys.readouterr().out
+    assert "8 videos written, 2 failed" in printed and "already complete" not in printed
+    data = read_h5(out)[0]
+    assert data["ids"].tolist() == sorted(MSVD_GOOD + [5, 6])
+    # The videos not retried keep their features bit for bit; the new ones equal their sources'.
+    rows = {vid: row for row, vid in enumerate(data["ids"].tolist())}
+    for old_row, vid in enumerate(MSVD_GOOD):
+        assert np.array_equal(data["resnet_features"][rows[vid]], before[old_row])
+    assert np.array_equal(data["resnet_features"][rows[5]], data["resnet_features"][rows[1]])
+    # Nothing changed since: the output is complete.
+    assert preprocess_features.main(msvd_command(layout, out)[2:]) == 1
+    assert "already complete" in capsys.readouterr().out
+    # --overwrite discards every part: all videos are made again.
+    assert preprocess_features.main(msvd_command(layout, out, "--overwrite")[2:]) == 1
+    assert "8 videos written, 2 failed" in capsys.readouterr().out
 
 
 def test_kill_and_resume_equals_uninterrupted_run(resnet_run, msvd, tmp_path, capsys):
@@ -334,7 +362,8 @@ def test_kill_and_resume_equals_uninterrupted_run(resnet_run, msvd, tmp_path, ca
     assert attrs.keys() == reference_attrs.keys()
     for key in attrs:
         assert np.array_equal(attrs[key], reference_attrs[key]), key
-    assert sorted(os.listdir(tmp_path)) == sorted([out.name, out.name + ".failures.json"])
+    # videos failed: the parts stay, for a retry once their files appear or change
+    assert sorted(os.listdir(tmp_path)) == sorted([out.name, out.name + ".failures.json", out.name + ".parts"])
 
 
 def test_cli_motion_features_msrvtt_layout(tmp_path, capsys):

@@ -69,9 +69,38 @@ def read_json_or_none(path: str) -> Any:
 
 
 def failure_record(video: Video, reason: str | None) -> dict:
-    """One entry of a failure report: the video and why it could not be used."""
+    """One entry of a failure report: the video, why it could not be used, and the state of its
+    file then (None: absent), so that a later run retries it once the file appears or changes."""
     return {"video_id": video.video_id, "name": video.name, "path": video.path,
-            "reason": reason or "unknown"}
+            "reason": reason or "unknown", "file": file_state(video.path)}
+
+
+def file_state(path: str) -> dict | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
+def worth_retrying(failure: dict) -> bool:
+    """Has the failed video's file appeared or changed since the failure was recorded? (Records
+    written before file states were kept are not retried.)"""
+    return "file" in failure and file_state(str(failure.get("path"))) != failure["file"]
+
+
+def drop_chunks_to_retry(parts_dir: str, done: set[int]) -> list[dict]:
+    """Remove the finished chunks of `done` holding a failed video worth retrying (they are made
+    again); returns those failures."""
+    retried = []
+    for k in sorted(done):
+        path = os.path.join(parts_dir, chunk_name(k))
+        failures = [failure for failure in read_chunk_outcome(path)[1] if worth_retrying(failure)]
+        if failures:
+            os.remove(path)
+            done.discard(k)
+            retried += failures
+    return retried
 
 
 def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence[Video]) -> set[int]:
@@ -80,7 +109,9 @@ def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence
     if os.path.isdir(parts_dir):
         saved = read_json_or_none(settings_path)
         has_chunks = bool(glob.glob(os.path.join(glob.escape(parts_dir), CHUNK_PATTERN)))
-        if (saved is not None or has_chunks) and identity(saved) != identity(manifest):
+        if overwrite:
+            shutil.rmtree(parts_dir)        # every part, failures included: all made again
+        elif (saved is not None or has_chunks) and identity(saved) != identity(manifest):
             if not overwrite:
                 raise UserError(f"{parts_dir} holds an unfinished run made "
                                 f"{difference(saved, manifest)}; re-run with its settings to resume "

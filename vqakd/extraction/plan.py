@@ -25,8 +25,9 @@ from typing import Callable, NamedTuple, Sequence
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
 from vqakd.extraction.merge import existing_output
-from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, open_parts, parts_folder, read_chunk_outcome,
-                                    read_json_or_none, remove_stale_temporaries, shard_note_name)
+from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, drop_chunks_to_retry, failures_report, open_parts,
+                                    parts_folder, read_chunk_outcome, read_json_or_none, remove_stale_temporaries,
+                                    shard_note_name, worth_retrying)
 from vqakd.extraction.settings import ExtractionResult, Shard
 from vqakd.core.files import write_json
 
@@ -53,11 +54,21 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
     # (and the output's, when this run merges) can be left over from a killed run.
     remove_stale_temporaries(out_path, mine, output_too=shard.count == 1)
     if existing_output(out_path, manifest, overwrite) is not None:
-        # The output is renamed into place only once complete; parts left beside it
-        # belong to a run killed while removing them.
-        shutil.rmtree(parts_dir, ignore_errors=True)
-        return Plan(True, [], 0, 0, None)
+        report = read_json_or_none(failures_report(out_path)) or {}
+        retry = [failure for failure in report.get("failures") or [] if worth_retrying(failure)]
+        if not retry or shard.count > 1:
+            if not report.get("failures"):
+                # The output is renamed into place only once complete; parts left beside it
+                # belong to a run killed while removing them (with failures they are kept on purpose).
+                shutil.rmtree(parts_dir, ignore_errors=True)
+            return Plan(True, [], 0, 0, None)
+        if not os.path.isdir(parts_dir):
+            raise UserError(f"{out_path} is complete, but {len(retry)} video(s) that failed have appeared or changed "
+                            f"since (e.g. {retry[0]['path']}); its parts folder, needed to retry only them, is gone: "
+                            "pass --overwrite to extract every video again")
+        # Some failed video is worth retrying: its chunks are made again and the output re-merged.
     done = open_parts(parts_dir, manifest, overwrite, videos)
+    drop_chunks_to_retry(parts_dir, done)
     token = None
     if world > 1:
         token = secrets.token_hex(8)
