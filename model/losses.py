@@ -26,6 +26,14 @@ COMMON_LOSS_MODES = ("original", "safe")
 # sample's largest node norm. 8 eps is ~1e-6 in float32, the collapse threshold of
 # model/diagnostics.py; rounding in a collapsed layer stays well below it.
 SAFE_COMMON_EPS_FACTOR = 8.0
+# "safe" common loss: a node whose centred feature is at most this long (absolutely) is dropped as
+# well. It is F.normalize's eps, below which the original loss stops normalising to unit length
+# either. Without it, a sample whose features are all tiny (a stream gated down to ~1e-23 in the
+# demo's first step) has a squared largest node norm that underflows to 0 in float32, the relative
+# threshold becomes 0, nodes with a denormal spread (squared norm ~4e-45) count as real, and the
+# division's gradient, 1/‖x̃‖² ~ 2e44, overflows to inf; inf · 0 then gave NaN gradients and a NaN
+# loss at the second step. With the floor, 1/‖x̃‖² stays below 1e24.
+SAFE_COMMON_ABS_FLOOR = 1e-12
 
 
 def common_loss(x: Tensor, y: Tensor, mode: str = "original", rel_tol: float | None = None) -> Tensor:
@@ -37,9 +45,9 @@ def common_loss(x: Tensor, y: Tensor, mode: str = "original", rel_tol: float | N
     up to rounding) x̃ is pure rounding noise and n() blows it up to unit length, so the loss and
     its gradient are noise of order 1. mode="safe" drops every node pair (i, j) in which either
     node's centred x or y is at most `rel_tol` × the sample's largest node norm (default
-    SAFE_COMMON_EPS_FACTOR × eps of the inputs' dtype): those pairs contribute 0 with a zero
-    gradient, while the mean stays over all B·N·N pairs, so wherever the clips really differ the
-    value equals the original loss.
+    SAFE_COMMON_EPS_FACTOR × eps of the inputs' dtype) or at most SAFE_COMMON_ABS_FLOOR (1e-12,
+    F.normalize's eps): those pairs contribute 0 with a zero gradient, while the mean stays over
+    all B·N·N pairs, so wherever the clips really differ the value equals the original loss.
     """
     if mode not in COMMON_LOSS_MODES:
         raise ValueError(f"common loss mode must be one of {', '.join(COMMON_LOSS_MODES)}, got {mode!r}")
@@ -62,7 +70,7 @@ def _centred_directions(x: Tensor, rel_tol: float | None) -> tuple[Tensor, Tenso
     centred = x - x.mean(dim=1, keepdim=True)
     squared = (centred * centred).sum(dim=2)                                        # (B, N)
     scale = (x.detach() * x.detach()).sum(dim=2).amax(dim=1, keepdim=True)          # (B, 1) max ‖x_i‖²
-    real = squared > (tol * tol) * scale
+    real = (squared > (tol * tol) * scale) & (squared > SAFE_COMMON_ABS_FLOOR ** 2)
     # sqrt and division only see real nodes' norms, so no inf/NaN reaches the masked gradient.
     norm = torch.sqrt(torch.where(real, squared, torch.ones_like(squared)))
     return centred / norm.unsqueeze(-1) * real.unsqueeze(-1).to(centred.dtype), real
