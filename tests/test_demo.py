@@ -232,6 +232,19 @@ def run_demo(cwd, *args):
                           text=True, timeout=600)
 
 
+def test_every_network_runs_in_one_thread(tmp_path):
+    """The demo's numbers must not depend on the machine's core count: features, trainings and
+    predict.py each run with one thread (sums split across threads round differently)."""
+    from vqakd.demo import pipeline
+
+    args = pipeline.build_parser().parse_args(["--data-dir", str(tmp_path / "data"),
+                                               "--set", f"output_dir={tmp_path / 'out'}"])
+    steps = {step.name: step for step in pipeline.build_steps(pipeline.make_plan(args))}
+    for name in ("features appearance", "features motion", "study", "predict"):
+        assert steps[name].env == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, name
+    assert "--seeds 3 " in steps["study"].command_line([])
+
+
 def test_bad_override_is_one_line_error(tmp_path):
     result = run_demo(tmp_path, "--set", "train.epoch=2")
     assert result.returncode == 2

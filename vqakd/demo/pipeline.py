@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from vqakd.data.annotations import SPLITS
+from vqakd.data.questions import question_type
 from vqakd.demo import data as demo_data, table as demo_table
 from vqakd.demo.steps import Runner, Step, StateFile, display_path
 from vqakd.demo.table import ARMS
@@ -68,10 +69,13 @@ IMAGE_SIZE = 32
 APPEARANCE_FRAMES_PER_CLIP = 2
 MOTION_FRAMES_PER_CLIP = 8      # a 3D ResNeXt clip: enough frames to see a shape move
 FEATURE_WORKERS = 1             # one decoding process beside the network on two cores
-# The demo's networks are small (batches of 32 questions, module_dim 128): one thread per
-# training runs them in about a quarter of the CPU time of two, whose threads mostly wait on
-# each other (and slow to a crawl when another program shares the cores).
-TRAINING_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# Every step that runs a network uses one thread. The demo's trainings are small (batches of 32
+# questions, module_dim 128): one thread runs them in about a quarter of the CPU time of two,
+# whose threads mostly wait on each other. The feature extraction beside its decoding process:
+# measured on the shared 2-core machine, 22 s + 35 s CPU (appearance + motion) with one thread,
+# 79 s + 115 s with two. One thread everywhere also makes the demo's numbers independent of the
+# machine's core count (floating-point sums are split differently across threads).
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SUMMARY_FILE = "summary.json"
 PREDICT_ARM = "student-feature"        # the distilled student answers the example question
 EXAMPLE_TYPES = ("what", "where", "how", "when", "who")   # the example question's type, in this preference
@@ -234,7 +238,7 @@ def build_steps(plan: DemoPlan) -> list[Step]:
             lambda: annotations + video_files(plan), lambda out=out: [out, out + ".failures.json"], data_state,
             # Decoding processes change the speed, not the features: not fingerprinted.
             show_args=["--num-workers", str(plan.feature_workers)] + (["--no-progress"] if quiet else []),
-            restart_args=restart))
+            restart_args=restart, env=ONE_THREAD))
 
     config_sets = []
     for override in plan.overrides:
@@ -262,7 +266,7 @@ def build_steps(plan: DemoPlan) -> list[Step]:
         lambda: train_inputs,
         lambda: [plan.report_json] + [plan.run_file(arm, name, seed) for seed in plan.training_seeds for arm in ARMS
                                       for name in ("best.pt", "results.json", "eval_test.json")],
-        out_state, show_args=progress_off, restart_args=restart_study, env=TRAINING_THREADS))
+        out_state, show_args=progress_off, restart_args=restart_study, env=ONE_THREAD))
     question = {}
 
     def predict_args() -> list[str]:
@@ -273,7 +277,7 @@ def build_steps(plan: DemoPlan) -> list[Step]:
     steps.append(Step(
         "predict", script("predict.py"), [], lambda: [plan.run_file(PREDICT_ARM, "best.pt"), question["video"]],
         lambda: [plan.predict_output], out_state, late_args=predict_args, stdout_path=plan.predict_output,
-        env=TRAINING_THREADS))
+        env=ONE_THREAD))
     summary_inputs = [plan.data_file("dataset_info.json"), plan.data_file("train_qa.json"),
                       plan.data_file("test_qa.json"), plan.report_json, plan.predict_output]
     steps.append(Step("summary", None, [], lambda: summary_inputs, lambda: [plan.summary_path], out_state))
@@ -289,7 +293,7 @@ def example_question(plan: DemoPlan) -> dict:
     mapping = {video_id: name for video_id, name in _mapping(plan).items()}
     for qtype in EXAMPLE_TYPES:
         for record in records:
-            if record["question"].split()[0] == qtype and record["video_id"] in mapping:
+            if question_type(record["question"]) == qtype and record["video_id"] in mapping:
                 video = os.path.join(plan.data_dir, demo_data.VIDEO_FOLDER, f"{mapping[record['video_id']]}.avi")
                 return {"video": video, "question": record["question"], "truth": record["answer"],
                         "video_id": record["video_id"], "id": record["id"]}

@@ -383,8 +383,9 @@ def _paired_markdown(paired: dict[str, Any]) -> list[str]:
         return []
     baseline = next(iter(paired.values()))["baseline"]
     out = ["", f"## Paired by seed: each arm − {baseline}", "",
-           "The seeds change every arm together (initialisation, batch order), so the difference seed by seed "
-           "varies far less than each arm's own accuracy: it is the figure that tells a gain from noise.", ""]
+           "A seed sets the initialisation and batch order of every arm alike: the difference seed by seed takes "
+           "out what a seed does to all arms together, and its interval, not the arms' ± side by side, tells a "
+           "gain from noise.", ""]
     rows = []
     for name, entry in paired.items():
         std = f" ± {100 * entry['std']:.2f}" if entry["std"] is not None else ""
