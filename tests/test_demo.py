@@ -19,11 +19,14 @@ from vqakd.core.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DEMO = ["--num-videos", "6", "--frame-size", "32", "--image-size", "32", "--appearance-frames", "2",
              "--motion-frames", "4", "--feature-workers", "0", "--set", "model.num_nodes=2", "--set", "train.epochs=1",
-             "--set", "model.module_dim=16", "--set", "train.batch_size=8", "--quiet"]
+             "--set", "model.module_dim=16", "--set", "train.batch_size=8", "--training-seeds", "2", "--quiet"]
+TINY_SEEDS = (666, 667)
 DEMO_STEPS = 8
 ARMS = ("teacher", "student-none", "student-feature")
 # The full demo's teacher and distilled student must beat the question-only guesser by this much.
 FULL_DEMO_MARGIN = 0.10
+# A fresh full demo's arm means must lie within max(SPREAD_FLOOR, 2 std) of the committed ones.
+SPREAD_FLOOR = 0.03
 
 
 def kind_of(question: str) -> str:
@@ -223,10 +226,23 @@ def test_runner_resumes_an_interrupted_step_and_restarts_a_changed_one(tmp_path)
     assert seen == [False, True, False] and out.read_text() == "--flag 1"
 
 
-def run_demo(cwd, *args):
+def run_demo(cwd, *args, timeout=600):
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, "-m", "vqakd.demo", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=timeout)
+
+
+def test_every_network_runs_in_one_thread(tmp_path):
+    """The demo's numbers must not depend on the machine's core count: features, trainings and
+    predict.py each run with one thread (sums split across threads round differently)."""
+    from vqakd.demo import pipeline
+
+    args = pipeline.build_parser().parse_args(["--data-dir", str(tmp_path / "data"),
+                                               "--set", f"output_dir={tmp_path / 'out'}"])
+    steps = {step.name: step for step in pipeline.build_steps(pipeline.make_plan(args))}
+    for name in ("features appearance", "features motion", "study", "predict"):
+        assert steps[name].env == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, name
+    assert "--seeds 3 " in steps["study"].command_line([])
 
 
 def test_bad_override_is_one_line_error(tmp_path):
@@ -251,7 +267,7 @@ def test_tiny_demo_runs_the_user_commands_and_writes_the_summary(tiny_demo):
     for command in ("preprocess/make_demo_dataset.py --out data/demo", "txt2pickle.py --glove data/demo/",
                     "preprocess_questions.py --dataset msvd-qa", "--mode all",
                     "--model resnet101 --random-weights --num-clips 2", "--model resnext101 --random-weights",
-                    "study.py --cfg", "--seeds 1 --arms teacher,student-none,student-feature --device cpu",
+                    "study.py --cfg", "--seeds 2 --arms teacher,student-none,student-feature --device cpu",
                     f"predict.py --checkpoint {student} --video data/demo/YouTubeClips/"):
         assert command in out, command
     assert out.count(": done in ") == DEMO_STEPS
@@ -259,14 +275,42 @@ def test_tiny_demo_runs_the_user_commands_and_writes_the_summary(tiny_demo):
     info = json.loads((cwd / "data" / "demo" / "dataset_info.json").read_text())
     assert summary["majority_rate"] == info["majority_rate"]["test"]["overall"]
     assert "provenance" in summary and set(summary["arms"]) == set(ARMS)
+    assert summary["seeds"] == list(TINY_SEEDS)
+    accuracy = {}
     for arm in ARMS:
         entry = summary["arms"][arm]
         stage = "teacher" if arm == "teacher" else "student"
-        evaluation = json.loads((cwd / "results" / "demo" / "study" / "seed666" / arm / stage /
-                                 "study_test.json").read_text())
-        assert entry["accuracy"] == evaluation["accuracy"] and entry["params"] == evaluation["params"]
-        assert set(entry["per_type"]) == set(demo_data.QUESTION_TYPES)
+        evaluations = [json.loads((cwd / "results" / "demo" / "study" / f"seed{seed}" / arm / stage /
+                                   "study_test.json").read_text()) for seed in TINY_SEEDS]
+        accuracy[arm] = [evaluation["accuracy"] for evaluation in evaluations]
+        # mean ± sample std over the seeds, overall and per type, with every seed's value
+        assert entry["accuracy_per_seed"] == {str(seed): value for seed, value in zip(TINY_SEEDS, accuracy[arm])}
+        assert entry["accuracy"] == pytest.approx(np.mean(accuracy[arm]))
+        assert entry["accuracy_std"] == pytest.approx(np.std(accuracy[arm], ddof=1))
+        what = [evaluation["per_type"]["what"]["accuracy"] for evaluation in evaluations]
+        assert entry["per_type"]["what"] == pytest.approx(np.mean(what))
+        assert entry["per_type_std"]["what"] == pytest.approx(np.std(what, ddof=1))
+        assert entry["params"] == evaluations[0]["params"]
+        # the types the (tiny) test split asks
+        assert set(entry["per_type"]) == {qtype for qtype, values in evaluations[0]["per_type"].items()
+                                          if values["count"]}
         assert entry["ms_per_question"] > 0
+    # student-feature − student-none seed by seed: each seed's student distilled from its own teacher
+    paired = summary["paired"]["student-feature"]
+    differences = [f - n for f, n in zip(accuracy["student-feature"], accuracy["student-none"])]
+    assert paired["baseline"] == "student-none" and list(paired["seeds"].values()) == pytest.approx(differences)
+    assert paired["mean"] == pytest.approx(np.mean(differences))
+    assert paired["std"] == pytest.approx(np.std(differences, ddof=1))
+    for seed in TINY_SEEDS:
+        student = json.loads((cwd / "results" / "demo" / "study" / f"seed{seed}" / "student-feature" / "student" /
+                              "results.json").read_text())
+        assert student["teacher"].endswith(f"seed{seed}/teacher/teacher/best.pt")
+    table = demo_table.format_table(summary)
+    assert "student-feature − student-none, paired by seed: " in table
+    assert "is seed-to-seed noise" in table
+    # the study's report says that these features come from random-weight networks
+    report = (cwd / "results" / "demo" / "study" / "report" / "report.md").read_text()
+    assert "**Features from random-weight networks**" in report and summary["features"]["random_weights"]
     arms = summary["arms"]
     assert arms["teacher"]["params"] > arms["student-feature"]["params"] == arms["student-none"]["params"]
     assert arms["teacher"]["graph_layers"] == 4 and arms["student-feature"]["graph_layers"] == 1
@@ -338,17 +382,34 @@ def test_table_marks_question_types_the_features_do_not_carry(tmp_path):
     assert not demo_table.update_readme(str(readme), summary)
 
 
+def within_committed_spread(new: float, mean: float, std) -> bool:
+    """A fresh run's mean agrees with the committed one when it lies within max(3 points, 2 std)
+    of it: other CPUs, kernel sets and thread counts round differently, and the trainings follow."""
+    return abs(new - mean) <= max(SPREAD_FLOOR, 2 * (std or 0))
+
+
+def test_committed_spread_rule():
+    assert within_committed_spread(0.57, 0.55, 0.005)            # 2 points: inside the 3-point floor
+    assert not within_committed_spread(0.59, 0.55, 0.01)         # 4 points, 2 std = 2 points
+    assert within_committed_spread(0.45, 0.55, 0.06)             # 10 points, 2 std = 12 points
+
+
 @pytest.mark.slow
-def test_full_demo_reproduces_the_committed_summary(tmp_path):
-    result = run_demo(tmp_path, "--quiet")
+def test_full_demo_lands_within_the_committed_spread(tmp_path):
+    # ~6 min on 2 idle cores; a shared machine may take twice that
+    result = run_demo(tmp_path, "--quiet", timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "results" / "demo" / "summary.json").read_text())
     committed = json.loads(open(demo_table.COMMITTED_SUMMARY, encoding="utf-8").read())
-    for key in ("majority_rate", "question_only_rate", "question_only_per_type", "test_questions"):
+    # The data is generated and counted without floating point: the same on every machine.
+    for key in ("majority_rate", "question_only_rate", "question_only_per_type", "test_questions", "seeds"):
         assert summary[key] == pytest.approx(committed[key]), key
+    # The trainings are not bit-identical across machines: each arm's mean over the seeds must
+    # lie within the committed spread, not repeat the committed digits.
     for arm in ARMS:
-        assert summary["arms"][arm]["accuracy"] == pytest.approx(committed["arms"][arm]["accuracy"]), arm
-        assert summary["arms"][arm]["per_type"] == pytest.approx(committed["arms"][arm]["per_type"]), arm
+        new, old = summary["arms"][arm], committed["arms"][arm]
+        assert within_committed_spread(new["accuracy"], old["accuracy"], old["accuracy_std"]), \
+            (arm, new["accuracy"], old["accuracy"], old["accuracy_std"])
     # the models read the video: well above a guesser that reads only the question
     for arm in ("teacher", "student-feature"):
         assert summary["above_question_only"][arm] >= FULL_DEMO_MARGIN, (arm, summary["arms"][arm])

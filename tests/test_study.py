@@ -144,6 +144,102 @@ def test_answer_metrics_match_the_predictions(finished):
     assert values["precision"] == pytest.approx(hits / predicted if predicted else 0.0)
 
 
+def test_report_question_types_are_validates_and_ceilings_count_answers_in_the_vocabulary(finished):
+    from vqakd.data.questions import question_type
+
+    report, out = finished["report"], finished["out"]
+    rows = read_csv(os.path.join(stage_dir(out, SEEDS[0], "teacher"), "study_test_preds.csv"))
+    # The preds CSV's question_type column is the metrics' rule applied to the question's text.
+    assert all(row["question_type"] == question_type(row["question"]) for row in rows)
+    results = json.loads(open(os.path.join(stage_dir(out, SEEDS[0], "teacher"), "results.json")).read())
+    ceilings = report["ceilings"]
+    # The fixture gives one "what", one "where" and one "other" test question an answer outside the
+    # vocabulary (written <UNK1>): those types cannot reach 100%.
+    for qtype in ("what", "where"):
+        count = results["per_type"][qtype]["count"]
+        assert ceilings["per_type"][qtype] == {"count": count, "in_vocabulary": count - 1,
+                                              "ceiling": pytest.approx((count - 1) / count)}
+    assert ceilings["per_type"]["who"]["ceiling"] is None
+    assert ceilings["overall"]["ceiling"] == pytest.approx(1 - 3 / results["count"])
+    markdown = (out / "report" / "report.md").read_text()
+    row = next(line for line in markdown.splitlines() if line.startswith("| ceiling | ") and "vocabulary" not in line)
+    assert f"{100 * (results['per_type']['what']['count'] - 1) / results['per_type']['what']['count']:.2f}" in row
+
+
+def test_report_pairs_each_arm_with_the_student_trained_alone(finished):
+    from scipy.stats import t
+
+    report = finished["report"]
+    paired = report["paired"]
+    assert set(paired) == {"teacher", "student-feature"}         # every arm but the baseline
+    for arm, entry in paired.items():
+        accuracy = {seed: report["arms"][arm]["seeds"][str(seed)]["accuracy"] for seed in SEEDS}
+        alone = {seed: report["arms"]["student-none"]["seeds"][str(seed)]["accuracy"] for seed in SEEDS}
+        differences = [accuracy[seed] - alone[seed] for seed in SEEDS]
+        assert entry["baseline"] == "student-none"
+        assert list(entry["seeds"].values()) == pytest.approx(differences)
+        assert entry["mean"] == pytest.approx(statistics.fmean(differences))
+        assert entry["std"] == pytest.approx(statistics.stdev(differences))
+        half = t.ppf(0.975, len(SEEDS) - 1) * entry["std"] / len(SEEDS) ** 0.5
+        assert entry["interval"] == pytest.approx([entry["mean"] - half, entry["mean"] + half])
+        assert entry["verdict"].startswith(f"{arm} − student-none: ")
+    markdown = (finished["out"] / "report" / "report.md").read_text()
+    assert "## Paired by seed: each arm − student-none" in markdown
+    assert all(f"- {entry['verdict']}" in markdown for entry in paired.values())
+
+
+def test_detectability_in_words():
+    from vqakd.study.report import detectability, paired_difference
+
+    baseline = {"seeds": {"1": {"accuracy": 0.50}, "2": {"accuracy": 0.60}, "3": {"accuracy": 0.40}}}
+    steady = {"seeds": {"1": {"accuracy": 0.52}, "2": {"accuracy": 0.63}, "3": {"accuracy": 0.425}}}
+    noisy = {"seeds": {"1": {"accuracy": 0.55}, "2": {"accuracy": 0.56}, "3": {"accuracy": 0.43}}}
+    gain = paired_difference(steady, baseline)
+    assert gain["seeds"] == pytest.approx({"1": 0.02, "2": 0.03, "3": 0.025}) and gain["interval"][0] > 0
+    assert "excludes 0, a gain detectable" in detectability("a", "b", gain)
+    # +5, -4, +3 points: a mean gain of +1.3 inside a spread of 4.7 is not told from noise.
+    unclear = paired_difference(noisy, baseline)
+    assert unclear["interval"][0] < 0 < unclear["interval"][1]
+    assert "includes 0, so no difference is detectable with 3 seeds" in detectability("a", "b", unclear)
+    loss = paired_difference(baseline, steady)
+    assert "a loss detectable" in detectability("a", "b", loss)
+    one = paired_difference({"seeds": {"1": {"accuracy": 0.6}}}, baseline)
+    assert one["interval"] is None and "one seed: no spread" in detectability("a", "b", one)
+
+
+def test_error_bars_stay_inside_0_to_100_percent():
+    from vqakd.study.report import error_bars
+
+    below, above = error_bars([{"mean": 0.98, "std": 0.05}, {"mean": 0.01, "std": 0.05},
+                               {"mean": 0.5, "std": None}])
+    assert below == pytest.approx([5.0, 1.0, 0.0]) and above == pytest.approx([2.0, 5.0, 0.0])
+
+
+def test_published_numbers_only_with_a_note_on_the_features(finished):
+    from vqakd.study.report import feature_origin, features_note, features_summary
+
+    report = finished["report"]
+    # The fixture's feature files record no extraction settings: the report says so beside the
+    # published numbers.
+    assert report["features"] == {"random_weights": False, "unrecorded": True, "note": features_note(
+        {"random_weights": False, "unrecorded": True})}
+    markdown = (finished["out"] / "report" / "report.md").read_text()
+    published = markdown.index("| DualVGR (published) |")
+    assert markdown.index(report["features"]["note"]) > published
+    # Features made with --random-weights: recorded in results.json's provenance (from the files).
+    random = {"provenance": {"features": {"appearance": {"model": "resnet101", "random_weights": True},
+                                          "motion": {"model": "resnext101", "random_weights": True}}}}
+    origin = feature_origin(random, "unused.pt")
+    assert origin == {"appearance": {"model": "resnet101", "random_weights": True},
+                      "motion": {"model": "resnext101", "random_weights": True}}
+    arms = {"teacher": {"seeds": {"1": {"features": origin}}}}
+    summary = features_summary(arms)
+    assert summary == {"random_weights": True, "unrecorded": False}
+    assert "random-weight networks" in features_note(summary) and "not a target" in features_note(summary)
+    pretrained = {kind: dict(values, random_weights=False) for kind, values in origin.items()}
+    assert features_note(features_summary({"teacher": {"seeds": {"1": {"features": pretrained}}}})) is None
+
+
 def test_disagreement_examples_are_real(finished):
     report, out = finished["report"], finished["out"]
     items = report["examples"]["items"]
@@ -299,3 +395,21 @@ def test_a_moved_study_is_reused_and_changed_features_are_seen(finished, tmp_pat
         assert all("inputs changed" in run.reason and "data.motion_feat" in run.reason for run in runs)
     finally:
         shutil.copy(original, motion)
+
+
+def test_report_with_fewer_arms_says_what_it_leaves_out_and_drops_stale_figures(finished):
+    # A later call with fewer arms and --examples 0 on the same study folder.
+    out = finished["out"]
+    report_dir = out / "report"
+    assert (report_dir / f"{ARM_NAMES[-1]}_curves.png").exists()
+    code, err = run_main(study.main, study_argv(finished)[:-6] + ["--arms", ARM_NAMES[0], "--out", str(out),
+                                                                    "--timing-passes", "1", "--examples", "0"],
+                         quiet=True)
+    assert code == 0, err
+    text = (report_dir / "report.md").read_text()
+    assert "No examples asked for (--examples 0)." in text and "same answer to every" not in text
+    assert f"seed{SEEDS[0]}/{ARM_NAMES[-1]}" in text and "not in this report" in text
+    assert not (report_dir / f"{ARM_NAMES[-1]}_curves.png").exists()
+    assert (report_dir / f"{ARM_NAMES[0]}_curves.png").exists()
+    # The full report again, for the tests that follow.
+    assert run_main(study.main, study_argv(finished), quiet=True)[0] == 0

@@ -123,7 +123,7 @@ def majority_rates(records: list[dict]) -> dict:
     top_answer, top_count = answers.most_common(1)[0]
     per_type = {}
     for qtype in QUESTION_TYPES:
-        typed = Counter(r["answer"] for r in records if r["question"].split()[0] == qtype)
+        typed = Counter(r["answer"] for r in records if question_type(r["question"]) == qtype)
         if typed:
             answer, count = typed.most_common(1)[0]
             per_type[qtype] = {"rate": count / sum(typed.values()), "answer": answer,
@@ -140,12 +140,12 @@ def question_only_rates(train: list[dict], test: list[dict]) -> dict:
     by_type: dict[str, Counter] = {}
     for record in train:
         by_text.setdefault(record["question"], Counter())[record["answer"]] += 1
-        by_type.setdefault(record["question"].split()[0], Counter())[record["answer"]] += 1
+        by_type.setdefault(question_type(record["question"]), Counter())[record["answer"]] += 1
     overall = Counter(record["answer"] for record in train)
     correct: Counter = Counter()
     counts: Counter = Counter()
     for record in test:
-        qtype = record["question"].split()[0]
+        qtype = question_type(record["question"])
         table = by_text.get(record["question"]) or by_type.get(qtype) or overall
         guess = table.most_common(1)[0][0] if table else None
         counts[qtype] += 1

@@ -10,13 +10,15 @@ Steps (each printed as the command line it runs, then run with this Python as a 
      3. preprocess/preprocess_questions.py --mode all (train, which builds the vocabulary, then val, test)
    4-5. preprocess/preprocess_features.py --model resnet101 / resnext101 --random-weights (small images,
         few clips: nothing is downloaded, so the networks keep their random initialisation)
-     6. study.py --seeds 1 --arms teacher,student-none,student-feature: the paper's study on the demo,
-        one seed: the teacher (4 graph layers), the student (1 graph layer) trained alone and the
-        student distilled from the teacher's features, each evaluated on the test split (validate.py
-        --write-preds), timed, and reported in <output_dir>/study/report/
+     6. study.py --seeds 3 --arms teacher,student-none,student-feature: the paper's study on the demo,
+        three seeds: the teacher (4 graph layers), the student (1 graph layer) trained alone and the
+        student distilled from its own seed's teacher's features, each evaluated on the test split
+        (validate.py --write-preds), timed, and reported in <output_dir>/study/report/ (with the
+        paired differences between the arms, seed by seed)
      7. predict.py: the distilled student answers one test question about one demo video
-     8. the summary: a table (parameters, test accuracy overall and per question type, the
-        majority-answer rate and a question-only guesser's, inference ms per question), also
+     8. the summary: a table (parameters, test accuracy overall and per question type as mean ± std
+        over the seeds, the paired difference student-feature − student-none, the majority-answer
+        rate and a question-only guesser's, inference ms per question), also
         <output_dir>/summary.json; vqakd/demo/table.py renders it (README.md's table too)
 
 Running it again reuses what is done. Every step records in `demo_state.json` (in the data
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from vqakd.data.annotations import SPLITS
+from vqakd.data.questions import question_type
 from vqakd.demo import data as demo_data, table as demo_table
 from vqakd.demo.steps import Runner, Step, StateFile, display_path
 from vqakd.demo.table import ARMS
@@ -54,16 +57,25 @@ DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yml")
 # and names its outputs msvd-qa_* (configs/demo.yml points at those names).
 DATASET = "msvd-qa"
 DEFAULT_SEED = 0
+# Training seeds per arm: one seed moved the demo's accuracies by ~10 points, more than any
+# difference between the arms, so the table shows each arm's spread over seeds.
+DEFAULT_TRAINING_SEEDS = 3
 # Feature extraction settings, sized for a 2-core CPU. Random-weight features keep the global
 # make-up of a frame (vqakd/demo/scenes.py), which 32x32 frames show as well as 224x224 ones.
 IMAGE_SIZE = 32
-APPEARANCE_FRAMES_PER_CLIP = 4
+# Two frames per clip: the appearance questions (colour, shape, count, place) ask what every frame
+# shows, and the appearance BiLSTM over a clip's frames was most of a training step's time (one
+# thread, batch 32, module_dim 128: 181 ms a step with 4 frames, 115 ms with 2).
+APPEARANCE_FRAMES_PER_CLIP = 2
 MOTION_FRAMES_PER_CLIP = 8      # a 3D ResNeXt clip: enough frames to see a shape move
 FEATURE_WORKERS = 1             # one decoding process beside the network on two cores
-# The demo's networks are small (batches of 32 questions, module_dim 128): one thread per
-# training runs them in about a quarter of the CPU time of two, whose threads mostly wait on
-# each other (and slow to a crawl when another program shares the cores).
-TRAINING_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# Every step that runs a network uses one thread. The demo's trainings are small (batches of 32
+# questions, module_dim 128): one thread runs them in about a quarter of the CPU time of two,
+# whose threads mostly wait on each other. The feature extraction beside its decoding process:
+# measured on the shared 2-core machine, 22 s + 35 s CPU (appearance + motion) with one thread,
+# 79 s + 115 s with two. One thread everywhere also makes the demo's numbers independent of the
+# machine's core count (floating-point sums are split differently across threads).
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SUMMARY_FILE = "summary.json"
 PREDICT_ARM = "student-feature"        # the distilled student answers the example question
 EXAMPLE_TYPES = ("what", "where", "how", "when", "who")   # the example question's type, in this preference
@@ -88,7 +100,7 @@ class DemoPlan:
     feature_workers: int
     quiet: bool
     config_output_dir: str          # the config's output_dir before --set (the study's default folder is below it)
-    seed_folder: str                # seed<S>: the study's folder of its one seed
+    training_seeds: list[int]       # the study's seeds (from the config's train.seed on)
 
     def data_file(self, name: str) -> str:
         return os.path.join(self.data_dir, name)
@@ -115,10 +127,12 @@ class DemoPlan:
     def study_dir(self) -> str:
         return os.path.join(self.output_dir, "study")
 
-    def run_file(self, arm: str, name: str) -> str:
-        """A file of the study's run of `arm` (<study>/seed<S>/<arm>/<stage>/<name>)."""
+    def run_file(self, arm: str, name: str, seed: Optional[int] = None) -> str:
+        """A file of the study's run of `arm` with `seed` (default: the first seed),
+        <study>/seed<S>/<arm>/<stage>/<name>."""
         stage = "teacher" if arm.startswith("teacher") else "student"
-        return os.path.join(self.study_dir, self.seed_folder, arm, stage, name)
+        seed = self.training_seeds[0] if seed is None else seed
+        return os.path.join(self.study_dir, f"seed{seed}", arm, stage, name)
 
     @property
     def report_json(self) -> str:
@@ -154,7 +168,7 @@ def make_plan(args: argparse.Namespace) -> DemoPlan:
     data_dir = args.data_dir or os.path.dirname(config.data.vocab) or "."
     overrides = data_overrides(config, data_dir) + list(args.overrides)
     config = load_config(args.cfg, overrides)
-    for name in ("num_videos", "frame_size", "image_size", "appearance_frames", "motion_frames"):
+    for name in ("num_videos", "frame_size", "image_size", "appearance_frames", "motion_frames", "training_seeds"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.feature_workers < 0:
@@ -164,7 +178,8 @@ def make_plan(args: argparse.Namespace) -> DemoPlan:
                     seed=args.seed, frame_size=args.frame_size, num_clips=config.model.num_nodes,
                     image_size=args.image_size, appearance_frames=args.appearance_frames,
                     motion_frames=args.motion_frames, feature_workers=args.feature_workers, quiet=args.quiet,
-                    config_output_dir=config_output_dir, seed_folder=f"seed{config.train.seed}")
+                    config_output_dir=config_output_dir,
+                    training_seeds=list(range(config.train.seed, config.train.seed + args.training_seeds)))
 
 
 # ----------------------------------------------------------------------------------- the steps
@@ -223,7 +238,7 @@ def build_steps(plan: DemoPlan) -> list[Step]:
             lambda: annotations + video_files(plan), lambda out=out: [out, out + ".failures.json"], data_state,
             # Decoding processes change the speed, not the features: not fingerprinted.
             show_args=["--num-workers", str(plan.feature_workers)] + (["--no-progress"] if quiet else []),
-            restart_args=restart))
+            restart_args=restart, env=ONE_THREAD))
 
     config_sets = []
     for override in plan.overrides:
@@ -246,12 +261,12 @@ def build_steps(plan: DemoPlan) -> list[Step]:
 
     steps.append(Step(
         "study", script("study.py"),
-        ["--cfg", plan.config_path, "--seeds", "1", "--arms", ",".join(ARMS), *out_args, "--device", plan.device,
-         *config_sets],
+        ["--cfg", plan.config_path, "--seeds", str(len(plan.training_seeds)), "--arms", ",".join(ARMS), *out_args,
+         "--device", plan.device, *config_sets],
         lambda: train_inputs,
-        lambda: [plan.report_json] + [plan.run_file(arm, name) for arm in ARMS
+        lambda: [plan.report_json] + [plan.run_file(arm, name, seed) for seed in plan.training_seeds for arm in ARMS
                                       for name in ("best.pt", "results.json", "study_test.json")],
-        out_state, show_args=progress_off, restart_args=restart_study, env=TRAINING_THREADS))
+        out_state, show_args=progress_off, restart_args=restart_study, env=ONE_THREAD))
     question = {}
 
     def predict_args() -> list[str]:
@@ -262,7 +277,7 @@ def build_steps(plan: DemoPlan) -> list[Step]:
     steps.append(Step(
         "predict", script("predict.py"), [], lambda: [plan.run_file(PREDICT_ARM, "best.pt"), question["video"]],
         lambda: [plan.predict_output], out_state, late_args=predict_args, stdout_path=plan.predict_output,
-        env=TRAINING_THREADS))
+        env=ONE_THREAD))
     summary_inputs = [plan.data_file("dataset_info.json"), plan.data_file("train_qa.json"),
                       plan.data_file("test_qa.json"), plan.report_json, plan.predict_output]
     steps.append(Step("summary", None, [], lambda: summary_inputs, lambda: [plan.summary_path], out_state))
@@ -278,7 +293,7 @@ def example_question(plan: DemoPlan) -> dict:
     mapping = {video_id: name for video_id, name in _mapping(plan).items()}
     for qtype in EXAMPLE_TYPES:
         for record in records:
-            if record["question"].split()[0] == qtype and record["video_id"] in mapping:
+            if question_type(record["question"]) == qtype and record["video_id"] in mapping:
                 video = os.path.join(plan.data_dir, demo_data.VIDEO_FOLDER, f"{mapping[record['video_id']]}.avi")
                 return {"video": video, "question": record["question"], "truth": record["answer"],
                         "video_id": record["video_id"], "id": record["id"]}
@@ -310,28 +325,39 @@ def build_summary(plan: DemoPlan, runner: Runner, predict_command: str) -> dict:
     blind = demo_data.question_only_rates(read_json(plan.data_file("train_qa.json")),
                                           read_json(plan.data_file("test_qa.json")))
     report = read_json(plan.report_json)
-    seed = report["seeds"][0]
+    seeds = report["seeds"]
     summary: dict = {
         "majority_rate": majority["overall"],
         "majority_per_type": {qtype: entry["rate"] for qtype, entry in majority["per_type"].items()},
         "majority_answer": majority["overall_answer"],
         "question_only_rate": blind["overall"],
         "question_only_per_type": blind["per_type"],
-        "seed": seed,
+        "seeds": seeds,
         "arms": {},
     }
     for arm in ARMS:
         entry = report["arms"][arm]
-        run = entry["seeds"][str(seed)]
-        summary["test_questions"] = run["count"]
+        runs = [entry["seeds"][str(seed)] for seed in seeds]
+        summary["test_questions"] = runs[0]["count"]
+        per_type = {qtype: values for qtype, values in entry["per_type"].items() if values["count"]}
         summary["arms"][arm] = {
             "note": entry["note"], "distill": entry["distill"], "graph_layers": entry["graph_layers"],
-            "params": entry["params"], "accuracy": run["accuracy"],
-            "per_type": {qtype: values["accuracy"] for qtype, values in run["per_type"].items()},
-            "per_type_counts": {qtype: values["count"] for qtype, values in run["per_type"].items()},
-            "ms_per_question": run["ms_per_question"], "best_epoch": run["epoch"],
-            "val_accuracy": run["val_accuracy"], "checkpoint": display_path(plan.run_file(arm, "best.pt")),
+            "params": entry["params"],
+            # Means and sample standard deviations over the seeds (the study's report computes them).
+            "accuracy": entry["accuracy"]["mean"], "accuracy_std": entry["accuracy"]["std"],
+            "accuracy_per_seed": {str(seed): run["accuracy"] for seed, run in zip(seeds, runs)},
+            "per_type": {qtype: values["mean"] for qtype, values in per_type.items()},
+            "per_type_std": {qtype: values["std"] for qtype, values in per_type.items()},
+            "per_type_counts": {qtype: values["count"] for qtype, values in per_type.items()},
+            "ms_per_question": entry["ms_per_question"]["mean"] if entry["ms_per_question"] else None,
+            "best_epoch": {str(seed): run["epoch"] for seed, run in zip(seeds, runs)},
+            "val_accuracy": entry["val_accuracy"]["mean"],
+            "checkpoints": [display_path(plan.run_file(arm, "best.pt", seed)) for seed in seeds],
         }
+    # Each arm against the student trained alone, seed by seed (the report's paired differences).
+    summary["paired"] = {arm: {key: values[key] for key in ("baseline", "seeds", "mean", "std", "n", "interval",
+                                                             "verdict")}
+                         for arm, values in report["paired"].items() if arm in ARMS}
     arms = summary["arms"]
     summary["above_majority"] = {arm: arms[arm]["accuracy"] - summary["majority_rate"] for arm in ARMS}
     summary["above_question_only"] = {arm: arms[arm]["accuracy"] - summary["question_only_rate"] for arm in ARMS}
@@ -340,8 +366,8 @@ def build_summary(plan: DemoPlan, runner: Runner, predict_command: str) -> dict:
     summary["timing"] = {"device": timing["device"], "batch_size": timing["batch_size"], "passes": timing["passes"],
                          "method": "measured by study.py: best.pt evaluated on the test split, one warm-up pass, "
                                    "then the median of the timed passes divided by the number of test questions"}
-    summary["features"] = {"random_weights": True, "num_clips": plan.num_clips, "image_size": plan.image_size,
-                           "appearance_frames_per_clip": plan.appearance_frames,
+    summary["features"] = {"random_weights": report["features"]["random_weights"], "num_clips": plan.num_clips,
+                           "image_size": plan.image_size, "appearance_frames_per_clip": plan.appearance_frames,
                            "motion_frames_per_clip": plan.motion_frames}
     example = example_question(plan)
     answers = parse_prediction(plan.predict_output)
@@ -384,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(repeatable; output_dir and model.num_nodes apply to the whole demo)")
     parser.add_argument("--num-videos", type=int, default=demo_data.DEFAULT_NUM_VIDEOS, help="demo videos; default %(default)s")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the demo dataset; default %(default)s")
+    parser.add_argument("--training-seeds", type=int, default=DEFAULT_TRAINING_SEEDS,
+                        help="seeds each arm is trained with (the config's train.seed and the next ones); the "
+                             "table shows mean ± std over them; default %(default)s")
     parser.add_argument("--frame-size", type=int, default=demo_data.DEFAULT_FRAME_SIZE,
                         help="side of the generated video frames in pixels; default %(default)s")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,

@@ -17,6 +17,8 @@ from vqakd.core.files import REPO_ROOT, atomic_open, read_json, write_json
 from vqakd.data.questions import QUESTION_TYPES
 
 ARMS = ("teacher", "student-none", "student-feature")
+# The paired differences (against student-none, seed by seed) the table shows: the paper's claim first.
+PAIRED_ARMS = ("student-feature", "teacher")
 COMMITTED_SUMMARY = os.path.join(REPO_ROOT, "docs", "demo_summary.json")
 # README.md holds the table, indented 4 spaces, between these two lines.
 README_BEGIN = "<!-- demo table: generated from docs/demo_summary.json by python -m vqakd.demo.table -->"
@@ -26,8 +28,8 @@ README_END = "<!-- end of demo table -->"
 # (the table marks it; a linear classifier on the demo's features separates every type's answers).
 CARRIED_MARGIN = 0.05
 KEEP_KEYS = ("majority_rate", "majority_per_type", "majority_answer", "question_only_rate",
-             "question_only_per_type", "test_questions", "seed", "arms", "above_majority", "above_question_only",
-             "not_carried", "timing", "features", "prediction", "step_seconds", "step_cpu_seconds")
+             "question_only_per_type", "test_questions", "seeds", "arms", "paired", "above_majority",
+             "above_question_only", "not_carried", "timing", "features", "prediction", "step_seconds", "step_cpu_seconds")
 
 
 def not_carried(summary: dict) -> list[str]:
@@ -38,44 +40,66 @@ def not_carried(summary: dict) -> list[str]:
             if qtype in teacher and qtype in blind and teacher[qtype] - blind[qtype] < CARRIED_MARGIN]
 
 
+def paired_line(summary: dict, arm: str) -> Optional[str]:
+    """`<arm> − <baseline>, paired by seed: ... points; mean ± std`, or None without that pair."""
+    paired = (summary.get("paired") or {}).get(arm)
+    if not paired or paired["mean"] is None:
+        return None
+    seeds = ", ".join(f"{100 * value:+.1f}" for value in paired["seeds"].values())
+    spread = f" ± {100 * paired['std']:.1f}" if paired["std"] is not None else ""
+    interval = paired.get("interval")
+    ci = f" (95% interval {100 * interval[0]:+.1f} to {100 * interval[1]:+.1f})" if interval else ""
+    return (f"{arm} − {paired['baseline']}, paired by seed: {seeds} points; "
+            f"mean {100 * paired['mean']:+.1f}{spread}{ci}")
+
+
 def format_table(summary: dict) -> str:
     arms = [arm for arm in ARMS if arm in summary["arms"]]
     entries = [summary["arms"][arm] for arm in arms]
     weak = set(summary.get("not_carried", not_carried(summary)))
 
-    def pct(value: Optional[float]) -> str:
-        return "-" if value is None else f"{100 * value:.1f}%"
+    def pct(value: Optional[float], std: Optional[float] = None) -> str:
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}%" if std is not None else "%")
 
     rows = [("", *arms, "majority answer", "question only"),
             ("graph layers", *(str(e["graph_layers"]) for e in entries), "", ""),
             ("parameters", *(f"{e['params']:,}" for e in entries), "", ""),
-            ("test accuracy, all", *(pct(e["accuracy"]) for e in entries), pct(summary["majority_rate"]),
-             pct(summary["question_only_rate"]))]
+            ("test accuracy, all", *(pct(e["accuracy"], e.get("accuracy_std")) for e in entries),
+             pct(summary["majority_rate"]), pct(summary["question_only_rate"]))]
     for qtype in QUESTION_TYPES:
         count = entries[0]["per_type_counts"].get(qtype, 0)
         label = f"  {qtype} ({count})" + (" *" if qtype in weak else "")
-        rows.append((label, *(pct(e["per_type"].get(qtype)) for e in entries),
+        rows.append((label, *(pct(e["per_type"].get(qtype), e.get("per_type_std", {}).get(qtype)) for e in entries),
                      pct(summary["majority_per_type"].get(qtype)), pct(summary["question_only_per_type"].get(qtype))))
     rows.append(("inference ms/question", *(f"{e['ms_per_question']:.2f}" if e.get("ms_per_question") is not None
                                             else "-" for e in entries), "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [f"demo results on the test split ({summary['test_questions']} questions, seed {summary['seed']}; "
-             "features from random-weight networks)"]
+    seeds = summary.get("seeds") or [summary.get("seed")]
+    origin = "; features from random-weight networks" if summary.get("features", {}).get("random_weights") else ""
+    lines = [f"demo results on the test split ({summary['test_questions']} questions; mean ± std over "
+             f"{len(seeds)} training seeds, {', '.join(map(str, seeds))}{origin})"]
     for row in rows:
         lines.append("  ".join([row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in
                                                              zip(row[1:], widths[1:])]).rstrip())
     blind = summary["above_question_only"]
-    lines.append("above the question-only guesser: "
+    lines.append("above the question-only guesser (means): "
                  + ", ".join(f"{arm} {100 * blind[arm]:+.1f}" for arm in arms) + " points")
     above = summary["above_majority"]
-    lines.append("above the majority answer: " + ", ".join(f"{arm} {100 * above[arm]:+.1f}" for arm in arms)
+    lines.append("above the majority answer (means): " + ", ".join(f"{arm} {100 * above[arm]:+.1f}" for arm in arms)
                  + " points")
+    paired = [line for line in (paired_line(summary, arm) for arm in PAIRED_ARMS) if line]
+    if paired:
+        lines += paired
+        lines.append("a difference smaller than its paired ± std is seed-to-seed noise, not an effect of the "
+                     "method: other seeds can reverse its sign")
     if weak:
         lines.append(f"* the teacher is less than {100 * CARRIED_MARGIN:.0f} points above the question-only "
                      "guesser: too short a training, or random-weight features do not carry what this type asks")
     timing = summary["timing"]
     lines.append(f"ms/question: best.pt on {timing['device']}, batch {timing['batch_size']}, median of "
-                 f"{timing['passes']} passes over the test split after a warm-up")
+                 f"{timing['passes']} passes over the test split after a warm-up, mean over seeds")
     return "\n".join(lines)
 
 

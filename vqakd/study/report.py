@@ -1,11 +1,17 @@
 """The study's report: `<study>/report/{report.md, report.json, *.png}` from the runs' files.
 
 Read per (arm, seed) run: results.json (test accuracy of best.pt, overall and per question type,
-parameters), metrics.csv (losses and accuracies per epoch), study_test_preds.csv (validate.py
---write-preds) and the inference timing. Tables give mean ± sample standard deviation (n − 1)
-over seeds with every seed's value beside them, and the published numbers for the dataset.
-Per-answer precision / recall / F1 and the confusions among the most frequent test answers use
-scikit-learn on the predictions of all seeds together (every seed answers the same questions).
+parameters, the feature files' extraction settings), metrics.csv (losses and accuracies per
+epoch), study_test_preds.csv (validate.py --write-preds) and the inference timing. Tables give
+mean ± sample standard deviation (n − 1) over seeds with every seed's value beside them; each
+arm against the student trained alone, seed by seed (mean, std, 95% t interval, and whether the
+difference is detectable); each question type's ceiling (the share of its test answers inside
+the answer vocabulary); and the published numbers for the dataset, with a note when these runs'
+features come from random-weight networks. Question types are validate.py's (the predictions
+CSV's question_type column, vqakd.data.questions.question_type). Per-answer precision / recall /
+F1 and the confusions among the most frequent test answers are validate.py's figures
+(vqakd.training.validation.answer_figures) on the predictions of all seeds together (every seed
+answers the same questions).
 """
 
 from __future__ import annotations
@@ -14,14 +20,16 @@ import csv
 import math
 import os
 import statistics
-from collections import Counter
 from typing import Any, Optional, Sequence
 
 from vqakd.core.files import atomic_open, atomic_path, read_json, write_json
-from vqakd.data.questions import QUESTION_TYPES
+from vqakd.data.questions import QUESTION_TYPES, TYPE_NAMES
+from vqakd.data.vocab import ANSWER_SPECIALS
 
 LOSS_PARTS = ("loss", "hard", "ce", "common", "dependence", "app", "mo", "kd")
 TOP_ANSWERS = 10
+# The arm every other arm is compared with, seed by seed: the student trained alone.
+BASELINE_ARM = "student-none"
 
 # Published test accuracy (%) for the teacher's architecture (DualVGR) and HCRN; see
 # docs/method.md#published-numbers. The distillation paper's own tables are not machine-readable.
@@ -62,7 +70,7 @@ def collect(runs) -> dict[str, Any]:
             "per_type": {t: {"accuracy": v["accuracy"], "count": v["count"]} for t, v in results["per_type"].items()},
             "ms_per_question": timing.get("ms_per_question"), "teacher": results.get("teacher"),
             "graph_layers": (results.get("model_config") or {}).get("graph_layers"),
-            "run_dir": run.stage_dir}
+            "features": feature_origin(results, run.path("best.pt")), "run_dir": run.stage_dir}
     for entry in arms.values():
         seeds = list(entry["seeds"].values())
         entry["accuracy"] = mean_std([s["accuracy"] for s in seeds])
@@ -80,32 +88,133 @@ def collect(runs) -> dict[str, Any]:
     return arms
 
 
+def in_vocabulary(answer: str) -> bool:
+    """Whether a true answer of a predictions CSV is in the answer vocabulary (an answer outside
+    it is written as <UNK1>, a label no model predicts)."""
+    return answer not in ANSWER_SPECIALS
+
+
 def answer_metrics(preds: dict[str, list[dict]], top: int = TOP_ANSWERS) -> dict[str, Any]:
     """Per-answer precision/recall/F1 and the confusion matrix among the `top` most frequent true
-    test answers (answers outside the vocabulary left out), per arm, all seeds pooled."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    test answers (answers outside the vocabulary left out), per arm, all seeds pooled: validate.py's
+    own figures (vqakd.training.validation.answer_figures) on the pooled predictions."""
+    from vqakd.training.validation import answer_figures
 
-    first = next(iter(preds.values()), [])
-    counts = Counter(row["answer"] for row in first if not row["answer"].startswith("<UNK"))
-    labels = [answer for answer, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:top]]
-    out: dict[str, Any] = {"labels": labels, "arms": {}}
+    out: dict[str, Any] = {"labels": [], "arms": {}}
     for arm, rows in preds.items():
-        truth = [row["answer"] for row in rows]
-        guess = [row["predicted_answer"] for row in rows]
-        if not labels:
+        figures = answer_figures([row["answer"] for row in rows], [row["predicted_answer"] for row in rows],
+                                 in_vocabulary, answers=top, square=top)
+        if figures["confusion"] is None:
             continue
-        precision, recall, f1, support = precision_recall_fscore_support(truth, guess, labels=labels,
-                                                                         zero_division=0)
-        matrix = confusion_matrix(truth, guess, labels=labels)
-        pairs = [(int(matrix[i, j]), labels[i], labels[j]) for i in range(len(labels)) for j in range(len(labels))
-                 if i != j and matrix[i, j] > 0]
+        # Every arm answers the same test questions with the same seeds: the same labels.
+        labels = out["labels"] = figures["confusion"]["answers"]
+        matrix = figures["confusion"]["matrix"]
+        pairs = [(matrix[i][j], labels[i], labels[j]) for i in range(len(labels)) for j in range(len(labels))
+                 if i != j and matrix[i][j] > 0]
         pairs.sort(key=lambda item: (-item[0], item[1], item[2]))
         out["arms"][arm] = {
-            "per_answer": {label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                           for label, p, r, f, s in zip(labels, precision, recall, f1, support)},
-            "confusion": matrix.tolist(),
+            "per_answer": {entry["answer"]: {key: entry[key] for key in ("precision", "recall", "f1", "support")}
+                           for entry in figures["answers"]},
+            "confusion": matrix,
             "most_confused": [{"answer": a, "predicted": b, "count": n} for n, a, b in pairs[:5]]}
     return out
+
+
+def ceilings(rows: list[dict]) -> dict[str, Any]:
+    """Per question type (the predictions CSV's question_type column, validate.py's rule) and
+    overall: the share of test answers inside the answer vocabulary, the best accuracy any model
+    trained on this vocabulary can reach (an answer outside it is never predicted)."""
+    def share(selected: list[dict]) -> dict[str, Any]:
+        inside = sum(in_vocabulary(row["answer"]) for row in selected)
+        return {"count": len(selected), "in_vocabulary": inside,
+                "ceiling": inside / len(selected) if selected else None}
+
+    per_type = {qtype: share([row for row in rows if row["question_type"] == qtype]) for qtype in TYPE_NAMES}
+    return {"overall": share(rows), "per_type": per_type}
+
+
+def t_quantile_975(degrees_of_freedom: int) -> float:
+    """The 97.5% quantile of Student's t distribution (a two-sided 95% interval); scipy comes
+    with scikit-learn, a requirement."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, degrees_of_freedom))
+
+
+def paired_difference(arm: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """Test accuracy of `arm` minus `baseline`, seed by seed (the seeds both have), with the mean,
+    the sample standard deviation and a 95% t interval of the mean (None for one seed)."""
+    seeds = [seed for seed in arm["seeds"] if seed in baseline["seeds"]]
+    differences = {seed: arm["seeds"][seed]["accuracy"] - baseline["seeds"][seed]["accuracy"] for seed in seeds}
+    stats = mean_std(list(differences.values()))
+    interval = None
+    if stats["std"] is not None:
+        half = t_quantile_975(stats["n"] - 1) * stats["std"] / math.sqrt(stats["n"])
+        interval = [stats["mean"] - half, stats["mean"] + half]
+    return dict(stats, seeds=differences, interval=interval)
+
+
+def detectability(name: str, baseline: str, paired: dict[str, Any]) -> str:
+    """One sentence: whether the paired difference of `name` over `baseline` is told from noise."""
+    mean = paired["mean"]
+    if mean is None:
+        return f"{name} − {baseline}: no seed in common."
+    head = f"{name} − {baseline}: {100 * mean:+.2f} points"
+    if paired["interval"] is None:
+        return f"{head} on one seed: no spread to judge it by, so not detectable; run more seeds (--seeds 3)."
+    low, high = paired["interval"]
+    span = f"mean over {paired['n']} seeds, 95% interval [{100 * low:+.2f}, {100 * high:+.2f}]"
+    if low > 0 or high < 0:
+        word = "gain" if mean > 0 else "loss"
+        return f"{head} ({span}): the interval excludes 0, a {word} detectable over these seeds."
+    return (f"{head} ({span}): the interval includes 0, so no difference is detectable with {paired['n']} seeds; "
+            "another set of seeds may reverse its sign.")
+
+
+def paired_differences(arms: dict[str, Any], baseline: str = BASELINE_ARM) -> dict[str, Any]:
+    """For every arm but the baseline (each student and the teacher against the student trained
+    alone), when the study has the baseline arm: the paired difference and its sentence."""
+    if baseline not in arms:
+        return {}
+    out = {}
+    for name, arm in arms.items():
+        if name != baseline:
+            paired = paired_difference(arm, arms[baseline])
+            out[name] = dict(paired, baseline=baseline, verdict=detectability(name, baseline, paired))
+    return out
+
+
+def feature_origin(results: dict[str, Any], checkpoint_path: str) -> dict[str, Any]:
+    """How the run's features were made, per kind: results.json's provenance (the feature files'
+    extraction settings), else best.pt's inference record; None for a file that records none."""
+    features = (results.get("provenance") or {}).get("features")
+    if not features:
+        from vqakd.training.checkpoint import load_checkpoint
+
+        features = (load_checkpoint(checkpoint_path).get("inference") or {}).get("features") or {}
+    return {kind: None if not isinstance(settings, dict) or "model" not in settings else
+            {"model": settings["model"], "random_weights": bool(settings.get("random_weights"))}
+            for kind, settings in features.items()}
+
+
+def features_summary(arms: dict[str, Any]) -> dict[str, Any]:
+    """Whether any run's features come from random-weight networks, or carry no record at all."""
+    records = [kind for arm in arms.values() for values in arm["seeds"].values()
+               for kind in (values["features"] or {None: None}).values()]
+    return {"random_weights": any(record and record["random_weights"] for record in records),
+            "unrecorded": any(record is None for record in records)}
+
+
+def features_note(features: dict[str, Any]) -> Optional[str]:
+    """What the published numbers beside these runs mean, when the features differ from theirs."""
+    if features["random_weights"]:
+        return ("These runs' features come from random-weight networks (their feature files record "
+                "random_weights), not the pretrained ResNet-101 / 3D ResNeXt-101 of the paper: the published "
+                "numbers beside them are for orientation, not a target they could be expected to reach.")
+    if features["unrecorded"]:
+        return ("The feature files record no extraction settings: whether they match the published setup "
+                "is not known, so the published numbers beside them may not be comparable.")
+    return None
 
 
 def disagreements(preds: dict[str, list[dict]], limit: int) -> list[dict[str, Any]]:
@@ -124,7 +233,9 @@ def disagreements(preds: dict[str, list[dict]], limit: int) -> list[dict[str, An
         first = rows[0]
         found.setdefault(first["question_type"], []).append({
             "question_id": qid, "video_id": first["video_id"], "question": first["question"],
-            "type": first["question_type"], "answer": first["answer"],
+            # The annotation's answer (true_answer), not <UNK1>, where the vocabulary lacks it.
+            "type": first["question_type"], "answer": first.get("true_answer") or first["answer"],
+            "in_vocab": first.get("answer_in_vocab", "1") == "1",
             "predictions": {arm: row["predicted_answer"] for arm, row in zip(arms, rows)},
             "correct": {arm: row["correct"] == "1" for arm, row in zip(arms, rows)}})
     chosen: list[dict] = []
@@ -190,9 +301,18 @@ def plot_arm_curves(arm: str, metrics: dict[str, list[dict]], best: dict[str, in
     _save(figure, path, plt)
 
 
-def plot_per_type(arms: dict[str, Any], published: list[dict], path: str) -> None:
-    """Accuracy per question type: one bar per arm (mean, error bar = std over seeds), the
-    published DualVGR numbers as black markers; types without test questions are left out."""
+def error_bars(stats: Sequence[dict]) -> list[list[float]]:
+    """Matplotlib's (below, above) error bars in %: one standard deviation, clipped to [0, 100]%."""
+    means = [100 * s["mean"] for s in stats]
+    spreads = [100 * (s["std"] or 0) for s in stats]
+    return [[min(spread, mean) for mean, spread in zip(means, spreads)],
+            [min(spread, 100 - mean) for mean, spread in zip(means, spreads)]]
+
+
+def plot_per_type(arms: dict[str, Any], published: list[dict], path: str, published_note: Optional[str] = None) -> None:
+    """Accuracy per question type: one bar per arm (mean, error bar = std over seeds, clipped to
+    [0, 100]%), the published DualVGR numbers as black markers (labelled with `published_note`
+    when the features differ from theirs); types without test questions are left out."""
     plt = _plt()
     types = [t for t in QUESTION_TYPES if any(a["per_type"][t]["count"] for a in arms.values())] + ["all"]
     figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(types) * max(1, len(arms)) / 3), 4.5))
@@ -200,14 +320,16 @@ def plot_per_type(arms: dict[str, Any], published: list[dict], path: str) -> Non
     for index, (name, arm) in enumerate(arms.items()):
         stats = [arm["per_type"][t] if t != "all" else arm["accuracy"] for t in types]
         axis.bar([i + index * width for i in range(len(types))], [100 * s["mean"] for s in stats], width,
-                 yerr=[100 * (s["std"] or 0) for s in stats], capsize=3, label=name)
+                 yerr=error_bars(stats), capsize=3, label=name)
     for row in published[:1]:
         values = [row["per_type"].get(t) if t != "all" else row["accuracy"] for t in types]
+        label = row["model"] + (f" ({published_note})" if published_note else "")
         axis.plot([i + 0.4 - width / 2 for i in range(len(types))], [v if v is not None else math.nan for v in values],
-                  "k_", ms=30, mew=2, label=row["model"])
+                  "k_", ms=30, mew=2, label=label)
     axis.set_xticks([i + 0.4 - width / 2 for i in range(len(types))])
     axis.set_xticklabels(types)
     axis.set_ylabel("test accuracy (%)")
+    axis.set_ylim(0, 100)
     axis.legend(fontsize=8)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
@@ -249,6 +371,35 @@ def _pct(stats: Optional[dict], count: Optional[int] = None) -> str:
     return text + (f" ± {100 * stats['std']:.2f}" if stats.get("std") is not None else "")
 
 
+def _share(entry: dict) -> str:
+    return "–" if entry["ceiling"] is None else f"{100 * entry['ceiling']:.2f}"
+
+
+def _signed(value: float) -> str:
+    return f"{100 * value:+.2f}"
+
+
+def _paired_markdown(paired: dict[str, Any]) -> list[str]:
+    """The paired differences against the baseline arm: a table, then one sentence per arm."""
+    if not paired:
+        return []
+    baseline = next(iter(paired.values()))["baseline"]
+    out = ["", f"## Paired by seed: each arm − {baseline}", "",
+           "A seed sets the initialisation and batch order of every arm alike: the difference seed by seed takes "
+           "out what a seed does to all arms together, and its interval, not the arms' ± side by side, tells a "
+           "gain from noise.", ""]
+    rows = []
+    for name, entry in paired.items():
+        std = f" ± {100 * entry['std']:.2f}" if entry["std"] is not None else ""
+        interval = entry["interval"]
+        rows.append([name, ", ".join(f"{seed}: {_signed(value)}" for seed, value in entry["seeds"].items()),
+                     (_signed(entry["mean"]) + std) if entry["mean"] is not None else "–",
+                     f"[{_signed(interval[0])}, {_signed(interval[1])}]" if interval else "–"])
+    out += _table(["arm", "difference per seed (points)", "mean ± std", "95% interval (t)"], rows)
+    out += [""] + [f"- {entry['verdict']}" for entry in paired.values()]
+    return out
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -259,26 +410,45 @@ def render_markdown(report: dict[str, Any]) -> str:
     counts = {t: next(iter(arms.values()))["per_type"][t]["count"] for t in types}
     first = next(iter(arms.values()))
     total = next(iter(first["seeds"].values()))["count"]
+    note = report["features"]["note"]
+    ceiling = report["ceilings"]
     out = [f"# Study report: {report['dataset']}", "",
            f"Seeds: {', '.join(map(str, seeds))}. Test accuracy (%) of each run's best.pt (chosen by validation "
-           f"accuracy), mean ± sample standard deviation over seeds; {total} test questions.", "",
-           "## Overall", ""]
+           f"accuracy), mean ± sample standard deviation over seeds; {total} test questions. Question types: "
+           "the first token of the question, validate.py's rule (vqakd.data.questions.question_type).", ""]
+    if report.get("left_out"):
+        out += [f"Runs in the study folder not in this report (other --arms or --seeds): "
+                f"{', '.join(report['left_out'])}.", ""]
+    if report["features"]["random_weights"]:
+        out += ["**Features from random-weight networks** (the feature files record `random_weights`): these "
+                "numbers measure the method on such features, not the paper's setup with pretrained networks.", ""]
+    out += ["## Overall", ""]
     rows = []
     for name, arm in arms.items():
         ms = arm["ms_per_question"]
         rows.append([name, arm["note"], str(arm["graph_layers"]), f"{arm['params']:,}", _pct(arm["accuracy"]),
                      _pct(arm["val_accuracy"]), f"{ms['mean']:.3f}" if ms else "–"])
-    rows += [[row["model"], "published", "", "", f"{row['accuracy']:.2f}", "", ""] for row in published]
+    origin = "published, pretrained features" if report["features"]["random_weights"] else "published"
+    rows += [[row["model"], origin, "", "", f"{row['accuracy']:.2f}", "", ""] for row in published]
+    rows.append(["ceiling", "share of test answers in the answer vocabulary", "", "",
+                 _share(ceiling["overall"]), "", ""])
     out += _table(["arm", "what it is", "graph layers", "parameters", "test accuracy", "val accuracy",
                    "ms/question"], rows)
     out += ["", "ms/question: inference of best.pt over the test split at the config's evaluation batch size "
-            "(median of timed passes after a warm-up), mean over seeds.", "", "## Per question type", ""]
+            "(median of timed passes after a warm-up), mean over seeds."]
+    if published and note:
+        out += ["", note]
+    out += _paired_markdown(report["paired"])
+    out += ["", "## Per question type", ""]
     rows = [[name] + [_pct(arm["per_type"][t], counts[t]) for t in types] + [_pct(arm["accuracy"])]
             for name, arm in arms.items()]
     rows += [[row["model"]] + [f"{row['per_type'][t]:.2f}" if t in row["per_type"] and counts[t] else "–"
                                for t in types] + [f"{row['accuracy']:.2f}"] for row in published]
+    rows.append(["ceiling"] + [_share(ceiling["per_type"][t]) for t in types] + [_share(ceiling["overall"])])
     out += _table(["arm"] + [f"{t} ({counts[t]})" for t in types] + [f"all ({total})"], rows)
-    out += ["", "\"–\": no test question of that type.", "", "![per-type accuracy](per_type.png)", "",
+    out += ["", "\"–\": no test question of that type. Ceiling: the share of the type's test answers inside the "
+            "answer vocabulary (built from the train answers), the most any model can score; an answer outside "
+            "it is never predicted.", "", "![per-type accuracy](per_type.png)", "",
             "## Every seed", ""]
     rows = []
     for name, arm in arms.items():
@@ -291,7 +461,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += ["", "## Training curves", ""] + [f"![{name}]({name}_curves.png)" for name in arms]
     examples = report["examples"]
     out += ["", f"## Where the arms disagree (seed {examples['seed']})", ""]
-    if examples["items"]:
+    if not examples.get("limit", 1):
+        out.append("No examples asked for (--examples 0).")
+    elif examples["items"]:
         rows = [[item["video_id"], item["question"].replace("|", "\\|")]
                 + [item["predictions"][a] + (" ✓" if item["correct"][a] else "") for a in arms] + [item["answer"]]
                 for item in examples["items"]]
@@ -313,6 +485,20 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def runs_left_out(report_dir: str, arms, seeds) -> list[str]:
+    """`seed<S>/<arm>` folders of the study that this report does not cover (other --arms or --seeds)."""
+    study_dir = os.path.dirname(os.path.abspath(report_dir))
+    found = []
+    for seed_dir in sorted(os.listdir(study_dir)) if os.path.isdir(study_dir) else []:
+        path = os.path.join(study_dir, seed_dir)
+        if not (seed_dir.startswith("seed") and os.path.isdir(path)):
+            continue
+        for arm in sorted(os.listdir(path)):
+            if os.path.isdir(os.path.join(path, arm)) and (arm not in arms or seed_dir[4:] not in map(str, seeds)):
+                found.append(f"{seed_dir}/{arm}")
+    return found
+
+
 def write_report(runs, report_dir: str, dataset: str, examples: int = 8) -> dict[str, Any]:
     """Write report.json, report.md and the figures; returns the report dict."""
     os.makedirs(report_dir, exist_ok=True)
@@ -328,17 +514,32 @@ def write_report(runs, report_dir: str, dataset: str, examples: int = 8) -> dict
             first_seed_preds[run.arm.name] = rows
         metrics[run.arm.name][str(run.seed)] = read_csv(run.path("metrics.csv"))
     published = PUBLISHED.get(dataset, [])
+    features = features_summary(arms)
+    features["note"] = features_note(features)
+    # Every run answers the same test questions: one run's predictions give the ceilings.
     report = {"dataset": dataset, "seeds": seeds, "study_dir": os.path.dirname(os.path.abspath(report_dir)),
-              "arms": arms, "published": published, "answers": answer_metrics(preds),
-              "examples": {"seed": seeds[0], "items": disagreements(first_seed_preds, examples)},
+              "arms": arms, "published": published, "features": features,
+              "ceilings": ceilings(read_csv(runs[0].preds_path)), "paired": paired_differences(arms),
+              "answers": answer_metrics(preds),
+              "examples": {"seed": seeds[0], "limit": examples,
+                           "items": disagreements(first_seed_preds, examples) if examples > 0 else []},
+              "left_out": runs_left_out(report_dir, arms, seeds),
               "std": "sample standard deviation over seeds (n - 1)"}
+    drawn = ["per_type.png"]
     for name, arm in arms.items():
         best = {seed: values["epoch"] for seed, values in arm["seeds"].items()}
         plot_arm_curves(name, metrics[name], best, os.path.join(report_dir, f"{name}_curves.png"))
+        drawn.append(f"{name}_curves.png")
         if name in report["answers"]["arms"]:
             plot_confusion(name, report["answers"]["labels"], report["answers"]["arms"][name]["confusion"],
                            os.path.join(report_dir, f"{name}_confusion.png"))
-    plot_per_type(arms, published, os.path.join(report_dir, "per_type.png"))
+            drawn.append(f"{name}_confusion.png")
+    plot_per_type(arms, published, os.path.join(report_dir, "per_type.png"),
+                  "pretrained features; these runs: random weights" if features["random_weights"] else None)
+    # Figures of an earlier report (an arm left out of this --arms) would sit beside it unexplained.
+    for name in os.listdir(report_dir):
+        if name.endswith(".png") and name not in drawn:
+            os.remove(os.path.join(report_dir, name))
     write_json(os.path.join(report_dir, "report.json"), report)
     with atomic_open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as handle:
         handle.write(render_markdown(report))

@@ -5,7 +5,8 @@ import contextlib
 import csv
 import io
 import os
-from typing import Any, Mapping, Optional, Sequence
+from collections import Counter
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 
 import numpy as np
@@ -219,31 +220,41 @@ def format_ceiling(ceiling: Mapping[str, Any]) -> str:
     return line
 
 
-def answer_report(bundle: DataBundle, split: str, found: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Precision, recall, F1 and support of the split's most frequent true answers (nameable ones:
-    <UNK0>/<UNK1> are never correct), and the confusion matrix among the most frequent of them
-    (rows: true answer, columns: predicted; a prediction outside those answers is not counted)."""
+def answer_figures(truth: Sequence, predicted: Sequence, nameable: Callable[[Any], bool],
+                   answers: int = REPORTED_ANSWERS, square: int = CONFUSION_ANSWERS) -> dict[str, Any]:
+    """Precision, recall, F1 and support (scikit-learn) of the `answers` most frequent nameable
+    true answers (ties: in the answers' own order), and the confusion matrix among the `square`
+    most frequent of them (rows: true answer, columns: predicted; a prediction outside those
+    answers is not counted). Answers are labels or names, as `truth` and `predicted` give them;
+    the study's report (vqakd/study/report.py) uses this too, on its predictions CSVs."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-    data = bundle.splits[split]
-    names = bundle.vocab.idx_to_answer
-    truth = data.answers.numpy()[found["index"]]
-    predicted = found["prediction"]
-    labels, counts = np.unique(truth[truth >= FIRST_ANSWER_LABEL], return_counts=True)
-    frequent = [int(label) for label in labels[np.argsort(-counts, kind="stable")][:REPORTED_ANSWERS]]
-    report: dict[str, Any] = {"split": split, "questions": int(len(truth)), "answers": [], "confusion": None,
-                              "note": "per-answer figures of the most frequent true answers (scikit-learn); "
-                                      "confusion rows are true answers, columns predicted answers"}
+    counts = Counter(answer for answer in truth if nameable(answer))
+    frequent = sorted(counts, key=lambda answer: (-counts[answer], answer))[:answers]
     if not frequent:
-        return report
+        return {"answers": [], "confusion": None}
     precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=frequent,
                                                                      zero_division=0)
-    report["answers"] = [{"answer": names[label], "precision": float(p), "recall": float(r), "f1": float(f),
-                          "support": int(n)} for label, p, r, f, n in zip(frequent, precision, recall, f1, support)]
-    square = frequent[:CONFUSION_ANSWERS]
-    report["confusion"] = {"answers": [names[label] for label in square],
-                           "matrix": confusion_matrix(truth, predicted, labels=square).tolist()}
-    return report
+    return {"answers": [{"answer": answer, "precision": float(p), "recall": float(r), "f1": float(f),
+                         "support": int(n)} for answer, p, r, f, n in zip(frequent, precision, recall, f1, support)],
+            "confusion": {"answers": frequent[:square],
+                          "matrix": confusion_matrix(truth, predicted, labels=frequent[:square]).tolist()}}
+
+
+def answer_report(bundle: DataBundle, split: str, found: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """`answer_figures` of the split's answers (nameable ones: <UNK0>/<UNK1> are never correct)."""
+    data = bundle.splits[split]
+    names = bundle.vocab.idx_to_answer
+    truth = [int(label) for label in data.answers.numpy()[found["index"]]]
+    figures = answer_figures(truth, [int(label) for label in found["prediction"]],
+                             lambda label: label >= FIRST_ANSWER_LABEL)
+    for entry in figures["answers"]:
+        entry["answer"] = names[entry["answer"]]
+    if figures["confusion"] is not None:
+        figures["confusion"]["answers"] = [names[label] for label in figures["confusion"]["answers"]]
+    return {"split": split, "questions": len(truth), **figures,
+            "note": "per-answer figures of the most frequent true answers (scikit-learn); "
+                    "confusion rows are true answers, columns predicted answers"}
 
 
 def format_answer_report(report: Mapping[str, Any], lines: int = 5) -> str:
