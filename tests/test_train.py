@@ -520,3 +520,21 @@ def test_settings_come_from_the_files_that_hold_them(tiny, teacher_run, tmp_path
     code, err = run_main(train.main, ["--cfg", cfg, "--stage", "teacher", "--overwrite", "--set",
                                       "model.word_dim=300"], quiet=True)
     assert code == 2 and "--set model.word_dim=300 conflicts with the GloVe matrix" in err and "= 12" in err
+
+
+def test_resume_with_another_teacher_is_refused(tiny, teacher_run, tmp_path):
+    import torch
+
+    teacher_a = str(teacher_run["folder"] / "best.pt")
+    checkpoint = torch.load(teacher_a, weights_only=True)
+    first = next(iter(checkpoint["state_dict"]))
+    checkpoint["state_dict"][first] = checkpoint["state_dict"][first] + 1.0
+    teacher_b = tmp_path / "teacher_b.pt"
+    torch.save(checkpoint, teacher_b)
+    config = tiny_config_dict(tiny["data"]["paths"], tmp_path / "out")
+    cfg = write_config(tmp_path / "c.yml", config)
+    base = ["--cfg", cfg, "--stage", "student"]
+    code, err = run_main(train.main, base + ["--teacher", teacher_a, "--set", "train.stop_after_epoch=1"], quiet=True)
+    assert code == 0, err
+    code, err = run_main(train.main, base + ["--teacher", str(teacher_b), "--resume"], quiet=True)
+    assert code == 2 and f"teacher ({teacher_b}) changed since epoch 1" in err and err.count("\n") == 1, err
