@@ -289,8 +289,7 @@ def test_cli_writes_layout_reports_failures_and_exit_status(resnet_run, msvd, ca
     assert set(reasons) == set(MSVD_FAILURES)
     for vid, reason in MSVD_FAILURES.items():
         assert reason in reasons[vid], (vid, reasons[vid])
-    # With failures the parts folder stays, so that a fixed video is retried without the others.
-    assert sorted(os.listdir(out.parent)) == sorted([out.name, os.path.basename(report_path), out.name + ".parts"])
+    assert sorted(os.listdir(out.parent)) == sorted([out.name, os.path.basename(report_path)])
     assert all(failure["file"] is None or failure["file"]["size"] > 0 for failure in report["failures"])
 
     # the same command again finds the work done; --allow-failures turns the status to 0
@@ -324,6 +323,7 @@ def test_failed_videos_are_retried_once_their_file_appears_or_changes(msvd, tmp_
     for old_row, vid in enumerate(MSVD_GOOD):
         assert np.array_equal(data["resnet_features"][rows[vid]], before[old_row])
     assert np.array_equal(data["resnet_features"][rows[5]], data["resnet_features"][rows[1]])
+    assert sorted(os.listdir(tmp_path)) == sorted(["videos", out.name, out.name + ".failures.json"])   # no parts left
     # Nothing changed since: the output is complete.
     assert preprocess_features.main(msvd_command(layout, out)[2:]) == 1
     assert "already complete" in capsys.readouterr().out
@@ -362,8 +362,7 @@ def test_kill_and_resume_equals_uninterrupted_run(resnet_run, msvd, tmp_path, ca
     assert attrs.keys() == reference_attrs.keys()
     for key in attrs:
         assert np.array_equal(attrs[key], reference_attrs[key]), key
-    # videos failed: the parts stay, for a retry once their files appear or change
-    assert sorted(os.listdir(tmp_path)) == sorted([out.name, out.name + ".failures.json", out.name + ".parts"])
+    assert sorted(os.listdir(tmp_path)) == sorted([out.name, out.name + ".failures.json"])
 
 
 def test_cli_motion_features_msrvtt_layout(tmp_path, capsys):

@@ -133,7 +133,7 @@ class FeatureExtractor:
         if world > 1:
             wait_for_chunks(parts_dir, plan.todo)
         if shard.count == 1:
-            return merge_parts([parts_dir], out_path, keep_for_retry=True)
+            return merge_parts([parts_dir], out_path)
         return finish_shard(chunks, parts_dir, shard)
 
     def _extract_chunks(self, videos: Sequence[Video], chunks: list[list[int]], todo: list[int],

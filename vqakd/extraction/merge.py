@@ -106,14 +106,12 @@ def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...], id
     return ids.astype(np.int64), failures
 
 
-def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = False,
-                keep_for_retry: bool = False) -> ExtractionResult:
+def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = False) -> ExtractionResult:
     """Check the parts folders of one extraction and write its output and failure report.
 
     The folders (one, or one per shard or machine) must hold every chunk exactly once, all made
     with the same settings for the same video list. The output is written to a temporary name
-    and renamed when complete; then the parts folders are removed (unless `keep_parts`, or
-    `keep_for_retry` and some video failed: a later run of the extraction retries it).
+    and renamed when complete; then the parts folders are removed (unless `keep_parts`).
     """
     if not parts_dirs:
         raise UserError("no parts folder given")
@@ -177,9 +175,7 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
                 h5.attrs[key] = value
             h5.attrs["failed_videos"] = len(failures)
             h5.attrs["manifest"] = json.dumps(manifest, sort_keys=True)
-    # With failures the parts stay: a later run retries a failed video once its file appears or
-    # changes, and only its chunk is made again before the output is merged anew.
-    if not keep_parts and not (keep_for_retry and failures):
+    if not keep_parts:
         for folder in folders:
             shutil.rmtree(folder.path, ignore_errors=True)
     return ExtractionResult(out_path, report_path, len(first.videos), int(len(all_ids)), failures, False,

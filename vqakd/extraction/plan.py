@@ -25,10 +25,11 @@ from typing import Callable, NamedTuple, Sequence
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
 from vqakd.extraction.merge import existing_output
+from vqakd.data.features import IDS_DATASET
 from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, drop_chunks_to_retry, failures_report, open_parts,
                                     parts_folder, read_chunk_outcome, read_json_or_none, remove_stale_temporaries,
-                                    shard_note_name, worth_retrying)
-from vqakd.extraction.settings import ExtractionResult, Shard
+                                    shard_note_name, worth_retrying, write_chunk)
+from vqakd.extraction.settings import ExtractionResult, Shard, identity_digest
 from vqakd.core.files import write_json
 
 # Network filesystems may show a file another machine just wrote only after their attribute
@@ -57,16 +58,14 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
         report = read_json_or_none(failures_report(out_path)) or {}
         retry = [failure for failure in report.get("failures") or [] if worth_retrying(failure)]
         if not retry or shard.count > 1:
-            if not report.get("failures"):
-                # The output is renamed into place only once complete; parts left beside it
-                # belong to a run killed while removing them (with failures they are kept on purpose).
-                shutil.rmtree(parts_dir, ignore_errors=True)
+            # The output is renamed into place only once complete; parts left beside it
+            # belong to a run killed while removing them.
+            shutil.rmtree(parts_dir, ignore_errors=True)
             return Plan(True, [], 0, 0, None)
+        # Some failed video is worth retrying: the parts are made again from the output itself,
+        # then the chunks of those videos are extracted again and the output merged anew.
         if not os.path.isdir(parts_dir):
-            raise UserError(f"{out_path} is complete, but {len(retry)} video(s) that failed have appeared or changed "
-                            f"since (e.g. {retry[0]['path']}); its parts folder, needed to retry only them, is gone: "
-                            "pass --overwrite to extract every video again")
-        # Some failed video is worth retrying: its chunks are made again and the output re-merged.
+            parts_from_output(out_path, parts_dir, manifest, videos, chunks, report)
     done = open_parts(parts_dir, manifest, overwrite, videos)
     drop_chunks_to_retry(parts_dir, done)
     token = None
@@ -75,6 +74,30 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
         write_json(os.path.join(parts_dir, PARTS_LAUNCH), {"token": token, "world_size": world})
     return Plan(False, [k for k in mine if k not in done], sum(len(chunks[k]) for k in mine),
                 sum(len(chunks[k]) for k in mine if k in done), token)
+
+
+def parts_from_output(out_path: str, parts_dir: str, manifest: dict, videos: Sequence[Video],
+                      chunks: list[list[int]], report: dict) -> None:
+    """The parts folder of a complete output, rebuilt from the output and its failure report (the
+    same chunks, features, failures and damage): a retry then makes only some chunks again. It
+    takes the disk space an extraction's parts take."""
+    import h5py
+    import numpy as np
+
+    open_parts(parts_dir, manifest, False, videos)
+    failures = {int(failure["video_id"]): failure for failure in report.get("failures") or []}
+    damaged = {int(record["video_id"]): record for record in report.get("damaged_videos") or []}
+    digest = identity_digest(manifest)
+    with h5py.File(out_path, "r") as h5:
+        row_of = {int(video_id): row for row, video_id in enumerate(h5[IDS_DATASET][()])}
+        data = h5[manifest["feature_dataset"]]
+        for k, chunk in enumerate(chunks):
+            ids = [videos[i].video_id for i in chunk]
+            kept = [video_id for video_id in ids if video_id in row_of]
+            features = (np.stack([data[row_of[video_id]] for video_id in kept]) if kept
+                        else np.zeros((0,) + data.shape[1:], np.float32))
+            write_chunk(parts_dir, k, kept, features, [failures[v] for v in ids if v in failures], digest,
+                        [damaged[v] for v in kept if v in damaged])
 
 
 def launch_problem(parts_dir: str, token: str | None) -> str | None:
