@@ -284,6 +284,16 @@ def _check_key_path(path: list[str], source: str) -> None:
         cls = typing.get_type_hints(cls).get(key)
 
 
+def data_file_paths(config: "Config") -> dict[str, Optional[str]]:
+    """{`data.<key>`: path} of the config's input files (DATA_FILES), as messages name them."""
+    return {f"data.{key}": getattr(config.data, key) for key in DATA_FILES}
+
+
+def override_key(text: str) -> str:
+    """The dotted key of a `--set key=value` text (`train.lr` of `train.lr=2e-4`)."""
+    return text.split("=", 1)[0].strip()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], YAML-parsed value)."""
     source = f"--set {text}"

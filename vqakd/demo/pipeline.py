@@ -193,6 +193,8 @@ def video_files(plan: DemoPlan) -> list[str]:
 
 
 def build_steps(plan: DemoPlan) -> list[Step]:
+    from vqakd.core.config import override_key      # here: it imports torch (make_plan loads it first)
+
     script = lambda *parts: os.path.join(REPO_ROOT, *parts)  # noqa: E731
     data_state = StateFile(plan.data_dir)
     # One object per file: two would overwrite each other's entries when both folders are the same.
@@ -242,7 +244,7 @@ def build_steps(plan: DemoPlan) -> list[Step]:
 
     config_sets = []
     for override in plan.overrides:
-        if override.split("=", 1)[0].strip() != "output_dir":    # the study names its runs' folders
+        if override_key(override) != "output_dir":    # the study names its runs' folders
             config_sets += ["--set", override]
     train_inputs = [plan.config_path, plan.vocab, *(plan.questions(split) for split in SPLITS),
                     plan.features("appearance"), plan.features("motion")]

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from vqakd.core.config import config_to_dict, flat_settings, load_config
+from vqakd.core.config import config_to_dict, data_file_paths, flat_settings, load_config, override_key
 from vqakd.training.provenance import changed_inputs, input_fingerprints, input_paths
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
@@ -169,7 +169,7 @@ def plan_study(cfg: str, study_dir: str, seeds: list[int], arms: list[Arm], user
                device: Optional[str] = None, overwrite: bool = False) -> list[Run]:
     """Every run in training order (per seed: the arms as listed) with what to do about it."""
     for text in user_overrides:
-        key = text.split("=", 1)[0].strip()
+        key = override_key(text)
         if key in STUDY_KEYS:
             raise UserError(f"--set {text}: the study sets {key} itself; use --seeds / --out instead")
     shared = ([f"train.device={device}"] if device else []) + list(user_overrides)
@@ -266,7 +266,7 @@ def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
         if run.evaluated():
             continue
         # The checkpoint defines the model: validate.py refuses model.* settings.
-        overrides = [text for text in run.overrides if not text.split("=", 1)[0].strip().startswith("model.")]
+        overrides = [text for text in run.overrides if not override_key(text).startswith("model.")]
 
         def evaluate_best() -> int:
             validate_checkpoint(cfg, best, overrides, split="test", write_preds=True, out=eval_json,
@@ -352,8 +352,7 @@ def run_study(cfg: str, seeds_text: str = "3", arms_text: Optional[str] = None, 
     study_dir = out or os.path.join(base.output_dir, "study")
     if os.path.exists(study_dir) and not os.path.isdir(study_dir):
         raise UserError(f"--out {study_dir} is a file; the study writes a folder of runs and a report")
-    inputs = {"--cfg": cfg, **{f"data.{key}": getattr(base.data, key) for key in (
-        "vocab", "train_questions", "val_questions", "test_questions", "appearance_feat", "motion_feat")}}
+    inputs = {"--cfg": cfg, **data_file_paths(base)}
     inside = [f"{label} {path}" for label, path in inputs.items()
               if path and os.path.abspath(path).startswith(os.path.abspath(study_dir) + os.sep)]
     if inside:

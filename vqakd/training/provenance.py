@@ -155,9 +155,9 @@ def file_fingerprint(path: str) -> str:
 
 def input_paths(config, teacher_file: Optional[str] = None) -> dict[str, Optional[str]]:
     """{setting: path} of every input file a run of `config` reads."""
-    from vqakd.core.config import DATA_FILES
+    from vqakd.core.config import data_file_paths
 
-    paths = {f"data.{key}": getattr(config.data, key) for key in DATA_FILES}
+    paths = data_file_paths(config)
     if teacher_file:
         paths["teacher"] = teacher_file
     return paths

@@ -16,7 +16,7 @@ from model.diagnostics import layer_warning
 from vqakd.core import distributed as dist
 from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_from_checkpoint,
                               restore_rng_state, save_checkpoint, seed_everything)
-from vqakd.core.config import DATA_FILES, Config, config_to_dict, dump_config, load_config
+from vqakd.core.config import Config, config_to_dict, data_file_paths, dump_config, load_config, override_key
 from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
 from vqakd.core.distributed import resolve_process_device
 from vqakd.training.engine import configure_backends, evaluate, loss_scale_warnings, train_one_epoch
@@ -278,7 +278,7 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
     Under torchrun every process calls this. The stage folder is locked for the whole run, and
     no stage file may be one of the run's inputs."""
     inputs = {"--cfg": config_file, "--teacher": teacher_checkpoint(config, stage, teacher_path),
-              **{f"data.{key}": getattr(config.data, key) for key in DATA_FILES}}
+              **data_file_paths(config)}
     with dist.session(), stage_guard(RunFolder(config.stage_dir(stage)), stage, inputs):
         return _run_training(config, stage, teacher_path, resume, overwrite, explicit)
 
@@ -459,6 +459,6 @@ def train_stage(cfg: str, stage: str, overrides: list[str] = (), *, teacher: Opt
     if device is not None:
         overrides.insert(0, f"train.device={device}")
     config = load_config(cfg, overrides, original_flags or {})
-    explicit = [text.split("=", 1)[0].strip() for text in overrides]
+    explicit = [override_key(text) for text in overrides]
     run_training(config, stage, teacher_path=teacher, resume=resume, overwrite=overwrite, config_file=cfg,
                  explicit=explicit)

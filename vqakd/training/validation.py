@@ -14,7 +14,7 @@ import torch
 
 from vqakd.core import distributed as dist
 from vqakd.training.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
-from vqakd.core.config import DATA_FILES, Config, eval_batch_size, load_config
+from vqakd.core.config import Config, data_file_paths, eval_batch_size, load_config, override_key
 from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
 from vqakd.core.distributed import resolve_process_device
 from vqakd.training.engine import configure_backends, evaluate
@@ -72,7 +72,7 @@ def run_validation(config: Config, checkpoint_path: str, split: str = "test", wr
     outputs = {"--out": out, "--preds-out": preds_out if write_preds else None,
                "the per-answer figures": answers_out if write_preds else None}
     inputs = {"--checkpoint": checkpoint_path, "--cfg": config_file,
-              **{f"data.{key}": getattr(config.data, key) for key in DATA_FILES}}
+              **data_file_paths(config)}
     with dist.session(), contextlib.ExitStack() as held:
         # Before any work: never replace the checkpoint; only the main process writes and locks.
         dist.agree(lambda: held.enter_context(guard_outputs(
@@ -273,8 +273,7 @@ def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = ()
                         device: Optional[str] = None, other_features: bool = False) -> dict[str, Any]:
     """What `python validate.py` does with its flags. The network is rebuilt from the checkpoint's
     model_config: a model.* override can only repeat the checkpoint's value, never change it."""
-    model_keys = [text.split("=", 1)[0].strip() for text in overrides
-                  if text.split("=", 1)[0].strip().startswith("model.")]
+    model_keys = [override_key(text) for text in overrides if override_key(text).startswith("model.")]
     overrides = list(overrides)
     if device is not None:
         overrides.insert(0, f"train.device={device}")
