@@ -95,11 +95,11 @@ def check_same_model(checkpoint: Mapping[str, Any], path: str, model: DualVGR) -
                         f"vs {ours[changed[0]]} now); use --overwrite to start again")
 
 
-def load_teacher(path: str, config: Config, bundle: DataBundle,
-                 device: torch.device) -> tuple[DualVGR, dict[str, Any]]:
+def load_teacher(path: str, config: Config, bundle: DataBundle, device: torch.device,
+                 checkpoint: Mapping[str, Any] | None = None) -> tuple[DualVGR, dict[str, Any]]:
     """The frozen teacher for distillation (eval mode, no gradients), checked against this run's
-    data and student; returns it with its checkpoint."""
-    checkpoint = load_checkpoint(path)
+    data and student; returns it with its checkpoint (`checkpoint`: the file, already loaded)."""
+    checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
     check_vocab_match(checkpoint, path, bundle, "the teacher")
     check_nodes_match(checkpoint["model_config"], path, config, "the teacher")
     if checkpoint["model_config"].get("module_dim") != config.model.module_dim:

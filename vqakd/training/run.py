@@ -5,7 +5,7 @@ import inspect
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 
 import torch
@@ -122,19 +122,13 @@ FROM_TEACHER = ("num_nodes", "vision_dim", "word_dim")
 FROM_FEATURE_TEACHER = FROM_TEACHER + ("module_dim",)
 
 
-def settings_from_files(config: Config, teacher_file: Optional[str], glove_width: Optional[int],
-                        explicit: Sequence[str], from_teacher: Sequence[str] = FROM_TEACHER) -> list[str]:
-    """Set the model settings the input files define (the teacher checkpoint's sizes, the GloVe
-    matrix's width as model.word_dim); a conflicting `--set` is refused naming both values.
-    Returns what was taken, for the log."""
-    wanted: dict[str, tuple[Any, str]] = {}
-    if teacher_file:
-        recorded = load_checkpoint(teacher_file).get("model_config") or {}
-        wanted.update({key: (recorded[key], f"the teacher {teacher_file}") for key in from_teacher if key in recorded})
-    if glove_width is not None:
-        wanted["word_dim"] = (glove_width, "the GloVe matrix of data.train_questions")
-    notes = []
-    for key, (value, source) in wanted.items():
+def settings_from_files(config: Config, values: Mapping[str, Any], source: str,
+                        explicit: Sequence[str]) -> dict[str, str]:
+    """Set the model settings an input file defines (`values`: the teacher checkpoint's sizes, the
+    GloVe matrix's width as word_dim; `source` names the file); a conflicting `--set` is refused
+    naming both values. Returns {setting: log line} of what was taken."""
+    taken = {}
+    for key, value in values.items():
         current = getattr(config.model, key)
         if current == value:
             continue
@@ -142,8 +136,8 @@ def settings_from_files(config: Config, teacher_file: Optional[str], glove_width
             raise UserError(f"--set model.{key}={current} conflicts with {source}, which has {key} = {value}; drop "
                             f"the --set (the value is taken from there) or use matching files")
         setattr(config.model, key, value)
-        notes.append(f"model.{key} = {value} from {source} (the config says {current})")
-    return notes
+        taken[key] = f"model.{key} = {value} from {source} (the config says {current})"
+    return taken
 
 
 def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Optional[str], resume: bool,
@@ -166,19 +160,26 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
 
     paths = input_paths(config, teacher_file)
     inputs = input_fingerprints(paths)
-    keys = FROM_FEATURE_TEACHER if config.loss.distill_of(stage) == "feature" else FROM_TEACHER
-    notes = settings_from_files(config, teacher_file, None, explicit, keys)
-    taken = {note.split(" ", 1)[0] for note in notes}
-    expected_by = (f"the teacher {teacher_file} (model)" if {"model.num_nodes", "model.vision_dim"} & taken
+    # Read once: its sizes set this run's model settings, then it is the frozen teacher.
+    teacher_record = load_checkpoint(teacher_file) if teacher_file else None
+    from_teacher = {}
+    if teacher_record is not None:
+        recorded = teacher_record.get("model_config") or {}
+        keys = FROM_FEATURE_TEACHER if config.loss.distill_of(stage) == "feature" else FROM_TEACHER
+        from_teacher = settings_from_files(config, {key: recorded[key] for key in keys if key in recorded},
+                                           f"the teacher {teacher_file}", explicit)
+    expected_by = (f"the teacher {teacher_file} (model)" if {"num_nodes", "vision_dim"} & set(from_teacher)
                    else "model")
     bundle = load_data(config, device=device, progress=progress, expected_by=expected_by)
     train_glove = bundle.splits["train"].glove if config.data.use_glove else None
-    notes += settings_from_files(config, None, None if train_glove is None else int(train_glove.shape[1]), explicit)
+    from_glove = ({} if train_glove is None else settings_from_files(
+        config, {"word_dim": int(train_glove.shape[1])}, "the GloVe matrix of data.train_questions", explicit))
+    notes = list(from_teacher.values()) + list(from_glove.values())
     if len(bundle.splits["train"]) < 2:
         raise UserError(f"{bundle.splits['train'].path}: {len(bundle.splits['train'])} training question(s); "
                         "BatchNorm needs at least 2")
     # The frozen teacher runs on every rank, on that rank's own share of the batch.
-    teacher = load_teacher(teacher_file, config, bundle, device)[0] if teacher_file else None
+    teacher = load_teacher(teacher_file, config, bundle, device, teacher_record)[0] if teacher_file else None
 
     seed_everything(config.train.seed)
     model = build_model_for_stage(config, stage, bundle, device, progress)
