@@ -283,6 +283,8 @@ class Answerer:
         self.model = model_from_checkpoint(checkpoint, checkpoint_path, device).eval()
         config = self.model.config
         self.settings = feature_settings(checkpoint, flags, config.num_nodes, checkpoint_path)
+        # What names each kind's cached features: fixed for this checkpoint and these flags.
+        self.digests = {kind: identity_digest(self.settings[kind], FEATURE_SETTINGS) for kind in FEATURE_KINDS}
         self.vocab = question_vocab(checkpoint, flags, config, checkpoint_path)
         self.top_k = min(top_k, len(self.vocab.idx_to_answer))
         self.batch_size = batch_size
@@ -293,6 +295,8 @@ class Answerer:
         self.amp = str(train.get("amp", "none"))     # validate.py evaluates under the run's train.amp
         folder = cache_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), CACHE_FOLDER)
         self.cache = FeatureCache(folder if use_cache else None)
+        if self.cache.folder is not None and os.path.isdir(self.cache.folder):
+            remove_dead_scratch(self.cache.folder)      # what killed runs left; this one leaves none
         self._extractors: dict[str, Any] = {}
         self._sha_of: dict[tuple[str, int, int], str] = {}
 
@@ -355,11 +359,10 @@ class Answerer:
                 continue
             found[video], damage[video] = {}, set()
             for kind in FEATURE_KINDS:
-                digest = identity_digest(self.settings[kind], FEATURE_SETTINGS)
-                array = self.cache.get(shas[video], kind, digest, self.shape(kind))
+                array = self.cache.get(shas[video], kind, self.digests[kind], self.shape(kind))
                 if array is not None:
                     found[video][kind] = array
-                    damage[video].update(filter(None, [self.cache.damage(shas[video], kind, digest)]))
+                    damage[video].update(filter(None, [self.cache.damage(shas[video], kind, self.digests[kind])]))
         timings = {video: 0.0 for video in found}
         for kind in FEATURE_KINDS:
             todo = [video for video in found if kind not in found[video] and video not in result]
@@ -378,8 +381,7 @@ class Answerer:
                     found[video][kind] = arrays[video]
                     if video in damaged:
                         damage[video].add(damaged[video])
-                    self.cache.put(shas[video], kind, identity_digest(self.settings[kind], FEATURE_SETTINGS),
-                                   arrays[video], damaged.get(video))
+                    self.cache.put(shas[video], kind, self.digests[kind], arrays[video], damaged.get(video))
         for video, arrays in found.items():
             if video not in result:
                 result[video] = VideoFeatures(arrays["appearance"], arrays["motion"], timings[video] == 0.0,
@@ -396,7 +398,6 @@ class Answerer:
         scratch = self.cache.folder
         if scratch is not None:
             os.makedirs(scratch, exist_ok=True)
-            remove_dead_scratch(scratch)
         with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=scratch) as folder:
             out = os.path.join(folder, f"{kind}.h5")
             damaged: dict[str, str] = {}
@@ -488,22 +489,14 @@ def remove_dead_scratch(folder: str) -> None:
     process still running stay: two predict.py runs may share a cache)."""
     import shutil
 
+    from vqakd.core.locks import pid_alive
+
     for entry in os.listdir(folder):
         if not entry.startswith(SCRATCH_PREFIX):
             continue
         pid = entry[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_report(path: str) -> Optional[list[dict]]:

@@ -55,7 +55,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` running on this machine (whoever owns it)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -96,7 +97,7 @@ def _record_holds(record: dict[str, Any] | None) -> bool:
     if not record or not isinstance(record.get("pid"), int):
         return False
     if record.get("host") == socket.gethostname():
-        return record["pid"] != os.getpid() and _pid_alive(record["pid"])
+        return record["pid"] != os.getpid() and pid_alive(record["pid"])
     return True
 
 
