@@ -89,18 +89,14 @@ def worth_retrying(failure: dict) -> bool:
     return "file" in failure and file_state(str(failure.get("path"))) != failure["file"]
 
 
-def drop_chunks_to_retry(parts_dir: str, done: set[int]) -> list[dict]:
+def drop_chunks_to_retry(parts_dir: str, done: set[int]) -> None:
     """Remove the finished chunks of `done` holding a failed video worth retrying (they are made
-    again); returns those failures."""
-    retried = []
+    again)."""
     for k in sorted(done):
         path = os.path.join(parts_dir, chunk_name(k))
-        failures = [failure for failure in read_chunk_outcome(path)[1] if worth_retrying(failure)]
-        if failures:
+        if any(worth_retrying(failure) for failure in read_chunk_outcome(path)[1]):
             os.remove(path)
             done.discard(k)
-            retried += failures
-    return retried
 
 
 def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence[Video]) -> set[int]:

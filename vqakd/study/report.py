@@ -125,7 +125,7 @@ def ceilings(rows: list[dict]) -> dict[str, Any]:
     overall: the share of test answers inside the answer vocabulary, the best accuracy any model
     trained on this vocabulary can reach (an answer outside it is never predicted)."""
     def share(selected: list[dict]) -> dict[str, Any]:
-        inside = sum(in_vocabulary(row["answer"]) for row in selected)
+        inside = sum(row["answer_in_vocab"] == "1" for row in selected)     # as validate.py recorded it
         return {"count": len(selected), "in_vocabulary": inside,
                 "ceiling": inside / len(selected) if selected else None}
 
@@ -225,7 +225,7 @@ def disagreements(preds: dict[str, list[dict]], limit: int) -> list[dict[str, An
     common = set(by_id[0]).intersection(*by_id[1:]) if by_id else set()
     found: dict[str, list] = {}
     # Questions with a nameable true answer first, then in question-id order.
-    for qid in sorted(common, key=lambda q: (by_id[0][q]["answer"].startswith("<UNK"), len(q), q)):
+    for qid in sorted(common, key=lambda q: (by_id[0][q]["answer_in_vocab"] == "0", len(q), q)):
         rows = [table[qid] for table in by_id]
         answers = {row["predicted_answer"] for row in rows}
         if len(answers) < 2:
@@ -234,8 +234,7 @@ def disagreements(preds: dict[str, list[dict]], limit: int) -> list[dict[str, An
         found.setdefault(first["question_type"], []).append({
             "question_id": qid, "video_id": first["video_id"], "question": first["question"],
             # The annotation's answer (true_answer), not <UNK1>, where the vocabulary lacks it.
-            "type": first["question_type"], "answer": first.get("true_answer") or first["answer"],
-            "in_vocab": first.get("answer_in_vocab", "1") == "1",
+            "type": first["question_type"], "answer": first["true_answer"] or first["answer"],
             "predictions": {arm: row["predicted_answer"] for arm, row in zip(arms, rows)},
             "correct": {arm: row["correct"] == "1" for arm, row in zip(arms, rows)}})
     chosen: list[dict] = []
