@@ -5,8 +5,9 @@ variant is one line). Each (arm, seed) run gets its own output_dir,
 
     <study>/seed<S>/<arm>/<stage>/{best.pt, last.pt, results.json, metrics.csv, ...}
 
-and a student distils from the teacher arm of its own seed. Runs are plain `train.main` /
-`validate.main` calls in this process, so under `torchrun` every rank makes the same calls in
+and a student distils from the teacher arm of its own seed. Runs are plain
+`vqakd.training.run.train_stage` / `vqakd.training.validation.validate_checkpoint` calls in this
+process (what train.py and validate.py call), so under `torchrun` every rank makes the same calls in
 the same order (decided from the files rank 0 wrote before the last barrier) and training is
 distributed exactly as with train.py; only rank 0 times inference and writes the report.
 

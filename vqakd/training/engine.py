@@ -1,6 +1,6 @@
 """Training and evaluation steps: the loss of a batch (`compute_loss`), one epoch
-(`train_one_epoch`) and one pass over a split (`evaluate`). The runs around them are train.py
-and validate.py.
+(`train_one_epoch`) and one pass over a split (`evaluate`). The runs around them are
+vqakd/training/run.py (train.py) and vqakd/training/validation.py (validate.py).
 
 Stages (docs/method.md):
 - teacher: hard loss = CE + α·mean C + β·mean H.
@@ -17,7 +17,7 @@ when a non-finite loss is reported, naming the epoch, the step and the loss part
 
 Several processes (`torchrun`): each process trains on its share of the global batch; the HSIC
 term, a per-question sum, is scaled by the number of shares so that the averaged gradient is the
-one-process one (train.py describes the whole recipe). Evaluation sums correct/total counts
+one-process one (vqakd/training/run.py describes the whole recipe). Evaluation sums correct/total counts
 over the processes, so every question counts exactly once.
 """
 
