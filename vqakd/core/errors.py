@@ -50,18 +50,22 @@ def require_file(path: str | os.PathLike, what: str, how_to_get: str = "") -> st
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run an entry point; turn UserError (and Ctrl-C) into a one-line message and exit code."""
     forward_interrupts_from_children()
+    interrupted = False
     hook = sys.unraisablehook
     sys.unraisablehook = lambda info: _interrupt_again(info, hook)
     try:
-        with interruptible_imports():       # the same clean end for a Ctrl-C inside `main`
-            try:
-                code = main()
-            except UserError as exc:
-                message = " ".join(str(exc).split("\n"))
-                print(f"error: {message}", file=sys.stderr)
-                sys.exit(2)
+        code = main()
+    except UserError as exc:
+        message = " ".join(str(exc).split("\n"))
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
+        # Restored before the clean-up below: an interrupt a __del__ meets there is not re-raised.
         sys.unraisablehook = hook
+    if interrupted:
+        _exit_interrupted()
     sys.exit(code or 0)
 
 
