@@ -1,21 +1,13 @@
 """The typed configuration of `train.py` / `validate.py`: YAML file + command-line overrides.
 
-Every setting is a dataclass field with a named default (docs/method.md#training-and-evaluation
-for training, docs/method.md#losses for the loss weights). A YAML file only needs the keys it changes. Loading checks, before any work starts:
-- every key exists (an unknown key is an error with a "did you mean" suggestion);
-- every value has the declared type (ints where ints are meant, one of the listed choices, ...);
-- the values make sense on their own (positive sizes, probabilities in [0, 1), ...).
-Checks that need the data (clips per video == `model.num_nodes`, feature sizes, vocabulary
-sizes) happen when the data is loaded (`vqakd.data.batches`).
+Every setting is a dataclass field with a named default (docs/method.md); a YAML file only needs
+the keys it changes. Loading checks that every key exists (with a "did you mean"), every value has
+the declared type, and the values make sense on their own; checks that need the data happen when
+it is loaded (`vqakd.data.batches`).
 
-Overrides: `--set section.key=value` (the value is parsed as YAML, so `--set train.amp=bf16`,
-`--set data.glove=null`, `--set train.lr=2e-4` all work), and the original DualVGR/VQAKD flags
-`--alpha --beta --unit_layers --t_app --t_mo --kd_alpha --kd_beta` (see ORIGINAL_FLAGS).
-Precedence: YAML file < original flags < `--set`.
-
-Paths may use `{dataset}` and `{name}`; relative paths are resolved from the current directory
-(the shipped configs assume the repository root), and a missing file's error names that folder
-(vqakd/core/errors.py).
+Overrides: `--set section.key=value` (parsed as YAML) and the original DualVGR/VQAKD flags
+(ORIGINAL_FLAGS). Precedence: YAML file < original flags < `--set`. Paths may use `{dataset}` and
+`{name}`; relative paths are resolved from the current directory.
 """
 
 from __future__ import annotations
@@ -24,6 +16,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import operator
 import os
 import re
 import typing
@@ -37,10 +30,6 @@ from model.settings import model_config_problems
 from vqakd.core.errors import UserError, missing_file_message
 from vqakd.core.files import atomic_open
 from vqakd.core.script import ORIGINAL_FLAGS, STAGES
-
-__all__ = ["ORIGINAL_FLAGS", "STAGES", "Config", "DataConfig", "ModelSection", "StageSection", "TrainConfig",
-           "LossConfig", "load_config", "config_from_dict", "config_to_dict", "dump_config", "eval_batch_size",
-           "flat_settings", "parse_override", "read_yaml"]
 
 # The DataConfig entries that are a run's input files.
 DATA_FILES = ("vocab", "train_questions", "val_questions", "test_questions", "appearance_feat", "motion_feat",
@@ -188,44 +177,29 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert_scalar(value: Any, tp: Any) -> Any:
-    """`value` as type `tp`, or raise TypeError."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+    """`value` as type `tp` (str, bool, int, float, a Literal or an Optional of them), or raise TypeError."""
+    if typing.get_origin(tp) is typing.Union:
+        if value is None and type(None) in typing.get_args(tp):
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert_scalar(value, arg)
-            except TypeError:
-                pass
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                try:
+                    return _convert_scalar(value, arg)
+                except TypeError:
+                    pass
         raise TypeError
-    if origin is Literal:
-        if isinstance(value, str) and value in typing.get_args(tp):
-            return value
-        raise TypeError
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+    if typing.get_origin(tp) is Literal:
+        ok = isinstance(value, str) and value in typing.get_args(tp)
+    elif tp is float and isinstance(value, str):
         # YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string; accept numeric text for numbers.
-        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-            return float(value)
+        ok = bool(_FLOAT_TEXT.match(value.strip()))
+    elif tp in (int, float):
+        ok = isinstance(value, (int, tp)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
         raise TypeError
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError
-    raise TypeError
+    return float(value) if tp is float else value
 
 
 def _suggest(key: str, choices: list[str], prefix: str = "") -> str:
@@ -406,40 +380,35 @@ MAX_SEED = 2**32 - 1
 def check_values(config: Config, source: str, origins: dict[str, str] | None = None) -> None:
     """Value ranges that do not need the data. A problem is blamed on the option that set the
     key (`origins`: key -> "--set ..." or "--flag"), else on `source` (the YAML file)."""
-    problems: list[tuple[str, str]] = []       # (key, problem)
-
-    def positive(section: str, name: str) -> None:
-        value = getattr(getattr(config, section), name)
+    problems = list(model_config_problems(config.model, "model."))     # each starts with its key
+    train_positive = ("lr", "batch_size", "eval_batch_size", "epochs", "lr_halve_every", "lr_decay",
+                      "grad_clip", "log_every", "stop_after_epoch")
+    positive = ([f"{stage}.graph_layers" for stage in STAGES] + [f"train.{name}" for name in train_positive]
+                + ["loss.tau_app", "loss.tau_mo", "loss.logit_tau"])
+    for key in positive:
+        value = operator.attrgetter(key)(config)
         if value is not None and not value > 0:
-            problems.append((f"{section}.{name}", f"{section}.{name} must be > 0, got {value}"))
-
-    for problem in model_config_problems(config.model, "model."):
-        problems.append((problem.split(" ", 1)[0], problem))
-    for stage in STAGES:
-        positive(stage, "graph_layers")
-    for name in ("lr", "batch_size", "eval_batch_size", "epochs", "lr_halve_every", "lr_decay", "grad_clip",
-                 "log_every", "stop_after_epoch"):
-        positive("train", name)
-    for name in ("tau_app", "tau_mo", "logit_tau"):
-        positive("loss", name)
-    for name in ("alpha", "beta", "kappa_app", "kappa_mo"):
-        if getattr(config.loss, name) < 0:
-            problems.append((f"loss.{name}", f"loss.{name} must be >= 0, got {getattr(config.loss, name)}"))
+            problems.append(f"{key} must be > 0, got {value}")
+    for key in ("loss.alpha", "loss.beta", "loss.kappa_app", "loss.kappa_mo"):
+        value = operator.attrgetter(key)(config)
+        if value < 0:
+            problems.append(f"{key} must be >= 0, got {value}")
+    train = config.train
     if not 0.0 <= config.loss.logit_mix <= 1.0:
-        problems.append(("loss.logit_mix", f"loss.logit_mix must be in [0, 1], got {config.loss.logit_mix}"))
-    if config.train.num_workers < 0:
-        problems.append(("train.num_workers", f"train.num_workers must be >= 0, got {config.train.num_workers}"))
-    if not 0 <= config.train.seed <= MAX_SEED:
-        problems.append(("train.seed", f"train.seed must be in [0, {MAX_SEED}] (2**32 - 1), got {config.train.seed}"))
-    if config.train.stop_after_epoch is not None and config.train.stop_after_epoch > config.train.epochs:
-        problems.append(("train.stop_after_epoch", f"train.stop_after_epoch ({config.train.stop_after_epoch}) is "
-                                                   f"after the last epoch ({config.train.epochs})"))
+        problems.append(f"loss.logit_mix must be in [0, 1], got {config.loss.logit_mix}")
+    if train.num_workers < 0:
+        problems.append(f"train.num_workers must be >= 0, got {train.num_workers}")
+    if not 0 <= train.seed <= MAX_SEED:
+        problems.append(f"train.seed must be in [0, {MAX_SEED}] (2**32 - 1), got {train.seed}")
+    if train.stop_after_epoch is not None and train.stop_after_epoch > train.epochs:
+        problems.append(f"train.stop_after_epoch ({train.stop_after_epoch}) is after the last epoch "
+                        f"({train.epochs})")
     if not config.name or "/" in config.name or config.name in (".", ".."):
-        problems.append(("name", f"name must be a plain folder name, got {config.name!r}"))
+        problems.append(f"name must be a plain folder name, got {config.name!r}")
     if problems:
-        key, first = problems[0]
-        blamed = (origins or {}).get(key, source)
-        raise UserError(f"{blamed}: {first}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        blamed = (origins or {}).get(problems[0].split(" ", 1)[0], source)
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{blamed}: {problems[0]}{more}")
 
 
 # ---------------------------------------------------------------------------- output
