@@ -1,30 +1,16 @@
 """Process-group helpers that are no-ops in a single process and work under `torchrun`.
 
-`torchrun` sets RANK, LOCAL_RANK, WORLD_SIZE (and MASTER_ADDR/PORT from its rendezvous);
-`init_distributed()` starts the default process group from them. Without them everything here
-behaves as rank 0 of a world of size 1, so callers never branch on "am I distributed".
+Without torchrun's RANK / WORLD_SIZE everything here behaves as rank 0 of a world of size 1. With
+CUDA the group is "cpu:gloo,cuda:nccl": gradients and metrics go through NCCL, control messages
+(agreement, error texts, gathered predictions) through gloo, which needs no GPU; a `control_only`
+group (feature extraction) is gloo alone. Each rank uses `cuda:LOCAL_RANK`; only global rank 0
+writes files. Metrics are sums and counts, so `all_reduce_sum` gives the figures of the whole split.
 
-Backends: gloo for CPU tensors; when CUDA is available the group is "cpu:gloo,cuda:nccl", so
-the model's gradients and metrics on the GPU go through NCCL while the small control messages
-(start-up agreement, error texts, gathered predictions) stay on gloo and never need a GPU.
-Every rank places its CUDA work on `cuda:LOCAL_RANK` (the GPU index on its own node); files
-are written by global rank 0 only, so nothing assumes a single node.
-
-Metrics are kept as sums and counts so that `all_reduce_sum` gives the figures of the whole
-split, not of one rank's share.
-
-A group that only coordinates (`init_distributed(control_only=True)`, used by feature
-extraction: ranks agree on a plan and wait for each other, each writing its own files) is
-gloo alone and never touches a GPU.
-
-Errors: a check that fails on one rank must stop every rank, not leave the others waiting in
-a collective. `agree(fn)` runs a phase on every rank and exchanges the outcome; `from_main(fn)`
-runs it on rank 0 alone (e.g. a look at the output folder) and hands every rank its value. If
-any rank failed, every rank raises: the failing rank its own exception, the others a
-`UserError` marked `shown_by_main`, so only rank 0 prints it and `quiet_unless_main` ends the
-other ranks with status 2 and no second copy of the message. Collectives time out after
-`DEFAULT_TIMEOUT_S` (env VQAKD_DIST_TIMEOUT_S) unless the caller gives its own timeout, so a
-rank that dies mid-epoch ends the job instead of hanging it forever.
+A check that fails on one rank must stop every rank, not leave the others waiting in a
+collective: `agree(fn)` runs a phase on every rank, `from_main(fn)` on rank 0 alone, and if any
+rank failed every rank raises (the others a `UserError` marked `shown_by_main`, printed by rank 0
+only: see `quiet_unless_main`). Collectives time out after `DEFAULT_TIMEOUT_S` (env
+VQAKD_DIST_TIMEOUT_S), so a rank that dies mid-epoch ends the job instead of hanging it.
 """
 
 from __future__ import annotations
@@ -57,8 +43,7 @@ def env_world_size() -> int:
 
 
 def env_rank() -> int:
-    """The global rank `torchrun` announced (0 when not launched by it); valid before and after
-    the process group exists."""
+    """The global rank `torchrun` announced (0 when not launched by it), even before the group exists."""
     return _env_int("RANK", 0)
 
 
@@ -73,8 +58,7 @@ def local_world_size() -> int:
 
 
 def launched_by_torchrun() -> bool:
-    """torchrun (or another launcher speaking its protocol) started this process, even as a
-    world of one: then the DDP code path runs too (a one-GPU check of the multi-GPU path)."""
+    """torchrun started this process, even as a world of one (then the DDP code path runs too)."""
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
@@ -89,13 +73,8 @@ def timeout_seconds() -> int:
 
 def init_distributed(*, timeout: datetime.timedelta | None = None, control_only: bool = False) -> bool:
     """Start the process group when launched by torchrun or with several processes; returns
-    whether one exists now.
-
-    The backend only depends on whether CUDA exists (see the module docstring), unless
-    `control_only`: then the group is gloo alone (no tensors travel, only agreement and
-    waiting) and no CUDA device is selected here.
-    `timeout` (default `timeout_seconds()`) bounds every collective, barriers included.
-    """
+    whether one exists now. `control_only`: gloo alone, no CUDA device selected. `timeout`
+    (default `timeout_seconds()`) bounds every collective, barriers included."""
     if is_initialized() or (env_world_size() <= 1 and not launched_by_torchrun()):
         return is_initialized()
     if not dist.is_available():
@@ -134,13 +113,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's `obj` (picklable), in rank order; [obj] in a single process. Goes through
-    gloo (CPU), so it needs no GPU."""
+    """Every rank's `obj` (picklable), in rank order, through gloo; [obj] in a single process."""
     if not (is_initialized() and get_world_size() > 1):
         return [obj]
     gathered: list[Any] = [None] * get_world_size()
-    group = _cpu_group()
-    dist.all_gather_object(gathered, obj, group=group)
+    dist.all_gather_object(gathered, obj, group=_cpu_group())
     return gathered
 
 
@@ -163,65 +140,28 @@ def barrier() -> None:
         dist.all_reduce(torch.zeros(1), group=_cpu_group())
 
 
-def cleanup() -> None:
-    global _CPU_GROUP
-    if is_initialized():
-        dist.destroy_process_group()
-    _CPU_GROUP = None
-
-
 @contextlib.contextmanager
 def session(*, timeout: datetime.timedelta | None = None, control_only: bool = False) -> Iterator[None]:
     """The process group for the duration of a script (when launched by torchrun); the
     arguments are those of `init_distributed`. A session inside another (a study's train and
-    validate calls) keeps the outer group: destroying it would leave the next call unable to
-    rejoin under torchrun."""
+    validate calls) keeps the outer group: under torchrun the next call could not rejoin."""
+    global _CPU_GROUP
     started = not is_initialized() and init_distributed(timeout=timeout, control_only=control_only)
     try:
         yield
     finally:
         if started:
-            cleanup()
-
-
-def _shown_error(message: str) -> UserError:
-    error = UserError(message)
-    error.shown_by_main = True      # type: ignore[attr-defined]
-    return error
-
-
-def _outcome(failure: BaseException | None) -> tuple[str, str, bool] | None:
-    """What the other ranks learn of a rank's failure (None: it did not fail)."""
-    return None if failure is None else (type(failure).__name__, str(failure), isinstance(failure, UserError))
-
-
-def _raise_first_failure(failure: BaseException | None, outcomes: list[Any], what: str) -> None:
-    """Raise on this rank if any rank failed (`outcomes` in rank order, None for success).
-
-    The first rank that failed re-raises its own exception (a programming error keeps its
-    traceback); every other rank raises a UserError naming that rank and its message, marked
-    `shown_by_main` (rank 0 prints it, the rest stay quiet)."""
-    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
-    if not failed:
-        return
-    rank, (kind, message, is_user) = failed[0]
-    if failure is not None and rank == get_rank():
-        # Rank 0 prints its own error; another rank's UserError is printed by rank 0 (below).
-        if isinstance(failure, UserError) and rank != 0:
-            failure.shown_by_main = True   # type: ignore[attr-defined]
-        raise failure
-    text = message if is_user else f"{kind}: {message}"
-    if rank != 0:
-        text = f"rank {rank} failed during {what}: {text}"
-    raise _shown_error(text)
+            if is_initialized():
+                dist.destroy_process_group()
+            _CPU_GROUP = None
 
 
 def agree(fn: Callable[[], T], what: str = "start-up") -> T:
     """Run `fn` on every rank; if it raised on any rank, raise on every rank.
 
-    The rank that failed re-raises its own exception (a programming error keeps its
-    traceback); the others raise a UserError naming that rank and its message. In a single
-    process this is just `fn()`.
+    The first rank that failed re-raises its own exception (a programming error keeps its
+    traceback); the others raise a UserError naming that rank and its message, marked
+    `shown_by_main` (rank 0 prints it, the rest stay quiet). In a single process: `fn()`.
     """
     if not (is_initialized() and get_world_size() > 1):
         return fn()
@@ -231,14 +171,25 @@ def agree(fn: Callable[[], T], what: str = "start-up") -> T:
         result = fn()
     except Exception as exc:       # noqa: BLE001 - reported to every rank, then re-raised
         failure = exc
-    _raise_first_failure(failure, all_gather_objects(_outcome(failure)), what)
-    return result  # type: ignore[return-value]
+    outcome = (None if failure is None
+               else (type(failure).__name__, str(failure), isinstance(failure, UserError)))
+    failed = [(rank, found) for rank, found in enumerate(all_gather_objects(outcome)) if found is not None]
+    if not failed:
+        return result  # type: ignore[return-value]
+    rank, (kind, message, is_user) = failed[0]
+    if failure is not None and rank == get_rank():
+        # Rank 0 prints its own error; another rank's UserError is printed by rank 0 (below).
+        if isinstance(failure, UserError) and rank != 0:
+            failure.shown_by_main = True   # type: ignore[attr-defined]
+        raise failure
+    text = message if is_user else f"{kind}: {message}"
+    error = UserError(text if rank == 0 else f"rank {rank} failed during {what}: {text}")
+    error.shown_by_main = True      # type: ignore[attr-defined]
+    raise error
 
 
 def from_main(fn: Callable[[], T], what: str = "start-up") -> T:
-    """Run `fn` on rank 0 only and return its (picklable) value on every rank; if it raised,
-    rank 0 re-raises its exception and the other ranks raise a UserError that rank 0 prints
-    (as in `agree`). In a single process this is just `fn()`."""
+    """Run `fn` on rank 0 only and return its (picklable) value on every rank; failures as in `agree`."""
     value = agree(lambda: fn() if get_rank() == 0 else None, what)
     return all_gather_objects(value)[0]
 
@@ -273,15 +224,10 @@ class _DifferentiableAllReduceSum(torch.autograd.Function):
 
 
 class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
-    """BatchNorm1d whose training-mode statistics cover the whole global batch (every rank's
-    share), on any device and backend (`torch.nn.SyncBatchNorm` refuses CPU tensors).
-
-    With it, K processes with B/K questions each compute the same normalisation, running
-    statistics and (after DDP's gradient averaging) the same gradients as one process with B,
-    up to float rounding. Same parameters and buffers as BatchNorm1d, so checkpoints are
-    interchangeable. Two reductions per call (sum, then squared deviations) keep the variance
-    as accurate as the single-process two-pass one.
-    """
+    """BatchNorm1d whose training-mode statistics cover the whole global batch, on any device and
+    backend (`torch.nn.SyncBatchNorm` refuses CPU tensors): K processes with B/K questions each
+    match one process with B, up to float rounding. Same parameters and buffers as BatchNorm1d.
+    Two reductions (sum, then squared deviations) keep the two-pass variance's accuracy."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_initialized() and get_world_size() > 1):
@@ -357,22 +303,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 def resolve_process_device(spec: str = "auto", what: str = "--device") -> torch.device:
-    """The device of this process, for training and feature extraction alike.
-
-    Run alone, this is `resolve_device(spec)`. Under torchrun, where every process needs a GPU
-    of its own, the rule is:
-
-    * auto (with CUDA available) and cuda mean cuda:LOCAL_RANK, the GPU of this process on
-      its own node; a LOCAL_RANK beyond the visible GPUs is an error (too many processes
-      per node);
-    * cpu (or auto without CUDA) is the CPU of every process;
-    * cuda:N is refused: it would put every process on the same GPU. The GPUs a launch uses
-      are chosen with CUDA_VISIBLE_DEVICES.
-
-    A chosen GPU with an index also becomes the current CUDA device, so that stray
-    allocations (the pin-memory thread, library workspaces) follow it instead of opening a
-    context on GPU 0. `what` names the setting in messages (--device, train.device, ...).
-    """
+    """The device of this process, for training and feature extraction alike: `resolve_device(spec)`,
+    but under torchrun auto/cuda mean cuda:LOCAL_RANK and cuda:N is refused (every process would
+    share one GPU). A GPU with an index becomes the current CUDA device, so stray allocations
+    (pin-memory thread, workspaces) do not open a context on GPU 0. `what` names the setting."""
     if env_world_size() <= 1 and not launched_by_torchrun():
         device = resolve_device(spec)
     else:
