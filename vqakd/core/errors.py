@@ -1,11 +1,9 @@
 """User-facing errors: one clear line, non-zero exit, no traceback.
 
-Library code raises `UserError` for anything the user can fix (a missing file, a bad record,
-an inconsistent config). Entry scripts wrap their `main` in `run_cli`, which prints
-`error: <message>` on one line to stderr and exits with status 2; a Ctrl-C, inside `main` or
-during a script's slow imports (`interruptible_imports`), prints `interrupted` and exits with
-status 130. Programming errors still raise normally so that bugs keep their tracebacks.
-This module imports only the standard library, so a script can import it first at no cost.
+Library code raises `UserError` for anything the user can fix; entry scripts wrap their `main` in
+`run_cli`, which prints `error: <message>` to stderr and exits with status 2; a Ctrl-C (in `main`
+or in `interruptible_imports`) prints `interrupted` and exits with 130. Programming errors keep
+their tracebacks. Standard library only, so a script can import it first at no cost.
 """
 
 from __future__ import annotations
@@ -24,9 +22,7 @@ class UserError(Exception):
 
 
 def shown_path(path: str | os.PathLike) -> str:
-    """`path`, and for a relative path the folder it was looked up in: config paths are relative
-    to the folder a command is run from, so "not found: data/x.h5" alone would hide the likely
-    cause (`data/x.h5 (relative to /home/me/elsewhere, the current folder)`)."""
+    """`path`, and for a relative path the folder it was looked up in (the likely cause of a miss)."""
     text = os.fspath(path)
     if os.path.isabs(text):
         return text
@@ -70,10 +66,8 @@ def run_cli(main: Callable[[], int | None]) -> None:
 
 
 def _interrupt_again(info, hook: Callable) -> None:
-    """Do not let a Ctrl-C vanish: Python ignores an exception raised in a __del__ (a data loader
-    shutting its workers down is a likely place for the signal to land; the training then went
-    on), so the interrupt is raised again a moment later, from another thread (raised here, it
-    would land in this hook and be ignored too)."""
+    """Do not let a Ctrl-C vanish in a __del__ (say a data loader's), where Python ignores it: send
+    SIGINT again a moment later, from another thread (raised here, it would be ignored too)."""
     if isinstance(info.exc_value, KeyboardInterrupt):
         threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
     else:
@@ -82,8 +76,7 @@ def _interrupt_again(info, hook: Callable) -> None:
 
 @contextlib.contextmanager
 def interruptible_imports() -> Iterator[None]:
-    """Wrap an entry script's slow imports (torch takes seconds) so that Ctrl-C there ends the run
-    as it does inside `run_cli`: one line, `interrupted`, exit status 130, no traceback."""
+    """Wrap an entry script's slow imports so that Ctrl-C there ends the run as in `run_cli`."""
     interrupted = False
     try:
         yield
@@ -94,9 +87,8 @@ def interruptible_imports() -> Iterator[None]:
 
 
 def _exit_interrupted() -> None:
-    """Called after leaving the `except KeyboardInterrupt` block, so that what the interrupt left
-    half-built is freed here: a data loader interrupted while starting its workers complains
-    from its __del__, and a second Ctrl-C (or the one a worker forwards) would add a traceback."""
+    """Called after leaving the `except KeyboardInterrupt` block: what the interrupt left half-built
+    (a data loader starting its workers) is freed here, with its complaints and further Ctrl-Cs muted."""
     hook = sys.unraisablehook
     sys.unraisablehook = lambda _: None
     try:
@@ -118,14 +110,8 @@ _FORWARDING_TO: list[int] = []
 
 def forward_interrupts_from_children() -> None:
     """Make a Ctrl-C that reaches a forked child (a data-loader or video-decoding worker) stop
-    this process too.
-
-    PyTorch's loader workers catch KeyboardInterrupt and exit quietly, assuming the main
-    process got the same signal; when it did not (the signal reached only the worker, or the
-    main process's interrupt landed in a __del__, where Python ignores it), the run carried on or
-    failed much later with an unrelated error. A forked child of this process sends SIGINT on
-    to it before raising KeyboardInterrupt as usual, so the run ends like any Ctrl-C.
-    """
+    this process too: PyTorch's workers exit quietly on KeyboardInterrupt, assuming the main
+    process got it too, and when it did not the run carried on. The child sends SIGINT on first."""
     if _FORWARDING_TO or not hasattr(os, "register_at_fork"):
         return
     _FORWARDING_TO.append(os.getpid())

@@ -1,13 +1,7 @@
-"""Files in and out, and the checks every command makes on its output paths.
-
-- Atomic output: write to a temporary file in the same folder, then rename, so a reader (or a
-  crashed job being resumed) never sees a half-written file at the final path; a full disk is
-  one line naming the file.
-- JSON and pickle reading/writing, a file's sha256.
-- Output paths: an output may not be one of the command's inputs nor another output of the
-  same run (compared after resolving links and `..`, and by identity for existing files);
-  output path templates (`{split}`, `{dataset}`, HCRN-style `{}`) that cannot be filled are a
-  one-line error. `vqakd.core.locks.guard_outputs` runs these checks with the lock.
+"""Files in and out: atomic writes (a temporary file in the same folder, then a rename, so no
+reader or resumed job sees a half-written file; a full disk is one line naming the file), JSON and
+pickle I/O, sha256, and the output-path checks `vqakd.core.locks.guard_outputs` runs: an output may
+not be an input nor another output, and output path templates that cannot be filled are one line.
 """
 
 from __future__ import annotations
@@ -35,9 +29,8 @@ class DiskFullError(UserError, OSError):
 
 
 def _disk_full(exc: BaseException, path: str) -> DiskFullError | None:
-    """The one-line error of a write that failed for want of space, else None. An OSError's errno
-    says so; h5py puts the C library's errno only into its message ("errno = 28, error message =
-    'No space left on device'")."""
+    """The one-line error of a write that failed for want of space, else None (h5py puts the errno
+    only into its message)."""
     if not isinstance(exc, OSError) or isinstance(exc, DiskFullError):
         return None
     quota = exc.errno == errno.EDQUOT or "Disk quota exceeded" in str(exc)
@@ -61,8 +54,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.path.basename(path)}.", suffix=TEMP_SUFFIX,
                                    dir=folder)
         os.close(fd)
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would have,
-        # so features and checkpoints stay readable by the group on shared clusters.
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -151,11 +143,8 @@ def stale_temporaries(output_paths: Iterable[str | os.PathLike]) -> list[str]:
 
 def remove_stale_temporaries(output_paths: Iterable[str | os.PathLike],
                              log: Callable[[str], Any] | None = print) -> list[str]:
-    """Delete the leftover temporaries of `output_paths`; `log` gets one line naming them.
-
-    Call it only while this run holds the lock on the output folder (vqakd.core.locks), so that a
-    temporary file is never one another live run is still writing.
-    """
+    """Delete the leftover temporaries of `output_paths`; `log` gets one line naming them. Only call
+    it while holding the output's lock (vqakd.core.locks): another live run may be writing them."""
     removed = []
     for path in stale_temporaries(output_paths):
         with contextlib.suppress(FileNotFoundError):
@@ -184,12 +173,9 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def check_output_paths(inputs: Labelled, outputs: Labelled, hint: str = "") -> None:
-    """Refuse an output that is the same file as an input, or as another output.
-
-    `inputs` and `outputs` map a label the user recognises (the option, say `--checkpoint`,
-    or `--output-pt (val split)`) to a path; None paths are skipped. `hint` is appended to the
-    message for two outputs that collide (for instance how to make a template distinct).
-    """
+    """Refuse an output that is the same file as an input, or as another output (compared after
+    resolving links, and by identity for existing files). `inputs` and `outputs` map a label the
+    user recognises (`--checkpoint`) to a path (None: skipped); `hint` is added when two outputs collide."""
     ins, outs = labelled_paths(inputs), labelled_paths(outputs)
     for out_label, out_path in outs:
         if os.path.isdir(out_path):
@@ -208,10 +194,8 @@ def check_output_paths(inputs: Labelled, outputs: Labelled, hint: str = "") -> N
 
 
 def expand_template(template: str, option: str, positional: Sequence[object] = (), **fields: object) -> str:
-    """Fill an output path template; any problem is one line naming the option and the template.
-
-    `fields` are the named fields (`{split}`, `{dataset}`); `positional` what `{}` / `{0}` get.
-    """
+    """Fill an output path template (`fields`: `{split}`, ...; `positional`: what `{}` / `{0}` get);
+    any problem is one line naming the option and the template."""
     allowed = ", ".join("{" + name + "}" for name in fields)
     if positional:
         allowed += f" (or '{{}}' for {', '.join(map(str, positional))} in that order)"

@@ -1,20 +1,11 @@
 """One run per output: an exclusive lock on an output folder (or one output file), held for a
-whole run, and `guard_outputs`, the start of every command that writes.
+whole run, and `guard_outputs`, the start of every command that writes. A second run is refused at
+once with one line naming the folder and the holder's pid.
 
-Two runs writing into the same folder (two trainings with one output_dir, two extractions of
-one feature file) would overwrite each other's files. A run takes the lock with
-
-    with FolderLock(out_dir, "output folder"):
-        ...                                   # all the writing
-
-and a second run is refused at once with one line naming the folder and the holder's pid.
-
-The lock is `fcntl.flock` on `<folder>/.vqakd.lock`, so the kernel releases it when the holder
-dies, however it dies (kill -9 included): a folder left by a killed run is simply taken over.
-The file also records who holds it (pid, host, command, start time) for the refusal message.
-On file systems without flock (some network mounts) the record alone decides: a holder on this
-host whose pid is alive keeps the folder, and so does any holder on another host (its pid
-cannot be checked; the message names the lock file to delete if that run is gone).
+The lock is `fcntl.flock` on `<folder>/.vqakd.lock`, released by the kernel however the holder
+dies (a folder left by a killed run is simply taken over); the file records the holder (pid, host,
+command, start time) for the message. Without flock (some network mounts) the record alone
+decides: a live pid on this host, or any holder on another host, keeps the folder.
 """
 
 from __future__ import annotations
@@ -38,9 +29,8 @@ except ImportError:         # Windows: only the record-based check is available
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".vqakd.lock"
-# The descriptors of the locks this process holds. A forked child (a data-loader or decoding
-# worker) closes its copies at once: the flock belongs to the open file, so a worker that
-# outlived a killed run would otherwise keep its folder locked. Closing a copy never unlocks.
+# The descriptors of the locks this process holds. A forked child (a loader worker) closes its
+# copies at once, else one that outlived a killed run would keep the folder locked.
 _HELD_FDS: set[int] = set()
 
 
@@ -120,11 +110,8 @@ def _flock(fd: int) -> bool | None:
 
 class FolderLock:
     """Context manager: hold an exclusive lock on `folder` (created if needed) while inside.
-
-    `what` names the folder in messages ("output folder", "feature folder"). `log` receives one
-    line when a stale lock of a dead run is taken over. Locks are not re-entrant: a second
-    FolderLock on the same folder is refused even in the same process.
-    """
+    `what` names the folder in messages; `log` gets one line when a dead run's lock is taken over.
+    Not re-entrant: a second FolderLock on the same folder is refused even in the same process."""
 
     def __init__(self, folder: str | os.PathLike, what: str = "output folder",
                  log: Callable[[str], Any] | None = print, lock_name: str = LOCK_NAME,
@@ -219,11 +206,9 @@ def output_lock(path: str | os.PathLike, what: str = "output file",
 def guard_outputs(inputs: Labelled, outputs: Labelled, what: str = "output folder", *,
                   file_what: str | None = None, hint: str = "", lock: bool = True,
                   log: Callable[[str], Any] | None = print) -> Iterator[None]:
-    """Before a command writes anything, and until the block ends: refuse an output that is one
-    of the `inputs` or another output (`check_output_paths`, `hint` added for two outputs that
-    collide); then, where `lock` (the process that writes: rank 0 under torchrun), prove each
-    output folder writable (`what` names it), lock it (with `file_what`, each output file alone,
-    named so: see `output_lock`) and delete the temporaries a killed run left of the outputs."""
+    """Before a command writes anything, and until the block ends: `check_output_paths`; then,
+    where `lock` (the writing process), prove each output folder writable (`what` names it), lock
+    it (with `file_what`, each output file alone: `output_lock`) and delete stale temporaries."""
     check_output_paths(inputs, outputs, hint)
     paths = [os.path.abspath(path) for _, path in labelled_paths(outputs)]
     with contextlib.ExitStack() as held:

@@ -1,11 +1,6 @@
-"""The one way this toolkit draws a progress bar.
-
-A tqdm bar redraws itself in place with carriage returns. On a terminal that is what one wants;
-in a file (`python train.py ... 2> train.err`, the demo's step logs, a batch scheduler's output)
-every redraw is kept, and a short run fills hundreds of kilobytes with them. So when the bar's
-stream is not a terminal it redraws at most once every NOT_A_TERMINAL_INTERVAL_S seconds (a long
-job still shows it is alive) and never as the live-updating postfix.
-Set VQAKD_PROGRESS=0 to hide every bar, =1 to draw them as on a terminal.
+"""The one way this toolkit draws a progress bar: tqdm, redrawn at most every
+NOT_A_TERMINAL_INTERVAL_S seconds when its stream is not a terminal (a log file would otherwise
+keep every redraw). VQAKD_PROGRESS=0 hides every bar, =1 draws them as on a terminal.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""A restricted unpickler for the question pickles of the HCRN/DualVGR family.
-
-Those files are pickles (despite the `.pt` suffix) and a pickle can run arbitrary code. The
-files hold only builtins and numpy arrays, so only the globals needed to rebuild those are
-admitted; anything else is refused with an error that names the file and the global.
+"""A restricted unpickler for the question pickles of the HCRN/DualVGR family (`.pt` files that
+are pickles) and GloVe pickles: only the globals that rebuild builtins and numpy arrays are
+admitted, and sizes a file cannot hold are refused; errors name the file.
 """
 
 from __future__ import annotations
@@ -14,21 +12,14 @@ from typing import Any
 from vqakd.core.errors import UserError
 
 # (module, name) pairs that numpy arrays, scalars and builtin containers need.
-_ALLOWED = {
-    ("builtins", "list"), ("builtins", "dict"), ("builtins", "tuple"), ("builtins", "set"),
-    ("builtins", "frozenset"), ("builtins", "int"), ("builtins", "float"), ("builtins", "str"),
-    ("builtins", "bytes"), ("builtins", "bytearray"), ("builtins", "bool"), ("builtins", "complex"),
-    ("builtins", "slice"), ("builtins", "range"),
-    ("collections", "OrderedDict"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "int8"), ("numpy", "int16"), ("numpy", "int32"), ("numpy", "int64"),
-    ("numpy", "uint8"), ("numpy", "uint16"), ("numpy", "uint32"), ("numpy", "uint64"),
-    ("numpy", "float16"), ("numpy", "float32"), ("numpy", "float64"), ("numpy", "bool_"),
-    ("numpy", "str_"), ("numpy", "bytes_"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-}
+_BUILTINS = ("list", "dict", "tuple", "set", "frozenset", "int", "float", "str", "bytes", "bytearray", "bool",
+             "complex", "slice", "range")
+_NUMPY = ("ndarray", "dtype", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+          "float16", "float32", "float64", "bool_", "str_", "bytes_")
+_NUMPY_CORE = {("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")}
+_ALLOWED = ({("builtins", name) for name in _BUILTINS} | {("numpy", name) for name in _NUMPY}
+            | {(f"numpy.{core}.{module}", name) for core in ("core", "_core") for module, name in _NUMPY_CORE}
+            | {("collections", "OrderedDict")})
 
 
 # Every buffer a question/GloVe pickle holds is written out in the file, so a pickle never needs
@@ -48,6 +39,14 @@ def _count(value: object) -> int | None:
         span = value.stop - value.start
         return max(0, (span + value.step - (1 if value.step > 0 else -1)) // value.step)
     return None
+
+
+def _elements(shape: Any) -> int:
+    """The element count of an array `shape` (an int or a tuple; entries that are not ints count 1)."""
+    count = 1
+    for dim in shape if isinstance(shape, tuple) else (shape,):
+        count *= int(dim) if isinstance(dim, int) and not isinstance(dim, bool) else 1
+    return count
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -74,11 +73,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         import numpy as np
 
         def build(subtype: Any, shape: Any, dtype: Any) -> Any:
-            dims = shape if isinstance(shape, tuple) else (shape,)
-            count = 1
-            for dim in dims:
-                count *= int(dim) if isinstance(dim, int) and not isinstance(dim, bool) else 1
-            self._check_size("an array", count)
+            self._check_size("an array", _elements(shape))
             if subtype is self._ndarray:
                 subtype = np.ndarray
             return reconstruct(subtype, shape, dtype)
@@ -94,11 +89,7 @@ class RestrictedUnpickler(pickle.Unpickler):
                 """Stands for numpy.ndarray while loading: calling it checks the size first."""
 
                 def __new__(cls, shape: Any = (0,), *args: Any, **kwargs: Any) -> Any:
-                    dims = shape if isinstance(shape, tuple) else (shape,)
-                    count = 1
-                    for dim in dims:
-                        count *= int(dim) if isinstance(dim, int) and not isinstance(dim, bool) else 1
-                    unpickler._check_size("numpy.ndarray", count)
+                    unpickler._check_size("numpy.ndarray", _elements(shape))
                     return np.ndarray(shape, *args, **kwargs)
 
             self._ndarray = _CheckedNdarray
