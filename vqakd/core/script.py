@@ -1,25 +1,12 @@
 """The start of every entry script (`prepare_script`), and train.py's command-line vocabulary that
 the config shares; standard library only, so it runs before torch is imported.
 
-Thread settings. On a CPU shared with other busy processes, OpenMP worker threads that wait at
-the end of every parallel region by spinning steal the cores the other threads of the same
-region need, and an epoch gets many times slower (bench/contention.py measures it). So, unless
-the user has set them:
-- OMP_WAIT_POLICY=PASSIVE: a waiting OpenMP thread sleeps instead of spinning (GNU OpenMP, which
-  the PyTorch wheels use);
-- KMP_BLOCKTIME=0: the same for Intel OpenMP builds;
-- VQAKD_THREADS=N sets OMP_NUM_THREADS and MKL_NUM_THREADS, the torch CPU threads, when those
-  are not set (the thread count itself stays torch's default, one per core: with the passive
-  wait, that is also the fastest choice beside another busy process).
-Settings the user exported always win. The variables only take effect if they are set before
-the OpenMP runtime starts, hence "before torch is imported".
-
-Requirements. A Python without the project's packages (say the system one instead of the
-virtual environment) gets one line and exit status 2 instead of a ModuleNotFoundError traceback:
-
-    error: torch is not installed for /usr/bin/python3; run `make venv` and use .venv/bin/python
-
-The modules are only looked up (`importlib.util.find_spec`, no import, milliseconds).
+Threads: OpenMP threads that spin while waiting steal the cores of a CPU shared with other busy
+processes (bench/contention.py), so unless the user set them, OMP_WAIT_POLICY=PASSIVE and
+KMP_BLOCKTIME=0 (GNU / Intel OpenMP), and VQAKD_THREADS=N sets OMP_NUM_THREADS and MKL_NUM_THREADS.
+They only take effect before the OpenMP runtime starts, hence before torch is imported.
+Requirements: a Python without the project's packages gets one `error:` line (exit status 2)
+instead of a ModuleNotFoundError traceback; modules are only looked up, not imported.
 """
 
 from __future__ import annotations
@@ -74,10 +61,8 @@ def exit_with(message: str) -> None:
 def apply_thread_defaults(environ: Optional[MutableMapping[str, str]] = None,
                           threads: Optional[str] = None) -> dict[str, str]:
     """Set the thread defaults in `environ` (default os.environ) where unset; return what was set.
-
-    `threads` (e.g. a command-line value) takes precedence over VQAKD_THREADS; either only sets the
-    thread-count variables the user has not set. A count that is not a positive whole number is
-    a UserError naming its source."""
+    `threads` (a command-line value) takes precedence over VQAKD_THREADS; a count that is not a
+    positive whole number is a UserError naming its source."""
     environ = os.environ if environ is None else environ
     applied = {}
     for name, value in WAIT_DEFAULTS.items():
@@ -95,21 +80,16 @@ def apply_thread_defaults(environ: Optional[MutableMapping[str, str]] = None,
     return applied
 
 
-def missing_modules(modules: Iterable[str]) -> list[str]:
-    missing = []
-    for name in modules:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def check_requirements(*extra: str, modules: Iterable[str] = CORE_MODULES) -> None:
     """Exit with one `error:` line (status 2) when a required module is not importable."""
-    missing = missing_modules(list(modules) + list(extra))
+    missing = [name for name in [*modules, *extra] if not _installed(name)]
     if not missing:
         return
     names = ", ".join(MODULE_PACKAGE.get(name, name) for name in missing)
