@@ -1,8 +1,6 @@
-"""MSVD-QA / MSRVTT-QA annotation files (docs/method.md#annotations): QA records and the video each refers to.
-
-Shared by the question preprocessing (which reads the QA records) and the feature extraction
-(which needs the list of videos and their files). Every problem is a `UserError` naming the file
-and the record.
+"""MSVD-QA / MSRVTT-QA annotation files (docs/method.md#annotations): QA records and the video
+each refers to, for the question preprocessing and the feature extraction. Every problem is a
+`UserError` naming the file and the record.
 """
 
 from __future__ import annotations
@@ -68,12 +66,8 @@ def load_qa(annotation_dir: str, split: str, dataset: str = "msvd-qa") -> list[d
 
 
 def parse_video_id(value: object) -> int | None:
-    """The video id a record's `video_id` holds, or None when it is not a whole number >= 0.
-
-    Accepted: a JSON integer, a string of digits ("12"), or a float without a fraction (12.0).
-    Refused: `true`/`false` (JSON booleans would otherwise read as 1/0), `2.9` (would read
-    as 2), negative numbers, anything else.
-    """
+    """The video id a record's `video_id` holds (an int, a string of digits, or a float without a
+    fraction), or None when it is not a whole number >= 0 (JSON booleans and 2.9 included)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -113,29 +107,20 @@ def load_msvd_mapping(annotation_dir: str) -> dict[int, str]:
     return mapping
 
 
-def _subfolder(video_dir: str, name: str) -> str:
-    candidate = os.path.join(video_dir, name)
-    return candidate if os.path.isdir(candidate) else video_dir
-
-
-class _VideoFolder:
-    """The files of one video folder, listed once (10,000 stat calls on a network file system take
-    minutes): `<name>.<release extension>` if present, else the same name in another container
-    FFmpeg reads."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
+def _find_video(folder: str, name: str, release_ext: str, listings: dict[str, set[str]]) -> str:
+    """`<name><release_ext>` in `folder` if present, else the same name in another container FFmpeg
+    reads. Each folder is listed once into `listings` (10,000 stat calls on a network file system
+    take minutes)."""
+    if folder not in listings:
         try:
-            self.names = set(os.listdir(folder))
+            listings[folder] = set(os.listdir(folder))
         except OSError:
-            self.names = set()
-
-    def path(self, name: str, release_ext: str) -> str:
-        for ext in (release_ext, *VIDEO_EXTENSIONS):
-            for candidate in (f"{name}{ext}", f"{name}{ext.upper()}"):
-                if candidate in self.names:
-                    return os.path.join(self.folder, candidate)
-        return os.path.join(self.folder, f"{name}{release_ext}")
+            listings[folder] = set()
+    for ext in (release_ext, *VIDEO_EXTENSIONS):
+        for candidate in (f"{name}{ext}", f"{name}{ext.upper()}"):
+            if candidate in listings[folder]:
+                return os.path.join(folder, candidate)
+    return os.path.join(folder, f"{name}{release_ext}")
 
 
 def other_containers(path: str) -> list[str]:
@@ -146,14 +131,6 @@ def other_containers(path: str) -> list[str]:
         return sorted(entry for entry in os.listdir(folder or ".") if os.path.splitext(entry)[0] == stem and entry != base)
     except OSError:
         return []
-
-
-def video_name(dataset: str, video_id: int, mapping: dict[int, str] | None = None) -> str:
-    if dataset == "msvd-qa":
-        if mapping is None or video_id not in mapping:
-            raise UserError(f"video id {video_id} is not in youtube_mapping.txt")
-        return mapping[video_id]
-    return f"video{video_id}"
 
 
 def list_videos(dataset: str, annotation_dir: str, video_dir: str,
@@ -171,24 +148,21 @@ def list_videos(dataset: str, annotation_dir: str, video_dir: str,
     if not present:
         raise UserError(f"no QA files ({', '.join(qa_path(annotation_dir, s) for s in splits)}) "
                         f"found in {annotation_dir}")
-    mapping = load_msvd_mapping(annotation_dir) if dataset == "msvd-qa" else None
+    mapping = load_msvd_mapping(annotation_dir) if dataset == "msvd-qa" else {}
     videos: dict[int, Video] = {}
-    folders: dict[str, _VideoFolder] = {}
-
-    def find(folder: str, name: str) -> str:
-        if folder not in folders:
-            folders[folder] = _VideoFolder(folder)
-        return folders[folder].path(name, RELEASE_EXTENSION[dataset])
-
+    listings: dict[str, set[str]] = {}
     for split in present:
         for record in load_qa(annotation_dir, split, dataset):
             vid = int(record["video_id"])
             if vid in videos:
                 continue
-            name = video_name(dataset, vid, mapping)
             if dataset == "msvd-qa":
-                folder = "YouTubeClips"
+                if vid not in mapping:
+                    raise UserError(f"video id {vid} is not in youtube_mapping.txt")
+                name, folder = mapping[vid], os.path.join(video_dir, "YouTubeClips")
             else:
-                folder = "TestVideo" if split == "test" else "TrainValVideo"
-            videos[vid] = Video(vid, name, find(_subfolder(video_dir, folder), name))
+                name = f"video{vid}"
+                folder = os.path.join(video_dir, "TestVideo" if split == "test" else "TrainValVideo")
+            folder = folder if os.path.isdir(folder) else video_dir
+            videos[vid] = Video(vid, name, _find_video(folder, name, RELEASE_EXTENSION[dataset], listings))
     return [videos[vid] for vid in sorted(videos)]

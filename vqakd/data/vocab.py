@@ -1,18 +1,11 @@
-"""The question and answer vocabularies of a dataset: one `Vocabulary` class for both the
-preprocessing (built from the train split, written as `{name}_vocab.json`) and training
-(loaded with checks, identified by its sha256 in checkpoints).
+"""The question and answer vocabularies (`Vocabulary`), built from the train split by the
+preprocessing, written as `{name}_vocab.json`, and loaded with checks for training.
 
-The rules (docs/method.md#question-preprocessing), as the HCRN / DualVGR preprocessing applied them:
-- question vocab (train only): `<NULL>`=0, `<UNK>`=1, then tokens in first-seen order;
-- answer vocab (train only): `<UNK0>`=0, `<UNK1>`=1, then the `answer_top` most frequent train
-  answers (ties in first-seen order, as `Counter.most_common` gives them);
-- a train answer outside the vocab is labelled 0, a val/test one 1 (never predicted, so wrong).
-
-The JSON file holds `question_token_to_idx`, `answer_token_to_idx` and
-`question_answer_token_to_idx`, the last being `{"<NULL>": 0, "<UNK>": 1}` as the original
-MSVD-QA / MSRVTT-QA preprocessing leaves it (docs/method.md#vocabulary-file). It is written with the
-same `json.dump(..., indent=4)` call as the original, so the files are byte-identical; files
-written by HCRN/DualVGR load too.
+The rules (docs/method.md#question-preprocessing), as HCRN / DualVGR applied them: question vocab
+`<NULL>`=0, `<UNK>`=1, then tokens in first-seen order; answer vocab `<UNK0>`=0, `<UNK1>`=1, then
+the `answer_top` most frequent train answers (ties in first-seen order); a train answer outside it
+is labelled 0, a val/test one 1 (never predicted, so wrong). The file is written with the
+original's `json.dump(..., indent=4)`, so it is byte-identical (docs/method.md#vocabulary-file).
 """
 
 from __future__ import annotations
@@ -62,8 +55,6 @@ class Vocabulary:
         self.idx_to_question_token = _tokens_by_index(self.question_token_to_idx)
         self.idx_to_answer = _tokens_by_index(self.answer_token_to_idx)
 
-    # ------------------------------------------------------------------ sizes and lookups
-
     @property
     def question_size(self) -> int:
         return len(self.question_token_to_idx)
@@ -84,8 +75,6 @@ class Vocabulary:
 
     def decode_question(self, tokens: np.ndarray, length: int) -> str:
         return " ".join(self.idx_to_question_token[int(t)] for t in tokens[:length])
-
-    # ------------------------------------------------------------------ files and records
 
     def to_json(self) -> dict[str, dict[str, int]]:
         return {key: getattr(self, key) for key in VOCAB_KEYS}
