@@ -1,17 +1,10 @@
-"""Questions: tokenization, encoding, and the `{name}_{split}_questions.pt` files.
+"""Questions: tokenization, question types, encoding, and the `{name}_{split}_questions.pt` files.
 
-The rules (docs/method.md#question-preprocessing), as the HCRN / DualVGR preprocessing applied them:
-- tokens: `question.lower()` with its final character dropped, through NLTK's Treebank word
-  tokenizer (`preserve_line=True`, so no `punkt` download is needed);
-- the vocabularies and answer labels: see vqakd/data/vocab.py (built from the train split only);
-- questions are padded with `<NULL>`=0 to the longest question of the split;
-- the train file carries the GloVe matrix (|Q| x D float32, zero rows for words GloVe lacks).
-
-The file holds the original's seven keys with the original's values and types (`question_id` is
-the running index within the split; `video_ids` and `video_names` are the same integer arrays),
-then keys of ours: `record_id` (each record's `id`), `clip_names` (the video's clip name),
-`question_text`, `answer_text` and `vocab_sha256` (docs/method.md#question-files).
-
+The rules (docs/method.md#question-preprocessing), as HCRN / DualVGR applied them: tokens are
+`question.lower()` without its final character through NLTK's Treebank tokenizer; questions are
+padded with `<NULL>`=0 to the longest of the split; the train file carries the GloVe matrix (zero
+rows for words GloVe lacks). The file holds the original's seven keys with the original's values
+and types, then ours: EXTRA_KEYS and `vocab_sha256` (docs/method.md#question-files).
 `load_question_file` is the checked reader the training data loader uses.
 """
 
@@ -19,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -28,7 +20,7 @@ from vqakd.core.progress import progress_bar
 from vqakd.data.annotations import SPLITS, check_dataset, load_msvd_mapping, load_qa, parse_video_id, qa_path
 from vqakd.core.errors import UserError
 from vqakd.data.glove import load_glove_with_stats
-from vqakd.core.files import atomic_open, file_sha256, write_json, write_pickle
+from vqakd.core.files import atomic_open, write_json, write_pickle
 from vqakd.core.safe_pickle import safe_load
 from vqakd.data.vocab import DEFAULT_ANSWER_TOP, NULL_INDEX, NULL_TOKEN, UNK_INDEX, UNK_TOKEN, Vocabulary
 
@@ -64,10 +56,7 @@ TYPE_NAMES = (*QUESTION_TYPES, "other")     # by code
 
 
 def question_type_code(first_token: str) -> int:
-    try:
-        return QUESTION_TYPES.index(first_token)
-    except ValueError:
-        return OTHER_TYPE
+    return QUESTION_TYPES.index(first_token) if first_token in QUESTION_TYPES else OTHER_TYPE
 
 
 def question_type(question: str) -> str:
@@ -106,10 +95,8 @@ def pad_questions(encoded: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndar
 
 def glove_matrix(question_token_to_idx: Mapping[str, int],
                  glove: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
-    """(|Q|, D) float32 rows in vocab order, zero for words GloVe lacks; and the number of
-    vocabulary words (besides <NULL>/<UNK>) found.
-
-    Every token is looked up, the specials included, as the original did."""
+    """(|Q|, D) float32 rows in vocab order, zero for words GloVe lacks (the specials are looked up
+    too, as the original did); and the number of vocabulary words besides <NULL>/<UNK> found."""
     dim = next(iter(glove.values())).shape[0]
     matrix = np.zeros((len(question_token_to_idx), dim), dtype=np.float32)
     found = 0
@@ -121,44 +108,36 @@ def glove_matrix(question_token_to_idx: Mapping[str, int],
     return matrix, found
 
 
-@dataclass
-class SplitRecords:
-    """One split's annotation records, tokenized and checked."""
-    source: str
-    records: list[dict]
-    tokens: list[list[str]]
-
-
-def read_split(annotation_dir: str, split: str, dataset: str, progress: bool = True) -> SplitRecords:
-    source = qa_path(annotation_dir, split)
-    records = load_qa(annotation_dir, split, dataset)
+def read_split(annotation_dir: str, split: str, dataset: str,
+               progress: bool = True) -> tuple[list[dict], list[list[str]]]:
+    """One split's annotation records, checked, and their questions' tokens."""
+    records, source = load_qa(annotation_dir, split, dataset), qa_path(annotation_dir, split)
     tokens = [record_tokens(record["question"], source, index, record.get("id", index))
               for index, record in enumerate(progress_bar(records, desc=f"tokenizing {split}", unit="q",
                                                           enabled=progress, dynamic_ncols=True))]
-    return SplitRecords(source, records, tokens)
+    return records, tokens
 
 
-def clip_names_for(dataset: str, annotation_dir: str, split_records: SplitRecords) -> list[str]:
+def clip_names_for(dataset: str, annotation_dir: str, source: str, records: list[dict]) -> list[str]:
     """Each record's clip name: MSVD-QA's from youtube_mapping.txt, MSRVTT-QA's `video{id}`."""
     if dataset != "msvd-qa":
-        return [f"video{int(record['video_id'])}" for record in split_records.records]
+        return [f"video{int(record['video_id'])}" for record in records]
     mapping = load_msvd_mapping(annotation_dir)
     names = []
-    for index, record in enumerate(split_records.records):
+    for index, record in enumerate(records):
         video_id = int(record["video_id"])
         if video_id not in mapping:
-            raise UserError(f"{split_records.source}: record {index} (id {record.get('id', index)}): video_id "
+            raise UserError(f"{source}: record {index} (id {record.get('id', index)}): video_id "
                             f"{video_id} (vid{video_id}) is not in "
                             f"{os.path.join(annotation_dir, 'youtube_mapping.txt')}")
         names.append(mapping[video_id])
     return names
 
 
-def encode_split(split_records: SplitRecords, vocab: Vocabulary, split: str,
+def encode_split(records: list[dict], tokens: list[list[str]], vocab: Vocabulary, split: str,
                  clip_names: Sequence[str]) -> dict[str, Any]:
     """The question-file object (docs/method.md#question-files) with `glove` still None."""
-    records = split_records.records
-    encoded = [vocab.encode_question(tokens) for tokens in split_records.tokens]
+    encoded = [vocab.encode_question(question) for question in tokens]
     questions, lengths = pad_questions(encoded)
     # Plain ints (annotations may write "12" or 12.0; load_qa checked they are whole numbers).
     video_ids = [parse_video_id(record["video_id"]) for record in records]
@@ -186,37 +165,35 @@ def encode_split(split_records: SplitRecords, vocab: Vocabulary, split: str,
 def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_out: str, vocab_file: str,
                      summary_out: str, glove_source: str | None = None,
                      answer_top: int = DEFAULT_ANSWER_TOP, progress: bool = True) -> dict[str, Any]:
-    """Encode one split; the train split also builds and writes the vocabulary.
-
-    `glove_source` (train only): a GloVe pickle, or a GloVe `.txt` file read for the vocab words
-    only; None stores `glove: None`. Returns the summary that is also written to `summary_out`.
-    """
+    """Encode one split; the train split also builds and writes the vocabulary. `glove_source`
+    (train only): a GloVe pickle or `.txt` file; None stores `glove: None`. Returns the summary
+    that is also written to `summary_out`."""
     check_dataset(dataset)
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if split != "train":
         vocab = Vocabulary.load(vocab_file)   # before the slow work, so a missing vocab fails fast
-        vocab_sha256 = file_sha256(vocab_file)
-    split_records = read_split(annotation_dir, split, dataset, progress)
-    names = clip_names_for(dataset, annotation_dir, split_records)
+        vocab_sha256 = vocab.sha256
+    source = qa_path(annotation_dir, split)
+    records, tokens = read_split(annotation_dir, split, dataset, progress)
+    names = clip_names_for(dataset, annotation_dir, source, records)
     if split == "train":
-        vocab = Vocabulary.build(split_records.tokens, [r["answer"] for r in split_records.records], answer_top)
+        vocab = Vocabulary.build(tokens, [r["answer"] for r in records], answer_top)
         vocab_bytes = vocab.json_bytes()
         vocab_sha256 = hashlib.sha256(vocab_bytes).hexdigest()
-    obj = encode_split(split_records, vocab, split, names)
+    obj = encode_split(records, tokens, vocab, split, names)
     # Binds this file to the exact vocabulary it was encoded with (see check_vocab_binding).
     obj[VOCAB_SHA256_KEY] = vocab_sha256
 
     summary: dict[str, Any] = {
         "dataset": dataset,
         "split": split,
-        "annotation_file": split_records.source,
-        "questions": len(split_records.records),
+        "annotation_file": source,
+        "questions": len(records),
         "max_question_length": int(obj["questions"].shape[1]),
         "question_vocab_size": len(vocab.question_token_to_idx),
         "answer_vocab_size": len(vocab.answer_token_to_idx),
-        "answer_coverage": float(np.mean([r["answer"] in vocab.answer_token_to_idx
-                                          for r in split_records.records])),
+        "answer_coverage": float(np.mean([r["answer"] in vocab.answer_token_to_idx for r in records])),
         # Padding is <NULL>, so every <UNK> is a real token.
         "unknown_token_rate": float((obj["questions"] == UNK_INDEX).sum() / obj["questions_len"].sum()),
         "questions_file": questions_out,
@@ -280,12 +257,9 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
                        answer_vocab_size: int | None = None) -> dict[str, Any]:
     """Read and check a `{name}_{split}_questions.pt` (ours, or one written by HCRN/DualVGR).
 
-    Returns a dict with `questions` (Q, L) int64, `questions_len` (Q,) int64, `question_id`
-    list (as stored: the running index in files of the original layout), `video_ids` (Q,) int64,
-    `video_names` list of str, `answers` (Q,) int64, `glove` (|Q|, D) float32 or None, and ours:
-    `record_id` (the annotation records' ids), `clip_names` (list of str) and `question_text`
-    (list of str), each None for files without it, and `vocab_sha256`.
-    The vocabulary sizes, when given, bound the token and answer indices (and `glove`'s rows).
+    Returns the file's keys with int64 arrays (`questions`, `questions_len`, `video_ids`,
+    `answers`), `glove` float32 or None, lists for the others (our EXTRA_KEYS None in files
+    without them). The vocabulary sizes, when given, bound the token and answer indices.
     """
     path = os.fspath(path)
     data = safe_load(path)
@@ -342,10 +316,9 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
                             f"{int(np.flatnonzero(~np.isfinite(glove).all(axis=1))[0])})")
         glove = glove.astype(np.float32, copy=False)
 
-    text = data.get("question_text")
-    answer_text = data.get("answer_text")
-    record_id = data.get("record_id")
-    clip_names = data.get("clip_names")
+    def strings(key: str) -> list[str] | None:
+        return None if data.get(key) is None else [str(value) for value in data[key]]
+
     return {
         "questions": questions,
         "questions_len": lengths,
@@ -354,10 +327,10 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
         "video_names": [str(name) for name in data["video_names"]],
         "answers": answers,
         "glove": glove,
-        "record_id": None if record_id is None else list(record_id),
-        "clip_names": None if clip_names is None else [str(name) for name in clip_names],
-        "question_text": None if text is None else [str(q) for q in text],
-        "answer_text": None if answer_text is None else [str(a) for a in answer_text],
+        "record_id": None if data.get("record_id") is None else list(data["record_id"]),
+        "clip_names": strings("clip_names"),
+        "question_text": strings("question_text"),
+        "answer_text": strings("answer_text"),
         VOCAB_SHA256_KEY: data.get(VOCAB_SHA256_KEY),
     }
 
@@ -370,12 +343,9 @@ REENCODE_COMMAND = ("python preprocess/preprocess_questions.py --dataset <datase
 
 def check_vocab_binding(question_file_obj: Mapping[str, Any], question_path: str, vocab_path: str,
                         vocab_sha256: str) -> None:
-    """Refuse a question file encoded with another vocabulary than the one at `vocab_path`.
-
-    `question_file_obj` is the file's object (raw, or as `load_question_file` returns it) and
-    `vocab_sha256` the sha256 of `vocab_path` (`vqakd.core.files.file_sha256`). Files without the key
-    (written by the original HCRN/DualVGR code, or before it was recorded) are accepted as they are.
-    """
+    """Refuse a question file (its object, raw or as `load_question_file` returns it) encoded with
+    another vocabulary than the one at `vocab_path` (sha256 `vocab_sha256`). Files without the key
+    (written by HCRN/DualVGR) are accepted as they are."""
     recorded = question_file_obj.get(VOCAB_SHA256_KEY)
     if recorded is None:
         return
