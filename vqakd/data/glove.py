@@ -1,15 +1,10 @@
 """GloVe word vectors: stream-parse the published text file, load the pickles made from it.
 
-The text file (`glove.840B.300d.txt`: 2.2M lines, 5.6 GB) holds one `token v1 ... vD` line per
-word, separated by single ASCII spaces. Some tokens themselves contain spaces, so a line is split
-from the right: the last D fields are the vector and everything before them is the token. Only
-ASCII spaces separate fields; other Unicode whitespace (a no-break space, say) belongs to the token.
-
-A pickle made from it (`txt2pickle.py`, or the pandas script of the HCRN codebase) is a dict
-`{word: 1-D float array}`; it is read with the restricted unpickler and its sizes are checked.
-The pandas script reads tokens such as `null`, `nan` or `NA` as missing values, so its pickles
-hold one float NaN key (all of them collapsed into one) that no question word can match: keys
-that are not strings are dropped, with a warning that counts them.
+A text line is `token v1 ... vD`, fields separated by single ASCII spaces; a token may itself hold
+spaces (or other Unicode whitespace), so a line is split from the right. A pickle (`txt2pickle.py`,
+or HCRN's pandas script) is `{word: 1-D float array}`, read with the restricted unpickler; the
+pandas script turns tokens such as `null` or `nan` into one float NaN key, so keys that are not
+strings are dropped, with a warning that counts them.
 """
 
 from __future__ import annotations
@@ -19,7 +14,7 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Collection, Iterable
+from typing import Collection
 
 import numpy as np
 
@@ -153,12 +148,11 @@ def infer_dim(path: str) -> int | None:
 def read_glove_text_with_stats(path: str | os.PathLike, dim: int | None = None,
                                keep: Collection[str] | None = None,
                                progress: bool = True) -> tuple[dict[str, np.ndarray], GloveReadStats]:
-    """Parse a GloVe text file into `{word: float32 (dim,)}`.
+    """Parse a GloVe text file into `{word: float32 (dim,)}`, and the reading statistics.
 
-    `dim` is the vector size; when None it is the most common value count of the first lines. Every line must carry exactly `dim` values after its token, else a UserError
-    names the file, the line and the token. With `keep`, only those words are parsed and
-    returned (the others are only checked for their field count). A token seen twice keeps its
-    later vector, as a dict built from the whole file would.
+    `dim` is the vector size (None: the most common value count of the first lines); a line
+    without `dim` values after its token is a UserError naming the file, the line and the token.
+    With `keep`, only those words are parsed and returned. A token seen twice keeps its later vector.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -167,9 +161,6 @@ def read_glove_text_with_stats(path: str | os.PathLike, dim: int | None = None,
     if dim is not None and dim < 1:
         raise UserError(f"the GloVe vector size must be positive, got {dim}")
     keep_bytes = None if keep is None else {word.encode("utf-8") for word in keep}
-    stats = GloveReadStats(path=path, dim=dim or 0)
-    words: dict[str, np.ndarray] = {}
-    parser: _BatchParser | None = None
     dim_source = "--dim" if dim is not None else "the first lines of the file; pass --dim to set it"
     if dim is None:
         dim = infer_dim(path)
@@ -177,6 +168,9 @@ def read_glove_text_with_stats(path: str | os.PathLike, dim: int | None = None,
             raise UserError(f"{path}: the GloVe file is empty (no word vectors in it)")
         if dim < 1:
             raise UserError(f"{path}: the first lines hold tokens without vector values; is this a GloVe file?")
+    stats = GloveReadStats(path=path, dim=dim)
+    words: dict[str, np.ndarray] = {}
+    parser = _BatchParser(path, dim, words, stats)
     total_bytes = os.path.getsize(path)
     bar = progress_bar(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                        desc=f"reading {os.path.basename(path)}", enabled=progress, dynamic_ncols=True)
@@ -193,9 +187,6 @@ def read_glove_text_with_stats(path: str | os.PathLike, dim: int | None = None,
             if not line:
                 continue
             spaces = line.count(b" ")
-            if parser is None:
-                stats.dim = dim
-                parser = _BatchParser(path, dim, words, stats)
             stats.lines += 1
             if spaces < dim:
                 token = line.split(b" ", 1)[0]
@@ -221,7 +212,7 @@ def read_glove_text_with_stats(path: str | os.PathLike, dim: int | None = None,
                 raise UserError(f"{path}: line {line_no}: empty token (the line starts with a space)")
             parser.add(token, line[cut + 1:], line_no)
         bar.update(bytes_read - bytes_shown)
-    if parser is None:
+    if not stats.lines:
         raise UserError(f"{path}: the GloVe file is empty (no word vectors in it)")
     parser.flush()
     stats.kept = len(words)
@@ -236,16 +227,11 @@ def read_glove_text(path: str | os.PathLike, dim: int | None = None, keep: Colle
     return read_glove_text_with_stats(path, dim=dim, keep=keep, progress=progress)[0]
 
 
-def non_word_keys(glove: dict) -> list:
-    """The keys of a GloVe dict that are not strings (pandas' NaN for `null`/`nan`, say)."""
-    return [key for key in glove if not isinstance(key, str)]
-
-
 def check_glove_dict(glove: object, source: str, dim: int | None = None) -> int:
     """Check a `{word: 1-D float array}` dict; return its vector size. Errors name `source`.
 
-    Keys that are not strings are not checked (no question word can match them; see
-    `non_word_keys`), but a dict with no string key at all is refused."""
+    Keys that are not strings are not checked (no question word can match them), but a dict
+    with no string key at all is refused."""
     if not isinstance(glove, dict):
         raise UserError(f"{source}: expected a dict of word -> vector, found {type(glove).__name__}")
     if not glove:
@@ -281,7 +267,7 @@ def load_glove_pickle_with_stats(path: str | os.PathLike,
                         "glove.840B.300d.txt --out <pkl>`)")
     glove = safe_load(path)
     check_glove_dict(glove, path, dim)
-    dropped = non_word_keys(glove)
+    dropped = [key for key in glove if not isinstance(key, str)]      # pandas' NaN for `null`/`nan`
     if dropped:
         for key in dropped:
             del glove[key]
@@ -317,13 +303,9 @@ def read_word_list(path: str | os.PathLike) -> list[str]:
         if not tables:
             raise UserError(f"{path}: expected a vocab JSON with question_token_to_idx or "
                             "question_answer_token_to_idx")
-        return _unique(word for key in tables for word in vocab[key])
+        return list(dict.fromkeys(word for key in tables for word in vocab[key]))
     try:
         with open(path, encoding="utf-8") as handle:
-            return _unique(line.rstrip("\r\n") for line in handle if line.strip())
+            return list(dict.fromkeys(line.rstrip("\r\n") for line in handle if line.strip()))
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
-
-
-def _unique(words: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(words))
