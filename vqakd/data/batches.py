@@ -1,20 +1,12 @@
 """A run's training data: the vocabulary, the question splits and the feature table, checked
-together and served in batches.
+together (`load_data` -> `DataBundle`) and served in batches: `QuestionBatches` is indexed by a
+whole batch of question indices (from `EpochBatchSampler`, see `make_loader`), so a batch is one
+index gather, never one HDF5 read or `__getitem__` per sample.
 
-- `load_data` assembles a `DataBundle`: the vocabulary (vqakd/data/vocab.py), the requested question
-  splits, and the feature table (vqakd/data/features.py), loaded onto its device.
-- `QuestionSplit`: one split's question tensors plus, per question, the feature-table rows of its
-  video and its question-type code.
-- `QuestionBatches`: a Dataset indexed by a *batch* of question indices (fed by
-  `EpochBatchSampler` through a DataLoader with `batch_size=None`, see `make_loader`), so a
-  batch is one index-tensor gather, never one HDF5 read or `__getitem__` per sample.
-- `glove_matrix_for`: the word-embedding initialisation of a run.
-
-Everything checkable is checked before training starts, with errors that name the file:
-dataset names and shapes, clips per video == `model.num_nodes`, feature size == `model.vision_dim`,
-every question's video present in both files (or, with `data.missing_videos: drop`, the
-questions of missing videos left out and counted: `QuestionSplit.dropped`, `with_dropped`), NaN/inf features (naming the video), token and
-answer indices inside the vocabulary, GloVe rows == question vocabulary size.
+Everything checkable is checked before training starts, with errors that name the file: layouts
+and sizes against the model, every question's video in both feature files (or, with
+`data.missing_videos: drop`, its question left out and counted: `with_dropped`), NaN/inf features,
+token and answer indices inside the vocabulary, GloVe rows == question vocabulary size.
 """
 
 from __future__ import annotations
@@ -66,8 +58,7 @@ class QuestionSplit:
         return 0 if self.dropped_qtypes is None else int(self.dropped_qtypes.numel())
 
     def display_id(self, index: int):
-        """The id a user finds in the annotations: the record's id where the file has it, else
-        the file's question_id (the running index in files of the original code)."""
+        """The id a user finds in the annotations: the record's id, else the file's question_id."""
         return (self.record_id if self.record_id is not None else self.question_id)[index]
 
     def __len__(self) -> int:
@@ -136,11 +127,10 @@ def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable,
 
 
 def with_dropped(summary: dict, split: QuestionSplit) -> dict:
-    """An evaluation summary (vqakd.training.metrics.summarize) of `split` in which the questions dropped
-    for missing videos count as wrong: they stay in every denominator (overall and per type).
-    The figures on the answered questions alone are kept next to them (`accuracy_answered`,
-    `count_answered`), and `dropped` says how many were left out. A split with nothing dropped
-    gets the same keys (accuracy_answered == accuracy, dropped 0)."""
+    """An evaluation summary (vqakd.training.metrics.summarize) of `split` in which the questions
+    dropped for missing videos count as wrong (in every denominator, overall and per type), with
+    the figures on the answered questions alone (`accuracy_answered`, `count_answered`) and
+    `dropped` next to them; a split with nothing dropped gets the same keys."""
     dropped_per_code = (torch.bincount(split.dropped_qtypes, minlength=len(QUESTION_TYPES) + 1).tolist()
                         if split.dropped else [0] * (len(QUESTION_TYPES) + 1))
 
@@ -160,17 +150,12 @@ def with_dropped(summary: dict, split: QuestionSplit) -> dict:
 class QuestionBatches(Dataset):
     """`dataset[indices]` -> one whole batch (a dict of tensors); indices is a 1-D index tensor.
 
-    When the feature table is on a GPU, the split's per-question tensors are copied there once
-    and a batch is gathered entirely on the device: one small non-blocking copy of the index,
-    no host synchronisation. `question_len` always stays on the CPU (pack_padded_sequence
-    wants CPU lengths; reading them back from a GPU would wait for the GPU).
-
-    `reuse_buffers` (a CPU table gathered in the main process): the features are written into
-    one of BUFFER_RING preallocated batch buffers in turn instead of a fresh tensor per batch.
-    A fresh 256 MiB tensor costs ~65k page faults (the allocator returns such blocks to the OS),
-    six times the copy itself. A batch's feature tensors are therefore only valid until
-    BUFFER_RING - 1 further batches have been drawn: right for a training/eval loop, wrong for
-    code that keeps batches (which must leave it off, the default).
+    With the feature table on a GPU, the per-question tensors are copied there once and a batch
+    is gathered on the device without a host sync; `question_len` stays on the CPU (what
+    pack_padded_sequence wants). `reuse_buffers` (a CPU table gathered in the main process):
+    features go into one of BUFFER_RING preallocated buffers in turn (a fresh 256 MiB tensor costs
+    six times the copy in page faults), so a batch is only valid until BUFFER_RING - 1 more have
+    been drawn: right for a training/eval loop, wrong for code that keeps batches.
     """
 
     ON_DEVICE = ("questions", "answers", "qtypes", "app_rows", "mot_rows")
@@ -225,14 +210,10 @@ class QuestionBatches(Dataset):
 
 
 class EpochBatchSampler(Sampler):
-    """Batches of question indices; shuffled with a generator seeded by (seed + epoch), so a run
-    resumed at any epoch sees exactly the batches an uninterrupted run sees.
-
-    With several processes each rank takes every world_size-th index of the same permutation;
-    for training the permutation is padded (with its own first indices) to a multiple of the
-    world size so every rank runs the same number of steps; for evaluation nothing is padded, so
-    every question is counted exactly once.
-    """
+    """Batches of question indices, shuffled by (seed + epoch), so a resumed run sees exactly the
+    batches of an uninterrupted one. Each rank takes every world_size-th index of the same
+    permutation, padded with its first indices when shuffling (training: every rank runs the same
+    steps), never when evaluating (every question counted once)."""
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_single_last: bool = False):
@@ -249,7 +230,7 @@ class EpochBatchSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _indices(self) -> torch.Tensor:
+    def _batches(self) -> list[torch.Tensor]:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.size, generator=generator)
@@ -260,29 +241,23 @@ class EpochBatchSampler(Sampler):
                 padding = (-self.size) % self.world_size
                 order = torch.cat([order, order[:padding]])
             order = order[self.rank::self.world_size]
-        return order
+        batches = list(torch.split(order, self.batch_size))
+        if self.drop_single_last and len(batches) > 1 and len(batches[-1]) == 1:
+            batches.pop()
+        return batches
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        order = self._indices()
-        batches = list(torch.split(order, self.batch_size))
-        if self.drop_single_last and batches and len(batches[-1]) == 1 and len(batches) > 1:
-            batches.pop()
-        return iter(batches)
+        return iter(self._batches())
 
     def __len__(self) -> int:
-        count = len(self._indices())
-        batches = -(-count // self.batch_size)
-        if self.drop_single_last and batches > 1 and count % self.batch_size == 1:
-            batches -= 1
-        return batches
+        return len(self._batches())
 
 
 def make_loader(split: QuestionSplit, table: FeatureTable, batch_size: int, shuffle: bool, seed: int,
                 num_workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1,
                 reuse_buffers: bool = False) -> DataLoader:
-    """Batches of `split` (this rank's share). `reuse_buffers`: see QuestionBatches; only used
-    when batches are gathered in this process (no workers: a worker's tensors travel through
-    shared memory, which a reused buffer would overwrite)."""
+    """Batches of `split` (this rank's share). `reuse_buffers`: see QuestionBatches; only without
+    workers (a worker's tensors travel through shared memory, which a reused buffer would overwrite)."""
     sampler = EpochBatchSampler(len(split), batch_size, shuffle, seed, rank, world_size, drop_single_last=shuffle)
     on_gpu = table.device.type != "cpu"
     workers = 0 if on_gpu else num_workers
