@@ -1,14 +1,7 @@
 """The video feature table: the two HDF5 feature files (docs/method.md#feature-files), checked
-and read into memory once, or read batch by batch in lazy mode.
-
-- `read_feature_header` checks one file's dataset names, shapes, dtypes and ids without reading
-  the features; `load_feature_table` checks both against the model's sizes.
-- `FeatureTable`: both files read ONCE into two tensors (appearance (V, N, F, Dv), motion
-  (V, N, Dv)), optionally as float16, optionally on the GPU; rows are looked up by video id.
-  In lazy mode (feature files larger than RAM) nothing is read up front; each process that
-  gathers a batch keeps one open handle per file and reads the batch's rows in one call.
-  NaN/inf features are reported naming the video.
-- `choose_table_device`: where the in-memory table lives (data.feature_device).
+(`read_feature_header`, `load_feature_table`) and read into memory once as two tensors, optionally
+float16, optionally on the GPU (`choose_table_device`), or read batch by batch in lazy mode (one
+open handle per file and process). NaN/inf features are reported naming the video.
 """
 
 from __future__ import annotations
@@ -161,8 +154,8 @@ class FeatureTable:
         return self.appearance.device if self.appearance is not None else torch.device("cpu")
 
     def nbytes(self) -> int:
-        size = TORCH_DTYPES[self.dtype_name].itemsize
-        return (int(np.prod(self.appearance_info.shape)) + int(np.prod(self.motion_info.shape))) * size
+        elements = int(np.prod(self.appearance_info.shape)) + int(np.prod(self.motion_info.shape))
+        return elements * self.dtype.itemsize
 
     def rows(self, video_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         app = np.array([self.appearance_info.row_of[int(v)] for v in video_ids], dtype=np.int64)
@@ -170,12 +163,8 @@ class FeatureTable:
         return app, mot
 
     def load(self, progress: bool = True, device: torch.device | None = None, copies_per_node: int = 1) -> None:
-        """Read both files into memory on `device` (default CPU), checking every video for NaN/inf.
-
-        A GPU table is filled chunk by chunk, so host memory never holds the whole table.
-        `copies_per_node`: processes on this machine that each hold a CPU copy (torchrun's
-        LOCAL_WORLD_SIZE); they share its RAM.
-        """
+        """Read both files into memory on `device` (default CPU), chunk by chunk, checking every
+        video for NaN/inf. `copies_per_node`: processes on this machine that each hold a CPU copy."""
         device = torch.device("cpu") if device is None else device
         if device.type == "cpu":
             available = _available_memory_bytes()
@@ -227,13 +216,12 @@ class FeatureTable:
                 return self.appearance.index_select(0, app_rows), self.motion.index_select(0, mot_rows)
             return (torch.index_select(self.appearance, 0, app_rows, out=out[0]),
                     torch.index_select(self.motion, 0, mot_rows, out=out[1]))
-        app_file, mot_file = self._lazy_handles()
-        rows_a, rows_m = app_rows.cpu().numpy(), mot_rows.cpu().numpy()
-        app = _convert_checked(self.appearance_info, _read_rows(self.appearance_info, app_file, rows_a), rows_a,
-                               self.dtype_name)
-        mot = _convert_checked(self.motion_info, _read_rows(self.motion_info, mot_file, rows_m), rows_m,
-                               self.dtype_name)
-        return torch.from_numpy(np.ascontiguousarray(app)), torch.from_numpy(np.ascontiguousarray(mot))
+        gathered = []
+        for info, handle, rows in zip((self.appearance_info, self.motion_info), self._lazy_handles(),
+                                      (app_rows.cpu().numpy(), mot_rows.cpu().numpy())):
+            block = _convert_checked(info, _read_rows(info, handle, rows), rows, self.dtype_name)
+            gathered.append(torch.from_numpy(np.ascontiguousarray(block)))
+        return gathered[0], gathered[1]
 
     def __getstate__(self):
         state = dict(self.__dict__)
