@@ -146,10 +146,6 @@ class FeatureTable:
         self._handles: Optional[tuple[int, Any, Any]] = None   # (pid, appearance file, motion file)
 
     @property
-    def num_nodes(self) -> int:
-        return self.appearance_info.shape[1]
-
-    @property
     def device(self) -> torch.device:
         return self.appearance.device if self.appearance is not None else torch.device("cpu")
 
