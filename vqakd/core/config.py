@@ -211,11 +211,10 @@ def _suggest(key: str, choices: list[str], prefix: str = "") -> str:
 
 def _build(cls: type, raw: Any, prefix: str, origins: dict[str, str], default_source: str) -> Any:
     """Build dataclass `cls` from the mapping `raw`, checking keys and types."""
-    where = prefix.rstrip(".") or "the top level"
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        source = origins.get(prefix.rstrip("."), default_source)
+        source, where = origins.get(prefix.rstrip("."), default_source), prefix.rstrip(".") or "the top level"
         raise UserError(f"{source}: {where} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -274,7 +273,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UserError(f"{source}: expected key=value, e.g. --set train.lr=2e-4")
     key, value_text = text.split("=", 1)
-    path = [part for part in key.strip().split(".")]
+    path = key.strip().split(".")
     if not all(path):
         raise UserError(f"{source}: {key!r} is not a dotted key such as train.lr")
     _check_key_path(path, source)

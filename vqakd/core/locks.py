@@ -97,8 +97,6 @@ def _flock(fd: int) -> bool | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             return False

@@ -15,7 +15,7 @@ DATASETS = ("msvd-qa", "msrvtt-qa")
 SPLITS = ("train", "val", "test")
 REQUIRED_FIELDS = ("question", "answer", "video_id")
 # Containers FFmpeg reads, in the order a video is looked for when `<name>.<release extension>`
-# is absent: MSVD clips re-downloaded from YouTube arrive as .mp4 or .webm, not the release's .avi.
+# is absent (MSVD clips re-downloaded from YouTube arrive as .mp4 or .webm).
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv")
 RELEASE_EXTENSION = {"msvd-qa": ".avi", "msrvtt-qa": ".mp4"}
 
@@ -52,16 +52,14 @@ def load_qa(annotation_dir: str, split: str, dataset: str = "msvd-qa") -> list[d
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise UserError(f"{path}: record {index} is a {type(record).__name__}, expected an object")
+        where = f"{path}: record {index} (id {record.get('id', index)})"
         missing = [field for field in REQUIRED_FIELDS if field not in record]
         if missing:
-            rid = record.get("id", index)
-            raise UserError(f"{path}: record {index} (id {rid}) has no {', '.join(missing)}")
+            raise UserError(f"{where} has no {', '.join(missing)}")
         if not isinstance(record["question"], str) or not isinstance(record["answer"], str):
-            raise UserError(f"{path}: record {index} (id {record.get('id', index)}): "
-                            "question and answer must be strings")
+            raise UserError(f"{where}: question and answer must be strings")
         if parse_video_id(record["video_id"]) is None:
-            raise UserError(f"{path}: record {index} (id {record.get('id', index)}): "
-                            f"video_id {record['video_id']!r} is not a whole number >= 0")
+            raise UserError(f"{where}: video_id {record['video_id']!r} is not a whole number >= 0")
     return records
 
 
@@ -70,17 +68,11 @@ def parse_video_id(value: object) -> int | None:
     fraction), or None when it is not a whole number >= 0 (JSON booleans and 2.9 included)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, float):
-        if not value.is_integer():
-            return None
-        number = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     elif isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
-        number = int(value.strip())
-    else:
-        return None
-    return number if number >= 0 else None
+        value = int(value.strip())
+    return value if isinstance(value, int) and value >= 0 else None
 
 
 def load_msvd_mapping(annotation_dir: str) -> dict[int, str]:
@@ -90,8 +82,7 @@ def load_msvd_mapping(annotation_dir: str) -> dict[int, str]:
         raise UserError(f"MSVD-QA mapping file not found: {path} (it ships with the MSVD-QA "
                         "annotations next to the {split}_qa.json files)")
     mapping: dict[int, str] = {}
-    # utf-8-sig: a byte-order mark (added by some Windows editors) would otherwise become part
-    # of the first clip's name, and that clip would then be reported missing.
+    # utf-8-sig: a byte-order mark would otherwise become part of the first clip's name.
     try:
         with open(path, encoding="utf-8-sig") as handle:
             lines = handle.read().split("\n")
