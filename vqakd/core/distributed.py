@@ -157,12 +157,9 @@ def session(*, timeout: datetime.timedelta | None = None, control_only: bool = F
 
 
 def agree(fn: Callable[[], T], what: str = "start-up") -> T:
-    """Run `fn` on every rank; if it raised on any rank, raise on every rank.
-
-    The first rank that failed re-raises its own exception (a programming error keeps its
-    traceback); the others raise a UserError naming that rank and its message, marked
-    `shown_by_main` (rank 0 prints it, the rest stay quiet). In a single process: `fn()`.
-    """
+    """Run `fn` on every rank; if it raised on any rank, raise on every rank: the first failing
+    rank its own exception (with its traceback), the others a UserError naming that rank, marked
+    `shown_by_main` (rank 0 prints it, the rest stay quiet). In a single process: `fn()`."""
     if not (is_initialized() and get_world_size() > 1):
         return fn()
     failure: BaseException | None = None
@@ -224,10 +221,9 @@ class _DifferentiableAllReduceSum(torch.autograd.Function):
 
 
 class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
-    """BatchNorm1d whose training-mode statistics cover the whole global batch, on any device and
-    backend (`torch.nn.SyncBatchNorm` refuses CPU tensors): K processes with B/K questions each
-    match one process with B, up to float rounding. Same parameters and buffers as BatchNorm1d.
-    Two reductions (sum, then squared deviations) keep the two-pass variance's accuracy."""
+    """BatchNorm1d whose training statistics cover the whole global batch on any device and backend
+    (SyncBatchNorm refuses CPU tensors): K processes with B/K questions match one with B, up to
+    rounding; two reductions (sum, then squared deviations) keep the two-pass variance's accuracy."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_initialized() and get_world_size() > 1):

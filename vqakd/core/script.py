@@ -40,10 +40,9 @@ ORIGINAL_FLAGS = {
 
 
 def prepare_script(parser=None, *requirements: str, modules: Iterable[str] = CORE_MODULES) -> None:
-    """The start of every entry script, before its slow imports: thread defaults, `--help` and
-    flag errors answered at once (when the script's parser needs no slow import), and one line
-    instead of a traceback when a requirement (`modules` and the extra `requirements`) is not
-    installed. A bad VQAKD_THREADS ends the script with one line too."""
+    """The start of every entry script, before its slow imports: thread defaults, `--help` and flag
+    errors answered at once, and one `error:` line for a missing requirement (`modules` and the
+    extra `requirements`) or a bad VQAKD_THREADS."""
     try:
         apply_thread_defaults()
     except UserError as exc:

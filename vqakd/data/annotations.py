@@ -126,14 +126,9 @@ def other_containers(path: str) -> list[str]:
 
 def list_videos(dataset: str, annotation_dir: str, video_dir: str,
                 splits: tuple[str, ...] = SPLITS) -> list[Video]:
-    """Every video referred to by the QA files of `splits` (those present), sorted by id.
-
-    MSVD-QA: `video_dir/YouTubeClips/<clip>.avi` (or `video_dir/<clip>.avi`).
-    MSRVTT-QA: `video_dir/TrainValVideo/video<id>.mp4` for train/val and
-    `video_dir/TestVideo/video<id>.mp4` for test (or `video_dir/video<id>.mp4`).
-    Where that file is absent, the same name in another container FFmpeg reads (VIDEO_EXTENSIONS:
-    `<clip>.mp4`, `<clip>.webm`, ...) is the video.
-    """
+    """Every video referred to by the QA files of `splits` (those present), sorted by id: MSVD-QA's
+    in `video_dir/YouTubeClips`, MSRVTT-QA's in `video_dir/TrainValVideo` or `video_dir/TestVideo`
+    (or `video_dir` itself where that folder is absent), found by `_find_video`."""
     check_dataset(dataset)
     present = [split for split in splits if os.path.isfile(qa_path(annotation_dir, split))]
     if not present:

@@ -149,14 +149,12 @@ def with_dropped(summary: dict, split: QuestionSplit) -> dict:
 
 class QuestionBatches(Dataset):
     """`dataset[indices]` -> one whole batch (a dict of tensors); indices is a 1-D index tensor.
-
     With the feature table on a GPU, the per-question tensors are copied there once and a batch
     is gathered on the device without a host sync; `question_len` stays on the CPU (what
     pack_padded_sequence wants). `reuse_buffers` (a CPU table gathered in the main process):
     features go into one of BUFFER_RING preallocated buffers in turn (a fresh 256 MiB tensor costs
     six times the copy in page faults), so a batch is only valid until BUFFER_RING - 1 more have
-    been drawn: right for a training/eval loop, wrong for code that keeps batches.
-    """
+    been drawn: right for a training/eval loop, wrong for code that keeps batches."""
 
     ON_DEVICE = ("questions", "answers", "qtypes", "app_rows", "mot_rows")
     BUFFER_RING = 2

@@ -129,11 +129,8 @@ def _trailing_values(line: bytes) -> int:
 
 
 def infer_dim(path: str) -> int | None:
-    """The most common vector size among the first lines (None for an empty file).
-
-    A line's size is its count of trailing numeric fields, so that a token holding spaces does
-    not count; on a tie the size seen first wins.
-    """
+    """The most common count of trailing numeric fields among the first lines (so a token holding
+    spaces does not count; on a tie the first seen wins); None for an empty file."""
     counts: Counter[int] = Counter()
     with open(path, "rb") as handle:
         for raw in handle:
@@ -148,12 +145,9 @@ def infer_dim(path: str) -> int | None:
 def read_glove_text_with_stats(path: str | os.PathLike, dim: int | None = None,
                                keep: Collection[str] | None = None,
                                progress: bool = True) -> tuple[dict[str, np.ndarray], GloveReadStats]:
-    """Parse a GloVe text file into `{word: float32 (dim,)}`, and the reading statistics.
-
-    `dim` is the vector size (None: the most common value count of the first lines); a line
-    without `dim` values after its token is a UserError naming the file, the line and the token.
-    With `keep`, only those words are parsed and returned. A token seen twice keeps its later vector.
-    """
+    """Parse a GloVe text file into `{word: float32 (dim,)}`, and the reading statistics. `dim`
+    (None: `infer_dim`) is the vector size every line must have; with `keep`, only those words are
+    parsed and returned. A token seen twice keeps its later vector."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"GloVe text file not found: {path} (download glove.840B.300d.zip from "
@@ -228,10 +222,8 @@ def read_glove_text(path: str | os.PathLike, dim: int | None = None, keep: Colle
 
 
 def check_glove_dict(glove: object, source: str, dim: int | None = None) -> int:
-    """Check a `{word: 1-D float array}` dict; return its vector size. Errors name `source`.
-
-    Keys that are not strings are not checked (no question word can match them), but a dict
-    with no string key at all is refused."""
+    """Check a `{word: 1-D float array}` dict; return its vector size. Errors name `source`. Keys
+    that are not strings are skipped (no word can match them), but one of them is needed."""
     if not isinstance(glove, dict):
         raise UserError(f"{source}: expected a dict of word -> vector, found {type(glove).__name__}")
     if not glove:

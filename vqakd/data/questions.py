@@ -255,12 +255,9 @@ def _int_array(value: Any, path: str, key: str, ndim: int) -> np.ndarray:
 
 def load_question_file(path: str | os.PathLike, question_vocab_size: int | None = None,
                        answer_vocab_size: int | None = None) -> dict[str, Any]:
-    """Read and check a `{name}_{split}_questions.pt` (ours, or one written by HCRN/DualVGR).
-
-    Returns the file's keys with int64 arrays (`questions`, `questions_len`, `video_ids`,
-    `answers`), `glove` float32 or None, lists for the others (our EXTRA_KEYS None in files
-    without them). The vocabulary sizes, when given, bound the token and answer indices.
-    """
+    """Read and check a `{name}_{split}_questions.pt` (ours, or one written by HCRN/DualVGR): int64
+    arrays, `glove` float32 or None, lists for the rest (EXTRA_KEYS None in files without them).
+    The vocabulary sizes, when given, bound the token and answer indices."""
     path = os.fspath(path)
     data = safe_load(path)
     if not isinstance(data, dict):
