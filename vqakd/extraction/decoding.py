@@ -1,6 +1,5 @@
-"""Decoding videos into network inputs in DataLoader worker processes, overlapped with the
-network on the device. Each worker decodes only the frames a video's clips need
-(`vqakd.extraction.video`); a video that cannot be decoded comes back with its reason instead of inputs."""
+"""Decoding videos into network inputs in DataLoader worker processes, overlapped with the network;
+a video that cannot be decoded comes back with its reason instead of inputs."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
-"""The two feature networks: the architecture, its weights, how uint8 video inputs become
-its float input, and the shape of one video's features.
-
-* Appearance: torchvision's ResNet-101 (ImageNet) without its classifier, one 2048-d vector
-  per frame → (N clips, F frames, 2048) per video.
-* Motion: the 3D ResNeXt-101 of Hara et al. (Kinetics), one 2048-d vector per clip of F
-  frames → (N clips, 2048) per video.
-
-Input normalisation lives here and only here: the constants, their description stored in
-the output's attributes (`normalisation()`), and their use (`prepare`).
+"""The two feature networks: architecture, weights, input normalisation (here and only here) and the
+shape of one video's features: ResNet-101 (ImageNet) gives (N clips, F frames, 2048) per video, the
+3D ResNeXt-101 of Hara et al. (Kinetics) (N clips, 2048).
 """
 
 from __future__ import annotations
@@ -24,28 +17,19 @@ from vqakd.extraction.resnext3d import resnext101
 from vqakd.extraction.settings import FEATURE_DIM, ExtractionSettings
 from vqakd.extraction.weights import WeightsIdentity, load_weights
 
-# ----- input normalisation ---------------------------------------------------------------------
-# ResNet-101: (RGB / 255 - mean) / std with the ImageNet mean. "original" is the original work's
-# constants (its third std is 0.224), "torchvision" the ones the ImageNet weights were trained with.
+# ResNet-101: (RGB / 255 - mean) / std. "original" is the original work's constants (its third std
+# is 0.224), "torchvision" the ones the ImageNet weights were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 NORMALIZATIONS = {"original": (IMAGENET_MEAN, (0.229, 0.224, 0.224)),
                   "torchvision": (IMAGENET_MEAN, (0.229, 0.224, 0.225))}
-# 3D ResNeXt-101: raw 0-255 RGB, as the original work fed it; optionally minus the mean RGB
-# (0–255) that Hara et al. subtracted when training the Kinetics models (their
-# `get_mean(1, "activitynet")`, the default of their training script).
+# 3D ResNeXt-101: raw 0-255 RGB, as the original work fed it; optionally minus the mean RGB that
+# Hara et al. trained the Kinetics models with (their `get_mean(1, "activitynet")`).
 KINETICS_MEAN = (114.7748, 107.7354, 99.4750)
-
-# torchvision's file names for ResNet-101 IMAGENET1K_V1 (current, and the same weights' older name).
-RESNET101_FILES = ("resnet101-63fe2227.pth", "resnet101-5d3b4d8f.pth")
-RESNET_HOW_TO_GET = ("download https://download.pytorch.org/models/resnet101-63fe2227.pth "
-                     "(torchvision ResNet-101 IMAGENET1K_V1) and pass it with --weights, or use "
-                     "--random-weights for a test run")
-RESNEXT101_FILES = ("resnext-101-kinetics.pth",)
 
 
 class FeatureNetwork:
-    """One feature model: its description (class attributes) and, per run, its input
-    preparation on the run's device. The torch module itself is built by `instantiate`."""
+    """One feature model: its description (class attributes) and its input preparation on the run's
+    device; `instantiate` builds the torch module."""
 
     model_name: ClassVar[str]
     kind: ClassVar[str]                  # the features it makes: "appearance" or "motion"
@@ -118,8 +102,10 @@ class ResNet101Features(FeatureNetwork):
     default_image_size = (224, 224)
     default_batch_size = 128
     per_frame = True
-    weight_files = RESNET101_FILES
-    how_to_get_weights = RESNET_HOW_TO_GET
+    weight_files = ("resnet101-63fe2227.pth", "resnet101-5d3b4d8f.pth")   # torchvision's current, older name
+    how_to_get_weights = ("download https://download.pytorch.org/models/resnet101-63fe2227.pth (torchvision "
+                          "ResNet-101 IMAGENET1K_V1) and pass it with --weights, or use --random-weights "
+                          "for a test run")
     weights_what = "ResNet-101 weights"
     memory_format = torch.channels_last
 
@@ -174,7 +160,7 @@ class ResNeXt101Features(FeatureNetwork):
     default_image_size = (112, 112)
     default_batch_size = 16
     per_frame = False
-    weight_files = RESNEXT101_FILES
+    weight_files = ("resnext-101-kinetics.pth",)
     how_to_get_weights = RESNEXT_HOW_TO_GET
     weights_what = "3D ResNeXt-101 weights"
     memory_format = torch.channels_last_3d
