@@ -98,23 +98,14 @@ def _require_gat(config: ModelConfig) -> None:
                          f"attention={config.attention!r} cannot be converted to or from one")
 
 
-def _our_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Shapes and dtypes of our state dict for `config`, without allocating any weights."""
+def _meta_state(config: ModelConfig) -> dict[str, Tensor]:
+    """Our state dict for `config` as meta tensors: shapes and dtypes, without allocating any weights."""
     with torch.device("meta"):
-        model = DualVGR(config)
-    return {key: (tuple(value.shape), value.dtype) for key, value in model.state_dict().items()}
+        return DualVGR(config).state_dict()
 
 
-def _original_shapes(config: ModelConfig, ours: dict) -> dict[str, tuple[int, ...]]:
-    shapes = {original: ours[key][0] for key, original in _renamed_keys(config)}
-    head_dim = config.module_dim // config.num_heads
-    for _, original in _gat_modules(config):
-        for h in range(config.num_heads):
-            shapes[f"{original}.attention_{h}.W.weight"] = (head_dim, config.module_dim)
-            shapes[f"{original}.attention_{h}.W.bias"] = (head_dim,)
-            shapes[f"{original}.attention_{h}.a.weight"] = (1, 2 * head_dim)
-            shapes[f"{original}.attention_{h}.a.bias"] = (1,)
-    return shapes
+def _shapes(state: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in state.items()}
 
 
 def _check_keys(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
@@ -137,8 +128,7 @@ def ours_to_original(state: Mapping[str, Tensor], config: ModelConfig) -> dict[s
     """Our state dict -> the original DualVGR key layout (strict; GAT attention only)."""
     _require_gat(config)
     _require_unshared_graph_layers(config.unit_layers, config.graph_layers, "a model", "exported to")
-    ours = _our_shapes(config)
-    _check_keys(state, {key: shape for key, (shape, _) in ours.items()}, "DualVGR state dict")
+    _check_keys(state, _shapes(_meta_state(config)), "DualVGR state dict")
     return _export(state, config)
 
 
@@ -173,8 +163,8 @@ def original_to_ours(state: Mapping[str, Tensor], config: ModelConfig,
                      source: str = "original DualVGR state dict") -> dict[str, Tensor]:
     """An original DualVGR state dict -> ours (strict); `source` starts every error message."""
     _require_gat(config)
-    ours = _our_shapes(config)
-    _check_keys(state, _original_shapes(config, ours), source)
+    ours = _meta_state(config)
+    _check_keys(state, _shapes(_export(ours, config)), source)
     result = {key: state[original].detach().clone() for key, original in _renamed_keys(config)}
     head_dim = config.module_dim // config.num_heads
     for our_prefix, original in _gat_modules(config):
@@ -186,7 +176,7 @@ def original_to_ours(state: Mapping[str, Tensor], config: ModelConfig,
         result[f"{our_prefix}.attn_neighbor"] = scores[:, head_dim:].clone()
         result[f"{our_prefix}.attn_bias"] = torch.cat([state[f"{head}.a.bias"] for head in heads])
     # Keep each tensor's dtype as our model declares it (e.g. float32 even if saved as float16).
-    return {key: value.to(ours[key][1]) for key, value in result.items()}
+    return {key: value.to(ours[key].dtype) for key, value in result.items()}
 
 
 def _indices(state: Mapping[str, Tensor], pattern: str) -> set[int]:

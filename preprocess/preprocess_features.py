@@ -5,15 +5,10 @@
     python preprocess/preprocess_features.py --dataset msvd-qa --video-dir data/msvd-qa \\
         --annotation-dir data/msvd-qa --model resnext101 --weights data/weights/resnext-101-kinetics.pth
 
-Writes `data/<dataset>/<dataset>_appearance_feat.h5` (resnet101) or `..._motion_feat.h5`
-(resnext101) unless `--out` says otherwise, and `<out>.failures.json` listing the videos that
-could not be used. A killed run resumes when the same command is started again. The exit status
-is 1 when some video failed (0 with --allow-failures), 2 for a usage or input error.
-
-Many GPUs: `torchrun --nproc_per_node=K preprocess/preprocess_features.py ...` (add torchrun's
---nnodes/--node-rank/--rdzv-* flags for several machines sharing the --out filesystem). Machines
-without a shared disk: run `--num-shards S --shard-index i` on each, copy the `<out>.parts`
-folders together and run preprocess/merge_features.py.
+Writes `data/<dataset>/<dataset>_{appearance,motion}_feat.h5` (or `--out`) and `<out>.failures.json`;
+a killed run resumes when started again. Exit status 1 when some video failed (0 with
+--allow-failures), 2 for a usage or input error. Many GPUs: run it under torchrun; machines without
+a shared disk: `--num-shards S --shard-index i` on each, then preprocess/merge_features.py.
 """
 
 import argparse
@@ -100,8 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def choose_device(args: argparse.Namespace):
-    """--device / --gpu_id, by the rule of `resolve_process_device` (under torchrun: auto and
-    cuda mean this rank's GPU, cuda:LOCAL_RANK)."""
+    """--device / --gpu_id, by the rule of `resolve_process_device` (under torchrun: this rank's GPU)."""
     if args.gpu_id is not None and args.device is not None:
         raise UserError("give either --device or --gpu_id, not both")
     if args.gpu_id is not None:
@@ -123,15 +117,14 @@ def main(argv=None) -> int:
 
 
 def _extract_in_session(args: argparse.Namespace) -> int:
-    # The ranks only agree on the plan and wait for each other (gloo, no GPU involved); the
-    # long timeout covers the final barrier, which waits for the slowest rank's last chunk.
+    # Control only (gloo); the long timeout covers the final barrier waiting for the slowest rank.
     with session(timeout=PROCESS_GROUP_TIMEOUT, control_only=True):
         return extract(args)
 
 
 def prepare(args: argparse.Namespace, held: contextlib.ExitStack):
-    """Check the command line and the folders, list the videos, set up the extractor; the
-    process that will write `<out>` locks it (held until `held` closes)."""
+    """Check the command line and the folders, list the videos, set up the extractor; the process
+    that will write `<out>` locks it until `held` closes."""
     shard = choose_shard(args)
     device = choose_device(args)
     out = args.out or os.path.join("data", args.dataset, f"{args.dataset}_{NETWORKS[args.model].kind}_feat.h5")
@@ -182,9 +175,7 @@ def report(args: argparse.Namespace, shard, out: str, result) -> int:
             print("to retry the failed videos, fix or add their files and run the same command again: a video "
                   "whose file appeared or changed is extracted again and the output re-merged (--overwrite "
                   "extracts every video again)")
-    if result.failures and not args.allow_failures:
-        return 1
-    return 0
+    return 1 if result.failures and not args.allow_failures else 0
 
 
 def written_line(result) -> str:

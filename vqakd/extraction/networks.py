@@ -53,12 +53,8 @@ class FeatureNetwork:
             raise UserError(f"unknown normalization {settings.normalization!r}; "
                             f"choose one of {', '.join(NORMALIZATIONS)}")
 
-    def build(self) -> nn.Module:
-        """The architecture with its own initialisation (weights are loaded over it)."""
-        raise NotImplementedError
-
-    def load(self, path: str) -> nn.Module:
-        """The architecture with the weights of `path`, loaded strictly."""
+    def build(self, path: str | None = None) -> nn.Module:
+        """The architecture with the weights of `path` loaded strictly (None: its own initialisation)."""
         raise NotImplementedError
 
     def instantiate(self, weights: WeightsIdentity) -> nn.Module:
@@ -69,7 +65,7 @@ class FeatureNetwork:
                 torch.manual_seed(self.settings.random_seed)
                 network = self.build()
         else:
-            network = self.load(weights.path)
+            network = self.build(weights.path)
         network = network.to(self.device).eval()
         if self.device.type == "cuda":
             network = network.to(memory_format=self.memory_format)
@@ -85,7 +81,7 @@ class FeatureNetwork:
 
     def embed(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """(B, ...) network input → (B, 2048) features."""
-        raise NotImplementedError
+        return network(inputs)
 
     @staticmethod
     def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
@@ -121,16 +117,11 @@ class ResNet101Features(FeatureNetwork):
         if settings.kinetics_mean:
             raise UserError("--kinetics-mean applies to the resnext101 motion model only")
 
-    def build(self) -> nn.Module:
+    def build(self, path: str | None = None) -> nn.Module:
         import torchvision
         network = torchvision.models.resnet101(weights=None)
-        network.fc = nn.Identity()
-        return network
-
-    def load(self, path: str) -> nn.Module:
-        import torchvision
-        network = torchvision.models.resnet101(weights=None)
-        load_weights(network, path, self.weights_what)
+        if path is not None:
+            load_weights(network, path, self.weights_what)
         network.fc = nn.Identity()
         return network
 
@@ -142,9 +133,6 @@ class ResNet101Features(FeatureNetwork):
         # (B, H, W, 3) uint8 → (B, 3, H, W); the permuted view is already channels-last in memory.
         images = batch.permute(0, 3, 1, 2).float().div_(255.0)
         return images.sub_(self.mean).div_(self.std)
-
-    def embed(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        return network(inputs)
 
     @staticmethod
     def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
@@ -175,12 +163,10 @@ class ResNeXt101Features(FeatureNetwork):
         if settings.normalization != "original":
             raise UserError("--normalization applies to the resnet101 appearance model only")
 
-    def build(self) -> nn.Module:
-        return resnext101()
-
-    def load(self, path: str) -> nn.Module:
+    def build(self, path: str | None = None) -> nn.Module:
         network = resnext101()
-        load_weights(network, path, self.weights_what)
+        if path is not None:
+            load_weights(network, path, self.weights_what)
         return network
 
     def normalisation(self) -> str:

@@ -122,26 +122,14 @@ def build_manifest(settings: ExtractionSettings, model_name: str, feature_datase
     """The manifest of a run, stored with the parts and in the output; `settings` has its image size."""
     s = settings
     return {
-        "format": MANIFEST_FORMAT,
-        "toolkit_version": vqakd.__version__,
-        "dataset": s.dataset,
-        "model": model_name,
-        "feature_dataset": feature_dataset,
-        "num_clips": s.num_clips,
-        "frames_per_clip": s.frames_per_clip,
-        "image_height": s.image_height,
-        "image_width": s.image_width,
-        "kinetics_mean": bool(s.kinetics_mean),
-        "normalisation": normalisation,
-        "normalization": s.normalization,
-        "decode_past_damage": bool(s.decode_past_damage),
-        "precision": s.precision,
-        "weights": weights_path,
-        "weights_sha256": weights_sha256,
-        "random_weights": bool(s.random_weights),
-        "chunk_videos": s.chunk_videos,
-        "videos": len(videos),
-        "videos_sha256": videos_digest(videos),
+        "format": MANIFEST_FORMAT, "toolkit_version": vqakd.__version__, "dataset": s.dataset,
+        "model": model_name, "feature_dataset": feature_dataset,
+        "num_clips": s.num_clips, "frames_per_clip": s.frames_per_clip,
+        "image_height": s.image_height, "image_width": s.image_width, "kinetics_mean": bool(s.kinetics_mean),
+        "normalisation": normalisation, "normalization": s.normalization,
+        "decode_past_damage": bool(s.decode_past_damage), "precision": s.precision,
+        "weights": weights_path, "weights_sha256": weights_sha256, "random_weights": bool(s.random_weights),
+        "chunk_videos": s.chunk_videos, "videos": len(videos), "videos_sha256": videos_digest(videos),
     }
 
 
