@@ -29,12 +29,8 @@ SAFE_COMMON_ABS_FLOOR = 1e-12
 
 def common_loss(x: Tensor, y: Tensor, mode: str = "original", rel_tol: float | None = None) -> Tensor:
     """mean((n(x̃) n(x̃)ᵀ − n(ỹ) n(ỹ)ᵀ)²) over B·N·N; x, y (B, N, d), x̃ centred over the N nodes,
-    n() L2-normalising each node.
-
-    mode="original" is the original loss: on a collapsed layer x̃ is rounding noise blown up to unit
-    length. mode="safe" drops the node pairs where either node's centred x or y is at most `rel_tol`
-    (default SAFE_COMMON_EPS_FACTOR × eps) × the sample's largest node norm or SAFE_COMMON_ABS_FLOOR;
-    the mean stays over all B·N·N pairs, so where the clips really differ it equals the original.
+    n() L2-normalising each node. mode="safe" drops the node pairs where either centred node is
+    rounding noise (see SAFE_COMMON_*; `rel_tol` overrides the relative one), still dividing by B·N·N.
     """
     if mode not in COMMON_LOSS_MODES:
         raise ValueError(f"common loss mode must be one of {', '.join(COMMON_LOSS_MODES)}, got {mode!r}")
@@ -75,10 +71,8 @@ def _safe_common_loss(x: Tensor, y: Tensor, rel_tol: float | None) -> Tensor:
 
 
 def hsic_loss(x: Tensor, y: Tensor) -> Tensor:
-    """Σ_b trace(R x xᵀ R y yᵀ) with R = I_N − 1/N, on the raw features; x, y (B, N, d).
-
-    R x xᵀ R is the Gram matrix of the centred x and trace(A K) = Σ A ⊙ K for symmetric K = y yᵀ;
-    summed (not averaged) over the batch, as in the original."""
+    """Σ_b trace(R x xᵀ R y yᵀ) with R = I_N − 1/N, on the raw features; x, y (B, N, d); summed over
+    the batch, as in the original (R x xᵀ R is the Gram matrix of the centred x)."""
     with autocast_off(x):
         x = _at_least_float32(x)
         y = _at_least_float32(y)
@@ -90,12 +84,9 @@ def hsic_loss(x: Tensor, y: Tensor) -> Tensor:
 
 def hard_loss(output: DualVGROutput, labels: Tensor, alpha: float = 100.0, beta: float = 1e-6,
               dependence_scale: float = 1, common_mode: str = "original") -> tuple[Tensor, dict[str, Tensor]]:
-    """CE + α · mean_ℓ C_ℓ + β · mean_ℓ (H^a_ℓ + H^m_ℓ), ℓ over the U·G graph layers.
-
-    Returns the total and its parts {"ce", "common", "dependence"} (unweighted layer means, still
-    attached). `dependence_scale` multiplies the dependence term, a sum over the batch: a batch split
-    over K processes with averaged gradients passes K. `common_mode`: see `common_loss`.
-    """
+    """CE + α · mean_ℓ C_ℓ + β · mean_ℓ (H^a_ℓ + H^m_ℓ) over the U·G graph layers, and its unweighted
+    parts {"ce", "common", "dependence"}. `dependence_scale` multiplies the dependence term (a sum over
+    the batch): a batch split over K processes with averaged gradients passes K."""
     layers = output.layers
     if not layers:
         raise ValueError("hard_loss needs the per-layer outputs of a DualVGR forward pass")
@@ -134,8 +125,7 @@ def kd_feature_loss(student_feat: Tensor, teacher_feat: Tensor, tau: float = 1.0
 
 def feature_distill_loss(student: DualVGROutput, teacher: DualVGROutput, tau_app: float = 1.0,
                          tau_mo: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(APP, MO): the teacher's fused MFB features against the student's appearance / motion
-    features after its last unit (before its own MFB)."""
+    """(APP, MO): the teacher's MFB features against the student's appearance / motion before its MFB."""
     app = kd_feature_loss(student.appearance, teacher.visual, tau_app)
     mo = kd_feature_loss(student.motion, teacher.visual, tau_mo)
     return app, mo

@@ -210,10 +210,9 @@ def _kwarg_int(kwargs: Mapping, name: str, derived: int | None, what: str) -> in
 
 def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, what: str,
                          claimed: dict | None = None) -> ModelConfig:
-    """Rebuild our ModelConfig from an original state dict and its `model_kwargs`.
-
-    The weights decide the number of graph layers: VQAKD's `train_kd_2.py` saves its student with
-    the teacher's `graph_layers` (4). Such a contradicted claim is ignored and recorded in `claimed`."""
+    """Our ModelConfig from an original state dict and its `model_kwargs`. The weights decide the graph
+    layers (VQAKD's `train_kd_2.py` saves its student with the teacher's 4); a contradicting claim is
+    recorded in `claimed`."""
     question_vocab, word_dim = _shape_of(state, _EMBEDDING_KEY, what, 2)
     answer_vocab, module_dim = _shape_of(state, _ANSWER_KEY, what, 2)
     _, vision_dim = _shape_of(state, _MOTION_KEY, what, 2)

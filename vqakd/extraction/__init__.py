@@ -1,9 +1,5 @@
-"""Appearance (ResNet-101) and motion (3D ResNeXt-101) feature extraction of every video.
-
-settings.py (what an extraction is), networks.py and resnext3d.py (the networks), weights.py,
-decoding.py and video.py (videos into network inputs), extractor.py (the loop), parts.py (the
-parts folder of a run in progress), plan.py (which chunks a run makes), merge.py (the output).
-"""
+"""Appearance (ResNet-101) and motion (3D ResNeXt-101) feature extraction of every video
+(the modules are described in docs/architecture.md)."""
 
 from vqakd.extraction.extractor import PROCESS_GROUP_TIMEOUT, make_extractor
 from vqakd.extraction.merge import merge_into_output

@@ -26,10 +26,8 @@ from vqakd.data.annotations import Video
 from vqakd.extraction.decoding import DecodedVideo, decoded_videos, next_decoded
 from vqakd.extraction.merge import completed_result, merge_parts
 from vqakd.extraction.networks import NETWORKS, FeatureNetwork
-from vqakd.extraction.parts import (chunk_partition, failure_record, failures_report, parts_folder,
-                                    write_chunk)
-from vqakd.extraction.plan import (finish_shard, make_plan, require_shared_parts_folder,
-                                   wait_for_chunks)
+from vqakd.extraction.parts import chunk_partition, failure_record, failures_report, parts_folder, write_chunk
+from vqakd.extraction.plan import finish_shard, make_plan, require_shared_parts_folder, wait_for_chunks
 from vqakd.extraction.settings import (FEATURE_DIM, ExtractionResult, ExtractionSettings, Shard, build_manifest,
                                        check_settings, identity_digest)
 from vqakd.extraction.weights import WeightsIdentity, find_weights
@@ -83,11 +81,8 @@ class FeatureExtractor:
 
     def run(self, videos: Sequence[Video], out_path: str, overwrite: bool = False,
             shard: Shard = Shard()) -> ExtractionResult:
-        """Extract features of `videos` into `out_path`, resuming a previous run of the same settings.
-
-        Under torchrun every rank calls this with the same arguments; with a `shard` of several,
-        only that shard's chunks are made and the output is left to `merge_parts`.
-        """
+        """Extract features of `videos` into `out_path`, resuming a previous run of the same settings;
+        a `shard` of several makes only its chunks and leaves the output to `merge_parts`."""
         if not videos:
             raise UserError("no videos to extract features from")
         rank, world = distributed.get_rank(), distributed.get_world_size()
@@ -103,17 +98,16 @@ class FeatureExtractor:
             if rank != 0:
                 return ExtractionResult(out_path, report_path, len(videos), 0, [], True, main=False)
             return completed_result(out_path, videos)
+        mine = plan.todo[rank::world]
         if world > 1:
             distributed.agree(lambda: require_shared_parts_folder(parts_dir, plan.token),
                               what="the check of the shared parts folder")
-        mine = plan.todo[rank::world]
-        if world > 1:
             label = f"{self.model.model_name} [rank {rank}/{world}]"
             total, initial = sum(len(chunks[k]) for k in mine), 0
         else:
             label, total, initial = self.model.model_name, plan.shard_videos, plan.done_videos
-        self._extract_chunks(videos, chunks, mine, parts_dir, total, initial, label,
-                             identity_digest(manifest))
+        digest = identity_digest(manifest)
+        self._extract_chunks(videos, chunks, mine, parts_dir, total, initial, label, digest)
         distributed.barrier()
         if rank != 0:
             return ExtractionResult(out_path, report_path, len(videos), 0, [], False, main=False)
@@ -183,8 +177,7 @@ class FeatureExtractor:
 
     def _split_rows(self, chunk_videos: list[Video], items: list[DecodedVideo],
                     rows: torch.Tensor) -> tuple[list[int], np.ndarray, list[dict], list[dict]]:
-        """The network's output rows of a chunk → each usable video's features, the failures, and
-        the videos written from damaged files."""
+        """A chunk's output rows → each usable video's features, the failures and the damaged videos."""
         rows = rows.cpu()
         ids, features, failures, damaged = [], [], [], []
         offset = 0
@@ -211,11 +204,8 @@ class FeatureExtractor:
 
 
 class RowBatcher:
-    """Runs rows (frames or clips) through the network in batches of exactly `batch_size`.
-
-    Rows arrive video by video; a batch may span videos. `finish()` runs what is left and returns
-    every output row in arrival order, so the batch layout depends only on the rows of a chunk.
-    """
+    """Runs rows (frames or clips), video by video, through the network in batches of exactly
+    `batch_size`; `finish()` runs the rest and returns every output row in arrival order."""
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], batch_size: int):
         self.forward = forward

@@ -101,12 +101,8 @@ def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...], id
 
 
 def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = False) -> ExtractionResult:
-    """Check the parts folders of one extraction and write its output and failure report.
-
-    The folders (one, or one per shard or machine) must hold every chunk exactly once, all made with
-    the same settings for the same video list; otherwise nothing is written and one line names the
-    offending file. The output is renamed into place when complete, then the parts are removed.
-    """
+    """Check the parts folders of one extraction (every chunk exactly once, all made with the same
+    settings for the same video list) and write its output and failure report."""
     if not parts_dirs:
         raise UserError("no parts folder given")
     folders = [read_parts_folder(os.fspath(path)) for path in parts_dirs]
@@ -190,8 +186,7 @@ def existing_output(out_path: str, manifest: dict | None, overwrite: bool) -> di
 
 
 def completed_result(out_path: str, videos: Sequence[Video] | int | None) -> ExtractionResult:
-    """The result of a finished extraction of `videos` (or of that many; None: as many as it
-    wrote), from its failure report or, without one, its ids."""
+    """The result of a finished extraction of `videos` (or that many), from its failure report or ids."""
     report_path = failures_report(out_path)
     report = read_json_or_none(report_path)
     try:

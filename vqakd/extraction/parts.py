@@ -66,8 +66,7 @@ def read_json_or_none(path: str) -> Any:
 
 
 def failure_record(video: Video, reason: str | None) -> dict:
-    """One entry of a failure report: the video, why it could not be used, and the state of its
-    file then (None: absent), so that a later run retries it once the file appears or changes."""
+    """One entry of a failure report, with the file's state then (a later run retries it if it changes)."""
     return {"video_id": video.video_id, "name": video.name, "path": video.path,
             "reason": reason or "unknown", "file": file_state(video.path)}
 
@@ -127,8 +126,7 @@ def write_chunk(parts_dir: str, chunk: int, ids: list[int], features: np.ndarray
 
 
 def read_chunk_outcome(path: str) -> tuple[int, list[dict], list[dict]]:
-    """How many videos a chunk holds, its failures, and the videos it wrote from damaged files
-    (truncated, or packets skipped)."""
+    """How many videos a chunk holds, its failures, and the videos it wrote from damaged files."""
     with np.load(path, allow_pickle=False) as part:
         damaged = json.loads(str(part["damaged"])) if "damaged" in part.files else []
         return len(part["ids"]), json.loads(str(part["failures"])), damaged

@@ -94,8 +94,7 @@ class ExtractionResult(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    """One of `count` separate runs that split the chunks of one extraction: it makes the chunks
-    k with k % count == index (a fixed rule, so every machine agrees without talking)."""
+    """One of `count` separate runs of one extraction: it makes the chunks k with k % count == index."""
     count: int = 1
     index: int = 0
 

@@ -1,16 +1,10 @@
-"""Video decoding for feature extraction: which frames form each clip, and reading them.
+"""Video decoding for feature extraction, reproducing the original's OpenCV reading (docs/preprocessing.md):
+T is the number of frames actually decoded, rotation is applied by quarter turns only, decoding stops at
+the first rejected packet (unless `past_damage`), clips follow the original's index rule.
 
-The frames reproduce the original preprocessing (docs/preprocessing.md), OpenCV's `VideoCapture`:
-T is the number of frames actually decoded; the container's rotation is applied by multiples of 90
-degrees only; decoding stops at the first packet the decoder rejects (the truncation is reported;
-`past_damage=True` skips such packets instead); clips follow the original's index rule, quirks
-included; frames are resized by Pillow (bicubic) with the size in the original's order.
-
-Decoding is sequential (seeks on AVI/mpeg4 land on unreliable key frames) and converts only the
-frames the clips need. The packet count is the first guess at T; when the decoded T differs, the
-clips are chosen again and the missing frames decoded in a second pass. No frame threads: they
-report a rejected packet late, so where decoding stops would depend on the thread count.
-Every problem with one video is a `VideoError` with a short reason.
+Decoding is sequential (seeks on AVI/mpeg4 are unreliable) and converts only the frames the clips
+need; the packet count is the first guess at T, and a second pass fetches frames a different T
+needs. No frame threads: they report a rejected packet late, at a thread-dependent place.
 """
 
 from __future__ import annotations
@@ -79,11 +73,8 @@ def clip_frame_indices(total_frames: int, num_clips: int, frames_per_clip: int) 
     centres = np.linspace(0, total_frames, num_clips + 2).astype(np.int32)[1:num_clips + 1]
     clips = []
     for centre in centres.tolist():
-        start, end = centre - half, centre + half
-        if start < 0:
-            start = 0
-        if end > total_frames:
-            end = total_frames - 1
+        start = max(centre - half, 0)
+        end = centre + half if centre + half <= total_frames else total_frames - 1
         clip = list(range(start, end))
         if start == 0:
             clip = [start] * (frames_per_clip - (end - start)) + clip
@@ -95,10 +86,7 @@ def clip_frame_indices(total_frames: int, num_clips: int, frames_per_clip: int) 
 
 @dataclass(frozen=True)
 class ClipFrames:
-    """The decoded frames a video's clips need, each stored once.
-
-    `frames[inverse[k, j]]` is frame j of clip k; `indices[k, j]` is its index in the video.
-    """
+    """The decoded frames a video's clips need, each once: frame j of clip k is `frames[inverse[k, j]]`."""
     frames: np.ndarray        # (U, H, W, 3) uint8, U distinct frames in increasing index order
     inverse: np.ndarray       # (N, F) int64 into `frames`
     indices: np.ndarray       # (N, F) int64 frame indices in the video
@@ -106,7 +94,6 @@ class ClipFrames:
     announced_frames: int     # frames the container announces (its index, else its packet count)
     truncated: bool = False   # decoding stopped at a damaged packet (frames after it left out)
     bad_packets: int = 0      # packets rejected (past_damage: skipped; otherwise the one stopped at)
-    rotation: int = 0         # counter-clockwise degrees applied (0, 90, 180 or 270)
     # Frames the header says the video has, and how many fewer may decode without it being damage.
     header_frames: int = 0
     header_slack: int = 0
@@ -289,11 +276,8 @@ def read_clip_frames(path: str, num_clips: int, frames_per_clip: int,
                      size: tuple[int, int] | None = None, threads: int = 1,
                      past_damage: bool = False) -> ClipFrames:
     """Decode the frames of `num_clips` clips of `frames_per_clip` frames from the video at `path`.
-
-    `size` is (image_height, image_width), handed to Pillow in that order as the original did (so the
-    frames are image_width rows by image_height columns); None keeps the decoded size. `threads` is
-    FFmpeg's decoder thread count (0: its choice). `past_damage` skips rejected packets.
-    """
+    `size` (image_height, image_width) goes to Pillow in that order, as in the original; None keeps
+    the decoded size. `threads`: FFmpeg's decoder threads (0: its choice)."""
     announced, _ = count_frames(path)
     guess = max(announced, 1)
     indices = clip_frame_indices(guess, num_clips, frames_per_clip)
@@ -324,4 +308,4 @@ def read_clip_frames(path: str, num_clips: int, frames_per_clip: int,
     inverse = np.searchsorted(wanted, indices)
     expected, slack = header_frames(path)
     return ClipFrames(frames, inverse, indices, total, announced, outcome.truncated,
-                      outcome.bad_packets, 90 * (outcome.turns or 0), expected, slack)
+                      outcome.bad_packets, expected, slack)

@@ -29,8 +29,7 @@ def torchvision_weights_cache() -> str:
 
 
 def find_weights(given: str | None, file_names: tuple[str, ...], what: str, how_to_get: str) -> str:
-    """The weights file: `given` (--weights), else data/weights/<name>, else torchvision's cache,
-    trying each of the published `file_names`."""
+    """The weights file: `given` (--weights), else one of `file_names` in data/weights or torch's cache."""
     if given:
         if not os.path.isfile(given):
             raise UserError(f"{what} file not found: {given}; {how_to_get}")
@@ -46,8 +45,7 @@ def find_weights(given: str | None, file_names: tuple[str, ...], what: str, how_
 
 
 def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file: a bare state dict or a checkpoint dict holding `state_dict`,
-    with any DataParallel `module.` prefix removed. Only tensors are unpickled (weights_only)."""
+    """Tensors (only: weights_only) of a state dict or checkpoint file, any `module.` prefix removed."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
