@@ -39,20 +39,20 @@ DEFAULT_NUM_WORKERS = 4
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, choices=DATASETS)
-    parser.add_argument("--video-dir", "--video_dir", dest="video_dir", required=True,
+    parser.add_argument("--video-dir", "--video_dir", required=True,
                         help="folder holding the videos (or their YouTubeClips / TrainValVideo / TestVideo folders)")
-    parser.add_argument("--annotation-dir", "--annotation_dir", dest="annotation_dir", required=True,
+    parser.add_argument("--annotation-dir", "--annotation_dir", required=True,
                         help="folder holding {train,val,test}_qa.json (and youtube_mapping.txt for MSVD-QA)")
     parser.add_argument("--model", required=True, choices=sorted(NETWORKS))
-    parser.add_argument("--num-clips", "--num_clips", dest="num_clips", type=int, default=DEFAULT_NUM_CLIPS,
+    parser.add_argument("--num-clips", "--num_clips", type=int, default=DEFAULT_NUM_CLIPS,
                         help="clips per video, N (8 for MSVD-QA, 16 for MSRVTT-QA)")
-    parser.add_argument("--frames-per-clip", "--frames_per_clip", dest="frames_per_clip", type=int,
-                        default=DEFAULT_FRAMES_PER_CLIP, help="frames per clip, F (even; default 16)")
-    parser.add_argument("--image-height", "--image_height", dest="image_height", type=int, default=None,
+    parser.add_argument("--frames-per-clip", "--frames_per_clip", type=int, default=DEFAULT_FRAMES_PER_CLIP,
+                        help="frames per clip, F (even; default 16)")
+    parser.add_argument("--image-height", "--image_height", type=int,
                         help="default 224 for resnet101, 112 for resnext101. As in the original, the "
                              "resize is given (height, width) in Pillow's (width, height) order: a "
                              "non-square size gives frames --image-width rows by --image-height columns")
-    parser.add_argument("--image-width", "--image_width", dest="image_width", type=int, default=None,
+    parser.add_argument("--image-width", "--image_width", type=int,
                         help="see --image-height (the same by default)")
     parser.add_argument("--normalization", choices=sorted(NORMALIZATIONS), default="original",
                         help="resnet101 mean/std: 'original' (the original work's, std 0.229, 0.224, "
@@ -73,24 +73,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None,
                         help="output HDF5 (default data/<dataset>/<dataset>_{appearance,motion}_feat.h5)")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--gpu-id", "--gpu_id", dest="gpu_id", type=int, default=None,
+    parser.add_argument("--gpu-id", "--gpu_id", type=int,
                         help="the original script's spelling of --device cuda:N")
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+    parser.add_argument("--batch-size", "--batch_size", type=int,
                         help="images (resnet101, default 128) or clips (resnext101, default 16) per forward pass")
-    parser.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int,
-                        default=DEFAULT_NUM_WORKERS, help="video decoding processes (0: decode in this process)")
-    parser.add_argument("--chunk-videos", dest="chunk_videos", type=int, default=DEFAULT_CHUNK_VIDEOS,
+    parser.add_argument("--num-workers", "--num_workers", type=int, default=DEFAULT_NUM_WORKERS,
+                        help="video decoding processes (0: decode in this process)")
+    parser.add_argument("--chunk-videos", type=int, default=DEFAULT_CHUNK_VIDEOS,
                         help="videos per saved chunk: the most work a killed run can lose")
     parser.add_argument("--allow-failures", action="store_true",
                         help="exit with status 0 even when some videos could not be used")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an output (or unfinished run) made with other settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--num-shards", dest="num_shards", type=int, default=1,
+    parser.add_argument("--num-shards", type=int, default=1,
                         help="split the work into this many separate runs (e.g. one per machine); each "
                              "writes <out>.parts, merged afterwards by preprocess/merge_features.py")
-    parser.add_argument("--shard-index", dest="shard_index", type=int, default=None,
-                        help="which of the --num-shards runs this is (0-based)")
+    parser.add_argument("--shard-index", type=int, help="which of the --num-shards runs this is (0-based)")
     return parser.parse_args(argv)
 
 
