@@ -1,14 +1,9 @@
 """Is graph reasoning still telling the clips apart?
 
-The graph layers of a trained DualVGR can collapse: every clip node leaves a layer with the same
-vector (GAT's attention is static on a complete graph, so once the clips look alike they stay
-alike). The common loss then centres the node features over the clips and L2-normalises what is
-left, which on a collapsed layer is rounding noise. `node_spread` measures, per graph layer and
-stream, how far the N clip vectors are apart relative to their size; `is_collapsed` is the rule
-that calls a layer collapsed and `layer_warning` the one-line warning.
-
-Everything here works on the `layers` of an ordinary forward pass (no extra model outputs), is
-detached, and loops over layers and streams only, never over the batch.
+A graph layer can collapse: every clip leaves it with the same vector, and the common loss then
+normalises rounding noise. `node_spread` measures, per graph layer and stream, how far the N clip
+vectors are apart relative to their size; `is_collapsed` is the rule, `layer_warning` the warning.
+Everything works on the detached `layers` of an ordinary forward pass.
 """
 
 from __future__ import annotations
@@ -30,8 +25,7 @@ COLLAPSE_THRESHOLD = 1e-6
 
 
 def relative_spread(nodes: Tensor) -> Tensor:
-    """(B, N, d) node features -> (B,): std over the N clips (population std, averaged over the
-    d channels) divided by the mean |value|; 0 for an all-zero sample."""
+    """(B, N, d) -> (B,): population std over the N clips (mean over d) / mean |value|; 0 if all zero."""
     values = nodes.detach().float()
     spread = values.std(dim=1, correction=0).mean(dim=-1)
     size = values.abs().mean(dim=(1, 2))
@@ -39,10 +33,7 @@ def relative_spread(nodes: Tensor) -> Tensor:
 
 
 def sample_spread(output: DualVGROutput | Sequence[LayerOutput]) -> Tensor:
-    """Per graph layer, sample and stream, the clip spread -> (layers, B, 4) float32.
-
-    Rows follow `output.layers` (layer (u, g) at row u·G + g), columns follow `STREAMS`.
-    """
+    """The clip spread -> (layers, B, 4) float32; rows follow `output.layers`, columns `STREAMS`."""
     layers = output.layers if isinstance(output, DualVGROutput) else tuple(output)
     if not layers:
         raise ValueError("node_spread needs the per-layer outputs of a DualVGR forward pass")
@@ -55,16 +46,12 @@ def node_spread(output: DualVGROutput | Sequence[LayerOutput]) -> Tensor:
 
 
 def is_collapsed(spread: Tensor, threshold: float = COLLAPSE_THRESHOLD) -> Tensor:
-    """(..., 4) spread -> (...) bool, the one collapse rule: the common appearance or the common
-    motion clips differ only by rounding, so the common loss there normalises noise."""
+    """(..., 4) spread -> (...) bool: the common appearance or motion clips differ only by rounding."""
     return (spread[..., [STREAMS.index(name) for name in COMMON_STREAMS]] < threshold).any(dim=-1)
 
 
 class NodeSpreadMeter:
-    """Accumulates `node_spread` over the batches of a split, weighted by batch size.
-
-    `update(output)` per batch (inside torch.no_grad, model in eval mode), then `columns()`.
-    """
+    """Accumulates `node_spread` over the batches of a split: `update(output)` per batch, then `columns()`."""
 
     def __init__(self, threshold: float = COLLAPSE_THRESHOLD) -> None:
         self.threshold = threshold
@@ -87,9 +74,7 @@ class NodeSpreadMeter:
         return self.total / self.samples
 
     def collapsed_fraction(self) -> Tensor:
-        """(layers,) fraction of the samples seen whose layer `is_collapsed`. The batch mean of
-        `node_spread` hides samples that collapse while others do not (an untrained teacher's
-        first layer does this); their common loss is noise all the same."""
+        """(layers,) fraction of the samples seen whose layer `is_collapsed` (the mean spread hides them)."""
         if self.collapsed is None:
             raise ValueError("NodeSpreadMeter.collapsed_fraction() before any update()")
         return self.collapsed.float() / self.samples
@@ -109,19 +94,14 @@ class NodeSpreadMeter:
 
 
 def layer_name(row: int, rows: int, graph_layers: int | None = None) -> str:
-    """Name of row `row` (0-based) of a `rows`-row node_spread: "g2" (1-based), or "u2_g1" when
-    `graph_layers` is given and there are several units (rows > graph_layers)."""
+    """Name of row `row` (0-based): "g2" (1-based), or "u2_g1" with `graph_layers` and several units."""
     if graph_layers is None or rows <= graph_layers:
         return f"g{row + 1}"
     return f"u{row // graph_layers + 1}_g{row % graph_layers + 1}"
 
 
 def spread_columns(spread: Tensor, graph_layers: int | None = None) -> dict[str, float]:
-    """(layers, 4) -> {"node_spread_g1_common_appearance": ..., ...}, one column per layer and stream.
-
-    With `graph_layers` (config.graph_layers) given and several units, layers are named "u1_g1",
-    "u1_g2", ...; a single unit always gives "g1" ... "gG".
-    """
+    """(layers, 4) -> {"node_spread_g1_common_appearance": ..., ...}, layers named by `layer_name`."""
     values = spread.detach().cpu().tolist()
     return {f"node_spread_{layer_name(row, len(values), graph_layers)}_{stream}": float(values[row][col])
             for row in range(len(values)) for col, stream in enumerate(STREAMS)}

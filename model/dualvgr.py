@@ -10,9 +10,6 @@ The layout is that of docs/method.md#network (and of the original DualVGR code i
                         G graph layers of four GAT (or GATv2) blocks (specific/common × appearance/motion)
                         a += ViewFusion(common_a, specific_a);  m += ViewFusion(common_m, specific_m)
     v = MFB(a, m) (B, N, d) ──ClipPooling──> v̄ ;  logits = AnswerHead(v̄, q)
-
-Nothing here moves a tensor to the CPU except the question lengths handed to
-`pack_padded_sequence`, which torch requires to be a CPU tensor.
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ from model.settings import ModelConfig
 GAT_LEAKY_SLOPE = 0.01          # LeakyReLU slope of the graph-attention score
 QUERY_ATTENTION_EPS = 1e-5      # added to the kept attention mass before renormalising
 
+
 class LayerOutput(NamedTuple):
     """One graph layer's results, kept for the common and dependence losses (each (B, N, d))."""
 
@@ -49,20 +47,10 @@ class DualVGROutput(NamedTuple):
     layers: tuple[LayerOutput, ...]   # U·G entries, layer (u, g) at index u·G + g
 
 
-# ----------------------------------------------------------------------------------------------
-# Encoders
-
-
 def autocast_off(tensor: Tensor):
-    """Run in the parameters' own precision even inside an autocast region: the LSTMs here and
-    the losses (model/losses.py).
-
-    For the LSTMs: oneDNN has no bf16 LSTM on CPUs without AVX512-BF16/AMX (autocast then fails outright), and
-    a bf16 hidden state carried over 16 frames drifts from the float32 network the original was
-    trained as. This gives up some GPU speed on the LSTMs (cuDNN may still use TF32 for them,
-    per torch.backends.cudnn.allow_tf32); the linear, graph and fusion layers keep running
-    under autocast.
-    """
+    """Run in the parameters' own precision inside an autocast region (the LSTMs and the losses):
+    oneDNN has no bf16 LSTM on many CPUs, and a bf16 hidden state over 16 frames drifts from the
+    float32 original. The linear, graph and fusion layers keep running under autocast."""
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
@@ -82,19 +70,16 @@ class QuestionEncoder(nn.Module):
         """question (B, L) long, question_len (B,) -> words (B, L, Dw), word_states (B, L, d), q (B, d)."""
         max_len = question.size(1)
         words = torch.tanh(self.word_dropout(self.embedding(question)))
-        # pack_padded_sequence only accepts lengths as a CPU int64 tensor; this is the one
-        # host transfer in the forward pass.
+        # pack_padded_sequence needs CPU int64 lengths: the forward pass's one host transfer.
         lengths = question_len.detach().to(device="cpu", dtype=torch.int64)
         if not bool(((lengths >= 1) & (lengths <= max_len)).all()):
             raise ValueError(f"question lengths must lie in [1, {max_len}], got {lengths.tolist()}")
         packed = pack_padded_sequence(words, lengths, batch_first=True, enforce_sorted=False)
         with autocast_off(words):
             word_states_packed, _ = self.word_lstm(packed)
-            # The sentence BiLSTM also runs on the packed sequence, so its forward state is the
-            # one at the true last word and the backward state starts there: padding cannot leak in.
+            # Packed too, so both directions start or end at the true last word: no padding leaks in.
             _, (final_hidden, _) = self.sentence_lstm(packed)
-        # Padded back to the full length L (zeros after each question's end), as the original
-        # DynamicRNN did with F.pad, so the query attention sees (B, L, d).
+        # Zero-padded back to length L, as the original DynamicRNN did with F.pad.
         word_states, _ = pad_packed_sequence(word_states_packed, batch_first=True, total_length=max_len)
         sentence = torch.cat([final_hidden[0], final_hidden[1]], dim=-1)
         return words, word_states, self.sentence_dropout(sentence)
@@ -119,10 +104,6 @@ class AppearanceEncoder(nn.Module):
         return self.output_dropout(clip_vectors.view(batch, clips, -1))
 
 
-# ----------------------------------------------------------------------------------------------
-# Reasoning unit parts
-
-
 class QueryAttention(nn.Module):
     """Attend over the question's words: c = Σ_l s_l · w_l (attended word vectors, not LSTM states)."""
 
@@ -134,8 +115,7 @@ class QueryAttention(nn.Module):
     def forward(self, words: Tensor, word_states: Tensor, word_mask: Tensor) -> Tensor:
         """words (B, L, Dw), word_states (B, L, d), word_mask (B, L) bool -> c (B, Dw)."""
         scores = self.score(F.normalize(self.feat_enhance(word_states), p=2, dim=-1)).squeeze(-1)
-        # As in the original: softmax over all L positions, zero the padded ones, renormalise
-        # by (sum + 1e-5). The epsilon makes the result depend on padding only at the 1e-5 level.
+        # As in the original: softmax over all L positions, zero the padded ones, renormalise by (sum + 1e-5).
         weights = torch.softmax(scores, dim=1) * word_mask.to(scores.dtype)
         weights = weights / (weights.sum(dim=1, keepdim=True) + QUERY_ATTENTION_EPS)
         return torch.bmm(weights.unsqueeze(1).to(words.dtype), words).squeeze(1)
@@ -158,13 +138,9 @@ def _xavier_bound(fan_in: int, fan_out: int) -> float:
 
 
 class GraphAttention(nn.Module):
-    """Multi-head graph attention over the complete graph of clips (self-loops included); its
-    subclasses `GAT` and `GATv2` make the scores e_ij.
-
-    All heads share one projection matmul: `proj.weight` stacks the per-head W (dh × d) along
-    its output rows, head h at rows [h·dh, (h+1)·dh). The message node j sends is W h_j + b
-    (`proj`), scaled by its question gate.
-    """
+    """Multi-head graph attention over the complete graph of clips (self-loops included); the
+    subclasses `GAT` and `GATv2` make the scores e_ij. `proj.weight` stacks the per-head W (dh × d),
+    head h at rows [h·dh, (h+1)·dh); node j sends W h_j + b, scaled by its question gate."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -175,8 +151,7 @@ class GraphAttention(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        # Xavier-uniform per head, with the fans of the original per-head modules (W is
-        # Linear(d -> dh)): initialising the stacked (H·dh × d) matrix as one would use the wrong fan-out.
+        # Xavier-uniform with the fans of the original per-head Linear(d -> dh), not of the stacked matrix.
         bound = _xavier_bound(self.proj.in_features, self.head_dim)
         self.proj.weight.uniform_(-bound, bound)
         self.proj.bias.zero_()
@@ -187,13 +162,11 @@ class GraphAttention(nn.Module):
         return self.proj(x).view(batch, nodes, self.num_heads, self.head_dim).transpose(1, 2)
 
     def attention_scores(self, heads: Tensor, x: Tensor) -> Tensor:
-        """Per-head node features (B, H, N, dh) of the layer input x (B, N, d) -> e (B, H, N, N),
-        e[b,h,i,j] for message j -> i."""
+        """Head features (B, H, N, dh) of input x (B, N, d) -> e (B, H, N, N), e[b,h,i,j] for j -> i."""
         raise NotImplementedError
 
     def attention_weights(self, x: Tensor) -> Tensor:
-        """Softmax attention (B, H, N, N) of input x (B, N, d), no dropout: row i is how node i
-        weighs the N messages (for diagnostics and tests)."""
+        """Softmax attention (B, H, N, N) of input x (B, N, d), no dropout (for diagnostics and tests)."""
         return torch.softmax(self.attention_scores(self.project(x), x), dim=-1)
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:
@@ -203,8 +176,7 @@ class GraphAttention(nn.Module):
         heads = self.project(x)
         attention = torch.softmax(self.attention_scores(heads, x), dim=-1)
         attention = F.dropout(attention, self.dropout, self.training)
-        # The question gate of node j scales the message node j sends; the scores above are
-        # computed from the ungated features, as in the original.
+        # Node j's gate scales its message; the scores come from the ungated features, as in the original.
         messages = heads * gate.unsqueeze(1).to(heads.dtype)
         out = F.elu(torch.matmul(attention, messages))
         out = out.transpose(1, 2).reshape(batch, nodes, self.num_heads * self.head_dim)
@@ -212,14 +184,9 @@ class GraphAttention(nn.Module):
 
 
 class GAT(GraphAttention):
-    """The original network's block: each head's score vector a = [a1 ‖ a2] is stored split:
-    `attn_self[h]` = a1 acts on W h_i (the node being updated), `attn_neighbor[h]` = a2 acts on
-    W h_j (the node sending the message), `attn_bias[h]` is a's bias, and
-    e_ij = LeakyReLU(a1·W h_i + a2·W h_j + b); the B×N×N×2dh pair tensor is never built.
-    Parameters per block: d·d + d (proj) + 2·d + H (a) = d² + 3d + H, with d = module_dim.
-    On a complete graph this attention is static: wherever the LeakyReLU stays on one branch
-    the softmax over j cancels the a1 term, so every node i attends with the same weights.
-    """
+    """The original block: e_ij = LeakyReLU(a1·W h_i + a2·W h_j + b), each head's a = [a1 ‖ a2]
+    stored as `attn_self` (a1, on the updated node i) and `attn_neighbor` (a2, on the sender j).
+    On a complete graph this attention is static: the softmax over j cancels the a1 term."""
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -244,13 +211,8 @@ class GAT(GraphAttention):
 
 
 class GATv2(GraphAttention):
-    """Brody, Alon & Yahav (ICLR 2022): e_ij = a_h · LeakyReLU(W_s h_i + b_s + W h_j + b) per
-    head, with a second stacked projection `target_proj` (W_s, b_s; same head sizes) for the node
-    being updated and one score vector `attn[h]` (dh) per head. A bias after the dot product
-    would be constant over j and cancel in the softmax, so there is none. Parameters per block:
-    2·(d·d + d) (proj, target_proj) + d (attn) = 2d² + 3d. The scores need a B×H×N×N×dh tensor
-    (B·N²·d values; N is small).
-    """
+    """Brody, Alon & Yahav (ICLR 2022): e_ij = a_h · LeakyReLU(W_s h_i + b_s + W h_j + b), with
+    `target_proj` (W_s, b_s) for the updated node; no score bias (it would cancel in the softmax)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -342,10 +304,6 @@ class ReasoningUnit(nn.Module):
         return appearance, motion, outputs
 
 
-# ----------------------------------------------------------------------------------------------
-# Fusion and answer head
-
-
 class MFBFusion(nn.Module):
     """Multimodal factorised bilinear pooling of appearance and motion, per clip."""
 
@@ -399,9 +357,6 @@ class AnswerHead(nn.Module):
         return self.classifier(self.hidden_dropout(hidden))
 
 
-# ----------------------------------------------------------------------------------------------
-
-
 class DualVGR(nn.Module):
     """The full network. `forward` returns a `DualVGROutput`."""
 
@@ -433,8 +388,7 @@ class DualVGR(nn.Module):
                         nn.init.zeros_(param)
             elif isinstance(module, nn.BatchNorm1d):
                 module.reset_parameters()
-        # GraphAttention's projections are stacked nn.Linears; re-apply their per-head fans after
-        # the generic pass above.
+        # Re-apply the per-head fans of the stacked graph-attention projections.
         for module in self.modules():
             if isinstance(module, GraphAttention):
                 module.reset_parameters()

@@ -1,10 +1,6 @@
-"""Losses of the method (docs/method.md): common loss, HSIC dependence loss, the hard loss, feature distillation
-(APP / MO) and the optional classic logit distillation.
-
-All of them are computed in at least float32 with autocast switched off: the HSIC terms of raw 768-d
-features reach 1e5–1e7 per sample, far outside what bf16 represents faithfully, and the KL
-terms are sums of many small differences.
-"""
+"""Losses of the method (docs/method.md): common, HSIC dependence, hard, feature distillation (APP / MO)
+and the optional logit distillation. All run in at least float32 with autocast off: the HSIC terms
+reach 1e5–1e7 per sample and the KL terms are sums of many small differences."""
 
 from __future__ import annotations
 
@@ -21,33 +17,20 @@ def _at_least_float32(tensor: Tensor) -> Tensor:
 
 
 COMMON_LOSS_MODES = ("original", "safe")
-# "safe" common loss: a node's centred feature counts as rounding noise when its norm is at most
-# this many machine epsilons (of the features' own dtype, e.g. bf16 under autocast) times the
-# sample's largest node norm. 8 eps is ~1e-6 in float32, the collapse threshold of
-# model/diagnostics.py; rounding in a collapsed layer stays well below it.
+# "safe" common loss: a node's centred feature is rounding noise when its norm is at most this many
+# eps (of the features' dtype) times the sample's largest node norm (8 eps ~ 1e-6 in float32, the
+# collapse threshold of model/diagnostics.py).
 SAFE_COMMON_EPS_FACTOR = 8.0
-# "safe" common loss: a node whose centred feature is at most this long (absolutely) is dropped as
-# well. It is F.normalize's eps, below which the original loss stops normalising to unit length
-# either. Without it, a sample whose features are all tiny (a stream gated down to ~1e-23 in the
-# demo's first step) has a squared largest node norm that underflows to 0 in float32, the relative
-# threshold becomes 0, nodes with a denormal spread (squared norm ~4e-45) count as real, and the
-# division's gradient, 1/‖x̃‖² ~ 2e44, overflows to inf; inf · 0 then gave NaN gradients and a NaN
-# loss at the second step. With the floor, 1/‖x̃‖² stays below 1e24.
+# ... or at most this long (F.normalize's eps). Without this floor a sample of all-tiny features
+# (~1e-23) has a relative threshold that underflows to 0, and 1/‖x̃‖² of a denormal node overflows
+# to inf: NaN gradients.
 SAFE_COMMON_ABS_FLOOR = 1e-12
 
 
 def common_loss(x: Tensor, y: Tensor, mode: str = "original", rel_tol: float | None = None) -> Tensor:
-    """mean((n(x̃) n(x̃)ᵀ − n(ỹ) n(ỹ)ᵀ)²) over B·N·N; x, y (B, N, d).
-
-    x̃ is x centred over the N nodes, n() L2-normalises each node's feature vector.
-
-    mode="original" is the original network's loss. On a collapsed layer (all clip vectors equal
-    up to rounding) x̃ is pure rounding noise and n() blows it up to unit length, so the loss and
-    its gradient are noise of order 1. mode="safe" drops every node pair (i, j) in which either
-    node's centred x or y is at most `rel_tol` × the sample's largest node norm (default
-    SAFE_COMMON_EPS_FACTOR × eps of the inputs' dtype) or at most SAFE_COMMON_ABS_FLOOR (1e-12,
-    F.normalize's eps): those pairs contribute 0 with a zero gradient, while the mean stays over
-    all B·N·N pairs, so wherever the clips really differ the value equals the original loss.
+    """mean((n(x̃) n(x̃)ᵀ − n(ỹ) n(ỹ)ᵀ)²) over B·N·N; x, y (B, N, d), x̃ centred over the N nodes,
+    n() L2-normalising each node. mode="safe" drops the node pairs where either centred node is
+    rounding noise (see SAFE_COMMON_*; `rel_tol` overrides the relative one), still dividing by B·N·N.
     """
     if mode not in COMMON_LOSS_MODES:
         raise ValueError(f"common loss mode must be one of {', '.join(COMMON_LOSS_MODES)}, got {mode!r}")
@@ -88,12 +71,8 @@ def _safe_common_loss(x: Tensor, y: Tensor, rel_tol: float | None) -> Tensor:
 
 
 def hsic_loss(x: Tensor, y: Tensor) -> Tensor:
-    """Σ_b trace(R x xᵀ R y yᵀ) with R = I_N − 1/N, on the raw features; x, y (B, N, d).
-
-    R x xᵀ R is the Gram matrix of the node-centred x, and trace(A K) = Σ A ⊙ K for the
-    symmetric K = y yᵀ, so the whole batch is two bmm's and one sum (summed, not averaged,
-    over the batch, as in the original).
-    """
+    """Σ_b trace(R x xᵀ R y yᵀ) with R = I_N − 1/N, on the raw features; x, y (B, N, d); summed over
+    the batch, as in the original (R x xᵀ R is the Gram matrix of the centred x)."""
     with autocast_off(x):
         x = _at_least_float32(x)
         y = _at_least_float32(y)
@@ -105,14 +84,9 @@ def hsic_loss(x: Tensor, y: Tensor) -> Tensor:
 
 def hard_loss(output: DualVGROutput, labels: Tensor, alpha: float = 100.0, beta: float = 1e-6,
               dependence_scale: float = 1, common_mode: str = "original") -> tuple[Tensor, dict[str, Tensor]]:
-    """CE + α · mean_ℓ C_ℓ + β · mean_ℓ (H^a_ℓ + H^m_ℓ), ℓ over the U·G graph layers.
-
-    Returns the total and its parts {"ce", "common", "dependence"} (unweighted layer means,
-    still attached to the graph so callers can log or reuse them). `dependence_scale`
-    multiplies the dependence term, a sum over the batch: a batch split over K processes whose
-    gradients are averaged passes K, so the total equals the one-process one. `common_mode`:
-    "original" or "safe", see `common_loss`.
-    """
+    """CE + α · mean_ℓ C_ℓ + β · mean_ℓ (H^a_ℓ + H^m_ℓ) over the U·G graph layers, and its unweighted
+    parts {"ce", "common", "dependence"}. `dependence_scale` multiplies the dependence term (a sum over
+    the batch): a batch split over K processes with averaged gradients passes K."""
     layers = output.layers
     if not layers:
         raise ValueError("hard_loss needs the per-layer outputs of a DualVGR forward pass")
@@ -133,17 +107,13 @@ def hard_loss(output: DualVGROutput, labels: Tensor, alpha: float = 100.0, beta:
 
 
 def with_regularisers(fit: Tensor, common: Tensor, dependence: Tensor, alpha: float, beta: float) -> Tensor:
-    """fit + α · common + β · dependence, added in this order; `fit` is the cross-entropy of the
-    hard loss, or the logit-distillation term that replaces it."""
+    """fit + α · common + β · dependence, in this order (`fit`: cross-entropy or logit distillation)."""
     return fit + alpha * common + beta * dependence
 
 
 def kd_feature_loss(student_feat: Tensor, teacher_feat: Tensor, tau: float = 1.0) -> Tensor:
-    """KL(softmax(t/τ) ‖ softmax(s/τ)) over the last (channel) dimension, summed over every
-    other position and divided by the batch size (`KLDivLoss(reduction="batchmean")`); no τ².
-
-    The teacher side is detached: no gradient ever reaches the teacher.
-    """
+    """KL(softmax(t/τ) ‖ softmax(s/τ)) over the last dimension, summed over the other positions and
+    divided by the batch size (`reduction="batchmean"`); no τ². The teacher side is detached."""
     if student_feat.shape != teacher_feat.shape:
         raise ValueError(f"student features {tuple(student_feat.shape)} and teacher features "
                          f"{tuple(teacher_feat.shape)} differ in shape")
@@ -155,8 +125,7 @@ def kd_feature_loss(student_feat: Tensor, teacher_feat: Tensor, tau: float = 1.0
 
 def feature_distill_loss(student: DualVGROutput, teacher: DualVGROutput, tau_app: float = 1.0,
                          tau_mo: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(APP, MO): the teacher's fused MFB features against the student's appearance / motion
-    features after its last unit (before its own MFB)."""
+    """(APP, MO): the teacher's MFB features against the student's appearance / motion before its MFB."""
     app = kd_feature_loss(student.appearance, teacher.visual, tau_app)
     mo = kd_feature_loss(student.motion, teacher.visual, tau_mo)
     return app, mo

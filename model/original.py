@@ -1,17 +1,10 @@
 """Checkpoints written by the original DualVGR / VQAKD code (docs/method.md#original-checkpoint-layout).
 
-Those files are a `torch.save` of `{epoch, state_dict, optimizer, model_kwargs}` whose
-state-dict keys follow the original module tree (`linguistic_input_unit.*`,
-`visual_input_unit.appearance_GCN.{k}.attention_{h}.W.weight`, ...). `original_to_ours` and
-`ours_to_original` translate between that layout and ours, both strictly: a missing or extra
-key, or a shape that does not fit the config, raises an OriginalCheckpointError naming the key.
-`convert_original_checkpoint` turns such a file's contents (read by the caller) into our config
-and state dict.
-
-The only structural difference is the graph-attention block: the original keeps one module
-per head (`attention_{h}.W`: Linear(d → dh), `attention_{h}.a`: Linear(2·dh → 1)); ours stacks
-the heads' W into one Linear(d → H·dh) and splits a into `attn_self` (first dh weights, acting
-on h_i) and `attn_neighbor` (last dh weights, acting on h_j).
+`original_to_ours` and `ours_to_original` translate between that state-dict layout and ours,
+strictly (a missing or extra key or a wrong shape raises an OriginalCheckpointError naming it).
+The only structural difference is the graph-attention block: the original keeps one module per
+head (`attention_{h}.W`: Linear(d → dh), `attention_{h}.a`: Linear(2·dh → 1)); ours stacks the W
+into one Linear(d → H·dh) and splits a into `attn_self` (first dh) and `attn_neighbor` (last dh).
 """
 
 from __future__ import annotations
@@ -105,60 +98,43 @@ def _require_gat(config: ModelConfig) -> None:
                          f"attention={config.attention!r} cannot be converted to or from one")
 
 
-def _our_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Shapes and dtypes of our state dict for `config`, without allocating any weights."""
+def _meta_state(config: ModelConfig) -> dict[str, Tensor]:
+    """Our state dict for `config` as meta tensors: shapes and dtypes, without allocating any weights."""
     with torch.device("meta"):
-        model = DualVGR(config)
-    return {key: (tuple(value.shape), value.dtype) for key, value in model.state_dict().items()}
+        return DualVGR(config).state_dict()
 
 
-def _original_shapes(config: ModelConfig, ours: dict) -> dict[str, tuple[int, ...]]:
-    shapes = {original: ours[key][0] for key, original in _renamed_keys(config)}
-    head_dim = config.module_dim // config.num_heads
-    for _, original in _gat_modules(config):
-        for h in range(config.num_heads):
-            shapes[f"{original}.attention_{h}.W.weight"] = (head_dim, config.module_dim)
-            shapes[f"{original}.attention_{h}.W.bias"] = (head_dim,)
-            shapes[f"{original}.attention_{h}.a.weight"] = (1, 2 * head_dim)
-            shapes[f"{original}.attention_{h}.a.bias"] = (1,)
-    return shapes
+def _shapes(state: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in state.items()}
 
 
 def _check_keys(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
     missing = [key for key in expected if key not in state]
-    if missing:
-        raise OriginalCheckpointError(
-            f"{what}: missing key {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     extra = [key for key in state if key not in expected]
-    if extra:
-        raise OriginalCheckpointError(
-            f"{what}: unexpected key {extra[0]!r}"
-            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for problem, keys in (("missing", missing), ("unexpected", extra)):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise OriginalCheckpointError(f"{what}: {problem} key {keys[0]!r}{more}")
     for key, shape in expected.items():
         value = state[key]
         if not isinstance(value, Tensor):
-            raise OriginalCheckpointError(
-                f"{what}: key {key!r} holds a {type(value).__name__}, not a tensor")
+            raise OriginalCheckpointError(f"{what}: key {key!r} holds a {type(value).__name__}, not a tensor")
         if tuple(value.shape) != tuple(shape):
             raise OriginalCheckpointError(
                 f"{what}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
 
 
 def ours_to_original(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """Our state dict -> the original DualVGR key layout (strict; GAT attention only, and not
-    several units with several graph layers each, see `_require_unshared_graph_layers`)."""
+    """Our state dict -> the original DualVGR key layout (strict; GAT attention only)."""
     _require_gat(config)
     _require_unshared_graph_layers(config.unit_layers, config.graph_layers, "a model", "exported to")
-    ours = _our_shapes(config)
-    _check_keys(state, {key: shape for key, (shape, _) in ours.items()}, "DualVGR state dict")
+    _check_keys(state, _shapes(_meta_state(config)), "DualVGR state dict")
     return _export(state, config)
 
 
 def _require_unshared_graph_layers(unit_layers: int, graph_layers: int, what: str, verb: str) -> None:
-    """The original code runs graph layer (u, g) with module index u + g: its units share graph
-    layers and some stored modules are never used. That network has no per-unit form (index
-    u·G + g), so converting it either way would silently change what the weights compute."""
+    """The original runs graph layer (u, g) with module index u + g (units share graph layers), which
+    has no per-unit form (index u·G + g): converting it either way would change what the weights compute."""
     if unit_layers > 1 and graph_layers > 1:
         raise OriginalCheckpointError(
             f"{what} with unit_layers={unit_layers} and graph_layers={graph_layers} cannot be {verb} the "
@@ -185,13 +161,10 @@ def _export(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tenso
 
 def original_to_ours(state: Mapping[str, Tensor], config: ModelConfig,
                      source: str = "original DualVGR state dict") -> dict[str, Tensor]:
-    """An original DualVGR state dict -> ours (strict: every key present, none extra, shapes fit).
-
-    `source` starts every error message (e.g. the checkpoint's path). GAT attention only.
-    """
+    """An original DualVGR state dict -> ours (strict); `source` starts every error message."""
     _require_gat(config)
-    ours = _our_shapes(config)
-    _check_keys(state, _original_shapes(config, ours), source)
+    ours = _meta_state(config)
+    _check_keys(state, _shapes(_export(ours, config)), source)
     result = {key: state[original].detach().clone() for key, original in _renamed_keys(config)}
     head_dim = config.module_dim // config.num_heads
     for our_prefix, original in _gat_modules(config):
@@ -203,7 +176,7 @@ def original_to_ours(state: Mapping[str, Tensor], config: ModelConfig,
         result[f"{our_prefix}.attn_neighbor"] = scores[:, head_dim:].clone()
         result[f"{our_prefix}.attn_bias"] = torch.cat([state[f"{head}.a.bias"] for head in heads])
     # Keep each tensor's dtype as our model declares it (e.g. float32 even if saved as float16).
-    return {key: value.to(ours[key][1]) for key, value in result.items()}
+    return {key: value.to(ours[key].dtype) for key, value in result.items()}
 
 
 def _indices(state: Mapping[str, Tensor], pattern: str) -> set[int]:
@@ -214,8 +187,7 @@ def _indices(state: Mapping[str, Tensor], pattern: str) -> set[int]:
 def _shape_of(state: Mapping[str, Tensor], key: str, what: str, dims: int) -> tuple[int, ...]:
     value = state.get(key)
     if value is None:
-        raise OriginalCheckpointError(
-            f"{what}: missing key {key!r}")
+        raise OriginalCheckpointError(f"{what}: missing key {key!r}")
     if not isinstance(value, Tensor) or value.dim() != dims:
         raise OriginalCheckpointError(
             f"{what}: key {key!r} should be a {dims}-d tensor, "
@@ -227,11 +199,9 @@ def _kwarg_int(kwargs: Mapping, name: str, derived: int | None, what: str) -> in
     """An integer from model_kwargs, cross-checked against what the weights say."""
     value = kwargs.get(name, derived)
     if value is None:
-        raise OriginalCheckpointError(
-            f"{what}: model_kwargs has no {name!r}")
+        raise OriginalCheckpointError(f"{what}: model_kwargs has no {name!r}")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise OriginalCheckpointError(
-            f"{what}: model_kwargs[{name!r}] = {value!r} is not an integer")
+        raise OriginalCheckpointError(f"{what}: model_kwargs[{name!r}] = {value!r} is not an integer")
     if derived is not None and value != derived:
         raise OriginalCheckpointError(
             f"{what}: model_kwargs[{name!r}] = {value} but the weights imply {derived}")
@@ -240,12 +210,9 @@ def _kwarg_int(kwargs: Mapping, name: str, derived: int | None, what: str) -> in
 
 def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, what: str,
                          claimed: dict | None = None) -> ModelConfig:
-    """Rebuild our ModelConfig from an original state dict and its `model_kwargs`.
-
-    The weights decide the number of graph layers: VQAKD's `train_kd_2.py` saves the student
-    with `model_kwargs['graph_layers']` copied from the teacher's config (4) although the student
-    has one graph layer. Such a claim that the weights contradict is ignored and, when `claimed`
-    is given, recorded there ({"graph_layers": 4}) so the caller can say so."""
+    """Our ModelConfig from an original state dict and its `model_kwargs`. The weights decide the graph
+    layers (VQAKD's `train_kd_2.py` saves its student with the teacher's 4); a contradicting claim is
+    recorded in `claimed`."""
     question_vocab, word_dim = _shape_of(state, _EMBEDDING_KEY, what, 2)
     answer_vocab, module_dim = _shape_of(state, _ANSWER_KEY, what, 2)
     _, vision_dim = _shape_of(state, _MOTION_KEY, what, 2)
@@ -255,8 +222,7 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
     graph_modules = _indices(state, r"visual_input_unit\.appearance_GCN\.(\d+)\.")
     heads = _indices(state, r"visual_input_unit\.appearance_GCN\.0\.attention_(\d+)\.")
     if not units:
-        raise OriginalCheckpointError(
-            f"{what}: missing key 'visual_input_unit.queryAttn.0.fc.weight'")
+        raise OriginalCheckpointError(f"{what}: missing key 'visual_input_unit.queryAttn.0.fc.weight'")
     if not graph_modules or not heads:
         raise OriginalCheckpointError(
             f"{what}: missing key 'visual_input_unit.appearance_GCN.0.attention_0.W.weight'")
@@ -275,8 +241,7 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
     if graph_module != "GAT":
         raise OriginalCheckpointError(
             f"{what}: model_kwargs['graph_module'] = {graph_module!r}; only 'GAT' models exist")
-    # DualVGR's own train.py never stored `unit_layers` (its model then used the class default),
-    # so the unit and layer counts come from the weights and are only cross-checked here.
+    # DualVGR's train.py never stored `unit_layers`: the counts come from the weights, cross-checked here.
     unit_layers = _kwarg_int(model_kwargs, "unit_layers", unit_layers, what)
     claim = _kwarg_int(model_kwargs, "graph_layers", None, what) if "graph_layers" in model_kwargs else graph_layers
     if claim != graph_layers and claimed is not None:
@@ -299,17 +264,13 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
 
 def convert_original_checkpoint(checkpoint: Mapping, path: str,
                                 claimed: dict | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """The contents of a checkpoint written by the original DualVGR/VQAKD code (the dict its
-    `torch.save` wrote, already loaded) -> (our config, our state dict). `path` starts every
-    error message; `claimed` collects model_kwargs values the weights contradict (see
-    `config_from_original`)."""
+    """A loaded original DualVGR/VQAKD checkpoint dict -> (our config, our state dict). `path` starts
+    every error message; `claimed` collects model_kwargs values the weights contradict."""
     if "state_dict" not in checkpoint:
-        raise OriginalCheckpointError(
-            f"{path}: not an original DualVGR checkpoint (no 'state_dict' entry)")
+        raise OriginalCheckpointError(f"{path}: not an original DualVGR checkpoint (no 'state_dict' entry)")
     state = checkpoint["state_dict"]
     if not isinstance(state, Mapping):
-        raise OriginalCheckpointError(
-            f"{path}: 'state_dict' is a {type(state).__name__}, not a mapping")
+        raise OriginalCheckpointError(f"{path}: 'state_dict' is a {type(state).__name__}, not a mapping")
     model_kwargs = checkpoint.get("model_kwargs")
     if not isinstance(model_kwargs, Mapping):
         raise OriginalCheckpointError(

@@ -1,6 +1,5 @@
-"""The network's settings: `ModelConfig` (everything needed to rebuild a DualVGR, stored in
-every checkpoint) and its checks, written once for the model and the config file's `model:`
-section alike."""
+"""`ModelConfig` (everything needed to rebuild a DualVGR, stored in every checkpoint) and its checks,
+shared by the model and the config file's `model:` section."""
 
 from __future__ import annotations
 
@@ -30,9 +29,7 @@ class ModelConfig:
     encoder_dropout: float = 0.18   # on the sentence vector q and the clip vectors a
     graph_dropout: float = 0.15     # GAT input, attention weights and output
     head_dropout: float = 0.15      # clip pooling input and both classifier dropouts
-    # Graph-attention score: "gat" is the original network's (static attention: on a complete
-    # graph every clip attends with the same weights); "gatv2" scores each (i, j) pair through
-    # a LeakyReLU before the dot product, so the weights depend on the query clip i.
+    # "gat": the original (static) graph attention; "gatv2": weights that depend on the query clip.
     attention: str = "gat"
 
     def __post_init__(self) -> None:
@@ -47,9 +44,8 @@ DROPOUT_FIELDS = ("word_dropout", "frame_dropout", "encoder_dropout", "graph_dro
 
 
 def model_config_problems(settings: Any, prefix: str) -> list[str]:
-    """What is wrong with ModelConfig values, each problem as `<prefix><field> ...`, in a fixed
-    order. `settings` is a ModelConfig or anything with some of its fields as attributes (the
-    config file's `model:` section); fields it lacks are not checked."""
+    """What is wrong with ModelConfig values (`<prefix><field> ...`, fixed order); `settings` may be
+    anything with some of its fields as attributes (fields it lacks are not checked)."""
     def value(name: str) -> Any:
         return getattr(settings, name, None)
 

@@ -10,12 +10,9 @@
     python preprocess/merge_features.py --out data/msvd-qa/msvd-qa_appearance_feat.h5 \\
         machine0/msvd-qa_appearance_feat.h5.parts machine1/msvd-qa_appearance_feat.h5.parts
 
-The parts must hold every chunk of the video list exactly once, all made with the same
-settings (model, weights, clips, image size, precision, ...); otherwise nothing is written and
-one line names the offending part file. Writes `<out>` (atomically) and `<out>.failures.json`
-with the failures of every shard, then removes the parts folders (unless --keep-parts).
-`preprocess_features.py` under torchrun merges by itself; this script is for parts made apart.
-Exit status: 0, or 1 when some video failed (0 with --allow-failures), 2 for an input error.
+The parts must hold every chunk exactly once, all made with the same settings; otherwise nothing is
+written. Writes `<out>` and `<out>.failures.json`, then removes the parts folders (unless
+--keep-parts). Exit status: 0, or 1 when some video failed (0 with --allow-failures), 2 for an input error.
 """
 
 import argparse
@@ -61,9 +58,7 @@ def main(argv=None) -> int:
         return 1 if result.failures and not args.allow_failures else 0
     kept = "kept" if args.keep_parts else "removed"
     print(f"{written_line(result)}; {len(parts)} parts folder(s) {kept}")
-    if result.failures and not args.allow_failures:
-        return 1
-    return 0
+    return 1 if result.failures and not args.allow_failures else 0
 
 
 if __name__ == "__main__":

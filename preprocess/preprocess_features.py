@@ -5,15 +5,10 @@
     python preprocess/preprocess_features.py --dataset msvd-qa --video-dir data/msvd-qa \\
         --annotation-dir data/msvd-qa --model resnext101 --weights data/weights/resnext-101-kinetics.pth
 
-Writes `data/<dataset>/<dataset>_appearance_feat.h5` (resnet101) or `..._motion_feat.h5`
-(resnext101) unless `--out` says otherwise, and `<out>.failures.json` listing the videos that
-could not be used. A killed run resumes when the same command is started again. The exit status
-is 1 when some video failed (0 with --allow-failures), 2 for a usage or input error.
-
-Many GPUs: `torchrun --nproc_per_node=K preprocess/preprocess_features.py ...` (add torchrun's
---nnodes/--node-rank/--rdzv-* flags for several machines sharing the --out filesystem). Machines
-without a shared disk: run `--num-shards S --shard-index i` on each, copy the `<out>.parts`
-folders together and run preprocess/merge_features.py.
+Writes `data/<dataset>/<dataset>_{appearance,motion}_feat.h5` (or `--out`) and `<out>.failures.json`;
+a killed run resumes when started again. Exit status 1 when some video failed (0 with
+--allow-failures), 2 for a usage or input error. Many GPUs: run it under torchrun; machines without
+a shared disk: `--num-shards S --shard-index i` on each, then preprocess/merge_features.py.
 """
 
 import argparse
@@ -44,20 +39,20 @@ DEFAULT_NUM_WORKERS = 4
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, choices=DATASETS)
-    parser.add_argument("--video-dir", "--video_dir", dest="video_dir", required=True,
+    parser.add_argument("--video-dir", "--video_dir", required=True,
                         help="folder holding the videos (or their YouTubeClips / TrainValVideo / TestVideo folders)")
-    parser.add_argument("--annotation-dir", "--annotation_dir", dest="annotation_dir", required=True,
+    parser.add_argument("--annotation-dir", "--annotation_dir", required=True,
                         help="folder holding {train,val,test}_qa.json (and youtube_mapping.txt for MSVD-QA)")
     parser.add_argument("--model", required=True, choices=sorted(NETWORKS))
-    parser.add_argument("--num-clips", "--num_clips", dest="num_clips", type=int, default=DEFAULT_NUM_CLIPS,
+    parser.add_argument("--num-clips", "--num_clips", type=int, default=DEFAULT_NUM_CLIPS,
                         help="clips per video, N (8 for MSVD-QA, 16 for MSRVTT-QA)")
-    parser.add_argument("--frames-per-clip", "--frames_per_clip", dest="frames_per_clip", type=int,
-                        default=DEFAULT_FRAMES_PER_CLIP, help="frames per clip, F (even; default 16)")
-    parser.add_argument("--image-height", "--image_height", dest="image_height", type=int, default=None,
+    parser.add_argument("--frames-per-clip", "--frames_per_clip", type=int, default=DEFAULT_FRAMES_PER_CLIP,
+                        help="frames per clip, F (even; default 16)")
+    parser.add_argument("--image-height", "--image_height", type=int,
                         help="default 224 for resnet101, 112 for resnext101. As in the original, the "
                              "resize is given (height, width) in Pillow's (width, height) order: a "
                              "non-square size gives frames --image-width rows by --image-height columns")
-    parser.add_argument("--image-width", "--image_width", dest="image_width", type=int, default=None,
+    parser.add_argument("--image-width", "--image_width", type=int,
                         help="see --image-height (the same by default)")
     parser.add_argument("--normalization", choices=sorted(NORMALIZATIONS), default="original",
                         help="resnet101 mean/std: 'original' (the original work's, std 0.229, 0.224, "
@@ -78,30 +73,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None,
                         help="output HDF5 (default data/<dataset>/<dataset>_{appearance,motion}_feat.h5)")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--gpu-id", "--gpu_id", dest="gpu_id", type=int, default=None,
+    parser.add_argument("--gpu-id", "--gpu_id", type=int,
                         help="the original script's spelling of --device cuda:N")
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+    parser.add_argument("--batch-size", "--batch_size", type=int,
                         help="images (resnet101, default 128) or clips (resnext101, default 16) per forward pass")
-    parser.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int,
-                        default=DEFAULT_NUM_WORKERS, help="video decoding processes (0: decode in this process)")
-    parser.add_argument("--chunk-videos", dest="chunk_videos", type=int, default=DEFAULT_CHUNK_VIDEOS,
+    parser.add_argument("--num-workers", "--num_workers", type=int, default=DEFAULT_NUM_WORKERS,
+                        help="video decoding processes (0: decode in this process)")
+    parser.add_argument("--chunk-videos", type=int, default=DEFAULT_CHUNK_VIDEOS,
                         help="videos per saved chunk: the most work a killed run can lose")
     parser.add_argument("--allow-failures", action="store_true",
                         help="exit with status 0 even when some videos could not be used")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an output (or unfinished run) made with other settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--num-shards", dest="num_shards", type=int, default=1,
+    parser.add_argument("--num-shards", type=int, default=1,
                         help="split the work into this many separate runs (e.g. one per machine); each "
                              "writes <out>.parts, merged afterwards by preprocess/merge_features.py")
-    parser.add_argument("--shard-index", dest="shard_index", type=int, default=None,
-                        help="which of the --num-shards runs this is (0-based)")
+    parser.add_argument("--shard-index", type=int, help="which of the --num-shards runs this is (0-based)")
     return parser.parse_args(argv)
 
 
 def choose_device(args: argparse.Namespace):
-    """--device / --gpu_id, by the rule of `resolve_process_device` (under torchrun: auto and
-    cuda mean this rank's GPU, cuda:LOCAL_RANK)."""
+    """--device / --gpu_id, by the rule of `resolve_process_device` (under torchrun: this rank's GPU)."""
     if args.gpu_id is not None and args.device is not None:
         raise UserError("give either --device or --gpu_id, not both")
     if args.gpu_id is not None:
@@ -123,15 +116,14 @@ def main(argv=None) -> int:
 
 
 def _extract_in_session(args: argparse.Namespace) -> int:
-    # The ranks only agree on the plan and wait for each other (gloo, no GPU involved); the
-    # long timeout covers the final barrier, which waits for the slowest rank's last chunk.
+    # Control only (gloo); the long timeout covers the final barrier waiting for the slowest rank.
     with session(timeout=PROCESS_GROUP_TIMEOUT, control_only=True):
         return extract(args)
 
 
 def prepare(args: argparse.Namespace, held: contextlib.ExitStack):
-    """Check the command line and the folders, list the videos, set up the extractor; the
-    process that will write `<out>` locks it (held until `held` closes)."""
+    """Check the command line and the folders, list the videos, set up the extractor; the process
+    that will write `<out>` locks it until `held` closes."""
     shard = choose_shard(args)
     device = choose_device(args)
     out = args.out or os.path.join("data", args.dataset, f"{args.dataset}_{NETWORKS[args.model].kind}_feat.h5")
@@ -182,9 +174,7 @@ def report(args: argparse.Namespace, shard, out: str, result) -> int:
             print("to retry the failed videos, fix or add their files and run the same command again: a video "
                   "whose file appeared or changed is extracted again and the output re-merged (--overwrite "
                   "extracts every video again)")
-    if result.failures and not args.allow_failures:
-        return 1
-    return 0
+    return 1 if result.failures and not args.allow_failures else 0
 
 
 def written_line(result) -> str:

@@ -3,12 +3,9 @@
     python preprocess/preprocess_questions.py --dataset msvd-qa --annotation-dir <folder with
         {train,val,test}_qa.json> --out-dir data/msvd-qa --glove data/glove/glove.840.300d.pkl --mode all
 
-The train split builds `{name}_vocab.json` (and stores the GloVe matrix); val and test are encoded
-with that vocabulary, so they need the train split done first (`--mode all` runs train, val, test).
-`--glove` also accepts the GloVe `.txt` file itself, read for the question words only.
-The files hold the original code's keys with its values and types (`question_id` is the position
-in the split, `video_names` repeats `video_ids`); record ids, clip names and question texts
-follow under `record_id`, `clip_names` and `question_text` (docs/method.md#question-files).
+The train split builds `{name}_vocab.json` (and the GloVe matrix, from the pickle or the `.txt`);
+val and test are encoded with it, so they need train done first (`--mode all` runs all three).
+The files hold the original code's keys and values (docs/method.md#question-files).
 """
 
 from __future__ import annotations

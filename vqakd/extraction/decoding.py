@@ -1,6 +1,5 @@
-"""Decoding videos into network inputs in DataLoader worker processes, overlapped with the
-network on the device. Each worker decodes only the frames a video's clips need
-(`vqakd.extraction.video`); a video that cannot be decoded comes back with its reason instead of inputs."""
+"""Decoding videos into network inputs in DataLoader worker processes, overlapped with the network;
+a video that cannot be decoded comes back with its reason instead of inputs."""
 
 from __future__ import annotations
 
@@ -67,8 +66,7 @@ def _keep_item(item: DecodedVideo) -> DecodedVideo:
 def decoded_videos(videos: Sequence[Video], num_clips: int, frames_per_clip: int, size: tuple[int, int],
                    per_frame: bool, num_workers: int, pin_memory: bool,
                    past_damage: bool = False) -> Iterator[DecodedVideo]:
-    """The videos decoded in order by `num_workers` processes (0: in this process); deleting
-    the iterator shuts the workers down."""
+    """The videos decoded in order by `num_workers` processes (0: in this one); deleting it stops them."""
     spec = DecodeSpec(num_clips, frames_per_clip, size, per_frame, threads=1 if num_workers > 0 else 0,
                       past_damage=past_damage)
     loader = torch.utils.data.DataLoader(

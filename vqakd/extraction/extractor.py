@@ -1,22 +1,9 @@
-"""The extraction loop: decode, batch, run the network, save each chunk, contain failures.
+"""The extraction loop: decode (`decoding.py`), batch (`RowBatcher`), run the network, save each chunk.
 
-* Videos are decoded in worker processes (`decoding.py`) while the network runs on the device.
-* All frames (or clips) of a video, and of consecutive videos, go through the network together
-  in batches of `batch_size` images (or clips) (`RowBatcher`).
-* Work is saved chunk by chunk into `<out>.parts` (`parts.py`); re-running the same command
-  skips the finished chunks, then assembles `<out>` and removes the parts (`merge.py`). Chunks
-  are a fixed partition of the video list and a chunk's batches depend only on its videos, so
-  a resumed run computes every number exactly as an uninterrupted run does (bit-identical on
-  CPU). Ranks and shards split the chunks between them (`plan.py`).
-* A video that cannot be used (missing, corrupt, no frames, unsupported codec, non-finite
-  features) is recorded with its reason, left out of the output and listed in
-  `<out>.failures.json`; the run goes on.
-* The settings that determine the numbers (model, weights hash, clip sampling, image size,
-  normalisation, precision, video list, toolkit version) are stored with the parts and in the
-  output's attributes; resuming with different settings is refused.
-
-Under torchrun every rank runs `FeatureExtractor.run` with the same arguments; a failure on
-any rank stops every rank through `vqakd.core.distributed` (`from_main`, `agree`).
+Work is saved chunk by chunk into `<out>.parts`; chunks are a fixed partition of the video list and
+a chunk's batches depend only on its videos, so a resumed run computes every number exactly as an
+uninterrupted one. A video that cannot be used is listed with its reason in `<out>.failures.json`
+and the run goes on. Under torchrun every rank runs `FeatureExtractor.run` with the same arguments.
 """
 
 from __future__ import annotations
@@ -32,19 +19,18 @@ import torch
 from torch import nn
 
 from vqakd.core import distributed
+from vqakd.core.errors import UserError
+from vqakd.core.files import file_sha256
 from vqakd.core.progress import progress_bar
 from vqakd.data.annotations import Video
-from vqakd.core.errors import UserError
 from vqakd.extraction.decoding import DecodedVideo, decoded_videos, next_decoded
 from vqakd.extraction.merge import completed_result, merge_parts
 from vqakd.extraction.networks import NETWORKS, FeatureNetwork
-from vqakd.extraction.parts import (chunk_partition, failure_record, failures_report, parts_folder,
-                                    write_chunk)
-from vqakd.extraction.plan import (finish_shard, make_plan, require_shared_parts_folder,
-                                   wait_for_chunks)
+from vqakd.extraction.parts import chunk_partition, failure_record, failures_report, parts_folder, write_chunk
+from vqakd.extraction.plan import finish_shard, make_plan, require_shared_parts_folder, wait_for_chunks
 from vqakd.extraction.settings import (FEATURE_DIM, ExtractionResult, ExtractionSettings, Shard, build_manifest,
                                        check_settings, identity_digest)
-from vqakd.extraction.weights import WeightsIdentity, file_identity, find_weights, random_identity
+from vqakd.extraction.weights import WeightsIdentity, find_weights
 from vqakd.extraction.video import require_decoder
 
 # How long ranks wait for each other (the final barrier waits for the slowest rank's last chunk).
@@ -72,10 +58,11 @@ class FeatureExtractor:
 
     def _weights_identity(self) -> WeightsIdentity:
         if self.settings.random_weights:
-            return random_identity(self.settings.random_seed)
+            return WeightsIdentity("random", f"random (seed {self.settings.random_seed})")
         model = self.model
-        return file_identity(find_weights(self.settings.weights, model.weight_files, model.weights_what,
-                                          model.how_to_get_weights))
+        path = os.path.abspath(find_weights(self.settings.weights, model.weight_files, model.weights_what,
+                                            model.how_to_get_weights))
+        return WeightsIdentity(path, file_sha256(path))
 
     @property
     def network(self) -> nn.Module:
@@ -92,15 +79,10 @@ class FeatureExtractor:
         return build_manifest(self.settings, self.model.model_name, self.model.feature_dataset,
                               self.model.normalisation(), self.weights.path, self.weights.sha256, videos)
 
-    # ----- the run -----------------------------------------------------------------------------
-
     def run(self, videos: Sequence[Video], out_path: str, overwrite: bool = False,
             shard: Shard = Shard()) -> ExtractionResult:
-        """Extract features of `videos` into `out_path`, resuming a previous run of the same settings.
-
-        Under torchrun every rank calls this with the same arguments; with a `shard` of several,
-        only that shard's chunks are made and the output is left to `merge_parts`.
-        """
+        """Extract features of `videos` into `out_path`, resuming a previous run of the same settings;
+        a `shard` of several makes only its chunks and leaves the output to `merge_parts`."""
         if not videos:
             raise UserError("no videos to extract features from")
         rank, world = distributed.get_rank(), distributed.get_world_size()
@@ -116,17 +98,16 @@ class FeatureExtractor:
             if rank != 0:
                 return ExtractionResult(out_path, report_path, len(videos), 0, [], True, main=False)
             return completed_result(out_path, videos)
+        mine = plan.todo[rank::world]
         if world > 1:
             distributed.agree(lambda: require_shared_parts_folder(parts_dir, plan.token),
                               what="the check of the shared parts folder")
-        mine = plan.todo[rank::world]
-        if world > 1:
             label = f"{self.model.model_name} [rank {rank}/{world}]"
             total, initial = sum(len(chunks[k]) for k in mine), 0
         else:
             label, total, initial = self.model.model_name, plan.shard_videos, plan.done_videos
-        self._extract_chunks(videos, chunks, mine, parts_dir, total, initial, label,
-                             identity_digest(manifest))
+        digest = identity_digest(manifest)
+        self._extract_chunks(videos, chunks, mine, parts_dir, total, initial, label, digest)
         distributed.barrier()
         if rank != 0:
             return ExtractionResult(out_path, report_path, len(videos), 0, [], False, main=False)
@@ -144,7 +125,8 @@ class FeatureExtractor:
         require_decoder()
         queue = [videos[i] for k in todo for i in chunks[k]]
         self.network   # load the weights (and fail on a bad file) before starting the decoders
-        progress = _progress_bar(progress_total, progress_initial, label, self.progress)
+        progress = progress_bar(total=progress_total, initial=progress_initial, unit="video", desc=label,
+                                enabled=self.progress, dynamic_ncols=True, smoothing=0.05)
         batcher = RowBatcher(self.forward, self.batch_size)
         s = self.settings
         items = decoded_videos(queue, s.num_clips, s.frames_per_clip, (s.image_height, s.image_width),
@@ -195,8 +177,7 @@ class FeatureExtractor:
 
     def _split_rows(self, chunk_videos: list[Video], items: list[DecodedVideo],
                     rows: torch.Tensor) -> tuple[list[int], np.ndarray, list[dict], list[dict]]:
-        """The network's output rows of a chunk → each usable video's features, the failures, and
-        the videos written from damaged files."""
+        """A chunk's output rows → each usable video's features, the failures and the damaged videos."""
         rows = rows.cpu()
         ids, features, failures, damaged = [], [], [], []
         offset = 0
@@ -223,11 +204,8 @@ class FeatureExtractor:
 
 
 class RowBatcher:
-    """Runs rows (frames or clips) through the network in batches of exactly `batch_size`.
-
-    Rows arrive video by video; a batch may span videos. `finish()` runs what is left and returns
-    every output row in arrival order, so the batch layout depends only on the rows of a chunk.
-    """
+    """Runs rows (frames or clips), video by video, through the network in batches of exactly
+    `batch_size`; `finish()` runs the rest and returns every output row in arrival order."""
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], batch_size: int):
         self.forward = forward
@@ -265,8 +243,3 @@ def make_extractor(settings: ExtractionSettings, device: torch.device | str = "c
     if settings.model not in NETWORKS:
         raise UserError(f"unknown model {settings.model!r}; choose one of {', '.join(NETWORKS)}")
     return FeatureExtractor(settings, device, batch_size, num_workers, progress)
-
-
-def _progress_bar(total: int, initial: int, label: str, enabled: bool):
-    return progress_bar(total=total, initial=initial, unit="video", desc=label, enabled=enabled,
-                        dynamic_ncols=True, smoothing=0.05)

@@ -1,10 +1,4 @@
-"""Checking the parts folders of one extraction and assembling its output HDF5 file and
-failure report (written to a temporary name, renamed when complete; then the parts go).
-
-The folders (one, or one per shard or machine) must hold every chunk exactly once, all made
-with the same settings for the same video list; otherwise nothing is written and one line
-names the offending file.
-"""
+"""Checking the parts folders of one extraction and writing its output HDF5 file and failure report."""
 
 from __future__ import annotations
 
@@ -107,12 +101,8 @@ def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...], id
 
 
 def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = False) -> ExtractionResult:
-    """Check the parts folders of one extraction and write its output and failure report.
-
-    The folders (one, or one per shard or machine) must hold every chunk exactly once, all made
-    with the same settings for the same video list. The output is written to a temporary name
-    and renamed when complete; then the parts folders are removed (unless `keep_parts`).
-    """
+    """Check the parts folders of one extraction (every chunk exactly once, all made with the same
+    settings for the same video list) and write its output and failure report."""
     if not parts_dirs:
         raise UserError("no parts folder given")
     folders = [read_parts_folder(os.fspath(path)) for path in parts_dirs]
@@ -183,9 +173,8 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
 
 
 def existing_output(out_path: str, manifest: dict | None, overwrite: bool) -> dict | None:
-    """The manifest of `out_path` when it already holds these features (made with `manifest`'s
-    settings, or any when None); None when there is no output yet or `overwrite`. An output made
-    otherwise is refused."""
+    """The manifest of `out_path` when it already holds these features (made with `manifest`'s settings,
+    or any when None); None when there is none yet or `overwrite`. An output made otherwise is refused."""
     if overwrite or not os.path.exists(out_path):
         return None
     existing = read_output_manifest(out_path)
@@ -197,8 +186,7 @@ def existing_output(out_path: str, manifest: dict | None, overwrite: bool) -> di
 
 
 def completed_result(out_path: str, videos: Sequence[Video] | int | None) -> ExtractionResult:
-    """The result of a finished extraction of `videos` (or of that many; None: as many as it
-    wrote), from its failure report or, without one, its ids."""
+    """The result of a finished extraction of `videos` (or that many), from its failure report or ids."""
     report_path = failures_report(out_path)
     report = read_json_or_none(report_path)
     try:
@@ -216,10 +204,7 @@ def completed_result(out_path: str, videos: Sequence[Video] | int | None) -> Ext
 
 def merge_into_output(parts_dirs: Sequence[str], out_path: str, overwrite: bool = False,
                       keep_parts: bool = False) -> ExtractionResult:
-    """`merge_parts`, unless `out_path` already holds these features (a finished merge).
-
-    An existing output made with other settings is kept unless `overwrite`.
-    """
+    """`merge_parts`, unless `out_path` already holds these features (a finished merge)."""
     out_path = os.fspath(out_path)
     present = [path for path in parts_dirs if os.path.isdir(path)]
     settings = (read_json_or_none(os.path.join(present[0], PARTS_SETTINGS)) or {}) if present else None

@@ -1,13 +1,6 @@
-"""The two feature networks: the architecture, its weights, how uint8 video inputs become
-its float input, and the shape of one video's features.
-
-* Appearance: torchvision's ResNet-101 (ImageNet) without its classifier, one 2048-d vector
-  per frame → (N clips, F frames, 2048) per video.
-* Motion: the 3D ResNeXt-101 of Hara et al. (Kinetics), one 2048-d vector per clip of F
-  frames → (N clips, 2048) per video.
-
-Input normalisation lives here and only here: the constants, their description stored in
-the output's attributes (`normalisation()`), and their use (`prepare`).
+"""The two feature networks: architecture, weights, input normalisation (here and only here) and the
+shape of one video's features: ResNet-101 (ImageNet) gives (N clips, F frames, 2048) per video, the
+3D ResNeXt-101 of Hara et al. (Kinetics) (N clips, 2048).
 """
 
 from __future__ import annotations
@@ -24,28 +17,19 @@ from vqakd.extraction.resnext3d import resnext101
 from vqakd.extraction.settings import FEATURE_DIM, ExtractionSettings
 from vqakd.extraction.weights import WeightsIdentity, load_weights
 
-# ----- input normalisation ---------------------------------------------------------------------
-# ResNet-101: (RGB / 255 - mean) / std with the ImageNet mean. "original" is the original work's
-# constants (its third std is 0.224), "torchvision" the ones the ImageNet weights were trained with.
+# ResNet-101: (RGB / 255 - mean) / std. "original" is the original work's constants (its third std
+# is 0.224), "torchvision" the ones the ImageNet weights were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 NORMALIZATIONS = {"original": (IMAGENET_MEAN, (0.229, 0.224, 0.224)),
                   "torchvision": (IMAGENET_MEAN, (0.229, 0.224, 0.225))}
-# 3D ResNeXt-101: raw 0-255 RGB, as the original work fed it; optionally minus the mean RGB
-# (0–255) that Hara et al. subtracted when training the Kinetics models (their
-# `get_mean(1, "activitynet")`, the default of their training script).
+# 3D ResNeXt-101: raw 0-255 RGB, as the original work fed it; optionally minus the mean RGB that
+# Hara et al. trained the Kinetics models with (their `get_mean(1, "activitynet")`).
 KINETICS_MEAN = (114.7748, 107.7354, 99.4750)
-
-# torchvision's file names for ResNet-101 IMAGENET1K_V1 (current, and the same weights' older name).
-RESNET101_FILES = ("resnet101-63fe2227.pth", "resnet101-5d3b4d8f.pth")
-RESNET_HOW_TO_GET = ("download https://download.pytorch.org/models/resnet101-63fe2227.pth "
-                     "(torchvision ResNet-101 IMAGENET1K_V1) and pass it with --weights, or use "
-                     "--random-weights for a test run")
-RESNEXT101_FILES = ("resnext-101-kinetics.pth",)
 
 
 class FeatureNetwork:
-    """One feature model: its description (class attributes) and, per run, its input
-    preparation on the run's device. The torch module itself is built by `instantiate`."""
+    """One feature model: its description (class attributes) and its input preparation on the run's
+    device; `instantiate` builds the torch module."""
 
     model_name: ClassVar[str]
     kind: ClassVar[str]                  # the features it makes: "appearance" or "motion"
@@ -69,12 +53,8 @@ class FeatureNetwork:
             raise UserError(f"unknown normalization {settings.normalization!r}; "
                             f"choose one of {', '.join(NORMALIZATIONS)}")
 
-    def build(self) -> nn.Module:
-        """The architecture with its own initialisation (weights are loaded over it)."""
-        raise NotImplementedError
-
-    def load(self, path: str) -> nn.Module:
-        """The architecture with the weights of `path`, loaded strictly."""
+    def build(self, path: str | None = None) -> nn.Module:
+        """The architecture with the weights of `path` loaded strictly (None: its own initialisation)."""
         raise NotImplementedError
 
     def instantiate(self, weights: WeightsIdentity) -> nn.Module:
@@ -85,7 +65,7 @@ class FeatureNetwork:
                 torch.manual_seed(self.settings.random_seed)
                 network = self.build()
         else:
-            network = self.load(weights.path)
+            network = self.build(weights.path)
         network = network.to(self.device).eval()
         if self.device.type == "cuda":
             network = network.to(memory_format=self.memory_format)
@@ -101,7 +81,7 @@ class FeatureNetwork:
 
     def embed(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """(B, ...) network input → (B, 2048) features."""
-        raise NotImplementedError
+        return network(inputs)
 
     @staticmethod
     def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
@@ -118,8 +98,10 @@ class ResNet101Features(FeatureNetwork):
     default_image_size = (224, 224)
     default_batch_size = 128
     per_frame = True
-    weight_files = RESNET101_FILES
-    how_to_get_weights = RESNET_HOW_TO_GET
+    weight_files = ("resnet101-63fe2227.pth", "resnet101-5d3b4d8f.pth")   # torchvision's current, older name
+    how_to_get_weights = ("download https://download.pytorch.org/models/resnet101-63fe2227.pth (torchvision "
+                          "ResNet-101 IMAGENET1K_V1) and pass it with --weights, or use --random-weights "
+                          "for a test run")
     weights_what = "ResNet-101 weights"
     memory_format = torch.channels_last
 
@@ -135,16 +117,11 @@ class ResNet101Features(FeatureNetwork):
         if settings.kinetics_mean:
             raise UserError("--kinetics-mean applies to the resnext101 motion model only")
 
-    def build(self) -> nn.Module:
+    def build(self, path: str | None = None) -> nn.Module:
         import torchvision
         network = torchvision.models.resnet101(weights=None)
-        network.fc = nn.Identity()
-        return network
-
-    def load(self, path: str) -> nn.Module:
-        import torchvision
-        network = torchvision.models.resnet101(weights=None)
-        load_weights(network, path, self.weights_what)
+        if path is not None:
+            load_weights(network, path, self.weights_what)
         network.fc = nn.Identity()
         return network
 
@@ -156,9 +133,6 @@ class ResNet101Features(FeatureNetwork):
         # (B, H, W, 3) uint8 → (B, 3, H, W); the permuted view is already channels-last in memory.
         images = batch.permute(0, 3, 1, 2).float().div_(255.0)
         return images.sub_(self.mean).div_(self.std)
-
-    def embed(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        return network(inputs)
 
     @staticmethod
     def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
@@ -174,7 +148,7 @@ class ResNeXt101Features(FeatureNetwork):
     default_image_size = (112, 112)
     default_batch_size = 16
     per_frame = False
-    weight_files = RESNEXT101_FILES
+    weight_files = ("resnext-101-kinetics.pth",)
     how_to_get_weights = RESNEXT_HOW_TO_GET
     weights_what = "3D ResNeXt-101 weights"
     memory_format = torch.channels_last_3d
@@ -189,12 +163,10 @@ class ResNeXt101Features(FeatureNetwork):
         if settings.normalization != "original":
             raise UserError("--normalization applies to the resnet101 appearance model only")
 
-    def build(self) -> nn.Module:
-        return resnext101()
-
-    def load(self, path: str) -> nn.Module:
+    def build(self, path: str | None = None) -> nn.Module:
         network = resnext101()
-        load_weights(network, path, self.weights_what)
+        if path is not None:
+            load_weights(network, path, self.weights_what)
         return network
 
     def normalisation(self) -> str:

@@ -1,12 +1,9 @@
 """The parts folder `<out>.parts` of an extraction in progress, and its files.
 
-Work is saved in chunks: a fixed partition of the video list into runs of `chunk_videos`
-videos, chunk k written atomically to `chunk-<k>.npz` (ids, features, failures, the videos
-written from damaged files, and the settings' identity digest). A process killed at any instant (SIGKILL included) loses at most
-the chunk in progress: an HDF5 file being written when the process dies can be left
-unreadable, a renamed-into-place chunk file cannot. Beside the chunks: `settings.json` (the
-manifest of the settings), `videos.json` (the video list), `launch.json` (the mark of a
-torchrun launch) and `shard-<i>-of-<S>.json` (what a --num-shards run made).
+Chunk k (a fixed run of `chunk_videos` videos) is written atomically to `chunk-<k>.npz` (ids,
+features, failures, damaged videos, identity digest), so a killed process loses at most the chunk
+in progress. Beside the chunks: `settings.json` (the manifest), `videos.json` (the video list),
+`launch.json` (a torchrun launch's mark) and `shard-<i>-of-<S>.json` (what a --num-shards run made).
 """
 
 from __future__ import annotations
@@ -69,8 +66,7 @@ def read_json_or_none(path: str) -> Any:
 
 
 def failure_record(video: Video, reason: str | None) -> dict:
-    """One entry of a failure report: the video, why it could not be used, and the state of its
-    file then (None: absent), so that a later run retries it once the file appears or changes."""
+    """One entry of a failure report, with the file's state then (a later run retries it if it changes)."""
     return {"video_id": video.video_id, "name": video.name, "path": video.path,
             "reason": reason or "unknown", "file": file_state(video.path)}
 
@@ -84,14 +80,12 @@ def file_state(path: str) -> dict | None:
 
 
 def worth_retrying(failure: dict) -> bool:
-    """Has the failed video's file appeared or changed since the failure was recorded? (Records
-    written before file states were kept are not retried.)"""
+    """Has the failed video's file appeared or changed since the failure was recorded?"""
     return "file" in failure and file_state(str(failure.get("path"))) != failure["file"]
 
 
 def drop_chunks_to_retry(parts_dir: str, done: set[int]) -> None:
-    """Remove the finished chunks of `done` holding a failed video worth retrying (they are made
-    again)."""
+    """Remove the finished chunks of `done` holding a failed video worth retrying (they are made again)."""
     for k in sorted(done):
         path = os.path.join(parts_dir, chunk_name(k))
         if any(worth_retrying(failure) for failure in read_chunk_outcome(path)[1]):
@@ -108,14 +102,11 @@ def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence
         if overwrite:
             shutil.rmtree(parts_dir)        # every part, failures included: all made again
         elif (saved is not None or has_chunks) and identity(saved) != identity(manifest):
-            if not overwrite:
-                raise UserError(f"{parts_dir} holds an unfinished run made "
-                                f"{difference(saved, manifest)}; re-run with its settings to resume "
-                                "it, pass --overwrite to discard it, or choose another --out (one per "
-                                "model: appearance and motion features are separate files)")
-            shutil.rmtree(parts_dir)
-    # A folder without settings (killed before writing them) is simply completed: another
-    # shard sharing the folder may be creating it at this very moment.
+            raise UserError(f"{parts_dir} holds an unfinished run made "
+                            f"{difference(saved, manifest)}; re-run with its settings to resume "
+                            "it, pass --overwrite to discard it, or choose another --out (one per "
+                            "model: appearance and motion features are separate files)")
+    # A folder without settings is completed: another shard sharing it may be creating it right now.
     os.makedirs(parts_dir, exist_ok=True)
     if not os.path.isfile(settings_path):
         write_json(settings_path, manifest)
@@ -135,8 +126,7 @@ def write_chunk(parts_dir: str, chunk: int, ids: list[int], features: np.ndarray
 
 
 def read_chunk_outcome(path: str) -> tuple[int, list[dict], list[dict]]:
-    """How many videos a chunk holds, its failures, and the videos it wrote from damaged files
-    (truncated, or packets skipped)."""
+    """How many videos a chunk holds, its failures, and the videos it wrote from damaged files."""
     with np.load(path, allow_pickle=False) as part:
         damaged = json.loads(str(part["damaged"])) if "damaged" in part.files else []
         return len(part["ids"]), json.loads(str(part["failures"])), damaged
@@ -160,20 +150,14 @@ def read_output_manifest(path: str) -> dict | None:
     """The settings a finished output was made with (None: not one of ours, or unreadable)."""
     try:
         with h5py.File(path, "r") as h5:
-            text = h5.attrs.get("manifest")
-    except (OSError, ValueError):
-        return None
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
+            return json.loads(h5.attrs["manifest"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def remove_stale_temporaries(out_path: str, chunks: Iterable[int], output_too: bool) -> None:
-    """Temporary files of a killed run (atomic writes in progress): those of `chunks`, and the
-    output's and the parts folder's own when `output_too` (only the merging run may touch them)."""
+    """Temporary files of a killed run: those of `chunks`, and the output's and the parts folder's own
+    when `output_too` (only the merging run may touch them)."""
     parts_dir = parts_folder(out_path)
     stale = stale_temporaries([os.path.join(parts_dir, chunk_name(k)) for k in chunks])
     if output_too:

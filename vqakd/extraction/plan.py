@@ -1,17 +1,10 @@
-"""Which chunks a run makes, and how the runs of one extraction find each other's work.
-
-Chunks are keyed by their place in the video list, not by who made them, so the work splits
+"""Which chunks a run makes. Chunks are keyed by their place in the video list, so the work splits
 without changing a number:
 
-* `torchrun --nproc_per_node=K` (any number of nodes): rank 0 checks the output and the parts
-  folder (`make_plan`) and every rank receives the list of unfinished chunks; rank r takes
-  every K-th of them. All ranks write into the same parts folder, which therefore must be on
-  a filesystem every node sees (`require_shared_parts_folder`). A killed launch resumes with
-  any number of ranks.
-* `Shard(count=S, index=i)` (`--num-shards/--shard-index`): separate runs, e.g. on machines
-  without a shared disk, each make the chunks k with k % S == i and leave a note
-  (`finish_shard`); `merge_parts` then checks the collected parts folders and writes the
-  output. A shard may itself run under torchrun.
+* torchrun: rank 0 plans (`make_plan`) and rank r of K takes every K-th unfinished chunk; all ranks
+  write into one parts folder, which must be on a filesystem every node sees.
+* `Shard(count=S, index=i)` (--num-shards/--shard-index): separate runs each make the chunks
+  k % S == i and leave a note (`finish_shard`); `merge_parts` then writes the output.
 """
 
 from __future__ import annotations
@@ -21,6 +14,9 @@ import secrets
 import shutil
 import time
 from typing import Callable, NamedTuple, Sequence
+
+import h5py
+import numpy as np
 
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
@@ -58,12 +54,10 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
         report = read_json_or_none(failures_report(out_path)) or {}
         retry = [failure for failure in report.get("failures") or [] if worth_retrying(failure)]
         if not retry or shard.count > 1:
-            # The output is renamed into place only once complete; parts left beside it
-            # belong to a run killed while removing them.
+            # Parts beside a complete output belong to a run killed while removing them.
             shutil.rmtree(parts_dir, ignore_errors=True)
             return Plan(True, [], 0, 0, None)
-        # Some failed video is worth retrying: the parts are made again from the output itself,
-        # then the chunks of those videos are extracted again and the output merged anew.
+        # A failed video is worth retrying: rebuild the parts from the output, redo those chunks.
         if not os.path.isdir(parts_dir):
             parts_from_output(out_path, parts_dir, manifest, videos, chunks, report)
     done = open_parts(parts_dir, manifest, overwrite, videos)
@@ -78,12 +72,7 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
 
 def parts_from_output(out_path: str, parts_dir: str, manifest: dict, videos: Sequence[Video],
                       chunks: list[list[int]], report: dict) -> None:
-    """The parts folder of a complete output, rebuilt from the output and its failure report (the
-    same chunks, features, failures and damage): a retry then makes only some chunks again. It
-    takes the disk space an extraction's parts take."""
-    import h5py
-    import numpy as np
-
+    """The parts folder of a complete output, rebuilt from the output and its failure report."""
     open_parts(parts_dir, manifest, False, videos)
     failures = {int(failure["video_id"]): failure for failure in report.get("failures") or []}
     damaged = {int(record["video_id"]): record for record in report.get("damaged_videos") or []}
@@ -119,8 +108,7 @@ def require_shared_parts_folder(parts_dir: str, token: str | None) -> None:
 
 
 def wait_for_chunks(parts_dir: str, chunks: Sequence[int]) -> None:
-    """Rank 0, after the final barrier: the other ranks' chunks may show up late on a network
-    filesystem (the merge then names any still missing)."""
+    """Rank 0, after the final barrier: other ranks' chunks may show up late on a network filesystem."""
     _wait_until_visible([os.path.join(parts_dir, chunk_name(k)) for k in chunks])
 
 

@@ -1,16 +1,9 @@
-"""The 3D ResNeXt-101 of Hara et al., whose pooled output is the motion feature of a clip, laid
-out so the published Kinetics weights load as they are.
+"""The 3D ResNeXt-101 of Hara et al. (github.com/kenshohara/3D-ResNets-PyTorch), whose pooled output
+is the motion feature of a clip. Module names are those of Hara's `models/resnext.py`, so the
+published `resnext-101-kinetics.pth` loads strictly once its `module.` prefix is stripped.
 
-`resnext-101-kinetics.pth` (github.com/kenshohara/3D-ResNets-PyTorch, release files) is a dict
-whose `state_dict` holds the weights of a `DataParallel`-wrapped model: every key starts with
-`module.`. Module names here are exactly those of Hara's `models/resnext.py`, so after stripping
-the prefix the file loads strictly.
-
-One deliberate difference: Hara's model builds `AvgPool3d((ceil(T/16), ceil(S/32), ceil(S/32)))`
-from the clip size given at construction, which for the published 16×112×112 clips is the (1, 4, 4)
-volume left after layer4. Here the pool averages over whatever volume is left (a global
-average pool, no parameters). For 16×112×112 clips that is the same (1, 4, 4) average; it also
-lets tests run on tiny clips.
+One difference: Hara's fixed `AvgPool3d` is a global average pool here, the same (1, 4, 4) average
+for the published 16×112×112 clips, that also lets tests run on tiny clips.
 """
 
 from __future__ import annotations
@@ -26,7 +19,6 @@ from vqakd.extraction.weights import load_weights
 KINETICS_CLASSES = 400
 RESNEXT101_LAYERS = (3, 4, 23, 3)
 CARDINALITY = 32
-FEATURE_DIM = 2048
 WEIGHTS_HOW_TO_GET = ("download resnext-101-kinetics.pth from the pretrained-model links of "
                       "https://github.com/kenshohara/3D-ResNets-PyTorch (releases / README) and pass "
                       "it with --weights, or use --random-weights for a test run")
@@ -104,7 +96,7 @@ class ResNeXt3D(nn.Module):
 
 
 def resnext101() -> ResNeXt3D:
-    return ResNeXt3D(RESNEXT101_LAYERS, CARDINALITY, KINETICS_CLASSES)
+    return ResNeXt3D()
 
 
 def load_resnext101(path: str | os.PathLike) -> ResNeXt3D:

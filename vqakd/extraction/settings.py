@@ -22,13 +22,11 @@ DEFAULT_FRAMES_PER_CLIP = 16
 DEFAULT_CHUNK_VIDEOS = 16
 DEFAULT_RANDOM_SEED = 0
 MANIFEST_FORMAT = 1
-# The settings that determine a video's features. A feature file records them (its manifest);
-# a checkpoint keeps them (vqakd/training/inference_record.py) and predict.py's cache is keyed by them.
+# The settings that determine a video's features (recorded in feature files and checkpoints).
 FEATURE_SETTINGS = ("model", "num_clips", "frames_per_clip", "image_height", "image_width", "kinetics_mean",
                     "precision", "random_weights", "random_seed", "weights_sha256", "normalization",
                     "decode_past_damage")
-# An extraction run's parts also depend on its video list, its chunks and the toolkit: resuming and
-# merging compare these. The weights file's path (`weights`) is the manifest entry that does not count.
+# What resuming and merging compare: also the video list, the chunks and the toolkit (not the weights path).
 RUN_SETTINGS = FEATURE_SETTINGS + ("format", "toolkit_version", "dataset", "feature_dataset", "normalisation",
                                    "chunk_videos", "videos", "videos_sha256")
 
@@ -53,8 +51,7 @@ class ExtractionSettings:
 
     @classmethod
     def from_record(cls, record: Mapping) -> "ExtractionSettings":
-        """The settings a feature file recorded (a checkpoint's copy of them); an entry it lacks,
-        or holds as None, takes its default here (the dataset only names the run: msvd-qa)."""
+        """The settings a feature file recorded; an entry it lacks or holds as None takes its default."""
         known = {field.name for field in dataclasses.fields(cls)}
         return cls(**{"dataset": "msvd-qa", **{key: value for key, value in record.items()
                                                if key in known and value is not None}})
@@ -97,8 +94,7 @@ class ExtractionResult(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    """One of `count` separate runs that split the chunks of one extraction: it makes the chunks
-    k with k % count == index (a fixed rule, so every machine agrees without talking)."""
+    """One of `count` separate runs of one extraction: it makes the chunks k with k % count == index."""
     count: int = 1
     index: int = 0
 
@@ -122,36 +118,22 @@ def videos_digest(videos: Sequence[Video]) -> str:
 
 def build_manifest(settings: ExtractionSettings, model_name: str, feature_dataset: str, normalisation: str,
                    weights_path: str, weights_sha256: str, videos: Sequence[Video]) -> dict:
-    """The manifest of a run: the settings that determine the numbers (and the weights file),
-    stored with the parts and in the output's attributes. `settings` has its image size filled in."""
+    """The manifest of a run, stored with the parts and in the output; `settings` has its image size."""
     s = settings
     return {
-        "format": MANIFEST_FORMAT,
-        "toolkit_version": vqakd.__version__,
-        "dataset": s.dataset,
-        "model": model_name,
-        "feature_dataset": feature_dataset,
-        "num_clips": s.num_clips,
-        "frames_per_clip": s.frames_per_clip,
-        "image_height": s.image_height,
-        "image_width": s.image_width,
-        "kinetics_mean": bool(s.kinetics_mean),
-        "normalisation": normalisation,
-        "normalization": s.normalization,
-        "decode_past_damage": bool(s.decode_past_damage),
-        "precision": s.precision,
-        "weights": weights_path,
-        "weights_sha256": weights_sha256,
-        "random_weights": bool(s.random_weights),
-        "chunk_videos": s.chunk_videos,
-        "videos": len(videos),
-        "videos_sha256": videos_digest(videos),
+        "format": MANIFEST_FORMAT, "toolkit_version": vqakd.__version__, "dataset": s.dataset,
+        "model": model_name, "feature_dataset": feature_dataset,
+        "num_clips": s.num_clips, "frames_per_clip": s.frames_per_clip,
+        "image_height": s.image_height, "image_width": s.image_width, "kinetics_mean": bool(s.kinetics_mean),
+        "normalisation": normalisation, "normalization": s.normalization,
+        "decode_past_damage": bool(s.decode_past_damage), "precision": s.precision,
+        "weights": weights_path, "weights_sha256": weights_sha256, "random_weights": bool(s.random_weights),
+        "chunk_videos": s.chunk_videos, "videos": len(videos), "videos_sha256": videos_digest(videos),
     }
 
 
 def identity(settings: Mapping | None, keys: Sequence[str] = RUN_SETTINGS) -> dict | None:
-    """The entries of `settings` (a run's manifest, or one network's recorded settings with
-    `keys=FEATURE_SETTINGS`) that determine the numbers."""
+    """The entries of `settings` (a manifest, or recorded settings with FEATURE_SETTINGS) that count."""
     if settings is None:
         return None
     return {key: settings[key] for key in keys if key in settings}
@@ -166,8 +148,7 @@ def difference(saved: dict | None, manifest: dict) -> str:
     """How `saved` was made differently from `manifest`, for messages ("made <difference>")."""
     if saved is None:
         return "by something else (no readable extraction settings in it)"
-    # Every setting that differs (an appearance and a motion run differ in several), the most
-    # telling first: the manifest lists the model before the sizes and the hashes.
+    # The most telling first: the manifest lists the model before the sizes and the hashes.
     differing = [f"{key}: {saved.get(key)!r} there, {value!r} now" for key, value in manifest.items()
                  if key in RUN_SETTINGS and saved.get(key) != value]
     if not differing:

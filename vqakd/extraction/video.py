@@ -1,32 +1,10 @@
-"""Video decoding for feature extraction: which frames form each clip, and reading them.
+"""Video decoding for feature extraction, reproducing the original's OpenCV reading (docs/preprocessing.md):
+T is the number of frames actually decoded, rotation is applied by quarter turns only, decoding stops at
+the first rejected packet (unless `past_damage`), clips follow the original's index rule.
 
-The frames reproduce the original VQAKD preprocessing (docs/preprocessing.md), which read videos
-with OpenCV's `VideoCapture` (FFmpeg underneath):
-
-* The frame count T is the number of frames actually decoded, in presentation order.
-* The container's rotation (display matrix) is applied, by multiples of 90 degrees only, as
-  OpenCV does: phone videos come out upright.
-* At the first packet the decoder rejects, decoding stops (OpenCV's `read()` fails there and the
-  original loop ends). The video is kept with the frames decoded so far and the truncation is
-  reported (`ClipFrames.truncated`). `past_damage=True` instead skips rejected packets and goes on,
-  like FFmpeg's command line.
-* Clips follow the original's index rule (`clip_frame_indices`), quirks included.
-* Each kept frame is resized by Pillow (bicubic) with the size tuple given in the original's order.
-
-How it is done quickly, with the same result:
-
-* Decoding is sequential (no seeking: on AVI/mpeg4 a seek lands on key frames with unreliable
-  timestamps), and only the frames the clips need are converted to RGB, rotated and resized.
-* The clips depend on T, known only once the stream is decoded. The packet count (or the MP4/MOV
-  index) is the first guess; the frames that guess needs are converted while the whole stream is
-  decoded to learn T. When T differs from the guess (non-coded frames, damage), the clips are
-  chosen again from T and the frames still missing are decoded in a second pass.
-* The decoder runs single-threaded or with slice threads, never frame threads: with frame
-  threads a rejected packet is reported late, so where decoding stops would depend on the
-  thread count.
-
-Every problem with one video is a `VideoError` carrying a short reason; the extraction records
-it and goes on with the next video.
+Decoding is sequential (seeks on AVI/mpeg4 are unreliable) and converts only the frames the clips
+need; the packet count is the first guess at T, and a second pass fetches frames a different T
+needs. No frame threads: they report a rejected packet late, at a thread-dependent place.
 """
 
 from __future__ import annotations
@@ -81,15 +59,9 @@ def check_frames_per_clip(frames_per_clip: int) -> str | None:
 
 
 def clip_frame_indices(total_frames: int, num_clips: int, frames_per_clip: int) -> np.ndarray:
-    """Frame indices (num_clips, frames_per_clip) of each clip, by the original's rule.
-
-    Centres c = linspace(0, T, N+2) as int32, entries 1..N. start = c - F//2, end = c + F//2;
-    start < 0 becomes 0, end > T becomes T - 1; the clip is frames[start:end]. When start == 0,
-    F - (end - start) copies of frames[start] go in front; then when end == T - 1, F - (end - start)
-    copies of frames[end] go at the back; the first F frames are kept. So a clip cut by the end
-    of the video leaves frame T-1 out of its slice and gets it back as padding, and a video
-    shorter than a clip is padded in front only (the back padding falls beyond F).
-    """
+    """Frame indices (num_clips, frames_per_clip) of each clip, by the original's rule (quirks
+    included: a clip cut by the end of the video leaves frame T-1 out of its slice and gets it
+    back as padding; a video shorter than a clip is padded in front only)."""
     if total_frames < 1:
         raise ValueError(f"a video needs at least one frame, got {total_frames}")
     if num_clips < 1:
@@ -101,11 +73,8 @@ def clip_frame_indices(total_frames: int, num_clips: int, frames_per_clip: int) 
     centres = np.linspace(0, total_frames, num_clips + 2).astype(np.int32)[1:num_clips + 1]
     clips = []
     for centre in centres.tolist():
-        start, end = centre - half, centre + half
-        if start < 0:
-            start = 0
-        if end > total_frames:
-            end = total_frames - 1
+        start = max(centre - half, 0)
+        end = centre + half if centre + half <= total_frames else total_frames - 1
         clip = list(range(start, end))
         if start == 0:
             clip = [start] * (frames_per_clip - (end - start)) + clip
@@ -117,10 +86,7 @@ def clip_frame_indices(total_frames: int, num_clips: int, frames_per_clip: int) 
 
 @dataclass(frozen=True)
 class ClipFrames:
-    """The decoded frames a video's clips need, each stored once.
-
-    `frames[inverse[k, j]]` is frame j of clip k; `indices[k, j]` is its index in the video.
-    """
+    """The decoded frames a video's clips need, each once: frame j of clip k is `frames[inverse[k, j]]`."""
     frames: np.ndarray        # (U, H, W, 3) uint8, U distinct frames in increasing index order
     inverse: np.ndarray       # (N, F) int64 into `frames`
     indices: np.ndarray       # (N, F) int64 frame indices in the video
@@ -128,7 +94,6 @@ class ClipFrames:
     announced_frames: int     # frames the container announces (its index, else its packet count)
     truncated: bool = False   # decoding stopped at a damaged packet (frames after it left out)
     bad_packets: int = 0      # packets rejected (past_damage: skipped; otherwise the one stopped at)
-    rotation: int = 0         # counter-clockwise degrees applied (0, 90, 180 or 270)
     # Frames the header says the video has, and how many fewer may decode without it being damage.
     header_frames: int = 0
     header_slack: int = 0
@@ -148,8 +113,7 @@ class ClipFrames:
             return {"frames_kept": self.total_frames, "frames_announced": self.announced_frames,
                     "reason": f"{self.bad_packets} damaged packets skipped (--decode-past-damage)"}
         if self.total_frames < self.header_frames - self.header_slack:
-            # A file cut short (a download that stopped) decodes cleanly up to its end: only the
-            # header's count shows what is missing. The frames kept are the original's.
+            # A file cut short decodes cleanly up to its end: only the header's count shows it.
             return {"frames_kept": self.total_frames, "frames_announced": self.header_frames,
                     "reason": f"{self.total_frames} of the {self.header_frames} frames its header announces "
                               "decoded: the file ends early (cut short?)"}
@@ -158,8 +122,7 @@ class ClipFrames:
 
 def _open(path: str) -> av.container.InputContainer:
     require_decoder()
-    # os.path.exists() is False both for a missing file and for one inside a folder the user
-    # cannot search; only stat() tells them apart, and the two need different fixes.
+    # stat() (unlike os.path.exists()) tells a missing file from one in an unsearchable folder.
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -176,13 +139,9 @@ def _open(path: str) -> av.container.InputContainer:
     try:
         return av.open(path, mode="r")
     except av.error.FFmpegError as exc:
-        raise VideoError(f"cannot open: {_ffmpeg_message(exc)}") from None
+        raise VideoError(f"cannot open: {getattr(exc, 'strerror', None) or exc}") from None
     except OSError as exc:
         raise VideoError(f"cannot read: {exc.strerror or exc}") from None
-
-
-def _ffmpeg_message(exc: Exception) -> str:
-    return getattr(exc, "strerror", None) or str(exc)
 
 
 def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
@@ -216,8 +175,7 @@ def count_frames(path: str) -> tuple[int, str]:
 
 def header_frames(path: str) -> tuple[int, int]:
     """(frames the container's header announces, how many fewer may decode in a whole file): the
-    stream's frame count (AVI's header, MP4's sample table) exactly, else duration x frame rate,
-    which is approximate (2% and 2 frames of slack); (0, 0) when the header says neither."""
+    stream's frame count exactly, else duration x frame rate with 2% (at least 2 frames) of slack."""
     container = _open(path)
     try:
         stream = _video_stream(container)
@@ -232,8 +190,7 @@ def header_frames(path: str) -> tuple[int, int]:
 
 
 def quarter_turns(rotation: float) -> int:
-    """Counter-clockwise quarter turns OpenCV applies for FFmpeg's display rotation (degrees,
-    counter-clockwise): only multiples of 90 are applied, any other angle is ignored."""
+    """Counter-clockwise quarter turns OpenCV applies for FFmpeg's display rotation (only multiples of 90)."""
     degrees = int(round(rotation)) % 360
     return degrees // 90 if degrees % 90 == 0 else 0
 
@@ -250,12 +207,9 @@ class _Decoded:
 
 def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None, threads: int,
                      past_damage: bool = False, stop_after_wanted: bool = False) -> _Decoded:
-    """Decode `path` in order, converting only the frames whose index is in `wanted`.
-
-    Without `past_damage`, decoding ends at the first packet the decoder rejects, frames still
-    buffered in the decoder included (OpenCV's read() fails there). `stop_after_wanted` ends it
-    right after the last wanted frame (for a second pass, once the frame count is known).
-    """
+    """Decode `path` in order, converting only the frames whose index is in `wanted`. Without
+    `past_damage`, decoding ends at the first rejected packet, buffered frames included (as OpenCV).
+    `stop_after_wanted` ends it after the last wanted frame (a second pass)."""
     wanted_set = set(int(i) for i in wanted)
     last_wanted = max(wanted_set) if wanted_set else -1
     result = _Decoded({}, 0, False, False, 0, None)
@@ -264,16 +218,14 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
     def take(frames) -> bool:
         for frame in frames:
             if result.turns is None:
-                # OpenCV reads one rotation for the whole stream; FFmpeg copies the stream's
-                # display matrix onto every frame.
+                # OpenCV reads one rotation for the whole stream.
                 result.turns = quarter_turns(frame.rotation)
             if result.decoded in wanted_set:
                 image = frame.to_image()
                 if result.turns:
                     image = image.transpose(QUARTER_TURNS[result.turns])
                 if size is not None and image.size != size:
-                    # The size tuple goes to Pillow as given, (height, width), which Pillow reads
-                    # as (width, height): the original's order, the same for square sizes.
+                    # (height, width) as given, read by Pillow as (width, height): the original's order.
                     image = image.resize(size, RESIZE_FILTER)
                 result.kept[result.decoded] = np.asarray(image, dtype=np.uint8)
             result.decoded += 1
@@ -293,8 +245,7 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
             except StopIteration:
                 break
             except av.error.FFmpegError:
-                # Unreadable rest of the file: OpenCV (and FFmpeg) end the stream here, flushing
-                # what the decoder holds.
+                # Unreadable rest of the file: the stream ends here, flushing what the decoder holds.
                 result.truncated = not past_damage
                 result.bad_packets += int(past_damage)
                 try:
@@ -325,13 +276,8 @@ def read_clip_frames(path: str, num_clips: int, frames_per_clip: int,
                      size: tuple[int, int] | None = None, threads: int = 1,
                      past_damage: bool = False) -> ClipFrames:
     """Decode the frames of `num_clips` clips of `frames_per_clip` frames from the video at `path`.
-
-    `size` is (image_height, image_width), handed to Pillow's bicubic resize in that order as the
-    original did: the frames come out image_width rows by image_height columns (the same for
-    square sizes). None keeps the decoded size. `threads` is FFmpeg's decoder thread count (1
-    inside DataLoader workers, 0 = FFmpeg's choice, slice threads only). `past_damage` skips
-    packets the decoder rejects instead of stopping there.
-    """
+    `size` (image_height, image_width) goes to Pillow in that order, as in the original; None keeps
+    the decoded size. `threads`: FFmpeg's decoder threads (0: its choice)."""
     announced, _ = count_frames(path)
     guess = max(announced, 1)
     indices = clip_frame_indices(guess, num_clips, frames_per_clip)
@@ -344,8 +290,7 @@ def read_clip_frames(path: str, num_clips: int, frames_per_clip: int,
                          f"{outcome.bad_packets} packets rejected)")
     kept = outcome.kept
     if total != guess:
-        # The decoder gave another number of frames than the container announced: choose the
-        # clips again from the true count, and decode the frames the first pass did not keep.
+        # Another frame count than announced: choose the clips again, decode the frames still missing.
         indices = clip_frame_indices(total, num_clips, frames_per_clip)
         missing = np.array([i for i in np.unique(indices).tolist() if i not in kept], dtype=np.int64)
         if len(missing):
@@ -363,4 +308,4 @@ def read_clip_frames(path: str, num_clips: int, frames_per_clip: int,
     inverse = np.searchsorted(wanted, indices)
     expected, slack = header_frames(path)
     return ClipFrames(frames, inverse, indices, total, announced, outcome.truncated,
-                      outcome.bad_packets, 90 * (outcome.turns or 0), expected, slack)
+                      outcome.bad_packets, expected, slack)

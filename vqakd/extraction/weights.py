@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vqakd.core.errors import UserError
-from vqakd.core.files import REPO_ROOT, file_sha256
+from vqakd.core.files import REPO_ROOT
 
 TOOLKIT_ROOT = REPO_ROOT
 
@@ -22,17 +22,14 @@ class WeightsIdentity(NamedTuple):
 
 
 def torchvision_weights_cache() -> str:
-    """Where torchvision keeps downloaded weights ($TORCH_HOME/hub/checkpoints, TORCH_HOME
-    defaulting to $XDG_CACHE_HOME/torch or ~/.cache/torch). Only looked into, never filled:
-    the path is worked out here rather than through torch.hub, whose job is downloading."""
+    """Where torchvision keeps downloaded weights ($TORCH_HOME/hub/checkpoints); only looked into."""
     cache_home = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
     torch_home = os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(cache_home, "torch")))
     return os.path.join(torch_home, "hub", "checkpoints")
 
 
 def find_weights(given: str | None, file_names: tuple[str, ...], what: str, how_to_get: str) -> str:
-    """The weights file: `given` (--weights), else data/weights/<name>, else torchvision's cache,
-    trying each of the published `file_names`."""
+    """The weights file: `given` (--weights), else one of `file_names` in data/weights or torch's cache."""
     if given:
         if not os.path.isfile(given):
             raise UserError(f"{what} file not found: {given}; {how_to_get}")
@@ -47,18 +44,8 @@ def find_weights(given: str | None, file_names: tuple[str, ...], what: str, how_
     raise UserError(f"no {what} file given (--weights) or found (looked for {looked}); {how_to_get}")
 
 
-def random_identity(seed: int) -> WeightsIdentity:
-    return WeightsIdentity("random", f"random (seed {seed})")
-
-
-def file_identity(path: str) -> WeightsIdentity:
-    path = os.path.abspath(path)
-    return WeightsIdentity(path, file_sha256(path))
-
-
 def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file: a bare state dict or a checkpoint dict holding `state_dict`,
-    with any DataParallel `module.` prefix removed. Only tensors are unpickled (weights_only)."""
+    """Tensors (only: weights_only) of a state dict or checkpoint file, any `module.` prefix removed."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
@@ -79,29 +66,23 @@ def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
 
 def load_weights(network: nn.Module, path: str, what: str) -> None:
     """Load the weights file `path` into `network`, strictly (an error names the first bad key)."""
-    # "ResNet-101 weights" -> "<path>: ResNet-101 weights do not fit the model: ..."
     load_state_strict(network, read_state_dict(path, what), path, what=what.removesuffix(" weights"))
 
 
 def load_state_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str,
                       what: str = "checkpoint") -> None:
     """`load_state_dict(strict=True)` with a one-line error naming `path`, `what` it holds and the
-    first missing, unexpected or misshapen key.
-
-    A missing BatchNorm `num_batches_tracked` counter is allowed: files saved before PyTorch 0.4.1
-    (like the 2017 Kinetics weights) lack it, and it counts training steps, never entering a
-    forward pass in eval mode; the model's own counter is kept.
+    first missing, unexpected or misshapen key. A missing BatchNorm `num_batches_tracked` is allowed
+    (files saved before PyTorch 0.4.1 lack it; eval mode never uses it): the model's own is kept.
     """
     expected = model.state_dict()
     problem = f"{path}: {what} weights do not fit the model"
     missing = [key for key in expected if key not in state_dict and not key.endswith("num_batches_tracked")]
     unexpected = [key for key in state_dict if key not in expected]
-    if missing:
-        raise UserError(f"{problem}: missing key {missing[0]!r}"
-                        + (f" ({len(missing)} missing)" if len(missing) > 1 else ""))
-    if unexpected:
-        raise UserError(f"{problem}: unexpected key {unexpected[0]!r}"
-                        + (f" ({len(unexpected)} unexpected)" if len(unexpected) > 1 else ""))
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            count = f" ({len(keys)} {label})" if len(keys) > 1 else ""
+            raise UserError(f"{problem}: {label} key {keys[0]!r}{count}")
     counters = [key for key in expected if key not in state_dict]
     if counters:
         state_dict = {**state_dict, **{key: expected[key] for key in counters}}
