@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -36,15 +35,10 @@ from vqakd.training.validation import eval_loader, evaluation_record
 CURVES_REFRESH_S = 60.0
 
 
-# ----------------------------------------------------------------------------------- several processes
-# DistributedDataParallel with `train.batch_size` as the GLOBAL batch (B/K questions per process, B
-# divisible by K), so K processes follow the one-process recipe: each step's K shares are exactly
-# the one-process batch, gradients are averaged, BatchNorm statistics cover the whole batch
-# (`vqakd.core.distributed.GlobalBatchNorm1d`) and the HSIC term is scaled by K on each share
-# (`vqakd.training.engine.compute_loss`). With dropout off, K processes and one process train the same
-# network up to float rounding; with dropout on, each process draws its own masks (seeded by seed,
-# epoch and rank, so --resume is still exact). Evaluation shards each split without padding and
-# sums correct/total counts. Only global rank 0 writes files and logs.
+# Several processes: DistributedDataParallel with `train.batch_size` as the GLOBAL batch (B/K
+# questions each), so K processes follow the one-process recipe: gradients are averaged,
+# BatchNorm statistics cover the whole batch and the HSIC term is scaled by K (compute_loss).
+# Dropout masks are seeded by (seed, epoch, rank), so --resume stays exact. Only rank 0 writes.
 
 def per_process_batch(batch_size: int, world_size: int, what: str = "train.batch_size") -> int:
     """The global batch split over the processes."""
@@ -62,10 +56,9 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     dist.convert_batchnorm(model)
-    # Every parameter gets a gradient in every stage and distillation mode (checked by
-    # tests/test_distributed_train.py), so DDP need not search for unused ones. BatchNorm
-    # buffers are identical on every rank (global statistics): no per-step buffer broadcast.
-    # torch >= 2.14 renames broadcast_buffers (it still syncs once at start, which is harmless here).
+    # Every parameter gets a gradient in every stage (tests/test_distributed_train.py), and BatchNorm
+    # buffers are the same on every rank: no unused-parameter search, no per-step buffer broadcast
+    # (torch >= 2.14 renames broadcast_buffers).
     no_buffer_sync = ({"forward_sync_buffers": False}
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
                       else {"broadcast_buffers": False})
@@ -73,14 +66,9 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
                                    find_unused_parameters=False, **no_buffer_sync)
 
 
-# ----------------------------------------------------------------------------------- start-up
-
-# (No `from __future__ import annotations` in this script: a dataclass with string annotations
-# needs its module in sys.modules, which a script loaded by path is not.)
 @dataclass
 class StageStart:
-    """What the epoch loop starts from, every part loaded and checked before the output folder
-    changes."""
+    """What the epoch loop starts from, loaded and checked before the output folder changes."""
 
     device: torch.device
     batch_train: int                 # questions per process and step
@@ -90,9 +78,7 @@ class StageStart:
     scheduler: torch.optim.lr_scheduler.StepLR
     teacher: Optional[DualVGR] = None
     teacher_file: Optional[str] = None
-    # The content fingerprint of every input file, as read at the start (checkpoints and
-    # results.json record it; --resume and the study compare it: vqakd.training.provenance).
-    inputs: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)      # content fingerprint of every input file
     input_paths: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)       # settings taken from the input files
     history: list = field(default_factory=list)     # metrics.csv rows so far
@@ -103,7 +89,7 @@ class StageStart:
     resumes: list = field(default_factory=list)
 
 
-# The run folder's record of its resumes and the settings each changed (results.json `resumed`).
+# The run folder's record of its resumes (results.json `resumed`).
 RESUMES_FILE = "resumes.json"
 
 
@@ -115,9 +101,8 @@ def teacher_checkpoint(config: Config, stage: str, given: Optional[str]) -> Opti
     return given or RunFolder(config.stage_dir("teacher")).best
 
 
-# Model settings a student takes from its teacher's checkpoint when the command line does not set
-# them: both read the same features and words (and feature distillation compares their node
-# features: module_dim too), so the config need not repeat what the teacher run was given.
+# Model settings a student takes from its teacher's checkpoint unless set on the command line:
+# both read the same features and words (feature distillation compares node features: module_dim).
 FROM_TEACHER = ("num_nodes", "vision_dim", "word_dim")
 FROM_FEATURE_TEACHER = FROM_TEACHER + ("module_dim",)
 
@@ -142,8 +127,7 @@ def settings_from_files(config: Config, values: Mapping[str, Any], source: str,
 
 def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Optional[str], resume: bool,
                 overwrite: bool, explicit: Sequence[str] = ()) -> StageStart:
-    """Every start-up check and load, before anything in the output folder changes (every rank
-    runs it; nothing here writes)."""
+    """Every start-up check and load, on every rank, before anything in the output folder changes."""
     device = resolve_process_device(config.train.device, what="train.device")
     if config.train.batch_size < 2:
         raise UserError(f"train.batch_size is {config.train.batch_size}: BatchNorm needs at least 2 questions per "
@@ -171,15 +155,16 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
     expected_by = (f"the teacher {teacher_file} (model)" if {"num_nodes", "vision_dim"} & set(from_teacher)
                    else "model")
     bundle = load_data(config, device=device, progress=progress, expected_by=expected_by)
-    train_glove = bundle.splits["train"].glove if config.data.use_glove else None
-    from_glove = ({} if train_glove is None else settings_from_files(
-        config, {"word_dim": int(train_glove.shape[1])}, "the GloVe matrix of data.train_questions", explicit))
-    notes = list(from_teacher.values()) + list(from_glove.values())
+    notes = list(from_teacher.values())
+    glove = bundle.splits["train"].glove
+    if config.data.use_glove and glove is not None:
+        notes += settings_from_files(config, {"word_dim": int(glove.shape[1])},
+                                     "the GloVe matrix of data.train_questions", explicit).values()
     if len(bundle.splits["train"]) < 2:
         raise UserError(f"{bundle.splits['train'].path}: {len(bundle.splits['train'])} training question(s); "
                         "BatchNorm needs at least 2")
     # The frozen teacher runs on every rank, on that rank's own share of the batch.
-    teacher = load_teacher(teacher_file, config, bundle, device, teacher_record)[0] if teacher_file else None
+    teacher = load_teacher(teacher_file, config, bundle, device, teacher_record) if teacher_file else None
 
     seed_everything(config.train.seed)
     model = build_model_for_stage(config, stage, bundle, device, progress)
@@ -195,15 +180,12 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
 
 
 def resume_from(path: str, start: StageStart, config: Config, stage: str) -> None:
-    """Restore the weights, optimizer, scheduler, RNGs and history of `path` into `start`.
-    Every rank reads the checkpoint (to the CPU; load_state_dict copies to this rank's device).
-    Settings that differ from the run's saved config are refused or applied and recorded
-    (vqakd/training/resume.py); a changed lr schedule is put into the optimizer and scheduler."""
+    """Restore the weights, optimizer, scheduler, RNGs and history of `path` into `start`; settings
+    that differ from the run's saved config are refused or applied and recorded (resume.py)."""
     checkpoint = load_checkpoint(path)
     check_same_model(checkpoint, path, start.model)
     changed_files = changed_inputs(checkpoint.get("inputs"), start.inputs, start.input_paths)
     if changed_files:
-        # The epochs done were trained on other contents: continuing would mix two runs silently.
         raise UserError(f"cannot resume {path}: {', '.join(changed_files)} changed since epoch {checkpoint.get('epoch')} was "
                         "trained (other content under the same path); restore the file, or --overwrite to start again")
     recorded = checkpoint.get("inputs") or {}
@@ -223,7 +205,6 @@ def resume_from(path: str, start: StageStart, config: Config, stage: str) -> Non
     start.best = dict(checkpoint.get("best") or {})
     done = int(checkpoint["epoch"])
     if config.train.epochs < done:
-        # Nothing would run, yet the config and results.json would say train.epochs epochs.
         raise UserError(f"--resume with train.epochs={config.train.epochs}: {path} has already trained {done} "
                         f"epochs; set train.epochs to {done} or more (results of epoch {done} are in "
                         f"{os.path.dirname(path)})")
@@ -247,8 +228,7 @@ def _read_resumes(path: str) -> list:
 
 def prepare_folder(folder: RunFolder, start: StageStart, config: Config, stage: str, resume: bool,
                    overwrite: bool, log: RunLog) -> None:
-    """Main process, once every rank has passed every check: discard an overwritten run, clear
-    interrupted writes, save the config."""
+    """Main process, once every rank has passed every check: discard an overwritten run, save the config."""
     resumes_path = os.path.join(folder.folder, RESUMES_FILE)
     if start.resumed_from is not None:
         log(f"resuming {stage} from {folder.last} after epoch {start.resumed_from}")
@@ -278,44 +258,40 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
     """Train one stage end to end; returns the results.json content (or {} when stopped early).
     Under torchrun every process calls this. The stage folder is locked for the whole run, and
     no stage file may be one of the run's inputs."""
-    inputs = {"--cfg": config_file, "--teacher": teacher_checkpoint(config, stage, teacher_path),
-              **data_file_paths(config)}
-    with dist.session(), stage_guard(RunFolder(config.stage_dir(stage)), stage, inputs):
-        return _run_training(config, stage, teacher_path, resume, overwrite, explicit)
-
-
-def _run_training(config: Config, stage: str, teacher_path: Optional[str], resume: bool,
-                  overwrite: bool, explicit: Sequence[str] = ()) -> dict[str, Any]:
-    started = utc_now()
-    config.stage(stage)
-    world, main = dist.get_world_size(), dist.is_main()
     folder = RunFolder(config.stage_dir(stage))
     log = RunLog(folder.log)
-    if resume:
-        finished = finished_run(folder, config, stage)
-        if finished is not None:
-            log(finished[0])
-            return finished[1]
-    start = dist.agree(lambda: start_stage(config, stage, folder, teacher_path, resume, overwrite, explicit))
-    device, bundle, model = start.device, start.bundle, start.model
-    configure_backends(device, config.train.tf32)
-    if main:
-        prepare_folder(folder, start, config, stage, resume, overwrite, log)
-    for note in start.notes:
-        log(note)
-    dist.barrier()
+    inputs = {"--cfg": config_file, "--teacher": teacher_checkpoint(config, stage, teacher_path),
+              **data_file_paths(config)}
+    with dist.session(), stage_guard(folder, stage, inputs):
+        started = utc_now()
+        config.stage(stage)
+        if resume:
+            finished = finished_run(folder, config, stage)
+            if finished is not None:
+                log(finished[0])
+                return finished[1]
+        start = dist.agree(lambda: start_stage(config, stage, folder, teacher_path, resume, overwrite,
+                                               explicit))
+        device, bundle, model = start.device, start.bundle, start.model
+        configure_backends(device, config.train.tf32)
+        if dist.is_main():
+            prepare_folder(folder, start, config, stage, resume, overwrite, log)
+        for note in start.notes:
+            log(note)
+        dist.barrier()
 
-    processes = (f", DistributedDataParallel: {world} processes x {start.batch_train} questions (global batch "
-                 f"{config.train.batch_size})" if dist.is_initialized() else "")
-    log(f"{stage}: {count_parameters(model):,} parameters (G={model.config.graph_layers}, "
-        f"U={model.config.unit_layers}), device {device}{processes}, features on {bundle.table.device} "
-        f"({bundle.table.mode}, {bundle.table.dtype_name}), {len(bundle.splits['train'])} train / "
-        f"{len(bundle.splits['val'])} val / {len(bundle.splits['test'])} test questions"
-        + (f", distill {config.loss.distill_of(stage)} from {start.teacher_file}" if start.teacher_file else ""))
-    if not train_epochs(config, stage, start, folder, log):
-        return {}
-    dist.barrier()          # best.pt is complete before any rank reads it
-    return evaluate_best(config, stage, start, folder, log, started)
+        processes = (f", DistributedDataParallel: {dist.get_world_size()} processes x {start.batch_train} "
+                     f"questions (global batch {config.train.batch_size})" if dist.is_initialized() else "")
+        log(f"{stage}: {count_parameters(model):,} parameters (G={model.config.graph_layers}, "
+            f"U={model.config.unit_layers}), device {device}{processes}, features on {bundle.table.device} "
+            f"({bundle.table.mode}, {bundle.table.dtype_name}), {len(bundle.splits['train'])} train / "
+            f"{len(bundle.splits['val'])} val / {len(bundle.splits['test'])} test questions"
+            + (f", distill {config.loss.distill_of(stage)} from {start.teacher_file}"
+               if start.teacher_file else ""))
+        if not train_epochs(config, stage, start, folder, log):
+            return {}
+        dist.barrier()          # best.pt is complete before any rank reads it
+        return evaluate_best(config, stage, start, folder, log, started)
 
 
 def finished_run(folder: RunFolder, config: Config, stage: str) -> Optional[tuple[str, dict[str, Any]]]:
@@ -407,7 +383,7 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
 
 
 def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFolder, log: RunLog,
-                  started: Optional[str] = None) -> dict[str, Any]:
+                  started: str) -> dict[str, Any]:
     """Evaluate best.pt on the test split and write results.json."""
     device = start.device
 
@@ -440,7 +416,7 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
         "world_size": dist.get_world_size(),
     }
     if dist.is_main():
-        results["provenance"] = provenance_for_config(config, started=started or utc_now(), device=device,
+        results["provenance"] = provenance_for_config(config, started=started, device=device,
                                                       world_size=dist.get_world_size())
         write_json(folder.results, results)
     log(format_table(test_summary, f"{stage} test accuracy (best epoch {results['epoch']} by val accuracy):"))
