@@ -13,19 +13,19 @@ from torch.nn.parallel import DistributedDataParallel
 from model import DualVGR
 from model.diagnostics import layer_warning
 from vqakd.core import distributed as dist
-from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_from_checkpoint,
-                              restore_rng_state, save_checkpoint, seed_everything)
 from vqakd.core.config import Config, config_to_dict, data_file_paths, dump_config, load_config, override_key
-from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
 from vqakd.core.distributed import resolve_process_device
-from vqakd.training.engine import configure_backends, evaluate, loss_scale_warnings, train_one_epoch
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
-from vqakd.training.metrics import epoch_line, format_table, metrics_row, write_metrics_csv
+from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
 from vqakd.training.builders import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,
-                          load_teacher)
-from vqakd.training.plots import plot_curves
+                                     load_teacher)
+from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_from_checkpoint,
+                                       restore_rng_state, save_checkpoint, seed_everything)
+from vqakd.training.engine import configure_backends, evaluate, loss_scale_warnings, train_one_epoch
 from vqakd.training.inference_record import inference_record
+from vqakd.training.metrics import epoch_line, format_table, metrics_row, write_metrics_csv
+from vqakd.training.plots import plot_curves
 from vqakd.training.provenance import (changed_inputs, input_fingerprints, input_paths, provenance_for_config,
                                        utc_now)
 from vqakd.training.resume import LR_SCHEDULE_KEYS, apply_lr_schedule, resume_changes
@@ -46,12 +46,6 @@ def per_process_batch(batch_size: int, world_size: int, what: str = "train.batch
         raise UserError(f"{what} ({batch_size}) is the global batch and must be divisible by the number of processes "
                         f"({world_size}); e.g. --set {what}={batch_size // world_size * world_size or world_size}")
     return batch_size // world_size
-
-
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Under torchrun: each rank's dropout masks for an epoch come from (seed, epoch, rank), so a
-    resumed run draws what an uninterrupted one draws without saving every rank's RNG state."""
-    torch.manual_seed(seed + 1_000_003 * epoch + 7_919 * rank)
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -84,8 +78,7 @@ class StageStart:
     history: list = field(default_factory=list)     # metrics.csv rows so far
     best: dict = field(default_factory=dict)        # {epoch, val_accuracy} of best.pt
     start_epoch: int = 1
-    resumed_from: Optional[int] = None              # the epoch of the last.pt resumed from
-    # Every resume of this run: {epoch (first epoch run), after_epoch, changed: {key: [old, new]}}.
+    # Every resume of this run (empty: not resumed): {epoch, after_epoch, changed: {key: [old, new]}}.
     resumes: list = field(default_factory=list)
 
 
@@ -209,29 +202,23 @@ def resume_from(path: str, start: StageStart, config: Config, stage: str) -> Non
                         f"epochs; set train.epochs to {done} or more (results of epoch {done} are in "
                         f"{os.path.dirname(path)})")
     start.start_epoch = done + 1
-    start.resumed_from = done
     # Resumes recorded before, less those whose epochs were never checkpointed (redone now).
-    earlier = _read_resumes(os.path.join(os.path.dirname(path), RESUMES_FILE))
+    resumes_path = os.path.join(os.path.dirname(path), RESUMES_FILE)
+    earlier = read_json(resumes_path) if os.path.isfile(resumes_path) else []
+    if not isinstance(earlier, list) or not all(isinstance(e, dict) and isinstance(e.get("epoch"), int)
+                                                for e in earlier):
+        raise UserError(f"{resumes_path}: not a list of resumes ({{epoch, after_epoch, changed}}); "
+                        "delete it to continue")
     start.resumes = [entry for entry in earlier if entry["epoch"] < start.start_epoch]
-    start.resumes.append({"epoch": start.start_epoch, "after_epoch": start.resumed_from, "changed": changed})
-
-
-def _read_resumes(path: str) -> list:
-    if not os.path.isfile(path):
-        return []
-    entries = read_json(path)
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("epoch"), int)
-                                                for e in entries):
-        raise UserError(f"{path}: not a list of resumes ({{epoch, after_epoch, changed}}); delete it to continue")
-    return entries
+    start.resumes.append({"epoch": start.start_epoch, "after_epoch": done, "changed": changed})
 
 
 def prepare_folder(folder: RunFolder, start: StageStart, config: Config, stage: str, resume: bool,
                    overwrite: bool, log: RunLog) -> None:
     """Main process, once every rank has passed every check: discard an overwritten run, save the config."""
     resumes_path = os.path.join(folder.folder, RESUMES_FILE)
-    if start.resumed_from is not None:
-        log(f"resuming {stage} from {folder.last} after epoch {start.resumed_from}")
+    if start.resumes:
+        log(f"resuming {stage} from {folder.last} after epoch {start.start_epoch - 1}")
         changed = start.resumes[-1]["changed"]
         if changed:
             log(f"settings changed from epoch {start.start_epoch} on: "
@@ -241,7 +228,7 @@ def prepare_folder(folder: RunFolder, start: StageStart, config: Config, stage: 
         log(f"no checkpoint at {folder.last}; starting {stage} from epoch 1")
     elif overwrite:
         folder.remove_outputs()
-    if start.resumed_from is None and os.path.exists(resumes_path):
+    if not start.resumes and os.path.exists(resumes_path):
         os.remove(resumes_path)         # left by a run that is started again
     dropped = {name: split.dropped for name, split in start.bundle.splits.items() if split.dropped}
     if dropped:
@@ -330,8 +317,8 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
     warned = {name for earlier in history for name in str(earlier.get("collapsed_layers", "")).split()}
     for epoch in range(start.start_epoch, epochs + 1):
         train_loader.sampler.set_epoch(epoch)
-        if world > 1:
-            seed_epoch(config.train.seed, epoch, dist.get_rank())
+        if world > 1:       # dropout masks of (seed, epoch, rank): --resume needs no per-rank RNG state
+            torch.manual_seed(config.train.seed + 1_000_003 * epoch + 7_919 * dist.get_rank())
         lr = optimizer.param_groups[0]["lr"]
         epoch_started = time.perf_counter()
         train_stats = train_one_epoch(trained, train_loader, optimizer, device, epoch, stage=stage,
@@ -394,9 +381,8 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
         return best_checkpoint, model_from_checkpoint(best_checkpoint, folder.best, device)
 
     best_checkpoint, best_model = dist.agree(load_best, "loading best.pt")
-    test_loader = eval_loader(config, start.bundle, "test", device)
-    progress = config.train.progress and dist.is_main()
-    test_summary, _ = evaluate(best_model, test_loader, device, amp=config.train.amp, progress=progress,
+    test_summary, _ = evaluate(best_model, eval_loader(config, start.bundle, "test", device), device,
+                               amp=config.train.amp, progress=config.train.progress and dist.is_main(),
                                desc="test")
     # Questions left out for missing videos (data.missing_videos: drop) count as wrong.
     test_summary = with_dropped(test_summary, start.bundle.splits["test"])
