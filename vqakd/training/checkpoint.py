@@ -31,8 +31,6 @@ CHECKPOINT_FORMAT_VERSION = 1
 DISK_NEARLY_FULL = 256 << 20
 
 
-# ----------------------------------------------------------------------------------- RNG states
-
 def capture_rng_state() -> dict[str, Any]:
     """Every RNG a training step draws from, in weights_only-loadable types."""
     py_version, py_state, py_gauss = random.getstate()
@@ -68,8 +66,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)     # also seeds every CUDA device
 
-
-# ----------------------------------------------------------------------------------- save / load
 
 def build_checkpoint(*, model: torch.nn.Module, stage: str, epoch: int, optimizer=None, scheduler=None,
                      metrics: Mapping | None = None, history: list | None = None, best: Mapping | None = None,
@@ -121,14 +117,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _looks_like_torch_file(path: str) -> bool:
-    """A zip archive (`PK`, torch.save) or a pickle (0x80, before PyTorch 1.6); anything else would
-    fail in the legacy unpickler with a message about its internals."""
-    with open(path, "rb") as handle:
-        head = handle.read(2)
-    return head == b"PK" or head[:1] == b"\x80"
-
-
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load ours or an original DualVGR/VQAKD checkpoint (the latter converted to our key names);
     always at least {"model_config": dict, "state_dict": dict, "epoch", "stage", "original"}."""
@@ -136,7 +124,11 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise UserError(f"checkpoint {path} is a folder; give best.pt or last.pt inside it")
     if not os.path.isfile(path):
         raise UserError(missing_file_message(path, "checkpoint"))
-    if not _looks_like_torch_file(path):
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    # A zip archive (torch.save) or a pickle (before PyTorch 1.6); anything else would fail in the
+    # legacy unpickler with a message about its internals.
+    if head != b"PK" and head[:1] != b"\x80":
         raise UserError(f"{path}: not a PyTorch checkpoint (neither the zip archive torch.save writes nor a "
                         "pickle); give a best.pt or last.pt")
     try:

@@ -26,8 +26,6 @@ from vqakd.training.metrics import AccuracyCounter
 from vqakd.core.progress import progress_bar
 
 
-# ----------------------------------------------------------------------------------- the loss
-
 def compute_loss(output, labels: torch.Tensor, loss_cfg: LossConfig, stage: str,
                  teacher_output=None, batch_shards: int = 1) -> dict[str, torch.Tensor]:
     """All loss parts of one batch; "loss" is the one to minimise.

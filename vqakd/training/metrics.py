@@ -59,8 +59,8 @@ def summarize(correct: Sequence[int], total: Sequence[int]) -> dict:
     def figures(c: int, t: int) -> dict:
         return {"accuracy": c / t if t else 0.0, "correct": int(c), "count": int(t)}
 
-    return {**figures(int(sum(correct)), int(sum(total))),
-            "per_type": {name: figures(correct[code], total[code]) for code, name in enumerate(QUESTION_TYPES)}}
+    per_type = {name: figures(correct[code], total[code]) for code, name in enumerate(QUESTION_TYPES)}
+    return {**figures(int(sum(correct)), int(sum(total))), "per_type": per_type}
 
 
 NO_VALUE = "\u2013"          # en dash: the table cell of a type without questions
@@ -80,10 +80,8 @@ def format_table(summary: Mapping, title: str = "") -> str:
 
 
 def metrics_row(epoch: int, lr: float, train: Mapping, val: Mapping, epoch_time: float) -> dict[str, Any]:
-    """One metrics.csv row: every column always present (empty where a part does not apply).
-    `time_s` is the whole epoch (training and validation). `val` is `evaluate`'s summary; its
-    "losses" give the val_<part> columns (next to train_<part>), its "node_spread" the
-    node_spread_* / node_collapsed_* columns of the graph-layer diagnostic and collapsed_layers."""
+    """One metrics.csv row, every column always present (empty where a part does not apply);
+    `val`: `evaluate`'s summary with its "losses" and "node_spread"; `epoch_time`: train and val."""
     row: dict[str, Any] = {"epoch": epoch, "lr": lr, "time_s": round(epoch_time, 3),
                            "train_questions_per_s": round(train["questions_per_s"], 2)}
     val_losses = val.get("losses") or {}

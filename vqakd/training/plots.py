@@ -36,13 +36,6 @@ def best_epoch(rows: Sequence[Mapping[str, Any]]) -> int | None:
     return best[0] if best else None
 
 
-def _use_log_scale(axis, rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
-    """Log scale when every plotted value is positive (a zero or negative part stays linear)."""
-    values = [v for key in keys for v in _series(rows, key) if not math.isnan(v)]
-    if values and min(values) > 0:
-        axis.set_yscale("log")
-
-
 def plot_curves(rows: Sequence[Mapping[str, Any]], path: str, stage: str) -> None:
     """Write the curves of `rows` (dicts with epoch, train_<part>, train_acc, val_acc) to `path`."""
     if not rows:
@@ -78,7 +71,9 @@ def curves_figure(rows: Sequence[Mapping[str, Any]], stage: str):
                 loss_axis.plot(epochs, _series(rows, f"val_{part}"), linestyle="--", marker="x", ms=3,
                                color=line.get_color(), label=f"{labels[part]} (val)")
                 plotted.append(f"val_{part}")
-    _use_log_scale(loss_axis, rows, plotted)
+    values = [v for key in plotted for v in _series(rows, key) if not math.isnan(v)]
+    if values and min(values) > 0:          # a zero or negative part stays linear
+        loss_axis.set_yscale("log")
     loss_axis.set_title(f"{stage}: losses" + (" (log scale)" if loss_axis.get_yscale() == "log" else ""))
 
     for part, label in (("common", "common C"), ("dependence", "dependence H")):

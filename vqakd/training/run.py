@@ -102,8 +102,7 @@ FROM_FEATURE_TEACHER = FROM_TEACHER + ("module_dim",)
 
 def settings_from_files(config: Config, values: Mapping[str, Any], source: str,
                         explicit: Sequence[str]) -> dict[str, str]:
-    """Set the model settings an input file defines (`values`: the teacher checkpoint's sizes, the
-    GloVe matrix's width as word_dim; `source` names the file); a conflicting `--set` is refused
+    """Set the model settings an input file (`source`) defines; a conflicting `--set` is refused
     naming both values. Returns {setting: log line} of what was taken."""
     taken = {}
     for key, value in values.items():
@@ -236,8 +235,6 @@ def prepare_folder(folder: RunFolder, start: StageStart, config: Config, stage: 
             + " question(s) whose video is missing from the feature files (val/test: counted as wrong)")
     dump_config(config, folder.config)
 
-
-# ----------------------------------------------------------------------------------- the run
 
 def run_training(config: Config, stage: str, teacher_path: Optional[str] = None, resume: bool = False,
                  overwrite: bool = False, config_file: Optional[str] = None,

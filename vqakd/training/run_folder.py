@@ -1,11 +1,6 @@
-"""The folder of one training stage, `<output_dir>/<stage>/`, and its log.
-
-    last.pt, best.pt     checkpoints (vqakd.training.checkpoint)
-    metrics.csv          one row per epoch (vqakd.training.metrics.metrics_row)
-    results.json         test figures of best.pt
-    curves.png           loss and accuracy curves (vqakd.training.plots)
-    config.yml           the run's whole config
-    train.log            every line the run printed, each prefixed with its UTC time
+"""The folder of one training stage, `<output_dir>/<stage>/` (checkpoints last.pt and best.pt,
+metrics.csv, results.json with the test figures of best.pt, curves.png, config.yml), and its
+train.log: every line the run printed, each prefixed with its UTC time.
 """
 
 from __future__ import annotations
@@ -48,11 +43,9 @@ class RunFolder:
 
 @contextlib.contextmanager
 def stage_guard(folder: RunFolder, stage: str, inputs: Mapping[str, Optional[str]]) -> Iterator[None]:
-    """For the whole run of one stage, `vqakd.core.locks.guard_outputs`: refuse stage files that
-    are one of the run's `inputs` (config, teacher checkpoint, vocabulary, question and feature
-    files), hold the lock on the stage folder so that a second run into it is refused, and clear
-    the temporaries of an interrupted write (the run's log says so). Under torchrun only the main
-    process locks; a refusal there stops every rank. A folder the guard created is removed again
+    """For the whole run of one stage, `vqakd.core.locks.guard_outputs`: refuse stage files that are
+    one of the run's `inputs`, lock the stage folder (main process only; a refusal stops every rank)
+    and clear the temporaries of an interrupted write. A folder the guard created is removed again
     if the run leaves it empty (failed start-up checks)."""
     outputs = {f"{stage} {name}": path for name, path in zip(STAGE_FILES.values(), folder.outputs())}
     new_folders = []                    # the folders the guard creates, deepest first

@@ -58,9 +58,8 @@ def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = ()
                         write_preds: bool = False, out: Optional[str] = None, preds_out: Optional[str] = None,
                         device: Optional[str] = None, other_features: bool = False) -> dict[str, Any]:
     """What `python validate.py` does with its flags: evaluate a checkpoint (ours or original) on a
-    split, write the JSON (and the predictions CSV). Under torchrun each process evaluates its share
-    and rank 0 writes the whole split's figures. The network is rebuilt from the checkpoint's
-    model_config: a model.* override can only repeat the checkpoint's value, never change it."""
+    split and write the JSON (and the predictions CSV); under torchrun rank 0 writes the whole
+    split's figures. The checkpoint defines the network: a model.* override may only repeat it."""
     model_keys = [override_key(text) for text in overrides if override_key(text).startswith("model.")]
     overrides = list(overrides)
     if device is not None:
@@ -81,15 +80,6 @@ def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = ()
                                model_keys, other_features)
 
 
-def check_model_overrides(config: Config, model_config, keys: Sequence[str]) -> None:
-    for key in keys:
-        name = key.split(".", 1)[1]
-        given, recorded = getattr(config.model, name, None), getattr(model_config, name, None)
-        if given != recorded:
-            raise UserError(f"--set {key}={given}: the checkpoint defines the model and has {name} = {recorded}; "
-                            "validate.py cannot change it (drop the --set)")
-
-
 def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: str,
                     preds_out: str, answers_out: str, model_overrides: Sequence[str],
                     other_features: bool) -> dict[str, Any]:
@@ -102,7 +92,12 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
         device = resolve_process_device(config.train.device, what="train.device")
         checkpoint = load_checkpoint(checkpoint_path)
         model_config = model_config_from(checkpoint, checkpoint_path)
-        check_model_overrides(config, model_config, model_overrides)
+        for key in model_overrides:
+            name = key.split(".", 1)[1]
+            given, recorded = getattr(config.model, name, None), getattr(model_config, name, None)
+            if given != recorded:
+                raise UserError(f"--set {key}={given}: the checkpoint defines the model and has {name} = "
+                                f"{recorded}; validate.py cannot change it (drop the --set)")
         # The checkpoint defines the network: its clip count and feature size are what the data must match.
         config.model.num_nodes = model_config.num_nodes
         config.model.vision_dim = model_config.vision_dim
@@ -214,11 +209,9 @@ def format_ceiling(ceiling: Mapping[str, Any]) -> str:
 
 def answer_figures(truth: Sequence, predicted: Sequence, nameable: Callable[[Any], bool],
                    answers: int = REPORTED_ANSWERS, square: int = CONFUSION_ANSWERS) -> dict[str, Any]:
-    """Precision, recall, F1 and support (scikit-learn) of the `answers` most frequent nameable
-    true answers (ties: in the answers' own order), and the confusion matrix among the `square`
-    most frequent of them (rows: true answer, columns: predicted; a prediction outside those
-    answers is not counted). Answers are labels or names, as `truth` and `predicted` give them;
-    the study's report (vqakd/study/report.py) uses this too, on its predictions CSVs."""
+    """Precision, recall, F1 and support (scikit-learn) of the `answers` most frequent nameable true
+    answers (labels or names; ties in their own order), and the confusion matrix among the `square`
+    most frequent (rows: true answer, columns: predicted). The study's report uses this too."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     counts = Counter(answer for answer in truth if nameable(answer))
