@@ -170,7 +170,6 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
             bar.set_postfix({name: f"{value:.4g}" for name, value in zip(names, detached.cpu().tolist())},
                             refresh=False)
     bar.close()
-    watch.check(epoch, steps)
     result = _means(names, sums, questions)
     counter.all_reduce()
     elapsed = time.perf_counter() - started
