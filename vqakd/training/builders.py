@@ -42,21 +42,20 @@ def build_model_for_stage(config: Config, stage: str, bundle: DataBundle, device
     return model.to(device)
 
 
-def check_model_fits_memory(model_config: ModelConfig, memory_bytes: int | None = None) -> None:
+def check_model_fits_memory(model_config: ModelConfig) -> None:
     """Refuse a network whose weights alone (float32, with Adam's two moments and the gradient:
     4 copies) exceed this machine's memory, sized on the meta device before anything is allocated:
     `model.module_dim=4194304` would otherwise die deep inside the allocator."""
     with torch.device("meta"):
-        parameters = sum(p.numel() for p in DualVGR(model_config).parameters())
+        parameters = count_parameters(DualVGR(model_config))
     need = 4 * 4 * parameters
-    if memory_bytes is None:
-        try:
-            memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return              # the size of memory is unknown here: let the allocator decide
+    try:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return              # the size of memory is unknown here: let the allocator decide
     if need > memory_bytes:
-        sizes = ", ".join(f"model.{key}={getattr(model_config, key)}" for key in ("module_dim", "word_dim", "vision_dim")
-                          if hasattr(model_config, key))
+        sizes = ", ".join(f"model.{key}={getattr(model_config, key)}"
+                          for key in ("module_dim", "word_dim", "vision_dim"))
         raise UserError(f"the network would have {parameters:,} parameters, {need / 2**30:,.1f} GiB to train "
                         f"(weights, gradients, Adam state), more than this machine's {memory_bytes / 2**30:,.1f} GiB "
                         f"of memory; check the model sizes ({sizes})")
@@ -77,14 +76,6 @@ def check_vocab_match(checkpoint: Mapping[str, Any], path: str, bundle: DataBund
                         f"{saved_hash[:12]}…, {vocab.path} has {vocab.sha256[:12]}…); token indices would not match")
 
 
-def check_nodes_match(model_config: Mapping[str, Any], path: str, config: Config, what: str) -> None:
-    """The checkpoint's clip count and feature size are the config's."""
-    for key in ("num_nodes", "vision_dim"):
-        if model_config.get(key) != getattr(config.model, key):
-            raise UserError(f"{path}: {what} has {key} {model_config.get(key)} but the config's model.{key} is "
-                            f"{getattr(config.model, key)}")
-
-
 def check_same_model(checkpoint: Mapping[str, Any], path: str, model: DualVGR) -> None:
     """A run being resumed was written for exactly this network."""
     ours = dataclasses.asdict(model.config)
@@ -96,16 +87,20 @@ def check_same_model(checkpoint: Mapping[str, Any], path: str, model: DualVGR) -
 
 
 def load_teacher(path: str, config: Config, bundle: DataBundle, device: torch.device,
-                 checkpoint: Mapping[str, Any] | None = None) -> tuple[DualVGR, dict[str, Any]]:
+                 checkpoint: Mapping[str, Any] | None = None) -> DualVGR:
     """The frozen teacher for distillation (eval mode, no gradients), checked against this run's
-    data and student; returns it with its checkpoint (`checkpoint`: the file, already loaded)."""
+    data and student (`checkpoint`: the file, already loaded)."""
     checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
     check_vocab_match(checkpoint, path, bundle, "the teacher")
-    check_nodes_match(checkpoint["model_config"], path, config, "the teacher")
-    if checkpoint["model_config"].get("module_dim") != config.model.module_dim:
-        raise UserError(f"{path}: the teacher has module_dim {checkpoint['model_config'].get('module_dim')} but the "
+    recorded = checkpoint["model_config"]
+    for key in ("num_nodes", "vision_dim"):
+        if recorded.get(key) != getattr(config.model, key):
+            raise UserError(f"{path}: the teacher has {key} {recorded.get(key)} but the config's "
+                            f"model.{key} is {getattr(config.model, key)}")
+    if recorded.get("module_dim") != config.model.module_dim:
+        raise UserError(f"{path}: the teacher has module_dim {recorded.get('module_dim')} but the "
                         f"student has {config.model.module_dim}; feature distillation needs equal sizes")
     teacher = model_from_checkpoint(checkpoint, path, device)
     teacher.eval()
     teacher.requires_grad_(False)
-    return teacher, checkpoint
+    return teacher

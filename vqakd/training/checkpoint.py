@@ -1,17 +1,9 @@
 """Checkpoints: atomic save, safe load (`torch.load(weights_only=True)`), original-code import.
 
-Our checkpoint is a dict of tensors and plain Python values only, so it loads with
-`weights_only=True` (no arbitrary unpickling):
-  format, format_version, toolkit_version, stage, epoch,
-  model_config (dataclasses.asdict of model.ModelConfig), state_dict,
-  optimizer, scheduler (their state_dicts), rng (python / numpy / torch / cuda states as
-  tensors and lists), metrics (this epoch's row), history (all rows so far), best
-  ({epoch, val_accuracy}), vocab ({question_size, answer_size, sha256, path}), config (the run's
-  whole config as a dict), inference (vqakd/training/inference_record.py: the feature files' extraction settings
-  and the vocabulary's tokens, for predict.py).
-A checkpoint written by the original DualVGR/VQAKD code (it has `model_kwargs`) is read the same
-way, converted with `model.original.convert_original_checkpoint` and returned in the same
-shape, minus the training state.
+Our checkpoint (`build_checkpoint`) is a dict of tensors and plain Python values only, so it loads
+with `weights_only=True` (no arbitrary unpickling). A checkpoint of the original DualVGR/VQAKD
+code (it has `model_kwargs`) is converted by `model.original.convert_original_checkpoint` and
+returned in the same shape, minus the training state.
 """
 
 from __future__ import annotations
@@ -39,13 +31,11 @@ CHECKPOINT_FORMAT_VERSION = 1
 DISK_NEARLY_FULL = 256 << 20
 
 
-# ----------------------------------------------------------------------------------- RNG states
-
 def capture_rng_state() -> dict[str, Any]:
     """Every RNG a training step draws from, in weights_only-loadable types."""
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state(legacy=False)
-    state = {
+    return {
         "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
         "numpy": {"bit_generator": np_state["bit_generator"],
                   "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
@@ -54,7 +44,6 @@ def capture_rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    return state
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
@@ -78,12 +67,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)     # also seeds every CUDA device
 
 
-# ----------------------------------------------------------------------------------- save / load
-
 def build_checkpoint(*, model: torch.nn.Module, stage: str, epoch: int, optimizer=None, scheduler=None,
                      metrics: Mapping | None = None, history: list | None = None, best: Mapping | None = None,
                      vocab: Mapping | None = None, config: Mapping | None = None,
                      inference: Mapping | None = None, inputs: Mapping | None = None) -> dict[str, Any]:
+    """Our checkpoint: the model (config and weights), the training state (optimizer, scheduler,
+    RNGs, metrics rows, best epoch), the run's vocabulary, config, input fingerprints and
+    `inference` (inference_record.py: what predict.py needs)."""
     module = getattr(model, "module", model)      # unwrap DistributedDataParallel
     return {
         "format": CHECKPOINT_FORMAT,
@@ -101,10 +91,7 @@ def build_checkpoint(*, model: torch.nn.Module, stage: str, epoch: int, optimize
         "best": dict(best or {}),
         "vocab": dict(vocab or {}),
         "config": dict(config or {}),
-        # Extraction settings of the training features and the vocabulary (vqakd/training/inference_record.py):
-        # what predict.py needs to answer a question about a new video.
         "inference": dict(inference or {}),
-        # Content fingerprints of the run's input files (vqakd.training.provenance.input_fingerprints).
         "inputs": dict(inputs or {}),
     }
 
@@ -130,25 +117,18 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _looks_like_torch_file(path: str) -> bool:
-    """torch.save writes a zip archive (`PK`); files from before PyTorch 1.6 start with a pickle
-    protocol marker (0x80). Anything else (a CSV, a log, a JSON file) would reach the legacy
-    unpickler and fail with a message about its internals ("pop from empty list")."""
-    with open(path, "rb") as handle:
-        head = handle.read(2)
-    return head == b"PK" or head[:1] == b"\x80"
-
-
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load ours or an original DualVGR/VQAKD checkpoint (the latter converted to our key names).
-
-    Always returns at least {"model_config": dict, "state_dict": dict, "epoch", "stage", "original"}.
-    """
+    """Load ours or an original DualVGR/VQAKD checkpoint (the latter converted to our key names);
+    always at least {"model_config": dict, "state_dict": dict, "epoch", "stage", "original"}."""
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path} is a folder; give best.pt or last.pt inside it")
     if not os.path.isfile(path):
         raise UserError(missing_file_message(path, "checkpoint"))
-    if not _looks_like_torch_file(path):
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    # A zip archive (torch.save) or a pickle (before PyTorch 1.6); anything else would fail in the
+    # legacy unpickler with a message about its internals.
+    if head != b"PK" and head[:1] != b"\x80":
         raise UserError(f"{path}: not a PyTorch checkpoint (neither the zip archive torch.save writes nor a "
                         "pickle); give a best.pt or last.pt")
     try:
@@ -197,9 +177,8 @@ def model_config_from(checkpoint: Mapping[str, Any], path: str) -> ModelConfig:
 
 
 def check_sizes(model_config: ModelConfig, state_dict: Mapping[str, Any], path: str) -> None:
-    """The sizes in `model_config` are those of the weights in the file, checked on a network
-    without storage (the meta device) before a real one is built: a damaged or edited size
-    (module_dim 4194304 in a small file) would otherwise try to allocate terabytes."""
+    """The sizes in `model_config` are those of the weights in the file, checked on the meta device
+    before a real network is built: a damaged size would otherwise try to allocate terabytes."""
     try:
         with torch.device("meta"):
             expected = DualVGR(model_config).state_dict()

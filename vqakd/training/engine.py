@@ -1,24 +1,9 @@
 """Training and evaluation steps: the loss of a batch (`compute_loss`), one epoch
-(`train_one_epoch`) and one pass over a split (`evaluate`). The runs around them are
-vqakd/training/run.py (train.py) and vqakd/training/validation.py (validate.py).
-
-Stages (docs/method.md):
-- teacher: hard loss = CE + α·mean C + β·mean H.
-- student, `loss.distill`:
-    feature (the paper): hard + κ_a·APP + κ_m·MO, the frozen teacher's MFB output against the
-      student's appearance / motion features;
-    logit: Hinton's logit distillation (mix·τ²·KL + (1 − mix)·CE) + α·mean C + β·mean H;
-    none: the hard loss only (no teacher).
-  The teacher is frozen (requires_grad False), in eval mode, and runs under torch.no_grad().
-
-Loss values and accuracies stay on the device during an epoch; the host reads them only every
-`train.log_every` steps (and every step on the CPU, where reading costs nothing), which is also
-when a non-finite loss is reported, naming the epoch, the step and the loss part.
-
-Several processes (`torchrun`): each process trains on its share of the global batch; the HSIC
-term, a per-question sum, is scaled by the number of shares so that the averaged gradient is the
-one-process one (vqakd/training/run.py describes the whole recipe). Evaluation sums correct/total counts
-over the processes, so every question counts exactly once.
+(`train_one_epoch`) and one pass over a split (`evaluate`); the losses of each stage are in
+docs/method.md. Loss values and accuracies stay on the device during an epoch: the host reads
+them only every `train.log_every` steps (every step on the CPU), which is also when a non-finite
+loss is reported. Under torchrun each process trains on its share of the global batch and
+evaluation sums correct/total counts over the processes (vqakd/training/run.py has the recipe).
 """
 
 from __future__ import annotations
@@ -41,18 +26,13 @@ from vqakd.training.metrics import AccuracyCounter
 from vqakd.core.progress import progress_bar
 
 
-# ----------------------------------------------------------------------------------- the loss
-
 def compute_loss(output, labels: torch.Tensor, loss_cfg: LossConfig, stage: str,
                  teacher_output=None, batch_shards: int = 1) -> dict[str, torch.Tensor]:
     """All loss parts of one batch; "loss" is the one to minimise.
 
-    `batch_shards`: the global batch is split over this many processes whose gradients are
-    averaged. Every part is a per-question mean except the HSIC dependence term, a sum over
-    the batch: it is multiplied by the shard count, so the averaged gradient (and the logged
-    value) equals the one-process one. (`evaluate` passes a fractional count: the reference batch
-    over this batch's size.) `loss_cfg.common` chooses the common loss (original or safe).
-    """
+    Every part is a per-question mean except the HSIC dependence term, a sum over the batch: it
+    is multiplied by `batch_shards` (the processes sharing the global batch), so the averaged
+    gradient equals the one-process one (`evaluate` passes reference batch / batch size)."""
     hard, parts = hard_loss(output, labels, alpha=loss_cfg.alpha, beta=loss_cfg.beta, dependence_scale=batch_shards,
                             common_mode=loss_cfg.common)
     values = {"hard": hard, "ce": parts["ce"], "common": parts["common"], "dependence": parts["dependence"]}
@@ -82,26 +62,30 @@ def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[
     return {key: value if key in HOST_KEYS else value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-# ----------------------------------------------------------------------------------- the device
-
 def configure_backends(device: torch.device, tf32: bool = True) -> None:
-    """TF32 matmuls and convolutions on CUDA (Ampere and newer): ~same accuracy for this model,
-    several times the float32 throughput."""
+    """TF32 matmuls and convolutions on CUDA: about the same accuracy here, several times faster."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-# ----------------------------------------------------------------------------------- steps
-
 def forward_batch(model, batch: Mapping[str, torch.Tensor]) -> DualVGROutput:
     return model(batch["appearance"], batch["motion"], batch["question"], batch["question_len"])
 
 
+def _teacher_output(teacher, batch: Mapping[str, torch.Tensor], distill: str, device: torch.device,
+                    amp: str) -> Optional[DualVGROutput]:
+    """The frozen teacher's output on `batch` (no gradients); None when the stage does not distil."""
+    if distill == "none":
+        return None
+    with torch.no_grad(), _autocast(device, amp):
+        return forward_batch(teacher, batch)
+
+
 class _NonFiniteWatch:
-    """Remembers, on the device (no host sync per step), the first step whose loss values were not
-    all finite: the logged parts (total, hard, ce, common, ...) and the weighted terms (α·common,
-    β·dependence, ...), so that a finite part times a huge weight is reported as such."""
+    """Remembers on the device (no host sync per step) the first step whose loss parts or
+    weighted terms (α·common, ...) were not all finite: a finite part times a huge weight is
+    reported as such."""
 
     RAW_PARTS = ("ce", "common", "dependence", "app", "mo", "kd")
 
@@ -120,8 +104,7 @@ class _NonFiniteWatch:
         self.values = torch.where(newly, values, self.values)
 
     def check(self, epoch: int, steps: int) -> None:
-        """Raise if a step so far was not finite. Under torchrun every rank calls this at the same
-        steps and raises the same error (the earliest bad step of any rank; rank 0 prints it)."""
+        """Raise if a step so far was not finite; every rank raises the earliest bad step of any rank."""
         found = (int(self.step), self.values.cpu().tolist()) if int(self.step) >= 0 else None
         found = min((each for each in dist.all_gather_objects(found) if each), default=None, key=lambda f: f[0])
         if found is None:
@@ -144,14 +127,9 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
                     loss_cfg: LossConfig, teacher=None, grad_clip: float = 12.0, amp: str = "none",
                     log_every: int = 50, progress: bool = True, batch_shards: int = 1,
                     check_every: Optional[int] = None) -> dict[str, Any]:
-    """One pass over the training loader. Returns averaged loss parts, train accuracy, time
-    (summed over every process). `model` may be wrapped in DistributedDataParallel;
-    `batch_shards` is then the world size (see `compute_loss`).
-
-    No host synchronisation inside a step on a GPU: the step's values are accumulated on the
-    device and read every `log_every` steps (the non-finite check and the progress bar).
-    `check_every`: steps between non-finite checks (default: every step on the CPU, where
-    reading a value costs nothing, else log_every)."""
+    """One pass over the training loader: averaged loss parts, train accuracy and time over every
+    process. `model` may be wrapped in DistributedDataParallel (`batch_shards`: the world size).
+    `check_every`: steps between non-finite checks (default: every step on the CPU, else log_every)."""
     model.train()
     if teacher is not None:
         teacher.eval()
@@ -171,10 +149,7 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
     for step, batch in enumerate(bar, start=1):
         batch = _to_device(batch, device)
         labels = batch["answer"]
-        teacher_output = None
-        if distill != "none":
-            with torch.no_grad(), _autocast(device, amp):
-                teacher_output = forward_batch(teacher, batch)
+        teacher_output = _teacher_output(teacher, batch, distill, device, amp)
         with _autocast(device, amp):
             output = forward_batch(model, batch)
         values = compute_loss(output, labels, loss_cfg, stage, teacher_output, batch_shards)
@@ -195,16 +170,20 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
             bar.set_postfix({name: f"{value:.4g}" for name, value in zip(names, detached.cpu().tolist())},
                             refresh=False)
     bar.close()
-    watch.check(epoch, steps)
-    dist.all_reduce_sum(sums)
-    dist.all_reduce_sum(questions)
+    result = _means(names, sums, questions)
     counter.all_reduce()
-    count = max(int(questions), 1)
     elapsed = time.perf_counter() - started
-    result = {name: float(value) / count for name, value in zip(names, sums.cpu().tolist())}
     result.update(accuracy=counter.summary(), time_s=elapsed, questions=int(questions),
                   questions_per_s=int(questions) / elapsed if elapsed > 0 else 0.0)
     return result
+
+
+def _means(names: tuple[str, ...], sums: torch.Tensor, questions: torch.Tensor) -> dict[str, float]:
+    """{part: sum / questions}, both summed over every process first."""
+    dist.all_reduce_sum(sums)
+    dist.all_reduce_sum(questions)
+    count = max(int(questions), 1)
+    return {name: float(value) / count for name, value in zip(names, sums.cpu().tolist())}
 
 
 def weighted_terms(stage: str, loss_cfg: LossConfig) -> tuple[tuple[str, str, float], ...]:
@@ -220,8 +199,7 @@ LOSS_SCALE_WARNING = 10.0
 
 
 def loss_scale_warnings(train: Mapping[str, float], stage: str, loss_cfg: LossConfig) -> list[str]:
-    """One line per weighted term over LOSS_SCALE_WARNING x the cross-entropy (`train`: an epoch's
-    averaged loss parts), naming the setting that scales it."""
+    """One line per weighted term over LOSS_SCALE_WARNING x the cross-entropy of an epoch."""
     ce = train.get("ce")
     if not ce or ce <= 0:
         return []
@@ -238,60 +216,17 @@ def loss_scale_warnings(train: Mapping[str, float], stage: str, loss_cfg: LossCo
 
 def loss_names(stage: str, loss_cfg: LossConfig) -> tuple[str, ...]:
     """The loss parts a stage logs, in LOSS_PARTS order."""
-    distill = loss_cfg.distill_of(stage)
-    return ("loss", "hard", "ce", "common", "dependence") + {"feature": ("app", "mo"), "logit": ("kd",)}.get(
-        distill, ())
-
-
-class _ValidationLosses:
-    """Every training loss part on evaluation batches, summed per question on the device.
-
-    The HSIC dependence term is a sum over a batch, so its value depends on the batch size: each
-    batch's is rescaled to `reference_batch` questions (the global training batch), which makes
-    val_dependence, val_hard and val_loss the quantities the training logs, on other questions.
-    """
-
-    def __init__(self, device: torch.device, loss_cfg: LossConfig, stage: str, teacher, reference_batch: int,
-                 amp: str):
-        self.loss_cfg, self.stage, self.teacher, self.amp = loss_cfg, stage, teacher, amp
-        self.reference_batch = reference_batch
-        self.names = loss_names(stage, loss_cfg)
-        self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=device)
-        self.questions = torch.zeros((), dtype=torch.long, device=device)
-        self.distill = loss_cfg.distill_of(stage)
-        if self.distill != "none" and teacher is None:
-            raise ValueError(f"validation losses of a student with distill={self.distill!r} need the teacher")
-        if teacher is not None:
-            teacher.eval()
-
-    def update(self, output: DualVGROutput, batch: Mapping[str, torch.Tensor], device: torch.device) -> None:
-        labels = batch["answer"]
-        size = labels.shape[0]
-        teacher_output = None
-        if self.distill != "none":
-            with _autocast(device, self.amp):
-                teacher_output = forward_batch(self.teacher, batch)
-        values = compute_loss(output, labels, self.loss_cfg, self.stage, teacher_output,
-                              batch_shards=self.reference_batch / size)
-        self.sums += torch.stack([values[name].detach().double() for name in self.names]) * size
-        self.questions += size
-
-    def result(self) -> dict[str, float]:
-        """{part: mean per question over every process's questions}."""
-        dist.all_reduce_sum(self.sums)
-        dist.all_reduce_sum(self.questions)
-        count = max(int(self.questions), 1)
-        return {name: float(value) / count for name, value in zip(self.names, self.sums.cpu().tolist())}
+    extra = {"feature": ("app", "mo"), "logit": ("kd",)}.get(loss_cfg.distill_of(stage), ())
+    return ("loss", "hard", "ce", "common", "dependence") + extra
 
 
 def _spread_result(meter: NodeSpreadMeter, layers: int, graph_layers: int, device: torch.device) -> dict:
-    """The node-spread columns of the whole split (sums over every process first); {} when no
-    process saw a batch."""
-    total = meter.total if meter.total is not None else torch.zeros(layers, len(STREAMS), device=device)
-    collapsed = meter.collapsed if meter.collapsed is not None else torch.zeros(layers, dtype=torch.long,
-                                                                                  device=device)
+    """The node-spread columns of the whole split; {} when no process saw a batch."""
+    if meter.total is None:             # this process saw no batch
+        meter.total = torch.zeros(layers, len(STREAMS), device=device)
+        meter.collapsed = torch.zeros(layers, dtype=torch.long, device=device)
+    total, collapsed = meter.total.double(), meter.collapsed
     samples = torch.tensor(meter.samples, dtype=torch.long, device=device)
-    total, collapsed = total.double(), collapsed.long()
     dist.all_reduce_sum(total)
     dist.all_reduce_sum(collapsed)
     dist.all_reduce_sum(samples)
@@ -306,29 +241,28 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
              progress: bool = False, desc: str = "eval", loss_cfg: Optional[LossConfig] = None,
              stage: str = "teacher", teacher=None, reference_batch: Optional[int] = None,
              node_spread: bool = False, top_k: int = 5) -> tuple[dict, Optional[dict[str, np.ndarray]]]:
-    """Accuracy overall and per question type (summed over all processes); optionally the
-    arg-max prediction of every question and its `top_k` answers by softmax probability
-    ({"index", "prediction", "top_answers" (Q, k), "top_probs" (Q, k)}, this process's share;
-    column 0 is the arg-max itself, whatever order topk gives ties).
-    Runs the plain module even when given a DDP wrapper: ranks may hold different numbers of
-    batches, and DDP's forward must not be called a different number of times per rank.
+    """Accuracy overall and per question type (summed over all processes); optionally this
+    process's predictions: {"index", "prediction", "top_answers" (Q, k), "top_probs" (Q, k)},
+    column 0 the arg-max itself. Runs the plain module of a DDP wrapper: ranks may hold different
+    numbers of batches.
 
-    From the same forward passes, on request (both summed over every process):
+    From the same forward passes, on request (summed over every process):
     - `loss_cfg`: summary["losses"], every loss part the training of `stage` logs, per question
-      (a distilling student needs the frozen `teacher`, run on each batch; `reference_batch`:
-      see `_ValidationLosses`, default the evaluation batch);
-    - `node_spread`: summary["node_spread"] = {"columns": node_spread_* and node_collapsed_*
-      columns, "collapsed": names of the graph layers whose clips are identical}; see
-      model/diagnostics.py."""
+      (a distilling student needs `teacher`); the HSIC term of each batch is rescaled to
+      `reference_batch` questions (default the evaluation batch), as the training logs it;
+    - `node_spread`: summary["node_spread"] = {"columns", "collapsed"} (model/diagnostics.py)."""
     if isinstance(model, DistributedDataParallel):
         model = model.module
     model.eval()
     counter = AccuracyCounter(device)
     indices, top_answers, top_probs = [], [], []
-    losses = None
     if loss_cfg is not None:
-        losses = _ValidationLosses(device, loss_cfg, stage, teacher,
-                                   reference_batch or getattr(loader, "batch_size", None) or 1, amp)
+        names = loss_names(stage, loss_cfg)
+        loss_sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+        questions = torch.zeros((), dtype=torch.long, device=device)
+        reference_batch = reference_batch or getattr(loader, "batch_size", None) or 1
+        if teacher is not None:
+            teacher.eval()
     meter = NodeSpreadMeter() if node_spread else None
     for batch in progress_bar(loader, total=len(loader), desc=desc, unit="batch", enabled=progress,
                               dynamic_ncols=True, leave=False):
@@ -338,8 +272,13 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
         logits = output.logits
         predicted = logits.argmax(dim=1)
         counter.update(predicted, batch["answer"], batch["qtype"])
-        if losses is not None:
-            losses.update(output, batch, device)
+        if loss_cfg is not None:
+            size = batch["answer"].shape[0]
+            teacher_output = _teacher_output(teacher, batch, loss_cfg.distill_of(stage), device, amp)
+            parts = compute_loss(output, batch["answer"], loss_cfg, stage, teacher_output,
+                                 batch_shards=reference_batch / size)
+            loss_sums += torch.stack([parts[name].detach().double() for name in names]) * size
+            questions += size
         if meter is not None:
             meter.update(output)
         if return_predictions:
@@ -351,8 +290,8 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
             top_answers.append(answers)
             top_probs.append(values)
     summary = counter.all_reduce().summary()
-    if losses is not None:
-        summary["losses"] = losses.result()
+    if loss_cfg is not None:
+        summary["losses"] = _means(names, loss_sums, questions)
     if meter is not None:
         config = model.config
         summary["node_spread"] = _spread_result(meter, config.graph_layers * config.unit_layers,

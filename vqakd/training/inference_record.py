@@ -1,16 +1,7 @@
-"""What a checkpoint records so that a new video can be answered exactly as the training data was.
-
-`inference_record(appearance_h5, motion_h5, vocab)` gathers, for `build_checkpoint(inference=...)`:
-
-    {"format": 1,
-     "features": {"appearance": {...}, "motion": {...}},   # extraction settings, or None per file
-     "vocabulary": {"question_token_to_idx": {...}, "answer_token_to_idx": {...}, "sha256": ...}}
-
-The extraction settings are read from the feature files' own attributes, which
-preprocess/preprocess_features.py writes (the manifest of vqakd/extraction): both networks,
-their weights files' sha256 (or the random-initialisation seed), clips, frames per clip, image
-size, normalisation, precision. Feature files made by other code carry no such attributes; their
-entry is None and predicting needs the settings as flags (see vqakd/predict.py).
+"""What a checkpoint records so that a new video can be answered exactly as the training data was:
+the extraction settings the feature files' own attributes hold (written by
+preprocess/preprocess_features.py; None for files made by other code, whose settings predict.py
+then needs as flags) and the vocabulary's tokens.
 """
 
 from __future__ import annotations
@@ -81,7 +72,8 @@ def random_seed_of(settings: Mapping[str, Any], where: str) -> Optional[int]:
 
 
 def inference_record(appearance_path: str, motion_path: str, vocab) -> dict[str, Any]:
-    """What `build_checkpoint(inference=...)` stores; `vocab` is a vqakd.data.batches.Vocabulary."""
+    """What `build_checkpoint(inference=...)` stores: {"format", "features": {kind: settings or None},
+    "vocabulary": {question/answer token_to_idx, sha256}}; `vocab`: a vqakd.data.batches.Vocabulary."""
     return {
         "format": RECORD_FORMAT,
         "features": {kind: read_extraction_settings(path)

@@ -1,19 +1,14 @@
-"""Accuracy overall and per question type, kept as sums/counts; the rows of a run's metrics.csv and its one-line epoch summary.
+"""Accuracy overall and per question type (the question's first token: what / who / how / when /
+where; docs/method.md), kept as counts on the device so that updating costs no host
+synchronisation; the rows of a run's metrics.csv and its one-line epoch summary.
 
-Question type (docs/method.md#training-and-evaluation) = the first token of the question: what / who / how / when / where;
-every other question counts only in the overall figure. Counts are kept per type in one
-(TYPES + 1,) tensor on the device, so updating costs no host synchronisation and the sums can
-be all-reduced across processes before the division.
-
-Labels 0 (`<UNK0>`, a train answer outside the vocabulary) and 1 (`<UNK1>`, a val/test answer
-outside it) stand for "some answer we cannot name": they never count as correct, even when
-the arg-max happens to be that index, and they stay in the denominator.
+Labels 0 (`<UNK0>`) and 1 (`<UNK1>`) stand for an answer outside the vocabulary: they never count
+as correct, even when the arg-max is that index, and they stay in the denominator.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -57,24 +52,15 @@ class AccuracyCounter:
     def summary(self) -> dict:
         """{"accuracy", "correct", "count", "per_type": {type: {"accuracy", "correct", "count"}}};
         accuracies are fractions in [0, 1] (0 for an empty group)."""
-        correct = self.correct.cpu().tolist()
-        total = self.total.cpu().tolist()
-        return summarize(correct, total)
+        return summarize(self.correct.cpu().tolist(), self.total.cpu().tolist())
 
 
 def summarize(correct: Sequence[int], total: Sequence[int]) -> dict:
-    def ratio(c: int, t: int) -> float:
-        return c / t if t else 0.0
+    def figures(c: int, t: int) -> dict:
+        return {"accuracy": c / t if t else 0.0, "correct": int(c), "count": int(t)}
 
-    all_correct, all_total = int(sum(correct)), int(sum(total))
-    return {
-        "accuracy": ratio(all_correct, all_total),
-        "correct": all_correct,
-        "count": all_total,
-        "per_type": {name: {"accuracy": ratio(correct[code], total[code]), "correct": int(correct[code]),
-                            "count": int(total[code])}
-                     for code, name in enumerate(QUESTION_TYPES)},
-    }
+    per_type = {name: figures(correct[code], total[code]) for code, name in enumerate(QUESTION_TYPES)}
+    return {**figures(int(sum(correct)), int(sum(total))), "per_type": per_type}
 
 
 NO_VALUE = "\u2013"          # en dash: the table cell of a type without questions
@@ -82,27 +68,20 @@ NO_VALUE = "\u2013"          # en dash: the table cell of a type without questio
 
 def format_table(summary: Mapping, title: str = "") -> str:
     """A plain-text table: overall and per type, accuracy in % with counts ("–" for a type
-    without questions)."""
+    without questions: "0.00%" would read as an accuracy)."""
     lines = [title] if title else []
     lines.append(f"{'type':<8} {'accuracy':>9} {'correct':>9} {'count':>9}")
-    rows = [(name, values) for name, values in summary["per_type"].items()]
-    rows.append(("all", summary))
-    for name, values in rows:
+    for name, values in [*summary["per_type"].items(), ("all", summary)]:
         if not values["count"]:
-            # No question of this type: there is no accuracy, and "0.00%" would read as one.
             lines.append(f"{name:<8} {NO_VALUE:>9} {NO_VALUE:>9} {0:>9d}")
             continue
         lines.append(f"{name:<8} {100 * values['accuracy']:>8.2f}% {values['correct']:>9d} {values['count']:>9d}")
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------- metrics.csv
-
 def metrics_row(epoch: int, lr: float, train: Mapping, val: Mapping, epoch_time: float) -> dict[str, Any]:
-    """One metrics.csv row: every column always present (empty where a part does not apply).
-    `time_s` is the whole epoch (training and validation). `val` is `evaluate`'s summary; its
-    "losses" give the val_<part> columns (next to train_<part>), its "node_spread" the
-    node_spread_* / node_collapsed_* columns of the graph-layer diagnostic and collapsed_layers."""
+    """One metrics.csv row, every column always present (empty where a part does not apply);
+    `val`: `evaluate`'s summary with its "losses" and "node_spread"; `epoch_time`: train and val."""
     row: dict[str, Any] = {"epoch": epoch, "lr": lr, "time_s": round(epoch_time, 3),
                            "train_questions_per_s": round(train["questions_per_s"], 2)}
     val_losses = val.get("losses") or {}
@@ -129,12 +108,10 @@ def write_metrics_csv(path: str, rows: list[Mapping[str, Any]]) -> None:
     if not rows:
         return
     fieldnames = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fieldnames, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
     with atomic_open(path, "w", encoding="utf-8") as handle:
-        handle.write(buffer.getvalue())
+        writer = csv.DictWriter(handle, fieldnames=fieldnames, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _fmt(value: Any) -> str:

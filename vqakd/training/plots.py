@@ -1,13 +1,7 @@
-"""Loss and accuracy curves (PNG) from the metrics.csv rows of a run.
-
-Panels: the minimised losses per epoch (teacher: hard loss and its CE; student: hard, APP and MO,
-as the paper's figures show, or the logit-distillation term), the common and dependence
-regularisers (log scale: they differ by orders of magnitude), and train/val accuracy.
-
-The loss panel is on a log scale: the first epoch's loss is often tens of times the later ones
-(137 then 3), and on a linear axis every later epoch would lie on one flat line. Where metrics.csv
-also has a validation loss (`val_<part>`), it is drawn dashed in its training line's colour. The
-best epoch (highest validation accuracy, the one best.pt holds) is a dotted vertical line.
+"""Loss and accuracy curves (PNG) from the metrics.csv rows of a run: the minimised losses
+(validation losses dashed), the common and dependence regularisers, train/val accuracy, and the
+best epoch (the one best.pt holds) as a dotted vertical line. Losses are on a log scale where
+positive: the first epoch's is often tens of times the later ones, which a linear axis flattens.
 """
 
 from __future__ import annotations
@@ -21,9 +15,8 @@ from vqakd.core.files import atomic_path
 def _series(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
     values = []
     for row in rows:
-        value = row.get(key, "")
         try:
-            values.append(float(value))
+            values.append(float(row.get(key, "")))
         except (TypeError, ValueError):
             values.append(math.nan)
     return values
@@ -41,13 +34,6 @@ def best_epoch(rows: Sequence[Mapping[str, Any]]) -> int | None:
         if not math.isnan(value) and (best is None or value > best[1]):
             best = (int(row["epoch"]), value)
     return best[0] if best else None
-
-
-def _use_log_scale(axis, rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
-    """Log scale when every plotted value is positive (a zero or negative part stays linear)."""
-    values = [v for key in keys for v in _series(rows, key) if not math.isnan(v)]
-    if values and min(values) > 0:
-        axis.set_yscale("log")
 
 
 def plot_curves(rows: Sequence[Mapping[str, Any]], path: str, stage: str) -> None:
@@ -74,9 +60,7 @@ def curves_figure(rows: Sequence[Mapping[str, Any]], stage: str):
     epochs = [int(row["epoch"]) for row in rows]
     figure, (loss_axis, reg_axis, acc_axis) = plt.subplots(1, 3, figsize=(15, 4.2))
     labels = {"loss": "total", "hard": "hard", "ce": "CE", "app": "APP", "mo": "MO", "kd": "logit KD"}
-    wanted = ("hard", "ce", "app", "mo", "kd") if stage == "student" else ("hard", "ce")
-    if stage == "student":
-        wanted = ("loss",) + wanted
+    wanted = ("loss", "hard", "ce", "app", "mo", "kd") if stage == "student" else ("hard", "ce")
     plotted = []
     for part in wanted:
         if _present(rows, f"train_{part}"):
@@ -87,12 +71,10 @@ def curves_figure(rows: Sequence[Mapping[str, Any]], stage: str):
                 loss_axis.plot(epochs, _series(rows, f"val_{part}"), linestyle="--", marker="x", ms=3,
                                color=line.get_color(), label=f"{labels[part]} (val)")
                 plotted.append(f"val_{part}")
-    _use_log_scale(loss_axis, rows, plotted)
+    values = [v for key in plotted for v in _series(rows, key) if not math.isnan(v)]
+    if values and min(values) > 0:          # a zero or negative part stays linear
+        loss_axis.set_yscale("log")
     loss_axis.set_title(f"{stage}: losses" + (" (log scale)" if loss_axis.get_yscale() == "log" else ""))
-    loss_axis.set_xlabel("epoch")
-    if loss_axis.get_legend_handles_labels()[0]:
-        loss_axis.legend()
-    loss_axis.grid(alpha=0.3)
 
     for part, label in (("common", "common C"), ("dependence", "dependence H")):
         values = _series(rows, f"train_{part}")
@@ -100,24 +82,20 @@ def curves_figure(rows: Sequence[Mapping[str, Any]], stage: str):
             reg_axis.plot(epochs, values, marker="o", ms=3, label=label)
     reg_axis.set_yscale("log")
     reg_axis.set_title("regularisers (unweighted)")
-    reg_axis.set_xlabel("epoch")
-    if reg_axis.get_legend_handles_labels()[0]:
-        reg_axis.legend()
-    reg_axis.grid(alpha=0.3)
 
     for key, label in (("train_acc", "train"), ("val_acc", "val")):
         acc_axis.plot(epochs, [100 * v for v in _series(rows, key)], marker="o", ms=3, label=label)
     acc_axis.set_title("accuracy (%)")
-    acc_axis.set_xlabel("epoch")
-    acc_axis.legend()
-    acc_axis.grid(alpha=0.3)
 
     best = best_epoch(rows)
     for axis in (loss_axis, reg_axis, acc_axis):
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         if best is not None:
             axis.axvline(best, color="grey", linestyle=":", linewidth=1.2,
                          label=f"best epoch ({best})" if axis is acc_axis else None)
-    acc_axis.legend()
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
     figure.tight_layout()
     return figure

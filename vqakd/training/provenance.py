@@ -1,11 +1,7 @@
-"""Where a result came from: the record stored under `provenance` in results.json (train.py),
-eval_<split>.json (validate.py) and the demo's summary.json.
-
-`run_provenance(...)` gathers what a reader needs to trust or redo a number: the code version
-(git commit and whether the working tree had edits, or the package version outside a git
-checkout), the command line, UTC start and end, host, Python / PyTorch / CUDA versions, the
-device, the number of processes, the sha256 of the config as run and of the vocabulary file, and
-the extraction settings the feature files record (vqakd/training/inference_record.py).
+"""Where a result came from: the `provenance` record of results.json (train.py), eval_<split>.json
+(validate.py) and the demo's summary.json (code version, command line, times, host, software,
+device, config and vocabulary digests, feature extraction settings), and the content
+fingerprints of a run's input files.
 """
 
 from __future__ import annotations
@@ -129,11 +125,9 @@ def provenance_for_config(config, *, started: str, device: Any = None, world_siz
                           device=device, world_size=world_size)
 
 
-# ----------------------------------------------------------------------------------- input identity
-# A run's inputs are named by content, not by path or time: a copy (another disk, a moved study
-# folder) keeps its fingerprint, and a file rewritten in place (features re-extracted with other
-# settings) changes it. Reading FINGERPRINT_SAMPLES evenly spaced blocks of a 20 GB feature file
-# costs a millisecond; any re-extraction changes every block of an HDF5 data set.
+# A run's inputs are named by content, not by path or time: a copy keeps its fingerprint, a file
+# rewritten in place changes it. Sampling evenly spaced blocks of a 20 GB feature file costs a
+# millisecond, and any re-extraction changes every block of an HDF5 data set.
 FINGERPRINT_SAMPLES, FINGERPRINT_BLOCK = 16, 1 << 16
 
 
@@ -171,7 +165,7 @@ def input_fingerprints(paths: Mapping[str, Optional[str]]) -> dict[str, Optional
 def changed_inputs(recorded: Optional[Mapping[str, Optional[str]]], current: Mapping[str, Optional[str]],
                    paths: Mapping[str, Optional[str]]) -> list[str]:
     """`setting (path)` of each input whose content differs from what a run recorded (inputs it did
-    not record, as runs made before this record, are not compared)."""
+    not record are not compared)."""
     recorded = recorded or {}
     return [f"{name} ({paths.get(name)})" for name, value in current.items()
             if recorded.get(name) is not None and value is not None and recorded[name] != value]

@@ -1,8 +1,9 @@
-"""What `train.py --resume` does with settings that differ from the run being resumed.
+"""What `train.py --resume` does with settings that differ from the config saved in last.pt.
 
-The run's last.pt stores the config it ran with. On --resume every setting that differs from it
-is either REFUSED (stops with the key and both values) or APPLIED from the first resumed epoch
-on and recorded; see RESUME_REFUSED for the list and the reasons.
+A setting in RESUME_REFUSED defines the run itself (its network, its data, its start): changing it
+would silently mix two runs, so --resume stops and names it. Everything else is applied from the
+first resumed epoch on and recorded (results.json `resumed`); a changed lr schedule is applied as
+if it had been used from the start (`apply_lr_schedule`).
 """
 
 from __future__ import annotations
@@ -14,17 +15,6 @@ from vqakd.core.config import DATA_FILES, Config, config_from_dict, config_to_di
 from vqakd.core.errors import UserError
 
 
-# What `train.py --resume` does with a setting that differs from the run being resumed (the
-# config saved in its last.pt). REFUSED: the setting defines the run itself (its network, its
-# data, its start), so changing it would silently mix two runs; --resume stops and names it.
-# Everything else is APPLIED from the first resumed epoch on and recorded (results.json
-# `resumed`: [{epoch, after_epoch, changed: {key: [old, new]}}], config.yml shows the current
-# values, metrics.csv the lr of every epoch). train.lr / lr_halve_every / lr_decay are applied
-# to the optimizer and scheduler as if the new schedule had been used from the start: the lr of
-# the resumed epoch is lr * lr_decay ** ((epochs done) // lr_halve_every). Loss weights, grad
-# clipping, amp/tf32, train.epochs and stop_after_epoch (a run can be extended), devices,
-# workers, batch size of evaluation, logging, the feature table's dtype/mode/device and the
-# output names take effect as they are read every epoch.
 RESUME_REFUSED = {
     "dataset": "the dataset of the run", **{f"data.{key}": "the run's data" for key in DATA_FILES},
     "data.missing_videos": "which questions the run uses",
@@ -45,11 +35,10 @@ def _same_setting(key: str, old: Any, new: Any) -> bool:
 
 def resume_changes(saved: dict, config: Config, stage: str, path: str,
                    same_content: frozenset = frozenset()) -> dict[str, list]:
-    """{key: [saved value, current value]} of every setting that differs from the saved config
-    of the run being resumed (`saved`, from `path`); a refused change (see RESUME_REFUSED) is a
-    UserError naming the key and both values. An empty `saved` (no config recorded) compares
-    nothing. `same_content`: the data settings whose file has the content the run recorded (a
-    dataset moved to another path): their path change is applied and recorded, not refused."""
+    """{key: [saved value, current value]} of every setting that differs from `saved` (the config
+    in `path`; empty: nothing to compare); a refused change is a UserError naming the key and both
+    values. `same_content`: data settings whose file has the recorded content at another path
+    (a moved dataset): applied and recorded, not refused."""
     if not saved:
         return {}
     old = flat_settings(config_to_dict(config_from_dict(saved, f"{path} (saved config)")))
@@ -58,12 +47,9 @@ def resume_changes(saved: dict, config: Config, stage: str, path: str,
                if not _same_setting(key, old.get(key), value)}
     refused = []
     for key in changed:
-        if key in same_content:
-            continue
-        section = key.split(".", 1)[0]
-        reason = (RESUME_REFUSED.get(key) or RESUME_REFUSED_SECTIONS.get(section)
+        reason = (RESUME_REFUSED.get(key) or RESUME_REFUSED_SECTIONS.get(key.split(".", 1)[0])
                   or ("the network" if key == f"{stage}.graph_layers" else None))
-        if reason:
+        if reason and key not in same_content:
             refused.append((key, reason))
     if refused:
         key, reason = refused[0]
@@ -75,8 +61,9 @@ def resume_changes(saved: dict, config: Config, stage: str, path: str,
 
 
 def apply_lr_schedule(optimizer, scheduler, train) -> float:
-    """Put the config's lr schedule (`train`: the TrainConfig) into a restored optimizer and
-    StepLR scheduler as if it had been used from the start; returns the lr of the next epoch."""
+    """Put the config's lr schedule (`train`: the TrainConfig) into a restored optimizer and StepLR
+    scheduler as if it had been used from the start; returns the lr of the next epoch,
+    lr * lr_decay ** (epochs done // lr_halve_every)."""
     scheduler.step_size = train.lr_halve_every
     scheduler.gamma = train.lr_decay
     scheduler.base_lrs = [train.lr for _ in optimizer.param_groups]

@@ -7,26 +7,25 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from model import DualVGR
 from model.diagnostics import layer_warning
 from vqakd.core import distributed as dist
-from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_from_checkpoint,
-                              restore_rng_state, save_checkpoint, seed_everything)
 from vqakd.core.config import Config, config_to_dict, data_file_paths, dump_config, load_config, override_key
-from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
 from vqakd.core.distributed import resolve_process_device
-from vqakd.training.engine import configure_backends, evaluate, loss_scale_warnings, train_one_epoch
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
-from vqakd.training.metrics import epoch_line, format_table, metrics_row, write_metrics_csv
+from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
 from vqakd.training.builders import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,
-                          load_teacher)
-from vqakd.training.plots import plot_curves
+                                     load_teacher)
+from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_from_checkpoint,
+                                       restore_rng_state, save_checkpoint, seed_everything)
+from vqakd.training.engine import configure_backends, evaluate, loss_scale_warnings, train_one_epoch
 from vqakd.training.inference_record import inference_record
+from vqakd.training.metrics import epoch_line, format_table, metrics_row, write_metrics_csv
+from vqakd.training.plots import plot_curves
 from vqakd.training.provenance import (changed_inputs, input_fingerprints, input_paths, provenance_for_config,
                                        utc_now)
 from vqakd.training.resume import LR_SCHEDULE_KEYS, apply_lr_schedule, resume_changes
@@ -36,15 +35,10 @@ from vqakd.training.validation import eval_loader, evaluation_record
 CURVES_REFRESH_S = 60.0
 
 
-# ----------------------------------------------------------------------------------- several processes
-# DistributedDataParallel with `train.batch_size` as the GLOBAL batch (B/K questions per process, B
-# divisible by K), so K processes follow the one-process recipe: each step's K shares are exactly
-# the one-process batch, gradients are averaged, BatchNorm statistics cover the whole batch
-# (`vqakd.core.distributed.GlobalBatchNorm1d`) and the HSIC term is scaled by K on each share
-# (`vqakd.training.engine.compute_loss`). With dropout off, K processes and one process train the same
-# network up to float rounding; with dropout on, each process draws its own masks (seeded by seed,
-# epoch and rank, so --resume is still exact). Evaluation shards each split without padding and
-# sums correct/total counts. Only global rank 0 writes files and logs.
+# Several processes: DistributedDataParallel with `train.batch_size` as the GLOBAL batch (B/K
+# questions each), so K processes follow the one-process recipe: gradients are averaged,
+# BatchNorm statistics cover the whole batch and the HSIC term is scaled by K (compute_loss).
+# Dropout masks are seeded by (seed, epoch, rank), so --resume stays exact. Only rank 0 writes.
 
 def per_process_batch(batch_size: int, world_size: int, what: str = "train.batch_size") -> int:
     """The global batch split over the processes."""
@@ -54,18 +48,11 @@ def per_process_batch(batch_size: int, world_size: int, what: str = "train.batch
     return batch_size // world_size
 
 
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Under torchrun: each rank's dropout masks for an epoch come from (seed, epoch, rank), so a
-    resumed run draws what an uninterrupted one draws without saving every rank's RNG state."""
-    torch.manual_seed(seed + 1_000_003 * epoch + 7_919 * rank)
-
-
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     dist.convert_batchnorm(model)
-    # Every parameter gets a gradient in every stage and distillation mode (checked by
-    # tests/test_distributed_train.py), so DDP need not search for unused ones. BatchNorm
-    # buffers are identical on every rank (global statistics): no per-step buffer broadcast.
-    # torch >= 2.14 renames broadcast_buffers (it still syncs once at start, which is harmless here).
+    # Every parameter gets a gradient in every stage (tests/test_distributed_train.py), and BatchNorm
+    # buffers are the same on every rank: no unused-parameter search, no per-step buffer broadcast
+    # (torch >= 2.14 renames broadcast_buffers).
     no_buffer_sync = ({"forward_sync_buffers": False}
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
                       else {"broadcast_buffers": False})
@@ -73,14 +60,9 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
                                    find_unused_parameters=False, **no_buffer_sync)
 
 
-# ----------------------------------------------------------------------------------- start-up
-
-# (No `from __future__ import annotations` in this script: a dataclass with string annotations
-# needs its module in sys.modules, which a script loaded by path is not.)
 @dataclass
 class StageStart:
-    """What the epoch loop starts from, every part loaded and checked before the output folder
-    changes."""
+    """What the epoch loop starts from, loaded and checked before the output folder changes."""
 
     device: torch.device
     batch_train: int                 # questions per process and step
@@ -90,20 +72,17 @@ class StageStart:
     scheduler: torch.optim.lr_scheduler.StepLR
     teacher: Optional[DualVGR] = None
     teacher_file: Optional[str] = None
-    # The content fingerprint of every input file, as read at the start (checkpoints and
-    # results.json record it; --resume and the study compare it: vqakd.training.provenance).
-    inputs: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)      # content fingerprint of every input file
     input_paths: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)       # settings taken from the input files
     history: list = field(default_factory=list)     # metrics.csv rows so far
     best: dict = field(default_factory=dict)        # {epoch, val_accuracy} of best.pt
     start_epoch: int = 1
-    resumed_from: Optional[int] = None              # the epoch of the last.pt resumed from
-    # Every resume of this run: {epoch (first epoch run), after_epoch, changed: {key: [old, new]}}.
+    # Every resume of this run (empty: not resumed): {epoch, after_epoch, changed: {key: [old, new]}}.
     resumes: list = field(default_factory=list)
 
 
-# The run folder's record of its resumes and the settings each changed (results.json `resumed`).
+# The run folder's record of its resumes (results.json `resumed`).
 RESUMES_FILE = "resumes.json"
 
 
@@ -115,17 +94,15 @@ def teacher_checkpoint(config: Config, stage: str, given: Optional[str]) -> Opti
     return given or RunFolder(config.stage_dir("teacher")).best
 
 
-# Model settings a student takes from its teacher's checkpoint when the command line does not set
-# them: both read the same features and words (and feature distillation compares their node
-# features: module_dim too), so the config need not repeat what the teacher run was given.
+# Model settings a student takes from its teacher's checkpoint unless set on the command line:
+# both read the same features and words (feature distillation compares node features: module_dim).
 FROM_TEACHER = ("num_nodes", "vision_dim", "word_dim")
 FROM_FEATURE_TEACHER = FROM_TEACHER + ("module_dim",)
 
 
 def settings_from_files(config: Config, values: Mapping[str, Any], source: str,
                         explicit: Sequence[str]) -> dict[str, str]:
-    """Set the model settings an input file defines (`values`: the teacher checkpoint's sizes, the
-    GloVe matrix's width as word_dim; `source` names the file); a conflicting `--set` is refused
+    """Set the model settings an input file (`source`) defines; a conflicting `--set` is refused
     naming both values. Returns {setting: log line} of what was taken."""
     taken = {}
     for key, value in values.items():
@@ -142,8 +119,7 @@ def settings_from_files(config: Config, values: Mapping[str, Any], source: str,
 
 def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Optional[str], resume: bool,
                 overwrite: bool, explicit: Sequence[str] = ()) -> StageStart:
-    """Every start-up check and load, before anything in the output folder changes (every rank
-    runs it; nothing here writes)."""
+    """Every start-up check and load, on every rank, before anything in the output folder changes."""
     device = resolve_process_device(config.train.device, what="train.device")
     if config.train.batch_size < 2:
         raise UserError(f"train.batch_size is {config.train.batch_size}: BatchNorm needs at least 2 questions per "
@@ -171,15 +147,16 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
     expected_by = (f"the teacher {teacher_file} (model)" if {"num_nodes", "vision_dim"} & set(from_teacher)
                    else "model")
     bundle = load_data(config, device=device, progress=progress, expected_by=expected_by)
-    train_glove = bundle.splits["train"].glove if config.data.use_glove else None
-    from_glove = ({} if train_glove is None else settings_from_files(
-        config, {"word_dim": int(train_glove.shape[1])}, "the GloVe matrix of data.train_questions", explicit))
-    notes = list(from_teacher.values()) + list(from_glove.values())
+    notes = list(from_teacher.values())
+    glove = bundle.splits["train"].glove
+    if config.data.use_glove and glove is not None:
+        notes += settings_from_files(config, {"word_dim": int(glove.shape[1])},
+                                     "the GloVe matrix of data.train_questions", explicit).values()
     if len(bundle.splits["train"]) < 2:
         raise UserError(f"{bundle.splits['train'].path}: {len(bundle.splits['train'])} training question(s); "
                         "BatchNorm needs at least 2")
     # The frozen teacher runs on every rank, on that rank's own share of the batch.
-    teacher = load_teacher(teacher_file, config, bundle, device, teacher_record)[0] if teacher_file else None
+    teacher = load_teacher(teacher_file, config, bundle, device, teacher_record) if teacher_file else None
 
     seed_everything(config.train.seed)
     model = build_model_for_stage(config, stage, bundle, device, progress)
@@ -195,15 +172,12 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
 
 
 def resume_from(path: str, start: StageStart, config: Config, stage: str) -> None:
-    """Restore the weights, optimizer, scheduler, RNGs and history of `path` into `start`.
-    Every rank reads the checkpoint (to the CPU; load_state_dict copies to this rank's device).
-    Settings that differ from the run's saved config are refused or applied and recorded
-    (vqakd/training/resume.py); a changed lr schedule is put into the optimizer and scheduler."""
+    """Restore the weights, optimizer, scheduler, RNGs and history of `path` into `start`; settings
+    that differ from the run's saved config are refused or applied and recorded (resume.py)."""
     checkpoint = load_checkpoint(path)
     check_same_model(checkpoint, path, start.model)
     changed_files = changed_inputs(checkpoint.get("inputs"), start.inputs, start.input_paths)
     if changed_files:
-        # The epochs done were trained on other contents: continuing would mix two runs silently.
         raise UserError(f"cannot resume {path}: {', '.join(changed_files)} changed since epoch {checkpoint.get('epoch')} was "
                         "trained (other content under the same path); restore the file, or --overwrite to start again")
     recorded = checkpoint.get("inputs") or {}
@@ -223,35 +197,27 @@ def resume_from(path: str, start: StageStart, config: Config, stage: str) -> Non
     start.best = dict(checkpoint.get("best") or {})
     done = int(checkpoint["epoch"])
     if config.train.epochs < done:
-        # Nothing would run, yet the config and results.json would say train.epochs epochs.
         raise UserError(f"--resume with train.epochs={config.train.epochs}: {path} has already trained {done} "
                         f"epochs; set train.epochs to {done} or more (results of epoch {done} are in "
                         f"{os.path.dirname(path)})")
     start.start_epoch = done + 1
-    start.resumed_from = done
     # Resumes recorded before, less those whose epochs were never checkpointed (redone now).
-    earlier = _read_resumes(os.path.join(os.path.dirname(path), RESUMES_FILE))
+    resumes_path = os.path.join(os.path.dirname(path), RESUMES_FILE)
+    earlier = read_json(resumes_path) if os.path.isfile(resumes_path) else []
+    if not isinstance(earlier, list) or not all(isinstance(e, dict) and isinstance(e.get("epoch"), int)
+                                                for e in earlier):
+        raise UserError(f"{resumes_path}: not a list of resumes ({{epoch, after_epoch, changed}}); "
+                        "delete it to continue")
     start.resumes = [entry for entry in earlier if entry["epoch"] < start.start_epoch]
-    start.resumes.append({"epoch": start.start_epoch, "after_epoch": start.resumed_from, "changed": changed})
-
-
-def _read_resumes(path: str) -> list:
-    if not os.path.isfile(path):
-        return []
-    entries = read_json(path)
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("epoch"), int)
-                                                for e in entries):
-        raise UserError(f"{path}: not a list of resumes ({{epoch, after_epoch, changed}}); delete it to continue")
-    return entries
+    start.resumes.append({"epoch": start.start_epoch, "after_epoch": done, "changed": changed})
 
 
 def prepare_folder(folder: RunFolder, start: StageStart, config: Config, stage: str, resume: bool,
                    overwrite: bool, log: RunLog) -> None:
-    """Main process, once every rank has passed every check: discard an overwritten run, clear
-    interrupted writes, save the config."""
+    """Main process, once every rank has passed every check: discard an overwritten run, save the config."""
     resumes_path = os.path.join(folder.folder, RESUMES_FILE)
-    if start.resumed_from is not None:
-        log(f"resuming {stage} from {folder.last} after epoch {start.resumed_from}")
+    if start.resumes:
+        log(f"resuming {stage} from {folder.last} after epoch {start.start_epoch - 1}")
         changed = start.resumes[-1]["changed"]
         if changed:
             log(f"settings changed from epoch {start.start_epoch} on: "
@@ -261,7 +227,7 @@ def prepare_folder(folder: RunFolder, start: StageStart, config: Config, stage: 
         log(f"no checkpoint at {folder.last}; starting {stage} from epoch 1")
     elif overwrite:
         folder.remove_outputs()
-    if start.resumed_from is None and os.path.exists(resumes_path):
+    if not start.resumes and os.path.exists(resumes_path):
         os.remove(resumes_path)         # left by a run that is started again
     dropped = {name: split.dropped for name, split in start.bundle.splits.items() if split.dropped}
     if dropped:
@@ -270,52 +236,46 @@ def prepare_folder(folder: RunFolder, start: StageStart, config: Config, stage: 
     dump_config(config, folder.config)
 
 
-# ----------------------------------------------------------------------------------- the run
-
 def run_training(config: Config, stage: str, teacher_path: Optional[str] = None, resume: bool = False,
                  overwrite: bool = False, config_file: Optional[str] = None,
                  explicit: Sequence[str] = ()) -> dict[str, Any]:
     """Train one stage end to end; returns the results.json content (or {} when stopped early).
     Under torchrun every process calls this. The stage folder is locked for the whole run, and
     no stage file may be one of the run's inputs."""
-    inputs = {"--cfg": config_file, "--teacher": teacher_checkpoint(config, stage, teacher_path),
-              **data_file_paths(config)}
-    with dist.session(), stage_guard(RunFolder(config.stage_dir(stage)), stage, inputs):
-        return _run_training(config, stage, teacher_path, resume, overwrite, explicit)
-
-
-def _run_training(config: Config, stage: str, teacher_path: Optional[str], resume: bool,
-                  overwrite: bool, explicit: Sequence[str] = ()) -> dict[str, Any]:
-    started = utc_now()
-    config.stage(stage)
-    world, main = dist.get_world_size(), dist.is_main()
     folder = RunFolder(config.stage_dir(stage))
     log = RunLog(folder.log)
-    if resume:
-        finished = finished_run(folder, config, stage)
-        if finished is not None:
-            log(finished[0])
-            return finished[1]
-    start = dist.agree(lambda: start_stage(config, stage, folder, teacher_path, resume, overwrite, explicit))
-    device, bundle, model = start.device, start.bundle, start.model
-    configure_backends(device, config.train.tf32)
-    if main:
-        prepare_folder(folder, start, config, stage, resume, overwrite, log)
-    for note in start.notes:
-        log(note)
-    dist.barrier()
+    inputs = {"--cfg": config_file, "--teacher": teacher_checkpoint(config, stage, teacher_path),
+              **data_file_paths(config)}
+    with dist.session(), stage_guard(folder, stage, inputs):
+        started = utc_now()
+        config.stage(stage)
+        if resume:
+            finished = finished_run(folder, config, stage)
+            if finished is not None:
+                log(finished[0])
+                return finished[1]
+        start = dist.agree(lambda: start_stage(config, stage, folder, teacher_path, resume, overwrite,
+                                               explicit))
+        device, bundle, model = start.device, start.bundle, start.model
+        configure_backends(device, config.train.tf32)
+        if dist.is_main():
+            prepare_folder(folder, start, config, stage, resume, overwrite, log)
+        for note in start.notes:
+            log(note)
+        dist.barrier()
 
-    processes = (f", DistributedDataParallel: {world} processes x {start.batch_train} questions (global batch "
-                 f"{config.train.batch_size})" if dist.is_initialized() else "")
-    log(f"{stage}: {count_parameters(model):,} parameters (G={model.config.graph_layers}, "
-        f"U={model.config.unit_layers}), device {device}{processes}, features on {bundle.table.device} "
-        f"({bundle.table.mode}, {bundle.table.dtype_name}), {len(bundle.splits['train'])} train / "
-        f"{len(bundle.splits['val'])} val / {len(bundle.splits['test'])} test questions"
-        + (f", distill {config.loss.distill_of(stage)} from {start.teacher_file}" if start.teacher_file else ""))
-    if not train_epochs(config, stage, start, folder, log):
-        return {}
-    dist.barrier()          # best.pt is complete before any rank reads it
-    return evaluate_best(config, stage, start, folder, log, started)
+        processes = (f", DistributedDataParallel: {dist.get_world_size()} processes x {start.batch_train} "
+                     f"questions (global batch {config.train.batch_size})" if dist.is_initialized() else "")
+        log(f"{stage}: {count_parameters(model):,} parameters (G={model.config.graph_layers}, "
+            f"U={model.config.unit_layers}), device {device}{processes}, features on {bundle.table.device} "
+            f"({bundle.table.mode}, {bundle.table.dtype_name}), {len(bundle.splits['train'])} train / "
+            f"{len(bundle.splits['val'])} val / {len(bundle.splits['test'])} test questions"
+            + (f", distill {config.loss.distill_of(stage)} from {start.teacher_file}"
+               if start.teacher_file else ""))
+        if not train_epochs(config, stage, start, folder, log):
+            return {}
+        dist.barrier()          # best.pt is complete before any rank reads it
+        return evaluate_best(config, stage, start, folder, log, started)
 
 
 def finished_run(folder: RunFolder, config: Config, stage: str) -> Optional[tuple[str, dict[str, Any]]]:
@@ -354,8 +314,8 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
     warned = {name for earlier in history for name in str(earlier.get("collapsed_layers", "")).split()}
     for epoch in range(start.start_epoch, epochs + 1):
         train_loader.sampler.set_epoch(epoch)
-        if world > 1:
-            seed_epoch(config.train.seed, epoch, dist.get_rank())
+        if world > 1:       # dropout masks of (seed, epoch, rank): --resume needs no per-rank RNG state
+            torch.manual_seed(config.train.seed + 1_000_003 * epoch + 7_919 * dist.get_rank())
         lr = optimizer.param_groups[0]["lr"]
         epoch_started = time.perf_counter()
         train_stats = train_one_epoch(trained, train_loader, optimizer, device, epoch, stage=stage,
@@ -407,7 +367,7 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
 
 
 def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFolder, log: RunLog,
-                  started: Optional[str] = None) -> dict[str, Any]:
+                  started: str) -> dict[str, Any]:
     """Evaluate best.pt on the test split and write results.json."""
     device = start.device
 
@@ -418,9 +378,8 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
         return best_checkpoint, model_from_checkpoint(best_checkpoint, folder.best, device)
 
     best_checkpoint, best_model = dist.agree(load_best, "loading best.pt")
-    test_loader = eval_loader(config, start.bundle, "test", device)
-    progress = config.train.progress and dist.is_main()
-    test_summary, _ = evaluate(best_model, test_loader, device, amp=config.train.amp, progress=progress,
+    test_summary, _ = evaluate(best_model, eval_loader(config, start.bundle, "test", device), device,
+                               amp=config.train.amp, progress=config.train.progress and dist.is_main(),
                                desc="test")
     # Questions left out for missing videos (data.missing_videos: drop) count as wrong.
     test_summary = with_dropped(test_summary, start.bundle.splits["test"])
@@ -440,7 +399,7 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
         "world_size": dist.get_world_size(),
     }
     if dist.is_main():
-        results["provenance"] = provenance_for_config(config, started=started or utc_now(), device=device,
+        results["provenance"] = provenance_for_config(config, started=started, device=device,
                                                       world_size=dist.get_world_size())
         write_json(folder.results, results)
     log(format_table(test_summary, f"{stage} test accuracy (best epoch {results['epoch']} by val accuracy):"))

@@ -1,11 +1,6 @@
-"""The folder of one training stage, `<output_dir>/<stage>/`, and its log.
-
-    last.pt, best.pt     checkpoints (vqakd.training.checkpoint)
-    metrics.csv          one row per epoch (vqakd.training.metrics.metrics_row)
-    results.json         test figures of best.pt
-    curves.png           loss and accuracy curves (vqakd.training.plots)
-    config.yml           the run's whole config
-    train.log            every line the run printed, each prefixed with its UTC time
+"""The folder of one training stage, `<output_dir>/<stage>/` (checkpoints last.pt and best.pt,
+metrics.csv, results.json with the test figures of best.pt, curves.png, config.yml), and its
+train.log: every line the run printed, each prefixed with its UTC time.
 """
 
 from __future__ import annotations
@@ -45,26 +40,19 @@ class RunFolder:
             if os.path.exists(path):
                 os.remove(path)
 
-    def folders_to_create(self) -> list[str]:
-        """The folders `os.makedirs(self.folder)` would create, deepest first."""
-        missing = []
-        path = os.path.abspath(self.folder)
-        while not os.path.exists(path):
-            missing.append(path)
-            path = os.path.dirname(path)
-        return missing
-
 
 @contextlib.contextmanager
 def stage_guard(folder: RunFolder, stage: str, inputs: Mapping[str, Optional[str]]) -> Iterator[None]:
-    """For the whole run of one stage, `vqakd.core.locks.guard_outputs`: refuse stage files that
-    are one of the run's `inputs` (config, teacher checkpoint, vocabulary, question and feature
-    files), hold the lock on the stage folder so that a second run into it is refused, and clear
-    the temporaries of an interrupted write (the run's log says so). Under torchrun only the main
-    process locks; a refusal there stops every rank. A folder the guard created is removed again
+    """For the whole run of one stage, `vqakd.core.locks.guard_outputs`: refuse stage files that are
+    one of the run's `inputs`, lock the stage folder (main process only; a refusal stops every rank)
+    and clear the temporaries of an interrupted write. A folder the guard created is removed again
     if the run leaves it empty (failed start-up checks)."""
     outputs = {f"{stage} {name}": path for name, path in zip(STAGE_FILES.values(), folder.outputs())}
-    new_folders = folder.folders_to_create()
+    new_folders = []                    # the folders the guard creates, deepest first
+    path = os.path.abspath(folder.folder)
+    while not os.path.exists(path):
+        new_folders.append(path)
+        path = os.path.dirname(path)
     try:
         with contextlib.ExitStack() as held:
             dist.agree(lambda: held.enter_context(guard_outputs(inputs, outputs, f"{stage} output folder",
@@ -72,16 +60,11 @@ def stage_guard(folder: RunFolder, stage: str, inputs: Mapping[str, Optional[str
                        "the check of the output folder")
             yield
     finally:
-        remove_empty_folders(new_folders)
-
-
-def remove_empty_folders(folders: list[str]) -> None:
-    """Remove `folders` (deepest first) while they are empty."""
-    for folder in folders:
-        try:
-            os.rmdir(folder)
-        except OSError:
-            break
+        for path in new_folders:
+            try:
+                os.rmdir(path)          # only while empty
+            except OSError:
+                break
 
 
 def timestamped(message: str, stamp: str) -> str:
@@ -90,9 +73,8 @@ def timestamped(message: str, stamp: str) -> str:
 
 
 class RunLog:
-    """Lines to stdout and appended to a log file (main process only); in the file each line starts
-    with its UTC time (`2026-11-28T15:02:03Z epoch 3/25 | ...`), so a log read later says when
-    each epoch ended and how long a resumed run paused."""
+    """Lines to stdout and appended to a log file (main process only), each prefixed in the file
+    with its UTC time (`2026-11-28T15:02:03Z epoch 3/25 | ...`)."""
 
     def __init__(self, path: Optional[str]):
         self.path = path

@@ -3,11 +3,9 @@ figures, the eval JSON."""
 
 import contextlib
 import csv
-import io
 import os
 from collections import Counter
 from typing import Any, Callable, Mapping, Optional, Sequence
-
 
 import numpy as np
 import torch
@@ -33,8 +31,7 @@ from vqakd.training.provenance import provenance_for_config, utc_now
 PREDICTION_COLUMNS = ("question_id", "video_id", "question", "predicted_answer", "answer", "true_answer",
                       "answer_in_vocab", "correct", "question_type", "probability", "top5")
 TOP_K = 5
-# Per-answer figures cover this many of the split's most frequent true answers; the confusion
-# matrix the CONFUSION_ANSWERS most frequent (a readable square).
+# Per-answer figures of the split's most frequent true answers; a confusion matrix of fewer.
 REPORTED_ANSWERS = 20
 CONFUSION_ANSWERS = 10
 # The accuracy figures of evaluate's summary that results.json and the eval JSON record.
@@ -57,48 +54,35 @@ def evaluation_record(summary: Mapping[str, Any], split: str, dropped: Mapping[s
             "per_type": summary["per_type"], "epoch": checkpoint.get("epoch"), "params": count_parameters(model)}
 
 
-def run_validation(config: Config, checkpoint_path: str, split: str = "test", write_preds: bool = False,
-                   out: Optional[str] = None, preds_out: Optional[str] = None,
-                   model_overrides: Sequence[str] = (), config_file: Optional[str] = None,
-                   other_features: bool = False) -> dict[str, Any]:
-    """Evaluate a checkpoint (ours or original) on a split; write JSON (and predictions CSV).
-    Under torchrun each process evaluates its share and rank 0 writes the whole split's figures.
-    `model_overrides`: the model.* keys the user set, refused where they differ from the
-    checkpoint's model_config (the checkpoint defines the network)."""
-    folder = os.path.dirname(os.path.abspath(checkpoint_path))
-    out = out or os.path.join(folder, f"eval_{split}.json")
+def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = (), *, split: str = "test",
+                        write_preds: bool = False, out: Optional[str] = None, preds_out: Optional[str] = None,
+                        device: Optional[str] = None, other_features: bool = False) -> dict[str, Any]:
+    """What `python validate.py` does with its flags: evaluate a checkpoint (ours or original) on a
+    split and write the JSON (and the predictions CSV); under torchrun rank 0 writes the whole
+    split's figures. The checkpoint defines the network: a model.* override may only repeat it."""
+    model_keys = [override_key(text) for text in overrides if override_key(text).startswith("model.")]
+    overrides = list(overrides)
+    if device is not None:
+        overrides.insert(0, f"train.device={device}")
+    config = load_config(cfg, overrides)
+    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"eval_{split}.json")
     preds_out = preds_out or os.path.splitext(out)[0] + "_preds.csv"
-    answers_out = answers_path(out)
+    answers_out = os.path.splitext(out)[0] + "_answers.json"
     outputs = {"--out": out, "--preds-out": preds_out if write_preds else None,
                "the per-answer figures": answers_out if write_preds else None}
-    inputs = {"--checkpoint": checkpoint_path, "--cfg": config_file,
-              **data_file_paths(config)}
+    inputs = {"--checkpoint": checkpoint, "--cfg": cfg, **data_file_paths(config)}
     with dist.session(), contextlib.ExitStack() as held:
         # Before any work: never replace the checkpoint; only the main process writes and locks.
         dist.agree(lambda: held.enter_context(guard_outputs(
             inputs, outputs, "output folder for the evaluation results", file_what="evaluation output",
             lock=dist.is_main())), "the check of the output files")
-        return _run_validation(config, checkpoint_path, split, write_preds, out, preds_out, model_overrides,
-                               other_features)
-
-
-def answers_path(out: str) -> str:
-    """Where --write-preds puts the per-answer figures: next to the evaluation JSON."""
-    return os.path.splitext(out)[0] + "_answers.json"
-
-
-def check_model_overrides(config: Config, model_config, keys: Sequence[str]) -> None:
-    for key in keys:
-        name = key.split(".", 1)[1]
-        given, recorded = getattr(config.model, name, None), getattr(model_config, name, None)
-        if given != recorded:
-            raise UserError(f"--set {key}={given}: the checkpoint defines the model and has {name} = {recorded}; "
-                            "validate.py cannot change it (drop the --set)")
+        return _run_validation(config, checkpoint, split, write_preds, out, preds_out, answers_out,
+                               model_keys, other_features)
 
 
 def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: str,
-                    preds_out: str, model_overrides: Sequence[str] = (),
-                    other_features: bool = False) -> dict[str, Any]:
+                    preds_out: str, answers_out: str, model_overrides: Sequence[str],
+                    other_features: bool) -> dict[str, Any]:
     started = utc_now()
     world, main = dist.get_world_size(), dist.is_main()
 
@@ -108,7 +92,12 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
         device = resolve_process_device(config.train.device, what="train.device")
         checkpoint = load_checkpoint(checkpoint_path)
         model_config = model_config_from(checkpoint, checkpoint_path)
-        check_model_overrides(config, model_config, model_overrides)
+        for key in model_overrides:
+            name = key.split(".", 1)[1]
+            given, recorded = getattr(config.model, name, None), getattr(model_config, name, None)
+            if given != recorded:
+                raise UserError(f"--set {key}={given}: the checkpoint defines the model and has {name} = "
+                                f"{recorded}; validate.py cannot change it (drop the --set)")
         # The checkpoint defines the network: its clip count and feature size are what the data must match.
         config.model.num_nodes = model_config.num_nodes
         config.model.vision_dim = model_config.vision_dim
@@ -164,7 +153,6 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
         if write_preds:
             write_predictions(preds_out, bundle, split, found)
             print(f"wrote {preds_out}")
-            answers_out = answers_path(out)
             report = answer_report(bundle, split, found)
             write_json(answers_out, report)
             print(format_answer_report(report))
@@ -178,23 +166,22 @@ def write_predictions(path: str, bundle: DataBundle, split: str, found: Mapping[
     `evaluate(..., return_predictions=True)`, every process's share)."""
     data = bundle.splits[split]
     answers = bundle.vocab.idx_to_answer
-    order = np.argsort(found["index"], kind="stable")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(PREDICTION_COLUMNS)
-    for at in order:
-        index, predicted = int(found["index"][at]), int(found["prediction"][at])
-        label = int(data.answers[index])
-        top = "|".join(f"{answers[int(answer)]}:{prob:.4f}"
-                       for answer, prob in zip(found["top_answers"][at], found["top_probs"][at]))
-        in_vocab = label >= FIRST_ANSWER_LABEL
-        truth = data.answer_text[index] if data.answer_text is not None else (answers[label] if in_vocab else "")
-        writer.writerow([data.display_id(index), int(data.video_ids[index]), data.text(index, bundle.vocab),
-                         answers[predicted], answers[label], truth, int(in_vocab), int(predicted == label and in_vocab),
-                         TYPE_NAMES[int(data.qtypes[index])], f"{float(found['top_probs'][at][0]):.4f}", top])
     with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
-        handle.write(buffer.getvalue())
-
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(PREDICTION_COLUMNS)
+        for at in np.argsort(found["index"], kind="stable"):
+            index, predicted = int(found["index"][at]), int(found["prediction"][at])
+            label = int(data.answers[index])
+            top = "|".join(f"{answers[int(answer)]}:{prob:.4f}"
+                           for answer, prob in zip(found["top_answers"][at], found["top_probs"][at]))
+            in_vocab = label >= FIRST_ANSWER_LABEL
+            truth = (data.answer_text[index] if data.answer_text is not None
+                     else answers[label] if in_vocab else "")
+            correct = int(predicted == label and in_vocab)
+            probability = f"{float(found['top_probs'][at][0]):.4f}"
+            writer.writerow([data.display_id(index), int(data.video_ids[index]),
+                             data.text(index, bundle.vocab), answers[predicted], answers[label], truth,
+                             int(in_vocab), correct, TYPE_NAMES[int(data.qtypes[index])], probability, top])
 
 
 def answer_ceiling(data) -> dict[str, Any]:
@@ -222,11 +209,9 @@ def format_ceiling(ceiling: Mapping[str, Any]) -> str:
 
 def answer_figures(truth: Sequence, predicted: Sequence, nameable: Callable[[Any], bool],
                    answers: int = REPORTED_ANSWERS, square: int = CONFUSION_ANSWERS) -> dict[str, Any]:
-    """Precision, recall, F1 and support (scikit-learn) of the `answers` most frequent nameable
-    true answers (ties: in the answers' own order), and the confusion matrix among the `square`
-    most frequent of them (rows: true answer, columns: predicted; a prediction outside those
-    answers is not counted). Answers are labels or names, as `truth` and `predicted` give them;
-    the study's report (vqakd/study/report.py) uses this too, on its predictions CSVs."""
+    """Precision, recall, F1 and support (scikit-learn) of the `answers` most frequent nameable true
+    answers (labels or names; ties in their own order), and the confusion matrix among the `square`
+    most frequent (rows: true answer, columns: predicted). The study's report uses this too."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     counts = Counter(answer for answer in truth if nameable(answer))
@@ -267,16 +252,3 @@ def format_answer_report(report: Mapping[str, Any], lines: int = 5) -> str:
                    f"{100 * entry['f1']:5.1f}% ({entry['support']})")
     return "\n".join(out)
 
-
-def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = (), *, split: str = "test",
-                        write_preds: bool = False, out: Optional[str] = None, preds_out: Optional[str] = None,
-                        device: Optional[str] = None, other_features: bool = False) -> dict[str, Any]:
-    """What `python validate.py` does with its flags. The network is rebuilt from the checkpoint's
-    model_config: a model.* override can only repeat the checkpoint's value, never change it."""
-    model_keys = [override_key(text) for text in overrides if override_key(text).startswith("model.")]
-    overrides = list(overrides)
-    if device is not None:
-        overrides.insert(0, f"train.device={device}")
-    config = load_config(cfg, overrides)
-    return run_validation(config, checkpoint, split=split, write_preds=write_preds, out=out, preds_out=preds_out,
-                          model_overrides=model_keys, config_file=cfg, other_features=other_features)
