@@ -26,20 +26,19 @@ with interruptible_imports():
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = demo_data.DemoSettings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="data/demo", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
-    parser.add_argument("--num-videos", type=int, default=demo_data.DEFAULT_NUM_VIDEOS,
+    parser.add_argument("--num-videos", type=int, default=defaults.num_videos,
                         help="number of videos, split into train/val/test")
-    parser.add_argument("--frame-size", type=int, default=demo_data.DEFAULT_FRAME_SIZE,
-                        help="frame width and height in pixels")
-    parser.add_argument("--fps", type=int, default=demo_data.DEFAULT_FPS, help="frames per second")
-    parser.add_argument("--seconds", type=float, default=demo_data.DEFAULT_SECONDS, help="video length")
+    parser.add_argument("--frame-size", type=int, default=defaults.frame_size, help="frame width and height in pixels")
+    parser.add_argument("--fps", type=int, default=defaults.fps, help="frames per second")
+    parser.add_argument("--seconds", type=float, default=defaults.seconds, help="video length")
     parser.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
-                        default=list(demo_data.DEFAULT_SPLIT_FRACTIONS),
-                        help="fractions of the videos in train, val and test")
-    parser.add_argument("--transient-rate", type=float, default=demo_data.DEFAULT_TRANSIENT_RATE,
+                        default=list(defaults.split_fractions), help="fractions of the videos in train, val and test")
+    parser.add_argument("--transient-rate", type=float, default=defaults.transient_rate,
                         help="share of videos with one shape visible in only half of the video")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -47,10 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = demo_data.DemoSettings(num_videos=args.num_videos, seed=args.seed,
-                                      frame_size=args.frame_size, fps=args.fps, seconds=args.seconds,
-                                      split_fractions=tuple(args.split),
-                                      transient_rate=args.transient_rate).check()
+    settings = demo_data.DemoSettings(num_videos=args.num_videos, seed=args.seed, frame_size=args.frame_size,
+                                      fps=args.fps, seconds=args.seconds, split_fractions=tuple(args.split),
+                                      transient_rate=args.transient_rate)
     info = demo_data.write_dataset(args.out, settings, progress=not args.quiet)
     print(demo_data.format_info(info, args.out))
     return 0
