@@ -6,6 +6,7 @@ one whose inputs changed is started afresh (see vqakd/demo/pipeline.py for the d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from vqakd.core.files import atomic_open, ensure_writable_dir, file_sha256, read
 
 STATE_FILE = "demo_state.json"
 LOG_TAIL_LINES = 20
+IN_THE_RUNNER = "(in the runner)"      # what a step without a script shows as its command
 
 
 def display_path(path: str) -> str:
@@ -31,21 +33,18 @@ def display_path(path: str) -> str:
     return absolute if relative.startswith("..") else relative
 
 
-class FileHashes:
-    """sha256 of files, computed once per (path, size, mtime) in this process."""
+@functools.lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
 
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, int, int], str] = {}
 
-    def __call__(self, path: str) -> Optional[str]:
-        try:
-            stat = os.stat(path)
-        except OSError:
-            return None
-        key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-        if key not in self._cache:
-            self._cache[key] = file_sha256(path)
-        return self._cache[key]
+def file_hash(path: str) -> Optional[str]:
+    """sha256 of a file (computed once per path, size and mtime), None when it does not exist."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return _sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
 
 
 class StateFile:
@@ -90,29 +89,34 @@ class Step:
     # Environment variables set for the script (not fingerprinted: they change speed, not results).
     env: dict[str, str] = field(default_factory=dict)
 
-    def argv(self, extra: list[str]) -> list[str]:
-        return [sys.executable, self.script, *self.args, *extra, *self.show_args]
-
     def command_line(self, extra: list[str]) -> str:
+        if self.script is None:
+            return IN_THE_RUNNER
         shown = ["python", display_path(self.script), *self.args, *extra, *self.show_args]
         return " ".join(shlex.quote(part) for part in shown)
 
 
-def fingerprint(step: Step, hashes: FileHashes) -> str:
-    """What the step's result depends on: its arguments and the contents of its inputs."""
-    files = {}
-    for path in step.inputs():
-        digest = hashes(path)
+def file_digests(step: Step, paths: list[str], missing: str) -> dict[str, str]:
+    """{shown path: sha256} of `paths`; a missing file raises UserError(missing.format(step=, path=))."""
+    digests = {}
+    for path in paths:
+        digest = file_hash(path)
         if digest is None:
-            raise UserError(f"demo step {step.name!r}: input file {display_path(path)} is missing "
-                            "(an earlier step did not write it)")
-        files[display_path(path)] = digest
+            raise UserError(missing.format(step=step.name, path=display_path(path)))
+        digests[display_path(path)] = digest
+    return digests
+
+
+def fingerprint(step: Step) -> str:
+    """What the step's result depends on: its arguments and the contents of its inputs."""
+    files = file_digests(step, step.inputs(),
+                         "demo step {step!r}: input file {path} is missing (an earlier step did not write it)")
     text = json.dumps({"script": os.path.basename(step.script or step.name), "args": step.args, "inputs": files},
                       sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def is_up_to_date(step: Step, inputs_fp: str, hashes: FileHashes) -> bool:
+def is_up_to_date(step: Step, inputs_fp: str) -> bool:
     entry = step.state.get(step.name)
     if not entry.get("done") or entry.get("inputs") != inputs_fp:
         return False
@@ -123,16 +127,13 @@ def is_up_to_date(step: Step, inputs_fp: str, hashes: FileHashes) -> bool:
         return False
     if not expected or any(display_path(path) not in recorded for path in expected):
         return False
-    return all(hashes(path) == recorded[display_path(path)] for path in expected)
+    return all(file_hash(path) == recorded[display_path(path)] for path in expected)
 
-
-# ----------------------------------------------------------------------------------- the runner
 
 class Runner:
     def __init__(self, quiet: bool, log_dir: str) -> None:
         self.quiet = quiet
         self.log_dir = log_dir
-        self.hashes = FileHashes()
         self.times: list[tuple[str, str, float]] = []      # (step, "ran" | "skipped", seconds)
         # CPU seconds (user + system, all processes) of each step that ran: with the wall times,
         # what a step would take on an idle machine (the demo's machine may be shared).
@@ -143,77 +144,59 @@ class Runner:
         cpu_started = _cpu_seconds()
         if step.late_args is not None:
             step.args = step.late_args()
-        inputs_fp = fingerprint(step, self.hashes)
+        inputs_fp = fingerprint(step)
         label = f"[{number}/{total}] {step.name}"
-        if is_up_to_date(step, inputs_fp, self.hashes):
-            shown = step.command_line([]) if step.script else "(in the runner)"
-            print(f"{label}: skip, outputs up to date: {shown}", flush=True)
+        if is_up_to_date(step, inputs_fp):
+            print(f"{label}: skip, outputs up to date: {step.command_line([])}", flush=True)
             self.times.append((step.name, "skipped", time.perf_counter() - started))
             return
         previous = step.state.get(step.name)
-        resuming = previous.get("inputs") == inputs_fp and not previous.get("done")
-        extra = step.restart_args(resuming)
+        extra = step.restart_args(previous.get("inputs") == inputs_fp and not previous.get("done"))
         step.state.put(step.name, {"inputs": inputs_fp, "done": False})
+        command = step.command_line(extra)
+        print(f"{label}: {command}", flush=True)
         if step.script is None:
-            print(f"{label}: (in the runner)", flush=True)
             step.action()
         else:
-            command = step.command_line(extra)
-            print(f"{label}: {command}", flush=True)
             self._call(step, extra, command)
-        outputs = {}
-        for path in step.outputs():
-            digest = self.hashes(path)
-            if digest is None:
-                raise UserError(f"demo step {step.name!r} did not write {display_path(path)}")
-            outputs[display_path(path)] = digest
+        outputs = file_digests(step, step.outputs(), "demo step {step!r} did not write {path}")
         seconds = time.perf_counter() - started
         step.state.put(step.name, {"inputs": inputs_fp, "done": True, "outputs": outputs,
-                                   "seconds": round(seconds, 2), "command": step.command_line([])
-                                   if step.script else "(in the runner)"})
+                                   "seconds": round(seconds, 2), "command": step.command_line([])})
         self.cpu[step.name] = _cpu_seconds() - cpu_started
         print(f"{label}: done in {seconds:.1f} s ({self.cpu[step.name]:.1f} s CPU)", flush=True)
         self.times.append((step.name, "ran", seconds))
 
     def _call(self, step: Step, extra: list[str], command: str) -> None:
-        argv = step.argv(extra)
+        """Run the step's script; when quiet, its output (stderr only, with `stdout_path`) goes to its log."""
+        argv = [sys.executable, step.script, *step.args, *extra, *step.show_args]
         env = {**os.environ, **step.env} if step.env else None
-        if step.stdout_path:
-            stderr = None
-            if self.quiet:
-                ensure_writable_dir(self.log_dir, "demo log folder")
-                stderr = open(os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log"), "w",
-                              encoding="utf-8")
-            try:
-                result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
-            finally:
-                if stderr is not None:
-                    stderr.close()
-            code = result.returncode
-            if not self.quiet or code != 0:
-                print(result.stdout, end="", flush=True)
-            if code == 0:
-                with atomic_open(step.stdout_path, "w", encoding="utf-8") as handle:
-                    handle.write(result.stdout)
-        elif self.quiet:
+        log = None
+        if self.quiet:
             ensure_writable_dir(self.log_dir, "demo log folder")
-            log_path = os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log")
-            with open(log_path, "w", encoding="utf-8") as log:
-                code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-            if code != 0:
-                with open(log_path, encoding="utf-8", errors="replace") as log:
-                    tail = log.read().splitlines()[-LOG_TAIL_LINES:]
-                print("\n".join(tail), file=sys.stderr)
-        else:
-            code = subprocess.call(argv, env=env)
-        if code != 0:
-            raise UserError(f"demo step {step.name!r} failed (exit status {code}): {command}")
+            log = open(os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log"), "w+", encoding="utf-8",
+                       errors="replace")
+        try:
+            if step.stdout_path:
+                result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+                if not self.quiet or result.returncode != 0:
+                    print(result.stdout, end="", flush=True)
+            else:
+                result = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
+                if log is not None and result.returncode != 0:
+                    log.seek(0)
+                    print("\n".join(log.read().splitlines()[-LOG_TAIL_LINES:]), file=sys.stderr)
+        finally:
+            if log is not None:
+                log.close()
+        if result.returncode != 0:
+            raise UserError(f"demo step {step.name!r} failed (exit status {result.returncode}): {command}")
+        if step.stdout_path:
+            with atomic_open(step.stdout_path, "w", encoding="utf-8") as handle:
+                handle.write(result.stdout)
 
 
 def _cpu_seconds() -> float:
     """User + system CPU seconds of this process and of its finished children."""
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(usage.ru_utime + usage.ru_stime for usage in usages)
