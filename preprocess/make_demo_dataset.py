@@ -33,11 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
     parser.add_argument("--num-videos", type=int, default=defaults.num_videos,
                         help="number of videos, split into train/val/test")
-    parser.add_argument("--frame-size", type=int, default=defaults.frame_size, help="frame width and height in pixels")
+    parser.add_argument("--frame-size", type=int, default=defaults.frame_size,
+                        help="frame width and height in pixels")
     parser.add_argument("--fps", type=int, default=defaults.fps, help="frames per second")
     parser.add_argument("--seconds", type=float, default=defaults.seconds, help="video length")
     parser.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
-                        default=list(defaults.split_fractions), help="fractions of the videos in train, val and test")
+                        default=list(defaults.split_fractions),
+                        help="fractions of the videos in train, val and test")
     parser.add_argument("--transient-rate", type=float, default=defaults.transient_rate,
                         help="share of videos with one shape visible in only half of the video")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -143,11 +143,12 @@ WORD_GROUPS = {
 
 
 def write_glove(path: str, records: list[dict], seed: int) -> int:
-    """GloVe-format vectors of every word of the questions, answers and WORD_GROUPS; returns the word count."""
+    """GloVe-format vectors of the words of the questions, answers and WORD_GROUPS; returns their count."""
     from vqakd.data.questions import tokenize_question  # the exact tokens the preprocessing will look up
 
-    words = [word for record in records for word in (*tokenize_question(record["question"]), record["answer"])]
-    words += [word for group in WORD_GROUPS.values() for word in group]
+    words = [word for group in WORD_GROUPS.values() for word in group]
+    for record in records:
+        words += [*tokenize_question(record["question"]), record["answer"]]
     rng = np.random.default_rng([seed, 300])
     group_of = {word: group for group, members in WORD_GROUPS.items() for word in members}
     centres = {group: rng.normal(0.0, 0.5, GLOVE_DIM) for group in WORD_GROUPS}
@@ -187,7 +188,8 @@ def build_annotations(settings: DemoSettings) -> tuple[list[Scene], dict[str, li
             scene = sample_scene(rng, video_id, spec)
             scenes.append(scene)
             for question, answer in scene_questions(scene, rng):
-                qa[split].append({"question": question, "answer": answer, "video_id": video_id, "id": next_id})
+                record = {"question": question, "answer": answer, "video_id": video_id, "id": next_id}
+                qa[split].append(record)
                 next_id += 1
     scenes.sort(key=lambda scene: scene.video_id)
     return scenes, qa

@@ -10,24 +10,19 @@ Steps (each printed as the command line it runs, then run with this Python as a 
      3. preprocess/preprocess_questions.py --mode all (train, which builds the vocabulary, then val, test)
    4-5. preprocess/preprocess_features.py --model resnet101 / resnext101 --random-weights (small images,
         few clips: nothing is downloaded, so the networks keep their random initialisation)
-     6. study.py --seeds 3 --arms teacher,student-none,student-feature: the paper's study on the demo,
-        three seeds: the teacher (4 graph layers), the student (1 graph layer) trained alone and the
-        student distilled from its own seed's teacher's features, each evaluated on the test split,
-        timed, and reported in <output_dir>/study/report/ (with the paired differences, seed by seed)
+     6. study.py --seeds 3 --arms teacher,student-none,student-feature: the teacher (4 graph layers),
+        the student (1 graph layer) trained alone and distilled from its own seed's teacher, each
+        evaluated on the test split, timed and reported in <output_dir>/study/report/
      7. predict.py: the distilled student answers one test question about one demo video
-     8. the summary: a table (parameters, test accuracy overall and per question type as mean ± std
-        over the seeds, the paired difference student-feature − student-none, the majority-answer
-        rate and a question-only guesser's, inference ms per question), also
-        <output_dir>/summary.json; vqakd/demo/table.py renders it (README.md's table too)
+     8. the summary, <output_dir>/summary.json, and its table (mean ± std over the seeds, the paired
+        differences, the majority-answer and question-only rates; vqakd/demo/table.py renders it)
 
-Running it again reuses what is done. Every step records in `demo_state.json` (in the data
-folder for steps 1-5, in the output folder for 6-8) a fingerprint of its command and of the
-contents of the files it reads, and the sha256 of the files it wrote; a step whose fingerprint
-and outputs are unchanged is skipped. A step that was interrupted is continued with the
-script's own resume; a step whose inputs changed starts afresh (`--overwrite`; the study folder
-is removed, as study.py would reuse runs trained on the old features). Flags that only change
-what is shown (progress bars) are not part of the fingerprint. The scripts' code is not either:
-after changing the scene design in vqakd/demo/scenes.py, start afresh with `make clean`.
+Running it again reuses what is done: a step is skipped when `demo_state.json` (in the data or
+the output folder) records the same fingerprint of its command and of its input files' contents,
+and its outputs' sha256 are unchanged. An interrupted step resumes; one whose inputs changed
+starts afresh (the study folder is removed: study.py would reuse runs on the old features).
+Progress flags and the scripts' code are not fingerprinted: after changing the scene design in
+vqakd/demo/scenes.py, start afresh with `make clean`.
 """
 
 from __future__ import annotations
@@ -88,33 +83,23 @@ class DemoPlan:
     config_output_dir: str          # the config's output_dir before --set (the study's default folder is below it)
     training_seeds: list[int]       # the study's seeds (from the config's train.seed on)
 
+    def __post_init__(self) -> None:
+        self.study_dir = os.path.join(self.output_dir, "study")
+        self.report_json = os.path.join(self.study_dir, "report", "report.json")
+        self.predict_output = os.path.join(self.output_dir, "predict_example.txt")
+        self.summary_path = os.path.join(self.output_dir, "summary.json")
+
     def data_file(self, name: str) -> str:
         return os.path.join(self.data_dir, name)
 
     def video(self, clip_name: str) -> str:
         return os.path.join(self.data_dir, demo_data.VIDEO_FOLDER, f"{clip_name}.avi")
 
-    @property
-    def study_dir(self) -> str:
-        return os.path.join(self.output_dir, "study")
-
     def run_file(self, arm: str, name: str, seed: Optional[int] = None) -> str:
         """<study>/seed<S>/<arm>/<stage>/<name> of the study's run of `arm` (default: the first seed)."""
         stage = "teacher" if arm.startswith("teacher") else "student"
         seed = self.training_seeds[0] if seed is None else seed
         return os.path.join(self.study_dir, f"seed{seed}", arm, stage, name)
-
-    @property
-    def report_json(self) -> str:
-        return os.path.join(self.study_dir, "report", "report.json")
-
-    @property
-    def predict_output(self) -> str:
-        return os.path.join(self.output_dir, "predict_example.txt")
-
-    @property
-    def summary_path(self) -> str:
-        return os.path.join(self.output_dir, "summary.json")
 
 
 def make_plan(args: argparse.Namespace) -> DemoPlan:
@@ -126,15 +111,17 @@ def make_plan(args: argparse.Namespace) -> DemoPlan:
     # --set data.<key>=<path> for each config data path that is not already the one in data_dir
     wanted = {key: os.path.join(data_dir, name) for key, name in DATA_FILES.items()}
     overrides = [f"data.{key}={path}" for key, path in wanted.items()
-                 if os.path.normpath(getattr(config.data, key)) != os.path.normpath(path)] + list(args.overrides)
+                 if os.path.normpath(getattr(config.data, key)) != os.path.normpath(path)]
+    overrides += args.overrides
     config = load_config(args.cfg, overrides)
     for name in ("num_videos", "frame_size", "image_size", "appearance_frames", "motion_frames", "training_seeds"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.feature_workers < 0:
         raise UserError(f"--feature-workers must be >= 0, got {args.feature_workers}")
-    return DemoPlan(args, data_dir=data_dir, output_dir=config.output_dir, device=args.device or config.train.device,
-                    overrides=overrides, num_clips=config.model.num_nodes, config_output_dir=config_output_dir,
+    return DemoPlan(args, data_dir=data_dir, output_dir=config.output_dir,
+                    device=args.device or config.train.device, overrides=overrides,
+                    num_clips=config.model.num_nodes, config_output_dir=config_output_dir,
                     training_seeds=list(range(config.train.seed, config.train.seed + args.training_seeds)))
 
 
@@ -147,8 +134,11 @@ def build_steps(plan: DemoPlan) -> list[Step]:
     same_folder = os.path.abspath(plan.data_dir) == os.path.abspath(plan.output_dir)
     out_state = data_state if same_folder else StateFile(plan.output_dir)
     annotations = [plan.data_file(f"{split}_qa.json") for split in SPLITS] + [plan.data_file("youtube_mapping.txt")]
-    # The clips youtube_mapping.txt lists (a UserError while it does not exist).
-    videos = lambda: [plan.video(name) for _, name in sorted(load_msvd_mapping(plan.data_dir).items())]  # noqa: E731
+
+    def videos() -> list[str]:
+        """The clips youtube_mapping.txt lists (a UserError while it does not exist)."""
+        return [plan.video(name) for _, name in sorted(load_msvd_mapping(plan.data_dir).items())]
+
     glove_txt = plan.data_file(demo_data.GLOVE_FILENAME)
     glove_pkl = os.path.splitext(glove_txt)[0] + ".pkl"
     prepared = {key: plan.data_file(name) for key, name in DATA_FILES.items()}
@@ -213,8 +203,8 @@ def build_steps(plan: DemoPlan) -> list[Step]:
         lambda: [args.cfg, *prepared.values()],
         lambda: [plan.report_json] + [plan.run_file(arm, name, seed) for seed in plan.training_seeds for arm in ARMS
                                       for name in ("best.pt", "results.json", "study_test.json")],
-        out_state, show_args=["--set", "train.progress=false"] if args.quiet else [], restart_args=restart_study,
-        env=ONE_THREAD))
+        out_state, show_args=["--set", "train.progress=false"] if args.quiet else [],
+        restart_args=restart_study, env=ONE_THREAD))
     question = {}
 
     def predict_args() -> list[str]:
@@ -256,8 +246,7 @@ def parse_prediction(path: str) -> list[tuple[str, float]]:
 
 
 def build_summary(plan: DemoPlan, runner: Runner, predict_command: str) -> dict:
-    info = read_json(plan.data_file("dataset_info.json"))
-    majority = info["majority_rate"]["test"]
+    majority = read_json(plan.data_file("dataset_info.json"))["majority_rate"]["test"]
     blind = demo_data.question_only_rates(read_json(plan.data_file("train_qa.json")),
                                           read_json(plan.data_file("test_qa.json")))
     report = read_json(plan.report_json)
@@ -304,12 +293,13 @@ def build_summary(plan: DemoPlan, runner: Runner, predict_command: str) -> dict:
                                    "then the median of the timed passes divided by the number of test questions"}
     args = plan.args
     summary["features"] = {"random_weights": report["features"]["random_weights"], "num_clips": plan.num_clips,
-                           "image_size": args.image_size, "appearance_frames_per_clip": args.appearance_frames,
+                           "image_size": args.image_size,
+                           "appearance_frames_per_clip": args.appearance_frames,
                            "motion_frames_per_clip": args.motion_frames}
     example = example_question(plan)
     answer, probability = parse_prediction(plan.predict_output)[0]
-    summary["prediction"] = {"command": predict_command, "checkpoint": display_path(plan.run_file(PREDICT_ARM,
-                                                                                                   "best.pt")),
+    checkpoint = display_path(plan.run_file(PREDICT_ARM, "best.pt"))
+    summary["prediction"] = {"command": predict_command, "checkpoint": checkpoint,
                              "video": display_path(example["video"]), "question": example["question"],
                              "truth": example["truth"], "answer": answer, "probability": probability,
                              "correct": answer == example["truth"]}
@@ -338,13 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, default, text in (
             ("--num-videos", demo_data.DEFAULT_NUM_VIDEOS, "demo videos"),
             ("--seed", 0, "seed of the demo dataset"),
-            ("--training-seeds", DEFAULT_TRAINING_SEEDS, "seeds each arm is trained with (the config's train.seed "
-                                                         "and the next ones); the table shows mean ± std over them"),
+            ("--training-seeds", DEFAULT_TRAINING_SEEDS,
+             "seeds each arm is trained with (the config's train.seed and the next ones); the table shows "
+             "mean ± std over them"),
             ("--frame-size", demo_data.DEFAULT_FRAME_SIZE, "side of the generated video frames in pixels"),
             ("--image-size", IMAGE_SIZE, "frame side the feature networks see (224/112 for real data)"),
             ("--appearance-frames", APPEARANCE_FRAMES_PER_CLIP,
              "frames per clip for the appearance features (16 for real data)"),
-            ("--motion-frames", MOTION_FRAMES_PER_CLIP, "frames per clip for the motion features (16 for real data)"),
+            ("--motion-frames", MOTION_FRAMES_PER_CLIP,
+             "frames per clip for the motion features (16 for real data)"),
             ("--feature-workers", FEATURE_WORKERS,
              "video decoding processes of the feature extraction (0: decode in the main process)")):
         parser.add_argument(flag, type=int, default=default, help=text + "; default %(default)s")

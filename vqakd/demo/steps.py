@@ -15,6 +15,7 @@ import shlex
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -52,14 +53,12 @@ class StateFile:
 
     def __init__(self, folder: str) -> None:
         self.path = os.path.join(folder, STATE_FILE)
-        self.steps: dict = {}
-        if os.path.isfile(self.path):
-            try:
-                loaded = read_json(self.path)
-            except UserError:
-                loaded = None   # a damaged state file only costs a re-run of the steps
-            if isinstance(loaded, dict) and isinstance(loaded.get("steps"), dict):
-                self.steps = loaded["steps"]
+        try:
+            loaded = read_json(self.path) if os.path.isfile(self.path) else {}
+        except UserError:
+            loaded = {}     # a damaged state file only costs a re-run of the steps
+        steps = loaded.get("steps") if isinstance(loaded, dict) else None
+        self.steps: dict = steps if isinstance(steps, dict) else {}
 
     def get(self, name: str) -> dict:
         entry = self.steps.get(name)
@@ -73,20 +72,21 @@ class StateFile:
 
 @dataclass
 class Step:
+    """A script run with `args` (or, without a script, `action` run here), reading the files `inputs`
+    lists and writing those `outputs` lists. Only `args` and the inputs' contents are fingerprinted:
+    `show_args` (progress flags) and `env` (thread counts) change what is shown or the speed."""
     name: str
-    script: Optional[str]                       # None: done in this process by `action`
-    args: list[str]                             # the arguments that decide the result
-    inputs: Callable[[], list[str]]             # files whose contents the step reads
-    outputs: Callable[[], list[str]]            # files it leaves behind
+    script: Optional[str]
+    args: list[str]
+    inputs: Callable[[], list[str]]
+    outputs: Callable[[], list[str]]
     state: StateFile
-    show_args: list[str] = field(default_factory=list)    # progress/quiet flags: not fingerprinted
+    show_args: list[str] = field(default_factory=list)
     # (resuming an interrupted run of the same inputs?) -> extra flags (--resume / --overwrite)
     restart_args: Callable[[bool], list[str]] = lambda resuming: []
     action: Optional[Callable[[], None]] = None
-    # Arguments known only once earlier steps ran (they replace `args` before the fingerprint).
-    late_args: Optional[Callable[[], list[str]]] = None
+    late_args: Optional[Callable[[], list[str]]] = None     # replace `args` once earlier steps ran
     stdout_path: Optional[str] = None            # the script's standard output is kept in this file
-    # Environment variables set for the script (not fingerprinted: they change speed, not results).
     env: dict[str, str] = field(default_factory=dict)
 
     def command_line(self, extra: list[str]) -> str:
@@ -109,8 +109,8 @@ def file_digests(step: Step, paths: list[str], missing: str) -> dict[str, str]:
 
 def fingerprint(step: Step) -> str:
     """What the step's result depends on: its arguments and the contents of its inputs."""
-    files = file_digests(step, step.inputs(),
-                         "demo step {step!r}: input file {path} is missing (an earlier step did not write it)")
+    missing = "demo step {step!r}: input file {path} is missing (an earlier step did not write it)"
+    files = file_digests(step, step.inputs(), missing)
     text = json.dumps({"script": os.path.basename(step.script or step.name), "args": step.args, "inputs": files},
                       sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -171,12 +171,10 @@ class Runner:
         """Run the step's script; when quiet, its output (stderr only, with `stdout_path`) goes to its log."""
         argv = [sys.executable, step.script, *step.args, *extra, *step.show_args]
         env = {**os.environ, **step.env} if step.env else None
-        log = None
         if self.quiet:
             ensure_writable_dir(self.log_dir, "demo log folder")
-            log = open(os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log"), "w+", encoding="utf-8",
-                       errors="replace")
-        try:
+        log_path = os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log")
+        with open(log_path, "w+", encoding="utf-8", errors="replace") if self.quiet else nullcontext() as log:
             if step.stdout_path:
                 result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
                 if not self.quiet or result.returncode != 0:
@@ -186,9 +184,6 @@ class Runner:
                 if log is not None and result.returncode != 0:
                     log.seek(0)
                     print("\n".join(log.read().splitlines()[-LOG_TAIL_LINES:]), file=sys.stderr)
-        finally:
-            if log is not None:
-                log.close()
         if result.returncode != 0:
             raise UserError(f"demo step {step.name!r} failed (exit status {result.returncode}): {command}")
         if step.stdout_path:
