@@ -2,10 +2,7 @@
 
     python preprocess/make_demo_dataset.py --out data/demo --seed 0
 
-Writes `YouTubeClips/*.avi`, `youtube_mapping.txt`, `{train,val,test}_qa.json`,
-`glove.demo.300d.txt` and `dataset_info.json` (counts and majority-answer rates). The same seed
-and settings always give the same files' contents. See `vqakd/demo/scenes.py` for the scenes and
-`vqakd/demo/data.py` for the questions.
+The same seed and settings always give the same files (vqakd/demo/data.py, vqakd/demo/scenes.py).
 """
 
 from __future__ import annotations

@@ -1,23 +1,19 @@
-"""The synthetic demo dataset: its settings, the questions about each scene, the GloVe-format
-word vectors, and the whole dataset written in the layout of the real MSVD-QA release
-(docs/method.md#annotations): `YouTubeClips/<clip>.avi`, `youtube_mapping.txt`,
-`{train,val,test}_qa.json`, `glove.demo.300d.txt` and `dataset_info.json` (settings, counts and
-majority-answer rates). `make demo` thus needs no download.
+"""The synthetic demo dataset, written in the layout of the MSVD-QA release (docs/method.md#annotations):
+`YouTubeClips/<clip>.avi`, `youtube_mapping.txt`, `{train,val,test}_qa.json`, the GloVe-format
+`glove.demo.300d.txt` and `dataset_info.json` (settings, counts and majority-answer rates).
 
 Every question starts with one of the five words of the per-type accuracy tables and can only be
-answered by looking at the video: the words a question names are dealt independently of what it
-asks, so a guesser that reads only the question is at chance on every question text:
+answered from the video: the words it names are dealt independently of what it asks, so a guesser
+that reads only the question is at chance on every question text:
 
     what colour is the square / are the squares            -> red / green / blue / yellow
     who moves left                                         -> square / circle / triangle
     how many objects (or shapes) are there                 -> one / two / three
     when does the green triangle appear / do ... appear    -> start / end (half of the videos)
-    where is the red circle / are the red circles          -> top / bottom / left / right (the half of
-                                                              the frame the shapes move in)
+    where is the red circle / are the red circles          -> top / bottom / left / right
 
-Attributes are dealt from balanced decks within each split, so every question type's answers
-are (nearly) balanced in every split. Everything is drawn from one `numpy.random.Generator`
-seeded by the user: the same seed gives the same annotations and the same frames.
+Attributes are dealt from balanced decks within each split, and everything is drawn from one
+generator seeded by the user: the same seed gives the same files.
 """
 
 from __future__ import annotations

@@ -3,26 +3,21 @@
     python -m vqakd.demo                       # what `make demo` runs
     python -m vqakd.demo --quiet --device cpu  # step output to log files, only the results shown
 
-Steps (each printed as the command line it runs, then run with this Python as a subprocess):
+Steps, each printed as the command line it runs (with this Python, as a subprocess):
 
-     1. preprocess/make_demo_dataset.py   videos of moving shapes + MSVD-QA-style annotations + GloVe text
-     2. txt2pickle.py                     the demo GloVe text file -> pickle
-     3. preprocess/preprocess_questions.py --mode all (train, which builds the vocabulary, then val, test)
-   4-5. preprocess/preprocess_features.py --model resnet101 / resnext101 --random-weights (small images,
-        few clips: nothing is downloaded, so the networks keep their random initialisation)
-     6. study.py --seeds 3 --arms teacher,student-none,student-feature: the teacher (4 graph layers),
-        the student (1 graph layer) trained alone and distilled from its own seed's teacher, each
-        evaluated on the test split, timed and reported in <output_dir>/study/report/
-     7. predict.py: the distilled student answers one test question about one demo video
-     8. the summary, <output_dir>/summary.json, and its table (mean ± std over the seeds, the paired
-        differences, the majority-answer and question-only rates; vqakd/demo/table.py renders it)
+  1. preprocess/make_demo_dataset.py     videos of moving shapes, MSVD-QA-style annotations, GloVe text
+  2. txt2pickle.py                       the demo GloVe text file -> pickle
+  3. preprocess/preprocess_questions.py  --mode all: train (it builds the vocabulary), then val and test
+  4-5. preprocess/preprocess_features.py --random-weights, resnet101 / resnext101 (nothing is downloaded)
+  6. study.py    the teacher, the student alone and the student distilled from its seed's teacher,
+                 over 3 seeds, evaluated on the test split, timed and reported (<output_dir>/study/report/)
+  7. predict.py  the distilled student answers one test question about one demo video
+  8. the summary, <output_dir>/summary.json, and its table (vqakd/demo/table.py renders README.md's)
 
-Running it again reuses what is done: a step is skipped when `demo_state.json` (in the data or
-the output folder) records the same fingerprint of its command and of its input files' contents,
-and its outputs' sha256 are unchanged. An interrupted step resumes; one whose inputs changed
-starts afresh (the study folder is removed: study.py would reuse runs on the old features).
-Progress flags and the scripts' code are not fingerprinted: after changing the scene design in
-vqakd/demo/scenes.py, start afresh with `make clean`.
+Running it again skips each step whose command, input files' contents and outputs are unchanged
+(`demo_state.json` records them); an interrupted step resumes, one whose inputs changed starts
+afresh. Progress flags and the scripts' code are not fingerprinted: after changing the scene
+design in vqakd/demo/scenes.py, start afresh with `make clean`.
 """
 
 from __future__ import annotations
@@ -373,16 +368,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     total = time.perf_counter() - started
 
     summary = read_json(plan.summary_path)
-    print()
-    print("time per step (wall / CPU): " + ", ".join(
+    print("\ntime per step (wall / CPU): " + ", ".join(
         f"{name} {seconds:.1f} s" + (" (skipped)" if status == "skipped" else f" / {runner.cpu.get(name, 0):.1f} s")
         for name, status, seconds in runner.times))
-    print(f"demo finished in {total:.1f} s")
-    print()
+    print(f"demo finished in {total:.1f} s\n")
     print(demo_table.format_table(summary))
     print(f"summary: {display_path(plan.summary_path)}; the study's report: "
-          f"{display_path(os.path.join(plan.study_dir, 'report', 'report.md'))}")
-    print()
+          f"{display_path(os.path.join(plan.study_dir, 'report', 'report.md'))}\n")
     example = summary["prediction"]
     verdict = "right" if example["correct"] else "wrong"
     print(f"asked the distilled student ({example['command']}):")

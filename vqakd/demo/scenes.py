@@ -1,20 +1,13 @@
-"""The scenes of the synthetic demo videos, drawn frame by frame and written as mpeg4 .avi (the
-questions about them are made in vqakd/demo/data.py).
+"""The scenes of the synthetic demo videos, drawn frame by frame and written as mpeg4 .avi.
 
-Each video shows one, two or three copies of one shape (square, circle or triangle) in one
-colour (red, green, blue or yellow), evenly spaced in a row along their direction of motion
-(left, right, up or down), sliding quickly and wrapping around the frame edge, all within one
-half of the frame: the top or bottom half for left/right motion, the left or right half for
-up/down ("where" asks which). The grey background darkens steadily from the first frame to the
-last. In some videos the shapes are visible only in the first or only in the second half.
-
-Why so plain: the demo's features come from *randomly initialised* networks, which keep little
-beyond the global make-up of a frame (linear probes: colour, position, area and presence survive,
-shape only partly, which colour belongs to which shape hardly at all). So the shapes are large
-and every attribute asked about is shared by everything in the video. DualVGR's clip graph and
-pooling cannot tell the order of the clips, so motion is fast enough to be seen inside one clip
-(shapes wrap around instead of leaving the frame), and "start"/"end" is readable from one clip:
-a shape against a light background appeared at the start, against a dark one at the end.
+Each video shows one, two or three copies of one shape in one colour, evenly spaced in a row and
+sliding fast (wrapping around the edge) left, right, up or down within one half of the frame, on a
+grey background that darkens from the first frame to the last; some videos show the shapes only in
+the first or only in the second half. Why so plain: the demo's features come from randomly
+initialised networks, which keep the global make-up of a frame (colour, position, area, presence)
+but hardly which colour belongs to which shape, so everything in a video shares each attribute
+asked about; and DualVGR cannot tell the order of the clips, so the motion shows inside one clip and
+the background's brightness tells "start" from "end".
 """
 
 from __future__ import annotations
@@ -47,9 +40,9 @@ VIDEO_BIT_RATE = 2_000_000       # ample for 128x128: flat colours survive the c
 # three copies allow, because area is what random features see best; the same for every count,
 # so that the covered area grows with the count.
 RADIUS = 0.155
-# Centre of the band the copies move in, across the direction of motion: the near (top or left)
-# or the far (bottom or right) half of the frame; where in that half is jittered a little.
-BAND_CENTRES = {"near": 0.25, "far": 0.75}
+# Centre of the band the copies move in, across the direction of motion, in the half of the frame
+# their place names; where in that half is jittered a little.
+BAND_CENTRES = {"top": 0.25, "left": 0.25, "bottom": 0.75, "right": 0.75}
 BAND_JITTER = 0.05
 # Distance moved per frame, as a fraction of the side: a few frames (one clip) show a clear shift.
 SPEED = 0.05
@@ -63,7 +56,7 @@ class SceneSpec:
     colour: str
     direction: str
     timing: str                  # "whole", "start" or "end"
-    side: str = "near"           # "near" or "far": the half of the frame the copies move in
+    place: str                   # the half of the frame the copies move in ("where" asks it)
 
 
 @dataclass
@@ -74,6 +67,7 @@ class Scene:
     colour: str
     direction: str
     timing: str
+    place: str
     starts: list[tuple[float, float]]    # each copy's centre at the first frame, fractions of the side
 
     @property
@@ -84,25 +78,16 @@ class Scene:
     def count(self) -> int:
         return len(self.starts)
 
-    @property
-    def place(self) -> str:
-        """Where the shapes are: "top"/"bottom" (moving left or right), "left"/"right" (up or down)."""
-        dx, _ = DIRECTIONS[self.direction]
-        centre = self.starts[0][1 if dx else 0]
-        if dx:
-            return "top" if centre < 0.5 else "bottom"
-        return "left" if centre < 0.5 else "right"
-
 
 def sample_scene(rng: np.random.Generator, video_id: int, spec: SceneSpec) -> Scene:
     """`spec.count` copies evenly spaced along the direction of motion, in one half of the frame
     across it (the upper or lower half for left/right motion, the left or right half for up/down)."""
     dx, _ = DIRECTIONS[spec.direction]
     along = float(rng.uniform(0.0, 1.0))                 # motion wraps around: any start works
-    across = BAND_CENTRES[spec.side] + float(rng.uniform(-BAND_JITTER, BAND_JITTER))
+    across = BAND_CENTRES[spec.place] + float(rng.uniform(-BAND_JITTER, BAND_JITTER))
     positions = [(along + k / spec.count) % 1.0 for k in range(spec.count)]
     starts = [(position, across) if dx else (across, position) for position in positions]
-    return Scene(video_id, spec.shape, spec.colour, spec.direction, spec.timing, starts)
+    return Scene(video_id, spec.shape, spec.colour, spec.direction, spec.timing, spec.place, starts)
 
 
 def deal(rng: np.random.Generator, values: list, n: int) -> list:
@@ -122,11 +107,10 @@ def scene_specs(rng: np.random.Generator, n: int, transient_rate: float) -> list
     along = {axis: iter(deal(rng, list(axis), sum(PLACE_AXIS[p] == axis for p in places)))
              for axis in set(PLACE_AXIS.values())}
     directions = [next(along[PLACE_AXIS[place]]) for place in places]
-    sides = ["near" if place in ("top", "left") else "far" for place in places]
     transient = int(round(transient_rate * n))
     timings = deal(rng, list(TIMINGS), transient) + ["whole"] * (n - transient)
     timings = [timings[i] for i in rng.permutation(n)]
-    return [SceneSpec(*values) for values in zip(counts, shapes, colours, directions, timings, sides)]
+    return [SceneSpec(*values) for values in zip(counts, shapes, colours, directions, timings, places)]
 
 
 def render_frame(scene: Scene, frame: int, num_frames: int, size: int) -> np.ndarray:
