@@ -12,7 +12,7 @@ the background's brightness tells "start" from "end".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -49,45 +49,31 @@ SPEED = 0.05
 
 
 @dataclass(frozen=True)
-class SceneSpec:
-    """What one video shows; the scene adds where the copies start."""
+class Scene:
+    """One video: `count` copies of one shape, all of one colour, direction, timing and place."""
     count: int
     shape: str
     colour: str
     direction: str
     timing: str                  # "whole", "start" or "end"
     place: str                   # the half of the frame the copies move in ("where" asks it)
-
-
-@dataclass
-class Scene:
-    """The copies of one shape in one video: all share shape, colour, direction and timing."""
-    video_id: int
-    shape: str
-    colour: str
-    direction: str
-    timing: str
-    place: str
-    starts: list[tuple[float, float]]    # each copy's centre at the first frame, fractions of the side
+    video_id: int = 0            # 0 and no starts: dealt by scene_specs, not yet placed by sample_scene
+    starts: tuple[tuple[float, float], ...] = ()    # each copy's centre at the first frame (0-1)
 
     @property
     def clip_name(self) -> str:
         return f"shapes{self.video_id:04d}_0_3"
 
-    @property
-    def count(self) -> int:
-        return len(self.starts)
 
-
-def sample_scene(rng: np.random.Generator, video_id: int, spec: SceneSpec) -> Scene:
-    """`spec.count` copies evenly spaced along the direction of motion, in one half of the frame
-    across it (the upper or lower half for left/right motion, the left or right half for up/down)."""
+def sample_scene(rng: np.random.Generator, video_id: int, spec: Scene) -> Scene:
+    """`spec` with its video id and its copies evenly spaced along the direction of motion, in the
+    half of the frame across it that its place names."""
     dx, _ = DIRECTIONS[spec.direction]
     along = float(rng.uniform(0.0, 1.0))                 # motion wraps around: any start works
     across = BAND_CENTRES[spec.place] + float(rng.uniform(-BAND_JITTER, BAND_JITTER))
     positions = [(along + k / spec.count) % 1.0 for k in range(spec.count)]
-    starts = [(position, across) if dx else (across, position) for position in positions]
-    return Scene(video_id, spec.shape, spec.colour, spec.direction, spec.timing, spec.place, starts)
+    starts = tuple((position, across) if dx else (across, position) for position in positions)
+    return replace(spec, video_id=video_id, starts=starts)
 
 
 def deal(rng: np.random.Generator, values: list, n: int) -> list:
@@ -97,7 +83,8 @@ def deal(rng: np.random.Generator, values: list, n: int) -> list:
     return [hand[i] for i in rng.permutation(n)]
 
 
-def scene_specs(rng: np.random.Generator, n: int, transient_rate: float) -> list[SceneSpec]:
+def scene_specs(rng: np.random.Generator, n: int, transient_rate: float) -> list[Scene]:
+    """What `n` videos show, each attribute dealt from a balanced deck."""
     counts = deal(rng, list(COUNT_WORDS), n)
     shapes = deal(rng, list(SHAPES), n)
     colours = deal(rng, list(COLOURS), n)
@@ -110,7 +97,7 @@ def scene_specs(rng: np.random.Generator, n: int, transient_rate: float) -> list
     transient = int(round(transient_rate * n))
     timings = deal(rng, list(TIMINGS), transient) + ["whole"] * (n - transient)
     timings = [timings[i] for i in rng.permutation(n)]
-    return [SceneSpec(*values) for values in zip(counts, shapes, colours, directions, timings, places)]
+    return [Scene(*values) for values in zip(counts, shapes, colours, directions, timings, places)]
 
 
 def render_frame(scene: Scene, frame: int, num_frames: int, size: int) -> np.ndarray:
