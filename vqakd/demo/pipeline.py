@@ -28,7 +28,6 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 from vqakd.data.annotations import SPLITS, load_msvd_mapping
@@ -67,18 +66,33 @@ PREDICT_ARM = "student-feature"        # the distilled student answers the examp
 EXAMPLE_TYPES = ("what", "where", "how", "when", "who")   # the example question's type, in this preference
 
 
-@dataclass
 class DemoPlan:
-    args: argparse.Namespace        # the command line: sizes, frames, workers, quiet
-    data_dir: str
-    output_dir: str
-    device: str
-    overrides: list[str]            # --set passed to study.py
-    num_clips: int
-    config_output_dir: str          # the config's output_dir before --set (the study's default folder is below it)
-    training_seeds: list[int]       # the study's seeds (from the config's train.seed on)
+    """The demo's folders, files and settings: the command line (`args`) resolved against the config."""
 
-    def __post_init__(self) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from vqakd.core.config import load_config
+
+        config = load_config(args.cfg, list(args.overrides))
+        # Without --out, the study writes below the config's own output_dir (before --set).
+        self.default_study_dir = os.path.join(load_config(args.cfg, []).output_dir, "study")
+        self.data_dir = args.data_dir or os.path.dirname(config.data.vocab) or "."
+        # --set data.<key>=<path> for each config data path that is not already the one in data_dir
+        wanted = {key: self.data_file(name) for key, name in DATA_FILES.items()}
+        self.overrides = [f"data.{key}={path}" for key, path in wanted.items()
+                          if os.path.normpath(getattr(config.data, key)) != os.path.normpath(path)]
+        self.overrides += args.overrides
+        config = load_config(args.cfg, self.overrides)
+        for name in ("num_videos", "frame_size", "image_size", "appearance_frames", "motion_frames",
+                     "training_seeds"):
+            if getattr(args, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.feature_workers < 0:
+            raise UserError(f"--feature-workers must be >= 0, got {args.feature_workers}")
+        self.args = args
+        self.output_dir = config.output_dir
+        self.device = args.device or config.train.device
+        self.num_clips = config.model.num_nodes
+        self.training_seeds = list(range(config.train.seed, config.train.seed + args.training_seeds))
         self.study_dir = os.path.join(self.output_dir, "study")
         self.report_json = os.path.join(self.study_dir, "report", "report.json")
         self.predict_output = os.path.join(self.output_dir, "predict_example.txt")
@@ -98,26 +112,8 @@ class DemoPlan:
 
 
 def make_plan(args: argparse.Namespace) -> DemoPlan:
-    from vqakd.core.config import load_config
-
-    config = load_config(args.cfg, list(args.overrides))
-    config_output_dir = load_config(args.cfg, []).output_dir
-    data_dir = args.data_dir or os.path.dirname(config.data.vocab) or "."
-    # --set data.<key>=<path> for each config data path that is not already the one in data_dir
-    wanted = {key: os.path.join(data_dir, name) for key, name in DATA_FILES.items()}
-    overrides = [f"data.{key}={path}" for key, path in wanted.items()
-                 if os.path.normpath(getattr(config.data, key)) != os.path.normpath(path)]
-    overrides += args.overrides
-    config = load_config(args.cfg, overrides)
-    for name in ("num_videos", "frame_size", "image_size", "appearance_frames", "motion_frames", "training_seeds"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.feature_workers < 0:
-        raise UserError(f"--feature-workers must be >= 0, got {args.feature_workers}")
-    return DemoPlan(args, data_dir=data_dir, output_dir=config.output_dir,
-                    device=args.device or config.train.device, overrides=overrides,
-                    num_clips=config.model.num_nodes, config_output_dir=config_output_dir,
-                    training_seeds=list(range(config.train.seed, config.train.seed + args.training_seeds)))
+    """The plan of a parsed command line (a UserError for a bad config, override or size)."""
+    return DemoPlan(args)
 
 
 def build_steps(plan: DemoPlan) -> list[Step]:
@@ -180,8 +176,8 @@ def build_steps(plan: DemoPlan) -> list[Step]:
     config_sets = [part for override in plan.overrides if override_key(override) != "output_dir"
                    for part in ("--set", override)]
     study_dir = plan.study_dir
-    default_study = os.path.join(plan.config_output_dir, "study")
-    out_args = [] if os.path.normpath(study_dir) == os.path.normpath(default_study) else ["--out", study_dir]
+    same_study = os.path.normpath(study_dir) == os.path.normpath(plan.default_study_dir)
+    out_args = [] if same_study else ["--out", study_dir]
 
     def restart_study(resuming: bool) -> list[str]:
         # The study reuses a finished run whose settings match, whatever features it was trained
@@ -354,7 +350,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         from vqakd.core.config import load_config
 
         summary = build_summary(plan, runner, predict_step.command_line([]))
-        # The demo's own provenance: code version, command, times, versions, config, vocabulary, features.
         summary["provenance"] = provenance_for_config(load_config(args.cfg, plan.overrides),
                                                       started=started_utc, device=summary["timing"]["device"])
         write_json(plan.summary_path, summary)
