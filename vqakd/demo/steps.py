@@ -25,6 +25,7 @@ from vqakd.core.files import atomic_open, ensure_writable_dir, file_sha256, read
 STATE_FILE = "demo_state.json"
 LOG_TAIL_LINES = 20
 IN_THE_RUNNER = "(in the runner)"      # what a step without a script shows as its command
+NOT_WRITTEN = "demo step {step!r} did not write {path}"
 
 
 def display_path(path: str) -> str:
@@ -120,14 +121,12 @@ def is_up_to_date(step: Step, inputs_fp: str) -> bool:
     entry = step.state.get(step.name)
     if not entry.get("done") or entry.get("inputs") != inputs_fp:
         return False
-    recorded = entry.get("outputs") or {}
     try:
-        expected = step.outputs()
-    except UserError:
+        outputs = file_digests(step, step.outputs(), NOT_WRITTEN)
+    except UserError:                   # an output is missing, or the list of outputs is not known yet
         return False
-    if not expected or any(display_path(path) not in recorded for path in expected):
-        return False
-    return all(file_hash(path) == recorded[display_path(path)] for path in expected)
+    recorded = entry.get("outputs") or {}
+    return bool(outputs) and all(recorded.get(name) == digest for name, digest in outputs.items())
 
 
 class Runner:
@@ -159,7 +158,7 @@ class Runner:
             step.action()
         else:
             self._call(step, extra, command)
-        outputs = file_digests(step, step.outputs(), "demo step {step!r} did not write {path}")
+        outputs = file_digests(step, step.outputs(), NOT_WRITTEN)
         seconds = time.perf_counter() - started
         step.state.put(step.name, {"inputs": inputs_fp, "done": True, "outputs": outputs,
                                    "seconds": round(seconds, 2), "command": step.command_line([])})
