@@ -89,10 +89,11 @@ def scene_specs(rng: np.random.Generator, n: int, transient_rate: float) -> list
     shapes = deal(rng, list(SHAPES), n)
     colours = deal(rng, list(COLOURS), n)
     # The place decides the axis of motion (shapes in the top or bottom half move left or
-    # right): deal the places, then the directions along each place's axis.
+    # right): deal the places, then the directions along each place's axis, up/down first (a fixed
+    # order: a set's order follows the per-process string hash; the committed figures used this one).
     places = deal(rng, list(PLACES), n)
     along = {axis: iter(deal(rng, list(axis), sum(PLACE_AXIS[p] == axis for p in places)))
-             for axis in set(PLACE_AXIS.values())}
+             for axis in (("up", "down"), ("left", "right"))}
     directions = [next(along[PLACE_AXIS[place]]) for place in places]
     transient = int(round(transient_rate * n))
     timings = deal(rng, list(TIMINGS), transient) + ["whole"] * (n - transient)
