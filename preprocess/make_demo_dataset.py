@@ -2,10 +2,7 @@
 
     python preprocess/make_demo_dataset.py --out data/demo --seed 0
 
-Writes `YouTubeClips/*.avi`, `youtube_mapping.txt`, `{train,val,test}_qa.json`,
-`glove.demo.300d.txt` and `dataset_info.json` (counts and majority-answer rates). The same seed
-and settings always give the same files' contents. See `vqakd/demo/scenes.py` for the scenes and
-`vqakd/demo/data.py` for the questions.
+The same seed and settings always give the same files (vqakd/demo/data.py, vqakd/demo/scenes.py).
 """
 
 from __future__ import annotations
@@ -26,20 +23,21 @@ with interruptible_imports():
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = demo_data.DemoSettings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="data/demo", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
-    parser.add_argument("--num-videos", type=int, default=demo_data.DEFAULT_NUM_VIDEOS,
+    parser.add_argument("--num-videos", type=int, default=defaults.num_videos,
                         help="number of videos, split into train/val/test")
-    parser.add_argument("--frame-size", type=int, default=demo_data.DEFAULT_FRAME_SIZE,
+    parser.add_argument("--frame-size", type=int, default=defaults.frame_size,
                         help="frame width and height in pixels")
-    parser.add_argument("--fps", type=int, default=demo_data.DEFAULT_FPS, help="frames per second")
-    parser.add_argument("--seconds", type=float, default=demo_data.DEFAULT_SECONDS, help="video length")
+    parser.add_argument("--fps", type=int, default=defaults.fps, help="frames per second")
+    parser.add_argument("--seconds", type=float, default=defaults.seconds, help="video length")
     parser.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
-                        default=list(demo_data.DEFAULT_SPLIT_FRACTIONS),
+                        default=list(defaults.split_fractions),
                         help="fractions of the videos in train, val and test")
-    parser.add_argument("--transient-rate", type=float, default=demo_data.DEFAULT_TRANSIENT_RATE,
+    parser.add_argument("--transient-rate", type=float, default=defaults.transient_rate,
                         help="share of videos with one shape visible in only half of the video")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -47,10 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = demo_data.DemoSettings(num_videos=args.num_videos, seed=args.seed,
-                                      frame_size=args.frame_size, fps=args.fps, seconds=args.seconds,
-                                      split_fractions=tuple(args.split),
-                                      transient_rate=args.transient_rate).check()
+    settings = demo_data.DemoSettings(num_videos=args.num_videos, seed=args.seed, frame_size=args.frame_size,
+                                      fps=args.fps, seconds=args.seconds, split_fractions=tuple(args.split),
+                                      transient_rate=args.transient_rate)
     info = demo_data.write_dataset(args.out, settings, progress=not args.quiet)
     print(demo_data.format_info(info, args.out))
     return 0

@@ -1,36 +1,19 @@
-"""The synthetic demo dataset: its settings, the questions and answers about each scene, the
-GloVe-format word vectors, and the whole dataset written to disk.
+"""The synthetic demo dataset, written in the layout of the MSVD-QA release (docs/method.md#annotations):
+`YouTubeClips/<clip>.avi`, `youtube_mapping.txt`, `{train,val,test}_qa.json`, the GloVe-format
+`glove.demo.300d.txt` and `dataset_info.json` (settings, counts and majority-answer rates).
 
-`make demo` must show the whole toolkit working with no download, so the demo draws its own
-"videos" (the scenes of vqakd/demo/scenes.py) and this module writes them in exactly the layout
-of the real MSVD-QA release (docs/method.md#annotations):
-
-    <out>/YouTubeClips/<clip>.avi     mpeg4 videos (PyAV)
-    <out>/youtube_mapping.txt         lines `clipname vidN`
-    <out>/{train,val,test}_qa.json    lists of {question, answer, video_id, id}
-    <out>/glove.demo.300d.txt         GloVe-format word vectors covering the demo vocabulary
-    <out>/dataset_info.json           settings, counts and the majority-answer rates
-
-Every question starts with one of the five words of the per-type accuracy tables
-(docs/method.md#training-and-evaluation) and can only be answered by looking at the video:
-the words a question names (a shape, a colour, a direction) are dealt independently of what it
-asks, so a guesser that reads only the question is at chance on every question text:
+Every question starts with one of the five words of the per-type accuracy tables and can only be
+answered from the video: the words it names are dealt independently of what it asks, so a guesser
+that reads only the question is at chance on every question text:
 
     what colour is the square / are the squares            -> red / green / blue / yellow
     who moves left                                         -> square / circle / triangle
     how many objects (or shapes) are there                 -> one / two / three
     when does the green triangle appear / do ... appear    -> start / end (half of the videos)
-    where is the red circle / are the red circles          -> top / bottom / left / right (the half of
-                                                              the frame the shapes move in)
+    where is the red circle / are the red circles          -> top / bottom / left / right
 
-Earlier versions asked "where does the red circle move" (random-weight features do not carry the
-direction of motion: it stayed at chance) and "who moves up, the circle or the triangle" (the
-text alone gave 50%); the demo's table (vqakd/demo/table.py) marks a type the features do not
-carry.
-
-Attributes are dealt from balanced decks within each split, so every question type's answers
-are (nearly) balanced in every split. Everything is drawn from one `numpy.random.Generator`
-seeded by the user: the same seed gives the same annotations and the same frames.
+Attributes are dealt from balanced decks within each split, and everything is drawn from one
+generator seeded by the user: the same seed gives the same files.
 """
 
 from __future__ import annotations
@@ -51,10 +34,6 @@ from vqakd.data.questions import QUESTION_TYPES, question_type
 
 DEFAULT_NUM_VIDEOS = 240
 DEFAULT_FRAME_SIZE = 128
-DEFAULT_FPS = 20
-DEFAULT_SECONDS = 3.0
-DEFAULT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
-DEFAULT_TRANSIENT_RATE = 0.5     # share of videos whose shapes are visible half the time ("when")
 GLOVE_FILENAME = "glove.demo.300d.txt"
 GLOVE_DIM = 300
 VIDEO_FOLDER = "YouTubeClips"
@@ -65,10 +44,10 @@ class DemoSettings:
     num_videos: int = DEFAULT_NUM_VIDEOS
     seed: int = 0
     frame_size: int = DEFAULT_FRAME_SIZE
-    fps: int = DEFAULT_FPS
-    seconds: float = DEFAULT_SECONDS
-    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
-    transient_rate: float = DEFAULT_TRANSIENT_RATE
+    fps: int = 20
+    seconds: float = 3.0
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    transient_rate: float = 0.5      # share of videos whose shapes are visible half the time ("when")
 
     @property
     def num_frames(self) -> int:
@@ -89,16 +68,8 @@ class DemoSettings:
         return self
 
 
-# --------------------------------------------------------------------------------------------
-# questions
-
-
-
 def scene_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """One (question, answer) of each kind that `scene` allows, in QUESTION_TYPES order. Nothing
-    in a question's text tells its answer: the words it names (the shape, the colour, the
-    direction) are dealt independently of what it asks, so a guesser that reads only the
-    question is at chance on every template."""
+    """One (question, answer) of each kind that `scene` allows, in QUESTION_TYPES order."""
     plural = scene.count > 1
     shape, colour, direction = scene.shape, scene.colour, scene.direction
     thing = f"{shape}s" if plural else shape
@@ -135,7 +106,7 @@ def question_only_rates(train: list[dict], test: list[dict]) -> dict:
     """Accuracy on `test` of a blind guesser that knows the train answers but never sees a video:
     for each question, the most frequent train answer to the same question text, else the most
     frequent train answer of its question type. What a model scores above this, it took from
-    the video ("who moves up, the circle or the triangle" is already 50% from the text)."""
+    the video."""
     by_text: dict[str, Counter] = {}
     by_type: dict[str, Counter] = {}
     for record in train:
@@ -155,10 +126,6 @@ def question_only_rates(train: list[dict], test: list[dict]) -> dict:
             "per_type": {qtype: correct[qtype] / counts[qtype] for qtype in QUESTION_TYPES if counts[qtype]}}
 
 
-# --------------------------------------------------------------------------------------------
-# GloVe-format word vectors
-
-
 # Words that share a meaning group get vectors near a common group centre, like real GloVe
 # vectors of related words; every other word gets its own random direction.
 WORD_GROUPS = {
@@ -171,40 +138,24 @@ WORD_GROUPS = {
 }
 
 
-def demo_vocabulary(records: list[dict]) -> list[str]:
+def write_glove(path: str, records: list[dict], seed: int) -> int:
+    """GloVe-format vectors of the words of the questions, answers and WORD_GROUPS; returns their count."""
     from vqakd.data.questions import tokenize_question  # the exact tokens the preprocessing will look up
 
-    words: dict[str, None] = {}
+    words = [word for group in WORD_GROUPS.values() for word in group]
     for record in records:
-        for token in tokenize_question(record["question"]):
-            words[token] = None
-        words[record["answer"]] = None
-    for group in WORD_GROUPS.values():
-        for word in group:
-            words[word] = None
-    return list(words)
-
-
-def glove_vectors(words: list[str], seed: int, dim: int = GLOVE_DIM) -> dict[str, np.ndarray]:
+        words += [*tokenize_question(record["question"]), record["answer"]]
     rng = np.random.default_rng([seed, 300])
     group_of = {word: group for group, members in WORD_GROUPS.items() for word in members}
-    centres = {group: rng.normal(0.0, 0.5, dim) for group in WORD_GROUPS}
-    vectors = {}
-    for word in sorted(words):          # sorted: vectors do not depend on question order
-        noise = rng.normal(0.0, 0.25 if word in group_of else 0.5, dim)
-        base = centres[group_of[word]] if word in group_of else 0.0
-        vectors[word] = (base + noise).astype(np.float32)
-    return vectors
-
-
-def write_glove(path: str, vectors: dict[str, np.ndarray]) -> None:
+    centres = {group: rng.normal(0.0, 0.5, GLOVE_DIM) for group in WORD_GROUPS}
+    words = sorted(set(words))          # sorted: vectors do not depend on question order
     with atomic_open(path, "w", encoding="utf-8") as handle:
-        for word in sorted(vectors):
-            handle.write(word + " " + " ".join(f"{v:.5f}" for v in vectors[word]) + "\n")
-
-
-# --------------------------------------------------------------------------------------------
-# the whole dataset
+        for word in words:
+            noise = rng.normal(0.0, 0.25 if word in group_of else 0.5, GLOVE_DIM)
+            base = centres[group_of[word]] if word in group_of else 0.0
+            vector = (base + noise).astype(np.float32)
+            handle.write(word + " " + " ".join(f"{v:.5f}" for v in vector) + "\n")
+    return len(words)
 
 
 def split_videos(num_videos: int, fractions: tuple[float, float, float],
@@ -215,8 +166,7 @@ def split_videos(num_videos: int, fractions: tuple[float, float, float],
     n_val = max(1, int(round(num_videos * fractions[1] / total)))
     n_test = max(1, int(round(num_videos * fractions[2] / total)))
     n_train = num_videos - n_val - n_test
-    return {"train": sorted(ids[:n_train]),
-            "val": sorted(ids[n_train:n_train + n_val]),
+    return {"train": sorted(ids[:n_train]), "val": sorted(ids[n_train:n_train + n_val]),
             "test": sorted(ids[n_train + n_val:])}
 
 
@@ -226,20 +176,17 @@ def build_annotations(settings: DemoSettings) -> tuple[list[Scene], dict[str, li
     rng = np.random.default_rng(settings.seed)
     splits = split_videos(settings.num_videos, settings.split_fractions, rng)
     scenes = []
-    qa: dict[str, list[dict]] = {}
+    qa: dict[str, list[dict]] = {split: [] for split in splits}
     next_id = 0
-    for split in ("train", "val", "test"):
+    for split, video_ids in splits.items():
         # Attributes are dealt within each split so that every split is balanced on its own.
-        video_ids = splits[split]
-        specs = scene_specs(rng, len(video_ids), settings.transient_rate)
-        records = []
-        for video_id, spec in zip(video_ids, specs):
+        for video_id, spec in zip(video_ids, scene_specs(rng, len(video_ids), settings.transient_rate)):
             scene = sample_scene(rng, video_id, spec)
             scenes.append(scene)
             for question, answer in scene_questions(scene, rng):
-                records.append({"question": question, "answer": answer, "video_id": video_id, "id": next_id})
+                record = {"question": question, "answer": answer, "video_id": video_id, "id": next_id}
+                qa[split].append(record)
                 next_id += 1
-        qa[split] = records
     scenes.sort(key=lambda scene: scene.video_id)
     return scenes, qa
 
@@ -250,10 +197,7 @@ def write_dataset(out_dir: str, settings: DemoSettings, progress: bool = True) -
     ensure_writable_dir(out_dir, "demo dataset folder")
     video_dir = ensure_writable_dir(os.path.join(out_dir, VIDEO_FOLDER), "demo video folder")
 
-    iterator = scenes
-    if progress:
-        iterator = progress_bar(scenes, desc="demo videos", unit="video")
-    for scene in iterator:
+    for scene in progress_bar(scenes, enabled=progress, desc="demo videos", unit="video"):
         write_video(os.path.join(video_dir, f"{scene.clip_name}.avi"),
                     render_video(scene, settings.num_frames, settings.frame_size), settings.fps)
 
@@ -264,8 +208,7 @@ def write_dataset(out_dir: str, settings: DemoSettings, progress: bool = True) -
         write_json(os.path.join(out_dir, f"{split}_qa.json"), records)
 
     all_records = [r for records in qa.values() for r in records]
-    words = demo_vocabulary(all_records)
-    write_glove(os.path.join(out_dir, GLOVE_FILENAME), glove_vectors(words, settings.seed))
+    num_words = write_glove(os.path.join(out_dir, GLOVE_FILENAME), all_records, settings.seed)
 
     info = {
         "settings": {**asdict(settings), "num_frames": settings.num_frames},
@@ -274,7 +217,7 @@ def write_dataset(out_dir: str, settings: DemoSettings, progress: bool = True) -
         "question_types": {split: dict(Counter(question_type(r["question"]) for r in records))
                            for split, records in qa.items()},
         "answers": sorted({r["answer"] for r in all_records}),
-        "glove_words": len(words),
+        "glove_words": num_words,
         "majority_rate": {split: majority_rates(records) for split, records in qa.items()},
     }
     write_json(os.path.join(out_dir, "dataset_info.json"), info)

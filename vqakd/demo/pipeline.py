@@ -3,33 +3,21 @@
     python -m vqakd.demo                       # what `make demo` runs
     python -m vqakd.demo --quiet --device cpu  # step output to log files, only the results shown
 
-Steps (each printed as the command line it runs, then run with this Python as a subprocess):
+Steps, each printed as the command line it runs (with this Python, as a subprocess):
 
-     1. preprocess/make_demo_dataset.py   videos of moving shapes + MSVD-QA-style annotations + GloVe text
-     2. txt2pickle.py                     the demo GloVe text file -> pickle
-     3. preprocess/preprocess_questions.py --mode all (train, which builds the vocabulary, then val, test)
-   4-5. preprocess/preprocess_features.py --model resnet101 / resnext101 --random-weights (small images,
-        few clips: nothing is downloaded, so the networks keep their random initialisation)
-     6. study.py --seeds 3 --arms teacher,student-none,student-feature: the paper's study on the demo,
-        three seeds: the teacher (4 graph layers), the student (1 graph layer) trained alone and the
-        student distilled from its own seed's teacher's features, each evaluated on the test split
-        (validate.py --write-preds), timed, and reported in <output_dir>/study/report/ (with the
-        paired differences between the arms, seed by seed)
-     7. predict.py: the distilled student answers one test question about one demo video
-     8. the summary: a table (parameters, test accuracy overall and per question type as mean ± std
-        over the seeds, the paired difference student-feature − student-none, the majority-answer
-        rate and a question-only guesser's, inference ms per question), also
-        <output_dir>/summary.json; vqakd/demo/table.py renders it (README.md's table too)
+  1. preprocess/make_demo_dataset.py     videos of moving shapes, MSVD-QA-style annotations, GloVe text
+  2. txt2pickle.py                       the demo GloVe text file -> pickle
+  3. preprocess/preprocess_questions.py  --mode all: train (it builds the vocabulary), then val and test
+  4-5. preprocess/preprocess_features.py --random-weights, resnet101 / resnext101 (nothing is downloaded)
+  6. study.py    the teacher, the student alone and the student distilled from its seed's teacher,
+                 over 3 seeds, evaluated on the test split, timed and reported (<output_dir>/study/report/)
+  7. predict.py  the distilled student answers one test question about one demo video
+  8. the summary, <output_dir>/summary.json, and its table (vqakd/demo/table.py renders README.md's)
 
-Running it again reuses what is done. Every step records in `demo_state.json` (in the data
-folder for steps 1-5, in the output folder for 6-8) a fingerprint of its command and of the
-contents of the files it reads, and the sha256 of the files it wrote; a step whose fingerprint
-and outputs are unchanged is skipped. A step that was interrupted is continued with the
-script's own resume (study.py resumes its runs; feature extraction resumes from its parts
-folder); a step whose inputs changed starts afresh (`--overwrite`; the study folder is removed,
-as study.py would reuse runs trained on the old features). Flags that only change what is shown
-(progress bars) are not part of the fingerprint. The scripts' code is not either: after changing
-the scene design in vqakd/demo/scenes.py, start afresh with `make clean`.
+Running it again skips each step whose command, input files' contents and outputs are unchanged
+(`demo_state.json` records them); an interrupted step resumes, one whose inputs changed starts
+afresh. Progress flags and the scripts' code are not fingerprinted: after changing the scene
+design in vqakd/demo/scenes.py, start afresh with `make clean`.
 """
 
 from __future__ import annotations
@@ -40,10 +28,9 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from typing import Optional
 
-from vqakd.data.annotations import SPLITS
+from vqakd.data.annotations import SPLITS, load_msvd_mapping
 from vqakd.data.questions import question_type
 from vqakd.demo import data as demo_data, table as demo_table
 from vqakd.demo.steps import Runner, Step, StateFile, display_path
@@ -56,140 +43,77 @@ DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yml")
 # The demo data is written in the MSVD-QA layout, so every script runs with --dataset msvd-qa
 # and names its outputs msvd-qa_* (configs/demo.yml points at those names).
 DATASET = "msvd-qa"
-DEFAULT_SEED = 0
+# The config's data keys and the preprocessed files (in the data folder) the demo's steps write for them.
+DATA_FILES = {"vocab": f"{DATASET}_vocab.json",
+              **{f"{split}_questions": f"{DATASET}_{split}_questions.pt" for split in SPLITS},
+              **{f"{kind}_feat": f"{DATASET}_{kind}_feat.h5" for kind in ("appearance", "motion")}}
 # Training seeds per arm: one seed moved the demo's accuracies by ~10 points, more than any
 # difference between the arms, so the table shows each arm's spread over seeds.
 DEFAULT_TRAINING_SEEDS = 3
 # Feature extraction settings, sized for a 2-core CPU. Random-weight features keep the global
 # make-up of a frame (vqakd/demo/scenes.py), which 32x32 frames show as well as 224x224 ones.
 IMAGE_SIZE = 32
-# Two frames per clip: the appearance questions (colour, shape, count, place) ask what every frame
-# shows, and the appearance BiLSTM over a clip's frames was most of a training step's time (one
-# thread, batch 32, module_dim 128: 181 ms a step with 4 frames, 115 ms with 2).
+# Two frames per clip: the appearance questions ask what every frame shows, and the appearance
+# BiLSTM over a clip's frames was most of a training step's time (181 ms a step with 4 frames, 115 with 2).
 APPEARANCE_FRAMES_PER_CLIP = 2
 MOTION_FRAMES_PER_CLIP = 8      # a 3D ResNeXt clip: enough frames to see a shape move
 FEATURE_WORKERS = 1             # one decoding process beside the network on two cores
-# Every step that runs a network uses one thread. The demo's trainings are small (batches of 32
-# questions, module_dim 128): one thread runs them in about a quarter of the CPU time of two,
-# whose threads mostly wait on each other. The feature extraction beside its decoding process:
-# measured on the shared 2-core machine, 22 s + 35 s CPU (appearance + motion) with one thread,
-# 79 s + 115 s with two. One thread everywhere also makes the demo's numbers independent of the
-# machine's core count (floating-point sums are split differently across threads).
+# Every step that runs a network uses one thread: the demo's small trainings and feature extraction
+# take about a quarter of the CPU time of two threads (which mostly wait on each other), and the
+# demo's numbers do not depend on the core count (floating-point sums split differently across threads).
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-SUMMARY_FILE = "summary.json"
 PREDICT_ARM = "student-feature"        # the distilled student answers the example question
 EXAMPLE_TYPES = ("what", "where", "how", "when", "who")   # the example question's type, in this preference
 
 
-# ----------------------------------------------------------------------------------- settings
-
-@dataclass
 class DemoPlan:
-    config_path: str
-    data_dir: str
-    output_dir: str
-    device: str
-    overrides: list[str]            # --set passed to train.py / validate.py
-    num_videos: int
-    seed: int
-    frame_size: int
-    num_clips: int
-    image_size: int
-    appearance_frames: int
-    motion_frames: int
-    feature_workers: int
-    quiet: bool
-    config_output_dir: str          # the config's output_dir before --set (the study's default folder is below it)
-    training_seeds: list[int]       # the study's seeds (from the config's train.seed on)
+    """The demo's folders, files and settings: the command line (`args`) resolved against the config."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from vqakd.core.config import load_config
+
+        config = load_config(args.cfg, list(args.overrides))
+        # Without --out, the study writes below the config's own output_dir (before --set).
+        self.default_study_dir = os.path.join(load_config(args.cfg, []).output_dir, "study")
+        self.data_dir = args.data_dir or os.path.dirname(config.data.vocab) or "."
+        # --set data.<key>=<path> for each config data path that is not already the one in data_dir
+        wanted = {key: self.data_file(name) for key, name in DATA_FILES.items()}
+        self.overrides = [f"data.{key}={path}" for key, path in wanted.items()
+                          if os.path.normpath(getattr(config.data, key)) != os.path.normpath(path)]
+        self.overrides += args.overrides
+        config = load_config(args.cfg, self.overrides)
+        for name in ("num_videos", "frame_size", "image_size", "appearance_frames", "motion_frames",
+                     "training_seeds"):
+            if getattr(args, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.feature_workers < 0:
+            raise UserError(f"--feature-workers must be >= 0, got {args.feature_workers}")
+        self.args = args
+        self.output_dir = config.output_dir
+        self.device = args.device or config.train.device
+        self.num_clips = config.model.num_nodes
+        self.training_seeds = list(range(config.train.seed, config.train.seed + args.training_seeds))
+        self.study_dir = os.path.join(self.output_dir, "study")
+        self.report_json = os.path.join(self.study_dir, "report", "report.json")
+        self.predict_output = os.path.join(self.output_dir, "predict_example.txt")
+        self.summary_path = os.path.join(self.output_dir, "summary.json")
 
     def data_file(self, name: str) -> str:
         return os.path.join(self.data_dir, name)
 
-    @property
-    def vocab(self) -> str:
-        return self.data_file(f"{DATASET}_vocab.json")
-
-    def questions(self, split: str) -> str:
-        return self.data_file(f"{DATASET}_{split}_questions.pt")
-
-    def features(self, kind: str) -> str:
-        return self.data_file(f"{DATASET}_{kind}_feat.h5")
-
-    @property
-    def glove_txt(self) -> str:
-        return self.data_file(demo_data.GLOVE_FILENAME)
-
-    @property
-    def glove_pkl(self) -> str:
-        return os.path.splitext(self.glove_txt)[0] + ".pkl"
-
-    @property
-    def study_dir(self) -> str:
-        return os.path.join(self.output_dir, "study")
+    def video(self, clip_name: str) -> str:
+        return os.path.join(self.data_dir, demo_data.VIDEO_FOLDER, f"{clip_name}.avi")
 
     def run_file(self, arm: str, name: str, seed: Optional[int] = None) -> str:
-        """A file of the study's run of `arm` with `seed` (default: the first seed),
-        <study>/seed<S>/<arm>/<stage>/<name>."""
+        """<study>/seed<S>/<arm>/<stage>/<name> of the study's run of `arm` (default: the first seed)."""
         stage = "teacher" if arm.startswith("teacher") else "student"
         seed = self.training_seeds[0] if seed is None else seed
         return os.path.join(self.study_dir, f"seed{seed}", arm, stage, name)
 
-    @property
-    def report_json(self) -> str:
-        return os.path.join(self.study_dir, "report", "report.json")
-
-    @property
-    def predict_output(self) -> str:
-        return os.path.join(self.output_dir, "predict_example.txt")
-
-    @property
-    def summary_path(self) -> str:
-        return os.path.join(self.output_dir, SUMMARY_FILE)
-
-
-def data_overrides(config, data_dir: str) -> list[str]:
-    """`--set data.<key>=<path>` for each config data path that is not already the one in `data_dir`."""
-    wanted = {"vocab": f"{DATASET}_vocab.json",
-              **{f"{split}_questions": f"{DATASET}_{split}_questions.pt" for split in SPLITS},
-              "appearance_feat": f"{DATASET}_appearance_feat.h5", "motion_feat": f"{DATASET}_motion_feat.h5"}
-    overrides = []
-    for key, name in wanted.items():
-        path = os.path.join(data_dir, name)
-        if os.path.normpath(getattr(config.data, key)) != os.path.normpath(path):
-            overrides.append(f"data.{key}={path}")
-    return overrides
-
 
 def make_plan(args: argparse.Namespace) -> DemoPlan:
-    from vqakd.core.config import load_config
-
-    config = load_config(args.cfg, list(args.overrides))
-    config_output_dir = load_config(args.cfg, []).output_dir
-    data_dir = args.data_dir or os.path.dirname(config.data.vocab) or "."
-    overrides = data_overrides(config, data_dir) + list(args.overrides)
-    config = load_config(args.cfg, overrides)
-    for name in ("num_videos", "frame_size", "image_size", "appearance_frames", "motion_frames", "training_seeds"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.feature_workers < 0:
-        raise UserError(f"--feature-workers must be >= 0, got {args.feature_workers}")
-    return DemoPlan(config_path=args.cfg, data_dir=data_dir, output_dir=config.output_dir,
-                    device=args.device or config.train.device, overrides=overrides, num_videos=args.num_videos,
-                    seed=args.seed, frame_size=args.frame_size, num_clips=config.model.num_nodes,
-                    image_size=args.image_size, appearance_frames=args.appearance_frames,
-                    motion_frames=args.motion_frames, feature_workers=args.feature_workers, quiet=args.quiet,
-                    config_output_dir=config_output_dir,
-                    training_seeds=list(range(config.train.seed, config.train.seed + args.training_seeds)))
-
-
-# ----------------------------------------------------------------------------------- the steps
-
-def video_files(plan: DemoPlan) -> list[str]:
-    """The clips youtube_mapping.txt lists (raises UserError while it does not exist)."""
-    from vqakd.data.annotations import load_msvd_mapping
-
-    mapping = load_msvd_mapping(plan.data_dir)
-    return [os.path.join(plan.data_dir, demo_data.VIDEO_FOLDER, f"{name}.avi") for _, name in sorted(mapping.items())]
+    """The plan of a parsed command line (a UserError for a bad config, override or size)."""
+    return DemoPlan(args)
 
 
 def build_steps(plan: DemoPlan) -> list[Step]:
@@ -201,30 +125,36 @@ def build_steps(plan: DemoPlan) -> list[Step]:
     same_folder = os.path.abspath(plan.data_dir) == os.path.abspath(plan.output_dir)
     out_state = data_state if same_folder else StateFile(plan.output_dir)
     annotations = [plan.data_file(f"{split}_qa.json") for split in SPLITS] + [plan.data_file("youtube_mapping.txt")]
-    quiet = plan.quiet
+
+    def videos() -> list[str]:
+        """The clips youtube_mapping.txt lists (a UserError while it does not exist)."""
+        return [plan.video(name) for _, name in sorted(load_msvd_mapping(plan.data_dir).items())]
+
+    glove_txt = plan.data_file(demo_data.GLOVE_FILENAME)
+    glove_pkl = os.path.splitext(glove_txt)[0] + ".pkl"
+    prepared = {key: plan.data_file(name) for key, name in DATA_FILES.items()}
+    args = plan.args
+    no_progress = ["--no-progress"] if args.quiet else []
     steps = [
         Step("dataset", script("preprocess", "make_demo_dataset.py"),
-             ["--out", plan.data_dir, "--seed", str(plan.seed), "--num-videos", str(plan.num_videos),
-              "--frame-size", str(plan.frame_size)],
-             lambda: [],
-             lambda: annotations + [plan.data_file("dataset_info.json"), plan.glove_txt] + video_files(plan),
-             data_state, show_args=["--quiet"] if quiet else []),
-        Step("glove", script("txt2pickle.py"), ["--glove", plan.glove_txt, "--out", plan.glove_pkl],
-             lambda: [plan.glove_txt], lambda: [plan.glove_pkl], data_state,
-             show_args=["--no-progress"] if quiet else []),
+             ["--out", plan.data_dir, "--seed", str(args.seed), "--num-videos", str(args.num_videos),
+              "--frame-size", str(args.frame_size)],
+             lambda: [], lambda: annotations + [plan.data_file("dataset_info.json"), glove_txt] + videos(),
+             data_state, show_args=["--quiet"] if args.quiet else []),
+        Step("glove", script("txt2pickle.py"), ["--glove", glove_txt, "--out", glove_pkl],
+             lambda: [glove_txt], lambda: [glove_pkl], data_state, show_args=no_progress),
+        # --mode all: train first (it builds the vocabulary and stores the GloVe matrix), then val and test.
+        Step("questions", script("preprocess", "preprocess_questions.py"),
+             ["--dataset", DATASET, "--annotation-dir", plan.data_dir, "--out-dir", plan.data_dir,
+              "--glove", glove_pkl, "--mode", "all"],
+             lambda: annotations + [glove_pkl],
+             lambda: [prepared["vocab"]] + [plan.data_file(f"{DATASET}_{split}_{kind}") for split in SPLITS
+                                            for kind in ("questions.pt", "summary.json")],
+             data_state, show_args=no_progress),
     ]
-    # --mode all: train first (it builds the vocabulary and stores the GloVe matrix), then val and test.
-    steps.append(Step(
-        "questions", script("preprocess", "preprocess_questions.py"),
-        ["--dataset", DATASET, "--annotation-dir", plan.data_dir, "--out-dir", plan.data_dir,
-         "--glove", plan.glove_pkl, "--mode", "all"],
-        lambda: annotations + [plan.glove_pkl],
-        lambda: [plan.vocab] + [plan.data_file(f"{DATASET}_{split}_{kind}") for split in SPLITS
-                                for kind in ("questions.pt", "summary.json")],
-        data_state, show_args=["--no-progress"] if quiet else []))
-    for kind, model, frames in (("appearance", "resnet101", plan.appearance_frames),
-                                ("motion", "resnext101", plan.motion_frames)):
-        out = plan.features(kind)
+    for kind, model, frames in (("appearance", "resnet101", args.appearance_frames),
+                                ("motion", "resnext101", args.motion_frames)):
+        out = prepared[f"{kind}_feat"]
 
         def restart(resuming: bool, out: str = out) -> list[str]:
             # Same inputs as the interrupted run: the script resumes from <out>.parts by itself.
@@ -235,23 +165,19 @@ def build_steps(plan: DemoPlan) -> list[Step]:
             f"features {kind}", script("preprocess", "preprocess_features.py"),
             ["--dataset", DATASET, "--video-dir", plan.data_dir, "--annotation-dir", plan.data_dir,
              "--model", model, "--random-weights", "--num-clips", str(plan.num_clips),
-             "--frames-per-clip", str(frames), "--image-height", str(plan.image_size),
-             "--image-width", str(plan.image_size), "--device", plan.device, "--out", out],
-            lambda: annotations + video_files(plan), lambda out=out: [out, out + ".failures.json"], data_state,
+             "--frames-per-clip", str(frames), "--image-height", str(args.image_size),
+             "--image-width", str(args.image_size), "--device", plan.device, "--out", out],
+            lambda: annotations + videos(), lambda out=out: [out, out + ".failures.json"], data_state,
             # Decoding processes change the speed, not the features: not fingerprinted.
-            show_args=["--num-workers", str(plan.feature_workers)] + (["--no-progress"] if quiet else []),
+            show_args=["--num-workers", str(args.feature_workers)] + no_progress,
             restart_args=restart, env=ONE_THREAD))
 
-    config_sets = []
-    for override in plan.overrides:
-        if override_key(override) != "output_dir":    # the study names its runs' folders
-            config_sets += ["--set", override]
-    train_inputs = [plan.config_path, plan.vocab, *(plan.questions(split) for split in SPLITS),
-                    plan.features("appearance"), plan.features("motion")]
-    progress_off = ["--set", "train.progress=false"] if quiet else []
+    # The study names its runs' folders: output_dir is not passed on.
+    config_sets = [part for override in plan.overrides if override_key(override) != "output_dir"
+                   for part in ("--set", override)]
     study_dir = plan.study_dir
-    default_study = os.path.join(plan.config_output_dir, "study")
-    out_args = [] if os.path.normpath(study_dir) == os.path.normpath(default_study) else ["--out", study_dir]
+    same_study = os.path.normpath(study_dir) == os.path.normpath(plan.default_study_dir)
+    out_args = [] if same_study else ["--out", study_dir]
 
     def restart_study(resuming: bool) -> list[str]:
         # The study reuses a finished run whose settings match, whatever features it was trained
@@ -263,12 +189,13 @@ def build_steps(plan: DemoPlan) -> list[Step]:
 
     steps.append(Step(
         "study", script("study.py"),
-        ["--cfg", plan.config_path, "--seeds", str(len(plan.training_seeds)), "--arms", ",".join(ARMS), *out_args,
+        ["--cfg", args.cfg, "--seeds", str(len(plan.training_seeds)), "--arms", ",".join(ARMS), *out_args,
          "--device", plan.device, *config_sets],
-        lambda: train_inputs,
+        lambda: [args.cfg, *prepared.values()],
         lambda: [plan.report_json] + [plan.run_file(arm, name, seed) for seed in plan.training_seeds for arm in ARMS
                                       for name in ("best.pt", "results.json", "study_test.json")],
-        out_state, show_args=progress_off, restart_args=restart_study, env=ONE_THREAD))
+        out_state, show_args=["--set", "train.progress=false"] if args.quiet else [],
+        restart_args=restart_study, env=ONE_THREAD))
     question = {}
 
     def predict_args() -> list[str]:
@@ -286,44 +213,31 @@ def build_steps(plan: DemoPlan) -> list[Step]:
     return steps
 
 
-# ----------------------------------------------------------------------------------- summary
-
 def example_question(plan: DemoPlan) -> dict:
     """The question predict.py is asked: the first test question (by id) of the first type in
     EXAMPLE_TYPES that the test split has, chosen before any model is trained."""
     records = sorted(read_json(plan.data_file("test_qa.json")), key=lambda record: record["id"])
-    mapping = {video_id: name for video_id, name in _mapping(plan).items()}
+    mapping = load_msvd_mapping(plan.data_dir)
     for qtype in EXAMPLE_TYPES:
         for record in records:
             if question_type(record["question"]) == qtype and record["video_id"] in mapping:
-                video = os.path.join(plan.data_dir, demo_data.VIDEO_FOLDER, f"{mapping[record['video_id']]}.avi")
-                return {"video": video, "question": record["question"], "truth": record["answer"],
-                        "video_id": record["video_id"], "id": record["id"]}
+                return {"video": plan.video(mapping[record["video_id"]]), "question": record["question"],
+                        "truth": record["answer"], "video_id": record["video_id"], "id": record["id"]}
     raise UserError(f"{display_path(plan.data_file('test_qa.json'))}: no test question to ask predict.py")
-
-
-def _mapping(plan: DemoPlan) -> dict:
-    from vqakd.data.annotations import load_msvd_mapping
-
-    return load_msvd_mapping(plan.data_dir)
 
 
 def parse_prediction(path: str) -> list[tuple[str, float]]:
     """The ranked (answer, probability) lines of predict.py's output."""
-    answers = []
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            match = re.match(r"^\s+\d+\. (\S+)\s+([0-9.]+)\s*$", line)
-            if match:
-                answers.append((match.group(1), float(match.group(2))))
+        matches = [re.match(r"^\s+\d+\. (\S+)\s+([0-9.]+)\s*$", line) for line in handle]
+    answers = [(match.group(1), float(match.group(2))) for match in matches if match]
     if not answers:
         raise UserError(f"{display_path(path)}: no ranked answers in predict.py's output")
     return answers
 
 
 def build_summary(plan: DemoPlan, runner: Runner, predict_command: str) -> dict:
-    info = read_json(plan.data_file("dataset_info.json"))
-    majority = info["majority_rate"]["test"]
+    majority = read_json(plan.data_file("dataset_info.json"))["majority_rate"]["test"]
     blind = demo_data.question_only_rates(read_json(plan.data_file("train_qa.json")),
                                           read_json(plan.data_file("test_qa.json")))
     report = read_json(plan.report_json)
@@ -357,8 +271,8 @@ def build_summary(plan: DemoPlan, runner: Runner, predict_command: str) -> dict:
             "checkpoints": [display_path(plan.run_file(arm, "best.pt", seed)) for seed in seeds],
         }
     # Each arm against the student trained alone, seed by seed (the report's paired differences).
-    summary["paired"] = {arm: {key: values[key] for key in ("baseline", "seeds", "mean", "std", "n", "interval",
-                                                             "verdict")}
+    paired_keys = ("baseline", "seeds", "mean", "std", "n", "interval", "verdict")
+    summary["paired"] = {arm: {key: values[key] for key in paired_keys}
                          for arm, values in report["paired"].items() if arm in ARMS}
     arms = summary["arms"]
     summary["above_majority"] = {arm: arms[arm]["accuracy"] - summary["majority_rate"] for arm in ARMS}
@@ -368,30 +282,22 @@ def build_summary(plan: DemoPlan, runner: Runner, predict_command: str) -> dict:
     summary["timing"] = {"device": timing["device"], "batch_size": timing["batch_size"], "passes": timing["passes"],
                          "method": "measured by study.py: best.pt evaluated on the test split, one warm-up pass, "
                                    "then the median of the timed passes divided by the number of test questions"}
+    args = plan.args
     summary["features"] = {"random_weights": report["features"]["random_weights"], "num_clips": plan.num_clips,
-                           "image_size": plan.image_size, "appearance_frames_per_clip": plan.appearance_frames,
-                           "motion_frames_per_clip": plan.motion_frames}
+                           "image_size": args.image_size,
+                           "appearance_frames_per_clip": args.appearance_frames,
+                           "motion_frames_per_clip": args.motion_frames}
     example = example_question(plan)
-    answers = parse_prediction(plan.predict_output)
-    summary["prediction"] = {"command": predict_command, "checkpoint": display_path(plan.run_file(PREDICT_ARM,
-                                                                                                   "best.pt")),
+    answer, probability = parse_prediction(plan.predict_output)[0]
+    checkpoint = display_path(plan.run_file(PREDICT_ARM, "best.pt"))
+    summary["prediction"] = {"command": predict_command, "checkpoint": checkpoint,
                              "video": display_path(example["video"]), "question": example["question"],
-                             "truth": example["truth"], "answer": answers[0][0], "probability": answers[0][1],
-                             "correct": answers[0][0] == example["truth"]}
+                             "truth": example["truth"], "answer": answer, "probability": probability,
+                             "correct": answer == example["truth"]}
     summary["step_seconds"] = {name: round(seconds, 2) for name, status, seconds in runner.times if status == "ran"}
     summary["step_cpu_seconds"] = {name: round(seconds, 2) for name, seconds in runner.cpu.items()}
     return summary
 
-
-def format_prediction(summary: dict) -> str:
-    example = summary["prediction"]
-    verdict = "right" if example["correct"] else "wrong"
-    return (f"{example['video']}: {example['question']}\n"
-            f"  {PREDICT_ARM} answers {example['answer']!r} (probability {example['probability']:.2f}); "
-            f"the truth is {example['truth']!r}: {verdict}")
-
-
-# ----------------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -410,21 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override passed to train.py and validate.py, e.g. --set train.epochs=2 "
                              "(repeatable; output_dir and model.num_nodes apply to the whole demo)")
-    parser.add_argument("--num-videos", type=int, default=demo_data.DEFAULT_NUM_VIDEOS, help="demo videos; default %(default)s")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the demo dataset; default %(default)s")
-    parser.add_argument("--training-seeds", type=int, default=DEFAULT_TRAINING_SEEDS,
-                        help="seeds each arm is trained with (the config's train.seed and the next ones); the "
-                             "table shows mean ± std over them; default %(default)s")
-    parser.add_argument("--frame-size", type=int, default=demo_data.DEFAULT_FRAME_SIZE,
-                        help="side of the generated video frames in pixels; default %(default)s")
-    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
-                        help="frame side the feature networks see (224/112 for real data); default %(default)s")
-    parser.add_argument("--appearance-frames", type=int, default=APPEARANCE_FRAMES_PER_CLIP,
-                        help="frames per clip for the appearance features (16 for real data); default %(default)s")
-    parser.add_argument("--motion-frames", type=int, default=MOTION_FRAMES_PER_CLIP,
-                        help="frames per clip for the motion features (16 for real data); default %(default)s")
-    parser.add_argument("--feature-workers", type=int, default=FEATURE_WORKERS,
-                        help="video decoding processes of the feature extraction (0: decode in the main process); default %(default)s")
+    for flag, default, text in (
+            ("--num-videos", demo_data.DEFAULT_NUM_VIDEOS, "demo videos"),
+            ("--seed", 0, "seed of the demo dataset"),
+            ("--training-seeds", DEFAULT_TRAINING_SEEDS,
+             "seeds each arm is trained with (the config's train.seed and the next ones); the table shows "
+             "mean ± std over them"),
+            ("--frame-size", demo_data.DEFAULT_FRAME_SIZE, "side of the generated video frames in pixels"),
+            ("--image-size", IMAGE_SIZE, "frame side the feature networks see (224/112 for real data)"),
+            ("--appearance-frames", APPEARANCE_FRAMES_PER_CLIP,
+             "frames per clip for the appearance features (16 for real data)"),
+            ("--motion-frames", MOTION_FRAMES_PER_CLIP,
+             "frames per clip for the motion features (16 for real data)"),
+            ("--feature-workers", FEATURE_WORKERS,
+             "video decoding processes of the feature extraction (0: decode in the main process)")):
+        parser.add_argument(flag, type=int, default=default, help=text + "; default %(default)s")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars; each step's output goes to <output_dir>/demo_logs/<step>.log")
     return parser
@@ -437,16 +343,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ensure_writable_dir(plan.output_dir, "demo output folder")
     steps = build_steps(plan)
     predict_step = next(step for step in steps if step.name == "predict")
-    runner = Runner(plan.quiet, os.path.join(plan.output_dir, "demo_logs"))
-
+    runner = Runner(args.quiet, os.path.join(plan.output_dir, "demo_logs"))
     started_utc = utc_now()
 
     def write_summary() -> None:
         from vqakd.core.config import load_config
 
         summary = build_summary(plan, runner, predict_step.command_line([]))
-        # The demo's own provenance: code version, command, times, versions, config, vocabulary, features.
-        summary["provenance"] = provenance_for_config(load_config(plan.config_path, plan.overrides),
+        summary["provenance"] = provenance_for_config(load_config(args.cfg, plan.overrides),
                                                       started=started_utc, device=summary["timing"]["device"])
         write_json(plan.summary_path, summary)
 
@@ -459,16 +363,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     total = time.perf_counter() - started
 
     summary = read_json(plan.summary_path)
-    print()
-    print("time per step (wall / CPU): " + ", ".join(
+    print("\ntime per step (wall / CPU): " + ", ".join(
         f"{name} {seconds:.1f} s" + (" (skipped)" if status == "skipped" else f" / {runner.cpu.get(name, 0):.1f} s")
         for name, status, seconds in runner.times))
-    print(f"demo finished in {total:.1f} s")
-    print()
+    print(f"demo finished in {total:.1f} s\n")
     print(demo_table.format_table(summary))
     print(f"summary: {display_path(plan.summary_path)}; the study's report: "
-          f"{display_path(os.path.join(plan.study_dir, 'report', 'report.md'))}")
-    print()
-    print(f"asked the distilled student ({summary['prediction']['command']}):")
-    print(format_prediction(summary))
+          f"{display_path(os.path.join(plan.study_dir, 'report', 'report.md'))}\n")
+    example = summary["prediction"]
+    verdict = "right" if example["correct"] else "wrong"
+    print(f"asked the distilled student ({example['command']}):")
+    print(f"{example['video']}: {example['question']}\n"
+          f"  {PREDICT_ARM} answers {example['answer']!r} (probability {example['probability']:.2f}); "
+          f"the truth is {example['truth']!r}: {verdict}")
     return 0

@@ -1,30 +1,18 @@
-"""The scenes of the synthetic demo videos: what each video shows, drawn frame by frame and
-written as an mpeg4 .avi (the questions about them are made in vqakd/demo/data.py).
+"""The scenes of the synthetic demo videos, drawn frame by frame and written as mpeg4 .avi.
 
-Each video shows one, two or three copies of one shape (square, circle or triangle) in one
-colour (red, green, blue or yellow), evenly spaced in a row along their direction of motion
-(left, right, up or down), sliding quickly and wrapping around the frame edge, all within one
-half of the frame: the top or bottom half for left/right motion, the left or right half for
-up/down ("where" asks which). The grey background darkens steadily from the first frame to the
-last, like dusk. In some videos the shapes are visible only in the first or only in the second
-half.
-
-Why so plain: the demo's features come from *randomly initialised* ResNet-101 / 3D ResNeXt-101
-(nothing is downloaded), and such features keep little beyond the global make-up of a frame.
-Measured with linear probes on them, colour, position, covered area and presence survive well,
-shape only partly, and which colour belongs to which of several shapes hardly at all. So the
-shapes are large, and every attribute a question asks about is shared by everything in the
-video. Two more constraints come from the network: DualVGR's clip graph is complete and has no
-position encoding, and its clip pooling is a weighted sum, so it cannot tell the order of the
-clips. Hence (a) motion is fast enough to be seen *inside* one clip of a few consecutive frames
-(objects wrap around instead of leaving the frame), and (b) "start"/"end" is readable from each
-clip alone: a shape seen against a light background appeared at the start, against a dark one
-at the end.
+Each video shows one, two or three copies of one shape in one colour, evenly spaced in a row and
+sliding fast (wrapping around the edge) left, right, up or down within one half of the frame, on a
+grey background that darkens from the first frame to the last; some videos show the shapes only in
+the first or only in the second half. Why so plain: the demo's features come from randomly
+initialised networks, which keep the global make-up of a frame (colour, position, area, presence)
+but hardly which colour belongs to which shape, so everything in a video shares each attribute
+asked about; and DualVGR cannot tell the order of the clips, so the motion shows inside one clip and
+the background's brightness tells "start" from "end".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -52,84 +40,40 @@ VIDEO_BIT_RATE = 2_000_000       # ample for 128x128: flat colours survive the c
 # three copies allow, because area is what random features see best; the same for every count,
 # so that the covered area grows with the count.
 RADIUS = 0.155
-# Centre of the band the copies move in, across the direction of motion: the near (top or left)
-# or the far (bottom or right) half of the frame; where in that half is jittered a little.
-BAND_CENTRES = {"near": 0.25, "far": 0.75}
+# Centre of the band the copies move in, across the direction of motion, in the half of the frame
+# their place names; where in that half is jittered a little.
+BAND_CENTRES = {"top": 0.25, "left": 0.25, "bottom": 0.75, "right": 0.75}
 BAND_JITTER = 0.05
 # Distance moved per frame, as a fraction of the side: a few frames (one clip) show a clear shift.
 SPEED = 0.05
 
 
 @dataclass(frozen=True)
-class SceneObject:
-    shape: str
-    colour: str
-    radius: float                # fraction of the frame side
-    direction: str
-    timing: str                  # "whole", "start" or "end"
-    start_xy: tuple[float, float]  # centre at the first visible frame, fractions of the side
-
-
-@dataclass
 class Scene:
-    video_id: int
-    clip_name: str
-    objects: list[SceneObject] = field(default_factory=list)
-
-    # Every object of a scene shares these; the questions ask about them.
-    @property
-    def shape(self) -> str:
-        return self.objects[0].shape
-
-    @property
-    def colour(self) -> str:
-        return self.objects[0].colour
-
-    @property
-    def direction(self) -> str:
-        return self.objects[0].direction
-
-    @property
-    def timing(self) -> str:
-        return self.objects[0].timing
-
-    @property
-    def count(self) -> int:
-        return len(self.objects)
-
-    @property
-    def place(self) -> str:
-        """Where the shapes are: "top"/"bottom" (moving left or right), "left"/"right" (up or down)."""
-        dx, _ = DIRECTIONS[self.direction]
-        centre = self.objects[0].start_xy[1 if dx else 0]
-        if dx:
-            return "top" if centre < 0.5 else "bottom"
-        return "left" if centre < 0.5 else "right"
-
-
-@dataclass(frozen=True)
-class SceneSpec:
-    """What one video shows; the scene adds where the copies start."""
+    """One video: `count` copies of one shape, all of one colour, direction, timing and place."""
     count: int
     shape: str
     colour: str
     direction: str
-    timing: str
-    side: str = "near"           # "near" or "far": the half of the frame the copies move in
+    timing: str                  # "whole", "start" or "end"
+    place: str                   # the half of the frame the copies move in ("where" asks it)
+    video_id: int = 0            # 0 and no starts: dealt by scene_specs, not yet placed by sample_scene
+    starts: tuple[tuple[float, float], ...] = ()    # each copy's centre at the first frame (0-1)
+
+    @property
+    def clip_name(self) -> str:
+        return f"shapes{self.video_id:04d}_0_3"
 
 
-def sample_scene(rng: np.random.Generator, video_id: int, spec: SceneSpec) -> Scene:
-    """`spec.count` copies evenly spaced along the direction of motion, in one half of the frame
-    across it (the upper or lower half for left/right motion, the left or right half for up/down)."""
+def sample_scene(rng: np.random.Generator, video_id: int, spec: Scene) -> Scene:
+    """`spec` with its video id and its copies evenly spaced along the direction of motion, in the
+    half of the frame across it that its place names."""
     dx, _ = DIRECTIONS[spec.direction]
     along = float(rng.uniform(0.0, 1.0))                 # motion wraps around: any start works
-    across = BAND_CENTRES[spec.side] + float(rng.uniform(-BAND_JITTER, BAND_JITTER))
-    objects = []
-    for k in range(spec.count):
-        position = (along + k / spec.count) % 1.0
-        start = (position, across) if dx else (across, position)
-        objects.append(SceneObject(spec.shape, spec.colour, RADIUS, spec.direction, spec.timing, start))
-    return Scene(video_id, clip_name(video_id), objects)
+    across = BAND_CENTRES[spec.place] + float(rng.uniform(-BAND_JITTER, BAND_JITTER))
+    positions = [(along + k / spec.count) % 1.0 for k in range(spec.count)]
+    starts = tuple((position, across) if dx else (across, position) for position in positions)
+    return replace(spec, video_id=video_id, starts=starts)
 
 
 def deal(rng: np.random.Generator, values: list, n: int) -> list:
@@ -139,73 +83,48 @@ def deal(rng: np.random.Generator, values: list, n: int) -> list:
     return [hand[i] for i in rng.permutation(n)]
 
 
-def scene_specs(rng: np.random.Generator, n: int, transient_rate: float) -> list[SceneSpec]:
+def scene_specs(rng: np.random.Generator, n: int, transient_rate: float) -> list[Scene]:
+    """What `n` videos show, each attribute dealt from a balanced deck."""
     counts = deal(rng, list(COUNT_WORDS), n)
     shapes = deal(rng, list(SHAPES), n)
     colours = deal(rng, list(COLOURS), n)
     # The place decides the axis of motion (shapes in the top or bottom half move left or
-    # right): deal the places, then the directions along each place's axis.
+    # right): deal the places, then the directions along each place's axis, up/down first (a fixed
+    # order: a set's order follows the per-process string hash; the committed figures used this one).
     places = deal(rng, list(PLACES), n)
     along = {axis: iter(deal(rng, list(axis), sum(PLACE_AXIS[p] == axis for p in places)))
-             for axis in set(PLACE_AXIS.values())}
+             for axis in (("up", "down"), ("left", "right"))}
     directions = [next(along[PLACE_AXIS[place]]) for place in places]
-    sides = ["near" if place in ("top", "left") else "far" for place in places]
     transient = int(round(transient_rate * n))
     timings = deal(rng, list(TIMINGS), transient) + ["whole"] * (n - transient)
     timings = [timings[i] for i in rng.permutation(n)]
-    return [SceneSpec(*values) for values in zip(counts, shapes, colours, directions, timings, sides)]
-
-
-def clip_name(video_id: int) -> str:
-    return f"shapes{video_id:04d}_0_3"
-
-
-def visible_span(obj: SceneObject, num_frames: int) -> tuple[int, int]:
-    """First and one-past-last frame in which `obj` is drawn."""
-    half = num_frames // 2
-    if obj.timing == "start":
-        return 0, half
-    if obj.timing == "end":
-        return num_frames - half, num_frames
-    return 0, num_frames
-
-
-def object_centre(obj: SceneObject, frame: int, num_frames: int) -> tuple[float, float] | None:
-    """Centre (fractions of the side, wrapped into [0, 1)) at `frame`, None while invisible."""
-    first, stop = visible_span(obj, num_frames)
-    if not first <= frame < stop:
-        return None
-    dx, dy = DIRECTIONS[obj.direction]
-    shift = SPEED * frame
-    return (obj.start_xy[0] + dx * shift) % 1.0, (obj.start_xy[1] + dy * shift) % 1.0
-
-
-def background_level(frame: int, num_frames: int) -> int:
-    progress = frame / max(num_frames - 1, 1)
-    return int(round(BACKGROUND_START + (BACKGROUND_END - BACKGROUND_START) * progress))
+    return [Scene(*values) for values in zip(counts, shapes, colours, directions, timings, places)]
 
 
 def render_frame(scene: Scene, frame: int, num_frames: int, size: int) -> np.ndarray:
     """One RGB frame (size, size, 3) uint8."""
+    progress = frame / max(num_frames - 1, 1)
     image = np.empty((size, size, 3), dtype=np.uint8)
-    image[:] = background_level(frame, num_frames)
+    image[:] = int(round(BACKGROUND_START + (BACKGROUND_END - BACKGROUND_START) * progress))
+    half = num_frames // 2
+    if (scene.timing == "start" and frame >= half) or (scene.timing == "end" and frame < num_frames - half):
+        return image                 # a transient shape, in the half of the video it is not seen in
     grid = (np.arange(size, dtype=np.float32) + 0.5) / size
-    for obj in scene.objects:
-        centre = object_centre(obj, frame, num_frames)
-        if centre is None:
-            continue
+    dx, dy = DIRECTIONS[scene.direction]
+    shift = SPEED * frame
+    for start_x, start_y in scene.starts:
+        centre = (start_x + dx * shift) % 1.0, (start_y + dy * shift) % 1.0
         # Offsets from the centre on the torus, so a shape crossing an edge shows on both sides.
         off_x = (grid[None, :] - centre[0] + 0.5) % 1.0 - 0.5
         off_y = (grid[:, None] - centre[1] + 0.5) % 1.0 - 0.5
-        radius = obj.radius
-        if obj.shape == "square":
-            mask = (np.abs(off_x) <= radius) & (np.abs(off_y) <= radius)
-        elif obj.shape == "circle":
-            mask = off_x ** 2 + off_y ** 2 <= radius ** 2
+        if scene.shape == "square":
+            mask = (np.abs(off_x) <= RADIUS) & (np.abs(off_y) <= RADIUS)
+        elif scene.shape == "circle":
+            mask = off_x ** 2 + off_y ** 2 <= RADIUS ** 2
         else:  # upright triangle inside the same box: apex at the top, base at the bottom
-            rel_y = (off_y + radius) / (2 * radius)              # 0 at the apex, 1 at the base
-            mask = (rel_y >= 0) & (rel_y <= 1) & (np.abs(off_x) <= rel_y * radius)
-        image[mask] = COLOURS[obj.colour]
+            rel_y = (off_y + RADIUS) / (2 * RADIUS)              # 0 at the apex, 1 at the base
+            mask = (rel_y >= 0) & (rel_y <= 1) & (np.abs(off_x) <= rel_y * RADIUS)
+        image[mask] = COLOURS[scene.colour]
     return image
 
 
@@ -224,8 +143,7 @@ def write_video(path: str, frames: np.ndarray, fps: int) -> None:
             stream.bit_rate = VIDEO_BIT_RATE
             stream.codec_context.thread_count = 1   # same output on every machine and run
             for rgb in frames:
-                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-                for packet in stream.encode(frame):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)

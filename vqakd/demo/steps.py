@@ -6,6 +6,7 @@ one whose inputs changed is started afresh (see vqakd/demo/pipeline.py for the d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import shlex
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -22,6 +24,8 @@ from vqakd.core.files import atomic_open, ensure_writable_dir, file_sha256, read
 
 STATE_FILE = "demo_state.json"
 LOG_TAIL_LINES = 20
+IN_THE_RUNNER = "(in the runner)"      # what a step without a script shows as its command
+NOT_WRITTEN = "demo step {step!r} did not write {path}"
 
 
 def display_path(path: str) -> str:
@@ -31,21 +35,18 @@ def display_path(path: str) -> str:
     return absolute if relative.startswith("..") else relative
 
 
-class FileHashes:
-    """sha256 of files, computed once per (path, size, mtime) in this process."""
+@functools.lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
 
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, int, int], str] = {}
 
-    def __call__(self, path: str) -> Optional[str]:
-        try:
-            stat = os.stat(path)
-        except OSError:
-            return None
-        key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-        if key not in self._cache:
-            self._cache[key] = file_sha256(path)
-        return self._cache[key]
+def file_hash(path: str) -> Optional[str]:
+    """sha256 of a file (computed once per path, size and mtime), None when it does not exist."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return _sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
 
 
 class StateFile:
@@ -53,14 +54,12 @@ class StateFile:
 
     def __init__(self, folder: str) -> None:
         self.path = os.path.join(folder, STATE_FILE)
-        self.steps: dict = {}
-        if os.path.isfile(self.path):
-            try:
-                loaded = read_json(self.path)
-            except UserError:
-                loaded = None   # a damaged state file only costs a re-run of the steps
-            if isinstance(loaded, dict) and isinstance(loaded.get("steps"), dict):
-                self.steps = loaded["steps"]
+        try:
+            loaded = read_json(self.path) if os.path.isfile(self.path) else {}
+        except UserError:
+            loaded = {}     # a damaged state file only costs a re-run of the steps
+        steps = loaded.get("steps") if isinstance(loaded, dict) else None
+        self.steps: dict = steps if isinstance(steps, dict) else {}
 
     def get(self, name: str) -> dict:
         entry = self.steps.get(name)
@@ -74,65 +73,66 @@ class StateFile:
 
 @dataclass
 class Step:
+    """A script run with `args` (or, without a script, `action` run here), reading the files `inputs`
+    lists and writing those `outputs` lists. Only `args` and the inputs' contents are fingerprinted:
+    `show_args` (progress flags) and `env` (thread counts) change what is shown or the speed."""
     name: str
-    script: Optional[str]                       # None: done in this process by `action`
-    args: list[str]                             # the arguments that decide the result
-    inputs: Callable[[], list[str]]             # files whose contents the step reads
-    outputs: Callable[[], list[str]]            # files it leaves behind
+    script: Optional[str]
+    args: list[str]
+    inputs: Callable[[], list[str]]
+    outputs: Callable[[], list[str]]
     state: StateFile
-    show_args: list[str] = field(default_factory=list)    # progress/quiet flags: not fingerprinted
+    show_args: list[str] = field(default_factory=list)
     # (resuming an interrupted run of the same inputs?) -> extra flags (--resume / --overwrite)
     restart_args: Callable[[bool], list[str]] = lambda resuming: []
     action: Optional[Callable[[], None]] = None
-    # Arguments known only once earlier steps ran (they replace `args` before the fingerprint).
-    late_args: Optional[Callable[[], list[str]]] = None
+    late_args: Optional[Callable[[], list[str]]] = None     # replace `args` once earlier steps ran
     stdout_path: Optional[str] = None            # the script's standard output is kept in this file
-    # Environment variables set for the script (not fingerprinted: they change speed, not results).
     env: dict[str, str] = field(default_factory=dict)
 
-    def argv(self, extra: list[str]) -> list[str]:
-        return [sys.executable, self.script, *self.args, *extra, *self.show_args]
-
     def command_line(self, extra: list[str]) -> str:
+        if self.script is None:
+            return IN_THE_RUNNER
         shown = ["python", display_path(self.script), *self.args, *extra, *self.show_args]
         return " ".join(shlex.quote(part) for part in shown)
 
 
-def fingerprint(step: Step, hashes: FileHashes) -> str:
-    """What the step's result depends on: its arguments and the contents of its inputs."""
-    files = {}
-    for path in step.inputs():
-        digest = hashes(path)
+def file_digests(step: Step, paths: list[str], missing: str) -> dict[str, str]:
+    """{shown path: sha256} of `paths`; a missing file raises UserError(missing.format(step=, path=))."""
+    digests = {}
+    for path in paths:
+        digest = file_hash(path)
         if digest is None:
-            raise UserError(f"demo step {step.name!r}: input file {display_path(path)} is missing "
-                            "(an earlier step did not write it)")
-        files[display_path(path)] = digest
+            raise UserError(missing.format(step=step.name, path=display_path(path)))
+        digests[display_path(path)] = digest
+    return digests
+
+
+def fingerprint(step: Step) -> str:
+    """What the step's result depends on: its arguments and the contents of its inputs."""
+    missing = "demo step {step!r}: input file {path} is missing (an earlier step did not write it)"
+    files = file_digests(step, step.inputs(), missing)
     text = json.dumps({"script": os.path.basename(step.script or step.name), "args": step.args, "inputs": files},
                       sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def is_up_to_date(step: Step, inputs_fp: str, hashes: FileHashes) -> bool:
+def is_up_to_date(step: Step, inputs_fp: str) -> bool:
     entry = step.state.get(step.name)
     if not entry.get("done") or entry.get("inputs") != inputs_fp:
         return False
-    recorded = entry.get("outputs") or {}
     try:
-        expected = step.outputs()
-    except UserError:
+        outputs = file_digests(step, step.outputs(), NOT_WRITTEN)
+    except UserError:                   # an output is missing, or the list of outputs is not known yet
         return False
-    if not expected or any(display_path(path) not in recorded for path in expected):
-        return False
-    return all(hashes(path) == recorded[display_path(path)] for path in expected)
+    recorded = entry.get("outputs") or {}
+    return bool(outputs) and all(recorded.get(name) == digest for name, digest in outputs.items())
 
-
-# ----------------------------------------------------------------------------------- the runner
 
 class Runner:
     def __init__(self, quiet: bool, log_dir: str) -> None:
         self.quiet = quiet
         self.log_dir = log_dir
-        self.hashes = FileHashes()
         self.times: list[tuple[str, str, float]] = []      # (step, "ran" | "skipped", seconds)
         # CPU seconds (user + system, all processes) of each step that ran: with the wall times,
         # what a step would take on an idle machine (the demo's machine may be shared).
@@ -143,77 +143,54 @@ class Runner:
         cpu_started = _cpu_seconds()
         if step.late_args is not None:
             step.args = step.late_args()
-        inputs_fp = fingerprint(step, self.hashes)
+        inputs_fp = fingerprint(step)
         label = f"[{number}/{total}] {step.name}"
-        if is_up_to_date(step, inputs_fp, self.hashes):
-            shown = step.command_line([]) if step.script else "(in the runner)"
-            print(f"{label}: skip, outputs up to date: {shown}", flush=True)
+        if is_up_to_date(step, inputs_fp):
+            print(f"{label}: skip, outputs up to date: {step.command_line([])}", flush=True)
             self.times.append((step.name, "skipped", time.perf_counter() - started))
             return
         previous = step.state.get(step.name)
-        resuming = previous.get("inputs") == inputs_fp and not previous.get("done")
-        extra = step.restart_args(resuming)
+        extra = step.restart_args(previous.get("inputs") == inputs_fp and not previous.get("done"))
         step.state.put(step.name, {"inputs": inputs_fp, "done": False})
+        command = step.command_line(extra)
+        print(f"{label}: {command}", flush=True)
         if step.script is None:
-            print(f"{label}: (in the runner)", flush=True)
             step.action()
         else:
-            command = step.command_line(extra)
-            print(f"{label}: {command}", flush=True)
             self._call(step, extra, command)
-        outputs = {}
-        for path in step.outputs():
-            digest = self.hashes(path)
-            if digest is None:
-                raise UserError(f"demo step {step.name!r} did not write {display_path(path)}")
-            outputs[display_path(path)] = digest
+        outputs = file_digests(step, step.outputs(), NOT_WRITTEN)
         seconds = time.perf_counter() - started
         step.state.put(step.name, {"inputs": inputs_fp, "done": True, "outputs": outputs,
-                                   "seconds": round(seconds, 2), "command": step.command_line([])
-                                   if step.script else "(in the runner)"})
+                                   "seconds": round(seconds, 2), "command": step.command_line([])})
         self.cpu[step.name] = _cpu_seconds() - cpu_started
         print(f"{label}: done in {seconds:.1f} s ({self.cpu[step.name]:.1f} s CPU)", flush=True)
         self.times.append((step.name, "ran", seconds))
 
     def _call(self, step: Step, extra: list[str], command: str) -> None:
-        argv = step.argv(extra)
+        """Run the step's script; when quiet, its output (stderr only, with `stdout_path`) goes to its log."""
+        argv = [sys.executable, step.script, *step.args, *extra, *step.show_args]
         env = {**os.environ, **step.env} if step.env else None
-        if step.stdout_path:
-            stderr = None
-            if self.quiet:
-                ensure_writable_dir(self.log_dir, "demo log folder")
-                stderr = open(os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log"), "w",
-                              encoding="utf-8")
-            try:
-                result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
-            finally:
-                if stderr is not None:
-                    stderr.close()
-            code = result.returncode
-            if not self.quiet or code != 0:
-                print(result.stdout, end="", flush=True)
-            if code == 0:
-                with atomic_open(step.stdout_path, "w", encoding="utf-8") as handle:
-                    handle.write(result.stdout)
-        elif self.quiet:
+        if self.quiet:
             ensure_writable_dir(self.log_dir, "demo log folder")
-            log_path = os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log")
-            with open(log_path, "w", encoding="utf-8") as log:
-                code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-            if code != 0:
-                with open(log_path, encoding="utf-8", errors="replace") as log:
-                    tail = log.read().splitlines()[-LOG_TAIL_LINES:]
-                print("\n".join(tail), file=sys.stderr)
-        else:
-            code = subprocess.call(argv, env=env)
-        if code != 0:
-            raise UserError(f"demo step {step.name!r} failed (exit status {code}): {command}")
+        log_path = os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log")
+        with open(log_path, "w+", encoding="utf-8", errors="replace") if self.quiet else nullcontext() as log:
+            if step.stdout_path:
+                result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+                if not self.quiet or result.returncode != 0:
+                    print(result.stdout, end="", flush=True)
+            else:
+                result = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
+                if log is not None and result.returncode != 0:
+                    log.seek(0)
+                    print("\n".join(log.read().splitlines()[-LOG_TAIL_LINES:]), file=sys.stderr)
+        if result.returncode != 0:
+            raise UserError(f"demo step {step.name!r} failed (exit status {result.returncode}): {command}")
+        if step.stdout_path:
+            with atomic_open(step.stdout_path, "w", encoding="utf-8") as handle:
+                handle.write(result.stdout)
 
 
 def _cpu_seconds() -> float:
     """User + system CPU seconds of this process and of its finished children."""
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(usage.ru_utime + usage.ru_stime for usage in usages)

@@ -23,9 +23,8 @@ COMMITTED_SUMMARY = os.path.join(REPO_ROOT, "docs", "demo_summary.json")
 # README.md holds the table, indented 4 spaces, between these two lines.
 README_BEGIN = "<!-- demo table: generated from docs/demo_summary.json by python -m vqakd.demo.table -->"
 README_END = "<!-- end of demo table -->"
-# A question type on which the teacher is not this far above the question-only guesser is one
-# whose answer the short training did not learn or the random-weight features do not carry
-# (the table marks it; a linear classifier on the demo's features separates every type's answers).
+# A question type on which the teacher is not this far above the question-only guesser is one whose
+# answer the short training did not learn or the random-weight features do not carry (the table marks it).
 CARRIED_MARGIN = 0.05
 KEEP_KEYS = ("majority_rate", "majority_per_type", "majority_answer", "question_only_rate",
              "question_only_per_type", "test_questions", "seeds", "arms", "paired", "above_majority",
@@ -83,12 +82,10 @@ def format_table(summary: dict) -> str:
     for row in rows:
         lines.append("  ".join([row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in
                                                              zip(row[1:], widths[1:])]).rstrip())
-    blind = summary["above_question_only"]
-    lines.append("above the question-only guesser (means): "
-                 + ", ".join(f"{arm} {100 * blind[arm]:+.1f}" for arm in arms) + " points")
-    above = summary["above_majority"]
-    lines.append("above the majority answer (means): " + ", ".join(f"{arm} {100 * above[arm]:+.1f}" for arm in arms)
-                 + " points")
+    for key, name in (("above_question_only", "question-only guesser"),
+                      ("above_majority", "majority answer")):
+        above = ", ".join(f"{arm} {100 * summary[key][arm]:+.1f}" for arm in arms)
+        lines.append(f"above the {name} (means): {above} points")
     paired = [line for line in (paired_line(summary, arm) for arm in PAIRED_ARMS) if line]
     if paired:
         lines += paired
