@@ -10,6 +10,7 @@ question type's ceiling and the published numbers. Per-answer figures are valida
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 import statistics
@@ -210,8 +211,7 @@ def disagreements(preds: dict[str, list[dict]], limit: int) -> list[dict[str, An
     # Questions with a nameable true answer first, then in question-id order.
     for qid in sorted(common, key=lambda q: (by_id[0][q]["answer_in_vocab"] == "0", len(q), q)):
         rows = [table[qid] for table in by_id]
-        answers = {row["predicted_answer"] for row in rows}
-        if len(answers) < 2:
+        if len({row["predicted_answer"] for row in rows}) < 2:
             continue
         first = rows[0]
         found.setdefault(first["question_type"], []).append({
@@ -220,13 +220,9 @@ def disagreements(preds: dict[str, list[dict]], limit: int) -> list[dict[str, An
             "type": first["question_type"], "answer": first["true_answer"] or first["answer"],
             "predictions": {arm: row["predicted_answer"] for arm, row in zip(arms, rows)},
             "correct": {arm: row["correct"] == "1" for arm, row in zip(arms, rows)}})
-    chosen: list[dict] = []
-    order = [t for t in (*QUESTION_TYPES, "other") if t in found]
-    while len(chosen) < limit and any(found[t] for t in order):
-        for qtype in order:
-            if found[qtype] and len(chosen) < limit:
-                chosen.append(found[qtype].pop(0))
-    return chosen
+    # Round by round: the first question of each type in turn, then the second of each...
+    rounds = itertools.zip_longest(*(found[t] for t in TYPE_NAMES if t in found))
+    return [item for items in rounds for item in items if item is not None][:limit]
 
 
 # ----------------------------------------------------------------------------------- figures

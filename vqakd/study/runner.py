@@ -18,7 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from vqakd.core.config import config_to_dict, data_file_paths, flat_settings, load_config, override_key
+from vqakd.core.config import (config_to_dict, data_file_paths, flat_settings, load_config, override_key,
+                               read_yaml)
 from vqakd.training.provenance import changed_inputs, input_fingerprints, input_paths
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
@@ -201,12 +202,7 @@ def _decide(run: Run, overwrite: bool) -> None:
             problem = f"it distilled from {results.get('teacher')}, this study uses {wanted_teacher}"
         run.action, run.reason = ("reuse", "finished") if problem is None else ("overwrite", problem)
     elif os.path.isfile(run.path("last.pt")):
-        import yaml
-
-        recorded = None
-        if os.path.isfile(run.path("config.yml")):
-            with open(run.path("config.yml"), encoding="utf-8") as handle:
-                recorded = yaml.safe_load(handle)
+        recorded = read_yaml(run.path("config.yml")) if os.path.isfile(run.path("config.yml")) else None
         problem = config_difference(recorded, expected)
         run.action, run.reason = ("resume", "interrupted") if problem is None else ("overwrite", problem)
     else:
