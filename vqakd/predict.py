@@ -330,7 +330,7 @@ class Answerer:
         return NETWORKS[settings["model"]].shape_for(int(settings["num_clips"]), int(settings["frames_per_clip"]))
 
     def features(self, videos: Sequence[str]) -> dict[str, VideoFeatures | VideoFailure]:
-        """Features of each distinct video (cached, else extracted: all new videos in one run)."""
+        """Features of each distinct video: cached, else extracted (and cached) a group at a time."""
         result: dict[str, VideoFeatures | VideoFailure] = {}
         found: dict[str, dict[str, np.ndarray]] = {}
         damage: dict[str, set[str]] = {}

@@ -270,9 +270,8 @@ class _RankExit(Exception):
 
 
 def time_inference(run: Run, passes: int, cache: dict) -> Optional[dict]:
-    """Milliseconds per test question of the run's best.pt: one warm-up pass over the test split,
-    then the median of `passes` timed passes, at the config's evaluation batch size. Cached in
-    `<stage>/timing_test.json` (until best.pt changes or the device differs)."""
+    """Milliseconds per test question of the run's best.pt: the median of `passes` timed passes over
+    the test split after a warm-up, cached in `<stage>/timing_test.json` while best.pt and the device stay."""
     import time
 
     import torch
@@ -350,9 +349,8 @@ def run_study(cfg: str, seeds_text: str = "3", arms_text: Optional[str] = None, 
     # Two studies writing into one folder would overwrite each other's runs; rank 0 holds the lock.
     with FolderLock(study_dir, "study folder") if main else contextlib.nullcontext():
         try:
-            # One process group for every train/validate call: under torchrun a second
-            # init_process_group in one process cannot connect, and the calls' own sessions
-            # keep a group they find started.
+            # One process group for every train/validate call (their own sessions keep it): under
+            # torchrun a second init_process_group in one process cannot connect.
             with dist.session():
                 unfinished = execute(runs, cfg, log)
         except _RankExit as exc:
