@@ -17,6 +17,7 @@ checkpoint records how; older checkpoints need those settings as flags), cached 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,11 +29,9 @@ from vqakd.core.script import prepare_script
 def image_size(text: str) -> tuple[int, int]:
     parts = text.lower().replace("x", " ").split()
     try:
-        values = tuple(int(part) for part in parts)
+        values = tuple(int(part) for part in (parts * 2 if len(parts) == 1 else parts))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW or one number, got {text!r}") from None
-    if len(values) == 1:
-        values = values * 2
+        values = ()
     if len(values) != 2 or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected HxW or one number, got {text!r}")
     return values
@@ -101,12 +100,8 @@ def answer(args, single: bool) -> int:
     rows = read_question_rows(args.questions) if args.questions else None
     if single and not os.path.isfile(args.video):
         raise UserError(f"video not found: {args.video}")
-    flags = ExtractionFlags(
-        appearance_weights=args.appearance_weights, motion_weights=args.motion_weights,
-        appearance_frames=args.appearance_frames, motion_frames=args.motion_frames,
-        appearance_size=args.appearance_size, motion_size=args.motion_size,
-        motion_normalisation=args.motion_normalisation, random_weights=args.random_weights, seed=args.seed,
-        vocab=args.vocab)
+    flags = ExtractionFlags(**{field.name: getattr(args, field.name)
+                               for field in dataclasses.fields(ExtractionFlags)})
     answerer = Answerer(args.checkpoint, resolve_device(args.device), flags, cache_dir=args.cache_dir,
                         use_cache=not args.no_cache, top_k=args.top_k, batch_size=args.batch_size)
     if single:

@@ -1,16 +1,11 @@
 """Answer questions about any video file with a trained checkpoint (predict.py).
 
-A new video is turned into features exactly as the training videos were: the checkpoint records
-the extraction settings of the feature files it was trained on (vqakd/training/inference_record.py), and the
-extraction itself is vqakd/extraction's (`make_extractor(...).run`), not a copy of it. The
-weights files are looked up as preprocess/preprocess_features.py does (a flag, then
-data/weights/<published name>, then torchvision's cache; first the path recorded at training time
-when it still exists) and must have the recorded sha256. Questions are tokenized by
-vqakd/data/questions.py, so a question in the evaluation data gets the answer validate.py gives.
-
-Features are cached under `<checkpoint folder>/predict_cache/` (or a given folder), one `.npy`
-per video file content (sha256) and network settings, written atomically: asking again about a
-video costs its sha256 and the model's forward pass.
+A new video becomes features exactly as the training videos did: with the extraction settings the
+checkpoint records (vqakd/training/inference_record.py) and vqakd/extraction's own extractor, from
+weights files of the recorded sha256. Questions are tokenized by vqakd/data/questions.py, so a
+question of the evaluation data gets validate.py's answer. Features are cached atomically under
+`<checkpoint folder>/predict_cache/` (or a given folder), one `.npy` per video content (sha256)
+and network settings: asking again costs the sha256 and the model's forward pass.
 """
 
 from __future__ import annotations
@@ -55,8 +50,7 @@ LAST_CHARACTER = ("the question's last character is dropped, as in the training 
 
 @dataclasses.dataclass
 class ExtractionFlags:
-    """Command-line settings: the weights files always; the rest only for a checkpoint that does
-    not record its features' extraction settings (they must then say how it was trained)."""
+    """Command-line settings: the weights files; the rest for a checkpoint without an extraction record."""
     appearance_weights: Optional[str] = None
     motion_weights: Optional[str] = None
     appearance_frames: Optional[int] = None
@@ -98,15 +92,12 @@ def check_recorded(record: Mapping[str, Any], flags: ExtractionFlags, path: str)
     """Settings flags next to a record may only repeat it (one source of truth)."""
     for kind in FEATURE_KINDS:
         settings = record[kind]
-        given = {"frames_per_clip": getattr(flags, f"{kind}_frames")}
-        size = getattr(flags, f"{kind}_size")
-        if size is not None:
-            given.update(image_height=size[0], image_width=size[1])
-        if kind == "motion" and flags.motion_normalisation is not None:
-            given["kinetics_mean"] = flags.motion_normalisation == "kinetics-mean"
-        if flags.random_weights is not None:
-            given["random_weights"] = flags.random_weights
-        for key, value in given.items():
+        height, width = getattr(flags, f"{kind}_size") or (None, None)
+        normalisation = flags.motion_normalisation if kind == "motion" else None
+        given = {"frames_per_clip": getattr(flags, f"{kind}_frames"), "image_height": height, "image_width": width,
+                 "kinetics_mean": None if normalisation is None else normalisation == "kinetics-mean",
+                 "random_weights": flags.random_weights}
+        for key, value in given.items():     # None: not given
             if value is not None and settings.get(key) != value:
                 raise UserError(f"{path} records {kind} features extracted with {key}={settings.get(key)!r}, "
                                 f"not {value!r}; leave the flag out (the checkpoint's settings are used)")
@@ -124,9 +115,8 @@ def feature_settings(checkpoint: Mapping[str, Any], flags: ExtractionFlags, num_
     record = ((checkpoint.get("inference") or {}).get("features") or {})
     if all(record.get(kind) for kind in FEATURE_KINDS):
         check_recorded(record, flags, path)
-        settings = {kind: dict(record[kind]) for kind in FEATURE_KINDS}
-        for kind in FEATURE_KINDS:
-            settings[kind]["random_seed"] = random_seed_of(settings[kind], path)
+        settings = {kind: dict(record[kind], random_seed=random_seed_of(record[kind], path))
+                    for kind in FEATURE_KINDS}
     else:
         settings = settings_from_flags(flags, num_clips, path)
     for kind in FEATURE_KINDS:
@@ -164,8 +154,6 @@ def question_vocab(checkpoint: Mapping[str, Any], flags: ExtractionFlags, model_
 
 @dataclasses.dataclass
 class EncodedQuestion:
-    text: str
-    tokens: list[str]
     indices: list[int]
     unknown: list[str]
     warnings: list[str]
@@ -183,7 +171,7 @@ def encode_question(text: str, vocab: Vocabulary) -> EncodedQuestion:
         warnings.append(NO_KNOWN_WORD)
     if not indices:
         indices = [UNK_INDEX]   # the model needs one token; an unknown word says nothing either
-    return EncodedQuestion(text, tokens, indices, unknown, warnings)
+    return EncodedQuestion(indices, unknown, warnings)
 
 
 # ----------------------------------------------------------------------------------- features
@@ -199,26 +187,23 @@ class FeatureCache:
             return None
         return os.path.join(self.folder, video_sha[:2], f"{video_sha}.{kind}.{digest[:20]}.npy")
 
-    def get(self, video_sha: str, kind: str, digest: str, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+    def get(self, video_sha: str, kind: str, digest: str,
+            shape: tuple[int, ...]) -> tuple[Optional[np.ndarray], Optional[str]]:
+        """The cached features (None: none usable) and the damage extraction reported for them, so
+        that cached answers warn as the first one did."""
         path = self.path(video_sha, kind, digest)
         if path is None or not os.path.isfile(path):
-            return None
+            return None, None
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError):
-            return None     # unreadable: extracted again and rewritten
+            return None, None     # unreadable: extracted again and rewritten
         if array.shape != shape or array.dtype != np.float32:
-            return None
-        return array
-
-    def damage(self, video_sha: str, kind: str, digest: str) -> Optional[str]:
-        """What extraction reported of a cached video's damage (None: none), so that an answer
-        from cached features warns as the first one did."""
-        path = self.path(video_sha, kind, digest)
-        if path is None or not os.path.isfile(path + DAMAGE_SUFFIX):
-            return None
+            return None, None
+        if not os.path.isfile(path + DAMAGE_SUFFIX):
+            return array, None
         with open(path + DAMAGE_SUFFIX, encoding="utf-8") as handle:
-            return handle.read().strip() or None
+            return array, handle.read().strip() or None
 
     def put(self, video_sha: str, kind: str, digest: str, array: np.ndarray, damage: Optional[str] = None) -> None:
         path = self.path(video_sha, kind, digest)
@@ -288,11 +273,10 @@ class Answerer:
         self.vocab = question_vocab(checkpoint, flags, config, checkpoint_path)
         self.top_k = min(top_k, len(self.vocab.idx_to_answer))
         self.batch_size = batch_size
-        # validate.py runs the model with the run's train.tf32 on CUDA (TF32 matmuls and
-        # convolutions); the same here gives the same probabilities on the same GPU.
+        # The run's train.tf32 and train.amp, as validate.py uses them: the same probabilities.
         train = (checkpoint.get("config") or {}).get("train") or {}
         self.tf32 = bool(train.get("tf32", True))
-        self.amp = str(train.get("amp", "none"))     # validate.py evaluates under the run's train.amp
+        self.amp = str(train.get("amp", "none"))
         folder = cache_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), CACHE_FOLDER)
         self.cache = FeatureCache(folder if use_cache else None)
         if self.cache.folder is not None and os.path.isdir(self.cache.folder):
@@ -346,7 +330,7 @@ class Answerer:
         return NETWORKS[settings["model"]].shape_for(int(settings["num_clips"]), int(settings["frames_per_clip"]))
 
     def features(self, videos: Sequence[str]) -> dict[str, VideoFeatures | VideoFailure]:
-        """Features of each distinct video (cached, else extracted: all new videos in one run)."""
+        """Features of each distinct video: cached, else extracted (and cached) a group at a time."""
         result: dict[str, VideoFeatures | VideoFailure] = {}
         found: dict[str, dict[str, np.ndarray]] = {}
         damage: dict[str, set[str]] = {}
@@ -359,15 +343,13 @@ class Answerer:
                 continue
             found[video], damage[video] = {}, set()
             for kind in FEATURE_KINDS:
-                array = self.cache.get(shas[video], kind, self.digests[kind], self.shape(kind))
+                array, reported = self.cache.get(shas[video], kind, self.digests[kind], self.shape(kind))
                 if array is not None:
                     found[video][kind] = array
-                    damage[video].update(filter(None, [self.cache.damage(shas[video], kind, self.digests[kind])]))
+                    damage[video].update(filter(None, [reported]))
         timings = {video: 0.0 for video in found}
         for kind in FEATURE_KINDS:
             todo = [video for video in found if kind not in found[video] and video not in result]
-            if not todo:
-                continue
             for start in range(0, len(todo), VIDEOS_PER_EXTRACTION):
                 group = todo[start:start + VIDEOS_PER_EXTRACTION]
                 started = time.perf_counter()
@@ -428,10 +410,8 @@ class Answerer:
     def answer_encoded(self, features: VideoFeatures, questions: Sequence[EncodedQuestion]) -> list[list[tuple[str, float]]]:
         """Top-k (answer, probability) of each question about one video, in one forward pass."""
         count = len(questions)
-        length = max(len(q.indices) for q in questions)
-        tokens = torch.full((count, length), NULL_INDEX, dtype=torch.long)
-        for row, question in enumerate(questions):
-            tokens[row, :len(question.indices)] = torch.tensor(question.indices, dtype=torch.long)
+        tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(q.indices, dtype=torch.long) for q in questions],
+                                                 batch_first=True, padding_value=NULL_INDEX)
         lengths = torch.tensor([len(q.indices) for q in questions], dtype=torch.long)
         appearance = torch.from_numpy(features.appearance).to(self.device).unsqueeze(0)
         motion = torch.from_numpy(features.motion).to(self.device).unsqueeze(0)
@@ -453,13 +433,10 @@ class Answerer:
 
     def answer(self, video: str, question: str) -> Answer:
         """One question about one video; a video that cannot be used is a UserError."""
-        features = self.features([video])[video]
-        if isinstance(features, VideoFailure):
-            raise UserError(str(features))
-        encoded = self.encode(question)
-        answers = self.answer_encoded(features, [encoded])[0]
-        return Answer(video, question, answers, encoded.unknown, encoded.warnings + features.warnings, features.cached,
-                      features.seconds)
+        result = self.answer_many([{"video": video, "question": question}])[0]
+        if isinstance(result, str):
+            raise UserError(result)
+        return result
 
     def answer_many(self, rows: Sequence[Mapping[str, str]]) -> list[Answer | str]:
         """Each row's Answer, or the reason it failed; every distinct video is extracted once."""

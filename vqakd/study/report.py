@@ -1,22 +1,16 @@
 """The study's report: `<study>/report/{report.md, report.json, *.png}` from the runs' files.
 
-Read per (arm, seed) run: results.json (test accuracy of best.pt, overall and per question type,
-parameters, the feature files' extraction settings), metrics.csv (losses and accuracies per
-epoch), study_test_preds.csv (validate.py --write-preds) and the inference timing. Tables give
-mean ± sample standard deviation (n − 1) over seeds with every seed's value beside them; each
-arm against the student trained alone, seed by seed (mean, std, 95% t interval, and whether the
-difference is detectable); each question type's ceiling (the share of its test answers inside
-the answer vocabulary); and the published numbers for the dataset, with a note when these runs'
-features come from random-weight networks. Question types are validate.py's (the predictions
-CSV's question_type column, vqakd.data.questions.question_type). Per-answer precision / recall /
-F1 and the confusions among the most frequent test answers are validate.py's figures
-(vqakd.training.validation.answer_figures) on the predictions of all seeds together (every seed
-answers the same questions).
+Per (arm, seed) run it reads results.json, metrics.csv, study_test_preds.csv (validate.py
+--write-preds) and the inference timing. Tables give mean ± sample std (n − 1) over seeds beside
+every seed's value, each arm minus the student trained alone seed by seed (95% t interval), each
+question type's ceiling and the published numbers. Per-answer figures are validate.py's
+(vqakd.training.validation.answer_figures) on all seeds' predictions pooled.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 import statistics
@@ -89,15 +83,13 @@ def collect(runs) -> dict[str, Any]:
 
 
 def in_vocabulary(answer: str) -> bool:
-    """Whether a true answer of a predictions CSV is in the answer vocabulary (an answer outside
-    it is written as <UNK1>, a label no model predicts)."""
+    """Whether a predictions CSV's true answer is in the answer vocabulary (outside: written <UNK1>)."""
     return answer not in ANSWER_SPECIALS
 
 
 def answer_metrics(preds: dict[str, list[dict]], top: int = TOP_ANSWERS) -> dict[str, Any]:
-    """Per-answer precision/recall/F1 and the confusion matrix among the `top` most frequent true
-    test answers (answers outside the vocabulary left out), per arm, all seeds pooled: validate.py's
-    own figures (vqakd.training.validation.answer_figures) on the pooled predictions."""
+    """Per arm, all seeds pooled: per-answer precision/recall/F1 and the confusions among the `top`
+    most frequent true test answers in the vocabulary, as validate.py computes them."""
     from vqakd.training.validation import answer_figures
 
     out: dict[str, Any] = {"labels": [], "arms": {}}
@@ -121,9 +113,8 @@ def answer_metrics(preds: dict[str, list[dict]], top: int = TOP_ANSWERS) -> dict
 
 
 def ceilings(rows: list[dict]) -> dict[str, Any]:
-    """Per question type (the predictions CSV's question_type column, validate.py's rule) and
-    overall: the share of test answers inside the answer vocabulary, the best accuracy any model
-    trained on this vocabulary can reach (an answer outside it is never predicted)."""
+    """Per question type and overall: the share of test answers inside the answer vocabulary, the
+    best accuracy a model can reach (an answer outside it is never predicted)."""
     def share(selected: list[dict]) -> dict[str, Any]:
         inside = sum(row["answer_in_vocab"] == "1" for row in selected)     # as validate.py recorded it
         return {"count": len(selected), "in_vocabulary": inside,
@@ -133,23 +124,17 @@ def ceilings(rows: list[dict]) -> dict[str, Any]:
     return {"overall": share(rows), "per_type": per_type}
 
 
-def t_quantile_975(degrees_of_freedom: int) -> float:
-    """The 97.5% quantile of Student's t distribution (a two-sided 95% interval); scipy comes
-    with scikit-learn, a requirement."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, degrees_of_freedom))
-
-
 def paired_difference(arm: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
     """Test accuracy of `arm` minus `baseline`, seed by seed (the seeds both have), with the mean,
     the sample standard deviation and a 95% t interval of the mean (None for one seed)."""
+    from scipy.stats import t     # comes with scikit-learn, a requirement
+
     seeds = [seed for seed in arm["seeds"] if seed in baseline["seeds"]]
     differences = {seed: arm["seeds"][seed]["accuracy"] - baseline["seeds"][seed]["accuracy"] for seed in seeds}
     stats = mean_std(list(differences.values()))
     interval = None
     if stats["std"] is not None:
-        half = t_quantile_975(stats["n"] - 1) * stats["std"] / math.sqrt(stats["n"])
+        half = float(t.ppf(0.975, stats["n"] - 1)) * stats["std"] / math.sqrt(stats["n"])
         interval = [stats["mean"] - half, stats["mean"] + half]
     return dict(stats, seeds=differences, interval=interval)
 
@@ -172,8 +157,7 @@ def detectability(name: str, baseline: str, paired: dict[str, Any]) -> str:
 
 
 def paired_differences(arms: dict[str, Any], baseline: str = BASELINE_ARM) -> dict[str, Any]:
-    """For every arm but the baseline (each student and the teacher against the student trained
-    alone), when the study has the baseline arm: the paired difference and its sentence."""
+    """Every other arm's paired difference from the baseline arm (when present), and its sentence."""
     if baseline not in arms:
         return {}
     out = {}
@@ -185,8 +169,8 @@ def paired_differences(arms: dict[str, Any], baseline: str = BASELINE_ARM) -> di
 
 
 def feature_origin(results: dict[str, Any], checkpoint_path: str) -> dict[str, Any]:
-    """How the run's features were made, per kind: results.json's provenance (the feature files'
-    extraction settings), else best.pt's inference record; None for a file that records none."""
+    """Per kind, the model and random_weights of results.json's provenance, else of best.pt's
+    inference record; None for a file that records none."""
     features = (results.get("provenance") or {}).get("features")
     if not features:
         from vqakd.training.checkpoint import load_checkpoint
@@ -218,8 +202,8 @@ def features_note(features: dict[str, Any]) -> Optional[str]:
 
 
 def disagreements(preds: dict[str, list[dict]], limit: int) -> list[dict[str, Any]]:
-    """Test questions on which the arms (one seed) answer differently: taken in question-id order,
-    one question type after another, so that the handful shown covers several types."""
+    """Test questions on which the arms (one seed) answer differently, one question type after
+    another so that the handful shown covers several types."""
     arms = list(preds)
     by_id = [{row["question_id"]: row for row in preds[arm]} for arm in arms]
     common = set(by_id[0]).intersection(*by_id[1:]) if by_id else set()
@@ -227,8 +211,7 @@ def disagreements(preds: dict[str, list[dict]], limit: int) -> list[dict[str, An
     # Questions with a nameable true answer first, then in question-id order.
     for qid in sorted(common, key=lambda q: (by_id[0][q]["answer_in_vocab"] == "0", len(q), q)):
         rows = [table[qid] for table in by_id]
-        answers = {row["predicted_answer"] for row in rows}
-        if len(answers) < 2:
+        if len({row["predicted_answer"] for row in rows}) < 2:
             continue
         first = rows[0]
         found.setdefault(first["question_type"], []).append({
@@ -237,13 +220,9 @@ def disagreements(preds: dict[str, list[dict]], limit: int) -> list[dict[str, An
             "type": first["question_type"], "answer": first["true_answer"] or first["answer"],
             "predictions": {arm: row["predicted_answer"] for arm, row in zip(arms, rows)},
             "correct": {arm: row["correct"] == "1" for arm, row in zip(arms, rows)}})
-    chosen: list[dict] = []
-    order = [t for t in (*QUESTION_TYPES, "other") if t in found]
-    while len(chosen) < limit and any(found[t] for t in order):
-        for qtype in order:
-            if found[qtype] and len(chosen) < limit:
-                chosen.append(found[qtype].pop(0))
-    return chosen
+    # Round by round: the first question of each type in turn, then the second of each...
+    rounds = itertools.zip_longest(*(found[t] for t in TYPE_NAMES if t in found))
+    return [item for items in rounds for item in items if item is not None][:limit]
 
 
 # ----------------------------------------------------------------------------------- figures
@@ -264,9 +243,8 @@ def _number(value: Any) -> float:
 
 
 def plot_arm_curves(arm: str, metrics: dict[str, list[dict]], best: dict[str, int], path: str) -> None:
-    """Train (solid) and validation (dashed, when metrics.csv has val_<part>) loss parts, mean over
-    seeds, on a log scale (parts differ by orders of magnitude); val accuracy per seed. Every
-    epoch is a marker; dotted lines / stars mark each seed's best epoch (by val accuracy)."""
+    """Train (solid) and val (dashed) loss parts, mean over seeds, on a log scale (they differ by
+    orders of magnitude), and val accuracy per seed; dotted lines / stars mark the best epochs."""
     plt = _plt()
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(13, 4.5))
     seeds = list(metrics)
@@ -309,9 +287,8 @@ def error_bars(stats: Sequence[dict]) -> list[list[float]]:
 
 
 def plot_per_type(arms: dict[str, Any], published: list[dict], path: str, published_note: Optional[str] = None) -> None:
-    """Accuracy per question type: one bar per arm (mean, error bar = std over seeds, clipped to
-    [0, 100]%), the published DualVGR numbers as black markers (labelled with `published_note`
-    when the features differ from theirs); types without test questions are left out."""
+    """Accuracy per question type with test questions: one bar per arm (mean ± std over seeds),
+    the published DualVGR numbers as black markers (labelled with `published_note`)."""
     plt = _plt()
     types = [t for t in QUESTION_TYPES if any(a["per_type"][t]["count"] for a in arms.values())] + ["all"]
     figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(types) * max(1, len(arms)) / 3), 4.5))

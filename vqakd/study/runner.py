@@ -1,21 +1,14 @@
 """The paper's study: every arm (teacher, students with each distillation) for several seeds.
 
-An arm is one training recipe: a stage of train.py plus `--set` overrides (ARMS below; adding a
-variant is one line). Each (arm, seed) run gets its own output_dir,
+An arm is a stage of train.py plus `--set` overrides (ARMS below). Each (arm, seed) run trains in
+`<study>/seed<S>/<arm>/<stage>/`, a student distilling from its own seed's teacher arm. Runs are
+plain train_stage / validate_checkpoint calls in this process, so under `torchrun` every rank makes
+the same calls in the same order (decided from files rank 0 wrote before the last barrier); only
+rank 0 times inference and writes the report.
 
-    <study>/seed<S>/<arm>/<stage>/{best.pt, last.pt, results.json, metrics.csv, ...}
-
-and a student distils from the teacher arm of its own seed. Runs are plain
-`vqakd.training.run.train_stage` / `vqakd.training.validation.validate_checkpoint` calls in this
-process (what train.py and validate.py call), so under `torchrun` every rank makes the same calls in
-the same order (decided from the files rank 0 wrote before the last barrier) and training is
-distributed exactly as with train.py; only rank 0 times inference and writes the report.
-
-Reuse: a run whose results.json exists and whose recorded config equals the one the study would
-use is not trained again; a run with last.pt but no results.json is resumed (`--resume`). A run
-recorded with different settings stops the study with one line naming the first difference
-(`--overwrite` retrains such runs instead). Settings that do not change the numbers (device,
-progress bars, loader workers, where the feature table lives, stop_after_epoch) are not compared.
+A finished run recorded with the same settings is reused, an interrupted one resumed; one recorded
+with other settings stops the study with the first difference (`--overwrite` retrains it).
+Settings that do not change the numbers (NOT_COMPARED) are not compared.
 """
 
 from __future__ import annotations
@@ -25,7 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from vqakd.core.config import config_to_dict, data_file_paths, flat_settings, load_config, override_key
+from vqakd.core.config import (config_to_dict, data_file_paths, flat_settings, load_config, override_key,
+                               read_yaml)
 from vqakd.training.provenance import changed_inputs, input_fingerprints, input_paths
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
@@ -158,9 +152,7 @@ class Run:
 def config_difference(recorded: Any, expected: Any) -> Optional[str]:
     """The first compared setting that differs ("key: recorded -> expected"), or None."""
     old, new = flat_settings(recorded or {}), flat_settings(expected)
-    for key in sorted(set(old) | set(new)):
-        if key in NOT_COMPARED:
-            continue
+    for key in sorted((set(old) | set(new)) - set(NOT_COMPARED)):
         if old.get(key, "<missing>") != new.get(key, "<missing>"):
             return f"{key} is {old.get(key, '<missing>')!r} there but {new.get(key, '<missing>')!r} in this study"
     return None
@@ -210,12 +202,7 @@ def _decide(run: Run, overwrite: bool) -> None:
             problem = f"it distilled from {results.get('teacher')}, this study uses {wanted_teacher}"
         run.action, run.reason = ("reuse", "finished") if problem is None else ("overwrite", problem)
     elif os.path.isfile(run.path("last.pt")):
-        import yaml
-
-        recorded = None
-        if os.path.isfile(run.path("config.yml")):
-            with open(run.path("config.yml"), encoding="utf-8") as handle:
-                recorded = yaml.safe_load(handle)
+        recorded = read_yaml(run.path("config.yml")) if os.path.isfile(run.path("config.yml")) else None
         problem = config_difference(recorded, expected)
         run.action, run.reason = ("resume", "interrupted") if problem is None else ("overwrite", problem)
     else:
@@ -238,11 +225,9 @@ def _newer_or_same(path: str, than: str) -> bool:
 
 
 def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
-    """Train (or resume) every run that needs it, then evaluate each finished run's best.pt on
-    the test split with predictions (validate.py --write-preds; reused while newer than best.pt).
-    Returns the runs still unfinished (stopped early, or waiting for an unfinished teacher);
-    every rank returns the same list. A non-zero status from train/validate (a rank relaying an
-    error rank 0 printed) raises _RankExit."""
+    """Train (or resume) every run that needs it, then evaluate each finished best.pt on the test
+    split with predictions. Returns the runs still unfinished (the same list on every rank); a
+    non-zero status from train/validate (a rank relaying an error rank 0 printed) raises _RankExit."""
     from vqakd.core import distributed as dist
     from vqakd.training.validation import validate_checkpoint
 
@@ -260,18 +245,14 @@ def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
         if not run.finished:
             run.action, run.reason = "skip", "stopped before the last epoch (train.stop_after_epoch)"
     for run in runs:
-        if not run.finished:
-            continue
-        best = run.path("best.pt")
-        eval_json = run.eval_path
-        if run.evaluated():
+        if not run.finished or run.evaluated():
             continue
         # The checkpoint defines the model: validate.py refuses model.* settings.
         overrides = [text for text in run.overrides if not override_key(text).startswith("model.")]
 
         def evaluate_best() -> int:
-            validate_checkpoint(cfg, best, overrides, split="test", write_preds=True, out=eval_json,
-                                preds_out=run.preds_path)
+            validate_checkpoint(cfg, run.path("best.pt"), overrides, split="test", write_preds=True,
+                                out=run.eval_path, preds_out=run.preds_path)
             return 0
 
         code = dist.quiet_unless_main(evaluate_best)
@@ -289,9 +270,8 @@ class _RankExit(Exception):
 
 
 def time_inference(run: Run, passes: int, cache: dict) -> Optional[dict]:
-    """Milliseconds per test question of the run's best.pt: one warm-up pass over the test split,
-    then the median of `passes` timed passes, at the config's evaluation batch size. Cached in
-    `<stage>/timing_test.json` (until best.pt changes or the device differs)."""
+    """Milliseconds per test question of the run's best.pt: the median of `passes` timed passes over
+    the test split after a warm-up, cached in `<stage>/timing_test.json` while best.pt and the device stay."""
     import time
 
     import torch
@@ -369,9 +349,8 @@ def run_study(cfg: str, seeds_text: str = "3", arms_text: Optional[str] = None, 
     # Two studies writing into one folder would overwrite each other's runs; rank 0 holds the lock.
     with FolderLock(study_dir, "study folder") if main else contextlib.nullcontext():
         try:
-            # One process group for every train/validate call: under torchrun a second
-            # init_process_group in one process cannot connect, and the calls' own sessions
-            # keep a group they find started.
+            # One process group for every train/validate call (their own sessions keep it): under
+            # torchrun a second init_process_group in one process cannot connect.
             with dist.session():
                 unfinished = execute(runs, cfg, log)
         except _RankExit as exc:
