@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/<stage>/last.pt")
     parser.add_argument("--overwrite", action="store_true", help="discard an existing run of this stage")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (sets train.device)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print what the run will need (host and GPU memory, feature reads) for its feature-table "
+                             "mode and dtype, and the other modes, then stop before the features are read "
+                             "(exit status 1 when it would not fit)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set train.lr=2e-4 (repeatable)")
     original = parser.add_argument_group("flags of the original code")
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
     # Under torchrun an error every rank hits is printed once, by rank 0.
     return dist.quiet_unless_main(lambda: train_stage(
         args.cfg, args.stage, args.overrides, teacher=args.teacher, distill=args.distill, device=args.device,
-        resume=args.resume, overwrite=args.overwrite, original_flags=original) or 0)
+        resume=args.resume, overwrite=args.overwrite, original_flags=original, plan=args.plan))
 
 
 if __name__ == "__main__":

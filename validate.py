@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="JSON output (default <checkpoint folder>/eval_<split>.json)")
     parser.add_argument("--preds-out", default=None, help="CSV output of --write-preds (default <out>_preds.csv)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (sets train.device)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print what the evaluation will need (host and GPU memory, feature reads), then stop "
+                             "before the features are read (exit status 1 when it would not fit)")
     parser.add_argument("--other-features", action="store_true",
                         help="evaluate on feature files made otherwise than those the checkpoint was trained on "
                              "(refused without it; the differences go into the eval JSON as other_features)")
@@ -52,10 +55,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        validate_checkpoint(args.cfg, args.checkpoint, args.overrides, split=args.split, write_preds=args.write_preds,
-                            out=args.out, preds_out=args.preds_out, device=args.device,
-                            other_features=args.other_features)
-        return 0
+        result = validate_checkpoint(args.cfg, args.checkpoint, args.overrides, split=args.split,
+                                     write_preds=args.write_preds, out=args.out, preds_out=args.preds_out,
+                                     device=args.device, other_features=args.other_features, plan=args.plan)
+        return (0 if result.fits() else 1) if args.plan else 0
 
     # Under torchrun an error every rank hits is printed once, by rank 0.
     return dist.quiet_unless_main(run)

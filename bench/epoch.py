@@ -324,12 +324,12 @@ def original(stage: str, config, bundle, paths, a: argparse.Namespace, sampler: 
 
 def memory_plan(device: torch.device) -> dict[str, Any]:
     """An MSRVTT-QA-sized table: bytes per dtype, and where it would go on this machine."""
-    from vqakd.data.features import GPU_TABLE_SHARE, MEMORY_HEADROOM, _available_memory_bytes
+    from vqakd.data.features import GPU_TABLE_SHARE, available_memory_bytes
 
     values = MSRVTT["videos"] * MSRVTT["clips"] * MSRVTT["dim"] * (MSRVTT["frames"] + 1)
     plan = {"videos": MSRVTT["videos"], "clips": MSRVTT["clips"], "frames": MSRVTT["frames"], "dim": MSRVTT["dim"],
             "table_gib": {"float32": values * 4 / 2**30, "float16": values * 2 / 2**30},
-            "host_available_gib": (_available_memory_bytes() or 0) / 2**30}
+            "host_available_gib": (available_memory_bytes() or 0) / 2**30}
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         plan.update(gpu_free_gib=free / 2**30, gpu_total_gib=total / 2**30, gpu_table_share=GPU_TABLE_SHARE)
@@ -338,7 +338,7 @@ def memory_plan(device: torch.device) -> dict[str, Any]:
                           "GPU, float16 (data.feature_dtype: float16)" if fits["float16"] else
                           "host memory (batches pinned by the loader); data.feature_dtype: float16 halves it")
     else:
-        host_fits = plan["table_gib"]["float32"] * 2**30 <= MEMORY_HEADROOM * plan["host_available_gib"] * 2**30
+        host_fits = plan["table_gib"]["float32"] <= plan["host_available_gib"]
         plan["choice"] = "host memory, float32" if host_fits else "host memory needs data.feature_dtype: float16 or lazy"
     return plan
 

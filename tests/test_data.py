@@ -128,14 +128,6 @@ def tiny_data(tiny):
                                                  "appearance_feat", "motion_feat")}
 
 
-def test_table_too_big_for_memory_suggests_float16_or_lazy(tiny, tmp_path, monkeypatch):
-    import vqakd.data.features as feature_table
-
-    monkeypatch.setattr(feature_table, "_available_memory_bytes", lambda: 1000)
-    with pytest.raises(UserError, match="feature_dtype: float16 .* or data.feature_mode: lazy"):
-        load_data(config_for(tiny, tmp_path), splits=("val",), progress=False)
-
-
 # ----------------------------------------------------------------------------------- bad files
 
 def copy_h5(source, target, edit):

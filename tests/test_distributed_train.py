@@ -129,6 +129,8 @@ def test_validate_under_torchrun_counts_every_question_once(runs, tmp_path):
     one, two = json.loads(single_out.read_text()), json.loads(multi_out.read_text())
     # provenance tells how each was made (command line, times, world size): the figures are equal
     assert two.pop("provenance")["world_size"] == 2 and one.pop("provenance")["world_size"] == 1
+    # so does the memory plan (this machine's memory, 2 processes each with its share)
+    assert two.pop("memory_plan")["processes"] == 2 and one.pop("memory_plan")["processes"] == 1
     assert two["count"] == 25 and two == one
     assert (tmp_path / "two_preds.csv").read_text() == (tmp_path / "one_preds.csv").read_text()
     assert result.stdout.count("wrote") == 3 and sorted(os.listdir(tmp_path)) == sorted(

@@ -151,7 +151,8 @@ def assert_same_run(resumed_folder, reference_folder):
     assert got_best["epoch"] == ref_best["epoch"]
     for key, value in ref_best["state_dict"].items():
         assert torch.equal(value, got_best["state_dict"][key]), f"best.pt {key}"
-    timing = ("time_s", "train_questions_per_s")
+    from vqakd.training.metrics import TIMING_COLUMNS as timing
+
     strip = [[{k: v for k, v in row.items() if k not in timing} for row in read_rows(folder / "metrics.csv")]
              for folder in (reference_folder, resumed_folder)]
     assert strip[0] == strip[1] and len(strip[1]) == EPOCHS

@@ -113,6 +113,9 @@ class TrainConfig:
     # Stop (as if interrupted) after this epoch, leaving last.pt for --resume; for tests and
     # for splitting a run across scheduler time slots. None: run all epochs.
     stop_after_epoch: Optional[int] = None
+    # At most this many batches per epoch in training and in each evaluation (val, test): a bounded
+    # run at full size (smoke tests, bench/full_size.py). Accuracies then cover those batches only.
+    max_steps: Optional[int] = None
 
 
 @dataclass
@@ -381,7 +384,7 @@ def check_values(config: Config, source: str, origins: dict[str, str] | None = N
     key (`origins`: key -> "--set ..." or "--flag"), else on `source` (the YAML file)."""
     problems = list(model_config_problems(config.model, "model."))     # each starts with its key
     train_positive = ("lr", "batch_size", "eval_batch_size", "epochs", "lr_halve_every", "lr_decay",
-                      "grad_clip", "log_every", "stop_after_epoch")
+                      "grad_clip", "log_every", "stop_after_epoch", "max_steps")
     positive = ([f"{stage}.graph_layers" for stage in STAGES] + [f"train.{name}" for name in train_positive]
                 + ["loss.tau_app", "loss.tau_mo", "loss.logit_tau"])
     for key in positive:

@@ -12,7 +12,7 @@ token and answer indices inside the vocabulary, GloVe rows == question vocabular
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vqakd.data.annotations import SPLITS
 from vqakd.core.config import Config
-from vqakd.core.distributed import local_world_size
 from vqakd.core.errors import UserError, require_file
 from vqakd.data.features import FeatureFileInfo, FeatureTable, choose_table_device, load_feature_table
 from vqakd.data.questions import QUESTION_TYPES, check_vocab_binding, load_question_file, question_type_code
@@ -214,8 +213,9 @@ class EpochBatchSampler(Sampler):
     steps), never when evaluating (every question counted once)."""
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_single_last: bool = False):
+                 world_size: int = 1, drop_single_last: bool = False, max_batches: Optional[int] = None):
         self.size = size
+        self.max_batches = max_batches      # train.max_steps: the first batches only
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -242,7 +242,7 @@ class EpochBatchSampler(Sampler):
         batches = list(torch.split(order, self.batch_size))
         if self.drop_single_last and len(batches) > 1 and len(batches[-1]) == 1:
             batches.pop()
-        return batches
+        return batches[:self.max_batches]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self._batches())
@@ -253,10 +253,11 @@ class EpochBatchSampler(Sampler):
 
 def make_loader(split: QuestionSplit, table: FeatureTable, batch_size: int, shuffle: bool, seed: int,
                 num_workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1,
-                reuse_buffers: bool = False) -> DataLoader:
+                reuse_buffers: bool = False, max_batches: Optional[int] = None) -> DataLoader:
     """Batches of `split` (this rank's share). `reuse_buffers`: see QuestionBatches; only without
     workers (a worker's tensors travel through shared memory, which a reused buffer would overwrite)."""
-    sampler = EpochBatchSampler(len(split), batch_size, shuffle, seed, rank, world_size, drop_single_last=shuffle)
+    sampler = EpochBatchSampler(len(split), batch_size, shuffle, seed, rank, world_size, drop_single_last=shuffle,
+                                max_batches=max_batches)
     on_gpu = table.device.type != "cpu"
     workers = 0 if on_gpu else num_workers
     return DataLoader(
@@ -282,18 +283,23 @@ class DataBundle:
 
 
 def load_data(config: Config, splits: tuple[str, ...] = SPLITS, device: torch.device | None = None,
-              progress: bool = True, expected_by: str = "model") -> DataBundle:
-    """Vocabulary, the requested question splits and the feature table, all checked."""
+              progress: bool = True, expected_by: str = "model",
+              before_table: Optional[Callable[[DataBundle], bool]] = None) -> DataBundle:
+    """Vocabulary, the requested question splits and the feature table, all checked.
+    `before_table(bundle)` runs once the question splits are loaded and the table's headers read:
+    the memory plan (vqakd/training/memory.py); when it returns False the table is not read."""
     vocab_path = require_file(config.data.vocab, "vocabulary file", "make it with preprocess/preprocess_questions.py")
     vocab = Vocabulary.load(vocab_path)
     table = load_feature_table(config, expected_by)
     paths = {"train": config.data.train_questions, "val": config.data.val_questions,
              "test": config.data.test_questions}
     loaded = {name: load_split(name, paths[name], vocab, table, config.data.missing_videos) for name in splits}
+    bundle = DataBundle(vocab, table, loaded)
+    if before_table is not None and not before_table(bundle):
+        return bundle
     if table.mode == "memory":
-        target = choose_table_device(config, table, device) if device is not None else torch.device("cpu")
-        table.load(progress, target, copies_per_node=local_world_size() if target.type == "cpu" else 1)
-    return DataBundle(vocab, table, loaded)
+        table.load(progress, choose_table_device(config, table, device) if device is not None else torch.device("cpu"))
+    return bundle
 
 
 def glove_matrix_for(config: Config, bundle: DataBundle, progress: bool = True) -> Optional[np.ndarray]:

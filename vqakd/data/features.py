@@ -22,8 +22,6 @@ MOTION_DATASET = "resnext_features"
 IDS_DATASET = "ids"
 # Rows read from an HDF5 file per chunk while building the in-memory table.
 LOAD_CHUNK_BYTES = 256 << 20
-# Keep this share of free memory unused when deciding whether the table fits.
-MEMORY_HEADROOM = 0.9
 # The GPU table may use at most this share of the free GPU memory (the model needs the rest).
 GPU_TABLE_SHARE = 0.5
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -81,7 +79,8 @@ def read_feature_header(path: str, dataset: str, ndim: int, layout: str) -> Feat
     return FeatureFileInfo(path, dataset, shape, ids, {int(v): row for row, v in enumerate(ids.tolist())})
 
 
-def _available_memory_bytes() -> Optional[int]:
+def available_memory_bytes() -> Optional[int]:
+    """The kernel's estimate of memory available to a new process (MemAvailable), None where unknown."""
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -158,19 +157,10 @@ class FeatureTable:
         mot = np.array([self.motion_info.row_of[int(v)] for v in video_ids], dtype=np.int64)
         return app, mot
 
-    def load(self, progress: bool = True, device: torch.device | None = None, copies_per_node: int = 1) -> None:
+    def load(self, progress: bool = True, device: torch.device | None = None) -> None:
         """Read both files into memory on `device` (default CPU), chunk by chunk, checking every
-        video for NaN/inf. `copies_per_node`: processes on this machine that each hold a CPU copy."""
+        video for NaN/inf. Whether it fits is the memory plan's question (vqakd/training/memory.py)."""
         device = torch.device("cpu") if device is None else device
-        if device.type == "cpu":
-            available = _available_memory_bytes()
-            needed = self.nbytes() * copies_per_node
-            if available is not None and needed > MEMORY_HEADROOM * available:
-                copies = f" ({copies_per_node} processes on this machine, one copy each)" if copies_per_node > 1 else ""
-                raise UserError(
-                    f"the feature table needs {needed / 2**30:.1f} GiB{copies} but only {available / 2**30:.1f} GiB "
-                    "of memory is available; set data.feature_dtype: float16 (half the size) or "
-                    "data.feature_mode: lazy")
         self.appearance = self._load_file(self.appearance_info, progress, device)
         self.motion = self._load_file(self.motion_info, progress, device)
 

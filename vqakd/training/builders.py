@@ -20,17 +20,20 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model_for_stage(config: Config, stage: str, bundle: DataBundle, device: torch.device,
-                          progress: bool) -> DualVGR:
-    """A freshly initialised network of `stage` (its graph layers) for this run's vocabulary,
-    with the GloVe word vectors when the config asks for them, on `device`."""
+def model_config_for_stage(config: Config, stage: str, bundle: DataBundle) -> ModelConfig:
+    """The network of `stage` (its graph layers) for this run's vocabulary."""
     try:
-        model_config = ModelConfig(question_vocab_size=bundle.vocab.question_size,
-                                   answer_vocab_size=bundle.vocab.answer_size,
-                                   graph_layers=config.stage(stage).graph_layers,
-                                   **dataclasses.asdict(config.model))
+        return ModelConfig(question_vocab_size=bundle.vocab.question_size, answer_vocab_size=bundle.vocab.answer_size,
+                           graph_layers=config.stage(stage).graph_layers, **dataclasses.asdict(config.model))
     except ValueError as exc:
         raise UserError(f"invalid model settings: {exc}") from None
+
+
+def build_model_for_stage(config: Config, stage: str, bundle: DataBundle, device: torch.device,
+                          progress: bool) -> DualVGR:
+    """A freshly initialised network of `stage` for this run's vocabulary, with the GloVe word
+    vectors when the config asks for them, on `device`."""
+    model_config = model_config_for_stage(config, stage, bundle)
     check_model_fits_memory(model_config)
     model = DualVGR(model_config)
     glove = glove_matrix_for(config, bundle, progress)
@@ -42,23 +45,25 @@ def build_model_for_stage(config: Config, stage: str, bundle: DataBundle, device
     return model.to(device)
 
 
-def check_model_fits_memory(model_config: ModelConfig) -> None:
+def check_model_fits_memory(model_config: ModelConfig) -> int:
     """Refuse a network whose weights alone (float32, with Adam's two moments and the gradient:
     4 copies) exceed this machine's memory, sized on the meta device before anything is allocated:
-    `model.module_dim=4194304` would otherwise die deep inside the allocator."""
+    `model.module_dim=4194304` would otherwise die deep inside the allocator. Returns its
+    parameter count."""
     with torch.device("meta"):
         parameters = count_parameters(DualVGR(model_config))
     need = 4 * 4 * parameters
     try:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return              # the size of memory is unknown here: let the allocator decide
+        return parameters   # the size of memory is unknown here: let the allocator decide
     if need > memory_bytes:
         sizes = ", ".join(f"model.{key}={getattr(model_config, key)}"
                           for key in ("module_dim", "word_dim", "vision_dim"))
         raise UserError(f"the network would have {parameters:,} parameters, {need / 2**30:,.1f} GiB to train "
                         f"(weights, gradients, Adam state), more than this machine's {memory_bytes / 2**30:,.1f} GiB "
                         f"of memory; check the model sizes ({sizes})")
+    return parameters
 
 
 def check_vocab_match(checkpoint: Mapping[str, Any], path: str, bundle: DataBundle, what: str) -> None:
@@ -86,11 +91,8 @@ def check_same_model(checkpoint: Mapping[str, Any], path: str, model: DualVGR) -
                         f"vs {ours[changed[0]]} now); use --overwrite to start again")
 
 
-def load_teacher(path: str, config: Config, bundle: DataBundle, device: torch.device,
-                 checkpoint: Mapping[str, Any] | None = None) -> DualVGR:
-    """The frozen teacher for distillation (eval mode, no gradients), checked against this run's
-    data and student (`checkpoint`: the file, already loaded)."""
-    checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
+def check_teacher(checkpoint: Mapping[str, Any], path: str, config: Config, bundle: DataBundle) -> None:
+    """The teacher checkpoint fits this run's data and student (before anything is sized by it)."""
     check_vocab_match(checkpoint, path, bundle, "the teacher")
     recorded = checkpoint["model_config"]
     for key in ("num_nodes", "vision_dim"):
@@ -100,6 +102,10 @@ def load_teacher(path: str, config: Config, bundle: DataBundle, device: torch.de
     if recorded.get("module_dim") != config.model.module_dim:
         raise UserError(f"{path}: the teacher has module_dim {recorded.get('module_dim')} but the "
                         f"student has {config.model.module_dim}; feature distillation needs equal sizes")
+
+
+def frozen_teacher(checkpoint: Mapping[str, Any], path: str, device: torch.device) -> DualVGR:
+    """The teacher for distillation (checked by `check_teacher`): eval mode, no gradients."""
     teacher = model_from_checkpoint(checkpoint, path, device)
     teacher.eval()
     teacher.requires_grad_(False)

@@ -157,6 +157,8 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
         values["loss"].backward()
         torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
         optimizer.step()
+        if step == 1:
+            first_step_done = time.perf_counter()     # steps/s leaves out the first (warm-up) step
 
         detached = torch.stack([values[name].detach().float() for name in names])
         watch.update(step, detached)
@@ -173,8 +175,10 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
     result = _means(names, sums, questions)
     counter.all_reduce()
     elapsed = time.perf_counter() - started
+    after_first = time.perf_counter() - first_step_done if steps > 1 else elapsed
     result.update(accuracy=counter.summary(), time_s=elapsed, questions=int(questions),
-                  questions_per_s=int(questions) / elapsed if elapsed > 0 else 0.0)
+                  questions_per_s=int(questions) / elapsed if elapsed > 0 else 0.0,
+                  steps_per_s=max(steps - 1, 1) / after_first if after_first > 0 else 0.0)
     return result
 
 
@@ -264,6 +268,7 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
         if teacher is not None:
             teacher.eval()
     meter = NodeSpreadMeter() if node_spread else None
+    started = time.perf_counter()
     for batch in progress_bar(loader, total=len(loader), desc=desc, unit="batch", enabled=progress,
                               dynamic_ncols=True, leave=False):
         batch = _to_device(batch, device)
@@ -290,6 +295,8 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
             top_answers.append(answers)
             top_probs.append(values)
     summary = counter.all_reduce().summary()
+    elapsed = time.perf_counter() - started
+    summary["questions_per_s"] = summary["count"] / elapsed if elapsed > 0 else 0.0
     if loss_cfg is not None:
         summary["losses"] = _means(names, loss_sums, questions)
     if meter is not None:

@@ -79,11 +79,17 @@ def format_table(summary: Mapping, title: str = "") -> str:
     return "\n".join(lines)
 
 
+# The columns that measure time, not training: they differ between two identical runs.
+TIMING_COLUMNS = ("time_s", "train_questions_per_s", "train_steps_per_s", "val_questions_per_s")
+
+
 def metrics_row(epoch: int, lr: float, train: Mapping, val: Mapping, epoch_time: float) -> dict[str, Any]:
     """One metrics.csv row, every column always present (empty where a part does not apply);
     `val`: `evaluate`'s summary with its "losses" and "node_spread"; `epoch_time`: train and val."""
     row: dict[str, Any] = {"epoch": epoch, "lr": lr, "time_s": round(epoch_time, 3),
-                           "train_questions_per_s": round(train["questions_per_s"], 2)}
+                           "train_questions_per_s": round(train["questions_per_s"], 2),
+                           "train_steps_per_s": round(train["steps_per_s"], 4),
+                           "val_questions_per_s": round(val.get("questions_per_s", 0.0), 2)}
     val_losses = val.get("losses") or {}
     for name in LOSS_PARTS:
         row[f"train_{name}"] = train.get(name, "")

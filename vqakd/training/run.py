@@ -14,14 +14,14 @@ from model import DualVGR
 from model.diagnostics import layer_warning
 from vqakd.core import distributed as dist
 from vqakd.core.config import Config, config_to_dict, data_file_paths, dump_config, load_config, override_key
-from vqakd.core.distributed import resolve_process_device
+from vqakd.core.distributed import local_world_size, resolve_process_device
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
 from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
 from vqakd.training.builders import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,
-                                     load_teacher)
-from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_from_checkpoint,
-                                       restore_rng_state, save_checkpoint, seed_everything)
+                                     check_teacher, frozen_teacher, model_config_for_stage)
+from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_config_from,
+                                       model_from_checkpoint, restore_rng_state, save_checkpoint, seed_everything)
 from vqakd.training.engine import configure_backends, evaluate, loss_scale_warnings, train_one_epoch
 from vqakd.training.inference_record import inference_record
 from vqakd.training.metrics import epoch_line, format_table, metrics_row, write_metrics_csv
@@ -30,7 +30,8 @@ from vqakd.training.provenance import (changed_inputs, input_fingerprints, input
                                        utc_now)
 from vqakd.training.resume import LR_SCHEDULE_KEYS, apply_lr_schedule, resume_changes
 from vqakd.training.run_folder import RunFolder, RunLog, stage_guard
-from vqakd.training.validation import eval_loader, evaluation_record
+from vqakd.training.memory import MemoryPlan, plan_run
+from vqakd.training.validation import eval_batch_per_process, eval_loader, evaluation_record
 
 CURVES_REFRESH_S = 60.0
 
@@ -80,6 +81,7 @@ class StageStart:
     start_epoch: int = 1
     # Every resume of this run (empty: not resumed): {epoch, after_epoch, changed: {key: [old, new]}}.
     resumes: list = field(default_factory=list)
+    memory_plan: Optional[MemoryPlan] = None         # what the run was predicted to need
 
 
 # The run folder's record of its resumes (results.json `resumed`).
@@ -118,14 +120,15 @@ def settings_from_files(config: Config, values: Mapping[str, Any], source: str,
 
 
 def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Optional[str], resume: bool,
-                overwrite: bool, explicit: Sequence[str] = ()) -> StageStart:
-    """Every start-up check and load, on every rank, before anything in the output folder changes."""
+                overwrite: bool, explicit: Sequence[str] = (), plan_only: bool = False) -> StageStart | MemoryPlan:
+    """Every start-up check and load, on every rank, before anything in the output folder changes.
+    `plan_only`: stop at the memory plan (returned), before the feature table is read."""
     device = resolve_process_device(config.train.device, what="train.device")
     if config.train.batch_size < 2:
         raise UserError(f"train.batch_size is {config.train.batch_size}: BatchNorm needs at least 2 questions per "
                         "training batch; use 2 or more")
     batch_train = per_process_batch(config.train.batch_size, dist.get_world_size())
-    if os.path.exists(folder.last) and not resume and not overwrite:
+    if os.path.exists(folder.last) and not resume and not overwrite and not plan_only:
         raise UserError(f"{folder.folder} already holds a {stage} run ({folder.last}); pass --resume to continue it "
                         "or --overwrite to start again")
     progress = config.train.progress and dist.is_main()
@@ -146,17 +149,35 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
                                            f"the teacher {teacher_file}", explicit)
     expected_by = (f"the teacher {teacher_file} (model)" if {"num_nodes", "vision_dim"} & set(from_teacher)
                    else "model")
-    bundle = load_data(config, device=device, progress=progress, expected_by=expected_by)
     notes = list(from_teacher.values())
-    glove = bundle.splits["train"].glove
-    if config.data.use_glove and glove is not None:
-        notes += settings_from_files(config, {"word_dim": int(glove.shape[1])},
-                                     "the GloVe matrix of data.train_questions", explicit).values()
+    planned = {}
+
+    def plan_memory(bundle: DataBundle) -> bool:
+        """Said and checked once the questions are loaded, before the feature table is read."""
+        glove = bundle.splits["train"].glove
+        if config.data.use_glove and glove is not None:
+            notes.extend(settings_from_files(config, {"word_dim": int(glove.shape[1])},
+                                             "the GloVe matrix of data.train_questions", explicit).values())
+        if teacher_record is not None:
+            check_teacher(teacher_record, teacher_file, config, bundle)
+        teacher_config = (model_config_from(teacher_record, teacher_file)
+                          if teacher_record is not None and config.loss.distill_of(stage) != "none" else None)
+        plan = plan_run(config, bundle, model_config_for_stage(config, stage, bundle), device, training=True,
+                        stage=stage, batch=batch_train, eval_batch=eval_batch_per_process(config),
+                        teacher_config=teacher_config, processes=local_world_size())
+        planned["plan"] = plan
+        if not plan_only and plan.refusal():
+            raise UserError(plan.refusal())
+        return not plan_only
+
+    bundle = load_data(config, device=device, progress=progress, expected_by=expected_by, before_table=plan_memory)
+    if plan_only:
+        return planned["plan"]
     if len(bundle.splits["train"]) < 2:
         raise UserError(f"{bundle.splits['train'].path}: {len(bundle.splits['train'])} training question(s); "
                         "BatchNorm needs at least 2")
     # The frozen teacher runs on every rank, on that rank's own share of the batch.
-    teacher = load_teacher(teacher_file, config, bundle, device, teacher_record) if teacher_file else None
+    teacher = frozen_teacher(teacher_record, teacher_file, device) if teacher_file else None
 
     seed_everything(config.train.seed)
     model = build_model_for_stage(config, stage, bundle, device, progress)
@@ -165,7 +186,7 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
                                                 gamma=config.train.lr_decay)
     start = StageStart(device=device, batch_train=batch_train, bundle=bundle, model=model, optimizer=optimizer,
                        scheduler=scheduler, teacher=teacher, teacher_file=teacher_file, inputs=inputs,
-                       input_paths=paths, notes=notes)
+                       input_paths=paths, notes=notes, memory_plan=planned["plan"])
     if resume and os.path.isfile(folder.last):
         resume_from(folder.last, start, config, stage)
     return start
@@ -262,6 +283,8 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
             prepare_folder(folder, start, config, stage, resume, overwrite, log)
         for note in start.notes:
             log(note)
+        for line in start.memory_plan.lines():
+            log(line)
         dist.barrier()
 
         processes = (f", DistributedDataParallel: {dist.get_world_size()} processes x {start.batch_train} "
@@ -303,7 +326,7 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
     trained = wrap_ddp(model, device) if dist.is_initialized() else model
     train_loader = make_loader(start.bundle.splits["train"], start.bundle.table, start.batch_train, True,
                                config.train.seed, config.train.num_workers, device.type == "cuda", dist.get_rank(),
-                               world, reuse_buffers=True)
+                               world, reuse_buffers=True, max_batches=config.train.max_steps)
     val_loader = eval_loader(config, start.bundle, "val", device)
     vocab_info = start.bundle.vocab.info()
     # What predict.py needs to answer about a new video as this run's data was made.
@@ -397,6 +420,7 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
         # Settings changed on --resume, from which epoch (config above: the values at the end).
         "resumed": start.resumes,
         "world_size": dist.get_world_size(),
+        "memory_plan": start.memory_plan.record(),
     }
     if dist.is_main():
         results["provenance"] = provenance_for_config(config, started=started, device=device,
@@ -410,9 +434,10 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
 
 def train_stage(cfg: str, stage: str, overrides: list[str] = (), *, teacher: Optional[str] = None,
                 distill: Optional[str] = None, device: Optional[str] = None, resume: bool = False,
-                overwrite: bool = False, original_flags: Optional[dict[str, Any]] = None) -> None:
+                overwrite: bool = False, original_flags: Optional[dict[str, Any]] = None, plan: bool = False) -> int:
     """What `python train.py` does with its flags: the config (YAML + `--set` + the original
-    code's flags), then `run_training`."""
+    code's flags), then `run_training`; with `plan`, print the memory plan only (exit status 1
+    when the run would not fit)."""
     overrides = list(overrides)
     if distill is not None:
         overrides.insert(0, f"loss.distill={distill}")
@@ -420,5 +445,14 @@ def train_stage(cfg: str, stage: str, overrides: list[str] = (), *, teacher: Opt
         overrides.insert(0, f"train.device={device}")
     config = load_config(cfg, overrides, original_flags or {})
     explicit = [override_key(text) for text in overrides]
+    if plan:
+        folder = RunFolder(config.stage_dir(stage))
+        with dist.session():
+            memory_plan = dist.agree(lambda: start_stage(config, stage, folder, teacher, resume, overwrite, explicit,
+                                                         plan_only=True))
+        if dist.is_main():
+            print("\n".join(memory_plan.lines()))
+        return 0 if memory_plan.fits() else 1
     run_training(config, stage, teacher_path=teacher, resume=resume, overwrite=overwrite, config_file=cfg,
                  explicit=explicit)
+    return 0

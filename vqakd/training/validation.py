@@ -14,7 +14,7 @@ from vqakd.core import distributed as dist
 from vqakd.training.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
 from vqakd.core.config import Config, data_file_paths, eval_batch_size, load_config, override_key
 from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
-from vqakd.core.distributed import resolve_process_device
+from vqakd.core.distributed import local_world_size, resolve_process_device
 from vqakd.training.engine import configure_backends, evaluate
 from vqakd.core.errors import UserError
 from vqakd.core.files import atomic_open, write_json
@@ -23,6 +23,7 @@ from vqakd.data.questions import TYPE_NAMES
 from vqakd.training.metrics import FIRST_ANSWER_LABEL, format_table
 from vqakd.training.builders import check_vocab_match, count_parameters
 from vqakd.training.inference_record import feature_differences
+from vqakd.training.memory import MemoryPlan, plan_run
 from vqakd.training.provenance import provenance_for_config, utc_now
 
 # `answer`: the true answer's vocabulary entry (<UNK1> outside the answer vocabulary);
@@ -38,12 +39,16 @@ CONFUSION_ANSWERS = 10
 SUMMARY_FIGURES = ("accuracy", "correct", "count", "accuracy_answered", "count_answered")
 
 
+def eval_batch_per_process(config: Config) -> int:
+    """train.eval_batch_size questions split over the processes (the last process may get fewer)."""
+    return -(-eval_batch_size(config) // dist.get_world_size())
+
+
 def eval_loader(config: Config, bundle: DataBundle, split: str, device: torch.device):
-    """This process's share of `split` in evaluation batches: train.eval_batch_size questions split
-    over the processes (the last process may get fewer)."""
-    return make_loader(bundle.splits[split], bundle.table, -(-eval_batch_size(config) // dist.get_world_size()),
-                       False, config.train.seed, config.train.num_workers, device.type == "cuda", dist.get_rank(),
-                       dist.get_world_size(), reuse_buffers=True)
+    """This process's share of `split` in evaluation batches (at most train.max_steps of them)."""
+    return make_loader(bundle.splits[split], bundle.table, eval_batch_per_process(config), False, config.train.seed,
+                       config.train.num_workers, device.type == "cuda", dist.get_rank(), dist.get_world_size(),
+                       reuse_buffers=True, max_batches=config.train.max_steps)
 
 
 def evaluation_record(summary: Mapping[str, Any], split: str, dropped: Mapping[str, int],
@@ -56,7 +61,8 @@ def evaluation_record(summary: Mapping[str, Any], split: str, dropped: Mapping[s
 
 def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = (), *, split: str = "test",
                         write_preds: bool = False, out: Optional[str] = None, preds_out: Optional[str] = None,
-                        device: Optional[str] = None, other_features: bool = False) -> dict[str, Any]:
+                        device: Optional[str] = None, other_features: bool = False,
+                        plan: bool = False) -> dict[str, Any] | MemoryPlan:
     """What `python validate.py` does with its flags: evaluate a checkpoint (ours or original) on a
     split and write the JSON (and the predictions CSV); under torchrun rank 0 writes the whole
     split's figures. The checkpoint defines the network: a model.* override may only repeat it."""
@@ -71,6 +77,13 @@ def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = ()
     outputs = {"--out": out, "--preds-out": preds_out if write_preds else None,
                "the per-answer figures": answers_out if write_preds else None}
     inputs = {"--checkpoint": checkpoint, "--cfg": cfg, **data_file_paths(config)}
+    if plan:            # nothing is written: no output checks, no lock
+        with dist.session():
+            memory_plan = _run_validation(config, checkpoint, split, write_preds, out, preds_out, answers_out,
+                                          model_keys, other_features, plan_only=True)
+        if dist.is_main():
+            print("\n".join(memory_plan.lines()))
+        return memory_plan
     with dist.session(), contextlib.ExitStack() as held:
         # Before any work: never replace the checkpoint; only the main process writes and locks.
         dist.agree(lambda: held.enter_context(guard_outputs(
@@ -82,7 +95,7 @@ def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = ()
 
 def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: str,
                     preds_out: str, answers_out: str, model_overrides: Sequence[str],
-                    other_features: bool) -> dict[str, Any]:
+                    other_features: bool, plan_only: bool = False) -> dict[str, Any] | MemoryPlan:
     started = utc_now()
     world, main = dist.get_world_size(), dist.is_main()
 
@@ -101,8 +114,20 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
         # The checkpoint defines the network: its clip count and feature size are what the data must match.
         config.model.num_nodes = model_config.num_nodes
         config.model.vision_dim = model_config.vision_dim
+        planned = {}
+
+        def plan_memory(bundle: DataBundle) -> bool:
+            planned["plan"] = plan_run(config, bundle, model_config, device, training=False,
+                                       batch=eval_batch_per_process(config), eval_batch=eval_batch_per_process(config),
+                                       processes=local_world_size())
+            if not plan_only and planned["plan"].refusal():
+                raise UserError(planned["plan"].refusal())
+            return not plan_only
+
         bundle = load_data(config, splits=(split,), device=device, progress=config.train.progress and main,
-                           expected_by="the checkpoint's model_config")
+                           expected_by="the checkpoint's model_config", before_table=plan_memory)
+        if plan_only:
+            return (planned["plan"],)
         check_vocab_match(checkpoint, checkpoint_path, bundle, "the checkpoint")
         differences = feature_differences(checkpoint, {"appearance": config.data.appearance_feat,
                                                        "motion": config.data.motion_feat})
@@ -111,9 +136,12 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
                             "evaluate on the features it was trained on, or pass --other-features to evaluate "
                             "anyway (recorded in the eval JSON)")
         return (device, checkpoint, bundle, model_from_checkpoint(checkpoint, checkpoint_path, device),
-                differences)
+                differences, planned["plan"])
 
-    device, checkpoint, bundle, model, differences = dist.agree(start)
+    started_up = dist.agree(start)
+    if plan_only:
+        return started_up[0]
+    device, checkpoint, bundle, model, differences, memory_plan = started_up
     configure_backends(device, config.train.tf32)
     loader = eval_loader(config, bundle, split, device)
     # One pass gives the accuracy and, with --write-preds, each question's top answers.
@@ -134,6 +162,7 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
         "claimed_model_kwargs": checkpoint.get("claimed_model_kwargs") or {},
         # --other-features: how these features differ from the checkpoint's training features.
         "other_features": differences,
+        "memory_plan": memory_plan.record(),
     }
     if main:
         for note in checkpoint.get("notes") or ():

@@ -1,0 +1,142 @@
+"""The memory plan: what a run will need, said (--plan) and checked before the features are read,
+and train.max_steps, the bounded run the full-size measurements use."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from test_train_fixtures import make_dataset, tiny_config_dict, write_config
+from vqakd.core.config import config_from_dict
+from vqakd.core.errors import UserError
+from vqakd.data.batches import load_data
+from vqakd.training import memory
+from vqakd.training.builders import model_config_for_stage
+from vqakd.training.memory import _LiveBytes, measure_step, plan_run
+from vqakd.training.run import train_stage
+from vqakd.training.validation import validate_checkpoint
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "data", videos=24, questions_per_video=3)
+
+
+def config_for(tiny, tmp_path, **sections):
+    return config_from_dict(tiny_config_dict(tiny["paths"], tmp_path / "out", **sections))
+
+
+def test_live_bytes_counts_what_is_alive_and_its_peak():
+    kept = torch.zeros(1000)
+    with _LiveBytes({kept.untyped_storage().data_ptr()}) as live:
+        a = torch.ones(1024)              # 4 KiB
+        b = torch.ones(2048)              # 8 KiB
+        del a
+        c = b.view(2, 1024)               # a view: no new memory
+        kept.add_(1)                      # in place on a storage made outside: not counted
+        assert live.live == 8192
+    assert live.peak == 12288
+    del b, c
+
+
+def test_step_cost_is_linear_in_the_batch(tiny, tmp_path):
+    """The two small probes predict a larger batch's peak, measured directly."""
+    config = config_for(tiny, tmp_path)
+    bundle = load_data(config, progress=False)
+    model_config = model_config_for_stage(config, "teacher", bundle)
+    cost = measure_step(model_config, 3, loss_cfg=config.loss)
+    assert cost.train_per_question > 0 and cost.eval_per_question > 0
+    from model import DualVGR
+    from vqakd.training.engine import compute_loss
+
+    torch.manual_seed(0)
+    model = DualVGR(model_config)
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    batch = 24
+    inputs = (torch.rand(batch, 4, 3, 16), torch.rand(batch, 4, 16), torch.randint(2, 15, (batch, 30)),
+              torch.full((batch,), 12))
+    known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *inputs]}
+    known |= {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+    with _LiveBytes(known) as live:
+        output = model(*inputs)
+        compute_loss(output, torch.zeros(batch, dtype=torch.long), config.loss, "teacher", None, 1)["loss"].backward()
+        del output
+    assert cost.train(batch) == pytest.approx(live.peak, rel=0.15)
+
+
+def test_plan_parts_follow_the_table_mode_and_dtype(tiny, tmp_path):
+    table_values = 24 * (4 * 3 * 16 + 4 * 16)
+    for mode, dtype, table_bytes in (("memory", "float32", 4 * table_values), ("memory", "float16", 2 * table_values),
+                                     ("lazy", "float32", 0)):
+        config = config_for(tiny, tmp_path, data={"feature_mode": mode, "feature_dtype": dtype})
+        bundle = load_data(config, progress=False, before_table=lambda bundle: False)
+        assert bundle.table.appearance is None                  # the table was not read
+        plan = plan_run(config, bundle, model_config_for_stage(config, "teacher", bundle), torch.device("cpu"),
+                        training=True, batch=32, eval_batch=32)
+        assert plan.host["feature table"] == table_bytes
+        assert plan.host_peak == sum(plan.host.values()) and plan.gpu == {}
+        assert plan.disk_at_start == (0 if mode == "lazy" else pytest.approx(4 * table_values, rel=0.5))
+        assert (plan.disk_per_epoch > 0) == (mode == "lazy")
+        assert set(plan.others) == {"memory float32", "memory float16", "lazy"} - {plan.setting()}
+        two = plan_run(config, bundle, model_config_for_stage(config, "teacher", bundle), torch.device("cpu"),
+                       training=True, batch=32, eval_batch=32, processes=2)
+        assert two.host_peak == 2 * sum(two.host.values())
+
+
+def test_plan_prints_and_stops_before_the_features(tiny, tmp_path, capsys, monkeypatch):
+    config = write_config(tmp_path / "c.yml", tiny_config_dict(tiny["paths"], tmp_path / "out"))
+    read = []
+    monkeypatch.setattr("vqakd.data.features.FeatureTable.load", lambda *a, **k: read.append(1))
+    assert train_stage(config, "teacher", plan=True) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("memory plan (teacher training, feature table: memory float32 on cpu, batch 32):")
+    assert "one step (batch 32)" in out and "verdict: fits" in out and read == []
+    assert not (tmp_path / "out").exists()                      # nothing written
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1000)
+    assert train_stage(config, "teacher", plan=True) == 1
+    assert "verdict: does NOT fit" in capsys.readouterr().out
+
+
+def test_a_run_that_will_not_fit_is_refused_naming_a_setting_that_would(tiny, tmp_path, monkeypatch):
+    config = tiny_config_dict(tiny["paths"], tmp_path / "out")
+    path = write_config(tmp_path / "c.yml", config)
+    plan = plan_run(config_from_dict(config), *_bundle_and_model(config), torch.device("cpu"), training=True,
+                    batch=32, eval_batch=32)
+    between = (plan.others["lazy"]["host"] + plan.host_peak) // 2      # lazy fits, the float32 table does not
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: between)
+    with pytest.raises(UserError, match=r"this run needs .* GiB of memory .* data.feature_mode: lazy would fit"):
+        train_stage(path, "teacher")
+    assert not (tmp_path / "out" / "teacher" / "last.pt").exists()
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1000)
+    with pytest.raises(UserError, match="no feature-table setting fits: lower the batch size"):
+        train_stage(path, "teacher")
+
+
+def _bundle_and_model(config_dict):
+    config = config_from_dict(config_dict)
+    bundle = load_data(config, progress=False, before_table=lambda bundle: False)
+    return bundle, model_config_for_stage(config, "teacher", bundle)
+
+
+def test_max_steps_bounds_training_and_every_evaluation(tiny, tmp_path):
+    config = write_config(tmp_path / "c.yml", tiny_config_dict(
+        tiny["paths"], tmp_path / "out", train={"epochs": 1, "batch_size": 8, "max_steps": 1}))
+    train_stage(config, "teacher")
+    folder = tmp_path / "out" / "teacher"
+    results = json.loads((folder / "results.json").read_text())
+    assert results["count"] == 8                               # one test batch of the 12 questions
+    assert results["memory_plan"]["host_peak_bytes"] > 0
+    with open(folder / "metrics.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert int(row["val_count"]) == 8                           # one val batch of the 12 questions
+    assert float(row["train_steps_per_s"]) > 0 and float(row["val_questions_per_s"]) > 0
+    evaluated = validate_checkpoint(config, str(folder / "best.pt"), split="test", out=str(tmp_path / "e.json"))
+    assert evaluated["count"] == 8 and evaluated["memory_plan"]["what"] == "evaluation"
+    plan = validate_checkpoint(config, str(folder / "best.pt"), split="test", plan=True)
+    assert plan.fits() and plan.what == "evaluation"

@@ -1,0 +1,297 @@
+"""What a run will need, said before anything is loaded: host memory, GPU memory and feature
+reads, for the run's feature-table mode and dtype (`train.py --plan`, `validate.py --plan`), and
+the one-line refusal when it will not fit.
+
+How each part is known:
+- the process: its resident memory when the plan is made: torch and the libraries imported,
+  the vocabulary and question splits loaded (they are small), the feature table not;
+- the feature table: the files' shapes (read from their headers) times the dtype's size;
+- the networks: parameters counted on the meta device; training holds four float32 copies
+  (weights, gradients, Adam's two moments), evaluation and a frozen teacher one;
+- one step: the network runs on 2 and on 4 random questions of the run's shapes, forward and
+  backward for training, forward only for evaluation, while `_LiveBytes` tracks every tensor it
+  creates; the peak of live bytes is a + b·B, so two probes give it for the run's batch exactly
+  enough (the teacher of a distilling student runs inside the probe too);
+- batches in flight: the gathered features (reused buffers in memory mode; in lazy mode the rows
+  read, converted and, with loader workers, each worker's prefetched batches).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from model import DualVGR, ModelConfig
+from vqakd.core.config import Config
+from vqakd.data.features import GPU_TABLE_SHARE, LOAD_CHUNK_BYTES, available_memory_bytes
+from vqakd.training.builders import check_model_fits_memory
+
+GIB = 2**30
+PROBE_BATCHES = (2, 4)
+PROBE_WIDTH, PROBE_LENGTH = 30, 12    # padded question width and question length of the probe
+PREFETCH_FACTOR = 2                   # DataLoader's default: batches each worker keeps ready
+WORKER_BYTES = 256 << 20              # a loader worker's own memory besides its batches (estimate)
+CUDA_CONTEXT_BYTES = 600 << 20        # CUDA runtime and kernels on the GPU (estimate)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors created inside the block that are still alive, and their peak.
+
+    A storage's Python object lives exactly as long as the storage (torch keeps the two
+    together), so a finalizer on it says when the memory is freed. Storages in `known` (weights,
+    gradients, inputs: counted elsewhere) are not counted when an in-place op returns them."""
+
+    def __init__(self, known: set[int]):
+        super().__init__()
+        self.counted = set(known)
+        self.live = self.peak = 0
+
+    def _freed(self, key: int, size: int) -> None:
+        self.counted.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.counted:
+                    self.counted.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._freed, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+@dataclass
+class StepCost:
+    """Peak bytes of one step's tensors (inputs, weights and gradients excluded): fixed + per question."""
+
+    train_fixed: float
+    train_per_question: float
+    eval_fixed: float
+    eval_per_question: float
+
+    def train(self, batch: int) -> int:
+        return int(self.train_fixed + self.train_per_question * batch)
+
+    def eval(self, batch: int) -> int:
+        return int(self.eval_fixed + self.eval_per_question * batch)
+
+
+def measure_step(model_config: ModelConfig, frames: int, *, stage: str = "teacher", loss_cfg=None,
+                 teacher_config: Optional[ModelConfig] = None, amp: str = "none") -> StepCost:
+    """Run the network (and a distilling student's teacher) on PROBE_BATCHES random questions of
+    the run's shapes, on the CPU, tracking every tensor made; the global RNG is left untouched."""
+    from vqakd.training.engine import compute_loss
+
+    peaks: dict[bool, list[int]] = {True: [], False: []}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DualVGR(model_config)
+        teacher = DualVGR(teacher_config).eval().requires_grad_(False) if teacher_config is not None else None
+        for parameter in model.parameters():
+            parameter.grad = torch.zeros_like(parameter)
+        kept = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters())]
+        kept += [*teacher.parameters(), *teacher.buffers()] if teacher is not None else []
+        for training, size in ((training, size) for training in (True, False) for size in PROBE_BATCHES):
+            model.train(training)
+            appearance = torch.rand(size, model_config.num_nodes, frames, model_config.vision_dim)
+            motion = torch.rand(size, model_config.num_nodes, model_config.vision_dim)
+            question = torch.randint(2, model_config.question_vocab_size, (size, PROBE_WIDTH))
+            length = torch.full((size,), PROBE_LENGTH)
+            labels = torch.randint(0, model_config.answer_vocab_size, (size,))
+            known = {t.untyped_storage().data_ptr() for t in kept + [appearance, motion, question, length, labels]}
+            with _LiveBytes(known) as live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+                with torch.no_grad():
+                    teacher_output = teacher(appearance, motion, question, length) if teacher is not None else None
+                with torch.set_grad_enabled(training):
+                    output = model(appearance, motion, question, length)
+                    if training:
+                        compute_loss(output, labels, loss_cfg, stage, teacher_output, 1)["loss"].backward()
+                del output, teacher_output
+            peaks[training].append(live.peak)
+    span = PROBE_BATCHES[1] - PROBE_BATCHES[0]
+    fits = {}
+    for training, (small, large) in peaks.items():
+        per_question = max(0.0, (large - small) / span)
+        fits[training] = (small - per_question * PROBE_BATCHES[0], per_question)
+    return StepCost(*fits[True], *fits[False])
+
+
+def process_rss() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@dataclass
+class MemoryPlan:
+    """A run's needs; `host` and `gpu` map each part to its bytes (the peak is their sum)."""
+
+    what: str
+    mode: str
+    dtype: str
+    table_on: str
+    batch: int
+    host: dict[str, int]
+    gpu: dict[str, int]
+    host_available: Optional[int]
+    gpu_free: Optional[int]
+    disk_at_start: int
+    disk_per_epoch: int
+    others: dict[str, dict[str, int]] = field(default_factory=dict)   # "memory float16" -> {"host", "gpu"}
+    processes: int = 1          # processes of this run on this machine (torchrun), each with `host`
+
+    @property
+    def host_peak(self) -> int:
+        return sum(self.host.values()) * self.processes
+
+    @property
+    def gpu_peak(self) -> int:
+        return sum(self.gpu.values())
+
+    def fits(self, host_peak: Optional[int] = None, gpu_peak: Optional[int] = None) -> bool:
+        host_peak = self.host_peak if host_peak is None else host_peak
+        gpu_peak = self.gpu_peak if gpu_peak is None else gpu_peak
+        return ((self.host_available is None or host_peak <= self.host_available)
+                and (self.gpu_free is None or gpu_peak <= self.gpu_free))
+
+    def setting(self) -> str:
+        return f"{self.mode} {self.dtype}" if self.mode == "memory" else "lazy"
+
+    def lines(self) -> list[str]:
+        available = "" if self.host_available is None else f" of {self.host_available / GIB:.1f} GiB available"
+        each = f" ({self.processes} processes on this machine, one share each)" if self.processes > 1 else ""
+        out = [f"memory plan ({self.what}, feature table: {self.setting()} on {self.table_on}, batch {self.batch}):",
+               f"  host memory: {self.host_peak / GIB:.1f} GiB at the peak{available}{each}"]
+        out += [f"    {name:<38}{value / GIB:6.2f} GiB" for name, value in self.host.items()]
+        if self.gpu:
+            free = "" if self.gpu_free is None else f" of {self.gpu_free / GIB:.1f} GiB free"
+            out.append(f"  GPU memory: {self.gpu_peak / GIB:.1f} GiB at the peak{free}")
+            out += [f"    {name:<38}{value / GIB:6.2f} GiB" for name, value in self.gpu.items()]
+        out.append(f"  feature reads: {self.disk_at_start / GIB:.1f} GiB at start-up, "
+                   f"{self.disk_per_epoch / GIB:.1f} GiB per epoch (from disk or the page cache)")
+        for name, need in self.others.items():
+            gpu = f", GPU {need['gpu'] / GIB:.1f} GiB" if self.gpu else ""
+            verdict = "fits" if self.fits(need["host"], need["gpu"]) else "does not fit"
+            out.append(f"  with {name}: host {need['host'] / GIB:.1f} GiB{gpu} ({verdict})")
+        out.append("  verdict: " + ("fits" if self.fits() else "does NOT fit"))
+        return out
+
+    def record(self) -> dict[str, Any]:
+        return {"what": self.what, "mode": self.mode, "dtype": self.dtype, "table_on": self.table_on,
+                "batch": self.batch, "host_peak_bytes": self.host_peak, "gpu_peak_bytes": self.gpu_peak,
+                "host": self.host, "gpu": self.gpu, "host_available_bytes": self.host_available,
+                "gpu_free_bytes": self.gpu_free, "feature_reads_at_start_bytes": self.disk_at_start,
+                "feature_reads_per_epoch_bytes": self.disk_per_epoch, "others": self.others,
+                "processes": self.processes}
+
+    def refusal(self) -> Optional[str]:
+        """The one-line refusal when the run will not fit, naming a setting that would."""
+        if self.fits():
+            return None
+        if self.host_available is not None and self.host_peak > self.host_available:
+            where, need, have = "memory", self.host_peak, self.host_available
+        else:
+            where, need, have = "GPU memory", self.gpu_peak, self.gpu_free
+        biggest = max((self.host if where == "memory" else self.gpu).items(), key=lambda item: item[1])
+        would = [name for name, other in self.others.items() if self.fits(other["host"], other["gpu"])]
+        advice = (f"data.feature_{'dtype: float16' if would[0] == 'memory float16' else 'mode: lazy'} would fit "
+                  f"({would[0]}: {self.others[would[0]]['host' if where == 'memory' else 'gpu'] / GIB:.1f} GiB)"
+                  if would else f"no feature-table setting fits: lower the batch size "
+                  f"(train.batch_size / train.eval_batch_size is {self.batch})")
+        return (f"this run needs {need / GIB:.1f} GiB of {where} ({biggest[0]}: {biggest[1] / GIB:.1f} GiB; "
+                f"feature table {self.setting()}) but {have / GIB:.1f} GiB is available; {advice}; "
+                f"see the plan with --plan")
+
+
+def _row_bytes(app_shape, mot_shape, itemsize: int) -> int:
+    return (math.prod(app_shape[1:]) + math.prod(mot_shape[1:])) * itemsize
+
+
+def _rows_per_batch(videos: int, batch: int) -> float:
+    """Expected distinct videos among `batch` questions drawn over `videos` videos."""
+    return videos * (1.0 - (1.0 - 1.0 / videos) ** batch)
+
+
+def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.device, *, training: bool,
+             batch: int, eval_batch: int, stage: str = "teacher", teacher_config: Optional[ModelConfig] = None,
+             processes: int = 1) -> MemoryPlan:
+    """The plan of a run of `model_config` on `bundle` (vocabulary and question splits loaded, the
+    feature table not yet): `batch` / `eval_batch` are this process's batch sizes, `processes`
+    the run's processes on this machine."""
+    workers, max_steps = config.train.num_workers, config.train.max_steps
+    table = bundle.table
+    app_shape, mot_shape = table.appearance_info.shape, table.motion_info.shape
+    videos = app_shape[0]
+    file_bytes = sum(os.path.getsize(info.path) for info in (table.appearance_info, table.motion_info))
+    state = ((16 if training else 4) * check_model_fits_memory(model_config)
+             + (4 * check_model_fits_memory(teacher_config) if teacher_config is not None else 0))
+    gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    rss = process_rss()
+    cost = measure_step(model_config, app_shape[2], stage=stage, loss_cfg=config.loss, teacher_config=teacher_config,
+                        amp=config.train.amp)
+
+    def needs(mode: str, dtype: str) -> tuple[dict[str, int], dict[str, int], str]:
+        itemsize = 2 if dtype == "float16" else 4
+        table_bytes = _row_bytes(app_shape, mot_shape, itemsize) * videos if mode == "memory" else 0
+        table_on = "cpu"
+        if mode == "memory" and device.type == "cuda" and config.data.feature_device != "cpu":
+            if config.data.feature_device == "cuda" or table_bytes <= GPU_TABLE_SHARE * gpu_free:
+                table_on = str(device)
+        big = max(batch, eval_batch) if training else eval_batch
+        working = max(cost.train(batch), cost.eval(eval_batch)) if training else cost.eval(eval_batch)
+        batch_bytes = _row_bytes(app_shape, mot_shape, itemsize) * big
+        if dtype == "float16":
+            working += _row_bytes(app_shape, mot_shape, 4) * big      # the network's float32 copy of its input
+        host = {"process (libraries, question splits)": rss, "feature table": table_bytes if table_on == "cpu" else 0}
+        if mode == "memory":
+            # Loading converts float32 chunks; after that, two reused batch buffers.
+            in_flight = max(LOAD_CHUNK_BYTES * (4 + itemsize) // 4, 2 * batch_bytes if table_on == "cpu" else 0)
+        else:
+            # Each reader holds the rows read (float32), the per-question copy and the converted batch.
+            per_reader = int(_rows_per_batch(videos, big) * _row_bytes(app_shape, mot_shape, 4)
+                             + _row_bytes(app_shape, mot_shape, 4) * big + batch_bytes)
+            in_flight = per_reader + (workers * (WORKER_BYTES + PREFETCH_FACTOR * batch_bytes) if workers else 0)
+        host["batches in flight"] = in_flight
+        networks = {"networks (weights" + (", gradients, Adam)" if training else ")"): state,
+                    f"one step (batch {big})": working}
+        gpu: dict[str, int] = {}
+        if device.type == "cuda":
+            gpu = {"CUDA context": CUDA_CONTEXT_BYTES, **networks, "batches on the GPU": 2 * batch_bytes,
+                   "feature table": table_bytes if table_on != "cpu" else 0}
+        else:
+            host.update(networks)
+        return host, gpu, table_on
+
+    mode, dtype = config.data.feature_mode, config.data.feature_dtype
+    host, gpu, table_on = needs(mode, dtype)
+    per_epoch = 0
+    if mode == "lazy":
+        row = _row_bytes(app_shape, mot_shape, 4)
+        sizes = {"train": batch, "val": eval_batch} if training else {name: eval_batch for name in bundle.splits}
+        for name, size in sizes.items():
+            if name in bundle.splits:
+                batches = math.ceil(len(bundle.splits[name]) / size)
+                per_epoch += int(min(batches, max_steps or batches) * _rows_per_batch(videos, size) * row)
+    others = {}
+    for other_mode, other_dtype in (("memory", "float32"), ("memory", "float16"), ("lazy", dtype)):
+        if other_mode == mode and (mode == "lazy" or other_dtype == dtype):
+            continue
+        other_host, other_gpu, _ = needs(other_mode, other_dtype)
+        others["lazy" if other_mode == "lazy" else f"memory {other_dtype}"] = {
+            "host": sum(other_host.values()) * processes, "gpu": sum(other_gpu.values())}
+    return MemoryPlan(f"{stage} training" if training else "evaluation", mode, dtype, table_on,
+                      batch if training else eval_batch, host, gpu, available_memory_bytes(), gpu_free,
+                      file_bytes if mode == "memory" else 0, per_epoch, others, processes)
