@@ -154,7 +154,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="train.batch_size (default: the config's, 256)")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each run (needs root)")
     parser.add_argument("--append", action="store_true", help="add the runs to an existing --json-out")
-    parser.add_argument("--scaling", action="store_true", help="MSRVTT-QA at 1/8, 1/4, 1/2, full (--modes: one)")
+    parser.add_argument("--scaling", action="store_true", help="MSRVTT-QA at --fractions of its size (--modes: the first)")
+    parser.add_argument("--fractions", default="0.125,0.25,0.5,1")
     parser.add_argument("--json-out", default=None)
     a = parser.parse_args(argv)
     report: dict[str, Any] = {"cpus": os.cpu_count(), "runs": []}
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
             report = json.load(handle)
     jobs = []
     if a.scaling:
-        jobs = [("msrvtt-qa", fraction, a.modes.split(",")[0]) for fraction in (0.125, 0.25, 0.5, 1.0)]
+        jobs = [("msrvtt-qa", float(fraction), a.modes.split(",")[0]) for fraction in a.fractions.split(",")]
     else:
         jobs = [(dataset, 1.0, mode) for dataset in a.datasets.split(",") for mode in a.modes.split(",")]
     for dataset, fraction, mode_name in jobs:

@@ -1,4 +1,4 @@
-"""What a run will need, said before anything is loaded: host memory, GPU memory and feature
+"""What a run will need, said before the feature table is read: host memory, GPU memory and feature
 reads, for the run's feature-table mode and dtype (`train.py --plan`, `validate.py --plan`), and
 the one-line refusal when it will not fit.
 
@@ -10,10 +10,11 @@ How each part is known:
   (weights, gradients, Adam's two moments), evaluation and a frozen teacher one;
 - one step: the network runs on 2 and on 4 random questions of the run's shapes, forward and
   backward for training, forward only for evaluation, while `_LiveBytes` tracks every tensor it
-  creates; the peak of live bytes is a + b·B, so two probes give it for the run's batch exactly
-  enough (the teacher of a distilling student runs inside the probe too);
-- batches in flight: the gathered features (reused buffers in memory mode; in lazy mode the rows
-  read, converted and, with loader workers, each worker's prefetched batches).
+  creates; the peak of live bytes is a + b·B, so two probes give it for the run's batch (the
+  teacher of a distilling student runs inside the probe too);
+- batches in flight: the gathered features (two reused buffers in memory mode; in lazy mode
+  the batch, and with loader workers each worker's prefetched batches).
+Measured against the peak of real runs in bench/full_size.py (bench/README.md).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from vqakd.training.builders import check_model_fits_memory
 
 GIB = 2**30
 PROBE_BATCHES = (2, 4)
-PROBE_WIDTH, PROBE_LENGTH = 30, 12    # padded question width and question length of the probe
 PREFETCH_FACTOR = 2                   # DataLoader's default: batches each worker keeps ready
 WORKER_BYTES = 256 << 20              # a loader worker's own memory besides its batches (estimate)
 CUDA_CONTEXT_BYTES = 600 << 20        # CUDA runtime and kernels on the GPU (estimate)
@@ -43,6 +43,11 @@ CUDA_CONTEXT_BYTES = 600 << 20        # CUDA runtime and kernels on the GPU (est
 
 class _LiveBytes(TorchDispatchMode):
     """Bytes of the tensors created inside the block that are still alive, and their peak.
+
+    Allocated bytes: an upper bound of the pages a step writes. oneDNN's LSTM workspace, the
+    largest part of this network's step on a CPU, is allocated whole and written in part, so a
+    CPU run's measured peak stays 7-17% under the plan (bench/README.md); a GPU's caching
+    allocator holds what it hands out.
 
     A storage's Python object lives exactly as long as the storage (torch keeps the two
     together), so a finalizer on it says when the memory is freed. Storages in `known` (weights,
@@ -88,9 +93,11 @@ class StepCost:
 
 
 def measure_step(model_config: ModelConfig, frames: int, *, stage: str = "teacher", loss_cfg=None,
-                 teacher_config: Optional[ModelConfig] = None, amp: str = "none") -> StepCost:
+                 teacher_config: Optional[ModelConfig] = None, amp: str = "none", question_width: int = 30,
+                 question_length: int = 8) -> StepCost:
     """Run the network (and a distilling student's teacher) on PROBE_BATCHES random questions of
-    the run's shapes, on the CPU, tracking every tensor made; the global RNG is left untouched."""
+    the run's shapes (`question_width`: the padded width, `question_length`: the mean length), on
+    the CPU, tracking every tensor made; the global RNG is left untouched."""
     from vqakd.training.engine import compute_loss
 
     peaks: dict[bool, list[int]] = {True: [], False: []}
@@ -106,8 +113,8 @@ def measure_step(model_config: ModelConfig, frames: int, *, stage: str = "teache
             model.train(training)
             appearance = torch.rand(size, model_config.num_nodes, frames, model_config.vision_dim)
             motion = torch.rand(size, model_config.num_nodes, model_config.vision_dim)
-            question = torch.randint(2, model_config.question_vocab_size, (size, PROBE_WIDTH))
-            length = torch.full((size,), PROBE_LENGTH)
+            question = torch.randint(2, model_config.question_vocab_size, (size, question_width))
+            length = torch.full((size,), min(question_length, question_width))
             labels = torch.randint(0, model_config.answer_vocab_size, (size,))
             known = {t.untyped_storage().data_ptr() for t in kept + [appearance, motion, question, length, labels]}
             with _LiveBytes(known) as live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
@@ -240,8 +247,10 @@ def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.de
              + (4 * check_model_fits_memory(teacher_config) if teacher_config is not None else 0))
     gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     rss = process_rss()
+    questions = bundle.splits.get("train") or next(iter(bundle.splits.values()))
     cost = measure_step(model_config, app_shape[2], stage=stage, loss_cfg=config.loss, teacher_config=teacher_config,
-                        amp=config.train.amp)
+                        amp=config.train.amp, question_width=int(questions.questions.shape[1]),
+                        question_length=max(1, round(float(questions.lengths.float().mean()))))
 
     def needs(mode: str, dtype: str) -> tuple[dict[str, int], dict[str, int], str]:
         itemsize = 2 if dtype == "float16" else 4
@@ -253,17 +262,14 @@ def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.de
         big = max(batch, eval_batch) if training else eval_batch
         working = max(cost.train(batch), cost.eval(eval_batch)) if training else cost.eval(eval_batch)
         batch_bytes = _row_bytes(app_shape, mot_shape, itemsize) * big
-        if dtype == "float16":
-            working += _row_bytes(app_shape, mot_shape, 4) * big      # the network's float32 copy of its input
         host = {"process (libraries, question splits)": rss, "feature table": table_bytes if table_on == "cpu" else 0}
         if mode == "memory":
             # Loading converts float32 chunks; after that, two reused batch buffers.
             in_flight = max(LOAD_CHUNK_BYTES * (4 + itemsize) // 4, 2 * batch_bytes if table_on == "cpu" else 0)
         else:
-            # Each reader holds the rows read (float32), the per-question copy and the converted batch.
-            per_reader = int(_rows_per_batch(videos, big) * _row_bytes(app_shape, mot_shape, 4)
-                             + _row_bytes(app_shape, mot_shape, 4) * big + batch_bytes)
-            in_flight = per_reader + (workers * (WORKER_BYTES + PREFETCH_FACTOR * batch_bytes) if workers else 0)
+            # The batch being trained on; the rows read for the next one are freed before the step's
+            # tensors grow. Each loader worker adds its own process and its prefetched batches.
+            in_flight = batch_bytes + (workers * (WORKER_BYTES + PREFETCH_FACTOR * batch_bytes) if workers else 0)
         host["batches in flight"] = in_flight
         networks = {"networks (weights" + (", gradients, Adam)" if training else ")"): state,
                     f"one step (batch {big})": working}
