@@ -138,6 +138,25 @@ def run_teacher(config: str, out: str, mode: str, dtype: str, steps: int, worker
     return result
 
 
+def markdown_table(report: dict[str, Any]) -> str:
+    """The runs of a --json-out file as the table in bench/README.md."""
+    lines = ["| dataset | size | table | batch | steps | predicted peak | measured peak | error | start-up "
+             "| train steps/s | eval questions/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in report["runs"]:
+        setting = run["mode"] if run["mode"] == "lazy" else f"{run['mode']} {run['dtype']}"
+        size = "full" if run["fraction"] == 1 else f"1/{round(1 / run['fraction'])}"
+        if run["exit_status"] != 0:
+            measured = "refused by the plan" if run.get("refused") else f"failed ({run['exit_status']})"
+            lines.append(f"| {run['dataset']} | {size} | {setting} | {run['batch_size']} | | "
+                         f"{run.get('predicted_peak_gib', '?')} GiB | {measured} | | | | |")
+            continue
+        lines.append(f"| {run['dataset']} | {size} | {setting} | {run['batch_size']} | {run['max_steps']} | "
+                     f"{run['predicted_peak_gib']} GiB | "
+                     f"{run['measured_peak_gib']} GiB | {run['prediction_error']:+.1%} | {run['startup_s']} s | "
+                     f"{run['train_steps_per_s']:.4f} | {run['eval_questions_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def dataset_config(data: str, dataset: str, fraction: float = 1.0) -> tuple[str, dict]:
     folder = os.path.join(data, dataset if fraction == 1 else f"{dataset}-x{fraction:g}")
     made = make_dataset(dataset, folder, fraction)
@@ -146,7 +165,7 @@ def dataset_config(data: str, dataset: str, fraction: float = 1.0) -> tuple[str,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="folder of the full-size data (made here if missing)")
+    parser.add_argument("--data", help="folder of the full-size data (made here if missing)")
     parser.add_argument("--datasets", default="msvd-qa,msrvtt-qa")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--steps", type=int, default=3, help="train.max_steps of each run")
@@ -157,7 +176,14 @@ def main(argv=None) -> int:
     parser.add_argument("--scaling", action="store_true", help="MSRVTT-QA at --fractions of its size (--modes: the first)")
     parser.add_argument("--fractions", default="0.125,0.25,0.5,1")
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--table", metavar="JSON", help="print the runs of a --json-out file as a table, and stop")
     a = parser.parse_args(argv)
+    if a.table:
+        with open(a.table) as handle:
+            print(markdown_table(json.load(handle)))
+        return 0
+    if not a.data:
+        parser.error("--data is required (unless --table)")
     report: dict[str, Any] = {"cpus": os.cpu_count(), "runs": []}
     if a.append and a.json_out and os.path.exists(a.json_out):
         with open(a.json_out) as handle:

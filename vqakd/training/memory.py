@@ -218,9 +218,9 @@ class MemoryPlan:
                   f"({would[0]}: {self.others[would[0]]['host' if where == 'memory' else 'gpu'] / GIB:.1f} GiB)"
                   if would else f"no feature-table setting fits: lower the batch size "
                   f"(train.batch_size / train.eval_batch_size is {self.batch})")
-        return (f"this run needs {need / GIB:.1f} GiB of {where} ({biggest[0]}: {biggest[1] / GIB:.1f} GiB; "
-                f"feature table {self.setting()}) but {have / GIB:.1f} GiB is available; {advice}; "
-                f"see the plan with --plan")
+        return (f"this run needs {need / GIB:.1f} GiB of {where} (largest part: {biggest[0]}, "
+                f"{biggest[1] / GIB:.1f} GiB; feature table: {self.setting()}) but {have / GIB:.1f} GiB is available; "
+                f"{advice}; see the plan with --plan")
 
 
 def _row_bytes(app_shape, mot_shape, itemsize: int) -> int:
