@@ -140,3 +140,17 @@ def test_max_steps_bounds_training_and_every_evaluation(tiny, tmp_path):
     assert evaluated["count"] == 8 and evaluated["memory_plan"]["what"] == "evaluation"
     plan = validate_checkpoint(config, str(folder / "best.pt"), split="test", plan=True)
     assert plan.fits() and plan.what == "evaluation"
+
+
+def test_gpu_plan_puts_the_table_where_feature_device_auto_would(tiny, tmp_path, monkeypatch):
+    """No GPU needed: the GPU's free memory is what the plan asks torch for."""
+    config = config_for(tiny, tmp_path)
+    bundle, model_config = _bundle_and_model(tiny_config_dict(tiny["paths"], tmp_path / "out"))
+    for free, table_on in ((64 * GIB, "cuda"), (1000, "cpu")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80 * GIB))
+        plan = plan_run(config, bundle, model_config, torch.device("cuda"), training=True, batch=32, eval_batch=32)
+        assert plan.table_on == table_on and plan.gpu_free == free
+        assert (plan.gpu["feature table"] > 0) == (table_on == "cuda") and (plan.host["feature table"] > 0) == (
+            table_on == "cpu")
+        assert plan.gpu["CUDA context"] > 0 and "one step (batch 32)" in plan.gpu
+        assert plan.fits() == (free > 1000) and ("GPU memory" in (plan.refusal() or "GPU memory"))

@@ -236,19 +236,23 @@ def load_feature_table(config: Config, expected_by: str = "model") -> FeatureTab
     return FeatureTable(appearance, motion, config.data.feature_dtype, config.data.feature_mode)
 
 
-def choose_table_device(config: Config, table: FeatureTable, device: torch.device) -> torch.device:
-    """Where the in-memory table lives (data.feature_device)."""
+def choose_table_device(config: Config, table: FeatureTable, device: torch.device, *, mode: Optional[str] = None,
+                        nbytes: Optional[int] = None) -> torch.device:
+    """Where the in-memory table lives (data.feature_device); `mode` and `nbytes` ask for another
+    table setting than `table`'s (the memory plan weighs them all)."""
     want = config.data.feature_device
-    if table.mode != "memory" or want == "cpu" or device.type != "cuda":
-        if want == "cuda" and (device.type != "cuda" or table.mode != "memory"):
+    mode = table.mode if mode is None else mode
+    nbytes = table.nbytes() if nbytes is None else nbytes
+    if mode != "memory" or want == "cpu" or device.type != "cuda":
+        if want == "cuda" and (device.type != "cuda" or mode != "memory"):
             raise UserError("data.feature_device: cuda needs a CUDA training device and data.feature_mode: memory")
         return torch.device("cpu")
     free, _total = torch.cuda.mem_get_info(device)
     if want == "cuda":
-        if table.nbytes() > free:
-            raise UserError(f"data.feature_device: cuda, but the feature table needs {table.nbytes() / 2**30:.1f} GiB "
+        if nbytes > free:
+            raise UserError(f"data.feature_device: cuda, but the feature table needs {nbytes / 2**30:.1f} GiB "
                             f"and {device} has {free / 2**30:.1f} GiB free; use feature_device: auto or cpu, or "
                             "feature_dtype: float16")
         return device
     # auto: leave at least half of the free memory to the model, its activations and the optimizer.
-    return device if table.nbytes() <= GPU_TABLE_SHARE * free else torch.device("cpu")
+    return device if nbytes <= GPU_TABLE_SHARE * free else torch.device("cpu")

@@ -31,7 +31,8 @@ from torch.utils._pytree import tree_flatten
 
 from model import DualVGR, ModelConfig
 from vqakd.core.config import Config
-from vqakd.data.features import GPU_TABLE_SHARE, LOAD_CHUNK_BYTES, available_memory_bytes
+from vqakd.core.errors import UserError
+from vqakd.data.features import LOAD_CHUNK_BYTES, available_memory_bytes, choose_table_device
 from vqakd.training.builders import check_model_fits_memory
 
 GIB = 2**30
@@ -255,10 +256,7 @@ def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.de
     def needs(mode: str, dtype: str) -> tuple[dict[str, int], dict[str, int], str]:
         itemsize = 2 if dtype == "float16" else 4
         table_bytes = _row_bytes(app_shape, mot_shape, itemsize) * videos if mode == "memory" else 0
-        table_on = "cpu"
-        if mode == "memory" and device.type == "cuda" and config.data.feature_device != "cpu":
-            if config.data.feature_device == "cuda" or table_bytes <= GPU_TABLE_SHARE * gpu_free:
-                table_on = str(device)
+        table_on = str(choose_table_device(config, table, device, mode=mode, nbytes=table_bytes))
         big = max(batch, eval_batch) if training else eval_batch
         working = max(cost.train(batch), cost.eval(eval_batch)) if training else cost.eval(eval_batch)
         batch_bytes = _row_bytes(app_shape, mot_shape, itemsize) * big
@@ -295,7 +293,10 @@ def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.de
     for other_mode, other_dtype in (("memory", "float32"), ("memory", "float16"), ("lazy", dtype)):
         if other_mode == mode and (mode == "lazy" or other_dtype == dtype):
             continue
-        other_host, other_gpu, _ = needs(other_mode, other_dtype)
+        try:
+            other_host, other_gpu, _ = needs(other_mode, other_dtype)
+        except UserError:           # a setting data.feature_device rules out
+            continue
         others["lazy" if other_mode == "lazy" else f"memory {other_dtype}"] = {
             "host": sum(other_host.values()) * processes, "gpu": sum(other_gpu.values())}
     return MemoryPlan(f"{stage} training" if training else "evaluation", mode, dtype, table_on,
