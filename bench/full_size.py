@@ -111,7 +111,7 @@ def run_teacher(config: str, out: str, mode: str, dtype: str, steps: int, worker
     sampler.join()
     result: dict[str, Any] = {"mode": mode, "dtype": dtype, "exit_status": os.waitstatus_to_exitcode(status),
                               "wall_s": round(time.perf_counter() - launched, 1), "cold_page_cache": cold}
-    refused = next((REFUSAL.search(line) for line in lines if REFUSAL.search(line)), None)
+    refused = next(filter(None, map(REFUSAL.search, lines)), None)
     if result["exit_status"] != 0:
         result["refused"] = refused is not None
         result["message"] = lines[-1] if lines else ""
@@ -188,7 +188,6 @@ def main(argv=None) -> int:
     if a.append and a.json_out and os.path.exists(a.json_out):
         with open(a.json_out) as handle:
             report = json.load(handle)
-    jobs = []
     if a.scaling:
         jobs = [("msrvtt-qa", float(fraction), a.modes.split(",")[0]) for fraction in a.fractions.split(",")]
     else:

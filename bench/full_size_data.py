@@ -93,15 +93,20 @@ def question_lengths(rng: np.random.Generator, count: int, max_len: int) -> np.n
     return np.clip(lengths, 3, max_len)
 
 
+def question_words(sizes: dict[str, int]) -> list[str]:
+    """The question vocabulary by index: the two specials, the type words, then made-up words."""
+    return ["<NULL>", "<UNK>"] + list(TYPE_SHARES) + [f"w{i}" for i in range(sizes["words"] - len(TYPE_SHARES))]
+
+
 def write_questions(out: str, dataset: str, sizes: dict[str, int], ids: np.ndarray, vocab_sha: str,
                     seed: int) -> None:
     import pickle
 
     rng = np.random.default_rng(seed + 1)
-    words = 2 + sizes["words"]
+    word_text = question_words(sizes)
+    words = len(word_text)
     type_tokens = {name: 2 + i for i, name in enumerate(TYPE_SHARES)}     # word indices of the type words
     shares = np.array(list(TYPE_SHARES.values()))
-    word_text = ["<NULL>", "<UNK>"] + list(TYPE_SHARES) + [f"w{i}" for i in range(words - 2 - len(TYPE_SHARES))]
     for split in ("train", "val", "test"):
         path = os.path.join(out, f"{dataset}_{split}_questions.pt")
         if os.path.exists(path):
@@ -131,7 +136,7 @@ def write_questions(out: str, dataset: str, sizes: dict[str, int], ids: np.ndarr
 
 def write_vocab(out: str, dataset: str, sizes: dict[str, int]) -> str:
     path = os.path.join(out, f"{dataset}_vocab.json")
-    words = ["<NULL>", "<UNK>"] + list(TYPE_SHARES) + [f"w{i}" for i in range(sizes["words"] - len(TYPE_SHARES))]
+    words = question_words(sizes)
     answers = ["<UNK0>", "<UNK1>"] + [f"answer{i}" for i in range(sizes["answers"])]
     if not os.path.exists(path):
         with open(path + ".tmp", "w") as handle:

@@ -148,9 +148,13 @@ class FeatureTable:
     def device(self) -> torch.device:
         return self.appearance.device if self.appearance is not None else torch.device("cpu")
 
-    def nbytes(self) -> int:
-        elements = int(np.prod(self.appearance_info.shape)) + int(np.prod(self.motion_info.shape))
-        return elements * self.dtype.itemsize
+    def row_bytes(self, itemsize: Optional[int] = None) -> int:
+        """One video's appearance and motion features, in the table's dtype or `itemsize` bytes."""
+        elements = int(np.prod(self.appearance_info.shape[1:])) + int(np.prod(self.motion_info.shape[1:]))
+        return elements * (self.dtype.itemsize if itemsize is None else itemsize)
+
+    def nbytes(self, itemsize: Optional[int] = None) -> int:
+        return self.row_bytes(itemsize) * self.appearance_info.shape[0]
 
     def rows(self, video_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         app = np.array([self.appearance_info.row_of[int(v)] for v in video_ids], dtype=np.int64)

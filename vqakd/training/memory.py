@@ -47,7 +47,7 @@ class _LiveBytes(TorchDispatchMode):
 
     Allocated bytes: an upper bound of the pages a step writes. oneDNN's LSTM workspace, the
     largest part of this network's step on a CPU, is allocated whole and written in part, so a
-    CPU run's measured peak stays 7-17% under the plan (bench/README.md); a GPU's caching
+    CPU run's measured peak stays 3-17% under the plan (bench/README.md); a GPU's caching
     allocator holds what it hands out.
 
     A storage's Python object lives exactly as long as the storage (torch keeps the two
@@ -143,6 +143,11 @@ def process_rss() -> int:
         return 0
 
 
+def table_setting(mode: str, dtype: str) -> str:
+    """How the plan names a feature-table setting: "memory float16", "lazy"."""
+    return f"{mode} {dtype}" if mode == "memory" else "lazy"
+
+
 @dataclass
 class MemoryPlan:
     """A run's needs; `host` and `gpu` map each part to its bytes (the peak is their sum)."""
@@ -176,7 +181,7 @@ class MemoryPlan:
                 and (self.gpu_free is None or gpu_peak <= self.gpu_free))
 
     def setting(self) -> str:
-        return f"{self.mode} {self.dtype}" if self.mode == "memory" else "lazy"
+        return table_setting(self.mode, self.dtype)
 
     def lines(self) -> list[str]:
         available = "" if self.host_available is None else f" of {self.host_available / GIB:.1f} GiB available"
@@ -224,10 +229,6 @@ class MemoryPlan:
                 f"{advice}; see the plan with --plan")
 
 
-def _row_bytes(app_shape, mot_shape, itemsize: int) -> int:
-    return (math.prod(app_shape[1:]) + math.prod(mot_shape[1:])) * itemsize
-
-
 def _rows_per_batch(videos: int, batch: int) -> float:
     """Expected distinct videos among `batch` questions drawn over `videos` videos."""
     return videos * (1.0 - (1.0 - 1.0 / videos) ** batch)
@@ -241,25 +242,24 @@ def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.de
     the run's processes on this machine."""
     workers, max_steps = config.train.num_workers, config.train.max_steps
     table = bundle.table
-    app_shape, mot_shape = table.appearance_info.shape, table.motion_info.shape
-    videos = app_shape[0]
+    videos, _, frames, _ = table.appearance_info.shape
     file_bytes = sum(os.path.getsize(info.path) for info in (table.appearance_info, table.motion_info))
     state = ((16 if training else 4) * check_model_fits_memory(model_config)
              + (4 * check_model_fits_memory(teacher_config) if teacher_config is not None else 0))
     gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     rss = process_rss()
     questions = bundle.splits.get("train") or next(iter(bundle.splits.values()))
-    cost = measure_step(model_config, app_shape[2], stage=stage, loss_cfg=config.loss, teacher_config=teacher_config,
+    cost = measure_step(model_config, frames, stage=stage, loss_cfg=config.loss, teacher_config=teacher_config,
                         amp=config.train.amp, question_width=int(questions.questions.shape[1]),
                         question_length=max(1, round(float(questions.lengths.float().mean()))))
 
     def needs(mode: str, dtype: str) -> tuple[dict[str, int], dict[str, int], str]:
         itemsize = 2 if dtype == "float16" else 4
-        table_bytes = _row_bytes(app_shape, mot_shape, itemsize) * videos if mode == "memory" else 0
+        table_bytes = table.nbytes(itemsize) if mode == "memory" else 0
         table_on = str(choose_table_device(config, table, device, mode=mode, nbytes=table_bytes))
         big = max(batch, eval_batch) if training else eval_batch
         working = max(cost.train(batch), cost.eval(eval_batch)) if training else cost.eval(eval_batch)
-        batch_bytes = _row_bytes(app_shape, mot_shape, itemsize) * big
+        batch_bytes = table.row_bytes(itemsize) * big
         host = {"process (libraries, question splits)": rss, "feature table": table_bytes if table_on == "cpu" else 0}
         if mode == "memory":
             # Loading converts float32 chunks; after that, two reused batch buffers.
@@ -283,7 +283,7 @@ def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.de
     host, gpu, table_on = needs(mode, dtype)
     per_epoch = 0
     if mode == "lazy":
-        row = _row_bytes(app_shape, mot_shape, 4)
+        row = table.row_bytes(4)          # lazy mode reads the files' float32 rows
         sizes = {"train": batch, "val": eval_batch} if training else {name: eval_batch for name in bundle.splits}
         for name, size in sizes.items():
             if name in bundle.splits:
@@ -291,14 +291,14 @@ def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.de
                 per_epoch += int(min(batches, max_steps or batches) * _rows_per_batch(videos, size) * row)
     others = {}
     for other_mode, other_dtype in (("memory", "float32"), ("memory", "float16"), ("lazy", dtype)):
-        if other_mode == mode and (mode == "lazy" or other_dtype == dtype):
+        name = table_setting(other_mode, other_dtype)
+        if name == table_setting(mode, dtype):
             continue
         try:
             other_host, other_gpu, _ = needs(other_mode, other_dtype)
         except UserError:           # a setting data.feature_device rules out
             continue
-        others["lazy" if other_mode == "lazy" else f"memory {other_dtype}"] = {
-            "host": sum(other_host.values()) * processes, "gpu": sum(other_gpu.values())}
+        others[name] = {"host": sum(other_host.values()) * processes, "gpu": sum(other_gpu.values())}
     return MemoryPlan(f"{stage} training" if training else "evaluation", mode, dtype, table_on,
                       batch if training else eval_batch, host, gpu, available_memory_bytes(), gpu_free,
                       file_bytes if mode == "memory" else 0, per_epoch, others, processes)
