@@ -44,13 +44,45 @@ def test_live_bytes_counts_what_is_alive_and_its_peak():
     del b, c
 
 
-def test_step_cost_is_linear_in_the_batch(tiny, tmp_path):
-    """The two small probes predict a larger batch's peak, measured directly."""
+def _step_inputs(model_config, batch, frames=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, model_config.num_nodes, frames, model_config.vision_dim, generator=generator),
+            torch.rand(batch, model_config.num_nodes, model_config.vision_dim, generator=generator),
+            torch.randint(2, model_config.question_vocab_size, (batch, 20), generator=generator),
+            torch.full((batch,), 8))
+
+
+@pytest.mark.skipif(not memory._reset_peak_rss(), reason="the kernel cannot reset this process's peak memory")
+def test_step_cost_predicts_the_resident_memory_of_a_larger_batch():
+    """The probe's per-question cost, times a batch four times its own, is that batch's real rise
+    in resident memory (a model big enough that its step, not the interpreter, is what is seen)."""
+    from model import DualVGR, ModelConfig
+    from vqakd.core.config import LossConfig
+    from vqakd.training.engine import compute_loss
+
+    model_config = ModelConfig(question_vocab_size=60, answer_vocab_size=20, graph_layers=2, num_nodes=8,
+                               vision_dim=512, module_dim=256, word_dim=32)
+    cost = measure_step(model_config, 16, loss_cfg=LossConfig(), question_width=20)
+    model = DualVGR(model_config)
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    batch = 4 * memory.PROBE_QUESTIONS
+    inputs = _step_inputs(model_config, batch)
+    with memory._ResidentGrowth() as grown:
+        output = model(*inputs)
+        compute_loss(output, torch.zeros(batch, dtype=torch.long), LossConfig(), "teacher", None, 1)["loss"].backward()
+        del output
+    assert grown.peak > 50 * 2**20
+    assert cost.train(batch) == pytest.approx(grown.peak, rel=0.2)
+
+
+def test_gpu_step_cost_counts_live_tensors(tiny, tmp_path):
+    """For the GPU the probe counts live tensor bytes: a larger batch's tracked peak, measured directly."""
     config = config_for(tiny, tmp_path)
     bundle = load_data(config, progress=False)
     model_config = model_config_for_stage(config, "teacher", bundle)
-    cost = measure_step(model_config, 3, loss_cfg=config.loss)
-    assert cost.train_per_question > 0 and cost.eval_per_question > 0
+    cost = measure_step(model_config, 3, loss_cfg=config.loss, count="tensors")
+    assert cost.train_per_question > cost.eval_per_question > 0
     from model import DualVGR
     from vqakd.training.engine import compute_loss
 
@@ -58,9 +90,9 @@ def test_step_cost_is_linear_in_the_batch(tiny, tmp_path):
     model = DualVGR(model_config)
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
-    batch = 24
+    batch = 48
     inputs = (torch.rand(batch, 4, 3, 16), torch.rand(batch, 4, 16), torch.randint(2, 15, (batch, 30)),
-              torch.full((batch,), 12))
+              torch.full((batch,), 8))
     known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *inputs]}
     known |= {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
     with _LiveBytes(known) as live:

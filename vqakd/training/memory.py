@@ -8,10 +8,11 @@ How each part is known:
 - the feature table: the files' shapes (read from their headers) times the dtype's size;
 - the networks: parameters counted on the meta device; training holds four float32 copies
   (weights, gradients, Adam's two moments), evaluation and a frozen teacher one;
-- one step: the network runs on 2 and on 4 random questions of the run's shapes, forward and
-  backward for training, forward only for evaluation, while `_LiveBytes` tracks every tensor it
-  creates; the peak of live bytes is a + b·B, so two probes give it for the run's batch (the
-  teacher of a distilling student runs inside the probe too);
+- one step: the network runs on PROBE_QUESTIONS random questions of the run's shapes, forward
+  and backward for training, forward only for evaluation (a distilling student's teacher runs
+  inside the probe too), and the step grows with the batch from there. On the CPU the probe's
+  cost is the rise of the process's resident memory as the kernel counts it (`_ResidentGrowth`);
+  for the GPU it is the peak of live tensor bytes (`_LiveBytes`), what the caching allocator holds;
 - batches in flight: the gathered features (two reused buffers in memory mode; in lazy mode
   the batch, and with loader workers each worker's prefetched batches).
 Measured against the peak of real runs in bench/full_size.py (bench/README.md).
@@ -19,6 +20,7 @@ Measured against the peak of real runs in bench/full_size.py (bench/README.md).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import weakref
@@ -36,19 +38,15 @@ from vqakd.data.features import LOAD_CHUNK_BYTES, available_memory_bytes, choose
 from vqakd.training.builders import check_model_fits_memory
 
 GIB = 2**30
-PROBE_BATCHES = (2, 4)
+PROBE_QUESTIONS = 16                  # the probe's batch: from here on a step's memory per question is steady
 PREFETCH_FACTOR = 2                   # DataLoader's default: batches each worker keeps ready
 WORKER_BYTES = 256 << 20              # a loader worker's own memory besides its batches (estimate)
 CUDA_CONTEXT_BYTES = 600 << 20        # CUDA runtime and kernels on the GPU (estimate)
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Bytes of the tensors created inside the block that are still alive, and their peak.
-
-    Allocated bytes: an upper bound of the pages a step writes. oneDNN's LSTM workspace, the
-    largest part of this network's step on a CPU, is allocated whole and written in part, so a
-    CPU run's measured peak stays 3-17% under the plan (bench/README.md); a GPU's caching
-    allocator holds what it hands out.
+    """Bytes of the tensors created inside the block that are still alive, and their peak: what a
+    GPU's caching allocator holds.
 
     A storage's Python object lives exactly as long as the storage (torch keeps the two
     together), so a finalizer on it says when the memory is freed. Storages in `known` (weights,
@@ -77,31 +75,87 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
+def _find_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim        # glibc
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere), so
+    that a measurement that follows sees its own growth, not pages freed earlier and reused."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _peak_rss() -> Optional[int]:
+    """The kernel's peak resident memory of this process since the last reset (Linux), or None."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _peak_rss() is not None
+    except OSError:
+        return False
+
+
+class _ResidentGrowth:
+    """How far the process's resident memory rose inside the block, at its peak, as the kernel
+    counts it: pages written, not bytes allocated. It sees what tensors do not show: oneDNN's LSTM
+    workspace is allocated whole and about half written; its backward scratch lives inside the op."""
+
+    def __enter__(self):
+        release_free_heap()          # free heap pages would hide the block's growth
+        _reset_peak_rss()
+        self.start = process_rss()
+        self.peak = 0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak = max(0, (_peak_rss() or 0) - self.start)
+
+
 @dataclass
 class StepCost:
-    """Peak bytes of one step's tensors (inputs, weights and gradients excluded): fixed + per question."""
+    """Peak bytes of one step (inputs, weights and gradients excluded), per question."""
 
-    train_fixed: float
     train_per_question: float
-    eval_fixed: float
     eval_per_question: float
 
     def train(self, batch: int) -> int:
-        return int(self.train_fixed + self.train_per_question * batch)
+        return int(self.train_per_question * batch)
 
     def eval(self, batch: int) -> int:
-        return int(self.eval_fixed + self.eval_per_question * batch)
+        return int(self.eval_per_question * batch)
 
 
 def measure_step(model_config: ModelConfig, frames: int, *, stage: str = "teacher", loss_cfg=None,
                  teacher_config: Optional[ModelConfig] = None, amp: str = "none", question_width: int = 30,
-                 question_length: int = 8) -> StepCost:
-    """Run the network (and a distilling student's teacher) on PROBE_BATCHES random questions of
+                 question_length: int = 8, count: str = "resident") -> StepCost:
+    """Run the network (and a distilling student's teacher) on PROBE_QUESTIONS random questions of
     the run's shapes (`question_width`: the padded width, `question_length`: the mean length), on
-    the CPU, tracking every tensor made; the global RNG is left untouched."""
+    the CPU, forward and backward, then forward only. `count`: "resident", the growth of this
+    process's resident memory (host memory; where the kernel cannot say, live tensor bytes, an
+    upper bound), or "tensors", the bytes of live tensors (GPU memory). The global RNG is left
+    untouched."""
     from vqakd.training.engine import compute_loss
 
-    peaks: dict[bool, list[int]] = {True: [], False: []}
+    resident = count == "resident" and _reset_peak_rss()
+    per_question = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = DualVGR(model_config)
@@ -110,7 +164,10 @@ def measure_step(model_config: ModelConfig, frames: int, *, stage: str = "teache
             parameter.grad = torch.zeros_like(parameter)
         kept = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters())]
         kept += [*teacher.parameters(), *teacher.buffers()] if teacher is not None else []
-        for training, size in ((training, size) for training in (True, False) for size in PROBE_BATCHES):
+        # A first pass at two questions pays what happens once per process (oneDNN's kernels,
+        # lazily made buffers); the plan counts it with the process, not once per question.
+        for training, size, measured in ((True, 2, False), (False, 2, False),
+                                         (True, PROBE_QUESTIONS, True), (False, PROBE_QUESTIONS, True)):
             model.train(training)
             appearance = torch.rand(size, model_config.num_nodes, frames, model_config.vision_dim)
             motion = torch.rand(size, model_config.num_nodes, model_config.vision_dim)
@@ -118,7 +175,8 @@ def measure_step(model_config: ModelConfig, frames: int, *, stage: str = "teache
             length = torch.full((size,), min(question_length, question_width))
             labels = torch.randint(0, model_config.answer_vocab_size, (size,))
             known = {t.untyped_storage().data_ptr() for t in kept + [appearance, motion, question, length, labels]}
-            with _LiveBytes(known) as live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            meter = _ResidentGrowth() if resident else _LiveBytes(known)
+            with meter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
                 with torch.no_grad():
                     teacher_output = teacher(appearance, motion, question, length) if teacher is not None else None
                 with torch.set_grad_enabled(training):
@@ -126,13 +184,10 @@ def measure_step(model_config: ModelConfig, frames: int, *, stage: str = "teache
                     if training:
                         compute_loss(output, labels, loss_cfg, stage, teacher_output, 1)["loss"].backward()
                 del output, teacher_output
-            peaks[training].append(live.peak)
-    span = PROBE_BATCHES[1] - PROBE_BATCHES[0]
-    fits = {}
-    for training, (small, large) in peaks.items():
-        per_question = max(0.0, (large - small) / span)
-        fits[training] = (small - per_question * PROBE_BATCHES[0], per_question)
-    return StepCost(*fits[True], *fits[False])
+            if measured:
+                per_question[training] = meter.peak / size
+    release_free_heap()
+    return StepCost(per_question[True], per_question[False])
 
 
 def process_rss() -> int:
@@ -247,11 +302,12 @@ def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.de
     state = ((16 if training else 4) * check_model_fits_memory(model_config)
              + (4 * check_model_fits_memory(teacher_config) if teacher_config is not None else 0))
     gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    rss = process_rss()
     questions = bundle.splits.get("train") or next(iter(bundle.splits.values()))
     cost = measure_step(model_config, frames, stage=stage, loss_cfg=config.loss, teacher_config=teacher_config,
                         amp=config.train.amp, question_width=int(questions.questions.shape[1]),
-                        question_length=max(1, round(float(questions.lengths.float().mean()))))
+                        question_length=max(1, round(float(questions.lengths.float().mean()))),
+                        count="tensors" if device.type == "cuda" else "resident")
+    rss = process_rss()              # after the probe: what it made once per process stays
 
     def needs(mode: str, dtype: str) -> tuple[dict[str, int], dict[str, int], str]:
         itemsize = 2 if dtype == "float16" else 4
