@@ -171,6 +171,8 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
         if progress and (step % log_every == 0 or step == steps):
             bar.set_postfix({name: f"{value:.4g}" for name, value in zip(names, detached.cpu().tolist())},
                             refresh=False)
+        # Held over, this step's outputs would sit beside the next step's peak (and split the heap).
+        del output, values, teacher_output
     bar.close()
     result = _means(names, sums, questions)
     counter.all_reduce()
@@ -284,6 +286,7 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
                                  batch_shards=reference_batch / size)
             loss_sums += torch.stack([parts[name].detach().double() for name in names]) * size
             questions += size
+            del teacher_output, parts
         if meter is not None:
             meter.update(output)
         if return_predictions:
@@ -294,6 +297,7 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
             indices.append(batch["index"])
             top_answers.append(answers)
             top_probs.append(values)
+        del output, logits
     summary = counter.all_reduce().summary()
     elapsed = time.perf_counter() - started
     summary["questions_per_s"] = summary["count"] / elapsed if elapsed > 0 else 0.0
