@@ -91,6 +91,16 @@ def test_step_cost_predicts_the_resident_memory_of_a_larger_batch():
     assert planned == pytest.approx(measured, rel=0.2)
 
 
+def test_without_the_kernels_peak_the_plan_counts_tensor_bytes(tiny, tmp_path, monkeypatch):
+    """Where the peak resident memory cannot be reset (not Linux), the CPU plan falls back to the
+    bytes of live tensors, the upper bound, rather than failing or guessing."""
+    config = config_for(tiny, tmp_path)
+    model_config = model_config_for_stage(config, "teacher", load_data(config, progress=False))
+    tensors = measure_step(model_config, 3, loss_cfg=config.loss, count="tensors")
+    monkeypatch.setattr(memory, "_reset_peak_rss", lambda: False)
+    assert measure_step(model_config, 3, loss_cfg=config.loss) == tensors
+
+
 def test_gpu_step_cost_counts_live_tensors(tiny, tmp_path):
     """For the GPU the probe counts live tensor bytes: a larger batch's tracked peak, measured directly."""
     config = config_for(tiny, tmp_path)
