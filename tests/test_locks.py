@@ -51,6 +51,32 @@ def test_second_run_is_refused_naming_folder_and_holder(holder):
     assert f"output folder {folder} is in use by another run (pid {proc.pid} on {socket.gethostname()}" in message
 
 
+SLOW_RECORD = ("import fcntl, os, sys, time\n"
+               "from vqakd.core.locks import _write_record\n"
+               "os.makedirs(sys.argv[1], exist_ok=True)\n"
+               "fd = os.open(os.path.join(sys.argv[1], '.vqakd.lock'), os.O_RDWR | os.O_CREAT, 0o666)\n"
+               "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+               "print('locked', flush=True)\n"
+               "time.sleep(0.3)\n"
+               "_write_record(fd)\n"
+               "time.sleep(120)\n")
+
+
+@pytest.mark.skipif(vqakd.core.locks.fcntl is None, reason="no flock on this platform")
+def test_a_run_refused_in_the_moment_the_holder_writes_its_record_still_names_it(tmp_path):
+    """Two runs started together: the loser can arrive between the winner's lock and its record."""
+    folder = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RECORD, str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "locked\n"
+        with pytest.raises(UserError, match=f"in use by another run \\(pid {proc.pid} "):
+            FolderLock(folder, log=None).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_lock_of_a_killed_run_is_taken_over(holder):
     folder, proc = holder
     proc.send_signal(signal.SIGKILL)

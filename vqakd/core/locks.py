@@ -29,6 +29,7 @@ except ImportError:         # Windows: only the record-based check is available
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".vqakd.lock"
+RECORD_WAIT_TRIES, RECORD_WAIT_S = 100, 0.02     # up to 2 s for a new holder's record
 # The descriptors of the locks this process holds. A forked child (a loader worker) closes its
 # copies at once, else one that outlived a killed run would keep the folder locked.
 _HELD_FDS: set[int] = set()
@@ -144,6 +145,14 @@ class FolderLock:
                     os.close(fd)
                     continue
                 record = _read_record(fd)
+                if locked is False:
+                    # The holder writes its record just after it locks: give it a moment, so
+                    # the refusal can name it.
+                    for _ in range(RECORD_WAIT_TRIES):
+                        if record is not None:
+                            break
+                        time.sleep(RECORD_WAIT_S)
+                        record = _read_record(fd)
                 if locked is False or (locked is None and _record_holds(record)):
                     raise self._refuse(record)
                 if record and record.get("pid") != os.getpid() and self.log is not None:
