@@ -324,7 +324,8 @@ def original(stage: str, config, bundle, paths, a: argparse.Namespace, sampler: 
 
 def memory_plan(device: torch.device) -> dict[str, Any]:
     """An MSRVTT-QA-sized table: bytes per dtype, and where it would go on this machine."""
-    from vqakd.data.features import GPU_TABLE_SHARE, available_memory_bytes
+    from vqakd.data.features import GPU_TABLE_SHARE
+    from vqakd.training.memory import available_memory_bytes
 
     values = MSRVTT["videos"] * MSRVTT["clips"] * MSRVTT["dim"] * (MSRVTT["frames"] + 1)
     plan = {"videos": MSRVTT["videos"], "clips": MSRVTT["clips"], "frames": MSRVTT["frames"], "dim": MSRVTT["dim"],

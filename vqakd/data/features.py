@@ -79,18 +79,6 @@ def read_feature_header(path: str, dataset: str, ndim: int, layout: str) -> Feat
     return FeatureFileInfo(path, dataset, shape, ids, {int(v): row for row, v in enumerate(ids.tolist())})
 
 
-def available_memory_bytes() -> Optional[int]:
-    """The kernel's estimate of memory available to a new process (MemAvailable), None where unknown."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _first_nonfinite_row(chunk: np.ndarray) -> Optional[int]:
     finite = np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1)
     bad = np.flatnonzero(~finite)

@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten
 from model import DualVGR, ModelConfig
 from vqakd.core.config import Config
 from vqakd.core.errors import UserError
-from vqakd.data.features import LOAD_CHUNK_BYTES, available_memory_bytes, choose_table_device
+from vqakd.data.features import LOAD_CHUNK_BYTES, choose_table_device
 from vqakd.training.builders import check_model_fits_memory
 
 GIB = 2**30
@@ -94,16 +94,26 @@ def release_free_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-def _peak_rss() -> Optional[int]:
-    """The kernel's peak resident memory of this process since the last reset (Linux), or None."""
+def _proc_kib(path: str, key: str) -> Optional[int]:
+    """A "Key:  N kB" line of a Linux /proc file, in bytes; None where there is none."""
     try:
-        with open("/proc/self/status") as handle:
+        with open(path) as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_memory_bytes() -> Optional[int]:
+    """The kernel's estimate of memory available to a new process (MemAvailable), None where unknown."""
+    return _proc_kib("/proc/meminfo", "MemAvailable")
+
+
+def _peak_rss() -> Optional[int]:
+    """The kernel's peak resident memory of this process since the last reset (Linux), or None."""
+    return _proc_kib("/proc/self/status", "VmHWM")
 
 
 def _reset_peak_rss() -> bool:
