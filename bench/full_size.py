@@ -132,7 +132,6 @@ def run_teacher(config: str, out: str, mode: str, dtype: str, steps: int, worker
         prediction_error=round(plan["host_peak_bytes"] / measured - 1, 3),
         startup_s=round(startup, 1) if startup is not None else None,
         train_steps_per_s=float(row["train_steps_per_s"]) if row.get("train_steps_per_s") else None,
-        train_step_s=float(row["train_step_s"]) if row.get("train_step_s") else None,
         eval_questions_per_s=float(row["val_questions_per_s"]) if row.get("val_questions_per_s") else None,
     )
     return result
@@ -140,10 +139,12 @@ def run_teacher(config: str, out: str, mode: str, dtype: str, steps: int, worker
 
 def markdown_table(report: dict[str, Any]) -> str:
     """The runs of a --json-out file as the table in bench/README.md."""
+    from vqakd.training.memory import table_setting
+
     lines = ["| dataset | size | table | batch | steps | predicted peak | measured peak | error | start-up "
              "| train steps/s | eval questions/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
-        setting = run["mode"] if run["mode"] == "lazy" else f"{run['mode']} {run['dtype']}"
+        setting = table_setting(run["mode"], run["dtype"])
         size = "full" if run["fraction"] == 1 else f"1/{round(1 / run['fraction'])}"
         if run["exit_status"] != 0:
             measured = "refused by the plan" if run.get("refused") else f"failed ({run['exit_status']})"
