@@ -29,7 +29,6 @@ under a temporary name and renamed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -39,6 +38,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from vqakd.core.files import atomic_open, atomic_path, file_sha256, write_pickle  # noqa: E402
+from vqakd.data.features import APPEARANCE_DATASET, IDS_DATASET, MOTION_DATASET  # noqa: E402
 
 SIZES = {
     "msvd-qa": dict(videos=1970, train=30933, val=6415, test=13157, clips=8, words=4000, answers=1000, max_len=25),
@@ -66,7 +68,7 @@ def write_features(path: str, dataset_name: str, shape: tuple[int, ...], ids: np
     if os.path.exists(path):
         try:
             with h5py.File(path, "r") as handle:
-                if handle[dataset_name].shape == shape and handle["ids"].shape == ids.shape:
+                if handle[dataset_name].shape == shape and handle[IDS_DATASET].shape == ids.shape:
                     return False
         except (OSError, KeyError):
             pass
@@ -74,16 +76,14 @@ def write_features(path: str, dataset_name: str, shape: tuple[int, ...], ids: np
     row_values = int(np.prod(shape[1:]))
     pool = rng.random((POOL_VIDEOS,) + shape[1:], dtype=np.float32)
     chunk = max(1, CHUNK_BYTES // (row_values * 4))
-    tmp = path + ".tmp"
-    with h5py.File(tmp, "w") as handle:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
         data = handle.create_dataset(dataset_name, shape=shape, dtype="float32")
         for start in range(0, shape[0], chunk):
             stop = min(start + chunk, shape[0])
             rows = np.arange(start, stop)
             scale = rng.uniform(0.5, 1.5, size=(len(rows),) + (1,) * (len(shape) - 1)).astype(np.float32)
             data[start:stop] = pool[rows % POOL_VIDEOS] * scale
-        handle.create_dataset("ids", data=ids)
-    os.replace(tmp, path)
+        handle.create_dataset(IDS_DATASET, data=ids)
     return True
 
 
@@ -100,8 +100,6 @@ def question_words(sizes: dict[str, int]) -> list[str]:
 
 def write_questions(out: str, dataset: str, sizes: dict[str, int], ids: np.ndarray, vocab_sha: str,
                     seed: int) -> None:
-    import pickle
-
     rng = np.random.default_rng(seed + 1)
     word_text = question_words(sizes)
     words = len(word_text)
@@ -129,9 +127,7 @@ def write_questions(out: str, dataset: str, sizes: dict[str, int], ids: np.ndarr
             "question_text": text, "answer_text": [f"answer{a}" for a in answers.tolist()],
             "vocab_sha256": vocab_sha,
         }
-        with open(path + ".tmp", "wb") as handle:
-            pickle.dump(record, handle, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(path + ".tmp", path)
+        write_pickle(path, record)
 
 
 def write_vocab(out: str, dataset: str, sizes: dict[str, int]) -> str:
@@ -139,13 +135,11 @@ def write_vocab(out: str, dataset: str, sizes: dict[str, int]) -> str:
     words = question_words(sizes)
     answers = ["<UNK0>", "<UNK1>"] + [f"answer{i}" for i in range(sizes["answers"])]
     if not os.path.exists(path):
-        with open(path + ".tmp", "w") as handle:
+        with atomic_open(path) as handle:
             json.dump({"question_token_to_idx": {w: i for i, w in enumerate(words)},
                        "answer_token_to_idx": {a: i for i, a in enumerate(answers)},
                        "question_answer_token_to_idx": {"<NULL>": 0, "<UNK>": 1}}, handle, indent=4)
-        os.replace(path + ".tmp", path)
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
+    return file_sha256(path)
 
 
 def write_config(out: str, dataset: str) -> str:
@@ -159,7 +153,7 @@ def write_config(out: str, dataset: str) -> str:
         config["data"][key] = os.path.join(os.path.abspath(out), f"{dataset}_{name}")
     config["output_dir"] = os.path.join(os.path.abspath(out), "runs")
     path = os.path.join(out, "config.yml")
-    with open(path, "w") as handle:
+    with atomic_open(path) as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
     return path
 
@@ -172,9 +166,9 @@ def make_dataset(dataset: str, out: str, fraction: float = 1.0, seed: int = 0) -
     vocab_sha = write_vocab(out, dataset, sizes)
     write_questions(out, dataset, sizes, ids, vocab_sha, seed)
     clips = sizes["clips"]
-    written = [write_features(os.path.join(out, f"{dataset}_appearance_feat.h5"), "resnet_features",
+    written = [write_features(os.path.join(out, f"{dataset}_appearance_feat.h5"), APPEARANCE_DATASET,
                               (sizes["videos"], clips, FRAMES, DIM), ids, seed),
-               write_features(os.path.join(out, f"{dataset}_motion_feat.h5"), "resnext_features",
+               write_features(os.path.join(out, f"{dataset}_motion_feat.h5"), MOTION_DATASET,
                               (sizes["videos"], clips, DIM), ids, seed + 2)]
     config = write_config(out, dataset)
     return {"dataset": dataset, "fraction": fraction, "sizes": sizes, "config": config,
