@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import itertools
 import math
 import os
@@ -331,10 +332,11 @@ def plot_confusion(arm: str, labels: list[str], matrix: list[list[int]], path: s
 
 # ----------------------------------------------------------------------------------- markdown
 
-def _pct(stats: Optional[dict], count: Optional[int] = None) -> str:
+def _pct(stats: Optional[dict], count: Optional[int] = None, sign: str = "") -> str:
+    """Mean ± std in %, "–" without a value (or without questions: `count` 0); `sign` "+": signed."""
     if count == 0 or not stats or stats.get("mean") is None:
         return "–"
-    text = f"{100 * stats['mean']:.2f}"
+    text = f"{100 * stats['mean']:{sign}.2f}"
     return text + (f" ± {100 * stats['std']:.2f}" if stats.get("std") is not None else "")
 
 
@@ -351,13 +353,9 @@ def _paired_markdown(paired: dict[str, Any]) -> list[str]:
            "A seed sets the initialisation and batch order of every arm alike: the difference seed by seed takes "
            "out what a seed does to all arms together, and its interval, not the arms' ± side by side, tells a "
            "gain from noise.", ""]
-    rows = []
-    for name, entry in paired.items():
-        std = f" ± {100 * entry['std']:.2f}" if entry["std"] is not None else ""
-        interval = entry["interval"]
-        rows.append([name, ", ".join(f"{seed}: {_signed(value)}" for seed, value in entry["seeds"].items()),
-                     (_signed(entry["mean"]) + std) if entry["mean"] is not None else "–",
-                     f"[{_signed(interval[0])}, {_signed(interval[1])}]" if interval else "–"])
+    rows = [[name, ", ".join(f"{seed}: {_signed(value)}" for seed, value in entry["seeds"].items()),
+             _pct(entry, sign="+"), "[{}, {}]".format(*map(_signed, entry["interval"])) if entry["interval"] else "–"]
+            for name, entry in paired.items()]
     out += _table(["arm", "difference per seed (points)", "mean ± std", "95% interval (t)"], rows)
     out += [""] + [f"- {entry['verdict']}" for entry in paired.values()]
     return out
@@ -386,11 +384,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         out += ["**Features from random-weight networks** (the feature files record `random_weights`): these "
                 "numbers measure the method on such features, not the paper's setup with pretrained networks.", ""]
     out += ["## Overall", ""]
-    rows = []
-    for name, arm in arms.items():
-        ms = arm["ms_per_question"]
-        rows.append([name, arm["note"], str(arm["graph_layers"]), f"{arm['params']:,}", _pct(arm["accuracy"]),
-                     _pct(arm["val_accuracy"]), f"{ms['mean']:.3f}" if ms else "–"])
+    rows = [[name, arm["note"], str(arm["graph_layers"]), f"{arm['params']:,}", _pct(arm["accuracy"]),
+             _pct(arm["val_accuracy"]), f"{arm['ms_per_question']['mean']:.3f}" if arm["ms_per_question"] else "–"]
+            for name, arm in arms.items()]
     origin = "published, pretrained features" if report["features"]["random_weights"] else "published"
     rows += [[row["model"], origin, "", "", f"{row['accuracy']:.2f}", "", ""] for row in published]
     rows.append(["ceiling", "share of test answers in the answer vocabulary", "", "",
@@ -414,13 +410,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             "answer vocabulary (built from the train answers), the most any model can score; an answer outside "
             "it is never predicted.", "", "![per-type accuracy](per_type.png)", "",
             "## Every seed", ""]
-    rows = []
-    for name, arm in arms.items():
-        for seed, values in arm["seeds"].items():
-            rows.append([name, seed, f"{100 * values['accuracy']:.2f}"]
-                        + [f"{100 * values['per_type'][t]['accuracy']:.2f}" if counts[t] else "–" for t in types]
-                        + [str(values["epoch"]), os.path.relpath(values["teacher"], report["study_dir"])
-                           if values["teacher"] else "–"])
+    rows = [[name, seed, f"{100 * values['accuracy']:.2f}"]
+            + [f"{100 * values['per_type'][t]['accuracy']:.2f}" if counts[t] else "–" for t in types]
+            + [str(values["epoch"]),
+               os.path.relpath(values["teacher"], report["study_dir"]) if values["teacher"] else "–"]
+            for name, arm in arms.items() for seed, values in arm["seeds"].items()]
     out += _table(["arm", "seed", "all"] + types + ["best epoch", "teacher"], rows)
     out += ["", "## Training curves", ""] + [f"![{name}]({name}_curves.png)" for name in arms]
     examples = report["examples"]
@@ -453,13 +447,10 @@ def runs_left_out(report_dir: str, arms, seeds) -> list[str]:
     """`seed<S>/<arm>` folders of the study that this report does not cover (other --arms or --seeds)."""
     study_dir = os.path.dirname(os.path.abspath(report_dir))
     found = []
-    for seed_dir in sorted(os.listdir(study_dir)) if os.path.isdir(study_dir) else []:
-        path = os.path.join(study_dir, seed_dir)
-        if not (seed_dir.startswith("seed") and os.path.isdir(path)):
-            continue
-        for arm in sorted(os.listdir(path)):
-            if os.path.isdir(os.path.join(path, arm)) and (arm not in arms or seed_dir[4:] not in map(str, seeds)):
-                found.append(f"{seed_dir}/{arm}")
+    for path in sorted(glob.glob(os.path.join(glob.escape(study_dir), "seed*", "*", ""))):
+        seed_dir, arm = os.path.relpath(path, study_dir).split(os.sep)
+        if arm not in arms or seed_dir[4:] not in map(str, seeds):
+            found.append(f"{seed_dir}/{arm}")
     return found
 
 
