@@ -56,7 +56,7 @@ def collect(runs) -> dict[str, Any]:
     arms: dict[str, Any] = {}
     for run in runs:
         results = read_json(run.path("results.json"))
-        timing = run.extra.get("timing") or {}
+        timing = run.timing or {}
         entry = arms.setdefault(run.arm.name, {"stage": run.arm.stage, "distill": run.arm.distill,
                                                "overrides": list(run.arm.overrides), "note": run.arm.note,
                                                "teacher_arm": run.arm.teacher, "seeds": {}})

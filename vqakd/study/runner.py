@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from vqakd.core.config import (config_to_dict, data_file_paths, flat_settings, load_config, override_key,
@@ -105,7 +105,7 @@ class Run:
     teacher_run: Optional["Run"] = None
     action: str = "train"                   # reuse | resume | train | overwrite | skip
     reason: str = ""
-    extra: dict = field(default_factory=dict)
+    timing: Optional[dict] = None           # time_inference's record, for the report
 
     @property
     def stage_dir(self) -> str:
@@ -139,14 +139,6 @@ class Run:
             return False
         return (record.get("split") == "test" and isinstance(record.get("checkpoint"), str)
                 and os.path.abspath(record["checkpoint"]) == os.path.abspath(best))
-
-    def train(self, cfg: str) -> None:
-        """Train (or resume, or start over) this run, as `train.py` would."""
-        from vqakd.training.run import train_stage
-
-        teacher = self.teacher_run.path("best.pt") if self.teacher_run is not None else None
-        train_stage(cfg, self.arm.stage, self.overrides, teacher=teacher, resume=self.action == "resume",
-                    overwrite=self.action == "overwrite")
 
 
 def config_difference(recorded: Any, expected: Any) -> Optional[str]:
@@ -228,6 +220,7 @@ def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
     """Train (or resume) every run that needs it, then evaluate each finished best.pt on the test
     split with predictions. Returns the runs still unfinished (the same list on every rank); an
     error every rank hits reaches study.py's quiet_unless_main, which prints it once."""
+    from vqakd.training.run import train_stage
     from vqakd.training.validation import validate_checkpoint
 
     for run in runs:
@@ -238,7 +231,9 @@ def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
             log(f"study: skipping {run.arm.name} seed {run.seed}: {run.reason}")
             continue
         log(f"study: {run.action} {run.arm.name} seed {run.seed} -> {run.stage_dir}")
-        run.train(cfg)
+        teacher = run.teacher_run.path("best.pt") if run.teacher_run else None
+        train_stage(cfg, run.arm.stage, run.overrides, teacher=teacher, resume=run.action == "resume",
+                    overwrite=run.action == "overwrite")
         if not run.finished:
             run.action, run.reason = "skip", "stopped before the last epoch (train.stop_after_epoch)"
     for run in runs:
@@ -344,7 +339,7 @@ def run_study(cfg: str, seeds_text: str = "3", arms_text: Optional[str] = None, 
 
         cache: dict = {}
         for run in runs:
-            run.extra["timing"] = time_inference(run, timing_passes, cache)
+            run.timing = time_inference(run, timing_passes, cache)
         cache.clear()
         report_dir = os.path.join(study_dir, "report")
         write_report(runs, report_dir, dataset=base.dataset, examples=examples)
