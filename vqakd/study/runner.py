@@ -250,8 +250,6 @@ def time_inference(run: Run, passes: int, cache: dict) -> Optional[dict]:
     the test split after a warm-up, cached in `<stage>/timing_test.json` while best.pt and the device stay."""
     import time
 
-    import torch
-
     from vqakd.training.checkpoint import load_checkpoint, model_from_checkpoint
     from vqakd.core.config import eval_batch_size
     from vqakd.data.batches import load_data, make_loader
@@ -283,12 +281,11 @@ def time_inference(run: Run, passes: int, cache: dict) -> Optional[dict]:
     loader = make_loader(bundle.splits["test"], bundle.table, batch, False, config.train.seed, 0,
                          device.type == "cuda", reuse_buffers=True)
     seconds = []
+    # A pass ends reading its counts back (synchronised); pass 0 is the warm-up, not timed.
     for index in range(passes + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         started = time.perf_counter()
-        evaluate(model, loader, device, amp=config.train.amp)       # reads the counts back: synchronised
-        if index:                                                   # pass 0 is the warm-up
+        evaluate(model, loader, device, amp=config.train.amp)
+        if index:
             seconds.append(time.perf_counter() - started)
     questions = max(len(bundle.splits["test"]), 1)
     seconds.sort()
