@@ -22,6 +22,7 @@ import torch
 
 from vqakd.data.annotations import Video
 from vqakd.training.checkpoint import load_checkpoint, model_from_checkpoint
+from vqakd.training.engine import configure_backends
 from vqakd.core.errors import UserError
 from vqakd.core.files import atomic_open, file_sha256
 from vqakd.training.inference_record import random_seed_of
@@ -410,9 +411,7 @@ class Answerer:
         lengths = torch.tensor([len(q.indices) for q in questions], dtype=torch.long)
         appearance = torch.from_numpy(features.appearance).to(self.device).unsqueeze(0)
         motion = torch.from_numpy(features.motion).to(self.device).unsqueeze(0)
-        if self.device.type == "cuda":
-            # Set for every call: the feature extractors switch TF32 off while they run.
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+        configure_backends(self.device, self.tf32)      # each call: the feature extractors switch TF32 off
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
             logits = self.model(appearance.expand(count, *appearance.shape[1:]).contiguous(),
                                 motion.expand(count, *motion.shape[1:]).contiguous(),
