@@ -22,6 +22,7 @@ import torch
 
 from vqakd.data.annotations import Video
 from vqakd.training.checkpoint import load_checkpoint, model_from_checkpoint
+from vqakd.training.engine import configure_backends
 from vqakd.core.errors import UserError
 from vqakd.core.files import atomic_open, file_sha256
 from vqakd.training.inference_record import random_seed_of
@@ -282,7 +283,6 @@ class Answerer:
         if self.cache.folder is not None and os.path.isdir(self.cache.folder):
             remove_dead_scratch(self.cache.folder)      # what killed runs left; this one leaves none
         self._extractors: dict[str, Any] = {}
-        self._sha_of: dict[tuple[str, int, int], str] = {}
 
     # ----- features ------------------------------------------------------------------------------
 
@@ -291,14 +291,13 @@ class Answerer:
         if kind not in self._extractors:
             settings = self.settings[kind]
             weights = getattr(self.flags, f"{kind}_weights")
-            if weights is None and settings.get("weights") and os.path.isfile(str(settings["weights"])):
-                weights = str(settings["weights"])
-            random_weights = bool(settings.get("random_weights"))
-            if random_weights and getattr(self.flags, f"{kind}_weights"):
+            if settings.get("random_weights") and weights:
                 raise UserError(f"{self.path}: its {kind} features came from a randomly initialised network; "
                                 f"--{kind}-weights does not apply")
+            if weights is None and settings.get("weights") and os.path.isfile(str(settings["weights"])):
+                weights = str(settings["weights"])
             extraction = dataclasses.replace(ExtractionSettings.from_record(settings),
-                                             weights=None if random_weights else weights)
+                                             weights=None if settings.get("random_weights") else weights)
             extractor = make_extractor(extraction, self.device, self.batch_size, num_workers=0, progress=False)
             recorded = settings.get("weights_sha256")
             if recorded and extractor.weights.sha256 != recorded:
@@ -309,21 +308,14 @@ class Answerer:
             self._extractors[kind] = extractor
         return self._extractors[kind]
 
-    def video_sha256(self, path: str) -> str:
-        try:
-            stat = os.stat(path)
-        except OSError as exc:
-            raise VideoFailure(f"video not found: {path}" if isinstance(exc, FileNotFoundError)
-                               else f"{path}: {exc.strerror or exc}") from None
+    @staticmethod
+    def video_sha256(path: str) -> str:
         if not os.path.isfile(path):
-            raise VideoFailure(f"not a file: {path}")
-        key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-        if key not in self._sha_of:
-            try:
-                self._sha_of[key] = file_sha256(path)
-            except OSError as exc:
-                raise VideoFailure(f"{path}: cannot read it ({exc.strerror or exc})") from None
-        return self._sha_of[key]
+            raise VideoFailure(f"not a file: {path}" if os.path.exists(path) else f"video not found: {path}")
+        try:
+            return file_sha256(path)
+        except OSError as exc:
+            raise VideoFailure(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
     def shape(self, kind: str) -> tuple[int, ...]:
         settings = self.settings[kind]
@@ -335,19 +327,19 @@ class Answerer:
         found: dict[str, dict[str, np.ndarray]] = {}
         damage: dict[str, set[str]] = {}
         shas: dict[str, str] = {}
+        timings: dict[str, float] = {}
         for video in dict.fromkeys(videos):
             try:
                 shas[video] = self.video_sha256(video)
             except VideoFailure as exc:
                 result[video] = exc
                 continue
-            found[video], damage[video] = {}, set()
+            found[video], damage[video], timings[video] = {}, set(), 0.0
             for kind in FEATURE_KINDS:
                 array, reported = self.cache.get(shas[video], kind, self.digests[kind], self.shape(kind))
                 if array is not None:
                     found[video][kind] = array
                     damage[video].update(filter(None, [reported]))
-        timings = {video: 0.0 for video in found}
         for kind in FEATURE_KINDS:
             todo = [video for video in found if kind not in found[video] and video not in result]
             for start in range(0, len(todo), VIDEOS_PER_EXTRACTION):
@@ -361,8 +353,7 @@ class Answerer:
                         result[video] = arrays[video]
                         continue
                     found[video][kind] = arrays[video]
-                    if video in damaged:
-                        damage[video].add(damaged[video])
+                    damage[video].update(filter(None, [damaged.get(video)]))
                     self.cache.put(shas[video], kind, self.digests[kind], arrays[video], damaged.get(video))
         for video, arrays in found.items():
             if video not in result:
@@ -387,11 +378,16 @@ class Answerer:
                 result = extractor.run(videos, out)
                 failures = result.failures
                 damaged = {paths[int(record["video_id"])]: record["reason"] for record in result.damaged}
-            except UserError:
-                report = _read_report(out + ".failures.json")
-                if report is None or len(report) != len(videos):
-                    raise
-                failures, out = report, None
+            except UserError as error:
+                # Every video failed: no features were written, the extraction's report says why.
+                try:
+                    with open(out + ".failures.json", encoding="utf-8") as handle:
+                        failures = list(json.load(handle)["failures"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    failures = []
+                if len(failures) != len(videos):
+                    raise error
+                out = None
             arrays: dict[str, np.ndarray | VideoFailure] = {}
             for failure in failures:
                 path = paths[int(failure["video_id"])]
@@ -415,9 +411,7 @@ class Answerer:
         lengths = torch.tensor([len(q.indices) for q in questions], dtype=torch.long)
         appearance = torch.from_numpy(features.appearance).to(self.device).unsqueeze(0)
         motion = torch.from_numpy(features.motion).to(self.device).unsqueeze(0)
-        if self.device.type == "cuda":
-            # Set for every call: the feature extractors switch TF32 off while they run.
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+        configure_backends(self.device, self.tf32)      # each call: the feature extractors switch TF32 off
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
             logits = self.model(appearance.expand(count, *appearance.shape[1:]).contiguous(),
                                 motion.expand(count, *motion.shape[1:]).contiguous(),
@@ -474,14 +468,6 @@ def remove_dead_scratch(folder: str) -> None:
         pid = entry[len(SCRATCH_PREFIX):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
-
-
-def _read_report(path: str) -> Optional[list[dict]]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return list(json.load(handle)["failures"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def format_answer(answer: Answer) -> str:

@@ -92,13 +92,12 @@ def answer_rows(answerer: Answerer, rows: list[dict]) -> list[dict[str, Any]]:
 def write_records(path: str, records: list[dict[str, Any]], top_k: int) -> None:
     """JSON lines (.jsonl/.json) or CSV (answer_1, probability_1, ... columns), written atomically."""
     import csv
-    import io
 
-    if path.lower().endswith((".jsonl", ".json")):
-        text = "".join(json.dumps(record) + "\n" for record in records)
-    else:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
+    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
+        if path.lower().endswith((".jsonl", ".json")):
+            handle.writelines(json.dumps(record) + "\n" for record in records)
+            return
+        writer = csv.writer(handle, lineterminator="\n")
         ranks = [f"{what}_{rank}" for rank in range(1, top_k + 1) for what in ("answer", "probability")]
         writer.writerow(["id", "video", "question", *ranks, "unknown_words", "warnings", "error"])
         for record in records:
@@ -109,6 +108,3 @@ def write_records(path: str, records: list[dict[str, Any]], top_k: int) -> None:
             writer.writerow([record["id"], record["video"], record["question"], *cells,
                              " ".join(record.get("unknown_words") or []), " | ".join(record.get("warnings") or []),
                              record.get("error") or ""])
-        text = buffer.getvalue()
-    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)

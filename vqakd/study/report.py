@@ -9,12 +9,14 @@ question type's ceiling and the published numbers. Per-answer figures are valida
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import glob
 import itertools
 import math
 import os
 import statistics
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from vqakd.core.files import atomic_open, atomic_path, read_json, write_json
 from vqakd.data.questions import QUESTION_TYPES, TYPE_NAMES
@@ -54,7 +56,7 @@ def collect(runs) -> dict[str, Any]:
     arms: dict[str, Any] = {}
     for run in runs:
         results = read_json(run.path("results.json"))
-        timing = run.extra.get("timing") or {}
+        timing = run.timing or {}
         entry = arms.setdefault(run.arm.name, {"stage": run.arm.stage, "distill": run.arm.distill,
                                                "overrides": list(run.arm.overrides), "note": run.arm.note,
                                                "teacher_arm": run.arm.teacher, "seeds": {}})
@@ -82,11 +84,6 @@ def collect(runs) -> dict[str, Any]:
     return arms
 
 
-def in_vocabulary(answer: str) -> bool:
-    """Whether a predictions CSV's true answer is in the answer vocabulary (outside: written <UNK1>)."""
-    return answer not in ANSWER_SPECIALS
-
-
 def answer_metrics(preds: dict[str, list[dict]], top: int = TOP_ANSWERS) -> dict[str, Any]:
     """Per arm, all seeds pooled: per-answer precision/recall/F1 and the confusions among the `top`
     most frequent true test answers in the vocabulary, as validate.py computes them."""
@@ -94,8 +91,9 @@ def answer_metrics(preds: dict[str, list[dict]], top: int = TOP_ANSWERS) -> dict
 
     out: dict[str, Any] = {"labels": [], "arms": {}}
     for arm, rows in preds.items():
+        # A true answer outside the answer vocabulary is written <UNK1> in the predictions CSV.
         figures = answer_figures([row["answer"] for row in rows], [row["predicted_answer"] for row in rows],
-                                 in_vocabulary, answers=top, square=top)
+                                 lambda answer: answer not in ANSWER_SPECIALS, answers=top, square=top)
         if figures["confusion"] is None:
             continue
         # Every arm answers the same test questions with the same seeds: the same labels.
@@ -227,12 +225,22 @@ def disagreements(preds: dict[str, list[dict]], limit: int) -> list[dict[str, An
 
 # ----------------------------------------------------------------------------------- figures
 
-def _plt():
+@contextlib.contextmanager
+def _figure(path: str, *grid: int, figsize: tuple[float, float]) -> Iterator[tuple[Any, Any]]:
+    """A figure and its axes, laid out and saved atomically to `path` (PNG) when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt
+
+    figure, axes = plt.subplots(*grid, figsize=figsize)
+    try:
+        yield figure, axes
+        figure.tight_layout()
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(figure)
 
 
 def _number(value: Any) -> float:
@@ -245,37 +253,33 @@ def _number(value: Any) -> float:
 def plot_arm_curves(arm: str, metrics: dict[str, list[dict]], best: dict[str, int], path: str) -> None:
     """Train (solid) and val (dashed) loss parts, mean over seeds, on a log scale (they differ by
     orders of magnitude), and val accuracy per seed; dotted lines / stars mark the best epochs."""
-    plt = _plt()
-    figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(13, 4.5))
-    seeds = list(metrics)
-    epochs = [int(row["epoch"]) for row in metrics[seeds[0]]]
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, part in enumerate(LOSS_PARTS):
-        for prefix, style in (("train", "-"), ("val", "--")):
-            series = [[_number(row.get(f"{prefix}_{part}")) for row in metrics[s]][:len(epochs)] for s in seeds]
-            values = [statistics.fmean(v) if all(not math.isnan(x) for x in v) else math.nan for v in zip(*series)]
-            values = [v if v > 0 else math.nan for v in values]
-            if any(not math.isnan(v) for v in values):
-                loss_axis.plot(epochs, values, style, marker="o", ms=3, color=colours[index % len(colours)],
-                               label=f"{prefix} {part}")
-    loss_axis.set_yscale("log")
-    for seed in seeds:
-        loss_axis.axvline(best[seed], color="grey", linestyle=":", linewidth=1)
-    loss_axis.set_title(f"{arm}: loss parts (mean over {len(seeds)} seeds; dotted: best epochs)")
-    acc_axis.set_title(f"{arm}: validation accuracy (star: best epoch)")
-    for seed in seeds:
-        accuracy = [100 * _number(row.get("val_acc")) for row in metrics[seed]]
-        line, = acc_axis.plot(epochs[:len(accuracy)], accuracy, marker="o", ms=3, label=f"seed {seed}")
-        acc_axis.plot([best[seed]], [accuracy[best[seed] - 1]], "*", ms=14, color=line.get_color())
-    acc_axis.set_ylabel("%")
-    for axis in (loss_axis, acc_axis):
-        axis.set_xlabel("epoch")
-        if len(epochs) <= 30:
-            axis.set_xticks(epochs)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
-    _save(figure, path, plt)
+    with _figure(path, 1, 2, figsize=(13, 4.5)) as (_, (loss_axis, acc_axis)):
+        seeds = list(metrics)
+        epochs = [int(row["epoch"]) for row in metrics[seeds[0]]]
+        for index, part in enumerate(LOSS_PARTS):
+            for prefix, style in (("train", "-"), ("val", "--")):
+                series = [[_number(row.get(f"{prefix}_{part}")) for row in metrics[s]][:len(epochs)] for s in seeds]
+                values = [statistics.fmean(v) if all(not math.isnan(x) for x in v) else math.nan for v in zip(*series)]
+                values = [v if v > 0 else math.nan for v in values]
+                if any(not math.isnan(v) for v in values):
+                    loss_axis.plot(epochs, values, style, marker="o", ms=3, color=f"C{index}",
+                                   label=f"{prefix} {part}")
+        loss_axis.set_yscale("log")
+        for seed in seeds:
+            loss_axis.axvline(best[seed], color="grey", linestyle=":", linewidth=1)
+        loss_axis.set_title(f"{arm}: loss parts (mean over {len(seeds)} seeds; dotted: best epochs)")
+        acc_axis.set_title(f"{arm}: validation accuracy (star: best epoch)")
+        for seed in seeds:
+            accuracy = [100 * _number(row.get("val_acc")) for row in metrics[seed]]
+            line, = acc_axis.plot(epochs[:len(accuracy)], accuracy, marker="o", ms=3, label=f"seed {seed}")
+            acc_axis.plot([best[seed]], [accuracy[best[seed] - 1]], "*", ms=14, color=line.get_color())
+        acc_axis.set_ylabel("%")
+        for axis in (loss_axis, acc_axis):
+            axis.set_xlabel("epoch")
+            if len(epochs) <= 30:
+                axis.set_xticks(epochs)
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7, ncol=2)
 
 
 def error_bars(stats: Sequence[dict]) -> list[list[float]]:
@@ -289,66 +293,51 @@ def error_bars(stats: Sequence[dict]) -> list[list[float]]:
 def plot_per_type(arms: dict[str, Any], published: list[dict], path: str, published_note: Optional[str] = None) -> None:
     """Accuracy per question type with test questions: one bar per arm (mean ± std over seeds),
     the published DualVGR numbers as black markers (labelled with `published_note`)."""
-    plt = _plt()
     types = [t for t in QUESTION_TYPES if any(a["per_type"][t]["count"] for a in arms.values())] + ["all"]
-    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(types) * max(1, len(arms)) / 3), 4.5))
     width = 0.8 / max(1, len(arms))
-    for index, (name, arm) in enumerate(arms.items()):
-        stats = [arm["per_type"][t] if t != "all" else arm["accuracy"] for t in types]
-        axis.bar([i + index * width for i in range(len(types))], [100 * s["mean"] for s in stats], width,
-                 yerr=error_bars(stats), capsize=3, label=name)
-    for row in published[:1]:
-        values = [row["per_type"].get(t) if t != "all" else row["accuracy"] for t in types]
-        label = row["model"] + (f" ({published_note})" if published_note else "")
-        axis.plot([i + 0.4 - width / 2 for i in range(len(types))], [v if v is not None else math.nan for v in values],
-                  "k_", ms=30, mew=2, label=label)
-    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(types))])
-    axis.set_xticklabels(types)
-    axis.set_ylabel("test accuracy (%)")
-    axis.set_ylim(0, 100)
-    axis.legend(fontsize=8)
-    axis.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    _save(figure, path, plt)
+    centres = [i + 0.4 - width / 2 for i in range(len(types))]
+    with _figure(path, figsize=(max(6, 1.6 * len(types) * max(1, len(arms)) / 3), 4.5)) as (_, axis):
+        for index, (name, arm) in enumerate(arms.items()):
+            stats = [arm["per_type"][t] if t != "all" else arm["accuracy"] for t in types]
+            axis.bar([i + index * width for i in range(len(types))], [100 * s["mean"] for s in stats], width,
+                     yerr=error_bars(stats), capsize=3, label=name)
+        for row in published[:1]:
+            values = [row["per_type"].get(t) if t != "all" else row["accuracy"] for t in types]
+            label = row["model"] + (f" ({published_note})" if published_note else "")
+            axis.plot(centres, [v if v is not None else math.nan for v in values], "k_", ms=30, mew=2, label=label)
+        axis.set_xticks(centres)
+        axis.set_xticklabels(types)
+        axis.set_ylabel("test accuracy (%)")
+        axis.set_ylim(0, 100)
+        axis.legend(fontsize=8)
+        axis.grid(axis="y", alpha=0.3)
 
 
 def plot_confusion(arm: str, labels: list[str], matrix: list[list[int]], path: str) -> None:
-    plt = _plt()
-    figure, axis = plt.subplots(figsize=(1.0 + 0.55 * len(labels), 0.8 + 0.5 * len(labels)))
-    image = axis.imshow(matrix, cmap="Blues")
-    axis.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
-    axis.set_yticks(range(len(labels)), labels, fontsize=8)
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("true answer")
-    axis.set_title(f"{arm}:\nconfusion among the {len(labels)} most frequent answers", fontsize=9)
-    peak = max((max(row) for row in matrix), default=0)
-    for i, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            if value:
-                axis.text(j, i, str(value), ha="center", va="center", fontsize=7,
-                          color="white" if value > peak / 2 else "black")
-    figure.colorbar(image, ax=axis)
-    figure.tight_layout()
-    _save(figure, path, plt)
-
-
-def _save(figure, path: str, plt) -> None:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=110, format="png")
-    plt.close(figure)
+    with _figure(path, figsize=(1.0 + 0.55 * len(labels), 0.8 + 0.5 * len(labels))) as (figure, axis):
+        image = axis.imshow(matrix, cmap="Blues")
+        axis.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+        axis.set_yticks(range(len(labels)), labels, fontsize=8)
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true answer")
+        axis.set_title(f"{arm}:\nconfusion among the {len(labels)} most frequent answers", fontsize=9)
+        peak = max((max(row) for row in matrix), default=0)
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                if value:
+                    axis.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                              color="white" if value > peak / 2 else "black")
+        figure.colorbar(image, ax=axis)
 
 
 # ----------------------------------------------------------------------------------- markdown
 
-def _pct(stats: Optional[dict], count: Optional[int] = None) -> str:
+def _pct(stats: Optional[dict], count: Optional[int] = None, sign: str = "") -> str:
+    """Mean ± std in %, "–" without a value (or without questions: `count` 0); `sign` "+": signed."""
     if count == 0 or not stats or stats.get("mean") is None:
         return "–"
-    text = f"{100 * stats['mean']:.2f}"
+    text = f"{100 * stats['mean']:{sign}.2f}"
     return text + (f" ± {100 * stats['std']:.2f}" if stats.get("std") is not None else "")
-
-
-def _share(entry: dict) -> str:
-    return "–" if entry["ceiling"] is None else f"{100 * entry['ceiling']:.2f}"
 
 
 def _signed(value: float) -> str:
@@ -364,13 +353,9 @@ def _paired_markdown(paired: dict[str, Any]) -> list[str]:
            "A seed sets the initialisation and batch order of every arm alike: the difference seed by seed takes "
            "out what a seed does to all arms together, and its interval, not the arms' ± side by side, tells a "
            "gain from noise.", ""]
-    rows = []
-    for name, entry in paired.items():
-        std = f" ± {100 * entry['std']:.2f}" if entry["std"] is not None else ""
-        interval = entry["interval"]
-        rows.append([name, ", ".join(f"{seed}: {_signed(value)}" for seed, value in entry["seeds"].items()),
-                     (_signed(entry["mean"]) + std) if entry["mean"] is not None else "–",
-                     f"[{_signed(interval[0])}, {_signed(interval[1])}]" if interval else "–"])
+    rows = [[name, ", ".join(f"{seed}: {_signed(value)}" for seed, value in entry["seeds"].items()),
+             _pct(entry, sign="+"), "[{}, {}]".format(*map(_signed, entry["interval"])) if entry["interval"] else "–"]
+            for name, entry in paired.items()]
     out += _table(["arm", "difference per seed (points)", "mean ± std", "95% interval (t)"], rows)
     out += [""] + [f"- {entry['verdict']}" for entry in paired.values()]
     return out
@@ -383,8 +368,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render_markdown(report: dict[str, Any]) -> str:
     arms, seeds, published = report["arms"], report["seeds"], report["published"]
     types = list(QUESTION_TYPES)
-    counts = {t: next(iter(arms.values()))["per_type"][t]["count"] for t in types}
     first = next(iter(arms.values()))
+    counts = {t: first["per_type"][t]["count"] for t in types}
     total = next(iter(first["seeds"].values()))["count"]
     note = report["features"]["note"]
     ceiling = report["ceilings"]
@@ -399,15 +384,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         out += ["**Features from random-weight networks** (the feature files record `random_weights`): these "
                 "numbers measure the method on such features, not the paper's setup with pretrained networks.", ""]
     out += ["## Overall", ""]
-    rows = []
-    for name, arm in arms.items():
-        ms = arm["ms_per_question"]
-        rows.append([name, arm["note"], str(arm["graph_layers"]), f"{arm['params']:,}", _pct(arm["accuracy"]),
-                     _pct(arm["val_accuracy"]), f"{ms['mean']:.3f}" if ms else "–"])
+    rows = [[name, arm["note"], str(arm["graph_layers"]), f"{arm['params']:,}", _pct(arm["accuracy"]),
+             _pct(arm["val_accuracy"]), f"{arm['ms_per_question']['mean']:.3f}" if arm["ms_per_question"] else "–"]
+            for name, arm in arms.items()]
     origin = "published, pretrained features" if report["features"]["random_weights"] else "published"
     rows += [[row["model"], origin, "", "", f"{row['accuracy']:.2f}", "", ""] for row in published]
     rows.append(["ceiling", "share of test answers in the answer vocabulary", "", "",
-                 _share(ceiling["overall"]), "", ""])
+                 _pct({"mean": ceiling["overall"]["ceiling"]}), "", ""])
     out += _table(["arm", "what it is", "graph layers", "parameters", "test accuracy", "val accuracy",
                    "ms/question"], rows)
     out += ["", "ms/question: inference of best.pt over the test split at the config's evaluation batch size "
@@ -420,19 +403,18 @@ def render_markdown(report: dict[str, Any]) -> str:
             for name, arm in arms.items()]
     rows += [[row["model"]] + [f"{row['per_type'][t]:.2f}" if t in row["per_type"] and counts[t] else "–"
                                for t in types] + [f"{row['accuracy']:.2f}"] for row in published]
-    rows.append(["ceiling"] + [_share(ceiling["per_type"][t]) for t in types] + [_share(ceiling["overall"])])
+    rows.append(["ceiling"] + [_pct({"mean": ceiling["per_type"][t]["ceiling"]}) for t in types]
+                + [_pct({"mean": ceiling["overall"]["ceiling"]})])
     out += _table(["arm"] + [f"{t} ({counts[t]})" for t in types] + [f"all ({total})"], rows)
     out += ["", "\"–\": no test question of that type. Ceiling: the share of the type's test answers inside the "
             "answer vocabulary (built from the train answers), the most any model can score; an answer outside "
             "it is never predicted.", "", "![per-type accuracy](per_type.png)", "",
             "## Every seed", ""]
-    rows = []
-    for name, arm in arms.items():
-        for seed, values in arm["seeds"].items():
-            rows.append([name, seed, f"{100 * values['accuracy']:.2f}"]
-                        + [f"{100 * values['per_type'][t]['accuracy']:.2f}" if counts[t] else "–" for t in types]
-                        + [str(values["epoch"]), os.path.relpath(values["teacher"], report["study_dir"])
-                           if values["teacher"] else "–"])
+    rows = [[name, seed, f"{100 * values['accuracy']:.2f}"]
+            + [f"{100 * values['per_type'][t]['accuracy']:.2f}" if counts[t] else "–" for t in types]
+            + [str(values["epoch"]),
+               os.path.relpath(values["teacher"], report["study_dir"]) if values["teacher"] else "–"]
+            for name, arm in arms.items() for seed, values in arm["seeds"].items()]
     out += _table(["arm", "seed", "all"] + types + ["best epoch", "teacher"], rows)
     out += ["", "## Training curves", ""] + [f"![{name}]({name}_curves.png)" for name in arms]
     examples = report["examples"]
@@ -465,13 +447,10 @@ def runs_left_out(report_dir: str, arms, seeds) -> list[str]:
     """`seed<S>/<arm>` folders of the study that this report does not cover (other --arms or --seeds)."""
     study_dir = os.path.dirname(os.path.abspath(report_dir))
     found = []
-    for seed_dir in sorted(os.listdir(study_dir)) if os.path.isdir(study_dir) else []:
-        path = os.path.join(study_dir, seed_dir)
-        if not (seed_dir.startswith("seed") and os.path.isdir(path)):
-            continue
-        for arm in sorted(os.listdir(path)):
-            if os.path.isdir(os.path.join(path, arm)) and (arm not in arms or seed_dir[4:] not in map(str, seeds)):
-                found.append(f"{seed_dir}/{arm}")
+    for path in sorted(glob.glob(os.path.join(glob.escape(study_dir), "seed*", "*", ""))):
+        seed_dir, arm = os.path.relpath(path, study_dir).split(os.sep)
+        if arm not in arms or seed_dir[4:] not in map(str, seeds):
+            found.append(f"{seed_dir}/{arm}")
     return found
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from vqakd.core.config import (config_to_dict, data_file_paths, flat_settings, load_config, override_key,
@@ -105,7 +105,7 @@ class Run:
     teacher_run: Optional["Run"] = None
     action: str = "train"                   # reuse | resume | train | overwrite | skip
     reason: str = ""
-    extra: dict = field(default_factory=dict)
+    timing: Optional[dict] = None           # time_inference's record, for the report
 
     @property
     def stage_dir(self) -> str:
@@ -139,14 +139,6 @@ class Run:
             return False
         return (record.get("split") == "test" and isinstance(record.get("checkpoint"), str)
                 and os.path.abspath(record["checkpoint"]) == os.path.abspath(best))
-
-    def train(self, cfg: str) -> None:
-        """Train (or resume, or start over) this run, as `train.py` would."""
-        from vqakd.training.run import train_stage
-
-        teacher = self.teacher_run.path("best.pt") if self.teacher_run is not None else None
-        train_stage(cfg, self.arm.stage, self.overrides, teacher=teacher, resume=self.action == "resume",
-                    overwrite=self.action == "overwrite")
 
 
 def config_difference(recorded: Any, expected: Any) -> Optional[str]:
@@ -226,9 +218,9 @@ def _newer_or_same(path: str, than: str) -> bool:
 
 def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
     """Train (or resume) every run that needs it, then evaluate each finished best.pt on the test
-    split with predictions. Returns the runs still unfinished (the same list on every rank); a
-    non-zero status from train/validate (a rank relaying an error rank 0 printed) raises _RankExit."""
-    from vqakd.core import distributed as dist
+    split with predictions. Returns the runs still unfinished (the same list on every rank); an
+    error every rank hits reaches study.py's quiet_unless_main, which prints it once."""
+    from vqakd.training.run import train_stage
     from vqakd.training.validation import validate_checkpoint
 
     for run in runs:
@@ -239,42 +231,24 @@ def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
             log(f"study: skipping {run.arm.name} seed {run.seed}: {run.reason}")
             continue
         log(f"study: {run.action} {run.arm.name} seed {run.seed} -> {run.stage_dir}")
-        code = dist.quiet_unless_main(lambda: run.train(cfg) or 0)
-        if code:
-            raise _RankExit(code)
+        teacher = run.teacher_run.path("best.pt") if run.teacher_run else None
+        train_stage(cfg, run.arm.stage, run.overrides, teacher=teacher, resume=run.action == "resume",
+                    overwrite=run.action == "overwrite")
         if not run.finished:
             run.action, run.reason = "skip", "stopped before the last epoch (train.stop_after_epoch)"
     for run in runs:
-        if not run.finished or run.evaluated():
-            continue
-        # The checkpoint defines the model: validate.py refuses model.* settings.
-        overrides = [text for text in run.overrides if not override_key(text).startswith("model.")]
-
-        def evaluate_best() -> int:
+        if run.finished and not run.evaluated():
+            # The checkpoint defines the model: validate.py refuses model.* settings.
+            overrides = [text for text in run.overrides if not override_key(text).startswith("model.")]
             validate_checkpoint(cfg, run.path("best.pt"), overrides, split="test", write_preds=True,
                                 out=run.eval_path, preds_out=run.preds_path)
-            return 0
-
-        code = dist.quiet_unless_main(evaluate_best)
-        if code:
-            raise _RankExit(code)
     return [run for run in runs if not run.finished]
-
-
-class _RankExit(Exception):
-    """A rank other than 0 ends with the status train/validate returned (rank 0 printed the error)."""
-
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
 
 
 def time_inference(run: Run, passes: int, cache: dict) -> Optional[dict]:
     """Milliseconds per test question of the run's best.pt: the median of `passes` timed passes over
     the test split after a warm-up, cached in `<stage>/timing_test.json` while best.pt and the device stay."""
     import time
-
-    import torch
 
     from vqakd.training.checkpoint import load_checkpoint, model_from_checkpoint
     from vqakd.core.config import eval_batch_size
@@ -307,12 +281,11 @@ def time_inference(run: Run, passes: int, cache: dict) -> Optional[dict]:
     loader = make_loader(bundle.splits["test"], bundle.table, batch, False, config.train.seed, 0,
                          device.type == "cuda", reuse_buffers=True)
     seconds = []
+    # A pass ends reading its counts back (synchronised); pass 0 is the warm-up, not timed.
     for index in range(passes + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         started = time.perf_counter()
-        evaluate(model, loader, device, amp=config.train.amp)       # reads the counts back: synchronised
-        if index:                                                   # pass 0 is the warm-up
+        evaluate(model, loader, device, amp=config.train.amp)
+        if index:
             seconds.append(time.perf_counter() - started)
     questions = max(len(bundle.splits["test"]), 1)
     seconds.sort()
@@ -348,32 +321,24 @@ def run_study(cfg: str, seeds_text: str = "3", arms_text: Optional[str] = None, 
     log(describe_plan(runs))
     # Two studies writing into one folder would overwrite each other's runs; rank 0 holds the lock.
     with FolderLock(study_dir, "study folder") if main else contextlib.nullcontext():
-        try:
-            # One process group for every train/validate call (their own sessions keep it): under
-            # torchrun a second init_process_group in one process cannot connect.
-            with dist.session():
-                unfinished = execute(runs, cfg, log)
-        except _RankExit as exc:
-            return exc.code
+        # One process group for every train/validate call (their own sessions keep it): under
+        # torchrun a second init_process_group in one process cannot connect.
+        with dist.session():
+            unfinished = execute(runs, cfg, log)
         if not main:
             return 0
-        return _finish(runs, unfinished, study_dir, base.dataset, timing_passes, examples, log)
-
-
-def _finish(runs: list[Run], unfinished: list[Run], study_dir: str, dataset: str, timing_passes: int,
-            examples: int, log) -> int:
-    if unfinished:
         for run in unfinished:
             log(f"study: not finished: {run.arm.name} seed {run.seed} ({run.reason or 'stopped early'})")
-        log("study: run the same command again to continue; the report is written when every run is finished")
-        return 0
-    from vqakd.study.report import write_report
+        if unfinished:
+            log("study: run the same command again to continue; the report is written when every run is finished")
+            return 0
+        from vqakd.study.report import write_report
 
-    cache: dict = {}
-    for run in runs:
-        run.extra["timing"] = time_inference(run, timing_passes, cache)
-    cache.clear()
-    report_dir = os.path.join(study_dir, "report")
-    write_report(runs, report_dir, dataset=dataset, examples=examples)
-    log(f"study: wrote {os.path.join(report_dir, 'report.md')} and report.json")
-    return 0
+        cache: dict = {}
+        for run in runs:
+            run.timing = time_inference(run, timing_passes, cache)
+        cache.clear()
+        report_dir = os.path.join(study_dir, "report")
+        write_report(runs, report_dir, dataset=base.dataset, examples=examples)
+        log(f"study: wrote {os.path.join(report_dir, 'report.md')} and report.json")
+        return 0
