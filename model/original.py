@@ -85,11 +85,17 @@ def _gat_modules(config: ModelConfig) -> list[tuple[str, str]]:
     return modules
 
 
-def _require_gat(config: ModelConfig) -> None:
-    """The original code only has GAT attention; a GATv2 network has no original layout."""
+def _require_convertible(config: ModelConfig, what: str, verb: str) -> None:
+    """The original code only has GAT attention (a GATv2 network has no original layout), and runs graph
+    layer (u, g) with module index u + g (units share graph layers), which has no per-unit form (index
+    u·G + g): converting that either way would change what the weights compute."""
     if config.attention != "gat":
         raise ValueError(f"original DualVGR checkpoints only hold GAT attention; a model with "
                          f"attention={config.attention!r} cannot be converted to or from one")
+    if config.unit_layers > 1 and config.graph_layers > 1:
+        raise OriginalCheckpointError(
+            f"{what} with unit_layers={config.unit_layers} and graph_layers={config.graph_layers} cannot be "
+            f"{verb} the original layout: the original code shares graph layers between units (module index u+g)")
 
 
 def _meta_state(config: ModelConfig) -> dict[str, Tensor]:
@@ -98,41 +104,28 @@ def _meta_state(config: ModelConfig) -> dict[str, Tensor]:
         return DualVGR(config).state_dict()
 
 
-def _shapes(state: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(value.shape) for key, value in state.items()}
-
-
-def _check_keys(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+def _check_keys(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str) -> None:
+    """`state` has exactly the keys of `expected`, each a tensor of the same shape."""
     missing = [key for key in expected if key not in state]
     extra = [key for key in state if key not in expected]
     for problem, keys in (("missing", missing), ("unexpected", extra)):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
             raise OriginalCheckpointError(f"{what}: {problem} key {keys[0]!r}{more}")
-    for key, shape in expected.items():
+    for key, reference in expected.items():
         value = state[key]
         if not isinstance(value, Tensor):
             raise OriginalCheckpointError(f"{what}: key {key!r} holds a {type(value).__name__}, not a tensor")
-        if tuple(value.shape) != tuple(shape):
+        if value.shape != reference.shape:
             raise OriginalCheckpointError(
-                f"{what}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+                f"{what}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(reference.shape)}")
 
 
 def ours_to_original(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """Our state dict -> the original DualVGR key layout (strict; GAT attention only)."""
-    _require_gat(config)
-    _require_unshared_graph_layers(config.unit_layers, config.graph_layers, "a model", "exported to")
-    _check_keys(state, _shapes(_meta_state(config)), "DualVGR state dict")
+    _require_convertible(config, "a model", "exported to")
+    _check_keys(state, _meta_state(config), "DualVGR state dict")
     return _export(state, config)
-
-
-def _require_unshared_graph_layers(unit_layers: int, graph_layers: int, what: str, verb: str) -> None:
-    """The original runs graph layer (u, g) with module index u + g (units share graph layers), which
-    has no per-unit form (index u·G + g): converting it either way would change what the weights compute."""
-    if unit_layers > 1 and graph_layers > 1:
-        raise OriginalCheckpointError(
-            f"{what} with unit_layers={unit_layers} and graph_layers={graph_layers} cannot be {verb} the "
-            "original layout: the original code shares graph layers between units (module index u+g)")
 
 
 def _export(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
@@ -155,9 +148,9 @@ def _export(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tenso
 def original_to_ours(state: Mapping[str, Tensor], config: ModelConfig,
                      source: str = "original DualVGR state dict") -> dict[str, Tensor]:
     """An original DualVGR state dict -> ours (strict); `source` starts every error message."""
-    _require_gat(config)
+    _require_convertible(config, f"{source}: a checkpoint", "converted from")
     ours = _meta_state(config)
-    _check_keys(state, _shapes(_export(ours, config)), source)
+    _check_keys(state, _export(ours, config), source)
     result = {key: state[original].detach().clone() for key, original in _renamed_keys(config)}
     head_dim = config.module_dim // config.num_heads
     for our_prefix, original in _gat_modules(config):
@@ -237,7 +230,6 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
     claim = _kwarg_int(model_kwargs, "graph_layers", None, what) if "graph_layers" in model_kwargs else graph_layers
     if claim != graph_layers and claimed is not None:
         claimed["graph_layers"] = claim
-    _require_unshared_graph_layers(unit_layers, graph_layers, f"{what}: a checkpoint", "converted from")
     return ModelConfig(
         question_vocab_size=question_vocab,
         answer_vocab_size=answer_vocab,
