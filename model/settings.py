@@ -66,11 +66,10 @@ def model_config_problems(settings: Any, prefix: str) -> list[str]:
             problems.append(f"{prefix}{name} must be in [0, 1), got {rate!r}")
     module_dim, num_heads = value("module_dim"), value("num_heads")
     if isinstance(module_dim, int) and isinstance(num_heads, int) and module_dim > 0 and num_heads > 0:
-        # An odd size is reported as such; whether it divides by the heads then does not matter.
-        if module_dim % 2 == 0 and module_dim % num_heads:
-            problems.append(f"{prefix}module_dim ({module_dim}) must be divisible by {prefix}num_heads ({num_heads})")
         if module_dim % 2:
             problems.append(f"{prefix}module_dim must be even (two LSTM directions), got {module_dim}")
+        elif module_dim % num_heads:
+            problems.append(f"{prefix}module_dim ({module_dim}) must be divisible by {prefix}num_heads ({num_heads})")
     attention = value("attention")
     if attention is not None and attention not in ATTENTION_KINDS:
         problems.append(f"{prefix}attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
