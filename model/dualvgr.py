@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -396,7 +395,7 @@ class DualVGR(nn.Module):
     def load_glove(self, matrix) -> None:
         """Overwrite the word embedding with a (|Q|, word_dim) GloVe matrix (stays trainable)."""
         weight = self.question_encoder.embedding.weight
-        values = torch.as_tensor(np.asarray(matrix) if not isinstance(matrix, Tensor) else matrix)
+        values = torch.as_tensor(matrix)
         if tuple(values.shape) != tuple(weight.shape):
             raise ValueError(f"GloVe matrix has shape {tuple(values.shape)} but the model's question vocabulary "
                             f"needs {tuple(weight.shape)} (|Q| x word_dim); were the GloVe matrix and the "
