@@ -168,10 +168,6 @@ class GraphAttention(nn.Module):
         """Head features (B, H, N, dh) of input x (B, N, d) -> e (B, H, N, N), e[b,h,i,j] for j -> i."""
         raise NotImplementedError
 
-    def attention_weights(self, x: Tensor) -> Tensor:
-        """Softmax attention (B, H, N, N) of input x (B, N, d), no dropout (for diagnostics and tests)."""
-        return torch.softmax(self.attention_scores(self.project(x), x), dim=-1)
-
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:
         """x (B, N, d), gate (B, N, 1) -> (B, N, d)."""
         batch, nodes, _ = x.shape
