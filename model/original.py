@@ -76,13 +76,9 @@ def _renamed_keys(config: ModelConfig) -> list[tuple[str, str]]:
 
 def _gat_modules(config: ModelConfig) -> list[tuple[str, str]]:
     """(our GAT module prefix, original punishGAT prefix); layer (u, g) is original index u·G + g."""
-    modules = []
-    for u in range(config.unit_layers):
-        for g in range(config.graph_layers):
-            index = u * config.graph_layers + g
-            for role, original_list in _GAT_ROLES:
-                modules.append((f"units.{u}.layers.{g}.{role}", f"visual_input_unit.{original_list}.{index}"))
-    return modules
+    return [(f"units.{u}.layers.{g}.{role}", f"visual_input_unit.{original_list}.{u * config.graph_layers + g}")
+            for u in range(config.unit_layers) for g in range(config.graph_layers)
+            for role, original_list in _GAT_ROLES]
 
 
 def _require_convertible(config: ModelConfig, what: str, verb: str) -> None:
