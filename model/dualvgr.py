@@ -151,9 +151,9 @@ class GraphAttention(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        self.reset_stacked_heads(self.proj)
+        self._reset_stacked_heads(self.proj)
 
-    def reset_stacked_heads(self, linear: nn.Linear) -> None:
+    def _reset_stacked_heads(self, linear: nn.Linear) -> None:
         # Xavier-uniform with the fans of the original per-head Linear(d -> dh), not of the stacked matrix.
         _xavier_uniform_(linear.weight, linear.in_features, self.head_dim)
         linear.bias.zero_()
@@ -221,7 +221,7 @@ class GATv2(GraphAttention):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        self.reset_stacked_heads(self.target_proj)     # W_s like W
+        self._reset_stacked_heads(self.target_proj)     # W_s like W
         _xavier_uniform_(self.attn, self.head_dim, 1)          # a is Linear(dh -> 1) per head
 
     def attention_scores(self, heads: Tensor, x: Tensor) -> Tensor:
