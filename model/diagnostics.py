@@ -45,16 +45,15 @@ def node_spread(output: DualVGROutput | Sequence[LayerOutput]) -> Tensor:
     return sample_spread(output).mean(dim=1)
 
 
-def is_collapsed(spread: Tensor, threshold: float = COLLAPSE_THRESHOLD) -> Tensor:
+def is_collapsed(spread: Tensor) -> Tensor:
     """(..., 4) spread -> (...) bool: the common appearance or motion clips differ only by rounding."""
-    return (spread[..., [STREAMS.index(name) for name in COMMON_STREAMS]] < threshold).any(dim=-1)
+    return (spread[..., [STREAMS.index(name) for name in COMMON_STREAMS]] < COLLAPSE_THRESHOLD).any(dim=-1)
 
 
 class NodeSpreadMeter:
     """Accumulates `node_spread` over the batches of a split: `update(output)` per batch, then `columns()`."""
 
-    def __init__(self, threshold: float = COLLAPSE_THRESHOLD) -> None:
-        self.threshold = threshold
+    def __init__(self) -> None:
         self.total: Tensor | None = None         # (layers, 4) summed spread
         self.collapsed: Tensor | None = None     # (layers,) count of samples with a collapsed common stream
         self.samples = 0
@@ -62,27 +61,23 @@ class NodeSpreadMeter:
     def update(self, output: DualVGROutput | Sequence[LayerOutput]) -> None:
         per_sample = sample_spread(output)                                           # (layers, B, 4)
         spread = per_sample.sum(dim=1)
-        collapsed = is_collapsed(per_sample, self.threshold).sum(dim=1)
+        collapsed = is_collapsed(per_sample).sum(dim=1)
         self.total = spread if self.total is None else self.total + spread
         self.collapsed = collapsed if self.collapsed is None else self.collapsed + collapsed
         self.samples += per_sample.size(1)
 
     def value(self) -> Tensor:
         """(layers, 4) mean spread over every sample seen."""
-        if self.total is None:
-            raise ValueError("NodeSpreadMeter.value() before any update()")
         return self.total / self.samples
 
     def collapsed_fraction(self) -> Tensor:
         """(layers,) fraction of the samples seen whose layer `is_collapsed` (the mean spread hides them)."""
-        if self.collapsed is None:
-            raise ValueError("NodeSpreadMeter.collapsed_fraction() before any update()")
         return self.collapsed.float() / self.samples
 
     def collapsed_names(self, graph_layers: int | None = None) -> list[str]:
         """The layers whose mean spread over every sample seen `is_collapsed` ("g1", "u2_g1", ...)."""
         spread = self.value()
-        return [layer_name(row, spread.size(0), graph_layers) for row in collapsed_layers(spread, self.threshold)]
+        return [layer_name(row, spread.size(0), graph_layers) for row in collapsed_layers(spread)]
 
     def columns(self, graph_layers: int | None = None) -> dict[str, float]:
         """node_spread_<layer>_<stream> for every layer and stream, then node_collapsed_<layer>."""
@@ -107,9 +102,9 @@ def spread_columns(spread: Tensor, graph_layers: int | None = None) -> dict[str,
             for row in range(len(values)) for col, stream in enumerate(STREAMS)}
 
 
-def collapsed_layers(spread: Tensor, threshold: float = COLLAPSE_THRESHOLD) -> list[int]:
+def collapsed_layers(spread: Tensor) -> list[int]:
     """Rows (0-based) of a (layers, 4) spread that `is_collapsed`."""
-    return [int(row) for row in torch.nonzero(is_collapsed(spread, threshold)).flatten().tolist()]
+    return torch.nonzero(is_collapsed(spread)).flatten().tolist()
 
 
 def layer_warning(name: str) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -133,8 +132,9 @@ class QuestionGate(nn.Module):
         return torch.sigmoid(torch.bmm(visual, projected.to(visual.dtype)))
 
 
-def _xavier_bound(fan_in: int, fan_out: int) -> float:
-    return math.sqrt(6.0 / (fan_in + fan_out))
+def _xavier_uniform_(tensor: Tensor, fan_in: int, fan_out: int) -> None:
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    tensor.uniform_(-bound, bound)
 
 
 class GraphAttention(nn.Module):
@@ -151,23 +151,22 @@ class GraphAttention(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        # Xavier-uniform with the fans of the original per-head Linear(d -> dh), not of the stacked matrix.
-        bound = _xavier_bound(self.proj.in_features, self.head_dim)
-        self.proj.weight.uniform_(-bound, bound)
-        self.proj.bias.zero_()
+        self._reset_stacked_heads(self.proj)
 
-    def project(self, x: Tensor) -> Tensor:
-        """(B, N, d) -> per-head node features (B, H, N, dh)."""
+    def _reset_stacked_heads(self, linear: nn.Linear) -> None:
+        # Xavier-uniform with the fans of the original per-head Linear(d -> dh), not of the stacked matrix.
+        _xavier_uniform_(linear.weight, linear.in_features, self.head_dim)
+        linear.bias.zero_()
+
+    def project(self, x: Tensor, linear: nn.Linear | None = None) -> Tensor:
+        """(B, N, d) -> per-head node features (B, H, N, dh), through `proj` or another stacked `linear`."""
         batch, nodes, _ = x.shape
-        return self.proj(x).view(batch, nodes, self.num_heads, self.head_dim).transpose(1, 2)
+        projected = (self.proj if linear is None else linear)(x)
+        return projected.view(batch, nodes, self.num_heads, self.head_dim).transpose(1, 2)
 
     def attention_scores(self, heads: Tensor, x: Tensor) -> Tensor:
         """Head features (B, H, N, dh) of input x (B, N, d) -> e (B, H, N, N), e[b,h,i,j] for j -> i."""
         raise NotImplementedError
-
-    def attention_weights(self, x: Tensor) -> Tensor:
-        """Softmax attention (B, H, N, N) of input x (B, N, d), no dropout (for diagnostics and tests)."""
-        return torch.softmax(self.attention_scores(self.project(x), x), dim=-1)
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:
         """x (B, N, d), gate (B, N, 1) -> (B, N, d)."""
@@ -198,9 +197,8 @@ class GAT(GraphAttention):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        bound = _xavier_bound(2 * self.head_dim, 1)     # a is Linear(2·dh -> 1) per head
-        self.attn_self.uniform_(-bound, bound)
-        self.attn_neighbor.uniform_(-bound, bound)
+        _xavier_uniform_(self.attn_self, 2 * self.head_dim, 1)     # a is Linear(2·dh -> 1) per head
+        _xavier_uniform_(self.attn_neighbor, 2 * self.head_dim, 1)
         self.attn_bias.zero_()
 
     def attention_scores(self, heads: Tensor, x: Tensor) -> Tensor:
@@ -223,15 +221,11 @@ class GATv2(GraphAttention):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        bound = _xavier_bound(self.target_proj.in_features, self.head_dim)     # W_s like W
-        self.target_proj.weight.uniform_(-bound, bound)
-        self.target_proj.bias.zero_()
-        bound = _xavier_bound(self.head_dim, 1)          # a is Linear(dh -> 1) per head
-        self.attn.uniform_(-bound, bound)
+        self._reset_stacked_heads(self.target_proj)     # W_s like W
+        _xavier_uniform_(self.attn, self.head_dim, 1)          # a is Linear(dh -> 1) per head
 
     def attention_scores(self, heads: Tensor, x: Tensor) -> Tensor:
-        batch, nodes, _ = x.shape
-        targets = self.target_proj(x).view(batch, nodes, self.num_heads, self.head_dim).transpose(1, 2)
+        targets = self.project(x, self.target_proj)
         pairs = F.leaky_relu(targets.unsqueeze(3) + heads.unsqueeze(2), GAT_LEAKY_SLOPE)   # (B,H,N,N,dh)
         return torch.einsum("bhijd,hd->bhij", pairs, self.attn.to(pairs.dtype))
 
@@ -397,7 +391,7 @@ class DualVGR(nn.Module):
     def load_glove(self, matrix) -> None:
         """Overwrite the word embedding with a (|Q|, word_dim) GloVe matrix (stays trainable)."""
         weight = self.question_encoder.embedding.weight
-        values = torch.as_tensor(np.asarray(matrix) if not isinstance(matrix, Tensor) else matrix)
+        values = torch.as_tensor(matrix)
         if tuple(values.shape) != tuple(weight.shape):
             raise ValueError(f"GloVe matrix has shape {tuple(values.shape)} but the model's question vocabulary "
                             f"needs {tuple(weight.shape)} (|Q| x word_dim); were the GloVe matrix and the "
@@ -434,18 +428,14 @@ class DualVGR(nn.Module):
                              layers=tuple(layers))
 
     def _check_inputs(self, appearance: Tensor, motion: Tensor, question: Tensor, question_len: Tensor) -> None:
-        cfg = self.config
+        nodes, dim = self.config.num_nodes, self.config.vision_dim
         batch = question.size(0) if question.dim() == 2 else -1
-        problems = []
-        if appearance.dim() != 4 or appearance.size(0) != batch or appearance.size(1) != cfg.num_nodes \
-                or appearance.size(3) != cfg.vision_dim:
-            problems.append(f"appearance {tuple(appearance.shape)} (want B x {cfg.num_nodes} x F x {cfg.vision_dim})")
-        if motion.dim() != 3 or motion.size(0) != batch or motion.size(1) != cfg.num_nodes \
-                or motion.size(2) != cfg.vision_dim:
-            problems.append(f"motion {tuple(motion.shape)} (want B x {cfg.num_nodes} x {cfg.vision_dim})")
-        if question.dim() != 2:
-            problems.append(f"question {tuple(question.shape)} (want B x L)")
-        if question_len.dim() != 1 or question_len.size(0) != batch:
-            problems.append(f"question_len {tuple(question_len.shape)} (want B)")
+        expected = (("appearance", appearance, (batch, nodes, None, dim), f"B x {nodes} x F x {dim}"),
+                    ("motion", motion, (batch, nodes, dim), f"B x {nodes} x {dim}"),
+                    ("question", question, (None, None), "B x L"),
+                    ("question_len", question_len, (batch,), "B"))
+        problems = [f"{name} {tuple(tensor.shape)} (want {want})" for name, tensor, shape, want in expected
+                    if tensor.dim() != len(shape)
+                    or any(size is not None and size != got for size, got in zip(shape, tensor.shape))]
         if problems:
             raise ValueError("DualVGR input shapes do not match the model config: " + "; ".join(problems))

@@ -34,52 +34,50 @@ def common_loss(x: Tensor, y: Tensor, mode: str = "original", rel_tol: float | N
     """
     if mode not in COMMON_LOSS_MODES:
         raise ValueError(f"common loss mode must be one of {', '.join(COMMON_LOSS_MODES)}, got {mode!r}")
-    if mode == "safe":
-        return _safe_common_loss(x, y, rel_tol)
     with autocast_off(x):
-        x = _at_least_float32(x)
-        y = _at_least_float32(y)
-        x = F.normalize(x - x.mean(dim=1, keepdim=True), p=2, dim=2)
-        y = F.normalize(y - y.mean(dim=1, keepdim=True), p=2, dim=2)
-        gram_x = torch.bmm(x, x.transpose(1, 2))
-        gram_y = torch.bmm(y, y.transpose(1, 2))
-        return ((gram_x - gram_y) ** 2).mean()
+        if mode == "original":
+            x, y = (F.normalize(_centred(nodes), p=2, dim=2) for nodes in (x, y))
+            return ((_gram(x) - _gram(y)) ** 2).mean()
+        (unit_x, real_x), (unit_y, real_y) = (_centred_directions(nodes, rel_tol) for nodes in (x, y))
+        real = (real_x & real_y).to(unit_x.dtype)                                   # (B, N)
+        keep = real.unsqueeze(2) * real.unsqueeze(1)                                # (B, N, N)
+        return (((_gram(unit_x) - _gram(unit_y)) ** 2) * keep).mean()
+
+
+def _centred(x: Tensor) -> Tensor:
+    """x (B, N, d) in at least float32, minus its mean over the N nodes."""
+    x = _at_least_float32(x)
+    return x - x.mean(dim=1, keepdim=True)
+
+
+def _gram(x: Tensor) -> Tensor:
+    """(B, N, d) -> (B, N, N) inner products of the nodes."""
+    return torch.bmm(x, x.transpose(1, 2))
 
 
 def _centred_directions(x: Tensor, rel_tol: float | None) -> tuple[Tensor, Tensor]:
     """x (B, N, d) -> (unit centred node vectors with noise nodes zeroed, (B, N) bool: node is real)."""
     tol = SAFE_COMMON_EPS_FACTOR * torch.finfo(x.dtype).eps if rel_tol is None else rel_tol
-    x = _at_least_float32(x)
-    centred = x - x.mean(dim=1, keepdim=True)
+    centred = _centred(x)
     squared = (centred * centred).sum(dim=2)                                        # (B, N)
-    scale = (x.detach() * x.detach()).sum(dim=2).amax(dim=1, keepdim=True)          # (B, 1) max ‖x_i‖²
+    values = _at_least_float32(x.detach())
+    scale = (values * values).sum(dim=2).amax(dim=1, keepdim=True)                  # (B, 1) max ‖x_i‖²
     real = (squared > (tol * tol) * scale) & (squared > SAFE_COMMON_ABS_FLOOR ** 2)
     # sqrt and division only see real nodes' norms, so no inf/NaN reaches the masked gradient.
     norm = torch.sqrt(torch.where(real, squared, torch.ones_like(squared)))
     return centred / norm.unsqueeze(-1) * real.unsqueeze(-1).to(centred.dtype), real
 
 
-def _safe_common_loss(x: Tensor, y: Tensor, rel_tol: float | None) -> Tensor:
-    with autocast_off(x):
-        unit_x, real_x = _centred_directions(x, rel_tol)
-        unit_y, real_y = _centred_directions(y, rel_tol)
-        real = (real_x & real_y).to(unit_x.dtype)                                   # (B, N)
-        keep = real.unsqueeze(2) * real.unsqueeze(1)                                # (B, N, N)
-        gram_x = torch.bmm(unit_x, unit_x.transpose(1, 2))
-        gram_y = torch.bmm(unit_y, unit_y.transpose(1, 2))
-        return (((gram_x - gram_y) ** 2) * keep).mean()
-
-
 def hsic_loss(x: Tensor, y: Tensor) -> Tensor:
     """Σ_b trace(R x xᵀ R y yᵀ) with R = I_N − 1/N, on the raw features; x, y (B, N, d); summed over
     the batch, as in the original (R x xᵀ R is the Gram matrix of the centred x)."""
     with autocast_off(x):
-        x = _at_least_float32(x)
-        y = _at_least_float32(y)
-        centred = x - x.mean(dim=1, keepdim=True)
-        gram_x_centred = torch.bmm(centred, centred.transpose(1, 2))
-        gram_y = torch.bmm(y, y.transpose(1, 2))
-        return (gram_x_centred * gram_y).sum()
+        return (_gram(_centred(x)) * _gram(_at_least_float32(y))).sum()
+
+
+def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    with autocast_off(logits):
+        return F.cross_entropy(_at_least_float32(logits), labels.to(logits.device).long())
 
 
 def hard_loss(output: DualVGROutput, labels: Tensor, alpha: float = 100.0, beta: float = 1e-6,
@@ -90,18 +88,14 @@ def hard_loss(output: DualVGROutput, labels: Tensor, alpha: float = 100.0, beta:
     layers = output.layers
     if not layers:
         raise ValueError("hard_loss needs the per-layer outputs of a DualVGR forward pass")
-    logits = output.logits
-    with autocast_off(logits):
-        ce = F.cross_entropy(_at_least_float32(logits), labels.to(logits.device).long())
+    ce = _cross_entropy(output.logits, labels)
     common = torch.stack([common_loss(layer.common_appearance, layer.common_motion, common_mode)
                           for layer in layers]).mean()
     dependence = torch.stack([
         hsic_loss(layer.specific_appearance, layer.common_appearance)
         + hsic_loss(layer.specific_motion, layer.common_motion)
         for layer in layers
-    ]).mean()
-    if dependence_scale != 1:
-        dependence = dependence * dependence_scale
+    ]).mean() * dependence_scale
     return with_regularisers(ce, common, dependence, alpha, beta), {"ce": ce, "common": common,
                                                                     "dependence": dependence}
 
@@ -126,15 +120,12 @@ def kd_feature_loss(student_feat: Tensor, teacher_feat: Tensor, tau: float = 1.0
 def feature_distill_loss(student: DualVGROutput, teacher: DualVGROutput, tau_app: float = 1.0,
                          tau_mo: float = 1.0) -> tuple[Tensor, Tensor]:
     """(APP, MO): the teacher's MFB features against the student's appearance / motion before its MFB."""
-    app = kd_feature_loss(student.appearance, teacher.visual, tau_app)
-    mo = kd_feature_loss(student.motion, teacher.visual, tau_mo)
-    return app, mo
+    return (kd_feature_loss(student.appearance, teacher.visual, tau_app),
+            kd_feature_loss(student.motion, teacher.visual, tau_mo))
 
 
 def logit_distill_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, tau: float = 4.0,
                        mix: float = 0.5) -> Tensor:
     """Hinton distillation: mix · τ² · KL(softmax(t/τ) ‖ softmax(s/τ)) + (1 − mix) · CE(s, y)."""
     kl = kd_feature_loss(student_logits, teacher_logits, tau)
-    with autocast_off(student_logits):
-        ce = F.cross_entropy(_at_least_float32(student_logits), labels.to(student_logits.device).long())
-    return mix * tau * tau * kl + (1.0 - mix) * ce
+    return mix * tau * tau * kl + (1.0 - mix) * _cross_entropy(student_logits, labels)

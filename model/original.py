@@ -35,67 +35,63 @@ _GAT_ROLES = (
     ("common_motion", "mcGCN"),
 )
 
-_EMBEDDING_KEY = "linguistic_input_unit.encoder_embed.weight"
-_ANSWER_KEY = "output_unit.classifier.5.weight"
-_MOTION_KEY = "visual_motion_input_unit.weight"
 _FUSION_IN_KEY = "visual_input_unit.visualfusion.linear0.weight"
-_FUSION_OUT_KEY = "visual_input_unit.visualfusion.linear_out.weight"
+
+# (our module, original module, its entries) copied unchanged; "{u}" repeats per reasoning unit.
+_WEIGHT_BIAS = ("weight", "bias")
+_RENAMED_MODULES = (
+    ("question_encoder.embedding", "linguistic_input_unit.encoder_embed", ("weight",)),
+    ("question_encoder.word_lstm", "linguistic_input_unit.concatRNN.rnn", _LSTM_PARAMS),
+    ("question_encoder.sentence_lstm", "linguistic_input_unit.encoder", _LSTM_PARAMS),
+    ("appearance_encoder.lstm", "visual_appearance_input_unit.encoder", _LSTM_PARAMS),
+    ("motion_encoder", "visual_motion_input_unit", _WEIGHT_BIAS),
+    ("units.{u}.query_attention.feat_enhance", "visual_input_unit.queryAttn.{u}.feat_enhance", _WEIGHT_BIAS),
+    ("units.{u}.query_attention.score", "visual_input_unit.queryAttn.{u}.fc", _WEIGHT_BIAS),
+    ("units.{u}.appearance_gate.query_proj", "visual_input_unit.queryPunish_appear.{u}.query_weight", _WEIGHT_BIAS),
+    ("units.{u}.motion_gate.query_proj", "visual_input_unit.queryPunish_motion.{u}.query_weight", _WEIGHT_BIAS),
+    ("units.{u}.appearance_view_fusion.project", "visual_input_unit.attention_appearance.{u}.project.0",
+     _WEIGHT_BIAS),
+    ("units.{u}.appearance_view_fusion.score", "visual_input_unit.attention_appearance.{u}.project.2", ("weight",)),
+    ("units.{u}.motion_view_fusion.project", "visual_input_unit.attention_motion.{u}.project.0", _WEIGHT_BIAS),
+    ("units.{u}.motion_view_fusion.score", "visual_input_unit.attention_motion.{u}.project.2", ("weight",)),
+    ("visual_fusion.appearance_proj", "visual_input_unit.visualfusion.linear0", _WEIGHT_BIAS),
+    ("visual_fusion.motion_proj", "visual_input_unit.visualfusion.linear1", _WEIGHT_BIAS),
+    ("visual_fusion.out_proj", "visual_input_unit.visualfusion.linear_out", _WEIGHT_BIAS),
+    ("clip_pooling.proj", "feature_aggregation.v_proj", ("weight",)),
+    ("clip_pooling.score", "feature_aggregation.attn", _WEIGHT_BIAS),
+    ("answer_head.question_proj", "output_unit.question_proj", _WEIGHT_BIAS),
+    ("answer_head.hidden", "output_unit.classifier.1", _WEIGHT_BIAS),
+    ("answer_head.norm", "output_unit.classifier.3", _BATCHNORM_ENTRIES),
+    ("answer_head.classifier", "output_unit.classifier.5", _WEIGHT_BIAS),
+)
 
 
 def _renamed_keys(config: ModelConfig) -> list[tuple[str, str]]:
     """(our key, original key) for every entry that is copied unchanged (all but the GATs)."""
-    pairs = [("question_encoder.embedding.weight", _EMBEDDING_KEY)]
-    for lstm_ours, lstm_original in (
-        ("question_encoder.word_lstm", "linguistic_input_unit.concatRNN.rnn"),
-        ("question_encoder.sentence_lstm", "linguistic_input_unit.encoder"),
-        ("appearance_encoder.lstm", "visual_appearance_input_unit.encoder"),
-    ):
-        pairs += [(f"{lstm_ours}.{name}", f"{lstm_original}.{name}") for name in _LSTM_PARAMS]
-
-    def linear(ours: str, original: str, bias: bool = True) -> list[tuple[str, str]]:
-        names = ("weight", "bias") if bias else ("weight",)
-        return [(f"{ours}.{name}", f"{original}.{name}") for name in names]
-
-    pairs += linear("motion_encoder", "visual_motion_input_unit")
-    for u in range(config.unit_layers):
-        ours, original = f"units.{u}", "visual_input_unit"
-        pairs += linear(f"{ours}.query_attention.feat_enhance", f"{original}.queryAttn.{u}.feat_enhance")
-        pairs += linear(f"{ours}.query_attention.score", f"{original}.queryAttn.{u}.fc")
-        pairs += linear(f"{ours}.appearance_gate.query_proj", f"{original}.queryPunish_appear.{u}.query_weight")
-        pairs += linear(f"{ours}.motion_gate.query_proj", f"{original}.queryPunish_motion.{u}.query_weight")
-        for stream in ("appearance", "motion"):
-            pairs += linear(f"{ours}.{stream}_view_fusion.project", f"{original}.attention_{stream}.{u}.project.0")
-            pairs += linear(f"{ours}.{stream}_view_fusion.score", f"{original}.attention_{stream}.{u}.project.2",
-                            bias=False)
-    fusion = "visual_input_unit.visualfusion"
-    pairs += linear("visual_fusion.appearance_proj", f"{fusion}.linear0")
-    pairs += linear("visual_fusion.motion_proj", f"{fusion}.linear1")
-    pairs += linear("visual_fusion.out_proj", f"{fusion}.linear_out")
-    pairs += linear("clip_pooling.proj", "feature_aggregation.v_proj", bias=False)
-    pairs += linear("clip_pooling.score", "feature_aggregation.attn")
-    pairs += linear("answer_head.question_proj", "output_unit.question_proj")
-    pairs += linear("answer_head.hidden", "output_unit.classifier.1")
-    pairs += [(f"answer_head.norm.{name}", f"output_unit.classifier.3.{name}") for name in _BATCHNORM_ENTRIES]
-    pairs += linear("answer_head.classifier", "output_unit.classifier.5")
-    return pairs
+    return [(f"{ours.format(u=u)}.{name}", f"{original.format(u=u)}.{name}")
+            for ours, original, names in _RENAMED_MODULES
+            for u in (range(config.unit_layers) if "{u}" in ours else (0,))
+            for name in names]
 
 
 def _gat_modules(config: ModelConfig) -> list[tuple[str, str]]:
     """(our GAT module prefix, original punishGAT prefix); layer (u, g) is original index u·G + g."""
-    modules = []
-    for u in range(config.unit_layers):
-        for g in range(config.graph_layers):
-            index = u * config.graph_layers + g
-            for role, original_list in _GAT_ROLES:
-                modules.append((f"units.{u}.layers.{g}.{role}", f"visual_input_unit.{original_list}.{index}"))
-    return modules
+    return [(f"units.{u}.layers.{g}.{role}", f"visual_input_unit.{original_list}.{u * config.graph_layers + g}")
+            for u in range(config.unit_layers) for g in range(config.graph_layers)
+            for role, original_list in _GAT_ROLES]
 
 
-def _require_gat(config: ModelConfig) -> None:
-    """The original code only has GAT attention; a GATv2 network has no original layout."""
+def _require_convertible(config: ModelConfig, what: str, verb: str) -> None:
+    """The original code only has GAT attention (a GATv2 network has no original layout), and runs graph
+    layer (u, g) with module index u + g (units share graph layers), which has no per-unit form (index
+    u·G + g): converting that either way would change what the weights compute."""
     if config.attention != "gat":
         raise ValueError(f"original DualVGR checkpoints only hold GAT attention; a model with "
                          f"attention={config.attention!r} cannot be converted to or from one")
+    if config.unit_layers > 1 and config.graph_layers > 1:
+        raise OriginalCheckpointError(
+            f"{what} with unit_layers={config.unit_layers} and graph_layers={config.graph_layers} cannot be "
+            f"{verb} the original layout: the original code shares graph layers between units (module index u+g)")
 
 
 def _meta_state(config: ModelConfig) -> dict[str, Tensor]:
@@ -104,67 +100,53 @@ def _meta_state(config: ModelConfig) -> dict[str, Tensor]:
         return DualVGR(config).state_dict()
 
 
-def _shapes(state: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(value.shape) for key, value in state.items()}
-
-
-def _check_keys(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+def _check_keys(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str) -> None:
+    """`state` has exactly the keys of `expected`, each a tensor of the same shape."""
     missing = [key for key in expected if key not in state]
     extra = [key for key in state if key not in expected]
     for problem, keys in (("missing", missing), ("unexpected", extra)):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
             raise OriginalCheckpointError(f"{what}: {problem} key {keys[0]!r}{more}")
-    for key, shape in expected.items():
+    for key, reference in expected.items():
         value = state[key]
         if not isinstance(value, Tensor):
             raise OriginalCheckpointError(f"{what}: key {key!r} holds a {type(value).__name__}, not a tensor")
-        if tuple(value.shape) != tuple(shape):
+        if value.shape != reference.shape:
             raise OriginalCheckpointError(
-                f"{what}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+                f"{what}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(reference.shape)}")
 
 
 def ours_to_original(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """Our state dict -> the original DualVGR key layout (strict; GAT attention only)."""
-    _require_gat(config)
-    _require_unshared_graph_layers(config.unit_layers, config.graph_layers, "a model", "exported to")
-    _check_keys(state, _shapes(_meta_state(config)), "DualVGR state dict")
+    _require_convertible(config, "a model", "exported to")
+    _check_keys(state, _meta_state(config), "DualVGR state dict")
     return _export(state, config)
-
-
-def _require_unshared_graph_layers(unit_layers: int, graph_layers: int, what: str, verb: str) -> None:
-    """The original runs graph layer (u, g) with module index u + g (units share graph layers), which
-    has no per-unit form (index u·G + g): converting it either way would change what the weights compute."""
-    if unit_layers > 1 and graph_layers > 1:
-        raise OriginalCheckpointError(
-            f"{what} with unit_layers={unit_layers} and graph_layers={graph_layers} cannot be {verb} the "
-            "original layout: the original code shares graph layers between units (module index u+g)")
 
 
 def _export(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     result = {original: state[key].detach().clone() for key, original in _renamed_keys(config)}
     head_dim = config.module_dim // config.num_heads
     for our_prefix, original in _gat_modules(config):
-        weight = state[f"{our_prefix}.proj.weight"].detach()
-        bias = state[f"{our_prefix}.proj.bias"].detach()
-        attn_self = state[f"{our_prefix}.attn_self"].detach()
-        attn_neighbor = state[f"{our_prefix}.attn_neighbor"].detach()
+        weights = state[f"{our_prefix}.proj.weight"].detach().split(head_dim)
+        biases = state[f"{our_prefix}.proj.bias"].detach().split(head_dim)
+        scores = torch.cat([state[f"{our_prefix}.attn_self"], state[f"{our_prefix}.attn_neighbor"]], dim=1)
         attn_bias = state[f"{our_prefix}.attn_bias"].detach()
         for h in range(config.num_heads):
-            rows = slice(h * head_dim, (h + 1) * head_dim)
-            result[f"{original}.attention_{h}.W.weight"] = weight[rows].clone()
-            result[f"{original}.attention_{h}.W.bias"] = bias[rows].clone()
-            result[f"{original}.attention_{h}.a.weight"] = torch.cat([attn_self[h], attn_neighbor[h]]).unsqueeze(0)
-            result[f"{original}.attention_{h}.a.bias"] = attn_bias[h:h + 1].clone()
+            head = f"{original}.attention_{h}"
+            result[f"{head}.W.weight"] = weights[h].clone()
+            result[f"{head}.W.bias"] = biases[h].clone()
+            result[f"{head}.a.weight"] = scores[h:h + 1].detach().clone()            # a = [a1 ‖ a2], (1, 2·dh)
+            result[f"{head}.a.bias"] = attn_bias[h:h + 1].clone()
     return result
 
 
 def original_to_ours(state: Mapping[str, Tensor], config: ModelConfig,
                      source: str = "original DualVGR state dict") -> dict[str, Tensor]:
     """An original DualVGR state dict -> ours (strict); `source` starts every error message."""
-    _require_gat(config)
+    _require_convertible(config, f"{source}: a checkpoint", "converted from")
     ours = _meta_state(config)
-    _check_keys(state, _shapes(_export(ours, config)), source)
+    _check_keys(state, _export(ours, config), source)
     result = {key: state[original].detach().clone() for key, original in _renamed_keys(config)}
     head_dim = config.module_dim // config.num_heads
     for our_prefix, original in _gat_modules(config):
@@ -213,19 +195,17 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
     """Our ModelConfig from an original state dict and its `model_kwargs`. The weights decide the graph
     layers (VQAKD's `train_kd_2.py` saves its student with the teacher's 4); a contradicting claim is
     recorded in `claimed`."""
-    question_vocab, word_dim = _shape_of(state, _EMBEDDING_KEY, what, 2)
-    answer_vocab, module_dim = _shape_of(state, _ANSWER_KEY, what, 2)
-    _, vision_dim = _shape_of(state, _MOTION_KEY, what, 2)
-    _, fusion_dim = _shape_of(state, _FUSION_OUT_KEY, what, 2)
+    question_vocab, word_dim = _shape_of(state, "linguistic_input_unit.encoder_embed.weight", what, 2)
+    answer_vocab, module_dim = _shape_of(state, "output_unit.classifier.5.weight", what, 2)
+    _, vision_dim = _shape_of(state, "visual_motion_input_unit.weight", what, 2)
+    _, fusion_dim = _shape_of(state, "visual_input_unit.visualfusion.linear_out.weight", what, 2)
     fusion_wide, _ = _shape_of(state, _FUSION_IN_KEY, what, 2)
+    # The first unit and graph-attention head must exist; how many there are, the keys say.
+    _shape_of(state, "visual_input_unit.queryAttn.0.fc.weight", what, 2)
+    _shape_of(state, "visual_input_unit.appearance_GCN.0.attention_0.W.weight", what, 2)
     units = _indices(state, r"visual_input_unit\.queryAttn\.(\d+)\.")
     graph_modules = _indices(state, r"visual_input_unit\.appearance_GCN\.(\d+)\.")
     heads = _indices(state, r"visual_input_unit\.appearance_GCN\.0\.attention_(\d+)\.")
-    if not units:
-        raise OriginalCheckpointError(f"{what}: missing key 'visual_input_unit.queryAttn.0.fc.weight'")
-    if not graph_modules or not heads:
-        raise OriginalCheckpointError(
-            f"{what}: missing key 'visual_input_unit.appearance_GCN.0.attention_0.W.weight'")
     unit_layers = max(units) + 1
     if (max(graph_modules) + 1) % unit_layers:
         raise OriginalCheckpointError(
@@ -246,7 +226,6 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
     claim = _kwarg_int(model_kwargs, "graph_layers", None, what) if "graph_layers" in model_kwargs else graph_layers
     if claim != graph_layers and claimed is not None:
         claimed["graph_layers"] = claim
-    _require_unshared_graph_layers(unit_layers, graph_layers, f"{what}: a checkpoint", "converted from")
     return ModelConfig(
         question_vocab_size=question_vocab,
         answer_vocab_size=answer_vocab,

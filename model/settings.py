@@ -46,12 +46,9 @@ DROPOUT_FIELDS = ("word_dropout", "frame_dropout", "encoder_dropout", "graph_dro
 def model_config_problems(settings: Any, prefix: str) -> list[str]:
     """What is wrong with ModelConfig values (`<prefix><field> ...`, fixed order); `settings` may be
     anything with some of its fields as attributes (fields it lacks are not checked)."""
-    def value(name: str) -> Any:
-        return getattr(settings, name, None)
-
     problems = []
     for name in POSITIVE_INT_FIELDS:
-        number = value(name)
+        number = getattr(settings, name, None)
         if number is None:
             continue
         if isinstance(number, bool) or not isinstance(number, int):
@@ -59,19 +56,18 @@ def model_config_problems(settings: Any, prefix: str) -> list[str]:
         elif number < 1:
             problems.append(f"{prefix}{name} must be > 0, got {number}")
     for name in DROPOUT_FIELDS:
-        rate = value(name)
+        rate = getattr(settings, name, None)
         if rate is None:
             continue
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
             problems.append(f"{prefix}{name} must be in [0, 1), got {rate!r}")
-    module_dim, num_heads = value("module_dim"), value("num_heads")
+    module_dim, num_heads = getattr(settings, "module_dim", None), getattr(settings, "num_heads", None)
     if isinstance(module_dim, int) and isinstance(num_heads, int) and module_dim > 0 and num_heads > 0:
-        # An odd size is reported as such; whether it divides by the heads then does not matter.
-        if module_dim % 2 == 0 and module_dim % num_heads:
-            problems.append(f"{prefix}module_dim ({module_dim}) must be divisible by {prefix}num_heads ({num_heads})")
         if module_dim % 2:
             problems.append(f"{prefix}module_dim must be even (two LSTM directions), got {module_dim}")
-    attention = value("attention")
+        elif module_dim % num_heads:
+            problems.append(f"{prefix}module_dim ({module_dim}) must be divisible by {prefix}num_heads ({num_heads})")
+    attention = getattr(settings, "attention", None)
     if attention is not None and attention not in ATTENTION_KINDS:
         problems.append(f"{prefix}attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
     return problems
