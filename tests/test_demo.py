@@ -177,8 +177,8 @@ def write_script(path, body):
 
 
 def fake_step(tmp_path, script, inputs, outputs, restart=lambda resuming: []):
-    return demo_steps.Step("fake", script, ["--flag", "1"], lambda: inputs, lambda: outputs,
-                           demo_steps.StateFile(str(tmp_path)), restart_args=restart)
+    return demo_steps.Step("fake", script, ["--flag", "1"], lambda: inputs, lambda: outputs, str(tmp_path),
+                           restart_args=restart)
 
 
 def test_runner_skips_done_steps_and_reruns_when_inputs_or_outputs_change(tmp_path, capsys):
