@@ -239,7 +239,7 @@ def test_every_network_runs_in_one_thread(tmp_path):
 
     args = pipeline.build_parser().parse_args(["--data-dir", str(tmp_path / "data"),
                                                "--set", f"output_dir={tmp_path / 'out'}"])
-    steps = {step.name: step for step in pipeline.build_steps(pipeline.make_plan(args))}
+    steps = {step.name: step for step in pipeline.build_steps(pipeline.DemoPlan(args))}
     for name in ("features appearance", "features motion", "study", "predict"):
         assert steps[name].env == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, name
     assert "--seeds 3 " in steps["study"].command_line([])

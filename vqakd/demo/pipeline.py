@@ -67,7 +67,8 @@ EXAMPLE_TYPES = ("what", "where", "how", "when", "who")   # the example question
 
 
 class DemoPlan:
-    """The demo's folders, files and settings: the command line (`args`) resolved against the config."""
+    """The demo's folders, files and settings: the command line (`args`) resolved against the config
+    (a UserError for a bad config, override or size)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         from vqakd.core.config import load_config
@@ -81,7 +82,7 @@ class DemoPlan:
         self.overrides = [f"data.{key}={path}" for key, path in wanted.items()
                           if os.path.normpath(getattr(config.data, key)) != os.path.normpath(path)]
         self.overrides += args.overrides
-        config = load_config(args.cfg, self.overrides)
+        self.config = config = load_config(args.cfg, self.overrides)
         for name in ("num_videos", "frame_size", "image_size", "appearance_frames", "motion_frames",
                      "training_seeds"):
             if getattr(args, name) < 1:
@@ -111,13 +112,8 @@ class DemoPlan:
         return os.path.join(self.study_dir, f"seed{seed}", arm, stage, name)
 
 
-def make_plan(args: argparse.Namespace) -> DemoPlan:
-    """The plan of a parsed command line (a UserError for a bad config, override or size)."""
-    return DemoPlan(args)
-
-
 def build_steps(plan: DemoPlan) -> list[Step]:
-    from vqakd.core.config import override_key      # here: it imports torch (make_plan loads it first)
+    from vqakd.core.config import override_key      # here: it imports torch (DemoPlan loads it first)
 
     script = lambda *parts: os.path.join(REPO_ROOT, *parts)  # noqa: E731
     annotations = [plan.data_file(f"{split}_qa.json") for split in SPLITS] + [plan.data_file("youtube_mapping.txt")]
@@ -334,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    plan = make_plan(args)
+    plan = DemoPlan(args)
     ensure_writable_dir(plan.data_dir, "demo data folder")
     ensure_writable_dir(plan.output_dir, "demo output folder")
     steps = build_steps(plan)
@@ -343,11 +339,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     started_utc = utc_now()
 
     def write_summary() -> None:
-        from vqakd.core.config import load_config
-
         summary = build_summary(plan, runner, predict_step.command_line([]))
-        summary["provenance"] = provenance_for_config(load_config(args.cfg, plan.overrides),
-                                                      started=started_utc, device=summary["timing"]["device"])
+        summary["provenance"] = provenance_for_config(plan.config, started=started_utc,
+                                                      device=summary["timing"]["device"])
         write_json(plan.summary_path, summary)
 
     steps[-1].action = write_summary
