@@ -160,7 +160,7 @@ def build_steps(plan: DemoPlan) -> list[Step]:
              "--frames-per-clip", str(frames), "--image-height", str(args.image_size),
              "--image-width", str(args.image_size), "--device", plan.device, "--out", out],
             lambda: annotations + videos(), lambda out=out: [out, out + ".failures.json"], plan.data_dir,
-            # Decoding processes change the speed, not the features: not fingerprinted.
+            # Decoding processes change the speed, not the features: not compared.
             show_args=["--num-workers", str(args.feature_workers)] + no_progress,
             restart_args=restart, env=ONE_THREAD))
 

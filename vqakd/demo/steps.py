@@ -70,8 +70,8 @@ class Step:
             stats[display_path(path)] = [stat.st_size, stat.st_mtime_ns]
         return stats
 
-    def record(self, entry: Optional[dict] = None) -> dict:
-        """This step's entry in its STATE_FILE ({} when none); with `entry`, write that one."""
+    def record(self, entry: Optional[dict] = None) -> Optional[dict]:
+        """This step's entry in its STATE_FILE ({} when none); with `entry`, write that one instead."""
         path = os.path.join(self.state_dir, STATE_FILE)
         try:
             steps = read_json(path) if os.path.isfile(path) else {}
@@ -79,10 +79,9 @@ class Step:
             steps = {}          # a damaged state file only costs a re-run of the steps
         steps = steps if isinstance(steps, dict) else {}
         if entry is None:
-            return steps.get(self.name) if isinstance(steps.get(self.name), dict) else {}
+            return steps.get(self.name, {})
         ensure_writable_dir(self.state_dir, "demo state folder")
         write_json(path, {**steps, self.name: entry})
-        return entry
 
 
 class Runner:
