@@ -77,9 +77,9 @@ class DemoPlan:
         # Without --out, the study writes below the config's own output_dir (before --set).
         self.default_study_dir = os.path.join(load_config(args.cfg, []).output_dir, "study")
         self.data_dir = args.data_dir or os.path.dirname(config.data.vocab) or "."
+        self.prepared = {key: self.data_file(name) for key, name in DATA_FILES.items()}
         # --set data.<key>=<path> for each config data path that is not already the one in data_dir
-        wanted = {key: self.data_file(name) for key, name in DATA_FILES.items()}
-        self.overrides = [f"data.{key}={path}" for key, path in wanted.items()
+        self.overrides = [f"data.{key}={path}" for key, path in self.prepared.items()
                           if os.path.normpath(getattr(config.data, key)) != os.path.normpath(path)]
         self.overrides += args.overrides
         self.config = config = load_config(args.cfg, self.overrides)
@@ -124,7 +124,6 @@ def build_steps(plan: DemoPlan) -> list[Step]:
 
     glove_txt = plan.data_file(demo_data.GLOVE_FILENAME)
     glove_pkl = os.path.splitext(glove_txt)[0] + ".pkl"
-    prepared = {key: plan.data_file(name) for key, name in DATA_FILES.items()}
     args = plan.args
     no_progress = ["--no-progress"] if args.quiet else []
     steps = [
@@ -140,13 +139,13 @@ def build_steps(plan: DemoPlan) -> list[Step]:
              ["--dataset", DATASET, "--annotation-dir", plan.data_dir, "--out-dir", plan.data_dir,
               "--glove", glove_pkl, "--mode", "all"],
              lambda: annotations + [glove_pkl],
-             lambda: [prepared["vocab"]] + [plan.data_file(f"{DATASET}_{split}_{kind}") for split in SPLITS
-                                            for kind in ("questions.pt", "summary.json")],
+             lambda: [plan.prepared["vocab"]] + [plan.data_file(f"{DATASET}_{split}_{kind}") for split in SPLITS
+                                                 for kind in ("questions.pt", "summary.json")],
              plan.data_dir, show_args=no_progress),
     ]
     for kind, model, frames in (("appearance", "resnet101", args.appearance_frames),
                                 ("motion", "resnext101", args.motion_frames)):
-        out = prepared[f"{kind}_feat"]
+        out = plan.prepared[f"{kind}_feat"]
 
         def restart(resuming: bool, out: str = out) -> list[str]:
             # Same inputs as the interrupted run: the script resumes from <out>.parts by itself.
@@ -183,7 +182,7 @@ def build_steps(plan: DemoPlan) -> list[Step]:
         "study", script("study.py"),
         ["--cfg", args.cfg, "--seeds", str(len(plan.training_seeds)), "--arms", ",".join(ARMS), *out_args,
          "--device", plan.device, *config_sets],
-        lambda: [args.cfg, *prepared.values()],
+        lambda: [args.cfg, *plan.prepared.values()],
         lambda: [plan.report_json] + [plan.run_file(arm, name, seed) for seed in plan.training_seeds for arm in ARMS
                                       for name in ("best.pt", "results.json", "study_test.json")],
         plan.output_dir, show_args=["--set", "train.progress=false"] if args.quiet else [],
