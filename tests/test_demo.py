@@ -201,7 +201,11 @@ def test_runner_skips_done_steps_and_reruns_when_inputs_or_outputs_change(tmp_pa
     assert run() == 2 and out.read_text() == "two"
     out.write_text("damaged")                     # so does a changed output
     assert run() == 3 and out.read_text() == "two"
-    assert [status for _, status, _ in runner.times] == ["ran", "skipped", "ran", "ran"]
+    step = fake_step(tmp_path, script, [str(source)], [str(out)])
+    step.args = ["--flag", "2"]                   # and so do changed arguments
+    runner.run(step, 1, 1)
+    assert calls.read_text().splitlines()[-1] == "--flag 2" and run() == 5
+    assert [status for _, status, _ in runner.times] == ["ran", "skipped", "ran", "ran", "ran", "ran"]
 
 
 def test_runner_resumes_an_interrupted_step_and_restarts_a_changed_one(tmp_path):
