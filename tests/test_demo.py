@@ -177,8 +177,8 @@ def write_script(path, body):
 
 
 def fake_step(tmp_path, script, inputs, outputs, restart=lambda resuming: []):
-    return demo_steps.Step("fake", script, ["--flag", "1"], lambda: inputs, lambda: outputs,
-                           demo_steps.StateFile(str(tmp_path)), restart_args=restart)
+    return demo_steps.Step("fake", script, ["--flag", "1"], lambda: inputs, lambda: outputs, str(tmp_path),
+                           restart_args=restart)
 
 
 def test_runner_skips_done_steps_and_reruns_when_inputs_or_outputs_change(tmp_path, capsys):
@@ -201,7 +201,11 @@ def test_runner_skips_done_steps_and_reruns_when_inputs_or_outputs_change(tmp_pa
     assert run() == 2 and out.read_text() == "two"
     out.write_text("damaged")                     # so does a changed output
     assert run() == 3 and out.read_text() == "two"
-    assert [status for _, status, _ in runner.times] == ["ran", "skipped", "ran", "ran"]
+    step = fake_step(tmp_path, script, [str(source)], [str(out)])
+    step.args = ["--flag", "2"]                   # and so do changed arguments
+    runner.run(step, 1, 1)
+    assert calls.read_text().splitlines()[-1] == "--flag 2" and run() == 5
+    assert [status for _, status, _ in runner.times] == ["ran", "skipped", "ran", "ran", "ran", "ran"]
 
 
 def test_runner_resumes_an_interrupted_step_and_restarts_a_changed_one(tmp_path):
@@ -239,7 +243,7 @@ def test_every_network_runs_in_one_thread(tmp_path):
 
     args = pipeline.build_parser().parse_args(["--data-dir", str(tmp_path / "data"),
                                                "--set", f"output_dir={tmp_path / 'out'}"])
-    steps = {step.name: step for step in pipeline.build_steps(pipeline.make_plan(args))}
+    steps = {step.name: step for step in pipeline.build_steps(pipeline.DemoPlan(args))}
     for name in ("features appearance", "features motion", "study", "predict"):
         assert steps[name].env == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, name
     assert "--seeds 3 " in steps["study"].command_line([])

@@ -14,10 +14,10 @@ Steps, each printed as the command line it runs (with this Python, as a subproce
   7. predict.py  the distilled student answers one test question about one demo video
   8. the summary, <output_dir>/summary.json, and its table (vqakd/demo/table.py renders README.md's)
 
-Running it again skips each step whose command, input files' contents and outputs are unchanged
-(`demo_state.json` records them); an interrupted step resumes, one whose inputs changed starts
-afresh. Progress flags and the scripts' code are not fingerprinted: after changing the scene
-design in vqakd/demo/scenes.py, start afresh with `make clean`.
+Running it again skips each step whose arguments, input and output files (their sizes and
+modification times) are unchanged (`demo_state.json` records them); an interrupted step resumes,
+one whose inputs changed starts afresh. Progress flags and the scripts' code are not compared:
+after changing the scene design in vqakd/demo/scenes.py, start afresh with `make clean`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Optional
 from vqakd.data.annotations import SPLITS, load_msvd_mapping
 from vqakd.data.questions import question_type
 from vqakd.demo import data as demo_data, table as demo_table
-from vqakd.demo.steps import Runner, Step, StateFile, display_path
+from vqakd.demo.steps import Runner, Step, display_path
 from vqakd.demo.table import ARMS
 from vqakd.core.errors import UserError
 from vqakd.core.files import REPO_ROOT, ensure_writable_dir, read_json, write_json
@@ -67,7 +67,8 @@ EXAMPLE_TYPES = ("what", "where", "how", "when", "who")   # the example question
 
 
 class DemoPlan:
-    """The demo's folders, files and settings: the command line (`args`) resolved against the config."""
+    """The demo's folders, files and settings: the command line (`args`) resolved against the config
+    (a UserError for a bad config, override or size)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         from vqakd.core.config import load_config
@@ -76,12 +77,12 @@ class DemoPlan:
         # Without --out, the study writes below the config's own output_dir (before --set).
         self.default_study_dir = os.path.join(load_config(args.cfg, []).output_dir, "study")
         self.data_dir = args.data_dir or os.path.dirname(config.data.vocab) or "."
+        self.prepared = {key: self.data_file(name) for key, name in DATA_FILES.items()}
         # --set data.<key>=<path> for each config data path that is not already the one in data_dir
-        wanted = {key: self.data_file(name) for key, name in DATA_FILES.items()}
-        self.overrides = [f"data.{key}={path}" for key, path in wanted.items()
+        self.overrides = [f"data.{key}={path}" for key, path in self.prepared.items()
                           if os.path.normpath(getattr(config.data, key)) != os.path.normpath(path)]
         self.overrides += args.overrides
-        config = load_config(args.cfg, self.overrides)
+        self.config = config = load_config(args.cfg, self.overrides)
         for name in ("num_videos", "frame_size", "image_size", "appearance_frames", "motion_frames",
                      "training_seeds"):
             if getattr(args, name) < 1:
@@ -111,19 +112,10 @@ class DemoPlan:
         return os.path.join(self.study_dir, f"seed{seed}", arm, stage, name)
 
 
-def make_plan(args: argparse.Namespace) -> DemoPlan:
-    """The plan of a parsed command line (a UserError for a bad config, override or size)."""
-    return DemoPlan(args)
-
-
 def build_steps(plan: DemoPlan) -> list[Step]:
-    from vqakd.core.config import override_key      # here: it imports torch (make_plan loads it first)
+    from vqakd.core.config import override_key      # here: it imports torch (DemoPlan loads it first)
 
     script = lambda *parts: os.path.join(REPO_ROOT, *parts)  # noqa: E731
-    data_state = StateFile(plan.data_dir)
-    # One object per file: two would overwrite each other's entries when both folders are the same.
-    same_folder = os.path.abspath(plan.data_dir) == os.path.abspath(plan.output_dir)
-    out_state = data_state if same_folder else StateFile(plan.output_dir)
     annotations = [plan.data_file(f"{split}_qa.json") for split in SPLITS] + [plan.data_file("youtube_mapping.txt")]
 
     def videos() -> list[str]:
@@ -132,7 +124,6 @@ def build_steps(plan: DemoPlan) -> list[Step]:
 
     glove_txt = plan.data_file(demo_data.GLOVE_FILENAME)
     glove_pkl = os.path.splitext(glove_txt)[0] + ".pkl"
-    prepared = {key: plan.data_file(name) for key, name in DATA_FILES.items()}
     args = plan.args
     no_progress = ["--no-progress"] if args.quiet else []
     steps = [
@@ -140,21 +131,21 @@ def build_steps(plan: DemoPlan) -> list[Step]:
              ["--out", plan.data_dir, "--seed", str(args.seed), "--num-videos", str(args.num_videos),
               "--frame-size", str(args.frame_size)],
              lambda: [], lambda: annotations + [plan.data_file("dataset_info.json"), glove_txt] + videos(),
-             data_state, show_args=["--quiet"] if args.quiet else []),
+             plan.data_dir, show_args=["--quiet"] if args.quiet else []),
         Step("glove", script("txt2pickle.py"), ["--glove", glove_txt, "--out", glove_pkl],
-             lambda: [glove_txt], lambda: [glove_pkl], data_state, show_args=no_progress),
+             lambda: [glove_txt], lambda: [glove_pkl], plan.data_dir, show_args=no_progress),
         # --mode all: train first (it builds the vocabulary and stores the GloVe matrix), then val and test.
         Step("questions", script("preprocess", "preprocess_questions.py"),
              ["--dataset", DATASET, "--annotation-dir", plan.data_dir, "--out-dir", plan.data_dir,
               "--glove", glove_pkl, "--mode", "all"],
              lambda: annotations + [glove_pkl],
-             lambda: [prepared["vocab"]] + [plan.data_file(f"{DATASET}_{split}_{kind}") for split in SPLITS
-                                            for kind in ("questions.pt", "summary.json")],
-             data_state, show_args=no_progress),
+             lambda: [plan.prepared["vocab"]] + [plan.data_file(f"{DATASET}_{split}_{kind}") for split in SPLITS
+                                                 for kind in ("questions.pt", "summary.json")],
+             plan.data_dir, show_args=no_progress),
     ]
     for kind, model, frames in (("appearance", "resnet101", args.appearance_frames),
                                 ("motion", "resnext101", args.motion_frames)):
-        out = prepared[f"{kind}_feat"]
+        out = plan.prepared[f"{kind}_feat"]
 
         def restart(resuming: bool, out: str = out) -> list[str]:
             # Same inputs as the interrupted run: the script resumes from <out>.parts by itself.
@@ -167,8 +158,8 @@ def build_steps(plan: DemoPlan) -> list[Step]:
              "--model", model, "--random-weights", "--num-clips", str(plan.num_clips),
              "--frames-per-clip", str(frames), "--image-height", str(args.image_size),
              "--image-width", str(args.image_size), "--device", plan.device, "--out", out],
-            lambda: annotations + videos(), lambda out=out: [out, out + ".failures.json"], data_state,
-            # Decoding processes change the speed, not the features: not fingerprinted.
+            lambda: annotations + videos(), lambda out=out: [out, out + ".failures.json"], plan.data_dir,
+            # Decoding processes change the speed, not the features: not compared.
             show_args=["--num-workers", str(args.feature_workers)] + no_progress,
             restart_args=restart, env=ONE_THREAD))
 
@@ -191,10 +182,10 @@ def build_steps(plan: DemoPlan) -> list[Step]:
         "study", script("study.py"),
         ["--cfg", args.cfg, "--seeds", str(len(plan.training_seeds)), "--arms", ",".join(ARMS), *out_args,
          "--device", plan.device, *config_sets],
-        lambda: [args.cfg, *prepared.values()],
+        lambda: [args.cfg, *plan.prepared.values()],
         lambda: [plan.report_json] + [plan.run_file(arm, name, seed) for seed in plan.training_seeds for arm in ARMS
                                       for name in ("best.pt", "results.json", "study_test.json")],
-        out_state, show_args=["--set", "train.progress=false"] if args.quiet else [],
+        plan.output_dir, show_args=["--set", "train.progress=false"] if args.quiet else [],
         restart_args=restart_study, env=ONE_THREAD))
     question = {}
 
@@ -205,11 +196,11 @@ def build_steps(plan: DemoPlan) -> list[Step]:
 
     steps.append(Step(
         "predict", script("predict.py"), [], lambda: [plan.run_file(PREDICT_ARM, "best.pt"), question["video"]],
-        lambda: [plan.predict_output], out_state, late_args=predict_args, stdout_path=plan.predict_output,
+        lambda: [plan.predict_output], plan.output_dir, late_args=predict_args, stdout_path=plan.predict_output,
         env=ONE_THREAD))
     summary_inputs = [plan.data_file("dataset_info.json"), plan.data_file("train_qa.json"),
                       plan.data_file("test_qa.json"), plan.report_json, plan.predict_output]
-    steps.append(Step("summary", None, [], lambda: summary_inputs, lambda: [plan.summary_path], out_state))
+    steps.append(Step("summary", None, [], lambda: summary_inputs, lambda: [plan.summary_path], plan.output_dir))
     return steps
 
 
@@ -338,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    plan = make_plan(args)
+    plan = DemoPlan(args)
     ensure_writable_dir(plan.data_dir, "demo data folder")
     ensure_writable_dir(plan.output_dir, "demo output folder")
     steps = build_steps(plan)
@@ -347,11 +338,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     started_utc = utc_now()
 
     def write_summary() -> None:
-        from vqakd.core.config import load_config
-
         summary = build_summary(plan, runner, predict_step.command_line([]))
-        summary["provenance"] = provenance_for_config(load_config(args.cfg, plan.overrides),
-                                                      started=started_utc, device=summary["timing"]["device"])
+        summary["provenance"] = provenance_for_config(plan.config, started=started_utc,
+                                                      device=summary["timing"]["device"])
         write_json(plan.summary_path, summary)
 
     steps[-1].action = write_summary

@@ -1,14 +1,12 @@
 """The step runner of the demo: each step is a script run as a subprocess (or an action in this
-process), skipped when a fingerprint of its command and of its input files' contents, and the
-sha256 of its outputs, match what `demo_state.json` recorded; an interrupted step is resumed,
-one whose inputs changed is started afresh (see vqakd/demo/pipeline.py for the demo's steps).
+process). A step is skipped when its arguments and the size and modification time of its input
+and output files are those `demo_state.json` recorded when it last finished; otherwise it runs
+again, and its script skips or resumes the work already done. An interrupted step is resumed,
+one whose arguments or inputs changed is started afresh (see vqakd/demo/pipeline.py).
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import os
 import resource
 import shlex
@@ -20,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from vqakd.core.errors import UserError
-from vqakd.core.files import atomic_open, ensure_writable_dir, file_sha256, read_json, write_json
+from vqakd.core.files import atomic_open, ensure_writable_dir, read_json, write_json
 
 STATE_FILE = "demo_state.json"
 LOG_TAIL_LINES = 20
@@ -35,53 +33,18 @@ def display_path(path: str) -> str:
     return absolute if relative.startswith("..") else relative
 
 
-@functools.lru_cache(maxsize=None)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    return file_sha256(path)
-
-
-def file_hash(path: str) -> Optional[str]:
-    """sha256 of a file (computed once per path, size and mtime), None when it does not exist."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return _sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-
-
-class StateFile:
-    """`demo_state.json` of one folder: {step name: {inputs, done, outputs, seconds, command}}."""
-
-    def __init__(self, folder: str) -> None:
-        self.path = os.path.join(folder, STATE_FILE)
-        try:
-            loaded = read_json(self.path) if os.path.isfile(self.path) else {}
-        except UserError:
-            loaded = {}     # a damaged state file only costs a re-run of the steps
-        steps = loaded.get("steps") if isinstance(loaded, dict) else None
-        self.steps: dict = steps if isinstance(steps, dict) else {}
-
-    def get(self, name: str) -> dict:
-        entry = self.steps.get(name)
-        return entry if isinstance(entry, dict) else {}
-
-    def put(self, name: str, entry: dict) -> None:
-        self.steps[name] = entry
-        ensure_writable_dir(os.path.dirname(self.path) or ".", "demo state folder")
-        write_json(self.path, {"steps": self.steps})
-
-
 @dataclass
 class Step:
     """A script run with `args` (or, without a script, `action` run here), reading the files `inputs`
-    lists and writing those `outputs` lists. Only `args` and the inputs' contents are fingerprinted:
-    `show_args` (progress flags) and `env` (thread counts) change what is shown or the speed."""
+    lists and writing those `outputs` lists; its record is kept in `state_dir`'s STATE_FILE. Only
+    `args` are compared: `show_args` (progress flags) and `env` (thread counts) change what is
+    shown or the speed."""
     name: str
     script: Optional[str]
     args: list[str]
     inputs: Callable[[], list[str]]
     outputs: Callable[[], list[str]]
-    state: StateFile
+    state_dir: str
     show_args: list[str] = field(default_factory=list)
     # (resuming an interrupted run of the same inputs?) -> extra flags (--resume / --overwrite)
     restart_args: Callable[[bool], list[str]] = lambda resuming: []
@@ -96,37 +59,29 @@ class Step:
         shown = ["python", display_path(self.script), *self.args, *extra, *self.show_args]
         return " ".join(shlex.quote(part) for part in shown)
 
+    def files(self, paths: list[str], missing: str) -> dict[str, list[int]]:
+        """{shown path: [size, mtime_ns]} of `paths`; a missing one raises UserError(missing)."""
+        stats = {}
+        for path in paths:
+            try:
+                stat = os.stat(path)
+            except OSError:
+                raise UserError(missing.format(step=self.name, path=display_path(path))) from None
+            stats[display_path(path)] = [stat.st_size, stat.st_mtime_ns]
+        return stats
 
-def file_digests(step: Step, paths: list[str], missing: str) -> dict[str, str]:
-    """{shown path: sha256} of `paths`; a missing file raises UserError(missing.format(step=, path=))."""
-    digests = {}
-    for path in paths:
-        digest = file_hash(path)
-        if digest is None:
-            raise UserError(missing.format(step=step.name, path=display_path(path)))
-        digests[display_path(path)] = digest
-    return digests
-
-
-def fingerprint(step: Step) -> str:
-    """What the step's result depends on: its arguments and the contents of its inputs."""
-    missing = "demo step {step!r}: input file {path} is missing (an earlier step did not write it)"
-    files = file_digests(step, step.inputs(), missing)
-    text = json.dumps({"script": os.path.basename(step.script or step.name), "args": step.args, "inputs": files},
-                      sort_keys=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def is_up_to_date(step: Step, inputs_fp: str) -> bool:
-    entry = step.state.get(step.name)
-    if not entry.get("done") or entry.get("inputs") != inputs_fp:
-        return False
-    try:
-        outputs = file_digests(step, step.outputs(), NOT_WRITTEN)
-    except UserError:                   # an output is missing, or the list of outputs is not known yet
-        return False
-    recorded = entry.get("outputs") or {}
-    return bool(outputs) and all(recorded.get(name) == digest for name, digest in outputs.items())
+    def record(self, entry: Optional[dict] = None) -> Optional[dict]:
+        """This step's entry in its STATE_FILE ({} when none); with `entry`, write that one instead."""
+        path = os.path.join(self.state_dir, STATE_FILE)
+        try:
+            steps = read_json(path) if os.path.isfile(path) else {}
+        except UserError:
+            steps = {}          # a damaged state file only costs a re-run of the steps
+        steps = steps if isinstance(steps, dict) else {}
+        if entry is None:
+            return steps.get(self.name, {})
+        ensure_writable_dir(self.state_dir, "demo state folder")
+        write_json(path, {**steps, self.name: entry})
 
 
 class Runner:
@@ -143,25 +98,28 @@ class Runner:
         cpu_started = _cpu_seconds()
         if step.late_args is not None:
             step.args = step.late_args()
-        inputs_fp = fingerprint(step)
+        missing = "demo step {step!r}: input file {path} is missing (an earlier step did not write it)"
+        key = {"args": step.args, "inputs": step.files(step.inputs(), missing)}
+        previous = step.record()
+        try:
+            outputs = step.files(step.outputs(), NOT_WRITTEN)
+        except UserError:                   # an output is missing, or the list of outputs is not known yet
+            outputs = None
         label = f"[{number}/{total}] {step.name}"
-        if is_up_to_date(step, inputs_fp):
+        if outputs and previous == {"key": key, "outputs": outputs}:
             print(f"{label}: skip, outputs up to date: {step.command_line([])}", flush=True)
             self.times.append((step.name, "skipped", time.perf_counter() - started))
             return
-        previous = step.state.get(step.name)
-        extra = step.restart_args(previous.get("inputs") == inputs_fp and not previous.get("done"))
-        step.state.put(step.name, {"inputs": inputs_fp, "done": False})
+        extra = step.restart_args(previous == {"key": key})     # the same inputs, not finished
+        step.record({"key": key})
         command = step.command_line(extra)
         print(f"{label}: {command}", flush=True)
         if step.script is None:
             step.action()
         else:
             self._call(step, extra, command)
-        outputs = file_digests(step, step.outputs(), NOT_WRITTEN)
+        step.record({"key": key, "outputs": step.files(step.outputs(), NOT_WRITTEN)})
         seconds = time.perf_counter() - started
-        step.state.put(step.name, {"inputs": inputs_fp, "done": True, "outputs": outputs,
-                                   "seconds": round(seconds, 2), "command": step.command_line([])})
         self.cpu[step.name] = _cpu_seconds() - cpu_started
         print(f"{label}: done in {seconds:.1f} s ({self.cpu[step.name]:.1f} s CPU)", flush=True)
         self.times.append((step.name, "ran", seconds))

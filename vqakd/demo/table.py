@@ -26,9 +26,6 @@ README_END = "<!-- end of demo table -->"
 # A question type on which the teacher is not this far above the question-only guesser is one whose
 # answer the short training did not learn or the random-weight features do not carry (the table marks it).
 CARRIED_MARGIN = 0.05
-KEEP_KEYS = ("majority_rate", "majority_per_type", "majority_answer", "question_only_rate",
-             "question_only_per_type", "test_questions", "seeds", "arms", "paired", "above_majority",
-             "above_question_only", "not_carried", "timing", "features", "prediction", "step_seconds", "step_cpu_seconds")
 
 
 def not_carried(summary: dict) -> list[str]:
@@ -102,10 +99,8 @@ def format_table(summary: dict) -> str:
 
 def small_summary(summary: dict) -> dict:
     """What docs/demo_summary.json keeps of a summary.json: the figures, not the provenance."""
-    small = {key: summary[key] for key in KEEP_KEYS if key in summary}
-    provenance = summary.get("provenance") or {}
-    small["code_version"] = provenance.get("code")
-    return small
+    small = {key: value for key, value in summary.items() if key != "provenance"}
+    return {**small, "code_version": (summary.get("provenance") or {}).get("code")}
 
 
 def readme_block(summary: dict) -> str:
