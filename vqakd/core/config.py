@@ -12,7 +12,6 @@ Overrides: `--set section.key=value` (parsed as YAML) and the original DualVGR/V
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import math
@@ -236,6 +235,8 @@ def _build(cls: type, raw: Any, prefix: str, origins: dict[str, str], default_so
             values[name] = _build(tp, raw[name], f"{full}.", origins, default_source)
             continue
         source = origins.get(full, default_source)
+        if isinstance(raw[name], dict):
+            raise UserError(f"{source}: {full!r} is a setting, not a section")
         try:
             values[name] = _convert_scalar(raw[name], tp)
         except TypeError:
@@ -244,20 +245,6 @@ def _build(cls: type, raw: Any, prefix: str, origins: dict[str, str], default_so
             raise UserError(f"{source}: key {full!r} must be a finite number, got {raw[name]!r}")
     # Sections the file left out keep their dataclass defaults (e.g. teacher G = 4).
     return cls(**values)
-
-
-def _check_key_path(path: list[str], source: str) -> None:
-    """Make sure `a.b.c` names a setting of the schema (with a suggestion if not)."""
-    cls: Any = Config
-    for depth, key in enumerate(path):
-        if not dataclasses.is_dataclass(cls):
-            raise UserError(f"{source}: {'.'.join(path[:depth])!r} is a setting, not a section")
-        names = [f.name for f in dataclasses.fields(cls)]
-        if key not in names:
-            full = ".".join(path[:depth + 1])
-            prefix = ".".join(path[:depth]) + "." if depth else ""
-            raise UserError(f"{source}: unknown key {full!r}{_suggest(key, names, prefix)}")
-        cls = typing.get_type_hints(cls).get(key)
 
 
 def data_file_paths(config: "Config") -> dict[str, Optional[str]]:
@@ -279,11 +266,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if not all(path):
         raise UserError(f"{source}: {key!r} is not a dotted key such as train.lr")
-    _check_key_path(path, source)
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError:
         value = value_text
+    nested = value
+    for key in reversed(path):
+        nested = {key: nested}
+    _build(Config, nested, "", {}, source)      # an unknown key or a wrong type, named as the user wrote it
     return path, value
 
 
@@ -292,10 +282,11 @@ def _set_nested(raw: dict, path: list[str], value: Any, source: str) -> None:
     for key in path[:-1]:
         child = node.get(key)
         if child is None:
-            child = node[key] = {}
+            child = {}
         if not isinstance(child, dict):
             raise UserError(f"{source}: cannot set {'.'.join(path)} inside the non-mapping value {child!r}")
-        node = child
+        # A copy: YAML aliases (`student: *g`) make sections share one dict, which the other must not see.
+        node[key] = node = dict(child)
     node[path[-1]] = value
 
 
@@ -316,19 +307,7 @@ def read_yaml(path: str) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections (name, dataset, data, model, train, loss, ...)")
-    # YAML aliases (`student: *g`) make sections share one dict; a later --set on one of them
-    # must not change the other, so every section gets its own copy.
-    return _unshare(raw)
-
-
-def _unshare(node: Any) -> Any:
-    """A copy of parsed YAML in which no two places share a mapping or list (unlike
-    copy.deepcopy, which keeps aliases shared in its copy)."""
-    if isinstance(node, dict):
-        return {key: _unshare(value) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_unshare(value) for value in node]
-    return copy.copy(node)
+    return raw
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None,
@@ -338,18 +317,12 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
     raw = read_yaml(path) if path else {}
     default_source = path or "config"
     origins: dict[str, str] = {}
-    for flag, value in (flags or {}).items():
-        if value is None:
-            continue
-        if flag not in ORIGINAL_FLAGS:
-            raise ValueError(f"unknown original flag {flag!r}")
-        key = ORIGINAL_FLAGS[flag]
-        _set_nested(raw, key.split("."), value, f"--{flag}")
-        origins[key] = f"--{flag}"
-    for text in overrides or []:
-        key_path, value = parse_override(text)
-        _set_nested(raw, key_path, value, f"--set {text}")
-        origins[".".join(key_path)] = f"--set {text}"
+    settings = [(ORIGINAL_FLAGS[flag].split("."), value, f"--{flag}") for flag, value in (flags or {}).items()
+                if value is not None]
+    settings += [(*parse_override(text), f"--set {text}") for text in overrides or []]
+    for key_path, value, source in settings:
+        _set_nested(raw, key_path, value, source)
+        origins[".".join(key_path)] = source
     config = _build(Config, raw, "", origins, default_source)
     resolve_paths(config)
     check_values(config, default_source, origins)
