@@ -94,14 +94,9 @@ def read_json(path: str | os.PathLike) -> Any:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
 
 
-def json_bytes(obj: Any) -> bytes:
-    """The exact bytes `write_json` writes for `obj` (so their sha256 is known before writing)."""
-    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_open(path, "wb") as handle:
-        handle.write(json_bytes(obj))
+        handle.write((json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def write_pickle(path: str | os.PathLike, obj: Any) -> None:
