@@ -179,17 +179,11 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert_scalar(value: Any, tp: Any) -> Any:
-    """`value` as type `tp` (str, bool, int, float, a Literal or an Optional of them), or raise TypeError."""
-    if typing.get_origin(tp) is typing.Union:
-        if value is None and type(None) in typing.get_args(tp):
+    """`value` as type `tp` (str, bool, int, float, a Literal or an Optional of one), or raise TypeError."""
+    if typing.get_origin(tp) is typing.Union:           # Optional[X], the only union in the schema
+        if value is None:
             return None
-        for arg in typing.get_args(tp):
-            if arg is not type(None):
-                try:
-                    return _convert_scalar(value, arg)
-                except TypeError:
-                    pass
-        raise TypeError
+        tp = next(arg for arg in typing.get_args(tp) if arg is not type(None))
     if typing.get_origin(tp) is Literal:
         ok = isinstance(value, str) and value in typing.get_args(tp)
     elif tp is float and isinstance(value, str):
