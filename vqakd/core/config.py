@@ -26,7 +26,7 @@ import yaml
 
 from model import ModelConfig
 from model.settings import model_config_problems
-from vqakd.core.errors import UserError, missing_file_message
+from vqakd.core.errors import UserError, require_file
 from vqakd.core.files import atomic_open
 from vqakd.core.script import ORIGINAL_FLAGS, STAGES
 
@@ -285,8 +285,7 @@ def _set_nested(raw: dict, path: list[str], value: Any, source: str) -> None:
 
 
 def read_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(missing_file_message(path, "config file"))
+    require_file(path, "config file")
     try:
         with open(path, encoding="utf-8") as handle:
             raw = yaml.safe_load(handle)
@@ -334,10 +333,9 @@ def resolve_paths(config: Config) -> None:
             raise UserError(f"path {value!r}: unknown placeholder {exc} (only {{dataset}} and {{name}} exist)") \
                 from None
 
-    for name, hint in typing.get_type_hints(DataConfig).items():
-        value = getattr(config.data, name)
-        if isinstance(value, str) and typing.get_origin(hint) is not Literal:       # a path, not a choice
-            setattr(config.data, name, fill(value))
+    for name in DATA_FILES:
+        if getattr(config.data, name) is not None:
+            setattr(config.data, name, fill(getattr(config.data, name)))
     config.output_dir = fill(config.output_dir) if config.output_dir else os.path.join(
         "results", config.dataset, config.name)
 

@@ -9,7 +9,7 @@ import os
 import pickle
 from typing import Any, Callable
 
-from vqakd.core.errors import UserError
+from vqakd.core.errors import UserError, require_file
 
 # (module, name) pairs that numpy arrays, scalars and builtin containers need.
 _BUILTINS = ("list", "dict", "tuple", "set", "frozenset", "int", "float", "str", "bytes", "bytearray", "bool",
@@ -89,9 +89,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 def safe_load(path: str | os.PathLike) -> Any:
     """Load a pickle holding only builtins and numpy data; errors name the file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"pickle file not found: {path}")
+    path = require_file(path, "pickle file")
     try:
         with open(path, "rb") as handle:
             return RestrictedUnpickler(handle, path, os.fstat(handle.fileno()).st_size).load()
