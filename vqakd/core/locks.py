@@ -53,7 +53,7 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:     # alive, owned by someone else
-        return True
+        pass
     return True
 
 
