@@ -356,15 +356,13 @@ def check_values(config: Config, source: str, origins: dict[str, str] | None = N
         value = operator.attrgetter(key)(config)
         if value is not None and not value > 0:
             problems.append(f"{key} must be > 0, got {value}")
-    for key in ("loss.alpha", "loss.beta", "loss.kappa_app", "loss.kappa_mo"):
+    for key in ("loss.alpha", "loss.beta", "loss.kappa_app", "loss.kappa_mo", "train.num_workers"):
         value = operator.attrgetter(key)(config)
         if value < 0:
             problems.append(f"{key} must be >= 0, got {value}")
     train = config.train
     if not 0.0 <= config.loss.logit_mix <= 1.0:
         problems.append(f"loss.logit_mix must be in [0, 1], got {config.loss.logit_mix}")
-    if train.num_workers < 0:
-        problems.append(f"train.num_workers must be >= 0, got {train.num_workers}")
     if not 0 <= train.seed <= MAX_SEED:
         problems.append(f"train.seed must be in [0, {MAX_SEED}] (2**32 - 1), got {train.seed}")
     if train.stop_after_epoch is not None and train.stop_after_epoch > train.epochs:
