@@ -257,15 +257,14 @@ def resolve_device(spec: str = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {spec!r} requested but CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device {spec!r} requested but only {torch.cuda.device_count()} "
-                            "CUDA device(s) are visible")
-    elif device.type != "cpu":
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise UserError(f"unsupported device {spec!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {spec!r} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {spec!r} requested but only {torch.cuda.device_count()} "
+                        "CUDA device(s) are visible")
     return device
 
 
