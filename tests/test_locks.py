@@ -90,6 +90,31 @@ def test_lock_of_a_killed_run_is_taken_over(holder):
     assert not (folder / LOCK_NAME).exists()       # a finished run leaves nothing behind
 
 
+FORKING_HOLDER = ("import os, sys, time\n"
+                  "from vqakd.core.locks import FolderLock\n"
+                  "lock = FolderLock(sys.argv[1], 'output folder').acquire()\n"
+                  "child = os.fork()\n"
+                  "if child == 0:\n"
+                  "    time.sleep(120)\n"          # a loader worker that outlives its run
+                  "    os._exit(0)\n"
+                  "print(child, flush=True)\n"
+                  "time.sleep(120)\n")
+
+
+def test_a_forked_child_does_not_keep_a_killed_runs_lock(tmp_path):
+    folder = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    child = int(proc.stdout.readline())
+    try:
+        proc.kill()
+        proc.wait()
+        with FolderLock(folder, log=None):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 def test_txt2pickle_refuses_a_folder_in_use(holder, tmp_path):
     folder, proc = holder
     glove = tmp_path / "g.txt"
