@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
 
 from vqakd.core.errors import UserError
 
@@ -212,6 +211,9 @@ class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_initialized() and get_world_size() > 1):
             return super().forward(input)
+        # Here, not at the top: a PyTorch build without torch.distributed cannot import it.
+        from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
+
         self._check_input_dim(input)
         out_dtype = input.dtype
         if input.dtype in (torch.float16, torch.bfloat16):
