@@ -184,3 +184,9 @@ def test_model_section_is_the_network_settings_less_what_data_and_stage_set():
         load_config(None, ["model.graph_dropout=1.0"])
     with pytest.raises(ValueError, match=r"ModelConfig.graph_dropout must be in \[0, 1\), got 1.0"):
         ModelConfig(question_vocab_size=9, answer_vocab_size=5, graph_dropout=1.0)
+
+
+def test_set_on_a_yaml_alias_changes_that_section_only(tmp_path):
+    path = write(tmp_path, "teacher: &g\n  graph_layers: 3\nstudent: *g\n")
+    config = load_config(path, ["student.graph_layers=2"])
+    assert (config.teacher.graph_layers, config.student.graph_layers) == (3, 2)

@@ -83,12 +83,36 @@ def test_lock_of_a_killed_run_is_taken_over(holder):
     proc.wait()
     assert (folder / LOCK_NAME).exists()          # kill -9 leaves the file, but not the flock
     lines = []
-    with FolderLock(folder, log=lines.append) as lock:
-        assert lock.held
+    with FolderLock(folder, log=lines.append):
         record = json.loads((folder / LOCK_NAME).read_text())
         assert record["pid"] == os.getpid()
     assert len(lines) == 1 and "taking over the lock" in lines[0] and f"pid {proc.pid}" in lines[0]
     assert not (folder / LOCK_NAME).exists()       # a finished run leaves nothing behind
+
+
+FORKING_HOLDER = ("import os, sys, time\n"
+                  "from vqakd.core.locks import FolderLock\n"
+                  "lock = FolderLock(sys.argv[1], 'output folder').acquire()\n"
+                  "child = os.fork()\n"
+                  "if child == 0:\n"
+                  "    time.sleep(120)\n"          # a loader worker that outlives its run
+                  "    os._exit(0)\n"
+                  "print(child, flush=True)\n"
+                  "time.sleep(120)\n")
+
+
+def test_a_forked_child_does_not_keep_a_killed_runs_lock(tmp_path):
+    folder = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    child = int(proc.stdout.readline())
+    try:
+        proc.kill()
+        proc.wait()
+        with FolderLock(folder, log=None):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_txt2pickle_refuses_a_folder_in_use(holder, tmp_path):

@@ -63,14 +63,6 @@ def test_defaults_set_only_what_is_unset():
     assert applied == {"KMP_BLOCKTIME": "0", "MKL_NUM_THREADS": "1"}
 
 
-def test_thread_count_argument_beats_the_variable():
-    env = {"VQAKD_THREADS": "4"}
-    apply_thread_defaults(env, threads="2")
-    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"
-    with pytest.raises(UserError, match="^--threads: "):
-        apply_thread_defaults({}, threads="x")
-
-
 @pytest.mark.parametrize("value", ["0", "two", "-1"])
 def test_bad_thread_count_is_a_user_error(value):
     with pytest.raises(UserError, match="VQAKD_THREADS"):

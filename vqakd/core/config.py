@@ -12,7 +12,6 @@ Overrides: `--set section.key=value` (parsed as YAML) and the original DualVGR/V
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import math
@@ -27,7 +26,7 @@ import yaml
 
 from model import ModelConfig
 from model.settings import model_config_problems
-from vqakd.core.errors import UserError, missing_file_message
+from vqakd.core.errors import UserError, require_file
 from vqakd.core.files import atomic_open
 from vqakd.core.script import ORIGINAL_FLAGS, STAGES
 
@@ -180,17 +179,11 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert_scalar(value: Any, tp: Any) -> Any:
-    """`value` as type `tp` (str, bool, int, float, a Literal or an Optional of them), or raise TypeError."""
-    if typing.get_origin(tp) is typing.Union:
-        if value is None and type(None) in typing.get_args(tp):
+    """`value` as type `tp` (str, bool, int, float, a Literal or an Optional of one), or raise TypeError."""
+    if typing.get_origin(tp) is typing.Union:           # Optional[X], the only union in the schema
+        if value is None:
             return None
-        for arg in typing.get_args(tp):
-            if arg is not type(None):
-                try:
-                    return _convert_scalar(value, arg)
-                except TypeError:
-                    pass
-        raise TypeError
+        tp = next(arg for arg in typing.get_args(tp) if arg is not type(None))
     if typing.get_origin(tp) is Literal:
         ok = isinstance(value, str) and value in typing.get_args(tp)
     elif tp is float and isinstance(value, str):
@@ -236,6 +229,8 @@ def _build(cls: type, raw: Any, prefix: str, origins: dict[str, str], default_so
             values[name] = _build(tp, raw[name], f"{full}.", origins, default_source)
             continue
         source = origins.get(full, default_source)
+        if isinstance(raw[name], dict):
+            raise UserError(f"{source}: {full!r} is a setting, not a section")
         try:
             values[name] = _convert_scalar(raw[name], tp)
         except TypeError:
@@ -244,20 +239,6 @@ def _build(cls: type, raw: Any, prefix: str, origins: dict[str, str], default_so
             raise UserError(f"{source}: key {full!r} must be a finite number, got {raw[name]!r}")
     # Sections the file left out keep their dataclass defaults (e.g. teacher G = 4).
     return cls(**values)
-
-
-def _check_key_path(path: list[str], source: str) -> None:
-    """Make sure `a.b.c` names a setting of the schema (with a suggestion if not)."""
-    cls: Any = Config
-    for depth, key in enumerate(path):
-        if not dataclasses.is_dataclass(cls):
-            raise UserError(f"{source}: {'.'.join(path[:depth])!r} is a setting, not a section")
-        names = [f.name for f in dataclasses.fields(cls)]
-        if key not in names:
-            full = ".".join(path[:depth + 1])
-            prefix = ".".join(path[:depth]) + "." if depth else ""
-            raise UserError(f"{source}: unknown key {full!r}{_suggest(key, names, prefix)}")
-        cls = typing.get_type_hints(cls).get(key)
 
 
 def data_file_paths(config: "Config") -> dict[str, Optional[str]]:
@@ -279,11 +260,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if not all(path):
         raise UserError(f"{source}: {key!r} is not a dotted key such as train.lr")
-    _check_key_path(path, source)
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError:
         value = value_text
+    nested = value
+    for key in reversed(path):
+        nested = {key: nested}
+    _build(Config, nested, "", {}, source)      # an unknown key or a wrong type, named as the user wrote it
     return path, value
 
 
@@ -292,16 +276,16 @@ def _set_nested(raw: dict, path: list[str], value: Any, source: str) -> None:
     for key in path[:-1]:
         child = node.get(key)
         if child is None:
-            child = node[key] = {}
+            child = {}
         if not isinstance(child, dict):
             raise UserError(f"{source}: cannot set {'.'.join(path)} inside the non-mapping value {child!r}")
-        node = child
+        # A copy: YAML aliases (`student: *g`) make sections share one dict, which the other must not see.
+        node[key] = node = dict(child)
     node[path[-1]] = value
 
 
 def read_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(missing_file_message(path, "config file"))
+    require_file(path, "config file")
     try:
         with open(path, encoding="utf-8") as handle:
             raw = yaml.safe_load(handle)
@@ -316,19 +300,7 @@ def read_yaml(path: str) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections (name, dataset, data, model, train, loss, ...)")
-    # YAML aliases (`student: *g`) make sections share one dict; a later --set on one of them
-    # must not change the other, so every section gets its own copy.
-    return _unshare(raw)
-
-
-def _unshare(node: Any) -> Any:
-    """A copy of parsed YAML in which no two places share a mapping or list (unlike
-    copy.deepcopy, which keeps aliases shared in its copy)."""
-    if isinstance(node, dict):
-        return {key: _unshare(value) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_unshare(value) for value in node]
-    return copy.copy(node)
+    return raw
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None,
@@ -338,18 +310,12 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
     raw = read_yaml(path) if path else {}
     default_source = path or "config"
     origins: dict[str, str] = {}
-    for flag, value in (flags or {}).items():
-        if value is None:
-            continue
-        if flag not in ORIGINAL_FLAGS:
-            raise ValueError(f"unknown original flag {flag!r}")
-        key = ORIGINAL_FLAGS[flag]
-        _set_nested(raw, key.split("."), value, f"--{flag}")
-        origins[key] = f"--{flag}"
-    for text in overrides or []:
-        key_path, value = parse_override(text)
-        _set_nested(raw, key_path, value, f"--set {text}")
-        origins[".".join(key_path)] = f"--set {text}"
+    settings = [(ORIGINAL_FLAGS[flag].split("."), value, f"--{flag}") for flag, value in (flags or {}).items()
+                if value is not None]
+    settings += [(*parse_override(text), f"--set {text}") for text in overrides or []]
+    for key_path, value, source in settings:
+        _set_nested(raw, key_path, value, source)
+        origins[".".join(key_path)] = source
     config = _build(Config, raw, "", origins, default_source)
     resolve_paths(config)
     check_values(config, default_source, origins)
@@ -367,10 +333,9 @@ def resolve_paths(config: Config) -> None:
             raise UserError(f"path {value!r}: unknown placeholder {exc} (only {{dataset}} and {{name}} exist)") \
                 from None
 
-    for name, hint in typing.get_type_hints(DataConfig).items():
-        value = getattr(config.data, name)
-        if isinstance(value, str) and typing.get_origin(hint) is not Literal:       # a path, not a choice
-            setattr(config.data, name, fill(value))
+    for name in DATA_FILES:
+        if getattr(config.data, name) is not None:
+            setattr(config.data, name, fill(getattr(config.data, name)))
     config.output_dir = fill(config.output_dir) if config.output_dir else os.path.join(
         "results", config.dataset, config.name)
 
@@ -391,15 +356,13 @@ def check_values(config: Config, source: str, origins: dict[str, str] | None = N
         value = operator.attrgetter(key)(config)
         if value is not None and not value > 0:
             problems.append(f"{key} must be > 0, got {value}")
-    for key in ("loss.alpha", "loss.beta", "loss.kappa_app", "loss.kappa_mo"):
+    for key in ("loss.alpha", "loss.beta", "loss.kappa_app", "loss.kappa_mo", "train.num_workers"):
         value = operator.attrgetter(key)(config)
         if value < 0:
             problems.append(f"{key} must be >= 0, got {value}")
     train = config.train
     if not 0.0 <= config.loss.logit_mix <= 1.0:
         problems.append(f"loss.logit_mix must be in [0, 1], got {config.loss.logit_mix}")
-    if train.num_workers < 0:
-        problems.append(f"train.num_workers must be >= 0, got {train.num_workers}")
     if not 0 <= train.seed <= MAX_SEED:
         problems.append(f"train.seed must be in [0, {MAX_SEED}] (2**32 - 1), got {train.seed}")
     if train.stop_after_epoch is not None and train.stop_after_epoch > train.epochs:

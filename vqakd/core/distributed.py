@@ -57,25 +57,21 @@ def local_world_size() -> int:
     return _env_int("LOCAL_WORLD_SIZE", 1)
 
 
-def launched_by_torchrun() -> bool:
-    """torchrun started this process, even as a world of one (then the DDP code path runs too)."""
-    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+def under_torchrun() -> bool:
+    """Several processes, or torchrun started this one even as a world of one (the DDP code path runs too)."""
+    return env_world_size() > 1 or all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                                       "MASTER_PORT"))
 
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def timeout_seconds() -> int:
-    value = _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
-    return value if value > 0 else DEFAULT_TIMEOUT_S
-
-
 def init_distributed(*, timeout: datetime.timedelta | None = None, control_only: bool = False) -> bool:
     """Start the process group when launched by torchrun or with several processes; returns
     whether one exists now. `control_only`: gloo alone, no CUDA device selected. `timeout`
-    (default `timeout_seconds()`) bounds every collective, barriers included."""
-    if is_initialized() or (env_world_size() <= 1 and not launched_by_torchrun()):
+    (default DEFAULT_TIMEOUT_S, or VQAKD_DIST_TIMEOUT_S) bounds every collective, barriers included."""
+    if is_initialized() or not under_torchrun():
         return is_initialized()
     if not dist.is_available():
         raise UserError("this PyTorch build has no torch.distributed; run a single process")
@@ -88,7 +84,9 @@ def init_distributed(*, timeout: datetime.timedelta | None = None, control_only:
         if local_rank() < torch.cuda.device_count():
             torch.cuda.set_device(local_rank())
         backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend=backend, timeout=timeout or datetime.timedelta(seconds=timeout_seconds()))
+    seconds = _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+    timeout = timeout or datetime.timedelta(seconds=seconds if seconds > 0 else DEFAULT_TIMEOUT_S)
+    dist.init_process_group(backend=backend, timeout=timeout)
     return True
 
 
@@ -204,31 +202,18 @@ def quiet_unless_main(fn: Callable[[], int]) -> int:
         raise
 
 
-class _DifferentiableAllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose backward sums the gradients over ranks (what SyncBatchNorm does)."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        summed = tensor.clone()
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        return summed
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        summed = grad.contiguous().clone()
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        return summed
-
-
 class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
     """BatchNorm1d whose training statistics cover the whole global batch on any device and backend
     (SyncBatchNorm refuses CPU tensors): K processes with B/K questions match one with B, up to
-    rounding; two reductions (sum, then squared deviations) keep the two-pass variance's accuracy."""
+    rounding; two reductions (sum, then squared deviations) keep the two-pass variance's accuracy.
+    The reductions are differentiable: their backward sums the gradients over ranks."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_initialized() and get_world_size() > 1):
             return super().forward(input)
-        differentiable_all_reduce = _DifferentiableAllReduceSum.apply
+        # Here, not at the top: a PyTorch build without torch.distributed cannot import it.
+        from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
+
         self._check_input_dim(input)
         out_dtype = input.dtype
         if input.dtype in (torch.float16, torch.bfloat16):
@@ -236,12 +221,12 @@ class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
         dims = [0] + list(range(2, input.dim()))
         shape = [1, -1] + [1] * (input.dim() - 2)
         local_count = input.numel() // input.size(1)
-        count_and_sum = torch.cat([input.new_full((1,), float(local_count)), input.sum(dim=dims)])
-        count_and_sum = differentiable_all_reduce(count_and_sum)
+        count_and_sum = all_reduce_with_grad(torch.cat([input.new_full((1,), float(local_count)),
+                                                        input.sum(dim=dims)]))
         count = count_and_sum[0].detach()
         mean = count_and_sum[1:] / count
         centred = input - mean.view(shape)
-        var = differentiable_all_reduce((centred * centred).sum(dim=dims)) / count
+        var = all_reduce_with_grad((centred * centred).sum(dim=dims)) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -256,23 +241,11 @@ class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
 
 
 def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every BatchNorm1d in `module` (in place, sharing parameters and buffers) with
-    GlobalBatchNorm1d; returns `module`."""
-    for name, child in list(module.named_children()):
+    """Make every BatchNorm1d in `module` a GlobalBatchNorm1d, in place (the same objects, parameters
+    and buffers: the subclass adds no state); returns `module`."""
+    for child in module.modules():
         if type(child) is torch.nn.BatchNorm1d:
-            replacement = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
-                                            child.track_running_stats)
-            if child.affine:
-                replacement.weight = child.weight
-                replacement.bias = child.bias
-            if child.track_running_stats:
-                replacement.running_mean = child.running_mean
-                replacement.running_var = child.running_var
-                replacement.num_batches_tracked = child.num_batches_tracked
-            replacement.train(child.training)
-            setattr(module, name, replacement)
-        else:
-            convert_batchnorm(child)
+            child.__class__ = GlobalBatchNorm1d
     return module
 
 
@@ -286,15 +259,14 @@ def resolve_device(spec: str = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {spec!r} requested but CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device {spec!r} requested but only {torch.cuda.device_count()} "
-                            "CUDA device(s) are visible")
-    elif device.type != "cpu":
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise UserError(f"unsupported device {spec!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {spec!r} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {spec!r} requested but only {torch.cuda.device_count()} "
+                        "CUDA device(s) are visible")
     return device
 
 
@@ -303,20 +275,16 @@ def resolve_process_device(spec: str = "auto", what: str = "--device") -> torch.
     but under torchrun auto/cuda mean cuda:LOCAL_RANK and cuda:N is refused (every process would
     share one GPU). A GPU with an index becomes the current CUDA device, so stray allocations
     (pin-memory thread, workspaces) do not open a context on GPU 0. `what` names the setting."""
-    if env_world_size() <= 1 and not launched_by_torchrun():
-        device = resolve_device(spec)
-    else:
-        spec = (spec or "auto").strip().lower()
-        if spec.startswith("cuda:"):
-            raise UserError(f"{what} {spec!r}: under torchrun every process uses cuda:LOCAL_RANK; set {what} "
-                            "to auto or cuda (and pick GPUs with CUDA_VISIBLE_DEVICES)")
-        device = resolve_device(spec)
-        if device.type == "cuda":
-            index = local_rank()
-            if index >= torch.cuda.device_count():
-                raise UserError(f"LOCAL_RANK {index} but only {torch.cuda.device_count()} CUDA device(s) are "
-                                "visible; use --nproc_per_node at most the number of GPUs per node")
-            device = torch.device("cuda", index)
+    spec = (spec or "auto").strip().lower()
+    if under_torchrun() and spec.startswith("cuda:"):
+        raise UserError(f"{what} {spec!r}: under torchrun every process uses cuda:LOCAL_RANK; set {what} "
+                        "to auto or cuda (and pick GPUs with CUDA_VISIBLE_DEVICES)")
+    device = resolve_device(spec)
+    if under_torchrun() and device.type == "cuda":
+        if local_rank() >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank()} but only {torch.cuda.device_count()} CUDA device(s) are "
+                            "visible; use --nproc_per_node at most the number of GPUs per node")
+        device = torch.device("cuda", local_rank())
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return device

@@ -21,18 +21,13 @@ class UserError(Exception):
     """An error caused by the user's input; its message is shown as it is."""
 
 
-def shown_path(path: str | os.PathLike) -> str:
-    """`path`, and for a relative path the folder it was looked up in (the likely cause of a miss)."""
-    text = os.fspath(path)
-    if os.path.isabs(text):
-        return text
-    return f"{text} (relative to {os.getcwd()}, the current folder)"
-
-
 def missing_file_message(path: str | os.PathLike, what: str, how_to_get: str = "") -> str:
-    """The one-line message of a missing input file."""
+    """The one-line message of a missing input file; a relative path also names the folder it was
+    looked up in (the likely cause of a miss)."""
+    text = os.fspath(path)
+    where = "" if os.path.isabs(text) else f" (relative to {os.getcwd()}, the current folder)"
     hint = f"; {how_to_get}" if how_to_get else ""
-    return f"{what} not found: {shown_path(path)}{hint}"
+    return f"{what} not found: {text}{where}{hint}"
 
 
 def require_file(path: str | os.PathLike, what: str, how_to_get: str = "") -> str:
@@ -45,7 +40,6 @@ def require_file(path: str | os.PathLike, what: str, how_to_get: str = "") -> st
 
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run an entry point; turn UserError (and Ctrl-C) into a one-line message and exit code."""
-    forward_interrupts_from_children()
     interrupted = False
     hook = sys.unraisablehook
     sys.unraisablehook = lambda info: _interrupt_again(info, hook)
@@ -77,13 +71,12 @@ def _interrupt_again(info, hook: Callable) -> None:
 @contextlib.contextmanager
 def interruptible_imports() -> Iterator[None]:
     """Wrap an entry script's slow imports so that Ctrl-C there ends the run as in `run_cli`."""
-    interrupted = False
     try:
         yield
+        return
     except KeyboardInterrupt:
-        interrupted = True
-    if interrupted:
-        _exit_interrupted()
+        pass
+    _exit_interrupted()
 
 
 def _exit_interrupted() -> None:
@@ -103,28 +96,3 @@ def _exit_interrupted() -> None:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     sys.exit(130)
-
-
-_FORWARDING_TO: list[int] = []
-
-
-def forward_interrupts_from_children() -> None:
-    """Make a Ctrl-C that reaches a forked child (a data-loader or video-decoding worker) stop
-    this process too: PyTorch's workers exit quietly on KeyboardInterrupt, assuming the main
-    process got it too, and when it did not the run carried on. The child sends SIGINT on first."""
-    if _FORWARDING_TO or not hasattr(os, "register_at_fork"):
-        return
-    _FORWARDING_TO.append(os.getpid())
-
-    def forward(signum, frame):
-        if os.getppid() in _FORWARDING_TO:
-            with contextlib.suppress(OSError):
-                os.kill(os.getppid(), signal.SIGINT)
-        raise KeyboardInterrupt
-
-    def in_child() -> None:
-        # Only children whose SIGINT is the default handler (not one that ignores it).
-        if os.getppid() in _FORWARDING_TO and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            signal.signal(signal.SIGINT, forward)
-
-    os.register_at_fork(after_in_child=in_child)

@@ -84,24 +84,18 @@ def read_json(path: str | os.PathLike) -> Any:
     """Parse a JSON file; invalid JSON or non-UTF-8 text is a UserError naming the file and place."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        # A byte-order mark (editors on Windows add one) is not part of the JSON.
-        return json.loads(text[1:] if text.startswith("\ufeff") else text)
+        # utf-8-sig: a byte-order mark (editors on Windows add one) is not part of the JSON.
+        with open(path, encoding="utf-8-sig") as handle:
+            return json.load(handle)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
 
 
-def json_bytes(obj: Any) -> bytes:
-    """The exact bytes `write_json` writes for `obj` (so their sha256 is known before writing)."""
-    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_open(path, "wb") as handle:
-        handle.write(json_bytes(obj))
+        handle.write((json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def write_pickle(path: str | os.PathLike, obj: Any) -> None:

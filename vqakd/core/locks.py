@@ -53,7 +53,7 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:     # alive, owned by someone else
-        return True
+        pass
     return True
 
 
@@ -123,14 +123,7 @@ class FolderLock:
         self.shown = os.fspath(shown) if shown is not None else self.folder
         self._fd: int | None = None
 
-    def _refuse(self, record: dict[str, Any] | None) -> UserError:
-        holder = _describe(record) if record else "a run that has not written its record yet"
-        return UserError(f"{self.what} {self.shown} is in use by another run ({holder}); wait for it to "
-                         f"finish or stop it, or choose another output (lock file {self.path})")
-
     def acquire(self) -> "FolderLock":
-        if self._fd is not None:
-            raise RuntimeError(f"{self.path} is already held by this FolderLock")
         for _ in range(100):
             try:
                 os.makedirs(self.folder, exist_ok=True)
@@ -154,7 +147,9 @@ class FolderLock:
                         time.sleep(RECORD_WAIT_S)
                         record = _read_record(fd)
                 if locked is False or (locked is None and _record_holds(record)):
-                    raise self._refuse(record)
+                    holder = _describe(record) if record else "a run that has not written its record yet"
+                    raise UserError(f"{self.what} {self.shown} is in use by another run ({holder}); wait for it "
+                                    f"to finish or stop it, or choose another output (lock file {self.path})")
                 if record and record.get("pid") != os.getpid() and self.log is not None:
                     self.log(f"{self.what} {self.shown}: taking over the lock left by a run that is no "
                              f"longer running ({_describe(record)})")
@@ -188,10 +183,6 @@ class FolderLock:
                     os.remove(self.path)
         finally:
             os.close(fd)
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()

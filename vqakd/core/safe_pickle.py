@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Any
+from typing import Any, Callable
 
-from vqakd.core.errors import UserError
+from vqakd.core.errors import UserError, require_file
 
 # (module, name) pairs that numpy arrays, scalars and builtin containers need.
 _BUILTINS = ("list", "dict", "tuple", "set", "frozenset", "int", "float", "str", "bytes", "bytearray", "bool",
@@ -55,45 +55,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._source = source
         self._file_size = size_limit
         self._limit = max(size_limit, MIN_SIZE_LIMIT)
-        self._ndarray = None
 
-    def _check_size(self, what: str, count: int | None) -> None:
-        if count is not None and count > self._limit:
-            raise UserError(f"{self._source}: corrupt or forged pickle: it asks {what} to allocate {count:,} "
-                            f"items, more than a {self._file_size:,}-byte file can hold; nothing was allocated")
-
-    def _guarded_builtin(self, name: str, constructor: Any) -> Any:
+    def _guarded(self, what: str, constructor: Any, count: Callable[..., int | None]) -> Any:
+        """`constructor`, refusing before it runs a call whose arguments ask for more than the limit."""
         def build(*args: Any) -> Any:
-            if args:
-                self._check_size(f"builtins.{name}", _count(args[0]))
+            size = count(*args)
+            if size is not None and size > self._limit:
+                raise UserError(f"{self._source}: corrupt or forged pickle: it asks {what} to allocate {size:,} "
+                                f"items, more than a {self._file_size:,}-byte file can hold; nothing was allocated")
             return constructor(*args)
         return build
-
-    def _guarded_reconstruct(self, reconstruct: Any) -> Any:
-        import numpy as np
-
-        def build(subtype: Any, shape: Any, dtype: Any) -> Any:
-            self._check_size("an array", _elements(shape))
-            if subtype is self._ndarray:
-                subtype = np.ndarray
-            return reconstruct(subtype, shape, dtype)
-        return build
-
-    def _guarded_ndarray(self) -> Any:
-        import numpy as np
-
-        if self._ndarray is None:
-            unpickler = self
-
-            class _CheckedNdarray(np.ndarray):
-                """Stands for numpy.ndarray while loading: calling it checks the size first."""
-
-                def __new__(cls, shape: Any = (0,), *args: Any, **kwargs: Any) -> Any:
-                    unpickler._check_size("numpy.ndarray", _elements(shape))
-                    return np.ndarray(shape, *args, **kwargs)
-
-            self._ndarray = _CheckedNdarray
-        return self._ndarray
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED:
@@ -103,19 +74,22 @@ class RestrictedUnpickler(pickle.Unpickler):
             )
         found = super().find_class(module, name)
         if module == "builtins" and name in ("bytearray", "bytes", "list", "tuple", "set", "frozenset"):
-            return self._guarded_builtin(name, found)
-        if name == "_reconstruct":
-            return self._guarded_reconstruct(found)
+            return self._guarded(f"builtins.{name}", found, lambda *args: _count(args[0]) if args else None)
         if (module, name) == ("numpy", "ndarray"):
-            return self._guarded_ndarray()
+            return self._guarded("numpy.ndarray", found, lambda shape=(0,), *args: _elements(shape))
+        if name == "_reconstruct":
+            # Its subtype is the guarded numpy.ndarray above, a function: the real class stands in.
+            def reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+                import numpy as np
+
+                return found(subtype if isinstance(subtype, type) else np.ndarray, shape, dtype)
+            return self._guarded("an array", reconstruct, lambda subtype, shape, dtype: _elements(shape))
         return found
 
 
 def safe_load(path: str | os.PathLike) -> Any:
     """Load a pickle holding only builtins and numpy data; errors name the file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"pickle file not found: {path}")
+    path = require_file(path, "pickle file")
     try:
         with open(path, "rb") as handle:
             return RestrictedUnpickler(handle, path, os.fstat(handle.fileno()).st_size).load()

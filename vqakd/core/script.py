@@ -57,25 +57,18 @@ def exit_with(message: str) -> None:
     sys.exit(2)
 
 
-def apply_thread_defaults(environ: Optional[MutableMapping[str, str]] = None,
-                          threads: Optional[str] = None) -> dict[str, str]:
+def apply_thread_defaults(environ: Optional[MutableMapping[str, str]] = None) -> dict[str, str]:
     """Set the thread defaults in `environ` (default os.environ) where unset; return what was set.
-    `threads` (a command-line value) takes precedence over VQAKD_THREADS; a count that is not a
-    positive whole number is a UserError naming its source."""
+    A VQAKD_THREADS that is not a positive whole number is a UserError."""
     environ = os.environ if environ is None else environ
-    applied = {}
-    for name, value in WAIT_DEFAULTS.items():
-        if name not in environ:
-            environ[name] = applied[name] = value
-    count = threads if threads is not None else environ.get(THREADS_VARIABLE)
-    if count is not None and str(count).strip():
-        count = str(count).strip()
-        if not count.isdigit() or int(count) < 1:
-            source = "--threads" if threads is not None else THREADS_VARIABLE
-            raise UserError(f"{source}: expected a positive whole number of threads, found {count!r}")
-        for name in COUNT_VARIABLES:
-            if name not in environ:
-                environ[name] = applied[name] = count
+    count = environ.get(THREADS_VARIABLE, "").strip()
+    if count and (not count.isdigit() or int(count) < 1):
+        raise UserError(f"{THREADS_VARIABLE}: expected a positive whole number of threads, found {count!r}")
+    defaults = dict(WAIT_DEFAULTS)
+    if count:
+        defaults.update(dict.fromkeys(COUNT_VARIABLES, count))
+    applied = {name: value for name, value in defaults.items() if name not in environ}
+    environ.update(applied)
     return applied
 
 
@@ -93,7 +86,7 @@ def check_requirements(*extra: str, modules: Iterable[str] = CORE_MODULES) -> No
         return
     names = ", ".join(MODULE_PACKAGE.get(name, name) for name in missing)
     verb = "is" if len(missing) == 1 else "are"
-    if sys.prefix != sys.base_prefix and os.path.basename(sys.prefix) == ".venv":
-        # Already the project's environment: it is incomplete, not the wrong Python.
-        exit_with(f"{names} {verb} not installed for {sys.executable}; run `make venv` to install requirements.txt")
-    exit_with(f"{names} {verb} not installed for {sys.executable}; run `make venv` and use .venv/bin/python")
+    # In the project's environment already, it is incomplete; else it is the wrong Python.
+    in_venv = sys.prefix != sys.base_prefix and os.path.basename(sys.prefix) == ".venv"
+    fix = "to install requirements.txt" if in_venv else "and use .venv/bin/python"
+    exit_with(f"{names} {verb} not installed for {sys.executable}; run `make venv` {fix}")
