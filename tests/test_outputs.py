@@ -189,11 +189,10 @@ def _rows(with_val_loss: bool):
 def test_curves_show_every_epoch_mark_the_best_and_dash_validation_losses(tmp_path):
     import matplotlib.pyplot as plt
 
-    from vqakd.training.plots import best_epoch, curves_figure, plot_curves
+    from vqakd.training.plots import curves_figure, plot_curves
 
     rows = _rows(with_val_loss=True)
-    assert best_epoch(rows) == 3
-    figure = curves_figure(rows, "teacher")
+    figure = curves_figure(rows, "teacher", 3)
     loss_axis = figure.axes[0]
     assert loss_axis.get_yscale() == "log"      # 137 then ~3: a linear axis would flatten epochs 2-4
     dashed = [line for line in loss_axis.get_lines() if line.get_linestyle() == "--"]
@@ -202,10 +201,10 @@ def test_curves_show_every_epoch_mark_the_best_and_dash_validation_losses(tmp_pa
         verticals = [line for line in axis.get_lines() if list(line.get_xdata()) == [3, 3]]
         assert len(verticals) == 1
     plt.close(figure)
-    figure = curves_figure(_rows(with_val_loss=False), "teacher")
+    figure = curves_figure(_rows(with_val_loss=False), "teacher", 3)
     assert not [line for line in figure.axes[0].get_lines() if line.get_linestyle() == "--"]
     plt.close(figure)
-    plot_curves(rows, str(tmp_path / "curves.png"), "teacher")
+    plot_curves(rows, str(tmp_path / "curves.png"), "teacher", 3)
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

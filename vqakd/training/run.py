@@ -363,7 +363,7 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
             stopping = epoch == epochs or config.train.stop_after_epoch == epoch
             # Drawing takes a second or two: refresh the PNG at most once a minute, and at the end.
             if stopping or time.monotonic() - last_plot >= CURVES_REFRESH_S:
-                plot_curves(history, folder.curves, stage)
+                plot_curves(history, folder.curves, stage, best["epoch"])
                 last_plot = time.monotonic()
         log(epoch_line(row, epochs, is_best))
         if epoch == 1:                      # once per run: a resumed run has passed epoch 1
