@@ -306,10 +306,9 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
                                                 config.graph_layers, device)
     if not return_predictions:
         return summary, None
-    if not indices:
-        return summary, {"index": np.zeros(0, dtype=np.int64), "prediction": np.zeros(0, dtype=np.int64),
-                         "top_answers": np.zeros((0, top_k), dtype=np.int64),
-                         "top_probs": np.zeros((0, top_k), dtype=np.float32)}
+    if not indices:             # this process saw no batch
+        indices, top_answers = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, top_k, dtype=torch.long)]
+        top_probs = [torch.zeros(0, top_k)]
     answers = torch.cat(top_answers).cpu().numpy()
     return summary, {"index": torch.cat(indices).cpu().numpy(), "prediction": answers[:, 0].copy(),
                      "top_answers": answers, "top_probs": torch.cat(top_probs).cpu().numpy()}
