@@ -17,8 +17,7 @@ from vqakd.core.distributed import all_reduce_sum
 from vqakd.core.files import atomic_open
 from vqakd.data.questions import NUM_TYPE_CODES, QUESTION_TYPES
 
-UNKNOWN_ANSWER_LABELS = (0, 1)              # <UNK0>, <UNK1>: never a correct prediction
-FIRST_ANSWER_LABEL = max(UNKNOWN_ANSWER_LABELS) + 1
+FIRST_ANSWER_LABEL = 2              # 0 and 1 (<UNK0>, <UNK1>) are never a correct prediction
 # Loss parts in reporting order; "loss" is the total that is minimised.
 LOSS_PARTS = ("loss", "hard", "ce", "common", "dependence", "app", "mo", "kd")
 

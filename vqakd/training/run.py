@@ -274,8 +274,7 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
             prepare_folder(folder, start, config, stage, resume, overwrite, log)
         for note in start.notes:
             log(note)
-        for line in start.memory_plan.lines():
-            log(line)
+        log("\n".join(start.memory_plan.lines()))
         dist.barrier()
 
         processes = (f", DistributedDataParallel: {dist.get_world_size()} processes x {start.batch_train} "
