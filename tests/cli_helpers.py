@@ -9,6 +9,9 @@ import pytest
 
 from vqakd.core.errors import run_cli
 
+# The metrics.csv columns that measure time, not training: they differ between two identical runs.
+TIMING_COLUMNS = ("time_s", "train_questions_per_s", "train_steps_per_s", "val_questions_per_s")
+
 
 def run_main(main, argv, quiet: bool = False) -> tuple[int, str]:
     """`run_cli(main(argv))` in this process: (exit code, stderr text); `quiet` also swallows stdout."""

@@ -83,15 +83,21 @@ def test_provenance_outside_a_git_checkout_and_with_extraction_settings(tmp_path
         handle.attrs["model"] = "resnet101"
         handle.attrs["weights_sha256"] = "ab" * 32
         handle.attrs["num_clips"] = 8
-    record = provenance_run.run_provenance(started="2026-01-01T00:00:00Z", config={"b": 1, "a": [2]},
-                                           feature_paths={"appearance": str(features), "motion": None},
-                                           argv=["train.py", "--cfg", "x.yml"])
+    from vqakd.core.config import Config, config_to_dict
+
+    config = Config()
+    config.data.appearance_feat, config.data.motion_feat = str(features), None
+    config.data.vocab = str(tmp_path / "absent_vocab.json")
+    monkeypatch.setattr(sys, "argv", ["train.py", "--cfg", "x.yml"])
+    record = provenance_run.provenance_for_config(config, started="2026-01-01T00:00:00Z")
     assert record["code"] == {"version": __import__("vqakd").__version__}
     assert record["command"][1:] == ["train.py", "--cfg", "x.yml"]
     assert record["features"]["appearance"]["model"] == "resnet101"
     assert record["features"]["appearance"]["num_clips"] == 8 and record["features"]["motion"] is None
-    assert record["config_sha256"] == provenance_run.config_sha256({"a": [2], "b": 1})      # key order ignored
-    assert record["config_sha256"] != provenance_run.config_sha256({"a": [2], "b": 2})
+    assert record["vocab_sha256"] is None and record["device"] is None
+    assert record["config_sha256"] == provenance_run.config_sha256(config_to_dict(config))
+    assert provenance_run.config_sha256({"b": 1, "a": [2]}) == provenance_run.config_sha256({"a": [2], "b": 1})
+    assert provenance_run.config_sha256({"a": [2], "b": 1}) != provenance_run.config_sha256({"a": [2], "b": 2})
 
 
 # ----------------------------------------------------------------------------------- logs and bars
@@ -189,11 +195,10 @@ def _rows(with_val_loss: bool):
 def test_curves_show_every_epoch_mark_the_best_and_dash_validation_losses(tmp_path):
     import matplotlib.pyplot as plt
 
-    from vqakd.training.plots import best_epoch, curves_figure, plot_curves
+    from vqakd.training.plots import curves_figure, plot_curves
 
     rows = _rows(with_val_loss=True)
-    assert best_epoch(rows) == 3
-    figure = curves_figure(rows, "teacher")
+    figure = curves_figure(rows, "teacher", 3)
     loss_axis = figure.axes[0]
     assert loss_axis.get_yscale() == "log"      # 137 then ~3: a linear axis would flatten epochs 2-4
     dashed = [line for line in loss_axis.get_lines() if line.get_linestyle() == "--"]
@@ -202,10 +207,10 @@ def test_curves_show_every_epoch_mark_the_best_and_dash_validation_losses(tmp_pa
         verticals = [line for line in axis.get_lines() if list(line.get_xdata()) == [3, 3]]
         assert len(verticals) == 1
     plt.close(figure)
-    figure = curves_figure(_rows(with_val_loss=False), "teacher")
+    figure = curves_figure(_rows(with_val_loss=False), "teacher", 3)
     assert not [line for line in figure.axes[0].get_lines() if line.get_linestyle() == "--"]
     plt.close(figure)
-    plot_curves(rows, str(tmp_path / "curves.png"), "teacher")
+    plot_curves(rows, str(tmp_path / "curves.png"), "teacher", 3)
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

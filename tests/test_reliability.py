@@ -30,7 +30,7 @@ import time
 import pytest
 import torch
 
-from cli_helpers import run_main as quiet_run_main
+from cli_helpers import TIMING_COLUMNS as timing, run_main as quiet_run_main
 from test_train_fixtures import make_dataset, tiny_config_dict, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,8 +151,6 @@ def assert_same_run(resumed_folder, reference_folder):
     assert got_best["epoch"] == ref_best["epoch"]
     for key, value in ref_best["state_dict"].items():
         assert torch.equal(value, got_best["state_dict"][key]), f"best.pt {key}"
-    from vqakd.training.metrics import TIMING_COLUMNS as timing
-
     strip = [[{k: v for k, v in row.items() if k not in timing} for row in read_rows(folder / "metrics.csv")]
              for folder in (reference_folder, resumed_folder)]
     assert strip[0] == strip[1] and len(strip[1]) == EPOCHS

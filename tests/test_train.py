@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from cli_helpers import run_main
+from cli_helpers import TIMING_COLUMNS, run_main
 from test_train_fixtures import make_dataset, tiny_config_dict, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,8 +267,6 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny, tmp_path):
         for name, value in state.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["optimizer"]["state"][key][name]))
     assert full["scheduler"] == resumed["scheduler"]
-    from vqakd.training.metrics import TIMING_COLUMNS
-
     strip = [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in full["history"]]
     assert strip == [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in resumed["history"]]
     full_results = json.loads((tmp_path / "full" / "teacher" / "results.json").read_text())

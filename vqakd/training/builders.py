@@ -4,13 +4,12 @@ and the checks that a checkpoint fits this run's data and settings."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping
 
 import torch
 
 from model import DualVGR, ModelConfig
-from vqakd.training.checkpoint import load_checkpoint, model_from_checkpoint
+from vqakd.training.checkpoint import model_from_checkpoint
 from vqakd.core.config import Config
 from vqakd.data.batches import DataBundle, glove_matrix_for
 from vqakd.core.errors import UserError
@@ -33,9 +32,7 @@ def build_model_for_stage(config: Config, stage: str, bundle: DataBundle, device
                           progress: bool) -> DualVGR:
     """A freshly initialised network of `stage` for this run's vocabulary, with the GloVe word
     vectors when the config asks for them, on `device`."""
-    model_config = model_config_for_stage(config, stage, bundle)
-    check_model_fits_memory(model_config)
-    model = DualVGR(model_config)
+    model = DualVGR(model_config_for_stage(config, stage, bundle))
     glove = glove_matrix_for(config, bundle, progress)
     if glove is not None:
         try:
@@ -43,27 +40,6 @@ def build_model_for_stage(config: Config, stage: str, bundle: DataBundle, device
         except ValueError as exc:
             raise UserError(str(exc)) from None
     return model.to(device)
-
-
-def check_model_fits_memory(model_config: ModelConfig) -> int:
-    """Refuse a network whose weights alone (float32, with Adam's two moments and the gradient:
-    4 copies) exceed this machine's memory, sized on the meta device before anything is allocated:
-    `model.module_dim=4194304` would otherwise die deep inside the allocator. Returns its
-    parameter count."""
-    with torch.device("meta"):
-        parameters = count_parameters(DualVGR(model_config))
-    need = 4 * 4 * parameters
-    try:
-        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return parameters   # the size of memory is unknown here: let the allocator decide
-    if need > memory_bytes:
-        sizes = ", ".join(f"model.{key}={getattr(model_config, key)}"
-                          for key in ("module_dim", "word_dim", "vision_dim"))
-        raise UserError(f"the network would have {parameters:,} parameters, {need / 2**30:,.1f} GiB to train "
-                        f"(weights, gradients, Adam state), more than this machine's {memory_bytes / 2**30:,.1f} GiB "
-                        f"of memory; check the model sizes ({sizes})")
-    return parameters
 
 
 def check_vocab_match(checkpoint: Mapping[str, Any], path: str, bundle: DataBundle, what: str) -> None:
@@ -91,21 +67,8 @@ def check_same_model(checkpoint: Mapping[str, Any], path: str, model: DualVGR) -
                         f"vs {ours[changed[0]]} now); use --overwrite to start again")
 
 
-def check_teacher(checkpoint: Mapping[str, Any], path: str, config: Config, bundle: DataBundle) -> None:
-    """The teacher checkpoint fits this run's data and student (before anything is sized by it)."""
-    check_vocab_match(checkpoint, path, bundle, "the teacher")
-    recorded = checkpoint["model_config"]
-    for key in ("num_nodes", "vision_dim"):
-        if recorded.get(key) != getattr(config.model, key):
-            raise UserError(f"{path}: the teacher has {key} {recorded.get(key)} but the config's "
-                            f"model.{key} is {getattr(config.model, key)}")
-    if recorded.get("module_dim") != config.model.module_dim:
-        raise UserError(f"{path}: the teacher has module_dim {recorded.get('module_dim')} but the "
-                        f"student has {config.model.module_dim}; feature distillation needs equal sizes")
-
-
 def frozen_teacher(checkpoint: Mapping[str, Any], path: str, device: torch.device) -> DualVGR:
-    """The teacher for distillation (checked by `check_teacher`): eval mode, no gradients."""
+    """The teacher for distillation: eval mode, no gradients."""
     teacher = model_from_checkpoint(checkpoint, path, device)
     teacher.eval()
     teacher.requires_grad_(False)

@@ -83,11 +83,8 @@ def _teacher_output(teacher, batch: Mapping[str, torch.Tensor], distill: str, de
 
 
 class _NonFiniteWatch:
-    """Remembers on the device (no host sync per step) the first step whose loss parts or
-    weighted terms (α·common, ...) were not all finite: a finite part times a huge weight is
-    reported as such."""
-
-    RAW_PARTS = ("ce", "common", "dependence", "app", "mo", "kd")
+    """The first step whose loss parts or weighted terms (α·common, ...) were not all finite, kept
+    on the device (no host sync per step): a finite part times a huge weight is named as such."""
 
     def __init__(self, names: tuple[str, ...], weighted: tuple[tuple[str, str, float], ...], device: torch.device):
         self.names = names
@@ -96,23 +93,23 @@ class _NonFiniteWatch:
         self.values = torch.zeros(len(names) + len(weighted), device=device)
 
     def update(self, step: int, values: torch.Tensor) -> None:
-        index = {name: i for i, name in enumerate(self.names)}
-        values = torch.cat([values] + [values[index[part]:index[part] + 1] * weight
+        values = torch.cat([values] + [values[self.names.index(part)].reshape(1) * weight
                                        for part, _name, weight in self.weighted])
         newly = (~torch.isfinite(values)).any() & (self.step < 0)
-        self.step = torch.where(newly, torch.full_like(self.step, step), self.step)
+        self.step = torch.where(newly, step, self.step)
         self.values = torch.where(newly, values, self.values)
 
     def check(self, epoch: int, steps: int) -> None:
         """Raise if a step so far was not finite; every rank raises the earliest bad step of any rank."""
         found = (int(self.step), self.values.cpu().tolist()) if int(self.step) >= 0 else None
-        found = min((each for each in dist.all_gather_objects(found) if each), default=None, key=lambda f: f[0])
+        found = min(filter(None, dist.all_gather_objects(found)), default=None, key=lambda f: f[0])
         if found is None:
             return
         step, values = found
         parts = dict(zip(self.names, values))
+        # Name the parts themselves, else the weighted terms, and the totals only when nothing else is.
         raw = [f"{name} = {value}" for name, value in parts.items()
-               if name in self.RAW_PARTS and not math.isfinite(value)]
+               if name not in ("loss", "hard") and not math.isfinite(value)]
         weighted = [f"{weight_name} × {part} = {value} ({part} = {parts[part]:.6g}, {weight_name} = {weight:g})"
                     for (part, weight_name, weight), value in zip(self.weighted, values[len(self.names):])
                     if not math.isfinite(value)]
@@ -309,10 +306,9 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
                                                 config.graph_layers, device)
     if not return_predictions:
         return summary, None
-    if not indices:
-        return summary, {"index": np.zeros(0, dtype=np.int64), "prediction": np.zeros(0, dtype=np.int64),
-                         "top_answers": np.zeros((0, top_k), dtype=np.int64),
-                         "top_probs": np.zeros((0, top_k), dtype=np.float32)}
+    if not indices:             # this process saw no batch
+        indices, top_answers = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, top_k, dtype=torch.long)]
+        top_probs = [torch.zeros(0, top_k)]
     answers = torch.cat(top_answers).cpu().numpy()
     return summary, {"index": torch.cat(indices).cpu().numpy(), "prediction": answers[:, 0].copy(),
                      "top_answers": answers, "top_probs": torch.cat(top_probs).cpu().numpy()}

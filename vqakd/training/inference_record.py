@@ -47,11 +47,10 @@ def read_extraction_settings(path: str) -> Optional[dict[str, Any]]:
     if "model" not in attrs or "weights_sha256" not in attrs:
         return None
     settings = {key: attrs[key] for key in RECORDED_KEYS if key in attrs and key != "random_seed"}
-    settings["random_weights"] = bool(settings.get("random_weights", False))
-    settings["kinetics_mean"] = bool(settings.get("kinetics_mean", False))
+    for key in ("random_weights", "kinetics_mean", "decode_past_damage"):
+        settings[key] = bool(settings.get(key, False))
     # Files from before the normalisation option: ResNet-101 inputs used torchvision's constants.
     settings.setdefault("normalization", "torchvision" if settings["model"] == "resnet101" else "original")
-    settings["decode_past_damage"] = bool(settings.get("decode_past_damage", False))
     settings["random_seed"] = random_seed_of(settings, path)
     for key in ("num_clips", "frames_per_clip", "image_height", "image_width"):
         if key in settings:

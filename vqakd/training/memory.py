@@ -37,7 +37,7 @@ from model import DualVGR, ModelConfig
 from vqakd.core.config import Config
 from vqakd.core.errors import UserError
 from vqakd.data.features import LOAD_CHUNK_BYTES, choose_table_device
-from vqakd.training.builders import check_model_fits_memory
+from vqakd.training.builders import count_parameters
 
 GIB = 2**30
 PROBE_QUESTIONS = 16                  # the probe's batch: from here on a step's memory per question is steady
@@ -77,14 +77,10 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
-def _find_malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim        # glibc
-    except (OSError, AttributeError, TypeError):
-        return None
-
-
-_MALLOC_TRIM = _find_malloc_trim()
+try:
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim        # glibc
+except (OSError, AttributeError, TypeError):
+    _MALLOC_TRIM = None
 
 
 def release_free_heap() -> None:
@@ -203,11 +199,8 @@ def measure_step(model_config: ModelConfig, frames: int, *, stage: str = "teache
 
 
 def process_rss() -> int:
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    """This process's resident memory now (Linux; 0 where unknown)."""
+    return _proc_kib("/proc/self/status", "VmRSS") or 0
 
 
 def table_setting(mode: str, dtype: str) -> str:
@@ -294,6 +287,27 @@ class MemoryPlan:
         return (f"this run needs {need / GIB:.1f} GiB of {where} (largest part: {biggest[0]}, "
                 f"{biggest[1] / GIB:.1f} GiB; feature table: {self.setting()}) but {have / GIB:.1f} GiB is available; "
                 f"{advice}; see the plan with --plan")
+
+
+def check_model_fits_memory(model_config: ModelConfig) -> int:
+    """Refuse a network whose weights alone (float32, with Adam's two moments and the gradient:
+    4 copies) exceed this machine's memory, sized on the meta device before the step probe builds
+    it: `model.module_dim=4194304` would otherwise die deep inside the allocator. Returns its
+    parameter count."""
+    with torch.device("meta"):
+        parameters = count_parameters(DualVGR(model_config))
+    need = 4 * 4 * parameters
+    try:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return parameters   # the size of memory is unknown here: let the allocator decide
+    if need > memory_bytes:
+        sizes = ", ".join(f"model.{key}={getattr(model_config, key)}"
+                          for key in ("module_dim", "word_dim", "vision_dim"))
+        raise UserError(f"the network would have {parameters:,} parameters, {need / 2**30:,.1f} GiB to train "
+                        f"(weights, gradients, Adam state), more than this machine's {memory_bytes / 2**30:,.1f} GiB "
+                        f"of memory; check the model sizes ({sizes})")
+    return parameters
 
 
 def _rows_per_batch(videos: int, batch: int) -> float:

@@ -17,16 +17,9 @@ from vqakd.core.distributed import all_reduce_sum
 from vqakd.core.files import atomic_open
 from vqakd.data.questions import NUM_TYPE_CODES, QUESTION_TYPES
 
-UNKNOWN_ANSWER_LABELS = (0, 1)              # <UNK0>, <UNK1>: never a correct prediction
-FIRST_ANSWER_LABEL = max(UNKNOWN_ANSWER_LABELS) + 1
+FIRST_ANSWER_LABEL = 2              # 0 and 1 (<UNK0>, <UNK1>) are never a correct prediction
 # Loss parts in reporting order; "loss" is the total that is minimised.
 LOSS_PARTS = ("loss", "hard", "ce", "common", "dependence", "app", "mo", "kd")
-
-
-def correct_predictions(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Boolean per question: exact match with a nameable answer (labels 0/1 are never correct)."""
-    labels = labels.to(predictions.device)
-    return (predictions == labels) & (labels >= FIRST_ANSWER_LABEL)
 
 
 class AccuracyCounter:
@@ -36,13 +29,13 @@ class AccuracyCounter:
         self.correct = torch.zeros(NUM_TYPE_CODES, dtype=torch.long, device=device)
         self.total = torch.zeros(NUM_TYPE_CODES, dtype=torch.long, device=device)
 
-    def update(self, predictions: torch.Tensor, labels: torch.Tensor, qtypes: torch.Tensor) -> torch.Tensor:
-        """Add one batch; returns the per-question correctness (on the device, no sync)."""
-        hits = correct_predictions(predictions, labels)
+    def update(self, predictions: torch.Tensor, labels: torch.Tensor, qtypes: torch.Tensor) -> None:
+        """Add one batch (on the device, no sync): an exact match with a nameable answer is correct."""
+        labels = labels.to(predictions.device)
+        hits = (predictions == labels) & (labels >= FIRST_ANSWER_LABEL)
         qtypes = qtypes.to(self.correct.device)
         self.correct.index_add_(0, qtypes, hits.long())
         self.total.index_add_(0, qtypes, torch.ones_like(qtypes))
-        return hits
 
     def all_reduce(self) -> "AccuracyCounter":
         all_reduce_sum(self.correct)
@@ -78,9 +71,6 @@ def format_table(summary: Mapping, title: str = "") -> str:
         lines.append(f"{name:<8} {100 * values['accuracy']:>8.2f}% {values['correct']:>9d} {values['count']:>9d}")
     return "\n".join(lines)
 
-
-# The columns that measure time, not training: they differ between two identical runs.
-TIMING_COLUMNS = ("time_s", "train_questions_per_s", "train_steps_per_s", "val_questions_per_s")
 
 
 def metrics_row(epoch: int, lr: float, train: Mapping, val: Mapping, epoch_time: float) -> dict[str, Any]:

@@ -26,29 +26,20 @@ def _present(rows: Sequence[Mapping[str, Any]], key: str) -> bool:
     return any(not math.isnan(v) for v in _series(rows, key))
 
 
-def best_epoch(rows: Sequence[Mapping[str, Any]]) -> int | None:
-    """The epoch best.pt holds: the first with the highest val_acc (train.py keeps a later epoch
-    only when it is strictly better)."""
-    best = None
-    for row, value in zip(rows, _series(rows, "val_acc")):
-        if not math.isnan(value) and (best is None or value > best[1]):
-            best = (int(row["epoch"]), value)
-    return best[0] if best else None
-
-
-def plot_curves(rows: Sequence[Mapping[str, Any]], path: str, stage: str) -> None:
-    """Write the curves of `rows` (dicts with epoch, train_<part>, train_acc, val_acc) to `path`."""
+def plot_curves(rows: Sequence[Mapping[str, Any]], path: str, stage: str, best: int | None) -> None:
+    """Write the curves of `rows` (dicts with epoch, train_<part>, train_acc, val_acc) to `path`;
+    `best`: the epoch best.pt holds."""
     if not rows:
         return
     import matplotlib.pyplot as plt
 
-    figure = curves_figure(rows, stage)
+    figure = curves_figure(rows, stage, best)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
     plt.close(figure)
 
 
-def curves_figure(rows: Sequence[Mapping[str, Any]], stage: str):
+def curves_figure(rows: Sequence[Mapping[str, Any]], stage: str, best: int | None):
     """The matplotlib figure plot_curves saves: axes losses, regularisers, accuracy."""
     # Imported here, not at the top: matplotlib takes a second to load and only rank 0 draws.
     import matplotlib
@@ -87,7 +78,6 @@ def curves_figure(rows: Sequence[Mapping[str, Any]], stage: str):
         acc_axis.plot(epochs, [100 * v for v in _series(rows, key)], marker="o", ms=3, label=label)
     acc_axis.set_title("accuracy (%)")
 
-    best = best_epoch(rows)
     for axis in (loss_axis, reg_axis, acc_axis):
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)

@@ -14,7 +14,7 @@ import platform
 import socket
 import subprocess
 import sys
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import vqakd
 from vqakd.core.files import REPO_ROOT, file_sha256
@@ -93,13 +93,15 @@ def feature_settings(paths: Mapping[str, Optional[str]]) -> dict[str, Any]:
     return settings
 
 
-def run_provenance(*, started: str, config: Optional[Mapping[str, Any]] = None, vocab_path: Optional[str] = None,
-                   feature_paths: Optional[Mapping[str, Optional[str]]] = None, device: Any = None,
-                   world_size: int = 1, argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """The provenance record of a run that began at `started` (utc_now()) and ends now."""
+def provenance_for_config(config, *, started: str, device: Any = None, world_size: int = 1) -> dict[str, Any]:
+    """The provenance record of a run of `config` (a vqakd.core.config.Config: its settings, vocabulary
+    and feature files) that began at `started` (utc_now()) and ends now."""
+    from vqakd.core.config import config_to_dict
+
+    vocab = config.data.vocab
     return {
         "code": code_version(),
-        "command": [os.path.basename(sys.executable)] + list(sys.argv if argv is None else argv),
+        "command": [os.path.basename(sys.executable)] + sys.argv,
         "working_directory": os.getcwd(),
         "started_utc": started,
         "ended_utc": utc_now(),
@@ -108,21 +110,11 @@ def run_provenance(*, started: str, config: Optional[Mapping[str, Any]] = None, 
         "versions": software_versions(),
         "device": device_name(device),
         "world_size": int(world_size),
-        "config_sha256": config_sha256(config) if config is not None else None,
-        "vocab_sha256": file_sha256(vocab_path) if vocab_path and os.path.isfile(vocab_path) else None,
-        "vocab_path": vocab_path,
-        "features": feature_settings(feature_paths or {}),
+        "config_sha256": config_sha256(config_to_dict(config)),
+        "vocab_sha256": file_sha256(vocab) if vocab and os.path.isfile(vocab) else None,
+        "vocab_path": vocab,
+        "features": feature_settings({"appearance": config.data.appearance_feat, "motion": config.data.motion_feat}),
     }
-
-
-def provenance_for_config(config, *, started: str, device: Any = None, world_size: int = 1) -> dict[str, Any]:
-    """`run_provenance` for a vqakd.core.config.Config: its vocabulary and feature files."""
-    from vqakd.core.config import config_to_dict
-
-    return run_provenance(started=started, config=config_to_dict(config), vocab_path=config.data.vocab,
-                          feature_paths={"appearance": config.data.appearance_feat,
-                                         "motion": config.data.motion_feat},
-                          device=device, world_size=world_size)
 
 
 # A run's inputs are named by content, not by path or time: a copy keeps its fingerprint, a file

@@ -60,9 +60,9 @@ def resume_changes(saved: dict, config: Config, stage: str, path: str,
     return changed
 
 
-def apply_lr_schedule(optimizer, scheduler, train) -> float:
+def apply_lr_schedule(optimizer, scheduler, train) -> None:
     """Put the config's lr schedule (`train`: the TrainConfig) into a restored optimizer and StepLR
-    scheduler as if it had been used from the start; returns the lr of the next epoch,
+    scheduler as if it had been used from the start: the next epoch's lr is
     lr * lr_decay ** (epochs done // lr_halve_every)."""
     scheduler.step_size = train.lr_halve_every
     scheduler.gamma = train.lr_decay
@@ -72,4 +72,3 @@ def apply_lr_schedule(optimizer, scheduler, train) -> float:
         group["initial_lr"] = train.lr
         group["lr"] = lr
     scheduler._last_lr = [lr for _ in optimizer.param_groups]
-    return lr

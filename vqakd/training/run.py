@@ -19,7 +19,7 @@ from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
 from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
 from vqakd.training.builders import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,
-                                     check_teacher, frozen_teacher, model_config_for_stage)
+                                     frozen_teacher, model_config_for_stage)
 from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_config_from,
                                        model_from_checkpoint, restore_rng_state, save_checkpoint, seed_everything)
 from vqakd.training.engine import configure_backends, evaluate, loss_scale_warnings, train_one_epoch
@@ -31,7 +31,7 @@ from vqakd.training.provenance import (changed_inputs, input_fingerprints, input
 from vqakd.training.resume import LR_SCHEDULE_KEYS, apply_lr_schedule, resume_changes
 from vqakd.training.run_folder import RunFolder, RunLog, stage_guard
 from vqakd.training.memory import MemoryPlan, plan_run
-from vqakd.training.validation import eval_batch_per_process, eval_loader, evaluation_record
+from vqakd.training.validation import eval_batch_per_process, eval_loader, evaluate_split
 
 CURVES_REFRESH_S = 60.0
 
@@ -82,10 +82,6 @@ class StageStart:
     # Every resume of this run (empty: not resumed): {epoch, after_epoch, changed: {key: [old, new]}}.
     resumes: list = field(default_factory=list)
     memory_plan: Optional[MemoryPlan] = None         # what the run was predicted to need
-
-
-# The run folder's record of its resumes (results.json `resumed`).
-RESUMES_FILE = "resumes.json"
 
 
 def teacher_checkpoint(config: Config, stage: str, given: Optional[str]) -> Optional[str]:
@@ -158,14 +154,14 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
         if config.data.use_glove and glove is not None:
             notes.extend(settings_from_files(config, {"word_dim": int(glove.shape[1])},
                                              "the GloVe matrix of data.train_questions", explicit).values())
-        if teacher_record is not None:
-            check_teacher(teacher_record, teacher_file, config, bundle)
-        teacher_config = (model_config_from(teacher_record, teacher_file)
-                          if teacher_record is not None and config.loss.distill_of(stage) != "none" else None)
-        plan = plan_run(config, bundle, model_config_for_stage(config, stage, bundle), device, training=True,
-                        stage=stage, batch=batch_train, eval_batch=eval_batch_per_process(config),
-                        teacher_config=teacher_config, processes=local_world_size())
-        planned["plan"] = plan
+        teacher_config = None
+        if teacher_record is not None:      # its sizes are already this run's (settings_from_files)
+            check_vocab_match(teacher_record, teacher_file, bundle, "the teacher")
+            teacher_config = model_config_from(teacher_record, teacher_file)
+        plan = planned["plan"] = plan_run(config, bundle, model_config_for_stage(config, stage, bundle), device,
+                                          training=True, stage=stage, batch=batch_train,
+                                          eval_batch=eval_batch_per_process(config), teacher_config=teacher_config,
+                                          processes=local_world_size())
         if not plan_only and plan.refusal():
             raise UserError(plan.refusal())
         return not plan_only
@@ -188,13 +184,14 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
                        scheduler=scheduler, teacher=teacher, teacher_file=teacher_file, inputs=inputs,
                        input_paths=paths, notes=notes, memory_plan=planned["plan"])
     if resume and os.path.isfile(folder.last):
-        resume_from(folder.last, start, config, stage)
+        resume_from(folder, start, config, stage)
     return start
 
 
-def resume_from(path: str, start: StageStart, config: Config, stage: str) -> None:
-    """Restore the weights, optimizer, scheduler, RNGs and history of `path` into `start`; settings
+def resume_from(folder: RunFolder, start: StageStart, config: Config, stage: str) -> None:
+    """Restore the weights, optimizer, scheduler, RNGs and history of last.pt into `start`; settings
     that differ from the run's saved config are refused or applied and recorded (resume.py)."""
+    path = folder.last
     checkpoint = load_checkpoint(path)
     check_same_model(checkpoint, path, start.model)
     changed_files = changed_inputs(checkpoint.get("inputs"), start.inputs, start.input_paths)
@@ -220,15 +217,10 @@ def resume_from(path: str, start: StageStart, config: Config, stage: str) -> Non
     if config.train.epochs < done:
         raise UserError(f"--resume with train.epochs={config.train.epochs}: {path} has already trained {done} "
                         f"epochs; set train.epochs to {done} or more (results of epoch {done} are in "
-                        f"{os.path.dirname(path)})")
+                        f"{folder.folder})")
     start.start_epoch = done + 1
     # Resumes recorded before, less those whose epochs were never checkpointed (redone now).
-    resumes_path = os.path.join(os.path.dirname(path), RESUMES_FILE)
-    earlier = read_json(resumes_path) if os.path.isfile(resumes_path) else []
-    if not isinstance(earlier, list) or not all(isinstance(e, dict) and isinstance(e.get("epoch"), int)
-                                                for e in earlier):
-        raise UserError(f"{resumes_path}: not a list of resumes ({{epoch, after_epoch, changed}}); "
-                        "delete it to continue")
+    earlier = read_json(folder.resumes) if os.path.isfile(folder.resumes) else []
     start.resumes = [entry for entry in earlier if entry["epoch"] < start.start_epoch]
     start.resumes.append({"epoch": start.start_epoch, "after_epoch": done, "changed": changed})
 
@@ -236,20 +228,19 @@ def resume_from(path: str, start: StageStart, config: Config, stage: str) -> Non
 def prepare_folder(folder: RunFolder, start: StageStart, config: Config, stage: str, resume: bool,
                    overwrite: bool, log: RunLog) -> None:
     """Main process, once every rank has passed every check: discard an overwritten run, save the config."""
-    resumes_path = os.path.join(folder.folder, RESUMES_FILE)
     if start.resumes:
         log(f"resuming {stage} from {folder.last} after epoch {start.start_epoch - 1}")
         changed = start.resumes[-1]["changed"]
         if changed:
             log(f"settings changed from epoch {start.start_epoch} on: "
                 + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()))
-        write_json(resumes_path, start.resumes)
+        write_json(folder.resumes, start.resumes)
     elif resume:
         log(f"no checkpoint at {folder.last}; starting {stage} from epoch 1")
     elif overwrite:
         folder.remove_outputs()
-    if not start.resumes and os.path.exists(resumes_path):
-        os.remove(resumes_path)         # left by a run that is started again
+    if not start.resumes and os.path.exists(folder.resumes):
+        os.remove(folder.resumes)       # left by a run that is started again
     dropped = {name: split.dropped for name, split in start.bundle.splits.items() if split.dropped}
     if dropped:
         log("data.missing_videos: drop left out " + ", ".join(f"{count} {name}" for name, count in dropped.items())
@@ -283,8 +274,7 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
             prepare_folder(folder, start, config, stage, resume, overwrite, log)
         for note in start.notes:
             log(note)
-        for line in start.memory_plan.lines():
-            log(line)
+        log("\n".join(start.memory_plan.lines()))
         dist.barrier()
 
         processes = (f", DistributedDataParallel: {dist.get_world_size()} processes x {start.batch_train} "
@@ -372,7 +362,7 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
             stopping = epoch == epochs or config.train.stop_after_epoch == epoch
             # Drawing takes a second or two: refresh the PNG at most once a minute, and at the end.
             if stopping or time.monotonic() - last_plot >= CURVES_REFRESH_S:
-                plot_curves(history, folder.curves, stage)
+                plot_curves(history, folder.curves, stage, best["epoch"])
                 last_plot = time.monotonic()
         log(epoch_line(row, epochs, is_best))
         if epoch == 1:                      # once per run: a resumed run has passed epoch 1
@@ -395,21 +385,15 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
     device = start.device
 
     def load_best():
-        if not os.path.isfile(folder.best):
-            raise UserError(f"{folder.best} does not exist; nothing to evaluate (was the run trained?)")
         best_checkpoint = load_checkpoint(folder.best)
         return best_checkpoint, model_from_checkpoint(best_checkpoint, folder.best, device)
 
     best_checkpoint, best_model = dist.agree(load_best, "loading best.pt")
-    test_summary, _ = evaluate(best_model, eval_loader(config, start.bundle, "test", device), device,
-                               amp=config.train.amp, progress=config.train.progress and dist.is_main(),
-                               desc="test")
-    # Questions left out for missing videos (data.missing_videos: drop) count as wrong.
-    test_summary = with_dropped(test_summary, start.bundle.splits["test"])
-    dropped = {name: split.dropped for name, split in start.bundle.splits.items()}
+    record, test_summary, _ = evaluate_split(config, start.bundle, "test", best_checkpoint, best_model, device,
+                                             {name: split.dropped for name, split in start.bundle.splits.items()})
     results = {
         "stage": stage,
-        **evaluation_record(test_summary, "test", dropped, best_checkpoint, best_model),
+        **record,
         "val_accuracy": best_checkpoint.get("best", {}).get("val_accuracy"),
         "checkpoint": folder.best,
         "distill": config.loss.distill if stage == "student" else None,

@@ -1,6 +1,6 @@
 """The folder of one training stage, `<output_dir>/<stage>/` (checkpoints last.pt and best.pt,
-metrics.csv, results.json with the test figures of best.pt, curves.png, config.yml), and its
-train.log: every line the run printed, each prefixed with its UTC time.
+metrics.csv, results.json with the test figures of best.pt, curves.png, config.yml, resumes.json
+when resumed), and its train.log: every line the run printed, each prefixed with its UTC time.
 """
 
 from __future__ import annotations
@@ -14,21 +14,17 @@ from vqakd.core.locks import guard_outputs
 from vqakd.training.provenance import utc_now
 
 STAGE_FILES = {"last": "last.pt", "best": "best.pt", "metrics": "metrics.csv", "results": "results.json",
-               "curves": "curves.png", "config": "config.yml", "log": "train.log"}
+               "curves": "curves.png", "config": "config.yml", "log": "train.log", "resumes": "resumes.json"}
 
 
 class RunFolder:
-    """The paths of one stage's outputs, and the housekeeping around them."""
+    """The paths of one stage's outputs (`folder.last`, `folder.best`, ...: the keys of
+    STAGE_FILES), and the housekeeping around them."""
 
     def __init__(self, folder: str):
         self.folder = folder
-        self.last = os.path.join(folder, STAGE_FILES["last"])
-        self.best = os.path.join(folder, STAGE_FILES["best"])
-        self.metrics = os.path.join(folder, STAGE_FILES["metrics"])
-        self.results = os.path.join(folder, STAGE_FILES["results"])
-        self.curves = os.path.join(folder, STAGE_FILES["curves"])
-        self.config = os.path.join(folder, STAGE_FILES["config"])
-        self.log = os.path.join(folder, STAGE_FILES["log"])
+        for key, name in STAGE_FILES.items():
+            setattr(self, key, os.path.join(folder, name))
 
     def outputs(self) -> list[str]:
         """Every output path, in STAGE_FILES order."""

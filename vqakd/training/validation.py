@@ -51,12 +51,17 @@ def eval_loader(config: Config, bundle: DataBundle, split: str, device: torch.de
                        reuse_buffers=True, max_batches=config.train.max_steps)
 
 
-def evaluation_record(summary: Mapping[str, Any], split: str, dropped: Mapping[str, int],
-                      checkpoint: Mapping[str, Any], model) -> dict[str, Any]:
-    """What results.json (train.py) and the eval JSON (validate.py) both hold: a checkpoint's
-    figures on one split (`summary`: evaluate's, with the dropped questions counted as wrong)."""
-    return {"split": split, **{key: summary[key] for key in SUMMARY_FIGURES}, "dropped_questions": dict(dropped),
-            "per_type": summary["per_type"], "epoch": checkpoint.get("epoch"), "params": count_parameters(model)}
+def evaluate_split(config: Config, bundle: DataBundle, split: str, checkpoint: Mapping[str, Any], model,
+                   device: torch.device, dropped: Mapping[str, int], **options) -> tuple[dict, dict, Optional[dict]]:
+    """`evaluate` a checkpoint's network on `split`, questions dropped for missing videos
+    (data.missing_videos: drop) counted as wrong: (the record results.json (train.py) and the eval
+    JSON (validate.py) both hold, the summary, this process's predictions when asked for)."""
+    summary, found = evaluate(model, eval_loader(config, bundle, split, device), device, amp=config.train.amp,
+                              progress=config.train.progress and dist.is_main(), desc=split, **options)
+    summary = with_dropped(summary, bundle.splits[split])
+    record = {"split": split, **{key: summary[key] for key in SUMMARY_FIGURES}, "dropped_questions": dict(dropped),
+              "per_type": summary["per_type"], "epoch": checkpoint.get("epoch"), "params": count_parameters(model)}
+    return record, summary, found
 
 
 def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = (), *, split: str = "test",
@@ -77,20 +82,15 @@ def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = ()
     outputs = {"--out": out, "--preds-out": preds_out if write_preds else None,
                "the per-answer figures": answers_out if write_preds else None}
     inputs = {"--checkpoint": checkpoint, "--cfg": cfg, **data_file_paths(config)}
-    if plan:            # nothing is written: no output checks, no lock
-        with dist.session():
-            memory_plan = _run_validation(config, checkpoint, split, write_preds, out, preds_out, answers_out,
-                                          model_keys, other_features, plan_only=True)
-        if dist.is_main():
-            print("\n".join(memory_plan.lines()))
-        return memory_plan
     with dist.session(), contextlib.ExitStack() as held:
         # Before any work: never replace the checkpoint; only the main process writes and locks.
-        dist.agree(lambda: held.enter_context(guard_outputs(
-            inputs, outputs, "output folder for the evaluation results", file_what="evaluation output",
-            lock=dist.is_main())), "the check of the output files")
+        # --plan writes nothing: no output checks, no lock.
+        if not plan:
+            dist.agree(lambda: held.enter_context(guard_outputs(
+                inputs, outputs, "output folder for the evaluation results", file_what="evaluation output",
+                lock=dist.is_main())), "the check of the output files")
         return _run_validation(config, checkpoint, split, write_preds, out, preds_out, answers_out,
-                               model_keys, other_features)
+                               model_keys, other_features, plan_only=plan)
 
 
 def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: str,
@@ -140,21 +140,21 @@ def _run_validation(config: Config, checkpoint_path: str, split: str, write_pred
 
     started_up = dist.agree(start)
     if plan_only:
+        if main:
+            print("\n".join(started_up[0].lines()))
         return started_up[0]
     device, checkpoint, bundle, model, differences, memory_plan = started_up
     configure_backends(device, config.train.tf32)
-    loader = eval_loader(config, bundle, split, device)
     # One pass gives the accuracy and, with --write-preds, each question's top answers.
-    summary, found = evaluate(model, loader, device, amp=config.train.amp, return_predictions=write_preds,
-                              progress=config.train.progress and main, desc=split, top_k=TOP_K)
-    # Questions left out for missing videos (data.missing_videos: drop) count as wrong.
-    summary = with_dropped(summary, bundle.splits[split])
+    record, summary, found = evaluate_split(config, bundle, split, checkpoint, model, device,
+                                            {split: bundle.splits[split].dropped}, return_predictions=write_preds,
+                                            top_k=TOP_K)
     if write_preds and world > 1:
         shares = dist.all_gather_objects(found)
         found = {key: np.concatenate([share[key] for share in shares]) for key in found}
     result = {
         "checkpoint": checkpoint_path,
-        **evaluation_record(summary, split, {split: bundle.splits[split].dropped}, checkpoint, model),
+        **record,
         "ceiling": answer_ceiling(bundle.splits[split]),
         "stage": checkpoint.get("stage"),
         "original_checkpoint": bool(checkpoint.get("original")),
