@@ -122,6 +122,16 @@ def test_resume_refuses_other_data_files(tiny, tmp_path):
     one_line_error(code, err, "cannot resume", f"data.test_questions ({other}) changed")
 
 
+@pytest.mark.parametrize("content", ['{"epoch": 2}', '[{"after_epoch": 1}]'])
+def test_resume_with_a_damaged_resume_record_says_so_in_one_line(tiny, tmp_path, content):
+    cfg = config_file(tiny, tmp_path)
+    folder = tmp_path / "out" / "teacher"
+    assert teacher(cfg, "--set", "train.stop_after_epoch=1")[0] == 0
+    (folder / "resumes.json").write_text(content)
+    code, err = teacher(cfg, "--resume")
+    one_line_error(code, err, str(folder / "resumes.json"), "not a list of resumes", "delete it")
+
+
 # ----------------------------------------------------------------------------------- YAML aliases
 
 def test_yaml_alias_sections_are_independent(tmp_path):

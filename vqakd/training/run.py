@@ -221,6 +221,10 @@ def resume_from(folder: RunFolder, start: StageStart, config: Config, stage: str
     start.start_epoch = done + 1
     # Resumes recorded before, less those whose epochs were never checkpointed (redone now).
     earlier = read_json(folder.resumes) if os.path.isfile(folder.resumes) else []
+    if not isinstance(earlier, list) or not all(isinstance(e, dict) and isinstance(e.get("epoch"), int)
+                                                for e in earlier):
+        raise UserError(f"{folder.resumes}: not a list of resumes ({{epoch, after_epoch, changed}}); "
+                        "delete it to continue")
     start.resumes = [entry for entry in earlier if entry["epoch"] < start.start_epoch]
     start.resumes.append({"epoch": start.start_epoch, "after_epoch": done, "changed": changed})
 
