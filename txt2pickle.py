@@ -38,7 +38,7 @@ if __name__ == "__main__":
 with interruptible_imports():       # numpy and tqdm take a moment: Ctrl-C there is a clean exit too
     from vqakd.core.files import write_pickle
     from vqakd.core.locks import guard_outputs
-    from vqakd.data.glove import read_glove_text_with_stats, read_word_list
+    from vqakd.data.glove import read_glove_text, read_word_list
 
 
 def _size(num_bytes: int) -> str:
@@ -59,7 +59,7 @@ def _convert(args: argparse.Namespace) -> int:
     keep = read_word_list(args.vocab) if args.vocab else None
     if keep is not None and not keep:
         raise UserError(f"{args.vocab}: the word list is empty")
-    words, stats = read_glove_text_with_stats(args.glove, dim=args.dim, keep=keep, progress=not args.no_progress)
+    words, stats = read_glove_text(args.glove, dim=args.dim, keep=keep, progress=not args.no_progress)
     if not words and keep is None:
         raise UserError(f"{args.glove}: no word vectors kept: {stats.long_token_note()}")
     if not words:

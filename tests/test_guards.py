@@ -18,7 +18,7 @@ import vqakd.core.files
 from preprocess.preprocess_questions import main as preprocess_main
 from vqakd.data.annotations import load_msvd_mapping, load_qa
 from vqakd.core.errors import UserError, run_cli
-from vqakd.data.glove import MAX_TOKEN_BYTES, read_glove_text_with_stats
+from vqakd.data.glove import MAX_TOKEN_BYTES, read_glove_text
 from vqakd.core.files import atomic_open, file_sha256, remove_stale_temporaries, write_json, write_pickle
 from vqakd.core.files import check_output_paths, expand_template
 from vqakd.data.questions import check_vocab_binding, load_question_file
@@ -261,7 +261,7 @@ def test_glove_line_with_an_absurdly_long_token_is_skipped_and_counted(tmp_path,
     # A lost newline runs two lines together: the "token" is a whole line plus the next word.
     merged = "the " + " ".join(["0.5"] * 1200) + " of"
     glove.write_text(f"a 1 2\n{merged} 5 6\nb 3 4\n")
-    words, stats = read_glove_text_with_stats(glove, dim=2, progress=False)
+    words, stats = read_glove_text(glove, dim=2, progress=False)
     assert sorted(words) == ["a", "b"]
     assert stats.long_tokens == 1 and stats.first_long_line == 2
     assert len(merged) > MAX_TOKEN_BYTES

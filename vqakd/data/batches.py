@@ -22,8 +22,9 @@ from vqakd.data.annotations import SPLITS
 from vqakd.core.config import Config
 from vqakd.core.errors import UserError, require_file
 from vqakd.data.features import FeatureFileInfo, FeatureTable, choose_table_device, load_feature_table
-from vqakd.data.questions import QUESTION_TYPES, check_vocab_binding, load_question_file, question_type_code
-from vqakd.data.vocab import NULL_TOKEN, UNK_TOKEN, Vocabulary
+from vqakd.data.questions import (QUESTION_TYPES, check_vocab_binding, glove_matrix, load_question_file,
+                                  question_type_code)
+from vqakd.data.vocab import Vocabulary
 
 MISSING_IDS_SHOWN = 5
 
@@ -310,13 +311,5 @@ def glove_matrix_for(config: Config, bundle: DataBundle, progress: bool = True) 
     if train is not None and train.glove is not None:
         return train.glove
     if config.data.glove:
-        from vqakd.data.glove import load_glove
-        from vqakd.data.questions import glove_matrix
-
-        words = {token for token in bundle.vocab.question_token_to_idx if token not in (NULL_TOKEN, UNK_TOKEN)}
-        vectors = load_glove(config.data.glove, keep=words, progress=progress)
-        if not vectors:
-            raise UserError(f"{config.data.glove}: none of the question words is in this GloVe file")
-        matrix, _found = glove_matrix(bundle.vocab.question_token_to_idx, vectors)
-        return matrix
+        return glove_matrix(config.data.glove, bundle.vocab.question_token_to_idx, progress)[0]
     return None

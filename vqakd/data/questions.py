@@ -19,7 +19,7 @@ import numpy as np
 from vqakd.core.progress import progress_bar
 from vqakd.data.annotations import SPLITS, check_dataset, load_msvd_mapping, load_qa, parse_video_id, qa_path
 from vqakd.core.errors import UserError
-from vqakd.data.glove import load_glove_with_stats
+from vqakd.data.glove import load_glove
 from vqakd.core.files import atomic_open, write_json, write_pickle
 from vqakd.core.safe_pickle import safe_load
 from vqakd.data.vocab import DEFAULT_ANSWER_TOP, NULL_INDEX, NULL_TOKEN, UNK_INDEX, UNK_TOKEN, Vocabulary
@@ -93,10 +93,15 @@ def pad_questions(encoded: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndar
     return matrix, lengths
 
 
-def glove_matrix(question_token_to_idx: Mapping[str, int],
-                 glove: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
-    """(|Q|, D) float32 rows in vocab order, zero for words GloVe lacks (the specials are looked up
-    too, as the original did); and the number of vocabulary words besides <NULL>/<UNK> found."""
+def glove_matrix(glove_source: str, question_token_to_idx: Mapping[str, int],
+                 progress: bool = True) -> tuple[np.ndarray, float, int]:
+    """The question vocabulary's rows of a GloVe pickle or `.txt` file: (|Q|, D) float32 in vocab
+    order, zero for words GloVe lacks (the specials are looked up too, as the original did); the
+    share of the vocabulary's words besides <NULL>/<UNK> found; the non-word pickle keys skipped."""
+    words = [token for token in question_token_to_idx if token not in (NULL_TOKEN, UNK_TOKEN)]
+    glove, skipped_keys = load_glove(glove_source, keep=set(question_token_to_idx), progress=progress)
+    if not glove:
+        raise UserError(f"{glove_source}: none of the {len(words)} question words is in this GloVe file")
     dim = next(iter(glove.values())).shape[0]
     matrix = np.zeros((len(question_token_to_idx), dim), dtype=np.float32)
     found = 0
@@ -105,7 +110,7 @@ def glove_matrix(question_token_to_idx: Mapping[str, int],
         if vector is not None:
             matrix[index] = vector
             found += token not in (NULL_TOKEN, UNK_TOKEN)
-    return matrix, found
+    return matrix, (found / len(words)) if words else 0.0, skipped_keys
 
 
 def read_split(annotation_dir: str, split: str, dataset: str,
@@ -201,15 +206,9 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
         VOCAB_SHA256_KEY: vocab_sha256,
     }
     if split == "train" and glove_source is not None:
-        words = [token for token in vocab.question_token_to_idx if token not in (NULL_TOKEN, UNK_TOKEN)]
-        glove, skipped_keys = load_glove_with_stats(glove_source, keep=set(vocab.question_token_to_idx),
-                                                    progress=progress)
-        if not glove:
-            raise UserError(f"{glove_source}: none of the {len(words)} question words is in this GloVe file")
-        obj["glove"], found = glove_matrix(vocab.question_token_to_idx, glove)
-        del glove
+        obj["glove"], coverage, skipped_keys = glove_matrix(glove_source, vocab.question_token_to_idx, progress)
         summary.update(glove_file=glove_source, glove_dim=int(obj["glove"].shape[1]),
-                       glove_coverage=(found / len(words)) if words else 0.0, glove_skipped_keys=skipped_keys)
+                       glove_coverage=coverage, glove_skipped_keys=skipped_keys)
     elif split == "train":
         summary.update(glove_file=None, glove_dim=None, glove_coverage=None, glove_skipped_keys=None)
 
