@@ -27,19 +27,14 @@ class Video:
     path: str          # the video file this id refers to (it may not exist; extraction reports it)
 
 
-def check_dataset(dataset: str) -> str:
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    return dataset
-
-
 def qa_path(annotation_dir: str, split: str) -> str:
     return os.path.join(annotation_dir, f"{split}_qa.json")
 
 
 def load_qa(annotation_dir: str, split: str, dataset: str = "msvd-qa") -> list[dict]:
     """Read `{split}_qa.json`, checking that every record has question, answer and video_id."""
-    check_dataset(dataset)
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     path = qa_path(annotation_dir, split)
     if not os.path.isfile(path):
         raise UserError(f"annotation file not found: {path} (download the {dataset.upper()} "
@@ -98,6 +93,18 @@ def load_msvd_mapping(annotation_dir: str) -> dict[int, str]:
     return mapping
 
 
+def clip_name(dataset: str, mapping: dict[int, str], record: dict, source: str, index: int) -> str:
+    """The clip name of a QA record's video: MSVD-QA's from `mapping` (`load_msvd_mapping`),
+    MSRVTT-QA's `video{id}`."""
+    video_id = int(record["video_id"])
+    if dataset != "msvd-qa":
+        return f"video{video_id}"
+    if video_id not in mapping:
+        raise UserError(f"{source}: record {index} (id {record.get('id', index)}): video_id {video_id} "
+                        f"(vid{video_id}) is not in youtube_mapping.txt")
+    return mapping[video_id]
+
+
 def _find_video(folder: str, name: str, release_ext: str, listings: dict[str, set[str]]) -> str:
     """`<name><release_ext>` in `folder` if present, else the same name in another container FFmpeg
     reads. Each folder is listed once into `listings` (10,000 stat calls on a network file system
@@ -129,7 +136,6 @@ def list_videos(dataset: str, annotation_dir: str, video_dir: str,
     """Every video referred to by the QA files of `splits` (those present), sorted by id: MSVD-QA's
     in `video_dir/YouTubeClips`, MSRVTT-QA's in `video_dir/TrainValVideo` or `video_dir/TestVideo`
     (or `video_dir` itself where that folder is absent), found by `_find_video`."""
-    check_dataset(dataset)
     present = [split for split in splits if os.path.isfile(qa_path(annotation_dir, split))]
     if not present:
         raise UserError(f"no QA files ({', '.join(qa_path(annotation_dir, s) for s in splits)}) "
@@ -138,16 +144,14 @@ def list_videos(dataset: str, annotation_dir: str, video_dir: str,
     videos: dict[int, Video] = {}
     listings: dict[str, set[str]] = {}
     for split in present:
-        for record in load_qa(annotation_dir, split, dataset):
+        for index, record in enumerate(load_qa(annotation_dir, split, dataset)):
             vid = int(record["video_id"])
             if vid in videos:
                 continue
+            name = clip_name(dataset, mapping, record, qa_path(annotation_dir, split), index)
             if dataset == "msvd-qa":
-                if vid not in mapping:
-                    raise UserError(f"video id {vid} is not in youtube_mapping.txt")
-                name, folder = mapping[vid], os.path.join(video_dir, "YouTubeClips")
+                folder = os.path.join(video_dir, "YouTubeClips")
             else:
-                name = f"video{vid}"
                 folder = os.path.join(video_dir, "TestVideo" if split == "test" else "TrainValVideo")
             folder = folder if os.path.isdir(folder) else video_dir
             videos[vid] = Video(vid, name, _find_video(folder, name, RELEASE_EXTENSION[dataset], listings))

@@ -289,8 +289,7 @@ def load_data(config: Config, splits: tuple[str, ...] = SPLITS, device: torch.de
     """Vocabulary, the requested question splits and the feature table, all checked.
     `before_table(bundle)` runs once the question splits are loaded and the table's headers read:
     the memory plan (vqakd/training/memory.py); when it returns False the table is not read."""
-    vocab_path = require_file(config.data.vocab, "vocabulary file", "make it with preprocess/preprocess_questions.py")
-    vocab = Vocabulary.load(vocab_path)
+    vocab = Vocabulary.load(config.data.vocab)
     table = load_feature_table(config, expected_by)
     paths = {"train": config.data.train_questions, "val": config.data.val_questions,
              "test": config.data.test_questions}

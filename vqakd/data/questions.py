@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from vqakd.core.progress import progress_bar
-from vqakd.data.annotations import SPLITS, check_dataset, load_msvd_mapping, load_qa, parse_video_id, qa_path
+from vqakd.data.annotations import clip_name, load_msvd_mapping, load_qa, parse_video_id, qa_path
 from vqakd.core.errors import UserError
 from vqakd.data.glove import load_glove
 from vqakd.core.files import atomic_open, write_json, write_pickle
@@ -113,32 +113,6 @@ def glove_matrix(glove_source: str, question_token_to_idx: Mapping[str, int],
     return matrix, (found / len(words)) if words else 0.0, skipped_keys
 
 
-def read_split(annotation_dir: str, split: str, dataset: str,
-               progress: bool = True) -> tuple[list[dict], list[list[str]]]:
-    """One split's annotation records, checked, and their questions' tokens."""
-    records, source = load_qa(annotation_dir, split, dataset), qa_path(annotation_dir, split)
-    tokens = [record_tokens(record["question"], source, index, record.get("id", index))
-              for index, record in enumerate(progress_bar(records, desc=f"tokenizing {split}", unit="q",
-                                                          enabled=progress, dynamic_ncols=True))]
-    return records, tokens
-
-
-def clip_names_for(dataset: str, annotation_dir: str, source: str, records: list[dict]) -> list[str]:
-    """Each record's clip name: MSVD-QA's from youtube_mapping.txt, MSRVTT-QA's `video{id}`."""
-    if dataset != "msvd-qa":
-        return [f"video{int(record['video_id'])}" for record in records]
-    mapping = load_msvd_mapping(annotation_dir)
-    names = []
-    for index, record in enumerate(records):
-        video_id = int(record["video_id"])
-        if video_id not in mapping:
-            raise UserError(f"{source}: record {index} (id {record.get('id', index)}): video_id "
-                            f"{video_id} (vid{video_id}) is not in "
-                            f"{os.path.join(annotation_dir, 'youtube_mapping.txt')}")
-        names.append(mapping[video_id])
-    return names
-
-
 def encode_split(records: list[dict], tokens: list[list[str]], vocab: Vocabulary, split: str,
                  clip_names: Sequence[str]) -> dict[str, Any]:
     """The question-file object (docs/method.md#question-files) with `glove` still None."""
@@ -173,15 +147,16 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
     """Encode one split; the train split also builds and writes the vocabulary. `glove_source`
     (train only): a GloVe pickle or `.txt` file; None stores `glove: None`. Returns the summary
     that is also written to `summary_out`."""
-    check_dataset(dataset)
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if split != "train":
         vocab = Vocabulary.load(vocab_file)   # before the slow work, so a missing vocab fails fast
         vocab_sha256 = vocab.sha256
     source = qa_path(annotation_dir, split)
-    records, tokens = read_split(annotation_dir, split, dataset, progress)
-    names = clip_names_for(dataset, annotation_dir, source, records)
+    records = load_qa(annotation_dir, split, dataset)
+    mapping = load_msvd_mapping(annotation_dir) if dataset == "msvd-qa" else {}
+    names = [clip_name(dataset, mapping, record, source, index) for index, record in enumerate(records)]
+    tokens = [record_tokens(record["question"], source, index, record.get("id", index))
+              for index, record in enumerate(progress_bar(records, desc=f"tokenizing {split}", unit="q",
+                                                          enabled=progress, dynamic_ncols=True))]
     if split == "train":
         vocab = Vocabulary.build(tokens, [r["answer"] for r in records], answer_top)
         vocab_bytes = vocab.json_bytes()
@@ -304,9 +279,6 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
         if question_vocab_size is not None and glove.shape[0] != question_vocab_size:
             raise UserError(f"{path}: glove has {glove.shape[0]} rows but the question vocabulary has "
                             f"{question_vocab_size} words")
-        if int(questions.max()) >= glove.shape[0]:
-            raise UserError(f"{path}: questions use token index {int(questions.max())} but glove has only "
-                            f"{glove.shape[0]} rows")
         if not np.isfinite(glove).all():
             raise UserError(f"{path}: glove holds non-finite values (row "
                             f"{int(np.flatnonzero(~np.isfinite(glove).all(axis=1))[0])})")

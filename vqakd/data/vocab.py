@@ -32,13 +32,6 @@ VOCAB_KEYS = ("question_token_to_idx", "answer_token_to_idx", "question_answer_t
 QUESTION_ANSWER_TABLE = {NULL_TOKEN: NULL_INDEX, UNK_TOKEN: UNK_INDEX}
 
 
-def _tokens_by_index(table: dict[str, int]) -> list[str]:
-    tokens = [""] * len(table)
-    for token, index in table.items():
-        tokens[index] = token
-    return tokens
-
-
 @dataclass
 class Vocabulary:
     """Token -> index tables of the questions and answers, their inverses, and (when read from a
@@ -52,8 +45,9 @@ class Vocabulary:
     idx_to_answer: list[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.idx_to_question_token = _tokens_by_index(self.question_token_to_idx)
-        self.idx_to_answer = _tokens_by_index(self.answer_token_to_idx)
+        # The indices are 0..n-1, each used once (built so, or checked by `load`).
+        self.idx_to_question_token = sorted(self.question_token_to_idx, key=self.question_token_to_idx.__getitem__)
+        self.idx_to_answer = sorted(self.answer_token_to_idx, key=self.answer_token_to_idx.__getitem__)
 
     @property
     def question_size(self) -> int:
@@ -92,8 +86,6 @@ class Vocabulary:
     def build(cls, questions_tokens: Sequence[Sequence[str]], answers: Sequence[str],
               answer_top: int = DEFAULT_ANSWER_TOP) -> "Vocabulary":
         """Train-split vocabularies from the tokenized questions and the raw answers."""
-        if answer_top < 0:
-            raise UserError(f"--answer-top must be >= 0, got {answer_top}")
         question_token_to_idx = {NULL_TOKEN: NULL_INDEX, UNK_TOKEN: UNK_INDEX}
         for tokens in questions_tokens:
             for token in tokens:
@@ -108,8 +100,8 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str) -> "Vocabulary":
         """Read and check a `{name}_vocab.json` (ours or one written by HCRN/DualVGR)."""
-        require_file(path, "vocabulary file", "run the train split first (--mode train builds the vocabulary "
-                     "that val and test are encoded with)")
+        require_file(path, "vocabulary file", "make it with preprocess/preprocess_questions.py --mode train (the "
+                     "train split builds the vocabulary that val and test are encoded with)")
         data = read_json(path)
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a JSON object with {', '.join(VOCAB_KEYS)}")
