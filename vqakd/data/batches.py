@@ -43,12 +43,10 @@ class QuestionSplit:
     mot_rows: torch.Tensor
     question_id: list
     video_ids: np.ndarray
-    video_names: list[str]
     question_text: Optional[list[str]]
     answer_text: Optional[list[str]]          # the annotation's answers (question files made before lack them)
     glove: Optional[np.ndarray]
     record_id: Optional[list] = None          # the annotation records' ids (our files only)
-    clip_names: Optional[list[str]] = None    # the video files' names (our files only)
     # Questions left out because their video is missing (data.missing_videos: drop): their
     # question-type codes, so val/test accuracy can keep them in its denominators.
     dropped_qtypes: Optional[torch.Tensor] = None
@@ -83,15 +81,6 @@ def _missing_video_ids(path: str, video_ids: np.ndarray, info: FeatureFileInfo, 
     return set(missing)
 
 
-def _keep(values, keep: np.ndarray):
-    """`values` (array, tensor, list or None) at the positions where `keep` is true."""
-    if values is None:
-        return None
-    if isinstance(values, (np.ndarray, torch.Tensor)):
-        return values[torch.from_numpy(keep) if isinstance(values, torch.Tensor) else keep]
-    return [value for value, kept in zip(values, keep) if kept]
-
-
 def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable,
                missing_videos: str = "error") -> QuestionSplit:
     """One question file, checked against the vocabulary and the feature table.
@@ -100,29 +89,27 @@ def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable,
     require_file(path, f"{name} question file", "make it with preprocess/preprocess_questions.py")
     data = load_question_file(path, vocab.question_size, vocab.answer_size)
     check_vocab_binding(data, path, vocab.path, vocab.sha256)
-    video_ids = np.asarray(data["video_ids"])
+    video_ids = data["video_ids"]
     missing = (_missing_video_ids(path, video_ids, table.appearance_info, missing_videos)
                | _missing_video_ids(path, video_ids, table.motion_info, missing_videos))
     first_tokens = [vocab.idx_to_question_token[int(t)] for t in data["questions"][:, 0]]
     qtypes = torch.tensor([question_type_code(token) for token in first_tokens], dtype=torch.long)
-    keep = ~np.isin(video_ids, np.array(sorted(missing), dtype=np.int64)) if missing else np.ones(len(video_ids), bool)
+    keep = ~np.isin(video_ids, np.array(sorted(missing), dtype=np.int64))
     if not keep.any():
         raise UserError(f"{path}: none of its {len(video_ids)} questions has its video in both feature files "
                         f"({table.appearance_info.path}, {table.motion_info.path})")
-    dropped_qtypes = qtypes[torch.from_numpy(~keep)] if missing else None
-    kept = {key: _keep(data[key], keep) if missing else data[key]
-            for key in ("questions", "questions_len", "answers", "question_id", "video_ids", "video_names",
-                        "question_text", "answer_text", "record_id", "clip_names")}
-    app_rows, mot_rows = table.rows(kept["video_ids"])
+
+    def kept(values: Optional[list]) -> Optional[list]:
+        return None if values is None else [value for value, flag in zip(values, keep) if flag]
+
+    app_rows, mot_rows = table.rows(video_ids[keep])
     return QuestionSplit(
-        name=name, path=path, questions=torch.from_numpy(np.ascontiguousarray(kept["questions"])).long(),
-        lengths=torch.from_numpy(np.ascontiguousarray(kept["questions_len"])).long(),
-        answers=torch.as_tensor(np.asarray(kept["answers"])).long(),
-        qtypes=qtypes[torch.from_numpy(keep)],
-        app_rows=torch.from_numpy(app_rows), mot_rows=torch.from_numpy(mot_rows),
-        question_id=kept["question_id"], video_ids=kept["video_ids"], video_names=kept["video_names"],
-        question_text=kept["question_text"], answer_text=kept["answer_text"], glove=data["glove"],
-        record_id=kept["record_id"], clip_names=kept["clip_names"], dropped_qtypes=dropped_qtypes,
+        name=name, path=path, questions=torch.from_numpy(data["questions"][keep]),
+        lengths=torch.from_numpy(data["questions_len"][keep]), answers=torch.from_numpy(data["answers"][keep]),
+        qtypes=qtypes[torch.from_numpy(keep)], app_rows=torch.from_numpy(app_rows),
+        mot_rows=torch.from_numpy(mot_rows), question_id=kept(data["question_id"]), video_ids=video_ids[keep],
+        question_text=kept(data["question_text"]), answer_text=kept(data["answer_text"]), glove=data["glove"],
+        record_id=kept(data["record_id"]), dropped_qtypes=qtypes[torch.from_numpy(~keep)] if missing else None,
     )
 
 
