@@ -52,19 +52,15 @@ def _size(num_bytes: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with guard_outputs({"--glove": args.glove, "--vocab": args.vocab}, {"--out": args.out}):
-        return _convert(args)
-
-
-def _convert(args: argparse.Namespace) -> int:
-    keep = read_word_list(args.vocab) if args.vocab else None
-    if keep is not None and not keep:
-        raise UserError(f"{args.vocab}: the word list is empty")
-    words, stats = read_glove_text(args.glove, dim=args.dim, keep=keep, progress=not args.no_progress)
-    if not words and keep is None:
-        raise UserError(f"{args.glove}: no word vectors kept: {stats.long_token_note()}")
-    if not words:
-        raise UserError(f"{args.glove}: none of the {len(keep or [])} words of {args.vocab} is in this GloVe file")
-    write_pickle(args.out, words)
+        keep = read_word_list(args.vocab) if args.vocab else None
+        if keep is not None and not keep:
+            raise UserError(f"{args.vocab}: the word list is empty")
+        words, stats = read_glove_text(args.glove, dim=args.dim, keep=keep, progress=not args.no_progress)
+        if not words and keep is None:
+            raise UserError(f"{args.glove}: no word vectors kept: {stats.long_token_note()}")
+        if not words:
+            raise UserError(f"{args.glove}: none of the {len(keep)} words of {args.vocab} is in this GloVe file")
+        write_pickle(args.out, words)
     kept = f"{stats.kept} words kept"
     if keep is not None:
         kept += f" of {len(keep)} requested ({len(stats.missing)} not in GloVe)"

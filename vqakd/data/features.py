@@ -85,16 +85,6 @@ def _first_nonfinite_row(chunk: np.ndarray) -> Optional[int]:
     return int(bad[0]) if bad.size else None
 
 
-def _read_rows(info: FeatureFileInfo, handle, rows: np.ndarray) -> np.ndarray:
-    """Rows (any order, repeats allowed) of one feature file in one HDF5 read."""
-    unique, inverse = np.unique(rows, return_inverse=True)
-    try:
-        block = handle[info.dataset][unique]
-    except OSError as exc:
-        raise UserError(f"{info.path}: cannot read {info.dataset!r} ({exc}); the file may be truncated") from None
-    return block[inverse]
-
-
 def _convert_checked(info: FeatureFileInfo, block: np.ndarray, rows: np.ndarray, dtype_name: str) -> np.ndarray:
     """`block` in the table's dtype; NaN/inf in the file, or values the table's dtype cannot
     hold (a float64 file read as float32 or float16), name the file, dataset and video."""
@@ -197,7 +187,14 @@ class FeatureTable:
         gathered = []
         for info, handle, rows in zip((self.appearance_info, self.motion_info), self._lazy_handles(),
                                       (app_rows.cpu().numpy(), mot_rows.cpu().numpy())):
-            block = _convert_checked(info, _read_rows(info, handle, rows), rows, self.dtype_name)
+            # One HDF5 read of the distinct rows, in increasing order (what h5py accepts).
+            unique, inverse = np.unique(rows, return_inverse=True)
+            try:
+                block = handle[info.dataset][unique][inverse]
+            except OSError as exc:
+                raise UserError(f"{info.path}: cannot read {info.dataset!r} ({exc}); the file may be "
+                                "truncated") from None
+            block = _convert_checked(info, block, rows, self.dtype_name)
             gathered.append(torch.from_numpy(np.ascontiguousarray(block)))
         return gathered[0], gathered[1]
 

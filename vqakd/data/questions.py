@@ -305,10 +305,6 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
 
 # ---------------------------------------------------------------- question file <-> vocabulary
 
-REENCODE_COMMAND = ("python preprocess/preprocess_questions.py --dataset <dataset> --annotation-dir <folder> "
-                    "--mode all")
-
-
 def check_vocab_binding(question_file_obj: Mapping[str, Any], question_path: str, vocab_path: str,
                         vocab_sha256: str) -> None:
     """Refuse a question file (its object, raw or as `load_question_file` returns it) encoded with
@@ -323,4 +319,5 @@ def check_vocab_binding(question_file_obj: Mapping[str, Any], question_path: str
         raise UserError(f"{question_path} was encoded with another vocabulary than {vocab_path} (vocabulary "
                         f"sha256 {recorded[:12]}... recorded, {vocab_sha256[:12]}... now): its token and answer "
                         f"indices would mean other words; re-encode every split with one vocabulary: "
-                        f"{REENCODE_COMMAND}")
+                        "python preprocess/preprocess_questions.py --dataset <dataset> --annotation-dir <folder> "
+                        "--mode all")
