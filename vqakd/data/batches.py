@@ -11,7 +11,7 @@ token and answer indices inside the vocabulary, GloVe rows == question vocabular
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -169,11 +169,6 @@ class QuestionBatches(Dataset):
             self._ring[self._turn] = pair
         return pair[0][:size], pair[1][:size]
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_ring"] = []          # a worker process builds its own (never used there: see make_loader)
-        return state
-
     def __len__(self) -> int:
         return len(self.split)
 
@@ -194,24 +189,22 @@ class QuestionBatches(Dataset):
         }
 
 
+@dataclass(eq=False)
 class EpochBatchSampler(Sampler):
     """Batches of question indices, shuffled by (seed + epoch), so a resumed run sees exactly the
     batches of an uninterrupted one. Each rank takes every world_size-th index of the same
     permutation, padded with its first indices when shuffling (training: every rank runs the same
     steps), never when evaluating (every question counted once)."""
-
-    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_single_last: bool = False, max_batches: Optional[int] = None):
-        self.size = size
-        self.max_batches = max_batches      # train.max_steps: the first batches only
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        # A final training batch of one question would make BatchNorm fail; it is dropped.
-        self.drop_single_last = drop_single_last
-        self.epoch = 0
+    size: int
+    batch_size: int
+    shuffle: bool
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    # A final training batch of one question would make BatchNorm fail; it is dropped.
+    drop_single_last: bool = False
+    max_batches: Optional[int] = None      # train.max_steps: the first batches only
+    epoch: int = field(default=0, init=False)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
