@@ -13,6 +13,7 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import takewhile
 from typing import Collection
 
 import numpy as np
@@ -64,25 +65,16 @@ def _is_float(text: bytes) -> bool:
     return True
 
 
-def _trailing_values(line: bytes) -> int:
-    """How many fields at the end of a line are numbers (the first field is always the token)."""
-    count = 0
-    for value in reversed(line.split(b" ")[1:]):
-        if not _is_float(value):
-            break
-        count += 1
-    return count
-
-
 def infer_dim(path: str) -> int | None:
-    """The most common count of trailing numeric fields among the first lines (so a token holding
-    spaces does not count; on a tie the first seen wins); None for an empty file."""
+    """The most common count of trailing numeric fields among the first lines (the first field is
+    always the token, so one holding spaces does not count; on a tie the first seen wins); None for
+    an empty file."""
     counts: Counter[int] = Counter()
     with open(path, "rb") as handle:
         for raw in handle:
             line = raw.rstrip()
             if line:
-                counts[_trailing_values(line)] += 1
+                counts[len(list(takewhile(_is_float, reversed(line.split(b" ")[1:]))))] += 1
                 if sum(counts.values()) >= DIM_SAMPLE_LINES:
                     break
     return max(counts, key=counts.__getitem__) if counts else None
