@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if not words:
             raise UserError(f"{args.glove}: none of the {len(keep)} words of {args.vocab} is in this GloVe file")
         write_pickle(args.out, words)
-    kept = f"{stats.kept} words kept"
+    kept = f"{len(words)} words kept"
     if keep is not None:
         kept += f" of {len(keep)} requested ({len(stats.missing)} not in GloVe)"
     duplicates = f", {stats.duplicates} repeated tokens (later line kept)" if stats.duplicates else ""

@@ -25,7 +25,7 @@ with interruptible_imports():       # numpy, nltk and tqdm take a moment: Ctrl-C
     from vqakd.core.files import expand_template
     from vqakd.core.locks import guard_outputs
     from vqakd.data.annotations import DATASETS, SPLITS, qa_path
-    from vqakd.data.questions import format_summary, preprocess_split, questions_path, summary_path, vocab_path
+    from vqakd.data.questions import format_summary, preprocess_split
     from vqakd.data.vocab import DEFAULT_ANSWER_TOP
 
 DEFAULT_GLOVE = "data/glove/glove.840.300d.pkl"
@@ -66,16 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out_dir or os.path.join("data", args.dataset)
     vocab_file = (expand_template(args.vocab_json, "--vocab-json", (args.dataset, args.dataset),
                                   dataset=args.dataset)
-                  if args.vocab_json else vocab_path(out_dir, args.dataset))
+                  if args.vocab_json else os.path.join(out_dir, f"{args.dataset}_vocab.json"))
 
     def output(split: str) -> str:
         if args.output_pt:
             return expand_template(args.output_pt, "--output-pt", (args.dataset, args.dataset, split),
                                    dataset=args.dataset, split=split)
-        return questions_path(out_dir, args.dataset, split)
+        return os.path.join(out_dir, f"{args.dataset}_{split}_questions.pt")
 
     def summary(split: str) -> str:
-        return summary_path(os.path.dirname(output(split)), args.dataset, split)
+        return os.path.join(os.path.dirname(output(split)), f"{args.dataset}_{split}_summary.json")
 
     glove = None if args.no_glove else args.glove
     inputs = {f"the {split} annotation file": qa_path(args.annotation_dir, split) for split in splits}

@@ -56,7 +56,7 @@ def assert_one_line_error(code, err, *fragments):
 def test_parses_every_word_exactly_including_tokens_with_spaces(glove_txt):
     words, stats = read_glove_text(glove_txt, progress=False)
     assert list(words) == WORDS
-    assert stats.dim == DIM and stats.lines == len(WORDS) and stats.kept == len(WORDS)
+    assert stats.dim == DIM and stats.lines == len(WORDS) and len(words) == len(WORDS)
     for i, word in enumerate(WORDS):
         assert words[word].dtype == np.float32 and words[word].shape == (DIM,)
         np.testing.assert_array_equal(words[word], vector_of(i))

@@ -117,14 +117,14 @@ def test_encoding_rules():
 def test_written_vocabulary_loads_back_identical_with_its_file_hash(tmp_path):
     built = Vocabulary.build(TRAIN_TOKENS, [r["answer"] for r in MSVD_TRAIN], answer_top=3)
     path = tmp_path / "x_vocab.json"
-    vqakd.core.files.write_json(str(path), built.to_json())
+    path.write_bytes(built.json_bytes())
     assert set(json.loads(path.read_text())) == {"question_token_to_idx", "answer_token_to_idx",
                                                  "question_answer_token_to_idx"}
     loaded = Vocabulary.load(str(path))
-    assert loaded.to_json() == built.to_json() and loaded.idx_to_question_token == QUESTION_VOCAB
+    assert loaded.json_bytes() == built.json_bytes() and loaded.idx_to_question_token == QUESTION_VOCAB
     assert loaded.info() == {"question_size": len(QUESTION_VOCAB), "answer_size": 5,
                              "sha256": vqakd.core.files.file_sha256(str(path)), "path": str(path)}
-    path.write_text(json.dumps({**built.to_json(), "answer_token_to_idx": {"<UNK0>": 0, "cook": 2}}))
+    path.write_text(json.dumps({**json.loads(built.json_bytes()), "answer_token_to_idx": {"<UNK0>": 0, "cook": 2}}))
     with pytest.raises(UserError, match="answer_token_to_idx: indices must be 0..1, each used once"):
         Vocabulary.load(str(path))
 

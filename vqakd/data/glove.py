@@ -35,10 +35,8 @@ MAX_TOKEN_BYTES = 1000
 
 @dataclass
 class GloveReadStats:
-    path: str
     dim: int = 0
     lines: int = 0            # non-blank lines read
-    kept: int = 0             # distinct words in the result
     duplicates: int = 0       # kept lines whose token had already been seen (the later line wins)
     missing: list[str] = field(default_factory=list)   # words of the keep set absent from the file
     long_tokens: int = 0      # lines skipped because their token is longer than MAX_TOKEN_BYTES
@@ -99,7 +97,7 @@ def read_glove_text(path: str | os.PathLike, dim: int | None = None, keep: Colle
             raise UserError(f"{path}: the GloVe file is empty (no word vectors in it)")
         if dim < 1:
             raise UserError(f"{path}: the first lines hold tokens without vector values; is this a GloVe file?")
-    stats = GloveReadStats(path=path, dim=dim)
+    stats = GloveReadStats(dim=dim)
     words: dict[str, np.ndarray] = {}
     total_bytes = os.path.getsize(path)
     bar = progress_bar(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
@@ -151,7 +149,6 @@ def read_glove_text(path: str | os.PathLike, dim: int | None = None, keep: Colle
             words[token] = vector
     if not stats.lines:
         raise UserError(f"{path}: the GloVe file is empty (no word vectors in it)")
-    stats.kept = len(words)
     if keep is not None:
         stats.missing = [word for word in keep if word not in words]
     return words, stats

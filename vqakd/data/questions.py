@@ -31,20 +31,6 @@ QUESTION_FILE_KEYS = ("questions", "questions_len", "question_id", "video_ids", 
 EXTRA_KEYS = ("record_id", "clip_names", "question_text", "answer_text")
 
 
-# ---------------------------------------------------------------- file names (docs/method.md#file-formats)
-
-def vocab_path(out_dir: str, dataset: str) -> str:
-    return os.path.join(out_dir, f"{dataset}_vocab.json")
-
-
-def questions_path(out_dir: str, dataset: str, split: str) -> str:
-    return os.path.join(out_dir, f"{dataset}_{split}_questions.pt")
-
-
-def summary_path(out_dir: str, dataset: str, split: str) -> str:
-    return os.path.join(out_dir, f"{dataset}_{split}_summary.json")
-
-
 # ---------------------------------------------------------------- tokens
 
 # The question types of MSVD-QA and MSRVTT-QA: a question's type is its first token (as

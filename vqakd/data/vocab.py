@@ -70,12 +70,9 @@ class Vocabulary:
     def decode_question(self, tokens: np.ndarray, length: int) -> str:
         return " ".join(self.idx_to_question_token[int(t)] for t in tokens[:length])
 
-    def to_json(self) -> dict[str, dict[str, int]]:
-        return {key: getattr(self, key) for key in VOCAB_KEYS}
-
     def json_bytes(self) -> bytes:
         """The file's exact bytes: what the original's `json.dump(vocab, f, indent=4)` writes."""
-        return json.dumps(self.to_json(), indent=4).encode("ascii")
+        return json.dumps({key: getattr(self, key) for key in VOCAB_KEYS}, indent=4).encode("ascii")
 
     def info(self) -> dict[str, Any]:
         """What a checkpoint records about the vocabulary it was trained with."""
