@@ -22,8 +22,8 @@ from vqakd.data.annotations import SPLITS
 from vqakd.core.config import Config
 from vqakd.core.errors import UserError, require_file
 from vqakd.data.features import FeatureFileInfo, FeatureTable, choose_table_device, load_feature_table
-from vqakd.data.questions import (QUESTION_TYPES, check_vocab_binding, glove_matrix, load_question_file,
-                                  question_type_code)
+from vqakd.data.questions import (NUM_TYPE_CODES, QUESTION_TYPES, check_vocab_binding, glove_matrix,
+                                  load_question_file, question_type_code)
 from vqakd.data.vocab import Vocabulary
 
 MISSING_IDS_SHOWN = 5
@@ -118,8 +118,8 @@ def with_dropped(summary: dict, split: QuestionSplit) -> dict:
     dropped for missing videos count as wrong (in every denominator, overall and per type), with
     the figures on the answered questions alone (`accuracy_answered`, `count_answered`) and
     `dropped` next to them; a split with nothing dropped gets the same keys."""
-    dropped_per_code = (torch.bincount(split.dropped_qtypes, minlength=len(QUESTION_TYPES) + 1).tolist()
-                        if split.dropped else [0] * (len(QUESTION_TYPES) + 1))
+    dropped_per_code = (torch.bincount(split.dropped_qtypes, minlength=NUM_TYPE_CODES).tolist()
+                        if split.dropped else [0] * NUM_TYPE_CODES)
 
     def adjust(values: dict, dropped: int) -> dict:
         count = values["count"] + dropped
@@ -152,15 +152,13 @@ class QuestionBatches(Dataset):
         self.device = table.device if table.mode == "memory" else torch.device("cpu")
         self.columns = {name: getattr(split, name).to(self.device) for name in self.ON_DEVICE}
         self.reuse_buffers = reuse_buffers and table.mode == "memory" and self.device.type == "cpu"
-        self._ring: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = []
+        self._ring: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * self.BUFFER_RING
         self._turn = -1
 
     def _buffers(self, size: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         if not self.reuse_buffers:
             return None
         self._turn = (self._turn + 1) % self.BUFFER_RING
-        if len(self._ring) <= self._turn:
-            self._ring.append(None)
         pair = self._ring[self._turn]
         if pair is None or pair[0].shape[0] < size:
             table = self.table
