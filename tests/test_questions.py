@@ -108,7 +108,6 @@ def test_encoding_rules():
     assert [vocab.answer_label("cook", s) for s in ("train", "val", "test")] == [2, 2, 2]
     assert [vocab.answer_label("zebra", s) for s in ("train", "val", "test")] == [0, 1, 1]
     assert vocab.idx_to_question_token == ["<NULL>", "<UNK>", "what"] and vocab.idx_to_answer[2] == "cook"
-    assert vocab.decode_question(np.array([2, 1, 0]), 2) == "what <UNK>"
     matrix, lengths = pad_questions([[2, 3], [4, 5, 6, 7], [8]])
     np.testing.assert_array_equal(matrix, [[2, 3, 0, 0], [4, 5, 6, 7], [8, 0, 0, 0]])
     assert matrix.dtype == np.int32 and lengths.dtype == np.int32 and lengths.tolist() == [2, 4, 1]

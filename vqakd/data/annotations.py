@@ -149,10 +149,8 @@ def list_videos(dataset: str, annotation_dir: str, video_dir: str,
             if vid in videos:
                 continue
             name = clip_name(dataset, mapping, record, qa_path(annotation_dir, split), index)
-            if dataset == "msvd-qa":
-                folder = os.path.join(video_dir, "YouTubeClips")
-            else:
-                folder = os.path.join(video_dir, "TestVideo" if split == "test" else "TrainValVideo")
+            folder = os.path.join(video_dir, "YouTubeClips" if dataset == "msvd-qa"
+                                  else "TestVideo" if split == "test" else "TrainValVideo")
             folder = folder if os.path.isdir(folder) else video_dir
             videos[vid] = Video(vid, name, _find_video(folder, name, RELEASE_EXTENSION[dataset], listings))
     return [videos[vid] for vid in sorted(videos)]

@@ -65,7 +65,8 @@ class QuestionSplit:
     def text(self, index: int, vocab: Vocabulary) -> str:
         if self.question_text is not None:
             return self.question_text[index]
-        return vocab.decode_question(self.questions[index].numpy(), int(self.lengths[index]))
+        # A file without the text (HCRN's): its tokens, as the vocabulary spells them.
+        return " ".join(vocab.idx_to_question_token[int(t)] for t in self.questions[index, :self.lengths[index]])
 
 
 def _missing_video_ids(path: str, video_ids: np.ndarray, info: FeatureFileInfo, policy: str) -> set[int]:
@@ -269,9 +270,8 @@ def load_data(config: Config, splits: tuple[str, ...] = SPLITS, device: torch.de
     the memory plan (vqakd/training/memory.py); when it returns False the table is not read."""
     vocab = Vocabulary.load(config.data.vocab)
     table = load_feature_table(config, expected_by)
-    paths = {"train": config.data.train_questions, "val": config.data.val_questions,
-             "test": config.data.test_questions}
-    loaded = {name: load_split(name, paths[name], vocab, table, config.data.missing_videos) for name in splits}
+    loaded = {name: load_split(name, getattr(config.data, f"{name}_questions"), vocab, table,
+                               config.data.missing_videos) for name in splits}
     bundle = DataBundle(vocab, table, loaded)
     if before_table is not None and not before_table(bundle):
         return bundle

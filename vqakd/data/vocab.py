@@ -15,8 +15,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-import numpy as np
-
 from vqakd.core.errors import UserError, require_file
 from vqakd.core.files import file_sha256, read_json
 
@@ -66,9 +64,6 @@ class Vocabulary:
         if answer in self.answer_token_to_idx:
             return self.answer_token_to_idx[answer]
         return TRAIN_UNKNOWN_ANSWER if split == "train" else EVAL_UNKNOWN_ANSWER
-
-    def decode_question(self, tokens: np.ndarray, length: int) -> str:
-        return " ".join(self.idx_to_question_token[int(t)] for t in tokens[:length])
 
     def json_bytes(self) -> bytes:
         """The file's exact bytes: what the original's `json.dump(vocab, f, indent=4)` writes."""
