@@ -131,14 +131,13 @@ def other_containers(path: str) -> list[str]:
         return []
 
 
-def list_videos(dataset: str, annotation_dir: str, video_dir: str,
-                splits: tuple[str, ...] = SPLITS) -> list[Video]:
-    """Every video referred to by the QA files of `splits` (those present), sorted by id: MSVD-QA's
+def list_videos(dataset: str, annotation_dir: str, video_dir: str) -> list[Video]:
+    """Every video referred to by the QA files (those present), sorted by id: MSVD-QA's
     in `video_dir/YouTubeClips`, MSRVTT-QA's in `video_dir/TrainValVideo` or `video_dir/TestVideo`
     (or `video_dir` itself where that folder is absent), found by `_find_video`."""
-    present = [split for split in splits if os.path.isfile(qa_path(annotation_dir, split))]
+    present = [split for split in SPLITS if os.path.isfile(qa_path(annotation_dir, split))]
     if not present:
-        raise UserError(f"no QA files ({', '.join(qa_path(annotation_dir, s) for s in splits)}) "
+        raise UserError(f"no QA files ({', '.join(qa_path(annotation_dir, s) for s in SPLITS)}) "
                         f"found in {annotation_dir}")
     mapping = load_msvd_mapping(annotation_dir) if dataset == "msvd-qa" else {}
     videos: dict[int, Video] = {}

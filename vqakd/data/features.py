@@ -139,10 +139,9 @@ class FeatureTable:
         mot = np.array([self.motion_info.row_of[int(v)] for v in video_ids], dtype=np.int64)
         return app, mot
 
-    def load(self, progress: bool = True, device: torch.device | None = None) -> None:
-        """Read both files into memory on `device` (default CPU), chunk by chunk, checking every
-        video for NaN/inf. Whether it fits is the memory plan's question (vqakd/training/memory.py)."""
-        device = torch.device("cpu") if device is None else device
+    def load(self, progress: bool, device: torch.device) -> None:
+        """Read both files into memory on `device`, chunk by chunk, checking every video for
+        NaN/inf. Whether it fits is the memory plan's question (vqakd/training/memory.py)."""
         self.appearance = self._load_file(self.appearance_info, progress, device)
         self.motion = self._load_file(self.motion_info, progress, device)
 
@@ -150,10 +149,10 @@ class FeatureTable:
         table = torch.empty(info.shape, dtype=self.dtype, device=device)
         row_bytes = int(np.prod(info.shape[1:])) * 4
         chunk = max(1, LOAD_CHUNK_BYTES // row_bytes)
-        with _open_h5(info.path) as handle:
+        bar = progress_bar(total=info.shape[0], desc=f"loading {os.path.basename(info.path)}", unit="video",
+                           enabled=progress, dynamic_ncols=True, leave=False)
+        with _open_h5(info.path) as handle, bar:
             dataset = handle[info.dataset]
-            bar = progress_bar(total=info.shape[0], desc=f"loading {os.path.basename(info.path)}", unit="video",
-                               enabled=progress, dynamic_ncols=True, leave=False)
             for start in range(0, info.shape[0], chunk):
                 stop = min(start + chunk, info.shape[0])
                 try:
@@ -164,7 +163,6 @@ class FeatureTable:
                 block = _convert_checked(info, block, np.arange(start, stop), self.dtype_name)
                 table[start:stop] = torch.from_numpy(block).to(device)
                 bar.update(stop - start)
-            bar.close()
         return table
 
     def _lazy_handles(self):
@@ -179,11 +177,9 @@ class FeatureTable:
         """Features of a batch of rows (float32 or float16, on the table's device); in memory
         mode written into `out` (appearance, motion) when given."""
         if self.mode == "memory":
-            app_rows, mot_rows = app_rows.to(self.appearance.device), mot_rows.to(self.motion.device)
-            if out is None:
-                return self.appearance.index_select(0, app_rows), self.motion.index_select(0, mot_rows)
-            return (torch.index_select(self.appearance, 0, app_rows, out=out[0]),
-                    torch.index_select(self.motion, 0, mot_rows, out=out[1]))
+            app_out, mot_out = (None, None) if out is None else out
+            return (torch.index_select(self.appearance, 0, app_rows.to(self.appearance.device), out=app_out),
+                    torch.index_select(self.motion, 0, mot_rows.to(self.motion.device), out=mot_out))
         gathered = []
         for info, handle, rows in zip((self.appearance_info, self.motion_info), self._lazy_handles(),
                                       (app_rows.cpu().numpy(), mot_rows.cpu().numpy())):
