@@ -135,7 +135,6 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
     that is also written to `summary_out`."""
     if split != "train":
         vocab = Vocabulary.load(vocab_file)   # before the slow work, so a missing vocab fails fast
-        vocab_sha256 = vocab.sha256
     source = qa_path(annotation_dir, split)
     records = load_qa(annotation_dir, split, dataset)
     mapping = load_msvd_mapping(annotation_dir) if dataset == "msvd-qa" else {}
@@ -146,10 +145,10 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
     if split == "train":
         vocab = Vocabulary.build(tokens, [r["answer"] for r in records], answer_top)
         vocab_bytes = vocab.json_bytes()
-        vocab_sha256 = hashlib.sha256(vocab_bytes).hexdigest()
+        vocab.sha256 = hashlib.sha256(vocab_bytes).hexdigest()
     obj = encode_split(records, tokens, vocab, split, names)
     # Binds this file to the exact vocabulary it was encoded with (see check_vocab_binding).
-    obj[VOCAB_SHA256_KEY] = vocab_sha256
+    obj[VOCAB_SHA256_KEY] = vocab.sha256
 
     summary: dict[str, Any] = {
         "dataset": dataset,
@@ -164,7 +163,7 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
         "unknown_token_rate": float((obj["questions"] == UNK_INDEX).sum() / obj["questions_len"].sum()),
         "questions_file": questions_out,
         "vocab_file": vocab_file,
-        VOCAB_SHA256_KEY: vocab_sha256,
+        VOCAB_SHA256_KEY: vocab.sha256,
     }
     if split == "train" and glove_source is not None:
         obj["glove"], coverage, skipped_keys = glove_matrix(glove_source, vocab.question_token_to_idx, progress)
@@ -213,11 +212,11 @@ def _int_array(value: Any, path: str, key: str, ndim: int) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
-def load_question_file(path: str | os.PathLike, question_vocab_size: int | None = None,
-                       answer_vocab_size: int | None = None) -> dict[str, Any]:
+def load_question_file(path: str | os.PathLike, question_vocab_size: int,
+                       answer_vocab_size: int) -> dict[str, Any]:
     """Read and check a `{name}_{split}_questions.pt` (ours, or one written by HCRN/DualVGR): int64
     arrays, `glove` float32 or None, lists for the rest (EXTRA_KEYS None in files without them).
-    The vocabulary sizes, when given, bound the token and answer indices."""
+    The vocabulary sizes bound the token and answer indices."""
     path = os.fspath(path)
     data = safe_load(path)
     if not isinstance(data, dict):
@@ -229,10 +228,8 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
     count, max_len = questions.shape
     if count == 0 or max_len == 0:
         raise UserError(f"{path}: questions has shape {questions.shape}; expected at least one token and question")
-    lengths = _int_array(data["questions_len"], path, "questions_len", 1)
-    video_ids = _int_array(data["video_ids"], path, "video_ids", 1)
-    answers = _int_array(data["answers"], path, "answers", 1)
-    sized = {"questions_len": lengths, "video_ids": video_ids, "answers": answers}
+    sized = {key: _int_array(data[key], path, key, 1) for key in ("questions_len", "video_ids", "answers")}
+    lengths, video_ids, answers = sized["questions_len"], sized["video_ids"], sized["answers"]
     for key in ("question_id", "video_names") + EXTRA_KEYS:
         if key in data and data[key] is not None:
             if not isinstance(data[key], (list, tuple, np.ndarray)) or np.ndim(data[key]) != 1:
@@ -244,17 +241,14 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
     bad = np.flatnonzero((lengths < 1) | (lengths > max_len))
     if bad.size:
         raise UserError(f"{path}: question {int(bad[0])}: length {int(lengths[bad[0]])} is outside 1..{max_len}")
-    token_limit = question_vocab_size if question_vocab_size is not None else np.iinfo(np.int64).max
-    bad = np.flatnonzero(((questions < 0) | (questions >= token_limit)).any(axis=1))
+    bad = np.flatnonzero(((questions < 0) | (questions >= question_vocab_size)).any(axis=1))
     if bad.size:
-        limit = f" (0..{token_limit - 1})" if question_vocab_size is not None else ""
-        raise UserError(f"{path}: question {int(bad[0])}: token index outside the question vocabulary{limit}")
-    answer_limit = answer_vocab_size if answer_vocab_size is not None else np.iinfo(np.int64).max
-    bad = np.flatnonzero((answers < 0) | (answers >= answer_limit))
+        raise UserError(f"{path}: question {int(bad[0])}: token index outside the question vocabulary "
+                        f"(0..{question_vocab_size - 1})")
+    bad = np.flatnonzero((answers < 0) | (answers >= answer_vocab_size))
     if bad.size:
-        limit = f" (0..{answer_limit - 1})" if answer_vocab_size is not None else ""
         raise UserError(f"{path}: question {int(bad[0])}: answer label {int(answers[bad[0]])} is outside "
-                        f"the answer vocabulary{limit}")
+                        f"the answer vocabulary (0..{answer_vocab_size - 1})")
 
     glove = data.get("glove")
     if glove is not None:
@@ -262,7 +256,7 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
             what = (f"array of shape {glove.shape} and dtype {glove.dtype}" if isinstance(glove, np.ndarray)
                     else type(glove).__name__)
             raise UserError(f"{path}: glove must be a 2-D float array (|Q|, D) or None, found {what}")
-        if question_vocab_size is not None and glove.shape[0] != question_vocab_size:
+        if glove.shape[0] != question_vocab_size:
             raise UserError(f"{path}: glove has {glove.shape[0]} rows but the question vocabulary has "
                             f"{question_vocab_size} words")
         if not np.isfinite(glove).all():

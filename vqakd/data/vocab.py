@@ -97,11 +97,7 @@ class Vocabulary:
         data = read_json(path)
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a JSON object with {', '.join(VOCAB_KEYS)}")
-        for key in VOCAB_KEYS[:2]:
-            if key not in data:
-                raise UserError(f"{path}: no {key}; not a vocabulary file of this format")
-        question = _check_index_table(data["question_token_to_idx"], path, "question_token_to_idx")
-        answer = _check_index_table(data["answer_token_to_idx"], path, "answer_token_to_idx")
+        question, answer = (_check_index_table(data.get(key), path, key) for key in VOCAB_KEYS[:2])
         if question.get(NULL_TOKEN) != NULL_INDEX or question.get(UNK_TOKEN) != UNK_INDEX:
             raise UserError(f"{path}: question_token_to_idx must map {NULL_TOKEN} to 0 and {UNK_TOKEN} to 1")
         combined = data.get("question_answer_token_to_idx") or {}
@@ -111,6 +107,8 @@ class Vocabulary:
 
 
 def _check_index_table(table: object, path: str, key: str) -> dict[str, int]:
+    if table is None:
+        raise UserError(f"{path}: no {key}; not a vocabulary file of this format")
     if not isinstance(table, dict) or not table:
         raise UserError(f"{path}: {key} must be a non-empty object mapping tokens to indices")
     for token, index in table.items():
