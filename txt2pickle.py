@@ -15,15 +15,13 @@ import os
 from vqakd.core.errors import UserError, interruptible_imports, run_cli
 from vqakd.core.script import prepare_script
 
-DEFAULT_GLOVE_TEXT = "data/glove/glove.840B.300d.txt"
-DEFAULT_OUT = "data/glove/glove.840.300d.pkl"
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--glove", default=DEFAULT_GLOVE_TEXT, help="GloVe text file (default: %(default)s)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output pickle (default: %(default)s)")
+    parser.add_argument("--glove", default="data/glove/glove.840B.300d.txt",
+                        help="GloVe text file (default: %(default)s)")
+    parser.add_argument("--out", default="data/glove/glove.840.300d.pkl", help="output pickle (default: %(default)s)")
     parser.add_argument("--vocab", default=None,
                         help="keep only these words: a {name}_vocab.json or a text file with one word a line")
     parser.add_argument("--dim", type=int, default=None,

@@ -28,9 +28,6 @@ with interruptible_imports():       # numpy, nltk and tqdm take a moment: Ctrl-C
     from vqakd.data.questions import format_summary, preprocess_split
     from vqakd.data.vocab import DEFAULT_ANSWER_TOP
 
-DEFAULT_GLOVE = "data/glove/glove.840.300d.pkl"
-MODES = SPLITS + ("all",)
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -39,12 +36,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--annotation-dir", "--annotation_dir", required=True,
                         help="folder with {train,val,test}_qa.json (and youtube_mapping.txt for MSVD-QA)")
     parser.add_argument("--out-dir", "--out_dir", default=None, help="output folder (default: data/<dataset>)")
-    parser.add_argument("--glove", "--glove-pt", "--glove_pt", default=DEFAULT_GLOVE,
+    parser.add_argument("--glove", "--glove-pt", "--glove_pt", default="data/glove/glove.840.300d.pkl",
                         help="GloVe pickle from txt2pickle.py, or the GloVe .txt file (train only; "
                              "default: %(default)s)")
     parser.add_argument("--no-glove", action="store_true",
                         help="store no GloVe matrix (the model then keeps its random word embedding)")
-    parser.add_argument("--mode", default="all", choices=MODES, help="split to encode (default: %(default)s)")
+    parser.add_argument("--mode", default="all", choices=SPLITS + ("all",),
+                        help="split to encode (default: %(default)s)")
     parser.add_argument("--answer-top", "--answer_top", type=int, default=DEFAULT_ANSWER_TOP,
                         help="answer vocabulary size, besides <UNK0>/<UNK1> (default: %(default)s)")
     parser.add_argument("--output-pt", "--output_pt", default=None,
