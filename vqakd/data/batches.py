@@ -3,10 +3,8 @@ together (`load_data` -> `DataBundle`) and served in batches: `QuestionBatches` 
 whole batch of question indices (from `EpochBatchSampler`, see `make_loader`), so a batch is one
 index gather, never one HDF5 read or `__getitem__` per sample.
 
-Everything checkable is checked before training starts, with errors that name the file: layouts
-and sizes against the model, every question's video in both feature files (or, with
-`data.missing_videos: drop`, its question left out and counted: `with_dropped`), NaN/inf features,
-token and answer indices inside the vocabulary, GloVe rows == question vocabulary size.
+Everything checkable is checked before training starts, with errors that name the file; with
+`data.missing_videos: drop`, a question whose video is missing is left out and counted (`with_dropped`).
 """
 
 from __future__ import annotations

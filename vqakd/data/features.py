@@ -51,10 +51,9 @@ def read_feature_header(path: str, dataset: str, ndim: int, layout: str) -> Feat
     """Check one feature file's dataset names and shapes; read its ids."""
     require_file(path, "feature file", "make it with preprocess/preprocess_features.py")
     with _open_h5(path) as handle:
-        names = sorted(handle.keys())
         for name in (dataset, IDS_DATASET):
             if name not in handle:
-                raise UserError(f"{path}: no dataset {name!r} (found: {', '.join(names) or 'none'}); expected "
+                raise UserError(f"{path}: no dataset {name!r} (found: {', '.join(sorted(handle)) or 'none'}); expected "
                                 f"{dataset!r} {layout} and {IDS_DATASET!r} (V,)")
         features, ids_ds = handle[dataset], handle[IDS_DATASET]
         if len(features.shape) != ndim:

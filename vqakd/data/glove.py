@@ -2,9 +2,7 @@
 
 A text line is `token v1 ... vD`, fields separated by single ASCII spaces; a token may itself hold
 spaces (or other Unicode whitespace), so a line is split from the right. A pickle (`txt2pickle.py`,
-or HCRN's pandas script) is `{word: 1-D float array}`, read with the restricted unpickler; the
-pandas script turns tokens such as `null` or `nan` into one float NaN key, so keys that are not
-strings are dropped, with a warning that counts them.
+or HCRN's pandas script) is `{word: 1-D float array}`, read with the restricted unpickler.
 """
 
 from __future__ import annotations
@@ -43,9 +41,7 @@ class GloveReadStats:
     first_long_line: int = 0  # the first such line (1-based), 0 if none
 
     def long_token_note(self) -> str:
-        """One phrase for the summary line, empty when no line was skipped."""
-        if not self.long_tokens:
-            return ""
+        """One phrase for the summary line, when lines were skipped."""
         return (f"{self.long_tokens} line(s) skipped whose token is longer than {MAX_TOKEN_BYTES} bytes "
                 f"(first at line {self.first_long_line}; probably lines run together)")
 
@@ -156,8 +152,8 @@ def read_glove_text(path: str | os.PathLike, dim: int | None = None, keep: Colle
 
 def load_glove_pickle(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int]:
     """`{word: vector}` from a GloVe pickle (restricted unpickler, checked), and how many keys
-    that are not words were dropped (a warning on stderr says so when there are any): no word can
-    match them, but one key must be a word."""
+    that are not words were dropped, with a warning on stderr (HCRN's pandas script turns tokens
+    such as `null` or `nan` into one NaN key): no word can match them, but one key must be a word."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"GloVe pickle not found: {path} (make it with `python txt2pickle.py --glove "
