@@ -24,8 +24,6 @@ IDS_DATASET = "ids"
 LOAD_CHUNK_BYTES = 256 << 20
 # The GPU table may use at most this share of the free GPU memory (the model needs the rest).
 GPU_TABLE_SHARE = 0.5
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def _open_h5(path: str):
@@ -92,13 +90,13 @@ def _convert_checked(info: FeatureFileInfo, block: np.ndarray, rows: np.ndarray,
         raise UserError(f"{info.path}: {info.dataset!r} of video id {int(info.ids[rows[bad]])} holds NaN or "
                         "infinite values")
     with np.errstate(over="ignore"):       # overflow is detected just below, with the video named
-        converted = block.astype(NUMPY_DTYPES[dtype_name], copy=False)
+        converted = block.astype(dtype_name, copy=False)
     if converted.dtype != block.dtype:
         bad = _first_nonfinite_row(converted)
         if bad is not None:
             largest = float(np.abs(block[bad]).max())
             fits_float32 = largest <= float(np.finfo(np.float32).max)
-            limit = float(np.finfo(NUMPY_DTYPES[dtype_name]).max)
+            limit = float(np.finfo(dtype_name).max)
             advice = ("use data.feature_dtype: float32" if dtype_name == "float16" and fits_float32
                       else "no feature extractor makes such values: re-extract this video's features")
             raise UserError(f"{info.path}: {info.dataset!r} of video id {int(info.ids[rows[bad]])} holds values up "
@@ -115,7 +113,7 @@ class FeatureTable:
         self.appearance_info = appearance
         self.motion_info = motion
         self.dtype_name = dtype
-        self.dtype = TORCH_DTYPES[dtype]
+        self.dtype = getattr(torch, dtype)           # data.feature_dtype: float32 or float16
         self.mode = mode
         self.appearance: Optional[torch.Tensor] = None
         self.motion: Optional[torch.Tensor] = None
