@@ -160,9 +160,8 @@ class QuestionBatches(Dataset):
         self._turn = (self._turn + 1) % self.BUFFER_RING
         pair = self._ring[self._turn]
         if pair is None or pair[0].shape[0] < size:
-            table = self.table
-            pair = (torch.empty((size,) + tuple(table.appearance.shape[1:]), dtype=table.appearance.dtype),
-                    torch.empty((size,) + tuple(table.motion.shape[1:]), dtype=table.motion.dtype))
+            pair = tuple(torch.empty((size, *features.shape[1:]), dtype=features.dtype)
+                         for features in (self.table.appearance, self.table.motion))
             self._ring[self._turn] = pair
         return pair[0][:size], pair[1][:size]
 

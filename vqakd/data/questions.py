@@ -90,12 +90,10 @@ def glove_matrix(glove_source: str, question_token_to_idx: Mapping[str, int],
         raise UserError(f"{glove_source}: none of the {len(words)} question words is in this GloVe file")
     dim = next(iter(glove.values())).shape[0]
     matrix = np.zeros((len(question_token_to_idx), dim), dtype=np.float32)
-    found = 0
     for token, index in question_token_to_idx.items():
-        vector = glove.get(token)
-        if vector is not None:
-            matrix[index] = vector
-            found += token not in (NULL_TOKEN, UNK_TOKEN)
+        if token in glove:
+            matrix[index] = glove[token]
+    found = sum(word in glove for word in words)
     return matrix, (found / len(words)) if words else 0.0, skipped_keys
 
 
