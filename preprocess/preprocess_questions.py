@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))     # the repository root
-from vqakd.core.errors import UserError, interruptible_imports, run_cli  # noqa: E402
+from vqakd.core.errors import interruptible_imports, require_file, run_cli  # noqa: E402
 from vqakd.core.script import prepare_script  # noqa: E402
 
 if __name__ == "__main__":
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in splits:
         outputs.append(("--vocab-json", vocab_file))
     with guard_outputs(inputs, outputs, hint="put {split} in the --output-pt template, or run one --mode at a time"):
-        if "train" in splits and glove is not None and not os.path.isfile(glove):
-            raise UserError(f"GloVe file not found: {glove} (make it with `python txt2pickle.py`, pass the "
-                            "GloVe .txt file itself, or use --no-glove)")
+        if "train" in splits and glove is not None:
+            require_file(glove, "GloVe file", "make it with `python txt2pickle.py`, pass the GloVe .txt file "
+                         "itself, or use --no-glove")
         for split in splits:
             result = preprocess_split(args.dataset, args.annotation_dir, split, output(split), vocab_file,
                                       summary(split), glove_source=glove, answer_top=args.answer_top,

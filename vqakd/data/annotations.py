@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from vqakd.core.errors import UserError
+from vqakd.core.errors import UserError, require_file
 from vqakd.core.files import read_json
 
 DATASETS = ("msvd-qa", "msrvtt-qa")
@@ -35,10 +35,8 @@ def load_qa(annotation_dir: str, split: str, dataset: str = "msvd-qa") -> list[d
     """Read `{split}_qa.json`, checking that every record has question, answer and video_id."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    path = qa_path(annotation_dir, split)
-    if not os.path.isfile(path):
-        raise UserError(f"annotation file not found: {path} (download the {dataset.upper()} "
-                        "annotations and pass their folder with --annotation-dir)")
+    path = require_file(qa_path(annotation_dir, split), "annotation file", f"download the {dataset.upper()} "
+                        "annotations and pass their folder with --annotation-dir")
     records = read_json(path)
     if not isinstance(records, list):
         raise UserError(f"{path}: expected a JSON list of QA records, found {type(records).__name__}")
@@ -72,10 +70,8 @@ def parse_video_id(value: object) -> int | None:
 
 def load_msvd_mapping(annotation_dir: str) -> dict[int, str]:
     """`youtube_mapping.txt` lines `clipname vidN` → {N: clipname}."""
-    path = os.path.join(annotation_dir, "youtube_mapping.txt")
-    if not os.path.isfile(path):
-        raise UserError(f"MSVD-QA mapping file not found: {path} (it ships with the MSVD-QA "
-                        "annotations next to the {split}_qa.json files)")
+    path = require_file(os.path.join(annotation_dir, "youtube_mapping.txt"), "MSVD-QA mapping file",
+                        "it ships with the MSVD-QA annotations next to the {split}_qa.json files")
     mapping: dict[int, str] = {}
     # utf-8-sig: a byte-order mark would otherwise become part of the first clip's name.
     try:

@@ -79,10 +79,8 @@ def read_glove_text(path: str | os.PathLike, dim: int | None = None, keep: Colle
     """Parse a GloVe text file into `{word: float32 (dim,)}`, and the reading statistics. `dim`
     (None: `infer_dim`) is the vector size every line must have; with `keep`, only those words are
     parsed and returned. A token seen twice keeps its later vector."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"GloVe text file not found: {path} (download glove.840B.300d.zip from "
-                        "https://nlp.stanford.edu/projects/glove/ and unzip it)")
+    path = require_file(path, "GloVe text file", "download glove.840B.300d.zip from "
+                        "https://nlp.stanford.edu/projects/glove/ and unzip it")
     if dim is not None and dim < 1:
         raise UserError(f"the GloVe vector size must be positive, got {dim}")
     keep_bytes = None if keep is None else {word.encode("utf-8") for word in keep}
@@ -154,10 +152,8 @@ def load_glove_pickle(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], i
     """`{word: vector}` from a GloVe pickle (restricted unpickler, checked), and how many keys
     that are not words were dropped, with a warning on stderr (HCRN's pandas script turns tokens
     such as `null` or `nan` into one NaN key): no word can match them, but one key must be a word."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"GloVe pickle not found: {path} (make it with `python txt2pickle.py --glove "
-                        "glove.840B.300d.txt --out <pkl>`)")
+    path = require_file(path, "GloVe pickle", "make it with `python txt2pickle.py --glove glove.840B.300d.txt "
+                        "--out <pkl>`")
     glove = safe_load(path)
     if not isinstance(glove, dict):
         raise UserError(f"{path}: expected a dict of word -> vector, found {type(glove).__name__}")
