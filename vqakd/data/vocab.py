@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Optional, Sequence
 
 from vqakd.core.errors import UserError, require_file
@@ -79,14 +80,11 @@ class Vocabulary:
               answer_top: int = DEFAULT_ANSWER_TOP) -> "Vocabulary":
         """Train-split vocabularies from the tokenized questions and the raw answers."""
         question_token_to_idx = {NULL_TOKEN: NULL_INDEX, UNK_TOKEN: UNK_INDEX}
-        for tokens in questions_tokens:
-            for token in tokens:
-                if token not in question_token_to_idx:
-                    question_token_to_idx[token] = len(question_token_to_idx)
+        for token in chain.from_iterable(questions_tokens):          # new words in first-seen order
+            question_token_to_idx.setdefault(token, len(question_token_to_idx))
         answer_token_to_idx = {special: index for index, special in enumerate(ANSWER_SPECIALS)}
         for answer, _count in Counter(answers).most_common(answer_top):
-            if answer not in answer_token_to_idx:
-                answer_token_to_idx[answer] = len(answer_token_to_idx)
+            answer_token_to_idx.setdefault(answer, len(answer_token_to_idx))
         return cls(question_token_to_idx, answer_token_to_idx, dict(QUESTION_ANSWER_TABLE))
 
     @classmethod
