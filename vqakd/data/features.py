@@ -132,9 +132,9 @@ class FeatureTable:
         return self.row_bytes(itemsize) * self.appearance_info.shape[0]
 
     def rows(self, video_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        app = np.array([self.appearance_info.row_of[int(v)] for v in video_ids], dtype=np.int64)
-        mot = np.array([self.motion_info.row_of[int(v)] for v in video_ids], dtype=np.int64)
-        return app, mot
+        """The appearance and motion table rows of these videos."""
+        return tuple(np.array([info.row_of[int(v)] for v in video_ids], dtype=np.int64)
+                     for info in (self.appearance_info, self.motion_info))
 
     def load(self, progress: bool, device: torch.device) -> None:
         """Read both files into memory on `device`, chunk by chunk, checking every video for

@@ -110,11 +110,8 @@ def read_glove_text(path: str | os.PathLike, dim: int | None = None, keep: Colle
                 token = line.split(b" ", 1)[0]
                 raise UserError(f"{path}: line {line_no}: token {_shown(token)}: vector has {spaces} values, "
                                 f"expected {dim} (the size set by {dim_source})")
-            if spaces == dim:
-                cut = line.find(b" ")
-            else:
-                # A token with spaces: everything before the last `dim` fields.
-                cut = len(line.rsplit(b" ", dim)[0])
+            # The token is everything before the last `dim` fields (it may hold spaces).
+            cut = line.find(b" ") if spaces == dim else len(line.rsplit(b" ", dim)[0])
             token_bytes = line[:cut]
             if cut > MAX_TOKEN_BYTES:
                 stats.long_tokens += 1
