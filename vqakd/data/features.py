@@ -77,8 +77,7 @@ def read_feature_header(path: str, dataset: str, ndim: int, layout: str) -> Feat
 
 
 def _first_nonfinite_row(chunk: np.ndarray) -> Optional[int]:
-    finite = np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1)
-    bad = np.flatnonzero(~finite)
+    bad = np.flatnonzero(~np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1))
     return int(bad[0]) if bad.size else None
 
 

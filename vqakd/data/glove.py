@@ -173,8 +173,7 @@ def load_glove_pickle(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], i
                             f"expected {dim} (the size of {_shown(words[0])})")
     dropped = [key for key in glove if not isinstance(key, str)]      # pandas' NaN for `null`/`nan`
     if dropped:
-        for key in dropped:
-            del glove[key]
+        glove = {word: glove[word] for word in words}
         shown = ", ".join(repr(key) for key in dropped[:3]) + (", ..." if len(dropped) > 3 else "")
         print(f"warning: {path}: skipped {len(dropped)} key(s) that are not words ({shown}); pandas-based "
               "converters read tokens such as 'null' and 'nan' as missing values, so those words get a "

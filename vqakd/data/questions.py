@@ -22,7 +22,7 @@ from vqakd.core.errors import UserError
 from vqakd.data.glove import load_glove
 from vqakd.core.files import atomic_open, write_json, write_pickle
 from vqakd.core.safe_pickle import safe_load
-from vqakd.data.vocab import DEFAULT_ANSWER_TOP, NULL_INDEX, NULL_TOKEN, UNK_INDEX, UNK_TOKEN, Vocabulary
+from vqakd.data.vocab import NULL_INDEX, NULL_TOKEN, UNK_INDEX, UNK_TOKEN, Vocabulary
 
 # The sha256 of the vocabulary file a question file was encoded with (absent in HCRN/DualVGR files).
 VOCAB_SHA256_KEY = "vocab_sha256"
@@ -126,8 +126,7 @@ def encode_split(records: list[dict], tokens: list[list[str]], vocab: Vocabulary
 # ---------------------------------------------------------------- one split, end to end
 
 def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_out: str, vocab_file: str,
-                     summary_out: str, glove_source: str | None = None,
-                     answer_top: int = DEFAULT_ANSWER_TOP, progress: bool = True) -> dict[str, Any]:
+                     summary_out: str, glove_source: str | None, answer_top: int, progress: bool) -> dict[str, Any]:
     """Encode one split; the train split also builds and writes the vocabulary. `glove_source`
     (train only): a GloVe pickle or `.txt` file; None stores `glove: None`. Returns the summary
     that is also written to `summary_out`."""
