@@ -15,15 +15,13 @@ import os
 from vqakd.core.errors import UserError, interruptible_imports, run_cli
 from vqakd.core.script import prepare_script
 
-DEFAULT_GLOVE_TEXT = "data/glove/glove.840B.300d.txt"
-DEFAULT_OUT = "data/glove/glove.840.300d.pkl"
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--glove", default=DEFAULT_GLOVE_TEXT, help="GloVe text file (default: %(default)s)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output pickle (default: %(default)s)")
+    parser.add_argument("--glove", default="data/glove/glove.840B.300d.txt",
+                        help="GloVe text file (default: %(default)s)")
+    parser.add_argument("--out", default="data/glove/glove.840.300d.pkl", help="output pickle (default: %(default)s)")
     parser.add_argument("--vocab", default=None,
                         help="keep only these words: a {name}_vocab.json or a text file with one word a line")
     parser.add_argument("--dim", type=int, default=None,
@@ -38,7 +36,7 @@ if __name__ == "__main__":
 with interruptible_imports():       # numpy and tqdm take a moment: Ctrl-C there is a clean exit too
     from vqakd.core.files import write_pickle
     from vqakd.core.locks import guard_outputs
-    from vqakd.data.glove import read_glove_text_with_stats, read_word_list
+    from vqakd.data.glove import read_glove_text, read_word_list
 
 
 def _size(num_bytes: int) -> str:
@@ -52,20 +50,16 @@ def _size(num_bytes: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with guard_outputs({"--glove": args.glove, "--vocab": args.vocab}, {"--out": args.out}):
-        return _convert(args)
-
-
-def _convert(args: argparse.Namespace) -> int:
-    keep = read_word_list(args.vocab) if args.vocab else None
-    if keep is not None and not keep:
-        raise UserError(f"{args.vocab}: the word list is empty")
-    words, stats = read_glove_text_with_stats(args.glove, dim=args.dim, keep=keep, progress=not args.no_progress)
-    if not words and keep is None:
-        raise UserError(f"{args.glove}: no word vectors kept: {stats.long_token_note()}")
-    if not words:
-        raise UserError(f"{args.glove}: none of the {len(keep or [])} words of {args.vocab} is in this GloVe file")
-    write_pickle(args.out, words)
-    kept = f"{stats.kept} words kept"
+        keep = read_word_list(args.vocab) if args.vocab else None
+        if keep is not None and not keep:
+            raise UserError(f"{args.vocab}: the word list is empty")
+        words, stats = read_glove_text(args.glove, dim=args.dim, keep=keep, progress=not args.no_progress)
+        if not words and keep is None:
+            raise UserError(f"{args.glove}: no word vectors kept: {stats.long_token_note()}")
+        if not words:
+            raise UserError(f"{args.glove}: none of the {len(keep)} words of {args.vocab} is in this GloVe file")
+        write_pickle(args.out, words)
+    kept = f"{len(words)} words kept"
     if keep is not None:
         kept += f" of {len(keep)} requested ({len(stats.missing)} not in GloVe)"
     duplicates = f", {stats.duplicates} repeated tokens (later line kept)" if stats.duplicates else ""

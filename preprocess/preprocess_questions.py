@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))     # the repository root
-from vqakd.core.errors import UserError, interruptible_imports, run_cli  # noqa: E402
+from vqakd.core.errors import interruptible_imports, require_file, run_cli  # noqa: E402
 from vqakd.core.script import prepare_script  # noqa: E402
 
 if __name__ == "__main__":
@@ -25,11 +25,8 @@ with interruptible_imports():       # numpy, nltk and tqdm take a moment: Ctrl-C
     from vqakd.core.files import expand_template
     from vqakd.core.locks import guard_outputs
     from vqakd.data.annotations import DATASETS, SPLITS, qa_path
-    from vqakd.data.questions import format_summary, preprocess_split, questions_path, summary_path, vocab_path
+    from vqakd.data.questions import format_summary, preprocess_split
     from vqakd.data.vocab import DEFAULT_ANSWER_TOP
-
-DEFAULT_GLOVE = "data/glove/glove.840.300d.pkl"
-MODES = SPLITS + ("all",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,12 +36,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--annotation-dir", "--annotation_dir", required=True,
                         help="folder with {train,val,test}_qa.json (and youtube_mapping.txt for MSVD-QA)")
     parser.add_argument("--out-dir", "--out_dir", default=None, help="output folder (default: data/<dataset>)")
-    parser.add_argument("--glove", "--glove-pt", "--glove_pt", default=DEFAULT_GLOVE,
+    parser.add_argument("--glove", "--glove-pt", "--glove_pt", default="data/glove/glove.840.300d.pkl",
                         help="GloVe pickle from txt2pickle.py, or the GloVe .txt file (train only; "
                              "default: %(default)s)")
     parser.add_argument("--no-glove", action="store_true",
                         help="store no GloVe matrix (the model then keeps its random word embedding)")
-    parser.add_argument("--mode", default="all", choices=MODES, help="split to encode (default: %(default)s)")
+    parser.add_argument("--mode", default="all", choices=SPLITS + ("all",),
+                        help="split to encode (default: %(default)s)")
     parser.add_argument("--answer-top", "--answer_top", type=int, default=DEFAULT_ANSWER_TOP,
                         help="answer vocabulary size, besides <UNK0>/<UNK1> (default: %(default)s)")
     parser.add_argument("--output-pt", "--output_pt", default=None,
@@ -66,16 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out_dir or os.path.join("data", args.dataset)
     vocab_file = (expand_template(args.vocab_json, "--vocab-json", (args.dataset, args.dataset),
                                   dataset=args.dataset)
-                  if args.vocab_json else vocab_path(out_dir, args.dataset))
+                  if args.vocab_json else os.path.join(out_dir, f"{args.dataset}_vocab.json"))
 
     def output(split: str) -> str:
         if args.output_pt:
             return expand_template(args.output_pt, "--output-pt", (args.dataset, args.dataset, split),
                                    dataset=args.dataset, split=split)
-        return questions_path(out_dir, args.dataset, split)
+        return os.path.join(out_dir, f"{args.dataset}_{split}_questions.pt")
 
     def summary(split: str) -> str:
-        return summary_path(os.path.dirname(output(split)), args.dataset, split)
+        return os.path.join(os.path.dirname(output(split)), f"{args.dataset}_{split}_summary.json")
 
     glove = None if args.no_glove else args.glove
     inputs = {f"the {split} annotation file": qa_path(args.annotation_dir, split) for split in splits}
@@ -89,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in splits:
         outputs.append(("--vocab-json", vocab_file))
     with guard_outputs(inputs, outputs, hint="put {split} in the --output-pt template, or run one --mode at a time"):
-        if "train" in splits and glove is not None and not os.path.isfile(glove):
-            raise UserError(f"GloVe file not found: {glove} (make it with `python txt2pickle.py`, pass the "
-                            "GloVe .txt file itself, or use --no-glove)")
+        if "train" in splits and glove is not None:
+            require_file(glove, "GloVe file", "make it with `python txt2pickle.py`, pass the GloVe .txt file "
+                         "itself, or use --no-glove")
         for split in splits:
             result = preprocess_split(args.dataset, args.annotation_dir, split, output(split), vocab_file,
                                       summary(split), glove_source=glove, answer_top=args.answer_top,

@@ -14,8 +14,7 @@ import pytest
 import txt2pickle
 import vqakd.core.files
 from vqakd.core.errors import UserError, run_cli
-from vqakd.data.glove import (load_glove, load_glove_pickle_with_stats, read_glove_text,
-                         read_glove_text_with_stats, read_word_list)
+from vqakd.data.glove import load_glove, load_glove_pickle, read_glove_text, read_word_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 5
@@ -55,29 +54,29 @@ def assert_one_line_error(code, err, *fragments):
 
 
 def test_parses_every_word_exactly_including_tokens_with_spaces(glove_txt):
-    words, stats = read_glove_text_with_stats(glove_txt, progress=False)
+    words, stats = read_glove_text(glove_txt, progress=False)
     assert list(words) == WORDS
-    assert stats.dim == DIM and stats.lines == len(WORDS) and stats.kept == len(WORDS)
+    assert stats.dim == DIM and stats.lines == len(WORDS) and len(words) == len(WORDS)
     for i, word in enumerate(WORDS):
         assert words[word].dtype == np.float32 and words[word].shape == (DIM,)
         np.testing.assert_array_equal(words[word], vector_of(i))
 
 
 def test_keep_set_dim_and_duplicates(glove_txt, tmp_path):
-    words, stats = read_glove_text_with_stats(glove_txt, keep={"man", "at home", "absent"}, progress=False)
+    words, stats = read_glove_text(glove_txt, keep={"man", "at home", "absent"}, progress=False)
     assert sorted(words) == ["at home", "man"]
     assert stats.missing == ["absent"]
     np.testing.assert_array_equal(words["at home"], vector_of(WORDS.index("at home")))
     # With the size given, the first token may itself hold a space.
     spaced_first = tmp_path / "spaced.txt"
     spaced_first.write_text(glove_line("at home", vector_of(0)) + glove_line("man", vector_of(1)))
-    assert sorted(read_glove_text(spaced_first, dim=DIM, progress=False)) == ["at home", "man"]
+    assert sorted(read_glove_text(spaced_first, dim=DIM, progress=False)[0]) == ["at home", "man"]
     # Without it the size is the common one of the first lines, so a spaced first token still works.
-    assert sorted(read_glove_text(spaced_first, progress=False)) == ["at home", "man"]
+    assert sorted(read_glove_text(spaced_first, progress=False)[0]) == ["at home", "man"]
     # A repeated token keeps its later vector (as a dict built from the whole file would).
     repeated = tmp_path / "repeated.txt"
     repeated.write_text(glove_line("man", vector_of(0)) + glove_line("man", vector_of(3)))
-    words, stats = read_glove_text_with_stats(repeated, progress=False)
+    words, stats = read_glove_text(repeated, progress=False)
     np.testing.assert_array_equal(words["man"], vector_of(3))
     assert stats.duplicates == 1
 
@@ -85,7 +84,7 @@ def test_keep_set_dim_and_duplicates(glove_txt, tmp_path):
 def test_skipped_words_are_not_parsed(tmp_path):
     path = tmp_path / "g.txt"
     path.write_text(glove_line("man", vector_of(0)) + "junk 1 2 x 4 5\n" + glove_line("who", vector_of(1)))
-    assert sorted(read_glove_text(path, keep=["man", "who"], progress=False)) == ["man", "who"]
+    assert sorted(read_glove_text(path, keep=["man", "who"], progress=False)[0]) == ["man", "who"]
     with pytest.raises(UserError, match=r"g.txt: line 2: token 'junk': non-numeric value 'x'"):
         read_glove_text(path, progress=False)
 
@@ -131,17 +130,15 @@ def test_word_lists(tmp_path):
 def test_glove_pickle_loader_checks_content(tmp_path):
     good = tmp_path / "good.pkl"
     good.write_bytes(pickle.dumps({"man": np.ones(3, np.float32), "who": np.zeros(3, np.float64)}))
-    assert sorted(load_glove_pickle_with_stats(good)[0]) == ["man", "who"]
-    with pytest.raises(UserError, match=r"good.pkl: word 'man' has a vector of size 3, expected 300"):
-        load_glove_pickle_with_stats(good, dim=300)[0]
+    assert sorted(load_glove_pickle(good)[0]) == ["man", "who"]
     mixed = tmp_path / "mixed.pkl"
     mixed.write_bytes(pickle.dumps({"man": np.ones(3), "who": np.ones(4)}))
     with pytest.raises(UserError, match=r"mixed.pkl: word 'who' has a vector of size 4, expected 3"):
-        load_glove_pickle_with_stats(mixed)[0]
+        load_glove_pickle(mixed)[0]
     not_dict = tmp_path / "list.pkl"
     not_dict.write_bytes(pickle.dumps([np.ones(3)]))
     with pytest.raises(UserError, match="list.pkl: expected a dict"):
-        load_glove_pickle_with_stats(not_dict)[0]
+        load_glove_pickle(not_dict)[0]
 
     class Evil:
         def __reduce__(self):
@@ -150,9 +147,9 @@ def test_glove_pickle_loader_checks_content(tmp_path):
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps({"man": Evil()}))
     with pytest.raises(UserError, match=r"evil.pkl: refusing to unpickle (posix|os|nt)\.system"):
-        load_glove_pickle_with_stats(evil)[0]
+        load_glove_pickle(evil)[0]
     with pytest.raises(UserError, match="GloVe pickle not found: .*absent.pkl.*txt2pickle"):
-        load_glove_pickle_with_stats(tmp_path / "absent.pkl")[0]
+        load_glove_pickle(tmp_path / "absent.pkl")[0]
 
 
 def test_txt2pickle_as_a_user_runs_it(glove_txt, tmp_path):
@@ -162,7 +159,7 @@ def test_txt2pickle_as_a_user_runs_it(glove_txt, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"{len(WORDS)} lines, {len(WORDS)} words kept, dim {DIM}" in proc.stdout
     assert "reading glove.small.txt" in proc.stderr          # the progress bar
-    words = load_glove_pickle_with_stats(out, dim=DIM)[0]
+    words = load_glove_pickle(out)[0]
     assert list(words) == WORDS
     np.testing.assert_array_equal(words["new\u00a0york"], vector_of(WORDS.index("new\u00a0york")))
 
@@ -174,7 +171,7 @@ def test_txt2pickle_keeps_only_vocab_words(glove_txt, tmp_path, capsys):
     assert txt2pickle.main(["--glove", str(glove_txt), "--out", str(out), "--vocab", str(listing),
                             "--no-progress"]) == 0
     assert "2 words kept of 3 requested (1 not in GloVe), dim 5" in capsys.readouterr().out
-    assert sorted(load_glove_pickle_with_stats(out)[0]) == ["at home", "man"]
+    assert sorted(load_glove_pickle(out)[0]) == ["at home", "man"]
 
 
 @pytest.mark.parametrize("content, fragments", [
@@ -244,19 +241,19 @@ def test_pandas_made_pickle_with_a_nan_key_loads_without_it(tmp_path, capsys):
             "null-ish": np.full(3, 3.0)}
     path = tmp_path / "pandas_glove.pkl"
     path.write_bytes(pickle.dumps(made))
-    words, skipped = load_glove_pickle_with_stats(path)
+    words, skipped = load_glove_pickle(path)
     assert skipped == 1 and list(words) == ["the", "man", "null-ish"]
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pandas_glove.pkl: skipped 1 key(s) that are not words (nan)" in err
-    assert sorted(load_glove(str(path))) == ["man", "null-ish", "the"]      # the plain loaders drop it too
+    assert sorted(load_glove(str(path))[0]) == ["man", "null-ish", "the"]      # the plain loaders drop it too
     # A NaN key's vector is not checked (nothing can use it) ...
     path.write_bytes(pickle.dumps({float("nan"): np.ones(5), 7: "junk", "man": np.ones(3)}))
-    assert load_glove_pickle_with_stats(path)[0].keys() == {"man"}
+    assert load_glove_pickle(path)[0].keys() == {"man"}
     assert "skipped 2 key(s) that are not words (nan, 7)" in capsys.readouterr().err
     # ... but a pickle without a single word key is not a GloVe pickle.
     path.write_bytes(pickle.dumps({b"man": np.ones(3), b"who": np.ones(3)}))
     with pytest.raises(UserError, match=r"pandas_glove.pkl: no key is a word: 2 key\(s\) such as b'man' \(bytes\)"):
-        load_glove_pickle_with_stats(path)[0]
+        load_glove_pickle(path)[0]
     # A clean pickle: nothing skipped, nothing printed.
     path.write_bytes(pickle.dumps({"man": np.ones(3)}))
-    assert load_glove_pickle_with_stats(path)[1] == 0 and capsys.readouterr().err == ""
+    assert load_glove_pickle(path)[1] == 0 and capsys.readouterr().err == ""

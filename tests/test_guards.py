@@ -18,10 +18,11 @@ import vqakd.core.files
 from preprocess.preprocess_questions import main as preprocess_main
 from vqakd.data.annotations import load_msvd_mapping, load_qa
 from vqakd.core.errors import UserError, run_cli
-from vqakd.data.glove import MAX_TOKEN_BYTES, read_glove_text_with_stats
+from vqakd.data.glove import MAX_TOKEN_BYTES, read_glove_text
 from vqakd.core.files import atomic_open, file_sha256, remove_stale_temporaries, write_json, write_pickle
 from vqakd.core.files import check_output_paths, expand_template
 from vqakd.data.questions import check_vocab_binding, load_question_file
+from vqakd.data.vocab import Vocabulary
 from vqakd.core.safe_pickle import safe_load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -261,7 +262,7 @@ def test_glove_line_with_an_absurdly_long_token_is_skipped_and_counted(tmp_path,
     # A lost newline runs two lines together: the "token" is a whole line plus the next word.
     merged = "the " + " ".join(["0.5"] * 1200) + " of"
     glove.write_text(f"a 1 2\n{merged} 5 6\nb 3 4\n")
-    words, stats = read_glove_text_with_stats(glove, dim=2, progress=False)
+    words, stats = read_glove_text(glove, dim=2, progress=False)
     assert sorted(words) == ["a", "b"]
     assert stats.long_tokens == 1 and stats.first_long_line == 2
     assert len(merged) > MAX_TOKEN_BYTES
@@ -284,7 +285,7 @@ def test_pickle_asking_for_absurd_memory_is_refused_before_allocating(tmp_path):
         path = tmp_path / "q.pt"
         path.write_bytes(data)
         with pytest.raises(UserError, match=r"corrupt or forged pickle: .* 10,000,000,000,000 items") as exc:
-            load_question_file(path)
+            load_question_file(path, 7, 3)
         assert str(path) in str(exc.value), name
     path.write_bytes(b"\x80\x04\x8e" + (10 ** 13).to_bytes(8, "little") + b"ab.")     # BINBYTES8
     with pytest.raises(UserError, match="more memory than there is"):
@@ -336,9 +337,11 @@ def test_question_files_record_their_vocabulary(annotations, tmp_path):
     assert preprocess(annotations, "--out-dir", str(out)) == 0
     vocab = out / "msvd-qa_vocab.json"
     digest = file_sha256(vocab)
+    loaded = Vocabulary.load(str(vocab))
+    sizes = loaded.question_size, loaded.answer_size
     for split in ("train", "val", "test"):
         path = out / f"msvd-qa_{split}_questions.pt"
-        data = load_question_file(path)
+        data = load_question_file(path, *sizes)
         assert data["vocab_sha256"] == digest
         check_vocab_binding(data, str(path), str(vocab), digest)
         with open(path, "rb") as handle:
@@ -355,7 +358,9 @@ def test_question_file_from_another_vocabulary_is_refused(annotations, tmp_path)
     vocab = out / "msvd-qa_vocab.json"
     val = out / "msvd-qa_val_questions.pt"
     with pytest.raises(UserError) as exc:
-        check_vocab_binding(load_question_file(val), str(val), str(vocab), file_sha256(vocab))
+        current = Vocabulary.load(str(vocab))
+        check_vocab_binding(load_question_file(val, current.question_size, current.answer_size), str(val), str(vocab),
+                            current.sha256)
     message = str(exc.value)
     assert str(val) in message and str(vocab) in message and "preprocess_questions.py" in message
     assert "--mode all" in message and "\n" not in message
@@ -366,7 +371,7 @@ def test_question_files_without_the_key_are_accepted(tmp_path):
                 "video_ids": np.array([1]), "video_names": ["v"], "answers": [0], "glove": None}
     path = tmp_path / "hcrn_val_questions.pt"
     path.write_bytes(pickle.dumps(original))
-    data = load_question_file(path)
+    data = load_question_file(path, 4, 1)
     assert data["vocab_sha256"] is None
     check_vocab_binding(data, str(path), "v.json", "0" * 64)
 

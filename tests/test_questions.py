@@ -108,7 +108,6 @@ def test_encoding_rules():
     assert [vocab.answer_label("cook", s) for s in ("train", "val", "test")] == [2, 2, 2]
     assert [vocab.answer_label("zebra", s) for s in ("train", "val", "test")] == [0, 1, 1]
     assert vocab.idx_to_question_token == ["<NULL>", "<UNK>", "what"] and vocab.idx_to_answer[2] == "cook"
-    assert vocab.decode_question(np.array([2, 1, 0]), 2) == "what <UNK>"
     matrix, lengths = pad_questions([[2, 3], [4, 5, 6, 7], [8]])
     np.testing.assert_array_equal(matrix, [[2, 3, 0, 0], [4, 5, 6, 7], [8, 0, 0, 0]])
     assert matrix.dtype == np.int32 and lengths.dtype == np.int32 and lengths.tolist() == [2, 4, 1]
@@ -117,14 +116,14 @@ def test_encoding_rules():
 def test_written_vocabulary_loads_back_identical_with_its_file_hash(tmp_path):
     built = Vocabulary.build(TRAIN_TOKENS, [r["answer"] for r in MSVD_TRAIN], answer_top=3)
     path = tmp_path / "x_vocab.json"
-    vqakd.core.files.write_json(str(path), built.to_json())
+    path.write_bytes(built.json_bytes())
     assert set(json.loads(path.read_text())) == {"question_token_to_idx", "answer_token_to_idx",
                                                  "question_answer_token_to_idx"}
     loaded = Vocabulary.load(str(path))
-    assert loaded.to_json() == built.to_json() and loaded.idx_to_question_token == QUESTION_VOCAB
+    assert loaded.json_bytes() == built.json_bytes() and loaded.idx_to_question_token == QUESTION_VOCAB
     assert loaded.info() == {"question_size": len(QUESTION_VOCAB), "answer_size": 5,
                              "sha256": vqakd.core.files.file_sha256(str(path)), "path": str(path)}
-    path.write_text(json.dumps({**built.to_json(), "answer_token_to_idx": {"<UNK0>": 0, "cook": 2}}))
+    path.write_text(json.dumps({**json.loads(built.json_bytes()), "answer_token_to_idx": {"<UNK0>": 0, "cook": 2}}))
     with pytest.raises(UserError, match="answer_token_to_idx: indices must be 0..1, each used once"):
         Vocabulary.load(str(path))
 
@@ -166,17 +165,18 @@ def test_msvd_end_to_end(msvd, capsys):
         expected = GLOVE_WORDS.get(token, 0.0)                               # zero row for words GloVe lacks
         np.testing.assert_array_equal(glove_rows[index], np.full(DIM, expected, np.float32))
 
-    val = load_question_file(out / "msvd-qa_val_questions.pt", len(q_index), len(vocab["answer_token_to_idx"]))
+    sizes = len(q_index), len(vocab["answer_token_to_idx"])
+    val = load_question_file(out / "msvd-qa_val_questions.pt", *sizes)
     # 'slicing' and 'cooks' are not train words -> <UNK>=1; padded to the longest val question (5 tokens).
     assert val["questions"].tolist() == [[2, 3, 4, 16, 1], [7, 1, 0, 0, 0]]
     assert val["questions_len"].tolist() == [5, 2]
     assert val["answers"].tolist() == [1, 3]                                 # unknown val answer -> 1
     assert val["glove"] is None and val["clip_names"] == ["clipA_1_5", "clipC_0_4"]
     assert val["question_id"] == [0, 1] and val["record_id"] == [7, 8]       # running index; the records' ids
-    test = load_question_file(out / "msvd-qa_test_questions.pt")
+    test = load_question_file(out / "msvd-qa_test_questions.pt", *sizes)
     assert test["answers"].tolist() == [1] and test["question_id"] == [0] and test["record_id"] == [9]
 
-    train = load_question_file(out / "msvd-qa_train_questions.pt", len(q_index))
+    train = load_question_file(out / "msvd-qa_train_questions.pt", *sizes)
     assert train["glove"].shape == (len(QUESTION_VOCAB), DIM)
     summary = json.loads((out / "msvd-qa_train_summary.json").read_text())
     assert summary["questions"] == 7 and summary["answer_coverage"] == pytest.approx(5 / 7)
@@ -203,10 +203,12 @@ def test_msrvtt_script_as_a_user_runs_it(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "msrvtt-qa train: 2 questions" in proc.stdout and "GloVe coverage 28.57%" in proc.stdout
     out = tmp_path / "data" / "msrvtt-qa"                    # the default --out-dir, relative to the cwd
-    train = load_question_file(out / "msrvtt-qa_train_questions.pt")
+    vocab = Vocabulary.load(str(out / "msrvtt-qa_vocab.json"))
+    sizes = vocab.question_size, vocab.answer_size
+    train = load_question_file(out / "msrvtt-qa_train_questions.pt", *sizes)
     assert train["clip_names"] == ["video5", "video9"] and train["video_ids"].tolist() == [5, 9]
     assert train["glove"][2].tolist() == [1, 1, 1, 1] and train["glove"][5].tolist() == [2, 2, 2, 2]
-    test = load_question_file(out / "msrvtt-qa_test_questions.pt")
+    test = load_question_file(out / "msrvtt-qa_test_questions.pt", *sizes)
     assert test["clip_names"] == ["video7012"] and test["answers"].tolist() == [1]
 
 
@@ -316,7 +318,7 @@ def test_reader_returns_our_extra_keys(tmp_path):
     obj = dict(good_question_file(), record_id=[17, 4], clip_names=["clipX", "clipY"], question_text=["a?", "b?"])
     path = tmp_path / "ours.pt"
     path.write_bytes(pickle.dumps(obj))
-    data = load_question_file(path)
+    data = load_question_file(path, 7, 3)
     assert data["question_id"] == [0, 1] and data["record_id"] == [17, 4]
     assert data["clip_names"] == ["clipX", "clipY"] and data["question_text"] == ["a?", "b?"]
 
@@ -354,19 +356,19 @@ def test_reader_refuses_code_and_other_objects(tmp_path):
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps(dict(good_question_file(), answers=Evil())))
     with pytest.raises(UserError, match=r"evil.pt: refusing to unpickle (posix|os|nt)\.system"):
-        load_question_file(evil)
+        load_question_file(evil, 7, 3)
     listing = tmp_path / "list.pt"
     listing.write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(UserError, match="list.pt: expected a dict"):
-        load_question_file(listing)
+        load_question_file(listing, 7, 3)
     missing = tmp_path / "missing.pt"
     missing.write_bytes(pickle.dumps({"questions": np.zeros((1, 1), np.int32)}))
     with pytest.raises(UserError, match="missing.pt: missing questions_len, question_id"):
-        load_question_file(missing)
+        load_question_file(missing, 7, 3)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(pickle.dumps(good_question_file())[:60])
     with pytest.raises(UserError, match="truncated.pt: not a readable pickle"):
-        load_question_file(truncated)
+        load_question_file(truncated, 7, 3)
 
 
 # ---------------------------------------------------------------- fuzzing

@@ -339,11 +339,13 @@ def test_question_preprocessing_killed_mid_write_leaves_no_truncated_file(tmp_pa
     # The same command again (here in-process) completes, and its output reads back.
     from preprocess.preprocess_questions import main as preprocess_questions
     from vqakd.data.questions import load_question_file
+    from vqakd.data.vocab import Vocabulary
 
     with contextlib.redirect_stdout(io.StringIO()):
         assert preprocess_questions(command[1:]) == 0
 
-    loaded = load_question_file(str(final))
+    vocab = Vocabulary.load(str(out / "msvd-qa_vocab.json"))
+    loaded = load_question_file(str(final), vocab.question_size, vocab.answer_size)
     assert len(loaded["answers"]) == len(MSVD_RECORDS["train"])
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from vqakd.core.errors import UserError
+from vqakd.core.errors import UserError, require_file
 from vqakd.core.files import read_json
 
 DATASETS = ("msvd-qa", "msrvtt-qa")
@@ -27,23 +27,16 @@ class Video:
     path: str          # the video file this id refers to (it may not exist; extraction reports it)
 
 
-def check_dataset(dataset: str) -> str:
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    return dataset
-
-
 def qa_path(annotation_dir: str, split: str) -> str:
     return os.path.join(annotation_dir, f"{split}_qa.json")
 
 
 def load_qa(annotation_dir: str, split: str, dataset: str = "msvd-qa") -> list[dict]:
     """Read `{split}_qa.json`, checking that every record has question, answer and video_id."""
-    check_dataset(dataset)
-    path = qa_path(annotation_dir, split)
-    if not os.path.isfile(path):
-        raise UserError(f"annotation file not found: {path} (download the {dataset.upper()} "
-                        "annotations and pass their folder with --annotation-dir)")
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    path = require_file(qa_path(annotation_dir, split), "annotation file", f"download the {dataset.upper()} "
+                        "annotations and pass their folder with --annotation-dir")
     records = read_json(path)
     if not isinstance(records, list):
         raise UserError(f"{path}: expected a JSON list of QA records, found {type(records).__name__}")
@@ -77,10 +70,8 @@ def parse_video_id(value: object) -> int | None:
 
 def load_msvd_mapping(annotation_dir: str) -> dict[int, str]:
     """`youtube_mapping.txt` lines `clipname vidN` → {N: clipname}."""
-    path = os.path.join(annotation_dir, "youtube_mapping.txt")
-    if not os.path.isfile(path):
-        raise UserError(f"MSVD-QA mapping file not found: {path} (it ships with the MSVD-QA "
-                        "annotations next to the {split}_qa.json files)")
+    path = require_file(os.path.join(annotation_dir, "youtube_mapping.txt"), "MSVD-QA mapping file",
+                        "it ships with the MSVD-QA annotations next to the {split}_qa.json files")
     mapping: dict[int, str] = {}
     # utf-8-sig: a byte-order mark would otherwise become part of the first clip's name.
     try:
@@ -96,6 +87,18 @@ def load_msvd_mapping(annotation_dir: str) -> dict[int, str]:
             raise UserError(f"{path}: line {line_no}: expected 'clipname vidN', got {line.strip()!r}")
         mapping[int(parts[1][3:])] = parts[0]
     return mapping
+
+
+def clip_name(dataset: str, mapping: dict[int, str], record: dict, source: str, index: int) -> str:
+    """The clip name of a QA record's video: MSVD-QA's from `mapping` (`load_msvd_mapping`),
+    MSRVTT-QA's `video{id}`."""
+    video_id = int(record["video_id"])
+    if dataset != "msvd-qa":
+        return f"video{video_id}"
+    if video_id not in mapping:
+        raise UserError(f"{source}: record {index} (id {record.get('id', index)}): video_id {video_id} "
+                        f"(vid{video_id}) is not in youtube_mapping.txt")
+    return mapping[video_id]
 
 
 def _find_video(folder: str, name: str, release_ext: str, listings: dict[str, set[str]]) -> str:
@@ -124,31 +127,25 @@ def other_containers(path: str) -> list[str]:
         return []
 
 
-def list_videos(dataset: str, annotation_dir: str, video_dir: str,
-                splits: tuple[str, ...] = SPLITS) -> list[Video]:
-    """Every video referred to by the QA files of `splits` (those present), sorted by id: MSVD-QA's
+def list_videos(dataset: str, annotation_dir: str, video_dir: str) -> list[Video]:
+    """Every video referred to by the QA files (those present), sorted by id: MSVD-QA's
     in `video_dir/YouTubeClips`, MSRVTT-QA's in `video_dir/TrainValVideo` or `video_dir/TestVideo`
     (or `video_dir` itself where that folder is absent), found by `_find_video`."""
-    check_dataset(dataset)
-    present = [split for split in splits if os.path.isfile(qa_path(annotation_dir, split))]
+    present = [split for split in SPLITS if os.path.isfile(qa_path(annotation_dir, split))]
     if not present:
-        raise UserError(f"no QA files ({', '.join(qa_path(annotation_dir, s) for s in splits)}) "
+        raise UserError(f"no QA files ({', '.join(qa_path(annotation_dir, s) for s in SPLITS)}) "
                         f"found in {annotation_dir}")
     mapping = load_msvd_mapping(annotation_dir) if dataset == "msvd-qa" else {}
     videos: dict[int, Video] = {}
     listings: dict[str, set[str]] = {}
     for split in present:
-        for record in load_qa(annotation_dir, split, dataset):
+        for index, record in enumerate(load_qa(annotation_dir, split, dataset)):
             vid = int(record["video_id"])
             if vid in videos:
                 continue
-            if dataset == "msvd-qa":
-                if vid not in mapping:
-                    raise UserError(f"video id {vid} is not in youtube_mapping.txt")
-                name, folder = mapping[vid], os.path.join(video_dir, "YouTubeClips")
-            else:
-                name = f"video{vid}"
-                folder = os.path.join(video_dir, "TestVideo" if split == "test" else "TrainValVideo")
+            name = clip_name(dataset, mapping, record, qa_path(annotation_dir, split), index)
+            folder = os.path.join(video_dir, "YouTubeClips" if dataset == "msvd-qa"
+                                  else "TestVideo" if split == "test" else "TrainValVideo")
             folder = folder if os.path.isdir(folder) else video_dir
             videos[vid] = Video(vid, name, _find_video(folder, name, RELEASE_EXTENSION[dataset], listings))
     return [videos[vid] for vid in sorted(videos)]

@@ -3,15 +3,13 @@ together (`load_data` -> `DataBundle`) and served in batches: `QuestionBatches` 
 whole batch of question indices (from `EpochBatchSampler`, see `make_loader`), so a batch is one
 index gather, never one HDF5 read or `__getitem__` per sample.
 
-Everything checkable is checked before training starts, with errors that name the file: layouts
-and sizes against the model, every question's video in both feature files (or, with
-`data.missing_videos: drop`, its question left out and counted: `with_dropped`), NaN/inf features,
-token and answer indices inside the vocabulary, GloVe rows == question vocabulary size.
+Everything checkable is checked before training starts, with errors that name the file; with
+`data.missing_videos: drop`, a question whose video is missing is left out and counted (`with_dropped`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -22,8 +20,9 @@ from vqakd.data.annotations import SPLITS
 from vqakd.core.config import Config
 from vqakd.core.errors import UserError, require_file
 from vqakd.data.features import FeatureFileInfo, FeatureTable, choose_table_device, load_feature_table
-from vqakd.data.questions import QUESTION_TYPES, check_vocab_binding, load_question_file, question_type_code
-from vqakd.data.vocab import NULL_TOKEN, UNK_TOKEN, Vocabulary
+from vqakd.data.questions import (NUM_TYPE_CODES, QUESTION_TYPES, check_vocab_binding, glove_matrix,
+                                  load_question_file, question_type_code)
+from vqakd.data.vocab import Vocabulary
 
 MISSING_IDS_SHOWN = 5
 
@@ -42,12 +41,10 @@ class QuestionSplit:
     mot_rows: torch.Tensor
     question_id: list
     video_ids: np.ndarray
-    video_names: list[str]
     question_text: Optional[list[str]]
     answer_text: Optional[list[str]]          # the annotation's answers (question files made before lack them)
     glove: Optional[np.ndarray]
     record_id: Optional[list] = None          # the annotation records' ids (our files only)
-    clip_names: Optional[list[str]] = None    # the video files' names (our files only)
     # Questions left out because their video is missing (data.missing_videos: drop): their
     # question-type codes, so val/test accuracy can keep them in its denominators.
     dropped_qtypes: Optional[torch.Tensor] = None
@@ -66,7 +63,8 @@ class QuestionSplit:
     def text(self, index: int, vocab: Vocabulary) -> str:
         if self.question_text is not None:
             return self.question_text[index]
-        return vocab.decode_question(self.questions[index].numpy(), int(self.lengths[index]))
+        # A file without the text (HCRN's): its tokens, as the vocabulary spells them.
+        return " ".join(vocab.idx_to_question_token[int(t)] for t in self.questions[index, :self.lengths[index]])
 
 
 def _missing_video_ids(path: str, video_ids: np.ndarray, info: FeatureFileInfo, policy: str) -> set[int]:
@@ -82,15 +80,6 @@ def _missing_video_ids(path: str, video_ids: np.ndarray, info: FeatureFileInfo, 
     return set(missing)
 
 
-def _keep(values, keep: np.ndarray):
-    """`values` (array, tensor, list or None) at the positions where `keep` is true."""
-    if values is None:
-        return None
-    if isinstance(values, (np.ndarray, torch.Tensor)):
-        return values[torch.from_numpy(keep) if isinstance(values, torch.Tensor) else keep]
-    return [value for value, kept in zip(values, keep) if kept]
-
-
 def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable,
                missing_videos: str = "error") -> QuestionSplit:
     """One question file, checked against the vocabulary and the feature table.
@@ -99,29 +88,27 @@ def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable,
     require_file(path, f"{name} question file", "make it with preprocess/preprocess_questions.py")
     data = load_question_file(path, vocab.question_size, vocab.answer_size)
     check_vocab_binding(data, path, vocab.path, vocab.sha256)
-    video_ids = np.asarray(data["video_ids"])
+    video_ids = data["video_ids"]
     missing = (_missing_video_ids(path, video_ids, table.appearance_info, missing_videos)
                | _missing_video_ids(path, video_ids, table.motion_info, missing_videos))
     first_tokens = [vocab.idx_to_question_token[int(t)] for t in data["questions"][:, 0]]
     qtypes = torch.tensor([question_type_code(token) for token in first_tokens], dtype=torch.long)
-    keep = ~np.isin(video_ids, np.array(sorted(missing), dtype=np.int64)) if missing else np.ones(len(video_ids), bool)
+    keep = ~np.isin(video_ids, np.array(sorted(missing), dtype=np.int64))
     if not keep.any():
         raise UserError(f"{path}: none of its {len(video_ids)} questions has its video in both feature files "
                         f"({table.appearance_info.path}, {table.motion_info.path})")
-    dropped_qtypes = qtypes[torch.from_numpy(~keep)] if missing else None
-    kept = {key: _keep(data[key], keep) if missing else data[key]
-            for key in ("questions", "questions_len", "answers", "question_id", "video_ids", "video_names",
-                        "question_text", "answer_text", "record_id", "clip_names")}
-    app_rows, mot_rows = table.rows(kept["video_ids"])
+
+    def kept(values: Optional[list]) -> Optional[list]:
+        return None if values is None else [value for value, flag in zip(values, keep) if flag]
+
+    app_rows, mot_rows = table.rows(video_ids[keep])
     return QuestionSplit(
-        name=name, path=path, questions=torch.from_numpy(np.ascontiguousarray(kept["questions"])).long(),
-        lengths=torch.from_numpy(np.ascontiguousarray(kept["questions_len"])).long(),
-        answers=torch.as_tensor(np.asarray(kept["answers"])).long(),
-        qtypes=qtypes[torch.from_numpy(keep)],
-        app_rows=torch.from_numpy(app_rows), mot_rows=torch.from_numpy(mot_rows),
-        question_id=kept["question_id"], video_ids=kept["video_ids"], video_names=kept["video_names"],
-        question_text=kept["question_text"], answer_text=kept["answer_text"], glove=data["glove"],
-        record_id=kept["record_id"], clip_names=kept["clip_names"], dropped_qtypes=dropped_qtypes,
+        name=name, path=path, questions=torch.from_numpy(data["questions"][keep]),
+        lengths=torch.from_numpy(data["questions_len"][keep]), answers=torch.from_numpy(data["answers"][keep]),
+        qtypes=qtypes[torch.from_numpy(keep)], app_rows=torch.from_numpy(app_rows),
+        mot_rows=torch.from_numpy(mot_rows), question_id=kept(data["question_id"]), video_ids=video_ids[keep],
+        question_text=kept(data["question_text"]), answer_text=kept(data["answer_text"]), glove=data["glove"],
+        record_id=kept(data["record_id"]), dropped_qtypes=qtypes[torch.from_numpy(~keep)] if missing else None,
     )
 
 
@@ -130,8 +117,8 @@ def with_dropped(summary: dict, split: QuestionSplit) -> dict:
     dropped for missing videos count as wrong (in every denominator, overall and per type), with
     the figures on the answered questions alone (`accuracy_answered`, `count_answered`) and
     `dropped` next to them; a split with nothing dropped gets the same keys."""
-    dropped_per_code = (torch.bincount(split.dropped_qtypes, minlength=len(QUESTION_TYPES) + 1).tolist()
-                        if split.dropped else [0] * (len(QUESTION_TYPES) + 1))
+    dropped_per_code = (torch.bincount(split.dropped_qtypes, minlength=NUM_TYPE_CODES).tolist()
+                        if split.dropped else [0] * NUM_TYPE_CODES)
 
     def adjust(values: dict, dropped: int) -> dict:
         count = values["count"] + dropped
@@ -164,27 +151,19 @@ class QuestionBatches(Dataset):
         self.device = table.device if table.mode == "memory" else torch.device("cpu")
         self.columns = {name: getattr(split, name).to(self.device) for name in self.ON_DEVICE}
         self.reuse_buffers = reuse_buffers and table.mode == "memory" and self.device.type == "cpu"
-        self._ring: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = []
+        self._ring: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * self.BUFFER_RING
         self._turn = -1
 
     def _buffers(self, size: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         if not self.reuse_buffers:
             return None
         self._turn = (self._turn + 1) % self.BUFFER_RING
-        if len(self._ring) <= self._turn:
-            self._ring.append(None)
         pair = self._ring[self._turn]
         if pair is None or pair[0].shape[0] < size:
-            table = self.table
-            pair = (torch.empty((size,) + tuple(table.appearance.shape[1:]), dtype=table.appearance.dtype),
-                    torch.empty((size,) + tuple(table.motion.shape[1:]), dtype=table.motion.dtype))
+            pair = tuple(torch.empty((size, *features.shape[1:]), dtype=features.dtype)
+                         for features in (self.table.appearance, self.table.motion))
             self._ring[self._turn] = pair
         return pair[0][:size], pair[1][:size]
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_ring"] = []          # a worker process builds its own (never used there: see make_loader)
-        return state
 
     def __len__(self) -> int:
         return len(self.split)
@@ -206,24 +185,22 @@ class QuestionBatches(Dataset):
         }
 
 
+@dataclass(eq=False)
 class EpochBatchSampler(Sampler):
     """Batches of question indices, shuffled by (seed + epoch), so a resumed run sees exactly the
     batches of an uninterrupted one. Each rank takes every world_size-th index of the same
     permutation, padded with its first indices when shuffling (training: every rank runs the same
     steps), never when evaluating (every question counted once)."""
-
-    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_single_last: bool = False, max_batches: Optional[int] = None):
-        self.size = size
-        self.max_batches = max_batches      # train.max_steps: the first batches only
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        # A final training batch of one question would make BatchNorm fail; it is dropped.
-        self.drop_single_last = drop_single_last
-        self.epoch = 0
+    size: int
+    batch_size: int
+    shuffle: bool
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    # A final training batch of one question would make BatchNorm fail; it is dropped.
+    drop_single_last: bool = False
+    max_batches: Optional[int] = None      # train.max_steps: the first batches only
+    epoch: int = field(default=0, init=False)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -288,12 +265,10 @@ def load_data(config: Config, splits: tuple[str, ...] = SPLITS, device: torch.de
     """Vocabulary, the requested question splits and the feature table, all checked.
     `before_table(bundle)` runs once the question splits are loaded and the table's headers read:
     the memory plan (vqakd/training/memory.py); when it returns False the table is not read."""
-    vocab_path = require_file(config.data.vocab, "vocabulary file", "make it with preprocess/preprocess_questions.py")
-    vocab = Vocabulary.load(vocab_path)
+    vocab = Vocabulary.load(config.data.vocab)
     table = load_feature_table(config, expected_by)
-    paths = {"train": config.data.train_questions, "val": config.data.val_questions,
-             "test": config.data.test_questions}
-    loaded = {name: load_split(name, paths[name], vocab, table, config.data.missing_videos) for name in splits}
+    loaded = {name: load_split(name, getattr(config.data, f"{name}_questions"), vocab, table,
+                               config.data.missing_videos) for name in splits}
     bundle = DataBundle(vocab, table, loaded)
     if before_table is not None and not before_table(bundle):
         return bundle
@@ -310,13 +285,5 @@ def glove_matrix_for(config: Config, bundle: DataBundle, progress: bool = True) 
     if train is not None and train.glove is not None:
         return train.glove
     if config.data.glove:
-        from vqakd.data.glove import load_glove
-        from vqakd.data.questions import glove_matrix
-
-        words = {token for token in bundle.vocab.question_token_to_idx if token not in (NULL_TOKEN, UNK_TOKEN)}
-        vectors = load_glove(config.data.glove, keep=words, progress=progress)
-        if not vectors:
-            raise UserError(f"{config.data.glove}: none of the question words is in this GloVe file")
-        matrix, _found = glove_matrix(bundle.vocab.question_token_to_idx, vectors)
-        return matrix
+        return glove_matrix(config.data.glove, bundle.vocab.question_token_to_idx, progress)[0]
     return None

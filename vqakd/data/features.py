@@ -24,8 +24,6 @@ IDS_DATASET = "ids"
 LOAD_CHUNK_BYTES = 256 << 20
 # The GPU table may use at most this share of the free GPU memory (the model needs the rest).
 GPU_TABLE_SHARE = 0.5
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def _open_h5(path: str):
@@ -51,10 +49,9 @@ def read_feature_header(path: str, dataset: str, ndim: int, layout: str) -> Feat
     """Check one feature file's dataset names and shapes; read its ids."""
     require_file(path, "feature file", "make it with preprocess/preprocess_features.py")
     with _open_h5(path) as handle:
-        names = sorted(handle.keys())
         for name in (dataset, IDS_DATASET):
             if name not in handle:
-                raise UserError(f"{path}: no dataset {name!r} (found: {', '.join(names) or 'none'}); expected "
+                raise UserError(f"{path}: no dataset {name!r} (found: {', '.join(sorted(handle)) or 'none'}); expected "
                                 f"{dataset!r} {layout} and {IDS_DATASET!r} (V,)")
         features, ids_ds = handle[dataset], handle[IDS_DATASET]
         if len(features.shape) != ndim:
@@ -80,19 +77,8 @@ def read_feature_header(path: str, dataset: str, ndim: int, layout: str) -> Feat
 
 
 def _first_nonfinite_row(chunk: np.ndarray) -> Optional[int]:
-    finite = np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1)
-    bad = np.flatnonzero(~finite)
+    bad = np.flatnonzero(~np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1))
     return int(bad[0]) if bad.size else None
-
-
-def _read_rows(info: FeatureFileInfo, handle, rows: np.ndarray) -> np.ndarray:
-    """Rows (any order, repeats allowed) of one feature file in one HDF5 read."""
-    unique, inverse = np.unique(rows, return_inverse=True)
-    try:
-        block = handle[info.dataset][unique]
-    except OSError as exc:
-        raise UserError(f"{info.path}: cannot read {info.dataset!r} ({exc}); the file may be truncated") from None
-    return block[inverse]
 
 
 def _convert_checked(info: FeatureFileInfo, block: np.ndarray, rows: np.ndarray, dtype_name: str) -> np.ndarray:
@@ -103,13 +89,13 @@ def _convert_checked(info: FeatureFileInfo, block: np.ndarray, rows: np.ndarray,
         raise UserError(f"{info.path}: {info.dataset!r} of video id {int(info.ids[rows[bad]])} holds NaN or "
                         "infinite values")
     with np.errstate(over="ignore"):       # overflow is detected just below, with the video named
-        converted = block.astype(NUMPY_DTYPES[dtype_name], copy=False)
+        converted = block.astype(dtype_name, copy=False)
     if converted.dtype != block.dtype:
         bad = _first_nonfinite_row(converted)
         if bad is not None:
             largest = float(np.abs(block[bad]).max())
             fits_float32 = largest <= float(np.finfo(np.float32).max)
-            limit = float(np.finfo(NUMPY_DTYPES[dtype_name]).max)
+            limit = float(np.finfo(dtype_name).max)
             advice = ("use data.feature_dtype: float32" if dtype_name == "float16" and fits_float32
                       else "no feature extractor makes such values: re-extract this video's features")
             raise UserError(f"{info.path}: {info.dataset!r} of video id {int(info.ids[rows[bad]])} holds values up "
@@ -126,7 +112,7 @@ class FeatureTable:
         self.appearance_info = appearance
         self.motion_info = motion
         self.dtype_name = dtype
-        self.dtype = TORCH_DTYPES[dtype]
+        self.dtype = getattr(torch, dtype)           # data.feature_dtype: float32 or float16
         self.mode = mode
         self.appearance: Optional[torch.Tensor] = None
         self.motion: Optional[torch.Tensor] = None
@@ -145,14 +131,13 @@ class FeatureTable:
         return self.row_bytes(itemsize) * self.appearance_info.shape[0]
 
     def rows(self, video_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        app = np.array([self.appearance_info.row_of[int(v)] for v in video_ids], dtype=np.int64)
-        mot = np.array([self.motion_info.row_of[int(v)] for v in video_ids], dtype=np.int64)
-        return app, mot
+        """The appearance and motion table rows of these videos."""
+        return tuple(np.array([info.row_of[int(v)] for v in video_ids], dtype=np.int64)
+                     for info in (self.appearance_info, self.motion_info))
 
-    def load(self, progress: bool = True, device: torch.device | None = None) -> None:
-        """Read both files into memory on `device` (default CPU), chunk by chunk, checking every
-        video for NaN/inf. Whether it fits is the memory plan's question (vqakd/training/memory.py)."""
-        device = torch.device("cpu") if device is None else device
+    def load(self, progress: bool, device: torch.device) -> None:
+        """Read both files into memory on `device`, chunk by chunk, checking every video for
+        NaN/inf. Whether it fits is the memory plan's question (vqakd/training/memory.py)."""
         self.appearance = self._load_file(self.appearance_info, progress, device)
         self.motion = self._load_file(self.motion_info, progress, device)
 
@@ -160,10 +145,10 @@ class FeatureTable:
         table = torch.empty(info.shape, dtype=self.dtype, device=device)
         row_bytes = int(np.prod(info.shape[1:])) * 4
         chunk = max(1, LOAD_CHUNK_BYTES // row_bytes)
-        with _open_h5(info.path) as handle:
+        bar = progress_bar(total=info.shape[0], desc=f"loading {os.path.basename(info.path)}", unit="video",
+                           enabled=progress, dynamic_ncols=True, leave=False)
+        with _open_h5(info.path) as handle, bar:
             dataset = handle[info.dataset]
-            bar = progress_bar(total=info.shape[0], desc=f"loading {os.path.basename(info.path)}", unit="video",
-                               enabled=progress, dynamic_ncols=True, leave=False)
             for start in range(0, info.shape[0], chunk):
                 stop = min(start + chunk, info.shape[0])
                 try:
@@ -174,7 +159,6 @@ class FeatureTable:
                 block = _convert_checked(info, block, np.arange(start, stop), self.dtype_name)
                 table[start:stop] = torch.from_numpy(block).to(device)
                 bar.update(stop - start)
-            bar.close()
         return table
 
     def _lazy_handles(self):
@@ -189,15 +173,20 @@ class FeatureTable:
         """Features of a batch of rows (float32 or float16, on the table's device); in memory
         mode written into `out` (appearance, motion) when given."""
         if self.mode == "memory":
-            app_rows, mot_rows = app_rows.to(self.appearance.device), mot_rows.to(self.motion.device)
-            if out is None:
-                return self.appearance.index_select(0, app_rows), self.motion.index_select(0, mot_rows)
-            return (torch.index_select(self.appearance, 0, app_rows, out=out[0]),
-                    torch.index_select(self.motion, 0, mot_rows, out=out[1]))
+            app_out, mot_out = (None, None) if out is None else out
+            return (torch.index_select(self.appearance, 0, app_rows.to(self.appearance.device), out=app_out),
+                    torch.index_select(self.motion, 0, mot_rows.to(self.motion.device), out=mot_out))
         gathered = []
         for info, handle, rows in zip((self.appearance_info, self.motion_info), self._lazy_handles(),
                                       (app_rows.cpu().numpy(), mot_rows.cpu().numpy())):
-            block = _convert_checked(info, _read_rows(info, handle, rows), rows, self.dtype_name)
+            # One HDF5 read of the distinct rows, in increasing order (what h5py accepts).
+            unique, inverse = np.unique(rows, return_inverse=True)
+            try:
+                block = handle[info.dataset][unique][inverse]
+            except OSError as exc:
+                raise UserError(f"{info.path}: cannot read {info.dataset!r} ({exc}); the file may be "
+                                "truncated") from None
+            block = _convert_checked(info, block, rows, self.dtype_name)
             gathered.append(torch.from_numpy(np.ascontiguousarray(block)))
         return gathered[0], gathered[1]
 

@@ -17,32 +17,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from vqakd.core.progress import progress_bar
-from vqakd.data.annotations import SPLITS, check_dataset, load_msvd_mapping, load_qa, parse_video_id, qa_path
+from vqakd.data.annotations import clip_name, load_msvd_mapping, load_qa, parse_video_id, qa_path
 from vqakd.core.errors import UserError
-from vqakd.data.glove import load_glove_with_stats
+from vqakd.data.glove import load_glove
 from vqakd.core.files import atomic_open, write_json, write_pickle
 from vqakd.core.safe_pickle import safe_load
-from vqakd.data.vocab import DEFAULT_ANSWER_TOP, NULL_INDEX, NULL_TOKEN, UNK_INDEX, UNK_TOKEN, Vocabulary
+from vqakd.data.vocab import NULL_INDEX, NULL_TOKEN, UNK_INDEX, UNK_TOKEN, Vocabulary
 
 # The sha256 of the vocabulary file a question file was encoded with (absent in HCRN/DualVGR files).
 VOCAB_SHA256_KEY = "vocab_sha256"
 # The original's keys, in its order; ours follow them (EXTRA_KEYS, then VOCAB_SHA256_KEY).
 QUESTION_FILE_KEYS = ("questions", "questions_len", "question_id", "video_ids", "video_names", "answers", "glove")
 EXTRA_KEYS = ("record_id", "clip_names", "question_text", "answer_text")
-
-
-# ---------------------------------------------------------------- file names (docs/method.md#file-formats)
-
-def vocab_path(out_dir: str, dataset: str) -> str:
-    return os.path.join(out_dir, f"{dataset}_vocab.json")
-
-
-def questions_path(out_dir: str, dataset: str, split: str) -> str:
-    return os.path.join(out_dir, f"{dataset}_{split}_questions.pt")
-
-
-def summary_path(out_dir: str, dataset: str, split: str) -> str:
-    return os.path.join(out_dir, f"{dataset}_{split}_summary.json")
 
 
 # ---------------------------------------------------------------- tokens
@@ -93,45 +79,22 @@ def pad_questions(encoded: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndar
     return matrix, lengths
 
 
-def glove_matrix(question_token_to_idx: Mapping[str, int],
-                 glove: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
-    """(|Q|, D) float32 rows in vocab order, zero for words GloVe lacks (the specials are looked up
-    too, as the original did); and the number of vocabulary words besides <NULL>/<UNK> found."""
+def glove_matrix(glove_source: str, question_token_to_idx: Mapping[str, int],
+                 progress: bool = True) -> tuple[np.ndarray, float, int]:
+    """The question vocabulary's rows of a GloVe pickle or `.txt` file: (|Q|, D) float32 in vocab
+    order, zero for words GloVe lacks (the specials are looked up too, as the original did); the
+    share of the vocabulary's words besides <NULL>/<UNK> found; the non-word pickle keys skipped."""
+    words = [token for token in question_token_to_idx if token not in (NULL_TOKEN, UNK_TOKEN)]
+    glove, skipped_keys = load_glove(glove_source, keep=set(question_token_to_idx), progress=progress)
+    if not glove:
+        raise UserError(f"{glove_source}: none of the {len(words)} question words is in this GloVe file")
     dim = next(iter(glove.values())).shape[0]
     matrix = np.zeros((len(question_token_to_idx), dim), dtype=np.float32)
-    found = 0
     for token, index in question_token_to_idx.items():
-        vector = glove.get(token)
-        if vector is not None:
-            matrix[index] = vector
-            found += token not in (NULL_TOKEN, UNK_TOKEN)
-    return matrix, found
-
-
-def read_split(annotation_dir: str, split: str, dataset: str,
-               progress: bool = True) -> tuple[list[dict], list[list[str]]]:
-    """One split's annotation records, checked, and their questions' tokens."""
-    records, source = load_qa(annotation_dir, split, dataset), qa_path(annotation_dir, split)
-    tokens = [record_tokens(record["question"], source, index, record.get("id", index))
-              for index, record in enumerate(progress_bar(records, desc=f"tokenizing {split}", unit="q",
-                                                          enabled=progress, dynamic_ncols=True))]
-    return records, tokens
-
-
-def clip_names_for(dataset: str, annotation_dir: str, source: str, records: list[dict]) -> list[str]:
-    """Each record's clip name: MSVD-QA's from youtube_mapping.txt, MSRVTT-QA's `video{id}`."""
-    if dataset != "msvd-qa":
-        return [f"video{int(record['video_id'])}" for record in records]
-    mapping = load_msvd_mapping(annotation_dir)
-    names = []
-    for index, record in enumerate(records):
-        video_id = int(record["video_id"])
-        if video_id not in mapping:
-            raise UserError(f"{source}: record {index} (id {record.get('id', index)}): video_id "
-                            f"{video_id} (vid{video_id}) is not in "
-                            f"{os.path.join(annotation_dir, 'youtube_mapping.txt')}")
-        names.append(mapping[video_id])
-    return names
+        if token in glove:
+            matrix[index] = glove[token]
+    found = sum(word in glove for word in words)
+    return matrix, (found / len(words)) if words else 0.0, skipped_keys
 
 
 def encode_split(records: list[dict], tokens: list[list[str]], vocab: Vocabulary, split: str,
@@ -163,27 +126,26 @@ def encode_split(records: list[dict], tokens: list[list[str]], vocab: Vocabulary
 # ---------------------------------------------------------------- one split, end to end
 
 def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_out: str, vocab_file: str,
-                     summary_out: str, glove_source: str | None = None,
-                     answer_top: int = DEFAULT_ANSWER_TOP, progress: bool = True) -> dict[str, Any]:
+                     summary_out: str, glove_source: str | None, answer_top: int, progress: bool) -> dict[str, Any]:
     """Encode one split; the train split also builds and writes the vocabulary. `glove_source`
     (train only): a GloVe pickle or `.txt` file; None stores `glove: None`. Returns the summary
     that is also written to `summary_out`."""
-    check_dataset(dataset)
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if split != "train":
         vocab = Vocabulary.load(vocab_file)   # before the slow work, so a missing vocab fails fast
-        vocab_sha256 = vocab.sha256
     source = qa_path(annotation_dir, split)
-    records, tokens = read_split(annotation_dir, split, dataset, progress)
-    names = clip_names_for(dataset, annotation_dir, source, records)
+    records = load_qa(annotation_dir, split, dataset)
+    mapping = load_msvd_mapping(annotation_dir) if dataset == "msvd-qa" else {}
+    names = [clip_name(dataset, mapping, record, source, index) for index, record in enumerate(records)]
+    tokens = [record_tokens(record["question"], source, index, record.get("id", index))
+              for index, record in enumerate(progress_bar(records, desc=f"tokenizing {split}", unit="q",
+                                                          enabled=progress, dynamic_ncols=True))]
     if split == "train":
         vocab = Vocabulary.build(tokens, [r["answer"] for r in records], answer_top)
         vocab_bytes = vocab.json_bytes()
-        vocab_sha256 = hashlib.sha256(vocab_bytes).hexdigest()
+        vocab.sha256 = hashlib.sha256(vocab_bytes).hexdigest()
     obj = encode_split(records, tokens, vocab, split, names)
     # Binds this file to the exact vocabulary it was encoded with (see check_vocab_binding).
-    obj[VOCAB_SHA256_KEY] = vocab_sha256
+    obj[VOCAB_SHA256_KEY] = vocab.sha256
 
     summary: dict[str, Any] = {
         "dataset": dataset,
@@ -198,18 +160,12 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
         "unknown_token_rate": float((obj["questions"] == UNK_INDEX).sum() / obj["questions_len"].sum()),
         "questions_file": questions_out,
         "vocab_file": vocab_file,
-        VOCAB_SHA256_KEY: vocab_sha256,
+        VOCAB_SHA256_KEY: vocab.sha256,
     }
     if split == "train" and glove_source is not None:
-        words = [token for token in vocab.question_token_to_idx if token not in (NULL_TOKEN, UNK_TOKEN)]
-        glove, skipped_keys = load_glove_with_stats(glove_source, keep=set(vocab.question_token_to_idx),
-                                                    progress=progress)
-        if not glove:
-            raise UserError(f"{glove_source}: none of the {len(words)} question words is in this GloVe file")
-        obj["glove"], found = glove_matrix(vocab.question_token_to_idx, glove)
-        del glove
+        obj["glove"], coverage, skipped_keys = glove_matrix(glove_source, vocab.question_token_to_idx, progress)
         summary.update(glove_file=glove_source, glove_dim=int(obj["glove"].shape[1]),
-                       glove_coverage=(found / len(words)) if words else 0.0, glove_skipped_keys=skipped_keys)
+                       glove_coverage=coverage, glove_skipped_keys=skipped_keys)
     elif split == "train":
         summary.update(glove_file=None, glove_dim=None, glove_coverage=None, glove_skipped_keys=None)
 
@@ -253,11 +209,11 @@ def _int_array(value: Any, path: str, key: str, ndim: int) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
-def load_question_file(path: str | os.PathLike, question_vocab_size: int | None = None,
-                       answer_vocab_size: int | None = None) -> dict[str, Any]:
+def load_question_file(path: str | os.PathLike, question_vocab_size: int,
+                       answer_vocab_size: int) -> dict[str, Any]:
     """Read and check a `{name}_{split}_questions.pt` (ours, or one written by HCRN/DualVGR): int64
     arrays, `glove` float32 or None, lists for the rest (EXTRA_KEYS None in files without them).
-    The vocabulary sizes, when given, bound the token and answer indices."""
+    The vocabulary sizes bound the token and answer indices."""
     path = os.fspath(path)
     data = safe_load(path)
     if not isinstance(data, dict):
@@ -269,10 +225,8 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
     count, max_len = questions.shape
     if count == 0 or max_len == 0:
         raise UserError(f"{path}: questions has shape {questions.shape}; expected at least one token and question")
-    lengths = _int_array(data["questions_len"], path, "questions_len", 1)
-    video_ids = _int_array(data["video_ids"], path, "video_ids", 1)
-    answers = _int_array(data["answers"], path, "answers", 1)
-    sized = {"questions_len": lengths, "video_ids": video_ids, "answers": answers}
+    sized = {key: _int_array(data[key], path, key, 1) for key in ("questions_len", "video_ids", "answers")}
+    lengths, video_ids, answers = sized["questions_len"], sized["video_ids"], sized["answers"]
     for key in ("question_id", "video_names") + EXTRA_KEYS:
         if key in data and data[key] is not None:
             if not isinstance(data[key], (list, tuple, np.ndarray)) or np.ndim(data[key]) != 1:
@@ -284,17 +238,14 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
     bad = np.flatnonzero((lengths < 1) | (lengths > max_len))
     if bad.size:
         raise UserError(f"{path}: question {int(bad[0])}: length {int(lengths[bad[0]])} is outside 1..{max_len}")
-    token_limit = question_vocab_size if question_vocab_size is not None else np.iinfo(np.int64).max
-    bad = np.flatnonzero(((questions < 0) | (questions >= token_limit)).any(axis=1))
+    bad = np.flatnonzero(((questions < 0) | (questions >= question_vocab_size)).any(axis=1))
     if bad.size:
-        limit = f" (0..{token_limit - 1})" if question_vocab_size is not None else ""
-        raise UserError(f"{path}: question {int(bad[0])}: token index outside the question vocabulary{limit}")
-    answer_limit = answer_vocab_size if answer_vocab_size is not None else np.iinfo(np.int64).max
-    bad = np.flatnonzero((answers < 0) | (answers >= answer_limit))
+        raise UserError(f"{path}: question {int(bad[0])}: token index outside the question vocabulary "
+                        f"(0..{question_vocab_size - 1})")
+    bad = np.flatnonzero((answers < 0) | (answers >= answer_vocab_size))
     if bad.size:
-        limit = f" (0..{answer_limit - 1})" if answer_vocab_size is not None else ""
         raise UserError(f"{path}: question {int(bad[0])}: answer label {int(answers[bad[0]])} is outside "
-                        f"the answer vocabulary{limit}")
+                        f"the answer vocabulary (0..{answer_vocab_size - 1})")
 
     glove = data.get("glove")
     if glove is not None:
@@ -302,12 +253,9 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
             what = (f"array of shape {glove.shape} and dtype {glove.dtype}" if isinstance(glove, np.ndarray)
                     else type(glove).__name__)
             raise UserError(f"{path}: glove must be a 2-D float array (|Q|, D) or None, found {what}")
-        if question_vocab_size is not None and glove.shape[0] != question_vocab_size:
+        if glove.shape[0] != question_vocab_size:
             raise UserError(f"{path}: glove has {glove.shape[0]} rows but the question vocabulary has "
                             f"{question_vocab_size} words")
-        if int(questions.max()) >= glove.shape[0]:
-            raise UserError(f"{path}: questions use token index {int(questions.max())} but glove has only "
-                            f"{glove.shape[0]} rows")
         if not np.isfinite(glove).all():
             raise UserError(f"{path}: glove holds non-finite values (row "
                             f"{int(np.flatnonzero(~np.isfinite(glove).all(axis=1))[0])})")
@@ -334,10 +282,6 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int | None 
 
 # ---------------------------------------------------------------- question file <-> vocabulary
 
-REENCODE_COMMAND = ("python preprocess/preprocess_questions.py --dataset <dataset> --annotation-dir <folder> "
-                    "--mode all")
-
-
 def check_vocab_binding(question_file_obj: Mapping[str, Any], question_path: str, vocab_path: str,
                         vocab_sha256: str) -> None:
     """Refuse a question file (its object, raw or as `load_question_file` returns it) encoded with
@@ -352,4 +296,5 @@ def check_vocab_binding(question_file_obj: Mapping[str, Any], question_path: str
         raise UserError(f"{question_path} was encoded with another vocabulary than {vocab_path} (vocabulary "
                         f"sha256 {recorded[:12]}... recorded, {vocab_sha256[:12]}... now): its token and answer "
                         f"indices would mean other words; re-encode every split with one vocabulary: "
-                        f"{REENCODE_COMMAND}")
+                        "python preprocess/preprocess_questions.py --dataset <dataset> --annotation-dir <folder> "
+                        "--mode all")

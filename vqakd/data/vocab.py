@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Optional, Sequence
-
-import numpy as np
 
 from vqakd.core.errors import UserError, require_file
 from vqakd.core.files import file_sha256, read_json
@@ -32,13 +31,6 @@ VOCAB_KEYS = ("question_token_to_idx", "answer_token_to_idx", "question_answer_t
 QUESTION_ANSWER_TABLE = {NULL_TOKEN: NULL_INDEX, UNK_TOKEN: UNK_INDEX}
 
 
-def _tokens_by_index(table: dict[str, int]) -> list[str]:
-    tokens = [""] * len(table)
-    for token, index in table.items():
-        tokens[index] = token
-    return tokens
-
-
 @dataclass
 class Vocabulary:
     """Token -> index tables of the questions and answers, their inverses, and (when read from a
@@ -52,8 +44,9 @@ class Vocabulary:
     idx_to_answer: list[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.idx_to_question_token = _tokens_by_index(self.question_token_to_idx)
-        self.idx_to_answer = _tokens_by_index(self.answer_token_to_idx)
+        # The indices are 0..n-1, each used once (built so, or checked by `load`).
+        self.idx_to_question_token = sorted(self.question_token_to_idx, key=self.question_token_to_idx.__getitem__)
+        self.idx_to_answer = sorted(self.answer_token_to_idx, key=self.answer_token_to_idx.__getitem__)
 
     @property
     def question_size(self) -> int:
@@ -73,15 +66,9 @@ class Vocabulary:
             return self.answer_token_to_idx[answer]
         return TRAIN_UNKNOWN_ANSWER if split == "train" else EVAL_UNKNOWN_ANSWER
 
-    def decode_question(self, tokens: np.ndarray, length: int) -> str:
-        return " ".join(self.idx_to_question_token[int(t)] for t in tokens[:length])
-
-    def to_json(self) -> dict[str, dict[str, int]]:
-        return {key: getattr(self, key) for key in VOCAB_KEYS}
-
     def json_bytes(self) -> bytes:
         """The file's exact bytes: what the original's `json.dump(vocab, f, indent=4)` writes."""
-        return json.dumps(self.to_json(), indent=4).encode("ascii")
+        return json.dumps({key: getattr(self, key) for key in VOCAB_KEYS}, indent=4).encode("ascii")
 
     def info(self) -> dict[str, Any]:
         """What a checkpoint records about the vocabulary it was trained with."""
@@ -92,32 +79,23 @@ class Vocabulary:
     def build(cls, questions_tokens: Sequence[Sequence[str]], answers: Sequence[str],
               answer_top: int = DEFAULT_ANSWER_TOP) -> "Vocabulary":
         """Train-split vocabularies from the tokenized questions and the raw answers."""
-        if answer_top < 0:
-            raise UserError(f"--answer-top must be >= 0, got {answer_top}")
         question_token_to_idx = {NULL_TOKEN: NULL_INDEX, UNK_TOKEN: UNK_INDEX}
-        for tokens in questions_tokens:
-            for token in tokens:
-                if token not in question_token_to_idx:
-                    question_token_to_idx[token] = len(question_token_to_idx)
+        for token in chain.from_iterable(questions_tokens):          # new words in first-seen order
+            question_token_to_idx.setdefault(token, len(question_token_to_idx))
         answer_token_to_idx = {special: index for index, special in enumerate(ANSWER_SPECIALS)}
         for answer, _count in Counter(answers).most_common(answer_top):
-            if answer not in answer_token_to_idx:
-                answer_token_to_idx[answer] = len(answer_token_to_idx)
+            answer_token_to_idx.setdefault(answer, len(answer_token_to_idx))
         return cls(question_token_to_idx, answer_token_to_idx, dict(QUESTION_ANSWER_TABLE))
 
     @classmethod
     def load(cls, path: str) -> "Vocabulary":
         """Read and check a `{name}_vocab.json` (ours or one written by HCRN/DualVGR)."""
-        require_file(path, "vocabulary file", "run the train split first (--mode train builds the vocabulary "
-                     "that val and test are encoded with)")
+        require_file(path, "vocabulary file", "make it with preprocess/preprocess_questions.py --mode train (the "
+                     "train split builds the vocabulary that val and test are encoded with)")
         data = read_json(path)
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a JSON object with {', '.join(VOCAB_KEYS)}")
-        for key in VOCAB_KEYS[:2]:
-            if key not in data:
-                raise UserError(f"{path}: no {key}; not a vocabulary file of this format")
-        question = _check_index_table(data["question_token_to_idx"], path, "question_token_to_idx")
-        answer = _check_index_table(data["answer_token_to_idx"], path, "answer_token_to_idx")
+        question, answer = (_check_index_table(data.get(key), path, key) for key in VOCAB_KEYS[:2])
         if question.get(NULL_TOKEN) != NULL_INDEX or question.get(UNK_TOKEN) != UNK_INDEX:
             raise UserError(f"{path}: question_token_to_idx must map {NULL_TOKEN} to 0 and {UNK_TOKEN} to 1")
         combined = data.get("question_answer_token_to_idx") or {}
@@ -127,6 +105,8 @@ class Vocabulary:
 
 
 def _check_index_table(table: object, path: str, key: str) -> dict[str, int]:
+    if table is None:
+        raise UserError(f"{path}: no {key}; not a vocabulary file of this format")
     if not isinstance(table, dict) or not table:
         raise UserError(f"{path}: {key} must be a non-empty object mapping tokens to indices")
     for token, index in table.items():
