@@ -173,7 +173,7 @@ class FeatureExtractor:
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 inputs on the device → float32 features (B, 2048)."""
-        return self.model.embed(self.network, self.model.prepare(batch)).float()
+        return self.network(self.model.prepare(batch)).float()
 
     def _split_rows(self, chunk_videos: list[Video], items: list[DecodedVideo],
                     rows: torch.Tensor) -> tuple[list[int], np.ndarray, list[dict], list[dict]]:

@@ -12,7 +12,6 @@ from torch import nn
 
 from vqakd.core.errors import UserError
 from vqakd.data.features import APPEARANCE_DATASET, MOTION_DATASET
-from vqakd.extraction.resnext3d import WEIGHTS_HOW_TO_GET as RESNEXT_HOW_TO_GET
 from vqakd.extraction.resnext3d import resnext101
 from vqakd.extraction.settings import FEATURE_DIM, ExtractionSettings
 from vqakd.extraction.weights import WeightsIdentity, load_weights
@@ -78,10 +77,6 @@ class FeatureNetwork:
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 inputs on the device → the network's float input."""
         raise NotImplementedError
-
-    def embed(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        """(B, ...) network input → (B, 2048) features."""
-        return network(inputs)
 
     @staticmethod
     def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
@@ -149,7 +144,9 @@ class ResNeXt101Features(FeatureNetwork):
     default_batch_size = 16
     per_frame = False
     weight_files = ("resnext-101-kinetics.pth",)
-    how_to_get_weights = RESNEXT_HOW_TO_GET
+    how_to_get_weights = ("download resnext-101-kinetics.pth from the pretrained-model links of "
+                          "https://github.com/kenshohara/3D-ResNets-PyTorch (releases / README) and pass "
+                          "it with --weights, or use --random-weights for a test run")
     weights_what = "3D ResNeXt-101 weights"
     memory_format = torch.channels_last_3d
 
@@ -167,6 +164,7 @@ class ResNeXt101Features(FeatureNetwork):
         network = resnext101()
         if path is not None:
             load_weights(network, path, self.weights_what)
+        network.fc = nn.Identity()      # its forward is then `features`: the pooled 2048-d vector
         return network
 
     def normalisation(self) -> str:
@@ -178,9 +176,6 @@ class ResNeXt101Features(FeatureNetwork):
         if self.settings.kinetics_mean:
             clips = clips.sub_(self.mean)
         return clips
-
-    def embed(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        return network.features(inputs)
 
     @staticmethod
     def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:

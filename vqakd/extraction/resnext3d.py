@@ -8,20 +8,12 @@ for the published 16×112×112 clips, that also lets tests run on tiny clips.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
-
-from vqakd.core.errors import UserError
-from vqakd.extraction.weights import load_weights
 
 KINETICS_CLASSES = 400
 RESNEXT101_LAYERS = (3, 4, 23, 3)
 CARDINALITY = 32
-WEIGHTS_HOW_TO_GET = ("download resnext-101-kinetics.pth from the pretrained-model links of "
-                      "https://github.com/kenshohara/3D-ResNets-PyTorch (releases / README) and pass "
-                      "it with --weights, or use --random-weights for a test run")
 
 
 class ResNeXtBottleneck(nn.Module):
@@ -98,12 +90,3 @@ class ResNeXt3D(nn.Module):
 def resnext101() -> ResNeXt3D:
     return ResNeXt3D()
 
-
-def load_resnext101(path: str | os.PathLike) -> ResNeXt3D:
-    """The 3D ResNeXt-101 with the published `resnext-101-kinetics.pth` weights (strict)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"3D ResNeXt-101 weights file not found: {path}; {WEIGHTS_HOW_TO_GET}")
-    model = resnext101()
-    load_weights(model, path, "3D ResNeXt-101 weights")
-    return model
