@@ -23,9 +23,10 @@ class DecodedVideo(NamedTuple):
     damage: dict | None = None       # truncation / skipped packets, for the failures report
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeSpec:
-    """How a worker turns a video file into network inputs (picklable, no network in it)."""
+@dataclasses.dataclass
+class VideoDecodeDataset(torch.utils.data.Dataset):
+    """The videos, and how a worker turns each file into network inputs (picklable, no network in it)."""
+    videos: Sequence[Video]
     num_clips: int
     frames_per_clip: int
     size: tuple[int, int]
@@ -33,26 +34,18 @@ class DecodeSpec:
     threads: int
     past_damage: bool = False  # skip packets the decoder rejects instead of stopping there
 
-
-class VideoDecodeDataset(torch.utils.data.Dataset):
-    def __init__(self, videos: Sequence[Video], spec: DecodeSpec):
-        self.videos = list(videos)
-        self.spec = spec
-
     def __len__(self) -> int:
         return len(self.videos)
 
     def __getitem__(self, position: int) -> DecodedVideo:
-        spec = self.spec
         try:
-            clip_frames = read_clip_frames(self.videos[position].path, spec.num_clips,
-                                           spec.frames_per_clip, spec.size, spec.threads,
-                                           spec.past_damage)
+            clip_frames = read_clip_frames(self.videos[position].path, self.num_clips, self.frames_per_clip,
+                                           self.size, self.threads, self.past_damage)
         except VideoError as exc:
             return DecodedVideo(position, None, None, exc.reason)
         except Exception as exc:  # one odd file must not stop a day-long run; the reason is reported
             return DecodedVideo(position, None, None, f"unexpected {type(exc).__name__}: {exc}")
-        if spec.per_frame:
+        if self.per_frame:
             return DecodedVideo(position, torch.from_numpy(clip_frames.frames),
                                 torch.from_numpy(clip_frames.inverse), None, clip_frames.damage())
         return DecodedVideo(position, torch.from_numpy(np.ascontiguousarray(clip_frames.clips())), None, None,
@@ -67,10 +60,10 @@ def decoded_videos(videos: Sequence[Video], num_clips: int, frames_per_clip: int
                    per_frame: bool, num_workers: int, pin_memory: bool,
                    past_damage: bool = False) -> Iterator[DecodedVideo]:
     """The videos decoded in order by `num_workers` processes (0: in this one); deleting it stops them."""
-    spec = DecodeSpec(num_clips, frames_per_clip, size, per_frame, threads=1 if num_workers > 0 else 0,
-                      past_damage=past_damage)
+    dataset = VideoDecodeDataset(list(videos), num_clips, frames_per_clip, size, per_frame,
+                                 threads=1 if num_workers > 0 else 0, past_damage=past_damage)
     loader = torch.utils.data.DataLoader(
-        VideoDecodeDataset(videos, spec), batch_size=None, shuffle=False,
+        dataset, batch_size=None, shuffle=False,
         num_workers=num_workers, collate_fn=_keep_item, pin_memory=pin_memory)
     return iter(loader)
 

@@ -16,8 +16,8 @@ from vqakd.core.errors import UserError
 from vqakd.data.features import IDS_DATASET
 from vqakd.extraction.networks import NETWORKS
 from vqakd.extraction.parts import (PARTS_SETTINGS, PARTS_VIDEOS, chunk_files, chunk_name, chunk_partition,
-                                    failure_record, failures_report, read_chunk_outcome, read_json_or_none,
-                                    read_output_manifest, remove_stale_temporaries, shard_counts)
+                                    failure_record, failures_report, read_chunk, read_json_or_none,
+                                    remove_stale_temporaries, shard_counts)
 from vqakd.extraction.settings import ExtractionResult, difference, identity, identity_digest, videos_digest
 from vqakd.core.files import atomic_path, write_json
 
@@ -66,15 +66,13 @@ def _short(ids: Sequence[int], limit: int = 6) -> str:
     return text + (f", … ({len(ids)} in all)" if len(ids) > limit else "")
 
 
-def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...], identity: str) -> tuple[np.ndarray, list[dict]]:
-    """A chunk's ids and failures, after checking them against its place in the video list."""
+def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...],
+                identity: str) -> tuple[np.ndarray, list[dict], list[dict]]:
+    """A chunk's ids, failures and damaged videos, after checking them against its place in the video list."""
     try:
         with zipfile.ZipFile(path) as archive:
             shape, dtype = _npy_header(archive, "features")
-        with np.load(path, allow_pickle=False) as part:
-            ids = np.asarray(part["ids"])
-            failures = json.loads(str(part["failures"]))
-            saved_identity = str(part["identity"]) if "identity" in part.files else None
+        ids, failures, damaged, saved_identity = read_chunk(path)
         failure_ids = [int(failure["video_id"]) for failure in failures]
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: unreadable part file ({type(exc).__name__}: {exc}); delete it and "
@@ -97,7 +95,7 @@ def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...], id
         raise UserError(f"{path}: does not hold exactly its chunk of the video list ({detail})")
     if [int(i) for i in ids] != [i for i in expected if i in set(held) - set(failure_ids)]:
         raise UserError(f"{path}: videos are not in the order of the video list")
-    return ids.astype(np.int64), failures
+    return ids.astype(np.int64), failures, damaged
 
 
 def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = False) -> ExtractionResult:
@@ -135,11 +133,11 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
 
     ids, failures, damaged = [], [], []
     for k, chunk in enumerate(chunks):
-        chunk_ids, chunk_failures = check_chunk(owner[k], [first.videos[i][0] for i in chunk],
-                                                video_shape, digest)
+        chunk_ids, chunk_failures, chunk_damaged = check_chunk(owner[k], [first.videos[i][0] for i in chunk],
+                                                               video_shape, digest)
         ids.append(chunk_ids)
         failures.extend(chunk_failures)
-        damaged.extend(read_chunk_outcome(owner[k])[2])
+        damaged.extend(chunk_damaged)
     all_ids = np.concatenate(ids)
     report_path = failures_report(out_path)
     report = {"output": os.path.abspath(out_path), "model": model, "videos": len(first.videos),
@@ -177,7 +175,11 @@ def existing_output(out_path: str, manifest: dict | None, overwrite: bool) -> di
     or any when None); None when there is none yet or `overwrite`. An output made otherwise is refused."""
     if overwrite or not os.path.exists(out_path):
         return None
-    existing = read_output_manifest(out_path)
+    try:
+        with h5py.File(out_path, "r") as h5:
+            existing = json.loads(h5.attrs["manifest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        existing = None     # not one of ours, or unreadable
     if existing is not None and (manifest is None or identity(existing) == identity(manifest)):
         return existing
     raise UserError(f"{out_path} already exists and was made {difference(existing, manifest)}; pass --overwrite "
