@@ -231,11 +231,9 @@ class RowBatcher:
     def finish(self) -> torch.Tensor:
         if self.pending_rows:
             self._run(self.pending_rows)
-        outputs = self.outputs
+        rows = torch.cat(self.outputs) if self.outputs else torch.zeros((0, FEATURE_DIM))
         self.outputs = []
-        if not outputs:
-            return torch.zeros((0, FEATURE_DIM))
-        return torch.cat(outputs)
+        return rows
 
 
 def make_extractor(settings: ExtractionSettings, device: torch.device | str = "cpu",

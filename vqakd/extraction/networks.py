@@ -27,8 +27,10 @@ KINETICS_MEAN = (114.7748, 107.7354, 99.4750)
 
 
 class FeatureNetwork:
-    """One feature model: its description (class attributes) and its input preparation on the run's
-    device; `instantiate` builds the torch module."""
+    """One feature model: its description (class attributes), `architecture()` (the torch module
+    with its classifier `fc`), `normalisation()` (how inputs are normalised, in words, stored with
+    the features), `prepare` (uint8 inputs on the run's device → the network's float input) and
+    `shape_for` (the feature array of one video); `instantiate` builds the network of a run."""
 
     model_name: ClassVar[str]
     kind: ClassVar[str]                  # the features it makes: "appearance" or "motion"
@@ -52,36 +54,22 @@ class FeatureNetwork:
             raise UserError(f"unknown normalization {settings.normalization!r}; "
                             f"choose one of {', '.join(NORMALIZATIONS)}")
 
-    def build(self, path: str | None = None) -> nn.Module:
-        """The architecture with the weights of `path` loaded strictly (None: its own initialisation)."""
-        raise NotImplementedError
-
     def instantiate(self, weights: WeightsIdentity) -> nn.Module:
-        """The network with the run's weights, on the device, in eval mode."""
+        """The network with the run's weights loaded strictly (or seeded random ones) and its classifier
+        replaced by the identity, so that its output is the 2048-d feature; on the device, in eval mode."""
         if self.settings.random_weights:
             # Seeded so that a resumed run rebuilds exactly the same random network.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.settings.random_seed)
-                network = self.build()
+                network = self.architecture()
         else:
-            network = self.build(weights.path)
+            network = self.architecture()
+            load_weights(network, weights.path, self.weights_what)
+        network.fc = nn.Identity()
         network = network.to(self.device).eval()
         if self.device.type == "cuda":
             network = network.to(memory_format=self.memory_format)
         return network
-
-    def normalisation(self) -> str:
-        """How inputs are normalised, in words (stored with the features)."""
-        raise NotImplementedError
-
-    def prepare(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 inputs on the device → the network's float input."""
-        raise NotImplementedError
-
-    @staticmethod
-    def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
-        """The feature array of one video."""
-        raise NotImplementedError
 
 
 class ResNet101Features(FeatureNetwork):
@@ -112,13 +100,10 @@ class ResNet101Features(FeatureNetwork):
         if settings.kinetics_mean:
             raise UserError("--kinetics-mean applies to the resnext101 motion model only")
 
-    def build(self, path: str | None = None) -> nn.Module:
+    @staticmethod
+    def architecture() -> nn.Module:
         import torchvision
-        network = torchvision.models.resnet101(weights=None)
-        if path is not None:
-            load_weights(network, path, self.weights_what)
-        network.fc = nn.Identity()
-        return network
+        return torchvision.models.resnet101(weights=None)
 
     def normalisation(self) -> str:
         mean, std = NORMALIZATIONS[self.settings.normalization]
@@ -160,12 +145,7 @@ class ResNeXt101Features(FeatureNetwork):
         if settings.normalization != "original":
             raise UserError("--normalization applies to the resnet101 appearance model only")
 
-    def build(self, path: str | None = None) -> nn.Module:
-        network = resnext101()
-        if path is not None:
-            load_weights(network, path, self.weights_what)
-        network.fc = nn.Identity()      # its forward is then `features`: the pooled 2048-d vector
-        return network
+    architecture = staticmethod(resnext101)
 
     def normalisation(self) -> str:
         return "0-255 RGB minus Kinetics mean" if self.settings.kinetics_mean else "raw 0-255 RGB"

@@ -104,20 +104,20 @@ class ClipFrames:
 
     def damage(self) -> dict | None:
         """What the failures report says about this video's damage (None: none)."""
+        announced = self.announced_frames
         if self.truncated:
-            return {"frames_kept": self.total_frames, "frames_announced": self.announced_frames,
-                    "reason": f"decoding stopped at a damaged packet after {self.total_frames} of "
-                              f"{self.announced_frames} frames (as the original); "
-                              "--decode-past-damage decodes past it"}
-        if self.bad_packets:
-            return {"frames_kept": self.total_frames, "frames_announced": self.announced_frames,
-                    "reason": f"{self.bad_packets} damaged packets skipped (--decode-past-damage)"}
-        if self.total_frames < self.header_frames - self.header_slack:
+            reason = (f"decoding stopped at a damaged packet after {self.total_frames} of {announced} frames "
+                      "(as the original); --decode-past-damage decodes past it")
+        elif self.bad_packets:
+            reason = f"{self.bad_packets} damaged packets skipped (--decode-past-damage)"
+        elif self.total_frames < self.header_frames - self.header_slack:
             # A file cut short decodes cleanly up to its end: only the header's count shows it.
-            return {"frames_kept": self.total_frames, "frames_announced": self.header_frames,
-                    "reason": f"{self.total_frames} of the {self.header_frames} frames its header announces "
-                              "decoded: the file ends early (cut short?)"}
-        return None
+            announced = self.header_frames
+            reason = (f"{self.total_frames} of the {announced} frames its header announces decoded: "
+                      "the file ends early (cut short?)")
+        else:
+            return None
+        return {"frames_kept": self.total_frames, "frames_announced": announced, "reason": reason}
 
 
 def _open(path: str) -> av.container.InputContainer:
@@ -199,7 +199,6 @@ def quarter_turns(rotation: float) -> int:
 class _Decoded:
     kept: dict[int, np.ndarray]   # frame index -> RGB uint8 (H, W, 3)
     decoded: int                  # frames decoded
-    at_end: bool                  # decoded up to the end (or the stop), not stopped early
     truncated: bool               # stopped at a rejected packet or an unreadable rest of file
     bad_packets: int              # packets rejected
     turns: int | None             # quarter turns (from the first frame; None: no frame yet)
@@ -212,7 +211,7 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
     `stop_after_wanted` ends it after the last wanted frame (a second pass)."""
     wanted_set = set(int(i) for i in wanted)
     last_wanted = max(wanted_set) if wanted_set else -1
-    result = _Decoded({}, 0, False, False, 0, None)
+    result = _Decoded({}, 0, False, 0, None)
     container = _open(path)
 
     def take(frames) -> bool:
@@ -265,8 +264,7 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
                 result.truncated = True
                 break
             if take(frames):
-                return result
-        result.at_end = True
+                break
         return result
     finally:
         container.close()
