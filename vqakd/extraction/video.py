@@ -9,6 +9,7 @@ needs. No frame threads: they report a rejected packet late, at a thread-depende
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from dataclasses import dataclass
@@ -155,29 +156,24 @@ def _video_stream(container: av.container.InputContainer) -> av.video.stream.Vid
 
 def count_frames(path: str) -> tuple[int, str]:
     """(frames the container announces, where that came from), without decoding any frame."""
-    container = _open(path)
-    try:
+    with _open(path) as container:
         stream = _video_stream(container)
         format_names = container.format.name.split(",")
         if stream.frames > 0 and any(name in INDEXED_CONTAINERS for name in format_names):
             return int(stream.frames), "container index"
         count = 0
-        try:
+        # An unreadable rest of the file ends it here, for decoding as well.
+        with contextlib.suppress(av.error.FFmpegError):
             for packet in container.demux(stream):
                 if packet.size > 0:   # empty packets are the demuxer's end-of-stream markers
                     count += 1
-        except av.error.FFmpegError:
-            pass   # unreadable rest of the file: it ends here, for decoding as well
         return count, "packets"
-    finally:
-        container.close()
 
 
 def header_frames(path: str) -> tuple[int, int]:
     """(frames the container's header announces, how many fewer may decode in a whole file): the
     stream's frame count exactly, else duration x frame rate with 2% (at least 2 frames) of slack."""
-    container = _open(path)
-    try:
+    with _open(path) as container:
         stream = _video_stream(container)
         if stream.frames > 0:
             return int(stream.frames), 0
@@ -185,8 +181,6 @@ def header_frames(path: str) -> tuple[int, int]:
             estimate = int(round(float(stream.duration * stream.time_base * stream.average_rate)))
             return estimate, max(2, estimate // 50)
         return 0, 0
-    finally:
-        container.close()
 
 
 def quarter_turns(rotation: float) -> int:
@@ -212,7 +206,6 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
     wanted_set = set(int(i) for i in wanted)
     last_wanted = max(wanted_set) if wanted_set else -1
     result = _Decoded({}, 0, False, 0, None)
-    container = _open(path)
 
     def take(frames) -> bool:
         for frame in frames:
@@ -232,7 +225,7 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
                 return True
         return False
 
-    try:
+    with _open(path) as container:
         stream = _video_stream(container)
         if threads != 1:
             stream.codec_context.thread_type = "SLICE"
@@ -247,10 +240,8 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
                 # Unreadable rest of the file: the stream ends here, flushing what the decoder holds.
                 result.truncated = not past_damage
                 result.bad_packets += int(past_damage)
-                try:
+                with contextlib.suppress(av.error.FFmpegError):
                     take(stream.codec_context.decode(None))
-                except av.error.FFmpegError:
-                    pass
                 break
             if past_damage and packet.is_corrupt:
                 result.bad_packets += 1
@@ -266,8 +257,6 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
             if take(frames):
                 break
         return result
-    finally:
-        container.close()
 
 
 def read_clip_frames(path: str, num_clips: int, frames_per_clip: int,
