@@ -111,8 +111,9 @@ class FeatureExtractor:
                               what="the check of the shared parts folder")
             label = f"{self.model.model_name} [rank {rank}/{world}]"
             total, initial = sum(len(chunks[k]) for k in mine), 0
-        else:
-            label, total, initial = self.model.model_name, plan.shard_videos, plan.done_videos
+        else:       # the progress of the whole shard, finished chunks included
+            total = sum(len(chunk) for k, chunk in enumerate(chunks) if shard.owns(k))
+            label, initial = self.model.model_name, total - sum(len(chunks[k]) for k in mine)
         digest = identity_digest(manifest)
         self._extract_chunks(videos, chunks, mine, parts_dir, total, initial, label, digest)
         distributed.barrier()
@@ -211,27 +212,20 @@ class RowBatcher:
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], batch_size: int):
         self.forward = forward
         self.batch_size = batch_size
-        self.pending: list[torch.Tensor] = []
-        self.pending_rows = 0
+        self.pending: torch.Tensor | None = None      # fewer than batch_size rows, not run yet
         self.outputs: list[torch.Tensor] = []
 
     def add(self, rows: torch.Tensor) -> None:
-        self.pending.append(rows)
-        self.pending_rows += rows.shape[0]
-        while self.pending_rows >= self.batch_size:
-            self._run(self.batch_size)
-
-    def _run(self, count: int) -> None:
-        buffer = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending)
-        self.outputs.append(self.forward(buffer[:count]))
-        rest = buffer[count:]
-        self.pending = [rest] if rest.shape[0] else []
-        self.pending_rows = rest.shape[0]
+        self.pending = rows if self.pending is None else torch.cat([self.pending, rows])
+        while len(self.pending) >= self.batch_size:
+            self.outputs.append(self.forward(self.pending[:self.batch_size]))
+            self.pending = self.pending[self.batch_size:]
 
     def finish(self) -> torch.Tensor:
-        if self.pending_rows:
-            self._run(self.pending_rows)
+        if self.pending is not None and len(self.pending):
+            self.outputs.append(self.forward(self.pending))
         rows = torch.cat(self.outputs) if self.outputs else torch.zeros((0, FEATURE_DIM))
+        self.pending = None
         self.outputs = []
         return rows
 

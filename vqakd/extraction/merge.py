@@ -77,7 +77,7 @@ def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...],
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: unreadable part file ({type(exc).__name__}: {exc}); delete it and "
                         "re-run the extraction (shard) that made it") from None
-    if saved_identity is not None and saved_identity != identity:
+    if saved_identity != identity:
         raise UserError(f"{path}: made with other extraction settings than its folder's {PARTS_SETTINGS}")
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise UserError(f"{path}: ids must be a list of integers, got {ids.dtype} {ids.shape}")

@@ -122,12 +122,11 @@ def write_chunk(parts_dir: str, chunk: int, ids: list[int], features: np.ndarray
                  damaged=np.asarray(json.dumps(list(damaged))))
 
 
-def read_chunk(path: str) -> tuple[np.ndarray, list[dict], list[dict], str | None]:
+def read_chunk(path: str) -> tuple[np.ndarray, list[dict], list[dict], str]:
     """A chunk's ids, failures, videos written from damaged files and identity digest (not its features)."""
     with np.load(path, allow_pickle=False) as part:
         damaged = json.loads(str(part["damaged"])) if "damaged" in part.files else []
-        identity_digest = str(part["identity"]) if "identity" in part.files else None
-        return np.asarray(part["ids"]), json.loads(str(part["failures"])), damaged, identity_digest
+        return np.asarray(part["ids"]), json.loads(str(part["failures"])), damaged, str(part["identity"])
 
 
 def shard_counts(parts_dir: str) -> set[int]:

@@ -37,8 +37,6 @@ class Plan(NamedTuple):
     """What rank 0 found before the work starts (shared with every rank)."""
     complete: bool          # the output exists with these settings: nothing to do
     todo: list[int]         # this shard's unfinished chunks, in order
-    shard_videos: int       # videos in this shard's chunks
-    done_videos: int        # of which already in finished chunks
     token: str | None       # this launch's mark in the parts folder (several ranks)
 
 
@@ -56,7 +54,7 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
         if not retry or shard.count > 1:
             # Parts beside a complete output belong to a run killed while removing them.
             shutil.rmtree(parts_dir, ignore_errors=True)
-            return Plan(True, [], 0, 0, None)
+            return Plan(True, [], None)
         # A failed video is worth retrying: rebuild the parts from the output, redo those chunks.
         if not os.path.isdir(parts_dir):
             parts_from_output(out_path, parts_dir, manifest, videos, chunks, report)
@@ -66,8 +64,7 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
     if world > 1:
         token = secrets.token_hex(8)
         write_json(os.path.join(parts_dir, PARTS_LAUNCH), {"token": token, "world_size": world})
-    return Plan(False, [k for k in mine if k not in done], sum(len(chunks[k]) for k in mine),
-                sum(len(chunks[k]) for k in mine if k in done), token)
+    return Plan(False, [k for k in mine if k not in done], token)
 
 
 def parts_from_output(out_path: str, parts_dir: str, manifest: dict, videos: Sequence[Video],

@@ -47,12 +47,8 @@ def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
         raise UserError(f"{path}: {what} holds no state dict (found {type(obj).__name__})")
-    state = {}
-    for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise UserError(f"{path}: {what}: entry {key!r} is not a named tensor")
-        state[key[len("module."):] if key.startswith("module.") else key] = value
-    return state
+    # What is not a tensor of the model is refused by `load_state_strict`, naming the key.
+    return {str(key).removeprefix("module."): value for key, value in obj.items()}
 
 
 def load_weights(network: nn.Module, path: str, what: str) -> None:
