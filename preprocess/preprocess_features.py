@@ -103,11 +103,9 @@ def choose_device(args: argparse.Namespace):
 
 
 def choose_shard(args: argparse.Namespace) -> Shard:
-    if args.shard_index is None:
-        if args.num_shards != 1:
-            raise UserError(f"--num-shards {args.num_shards} needs --shard-index (0..{args.num_shards - 1})")
-        return Shard()
-    return Shard(args.num_shards, args.shard_index)
+    if args.shard_index is None and args.num_shards != 1:
+        raise UserError(f"--num-shards {args.num_shards} needs --shard-index (0..{args.num_shards - 1})")
+    return Shard(args.num_shards, args.shard_index or 0)
 
 
 def main(argv=None) -> int:

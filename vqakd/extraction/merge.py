@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from vqakd.data.features import IDS_DATASET
 from vqakd.extraction.networks import NETWORKS
 from vqakd.extraction.parts import (PARTS_SETTINGS, PARTS_VIDEOS, chunk_files, chunk_name, chunk_partition,
                                     failure_record, failures_report, read_chunk, read_json_or_none,
-                                    remove_stale_temporaries, shard_counts)
+                                    remove_stale_temporaries)
 from vqakd.extraction.settings import ExtractionResult, difference, identity, identity_digest, videos_digest
 from vqakd.core.files import atomic_path, write_json
 
@@ -101,8 +102,6 @@ def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...],
 def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = False) -> ExtractionResult:
     """Check the parts folders of one extraction (every chunk exactly once, all made with the same
     settings for the same video list) and write its output and failure report."""
-    if not parts_dirs:
-        raise UserError("no parts folder given")
     folders = [read_parts_folder(os.fspath(path)) for path in parts_dirs]
     first = folders[0]
     manifest = first.manifest
@@ -225,9 +224,12 @@ def _missing_hint(missing: list[int], chunks: list[list[int]], videos: list[tupl
     names = ", ".join(chunk_name(k) for k in missing[:4]) + (", …" if len(missing) > 4 else "")
     first_video = videos[chunks[missing[0]][0]][0]
     hint = f"{names}; the first holds video {first_video}"
-    counts = set()
+    counts = set()      # the --num-shards of the shard notes (`finish_shard`)
     for folder in folders:
-        counts |= shard_counts(folder.path)
+        for path in glob.glob(os.path.join(glob.escape(folder.path), "shard-*-of-*.json")):
+            note = read_json_or_none(path)
+            if isinstance(note, dict) and isinstance(note.get("num_shards"), int):
+                counts.add(note["num_shards"])
     if len(counts) == 1:
         count = counts.pop()
         indices = sorted({k % count for k in missing})

@@ -129,23 +129,12 @@ def read_chunk(path: str) -> tuple[np.ndarray, list[dict], list[dict], str]:
         return np.asarray(part["ids"]), json.loads(str(part["failures"])), damaged, str(part["identity"])
 
 
-def shard_counts(parts_dir: str) -> set[int]:
-    """The --num-shards of the shard notes in a parts folder."""
-    counts = set()
-    for path in glob.glob(os.path.join(glob.escape(parts_dir), "shard-*-of-*.json")):
-        note = read_json_or_none(path)
-        if isinstance(note, dict) and isinstance(note.get("num_shards"), int):
-            counts.add(note["num_shards"])
-    return counts
-
-
 def remove_stale_temporaries(out_path: str, chunks: Iterable[int], output_too: bool) -> None:
-    """Temporary files of a killed run: those of `chunks`, and the output's and the parts folder's own
-    when `output_too` (only the merging run may touch them)."""
+    """Temporary files of a killed run: those of `chunks`, and the parts folder's own when `output_too`
+    (only the merging run may touch them; the output's are removed by the guard that locks it)."""
     parts_dir = parts_folder(out_path)
     stale = stale_temporaries([os.path.join(parts_dir, chunk_name(k)) for k in chunks])
     if output_too:
-        stale += stale_temporaries([out_path])
         stale += [path for path in glob.glob(os.path.join(glob.escape(parts_dir), ".*.tmp"))
                   if not os.path.basename(path).startswith(".chunk-")]
     for path in stale:

@@ -183,12 +183,6 @@ def header_frames(path: str) -> tuple[int, int]:
         return 0, 0
 
 
-def quarter_turns(rotation: float) -> int:
-    """Counter-clockwise quarter turns OpenCV applies for FFmpeg's display rotation (only multiples of 90)."""
-    degrees = int(round(rotation)) % 360
-    return degrees // 90 if degrees % 90 == 0 else 0
-
-
 @dataclass
 class _Decoded:
     kept: dict[int, np.ndarray]   # frame index -> RGB uint8 (H, W, 3)
@@ -210,8 +204,9 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
     def take(frames) -> bool:
         for frame in frames:
             if result.turns is None:
-                # OpenCV reads one rotation for the whole stream.
-                result.turns = quarter_turns(frame.rotation)
+                # OpenCV reads one rotation for the whole stream and applies only multiples of 90 degrees.
+                degrees = int(round(frame.rotation)) % 360
+                result.turns = degrees // 90 if degrees % 90 == 0 else 0
             if result.decoded in wanted_set:
                 image = frame.to_image()
                 if result.turns:
