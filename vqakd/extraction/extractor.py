@@ -26,7 +26,7 @@ from vqakd.core.progress import progress_bar
 from vqakd.data.annotations import Video
 from vqakd.extraction.decoding import DecodedVideo, decoded_videos, next_decoded
 from vqakd.extraction.merge import completed_result, merge_parts
-from vqakd.extraction.networks import NETWORKS, FeatureNetwork
+from vqakd.extraction.networks import NETWORKS, FeatureNetwork, check_model_settings
 from vqakd.extraction.parts import chunk_partition, failure_record, parts_folder, write_chunk
 from vqakd.extraction.plan import finish_shard, make_plan, require_shared_parts_folder, wait_for_chunks
 from vqakd.extraction.settings import (FEATURE_DIM, MANIFEST_FORMAT, ExtractionResult, ExtractionSettings, Shard,
@@ -52,7 +52,7 @@ class FeatureExtractor:
         width = settings.image_width or network_type.default_image_size[1]
         self.settings = dataclasses.replace(settings, image_height=height, image_width=width)
         check_settings(self.settings, self.device, self.batch_size, self.num_workers)
-        network_type.check_settings(self.settings)
+        check_model_settings(self.settings)
         self.model: FeatureNetwork = network_type(self.settings, self.device)
         if self.settings.random_weights:
             self.weights = WeightsIdentity("random", f"random (seed {self.settings.random_seed})")

@@ -47,13 +47,6 @@ class FeatureNetwork:
         self.settings = settings
         self.device = device
 
-    @classmethod
-    def check_settings(cls, settings: ExtractionSettings) -> None:
-        """Settings that make no sense for this model (subclasses call this first)."""
-        if settings.normalization not in NORMALIZATIONS:
-            raise UserError(f"unknown normalization {settings.normalization!r}; "
-                            f"choose one of {', '.join(NORMALIZATIONS)}")
-
     def instantiate(self, weights: WeightsIdentity) -> nn.Module:
         """The network with the run's weights loaded strictly (or seeded random ones) and its classifier
         replaced by the identity, so that its output is the 2048-d feature; on the device, in eval mode."""
@@ -94,12 +87,6 @@ class ResNet101Features(FeatureNetwork):
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
-    @classmethod
-    def check_settings(cls, settings: ExtractionSettings) -> None:
-        super().check_settings(settings)
-        if settings.kinetics_mean:
-            raise UserError("--kinetics-mean applies to the resnext101 motion model only")
-
     @staticmethod
     def architecture() -> nn.Module:
         import torchvision
@@ -139,12 +126,6 @@ class ResNeXt101Features(FeatureNetwork):
         super().__init__(settings, device)
         self.mean = torch.tensor(KINETICS_MEAN, device=device).view(1, 3, 1, 1, 1)
 
-    @classmethod
-    def check_settings(cls, settings: ExtractionSettings) -> None:
-        super().check_settings(settings)
-        if settings.normalization != "original":
-            raise UserError("--normalization applies to the resnet101 appearance model only")
-
     architecture = staticmethod(resnext101)
 
     def normalisation(self) -> str:
@@ -168,3 +149,14 @@ NETWORKS: dict[str, type[FeatureNetwork]] = {
 }
 MODEL_OF_KIND = {network.kind: name for name, network in NETWORKS.items()}    # "appearance" -> "resnet101"
 FEATURE_KINDS = tuple(MODEL_OF_KIND)
+
+
+def check_model_settings(settings: ExtractionSettings) -> None:
+    """Settings that make no sense for the model (the checks every model shares: settings.check_settings)."""
+    if settings.normalization not in NORMALIZATIONS:
+        raise UserError(f"unknown normalization {settings.normalization!r}; "
+                        f"choose one of {', '.join(NORMALIZATIONS)}")
+    if settings.kinetics_mean and settings.model != ResNeXt101Features.model_name:
+        raise UserError("--kinetics-mean applies to the resnext101 motion model only")
+    if settings.normalization != "original" and settings.model != ResNet101Features.model_name:
+        raise UserError("--normalization applies to the resnet101 appearance model only")
