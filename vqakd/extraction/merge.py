@@ -51,16 +51,6 @@ def read_parts_folder(parts_dir: str) -> PartsFolder:
     return PartsFolder(parts_dir, manifest, videos, chunk_files(parts_dir))
 
 
-def _npy_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of one array of an .npz file, without reading its data."""
-    with archive.open(f"{name}.npy") as handle:
-        version = np.lib.format.read_magic(handle)
-        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                  else np.lib.format.read_array_header_2_0)
-        shape, _, dtype = reader(handle)
-    return tuple(shape), np.dtype(dtype)
-
-
 def _short(ids: Sequence[int], limit: int = 6) -> str:
     ids = list(ids)
     text = ", ".join(str(i) for i in ids[:limit])
@@ -71,8 +61,12 @@ def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...],
                 identity: str) -> tuple[np.ndarray, list[dict], list[dict]]:
     """A chunk's ids, failures and damaged videos, after checking them against its place in the video list."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            shape, dtype = _npy_header(archive, "features")
+        # The features' shape and dtype from their .npy header, without reading the data.
+        with zipfile.ZipFile(path) as archive, archive.open("features.npy") as handle:
+            version = np.lib.format.read_magic(handle)
+            reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = reader(handle)
         ids, failures, damaged, saved_identity = read_chunk(path)
         failure_ids = [int(failure["video_id"]) for failure in failures]
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
