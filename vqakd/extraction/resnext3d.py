@@ -58,12 +58,9 @@ class ResNeXt3D(nn.Module):
         self.layer4 = self._make_layer(1024, layers[3], cardinality, stride=2)
         self.avgpool = nn.AdaptiveAvgPool3d(1)
         self.fc = nn.Linear(cardinality * 32 * ResNeXtBottleneck.expansion, num_classes)
-        for module in self.modules():
+        for module in self.modules():     # BatchNorm keeps its own init: weight 1, bias 0, as Hara's
             if isinstance(module, nn.Conv3d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out")
-            elif isinstance(module, nn.BatchNorm3d):
-                module.weight.data.fill_(1)
-                module.bias.data.zero_()
 
     def _make_layer(self, planes: int, blocks: int, cardinality: int, stride: int = 1) -> nn.Sequential:
         out_planes = planes * ResNeXtBottleneck.expansion
