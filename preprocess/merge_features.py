@@ -55,9 +55,8 @@ def main(argv=None) -> int:
     if result.already_complete:
         print(f"{args.out} already holds these features ({result.written} videos, {len(result.failures)} "
               "failed); nothing to merge")
-        return 1 if result.failures and not args.allow_failures else 0
-    kept = "kept" if args.keep_parts else "removed"
-    print(f"{written_line(result)}; {len(parts)} parts folder(s) {kept}")
+    else:
+        print(f"{written_line(result)}; {len(parts)} parts folder(s) {'kept' if args.keep_parts else 'removed'}")
     return 1 if result.failures and not args.allow_failures else 0
 
 

@@ -103,22 +103,14 @@ def choose_device(args: argparse.Namespace):
 
 
 def choose_shard(args: argparse.Namespace) -> Shard:
-    if args.shard_index is None:
-        if args.num_shards != 1:
-            raise UserError(f"--num-shards {args.num_shards} needs --shard-index (0..{args.num_shards - 1})")
-        return Shard()
-    return Shard(args.num_shards, args.shard_index)
+    if args.shard_index is None and args.num_shards != 1:
+        raise UserError(f"--num-shards {args.num_shards} needs --shard-index (0..{args.num_shards - 1})")
+    return Shard(args.num_shards, args.shard_index or 0)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return quiet_unless_main(lambda: _extract_in_session(args))
-
-
-def _extract_in_session(args: argparse.Namespace) -> int:
-    # Control only (gloo); the long timeout covers the final barrier waiting for the slowest rank.
-    with session(timeout=PROCESS_GROUP_TIMEOUT, control_only=True):
-        return extract(args)
+    return quiet_unless_main(lambda: extract(args))
 
 
 def prepare(args: argparse.Namespace, held: contextlib.ExitStack):
@@ -154,7 +146,8 @@ def prepare(args: argparse.Namespace, held: contextlib.ExitStack):
 
 
 def extract(args: argparse.Namespace) -> int:
-    with contextlib.ExitStack() as held:
+    # Control only (gloo); the long timeout covers the final barrier waiting for the slowest rank.
+    with session(timeout=PROCESS_GROUP_TIMEOUT, control_only=True), contextlib.ExitStack() as held:
         # Every rank checks; a problem on any rank stops all of them and is printed once.
         shard, out, videos, extractor = agree(lambda: prepare(args, held), what="start-up")
         result = extractor.run(videos, out, overwrite=args.overwrite, shard=shard)
@@ -162,7 +155,7 @@ def extract(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace, shard, out: str, result) -> int:
-    if not result.main:
+    if result is None:      # torchrun ranks other than 0: rank 0 reports
         return 0
     if not result.merged:
         print(f"shard {shard.index} of {shard.count}: {result.written} of its {result.videos} videos written, "

@@ -24,8 +24,9 @@ from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError, run_cli
 from vqakd.core.files import file_sha256
 from vqakd.extraction import KINETICS_MEAN, ExtractionSettings, make_extractor
-from vqakd.extraction.resnext3d import load_resnext101, resnext101
+from vqakd.extraction.resnext3d import resnext101
 from vqakd.extraction.video import read_clip_frames
+from vqakd.extraction.weights import load_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "preprocess", "preprocess_features.py")
@@ -136,6 +137,13 @@ def resnext_weights(tmp_path_factory):
     return path, network.state_dict()
 
 
+def load_resnext101(path):
+    """The 3D ResNeXt-101 with the weights file `path`, loaded as the extractor loads it."""
+    network = resnext101()
+    load_weights(network, str(path), "3D ResNeXt-101 weights")
+    return network
+
+
 def test_resnext_loads_published_layout(resnext_weights):
     path, expected = resnext_weights
     network = load_resnext101(path)
@@ -168,7 +176,7 @@ def test_resnext_layout_is_hara_layout():
 def test_weights_errors_are_clear(resnext_weights, resnet_weights, tmp_path):
     path, _ = resnext_weights
     with pytest.raises(UserError, match="not found: .*nowhere.pth; .*kenshohara/3D-ResNets-PyTorch"):
-        load_resnext101(tmp_path / "nowhere.pth")
+        make_extractor(ExtractionSettings("msvd-qa", "resnext101", weights=str(tmp_path / "nowhere.pth")))
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(path.read_bytes()[:1_000_000])
     with pytest.raises(UserError, match=f"{truncated}: cannot read .*truncated"):
@@ -188,7 +196,7 @@ def test_weights_errors_are_clear(resnext_weights, resnet_weights, tmp_path):
 
 
 def test_resnet_weights_found_in_torchvision_cache(resnet_weights, tmp_path, monkeypatch):
-    monkeypatch.setattr(weights_module, "TOOLKIT_ROOT", str(tmp_path / "toolkit"))
+    monkeypatch.setattr(weights_module, "REPO_ROOT", str(tmp_path / "toolkit"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     settings = ExtractionSettings("msvd-qa", "resnet101")
     with pytest.raises(UserError, match="no ResNet-101 weights file given .* download https://download.pytorch.org"):

@@ -21,7 +21,7 @@ from test_video import make_video as make_barcode_video
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
 from vqakd.extraction import ExtractionSettings, make_extractor
-from vqakd.extraction.decoding import DecodeSpec, VideoDecodeDataset
+from vqakd.extraction.decoding import VideoDecodeDataset
 from vqakd.extraction.video import read_clip_frames
 
 ORIGINAL_MEAN = (0.485, 0.456, 0.406)
@@ -204,8 +204,8 @@ def test_frames_fed_to_the_networks_equal_the_original(videos, name, num_clips, 
     assert np.array_equal(clip_frames.clips(), expected)
     # what the decoding workers hand the appearance (distinct frames) and motion (clips) models
     for per_frame, threads in ((True, 1), (False, 0)):
-        spec = DecodeSpec(num_clips, frames_per_clip, size, per_frame, threads)
-        item = VideoDecodeDataset([Video(1, name, videos[name])], spec)[0]
+        item = VideoDecodeDataset([Video(1, name, videos[name])], num_clips, frames_per_clip, size, per_frame,
+                                  threads)[0]
         assert item.error is None
         fed = item.inputs[item.inverse] if per_frame else item.inputs
         assert np.array_equal(fed.numpy(), expected)

@@ -587,7 +587,8 @@ class Exploit:
 
 
 def test_checkpoint_holding_a_pickled_object_is_refused_everywhere(tiny, reference, tmp_path):
-    from vqakd.extraction.resnext3d import load_resnext101
+    from vqakd.extraction.resnext3d import resnext101
+    from vqakd.extraction.weights import load_weights
 
     marker = tmp_path / "code_ran"
     evil = dict(torch.load(reference / "best.pt", weights_only=True), payload=Exploit(marker))
@@ -611,7 +612,7 @@ def test_checkpoint_holding_a_pickled_object_is_refused_everywhere(tiny, referen
         load_checkpoint(str(evil_path))
     torch.save({"state_dict": {"conv1.weight": Exploit(marker)}}, evil_path)
     with pytest.raises(UserError, match=str(evil_path)):
-        load_resnext101(str(evil_path))
+        load_weights(resnext101(), str(evil_path), "3D ResNeXt-101 weights")
     assert not marker.exists()
 
 

@@ -16,16 +16,16 @@ from vqakd.extraction.video import VideoError, read_clip_frames
 
 class DecodedVideo(NamedTuple):
     """What a decoding worker hands back for one video."""
-    position: int                    # index in the list of videos still to do
-    inputs: torch.Tensor | None      # uint8 network inputs (rows, ...), None on failure
-    inverse: torch.Tensor | None     # (N, F) rows of `inputs` for each clip frame (frame models)
-    error: str | None
-    damage: dict | None = None       # truncation / skipped packets, for the failures report
+    inputs: torch.Tensor | None             # uint8 network inputs (rows, ...), None on failure
+    inverse: torch.Tensor | None = None     # (N, F) rows of `inputs` for each clip frame (frame models)
+    error: str | None = None
+    damage: dict | None = None              # truncation / skipped packets, for the failures report
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeSpec:
-    """How a worker turns a video file into network inputs (picklable, no network in it)."""
+@dataclasses.dataclass
+class VideoDecodeDataset(torch.utils.data.Dataset):
+    """The videos, and how a worker turns each file into network inputs (picklable, no network in it)."""
+    videos: Sequence[Video]
     num_clips: int
     frames_per_clip: int
     size: tuple[int, int]
@@ -33,45 +33,33 @@ class DecodeSpec:
     threads: int
     past_damage: bool = False  # skip packets the decoder rejects instead of stopping there
 
-
-class VideoDecodeDataset(torch.utils.data.Dataset):
-    def __init__(self, videos: Sequence[Video], spec: DecodeSpec):
-        self.videos = list(videos)
-        self.spec = spec
-
     def __len__(self) -> int:
         return len(self.videos)
 
     def __getitem__(self, position: int) -> DecodedVideo:
-        spec = self.spec
         try:
-            clip_frames = read_clip_frames(self.videos[position].path, spec.num_clips,
-                                           spec.frames_per_clip, spec.size, spec.threads,
-                                           spec.past_damage)
+            clip_frames = read_clip_frames(self.videos[position].path, self.num_clips, self.frames_per_clip,
+                                           self.size, self.threads, self.past_damage)
         except VideoError as exc:
-            return DecodedVideo(position, None, None, exc.reason)
+            return DecodedVideo(None, error=exc.reason)
         except Exception as exc:  # one odd file must not stop a day-long run; the reason is reported
-            return DecodedVideo(position, None, None, f"unexpected {type(exc).__name__}: {exc}")
-        if spec.per_frame:
-            return DecodedVideo(position, torch.from_numpy(clip_frames.frames),
-                                torch.from_numpy(clip_frames.inverse), None, clip_frames.damage())
-        return DecodedVideo(position, torch.from_numpy(np.ascontiguousarray(clip_frames.clips())), None, None,
-                            clip_frames.damage())
-
-
-def _keep_item(item: DecodedVideo) -> DecodedVideo:
-    return item
+            return DecodedVideo(None, error=f"unexpected {type(exc).__name__}: {exc}")
+        if self.per_frame:
+            return DecodedVideo(torch.from_numpy(clip_frames.frames), torch.from_numpy(clip_frames.inverse),
+                                damage=clip_frames.damage())
+        return DecodedVideo(torch.from_numpy(np.ascontiguousarray(clip_frames.clips())),
+                            damage=clip_frames.damage())
 
 
 def decoded_videos(videos: Sequence[Video], num_clips: int, frames_per_clip: int, size: tuple[int, int],
                    per_frame: bool, num_workers: int, pin_memory: bool,
                    past_damage: bool = False) -> Iterator[DecodedVideo]:
-    """The videos decoded in order by `num_workers` processes (0: in this one); deleting it stops them."""
-    spec = DecodeSpec(num_clips, frames_per_clip, size, per_frame, threads=1 if num_workers > 0 else 0,
-                      past_damage=past_damage)
+    """The videos decoded in order by `num_workers` processes (0: in this one); deleting it stops them.
+    Unbatched, the loader only converts (nothing here needs it: items are tensors, strings and dicts)."""
+    dataset = VideoDecodeDataset(list(videos), num_clips, frames_per_clip, size, per_frame,
+                                 threads=1 if num_workers > 0 else 0, past_damage=past_damage)
     loader = torch.utils.data.DataLoader(
-        VideoDecodeDataset(videos, spec), batch_size=None, shuffle=False,
-        num_workers=num_workers, collate_fn=_keep_item, pin_memory=pin_memory)
+        dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
     return iter(loader)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import vqakd
 from vqakd.core import distributed
 from vqakd.core.errors import UserError
 from vqakd.core.files import file_sha256
@@ -25,11 +26,11 @@ from vqakd.core.progress import progress_bar
 from vqakd.data.annotations import Video
 from vqakd.extraction.decoding import DecodedVideo, decoded_videos, next_decoded
 from vqakd.extraction.merge import completed_result, merge_parts
-from vqakd.extraction.networks import NETWORKS, FeatureNetwork
-from vqakd.extraction.parts import chunk_partition, failure_record, failures_report, parts_folder, write_chunk
+from vqakd.extraction.networks import NETWORKS, FeatureNetwork, check_model_settings
+from vqakd.extraction.parts import chunk_partition, failure_record, parts_folder, write_chunk
 from vqakd.extraction.plan import finish_shard, make_plan, require_shared_parts_folder, wait_for_chunks
-from vqakd.extraction.settings import (FEATURE_DIM, ExtractionResult, ExtractionSettings, Shard, build_manifest,
-                                       check_settings, identity_digest)
+from vqakd.extraction.settings import (FEATURE_DIM, MANIFEST_FORMAT, ExtractionResult, ExtractionSettings, Shard,
+                                       check_settings, identity_digest, videos_digest)
 from vqakd.extraction.weights import WeightsIdentity, find_weights
 from vqakd.extraction.video import require_decoder
 
@@ -51,18 +52,15 @@ class FeatureExtractor:
         width = settings.image_width or network_type.default_image_size[1]
         self.settings = dataclasses.replace(settings, image_height=height, image_width=width)
         check_settings(self.settings, self.device, self.batch_size, self.num_workers)
-        network_type.check_settings(self.settings)
+        check_model_settings(self.settings)
         self.model: FeatureNetwork = network_type(self.settings, self.device)
-        self.weights: WeightsIdentity = self._weights_identity()
-        self._network: nn.Module | None = None
-
-    def _weights_identity(self) -> WeightsIdentity:
         if self.settings.random_weights:
-            return WeightsIdentity("random", f"random (seed {self.settings.random_seed})")
-        model = self.model
-        path = os.path.abspath(find_weights(self.settings.weights, model.weight_files, model.weights_what,
-                                            model.how_to_get_weights))
-        return WeightsIdentity(path, file_sha256(path))
+            self.weights = WeightsIdentity("random", f"random (seed {self.settings.random_seed})")
+        else:
+            path = os.path.abspath(find_weights(self.settings.weights, network_type.weight_files,
+                                                network_type.weights_what, network_type.how_to_get_weights))
+            self.weights = WeightsIdentity(path, file_sha256(path))
+        self._network: nn.Module | None = None
 
     @property
     def network(self) -> nn.Module:
@@ -75,42 +73,52 @@ class FeatureExtractor:
         return self.model.shape_for(self.settings.num_clips, self.settings.frames_per_clip)
 
     def manifest(self, videos: Sequence[Video]) -> dict[str, Any]:
-        """The settings that determine the numbers (and the weights file), stored with them."""
-        return build_manifest(self.settings, self.model.model_name, self.model.feature_dataset,
-                              self.model.normalisation(), self.weights.path, self.weights.sha256, videos)
+        """The settings that determine the numbers (and the weights file), stored with the parts and
+        in the output."""
+        s = self.settings
+        return {
+            "format": MANIFEST_FORMAT, "toolkit_version": vqakd.__version__, "dataset": s.dataset,
+            "model": self.model.model_name, "feature_dataset": self.model.feature_dataset,
+            "num_clips": s.num_clips, "frames_per_clip": s.frames_per_clip,
+            "image_height": s.image_height, "image_width": s.image_width, "kinetics_mean": bool(s.kinetics_mean),
+            "normalisation": self.model.normalisation(), "normalization": s.normalization,
+            "decode_past_damage": bool(s.decode_past_damage), "precision": s.precision,
+            "weights": self.weights.path, "weights_sha256": self.weights.sha256,
+            "random_weights": bool(s.random_weights), "chunk_videos": s.chunk_videos, "videos": len(videos),
+            "videos_sha256": videos_digest(videos),
+        }
 
     def run(self, videos: Sequence[Video], out_path: str, overwrite: bool = False,
-            shard: Shard = Shard()) -> ExtractionResult:
+            shard: Shard = Shard()) -> ExtractionResult | None:
         """Extract features of `videos` into `out_path`, resuming a previous run of the same settings;
-        a `shard` of several makes only its chunks and leaves the output to `merge_parts`."""
+        a `shard` of several makes only its chunks and leaves the output to `merge_parts`. Under
+        torchrun only rank 0 returns a result (the others None)."""
         if not videos:
             raise UserError("no videos to extract features from")
         rank, world = distributed.get_rank(), distributed.get_world_size()
         out_path = os.fspath(out_path)
         parts_dir = parts_folder(out_path)
-        report_path = failures_report(out_path)
         manifest = self.manifest(videos)
         chunks = chunk_partition(len(videos), self.settings.chunk_videos)
         plan = distributed.from_main(
             lambda: make_plan(videos, chunks, out_path, manifest, overwrite, shard, world),
             what="the check of the output and its parts folder")
         if plan.complete:
-            if rank != 0:
-                return ExtractionResult(out_path, report_path, len(videos), 0, [], True, main=False)
-            return completed_result(out_path, videos)
+            return completed_result(out_path, videos) if rank == 0 else None
         mine = plan.todo[rank::world]
         if world > 1:
             distributed.agree(lambda: require_shared_parts_folder(parts_dir, plan.token),
                               what="the check of the shared parts folder")
             label = f"{self.model.model_name} [rank {rank}/{world}]"
             total, initial = sum(len(chunks[k]) for k in mine), 0
-        else:
-            label, total, initial = self.model.model_name, plan.shard_videos, plan.done_videos
+        else:       # the progress of the whole shard, finished chunks included
+            total = sum(len(chunk) for k, chunk in enumerate(chunks) if shard.owns(k))
+            label, initial = self.model.model_name, total - sum(len(chunks[k]) for k in mine)
         digest = identity_digest(manifest)
         self._extract_chunks(videos, chunks, mine, parts_dir, total, initial, label, digest)
         distributed.barrier()
         if rank != 0:
-            return ExtractionResult(out_path, report_path, len(videos), 0, [], False, main=False)
+            return None
         if world > 1:
             wait_for_chunks(parts_dir, plan.todo)
         if shard.count == 1:
@@ -156,24 +164,18 @@ class FeatureExtractor:
     @contextlib.contextmanager
     def numerics(self):
         """fp32 is true fp32 (no TF32 on CUDA); fp16/bf16 run under CUDA autocast."""
-        if self.device.type != "cuda":
-            with torch.inference_mode():
-                yield
-            return
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.settings.precision)  # CUDA only
         saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.settings.precision)
-            autocast = (torch.autocast("cuda", dtype=dtype) if dtype is not None
-                        else contextlib.nullcontext())
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
                 yield
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 inputs on the device → float32 features (B, 2048)."""
-        return self.model.embed(self.network, self.model.prepare(batch)).float()
+        return self.network(self.model.prepare(batch)).float()
 
     def _split_rows(self, chunk_videos: list[Video], items: list[DecodedVideo],
                     rows: torch.Tensor) -> tuple[list[int], np.ndarray, list[dict], list[dict]]:
@@ -210,31 +212,22 @@ class RowBatcher:
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], batch_size: int):
         self.forward = forward
         self.batch_size = batch_size
-        self.pending: list[torch.Tensor] = []
-        self.pending_rows = 0
+        self.pending: torch.Tensor | None = None      # fewer than batch_size rows, not run yet
         self.outputs: list[torch.Tensor] = []
 
     def add(self, rows: torch.Tensor) -> None:
-        self.pending.append(rows)
-        self.pending_rows += rows.shape[0]
-        while self.pending_rows >= self.batch_size:
-            self._run(self.batch_size)
-
-    def _run(self, count: int) -> None:
-        buffer = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending)
-        self.outputs.append(self.forward(buffer[:count]))
-        rest = buffer[count:]
-        self.pending = [rest] if rest.shape[0] else []
-        self.pending_rows = rest.shape[0]
+        self.pending = rows if self.pending is None else torch.cat([self.pending, rows])
+        while len(self.pending) >= self.batch_size:
+            self.outputs.append(self.forward(self.pending[:self.batch_size]))
+            self.pending = self.pending[self.batch_size:]
 
     def finish(self) -> torch.Tensor:
-        if self.pending_rows:
-            self._run(self.pending_rows)
-        outputs = self.outputs
+        if self.pending is not None and len(self.pending):
+            self.outputs.append(self.forward(self.pending))
+        rows = torch.cat(self.outputs) if self.outputs else torch.zeros((0, FEATURE_DIM))
+        self.pending = None
         self.outputs = []
-        if not outputs:
-            return torch.zeros((0, FEATURE_DIM))
-        return torch.cat(outputs)
+        return rows
 
 
 def make_extractor(settings: ExtractionSettings, device: torch.device | str = "cpu",

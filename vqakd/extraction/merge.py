@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -16,8 +17,8 @@ from vqakd.core.errors import UserError
 from vqakd.data.features import IDS_DATASET
 from vqakd.extraction.networks import NETWORKS
 from vqakd.extraction.parts import (PARTS_SETTINGS, PARTS_VIDEOS, chunk_files, chunk_name, chunk_partition,
-                                    failure_record, failures_report, read_chunk_outcome, read_json_or_none,
-                                    read_output_manifest, remove_stale_temporaries, shard_counts)
+                                    failure_record, failures_report, read_chunk, read_json_or_none,
+                                    remove_stale_temporaries)
 from vqakd.extraction.settings import ExtractionResult, difference, identity, identity_digest, videos_digest
 from vqakd.core.files import atomic_path, write_json
 
@@ -50,36 +51,28 @@ def read_parts_folder(parts_dir: str) -> PartsFolder:
     return PartsFolder(parts_dir, manifest, videos, chunk_files(parts_dir))
 
 
-def _npy_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of one array of an .npz file, without reading its data."""
-    with archive.open(f"{name}.npy") as handle:
-        version = np.lib.format.read_magic(handle)
-        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                  else np.lib.format.read_array_header_2_0)
-        shape, _, dtype = reader(handle)
-    return tuple(shape), np.dtype(dtype)
-
-
 def _short(ids: Sequence[int], limit: int = 6) -> str:
     ids = list(ids)
     text = ", ".join(str(i) for i in ids[:limit])
     return text + (f", … ({len(ids)} in all)" if len(ids) > limit else "")
 
 
-def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...], identity: str) -> tuple[np.ndarray, list[dict]]:
-    """A chunk's ids and failures, after checking them against its place in the video list."""
+def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...],
+                identity: str) -> tuple[np.ndarray, list[dict], list[dict]]:
+    """A chunk's ids, failures and damaged videos, after checking them against its place in the video list."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            shape, dtype = _npy_header(archive, "features")
-        with np.load(path, allow_pickle=False) as part:
-            ids = np.asarray(part["ids"])
-            failures = json.loads(str(part["failures"]))
-            saved_identity = str(part["identity"]) if "identity" in part.files else None
+        # The features' shape and dtype from their .npy header, without reading the data.
+        with zipfile.ZipFile(path) as archive, archive.open("features.npy") as handle:
+            version = np.lib.format.read_magic(handle)
+            reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = reader(handle)
+        ids, failures, damaged, saved_identity = read_chunk(path)
         failure_ids = [int(failure["video_id"]) for failure in failures]
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: unreadable part file ({type(exc).__name__}: {exc}); delete it and "
                         "re-run the extraction (shard) that made it") from None
-    if saved_identity is not None and saved_identity != identity:
+    if saved_identity != identity:
         raise UserError(f"{path}: made with other extraction settings than its folder's {PARTS_SETTINGS}")
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise UserError(f"{path}: ids must be a list of integers, got {ids.dtype} {ids.shape}")
@@ -97,14 +90,12 @@ def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...], id
         raise UserError(f"{path}: does not hold exactly its chunk of the video list ({detail})")
     if [int(i) for i in ids] != [i for i in expected if i in set(held) - set(failure_ids)]:
         raise UserError(f"{path}: videos are not in the order of the video list")
-    return ids.astype(np.int64), failures
+    return ids.astype(np.int64), failures, damaged
 
 
 def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = False) -> ExtractionResult:
     """Check the parts folders of one extraction (every chunk exactly once, all made with the same
     settings for the same video list) and write its output and failure report."""
-    if not parts_dirs:
-        raise UserError("no parts folder given")
     folders = [read_parts_folder(os.fspath(path)) for path in parts_dirs]
     first = folders[0]
     manifest = first.manifest
@@ -135,11 +126,11 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
 
     ids, failures, damaged = [], [], []
     for k, chunk in enumerate(chunks):
-        chunk_ids, chunk_failures = check_chunk(owner[k], [first.videos[i][0] for i in chunk],
-                                                video_shape, digest)
+        chunk_ids, chunk_failures, chunk_damaged = check_chunk(owner[k], [first.videos[i][0] for i in chunk],
+                                                               video_shape, digest)
         ids.append(chunk_ids)
         failures.extend(chunk_failures)
-        damaged.extend(read_chunk_outcome(owner[k])[2])
+        damaged.extend(chunk_damaged)
     all_ids = np.concatenate(ids)
     report_path = failures_report(out_path)
     report = {"output": os.path.abspath(out_path), "model": model, "videos": len(first.videos),
@@ -177,7 +168,11 @@ def existing_output(out_path: str, manifest: dict | None, overwrite: bool) -> di
     or any when None); None when there is none yet or `overwrite`. An output made otherwise is refused."""
     if overwrite or not os.path.exists(out_path):
         return None
-    existing = read_output_manifest(out_path)
+    try:
+        with h5py.File(out_path, "r") as h5:
+            existing = json.loads(h5.attrs["manifest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        existing = None     # not one of ours, or unreadable
     if existing is not None and (manifest is None or identity(existing) == identity(manifest)):
         return existing
     raise UserError(f"{out_path} already exists and was made {difference(existing, manifest)}; pass --overwrite "
@@ -223,9 +218,12 @@ def _missing_hint(missing: list[int], chunks: list[list[int]], videos: list[tupl
     names = ", ".join(chunk_name(k) for k in missing[:4]) + (", …" if len(missing) > 4 else "")
     first_video = videos[chunks[missing[0]][0]][0]
     hint = f"{names}; the first holds video {first_video}"
-    counts = set()
+    counts = set()      # the --num-shards of the shard notes (`finish_shard`)
     for folder in folders:
-        counts |= shard_counts(folder.path)
+        for path in glob.glob(os.path.join(glob.escape(folder.path), "shard-*-of-*.json")):
+            note = read_json_or_none(path)
+            if isinstance(note, dict) and isinstance(note.get("num_shards"), int):
+                counts.add(note["num_shards"])
     if len(counts) == 1:
         count = counts.pop()
         indices = sorted({k % count for k in missing})

@@ -12,7 +12,6 @@ from torch import nn
 
 from vqakd.core.errors import UserError
 from vqakd.data.features import APPEARANCE_DATASET, MOTION_DATASET
-from vqakd.extraction.resnext3d import WEIGHTS_HOW_TO_GET as RESNEXT_HOW_TO_GET
 from vqakd.extraction.resnext3d import resnext101
 from vqakd.extraction.settings import FEATURE_DIM, ExtractionSettings
 from vqakd.extraction.weights import WeightsIdentity, load_weights
@@ -28,8 +27,10 @@ KINETICS_MEAN = (114.7748, 107.7354, 99.4750)
 
 
 class FeatureNetwork:
-    """One feature model: its description (class attributes) and its input preparation on the run's
-    device; `instantiate` builds the torch module."""
+    """One feature model: its description (class attributes), `architecture()` (the torch module
+    with its classifier `fc`), `normalisation()` (how inputs are normalised, in words, stored with
+    the features), `prepare` (uint8 inputs on the run's device → the network's float input) and
+    `shape_for` (the feature array of one video); `instantiate` builds the network of a run."""
 
     model_name: ClassVar[str]
     kind: ClassVar[str]                  # the features it makes: "appearance" or "motion"
@@ -46,47 +47,22 @@ class FeatureNetwork:
         self.settings = settings
         self.device = device
 
-    @classmethod
-    def check_settings(cls, settings: ExtractionSettings) -> None:
-        """Settings that make no sense for this model (subclasses call this first)."""
-        if settings.normalization not in NORMALIZATIONS:
-            raise UserError(f"unknown normalization {settings.normalization!r}; "
-                            f"choose one of {', '.join(NORMALIZATIONS)}")
-
-    def build(self, path: str | None = None) -> nn.Module:
-        """The architecture with the weights of `path` loaded strictly (None: its own initialisation)."""
-        raise NotImplementedError
-
     def instantiate(self, weights: WeightsIdentity) -> nn.Module:
-        """The network with the run's weights, on the device, in eval mode."""
+        """The network with the run's weights loaded strictly (or seeded random ones) and its classifier
+        replaced by the identity, so that its output is the 2048-d feature; on the device, in eval mode."""
         if self.settings.random_weights:
             # Seeded so that a resumed run rebuilds exactly the same random network.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.settings.random_seed)
-                network = self.build()
+                network = self.architecture()
         else:
-            network = self.build(weights.path)
+            network = self.architecture()
+            load_weights(network, weights.path, self.weights_what)
+        network.fc = nn.Identity()
         network = network.to(self.device).eval()
         if self.device.type == "cuda":
             network = network.to(memory_format=self.memory_format)
         return network
-
-    def normalisation(self) -> str:
-        """How inputs are normalised, in words (stored with the features)."""
-        raise NotImplementedError
-
-    def prepare(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 inputs on the device → the network's float input."""
-        raise NotImplementedError
-
-    def embed(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        """(B, ...) network input → (B, 2048) features."""
-        return network(inputs)
-
-    @staticmethod
-    def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
-        """The feature array of one video."""
-        raise NotImplementedError
 
 
 class ResNet101Features(FeatureNetwork):
@@ -111,19 +87,10 @@ class ResNet101Features(FeatureNetwork):
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
-    @classmethod
-    def check_settings(cls, settings: ExtractionSettings) -> None:
-        super().check_settings(settings)
-        if settings.kinetics_mean:
-            raise UserError("--kinetics-mean applies to the resnext101 motion model only")
-
-    def build(self, path: str | None = None) -> nn.Module:
+    @staticmethod
+    def architecture() -> nn.Module:
         import torchvision
-        network = torchvision.models.resnet101(weights=None)
-        if path is not None:
-            load_weights(network, path, self.weights_what)
-        network.fc = nn.Identity()
-        return network
+        return torchvision.models.resnet101(weights=None)
 
     def normalisation(self) -> str:
         mean, std = NORMALIZATIONS[self.settings.normalization]
@@ -149,7 +116,9 @@ class ResNeXt101Features(FeatureNetwork):
     default_batch_size = 16
     per_frame = False
     weight_files = ("resnext-101-kinetics.pth",)
-    how_to_get_weights = RESNEXT_HOW_TO_GET
+    how_to_get_weights = ("download resnext-101-kinetics.pth from the pretrained-model links of "
+                          "https://github.com/kenshohara/3D-ResNets-PyTorch (releases / README) and pass "
+                          "it with --weights, or use --random-weights for a test run")
     weights_what = "3D ResNeXt-101 weights"
     memory_format = torch.channels_last_3d
 
@@ -157,17 +126,7 @@ class ResNeXt101Features(FeatureNetwork):
         super().__init__(settings, device)
         self.mean = torch.tensor(KINETICS_MEAN, device=device).view(1, 3, 1, 1, 1)
 
-    @classmethod
-    def check_settings(cls, settings: ExtractionSettings) -> None:
-        super().check_settings(settings)
-        if settings.normalization != "original":
-            raise UserError("--normalization applies to the resnet101 appearance model only")
-
-    def build(self, path: str | None = None) -> nn.Module:
-        network = resnext101()
-        if path is not None:
-            load_weights(network, path, self.weights_what)
-        return network
+    architecture = staticmethod(resnext101)
 
     def normalisation(self) -> str:
         return "0-255 RGB minus Kinetics mean" if self.settings.kinetics_mean else "raw 0-255 RGB"
@@ -178,9 +137,6 @@ class ResNeXt101Features(FeatureNetwork):
         if self.settings.kinetics_mean:
             clips = clips.sub_(self.mean)
         return clips
-
-    def embed(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        return network.features(inputs)
 
     @staticmethod
     def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
@@ -193,3 +149,14 @@ NETWORKS: dict[str, type[FeatureNetwork]] = {
 }
 MODEL_OF_KIND = {network.kind: name for name, network in NETWORKS.items()}    # "appearance" -> "resnet101"
 FEATURE_KINDS = tuple(MODEL_OF_KIND)
+
+
+def check_model_settings(settings: ExtractionSettings) -> None:
+    """Settings that make no sense for the model (the checks every model shares: settings.check_settings)."""
+    if settings.normalization not in NORMALIZATIONS:
+        raise UserError(f"unknown normalization {settings.normalization!r}; "
+                        f"choose one of {', '.join(NORMALIZATIONS)}")
+    if settings.kinetics_mean and settings.model != ResNeXt101Features.model_name:
+        raise UserError("--kinetics-mean applies to the resnext101 motion model only")
+    if settings.normalization != "original" and settings.model != ResNet101Features.model_name:
+        raise UserError("--normalization applies to the resnet101 appearance model only")

@@ -15,7 +15,6 @@ import os
 import shutil
 from typing import Any, Iterable, Sequence
 
-import h5py
 import numpy as np
 
 from vqakd.data.annotations import Video
@@ -26,7 +25,6 @@ from vqakd.core.files import atomic_open, stale_temporaries, write_json
 PARTS_SETTINGS = "settings.json"
 PARTS_VIDEOS = "videos.json"
 PARTS_LAUNCH = "launch.json"
-CHUNK_PATTERN = "chunk-*.npz"
 
 
 def parts_folder(out_path: str) -> str:
@@ -50,7 +48,7 @@ def chunk_name(chunk: int) -> str:
 def chunk_files(parts_dir: str) -> dict[int, str]:
     """The finished chunks in a parts folder: number → path."""
     found = {}
-    for path in glob.glob(os.path.join(glob.escape(parts_dir), CHUNK_PATTERN)):
+    for path in glob.glob(os.path.join(glob.escape(parts_dir), "chunk-*.npz")):
         number = os.path.basename(path)[len("chunk-"):-len(".npz")]
         if number.isdigit():
             found[int(number)] = path
@@ -88,7 +86,7 @@ def drop_chunks_to_retry(parts_dir: str, done: set[int]) -> None:
     """Remove the finished chunks of `done` holding a failed video worth retrying (they are made again)."""
     for k in sorted(done):
         path = os.path.join(parts_dir, chunk_name(k))
-        if any(worth_retrying(failure) for failure in read_chunk_outcome(path)[1]):
+        if any(worth_retrying(failure) for failure in read_chunk(path)[1]):
             os.remove(path)
             done.discard(k)
 
@@ -98,10 +96,9 @@ def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence
     settings_path = os.path.join(parts_dir, PARTS_SETTINGS)
     if os.path.isdir(parts_dir):
         saved = read_json_or_none(settings_path)
-        has_chunks = bool(glob.glob(os.path.join(glob.escape(parts_dir), CHUNK_PATTERN)))
         if overwrite:
             shutil.rmtree(parts_dir)        # every part, failures included: all made again
-        elif (saved is not None or has_chunks) and identity(saved) != identity(manifest):
+        elif (saved is not None or chunk_files(parts_dir)) and identity(saved) != identity(manifest):
             raise UserError(f"{parts_dir} holds an unfinished run made "
                             f"{difference(saved, manifest)}; re-run with its settings to resume "
                             "it, pass --overwrite to discard it, or choose another --out (one per "
@@ -125,43 +122,19 @@ def write_chunk(parts_dir: str, chunk: int, ids: list[int], features: np.ndarray
                  damaged=np.asarray(json.dumps(list(damaged))))
 
 
-def read_chunk_outcome(path: str) -> tuple[int, list[dict], list[dict]]:
-    """How many videos a chunk holds, its failures, and the videos it wrote from damaged files."""
+def read_chunk(path: str) -> tuple[np.ndarray, list[dict], list[dict], str]:
+    """A chunk's ids, failures, videos written from damaged files and identity digest (not its features)."""
     with np.load(path, allow_pickle=False) as part:
         damaged = json.loads(str(part["damaged"])) if "damaged" in part.files else []
-        return len(part["ids"]), json.loads(str(part["failures"])), damaged
-
-
-def shard_note_name(index: int, count: int) -> str:
-    return f"shard-{index}-of-{count}.json"
-
-
-def shard_counts(parts_dir: str) -> set[int]:
-    """The --num-shards of the shard notes in a parts folder."""
-    counts = set()
-    for path in glob.glob(os.path.join(glob.escape(parts_dir), "shard-*-of-*.json")):
-        note = read_json_or_none(path)
-        if isinstance(note, dict) and isinstance(note.get("num_shards"), int):
-            counts.add(note["num_shards"])
-    return counts
-
-
-def read_output_manifest(path: str) -> dict | None:
-    """The settings a finished output was made with (None: not one of ours, or unreadable)."""
-    try:
-        with h5py.File(path, "r") as h5:
-            return json.loads(h5.attrs["manifest"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return np.asarray(part["ids"]), json.loads(str(part["failures"])), damaged, str(part["identity"])
 
 
 def remove_stale_temporaries(out_path: str, chunks: Iterable[int], output_too: bool) -> None:
-    """Temporary files of a killed run: those of `chunks`, and the output's and the parts folder's own
-    when `output_too` (only the merging run may touch them)."""
+    """Temporary files of a killed run: those of `chunks`, and the parts folder's own when `output_too`
+    (only the merging run may touch them; the output's are removed by the guard that locks it)."""
     parts_dir = parts_folder(out_path)
     stale = stale_temporaries([os.path.join(parts_dir, chunk_name(k)) for k in chunks])
     if output_too:
-        stale += stale_temporaries([out_path])
         stale += [path for path in glob.glob(os.path.join(glob.escape(parts_dir), ".*.tmp"))
                   if not os.path.basename(path).startswith(".chunk-")]
     for path in stale:

@@ -23,8 +23,8 @@ from vqakd.core.errors import UserError
 from vqakd.extraction.merge import existing_output
 from vqakd.data.features import IDS_DATASET
 from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, drop_chunks_to_retry, failures_report, open_parts,
-                                    parts_folder, read_chunk_outcome, read_json_or_none, remove_stale_temporaries,
-                                    shard_note_name, worth_retrying, write_chunk)
+                                    parts_folder, read_chunk, read_json_or_none, remove_stale_temporaries,
+                                    worth_retrying, write_chunk)
 from vqakd.extraction.settings import ExtractionResult, Shard, identity_digest
 from vqakd.core.files import write_json
 
@@ -37,8 +37,6 @@ class Plan(NamedTuple):
     """What rank 0 found before the work starts (shared with every rank)."""
     complete: bool          # the output exists with these settings: nothing to do
     todo: list[int]         # this shard's unfinished chunks, in order
-    shard_videos: int       # videos in this shard's chunks
-    done_videos: int        # of which already in finished chunks
     token: str | None       # this launch's mark in the parts folder (several ranks)
 
 
@@ -56,7 +54,7 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
         if not retry or shard.count > 1:
             # Parts beside a complete output belong to a run killed while removing them.
             shutil.rmtree(parts_dir, ignore_errors=True)
-            return Plan(True, [], 0, 0, None)
+            return Plan(True, [], None)
         # A failed video is worth retrying: rebuild the parts from the output, redo those chunks.
         if not os.path.isdir(parts_dir):
             parts_from_output(out_path, parts_dir, manifest, videos, chunks, report)
@@ -66,8 +64,7 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
     if world > 1:
         token = secrets.token_hex(8)
         write_json(os.path.join(parts_dir, PARTS_LAUNCH), {"token": token, "world_size": world})
-    return Plan(False, [k for k in mine if k not in done], sum(len(chunks[k]) for k in mine),
-                sum(len(chunks[k]) for k in mine if k in done), token)
+    return Plan(False, [k for k in mine if k not in done], token)
 
 
 def parts_from_output(out_path: str, parts_dir: str, manifest: dict, videos: Sequence[Video],
@@ -101,7 +98,7 @@ def launch_problem(parts_dir: str, token: str | None) -> str | None:
 
 def require_shared_parts_folder(parts_dir: str, token: str | None) -> None:
     """Every rank: wait (briefly) to see rank 0's mark in the parts folder, else fail."""
-    _wait_until_visible([os.path.join(parts_dir, PARTS_LAUNCH)], lambda: launch_problem(parts_dir, token) is None)
+    _wait_until(lambda: launch_problem(parts_dir, token) is None)
     problem = launch_problem(parts_dir, token)
     if problem:
         raise UserError(problem)
@@ -109,17 +106,14 @@ def require_shared_parts_folder(parts_dir: str, token: str | None) -> None:
 
 def wait_for_chunks(parts_dir: str, chunks: Sequence[int]) -> None:
     """Rank 0, after the final barrier: other ranks' chunks may show up late on a network filesystem."""
-    _wait_until_visible([os.path.join(parts_dir, chunk_name(k)) for k in chunks])
+    _wait_until(lambda: all(os.path.exists(os.path.join(parts_dir, chunk_name(k))) for k in chunks))
 
 
-def _wait_until_visible(paths: Sequence[str], ready: Callable[[], bool] | None = None,
-                        timeout: float = SHARED_FS_WAIT_S) -> None:
-    """Wait (briefly) until `paths` exist and `ready()` holds; the caller then reports what is not."""
-    deadline = time.monotonic() + timeout
+def _wait_until(ready: Callable[[], bool]) -> None:
+    """Wait (briefly) until `ready()` holds; the caller then reports what is not."""
+    deadline = time.monotonic() + SHARED_FS_WAIT_S
     delay = 0.05
-    while time.monotonic() < deadline:
-        if all(os.path.exists(path) for path in paths) and (ready is None or ready()):
-            return
+    while not ready() and time.monotonic() < deadline:
         time.sleep(delay)
         delay = min(delay * 2, 2.0)
 
@@ -127,15 +121,13 @@ def _wait_until_visible(paths: Sequence[str], ready: Callable[[], bool] | None =
 def finish_shard(chunks: list[list[int]], parts_dir: str, shard: Shard) -> ExtractionResult:
     """Rank 0 of a shard: count what the shard made and leave a note for merge_parts."""
     mine = [k for k in range(len(chunks)) if shard.owns(k)]
-    written, failures, damaged = 0, [], []
+    videos, written, failures, damaged = sum(len(chunks[k]) for k in mine), 0, [], []
     for k in mine:
-        count, chunk_failures, chunk_damaged = read_chunk_outcome(os.path.join(parts_dir, chunk_name(k)))
-        written += count
+        ids, chunk_failures, chunk_damaged, _ = read_chunk(os.path.join(parts_dir, chunk_name(k)))
+        written += len(ids)
         failures.extend(chunk_failures)
         damaged.extend(chunk_damaged)
-    write_json(os.path.join(parts_dir, shard_note_name(shard.index, shard.count)),
-               {"num_shards": shard.count, "shard_index": shard.index, "chunks": mine,
-                "videos": sum(len(chunks[k]) for k in mine), "written": written,
-                "failed": len(failures), "damaged": len(damaged)})
-    return ExtractionResult(parts_dir, "", sum(len(chunks[k]) for k in mine), written, failures,
-                            False, merged=False, damaged=damaged)
+    write_json(os.path.join(parts_dir, f"shard-{shard.index}-of-{shard.count}.json"),
+               {"num_shards": shard.count, "shard_index": shard.index, "chunks": mine, "videos": videos,
+                "written": written, "failed": len(failures), "damaged": len(damaged)})
+    return ExtractionResult(parts_dir, "", videos, written, failures, False, merged=False, damaged=damaged)

@@ -8,20 +8,12 @@ for the published 16×112×112 clips, that also lets tests run on tiny clips.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
-
-from vqakd.core.errors import UserError
-from vqakd.extraction.weights import load_weights
 
 KINETICS_CLASSES = 400
 RESNEXT101_LAYERS = (3, 4, 23, 3)
 CARDINALITY = 32
-WEIGHTS_HOW_TO_GET = ("download resnext-101-kinetics.pth from the pretrained-model links of "
-                      "https://github.com/kenshohara/3D-ResNets-PyTorch (releases / README) and pass "
-                      "it with --weights, or use --random-weights for a test run")
 
 
 class ResNeXtBottleneck(nn.Module):
@@ -66,12 +58,9 @@ class ResNeXt3D(nn.Module):
         self.layer4 = self._make_layer(1024, layers[3], cardinality, stride=2)
         self.avgpool = nn.AdaptiveAvgPool3d(1)
         self.fc = nn.Linear(cardinality * 32 * ResNeXtBottleneck.expansion, num_classes)
-        for module in self.modules():
+        for module in self.modules():     # BatchNorm keeps its own init: weight 1, bias 0, as Hara's
             if isinstance(module, nn.Conv3d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out")
-            elif isinstance(module, nn.BatchNorm3d):
-                module.weight.data.fill_(1)
-                module.bias.data.zero_()
 
     def _make_layer(self, planes: int, blocks: int, cardinality: int, stride: int = 1) -> nn.Sequential:
         out_planes = planes * ResNeXtBottleneck.expansion
@@ -98,12 +87,3 @@ class ResNeXt3D(nn.Module):
 def resnext101() -> ResNeXt3D:
     return ResNeXt3D()
 
-
-def load_resnext101(path: str | os.PathLike) -> ResNeXt3D:
-    """The 3D ResNeXt-101 with the published `resnext-101-kinetics.pth` weights (strict)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"3D ResNeXt-101 weights file not found: {path}; {WEIGHTS_HOW_TO_GET}")
-    model = resnext101()
-    load_weights(model, path, "3D ResNeXt-101 weights")
-    return model

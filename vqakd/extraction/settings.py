@@ -10,7 +10,6 @@ from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
-import vqakd
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
 from vqakd.extraction.video import check_frames_per_clip
@@ -88,7 +87,6 @@ class ExtractionResult(NamedTuple):
     failures: list[dict]
     already_complete: bool
     merged: bool = True          # False: one shard's parts, to be merged with merge_parts
-    main: bool = True            # False on torchrun ranks other than 0 (rank 0 reports)
     damaged: list[dict] = []     # videos written from damaged files (truncated or packets skipped)
 
 
@@ -114,22 +112,6 @@ def videos_digest(videos: Sequence[Video]) -> str:
     for video in videos:
         digest.update(f"{video.video_id}\t{video.name}\n".encode("utf-8"))
     return digest.hexdigest()
-
-
-def build_manifest(settings: ExtractionSettings, model_name: str, feature_dataset: str, normalisation: str,
-                   weights_path: str, weights_sha256: str, videos: Sequence[Video]) -> dict:
-    """The manifest of a run, stored with the parts and in the output; `settings` has its image size."""
-    s = settings
-    return {
-        "format": MANIFEST_FORMAT, "toolkit_version": vqakd.__version__, "dataset": s.dataset,
-        "model": model_name, "feature_dataset": feature_dataset,
-        "num_clips": s.num_clips, "frames_per_clip": s.frames_per_clip,
-        "image_height": s.image_height, "image_width": s.image_width, "kinetics_mean": bool(s.kinetics_mean),
-        "normalisation": normalisation, "normalization": s.normalization,
-        "decode_past_damage": bool(s.decode_past_damage), "precision": s.precision,
-        "weights": weights_path, "weights_sha256": weights_sha256, "random_weights": bool(s.random_weights),
-        "chunk_videos": s.chunk_videos, "videos": len(videos), "videos_sha256": videos_digest(videos),
-    }
 
 
 def identity(settings: Mapping | None, keys: Sequence[str] = RUN_SETTINGS) -> dict | None:

@@ -9,6 +9,7 @@ needs. No frame threads: they report a rejected packet late, at a thread-depende
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from dataclasses import dataclass
@@ -104,20 +105,20 @@ class ClipFrames:
 
     def damage(self) -> dict | None:
         """What the failures report says about this video's damage (None: none)."""
+        announced = self.announced_frames
         if self.truncated:
-            return {"frames_kept": self.total_frames, "frames_announced": self.announced_frames,
-                    "reason": f"decoding stopped at a damaged packet after {self.total_frames} of "
-                              f"{self.announced_frames} frames (as the original); "
-                              "--decode-past-damage decodes past it"}
-        if self.bad_packets:
-            return {"frames_kept": self.total_frames, "frames_announced": self.announced_frames,
-                    "reason": f"{self.bad_packets} damaged packets skipped (--decode-past-damage)"}
-        if self.total_frames < self.header_frames - self.header_slack:
+            reason = (f"decoding stopped at a damaged packet after {self.total_frames} of {announced} frames "
+                      "(as the original); --decode-past-damage decodes past it")
+        elif self.bad_packets:
+            reason = f"{self.bad_packets} damaged packets skipped (--decode-past-damage)"
+        elif self.total_frames < self.header_frames - self.header_slack:
             # A file cut short decodes cleanly up to its end: only the header's count shows it.
-            return {"frames_kept": self.total_frames, "frames_announced": self.header_frames,
-                    "reason": f"{self.total_frames} of the {self.header_frames} frames its header announces "
-                              "decoded: the file ends early (cut short?)"}
-        return None
+            announced = self.header_frames
+            reason = (f"{self.total_frames} of the {announced} frames its header announces decoded: "
+                      "the file ends early (cut short?)")
+        else:
+            return None
+        return {"frames_kept": self.total_frames, "frames_announced": announced, "reason": reason}
 
 
 def _open(path: str) -> av.container.InputContainer:
@@ -155,29 +156,24 @@ def _video_stream(container: av.container.InputContainer) -> av.video.stream.Vid
 
 def count_frames(path: str) -> tuple[int, str]:
     """(frames the container announces, where that came from), without decoding any frame."""
-    container = _open(path)
-    try:
+    with _open(path) as container:
         stream = _video_stream(container)
         format_names = container.format.name.split(",")
         if stream.frames > 0 and any(name in INDEXED_CONTAINERS for name in format_names):
             return int(stream.frames), "container index"
         count = 0
-        try:
+        # An unreadable rest of the file ends it here, for decoding as well.
+        with contextlib.suppress(av.error.FFmpegError):
             for packet in container.demux(stream):
                 if packet.size > 0:   # empty packets are the demuxer's end-of-stream markers
                     count += 1
-        except av.error.FFmpegError:
-            pass   # unreadable rest of the file: it ends here, for decoding as well
         return count, "packets"
-    finally:
-        container.close()
 
 
 def header_frames(path: str) -> tuple[int, int]:
     """(frames the container's header announces, how many fewer may decode in a whole file): the
     stream's frame count exactly, else duration x frame rate with 2% (at least 2 frames) of slack."""
-    container = _open(path)
-    try:
+    with _open(path) as container:
         stream = _video_stream(container)
         if stream.frames > 0:
             return int(stream.frames), 0
@@ -185,21 +181,12 @@ def header_frames(path: str) -> tuple[int, int]:
             estimate = int(round(float(stream.duration * stream.time_base * stream.average_rate)))
             return estimate, max(2, estimate // 50)
         return 0, 0
-    finally:
-        container.close()
-
-
-def quarter_turns(rotation: float) -> int:
-    """Counter-clockwise quarter turns OpenCV applies for FFmpeg's display rotation (only multiples of 90)."""
-    degrees = int(round(rotation)) % 360
-    return degrees // 90 if degrees % 90 == 0 else 0
 
 
 @dataclass
 class _Decoded:
     kept: dict[int, np.ndarray]   # frame index -> RGB uint8 (H, W, 3)
     decoded: int                  # frames decoded
-    at_end: bool                  # decoded up to the end (or the stop), not stopped early
     truncated: bool               # stopped at a rejected packet or an unreadable rest of file
     bad_packets: int              # packets rejected
     turns: int | None             # quarter turns (from the first frame; None: no frame yet)
@@ -212,14 +199,14 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
     `stop_after_wanted` ends it after the last wanted frame (a second pass)."""
     wanted_set = set(int(i) for i in wanted)
     last_wanted = max(wanted_set) if wanted_set else -1
-    result = _Decoded({}, 0, False, False, 0, None)
-    container = _open(path)
+    result = _Decoded({}, 0, False, 0, None)
 
     def take(frames) -> bool:
         for frame in frames:
             if result.turns is None:
-                # OpenCV reads one rotation for the whole stream.
-                result.turns = quarter_turns(frame.rotation)
+                # OpenCV reads one rotation for the whole stream and applies only multiples of 90 degrees.
+                degrees = int(round(frame.rotation)) % 360
+                result.turns = degrees // 90 if degrees % 90 == 0 else 0
             if result.decoded in wanted_set:
                 image = frame.to_image()
                 if result.turns:
@@ -233,7 +220,7 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
                 return True
         return False
 
-    try:
+    with _open(path) as container:
         stream = _video_stream(container)
         if threads != 1:
             stream.codec_context.thread_type = "SLICE"
@@ -248,10 +235,8 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
                 # Unreadable rest of the file: the stream ends here, flushing what the decoder holds.
                 result.truncated = not past_damage
                 result.bad_packets += int(past_damage)
-                try:
+                with contextlib.suppress(av.error.FFmpegError):
                     take(stream.codec_context.decode(None))
-                except av.error.FFmpegError:
-                    pass
                 break
             if past_damage and packet.is_corrupt:
                 result.bad_packets += 1
@@ -265,11 +250,8 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
                 result.truncated = True
                 break
             if take(frames):
-                return result
-        result.at_end = True
+                break
         return result
-    finally:
-        container.close()
 
 
 def read_clip_frames(path: str, num_clips: int, frames_per_clip: int,

@@ -12,20 +12,11 @@ from torch import nn
 from vqakd.core.errors import UserError
 from vqakd.core.files import REPO_ROOT
 
-TOOLKIT_ROOT = REPO_ROOT
-
 
 class WeightsIdentity(NamedTuple):
     """The weights of one run: the file's absolute path and SHA-256, or "random" and the seed."""
     path: str
     sha256: str
-
-
-def torchvision_weights_cache() -> str:
-    """Where torchvision keeps downloaded weights ($TORCH_HOME/hub/checkpoints); only looked into."""
-    cache_home = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    torch_home = os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(cache_home, "torch")))
-    return os.path.join(torch_home, "hub", "checkpoints")
 
 
 def find_weights(given: str | None, file_names: tuple[str, ...], what: str, how_to_get: str) -> str:
@@ -34,7 +25,7 @@ def find_weights(given: str | None, file_names: tuple[str, ...], what: str, how_
         if not os.path.isfile(given):
             raise UserError(f"{what} file not found: {given}; {how_to_get}")
         return given
-    folders = [os.path.join(TOOLKIT_ROOT, "data", "weights"), torchvision_weights_cache()]
+    folders = [os.path.join(REPO_ROOT, "data", "weights"), os.path.join(torch.hub.get_dir(), "checkpoints")]
     for folder in folders:
         for name in file_names:
             candidate = os.path.join(folder, name)
@@ -56,12 +47,8 @@ def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
         raise UserError(f"{path}: {what} holds no state dict (found {type(obj).__name__})")
-    state = {}
-    for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise UserError(f"{path}: {what}: entry {key!r} is not a named tensor")
-        state[key[len("module."):] if key.startswith("module.") else key] = value
-    return state
+    # What is not a tensor of the model is refused by `load_state_strict`, naming the key.
+    return {str(key).removeprefix("module."): value for key, value in obj.items()}
 
 
 def load_weights(network: nn.Module, path: str, what: str) -> None:
