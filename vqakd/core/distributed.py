@@ -202,6 +202,24 @@ def quiet_unless_main(fn: Callable[[], int]) -> int:
         raise
 
 
+class _DifferentiableAllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients over ranks (what SyncBatchNorm does).
+    Written here because torch.distributed.nn's all_reduce is deprecated, and its backward
+    aborted one of two test processes now and then ("terminate called without an active exception")."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        summed = tensor.clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        summed = grad.contiguous().clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed
+
+
 class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
     """BatchNorm1d whose training statistics cover the whole global batch on any device and backend
     (SyncBatchNorm refuses CPU tensors): K processes with B/K questions match one with B, up to
@@ -211,9 +229,7 @@ class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_initialized() and get_world_size() > 1):
             return super().forward(input)
-        # Here, not at the top: a PyTorch build without torch.distributed cannot import it.
-        from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
-
+        all_reduce_with_grad = _DifferentiableAllReduceSum.apply
         self._check_input_dim(input)
         out_dtype = input.dtype
         if input.dtype in (torch.float16, torch.bfloat16):
