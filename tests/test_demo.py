@@ -366,7 +366,7 @@ def test_question_only_guesser_is_at_chance_on_the_demo_data():
 def test_readme_demo_table_is_the_rendering_of_the_committed_summary():
     summary = json.loads(open(demo_table.COMMITTED_SUMMARY, encoding="utf-8").read())
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    assert demo_table.readme_table(readme) == demo_table.readme_block(summary), \
+    assert demo_table.readme_table(readme)[1] == demo_table.readme_block(summary), \
         "README.md's demo table differs from docs/demo_summary.json: run python -m vqakd.demo.table --readme README.md"
 
 
@@ -381,7 +381,7 @@ def test_table_marks_question_types_the_features_do_not_carry(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{demo_table.README_BEGIN}\n    old\n{demo_table.README_END}\nrest\n")
     assert demo_table.update_readme(str(readme), summary)
-    assert demo_table.readme_table(readme.read_text()) == demo_table.readme_block(summary)
+    assert demo_table.readme_table(readme.read_text())[1] == demo_table.readme_block(summary)
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("rest\n")
     assert not demo_table.update_readme(str(readme), summary)
 

@@ -184,8 +184,7 @@ def build_annotations(settings: DemoSettings) -> tuple[list[Scene], dict[str, li
             scene = sample_scene(rng, video_id, spec)
             scenes.append(scene)
             for question, answer in scene_questions(scene, rng):
-                record = {"question": question, "answer": answer, "video_id": video_id, "id": next_id}
-                qa[split].append(record)
+                qa[split].append({"question": question, "answer": answer, "video_id": video_id, "id": next_id})
                 next_id += 1
     scenes.sort(key=lambda scene: scene.video_id)
     return scenes, qa

@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import time
+from functools import cached_property
 from typing import Optional
 
 from vqakd.data.annotations import SPLITS, load_msvd_mapping
@@ -75,7 +76,7 @@ class DemoPlan:
 
         config = load_config(args.cfg, list(args.overrides))
         # Without --out, the study writes below the config's own output_dir (before --set).
-        self.default_study_dir = os.path.join(load_config(args.cfg, []).output_dir, "study")
+        self.default_output_dir = load_config(args.cfg, []).output_dir
         self.data_dir = args.data_dir or os.path.dirname(config.data.vocab) or "."
         self.prepared = {key: self.data_file(name) for key, name in DATA_FILES.items()}
         # --set data.<key>=<path> for each config data path that is not already the one in data_dir
@@ -110,6 +111,19 @@ class DemoPlan:
         stage = "teacher" if arm.startswith("teacher") else "student"
         seed = self.training_seeds[0] if seed is None else seed
         return os.path.join(self.study_dir, f"seed{seed}", arm, stage, name)
+
+    @cached_property
+    def example(self) -> dict:
+        """The question predict.py is asked: the first test question (by id) of the first type in
+        EXAMPLE_TYPES that the test split has, chosen before any model is trained."""
+        records = sorted(read_json(self.data_file("test_qa.json")), key=lambda record: record["id"])
+        mapping = load_msvd_mapping(self.data_dir)
+        for qtype in EXAMPLE_TYPES:
+            for record in records:
+                if question_type(record["question"]) == qtype and record["video_id"] in mapping:
+                    return {"video": self.video(mapping[record["video_id"]]), "question": record["question"],
+                            "truth": record["answer"]}
+        raise UserError(f"{display_path(self.data_file('test_qa.json'))}: no test question to ask predict.py")
 
 
 def build_steps(plan: DemoPlan) -> list[Step]:
@@ -166,16 +180,15 @@ def build_steps(plan: DemoPlan) -> list[Step]:
     # The study names its runs' folders: output_dir is not passed on.
     config_sets = [part for override in plan.overrides if override_key(override) != "output_dir"
                    for part in ("--set", override)]
-    study_dir = plan.study_dir
-    same_study = os.path.normpath(study_dir) == os.path.normpath(plan.default_study_dir)
-    out_args = [] if same_study else ["--out", study_dir]
+    same_study = os.path.normpath(plan.output_dir) == os.path.normpath(plan.default_output_dir)
+    out_args = [] if same_study else ["--out", plan.study_dir]
 
     def restart_study(resuming: bool) -> list[str]:
         # The study reuses a finished run whose settings match, whatever features it was trained
         # on: when the inputs changed, its runs must go (an interrupted study resumes by itself).
-        if not resuming and os.path.isdir(study_dir):
-            print(f"inputs changed: removing {display_path(study_dir)}", flush=True)
-            shutil.rmtree(study_dir)
+        if not resuming and os.path.isdir(plan.study_dir):
+            print(f"inputs changed: removing {display_path(plan.study_dir)}", flush=True)
+            shutil.rmtree(plan.study_dir)
         return []
 
     steps.append(Step(
@@ -187,47 +200,19 @@ def build_steps(plan: DemoPlan) -> list[Step]:
                                       for name in ("best.pt", "results.json", "study_test.json")],
         plan.output_dir, show_args=["--set", "train.progress=false"] if args.quiet else [],
         restart_args=restart_study, env=ONE_THREAD))
-    question = {}
-
-    def predict_args() -> list[str]:
-        question.update(example_question(plan))
-        return ["--checkpoint", plan.run_file(PREDICT_ARM, "best.pt"), "--video", question["video"],
-                "--question", question["question"], "--device", plan.device]
-
-    steps.append(Step(
-        "predict", script("predict.py"), [], lambda: [plan.run_file(PREDICT_ARM, "best.pt"), question["video"]],
-        lambda: [plan.predict_output], plan.output_dir, late_args=predict_args, stdout_path=plan.predict_output,
-        env=ONE_THREAD))
+    best = plan.run_file(PREDICT_ARM, "best.pt")
+    steps.append(Step(      # the example question is read once the dataset is written
+        "predict", script("predict.py"), lambda: ["--checkpoint", best, "--video", plan.example["video"],
+                                                  "--question", plan.example["question"], "--device", plan.device],
+        lambda: [best, plan.example["video"]], lambda: [plan.predict_output], plan.output_dir,
+        stdout_path=plan.predict_output, env=ONE_THREAD))
     summary_inputs = [plan.data_file("dataset_info.json"), plan.data_file("train_qa.json"),
                       plan.data_file("test_qa.json"), plan.report_json, plan.predict_output]
     steps.append(Step("summary", None, [], lambda: summary_inputs, lambda: [plan.summary_path], plan.output_dir))
     return steps
 
 
-def example_question(plan: DemoPlan) -> dict:
-    """The question predict.py is asked: the first test question (by id) of the first type in
-    EXAMPLE_TYPES that the test split has, chosen before any model is trained."""
-    records = sorted(read_json(plan.data_file("test_qa.json")), key=lambda record: record["id"])
-    mapping = load_msvd_mapping(plan.data_dir)
-    for qtype in EXAMPLE_TYPES:
-        for record in records:
-            if question_type(record["question"]) == qtype and record["video_id"] in mapping:
-                return {"video": plan.video(mapping[record["video_id"]]), "question": record["question"],
-                        "truth": record["answer"], "video_id": record["video_id"], "id": record["id"]}
-    raise UserError(f"{display_path(plan.data_file('test_qa.json'))}: no test question to ask predict.py")
-
-
-def parse_prediction(path: str) -> list[tuple[str, float]]:
-    """The ranked (answer, probability) lines of predict.py's output."""
-    with open(path, encoding="utf-8") as handle:
-        matches = [re.match(r"^\s+\d+\. (\S+)\s+([0-9.]+)\s*$", line) for line in handle]
-    answers = [(match.group(1), float(match.group(2))) for match in matches if match]
-    if not answers:
-        raise UserError(f"{display_path(path)}: no ranked answers in predict.py's output")
-    return answers
-
-
-def build_summary(plan: DemoPlan, runner: Runner, predict_command: str) -> dict:
+def build_summary(plan: DemoPlan, runner: Runner, predict_command: str, started: str) -> dict:
     majority = read_json(plan.data_file("dataset_info.json"))["majority_rate"]["test"]
     blind = demo_data.question_only_rates(read_json(plan.data_file("train_qa.json")),
                                           read_json(plan.data_file("test_qa.json")))
@@ -278,15 +263,19 @@ def build_summary(plan: DemoPlan, runner: Runner, predict_command: str) -> dict:
                            "image_size": args.image_size,
                            "appearance_frames_per_clip": args.appearance_frames,
                            "motion_frames_per_clip": args.motion_frames}
-    example = example_question(plan)
-    answer, probability = parse_prediction(plan.predict_output)[0]
-    checkpoint = display_path(plan.run_file(PREDICT_ARM, "best.pt"))
-    summary["prediction"] = {"command": predict_command, "checkpoint": checkpoint,
+    with open(plan.predict_output, encoding="utf-8") as handle:       # the first of its ranked answers
+        top = next(filter(None, (re.match(r"^\s+\d+\. (\S+)\s+([0-9.]+)\s*$", line) for line in handle)), None)
+    if top is None:
+        raise UserError(f"{display_path(plan.predict_output)}: no ranked answers in predict.py's output")
+    example = plan.example
+    summary["prediction"] = {"command": predict_command,
+                             "checkpoint": display_path(plan.run_file(PREDICT_ARM, "best.pt")),
                              "video": display_path(example["video"]), "question": example["question"],
-                             "truth": example["truth"], "answer": answer, "probability": probability,
-                             "correct": answer == example["truth"]}
+                             "truth": example["truth"], "answer": top[1], "probability": float(top[2]),
+                             "correct": top[1] == example["truth"]}
     summary["step_seconds"] = {name: round(seconds, 2) for name, status, seconds in runner.times if status == "ran"}
     summary["step_cpu_seconds"] = {name: round(seconds, 2) for name, seconds in runner.cpu.items()}
+    summary["provenance"] = provenance_for_config(plan.config, started=started, device=timing["device"])
     return summary
 
 
@@ -333,29 +322,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     ensure_writable_dir(plan.data_dir, "demo data folder")
     ensure_writable_dir(plan.output_dir, "demo output folder")
     steps = build_steps(plan)
-    predict_step = next(step for step in steps if step.name == "predict")
+    predict = next(step for step in steps if step.name == "predict")
     runner = Runner(args.quiet, os.path.join(plan.output_dir, "demo_logs"))
     started_utc = utc_now()
-
-    def write_summary() -> None:
-        summary = build_summary(plan, runner, predict_step.command_line([]))
-        summary["provenance"] = provenance_for_config(plan.config, started=started_utc,
-                                                      device=summary["timing"]["device"])
-        write_json(plan.summary_path, summary)
-
-    steps[-1].action = write_summary
+    steps[-1].action = lambda: write_json(plan.summary_path,
+                                          build_summary(plan, runner, predict.command_line([]), started_utc))
     print(f"vqakd demo: data in {display_path(plan.data_dir)}, results in {display_path(plan.output_dir)}; "
           f"'python' below is {sys.executable}", flush=True)
     started = time.perf_counter()
     for number, step in enumerate(steps, 1):
         runner.run(step, number, len(steps))
-    total = time.perf_counter() - started
 
     summary = read_json(plan.summary_path)
     print("\ntime per step (wall / CPU): " + ", ".join(
         f"{name} {seconds:.1f} s" + (" (skipped)" if status == "skipped" else f" / {runner.cpu.get(name, 0):.1f} s")
         for name, status, seconds in runner.times))
-    print(f"demo finished in {total:.1f} s\n")
+    print(f"demo finished in {time.perf_counter() - started:.1f} s\n")
     print(demo_table.format_table(summary))
     print(f"summary: {display_path(plan.summary_path)}; the study's report: "
           f"{display_path(os.path.join(plan.study_dir, 'report', 'report.md'))}\n")

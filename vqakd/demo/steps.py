@@ -1,9 +1,5 @@
 """The step runner of the demo: each step is a script run as a subprocess (or an action in this
-process). A step is skipped when its arguments and the size and modification time of its input
-and output files are those `demo_state.json` recorded when it last finished; otherwise it runs
-again, and its script skips or resumes the work already done. An interrupted step is resumed,
-one whose arguments or inputs changed is started afresh (see vqakd/demo/pipeline.py).
-"""
+process), skipped, resumed or started afresh as vqakd/demo/pipeline.py says."""
 
 from __future__ import annotations
 
@@ -22,7 +18,6 @@ from vqakd.core.files import atomic_open, ensure_writable_dir, read_json, write_
 
 STATE_FILE = "demo_state.json"
 LOG_TAIL_LINES = 20
-IN_THE_RUNNER = "(in the runner)"      # what a step without a script shows as its command
 NOT_WRITTEN = "demo step {step!r} did not write {path}"
 
 
@@ -41,7 +36,7 @@ class Step:
     shown or the speed."""
     name: str
     script: Optional[str]
-    args: list[str]
+    args: list[str] | Callable[[], list[str]]      # a callable: the arguments once earlier steps ran
     inputs: Callable[[], list[str]]
     outputs: Callable[[], list[str]]
     state_dir: str
@@ -49,13 +44,12 @@ class Step:
     # (resuming an interrupted run of the same inputs?) -> extra flags (--resume / --overwrite)
     restart_args: Callable[[bool], list[str]] = lambda resuming: []
     action: Optional[Callable[[], None]] = None
-    late_args: Optional[Callable[[], list[str]]] = None     # replace `args` once earlier steps ran
     stdout_path: Optional[str] = None            # the script's standard output is kept in this file
     env: dict[str, str] = field(default_factory=dict)
 
     def command_line(self, extra: list[str]) -> str:
         if self.script is None:
-            return IN_THE_RUNNER
+            return "(in the runner)"
         shown = ["python", display_path(self.script), *self.args, *extra, *self.show_args]
         return " ".join(shlex.quote(part) for part in shown)
 
@@ -96,8 +90,8 @@ class Runner:
     def run(self, step: Step, number: int, total: int) -> None:
         started = time.perf_counter()
         cpu_started = _cpu_seconds()
-        if step.late_args is not None:
-            step.args = step.late_args()
+        if callable(step.args):
+            step.args = step.args()
         missing = "demo step {step!r}: input file {path} is missing (an earlier step did not write it)"
         key = {"args": step.args, "inputs": step.files(step.inputs(), missing)}
         previous = step.record()
@@ -132,15 +126,13 @@ class Runner:
             ensure_writable_dir(self.log_dir, "demo log folder")
         log_path = os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log")
         with open(log_path, "w+", encoding="utf-8", errors="replace") if self.quiet else nullcontext() as log:
-            if step.stdout_path:
-                result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-                if not self.quiet or result.returncode != 0:
-                    print(result.stdout, end="", flush=True)
-            else:
-                result = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
-                if log is not None and result.returncode != 0:
-                    log.seek(0)
-                    print("\n".join(log.read().splitlines()[-LOG_TAIL_LINES:]), file=sys.stderr)
+            result = subprocess.run(argv, stdout=subprocess.PIPE if step.stdout_path else log, text=True, env=env,
+                                    stderr=log if step.stdout_path or log is None else subprocess.STDOUT)
+            if step.stdout_path and (not self.quiet or result.returncode != 0):
+                print(result.stdout, end="", flush=True)
+            elif log is not None and result.returncode != 0:
+                log.seek(0)
+                print("\n".join(log.read().splitlines()[-LOG_TAIL_LINES:]), file=sys.stderr)
         if result.returncode != 0:
             raise UserError(f"demo step {step.name!r} failed (exit status {result.returncode}): {command}")
         if step.stdout_path:

@@ -72,7 +72,7 @@ def format_table(summary: dict) -> str:
     rows.append(("inference ms/question", *(f"{e['ms_per_question']:.2f}" if e.get("ms_per_question") is not None
                                             else "-" for e in entries), "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    seeds = summary.get("seeds") or [summary.get("seed")]
+    seeds = summary["seeds"]
     origin = "; features from random-weight networks" if summary.get("features", {}).get("random_weights") else ""
     lines = [f"demo results on the test split ({summary['test_questions']} questions; mean ± std over "
              f"{len(seeds)} training seeds, {', '.join(map(str, seeds))}{origin})"]
@@ -97,38 +97,28 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def small_summary(summary: dict) -> dict:
-    """What docs/demo_summary.json keeps of a summary.json: the figures, not the provenance."""
-    small = {key: value for key, value in summary.items() if key != "provenance"}
-    return {**small, "code_version": (summary.get("provenance") or {}).get("code")}
-
-
 def readme_block(summary: dict) -> str:
     return "\n".join(("    " + line).rstrip() for line in format_table(summary).splitlines())
 
 
-def readme_table(readme_text: str, path: str = "README.md") -> str:
-    """The table lines between README_BEGIN and README_END."""
-    try:
-        start = readme_text.index(README_BEGIN) + len(README_BEGIN)
-        end = readme_text.index(README_END, start)
-    except ValueError:
-        raise UserError(f"{path}: no demo table (the lines {README_BEGIN!r} ... {README_END!r})") from None
-    return readme_text[start:end].strip("\n")
+def readme_table(readme_text: str, path: str = "README.md") -> tuple[str, str, str]:
+    """The README's text up to README_BEGIN, the table lines, and the text from README_END on."""
+    head, begin, rest = readme_text.partition(README_BEGIN)
+    table, end, tail = rest.partition(README_END)
+    if not begin or not end:
+        raise UserError(f"{path}: no demo table (the lines {README_BEGIN!r} ... {README_END!r})")
+    return head + begin, table.strip("\n"), end + tail
 
 
 def update_readme(path: str, summary: dict) -> bool:
     """Rewrite the table in README `path`; returns whether it changed."""
     with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    old = readme_table(text, path)
+        head, old, tail = readme_table(handle.read(), path)
     new = readme_block(summary)
     if old == new:
         return False
-    start = text.index(README_BEGIN) + len(README_BEGIN)
-    end = text.index(README_END, start)
     with atomic_open(path, "w", encoding="utf-8") as handle:
-        handle.write(text[:start] + "\n" + new + "\n" + text[end:])
+        handle.write(head + "\n" + new + "\n" + tail)
     return True
 
 
@@ -143,8 +133,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary = read_json(args.summary)
     if not isinstance(summary, dict) or "arms" not in summary:
         raise UserError(f"{args.summary}: not a demo summary (no 'arms'); run `make demo` to write one")
-    if args.save:
-        write_json(args.save, small_summary(summary))
+    if args.save:       # the figures, not the provenance
+        figures = {key: value for key, value in summary.items() if key != "provenance"}
+        write_json(args.save, {**figures, "code_version": (summary.get("provenance") or {}).get("code")})
         print(f"wrote {args.save}")
     if args.readme:
         changed = update_readme(args.readme, summary)
