@@ -11,9 +11,7 @@ and network settings: asking again costs the sha256 and the model's forward pass
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 import time
 from typing import Any, Mapping, Optional, Sequence
 
@@ -26,7 +24,6 @@ from vqakd.training.engine import configure_backends
 from vqakd.core.errors import UserError
 from vqakd.core.files import atomic_open, file_sha256
 from vqakd.training.inference_record import random_seed_of
-from vqakd.data.features import IDS_DATASET
 from vqakd.data.questions import tokenize_question
 from vqakd.data.vocab import NULL_INDEX, UNK_INDEX, UNK_TOKEN, Vocabulary
 
@@ -40,7 +37,6 @@ QUESTIONS_PER_PASS = 256          # questions about one video answered in one fo
 # New videos are extracted this many at a time, each group cached as soon as it is done: a killed
 # batch keeps all but the group in progress, and the rerun extracts only what is not cached.
 VIDEOS_PER_EXTRACTION = 4
-SCRATCH_PREFIX = ".extract-"      # + the pid of the process using it
 DAMAGE_SUFFIX = ".damage.txt"     # beside a cached .npy: the video's damage, as extraction reported it
 NO_KNOWN_WORD = "no word of the question is in the vocabulary: the answer ignores the question text"
 LAST_CHARACTER = ("the question's last character is dropped, as in the training data (which ends "
@@ -280,8 +276,6 @@ class Answerer:
         self.amp = str(train.get("amp", "none"))
         folder = cache_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), CACHE_FOLDER)
         self.cache = FeatureCache(folder if use_cache else None)
-        if self.cache.folder is not None and os.path.isdir(self.cache.folder):
-            remove_dead_scratch(self.cache.folder)      # what killed runs left; this one leaves none
         self._extractors: dict[str, Any] = {}
 
     # ----- features ------------------------------------------------------------------------------
@@ -364,41 +358,13 @@ class Answerer:
 
     def _extract(self, kind: str, paths: Sequence[str]) -> tuple[dict[str, np.ndarray | VideoFailure], dict[str, str]]:
         """Each video's features (or why it failed), and the damage extraction found in the files."""
-        import h5py
-
-        extractor = self.extractor(kind)
         videos = [Video(index, os.path.basename(path), path) for index, path in enumerate(paths)]
-        scratch = self.cache.folder
-        if scratch is not None:
-            os.makedirs(scratch, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=scratch) as folder:
-            out = os.path.join(folder, f"{kind}.h5")
-            damaged: dict[str, str] = {}
-            try:
-                result = extractor.run(videos, out)
-                failures = result.failures
-                damaged = {paths[int(record["video_id"])]: record["reason"] for record in result.damaged}
-            except UserError as error:
-                # Every video failed: no features were written, the extraction's report says why.
-                try:
-                    with open(out + ".failures.json", encoding="utf-8") as handle:
-                        failures = list(json.load(handle)["failures"])
-                except (OSError, ValueError, KeyError, TypeError):
-                    failures = []
-                if len(failures) != len(videos):
-                    raise error
-                out = None
-            arrays: dict[str, np.ndarray | VideoFailure] = {}
-            for failure in failures:
-                path = paths[int(failure["video_id"])]
-                arrays[path] = VideoFailure(f"{path}: cannot use this video ({failure['reason']})")
-            if out is not None:
-                with h5py.File(out, "r") as handle:
-                    ids = handle[IDS_DATASET][()]
-                    data = handle[extractor.model.feature_dataset][()]
-                for row, video_id in enumerate(ids):
-                    arrays[paths[int(video_id)]] = np.ascontiguousarray(data[row], dtype=np.float32)
-        return arrays, damaged
+        ids, features, failures, damaged = self.extractor(kind).extract(videos)
+        arrays: dict[str, np.ndarray | VideoFailure] = {paths[i]: row for i, row in zip(ids, features)}
+        for failure in failures:
+            path = paths[failure["video_id"]]
+            arrays[path] = VideoFailure(f"{path}: cannot use this video ({failure['reason']})")
+        return arrays, {paths[record["video_id"]]: record["reason"] for record in damaged}
 
     # ----- answering -----------------------------------------------------------------------------
 
@@ -453,21 +419,6 @@ class Answerer:
                     results[i] = Answer(video, rows[i]["question"], answers, question.unknown,
                                         question.warnings + feats.warnings, feats.cached, feats.seconds)
         return results
-
-
-def remove_dead_scratch(folder: str) -> None:
-    """Remove the extraction scratch folders that killed runs left in the cache folder (those of a
-    process still running stay: two predict.py runs may share a cache)."""
-    import shutil
-
-    from vqakd.core.locks import pid_alive
-
-    for entry in os.listdir(folder):
-        if not entry.startswith(SCRATCH_PREFIX):
-            continue
-        pid = entry[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
 
 
 def format_answer(answer: Answer) -> str:
