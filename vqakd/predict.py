@@ -23,7 +23,7 @@ from vqakd.training.checkpoint import load_checkpoint, model_from_checkpoint
 from vqakd.training.engine import configure_backends
 from vqakd.core.errors import UserError
 from vqakd.core.files import atomic_open, file_sha256
-from vqakd.training.inference_record import random_seed_of
+from vqakd.training.inference_record import recorded_features
 from vqakd.data.questions import tokenize_question
 from vqakd.data.vocab import NULL_INDEX, UNK_INDEX, UNK_TOKEN, Vocabulary
 
@@ -98,22 +98,18 @@ def check_recorded(record: Mapping[str, Any], flags: ExtractionFlags, path: str)
             if value is not None and settings.get(key) != value:
                 raise UserError(f"{path} records {kind} features extracted with {key}={settings.get(key)!r}, "
                                 f"not {value!r}; leave the flag out (the checkpoint's settings are used)")
-        if flags.seed is not None:
-            recorded_seed = random_seed_of(settings, path) if settings.get("random_weights") else None
-            if recorded_seed != flags.seed:
-                made = (f"random networks of seed {recorded_seed}" if recorded_seed is not None
-                        else "pretrained networks, where --seed does nothing")
-                raise UserError(f"{path} records {kind} features made by {made}, not seed {flags.seed}; leave "
-                                "--seed out (the checkpoint's settings are used)")
+        if flags.seed is not None and settings["random_seed"] != flags.seed:
+            made = (f"random networks of seed {settings['random_seed']}" if settings["random_seed"] is not None
+                    else "pretrained networks, where --seed does nothing")
+            raise UserError(f"{path} records {kind} features made by {made}, not seed {flags.seed}; leave "
+                            "--seed out (the checkpoint's settings are used)")
 
 
 def feature_settings(checkpoint: Mapping[str, Any], flags: ExtractionFlags, num_clips: int,
                      path: str) -> dict[str, dict]:
-    record = ((checkpoint.get("inference") or {}).get("features") or {})
-    if all(record.get(kind) for kind in FEATURE_KINDS):
-        check_recorded(record, flags, path)
-        settings = {kind: dict(record[kind], random_seed=random_seed_of(record[kind], path))
-                    for kind in FEATURE_KINDS}
+    settings = recorded_features(checkpoint, path)
+    if len(settings) == len(FEATURE_KINDS):
+        check_recorded(settings, flags, path)
     else:
         settings = settings_from_flags(flags, num_clips, path)
     for kind in FEATURE_KINDS:
