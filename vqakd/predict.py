@@ -181,18 +181,18 @@ class FeatureCache:
         return os.path.join(self.folder, video_sha[:2], f"{video_sha}.{kind}.{digest[:20]}.npy")
 
     def get(self, video_sha: str, kind: str, digest: str,
-            shape: tuple[int, ...]) -> tuple[Optional[np.ndarray], Optional[str]]:
-        """The cached features (None: none usable) and the damage extraction reported for them, so
-        that cached answers warn as the first one did."""
+            shape: tuple[int, ...]) -> Optional[tuple[np.ndarray, Optional[str]]]:
+        """The cached features and the damage extraction reported for them, so that cached answers
+        warn as the first one did; None when none are usable."""
         path = self.path(video_sha, kind, digest)
         if path is None or not os.path.isfile(path):
-            return None, None
+            return None
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError):
-            return None, None     # unreadable: extracted again and rewritten
+            return None     # unreadable: extracted again and rewritten
         if array.shape != shape or array.dtype != np.float32:
-            return None, None
+            return None
         if not os.path.isfile(path + DAMAGE_SUFFIX):
             return array, None
         with open(path + DAMAGE_SUFFIX, encoding="utf-8") as handle:
@@ -314,53 +314,50 @@ class Answerer:
     def features(self, videos: Sequence[str]) -> dict[str, VideoFeatures | VideoFailure]:
         """Features of each distinct video: cached, else extracted (and cached) a group at a time."""
         result: dict[str, VideoFeatures | VideoFailure] = {}
-        found: dict[str, dict[str, np.ndarray]] = {}
-        damage: dict[str, set[str]] = {}
+        found: dict[str, dict[str, tuple[np.ndarray, Optional[str]]]] = {}    # kind → (features, damage)
         shas: dict[str, str] = {}
-        timings: dict[str, float] = {}
         for video in dict.fromkeys(videos):
             try:
                 shas[video] = self.video_sha256(video)
             except VideoFailure as exc:
                 result[video] = exc
                 continue
-            found[video], damage[video], timings[video] = {}, set(), 0.0
-            for kind in FEATURE_KINDS:
-                array, reported = self.cache.get(shas[video], kind, self.digests[kind], self.shape(kind))
-                if array is not None:
-                    found[video][kind] = array
-                    damage[video].update(filter(None, [reported]))
+            cached = {kind: self.cache.get(shas[video], kind, self.digests[kind], self.shape(kind))
+                      for kind in FEATURE_KINDS}
+            found[video] = {kind: entry for kind, entry in cached.items() if entry is not None}
+        timings = dict.fromkeys(found, 0.0)
         for kind in FEATURE_KINDS:
             todo = [video for video in found if kind not in found[video] and video not in result]
             for start in range(0, len(todo), VIDEOS_PER_EXTRACTION):
                 group = todo[start:start + VIDEOS_PER_EXTRACTION]
                 started = time.perf_counter()
-                arrays, damaged = self._extract(kind, group)
+                extracted = self._extract(kind, group)
                 share = (time.perf_counter() - started) / len(group)
                 for video in group:
                     timings[video] += share
-                    if isinstance(arrays[video], VideoFailure):
-                        result[video] = arrays[video]
-                        continue
-                    found[video][kind] = arrays[video]
-                    damage[video].update(filter(None, [damaged.get(video)]))
-                    self.cache.put(shas[video], kind, self.digests[kind], arrays[video], damaged.get(video))
-        for video, arrays in found.items():
+                    if isinstance(extracted[video], VideoFailure):
+                        result[video] = extracted[video]
+                    else:
+                        found[video][kind] = extracted[video]
+                        self.cache.put(shas[video], kind, self.digests[kind], *extracted[video])
+        for video, entries in found.items():
             if video not in result:
-                result[video] = VideoFeatures(arrays["appearance"], arrays["motion"], timings[video] == 0.0,
-                                              timings[video], [f"damaged video: {reason}"
-                                                               for reason in sorted(damage[video])])
+                damage = sorted({reason for _, reason in entries.values() if reason})
+                result[video] = VideoFeatures(entries["appearance"][0], entries["motion"][0], timings[video] == 0.0,
+                                              timings[video], [f"damaged video: {reason}" for reason in damage])
         return {video: result[video] for video in dict.fromkeys(videos)}
 
-    def _extract(self, kind: str, paths: Sequence[str]) -> tuple[dict[str, np.ndarray | VideoFailure], dict[str, str]]:
-        """Each video's features (or why it failed), and the damage extraction found in the files."""
+    def _extract(self, kind: str, paths: Sequence[str]) -> dict[str, tuple[np.ndarray, Optional[str]] | VideoFailure]:
+        """Each video's features and the damage extraction found in the file, or why it failed."""
         videos = [Video(index, os.path.basename(path), path) for index, path in enumerate(paths)]
         ids, features, failures, damaged = self.extractor(kind).extract(videos)
-        arrays: dict[str, np.ndarray | VideoFailure] = {paths[i]: row for i, row in zip(ids, features)}
+        reasons = {record["video_id"]: record["reason"] for record in damaged}
+        result: dict[str, tuple[np.ndarray, Optional[str]] | VideoFailure] = {
+            paths[i]: (row, reasons.get(i)) for i, row in zip(ids, features)}
         for failure in failures:
             path = paths[failure["video_id"]]
-            arrays[path] = VideoFailure(f"{path}: cannot use this video ({failure['reason']})")
-        return arrays, {paths[record["video_id"]]: record["reason"] for record in damaged}
+            result[path] = VideoFailure(f"{path}: cannot use this video ({failure['reason']})")
+        return result
 
     # ----- answering -----------------------------------------------------------------------------
 
