@@ -116,7 +116,8 @@ class FeatureExtractor:
             label, initial = self.model.model_name, total - sum(len(chunks[k]) for k in mine)
         digest = identity_digest(manifest)
         self._extract_chunks(videos, chunks, mine, total, initial, label,
-                             lambda k, rows: write_chunk(parts_dir, k, *rows[:3], digest, rows[3]))
+                             lambda k, rows: write_chunk(parts_dir, k, *rows[:3], identity_digest=digest,
+                                                         damaged=rows[3]))
         distributed.barrier()
         if rank != 0:
             return None
