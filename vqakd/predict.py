@@ -381,9 +381,6 @@ class Answerer:
         return [[(self.vocab.idx_to_answer[i], float(p)) for i, p in zip(row_i, row_p)]
                 for row_i, row_p in zip(indices, values)]
 
-    def encode(self, text: str) -> EncodedQuestion:
-        return encode_question(text, self.vocab)
-
     def answer(self, video: str, question: str) -> Answer:
         """One question about one video; a video that cannot be used is a UserError."""
         result = self.answer_many([{"video": video, "question": question}])[0]
@@ -407,7 +404,7 @@ class Answerer:
             # questions one video has (10,000 rows about one video took 11 GB in one pass).
             for start in range(0, len(indices), QUESTIONS_PER_PASS):
                 chunk = indices[start:start + QUESTIONS_PER_PASS]
-                encoded = [self.encode(rows[i]["question"]) for i in chunk]
+                encoded = [encode_question(rows[i]["question"], self.vocab) for i in chunk]
                 for i, question, answers in zip(chunk, encoded, self.answer_encoded(feats, encoded)):
                     results[i] = Answer(video, rows[i]["question"], answers, question.unknown,
                                         question.warnings + feats.warnings, feats.cached, feats.seconds)
