@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     import torch
 
     from vqakd.demo import data as demo_data
-    from vqakd.predict import Answerer
+    from vqakd.predict import Answerer, encode_question
 
     torch.set_num_threads(args.threads)
     if args.full:
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             cached.append(time.perf_counter() - started)
             assert answer.cached
         features = answerer.features([clips[0]])[clips[0]]
-        encoded = [answerer.encode(questions[0])]
+        encoded = [encode_question(questions[0], answerer.vocab)]
         forward = []
         for _ in range(args.questions):
             started = time.perf_counter()

@@ -11,9 +11,7 @@ and network settings: asking again costs the sha256 and the model's forward pass
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 import time
 from typing import Any, Mapping, Optional, Sequence
 
@@ -25,8 +23,7 @@ from vqakd.training.checkpoint import load_checkpoint, model_from_checkpoint
 from vqakd.training.engine import configure_backends
 from vqakd.core.errors import UserError
 from vqakd.core.files import atomic_open, file_sha256
-from vqakd.training.inference_record import random_seed_of
-from vqakd.data.features import IDS_DATASET
+from vqakd.training.inference_record import recorded_features
 from vqakd.data.questions import tokenize_question
 from vqakd.data.vocab import NULL_INDEX, UNK_INDEX, UNK_TOKEN, Vocabulary
 
@@ -40,7 +37,6 @@ QUESTIONS_PER_PASS = 256          # questions about one video answered in one fo
 # New videos are extracted this many at a time, each group cached as soon as it is done: a killed
 # batch keeps all but the group in progress, and the rerun extracts only what is not cached.
 VIDEOS_PER_EXTRACTION = 4
-SCRATCH_PREFIX = ".extract-"      # + the pid of the process using it
 DAMAGE_SUFFIX = ".damage.txt"     # beside a cached .npy: the video's damage, as extraction reported it
 NO_KNOWN_WORD = "no word of the question is in the vocabulary: the answer ignores the question text"
 LAST_CHARACTER = ("the question's last character is dropped, as in the training data (which ends "
@@ -102,22 +98,18 @@ def check_recorded(record: Mapping[str, Any], flags: ExtractionFlags, path: str)
             if value is not None and settings.get(key) != value:
                 raise UserError(f"{path} records {kind} features extracted with {key}={settings.get(key)!r}, "
                                 f"not {value!r}; leave the flag out (the checkpoint's settings are used)")
-        if flags.seed is not None:
-            recorded_seed = random_seed_of(settings, path) if settings.get("random_weights") else None
-            if recorded_seed != flags.seed:
-                made = (f"random networks of seed {recorded_seed}" if recorded_seed is not None
-                        else "pretrained networks, where --seed does nothing")
-                raise UserError(f"{path} records {kind} features made by {made}, not seed {flags.seed}; leave "
-                                "--seed out (the checkpoint's settings are used)")
+        if flags.seed is not None and settings["random_seed"] != flags.seed:
+            made = (f"random networks of seed {settings['random_seed']}" if settings["random_seed"] is not None
+                    else "pretrained networks, where --seed does nothing")
+            raise UserError(f"{path} records {kind} features made by {made}, not seed {flags.seed}; leave "
+                            "--seed out (the checkpoint's settings are used)")
 
 
 def feature_settings(checkpoint: Mapping[str, Any], flags: ExtractionFlags, num_clips: int,
                      path: str) -> dict[str, dict]:
-    record = ((checkpoint.get("inference") or {}).get("features") or {})
-    if all(record.get(kind) for kind in FEATURE_KINDS):
-        check_recorded(record, flags, path)
-        settings = {kind: dict(record[kind], random_seed=random_seed_of(record[kind], path))
-                    for kind in FEATURE_KINDS}
+    settings = recorded_features(checkpoint, path)
+    if len(settings) == len(FEATURE_KINDS):
+        check_recorded(settings, flags, path)
     else:
         settings = settings_from_flags(flags, num_clips, path)
     for kind in FEATURE_KINDS:
@@ -189,18 +181,18 @@ class FeatureCache:
         return os.path.join(self.folder, video_sha[:2], f"{video_sha}.{kind}.{digest[:20]}.npy")
 
     def get(self, video_sha: str, kind: str, digest: str,
-            shape: tuple[int, ...]) -> tuple[Optional[np.ndarray], Optional[str]]:
-        """The cached features (None: none usable) and the damage extraction reported for them, so
-        that cached answers warn as the first one did."""
+            shape: tuple[int, ...]) -> Optional[tuple[np.ndarray, Optional[str]]]:
+        """The cached features and the damage extraction reported for them, so that cached answers
+        warn as the first one did; None when none are usable."""
         path = self.path(video_sha, kind, digest)
         if path is None or not os.path.isfile(path):
-            return None, None
+            return None
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError):
-            return None, None     # unreadable: extracted again and rewritten
+            return None     # unreadable: extracted again and rewritten
         if array.shape != shape or array.dtype != np.float32:
-            return None, None
+            return None
         if not os.path.isfile(path + DAMAGE_SUFFIX):
             return array, None
         with open(path + DAMAGE_SUFFIX, encoding="utf-8") as handle:
@@ -280,8 +272,6 @@ class Answerer:
         self.amp = str(train.get("amp", "none"))
         folder = cache_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), CACHE_FOLDER)
         self.cache = FeatureCache(folder if use_cache else None)
-        if self.cache.folder is not None and os.path.isdir(self.cache.folder):
-            remove_dead_scratch(self.cache.folder)      # what killed runs left; this one leaves none
         self._extractors: dict[str, Any] = {}
 
     # ----- features ------------------------------------------------------------------------------
@@ -324,81 +314,50 @@ class Answerer:
     def features(self, videos: Sequence[str]) -> dict[str, VideoFeatures | VideoFailure]:
         """Features of each distinct video: cached, else extracted (and cached) a group at a time."""
         result: dict[str, VideoFeatures | VideoFailure] = {}
-        found: dict[str, dict[str, np.ndarray]] = {}
-        damage: dict[str, set[str]] = {}
+        found: dict[str, dict[str, tuple[np.ndarray, Optional[str]]]] = {}    # kind → (features, damage)
         shas: dict[str, str] = {}
-        timings: dict[str, float] = {}
         for video in dict.fromkeys(videos):
             try:
                 shas[video] = self.video_sha256(video)
             except VideoFailure as exc:
                 result[video] = exc
                 continue
-            found[video], damage[video], timings[video] = {}, set(), 0.0
-            for kind in FEATURE_KINDS:
-                array, reported = self.cache.get(shas[video], kind, self.digests[kind], self.shape(kind))
-                if array is not None:
-                    found[video][kind] = array
-                    damage[video].update(filter(None, [reported]))
+            cached = {kind: self.cache.get(shas[video], kind, self.digests[kind], self.shape(kind))
+                      for kind in FEATURE_KINDS}
+            found[video] = {kind: entry for kind, entry in cached.items() if entry is not None}
+        timings = dict.fromkeys(found, 0.0)
         for kind in FEATURE_KINDS:
             todo = [video for video in found if kind not in found[video] and video not in result]
             for start in range(0, len(todo), VIDEOS_PER_EXTRACTION):
                 group = todo[start:start + VIDEOS_PER_EXTRACTION]
                 started = time.perf_counter()
-                arrays, damaged = self._extract(kind, group)
+                extracted = self._extract(kind, group)
                 share = (time.perf_counter() - started) / len(group)
                 for video in group:
                     timings[video] += share
-                    if isinstance(arrays[video], VideoFailure):
-                        result[video] = arrays[video]
-                        continue
-                    found[video][kind] = arrays[video]
-                    damage[video].update(filter(None, [damaged.get(video)]))
-                    self.cache.put(shas[video], kind, self.digests[kind], arrays[video], damaged.get(video))
-        for video, arrays in found.items():
+                    if isinstance(extracted[video], VideoFailure):
+                        result[video] = extracted[video]
+                    else:
+                        found[video][kind] = extracted[video]
+                        self.cache.put(shas[video], kind, self.digests[kind], *extracted[video])
+        for video, entries in found.items():
             if video not in result:
-                result[video] = VideoFeatures(arrays["appearance"], arrays["motion"], timings[video] == 0.0,
-                                              timings[video], [f"damaged video: {reason}"
-                                                               for reason in sorted(damage[video])])
+                damage = sorted({reason for _, reason in entries.values() if reason})
+                result[video] = VideoFeatures(entries["appearance"][0], entries["motion"][0], timings[video] == 0.0,
+                                              timings[video], [f"damaged video: {reason}" for reason in damage])
         return {video: result[video] for video in dict.fromkeys(videos)}
 
-    def _extract(self, kind: str, paths: Sequence[str]) -> tuple[dict[str, np.ndarray | VideoFailure], dict[str, str]]:
-        """Each video's features (or why it failed), and the damage extraction found in the files."""
-        import h5py
-
-        extractor = self.extractor(kind)
+    def _extract(self, kind: str, paths: Sequence[str]) -> dict[str, tuple[np.ndarray, Optional[str]] | VideoFailure]:
+        """Each video's features and the damage extraction found in the file, or why it failed."""
         videos = [Video(index, os.path.basename(path), path) for index, path in enumerate(paths)]
-        scratch = self.cache.folder
-        if scratch is not None:
-            os.makedirs(scratch, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=scratch) as folder:
-            out = os.path.join(folder, f"{kind}.h5")
-            damaged: dict[str, str] = {}
-            try:
-                result = extractor.run(videos, out)
-                failures = result.failures
-                damaged = {paths[int(record["video_id"])]: record["reason"] for record in result.damaged}
-            except UserError as error:
-                # Every video failed: no features were written, the extraction's report says why.
-                try:
-                    with open(out + ".failures.json", encoding="utf-8") as handle:
-                        failures = list(json.load(handle)["failures"])
-                except (OSError, ValueError, KeyError, TypeError):
-                    failures = []
-                if len(failures) != len(videos):
-                    raise error
-                out = None
-            arrays: dict[str, np.ndarray | VideoFailure] = {}
-            for failure in failures:
-                path = paths[int(failure["video_id"])]
-                arrays[path] = VideoFailure(f"{path}: cannot use this video ({failure['reason']})")
-            if out is not None:
-                with h5py.File(out, "r") as handle:
-                    ids = handle[IDS_DATASET][()]
-                    data = handle[extractor.model.feature_dataset][()]
-                for row, video_id in enumerate(ids):
-                    arrays[paths[int(video_id)]] = np.ascontiguousarray(data[row], dtype=np.float32)
-        return arrays, damaged
+        ids, features, failures, damaged = self.extractor(kind).extract(videos)
+        reasons = {record["video_id"]: record["reason"] for record in damaged}
+        result: dict[str, tuple[np.ndarray, Optional[str]] | VideoFailure] = {
+            paths[i]: (row, reasons.get(i)) for i, row in zip(ids, features)}
+        for failure in failures:
+            path = paths[failure["video_id"]]
+            result[path] = VideoFailure(f"{path}: cannot use this video ({failure['reason']})")
+        return result
 
     # ----- answering -----------------------------------------------------------------------------
 
@@ -421,9 +380,6 @@ class Answerer:
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
         return [[(self.vocab.idx_to_answer[i], float(p)) for i, p in zip(row_i, row_p)]
                 for row_i, row_p in zip(indices, values)]
-
-    def encode(self, text: str) -> EncodedQuestion:
-        return encode_question(text, self.vocab)
 
     def answer(self, video: str, question: str) -> Answer:
         """One question about one video; a video that cannot be used is a UserError."""
@@ -448,26 +404,11 @@ class Answerer:
             # questions one video has (10,000 rows about one video took 11 GB in one pass).
             for start in range(0, len(indices), QUESTIONS_PER_PASS):
                 chunk = indices[start:start + QUESTIONS_PER_PASS]
-                encoded = [self.encode(rows[i]["question"]) for i in chunk]
+                encoded = [encode_question(rows[i]["question"], self.vocab) for i in chunk]
                 for i, question, answers in zip(chunk, encoded, self.answer_encoded(feats, encoded)):
                     results[i] = Answer(video, rows[i]["question"], answers, question.unknown,
                                         question.warnings + feats.warnings, feats.cached, feats.seconds)
         return results
-
-
-def remove_dead_scratch(folder: str) -> None:
-    """Remove the extraction scratch folders that killed runs left in the cache folder (those of a
-    process still running stay: two predict.py runs may share a cache)."""
-    import shutil
-
-    from vqakd.core.locks import pid_alive
-
-    for entry in os.listdir(folder):
-        if not entry.startswith(SCRATCH_PREFIX):
-            continue
-        pid = entry[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
 
 
 def format_answer(answer: Answer) -> str:

@@ -115,7 +115,9 @@ class FeatureExtractor:
             total = sum(len(chunk) for k, chunk in enumerate(chunks) if shard.owns(k))
             label, initial = self.model.model_name, total - sum(len(chunks[k]) for k in mine)
         digest = identity_digest(manifest)
-        self._extract_chunks(videos, chunks, mine, parts_dir, total, initial, label, digest)
+        self._extract_chunks(videos, chunks, mine, total, initial, label,
+                             lambda k, rows: write_chunk(parts_dir, k, *rows[:3], identity_digest=digest,
+                                                         damaged=rows[3]))
         distributed.barrier()
         if rank != 0:
             return None
@@ -125,9 +127,18 @@ class FeatureExtractor:
             return merge_parts([parts_dir], out_path)
         return finish_shard(chunks, parts_dir, shard)
 
+    def extract(self, videos: Sequence[Video]) -> tuple[list[int], np.ndarray, list[dict], list[dict]]:
+        """The features of a few videos in memory, computed as one chunk of `run` (predict.py's
+        extraction): the usable videos' ids and features, the failures and the damaged videos."""
+        found = []
+        self._extract_chunks(videos, [list(range(len(videos)))], [0], len(videos), 0, self.model.model_name,
+                             lambda k, rows: found.append(rows))
+        return found[0]
+
     def _extract_chunks(self, videos: Sequence[Video], chunks: list[list[int]], todo: list[int],
-                        parts_dir: str, progress_total: int, progress_initial: int, label: str,
-                        identity: str) -> None:
+                        progress_total: int, progress_initial: int, label: str,
+                        save: Callable[[int, tuple], None]) -> None:
+        """Each chunk k of `todo` through the network; `save(k, _split_rows(...))` as it finishes."""
         if not todo:
             return
         require_decoder()
@@ -151,9 +162,7 @@ class FeatureExtractor:
                             batcher.add(item.inputs.to(self.device, non_blocking=True))
                         chunk_items.append(item)
                         progress.update(1)
-                    ids, features, failures, damaged = self._split_rows(chunk_videos, chunk_items,
-                                                                        batcher.finish())
-                    write_chunk(parts_dir, k, ids, features, failures, identity, damaged)
+                    save(k, self._split_rows(chunk_videos, chunk_items, batcher.finish()))
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"out of GPU memory with --batch-size {self.batch_size}; lower it and "
                             "re-run (finished chunks are kept and resumed)") from None

@@ -83,16 +83,20 @@ def inference_record(appearance_path: str, motion_path: str, vocab) -> dict[str,
     }
 
 
+def recorded_features(checkpoint: Mapping[str, Any], where: str) -> dict[str, dict]:
+    """The extraction settings of the features `checkpoint` was trained on, for each kind it records
+    (none for a checkpoint made before the record or by the original code)."""
+    record = (checkpoint.get("inference") or {}).get("features") or {}
+    return {kind: dict(record[kind], random_seed=random_seed_of(record[kind], where))
+            for kind in FEATURE_KINDS if record.get(kind)}
+
+
 def feature_differences(checkpoint: Mapping[str, Any], paths: Mapping[str, str]) -> list[str]:
     """How the feature files at `paths` ({kind: path}) were made differently from those the
-    checkpoint was trained on, as recorded in it (one entry per difference; none for a checkpoint
-    without a record: nothing to compare)."""
-    record = ((checkpoint.get("inference") or {}).get("features") or {})
+    checkpoint was trained on, as recorded in it (one entry per difference)."""
     found = []
-    for kind in FEATURE_KINDS:
-        trained = identity(record.get(kind), FEATURE_SETTINGS)
-        if not trained:
-            continue
+    for kind, settings in recorded_features(checkpoint, "the checkpoint").items():
+        trained = identity(settings, FEATURE_SETTINGS)
         given = identity(read_extraction_settings(paths[kind]), FEATURE_SETTINGS)
         if given is None:
             found.append(f"{paths[kind]} records no extraction settings; the {kind} features the checkpoint was "
@@ -101,4 +105,3 @@ def feature_differences(checkpoint: Mapping[str, Any], paths: Mapping[str, str])
         found += [f"{kind} {key} {given.get(key)!r} in {paths[kind]}, {value!r} in training"
                   for key, value in trained.items() if given.get(key) != value]
     return found
-
