@@ -223,32 +223,27 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
         if threads != 1:
             stream.codec_context.thread_type = "SLICE"
         stream.codec_context.thread_count = threads
-        packets = container.demux(stream)
-        while True:
-            try:
-                packet = next(packets)
-            except StopIteration:
-                break
-            except av.error.FFmpegError:
-                # Unreadable rest of the file: the stream ends here, flushing what the decoder holds.
-                result.truncated = not past_damage
-                result.bad_packets += int(past_damage)
-                with contextlib.suppress(av.error.FFmpegError):
-                    take(stream.codec_context.decode(None))
-                break
-            if past_damage and packet.is_corrupt:
-                result.bad_packets += 1
-                continue
-            try:
-                frames = packet.decode()
-            except av.error.FFmpegError:
-                result.bad_packets += 1
-                if past_damage:
+        try:
+            for packet in container.demux(stream):
+                if past_damage and packet.is_corrupt:
+                    result.bad_packets += 1
                     continue
-                result.truncated = True
-                break
-            if take(frames):
-                break
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError:
+                    result.bad_packets += 1
+                    if past_damage:
+                        continue
+                    result.truncated = True
+                    break
+                if take(frames):
+                    break
+        except av.error.FFmpegError:
+            # Unreadable rest of the file: the stream ends here, flushing what the decoder holds.
+            result.truncated = not past_damage
+            result.bad_packets += int(past_damage)
+            with contextlib.suppress(av.error.FFmpegError):
+                take(stream.codec_context.decode(None))
         return result
 
 
