@@ -14,6 +14,7 @@ import glob
 import os
 import stat
 from dataclasses import dataclass
+from typing import Collection
 
 import numpy as np
 from PIL import Image
@@ -190,7 +191,7 @@ class _Decoded:
     turns: int | None             # quarter turns (from the first frame; None: no frame yet)
 
 
-def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None, threads: int,
+def _decode_selected(path: str, wanted: Collection[int], size: tuple[int, int] | None, threads: int,
                      past_damage: bool = False, stop_after_wanted: bool = False) -> _Decoded:
     """Decode `path` in order, converting only the frames whose index is in `wanted`. Without
     `past_damage`, decoding ends at the first rejected packet, buffered frames included (as OpenCV).
@@ -267,14 +268,13 @@ def read_clip_frames(path: str, num_clips: int, frames_per_clip: int,
     if total != guess:
         # Another frame count than announced: choose the clips again, decode the frames still missing.
         indices = clip_frame_indices(total, num_clips, frames_per_clip)
-        missing = np.array([i for i in np.unique(indices).tolist() if i not in kept], dtype=np.int64)
-        if len(missing):
-            second = _decode_selected(path, missing, size, threads, past_damage, stop_after_wanted=True)
-            kept = {**kept, **second.kept}
+        missing = set(indices.ravel().tolist()) - kept.keys()
+        if missing:
+            kept.update(_decode_selected(path, missing, size, threads, past_damage, stop_after_wanted=True).kept)
     wanted = np.unique(indices)
-    missing_frames = [int(i) for i in wanted if int(i) not in kept]
-    if missing_frames:   # a second decoding that ended earlier than the first: not deterministic
-        raise VideoError(f"decoding the video twice gave different frames (frame {missing_frames[0]} "
+    missing = [i for i in wanted.tolist() if i not in kept]
+    if missing:   # a second decoding that ended earlier than the first: not deterministic
+        raise VideoError(f"decoding the video twice gave different frames (frame {missing[0]} "
                          f"of {total} missing the second time)")
     shapes = {kept[int(i)].shape for i in wanted}
     if len(shapes) != 1:
