@@ -144,10 +144,8 @@ class ResNeXt101Features(FeatureNetwork):
         return (num_clips, FEATURE_DIM)
 
 
-NETWORKS: dict[str, type[FeatureNetwork]] = {
-    ResNet101Features.model_name: ResNet101Features,
-    ResNeXt101Features.model_name: ResNeXt101Features,
-}
+NETWORKS: dict[str, type[FeatureNetwork]] = {network.model_name: network
+                                              for network in (ResNet101Features, ResNeXt101Features)}
 MODEL_OF_KIND = {network.kind: name for name, network in NETWORKS.items()}    # "appearance" -> "resnet101"
 FEATURE_KINDS = tuple(MODEL_OF_KIND)
 
