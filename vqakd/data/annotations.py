@@ -117,16 +117,6 @@ def _find_video(folder: str, name: str, release_ext: str, listings: dict[str, se
     return os.path.join(folder, f"{name}{release_ext}")
 
 
-def other_containers(path: str) -> list[str]:
-    """Files beside a missing video with its name and another extension (for the error message)."""
-    folder, base = os.path.split(path)
-    stem = os.path.splitext(base)[0]
-    try:
-        return sorted(entry for entry in os.listdir(folder or ".") if os.path.splitext(entry)[0] == stem and entry != base)
-    except OSError:
-        return []
-
-
 def list_videos(dataset: str, annotation_dir: str, video_dir: str) -> list[Video]:
     """Every video referred to by the QA files (those present), sorted by id: MSVD-QA's
     in `video_dir/YouTubeClips`, MSRVTT-QA's in `video_dir/TrainValVideo` or `video_dir/TestVideo`

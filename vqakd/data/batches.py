@@ -246,7 +246,6 @@ def make_loader(split: QuestionSplit, table: FeatureTable, batch_size: int, shuf
         # A private generator: creating loader iterators must not consume the global RNG that
         # dropout draws from (a resumed run restores that RNG exactly).
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
     )
 
 

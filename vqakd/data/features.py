@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -34,6 +34,14 @@ def _open_h5(path: str):
     except OSError as exc:
         raise UserError(f"{path}: cannot open as HDF5 ({exc}); the file may be truncated or of another "
                         "format") from None
+
+
+def _read(path: str, what: str, read: Callable[[], np.ndarray]) -> np.ndarray:
+    """`read()` from the HDF5 file at `path`; a read error names the file and `what` was read."""
+    try:
+        return read()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read {what} ({exc}); the file may be truncated") from None
 
 
 @dataclass
@@ -64,10 +72,7 @@ def read_feature_header(path: str, dataset: str, ndim: int, layout: str) -> Feat
         if ids_ds.shape[0] != features.shape[0]:
             raise UserError(f"{path}: {IDS_DATASET!r} has {ids_ds.shape[0]} entries but {dataset!r} has "
                             f"{features.shape[0]} videos")
-        try:
-            ids = np.asarray(ids_ds[()], dtype=np.int64)
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read {IDS_DATASET!r} ({exc}); the file may be truncated") from None
+        ids = np.asarray(_read(path, repr(IDS_DATASET), lambda: ids_ds[()]), dtype=np.int64)
         shape = tuple(int(s) for s in features.shape)
     unique, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
@@ -151,11 +156,7 @@ class FeatureTable:
             dataset = handle[info.dataset]
             for start in range(0, info.shape[0], chunk):
                 stop = min(start + chunk, info.shape[0])
-                try:
-                    block = dataset[start:stop]
-                except OSError as exc:
-                    raise UserError(f"{info.path}: cannot read {info.dataset!r} rows {start}..{stop - 1} ({exc}); "
-                                    "the file may be truncated") from None
+                block = _read(info.path, f"{info.dataset!r} rows {start}..{stop - 1}", lambda: dataset[start:stop])
                 block = _convert_checked(info, block, np.arange(start, stop), self.dtype_name)
                 table[start:stop] = torch.from_numpy(block).to(device)
                 bar.update(stop - start)
@@ -181,11 +182,7 @@ class FeatureTable:
                                       (app_rows.cpu().numpy(), mot_rows.cpu().numpy())):
             # One HDF5 read of the distinct rows, in increasing order (what h5py accepts).
             unique, inverse = np.unique(rows, return_inverse=True)
-            try:
-                block = handle[info.dataset][unique][inverse]
-            except OSError as exc:
-                raise UserError(f"{info.path}: cannot read {info.dataset!r} ({exc}); the file may be "
-                                "truncated") from None
+            block = _read(info.path, repr(info.dataset), lambda: handle[info.dataset][unique][inverse])
             block = _convert_checked(info, block, rows, self.dtype_name)
             gathered.append(torch.from_numpy(np.ascontiguousarray(block)))
         return gathered[0], gathered[1]

@@ -26,11 +26,11 @@ from vqakd.core.progress import progress_bar
 from vqakd.data.annotations import Video
 from vqakd.extraction.decoding import DecodedVideo, decoded_videos, next_decoded
 from vqakd.extraction.merge import completed_result, merge_parts
-from vqakd.extraction.networks import NETWORKS, FeatureNetwork, check_model_settings
+from vqakd.extraction.networks import NETWORKS, FeatureNetwork, check_settings
 from vqakd.extraction.parts import chunk_partition, failure_record, parts_folder, write_chunk
 from vqakd.extraction.plan import finish_shard, make_plan, require_shared_parts_folder, wait_for_chunks
 from vqakd.extraction.settings import (FEATURE_DIM, MANIFEST_FORMAT, ExtractionResult, ExtractionSettings, Shard,
-                                       check_settings, identity_digest, videos_digest)
+                                       identity_digest, videos_digest)
 from vqakd.extraction.weights import WeightsIdentity, find_weights
 from vqakd.extraction.video import require_decoder
 
@@ -52,7 +52,6 @@ class FeatureExtractor:
         width = settings.image_width or network_type.default_image_size[1]
         self.settings = dataclasses.replace(settings, image_height=height, image_width=width)
         check_settings(self.settings, self.device, self.batch_size, self.num_workers)
-        check_model_settings(self.settings)
         self.model: FeatureNetwork = network_type(self.settings, self.device)
         if self.settings.random_weights:
             self.weights = WeightsIdentity("random", f"random (seed {self.settings.random_seed})")

@@ -180,7 +180,7 @@ def existing_output(out_path: str, manifest: dict | None, overwrite: bool) -> di
                     "separate files)")
 
 
-def completed_result(out_path: str, videos: Sequence[Video] | int | None) -> ExtractionResult:
+def completed_result(out_path: str, videos: Sequence[Video] | int) -> ExtractionResult:
     """The result of a finished extraction of `videos` (or that many), from its failure report or ids."""
     report_path = failures_report(out_path)
     report = read_json_or_none(report_path)
@@ -193,7 +193,7 @@ def completed_result(out_path: str, videos: Sequence[Video] | int | None) -> Ext
         written, damaged = len(present), []
         failures = [failure_record(v, "not in the existing output (no failure report found)")
                     for v in videos if v.video_id not in present] if isinstance(videos, Sequence) else []
-    count = len(videos) if isinstance(videos, Sequence) else written if videos is None else int(videos)
+    count = len(videos) if isinstance(videos, Sequence) else int(videos)
     return ExtractionResult(out_path, report_path, count, written, failures, True, damaged=damaged)
 
 
@@ -208,7 +208,7 @@ def merge_into_output(parts_dirs: Sequence[str], out_path: str, overwrite: bool 
         if not keep_parts:   # a merge killed while removing its parts
             for path in present:
                 shutil.rmtree(path, ignore_errors=True)
-        return completed_result(out_path, existing.get("videos"))
+        return completed_result(out_path, existing["videos"])
     remove_stale_temporaries(out_path, [], output_too=True)
     return merge_parts(parts_dirs, out_path, keep_parts)
 

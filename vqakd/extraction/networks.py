@@ -13,7 +13,8 @@ from torch import nn
 from vqakd.core.errors import UserError
 from vqakd.data.features import APPEARANCE_DATASET, MOTION_DATASET
 from vqakd.extraction.resnext3d import resnext101
-from vqakd.extraction.settings import FEATURE_DIM, ExtractionSettings
+from vqakd.extraction.settings import FEATURE_DIM, PRECISIONS, ExtractionSettings
+from vqakd.extraction.video import check_frames_per_clip
 from vqakd.extraction.weights import WeightsIdentity, load_weights
 
 # ResNet-101: (RGB / 255 - mean) / std. "original" is the original work's constants (its third std
@@ -143,20 +144,37 @@ class ResNeXt101Features(FeatureNetwork):
         return (num_clips, FEATURE_DIM)
 
 
-NETWORKS: dict[str, type[FeatureNetwork]] = {
-    ResNet101Features.model_name: ResNet101Features,
-    ResNeXt101Features.model_name: ResNeXt101Features,
-}
+NETWORKS: dict[str, type[FeatureNetwork]] = {network.model_name: network
+                                              for network in (ResNet101Features, ResNeXt101Features)}
 MODEL_OF_KIND = {network.kind: name for name, network in NETWORKS.items()}    # "appearance" -> "resnet101"
 FEATURE_KINDS = tuple(MODEL_OF_KIND)
 
 
-def check_model_settings(settings: ExtractionSettings) -> None:
-    """Settings that make no sense for the model (the checks every model shares: settings.check_settings)."""
-    if settings.normalization not in NORMALIZATIONS:
-        raise UserError(f"unknown normalization {settings.normalization!r}; "
+def check_settings(settings: ExtractionSettings, device: torch.device, batch_size: int,
+                   num_workers: int) -> None:
+    """One line naming the flag when a setting cannot be used (for any model, then for this one)."""
+    s = settings
+    for name in ("num_clips", "frames_per_clip", "image_height", "image_width", "chunk_videos"):
+        if getattr(s, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    problem = check_frames_per_clip(s.frames_per_clip)
+    if problem:
+        raise UserError(f"--frames-per-clip: {problem}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
+    if s.precision not in PRECISIONS:
+        raise UserError(f"unknown precision {s.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if s.precision != "fp32" and device.type != "cuda":
+        raise UserError(f"--{s.precision} needs a CUDA device (device is {device}); "
+                        "on CPU features are computed in fp32")
+    if s.random_weights and s.weights:
+        raise UserError("--weights and --random-weights exclude each other")
+    if s.normalization not in NORMALIZATIONS:
+        raise UserError(f"unknown normalization {s.normalization!r}; "
                         f"choose one of {', '.join(NORMALIZATIONS)}")
-    if settings.kinetics_mean and settings.model != ResNeXt101Features.model_name:
+    if s.kinetics_mean and s.model != ResNeXt101Features.model_name:
         raise UserError("--kinetics-mean applies to the resnext101 motion model only")
-    if settings.normalization != "original" and settings.model != ResNet101Features.model_name:
+    if s.normalization != "original" and s.model != ResNet101Features.model_name:
         raise UserError("--normalization applies to the resnet101 appearance model only")

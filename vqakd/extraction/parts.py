@@ -125,8 +125,8 @@ def write_chunk(parts_dir: str, chunk: int, ids: list[int], features: np.ndarray
 def read_chunk(path: str) -> tuple[np.ndarray, list[dict], list[dict], str]:
     """A chunk's ids, failures, videos written from damaged files and identity digest (not its features)."""
     with np.load(path, allow_pickle=False) as part:
-        damaged = json.loads(str(part["damaged"])) if "damaged" in part.files else []
-        return np.asarray(part["ids"]), json.loads(str(part["failures"])), damaged, str(part["identity"])
+        return (np.asarray(part["ids"]), json.loads(str(part["failures"])), json.loads(str(part["damaged"])),
+                str(part["identity"]))
 
 
 def remove_stale_temporaries(out_path: str, chunks: Iterable[int], output_too: bool) -> None:

@@ -8,11 +8,8 @@ import hashlib
 import json
 from typing import Mapping, NamedTuple, Sequence
 
-import torch
-
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
-from vqakd.extraction.video import check_frames_per_clip
 
 FEATURE_DIM = 2048
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -54,29 +51,6 @@ class ExtractionSettings:
         known = {field.name for field in dataclasses.fields(cls)}
         return cls(**{"dataset": "msvd-qa", **{key: value for key, value in record.items()
                                                if key in known and value is not None}})
-
-
-def check_settings(settings: ExtractionSettings, device: torch.device, batch_size: int,
-                   num_workers: int) -> None:
-    """The checks every model shares (each network adds its own, see networks.py)."""
-    s = settings
-    for name in ("num_clips", "frames_per_clip", "image_height", "image_width", "chunk_videos"):
-        if getattr(s, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
-    problem = check_frames_per_clip(s.frames_per_clip)
-    if problem:
-        raise UserError(f"--frames-per-clip: {problem}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if num_workers < 0:
-        raise UserError(f"--num-workers must be 0 or more, got {num_workers}")
-    if s.precision not in PRECISIONS:
-        raise UserError(f"unknown precision {s.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if s.precision != "fp32" and device.type != "cuda":
-        raise UserError(f"--{s.precision} needs a CUDA device (device is {device}); "
-                        "on CPU features are computed in fp32")
-    if s.random_weights and s.weights:
-        raise UserError("--weights and --random-weights exclude each other")
 
 
 class ExtractionResult(NamedTuple):

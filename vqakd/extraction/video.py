@@ -10,15 +10,17 @@ needs. No frame threads: they report a rejected packet late, at a thread-depende
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import stat
 from dataclasses import dataclass
+from typing import Collection
 
 import numpy as np
 from PIL import Image
 
 from vqakd.core.errors import UserError
-from vqakd.data.annotations import VIDEO_EXTENSIONS, other_containers
+from vqakd.data.annotations import VIDEO_EXTENSIONS
 
 try:
     import av
@@ -127,7 +129,10 @@ def _open(path: str) -> av.container.InputContainer:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        others = other_containers(path)
+        # Files beside it with its name and another extension (or none).
+        stem = os.path.splitext(path)[0]
+        others = sorted(os.path.basename(other) for other in glob.glob(glob.escape(stem) + "*")
+                        if os.path.splitext(other)[0] == stem and other != path)
         hint = (f" ({', '.join(others)} beside it has the same name: give it an extension FFmpeg reads, "
                 f"one of {', '.join(VIDEO_EXTENSIONS)})" if others else "")
         raise VideoError(f"file not found{hint}") from None
@@ -154,33 +159,27 @@ def _video_stream(container: av.container.InputContainer) -> av.video.stream.Vid
     return stream
 
 
-def count_frames(path: str) -> tuple[int, str]:
-    """(frames the container announces, where that came from), without decoding any frame."""
+def frame_counts(path: str) -> tuple[int, int, int]:
+    """(frames the container announces: its index, else its packet count, without decoding a frame;
+    frames its header announces; how many fewer may decode in a whole file): the header's count is
+    the stream's frame count exactly, else duration x frame rate with 2% (at least 2 frames) of slack."""
     with _open(path) as container:
         stream = _video_stream(container)
-        format_names = container.format.name.split(",")
-        if stream.frames > 0 and any(name in INDEXED_CONTAINERS for name in format_names):
-            return int(stream.frames), "container index"
+        header, slack = 0, 0
+        if stream.frames > 0:
+            header = int(stream.frames)
+            if any(name in INDEXED_CONTAINERS for name in container.format.name.split(",")):
+                return header, header, 0
+        elif stream.duration and stream.time_base and stream.average_rate:
+            header = int(round(float(stream.duration * stream.time_base * stream.average_rate)))
+            slack = max(2, header // 50)
         count = 0
         # An unreadable rest of the file ends it here, for decoding as well.
         with contextlib.suppress(av.error.FFmpegError):
             for packet in container.demux(stream):
                 if packet.size > 0:   # empty packets are the demuxer's end-of-stream markers
                     count += 1
-        return count, "packets"
-
-
-def header_frames(path: str) -> tuple[int, int]:
-    """(frames the container's header announces, how many fewer may decode in a whole file): the
-    stream's frame count exactly, else duration x frame rate with 2% (at least 2 frames) of slack."""
-    with _open(path) as container:
-        stream = _video_stream(container)
-        if stream.frames > 0:
-            return int(stream.frames), 0
-        if stream.duration and stream.time_base and stream.average_rate:
-            estimate = int(round(float(stream.duration * stream.time_base * stream.average_rate)))
-            return estimate, max(2, estimate // 50)
-        return 0, 0
+        return count, header, slack
 
 
 @dataclass
@@ -192,7 +191,7 @@ class _Decoded:
     turns: int | None             # quarter turns (from the first frame; None: no frame yet)
 
 
-def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None, threads: int,
+def _decode_selected(path: str, wanted: Collection[int], size: tuple[int, int] | None, threads: int,
                      past_damage: bool = False, stop_after_wanted: bool = False) -> _Decoded:
     """Decode `path` in order, converting only the frames whose index is in `wanted`. Without
     `past_damage`, decoding ends at the first rejected packet, buffered frames included (as OpenCV).
@@ -225,32 +224,27 @@ def _decode_selected(path: str, wanted: np.ndarray, size: tuple[int, int] | None
         if threads != 1:
             stream.codec_context.thread_type = "SLICE"
         stream.codec_context.thread_count = threads
-        packets = container.demux(stream)
-        while True:
-            try:
-                packet = next(packets)
-            except StopIteration:
-                break
-            except av.error.FFmpegError:
-                # Unreadable rest of the file: the stream ends here, flushing what the decoder holds.
-                result.truncated = not past_damage
-                result.bad_packets += int(past_damage)
-                with contextlib.suppress(av.error.FFmpegError):
-                    take(stream.codec_context.decode(None))
-                break
-            if past_damage and packet.is_corrupt:
-                result.bad_packets += 1
-                continue
-            try:
-                frames = packet.decode()
-            except av.error.FFmpegError:
-                result.bad_packets += 1
-                if past_damage:
+        try:
+            for packet in container.demux(stream):
+                if past_damage and packet.is_corrupt:
+                    result.bad_packets += 1
                     continue
-                result.truncated = True
-                break
-            if take(frames):
-                break
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError:
+                    result.bad_packets += 1
+                    if past_damage:
+                        continue
+                    result.truncated = True
+                    break
+                if take(frames):
+                    break
+        except av.error.FFmpegError:
+            # Unreadable rest of the file: the stream ends here, flushing what the decoder holds.
+            result.truncated = not past_damage
+            result.bad_packets += int(past_damage)
+            with contextlib.suppress(av.error.FFmpegError):
+                take(stream.codec_context.decode(None))
         return result
 
 
@@ -260,7 +254,7 @@ def read_clip_frames(path: str, num_clips: int, frames_per_clip: int,
     """Decode the frames of `num_clips` clips of `frames_per_clip` frames from the video at `path`.
     `size` (image_height, image_width) goes to Pillow in that order, as in the original; None keeps
     the decoded size. `threads`: FFmpeg's decoder threads (0: its choice)."""
-    announced, _ = count_frames(path)
+    announced, expected, slack = frame_counts(path)
     guess = max(announced, 1)
     indices = clip_frame_indices(guess, num_clips, frames_per_clip)
     outcome = _decode_selected(path, np.unique(indices), size, threads, past_damage)
@@ -274,20 +268,18 @@ def read_clip_frames(path: str, num_clips: int, frames_per_clip: int,
     if total != guess:
         # Another frame count than announced: choose the clips again, decode the frames still missing.
         indices = clip_frame_indices(total, num_clips, frames_per_clip)
-        missing = np.array([i for i in np.unique(indices).tolist() if i not in kept], dtype=np.int64)
-        if len(missing):
-            second = _decode_selected(path, missing, size, threads, past_damage, stop_after_wanted=True)
-            kept = {**kept, **second.kept}
+        missing = set(indices.ravel().tolist()) - kept.keys()
+        if missing:
+            kept.update(_decode_selected(path, missing, size, threads, past_damage, stop_after_wanted=True).kept)
     wanted = np.unique(indices)
-    missing_frames = [int(i) for i in wanted if int(i) not in kept]
-    if missing_frames:   # a second decoding that ended earlier than the first: not deterministic
-        raise VideoError(f"decoding the video twice gave different frames (frame {missing_frames[0]} "
+    missing = [i for i in wanted.tolist() if i not in kept]
+    if missing:   # a second decoding that ended earlier than the first: not deterministic
+        raise VideoError(f"decoding the video twice gave different frames (frame {missing[0]} "
                          f"of {total} missing the second time)")
     shapes = {kept[int(i)].shape for i in wanted}
     if len(shapes) != 1:
         raise VideoError(f"frame size changes inside the video {sorted(shapes)}; pass an image size")
     frames = np.stack([kept[int(i)] for i in wanted])
     inverse = np.searchsorted(wanted, indices)
-    expected, slack = header_frames(path)
     return ClipFrames(frames, inverse, indices, total, announced, outcome.truncated,
                       outcome.bad_packets, expected, slack)
