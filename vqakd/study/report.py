@@ -16,13 +16,13 @@ import itertools
 import math
 import os
 import statistics
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from vqakd.core.files import atomic_open, atomic_path, read_json, write_json
 from vqakd.data.questions import QUESTION_TYPES, TYPE_NAMES
 from vqakd.data.vocab import ANSWER_SPECIALS
+from vqakd.training.metrics import LOSS_PARTS
 
-LOSS_PARTS = ("loss", "hard", "ce", "common", "dependence", "app", "mo", "kd")
 TOP_ANSWERS = 10
 # The arm every other arm is compared with, seed by seed: the student trained alone.
 BASELINE_ARM = "student-none"
@@ -39,9 +39,9 @@ PUBLISHED = {
 }
 
 
-def mean_std(values: Sequence[float]) -> dict[str, Any]:
-    """Mean and sample standard deviation (None for fewer than two values)."""
-    values = [float(v) for v in values]
+def mean_std(values: Iterable[Optional[float]]) -> dict[str, Any]:
+    """Mean and sample standard deviation of the values that are not None (std None for fewer than two)."""
+    values = [float(v) for v in values if v is not None]
     return {"mean": statistics.fmean(values) if values else None,
             "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
 
@@ -69,18 +69,14 @@ def collect(runs) -> dict[str, Any]:
             "features": feature_origin(results, run.path("best.pt")), "run_dir": run.stage_dir}
     for entry in arms.values():
         seeds = list(entry["seeds"].values())
-        entry["accuracy"] = mean_std([s["accuracy"] for s in seeds])
-        entry["val_accuracy"] = mean_std([s["val_accuracy"] for s in seeds if s["val_accuracy"] is not None])
-        entry["params"] = seeds[0]["params"]
-        entry["graph_layers"] = seeds[0]["graph_layers"]
-        times = [s["ms_per_question"] for s in seeds if s["ms_per_question"] is not None]
-        entry["ms_per_question"] = mean_std(times) if times else None
-        entry["per_type"] = {}
-        for qtype in QUESTION_TYPES:
-            count = seeds[0]["per_type"].get(qtype, {}).get("count", 0)
-            stats = mean_std([s["per_type"][qtype]["accuracy"] for s in seeds]) if count else \
-                {"mean": None, "std": None, "n": len(seeds)}
-            entry["per_type"][qtype] = dict(stats, count=count)
+        times = mean_std(s["ms_per_question"] for s in seeds)
+        entry.update(accuracy=mean_std(s["accuracy"] for s in seeds),
+                     val_accuracy=mean_std(s["val_accuracy"] for s in seeds), params=seeds[0]["params"],
+                     graph_layers=seeds[0]["graph_layers"], ms_per_question=times if times["n"] else None)
+        counts = {qtype: seeds[0]["per_type"].get(qtype, {}).get("count", 0) for qtype in QUESTION_TYPES}
+        entry["per_type"] = {qtype: dict(mean_std(s["per_type"][qtype]["accuracy"] for s in seeds), count=count)
+                             if count else {"mean": None, "std": None, "n": len(seeds), "count": 0}
+                             for qtype, count in counts.items()}
     return arms
 
 
@@ -99,14 +95,13 @@ def answer_metrics(preds: dict[str, list[dict]], top: int = TOP_ANSWERS) -> dict
         # Every arm answers the same test questions with the same seeds: the same labels.
         labels = out["labels"] = figures["confusion"]["answers"]
         matrix = figures["confusion"]["matrix"]
-        pairs = [(matrix[i][j], labels[i], labels[j]) for i in range(len(labels)) for j in range(len(labels))
-                 if i != j and matrix[i][j] > 0]
-        pairs.sort(key=lambda item: (-item[0], item[1], item[2]))
+        pairs = sorted((-matrix[i][j], true, predicted) for i, true in enumerate(labels)
+                       for j, predicted in enumerate(labels) if i != j and matrix[i][j] > 0)
         out["arms"][arm] = {
             "per_answer": {entry["answer"]: {key: entry[key] for key in ("precision", "recall", "f1", "support")}
                            for entry in figures["answers"]},
             "confusion": matrix,
-            "most_confused": [{"answer": a, "predicted": b, "count": n} for n, a, b in pairs[:5]]}
+            "most_confused": [{"answer": a, "predicted": b, "count": -n} for n, a, b in pairs[:5]]}
     return out
 
 
@@ -156,14 +151,10 @@ def detectability(name: str, baseline: str, paired: dict[str, Any]) -> str:
 
 def paired_differences(arms: dict[str, Any], baseline: str = BASELINE_ARM) -> dict[str, Any]:
     """Every other arm's paired difference from the baseline arm (when present), and its sentence."""
-    if baseline not in arms:
-        return {}
-    out = {}
-    for name, arm in arms.items():
-        if name != baseline:
-            paired = paired_difference(arm, arms[baseline])
-            out[name] = dict(paired, baseline=baseline, verdict=detectability(name, baseline, paired))
-    return out
+    pairs = {name: paired_difference(arm, arms[baseline]) for name, arm in arms.items()
+             if baseline in arms and name != baseline}
+    return {name: dict(paired, baseline=baseline, verdict=detectability(name, baseline, paired))
+            for name, paired in pairs.items()}
 
 
 def feature_origin(results: dict[str, Any], checkpoint_path: str) -> dict[str, Any]:
@@ -259,17 +250,16 @@ def plot_arm_curves(arm: str, metrics: dict[str, list[dict]], best: dict[str, in
         for index, part in enumerate(LOSS_PARTS):
             for prefix, style in (("train", "-"), ("val", "--")):
                 series = [[_number(row.get(f"{prefix}_{part}")) for row in metrics[s]][:len(epochs)] for s in seeds]
-                values = [statistics.fmean(v) if all(not math.isnan(x) for x in v) else math.nan for v in zip(*series)]
-                values = [v if v > 0 else math.nan for v in values]
+                # A mean over seeds is NaN where a seed lacks the part; log scale: only positive values.
+                values = [mean if mean > 0 else math.nan for mean in map(statistics.fmean, zip(*series))]
                 if any(not math.isnan(v) for v in values):
                     loss_axis.plot(epochs, values, style, marker="o", ms=3, color=f"C{index}",
                                    label=f"{prefix} {part}")
         loss_axis.set_yscale("log")
-        for seed in seeds:
-            loss_axis.axvline(best[seed], color="grey", linestyle=":", linewidth=1)
         loss_axis.set_title(f"{arm}: loss parts (mean over {len(seeds)} seeds; dotted: best epochs)")
         acc_axis.set_title(f"{arm}: validation accuracy (star: best epoch)")
         for seed in seeds:
+            loss_axis.axvline(best[seed], color="grey", linestyle=":", linewidth=1)
             accuracy = [100 * _number(row.get("val_acc")) for row in metrics[seed]]
             line, = acc_axis.plot(epochs[:len(accuracy)], accuracy, marker="o", ms=3, label=f"seed {seed}")
             acc_axis.plot([best[seed]], [accuracy[best[seed] - 1]], "*", ms=14, color=line.get_color())
@@ -443,9 +433,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def runs_left_out(report_dir: str, arms, seeds) -> list[str]:
+def runs_left_out(study_dir: str, arms, seeds) -> list[str]:
     """`seed<S>/<arm>` folders of the study that this report does not cover (other --arms or --seeds)."""
-    study_dir = os.path.dirname(os.path.abspath(report_dir))
     found = []
     for path in sorted(glob.glob(os.path.join(glob.escape(study_dir), "seed*", "*", ""))):
         seed_dir, arm = os.path.relpath(path, study_dir).split(os.sep)
@@ -457,44 +446,40 @@ def runs_left_out(report_dir: str, arms, seeds) -> list[str]:
 def write_report(runs, report_dir: str, dataset: str, examples: int = 8) -> dict[str, Any]:
     """Write report.json, report.md and the figures; returns the report dict."""
     os.makedirs(report_dir, exist_ok=True)
+    study_dir = os.path.dirname(os.path.abspath(report_dir))
     arms = collect(runs)
-    seeds = sorted({run.seed for run in runs}, key=[run.seed for run in runs].index)
-    preds = {name: [] for name in arms}
+    seeds = list(dict.fromkeys(run.seed for run in runs))
+    preds: dict[str, list] = {name: [] for name in arms}
     first_seed_preds: dict[str, list] = {}
-    metrics: dict[str, dict] = {name: {} for name in arms}
     for run in runs:
         rows = read_csv(run.preds_path)
         preds[run.arm.name] += rows
-        if run.seed == seeds[0]:
-            first_seed_preds[run.arm.name] = rows
-        metrics[run.arm.name][str(run.seed)] = read_csv(run.path("metrics.csv"))
+        first_seed_preds.setdefault(run.arm.name, rows)         # the runs come seed by seed
     published = PUBLISHED.get(dataset, [])
     features = features_summary(arms)
     features["note"] = features_note(features)
     # Every run answers the same test questions: one run's predictions give the ceilings.
-    report = {"dataset": dataset, "seeds": seeds, "study_dir": os.path.dirname(os.path.abspath(report_dir)),
+    report = {"dataset": dataset, "seeds": seeds, "study_dir": study_dir,
               "arms": arms, "published": published, "features": features,
-              "ceilings": ceilings(read_csv(runs[0].preds_path)), "paired": paired_differences(arms),
+              "ceilings": ceilings(first_seed_preds[runs[0].arm.name]), "paired": paired_differences(arms),
               "answers": answer_metrics(preds),
               "examples": {"seed": seeds[0], "limit": examples,
                            "items": disagreements(first_seed_preds, examples) if examples > 0 else []},
-              "left_out": runs_left_out(report_dir, arms, seeds),
+              "left_out": runs_left_out(study_dir, arms, seeds),
               "std": "sample standard deviation over seeds (n - 1)"}
-    drawn = ["per_type.png"]
+    # Figures of an earlier report (an arm left out of this --arms) would sit beside it unexplained.
+    for old in glob.glob(os.path.join(glob.escape(report_dir), "*.png")):
+        os.remove(old)
+    answers = report["answers"]
     for name, arm in arms.items():
+        metrics = {str(run.seed): read_csv(run.path("metrics.csv")) for run in runs if run.arm.name == name}
         best = {seed: values["epoch"] for seed, values in arm["seeds"].items()}
-        plot_arm_curves(name, metrics[name], best, os.path.join(report_dir, f"{name}_curves.png"))
-        drawn.append(f"{name}_curves.png")
-        if name in report["answers"]["arms"]:
-            plot_confusion(name, report["answers"]["labels"], report["answers"]["arms"][name]["confusion"],
+        plot_arm_curves(name, metrics, best, os.path.join(report_dir, f"{name}_curves.png"))
+        if name in answers["arms"]:
+            plot_confusion(name, answers["labels"], answers["arms"][name]["confusion"],
                            os.path.join(report_dir, f"{name}_confusion.png"))
-            drawn.append(f"{name}_confusion.png")
     plot_per_type(arms, published, os.path.join(report_dir, "per_type.png"),
                   "pretrained features; these runs: random weights" if features["random_weights"] else None)
-    # Figures of an earlier report (an arm left out of this --arms) would sit beside it unexplained.
-    for name in os.listdir(report_dir):
-        if name.endswith(".png") and name not in drawn:
-            os.remove(os.path.join(report_dir, name))
     write_json(os.path.join(report_dir, "report.json"), report)
     with atomic_open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as handle:
         handle.write(render_markdown(report))
