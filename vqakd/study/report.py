@@ -66,7 +66,7 @@ def collect(runs) -> dict[str, Any]:
             "per_type": {t: {"accuracy": v["accuracy"], "count": v["count"]} for t, v in results["per_type"].items()},
             "ms_per_question": timing.get("ms_per_question"), "teacher": results.get("teacher"),
             "graph_layers": (results.get("model_config") or {}).get("graph_layers"),
-            "features": feature_origin(results, run.path("best.pt")), "run_dir": run.stage_dir}
+            "features": feature_origin(results), "run_dir": run.stage_dir}
     for entry in arms.values():
         seeds = list(entry["seeds"].values())
         times = mean_std(s["ms_per_question"] for s in seeds)
@@ -157,14 +157,10 @@ def paired_differences(arms: dict[str, Any], baseline: str = BASELINE_ARM) -> di
             for name, paired in pairs.items()}
 
 
-def feature_origin(results: dict[str, Any], checkpoint_path: str) -> dict[str, Any]:
-    """Per kind, the model and random_weights of results.json's provenance, else of best.pt's
-    inference record; None for a file that records none."""
-    features = (results.get("provenance") or {}).get("features")
-    if not features:
-        from vqakd.training.checkpoint import load_checkpoint
-
-        features = (load_checkpoint(checkpoint_path).get("inference") or {}).get("features") or {}
+def feature_origin(results: dict[str, Any]) -> dict[str, Any]:
+    """Per kind, the model and random_weights of results.json's provenance; None for a file that
+    records none."""
+    features = (results.get("provenance") or {}).get("features") or {}
     return {kind: None if not isinstance(settings, dict) or "model" not in settings else
             {"model": settings["model"], "random_weights": bool(settings.get("random_weights"))}
             for kind, settings in features.items()}
