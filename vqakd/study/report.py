@@ -318,9 +318,9 @@ def plot_confusion(arm: str, labels: list[str], matrix: list[list[int]], path: s
 
 # ----------------------------------------------------------------------------------- markdown
 
-def _pct(stats: Optional[dict], count: Optional[int] = None, sign: str = "") -> str:
-    """Mean ± std in %, "–" without a value (or without questions: `count` 0); `sign` "+": signed."""
-    if count == 0 or not stats or stats.get("mean") is None:
+def _pct(stats: Optional[dict], sign: str = "") -> str:
+    """Mean ± std in %, "–" without a value (a type without questions has none); `sign` "+": signed."""
+    if not stats or stats.get("mean") is None:
         return "–"
     text = f"{100 * stats['mean']:{sign}.2f}"
     return text + (f" ± {100 * stats['std']:.2f}" if stats.get("std") is not None else "")
@@ -385,7 +385,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         out += ["", note]
     out += _paired_markdown(report["paired"])
     out += ["", "## Per question type", ""]
-    rows = [[name] + [_pct(arm["per_type"][t], counts[t]) for t in types] + [_pct(arm["accuracy"])]
+    rows = [[name] + [_pct(arm["per_type"][t]) for t in types] + [_pct(arm["accuracy"])]
             for name, arm in arms.items()]
     rows += [[row["model"]] + [f"{row['per_type'][t]:.2f}" if t in row["per_type"] and counts[t] else "–"
                                for t in types] + [f"{row['accuracy']:.2f}"] for row in published]
