@@ -326,10 +326,6 @@ def _pct(stats: Optional[dict], sign: str = "") -> str:
     return text + (f" ± {100 * stats['std']:.2f}" if stats.get("std") is not None else "")
 
 
-def _signed(value: float) -> str:
-    return f"{100 * value:+.2f}"
-
-
 def _paired_markdown(paired: dict[str, Any]) -> list[str]:
     """The paired differences against the baseline arm: a table, then one sentence per arm."""
     if not paired:
@@ -339,8 +335,9 @@ def _paired_markdown(paired: dict[str, Any]) -> list[str]:
            "A seed sets the initialisation and batch order of every arm alike: the difference seed by seed takes "
            "out what a seed does to all arms together, and its interval, not the arms' ± side by side, tells a "
            "gain from noise.", ""]
-    rows = [[name, ", ".join(f"{seed}: {_signed(value)}" for seed, value in entry["seeds"].items()),
-             _pct(entry, sign="+"), "[{}, {}]".format(*map(_signed, entry["interval"])) if entry["interval"] else "–"]
+    rows = [[name, ", ".join(f"{seed}: {100 * value:+.2f}" for seed, value in entry["seeds"].items()),
+             _pct(entry, sign="+"),
+             "[{:+.2f}, {:+.2f}]".format(*(100 * end for end in entry["interval"])) if entry["interval"] else "–"]
             for name, entry in paired.items()]
     out += _table(["arm", "difference per seed (points)", "mean ± std", "95% interval (t)"], rows)
     out += [""] + [f"- {entry['verdict']}" for entry in paired.values()]
