@@ -73,10 +73,9 @@ def parse_seeds(text: str, first_seed: int) -> list[int]:
 
 
 def parse_arms(text: Optional[str]) -> list[Arm]:
-    """The named arms in the order given, each student's teacher arm added before it if missing."""
-    if text is None:
-        return parse_arms(",".join(DEFAULT_ARMS))
-    names = [name.strip() for name in text.split(",") if name.strip()]
+    """The named arms (None: DEFAULT_ARMS) in the order given, each student's teacher arm added before
+    it if missing."""
+    names = list(DEFAULT_ARMS) if text is None else [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise UserError(f"--arms {text!r} names no arm; known arms: {', '.join(ARMS)} (leave --arms out for "
                         f"the default {','.join(DEFAULT_ARMS)})")
