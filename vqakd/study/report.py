@@ -122,9 +122,9 @@ def paired_difference(arm: dict[str, Any], baseline: dict[str, Any]) -> dict[str
     the sample standard deviation and a 95% t interval of the mean (None for one seed)."""
     from scipy.stats import t     # comes with scikit-learn, a requirement
 
-    seeds = [seed for seed in arm["seeds"] if seed in baseline["seeds"]]
-    differences = {seed: arm["seeds"][seed]["accuracy"] - baseline["seeds"][seed]["accuracy"] for seed in seeds}
-    stats = mean_std(list(differences.values()))
+    differences = {seed: values["accuracy"] - baseline["seeds"][seed]["accuracy"]
+                   for seed, values in arm["seeds"].items() if seed in baseline["seeds"]}
+    stats = mean_std(differences.values())
     interval = None
     if stats["std"] is not None:
         half = float(t.ppf(0.975, stats["n"] - 1)) * stats["std"] / math.sqrt(stats["n"])
@@ -354,7 +354,6 @@ def render_markdown(report: dict[str, Any]) -> str:
     first = next(iter(arms.values()))
     counts = {t: first["per_type"][t]["count"] for t in types}
     total = next(iter(first["seeds"].values()))["count"]
-    note = report["features"]["note"]
     ceiling = report["ceilings"]
     out = [f"# Study report: {report['dataset']}", "",
            f"Seeds: {', '.join(map(str, seeds))}. Test accuracy (%) of each run's best.pt (chosen by validation "
@@ -378,8 +377,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                    "ms/question"], rows)
     out += ["", "ms/question: inference of best.pt over the test split at the config's evaluation batch size "
             "(median of timed passes after a warm-up), mean over seeds."]
-    if published and note:
-        out += ["", note]
+    if published and report["features"]["note"]:
+        out += ["", report["features"]["note"]]
     out += _paired_markdown(report["paired"])
     out += ["", "## Per question type", ""]
     rows = [[name] + [_pct(arm["per_type"][t]) for t in types] + [_pct(arm["accuracy"])]
