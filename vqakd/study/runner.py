@@ -142,7 +142,7 @@ class Run:
 
 
 def config_difference(recorded: Any, expected: Any) -> Optional[str]:
-    """The first compared setting that differs ("key: recorded -> expected"), or None."""
+    """The first compared setting that differs ("key is <recorded> there but <expected> in this study"), or None."""
     old, new = flat_settings(recorded or {}), flat_settings(expected)
     for key in sorted((set(old) | set(new)) - set(NOT_COMPARED)):
         if old.get(key, "<missing>") != new.get(key, "<missing>"):
