@@ -231,10 +231,8 @@ def _figure(path: str, *grid: int, figsize: tuple[float, float]) -> Iterator[tup
 
 
 def _number(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
+    """A metrics.csv cell as a number; NaN where it is empty (a loss part the stage does not have)."""
+    return float(value) if value not in (None, "") else math.nan
 
 
 def plot_arm_curves(arm: str, metrics: dict[str, list[dict]], best: dict[str, int], path: str) -> None:
