@@ -56,7 +56,6 @@ def collect(runs) -> dict[str, Any]:
     arms: dict[str, Any] = {}
     for run in runs:
         results = read_json(run.path("results.json"))
-        timing = run.timing or {}
         entry = arms.setdefault(run.arm.name, {"stage": run.arm.stage, "distill": run.arm.distill,
                                                "overrides": list(run.arm.overrides), "note": run.arm.note,
                                                "teacher_arm": run.arm.teacher, "seeds": {}})
@@ -64,7 +63,7 @@ def collect(runs) -> dict[str, Any]:
             "accuracy": results["accuracy"], "count": results["count"], "params": results["params"],
             "epoch": results["epoch"], "val_accuracy": results.get("val_accuracy"),
             "per_type": {t: {"accuracy": v["accuracy"], "count": v["count"]} for t, v in results["per_type"].items()},
-            "ms_per_question": timing.get("ms_per_question"), "teacher": results.get("teacher"),
+            "ms_per_question": (run.timing or {}).get("ms_per_question"), "teacher": results.get("teacher"),
             "graph_layers": (results.get("model_config") or {}).get("graph_layers"),
             "features": feature_origin(results), "run_dir": run.stage_dir}
     for entry in arms.values():
