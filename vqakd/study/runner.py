@@ -169,8 +169,7 @@ def plan_study(cfg: str, study_dir: str, seeds: list[int], arms: list[Arm], user
                 config = load_config(cfg, overrides)
             except UserError as exc:
                 raise UserError(f"arm {arm.name}: {exc}") from None
-            run = Run(arm, seed, output_dir, overrides, config,
-                      by_arm.get(arm.teacher) if arm.teacher else None)
+            run = Run(arm, seed, output_dir, overrides, config, by_arm.get(arm.teacher))
             _decide(run, overwrite)
             by_arm[arm.name] = run
             runs.append(run)
