@@ -285,11 +285,10 @@ def plot_per_type(arms: dict[str, Any], published: list[dict], path: str, publis
             axis.bar([i + index * width for i in range(len(types))], [100 * s["mean"] for s in stats], width,
                      yerr=error_bars(stats), capsize=3, label=name)
         for row in published[:1]:
-            values = [row["per_type"].get(t) if t != "all" else row["accuracy"] for t in types]
+            values = [row["per_type"].get(t, math.nan) if t != "all" else row["accuracy"] for t in types]
             label = row["model"] + (f" ({published_note})" if published_note else "")
-            axis.plot(centres, [v if v is not None else math.nan for v in values], "k_", ms=30, mew=2, label=label)
-        axis.set_xticks(centres)
-        axis.set_xticklabels(types)
+            axis.plot(centres, values, "k_", ms=30, mew=2, label=label)
+        axis.set_xticks(centres, types)
         axis.set_ylabel("test accuracy (%)")
         axis.set_ylim(0, 100)
         axis.legend(fontsize=8)
