@@ -6,7 +6,7 @@
 Arms (default: teacher, student-none, student-feature, student-logit): each is a train.py stage
 with its own settings; a student distils from the teacher trained with the same seed. Every
 (arm, seed) run has its own folder, <out>/seed<S>/<arm>/<stage>/, holding what train.py writes
-plus validate.py's test predictions (eval_test.json, eval_test_preds.csv). Finished runs are
+plus the study's test evaluation (study_test.json, study_test_preds.csv). Finished runs are
 reused, interrupted ones resumed: run the same command again after a crash. When every run is
 finished, <out>/report/ gets report.md, report.json and PNG figures: test accuracy overall and
 per question type (mean ± std over seeds, every seed's value, the published numbers),

@@ -229,7 +229,7 @@ def test_published_numbers_only_with_a_note_on_the_features(finished):
     # Features made with --random-weights: recorded in results.json's provenance (from the files).
     random = {"provenance": {"features": {"appearance": {"model": "resnet101", "random_weights": True},
                                           "motion": {"model": "resnext101", "random_weights": True}}}}
-    origin = feature_origin(random, "unused.pt")
+    origin = feature_origin(random)
     assert origin == {"appearance": {"model": "resnet101", "random_weights": True},
                       "motion": {"model": "resnext101", "random_weights": True}}
     arms = {"teacher": {"seeds": {"1": {"features": origin}}}}

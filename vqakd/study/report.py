@@ -16,13 +16,13 @@ import itertools
 import math
 import os
 import statistics
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from vqakd.core.files import atomic_open, atomic_path, read_json, write_json
 from vqakd.data.questions import QUESTION_TYPES, TYPE_NAMES
 from vqakd.data.vocab import ANSWER_SPECIALS
+from vqakd.training.metrics import LOSS_PARTS
 
-LOSS_PARTS = ("loss", "hard", "ce", "common", "dependence", "app", "mo", "kd")
 TOP_ANSWERS = 10
 # The arm every other arm is compared with, seed by seed: the student trained alone.
 BASELINE_ARM = "student-none"
@@ -39,9 +39,9 @@ PUBLISHED = {
 }
 
 
-def mean_std(values: Sequence[float]) -> dict[str, Any]:
-    """Mean and sample standard deviation (None for fewer than two values)."""
-    values = [float(v) for v in values]
+def mean_std(values: Iterable[Optional[float]]) -> dict[str, Any]:
+    """Mean and sample standard deviation of the values that are not None (std None for fewer than two)."""
+    values = [float(v) for v in values if v is not None]
     return {"mean": statistics.fmean(values) if values else None,
             "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
 
@@ -56,7 +56,6 @@ def collect(runs) -> dict[str, Any]:
     arms: dict[str, Any] = {}
     for run in runs:
         results = read_json(run.path("results.json"))
-        timing = run.timing or {}
         entry = arms.setdefault(run.arm.name, {"stage": run.arm.stage, "distill": run.arm.distill,
                                                "overrides": list(run.arm.overrides), "note": run.arm.note,
                                                "teacher_arm": run.arm.teacher, "seeds": {}})
@@ -64,23 +63,19 @@ def collect(runs) -> dict[str, Any]:
             "accuracy": results["accuracy"], "count": results["count"], "params": results["params"],
             "epoch": results["epoch"], "val_accuracy": results.get("val_accuracy"),
             "per_type": {t: {"accuracy": v["accuracy"], "count": v["count"]} for t, v in results["per_type"].items()},
-            "ms_per_question": timing.get("ms_per_question"), "teacher": results.get("teacher"),
+            "ms_per_question": (run.timing or {}).get("ms_per_question"), "teacher": results.get("teacher"),
             "graph_layers": (results.get("model_config") or {}).get("graph_layers"),
-            "features": feature_origin(results, run.path("best.pt")), "run_dir": run.stage_dir}
+            "features": feature_origin(results), "run_dir": run.stage_dir}
     for entry in arms.values():
         seeds = list(entry["seeds"].values())
-        entry["accuracy"] = mean_std([s["accuracy"] for s in seeds])
-        entry["val_accuracy"] = mean_std([s["val_accuracy"] for s in seeds if s["val_accuracy"] is not None])
-        entry["params"] = seeds[0]["params"]
-        entry["graph_layers"] = seeds[0]["graph_layers"]
-        times = [s["ms_per_question"] for s in seeds if s["ms_per_question"] is not None]
-        entry["ms_per_question"] = mean_std(times) if times else None
-        entry["per_type"] = {}
-        for qtype in QUESTION_TYPES:
-            count = seeds[0]["per_type"].get(qtype, {}).get("count", 0)
-            stats = mean_std([s["per_type"][qtype]["accuracy"] for s in seeds]) if count else \
-                {"mean": None, "std": None, "n": len(seeds)}
-            entry["per_type"][qtype] = dict(stats, count=count)
+        times = mean_std(s["ms_per_question"] for s in seeds)
+        entry.update(accuracy=mean_std(s["accuracy"] for s in seeds),
+                     val_accuracy=mean_std(s["val_accuracy"] for s in seeds), params=seeds[0]["params"],
+                     graph_layers=seeds[0]["graph_layers"], ms_per_question=times if times["n"] else None)
+        counts = {qtype: seeds[0]["per_type"].get(qtype, {}).get("count", 0) for qtype in QUESTION_TYPES}
+        entry["per_type"] = {qtype: dict(mean_std(s["per_type"][qtype]["accuracy"] for s in seeds), count=count)
+                             if count else {"mean": None, "std": None, "n": len(seeds), "count": 0}
+                             for qtype, count in counts.items()}
     return arms
 
 
@@ -99,14 +94,13 @@ def answer_metrics(preds: dict[str, list[dict]], top: int = TOP_ANSWERS) -> dict
         # Every arm answers the same test questions with the same seeds: the same labels.
         labels = out["labels"] = figures["confusion"]["answers"]
         matrix = figures["confusion"]["matrix"]
-        pairs = [(matrix[i][j], labels[i], labels[j]) for i in range(len(labels)) for j in range(len(labels))
-                 if i != j and matrix[i][j] > 0]
-        pairs.sort(key=lambda item: (-item[0], item[1], item[2]))
+        pairs = sorted((-matrix[i][j], true, predicted) for i, true in enumerate(labels)
+                       for j, predicted in enumerate(labels) if i != j and matrix[i][j] > 0)
         out["arms"][arm] = {
             "per_answer": {entry["answer"]: {key: entry[key] for key in ("precision", "recall", "f1", "support")}
                            for entry in figures["answers"]},
             "confusion": matrix,
-            "most_confused": [{"answer": a, "predicted": b, "count": n} for n, a, b in pairs[:5]]}
+            "most_confused": [{"answer": a, "predicted": b, "count": -n} for n, a, b in pairs[:5]]}
     return out
 
 
@@ -127,9 +121,9 @@ def paired_difference(arm: dict[str, Any], baseline: dict[str, Any]) -> dict[str
     the sample standard deviation and a 95% t interval of the mean (None for one seed)."""
     from scipy.stats import t     # comes with scikit-learn, a requirement
 
-    seeds = [seed for seed in arm["seeds"] if seed in baseline["seeds"]]
-    differences = {seed: arm["seeds"][seed]["accuracy"] - baseline["seeds"][seed]["accuracy"] for seed in seeds}
-    stats = mean_std(list(differences.values()))
+    differences = {seed: values["accuracy"] - baseline["seeds"][seed]["accuracy"]
+                   for seed, values in arm["seeds"].items() if seed in baseline["seeds"]}
+    stats = mean_std(differences.values())
     interval = None
     if stats["std"] is not None:
         half = float(t.ppf(0.975, stats["n"] - 1)) * stats["std"] / math.sqrt(stats["n"])
@@ -156,24 +150,16 @@ def detectability(name: str, baseline: str, paired: dict[str, Any]) -> str:
 
 def paired_differences(arms: dict[str, Any], baseline: str = BASELINE_ARM) -> dict[str, Any]:
     """Every other arm's paired difference from the baseline arm (when present), and its sentence."""
-    if baseline not in arms:
-        return {}
-    out = {}
-    for name, arm in arms.items():
-        if name != baseline:
-            paired = paired_difference(arm, arms[baseline])
-            out[name] = dict(paired, baseline=baseline, verdict=detectability(name, baseline, paired))
-    return out
+    pairs = {name: paired_difference(arm, arms[baseline]) for name, arm in arms.items()
+             if baseline in arms and name != baseline}
+    return {name: dict(paired, baseline=baseline, verdict=detectability(name, baseline, paired))
+            for name, paired in pairs.items()}
 
 
-def feature_origin(results: dict[str, Any], checkpoint_path: str) -> dict[str, Any]:
-    """Per kind, the model and random_weights of results.json's provenance, else of best.pt's
-    inference record; None for a file that records none."""
-    features = (results.get("provenance") or {}).get("features")
-    if not features:
-        from vqakd.training.checkpoint import load_checkpoint
-
-        features = (load_checkpoint(checkpoint_path).get("inference") or {}).get("features") or {}
+def feature_origin(results: dict[str, Any]) -> dict[str, Any]:
+    """Per kind, the model and random_weights of results.json's provenance; None for a file that
+    records none."""
+    features = (results.get("provenance") or {}).get("features") or {}
     return {kind: None if not isinstance(settings, dict) or "model" not in settings else
             {"model": settings["model"], "random_weights": bool(settings.get("random_weights"))}
             for kind, settings in features.items()}
@@ -244,10 +230,8 @@ def _figure(path: str, *grid: int, figsize: tuple[float, float]) -> Iterator[tup
 
 
 def _number(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
+    """A metrics.csv cell as a number; NaN where it is empty (a loss part the stage does not have)."""
+    return float(value) if value not in (None, "") else math.nan
 
 
 def plot_arm_curves(arm: str, metrics: dict[str, list[dict]], best: dict[str, int], path: str) -> None:
@@ -259,17 +243,16 @@ def plot_arm_curves(arm: str, metrics: dict[str, list[dict]], best: dict[str, in
         for index, part in enumerate(LOSS_PARTS):
             for prefix, style in (("train", "-"), ("val", "--")):
                 series = [[_number(row.get(f"{prefix}_{part}")) for row in metrics[s]][:len(epochs)] for s in seeds]
-                values = [statistics.fmean(v) if all(not math.isnan(x) for x in v) else math.nan for v in zip(*series)]
-                values = [v if v > 0 else math.nan for v in values]
+                # A mean over seeds is NaN where a seed lacks the part; log scale: only positive values.
+                values = [mean if mean > 0 else math.nan for mean in map(statistics.fmean, zip(*series))]
                 if any(not math.isnan(v) for v in values):
                     loss_axis.plot(epochs, values, style, marker="o", ms=3, color=f"C{index}",
                                    label=f"{prefix} {part}")
         loss_axis.set_yscale("log")
-        for seed in seeds:
-            loss_axis.axvline(best[seed], color="grey", linestyle=":", linewidth=1)
         loss_axis.set_title(f"{arm}: loss parts (mean over {len(seeds)} seeds; dotted: best epochs)")
         acc_axis.set_title(f"{arm}: validation accuracy (star: best epoch)")
         for seed in seeds:
+            loss_axis.axvline(best[seed], color="grey", linestyle=":", linewidth=1)
             accuracy = [100 * _number(row.get("val_acc")) for row in metrics[seed]]
             line, = acc_axis.plot(epochs[:len(accuracy)], accuracy, marker="o", ms=3, label=f"seed {seed}")
             acc_axis.plot([best[seed]], [accuracy[best[seed] - 1]], "*", ms=14, color=line.get_color())
@@ -302,11 +285,10 @@ def plot_per_type(arms: dict[str, Any], published: list[dict], path: str, publis
             axis.bar([i + index * width for i in range(len(types))], [100 * s["mean"] for s in stats], width,
                      yerr=error_bars(stats), capsize=3, label=name)
         for row in published[:1]:
-            values = [row["per_type"].get(t) if t != "all" else row["accuracy"] for t in types]
+            values = [row["per_type"].get(t, math.nan) if t != "all" else row["accuracy"] for t in types]
             label = row["model"] + (f" ({published_note})" if published_note else "")
-            axis.plot(centres, [v if v is not None else math.nan for v in values], "k_", ms=30, mew=2, label=label)
-        axis.set_xticks(centres)
-        axis.set_xticklabels(types)
+            axis.plot(centres, values, "k_", ms=30, mew=2, label=label)
+        axis.set_xticks(centres, types)
         axis.set_ylabel("test accuracy (%)")
         axis.set_ylim(0, 100)
         axis.legend(fontsize=8)
@@ -332,16 +314,12 @@ def plot_confusion(arm: str, labels: list[str], matrix: list[list[int]], path: s
 
 # ----------------------------------------------------------------------------------- markdown
 
-def _pct(stats: Optional[dict], count: Optional[int] = None, sign: str = "") -> str:
-    """Mean ± std in %, "–" without a value (or without questions: `count` 0); `sign` "+": signed."""
-    if count == 0 or not stats or stats.get("mean") is None:
+def _pct(stats: Optional[dict], sign: str = "") -> str:
+    """Mean ± std in %, "–" without a value (a type without questions has none); `sign` "+": signed."""
+    if not stats or stats.get("mean") is None:
         return "–"
     text = f"{100 * stats['mean']:{sign}.2f}"
     return text + (f" ± {100 * stats['std']:.2f}" if stats.get("std") is not None else "")
-
-
-def _signed(value: float) -> str:
-    return f"{100 * value:+.2f}"
 
 
 def _paired_markdown(paired: dict[str, Any]) -> list[str]:
@@ -353,8 +331,9 @@ def _paired_markdown(paired: dict[str, Any]) -> list[str]:
            "A seed sets the initialisation and batch order of every arm alike: the difference seed by seed takes "
            "out what a seed does to all arms together, and its interval, not the arms' ± side by side, tells a "
            "gain from noise.", ""]
-    rows = [[name, ", ".join(f"{seed}: {_signed(value)}" for seed, value in entry["seeds"].items()),
-             _pct(entry, sign="+"), "[{}, {}]".format(*map(_signed, entry["interval"])) if entry["interval"] else "–"]
+    rows = [[name, ", ".join(f"{seed}: {100 * value:+.2f}" for seed, value in entry["seeds"].items()),
+             _pct(entry, sign="+"),
+             "[{:+.2f}, {:+.2f}]".format(*(100 * end for end in entry["interval"])) if entry["interval"] else "–"]
             for name, entry in paired.items()]
     out += _table(["arm", "difference per seed (points)", "mean ± std", "95% interval (t)"], rows)
     out += [""] + [f"- {entry['verdict']}" for entry in paired.values()]
@@ -371,7 +350,6 @@ def render_markdown(report: dict[str, Any]) -> str:
     first = next(iter(arms.values()))
     counts = {t: first["per_type"][t]["count"] for t in types}
     total = next(iter(first["seeds"].values()))["count"]
-    note = report["features"]["note"]
     ceiling = report["ceilings"]
     out = [f"# Study report: {report['dataset']}", "",
            f"Seeds: {', '.join(map(str, seeds))}. Test accuracy (%) of each run's best.pt (chosen by validation "
@@ -395,11 +373,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                    "ms/question"], rows)
     out += ["", "ms/question: inference of best.pt over the test split at the config's evaluation batch size "
             "(median of timed passes after a warm-up), mean over seeds."]
-    if published and note:
-        out += ["", note]
+    if published and report["features"]["note"]:
+        out += ["", report["features"]["note"]]
     out += _paired_markdown(report["paired"])
     out += ["", "## Per question type", ""]
-    rows = [[name] + [_pct(arm["per_type"][t], counts[t]) for t in types] + [_pct(arm["accuracy"])]
+    rows = [[name] + [_pct(arm["per_type"][t]) for t in types] + [_pct(arm["accuracy"])]
             for name, arm in arms.items()]
     rows += [[row["model"]] + [f"{row['per_type'][t]:.2f}" if t in row["per_type"] and counts[t] else "–"
                                for t in types] + [f"{row['accuracy']:.2f}"] for row in published]
@@ -443,9 +421,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def runs_left_out(report_dir: str, arms, seeds) -> list[str]:
+def runs_left_out(study_dir: str, arms, seeds) -> list[str]:
     """`seed<S>/<arm>` folders of the study that this report does not cover (other --arms or --seeds)."""
-    study_dir = os.path.dirname(os.path.abspath(report_dir))
     found = []
     for path in sorted(glob.glob(os.path.join(glob.escape(study_dir), "seed*", "*", ""))):
         seed_dir, arm = os.path.relpath(path, study_dir).split(os.sep)
@@ -457,44 +434,40 @@ def runs_left_out(report_dir: str, arms, seeds) -> list[str]:
 def write_report(runs, report_dir: str, dataset: str, examples: int = 8) -> dict[str, Any]:
     """Write report.json, report.md and the figures; returns the report dict."""
     os.makedirs(report_dir, exist_ok=True)
+    study_dir = os.path.dirname(os.path.abspath(report_dir))
     arms = collect(runs)
-    seeds = sorted({run.seed for run in runs}, key=[run.seed for run in runs].index)
-    preds = {name: [] for name in arms}
+    seeds = list(dict.fromkeys(run.seed for run in runs))
+    preds: dict[str, list] = {name: [] for name in arms}
     first_seed_preds: dict[str, list] = {}
-    metrics: dict[str, dict] = {name: {} for name in arms}
     for run in runs:
         rows = read_csv(run.preds_path)
         preds[run.arm.name] += rows
-        if run.seed == seeds[0]:
-            first_seed_preds[run.arm.name] = rows
-        metrics[run.arm.name][str(run.seed)] = read_csv(run.path("metrics.csv"))
+        first_seed_preds.setdefault(run.arm.name, rows)         # the runs come seed by seed
     published = PUBLISHED.get(dataset, [])
     features = features_summary(arms)
     features["note"] = features_note(features)
     # Every run answers the same test questions: one run's predictions give the ceilings.
-    report = {"dataset": dataset, "seeds": seeds, "study_dir": os.path.dirname(os.path.abspath(report_dir)),
+    report = {"dataset": dataset, "seeds": seeds, "study_dir": study_dir,
               "arms": arms, "published": published, "features": features,
-              "ceilings": ceilings(read_csv(runs[0].preds_path)), "paired": paired_differences(arms),
+              "ceilings": ceilings(first_seed_preds[runs[0].arm.name]), "paired": paired_differences(arms),
               "answers": answer_metrics(preds),
               "examples": {"seed": seeds[0], "limit": examples,
                            "items": disagreements(first_seed_preds, examples) if examples > 0 else []},
-              "left_out": runs_left_out(report_dir, arms, seeds),
+              "left_out": runs_left_out(study_dir, arms, seeds),
               "std": "sample standard deviation over seeds (n - 1)"}
-    drawn = ["per_type.png"]
+    # Figures of an earlier report (an arm left out of this --arms) would sit beside it unexplained.
+    for old in glob.glob(os.path.join(glob.escape(report_dir), "*.png")):
+        os.remove(old)
+    answers = report["answers"]
     for name, arm in arms.items():
+        metrics = {str(run.seed): read_csv(run.path("metrics.csv")) for run in runs if run.arm.name == name}
         best = {seed: values["epoch"] for seed, values in arm["seeds"].items()}
-        plot_arm_curves(name, metrics[name], best, os.path.join(report_dir, f"{name}_curves.png"))
-        drawn.append(f"{name}_curves.png")
-        if name in report["answers"]["arms"]:
-            plot_confusion(name, report["answers"]["labels"], report["answers"]["arms"][name]["confusion"],
+        plot_arm_curves(name, metrics, best, os.path.join(report_dir, f"{name}_curves.png"))
+        if name in answers["arms"]:
+            plot_confusion(name, answers["labels"], answers["arms"][name]["confusion"],
                            os.path.join(report_dir, f"{name}_confusion.png"))
-            drawn.append(f"{name}_confusion.png")
     plot_per_type(arms, published, os.path.join(report_dir, "per_type.png"),
                   "pretrained features; these runs: random weights" if features["random_weights"] else None)
-    # Figures of an earlier report (an arm left out of this --arms) would sit beside it unexplained.
-    for name in os.listdir(report_dir):
-        if name.endswith(".png") and name not in drawn:
-            os.remove(os.path.join(report_dir, name))
     write_json(os.path.join(report_dir, "report.json"), report)
     with atomic_open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as handle:
         handle.write(render_markdown(report))

@@ -18,12 +18,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from vqakd.core.config import (config_to_dict, data_file_paths, flat_settings, load_config, override_key,
-                               read_yaml)
-from vqakd.training.provenance import changed_inputs, input_fingerprints, input_paths
+from vqakd.core import distributed as dist
+from vqakd.core.config import (config_to_dict, data_file_paths, eval_batch_size, flat_settings, load_config,
+                               override_key, read_yaml)
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
 from vqakd.core.locks import FolderLock
+from vqakd.training.provenance import changed_inputs, input_fingerprints, input_paths
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,9 @@ def parse_seeds(text: str, first_seed: int) -> list[int]:
 
 
 def parse_arms(text: Optional[str]) -> list[Arm]:
-    """The named arms in the order given, each student's teacher arm added before it if missing."""
-    if text is None:
-        return parse_arms(",".join(DEFAULT_ARMS))
-    names = [name.strip() for name in text.split(",") if name.strip()]
+    """The named arms (None: DEFAULT_ARMS) in the order given, each student's teacher arm added before
+    it if missing."""
+    names = list(DEFAULT_ARMS) if text is None else [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise UserError(f"--arms {text!r} names no arm; known arms: {', '.join(ARMS)} (leave --arms out for "
                         f"the default {','.join(DEFAULT_ARMS)})")
@@ -142,7 +142,7 @@ class Run:
 
 
 def config_difference(recorded: Any, expected: Any) -> Optional[str]:
-    """The first compared setting that differs ("key: recorded -> expected"), or None."""
+    """The first compared setting that differs ("key is <recorded> there but <expected> in this study"), or None."""
     old, new = flat_settings(recorded or {}), flat_settings(expected)
     for key in sorted((set(old) | set(new)) - set(NOT_COMPARED)):
         if old.get(key, "<missing>") != new.get(key, "<missing>"):
@@ -169,8 +169,7 @@ def plan_study(cfg: str, study_dir: str, seeds: list[int], arms: list[Arm], user
                 config = load_config(cfg, overrides)
             except UserError as exc:
                 raise UserError(f"arm {arm.name}: {exc}") from None
-            run = Run(arm, seed, output_dir, overrides, config,
-                      by_arm.get(arm.teacher) if arm.teacher else None)
+            run = Run(arm, seed, output_dir, overrides, config, by_arm.get(arm.teacher))
             _decide(run, overwrite)
             by_arm[arm.name] = run
             runs.append(run)
@@ -250,16 +249,14 @@ def time_inference(run: Run, passes: int, cache: dict) -> Optional[dict]:
     the test split after a warm-up, cached in `<stage>/timing_test.json` while best.pt and the device stay."""
     import time
 
-    from vqakd.training.checkpoint import load_checkpoint, model_from_checkpoint
-    from vqakd.core.config import eval_batch_size
     from vqakd.data.batches import load_data, make_loader
-    from vqakd.core.distributed import resolve_device
+    from vqakd.training.checkpoint import load_checkpoint, model_from_checkpoint
     from vqakd.training.engine import evaluate
 
     if passes <= 0:
         return None
     config = run.config
-    device = resolve_device(config.train.device)
+    device = dist.resolve_device(config.train.device)
     best = run.path("best.pt")
     cache_path = run.path("timing_test.json")
     batch = eval_batch_size(config)
@@ -299,8 +296,6 @@ def run_study(cfg: str, seeds_text: str = "3", arms_text: Optional[str] = None, 
               device: Optional[str] = None, overrides: Optional[list[str]] = None, overwrite: bool = False,
               timing_passes: int = 3, examples: int = 8) -> int:
     """The whole study: plan, train, evaluate, then (rank 0) time and write `<study>/report/`."""
-    from vqakd.core import distributed as dist
-
     overrides = list(overrides or [])
     base = load_config(cfg, ([f"train.device={device}"] if device else []) + overrides)
     study_dir = out or os.path.join(base.output_dir, "study")
