@@ -8,7 +8,7 @@ Everything works on the detached `layers` of an ordinary forward pass.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -65,6 +65,17 @@ class NodeSpreadMeter:
         self.total = spread if self.total is None else self.total + spread
         self.collapsed = collapsed if self.collapsed is None else self.collapsed + collapsed
         self.samples += per_sample.size(1)
+
+    def all_reduce(self, reduce_sum: Callable[[Tensor], Any], layers: int, device: torch.device) -> None:
+        """Sum the counts of every process with `reduce_sum` (an in-place all-reduce); a process that
+        saw no batch takes part with zeros of `layers` rows."""
+        if self.total is None:
+            self.total = torch.zeros(layers, len(STREAMS), device=device)
+            self.collapsed = torch.zeros(layers, dtype=torch.long, device=device)
+        total, samples = self.total.double(), torch.tensor(self.samples, dtype=torch.long, device=device)
+        for counts in (total, self.collapsed, samples):
+            reduce_sum(counts)
+        self.total, self.samples = total.float(), int(samples)
 
     def value(self) -> Tensor:
         """(layers, 4) mean spread over every sample seen."""
