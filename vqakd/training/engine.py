@@ -14,7 +14,6 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from model import DualVGROutput
 from model.diagnostics import NodeSpreadMeter
@@ -242,16 +241,14 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
              node_spread: bool = False, top_k: int = 5) -> tuple[dict, Optional[dict[str, np.ndarray]]]:
     """Accuracy overall and per question type (summed over all processes); optionally this
     process's predictions: {"index", "prediction", "top_answers" (Q, k), "top_probs" (Q, k)},
-    column 0 the arg-max itself. Runs the plain module of a DDP wrapper: ranks may hold different
-    numbers of batches.
+    column 0 the arg-max itself. Give the plain module, not a DistributedDataParallel wrapper:
+    ranks may hold different numbers of batches.
 
     From the same forward passes, on request (summed over every process):
     - `loss_cfg`: summary["losses"], every loss part the training of `stage` logs, per question
       (a distilling student needs `teacher`); the HSIC term of each batch is rescaled to
       `reference_batch` questions (default the evaluation batch), as the training logs it;
     - `node_spread`: summary["node_spread"] = {"columns", "collapsed"} (model/diagnostics.py)."""
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
     model.eval()
     counter = AccuracyCounter(device)
     indices, top_answers, top_probs = [], [], []

@@ -265,11 +265,9 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
     with dist.session(), stage_guard(folder, stage, inputs):
         started = utc_now()
         config.stage(stage)
-        if resume:
-            finished = finished_run(folder, config, stage)
-            if finished is not None:
-                log(finished[0])
-                return finished[1]
+        finished = finished_run(folder, config, stage, log) if resume else None
+        if finished is not None:
+            return finished
         start = dist.agree(lambda: start_stage(config, stage, folder, teacher_path, resume, overwrite,
                                                explicit))
         device, bundle, model = start.device, start.bundle, start.model
@@ -295,8 +293,8 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
         return evaluate_best(config, stage, start, folder, log, started)
 
 
-def finished_run(folder: RunFolder, config: Config, stage: str) -> Optional[tuple[str, dict[str, Any]]]:
-    """(message, results.json) when --resume finds the run complete: every epoch of
+def finished_run(folder: RunFolder, config: Config, stage: str, log: RunLog) -> Optional[dict[str, Any]]:
+    """results.json, said in the log, when --resume finds the run complete: every epoch of
     train.epochs trained and the test figures written. Nothing is trained or rewritten then."""
     if not (os.path.isfile(folder.last) and os.path.isfile(folder.results)):
         return None
@@ -307,8 +305,9 @@ def finished_run(folder: RunFolder, config: Config, stage: str) -> Optional[tupl
         results = read_json(folder.results)
     except UserError:
         return None         # an unreadable results.json: resuming rewrites it
-    return (f"{stage} run in {folder.folder} is finished: all {epoch} epochs done and "
-            f"{folder.results} written; to train longer, add --set train.epochs=N with N > {epoch}"), results
+    log(f"{stage} run in {folder.folder} is finished: all {epoch} epochs done and "
+        f"{folder.results} written; to train longer, add --set train.epochs=N with N > {epoch}")
+    return results
 
 
 def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolder, log: RunLog) -> bool:
