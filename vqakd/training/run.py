@@ -74,7 +74,6 @@ class StageStart:
     teacher: Optional[DualVGR] = None
     teacher_file: Optional[str] = None
     inputs: dict = field(default_factory=dict)      # content fingerprint of every input file
-    input_paths: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)       # settings taken from the input files
     history: list = field(default_factory=list)     # metrics.csv rows so far
     best: dict = field(default_factory=dict)        # {epoch, val_accuracy} of best.pt
@@ -133,8 +132,7 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
         raise UserError(f"teacher checkpoint not found: {teacher_file}; train the teacher first "
                         "(--stage teacher) or pass --teacher <checkpoint>")
 
-    paths = input_paths(config, teacher_file)
-    inputs = input_fingerprints(paths)
+    inputs = input_fingerprints(input_paths(config, teacher_file))
     # Read once: its sizes set this run's model settings, then it is the frozen teacher.
     teacher_record = load_checkpoint(teacher_file) if teacher_file else None
     from_teacher = {}
@@ -182,7 +180,7 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
                                                 gamma=config.train.lr_decay)
     start = StageStart(device=device, batch_train=batch_train, bundle=bundle, model=model, optimizer=optimizer,
                        scheduler=scheduler, teacher=teacher, teacher_file=teacher_file, inputs=inputs,
-                       input_paths=paths, notes=notes, memory_plan=planned["plan"])
+                       notes=notes, memory_plan=planned["plan"])
     if resume and os.path.isfile(folder.last):
         resume_from(folder, start, config, stage)
     return start
@@ -194,7 +192,7 @@ def resume_from(folder: RunFolder, start: StageStart, config: Config, stage: str
     path = folder.last
     checkpoint = load_checkpoint(path)
     check_same_model(checkpoint, path, start.model)
-    changed_files = changed_inputs(checkpoint.get("inputs"), start.inputs, start.input_paths)
+    changed_files = changed_inputs(checkpoint.get("inputs"), start.inputs, input_paths(config, start.teacher_file))
     if changed_files:
         raise UserError(f"cannot resume {path}: {', '.join(changed_files)} changed since epoch {checkpoint.get('epoch')} was "
                         "trained (other content under the same path); restore the file, or --overwrite to start again")

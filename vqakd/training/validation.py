@@ -31,7 +31,6 @@ from vqakd.training.provenance import provenance_for_config, utc_now
 # `answer_in_vocab`: 1 where the model could name the true answer at all.
 PREDICTION_COLUMNS = ("question_id", "video_id", "question", "predicted_answer", "answer", "true_answer",
                       "answer_in_vocab", "correct", "question_type", "probability", "top5")
-TOP_K = 5
 # Per-answer figures of the split's most frequent true answers; a confusion matrix of fewer.
 REPORTED_ANSWERS = 20
 CONFUSION_ANSWERS = 10
@@ -138,8 +137,7 @@ def validate_checkpoint(cfg: str, checkpoint_path: str, overrides: Sequence[str]
         configure_backends(device, config.train.tf32)
         # One pass gives the accuracy and, with --write-preds, each question's top answers.
         record, summary, found = evaluate_split(config, bundle, split, checkpoint, model, device,
-                                                {split: bundle.splits[split].dropped}, return_predictions=write_preds,
-                                                top_k=TOP_K)
+                                                {split: bundle.splits[split].dropped}, return_predictions=write_preds)
         if write_preds and world > 1:
             shares = dist.all_gather_objects(found)
             found = {key: np.concatenate([share[key] for share in shares]) for key in found}
