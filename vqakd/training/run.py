@@ -14,7 +14,6 @@ from model import DualVGR
 from model.diagnostics import layer_warning
 from vqakd.core import distributed as dist
 from vqakd.core.config import Config, config_to_dict, data_file_paths, dump_config, load_config, override_key
-from vqakd.core.distributed import local_world_size, resolve_process_device
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
 from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
@@ -118,7 +117,7 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
                 overwrite: bool, explicit: Sequence[str] = (), plan_only: bool = False) -> StageStart | MemoryPlan:
     """Every start-up check and load, on every rank, before anything in the output folder changes.
     `plan_only`: stop at the memory plan (returned), before the feature table is read."""
-    device = resolve_process_device(config.train.device, what="train.device")
+    device = dist.resolve_process_device(config.train.device, what="train.device")
     if config.train.batch_size < 2:
         raise UserError(f"train.batch_size is {config.train.batch_size}: BatchNorm needs at least 2 questions per "
                         "training batch; use 2 or more")
@@ -159,7 +158,7 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
         plan = planned["plan"] = plan_run(config, bundle, model_config_for_stage(config, stage, bundle), device,
                                           training=True, stage=stage, batch=batch_train,
                                           eval_batch=eval_batch_per_process(config), teacher_config=teacher_config,
-                                          processes=local_world_size())
+                                          processes=dist.local_world_size())
         if not plan_only and plan.refusal():
             raise UserError(plan.refusal())
         return not plan_only

@@ -14,7 +14,6 @@ from vqakd.core import distributed as dist
 from vqakd.training.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
 from vqakd.core.config import Config, data_file_paths, eval_batch_size, load_config, override_key
 from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
-from vqakd.core.distributed import local_world_size, resolve_process_device
 from vqakd.training.engine import configure_backends, evaluate
 from vqakd.core.errors import UserError
 from vqakd.core.files import atomic_open, write_json
@@ -92,7 +91,7 @@ def validate_checkpoint(cfg: str, checkpoint_path: str, overrides: Sequence[str]
         world, main = dist.get_world_size(), dist.is_main()
 
         def start():
-            device = resolve_process_device(config.train.device, what="train.device")
+            device = dist.resolve_process_device(config.train.device, what="train.device")
             checkpoint = load_checkpoint(checkpoint_path)
             model_config = model_config_from(checkpoint, checkpoint_path)
             for key in model_keys:
@@ -109,7 +108,7 @@ def validate_checkpoint(cfg: str, checkpoint_path: str, overrides: Sequence[str]
             def plan_memory(bundle: DataBundle) -> bool:
                 batch = eval_batch_per_process(config)
                 planned["plan"] = plan_run(config, bundle, model_config, device, training=False, batch=batch,
-                                           eval_batch=batch, processes=local_world_size())
+                                           eval_batch=batch, processes=dist.local_world_size())
                 if not plan and planned["plan"].refusal():
                     raise UserError(planned["plan"].refusal())
                 return not plan
