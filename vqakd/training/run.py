@@ -16,7 +16,7 @@ from vqakd.core import distributed as dist
 from vqakd.core.config import Config, config_to_dict, data_file_paths, dump_config, load_config, override_key
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
-from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
+from vqakd.data.batches import DataBundle, load_data, with_dropped
 from vqakd.training.builders import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,
                                      frozen_teacher, model_config_for_stage)
 from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_config_from,
@@ -30,7 +30,7 @@ from vqakd.training.provenance import (changed_inputs, input_fingerprints, input
 from vqakd.training.resume import LR_SCHEDULE_KEYS, apply_lr_schedule, resume_changes
 from vqakd.training.run_folder import RunFolder, RunLog, stage_guard
 from vqakd.training.memory import MemoryPlan, plan_run
-from vqakd.training.validation import eval_batch_per_process, eval_loader, evaluate_split
+from vqakd.training.validation import eval_batch_per_process, evaluate_split, split_loader
 
 CURVES_REFRESH_S = 60.0
 
@@ -314,10 +314,8 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
     device, model, optimizer, scheduler = start.device, start.model, start.optimizer, start.scheduler
     progress = config.train.progress and main
     trained = wrap_ddp(model, device) if dist.is_initialized() else model
-    train_loader = make_loader(start.bundle.splits["train"], start.bundle.table, start.batch_train, True,
-                               config.train.seed, config.train.num_workers, device.type == "cuda", dist.get_rank(),
-                               world, reuse_buffers=True, max_batches=config.train.max_steps)
-    val_loader = eval_loader(config, start.bundle, "val", device)
+    train_loader = split_loader(config, start.bundle, "train", device, start.batch_train, shuffle=True)
+    val_loader = split_loader(config, start.bundle, "val", device)
     vocab_info = start.bundle.vocab.info()
     # What predict.py needs to answer about a new video as this run's data was made.
     inference = inference_record(config.data.appearance_feat, config.data.motion_feat, start.bundle.vocab)

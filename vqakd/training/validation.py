@@ -42,11 +42,12 @@ def eval_batch_per_process(config: Config) -> int:
     return -(-eval_batch_size(config) // dist.get_world_size())
 
 
-def eval_loader(config: Config, bundle: DataBundle, split: str, device: torch.device):
-    """This process's share of `split` in evaluation batches (at most train.max_steps of them)."""
-    return make_loader(bundle.splits[split], bundle.table, eval_batch_per_process(config), False, config.train.seed,
-                       config.train.num_workers, device.type == "cuda", dist.get_rank(), dist.get_world_size(),
-                       reuse_buffers=True, max_batches=config.train.max_steps)
+def split_loader(config: Config, bundle: DataBundle, split: str, device: torch.device, batch: Optional[int] = None,
+                 shuffle: bool = False):
+    """This process's share of `split` in batches of `batch` (default: evaluation batches), at most train.max_steps."""
+    return make_loader(bundle.splits[split], bundle.table, batch or eval_batch_per_process(config), shuffle,
+                       config.train.seed, config.train.num_workers, device.type == "cuda", dist.get_rank(),
+                       dist.get_world_size(), reuse_buffers=True, max_batches=config.train.max_steps)
 
 
 def evaluate_split(config: Config, bundle: DataBundle, split: str, checkpoint: Mapping[str, Any], model,
@@ -54,7 +55,7 @@ def evaluate_split(config: Config, bundle: DataBundle, split: str, checkpoint: M
     """`evaluate` a checkpoint's network on `split`, questions dropped for missing videos
     (data.missing_videos: drop) counted as wrong: (the record results.json (train.py) and the eval
     JSON (validate.py) both hold, the summary, this process's predictions when asked for)."""
-    summary, found = evaluate(model, eval_loader(config, bundle, split, device), device, amp=config.train.amp,
+    summary, found = evaluate(model, split_loader(config, bundle, split, device), device, amp=config.train.amp,
                               progress=config.train.progress and dist.is_main(), desc=split, **options)
     summary = with_dropped(summary, bundle.splits[split])
     record = {"split": split, **{key: summary[key] for key in SUMMARY_FIGURES}, "dropped_questions": dict(dropped),
