@@ -1,14 +1,14 @@
 """Is graph reasoning still telling the clips apart?
 
 A graph layer can collapse: every clip leaves it with the same vector, and the common loss then
-normalises rounding noise. `node_spread` measures, per graph layer and stream, how far the N clip
+normalises rounding noise. `sample_spread` measures, per graph layer and stream, how far the N clip
 vectors are apart relative to their size; `is_collapsed` is the rule, `layer_warning` the warning.
 Everything works on the detached `layers` of an ordinary forward pass.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -40,18 +40,13 @@ def sample_spread(output: DualVGROutput | Sequence[LayerOutput]) -> Tensor:
     return torch.stack([torch.stack([relative_spread(stream) for stream in layer], dim=-1) for layer in layers])
 
 
-def node_spread(output: DualVGROutput | Sequence[LayerOutput]) -> Tensor:
-    """Per graph layer and stream, the clip spread averaged over the batch -> (layers, 4) float32."""
-    return sample_spread(output).mean(dim=1)
-
-
 def is_collapsed(spread: Tensor) -> Tensor:
     """(..., 4) spread -> (...) bool: the common appearance or motion clips differ only by rounding."""
     return (spread[..., [STREAMS.index(name) for name in COMMON_STREAMS]] < COLLAPSE_THRESHOLD).any(dim=-1)
 
 
 class NodeSpreadMeter:
-    """Accumulates `node_spread` over the batches of a split: `update(output)` per batch, then `columns()`."""
+    """Accumulates `sample_spread` over the batches of a split: `update(output)` per batch, then `columns()`."""
 
     def __init__(self) -> None:
         self.total: Tensor | None = None         # (layers, 4) summed spread
@@ -65,6 +60,17 @@ class NodeSpreadMeter:
         self.total = spread if self.total is None else self.total + spread
         self.collapsed = collapsed if self.collapsed is None else self.collapsed + collapsed
         self.samples += per_sample.size(1)
+
+    def all_reduce(self, reduce_sum: Callable[[Tensor], Any], layers: int, device: torch.device) -> None:
+        """Sum the counts of every process with `reduce_sum` (an in-place all-reduce); a process that
+        saw no batch takes part with zeros of `layers` rows."""
+        if self.total is None:
+            self.total = torch.zeros(layers, len(STREAMS), device=device)
+            self.collapsed = torch.zeros(layers, dtype=torch.long, device=device)
+        total, samples = self.total.double(), torch.tensor(self.samples, dtype=torch.long, device=device)
+        for counts in (total, self.collapsed, samples):
+            reduce_sum(counts)
+        self.total, self.samples = total.float(), int(samples)
 
     def value(self) -> Tensor:
         """(layers, 4) mean spread over every sample seen."""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from model import DualVGR, LayerOutput, ModelConfig
 from model.diagnostics import (COLLAPSE_THRESHOLD, NodeSpreadMeter, collapsed_layers,
-                               layer_name, layer_warning, node_spread, spread_columns)
+                               layer_name, layer_warning, sample_spread, spread_columns)
 from model.dualvgr import GRAPH_ATTENTIONS, GraphAttention
 from model.losses import common_loss, hsic_loss
 from model.original import original_to_ours, ours_to_original
@@ -45,6 +45,11 @@ def attention_row_spread(weights: torch.Tensor) -> torch.Tensor:
     """(B, H, N, N) attention -> (B, H): largest difference between any two query rows i.
     0 means every node attends with the same weights (static attention)."""
     return (weights.amax(dim=2) - weights.amin(dim=2)).amax(dim=-1)
+
+
+def node_spread(layers) -> torch.Tensor:
+    """(layers, 4): per graph layer and stream, the clip spread averaged over the batch."""
+    return sample_spread(layers).mean(dim=1)
 
 
 def collapsed_fraction(layers) -> torch.Tensor:

@@ -77,7 +77,7 @@ def test_results_and_evaluation_record_their_provenance(run):
 
 
 def test_provenance_outside_a_git_checkout_and_with_extraction_settings(tmp_path, monkeypatch):
-    monkeypatch.setattr(provenance_run, "REPOSITORY", str(tmp_path))
+    monkeypatch.setattr(provenance_run, "REPO_ROOT", str(tmp_path))
     features = tmp_path / "app.h5"
     with h5py.File(features, "w") as handle:
         handle.attrs["model"] = "resnet101"

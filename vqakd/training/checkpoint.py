@@ -21,7 +21,7 @@ import torch
 import vqakd
 from model import DualVGR, ModelConfig
 from model.original import OriginalCheckpointError, convert_original_checkpoint
-from vqakd.core.errors import UserError, missing_file_message
+from vqakd.core.errors import UserError, require_file
 from vqakd.core.files import atomic_path
 from vqakd.extraction.weights import load_state_strict
 
@@ -122,8 +122,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     always at least {"model_config": dict, "state_dict": dict, "epoch", "stage", "original"}."""
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path} is a folder; give best.pt or last.pt inside it")
-    if not os.path.isfile(path):
-        raise UserError(missing_file_message(path, "checkpoint"))
+    require_file(path, "checkpoint")
     with open(path, "rb") as handle:
         head = handle.read(2)
     # A zip archive (torch.save) or a pickle (before PyTorch 1.6); anything else would fail in the

@@ -14,10 +14,9 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from model import DualVGROutput
-from model.diagnostics import STREAMS, NodeSpreadMeter
+from model.diagnostics import NodeSpreadMeter
 from model.losses import feature_distill_loss, hard_loss, logit_distill_loss, with_regularisers
 from vqakd.core import distributed as dist
 from vqakd.core.config import LossConfig
@@ -132,8 +131,7 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
         teacher.eval()
     distill = loss_cfg.distill_of(stage)
     names = loss_names(stage, loss_cfg)
-    sums = torch.zeros(len(names), dtype=torch.float64, device=device)
-    questions = torch.zeros((), dtype=torch.long, device=device)
+    losses = _LossSums(names, device)
     counter = AccuracyCounter(device)
     watch = _NonFiniteWatch(names, weighted_terms(stage, loss_cfg), device)
     if check_every is None:
@@ -157,11 +155,8 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
         if step == 1:
             first_step_done = time.perf_counter()     # steps/s leaves out the first (warm-up) step
 
-        detached = torch.stack([values[name].detach().float() for name in names])
+        detached = losses.add(values, labels.shape[0])
         watch.update(step, detached)
-        batch_size = labels.shape[0]
-        sums += detached.double() * batch_size
-        questions += batch_size
         counter.update(output.logits.detach().argmax(dim=1), labels, batch["qtype"])
         if step % check_every == 0 or step == steps:
             watch.check(epoch, steps)
@@ -171,22 +166,38 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
         # Held over, this step's outputs would sit beside the next step's peak (and split the heap).
         del output, values, teacher_output
     bar.close()
-    result = _means(names, sums, questions)
+    result = losses.means()
     counter.all_reduce()
     elapsed = time.perf_counter() - started
     after_first = time.perf_counter() - first_step_done if steps > 1 else elapsed
-    result.update(accuracy=counter.summary(), time_s=elapsed, questions=int(questions),
-                  questions_per_s=int(questions) / elapsed if elapsed > 0 else 0.0,
+    questions = int(losses.questions)
+    result.update(accuracy=counter.summary(), time_s=elapsed, questions=questions,
+                  questions_per_s=questions / elapsed if elapsed > 0 else 0.0,
                   steps_per_s=max(steps - 1, 1) / after_first if after_first > 0 else 0.0)
     return result
 
 
-def _means(names: tuple[str, ...], sums: torch.Tensor, questions: torch.Tensor) -> dict[str, float]:
-    """{part: sum / questions}, both summed over every process first."""
-    dist.all_reduce_sum(sums)
-    dist.all_reduce_sum(questions)
-    count = max(int(questions), 1)
-    return {name: float(value) / count for name, value in zip(names, sums.cpu().tolist())}
+class _LossSums:
+    """The loss parts of every question seen, summed on the device (no host sync per batch)."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names = names
+        self.sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+        self.questions = torch.zeros((), dtype=torch.long, device=device)
+
+    def add(self, values: Mapping[str, torch.Tensor], size: int) -> torch.Tensor:
+        """Add a batch of `size` questions whose per-question means are `values`; returns them stacked."""
+        detached = torch.stack([values[name].detach().float() for name in self.names])
+        self.sums += detached.double() * size
+        self.questions += size
+        return detached
+
+    def means(self) -> dict[str, float]:
+        """{part: sum / questions}, both summed over every process first."""
+        dist.all_reduce_sum(self.sums)
+        dist.all_reduce_sum(self.questions)
+        count = max(int(self.questions), 1)
+        return {name: float(value) / count for name, value in zip(self.names, self.sums.cpu().tolist())}
 
 
 def weighted_terms(stage: str, loss_cfg: LossConfig) -> tuple[tuple[str, str, float], ...]:
@@ -223,22 +234,6 @@ def loss_names(stage: str, loss_cfg: LossConfig) -> tuple[str, ...]:
     return ("loss", "hard", "ce", "common", "dependence") + extra
 
 
-def _spread_result(meter: NodeSpreadMeter, layers: int, graph_layers: int, device: torch.device) -> dict:
-    """The node-spread columns of the whole split; {} when no process saw a batch."""
-    if meter.total is None:             # this process saw no batch
-        meter.total = torch.zeros(layers, len(STREAMS), device=device)
-        meter.collapsed = torch.zeros(layers, dtype=torch.long, device=device)
-    total, collapsed = meter.total.double(), meter.collapsed
-    samples = torch.tensor(meter.samples, dtype=torch.long, device=device)
-    dist.all_reduce_sum(total)
-    dist.all_reduce_sum(collapsed)
-    dist.all_reduce_sum(samples)
-    if int(samples) == 0:
-        return {}
-    meter.total, meter.collapsed, meter.samples = total.float(), collapsed, int(samples)
-    return {"columns": meter.columns(graph_layers), "collapsed": meter.collapsed_names(graph_layers)}
-
-
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_predictions: bool = False,
              progress: bool = False, desc: str = "eval", loss_cfg: Optional[LossConfig] = None,
@@ -246,23 +241,19 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
              node_spread: bool = False, top_k: int = 5) -> tuple[dict, Optional[dict[str, np.ndarray]]]:
     """Accuracy overall and per question type (summed over all processes); optionally this
     process's predictions: {"index", "prediction", "top_answers" (Q, k), "top_probs" (Q, k)},
-    column 0 the arg-max itself. Runs the plain module of a DDP wrapper: ranks may hold different
-    numbers of batches.
+    column 0 the arg-max itself. Give the plain module, not a DistributedDataParallel wrapper:
+    ranks may hold different numbers of batches.
 
     From the same forward passes, on request (summed over every process):
     - `loss_cfg`: summary["losses"], every loss part the training of `stage` logs, per question
       (a distilling student needs `teacher`); the HSIC term of each batch is rescaled to
       `reference_batch` questions (default the evaluation batch), as the training logs it;
     - `node_spread`: summary["node_spread"] = {"columns", "collapsed"} (model/diagnostics.py)."""
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
     model.eval()
     counter = AccuracyCounter(device)
     indices, top_answers, top_probs = [], [], []
     if loss_cfg is not None:
-        names = loss_names(stage, loss_cfg)
-        loss_sums = torch.zeros(len(names), dtype=torch.float64, device=device)
-        questions = torch.zeros((), dtype=torch.long, device=device)
+        losses = _LossSums(loss_names(stage, loss_cfg), device)
         reference_batch = reference_batch or getattr(loader, "batch_size", None) or 1
         if teacher is not None:
             teacher.eval()
@@ -281,8 +272,7 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
             teacher_output = _teacher_output(teacher, batch, loss_cfg.distill_of(stage), device, amp)
             parts = compute_loss(output, batch["answer"], loss_cfg, stage, teacher_output,
                                  batch_shards=reference_batch / size)
-            loss_sums += torch.stack([parts[name].detach().double() for name in names]) * size
-            questions += size
+            losses.add(parts, size)
             del teacher_output, parts
         if meter is not None:
             meter.update(output)
@@ -299,11 +289,12 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
     elapsed = time.perf_counter() - started
     summary["questions_per_s"] = summary["count"] / elapsed if elapsed > 0 else 0.0
     if loss_cfg is not None:
-        summary["losses"] = _means(names, loss_sums, questions)
+        summary["losses"] = losses.means()
     if meter is not None:
         config = model.config
-        summary["node_spread"] = _spread_result(meter, config.graph_layers * config.unit_layers,
-                                                config.graph_layers, device)
+        meter.all_reduce(dist.all_reduce_sum, config.graph_layers * config.unit_layers, device)
+        summary["node_spread"] = ({"columns": meter.columns(config.graph_layers),
+                                   "collapsed": meter.collapsed_names(config.graph_layers)} if meter.samples else {})
     if not return_predictions:
         return summary, None
     if not indices:             # this process saw no batch

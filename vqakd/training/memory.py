@@ -310,11 +310,6 @@ def check_model_fits_memory(model_config: ModelConfig) -> int:
     return parameters
 
 
-def _rows_per_batch(videos: int, batch: int) -> float:
-    """Expected distinct videos among `batch` questions drawn over `videos` videos."""
-    return videos * (1.0 - (1.0 - 1.0 / videos) ** batch)
-
-
 def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.device, *, training: bool,
              batch: int, eval_batch: int, stage: str = "teacher", teacher_config: Optional[ModelConfig] = None,
              processes: int = 1) -> MemoryPlan:
@@ -370,7 +365,8 @@ def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.de
         for name, size in sizes.items():
             if name in bundle.splits:
                 batches = math.ceil(len(bundle.splits[name]) / size)
-                per_epoch += int(min(batches, max_steps or batches) * _rows_per_batch(videos, size) * row)
+                rows = videos * (1.0 - (1.0 - 1.0 / videos) ** size)     # distinct videos in a batch, expected
+                per_epoch += int(min(batches, max_steps or batches) * rows * row)
     others = {}
     for other_mode, other_dtype in (("memory", "float32"), ("memory", "float16"), ("lazy", dtype)):
         name = table_setting(other_mode, other_dtype)

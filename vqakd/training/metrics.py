@@ -72,7 +72,6 @@ def format_table(summary: Mapping, title: str = "") -> str:
     return "\n".join(lines)
 
 
-
 def metrics_row(epoch: int, lr: float, train: Mapping, val: Mapping, epoch_time: float) -> dict[str, Any]:
     """One metrics.csv row, every column always present (empty where a part does not apply);
     `val`: `evaluate`'s summary with its "losses" and "node_spread"; `epoch_time`: train and val."""

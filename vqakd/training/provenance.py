@@ -19,7 +19,6 @@ from typing import Any, Mapping, Optional
 import vqakd
 from vqakd.core.files import REPO_ROOT, file_sha256
 
-REPOSITORY = REPO_ROOT
 GIT_TIMEOUT_S = 10
 
 
@@ -30,7 +29,7 @@ def utc_now() -> str:
 
 def _git(*args: str) -> Optional[str]:
     try:
-        done = subprocess.run(["git", "-C", REPOSITORY, *args], capture_output=True, text=True,
+        done = subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True,
                               timeout=GIT_TIMEOUT_S, check=False)
     except (OSError, subprocess.SubprocessError):      # no git, or it hung
         return None

@@ -14,10 +14,9 @@ from model import DualVGR
 from model.diagnostics import layer_warning
 from vqakd.core import distributed as dist
 from vqakd.core.config import Config, config_to_dict, data_file_paths, dump_config, load_config, override_key
-from vqakd.core.distributed import local_world_size, resolve_process_device
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
-from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
+from vqakd.data.batches import DataBundle, load_data, with_dropped
 from vqakd.training.builders import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,
                                      frozen_teacher, model_config_for_stage)
 from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_config_from,
@@ -31,7 +30,7 @@ from vqakd.training.provenance import (changed_inputs, input_fingerprints, input
 from vqakd.training.resume import LR_SCHEDULE_KEYS, apply_lr_schedule, resume_changes
 from vqakd.training.run_folder import RunFolder, RunLog, stage_guard
 from vqakd.training.memory import MemoryPlan, plan_run
-from vqakd.training.validation import eval_batch_per_process, eval_loader, evaluate_split
+from vqakd.training.validation import eval_batch_per_process, evaluate_split, split_loader
 
 CURVES_REFRESH_S = 60.0
 
@@ -74,7 +73,6 @@ class StageStart:
     teacher: Optional[DualVGR] = None
     teacher_file: Optional[str] = None
     inputs: dict = field(default_factory=dict)      # content fingerprint of every input file
-    input_paths: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)       # settings taken from the input files
     history: list = field(default_factory=list)     # metrics.csv rows so far
     best: dict = field(default_factory=dict)        # {epoch, val_accuracy} of best.pt
@@ -119,7 +117,7 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
                 overwrite: bool, explicit: Sequence[str] = (), plan_only: bool = False) -> StageStart | MemoryPlan:
     """Every start-up check and load, on every rank, before anything in the output folder changes.
     `plan_only`: stop at the memory plan (returned), before the feature table is read."""
-    device = resolve_process_device(config.train.device, what="train.device")
+    device = dist.resolve_process_device(config.train.device, what="train.device")
     if config.train.batch_size < 2:
         raise UserError(f"train.batch_size is {config.train.batch_size}: BatchNorm needs at least 2 questions per "
                         "training batch; use 2 or more")
@@ -133,8 +131,7 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
         raise UserError(f"teacher checkpoint not found: {teacher_file}; train the teacher first "
                         "(--stage teacher) or pass --teacher <checkpoint>")
 
-    paths = input_paths(config, teacher_file)
-    inputs = input_fingerprints(paths)
+    inputs = input_fingerprints(input_paths(config, teacher_file))
     # Read once: its sizes set this run's model settings, then it is the frozen teacher.
     teacher_record = load_checkpoint(teacher_file) if teacher_file else None
     from_teacher = {}
@@ -161,7 +158,7 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
         plan = planned["plan"] = plan_run(config, bundle, model_config_for_stage(config, stage, bundle), device,
                                           training=True, stage=stage, batch=batch_train,
                                           eval_batch=eval_batch_per_process(config), teacher_config=teacher_config,
-                                          processes=local_world_size())
+                                          processes=dist.local_world_size())
         if not plan_only and plan.refusal():
             raise UserError(plan.refusal())
         return not plan_only
@@ -182,7 +179,7 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
                                                 gamma=config.train.lr_decay)
     start = StageStart(device=device, batch_train=batch_train, bundle=bundle, model=model, optimizer=optimizer,
                        scheduler=scheduler, teacher=teacher, teacher_file=teacher_file, inputs=inputs,
-                       input_paths=paths, notes=notes, memory_plan=planned["plan"])
+                       notes=notes, memory_plan=planned["plan"])
     if resume and os.path.isfile(folder.last):
         resume_from(folder, start, config, stage)
     return start
@@ -194,7 +191,7 @@ def resume_from(folder: RunFolder, start: StageStart, config: Config, stage: str
     path = folder.last
     checkpoint = load_checkpoint(path)
     check_same_model(checkpoint, path, start.model)
-    changed_files = changed_inputs(checkpoint.get("inputs"), start.inputs, start.input_paths)
+    changed_files = changed_inputs(checkpoint.get("inputs"), start.inputs, input_paths(config, start.teacher_file))
     if changed_files:
         raise UserError(f"cannot resume {path}: {', '.join(changed_files)} changed since epoch {checkpoint.get('epoch')} was "
                         "trained (other content under the same path); restore the file, or --overwrite to start again")
@@ -265,11 +262,9 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
     with dist.session(), stage_guard(folder, stage, inputs):
         started = utc_now()
         config.stage(stage)
-        if resume:
-            finished = finished_run(folder, config, stage)
-            if finished is not None:
-                log(finished[0])
-                return finished[1]
+        finished = finished_run(folder, config, stage, log) if resume else None
+        if finished is not None:
+            return finished
         start = dist.agree(lambda: start_stage(config, stage, folder, teacher_path, resume, overwrite,
                                                explicit))
         device, bundle, model = start.device, start.bundle, start.model
@@ -295,8 +290,8 @@ def run_training(config: Config, stage: str, teacher_path: Optional[str] = None,
         return evaluate_best(config, stage, start, folder, log, started)
 
 
-def finished_run(folder: RunFolder, config: Config, stage: str) -> Optional[tuple[str, dict[str, Any]]]:
-    """(message, results.json) when --resume finds the run complete: every epoch of
+def finished_run(folder: RunFolder, config: Config, stage: str, log: RunLog) -> Optional[dict[str, Any]]:
+    """results.json, said in the log, when --resume finds the run complete: every epoch of
     train.epochs trained and the test figures written. Nothing is trained or rewritten then."""
     if not (os.path.isfile(folder.last) and os.path.isfile(folder.results)):
         return None
@@ -307,8 +302,9 @@ def finished_run(folder: RunFolder, config: Config, stage: str) -> Optional[tupl
         results = read_json(folder.results)
     except UserError:
         return None         # an unreadable results.json: resuming rewrites it
-    return (f"{stage} run in {folder.folder} is finished: all {epoch} epochs done and "
-            f"{folder.results} written; to train longer, add --set train.epochs=N with N > {epoch}"), results
+    log(f"{stage} run in {folder.folder} is finished: all {epoch} epochs done and "
+        f"{folder.results} written; to train longer, add --set train.epochs=N with N > {epoch}")
+    return results
 
 
 def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolder, log: RunLog) -> bool:
@@ -318,10 +314,8 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
     device, model, optimizer, scheduler = start.device, start.model, start.optimizer, start.scheduler
     progress = config.train.progress and main
     trained = wrap_ddp(model, device) if dist.is_initialized() else model
-    train_loader = make_loader(start.bundle.splits["train"], start.bundle.table, start.batch_train, True,
-                               config.train.seed, config.train.num_workers, device.type == "cuda", dist.get_rank(),
-                               world, reuse_buffers=True, max_batches=config.train.max_steps)
-    val_loader = eval_loader(config, start.bundle, "val", device)
+    train_loader = split_loader(config, start.bundle, "train", device, start.batch_train, shuffle=True)
+    val_loader = split_loader(config, start.bundle, "val", device)
     vocab_info = start.bundle.vocab.info()
     # What predict.py needs to answer about a new video as this run's data was made.
     inference = inference_record(config.data.appearance_feat, config.data.motion_feat, start.bundle.vocab)

@@ -14,7 +14,6 @@ from vqakd.core import distributed as dist
 from vqakd.training.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
 from vqakd.core.config import Config, data_file_paths, eval_batch_size, load_config, override_key
 from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
-from vqakd.core.distributed import local_world_size, resolve_process_device
 from vqakd.training.engine import configure_backends, evaluate
 from vqakd.core.errors import UserError
 from vqakd.core.files import atomic_open, write_json
@@ -31,7 +30,6 @@ from vqakd.training.provenance import provenance_for_config, utc_now
 # `answer_in_vocab`: 1 where the model could name the true answer at all.
 PREDICTION_COLUMNS = ("question_id", "video_id", "question", "predicted_answer", "answer", "true_answer",
                       "answer_in_vocab", "correct", "question_type", "probability", "top5")
-TOP_K = 5
 # Per-answer figures of the split's most frequent true answers; a confusion matrix of fewer.
 REPORTED_ANSWERS = 20
 CONFUSION_ANSWERS = 10
@@ -44,11 +42,12 @@ def eval_batch_per_process(config: Config) -> int:
     return -(-eval_batch_size(config) // dist.get_world_size())
 
 
-def eval_loader(config: Config, bundle: DataBundle, split: str, device: torch.device):
-    """This process's share of `split` in evaluation batches (at most train.max_steps of them)."""
-    return make_loader(bundle.splits[split], bundle.table, eval_batch_per_process(config), False, config.train.seed,
-                       config.train.num_workers, device.type == "cuda", dist.get_rank(), dist.get_world_size(),
-                       reuse_buffers=True, max_batches=config.train.max_steps)
+def split_loader(config: Config, bundle: DataBundle, split: str, device: torch.device, batch: Optional[int] = None,
+                 shuffle: bool = False):
+    """This process's share of `split` in batches of `batch` (default: evaluation batches), at most train.max_steps."""
+    return make_loader(bundle.splits[split], bundle.table, batch or eval_batch_per_process(config), shuffle,
+                       config.train.seed, config.train.num_workers, device.type == "cuda", dist.get_rank(),
+                       dist.get_world_size(), reuse_buffers=True, max_batches=config.train.max_steps)
 
 
 def evaluate_split(config: Config, bundle: DataBundle, split: str, checkpoint: Mapping[str, Any], model,
@@ -56,7 +55,7 @@ def evaluate_split(config: Config, bundle: DataBundle, split: str, checkpoint: M
     """`evaluate` a checkpoint's network on `split`, questions dropped for missing videos
     (data.missing_videos: drop) counted as wrong: (the record results.json (train.py) and the eval
     JSON (validate.py) both hold, the summary, this process's predictions when asked for)."""
-    summary, found = evaluate(model, eval_loader(config, bundle, split, device), device, amp=config.train.amp,
+    summary, found = evaluate(model, split_loader(config, bundle, split, device), device, amp=config.train.amp,
                               progress=config.train.progress and dist.is_main(), desc=split, **options)
     summary = with_dropped(summary, bundle.splits[split])
     record = {"split": split, **{key: summary[key] for key in SUMMARY_FIGURES}, "dropped_questions": dict(dropped),
@@ -64,7 +63,7 @@ def evaluate_split(config: Config, bundle: DataBundle, split: str, checkpoint: M
     return record, summary, found
 
 
-def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = (), *, split: str = "test",
+def validate_checkpoint(cfg: str, checkpoint_path: str, overrides: Sequence[str] = (), *, split: str = "test",
                         write_preds: bool = False, out: Optional[str] = None, preds_out: Optional[str] = None,
                         device: Optional[str] = None, other_features: bool = False,
                         plan: bool = False) -> dict[str, Any] | MemoryPlan:
@@ -76,12 +75,12 @@ def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = ()
     if device is not None:
         overrides.insert(0, f"train.device={device}")
     config = load_config(cfg, overrides)
-    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"eval_{split}.json")
+    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), f"eval_{split}.json")
     preds_out = preds_out or os.path.splitext(out)[0] + "_preds.csv"
     answers_out = os.path.splitext(out)[0] + "_answers.json"
     outputs = {"--out": out, "--preds-out": preds_out if write_preds else None,
                "the per-answer figures": answers_out if write_preds else None}
-    inputs = {"--checkpoint": checkpoint, "--cfg": cfg, **data_file_paths(config)}
+    inputs = {"--checkpoint": checkpoint_path, "--cfg": cfg, **data_file_paths(config)}
     with dist.session(), contextlib.ExitStack() as held:
         # Before any work: never replace the checkpoint; only the main process writes and locks.
         # --plan writes nothing: no output checks, no lock.
@@ -89,105 +88,95 @@ def validate_checkpoint(cfg: str, checkpoint: str, overrides: Sequence[str] = ()
             dist.agree(lambda: held.enter_context(guard_outputs(
                 inputs, outputs, "output folder for the evaluation results", file_what="evaluation output",
                 lock=dist.is_main())), "the check of the output files")
-        return _run_validation(config, checkpoint, split, write_preds, out, preds_out, answers_out,
-                               model_keys, other_features, plan_only=plan)
+        started = utc_now()
+        world, main = dist.get_world_size(), dist.is_main()
 
+        def start():
+            device = dist.resolve_process_device(config.train.device, what="train.device")
+            checkpoint = load_checkpoint(checkpoint_path)
+            model_config = model_config_from(checkpoint, checkpoint_path)
+            for key in model_keys:
+                name = key.split(".", 1)[1]
+                given, recorded = getattr(config.model, name, None), getattr(model_config, name, None)
+                if given != recorded:
+                    raise UserError(f"--set {key}={given}: the checkpoint defines the model and has {name} = "
+                                    f"{recorded}; validate.py cannot change it (drop the --set)")
+            # The checkpoint defines the network: its clip count and feature size are what the data must match.
+            config.model.num_nodes = model_config.num_nodes
+            config.model.vision_dim = model_config.vision_dim
+            planned = {}
 
-def _run_validation(config: Config, checkpoint_path: str, split: str, write_preds: bool, out: str,
-                    preds_out: str, answers_out: str, model_overrides: Sequence[str],
-                    other_features: bool, plan_only: bool = False) -> dict[str, Any] | MemoryPlan:
-    started = utc_now()
-    world, main = dist.get_world_size(), dist.is_main()
+            def plan_memory(bundle: DataBundle) -> bool:
+                batch = eval_batch_per_process(config)
+                planned["plan"] = plan_run(config, bundle, model_config, device, training=False, batch=batch,
+                                           eval_batch=batch, processes=dist.local_world_size())
+                if not plan and planned["plan"].refusal():
+                    raise UserError(planned["plan"].refusal())
+                return not plan
 
-    def start():
-        if split not in ("train", "val", "test"):
-            raise UserError(f"unknown split {split!r}; choose train, val or test")
-        device = resolve_process_device(config.train.device, what="train.device")
-        checkpoint = load_checkpoint(checkpoint_path)
-        model_config = model_config_from(checkpoint, checkpoint_path)
-        for key in model_overrides:
-            name = key.split(".", 1)[1]
-            given, recorded = getattr(config.model, name, None), getattr(model_config, name, None)
-            if given != recorded:
-                raise UserError(f"--set {key}={given}: the checkpoint defines the model and has {name} = "
-                                f"{recorded}; validate.py cannot change it (drop the --set)")
-        # The checkpoint defines the network: its clip count and feature size are what the data must match.
-        config.model.num_nodes = model_config.num_nodes
-        config.model.vision_dim = model_config.vision_dim
-        planned = {}
+            bundle = load_data(config, splits=(split,), device=device, progress=config.train.progress and main,
+                               expected_by="the checkpoint's model_config", before_table=plan_memory)
+            if plan:
+                return (planned["plan"],)
+            check_vocab_match(checkpoint, checkpoint_path, bundle, "the checkpoint")
+            differences = feature_differences(checkpoint, {"appearance": config.data.appearance_feat,
+                                                           "motion": config.data.motion_feat})
+            if differences and not other_features:
+                raise UserError(f"{checkpoint_path} was trained on features made otherwise: {'; '.join(differences)}; "
+                                "evaluate on the features it was trained on, or pass --other-features to evaluate "
+                                "anyway (recorded in the eval JSON)")
+            return (device, checkpoint, bundle, model_from_checkpoint(checkpoint, checkpoint_path, device),
+                    differences, planned["plan"])
 
-        def plan_memory(bundle: DataBundle) -> bool:
-            planned["plan"] = plan_run(config, bundle, model_config, device, training=False,
-                                       batch=eval_batch_per_process(config), eval_batch=eval_batch_per_process(config),
-                                       processes=local_world_size())
-            if not plan_only and planned["plan"].refusal():
-                raise UserError(planned["plan"].refusal())
-            return not plan_only
-
-        bundle = load_data(config, splits=(split,), device=device, progress=config.train.progress and main,
-                           expected_by="the checkpoint's model_config", before_table=plan_memory)
-        if plan_only:
-            return (planned["plan"],)
-        check_vocab_match(checkpoint, checkpoint_path, bundle, "the checkpoint")
-        differences = feature_differences(checkpoint, {"appearance": config.data.appearance_feat,
-                                                       "motion": config.data.motion_feat})
-        if differences and not other_features:
-            raise UserError(f"{checkpoint_path} was trained on features made otherwise: {'; '.join(differences)}; "
-                            "evaluate on the features it was trained on, or pass --other-features to evaluate "
-                            "anyway (recorded in the eval JSON)")
-        return (device, checkpoint, bundle, model_from_checkpoint(checkpoint, checkpoint_path, device),
-                differences, planned["plan"])
-
-    started_up = dist.agree(start)
-    if plan_only:
+        started_up = dist.agree(start)
+        if plan:
+            if main:
+                print("\n".join(started_up[0].lines()))
+            return started_up[0]
+        device, checkpoint, bundle, model, differences, memory_plan = started_up
+        configure_backends(device, config.train.tf32)
+        # One pass gives the accuracy and, with --write-preds, each question's top answers.
+        record, summary, found = evaluate_split(config, bundle, split, checkpoint, model, device,
+                                                {split: bundle.splits[split].dropped}, return_predictions=write_preds)
+        if write_preds and world > 1:
+            shares = dist.all_gather_objects(found)
+            found = {key: np.concatenate([share[key] for share in shares]) for key in found}
+        result = {
+            "checkpoint": checkpoint_path,
+            **record,
+            "ceiling": answer_ceiling(bundle.splits[split]),
+            "stage": checkpoint.get("stage"),
+            "original_checkpoint": bool(checkpoint.get("original")),
+            # model_kwargs values of an original checkpoint that its weights contradict (ignored).
+            "claimed_model_kwargs": checkpoint.get("claimed_model_kwargs") or {},
+            # --other-features: how these features differ from the checkpoint's training features.
+            "other_features": differences,
+            "memory_plan": memory_plan.record(),
+        }
         if main:
-            print("\n".join(started_up[0].lines()))
-        return started_up[0]
-    device, checkpoint, bundle, model, differences, memory_plan = started_up
-    configure_backends(device, config.train.tf32)
-    # One pass gives the accuracy and, with --write-preds, each question's top answers.
-    record, summary, found = evaluate_split(config, bundle, split, checkpoint, model, device,
-                                            {split: bundle.splits[split].dropped}, return_predictions=write_preds,
-                                            top_k=TOP_K)
-    if write_preds and world > 1:
-        shares = dist.all_gather_objects(found)
-        found = {key: np.concatenate([share[key] for share in shares]) for key in found}
-    result = {
-        "checkpoint": checkpoint_path,
-        **record,
-        "ceiling": answer_ceiling(bundle.splits[split]),
-        "stage": checkpoint.get("stage"),
-        "original_checkpoint": bool(checkpoint.get("original")),
-        # model_kwargs values of an original checkpoint that its weights contradict (ignored).
-        "claimed_model_kwargs": checkpoint.get("claimed_model_kwargs") or {},
-        # --other-features: how these features differ from the checkpoint's training features.
-        "other_features": differences,
-        "memory_plan": memory_plan.record(),
-    }
-    if main:
-        for note in checkpoint.get("notes") or ():
-            print(f"note: {note}")
-        for difference in differences:
-            print(f"warning: features made otherwise than in training (--other-features): {difference}")
-        result["provenance"] = provenance_for_config(config, started=started, device=device, world_size=world)
-        print(format_table(summary, f"{checkpoint_path} on {split} ({summary['count']} questions):"))
-        dropped = bundle.splits[split].dropped
-        if dropped:
-            print(f"{dropped} of {summary['count']} questions were left out (their videos are missing from a "
-                  f"feature file; data.missing_videos: drop) and count as wrong; accuracy over the "
-                  f"{summary['count_answered']} answered: {100 * summary['accuracy_answered']:.2f}%")
-        print(format_ceiling(result["ceiling"]))
-        write_json(out, result)
-        print(f"wrote {out}")
-        if write_preds:
-            write_predictions(preds_out, bundle, split, found)
-            print(f"wrote {preds_out}")
-            report = answer_report(bundle, split, found)
-            write_json(answers_out, report)
-            print(format_answer_report(report))
-            print(f"wrote {answers_out}")
-    dist.barrier()
-    return result
+            for note in checkpoint.get("notes") or ():
+                print(f"note: {note}")
+            for difference in differences:
+                print(f"warning: features made otherwise than in training (--other-features): {difference}")
+            result["provenance"] = provenance_for_config(config, started=started, device=device, world_size=world)
+            print(format_table(summary, f"{checkpoint_path} on {split} ({summary['count']} questions):"))
+            dropped = bundle.splits[split].dropped
+            if dropped:
+                print(f"{dropped} of {summary['count']} questions were left out (their videos are missing from a "
+                      f"feature file; data.missing_videos: drop) and count as wrong; accuracy over the "
+                      f"{summary['count_answered']} answered: {100 * summary['accuracy_answered']:.2f}%")
+            print(format_ceiling(result["ceiling"]))
+            write_json(out, result)
+            print(f"wrote {out}")
+            if write_preds:
+                write_predictions(preds_out, bundle, split, found)
+                print(f"wrote {preds_out}")
+                report = answer_report(bundle, split, found)
+                write_json(answers_out, report)
+                print(format_answer_report(report))
+                print(f"wrote {answers_out}")
+        dist.barrier()
+        return result
 
 
 def write_predictions(path: str, bundle: DataBundle, split: str, found: Mapping[str, np.ndarray]) -> None:
