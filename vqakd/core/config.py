@@ -207,36 +207,29 @@ def _suggest(key: str, choices: list[str], prefix: str = "") -> str:
 
 def _build(cls: type, raw: Any, prefix: str, origins: dict[str, str], default_source: str) -> Any:
     """Build dataclass `cls` from the mapping `raw`, checking keys and types."""
-    if raw is None:
-        raw = {}
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         source, where = origins.get(prefix.rstrip("."), default_source), prefix.rstrip(".") or "the top level"
         raise UserError(f"{source}: {where} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in hints:
-            full = f"{prefix}{key}"
-            source = origins.get(full, default_source)
-            raise UserError(f"{source}: unknown key {full!r}{_suggest(str(key), names, prefix)}")
     values = {}
-    for name in names:
-        if name not in raw:
-            continue
-        tp = hints[name]
-        full = f"{prefix}{name}"
-        if dataclasses.is_dataclass(tp):
-            values[name] = _build(tp, raw[name], f"{full}.", origins, default_source)
-            continue
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
         source = origins.get(full, default_source)
-        if isinstance(raw[name], dict):
+        if key not in hints:
+            raise UserError(f"{source}: unknown key {full!r}{_suggest(str(key), list(hints), prefix)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            values[key] = _build(tp, value, f"{full}.", origins, default_source)
+            continue
+        if isinstance(value, dict):
             raise UserError(f"{source}: {full!r} is a setting, not a section")
         try:
-            values[name] = _convert_scalar(raw[name], tp)
+            values[key] = _convert_scalar(value, tp)
         except TypeError:
-            raise UserError(f"{source}: key {full!r} must be {_type_name(tp)}, got {raw[name]!r}") from None
-        if isinstance(values[name], float) and not math.isfinite(values[name]):
-            raise UserError(f"{source}: key {full!r} must be a finite number, got {raw[name]!r}")
+            raise UserError(f"{source}: key {full!r} must be {_type_name(tp)}, got {value!r}") from None
+        if isinstance(values[key], float) and not math.isfinite(values[key]):
+            raise UserError(f"{source}: key {full!r} must be a finite number, got {value!r}")
     # Sections the file left out keep their dataclass defaults (e.g. teacher G = 4).
     return cls(**values)
 
