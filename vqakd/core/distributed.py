@@ -105,14 +105,14 @@ def is_main() -> bool:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over all ranks in place (and return it); identity in a single process."""
-    if is_initialized() and get_world_size() > 1:
+    if get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj` (picklable), in rank order, through gloo; [obj] in a single process."""
-    if not (is_initialized() and get_world_size() > 1):
+    if get_world_size() == 1:
         return [obj]
     gathered: list[Any] = [None] * get_world_size()
     dist.all_gather_object(gathered, obj, group=_cpu_group())
@@ -134,7 +134,7 @@ def _cpu_group():
 
 def barrier() -> None:
     """Wait for every rank (a CPU all-reduce: never touches a GPU of the wrong process)."""
-    if is_initialized() and get_world_size() > 1:
+    if get_world_size() > 1:
         dist.all_reduce(torch.zeros(1), group=_cpu_group())
 
 
@@ -158,14 +158,12 @@ def agree(fn: Callable[[], T], what: str = "start-up") -> T:
     """Run `fn` on every rank; if it raised on any rank, raise on every rank: the first failing
     rank its own exception (with its traceback), the others a UserError naming that rank, marked
     `shown_by_main` (rank 0 prints it, the rest stay quiet). In a single process: `fn()`."""
-    if not (is_initialized() and get_world_size() > 1):
+    if get_world_size() == 1:
         return fn()
-    failure: BaseException | None = None
-    result = None
     try:
-        result = fn()
+        result, failure = fn(), None
     except Exception as exc:       # noqa: BLE001 - reported to every rank, then re-raised
-        failure = exc
+        result, failure = None, exc
     outcome = (None if failure is None
                else (type(failure).__name__, str(failure), isinstance(failure, UserError)))
     failed = [(rank, found) for rank, found in enumerate(all_gather_objects(outcome)) if found is not None]
@@ -209,15 +207,11 @@ class _DifferentiableAllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        summed = tensor.clone()
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        return summed
+        return all_reduce_sum(tensor.clone())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        summed = grad.contiguous().clone()
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        return summed
+        return all_reduce_sum(grad.contiguous().clone())
 
 
 class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
@@ -227,7 +221,7 @@ class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
     The reductions are differentiable: their backward sums the gradients over ranks."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not (self.training and is_initialized() and get_world_size() > 1):
+        if not (self.training and get_world_size() > 1):
             return super().forward(input)
         all_reduce_with_grad = _DifferentiableAllReduceSum.apply
         self._check_input_dim(input)
