@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Iterable, MutableMapping, Optional
+from typing import Any, Callable, Iterable, MutableMapping, Optional
 
 from vqakd.core.errors import UserError
 
@@ -50,6 +50,17 @@ def prepare_script(parser=None, *requirements: str, modules: Iterable[str] = COR
     if parser is not None:
         parser.parse_args()
     check_requirements(*requirements, modules=modules)
+
+
+def distributed_main(build_parser: Callable[[], Any], run: Callable[[Any], int]) -> Callable[..., int]:
+    """The `main(argv=None)` of a script that may run under torchrun: parse the flags, then `run(args)`;
+    an error every rank hits is printed once, by rank 0 (`quiet_unless_main`)."""
+    def main(argv=None) -> int:
+        args = build_parser().parse_args(argv)
+        from vqakd.core.distributed import quiet_unless_main      # torch: only once the flags are parsed
+
+        return quiet_unless_main(lambda: run(args))
+    return main
 
 
 def exit_with(message: str) -> None:
