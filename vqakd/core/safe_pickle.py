@@ -34,10 +34,8 @@ def _count(value: object) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, range):
-        # len() overflows for ranges beyond sys.maxsize; work it out exactly instead.
-        span = value.stop - value.start
-        return max(0, (span + value.step - (1 if value.step > 0 else -1)) // value.step)
+    if isinstance(value, range):        # about its length (len() overflows beyond sys.maxsize)
+        return (value.stop - value.start) // value.step
     return None
 
 
