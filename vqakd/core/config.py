@@ -267,9 +267,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def _set_nested(raw: dict, path: list[str], value: Any, source: str) -> None:
     node = raw
     for key in path[:-1]:
-        child = node.get(key)
-        if child is None:
-            child = {}
+        child = {} if node.get(key) is None else node[key]
         if not isinstance(child, dict):
             raise UserError(f"{source}: cannot set {'.'.join(path)} inside the non-mapping value {child!r}")
         # A copy: YAML aliases (`student: *g`) make sections share one dict, which the other must not see.

@@ -5,6 +5,7 @@ admitted, and sizes a file cannot hold are refused; errors name the file.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from typing import Any, Callable
@@ -41,10 +42,8 @@ def _count(value: object) -> int | None:
 
 def _elements(shape: Any) -> int:
     """The element count of an array `shape` (an int or a tuple; entries that are not ints count 1)."""
-    count = 1
-    for dim in shape if isinstance(shape, tuple) else (shape,):
-        count *= int(dim) if isinstance(dim, int) and not isinstance(dim, bool) else 1
-    return count
+    dims = shape if isinstance(shape, tuple) else (shape,)
+    return math.prod(int(dim) for dim in dims if isinstance(dim, int) and not isinstance(dim, bool))
 
 
 class RestrictedUnpickler(pickle.Unpickler):

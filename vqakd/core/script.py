@@ -97,7 +97,5 @@ def check_requirements(*extra: str, modules: Iterable[str] = CORE_MODULES) -> No
         return
     names = ", ".join(MODULE_PACKAGE.get(name, name) for name in missing)
     verb = "is" if len(missing) == 1 else "are"
-    # In the project's environment already, it is incomplete; else it is the wrong Python.
-    in_venv = sys.prefix != sys.base_prefix and os.path.basename(sys.prefix) == ".venv"
-    fix = "to install requirements.txt" if in_venv else "and use .venv/bin/python"
-    exit_with(f"{names} {verb} not installed for {sys.executable}; run `make venv` {fix}")
+    exit_with(f"{names} {verb} not installed for {sys.executable}; run `make venv` (it installs requirements.txt) "
+              "and use .venv/bin/python")
