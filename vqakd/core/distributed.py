@@ -59,8 +59,7 @@ def local_world_size() -> int:
 
 def under_torchrun() -> bool:
     """Several processes, or torchrun started this one even as a world of one (the DDP code path runs too)."""
-    return env_world_size() > 1 or all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                                       "MASTER_PORT"))
+    return env_world_size() > 1 or {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys()
 
 
 def is_initialized() -> bool:
@@ -165,17 +164,16 @@ def agree(fn: Callable[[], T], what: str = "start-up") -> T:
     except Exception as exc:       # noqa: BLE001 - reported to every rank, then re-raised
         result, failure = None, exc
     outcome = (None if failure is None
-               else (type(failure).__name__, str(failure), isinstance(failure, UserError)))
-    failed = [(rank, found) for rank, found in enumerate(all_gather_objects(outcome)) if found is not None]
+               else str(failure) if isinstance(failure, UserError) else f"{type(failure).__name__}: {failure}")
+    failed = [(rank, text) for rank, text in enumerate(all_gather_objects(outcome)) if text is not None]
     if not failed:
         return result  # type: ignore[return-value]
-    rank, (kind, message, is_user) = failed[0]
+    rank, text = failed[0]
     if failure is not None and rank == get_rank():
         # Rank 0 prints its own error; another rank's UserError is printed by rank 0 (below).
         if isinstance(failure, UserError) and rank != 0:
             failure.shown_by_main = True   # type: ignore[attr-defined]
         raise failure
-    text = message if is_user else f"{kind}: {message}"
     error = UserError(text if rank == 0 else f"rank {rank} failed during {what}: {text}")
     error.shown_by_main = True      # type: ignore[attr-defined]
     raise error
