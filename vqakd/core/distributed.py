@@ -66,29 +66,6 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(*, timeout: datetime.timedelta | None = None, control_only: bool = False) -> bool:
-    """Start the process group when launched by torchrun or with several processes; returns
-    whether one exists now. `control_only`: gloo alone, no CUDA device selected. `timeout`
-    (default DEFAULT_TIMEOUT_S, or VQAKD_DIST_TIMEOUT_S) bounds every collective, barriers included."""
-    if is_initialized() or not under_torchrun():
-        return is_initialized()
-    if not dist.is_available():
-        raise UserError("this PyTorch build has no torch.distributed; run a single process")
-    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if name not in os.environ:
-            raise UserError(f"WORLD_SIZE is {env_world_size()} but {name} is not set; launch with torchrun "
-                            "(python -m torch.distributed.run) or unset WORLD_SIZE")
-    backend = "gloo"
-    if torch.cuda.is_available() and not control_only:
-        if local_rank() < torch.cuda.device_count():
-            torch.cuda.set_device(local_rank())
-        backend = "cpu:gloo,cuda:nccl"
-    seconds = _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
-    timeout = timeout or datetime.timedelta(seconds=seconds if seconds > 0 else DEFAULT_TIMEOUT_S)
-    dist.init_process_group(backend=backend, timeout=timeout)
-    return True
-
-
 def get_rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
@@ -139,11 +116,28 @@ def barrier() -> None:
 
 @contextlib.contextmanager
 def session(*, timeout: datetime.timedelta | None = None, control_only: bool = False) -> Iterator[None]:
-    """The process group for the duration of a script (when launched by torchrun); the
-    arguments are those of `init_distributed`. A session inside another (a study's train and
-    validate calls) keeps the outer group: under torchrun the next call could not rejoin."""
+    """The process group for the duration of a script, when launched by torchrun or with several
+    processes. `control_only`: gloo alone, no CUDA device selected. `timeout` (default
+    DEFAULT_TIMEOUT_S, or VQAKD_DIST_TIMEOUT_S) bounds every collective, barriers included. A session
+    inside another (a study's train and validate calls) keeps the outer group: under torchrun the
+    next call could not rejoin."""
     global _CPU_GROUP
-    started = not is_initialized() and init_distributed(timeout=timeout, control_only=control_only)
+    started = not is_initialized() and under_torchrun()
+    if started:
+        if not dist.is_available():
+            raise UserError("this PyTorch build has no torch.distributed; run a single process")
+        for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise UserError(f"WORLD_SIZE is {env_world_size()} but {name} is not set; launch with torchrun "
+                                "(python -m torch.distributed.run) or unset WORLD_SIZE")
+        backend = "gloo"
+        if torch.cuda.is_available() and not control_only:
+            if local_rank() < torch.cuda.device_count():
+                torch.cuda.set_device(local_rank())
+            backend = "cpu:gloo,cuda:nccl"
+        seconds = _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+        timeout = timeout or datetime.timedelta(seconds=seconds if seconds > 0 else DEFAULT_TIMEOUT_S)
+        dist.init_process_group(backend=backend, timeout=timeout)
     try:
         yield
     finally:
