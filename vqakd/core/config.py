@@ -64,24 +64,15 @@ class DataConfig:
     missing_videos: Literal["error", "drop"] = "error"
 
 
-# ModelConfig fields that are not in the `model:` section: the vocabulary sizes come from the
+# The `model:` section is model.ModelConfig's own fields, types and defaults, so a new network
+# setting is a config key without further code; less these: the vocabulary sizes come from the
 # data, the graph layers from the stage (`teacher.graph_layers`, `student.graph_layers`).
 NOT_IN_MODEL_SECTION = ("question_vocab_size", "answer_vocab_size", "graph_layers")
-
-
-def _model_section_class() -> type:
-    """The `model:` section: model.ModelConfig's own fields, types and defaults, less the ones
-    set elsewhere, so a new network setting is a config key without further code."""
-    hints = typing.get_type_hints(ModelConfig)
-    fields = [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(ModelConfig)
-              if f.name not in NOT_IN_MODEL_SECTION]
-    section = dataclasses.make_dataclass("ModelSection", fields)
-    section.__module__ = __name__
-    section.__doc__ = "Network sizes shared by teacher and student (model.ModelConfig); graph layers are per stage."
-    return section
-
-
-ModelSection = _model_section_class()
+_MODEL_HINTS = typing.get_type_hints(ModelConfig)
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection", [(f.name, _MODEL_HINTS[f.name], field(default=f.default)) for f in dataclasses.fields(ModelConfig)
+                     if f.name not in NOT_IN_MODEL_SECTION],
+    namespace={"__module__": __name__, "__doc__": "Network sizes shared by teacher and student (model.ModelConfig)."})
 
 
 @dataclass
