@@ -12,8 +12,6 @@ Under `torchrun --nproc_per_node=K` each process evaluates a share of the split 
 writes the figures of the whole split (every question counted once).
 """
 
-from __future__ import annotations
-
 import argparse
 
 from vqakd.core.errors import run_cli
