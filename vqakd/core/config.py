@@ -278,11 +278,9 @@ def read_yaml(path: str) -> dict:
         raise UserError(f"{path}: invalid YAML{at}: {problem}") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
+    if not isinstance(raw, (dict, type(None))):
         raise UserError(f"{path}: expected a mapping of sections (name, dataset, data, model, train, loss, ...)")
-    return raw
+    return raw or {}
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None,

@@ -163,10 +163,9 @@ class FolderLock:
     def _is_current(self, fd: int) -> bool:
         """Is `fd` the file now at the lock path (not one a finished holder has removed)?"""
         try:
-            here, there = os.fstat(fd), os.stat(self.path)
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
         except FileNotFoundError:
             return False
-        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
