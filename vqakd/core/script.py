@@ -1,5 +1,6 @@
-"""The start of every entry script (`prepare_script`), and train.py's command-line vocabulary that
-the config shares; standard library only, so it runs before torch is imported.
+"""The start of every entry script (`prepare_script`), the `main` of train.py and validate.py
+(`distributed_main`), and train.py's command-line vocabulary that the config shares; standard
+library only at import, so it runs before torch is imported.
 
 Threads: OpenMP threads that spin while waiting steal the cores of a CPU shared with other busy
 processes (bench/contention.py), so unless the user set them, OMP_WAIT_POLICY=PASSIVE and
