@@ -31,13 +31,9 @@ MIN_SIZE_LIMIT = 1 << 20
 
 def _count(value: object) -> int | None:
     """The number of items/bytes `value` would make a constructor allocate, if it says so itself."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, range):        # about its length (len() overflows beyond sys.maxsize)
         return (value.stop - value.start) // value.step
-    return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _elements(shape: Any) -> int:
