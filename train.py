@@ -16,8 +16,8 @@ evenly over the processes; only global rank 0 writes):
 
 import argparse
 
-from vqakd.core.errors import interruptible_imports, run_cli
-from vqakd.core.script import ORIGINAL_FLAGS, STAGES, prepare_script
+from vqakd.core.errors import run_cli
+from vqakd.core.script import ORIGINAL_FLAGS, STAGES, distributed_main, prepare_script
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,22 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-if __name__ == "__main__":
-    prepare_script(build_parser(), "matplotlib")      # --help and flag errors answer before torch loads
-
-with interruptible_imports():       # torch takes seconds to import: Ctrl-C there is a clean exit too
-    from vqakd.core import distributed as dist
+def run(args) -> int:
     from vqakd.training.run import train_stage
 
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     original = {flag: getattr(args, flag) for flag in ORIGINAL_FLAGS}
-    # Under torchrun an error every rank hits is printed once, by rank 0.
-    return dist.quiet_unless_main(lambda: train_stage(
-        args.cfg, args.stage, args.overrides, teacher=args.teacher, distill=args.distill, device=args.device,
-        resume=args.resume, overwrite=args.overwrite, original_flags=original, plan=args.plan))
+    return train_stage(args.cfg, args.stage, args.overrides, teacher=args.teacher, distill=args.distill,
+                       device=args.device, resume=args.resume, overwrite=args.overwrite, original_flags=original,
+                       plan=args.plan)
 
+
+main = distributed_main(build_parser, run)
 
 if __name__ == "__main__":
+    prepare_script(build_parser(), "matplotlib")      # --help and flag errors answer before torch loads
     run_cli(main)

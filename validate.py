@@ -12,12 +12,10 @@ Under `torchrun --nproc_per_node=K` each process evaluates a share of the split 
 writes the figures of the whole split (every question counted once).
 """
 
-from __future__ import annotations
-
 import argparse
 
-from vqakd.core.errors import interruptible_imports, run_cli
-from vqakd.core.script import prepare_script
+from vqakd.core.errors import run_cli
+from vqakd.core.script import distributed_main, prepare_script
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,26 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-if __name__ == "__main__":
-    prepare_script(build_parser(), "sklearn")      # --help and flag errors answer before torch loads
-
-with interruptible_imports():       # torch takes seconds to import: Ctrl-C there is a clean exit too
-    from vqakd.core import distributed as dist
+def run(args) -> int:
     from vqakd.training.validation import validate_checkpoint
 
+    result = validate_checkpoint(args.cfg, args.checkpoint, args.overrides, split=args.split,
+                                 write_preds=args.write_preds, out=args.out, preds_out=args.preds_out,
+                                 device=args.device, other_features=args.other_features, plan=args.plan)
+    return (0 if result.fits() else 1) if args.plan else 0
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
 
-    def run() -> int:
-        result = validate_checkpoint(args.cfg, args.checkpoint, args.overrides, split=args.split,
-                                     write_preds=args.write_preds, out=args.out, preds_out=args.preds_out,
-                                     device=args.device, other_features=args.other_features, plan=args.plan)
-        return (0 if result.fits() else 1) if args.plan else 0
-
-    # Under torchrun an error every rank hits is printed once, by rank 0.
-    return dist.quiet_unless_main(run)
-
+main = distributed_main(build_parser, run)
 
 if __name__ == "__main__":
+    prepare_script(build_parser(), "sklearn")      # --help and flag errors answer before torch loads
     run_cli(main)

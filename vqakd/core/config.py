@@ -64,24 +64,15 @@ class DataConfig:
     missing_videos: Literal["error", "drop"] = "error"
 
 
-# ModelConfig fields that are not in the `model:` section: the vocabulary sizes come from the
+# The `model:` section is model.ModelConfig's own fields, types and defaults, so a new network
+# setting is a config key without further code; less these: the vocabulary sizes come from the
 # data, the graph layers from the stage (`teacher.graph_layers`, `student.graph_layers`).
 NOT_IN_MODEL_SECTION = ("question_vocab_size", "answer_vocab_size", "graph_layers")
-
-
-def _model_section_class() -> type:
-    """The `model:` section: model.ModelConfig's own fields, types and defaults, less the ones
-    set elsewhere, so a new network setting is a config key without further code."""
-    hints = typing.get_type_hints(ModelConfig)
-    fields = [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(ModelConfig)
-              if f.name not in NOT_IN_MODEL_SECTION]
-    section = dataclasses.make_dataclass("ModelSection", fields)
-    section.__module__ = __name__
-    section.__doc__ = "Network sizes shared by teacher and student (model.ModelConfig); graph layers are per stage."
-    return section
-
-
-ModelSection = _model_section_class()
+_MODEL_HINTS = typing.get_type_hints(ModelConfig)
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection", [(f.name, _MODEL_HINTS[f.name], field(default=f.default)) for f in dataclasses.fields(ModelConfig)
+                     if f.name not in NOT_IN_MODEL_SECTION],
+    namespace={"__module__": __name__, "__doc__": "Network sizes shared by teacher and student (model.ModelConfig)."})
 
 
 @dataclass
@@ -207,36 +198,29 @@ def _suggest(key: str, choices: list[str], prefix: str = "") -> str:
 
 def _build(cls: type, raw: Any, prefix: str, origins: dict[str, str], default_source: str) -> Any:
     """Build dataclass `cls` from the mapping `raw`, checking keys and types."""
-    if raw is None:
-        raw = {}
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         source, where = origins.get(prefix.rstrip("."), default_source), prefix.rstrip(".") or "the top level"
         raise UserError(f"{source}: {where} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in hints:
-            full = f"{prefix}{key}"
-            source = origins.get(full, default_source)
-            raise UserError(f"{source}: unknown key {full!r}{_suggest(str(key), names, prefix)}")
     values = {}
-    for name in names:
-        if name not in raw:
-            continue
-        tp = hints[name]
-        full = f"{prefix}{name}"
-        if dataclasses.is_dataclass(tp):
-            values[name] = _build(tp, raw[name], f"{full}.", origins, default_source)
-            continue
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
         source = origins.get(full, default_source)
-        if isinstance(raw[name], dict):
+        if key not in hints:
+            raise UserError(f"{source}: unknown key {full!r}{_suggest(str(key), list(hints), prefix)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            values[key] = _build(tp, value, f"{full}.", origins, default_source)
+            continue
+        if isinstance(value, dict):
             raise UserError(f"{source}: {full!r} is a setting, not a section")
         try:
-            values[name] = _convert_scalar(raw[name], tp)
+            values[key] = _convert_scalar(value, tp)
         except TypeError:
-            raise UserError(f"{source}: key {full!r} must be {_type_name(tp)}, got {raw[name]!r}") from None
-        if isinstance(values[name], float) and not math.isfinite(values[name]):
-            raise UserError(f"{source}: key {full!r} must be a finite number, got {raw[name]!r}")
+            raise UserError(f"{source}: key {full!r} must be {_type_name(tp)}, got {value!r}") from None
+        if isinstance(values[key], float) and not math.isfinite(values[key]):
+            raise UserError(f"{source}: key {full!r} must be a finite number, got {value!r}")
     # Sections the file left out keep their dataclass defaults (e.g. teacher G = 4).
     return cls(**values)
 
@@ -274,9 +258,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def _set_nested(raw: dict, path: list[str], value: Any, source: str) -> None:
     node = raw
     for key in path[:-1]:
-        child = node.get(key)
-        if child is None:
-            child = {}
+        child = {} if node.get(key) is None else node[key]
         if not isinstance(child, dict):
             raise UserError(f"{source}: cannot set {'.'.join(path)} inside the non-mapping value {child!r}")
         # A copy: YAML aliases (`student: *g`) make sections share one dict, which the other must not see.
@@ -296,11 +278,9 @@ def read_yaml(path: str) -> dict:
         raise UserError(f"{path}: invalid YAML{at}: {problem}") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
+    if not isinstance(raw, (dict, type(None))):
         raise UserError(f"{path}: expected a mapping of sections (name, dataset, data, model, train, loss, ...)")
-    return raw
+    return raw or {}
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None,

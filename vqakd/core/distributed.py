@@ -59,35 +59,11 @@ def local_world_size() -> int:
 
 def under_torchrun() -> bool:
     """Several processes, or torchrun started this one even as a world of one (the DDP code path runs too)."""
-    return env_world_size() > 1 or all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                                       "MASTER_PORT"))
+    return env_world_size() > 1 or {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys()
 
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def init_distributed(*, timeout: datetime.timedelta | None = None, control_only: bool = False) -> bool:
-    """Start the process group when launched by torchrun or with several processes; returns
-    whether one exists now. `control_only`: gloo alone, no CUDA device selected. `timeout`
-    (default DEFAULT_TIMEOUT_S, or VQAKD_DIST_TIMEOUT_S) bounds every collective, barriers included."""
-    if is_initialized() or not under_torchrun():
-        return is_initialized()
-    if not dist.is_available():
-        raise UserError("this PyTorch build has no torch.distributed; run a single process")
-    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if name not in os.environ:
-            raise UserError(f"WORLD_SIZE is {env_world_size()} but {name} is not set; launch with torchrun "
-                            "(python -m torch.distributed.run) or unset WORLD_SIZE")
-    backend = "gloo"
-    if torch.cuda.is_available() and not control_only:
-        if local_rank() < torch.cuda.device_count():
-            torch.cuda.set_device(local_rank())
-        backend = "cpu:gloo,cuda:nccl"
-    seconds = _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
-    timeout = timeout or datetime.timedelta(seconds=seconds if seconds > 0 else DEFAULT_TIMEOUT_S)
-    dist.init_process_group(backend=backend, timeout=timeout)
-    return True
 
 
 def get_rank() -> int:
@@ -105,14 +81,14 @@ def is_main() -> bool:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over all ranks in place (and return it); identity in a single process."""
-    if is_initialized() and get_world_size() > 1:
+    if get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj` (picklable), in rank order, through gloo; [obj] in a single process."""
-    if not (is_initialized() and get_world_size() > 1):
+    if get_world_size() == 1:
         return [obj]
     gathered: list[Any] = [None] * get_world_size()
     dist.all_gather_object(gathered, obj, group=_cpu_group())
@@ -134,17 +110,34 @@ def _cpu_group():
 
 def barrier() -> None:
     """Wait for every rank (a CPU all-reduce: never touches a GPU of the wrong process)."""
-    if is_initialized() and get_world_size() > 1:
+    if get_world_size() > 1:
         dist.all_reduce(torch.zeros(1), group=_cpu_group())
 
 
 @contextlib.contextmanager
 def session(*, timeout: datetime.timedelta | None = None, control_only: bool = False) -> Iterator[None]:
-    """The process group for the duration of a script (when launched by torchrun); the
-    arguments are those of `init_distributed`. A session inside another (a study's train and
-    validate calls) keeps the outer group: under torchrun the next call could not rejoin."""
+    """The process group for the duration of a script, when launched by torchrun or with several
+    processes. `control_only`: gloo alone, no CUDA device selected. `timeout` (default
+    DEFAULT_TIMEOUT_S, or VQAKD_DIST_TIMEOUT_S) bounds every collective, barriers included. A session
+    inside another (a study's train and validate calls) keeps the outer group: under torchrun the
+    next call could not rejoin."""
     global _CPU_GROUP
-    started = not is_initialized() and init_distributed(timeout=timeout, control_only=control_only)
+    started = not is_initialized() and under_torchrun()
+    if started:
+        if not dist.is_available():
+            raise UserError("this PyTorch build has no torch.distributed; run a single process")
+        for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise UserError(f"WORLD_SIZE is {env_world_size()} but {name} is not set; launch with torchrun "
+                                "(python -m torch.distributed.run) or unset WORLD_SIZE")
+        backend = "gloo"
+        if torch.cuda.is_available() and not control_only:
+            if local_rank() < torch.cuda.device_count():
+                torch.cuda.set_device(local_rank())
+            backend = "cpu:gloo,cuda:nccl"
+        seconds = _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+        timeout = timeout or datetime.timedelta(seconds=seconds if seconds > 0 else DEFAULT_TIMEOUT_S)
+        dist.init_process_group(backend=backend, timeout=timeout)
     try:
         yield
     finally:
@@ -158,26 +151,23 @@ def agree(fn: Callable[[], T], what: str = "start-up") -> T:
     """Run `fn` on every rank; if it raised on any rank, raise on every rank: the first failing
     rank its own exception (with its traceback), the others a UserError naming that rank, marked
     `shown_by_main` (rank 0 prints it, the rest stay quiet). In a single process: `fn()`."""
-    if not (is_initialized() and get_world_size() > 1):
+    if get_world_size() == 1:
         return fn()
-    failure: BaseException | None = None
-    result = None
     try:
-        result = fn()
+        result, failure = fn(), None
     except Exception as exc:       # noqa: BLE001 - reported to every rank, then re-raised
-        failure = exc
+        result, failure = None, exc
     outcome = (None if failure is None
-               else (type(failure).__name__, str(failure), isinstance(failure, UserError)))
-    failed = [(rank, found) for rank, found in enumerate(all_gather_objects(outcome)) if found is not None]
+               else str(failure) if isinstance(failure, UserError) else f"{type(failure).__name__}: {failure}")
+    failed = [(rank, text) for rank, text in enumerate(all_gather_objects(outcome)) if text is not None]
     if not failed:
         return result  # type: ignore[return-value]
-    rank, (kind, message, is_user) = failed[0]
+    rank, text = failed[0]
     if failure is not None and rank == get_rank():
         # Rank 0 prints its own error; another rank's UserError is printed by rank 0 (below).
         if isinstance(failure, UserError) and rank != 0:
             failure.shown_by_main = True   # type: ignore[attr-defined]
         raise failure
-    text = message if is_user else f"{kind}: {message}"
     error = UserError(text if rank == 0 else f"rank {rank} failed during {what}: {text}")
     error.shown_by_main = True      # type: ignore[attr-defined]
     raise error
@@ -209,15 +199,11 @@ class _DifferentiableAllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        summed = tensor.clone()
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        return summed
+        return all_reduce_sum(tensor.clone())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        summed = grad.contiguous().clone()
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        return summed
+        return all_reduce_sum(grad.contiguous().clone())
 
 
 class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
@@ -227,7 +213,7 @@ class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
     The reductions are differentiable: their backward sums the gradients over ranks."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not (self.training and is_initialized() and get_world_size() > 1):
+        if not (self.training and get_world_size() > 1):
             return super().forward(input)
         all_reduce_with_grad = _DifferentiableAllReduceSum.apply
         self._check_input_dim(input)

@@ -46,8 +46,7 @@ def run_cli(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except UserError as exc:
-        message = " ".join(str(exc).split("\n"))
-        print(f"error: {message}", file=sys.stderr)
+        print("error: " + str(exc).replace("\n", " "), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         interrupted = True

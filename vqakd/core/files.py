@@ -171,10 +171,9 @@ def check_output_paths(inputs: Labelled, outputs: Labelled, hint: str = "") -> N
     resolving links, and by identity for existing files). `inputs` and `outputs` map a label the
     user recognises (`--checkpoint`) to a path (None: skipped); `hint` is added when two outputs collide."""
     ins, outs = labelled_paths(inputs), labelled_paths(outputs)
-    for out_label, out_path in outs:
+    for out_index, (out_label, out_path) in enumerate(outs):
         if os.path.isdir(out_path):
             raise UserError(f"{out_label} {out_path} is a folder; name a file (it would fail only after all the work)")
-    for out_index, (out_label, out_path) in enumerate(outs):
         for in_label, in_path in ins:
             if _same_file(out_path, in_path):
                 shown = out_path if out_path == in_path else f"{out_path} (= {in_path})"

@@ -138,14 +138,12 @@ class FolderLock:
                     os.close(fd)
                     continue
                 record = _read_record(fd)
-                if locked is False:
-                    # The holder writes its record just after it locks: give it a moment, so
-                    # the refusal can name it.
-                    for _ in range(RECORD_WAIT_TRIES):
-                        if record is not None:
-                            break
-                        time.sleep(RECORD_WAIT_S)
-                        record = _read_record(fd)
+                # The holder writes its record just after it locks: give it a moment, so the refusal can name it.
+                tries = RECORD_WAIT_TRIES if locked is False else 0
+                while record is None and tries > 0:
+                    time.sleep(RECORD_WAIT_S)
+                    record = _read_record(fd)
+                    tries -= 1
                 if locked is False or (locked is None and _record_holds(record)):
                     holder = _describe(record) if record else "a run that has not written its record yet"
                     raise UserError(f"{self.what} {self.shown} is in use by another run ({holder}); wait for it "
@@ -165,10 +163,9 @@ class FolderLock:
     def _is_current(self, fd: int) -> bool:
         """Is `fd` the file now at the lock path (not one a finished holder has removed)?"""
         try:
-            here, there = os.fstat(fd), os.stat(self.path)
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
         except FileNotFoundError:
             return False
-        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
     def release(self) -> None:
         fd, self._fd = self._fd, None

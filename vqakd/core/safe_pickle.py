@@ -5,6 +5,7 @@ admitted, and sizes a file cannot hold are refused; errors name the file.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from typing import Any, Callable
@@ -30,23 +31,15 @@ MIN_SIZE_LIMIT = 1 << 20
 
 def _count(value: object) -> int | None:
     """The number of items/bytes `value` would make a constructor allocate, if it says so itself."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, range):
-        # len() overflows for ranges beyond sys.maxsize; work it out exactly instead.
-        span = value.stop - value.start
-        return max(0, (span + value.step - (1 if value.step > 0 else -1)) // value.step)
-    return None
+    if isinstance(value, range):        # about its length (len() overflows beyond sys.maxsize)
+        return (value.stop - value.start) // value.step
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _elements(shape: Any) -> int:
     """The element count of an array `shape` (an int or a tuple; entries that are not ints count 1)."""
-    count = 1
-    for dim in shape if isinstance(shape, tuple) else (shape,):
-        count *= int(dim) if isinstance(dim, int) and not isinstance(dim, bool) else 1
-    return count
+    dims = shape if isinstance(shape, tuple) else (shape,)
+    return math.prod(int(dim) for dim in dims if isinstance(dim, int) and not isinstance(dim, bool))
 
 
 class RestrictedUnpickler(pickle.Unpickler):

@@ -1,5 +1,6 @@
-"""The start of every entry script (`prepare_script`), and train.py's command-line vocabulary that
-the config shares; standard library only, so it runs before torch is imported.
+"""The start of every entry script (`prepare_script`), the `main` of train.py and validate.py
+(`distributed_main`), and train.py's command-line vocabulary that the config shares; standard
+library only at import, so it runs before torch is imported.
 
 Threads: OpenMP threads that spin while waiting steal the cores of a CPU shared with other busy
 processes (bench/contention.py), so unless the user set them, OMP_WAIT_POLICY=PASSIVE and
@@ -14,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Iterable, MutableMapping, Optional
+from typing import Any, Callable, Iterable, MutableMapping, Optional
 
 from vqakd.core.errors import UserError
 
@@ -52,6 +53,17 @@ def prepare_script(parser=None, *requirements: str, modules: Iterable[str] = COR
     check_requirements(*requirements, modules=modules)
 
 
+def distributed_main(build_parser: Callable[[], Any], run: Callable[[Any], int]) -> Callable[..., int]:
+    """The `main(argv=None)` of a script that may run under torchrun: parse the flags, then `run(args)`;
+    an error every rank hits is printed once, by rank 0 (`quiet_unless_main`)."""
+    def main(argv=None) -> int:
+        args = build_parser().parse_args(argv)
+        from vqakd.core.distributed import quiet_unless_main      # torch: only once the flags are parsed
+
+        return quiet_unless_main(lambda: run(args))
+    return main
+
+
 def exit_with(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -86,7 +98,5 @@ def check_requirements(*extra: str, modules: Iterable[str] = CORE_MODULES) -> No
         return
     names = ", ".join(MODULE_PACKAGE.get(name, name) for name in missing)
     verb = "is" if len(missing) == 1 else "are"
-    # In the project's environment already, it is incomplete; else it is the wrong Python.
-    in_venv = sys.prefix != sys.base_prefix and os.path.basename(sys.prefix) == ".venv"
-    fix = "to install requirements.txt" if in_venv else "and use .venv/bin/python"
-    exit_with(f"{names} {verb} not installed for {sys.executable}; run `make venv` {fix}")
+    exit_with(f"{names} {verb} not installed for {sys.executable}; run `make venv` (it installs requirements.txt) "
+              "and use .venv/bin/python")
