@@ -49,36 +49,32 @@ class NodeSpreadMeter:
     """Accumulates `sample_spread` over the batches of a split: `update(output)` per batch, then `columns()`."""
 
     def __init__(self) -> None:
-        self.total: Tensor | None = None         # (layers, 4) summed spread
-        self.collapsed: Tensor | None = None     # (layers,) count of samples with a collapsed common stream
+        # (layers, 5): the spread of each stream summed over samples, then the count of collapsed samples.
+        self.sums: Tensor | None = None
         self.samples = 0
 
     def update(self, output: DualVGROutput | Sequence[LayerOutput]) -> None:
         per_sample = sample_spread(output)                                           # (layers, B, 4)
-        spread = per_sample.sum(dim=1)
-        collapsed = is_collapsed(per_sample).sum(dim=1)
-        self.total = spread if self.total is None else self.total + spread
-        self.collapsed = collapsed if self.collapsed is None else self.collapsed + collapsed
+        sums = torch.cat([per_sample, is_collapsed(per_sample).unsqueeze(-1)], dim=-1).sum(dim=1)
+        self.sums = sums if self.sums is None else self.sums + sums
         self.samples += per_sample.size(1)
 
     def all_reduce(self, reduce_sum: Callable[[Tensor], Any], layers: int, device: torch.device) -> None:
         """Sum the counts of every process with `reduce_sum` (an in-place all-reduce); a process that
         saw no batch takes part with zeros of `layers` rows."""
-        if self.total is None:
-            self.total = torch.zeros(layers, len(STREAMS), device=device)
-            self.collapsed = torch.zeros(layers, dtype=torch.long, device=device)
-        total, samples = self.total.double(), torch.tensor(self.samples, dtype=torch.long, device=device)
-        for counts in (total, self.collapsed, samples):
-            reduce_sum(counts)
-        self.total, self.samples = total.float(), int(samples)
+        sums = torch.zeros(layers, len(STREAMS) + 1, device=device) if self.sums is None else self.sums
+        sums, samples = sums.double(), torch.tensor(self.samples, dtype=torch.long, device=device)
+        reduce_sum(sums)
+        reduce_sum(samples)
+        self.sums, self.samples = sums.float(), int(samples)
 
     def value(self) -> Tensor:
         """(layers, 4) mean spread over every sample seen."""
-        return self.total / self.samples
+        return self.sums[:, :-1] / self.samples
 
     def collapsed_fraction(self) -> Tensor:
         """(layers,) fraction of the samples seen whose layer `is_collapsed` (the mean spread hides them)."""
-        return self.collapsed.float() / self.samples
+        return self.sums[:, -1] / self.samples
 
     def collapsed_names(self, graph_layers: int | None = None) -> list[str]:
         """The layers whose mean spread over every sample seen `is_collapsed` ("g1", "u2_g1", ...)."""

@@ -139,8 +139,9 @@ def _xavier_uniform_(tensor: Tensor, fan_in: int, fan_out: int) -> None:
 
 class GraphAttention(nn.Module):
     """Multi-head graph attention over the complete graph of clips (self-loops included); the
-    subclasses `GAT` and `GATv2` make the scores e_ij. `proj.weight` stacks the per-head W (dh × d),
-    head h at rows [h·dh, (h+1)·dh); node j sends W h_j + b, scaled by its question gate."""
+    subclasses `GAT` and `GATv2` make the scores e (B, H, N, N), e[b,h,i,j] for j -> i, in
+    `attention_scores(heads, x)`. `proj.weight` stacks the per-head W (dh × d), head h at rows
+    [h·dh, (h+1)·dh); node j sends W h_j + b, scaled by its question gate."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -151,22 +152,22 @@ class GraphAttention(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        self._reset_stacked_heads(self.proj)
-
-    def _reset_stacked_heads(self, linear: nn.Linear) -> None:
-        # Xavier-uniform with the fans of the original per-head Linear(d -> dh), not of the stacked matrix.
-        _xavier_uniform_(linear.weight, linear.in_features, self.head_dim)
-        linear.bias.zero_()
+        """Xavier-uniform with the fans of the original per-head modules: each stacked Linear as
+        Linear(d -> dh), each (H, dh) score vector as its Linear(`score_fan_in` -> 1); zero biases."""
+        for linear in self.children():
+            _xavier_uniform_(linear.weight, linear.in_features, self.head_dim)
+            linear.bias.zero_()
+        for param in self.parameters(recurse=False):
+            if param.dim() == 2:
+                _xavier_uniform_(param, self.score_fan_in, 1)
+            else:
+                param.zero_()
 
     def project(self, x: Tensor, linear: nn.Linear | None = None) -> Tensor:
         """(B, N, d) -> per-head node features (B, H, N, dh), through `proj` or another stacked `linear`."""
         batch, nodes, _ = x.shape
         projected = (self.proj if linear is None else linear)(x)
         return projected.view(batch, nodes, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def attention_scores(self, heads: Tensor, x: Tensor) -> Tensor:
-        """Head features (B, H, N, dh) of input x (B, N, d) -> e (B, H, N, N), e[b,h,i,j] for j -> i."""
-        raise NotImplementedError
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:
         """x (B, N, d), gate (B, N, 1) -> (B, N, d)."""
@@ -189,17 +190,11 @@ class GAT(GraphAttention):
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
+        self.score_fan_in = 2 * self.head_dim      # a is Linear(2·dh -> 1) per head
         self.attn_self = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
         self.attn_neighbor = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
         self.attn_bias = nn.Parameter(torch.empty(self.num_heads))
         self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        _xavier_uniform_(self.attn_self, 2 * self.head_dim, 1)     # a is Linear(2·dh -> 1) per head
-        _xavier_uniform_(self.attn_neighbor, 2 * self.head_dim, 1)
-        self.attn_bias.zero_()
 
     def attention_scores(self, heads: Tensor, x: Tensor) -> Tensor:
         to_self = torch.einsum("bhnd,hd->bhn", heads, self.attn_self.to(heads.dtype))
@@ -214,15 +209,10 @@ class GATv2(GraphAttention):
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
+        self.score_fan_in = self.head_dim          # a is Linear(dh -> 1) per head
         self.target_proj = nn.Linear(config.module_dim, self.num_heads * self.head_dim)
         self.attn = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
         self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        self._reset_stacked_heads(self.target_proj)     # W_s like W
-        _xavier_uniform_(self.attn, self.head_dim, 1)          # a is Linear(dh -> 1) per head
 
     def attention_scores(self, heads: Tensor, x: Tensor) -> Tensor:
         targets = self.project(x, self.target_proj)

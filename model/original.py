@@ -35,6 +35,9 @@ _GAT_ROLES = (
     ("common_motion", "mcGCN"),
 )
 
+# Each original head's entries: head h's piece of our stacked tensor ("scores": attn_self ‖ attn_neighbor).
+_HEAD_ENTRIES = (("proj.weight", "W.weight"), ("proj.bias", "W.bias"), ("scores", "a.weight"), ("attn_bias", "a.bias"))
+
 _FUSION_IN_KEY = "visual_input_unit.visualfusion.linear0.weight"
 
 # (our module, original module, its entries) copied unchanged; "{u}" repeats per reasoning unit.
@@ -126,18 +129,13 @@ def ours_to_original(state: Mapping[str, Tensor], config: ModelConfig) -> dict[s
 
 def _export(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     result = {original: state[key].detach().clone() for key, original in _renamed_keys(config)}
-    head_dim = config.module_dim // config.num_heads
     for our_prefix, original in _gat_modules(config):
-        weights = state[f"{our_prefix}.proj.weight"].detach().split(head_dim)
-        biases = state[f"{our_prefix}.proj.bias"].detach().split(head_dim)
-        scores = torch.cat([state[f"{our_prefix}.attn_self"], state[f"{our_prefix}.attn_neighbor"]], dim=1)
-        attn_bias = state[f"{our_prefix}.attn_bias"].detach()
+        stacked = {name: state[f"{our_prefix}.{name}"].detach() for name in ("proj.weight", "proj.bias", "attn_bias")}
+        stacked["scores"] = torch.cat([state[f"{our_prefix}.attn_self"],
+                                       state[f"{our_prefix}.attn_neighbor"]], dim=1).detach()   # row h: [a1 ‖ a2]
         for h in range(config.num_heads):
-            head = f"{original}.attention_{h}"
-            result[f"{head}.W.weight"] = weights[h].clone()
-            result[f"{head}.W.bias"] = biases[h].clone()
-            result[f"{head}.a.weight"] = scores[h:h + 1].detach().clone()            # a = [a1 ‖ a2], (1, 2·dh)
-            result[f"{head}.a.bias"] = attn_bias[h:h + 1].clone()
+            for name, entry in _HEAD_ENTRIES:
+                result[f"{original}.attention_{h}.{entry}"] = stacked[name].chunk(config.num_heads)[h].clone()
     return result
 
 
@@ -148,17 +146,14 @@ def original_to_ours(state: Mapping[str, Tensor], config: ModelConfig,
     ours = _meta_state(config)
     _check_keys(state, _export(ours, config), source)
     result = {key: state[original].detach().clone() for key, original in _renamed_keys(config)}
-    head_dim = config.module_dim // config.num_heads
     for our_prefix, original in _gat_modules(config):
-        heads = [f"{original}.attention_{h}" for h in range(config.num_heads)]
-        result[f"{our_prefix}.proj.weight"] = torch.cat([state[f"{head}.W.weight"] for head in heads])
-        result[f"{our_prefix}.proj.bias"] = torch.cat([state[f"{head}.W.bias"] for head in heads])
-        scores = torch.cat([state[f"{head}.a.weight"] for head in heads])            # (H, 2·dh)
-        result[f"{our_prefix}.attn_self"] = scores[:, :head_dim].clone()
-        result[f"{our_prefix}.attn_neighbor"] = scores[:, head_dim:].clone()
-        result[f"{our_prefix}.attn_bias"] = torch.cat([state[f"{head}.a.bias"] for head in heads])
-    # Keep each tensor's dtype as our model declares it (e.g. float32 even if saved as float16).
-    return {key: value.to(ours[key].dtype) for key, value in result.items()}
+        stacked = {name: torch.cat([state[f"{original}.attention_{h}.{entry}"] for h in range(config.num_heads)])
+                   for name, entry in _HEAD_ENTRIES}
+        scores = stacked.pop("scores")                                                  # row h: [a1 ‖ a2]
+        stacked["attn_self"], stacked["attn_neighbor"] = (part.clone() for part in scores.chunk(2, dim=1))
+        result.update({f"{our_prefix}.{name}": value for name, value in stacked.items()})
+    # In our model's key order, each tensor in the dtype our model declares (float32 even if saved as float16).
+    return {key: result[key].to(reference.dtype) for key, reference in ours.items()}
 
 
 def _indices(state: Mapping[str, Tensor], pattern: str) -> set[int]:
