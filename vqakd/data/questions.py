@@ -228,7 +228,7 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int,
     sized = {key: _int_array(data[key], path, key, 1) for key in ("questions_len", "video_ids", "answers")}
     lengths, video_ids, answers = sized["questions_len"], sized["video_ids"], sized["answers"]
     for key in ("question_id", "video_names") + EXTRA_KEYS:
-        if key in data and data[key] is not None:
+        if data.get(key) is not None:
             if not isinstance(data[key], (list, tuple, np.ndarray)) or np.ndim(data[key]) != 1:
                 raise UserError(f"{path}: {key} must be a list, found {type(data[key]).__name__}")
             sized[key] = data[key]
@@ -261,21 +261,19 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int,
                             f"{int(np.flatnonzero(~np.isfinite(glove).all(axis=1))[0])})")
         glove = glove.astype(np.float32, copy=False)
 
-    def strings(key: str) -> list[str] | None:
-        return None if data.get(key) is None else [str(value) for value in data[key]]
+    def listed(key: str, convert: Any = lambda value: value) -> list | None:
+        return None if data.get(key) is None else [convert(value) for value in data[key]]
 
     return {
         "questions": questions,
         "questions_len": lengths,
-        "question_id": list(data["question_id"]),
+        "question_id": listed("question_id"),
         "video_ids": video_ids,
-        "video_names": [str(name) for name in data["video_names"]],
+        "video_names": listed("video_names", str),
         "answers": answers,
         "glove": glove,
-        "record_id": None if data.get("record_id") is None else list(data["record_id"]),
-        "clip_names": strings("clip_names"),
-        "question_text": strings("question_text"),
-        "answer_text": strings("answer_text"),
+        "record_id": listed("record_id"),
+        **{key: listed(key, str) for key in ("clip_names", "question_text", "answer_text")},
         VOCAB_SHA256_KEY: data.get(VOCAB_SHA256_KEY),
     }
 
