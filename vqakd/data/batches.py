@@ -44,14 +44,14 @@ class QuestionSplit:
     question_text: Optional[list[str]]
     answer_text: Optional[list[str]]          # the annotation's answers (question files made before lack them)
     glove: Optional[np.ndarray]
-    record_id: Optional[list] = None          # the annotation records' ids (our files only)
     # Questions left out because their video is missing (data.missing_videos: drop): their
     # question-type codes, so val/test accuracy can keep them in its denominators.
-    dropped_qtypes: Optional[torch.Tensor] = None
+    dropped_qtypes: torch.Tensor
+    record_id: Optional[list] = None          # the annotation records' ids (our files only)
 
     @property
     def dropped(self) -> int:
-        return 0 if self.dropped_qtypes is None else int(self.dropped_qtypes.numel())
+        return int(self.dropped_qtypes.numel())
 
     def display_id(self, index: int):
         """The id a user finds in the annotations: the record's id, else the file's question_id."""
@@ -108,7 +108,7 @@ def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable,
         qtypes=qtypes[torch.from_numpy(keep)], app_rows=torch.from_numpy(app_rows),
         mot_rows=torch.from_numpy(mot_rows), question_id=kept(data["question_id"]), video_ids=video_ids[keep],
         question_text=kept(data["question_text"]), answer_text=kept(data["answer_text"]), glove=data["glove"],
-        record_id=kept(data["record_id"]), dropped_qtypes=qtypes[torch.from_numpy(~keep)] if missing else None,
+        record_id=kept(data["record_id"]), dropped_qtypes=qtypes[torch.from_numpy(~keep)],
     )
 
 
@@ -117,8 +117,7 @@ def with_dropped(summary: dict, split: QuestionSplit) -> dict:
     dropped for missing videos count as wrong (in every denominator, overall and per type), with
     the figures on the answered questions alone (`accuracy_answered`, `count_answered`) and
     `dropped` next to them; a split with nothing dropped gets the same keys."""
-    dropped_per_code = (torch.bincount(split.dropped_qtypes, minlength=NUM_TYPE_CODES).tolist()
-                        if split.dropped else [0] * NUM_TYPE_CODES)
+    dropped_per_code = torch.bincount(split.dropped_qtypes, minlength=NUM_TYPE_CODES).tolist()
 
     def adjust(values: dict, dropped: int) -> dict:
         count = values["count"] + dropped
