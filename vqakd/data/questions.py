@@ -99,7 +99,8 @@ def glove_matrix(glove_source: str, question_token_to_idx: Mapping[str, int],
 
 def encode_split(records: list[dict], tokens: list[list[str]], vocab: Vocabulary, split: str,
                  clip_names: Sequence[str]) -> dict[str, Any]:
-    """The question-file object (docs/method.md#question-files) with `glove` still None."""
+    """The question-file object (docs/method.md#question-files) with `glove` still None, bound to
+    the exact vocabulary it is encoded with by its sha256 (see check_vocab_binding)."""
     encoded = [vocab.encode_question(question) for question in tokens]
     questions, lengths = pad_questions(encoded)
     # Plain ints (annotations may write "12" or 12.0; load_qa checked they are whole numbers).
@@ -120,6 +121,7 @@ def encode_split(records: list[dict], tokens: list[list[str]], vocab: Vocabulary
         # The annotation's answer as written: a label of 0/1 (outside the answer vocabulary)
         # would otherwise lose the truth on the way to the predictions file and the report.
         "answer_text": [record["answer"] for record in records],
+        VOCAB_SHA256_KEY: vocab.sha256,
     }
 
 
@@ -144,9 +146,6 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
         vocab_bytes = vocab.json_bytes()
         vocab.sha256 = hashlib.sha256(vocab_bytes).hexdigest()
     obj = encode_split(records, tokens, vocab, split, names)
-    # Binds this file to the exact vocabulary it was encoded with (see check_vocab_binding).
-    obj[VOCAB_SHA256_KEY] = vocab.sha256
-
     summary: dict[str, Any] = {
         "dataset": dataset,
         "split": split,
