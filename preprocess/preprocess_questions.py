@@ -78,14 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     glove = None if args.no_glove else args.glove
     inputs = {f"the {split} annotation file": qa_path(args.annotation_dir, split) for split in splits}
     inputs["the youtube_mapping.txt file"] = os.path.join(args.annotation_dir, "youtube_mapping.txt")
-    if "train" in splits:
-        inputs["--glove"] = glove
-    else:
-        inputs["--vocab-json (the vocabulary of the train split)"] = vocab_file
     outputs = [(f"--output-pt ({split} split)", output(split)) for split in splits]
     outputs += [(f"the {split} summary", summary(split)) for split in splits]
     if "train" in splits:
+        inputs["--glove"] = glove
         outputs.append(("--vocab-json", vocab_file))
+    else:
+        inputs["--vocab-json (the vocabulary of the train split)"] = vocab_file
     with guard_outputs(inputs, outputs, hint="put {split} in the --output-pt template, or run one --mode at a time"):
         if "train" in splits and glove is not None:
             require_file(glove, "GloVe file", "make it with `python txt2pickle.py`, pass the GloVe .txt file "

@@ -96,7 +96,7 @@ def reference_probabilities(pipeline):
                                         batch["question_len"]).logits.float(), dim=1)
             top, index = probs.max(dim=1)
             for i, p, a in zip(batch["index"].tolist(), top.tolist(), index.tolist()):
-                found[bundle.splits["test"].display_id(i)] = (bundle.vocab.idx_to_answer[a], p)
+                found[bundle.splits["test"].display_ids[i]] = (bundle.vocab.idx_to_answer[a], p)
     return found
 
 

@@ -39,23 +39,19 @@ class QuestionSplit:
     qtypes: torch.Tensor             # (Q,) long question-type codes (vqakd.training.metrics)
     app_rows: torch.Tensor           # (Q,) long rows in the feature table
     mot_rows: torch.Tensor
-    question_id: list
+    # The ids a user finds in the annotations: the records' ids, else (HCRN's files) the file's question_id.
+    display_ids: list
     video_ids: np.ndarray
     question_text: Optional[list[str]]
     answer_text: Optional[list[str]]          # the annotation's answers (question files made before lack them)
     glove: Optional[np.ndarray]
-    record_id: Optional[list] = None          # the annotation records' ids (our files only)
     # Questions left out because their video is missing (data.missing_videos: drop): their
     # question-type codes, so val/test accuracy can keep them in its denominators.
-    dropped_qtypes: Optional[torch.Tensor] = None
+    dropped_qtypes: torch.Tensor
 
     @property
     def dropped(self) -> int:
-        return 0 if self.dropped_qtypes is None else int(self.dropped_qtypes.numel())
-
-    def display_id(self, index: int):
-        """The id a user finds in the annotations: the record's id, else the file's question_id."""
-        return (self.record_id if self.record_id is not None else self.question_id)[index]
+        return int(self.dropped_qtypes.numel())
 
     def __len__(self) -> int:
         return int(self.questions.shape[0])
@@ -106,9 +102,10 @@ def load_split(name: str, path: str, vocab: Vocabulary, table: FeatureTable,
         name=name, path=path, questions=torch.from_numpy(data["questions"][keep]),
         lengths=torch.from_numpy(data["questions_len"][keep]), answers=torch.from_numpy(data["answers"][keep]),
         qtypes=qtypes[torch.from_numpy(keep)], app_rows=torch.from_numpy(app_rows),
-        mot_rows=torch.from_numpy(mot_rows), question_id=kept(data["question_id"]), video_ids=video_ids[keep],
+        mot_rows=torch.from_numpy(mot_rows), video_ids=video_ids[keep],
+        display_ids=kept(data["question_id"] if data["record_id"] is None else data["record_id"]),
         question_text=kept(data["question_text"]), answer_text=kept(data["answer_text"]), glove=data["glove"],
-        record_id=kept(data["record_id"]), dropped_qtypes=qtypes[torch.from_numpy(~keep)] if missing else None,
+        dropped_qtypes=qtypes[torch.from_numpy(~keep)],
     )
 
 
@@ -117,8 +114,7 @@ def with_dropped(summary: dict, split: QuestionSplit) -> dict:
     dropped for missing videos count as wrong (in every denominator, overall and per type), with
     the figures on the answered questions alone (`accuracy_answered`, `count_answered`) and
     `dropped` next to them; a split with nothing dropped gets the same keys."""
-    dropped_per_code = (torch.bincount(split.dropped_qtypes, minlength=NUM_TYPE_CODES).tolist()
-                        if split.dropped else [0] * NUM_TYPE_CODES)
+    dropped_per_code = torch.bincount(split.dropped_qtypes, minlength=NUM_TYPE_CODES).tolist()
 
     def adjust(values: dict, dropped: int) -> dict:
         count = values["count"] + dropped

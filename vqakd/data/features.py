@@ -100,12 +100,11 @@ def _convert_checked(info: FeatureFileInfo, block: np.ndarray, rows: np.ndarray,
         if bad is not None:
             largest = float(np.abs(block[bad]).max())
             fits_float32 = largest <= float(np.finfo(np.float32).max)
-            limit = float(np.finfo(dtype_name).max)
             advice = ("use data.feature_dtype: float32" if dtype_name == "float16" and fits_float32
                       else "no feature extractor makes such values: re-extract this video's features")
             raise UserError(f"{info.path}: {info.dataset!r} of video id {int(info.ids[rows[bad]])} holds values up "
                             f"to {largest:.3g} ({block.dtype} in the file), too large for {dtype_name}; {advice} "
-                            f"({dtype_name} holds at most {limit:.3g})")
+                            f"({dtype_name} holds at most {float(np.finfo(dtype_name).max):.3g})")
     return converted
 
 
@@ -222,7 +221,7 @@ def choose_table_device(config: Config, table: FeatureTable, device: torch.devic
     mode = table.mode if mode is None else mode
     nbytes = table.nbytes() if nbytes is None else nbytes
     if mode != "memory" or want == "cpu" or device.type != "cuda":
-        if want == "cuda" and (device.type != "cuda" or mode != "memory"):
+        if want == "cuda":
             raise UserError("data.feature_device: cuda needs a CUDA training device and data.feature_mode: memory")
         return torch.device("cpu")
     free, _total = torch.cuda.mem_get_info(device)

@@ -156,29 +156,26 @@ def load_glove_pickle(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], i
         raise UserError(f"{path}: expected a dict of word -> vector, found {type(glove).__name__}")
     if not glove:
         raise UserError(f"{path}: the GloVe dict is empty")
-    words = [key for key in glove if isinstance(key, str)]
+    dropped = [key for key in glove if not isinstance(key, str)]      # pandas' NaN for `null`/`nan`
+    words = {key: vector for key, vector in glove.items() if isinstance(key, str)}
     if not words:
-        key = next(iter(glove))
-        raise UserError(f"{path}: no key is a word: {len(glove)} key(s) such as {key!r} "
-                        f"({type(key).__name__}), expected str")
-    for word in words:
-        vector = glove[word]
+        raise UserError(f"{path}: no key is a word: {len(glove)} key(s) such as {dropped[0]!r} "
+                        f"({type(dropped[0]).__name__}), expected str")
+    first = next(iter(words))
+    for word, vector in words.items():
         if not isinstance(vector, np.ndarray) or vector.ndim != 1 or vector.dtype.kind not in "fiu":
             what = (f"array of shape {vector.shape} and dtype {vector.dtype}" if isinstance(vector, np.ndarray)
                     else type(vector).__name__)
             raise UserError(f"{path}: word {_shown(word)}: expected a 1-D numeric vector, found {what}")
-        dim = glove[words[0]].shape[0]
-        if vector.shape[0] != dim:
+        if vector.shape[0] != words[first].shape[0]:
             raise UserError(f"{path}: word {_shown(word)} has a vector of size {vector.shape[0]}, "
-                            f"expected {dim} (the size of {_shown(words[0])})")
-    dropped = [key for key in glove if not isinstance(key, str)]      # pandas' NaN for `null`/`nan`
+                            f"expected {words[first].shape[0]} (the size of {_shown(first)})")
     if dropped:
-        glove = {word: glove[word] for word in words}
         shown = ", ".join(repr(key) for key in dropped[:3]) + (", ..." if len(dropped) > 3 else "")
         print(f"warning: {path}: skipped {len(dropped)} key(s) that are not words ({shown}); pandas-based "
               "converters read tokens such as 'null' and 'nan' as missing values, so those words get a "
               "zero vector, as in the original preprocessing", file=sys.stderr, flush=True)
-    return glove, len(dropped)
+    return words, len(dropped)
 
 
 def load_glove(path: str | os.PathLike, keep: Collection[str] | None = None,

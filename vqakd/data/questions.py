@@ -99,7 +99,8 @@ def glove_matrix(glove_source: str, question_token_to_idx: Mapping[str, int],
 
 def encode_split(records: list[dict], tokens: list[list[str]], vocab: Vocabulary, split: str,
                  clip_names: Sequence[str]) -> dict[str, Any]:
-    """The question-file object (docs/method.md#question-files) with `glove` still None."""
+    """The question-file object (docs/method.md#question-files) with `glove` still None, bound to
+    the exact vocabulary it is encoded with by its sha256 (see check_vocab_binding)."""
     encoded = [vocab.encode_question(question) for question in tokens]
     questions, lengths = pad_questions(encoded)
     # Plain ints (annotations may write "12" or 12.0; load_qa checked they are whole numbers).
@@ -120,6 +121,7 @@ def encode_split(records: list[dict], tokens: list[list[str]], vocab: Vocabulary
         # The annotation's answer as written: a label of 0/1 (outside the answer vocabulary)
         # would otherwise lose the truth on the way to the predictions file and the report.
         "answer_text": [record["answer"] for record in records],
+        VOCAB_SHA256_KEY: vocab.sha256,
     }
 
 
@@ -144,9 +146,6 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
         vocab_bytes = vocab.json_bytes()
         vocab.sha256 = hashlib.sha256(vocab_bytes).hexdigest()
     obj = encode_split(records, tokens, vocab, split, names)
-    # Binds this file to the exact vocabulary it was encoded with (see check_vocab_binding).
-    obj[VOCAB_SHA256_KEY] = vocab.sha256
-
     summary: dict[str, Any] = {
         "dataset": dataset,
         "split": split,
@@ -228,7 +227,7 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int,
     sized = {key: _int_array(data[key], path, key, 1) for key in ("questions_len", "video_ids", "answers")}
     lengths, video_ids, answers = sized["questions_len"], sized["video_ids"], sized["answers"]
     for key in ("question_id", "video_names") + EXTRA_KEYS:
-        if key in data and data[key] is not None:
+        if data.get(key) is not None:
             if not isinstance(data[key], (list, tuple, np.ndarray)) or np.ndim(data[key]) != 1:
                 raise UserError(f"{path}: {key} must be a list, found {type(data[key]).__name__}")
             sized[key] = data[key]
@@ -261,21 +260,19 @@ def load_question_file(path: str | os.PathLike, question_vocab_size: int,
                             f"{int(np.flatnonzero(~np.isfinite(glove).all(axis=1))[0])})")
         glove = glove.astype(np.float32, copy=False)
 
-    def strings(key: str) -> list[str] | None:
-        return None if data.get(key) is None else [str(value) for value in data[key]]
+    def listed(key: str, convert: Any = lambda value: value) -> list | None:
+        return None if data.get(key) is None else [convert(value) for value in data[key]]
 
     return {
         "questions": questions,
         "questions_len": lengths,
-        "question_id": list(data["question_id"]),
+        "question_id": listed("question_id"),
         "video_ids": video_ids,
-        "video_names": [str(name) for name in data["video_names"]],
+        "video_names": listed("video_names", str),
         "answers": answers,
         "glove": glove,
-        "record_id": None if data.get("record_id") is None else list(data["record_id"]),
-        "clip_names": strings("clip_names"),
-        "question_text": strings("question_text"),
-        "answer_text": strings("answer_text"),
+        "record_id": listed("record_id"),
+        **{key: listed(key, str) for key in ("clip_names", "question_text", "answer_text")},
         VOCAB_SHA256_KEY: data.get(VOCAB_SHA256_KEY),
     }
 

@@ -26,9 +26,9 @@ EVAL_UNKNOWN_ANSWER = 1       # label of a val/test answer outside it (`<UNK1>`)
 ANSWER_SPECIALS = ("<UNK0>", "<UNK1>")
 DEFAULT_ANSWER_TOP = 4000
 VOCAB_KEYS = ("question_token_to_idx", "answer_token_to_idx", "question_answer_token_to_idx")
-# For MSVD-QA and MSRVTT-QA the original writes only the two question specials here (HCRN's
-# TGIF-QA preprocessing is what fills this table with the words and answers).
-QUESTION_ANSWER_TABLE = {NULL_TOKEN: NULL_INDEX, UNK_TOKEN: UNK_INDEX}
+# The question vocabulary starts with these; for MSVD-QA and MSRVTT-QA they are all the original
+# writes to question_answer_token_to_idx (HCRN's TGIF-QA preprocessing fills it with words and answers).
+QUESTION_SPECIALS = {NULL_TOKEN: NULL_INDEX, UNK_TOKEN: UNK_INDEX}
 
 
 @dataclass
@@ -79,13 +79,13 @@ class Vocabulary:
     def build(cls, questions_tokens: Sequence[Sequence[str]], answers: Sequence[str],
               answer_top: int = DEFAULT_ANSWER_TOP) -> "Vocabulary":
         """Train-split vocabularies from the tokenized questions and the raw answers."""
-        question_token_to_idx = {NULL_TOKEN: NULL_INDEX, UNK_TOKEN: UNK_INDEX}
+        question_token_to_idx = dict(QUESTION_SPECIALS)
         for token in chain.from_iterable(questions_tokens):          # new words in first-seen order
             question_token_to_idx.setdefault(token, len(question_token_to_idx))
         answer_token_to_idx = {special: index for index, special in enumerate(ANSWER_SPECIALS)}
         for answer, _count in Counter(answers).most_common(answer_top):
             answer_token_to_idx.setdefault(answer, len(answer_token_to_idx))
-        return cls(question_token_to_idx, answer_token_to_idx, dict(QUESTION_ANSWER_TABLE))
+        return cls(question_token_to_idx, answer_token_to_idx, dict(QUESTION_SPECIALS))
 
     @classmethod
     def load(cls, path: str) -> "Vocabulary":
@@ -96,7 +96,7 @@ class Vocabulary:
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a JSON object with {', '.join(VOCAB_KEYS)}")
         question, answer = (_check_index_table(data.get(key), path, key) for key in VOCAB_KEYS[:2])
-        if question.get(NULL_TOKEN) != NULL_INDEX or question.get(UNK_TOKEN) != UNK_INDEX:
+        if any(question.get(token) != index for token, index in QUESTION_SPECIALS.items()):
             raise UserError(f"{path}: question_token_to_idx must map {NULL_TOKEN} to 0 and {UNK_TOKEN} to 1")
         combined = data.get("question_answer_token_to_idx") or {}
         if not isinstance(combined, dict):

@@ -197,7 +197,7 @@ def write_predictions(path: str, bundle: DataBundle, split: str, found: Mapping[
                      else answers[label] if in_vocab else "")
             correct = int(predicted == label and in_vocab)
             probability = f"{float(found['top_probs'][at][0]):.4f}"
-            writer.writerow([data.display_id(index), int(data.video_ids[index]),
+            writer.writerow([data.display_ids[index], int(data.video_ids[index]),
                              data.text(index, bundle.vocab), answers[predicted], answers[label], truth,
                              int(in_vocab), correct, TYPE_NAMES[int(data.qtypes[index])], probability, top])
 
