@@ -113,13 +113,13 @@ def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence
     return set(chunk_files(parts_dir))
 
 
-def write_chunk(parts_dir: str, chunk: int, ids: list[int], features: np.ndarray, failures: list[dict],
-                identity_digest: str, damaged: Sequence[dict] = ()) -> None:
+def write_chunk(parts_dir: str, chunk: int, identity_digest: str, ids: list[int], features: np.ndarray,
+                failures: list[dict], damaged: Sequence[dict]) -> None:
     """Save one finished chunk atomically."""
     with atomic_open(os.path.join(parts_dir, chunk_name(chunk)), "wb") as handle:
         np.savez(handle, ids=np.asarray(ids, np.int64), features=features,
                  failures=np.asarray(json.dumps(failures)), identity=np.asarray(identity_digest),
-                 damaged=np.asarray(json.dumps(list(damaged))))
+                 damaged=np.asarray(json.dumps(damaged)))
 
 
 def read_chunk(path: str) -> tuple[np.ndarray, list[dict], list[dict], str]:

@@ -82,7 +82,7 @@ def parts_from_output(out_path: str, parts_dir: str, manifest: dict, videos: Seq
             kept = [video_id for video_id in ids if video_id in row_of]
             features = (np.stack([data[row_of[video_id]] for video_id in kept]) if kept
                         else np.zeros((0,) + data.shape[1:], np.float32))
-            write_chunk(parts_dir, k, kept, features, [failures[v] for v in ids if v in failures], digest,
+            write_chunk(parts_dir, k, digest, kept, features, [failures[v] for v in ids if v in failures],
                         [damaged[v] for v in kept if v in damaged])
 
 
