@@ -12,6 +12,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 from typing import Any, Iterable, Sequence
 
@@ -47,12 +48,8 @@ def chunk_name(chunk: int) -> str:
 
 def chunk_files(parts_dir: str) -> dict[int, str]:
     """The finished chunks in a parts folder: number → path."""
-    found = {}
-    for path in glob.glob(os.path.join(glob.escape(parts_dir), "chunk-*.npz")):
-        number = os.path.basename(path)[len("chunk-"):-len(".npz")]
-        if number.isdigit():
-            found[int(number)] = path
-    return found
+    return {int(match[1]): os.path.join(parts_dir, name) for name in os.listdir(parts_dir)
+            if (match := re.fullmatch(r"chunk-(\d+)\.npz", name))}
 
 
 def read_json_or_none(path: str) -> Any:
