@@ -65,6 +65,11 @@ class FeatureNetwork:
             network = network.to(memory_format=self.memory_format)
         return network
 
+    @classmethod
+    def shape_for(cls, num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
+        """One video's features: a vector per frame of each clip, or per clip."""
+        return (num_clips, frames_per_clip, FEATURE_DIM) if cls.per_frame else (num_clips, FEATURE_DIM)
+
 
 class ResNet101Features(FeatureNetwork):
     """torchvision ResNet-101 without its fc: one 2048-d vector per frame → (N, F, 2048) per video."""
@@ -102,10 +107,6 @@ class ResNet101Features(FeatureNetwork):
         images = batch.permute(0, 3, 1, 2).float().div_(255.0)
         return images.sub_(self.mean).div_(self.std)
 
-    @staticmethod
-    def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
-        return (num_clips, frames_per_clip, FEATURE_DIM)
-
 
 class ResNeXt101Features(FeatureNetwork):
     """3D ResNeXt-101 (Kinetics): one 2048-d vector per clip → (N, 2048) per video."""
@@ -138,10 +139,6 @@ class ResNeXt101Features(FeatureNetwork):
         if self.settings.kinetics_mean:
             clips = clips.sub_(self.mean)
         return clips
-
-    @staticmethod
-    def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
-        return (num_clips, FEATURE_DIM)
 
 
 NETWORKS: dict[str, type[FeatureNetwork]] = {network.model_name: network
