@@ -25,7 +25,7 @@ from vqakd.core.errors import UserError
 from vqakd.core.files import file_sha256
 from vqakd.core.progress import progress_bar
 from vqakd.data.annotations import Video
-from vqakd.extraction.decoding import DecodedVideo, decoded_videos, next_decoded
+from vqakd.extraction.decoding import DecodedVideo, VideoDecodeDataset, next_decoded
 from vqakd.extraction.merge import completed_result, merge_parts
 from vqakd.extraction.networks import NETWORKS, FeatureNetwork, check_settings
 from vqakd.extraction.parts import chunk_partition, failure_record, parts_folder, write_chunk
@@ -146,9 +146,12 @@ class FeatureExtractor:
         progress = progress_bar(total=progress_total, initial=progress_initial, unit="video", desc=label,
                                 enabled=self.progress, dynamic_ncols=True, smoothing=0.05)
         s = self.settings
-        items = decoded_videos(queue, s.num_clips, s.frames_per_clip, (s.image_height, s.image_width),
-                               self.model.per_frame, self.num_workers, pin_memory=self.device.type == "cuda",
-                               past_damage=s.decode_past_damage)
+        dataset = VideoDecodeDataset(queue, s.num_clips, s.frames_per_clip, (s.image_height, s.image_width),
+                                     self.model.per_frame, threads=1 if self.num_workers > 0 else 0,
+                                     past_damage=s.decode_past_damage)
+        # Unbatched, the loader only converts (items are tensors, strings and dicts).
+        items = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                                 pin_memory=self.device.type == "cuda"))
         try:
             with self.numerics():
                 for k in todo:
