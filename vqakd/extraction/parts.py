@@ -79,17 +79,8 @@ def worth_retrying(failure: dict) -> bool:
     return "file" in failure and file_state(str(failure.get("path"))) != failure["file"]
 
 
-def drop_chunks_to_retry(parts_dir: str, done: set[int]) -> None:
-    """Remove the finished chunks of `done` holding a failed video worth retrying (they are made again)."""
-    for k in sorted(done):
-        path = os.path.join(parts_dir, chunk_name(k))
-        if any(worth_retrying(failure) for failure in read_chunk(path)[1]):
-            os.remove(path)
-            done.discard(k)
-
-
-def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence[Video]) -> set[int]:
-    """Create or check the parts folder; return the chunks already finished."""
+def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence[Video]) -> dict[int, str]:
+    """Create or check the parts folder; return the chunks already finished (`chunk_files`)."""
     settings_path = os.path.join(parts_dir, PARTS_SETTINGS)
     if os.path.isdir(parts_dir):
         saved = read_json_or_none(settings_path)
@@ -107,7 +98,7 @@ def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence
     if not os.path.isfile(os.path.join(parts_dir, PARTS_VIDEOS)):
         write_json(os.path.join(parts_dir, PARTS_VIDEOS),
                    {"videos": [[video.video_id, video.name] for video in videos]})
-    return set(chunk_files(parts_dir))
+    return chunk_files(parts_dir)
 
 
 def write_chunk(parts_dir: str, chunk: int, identity_digest: str, ids: list[int], features: np.ndarray,
