@@ -51,8 +51,7 @@ def read_parts_folder(parts_dir: str) -> PartsFolder:
     return PartsFolder(parts_dir, manifest, videos, chunk_files(parts_dir))
 
 
-def _short(ids: Sequence[int], limit: int = 6) -> str:
-    ids = list(ids)
+def _short(ids: list[int], limit: int = 6) -> str:
     text = ", ".join(str(i) for i in ids[:limit])
     return text + (f", … ({len(ids)} in all)" if len(ids) > limit else "")
 
@@ -78,14 +77,14 @@ def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...],
         raise UserError(f"{path}: ids must be a list of integers, got {ids.dtype} {ids.shape}")
     if dtype != np.float32 or shape != (len(ids),) + video_shape:
         raise UserError(f"{path}: features are {dtype} {shape}, expected float32 {(len(ids),) + video_shape}")
-    held = [int(i) for i in ids] + failure_ids
+    held = ids.tolist() + failure_ids
     if sorted(held) != sorted(expected):
         problems = {"videos twice": sorted({i for i in held if held.count(i) > 1}),
                     "videos not in this chunk of the video list": [i for i in held if i not in expected],
                     "videos missing": [i for i in expected if i not in held]}
         detail = "; ".join(f"{what}: {_short(ids)}" for what, ids in problems.items() if ids)
         raise UserError(f"{path}: does not hold exactly its chunk of the video list ({detail})")
-    if [int(i) for i in ids] != [i for i in expected if i in set(held) - set(failure_ids)]:
+    if ids.tolist() != [i for i in expected if i not in failure_ids]:
         raise UserError(f"{path}: videos are not in the order of the video list")
     return ids.astype(np.int64), failures, damaged
 
