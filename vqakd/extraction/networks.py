@@ -154,8 +154,7 @@ def check_settings(settings: ExtractionSettings, device: torch.device, batch_siz
     for name in ("num_clips", "frames_per_clip", "image_height", "image_width", "chunk_videos"):
         if getattr(s, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
-    problem = check_frames_per_clip(s.frames_per_clip)
-    if problem:
+    if problem := check_frames_per_clip(s.frames_per_clip):
         raise UserError(f"--frames-per-clip: {problem}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")

@@ -102,8 +102,7 @@ def launch_problem(parts_dir: str, token: str | None) -> str | None:
 def require_shared_parts_folder(parts_dir: str, token: str | None) -> None:
     """Every rank: wait (briefly) to see rank 0's mark in the parts folder, else fail."""
     _wait_until(lambda: launch_problem(parts_dir, token) is None)
-    problem = launch_problem(parts_dir, token)
-    if problem:
+    if problem := launch_problem(parts_dir, token):
         raise UserError(problem)
 
 
