@@ -198,14 +198,12 @@ class FeatureExtractor:
         """A chunk's output rows → each usable video's features, the failures and the damaged videos."""
         rows = torch.cat(outputs).cpu() if outputs else torch.zeros((0, FEATURE_DIM))
         ids, features, failures, damaged = [], [], [], []
-        offset = 0
+        per_video = iter(rows.split([len(item.inputs) for item in items if item.inputs is not None]))
         for video, item in zip(chunk_videos, items):
             if item.inputs is None:
                 failures.append(failure_record(video, item.error))
                 continue
-            count = item.inputs.shape[0]
-            video_rows = rows[offset:offset + count]
-            offset += count
+            video_rows = next(per_video)
             if item.inverse is not None:
                 video_rows = video_rows[item.inverse]
             if not torch.isfinite(video_rows).all():
