@@ -178,7 +178,7 @@ def bench_model(model: str, sizes: dict, videos, folder, device, args) -> dict:
         for precision in ("fp16", "bf16"):
             low = make_extractor(dataclasses.replace(settings, precision=precision),
                                  device, args.batch_size, args.num_workers, progress=False)
-            low._network = extractor.network
+            low.network = extractor.network
             low_s, low_features = run_extractor(low, videos, folder, f"{model}_{precision}")
             row[precision] = {"videos_per_s": len(videos) / low_s, **compare(ours, low_features)}
     return row

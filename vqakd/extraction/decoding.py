@@ -51,18 +51,6 @@ class VideoDecodeDataset(torch.utils.data.Dataset):
                             damage=clip_frames.damage())
 
 
-def decoded_videos(videos: Sequence[Video], num_clips: int, frames_per_clip: int, size: tuple[int, int],
-                   per_frame: bool, num_workers: int, pin_memory: bool,
-                   past_damage: bool = False) -> Iterator[DecodedVideo]:
-    """The videos decoded in order by `num_workers` processes (0: in this one); deleting it stops them.
-    Unbatched, the loader only converts (nothing here needs it: items are tensors, strings and dicts)."""
-    dataset = VideoDecodeDataset(list(videos), num_clips, frames_per_clip, size, per_frame,
-                                 threads=1 if num_workers > 0 else 0, past_damage=past_damage)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
-    return iter(loader)
-
-
 def next_decoded(items: Iterator[DecodedVideo], chunk_videos: Sequence[Video]) -> DecodedVideo:
     """The next decoded video; a crashed worker becomes a UserError naming the chunk's files."""
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import os
 from typing import Any, Callable, Sequence
 
@@ -24,7 +25,7 @@ from vqakd.core.errors import UserError
 from vqakd.core.files import file_sha256
 from vqakd.core.progress import progress_bar
 from vqakd.data.annotations import Video
-from vqakd.extraction.decoding import DecodedVideo, decoded_videos, next_decoded
+from vqakd.extraction.decoding import DecodedVideo, VideoDecodeDataset, next_decoded
 from vqakd.extraction.merge import completed_result, merge_parts
 from vqakd.extraction.networks import NETWORKS, FeatureNetwork, check_settings
 from vqakd.extraction.parts import chunk_partition, failure_record, parts_folder, write_chunk
@@ -43,6 +44,8 @@ class FeatureExtractor:
 
     def __init__(self, settings: ExtractionSettings, device: torch.device | str = "cpu",
                  batch_size: int | None = None, num_workers: int = 0, progress: bool = True):
+        if settings.model not in NETWORKS:
+            raise UserError(f"unknown model {settings.model!r}; choose one of {', '.join(NETWORKS)}")
         network_type = NETWORKS[settings.model]
         self.device = torch.device(device)
         self.batch_size = batch_size or network_type.default_batch_size
@@ -59,14 +62,11 @@ class FeatureExtractor:
             path = os.path.abspath(find_weights(self.settings.weights, network_type.weight_files,
                                                 network_type.weights_what, network_type.how_to_get_weights))
             self.weights = WeightsIdentity(path, file_sha256(path))
-        self._network: nn.Module | None = None
 
-    @property
+    @functools.cached_property
     def network(self) -> nn.Module:
         """The network on the device, built on first use (a finished run never loads it)."""
-        if self._network is None:
-            self._network = self.model.instantiate(self.weights)
-        return self._network
+        return self.model.instantiate(self.weights)
 
     def video_shape(self) -> tuple[int, ...]:
         return self.model.shape_for(self.settings.num_clips, self.settings.frames_per_clip)
@@ -115,8 +115,7 @@ class FeatureExtractor:
             label, initial = self.model.model_name, total - sum(len(chunks[k]) for k in mine)
         digest = identity_digest(manifest)
         self._extract_chunks(videos, chunks, mine, total, initial, label,
-                             lambda k, rows: write_chunk(parts_dir, k, *rows[:3], identity_digest=digest,
-                                                         damaged=rows[3]))
+                             lambda k, rows: write_chunk(parts_dir, k, digest, *rows))
         distributed.barrier()
         if rank != 0:
             return None
@@ -137,7 +136,8 @@ class FeatureExtractor:
     def _extract_chunks(self, videos: Sequence[Video], chunks: list[list[int]], todo: list[int],
                         progress_total: int, progress_initial: int, label: str,
                         save: Callable[[int, tuple], None]) -> None:
-        """Each chunk k of `todo` through the network; `save(k, _split_rows(...))` as it finishes."""
+        """Each chunk k of `todo` through the network, in batches of exactly `batch_size` rows (frames or
+        clips) across its videos; `save(k, _split_rows(...))` as it finishes."""
         if not todo:
             return
         require_decoder()
@@ -145,23 +145,31 @@ class FeatureExtractor:
         self.network   # load the weights (and fail on a bad file) before starting the decoders
         progress = progress_bar(total=progress_total, initial=progress_initial, unit="video", desc=label,
                                 enabled=self.progress, dynamic_ncols=True, smoothing=0.05)
-        batcher = RowBatcher(self.forward, self.batch_size)
         s = self.settings
-        items = decoded_videos(queue, s.num_clips, s.frames_per_clip, (s.image_height, s.image_width),
-                               self.model.per_frame, self.num_workers, pin_memory=self.device.type == "cuda",
-                               past_damage=s.decode_past_damage)
+        dataset = VideoDecodeDataset(queue, s.num_clips, s.frames_per_clip, (s.image_height, s.image_width),
+                                     self.model.per_frame, threads=1 if self.num_workers > 0 else 0,
+                                     past_damage=s.decode_past_damage)
+        # Unbatched, the loader only converts (items are tensors, strings and dicts).
+        items = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                                 pin_memory=self.device.type == "cuda"))
         try:
             with self.numerics():
                 for k in todo:
                     chunk_videos = [videos[i] for i in chunks[k]]
-                    chunk_items = []
+                    chunk_items, outputs, pending = [], [], None
                     for _ in chunk_videos:
                         item = next_decoded(items, chunk_videos)
                         if item.inputs is not None:
-                            batcher.add(item.inputs.to(self.device, non_blocking=True))
+                            rows = item.inputs.to(self.device, non_blocking=True)
+                            # The last batch, full or not, waits for the next video's rows.
+                            *full, pending = torch.split(rows if pending is None else torch.cat([pending, rows]),
+                                                         self.batch_size)
+                            outputs += [self.forward(batch) for batch in full]
                         chunk_items.append(item)
                         progress.update(1)
-                    save(k, self._split_rows(chunk_videos, chunk_items, batcher.finish()))
+                    if pending is not None:
+                        outputs.append(self.forward(pending))
+                    save(k, self._split_rows(chunk_videos, chunk_items, outputs))
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"out of GPU memory with --batch-size {self.batch_size}; lower it and "
                             "re-run (finished chunks are kept and resumed)") from None
@@ -186,18 +194,16 @@ class FeatureExtractor:
         return self.network(self.model.prepare(batch)).float()
 
     def _split_rows(self, chunk_videos: list[Video], items: list[DecodedVideo],
-                    rows: torch.Tensor) -> tuple[list[int], np.ndarray, list[dict], list[dict]]:
+                    outputs: list[torch.Tensor]) -> tuple[list[int], np.ndarray, list[dict], list[dict]]:
         """A chunk's output rows → each usable video's features, the failures and the damaged videos."""
-        rows = rows.cpu()
+        rows = torch.cat(outputs).cpu() if outputs else torch.zeros((0, FEATURE_DIM))
         ids, features, failures, damaged = [], [], [], []
-        offset = 0
+        per_video = iter(rows.split([len(item.inputs) for item in items if item.inputs is not None]))
         for video, item in zip(chunk_videos, items):
             if item.inputs is None:
                 failures.append(failure_record(video, item.error))
                 continue
-            count = item.inputs.shape[0]
-            video_rows = rows[offset:offset + count]
-            offset += count
+            video_rows = next(per_video)
             if item.inverse is not None:
                 video_rows = video_rows[item.inverse]
             if not torch.isfinite(video_rows).all():
@@ -213,34 +219,5 @@ class FeatureExtractor:
         return ids, stacked, failures, damaged
 
 
-class RowBatcher:
-    """Runs rows (frames or clips), video by video, through the network in batches of exactly
-    `batch_size`; `finish()` runs the rest and returns every output row in arrival order."""
-
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], batch_size: int):
-        self.forward = forward
-        self.batch_size = batch_size
-        self.pending: torch.Tensor | None = None      # fewer than batch_size rows, not run yet
-        self.outputs: list[torch.Tensor] = []
-
-    def add(self, rows: torch.Tensor) -> None:
-        self.pending = rows if self.pending is None else torch.cat([self.pending, rows])
-        while len(self.pending) >= self.batch_size:
-            self.outputs.append(self.forward(self.pending[:self.batch_size]))
-            self.pending = self.pending[self.batch_size:]
-
-    def finish(self) -> torch.Tensor:
-        if self.pending is not None and len(self.pending):
-            self.outputs.append(self.forward(self.pending))
-        rows = torch.cat(self.outputs) if self.outputs else torch.zeros((0, FEATURE_DIM))
-        self.pending = None
-        self.outputs = []
-        return rows
-
-
-def make_extractor(settings: ExtractionSettings, device: torch.device | str = "cpu",
-                   batch_size: int | None = None, num_workers: int = 0,
-                   progress: bool = True) -> FeatureExtractor:
-    if settings.model not in NETWORKS:
-        raise UserError(f"unknown model {settings.model!r}; choose one of {', '.join(NETWORKS)}")
-    return FeatureExtractor(settings, device, batch_size, num_workers, progress)
+# The name callers build an extraction by.
+make_extractor = FeatureExtractor

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
+import re
 import shutil
 import zipfile
 from typing import NamedTuple, Sequence
@@ -51,8 +51,7 @@ def read_parts_folder(parts_dir: str) -> PartsFolder:
     return PartsFolder(parts_dir, manifest, videos, chunk_files(parts_dir))
 
 
-def _short(ids: Sequence[int], limit: int = 6) -> str:
-    ids = list(ids)
+def _short(ids: list[int], limit: int = 6) -> str:
     text = ", ".join(str(i) for i in ids[:limit])
     return text + (f", … ({len(ids)} in all)" if len(ids) > limit else "")
 
@@ -78,17 +77,14 @@ def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...],
         raise UserError(f"{path}: ids must be a list of integers, got {ids.dtype} {ids.shape}")
     if dtype != np.float32 or shape != (len(ids),) + video_shape:
         raise UserError(f"{path}: features are {dtype} {shape}, expected float32 {(len(ids),) + video_shape}")
-    held = [int(i) for i in ids] + failure_ids
+    held = ids.tolist() + failure_ids
     if sorted(held) != sorted(expected):
-        duplicated = sorted({i for i in held if held.count(i) > 1})
-        extra = [i for i in held if i not in expected]
-        missing = [i for i in expected if i not in held]
-        detail = "; ".join(text for text in (
-            f"videos twice: {_short(duplicated)}" if duplicated else "",
-            f"videos not in this chunk of the video list: {_short(extra)}" if extra else "",
-            f"videos missing: {_short(missing)}" if missing else "") if text)
+        problems = {"videos twice": sorted({i for i in held if held.count(i) > 1}),
+                    "videos not in this chunk of the video list": [i for i in held if i not in expected],
+                    "videos missing": [i for i in expected if i not in held]}
+        detail = "; ".join(f"{what}: {_short(ids)}" for what, ids in problems.items() if ids)
         raise UserError(f"{path}: does not hold exactly its chunk of the video list ({detail})")
-    if [int(i) for i in ids] != [i for i in expected if i in set(held) - set(failure_ids)]:
+    if ids.tolist() != [i for i in expected if i not in failure_ids]:
         raise UserError(f"{path}: videos are not in the order of the video list")
     return ids.astype(np.int64), failures, damaged
 
@@ -152,8 +148,7 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
                     data[row:row + len(features)] = features
                     row += len(features)
             h5.create_dataset(IDS_DATASET, data=all_ids)
-            for key, value in manifest.items():
-                h5.attrs[key] = value
+            h5.attrs.update(manifest)
             h5.attrs["failed_videos"] = len(failures)
             h5.attrs["manifest"] = json.dumps(manifest, sort_keys=True)
     if not keep_parts:
@@ -218,12 +213,9 @@ def _missing_hint(missing: list[int], chunks: list[list[int]], videos: list[tupl
     names = ", ".join(chunk_name(k) for k in missing[:4]) + (", …" if len(missing) > 4 else "")
     first_video = videos[chunks[missing[0]][0]][0]
     hint = f"{names}; the first holds video {first_video}"
-    counts = set()      # the --num-shards of the shard notes (`finish_shard`)
-    for folder in folders:
-        for path in glob.glob(os.path.join(glob.escape(folder.path), "shard-*-of-*.json")):
-            note = read_json_or_none(path)
-            if isinstance(note, dict) and isinstance(note.get("num_shards"), int):
-                counts.add(note["num_shards"])
+    # The --num-shards named by the shard notes (`finish_shard`).
+    counts = {int(match[1]) for folder in folders for name in os.listdir(folder.path)
+              if (match := re.fullmatch(r"shard-\d+-of-(\d+)\.json", name))}
     if len(counts) == 1:
         count = counts.pop()
         indices = sorted({k % count for k in missing})

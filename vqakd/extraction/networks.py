@@ -65,6 +65,11 @@ class FeatureNetwork:
             network = network.to(memory_format=self.memory_format)
         return network
 
+    @classmethod
+    def shape_for(cls, num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
+        """One video's features: a vector per frame of each clip, or per clip."""
+        return (num_clips, frames_per_clip, FEATURE_DIM) if cls.per_frame else (num_clips, FEATURE_DIM)
+
 
 class ResNet101Features(FeatureNetwork):
     """torchvision ResNet-101 without its fc: one 2048-d vector per frame → (N, F, 2048) per video."""
@@ -102,10 +107,6 @@ class ResNet101Features(FeatureNetwork):
         images = batch.permute(0, 3, 1, 2).float().div_(255.0)
         return images.sub_(self.mean).div_(self.std)
 
-    @staticmethod
-    def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
-        return (num_clips, frames_per_clip, FEATURE_DIM)
-
 
 class ResNeXt101Features(FeatureNetwork):
     """3D ResNeXt-101 (Kinetics): one 2048-d vector per clip → (N, 2048) per video."""
@@ -139,10 +140,6 @@ class ResNeXt101Features(FeatureNetwork):
             clips = clips.sub_(self.mean)
         return clips
 
-    @staticmethod
-    def shape_for(num_clips: int, frames_per_clip: int) -> tuple[int, ...]:
-        return (num_clips, FEATURE_DIM)
-
 
 NETWORKS: dict[str, type[FeatureNetwork]] = {network.model_name: network
                                               for network in (ResNet101Features, ResNeXt101Features)}
@@ -157,8 +154,7 @@ def check_settings(settings: ExtractionSettings, device: torch.device, batch_siz
     for name in ("num_clips", "frames_per_clip", "image_height", "image_width", "chunk_videos"):
         if getattr(s, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
-    problem = check_frames_per_clip(s.frames_per_clip)
-    if problem:
+    if problem := check_frames_per_clip(s.frames_per_clip):
         raise UserError(f"--frames-per-clip: {problem}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")

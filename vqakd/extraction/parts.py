@@ -12,6 +12,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 from typing import Any, Iterable, Sequence
 
@@ -47,12 +48,8 @@ def chunk_name(chunk: int) -> str:
 
 def chunk_files(parts_dir: str) -> dict[int, str]:
     """The finished chunks in a parts folder: number → path."""
-    found = {}
-    for path in glob.glob(os.path.join(glob.escape(parts_dir), "chunk-*.npz")):
-        number = os.path.basename(path)[len("chunk-"):-len(".npz")]
-        if number.isdigit():
-            found[int(number)] = path
-    return found
+    return {int(match[1]): os.path.join(parts_dir, name) for name in os.listdir(parts_dir)
+            if (match := re.fullmatch(r"chunk-(\d+)\.npz", name))}
 
 
 def read_json_or_none(path: str) -> Any:
@@ -82,17 +79,8 @@ def worth_retrying(failure: dict) -> bool:
     return "file" in failure and file_state(str(failure.get("path"))) != failure["file"]
 
 
-def drop_chunks_to_retry(parts_dir: str, done: set[int]) -> None:
-    """Remove the finished chunks of `done` holding a failed video worth retrying (they are made again)."""
-    for k in sorted(done):
-        path = os.path.join(parts_dir, chunk_name(k))
-        if any(worth_retrying(failure) for failure in read_chunk(path)[1]):
-            os.remove(path)
-            done.discard(k)
-
-
-def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence[Video]) -> set[int]:
-    """Create or check the parts folder; return the chunks already finished."""
+def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence[Video]) -> dict[int, str]:
+    """Create or check the parts folder; return the chunks already finished (`chunk_files`)."""
     settings_path = os.path.join(parts_dir, PARTS_SETTINGS)
     if os.path.isdir(parts_dir):
         saved = read_json_or_none(settings_path)
@@ -110,16 +98,16 @@ def open_parts(parts_dir: str, manifest: dict, overwrite: bool, videos: Sequence
     if not os.path.isfile(os.path.join(parts_dir, PARTS_VIDEOS)):
         write_json(os.path.join(parts_dir, PARTS_VIDEOS),
                    {"videos": [[video.video_id, video.name] for video in videos]})
-    return set(chunk_files(parts_dir))
+    return chunk_files(parts_dir)
 
 
-def write_chunk(parts_dir: str, chunk: int, ids: list[int], features: np.ndarray, failures: list[dict],
-                identity_digest: str, damaged: Sequence[dict] = ()) -> None:
+def write_chunk(parts_dir: str, chunk: int, identity_digest: str, ids: list[int], features: np.ndarray,
+                failures: list[dict], damaged: Sequence[dict]) -> None:
     """Save one finished chunk atomically."""
     with atomic_open(os.path.join(parts_dir, chunk_name(chunk)), "wb") as handle:
         np.savez(handle, ids=np.asarray(ids, np.int64), features=features,
                  failures=np.asarray(json.dumps(failures)), identity=np.asarray(identity_digest),
-                 damaged=np.asarray(json.dumps(list(damaged))))
+                 damaged=np.asarray(json.dumps(damaged)))
 
 
 def read_chunk(path: str) -> tuple[np.ndarray, list[dict], list[dict], str]:

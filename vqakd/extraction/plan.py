@@ -22,9 +22,9 @@ from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
 from vqakd.extraction.merge import existing_output
 from vqakd.data.features import IDS_DATASET
-from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, drop_chunks_to_retry, failures_report, open_parts,
-                                    parts_folder, read_chunk, read_json_or_none, remove_stale_temporaries,
-                                    worth_retrying, write_chunk)
+from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, failures_report, open_parts, parts_folder,
+                                    read_chunk, read_json_or_none, remove_stale_temporaries, worth_retrying,
+                                    write_chunk)
 from vqakd.extraction.settings import ExtractionResult, Shard, identity_digest
 from vqakd.core.files import write_json
 
@@ -59,7 +59,10 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
         if not os.path.isdir(parts_dir):
             parts_from_output(out_path, parts_dir, manifest, videos, chunks, report)
     done = open_parts(parts_dir, manifest, overwrite, videos)
-    drop_chunks_to_retry(parts_dir, done)
+    for k, path in list(done.items()):     # a chunk holding a failed video worth retrying is made again
+        if any(worth_retrying(failure) for failure in read_chunk(path)[1]):
+            os.remove(path)
+            del done[k]
     token = None
     if world > 1:
         token = secrets.token_hex(8)
@@ -82,7 +85,7 @@ def parts_from_output(out_path: str, parts_dir: str, manifest: dict, videos: Seq
             kept = [video_id for video_id in ids if video_id in row_of]
             features = (np.stack([data[row_of[video_id]] for video_id in kept]) if kept
                         else np.zeros((0,) + data.shape[1:], np.float32))
-            write_chunk(parts_dir, k, kept, features, [failures[v] for v in ids if v in failures], digest,
+            write_chunk(parts_dir, k, digest, kept, features, [failures[v] for v in ids if v in failures],
                         [damaged[v] for v in kept if v in damaged])
 
 
@@ -99,8 +102,7 @@ def launch_problem(parts_dir: str, token: str | None) -> str | None:
 def require_shared_parts_folder(parts_dir: str, token: str | None) -> None:
     """Every rank: wait (briefly) to see rank 0's mark in the parts folder, else fail."""
     _wait_until(lambda: launch_problem(parts_dir, token) is None)
-    problem = launch_problem(parts_dir, token)
-    if problem:
+    if problem := launch_problem(parts_dir, token):
         raise UserError(problem)
 
 

@@ -69,8 +69,7 @@ def clip_frame_indices(total_frames: int, num_clips: int, frames_per_clip: int) 
         raise ValueError(f"a video needs at least one frame, got {total_frames}")
     if num_clips < 1:
         raise ValueError("num_clips must be positive")
-    problem = check_frames_per_clip(frames_per_clip)
-    if problem:
+    if problem := check_frames_per_clip(frames_per_clip):
         raise ValueError(problem)
     half = frames_per_clip // 2
     centres = np.linspace(0, total_frames, num_clips + 2).astype(np.int32)[1:num_clips + 1]

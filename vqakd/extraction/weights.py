@@ -70,9 +70,7 @@ def load_state_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Ten
         if keys:
             count = f" ({len(keys)} {label})" if len(keys) > 1 else ""
             raise UserError(f"{problem}: {label} key {keys[0]!r}{count}")
-    counters = [key for key in expected if key not in state_dict]
-    if counters:
-        state_dict = {**state_dict, **{key: expected[key] for key in counters}}
+    state_dict = {**expected, **state_dict}     # the missing counters: the model's own
     for key, value in expected.items():
         got = state_dict[key]
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(value.shape):
