@@ -210,7 +210,7 @@ def build_steps(plan: DemoPlan) -> list[Step]:
     return steps
 
 
-def build_summary(plan: DemoPlan, runner: Runner, predict_command: str, started: str) -> dict:
+def write_summary(plan: DemoPlan, runner: Runner, predict_command: str, started: str) -> None:
     majority = read_json(plan.data_file("dataset_info.json"))["majority_rate"]["test"]
     blind = demo_data.question_only_rates(read_json(plan.data_file("train_qa.json")),
                                           read_json(plan.data_file("test_qa.json")))
@@ -273,7 +273,7 @@ def build_summary(plan: DemoPlan, runner: Runner, predict_command: str, started:
     summary["step_seconds"] = {name: round(seconds, 2) for name, status, seconds in runner.times if status == "ran"}
     summary["step_cpu_seconds"] = {name: round(seconds, 2) for name, seconds in runner.cpu.items()}
     summary["provenance"] = provenance_for_config(plan.config, started=started, device=timing["device"])
-    return summary
+    write_json(plan.summary_path, summary)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,8 +322,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     predict = next(step for step in steps if step.name == "predict")
     runner = Runner(args.quiet, os.path.join(plan.output_dir, "demo_logs"))
     started_utc = utc_now()
-    steps[-1].action = lambda: write_json(plan.summary_path,
-                                          build_summary(plan, runner, predict.command_line([]), started_utc))
+    steps[-1].action = lambda: write_summary(plan, runner, predict.command_line([]), started_utc)
     print(f"vqakd demo: data in {display_path(plan.data_dir)}, results in {display_path(plan.output_dir)}; "
           f"'python' below is {sys.executable}", flush=True)
     started = time.perf_counter()
