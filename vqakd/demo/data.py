@@ -158,23 +158,18 @@ def write_glove(path: str, records: list[dict], seed: int) -> int:
     return len(words)
 
 
-def split_videos(num_videos: int, fractions: tuple[float, float, float],
-                 rng: np.random.Generator) -> dict[str, list[int]]:
-    """Video ids 1..num_videos shuffled into train/val/test by `fractions` (each non-empty)."""
-    ids = [int(v) for v in rng.permutation(np.arange(1, num_videos + 1))]
-    total = sum(fractions)
-    n_val = max(1, int(round(num_videos * fractions[1] / total)))
-    n_test = max(1, int(round(num_videos * fractions[2] / total)))
-    n_train = num_videos - n_val - n_test
-    return {"train": sorted(ids[:n_train]), "val": sorted(ids[n_train:n_train + n_val]),
-            "test": sorted(ids[n_train + n_val:])}
-
-
 def build_annotations(settings: DemoSettings) -> tuple[list[Scene], dict[str, list[dict]]]:
     """Scenes (sorted by video id) and the QA records of each split; no files written."""
     settings.check()
     rng = np.random.default_rng(settings.seed)
-    splits = split_videos(settings.num_videos, settings.split_fractions, rng)
+    # Video ids 1..num_videos shuffled into train/val/test by the split fractions (each non-empty).
+    ids = [int(v) for v in rng.permutation(np.arange(1, settings.num_videos + 1))]
+    fractions = settings.split_fractions
+    n_val = max(1, int(round(settings.num_videos * fractions[1] / sum(fractions))))
+    n_test = max(1, int(round(settings.num_videos * fractions[2] / sum(fractions))))
+    n_train = settings.num_videos - n_val - n_test
+    splits = {"train": sorted(ids[:n_train]), "val": sorted(ids[n_train:n_train + n_val]),
+              "test": sorted(ids[n_train + n_val:])}
     scenes = []
     qa: dict[str, list[dict]] = {split: [] for split in splits}
     next_id = 0

@@ -85,15 +85,13 @@ class DemoPlan:
         self.overrides += args.overrides
         self.config = config = load_config(args.cfg, self.overrides)
         for name in ("num_videos", "frame_size", "image_size", "appearance_frames", "motion_frames",
-                     "training_seeds"):
-            if getattr(args, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        if args.feature_workers < 0:
-            raise UserError(f"--feature-workers must be >= 0, got {args.feature_workers}")
+                     "training_seeds", "feature_workers"):
+            least = 0 if name == "feature_workers" else 1
+            if getattr(args, name) < least:
+                raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
         self.args = args
         self.output_dir = config.output_dir
         self.device = args.device or config.train.device
-        self.num_clips = config.model.num_nodes
         self.training_seeds = list(range(config.train.seed, config.train.seed + args.training_seeds))
         self.study_dir = os.path.join(self.output_dir, "study")
         self.report_json = os.path.join(self.study_dir, "report", "report.json")
@@ -169,7 +167,7 @@ def build_steps(plan: DemoPlan) -> list[Step]:
         steps.append(Step(
             f"features {kind}", script("preprocess", "preprocess_features.py"),
             ["--dataset", DATASET, "--video-dir", plan.data_dir, "--annotation-dir", plan.data_dir,
-             "--model", model, "--random-weights", "--num-clips", str(plan.num_clips),
+             "--model", model, "--random-weights", "--num-clips", str(plan.config.model.num_nodes),
              "--frames-per-clip", str(frames), "--image-height", str(args.image_size),
              "--image-width", str(args.image_size), "--device", plan.device, "--out", out],
             lambda: annotations + videos(), lambda out=out: [out, out + ".failures.json"], plan.data_dir,
@@ -212,7 +210,7 @@ def build_steps(plan: DemoPlan) -> list[Step]:
     return steps
 
 
-def build_summary(plan: DemoPlan, runner: Runner, predict_command: str, started: str) -> dict:
+def write_summary(plan: DemoPlan, runner: Runner, predict_command: str, started: str) -> None:
     majority = read_json(plan.data_file("dataset_info.json"))["majority_rate"]["test"]
     blind = demo_data.question_only_rates(read_json(plan.data_file("train_qa.json")),
                                           read_json(plan.data_file("test_qa.json")))
@@ -250,17 +248,16 @@ def build_summary(plan: DemoPlan, runner: Runner, predict_command: str, started:
     paired_keys = ("baseline", "seeds", "mean", "std", "n", "interval", "verdict")
     summary["paired"] = {arm: {key: values[key] for key in paired_keys}
                          for arm, values in report["paired"].items() if arm in ARMS}
-    arms = summary["arms"]
-    summary["above_majority"] = {arm: arms[arm]["accuracy"] - summary["majority_rate"] for arm in ARMS}
-    summary["above_question_only"] = {arm: arms[arm]["accuracy"] - summary["question_only_rate"] for arm in ARMS}
+    for key, rate in (("above_majority", "majority_rate"), ("above_question_only", "question_only_rate")):
+        summary[key] = {arm: summary["arms"][arm]["accuracy"] - summary[rate] for arm in ARMS}
     summary["not_carried"] = demo_table.not_carried(summary)
     timing = read_json(plan.run_file("teacher", "timing_test.json"))
     summary["timing"] = {"device": timing["device"], "batch_size": timing["batch_size"], "passes": timing["passes"],
                          "method": "measured by study.py: best.pt evaluated on the test split, one warm-up pass, "
                                    "then the median of the timed passes divided by the number of test questions"}
     args = plan.args
-    summary["features"] = {"random_weights": report["features"]["random_weights"], "num_clips": plan.num_clips,
-                           "image_size": args.image_size,
+    summary["features"] = {"random_weights": report["features"]["random_weights"],
+                           "num_clips": plan.config.model.num_nodes, "image_size": args.image_size,
                            "appearance_frames_per_clip": args.appearance_frames,
                            "motion_frames_per_clip": args.motion_frames}
     with open(plan.predict_output, encoding="utf-8") as handle:       # the first of its ranked answers
@@ -276,7 +273,7 @@ def build_summary(plan: DemoPlan, runner: Runner, predict_command: str, started:
     summary["step_seconds"] = {name: round(seconds, 2) for name, status, seconds in runner.times if status == "ran"}
     summary["step_cpu_seconds"] = {name: round(seconds, 2) for name, seconds in runner.cpu.items()}
     summary["provenance"] = provenance_for_config(plan.config, started=started, device=timing["device"])
-    return summary
+    write_json(plan.summary_path, summary)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,8 +322,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     predict = next(step for step in steps if step.name == "predict")
     runner = Runner(args.quiet, os.path.join(plan.output_dir, "demo_logs"))
     started_utc = utc_now()
-    steps[-1].action = lambda: write_json(plan.summary_path,
-                                          build_summary(plan, runner, predict.command_line([]), started_utc))
+    steps[-1].action = lambda: write_summary(plan, runner, predict.command_line([]), started_utc)
     print(f"vqakd demo: data in {display_path(plan.data_dir)}, results in {display_path(plan.output_dir)}; "
           f"'python' below is {sys.executable}", flush=True)
     started = time.perf_counter()

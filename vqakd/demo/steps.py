@@ -64,19 +64,6 @@ class Step:
             stats[display_path(path)] = [stat.st_size, stat.st_mtime_ns]
         return stats
 
-    def record(self, entry: Optional[dict] = None) -> Optional[dict]:
-        """This step's entry in its STATE_FILE ({} when none); with `entry`, write that one instead."""
-        path = os.path.join(self.state_dir, STATE_FILE)
-        try:
-            steps = read_json(path) if os.path.isfile(path) else {}
-        except UserError:
-            steps = {}          # a damaged state file only costs a re-run of the steps
-        steps = steps if isinstance(steps, dict) else {}
-        if entry is None:
-            return steps.get(self.name, {})
-        ensure_writable_dir(self.state_dir, "demo state folder")
-        write_json(path, {**steps, self.name: entry})
-
 
 class Runner:
     def __init__(self, quiet: bool, log_dir: str) -> None:
@@ -94,7 +81,13 @@ class Runner:
             step.args = step.args()
         missing = "demo step {step!r}: input file {path} is missing (an earlier step did not write it)"
         key = {"args": step.args, "inputs": step.files(step.inputs(), missing)}
-        previous = step.record()
+        state_path = os.path.join(step.state_dir, STATE_FILE)
+        try:
+            state = read_json(state_path) if os.path.isfile(state_path) else {}
+        except UserError:
+            state = {}          # a damaged state file only costs a re-run of the steps
+        state = state if isinstance(state, dict) else {}
+        previous = state.get(step.name, {})
         try:
             outputs = step.files(step.outputs(), NOT_WRITTEN)
         except UserError:                   # an output is missing, or the list of outputs is not known yet
@@ -105,14 +98,15 @@ class Runner:
             self.times.append((step.name, "skipped", time.perf_counter() - started))
             return
         extra = step.restart_args(previous == {"key": key})     # the same inputs, not finished
-        step.record({"key": key})
+        write_json(state_path, {**state, step.name: {"key": key}})
         command = step.command_line(extra)
         print(f"{label}: {command}", flush=True)
         if step.script is None:
             step.action()
         else:
             self._call(step, extra, command)
-        step.record({"key": key, "outputs": step.files(step.outputs(), NOT_WRITTEN)})
+        outputs = step.files(step.outputs(), NOT_WRITTEN)
+        write_json(state_path, {**state, step.name: {"key": key, "outputs": outputs}})
         seconds = time.perf_counter() - started
         self.cpu[step.name] = _cpu_seconds() - cpu_started
         print(f"{label}: done in {seconds:.1f} s ({self.cpu[step.name]:.1f} s CPU)", flush=True)
@@ -121,13 +115,12 @@ class Runner:
     def _call(self, step: Step, extra: list[str], command: str) -> None:
         """Run the step's script; when quiet, its output (stderr only, with `stdout_path`) goes to its log."""
         argv = [sys.executable, step.script, *step.args, *extra, *step.show_args]
-        env = {**os.environ, **step.env} if step.env else None
         if self.quiet:
             ensure_writable_dir(self.log_dir, "demo log folder")
         log_path = os.path.join(self.log_dir, step.name.replace(" ", "_") + ".log")
         with open(log_path, "w+", encoding="utf-8", errors="replace") if self.quiet else nullcontext() as log:
-            result = subprocess.run(argv, stdout=subprocess.PIPE if step.stdout_path else log, text=True, env=env,
-                                    stderr=log if step.stdout_path or log is None else subprocess.STDOUT)
+            result = subprocess.run(argv, stdout=subprocess.PIPE if step.stdout_path else log, stderr=log,
+                                    text=True, env={**os.environ, **step.env})
             if step.stdout_path and (not self.quiet or result.returncode != 0):
                 print(result.stdout, end="", flush=True)
             elif log is not None and result.returncode != 0:
