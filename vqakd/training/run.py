@@ -40,11 +40,12 @@ CURVES_REFRESH_S = 60.0
 # BatchNorm statistics cover the whole batch and the HSIC term is scaled by K (compute_loss).
 # Dropout masks are seeded by (seed, epoch, rank), so --resume stays exact. Only rank 0 writes.
 
-def per_process_batch(batch_size: int, world_size: int, what: str = "train.batch_size") -> int:
-    """The global batch split over the processes."""
+def per_process_batch(batch_size: int, world_size: int) -> int:
+    """train.batch_size, the global batch, split over the processes."""
     if batch_size % world_size:
-        raise UserError(f"{what} ({batch_size}) is the global batch and must be divisible by the number of processes "
-                        f"({world_size}); e.g. --set {what}={batch_size // world_size * world_size or world_size}")
+        nearest = batch_size // world_size * world_size or world_size
+        raise UserError(f"train.batch_size ({batch_size}) is the global batch and must be divisible by the number of "
+                        f"processes ({world_size}); e.g. --set train.batch_size={nearest}")
     return batch_size // world_size
 
 
@@ -387,8 +388,7 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
         return best_checkpoint, model_from_checkpoint(best_checkpoint, folder.best, device)
 
     best_checkpoint, best_model = dist.agree(load_best, "loading best.pt")
-    record, test_summary, _ = evaluate_split(config, start.bundle, "test", best_checkpoint, best_model, device,
-                                             {name: split.dropped for name, split in start.bundle.splits.items()})
+    record, test_summary, _ = evaluate_split(config, start.bundle, "test", best_checkpoint, best_model, device)
     results = {
         "stage": stage,
         **record,
