@@ -317,10 +317,11 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
     trained = wrap_ddp(model, device) if dist.is_initialized() else model
     train_loader = split_loader(config, start.bundle, "train", device, start.batch_train, shuffle=True)
     val_loader = split_loader(config, start.bundle, "val", device)
-    vocab_info = start.bundle.vocab.info()
-    # What predict.py needs to answer about a new video as this run's data was made.
-    inference = inference_record(config.data.appearance_feat, config.data.motion_feat, start.bundle.vocab)
-    config_dict = config_to_dict(config)
+    # What every checkpoint of the run records; inference: what predict.py needs to answer about a
+    # new video as this run's data was made.
+    run_record = {"vocab": start.bundle.vocab.info(), "config": config_to_dict(config), "inputs": start.inputs,
+                  "inference": inference_record(config.data.appearance_feat, config.data.motion_feat,
+                                                start.bundle.vocab)}
     history, best, epochs = start.history, start.best, config.train.epochs
     last_plot = time.monotonic()
     warned = {name for earlier in history for name in str(earlier.get("collapsed_layers", "")).split()}
@@ -349,9 +350,7 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
             best = {"epoch": epoch, "val_accuracy": val_summary["accuracy"]}
         if main:
             checkpoint = build_checkpoint(model=model, stage=stage, epoch=epoch, optimizer=optimizer,
-                                          scheduler=scheduler, metrics=row, history=history, best=best,
-                                          vocab=vocab_info, config=config_dict, inference=inference,
-                                          inputs=start.inputs)
+                                          scheduler=scheduler, metrics=row, history=history, best=best, **run_record)
             # best first: if the job dies between the two writes, last.pt still points to the
             # previous epoch and resuming redoes this one, rewriting both.
             if is_best:
