@@ -110,7 +110,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str) -> dict[str, Any]:
     """Load ours or an original DualVGR/VQAKD checkpoint (the latter converted to our key names);
     always at least {"model_config": dict, "state_dict": dict, "epoch", "stage", "original"}."""
     if os.path.isdir(path):
@@ -124,7 +124,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise UserError(f"{path}: not a PyTorch checkpoint (neither the zip archive torch.save writes nor a "
                         "pickle); give a best.pt or last.pt")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip/pickle/EOF/runtime errors all mean "not a readable checkpoint"
         raise UserError(f"{path}: cannot read it as a checkpoint ({_first_line(exc)}); the file may be "
                         "truncated, or it holds objects other than tensors and plain values") from None
