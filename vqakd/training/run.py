@@ -152,10 +152,9 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
         if config.data.use_glove and glove is not None:
             notes.extend(settings_from_files(config, {"word_dim": int(glove.shape[1])},
                                              "the GloVe matrix of data.train_questions", explicit).values())
-        teacher_config = None
         if teacher_record is not None:      # its sizes are already this run's (settings_from_files)
             check_vocab_match(teacher_record, teacher_file, bundle, "the teacher")
-            teacher_config = model_config_from(teacher_record, teacher_file)
+        teacher_config = model_config_from(teacher_record, teacher_file) if teacher_record is not None else None
         plan = planned["plan"] = plan_run(config, bundle, model_config_for_stage(config, stage, bundle), device,
                                           training=True, stage=stage, batch=batch_train,
                                           eval_batch=eval_batch_per_process(config), teacher_config=teacher_config,
@@ -357,9 +356,8 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
                 save_checkpoint(folder.best, checkpoint)
             save_checkpoint(folder.last, checkpoint)
             write_metrics_csv(folder.metrics, history)
-            stopping = epoch == epochs or config.train.stop_after_epoch == epoch
             # Drawing takes a second or two: refresh the PNG at most once a minute, and at the end.
-            if stopping or time.monotonic() - last_plot >= CURVES_REFRESH_S:
+            if epoch in (epochs, config.train.stop_after_epoch) or time.monotonic() - last_plot >= CURVES_REFRESH_S:
                 plot_curves(history, folder.curves, stage, best["epoch"])
                 last_plot = time.monotonic()
         log(epoch_line(row, epochs, is_best))
