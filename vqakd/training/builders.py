@@ -69,7 +69,4 @@ def check_same_model(checkpoint: Mapping[str, Any], path: str, model: DualVGR) -
 
 def frozen_teacher(checkpoint: Mapping[str, Any], path: str, device: torch.device) -> DualVGR:
     """The teacher for distillation: eval mode, no gradients."""
-    teacher = model_from_checkpoint(checkpoint, path, device)
-    teacher.eval()
-    teacher.requires_grad_(False)
-    return teacher
+    return model_from_checkpoint(checkpoint, path, device).eval().requires_grad_(False)

@@ -68,12 +68,10 @@ def seed_everything(seed: int) -> None:
 
 
 def build_checkpoint(*, model: torch.nn.Module, stage: str, epoch: int, optimizer=None, scheduler=None,
-                     metrics: Mapping | None = None, history: list | None = None, best: Mapping | None = None,
-                     vocab: Mapping | None = None, config: Mapping | None = None,
-                     inference: Mapping | None = None, inputs: Mapping | None = None) -> dict[str, Any]:
+                     **record: Any) -> dict[str, Any]:
     """Our checkpoint: the model (config and weights), the training state (optimizer, scheduler,
-    RNGs, metrics rows, best epoch), the run's vocabulary, config, input fingerprints and
-    `inference` (inference_record.py: what predict.py needs)."""
+    RNGs) and the `record` entries given (empty when not): metrics (the epoch's row), history, best,
+    vocab, config, inference (inference_record.py: what predict.py needs) and inputs (fingerprints)."""
     module = getattr(model, "module", model)      # unwrap DistributedDataParallel
     return {
         "format": CHECKPOINT_FORMAT,
@@ -86,13 +84,8 @@ def build_checkpoint(*, model: torch.nn.Module, stage: str, epoch: int, optimize
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": capture_rng_state(),
-        "metrics": dict(metrics or {}),
-        "history": list(history or []),
-        "best": dict(best or {}),
-        "vocab": dict(vocab or {}),
-        "config": dict(config or {}),
-        "inference": dict(inference or {}),
-        "inputs": dict(inputs or {}),
+        "metrics": {}, "history": [], "best": {}, "vocab": {}, "config": {}, "inference": {}, "inputs": {},
+        **record,
     }
 
 
@@ -117,7 +110,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str) -> dict[str, Any]:
     """Load ours or an original DualVGR/VQAKD checkpoint (the latter converted to our key names);
     always at least {"model_config": dict, "state_dict": dict, "epoch", "stage", "original"}."""
     if os.path.isdir(path):
@@ -131,7 +124,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise UserError(f"{path}: not a PyTorch checkpoint (neither the zip archive torch.save writes nor a "
                         "pickle); give a best.pt or last.pt")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip/pickle/EOF/runtime errors all mean "not a readable checkpoint"
         raise UserError(f"{path}: cannot read it as a checkpoint ({_first_line(exc)}); the file may be "
                         "truncated, or it holds objects other than tensors and plain values") from None
@@ -146,8 +139,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         notes = [f"{path}: model_kwargs claims {key}={value}, but its weights hold {getattr(model_config, key)}; "
                  f"loaded with {key}={getattr(model_config, key)} (the weights decide)" for key, value in claimed.items()]
         return {"format": "original-dualvgr", "original": True, "stage": None, "claimed_model_kwargs": claimed,
-                "notes": notes,
-                "epoch": checkpoint.get("epoch"), "model_config": dataclasses.asdict(model_config),
+                "notes": notes, "epoch": checkpoint.get("epoch"), "model_config": dataclasses.asdict(model_config),
                 "state_dict": state_dict, "vocab": {}, "config": {}, "metrics": {}, "history": [], "best": {}}
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a vqakd checkpoint (no 'format': {CHECKPOINT_FORMAT!r}) and not an original "

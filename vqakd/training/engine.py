@@ -34,7 +34,7 @@ def compute_loss(output, labels: torch.Tensor, loss_cfg: LossConfig, stage: str,
     gradient equals the one-process one (`evaluate` passes reference batch / batch size)."""
     hard, parts = hard_loss(output, labels, alpha=loss_cfg.alpha, beta=loss_cfg.beta, dependence_scale=batch_shards,
                             common_mode=loss_cfg.common)
-    values = {"hard": hard, "ce": parts["ce"], "common": parts["common"], "dependence": parts["dependence"]}
+    values = {"hard": hard, **parts}
     distill = loss_cfg.distill_of(stage)
     if distill == "feature":
         app, mo = feature_distill_loss(output, teacher_output, loss_cfg.tau_app, loss_cfg.tau_mo)

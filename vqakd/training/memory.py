@@ -234,11 +234,11 @@ class MemoryPlan:
     def gpu_peak(self) -> int:
         return sum(self.gpu.values())
 
-    def fits(self, host_peak: Optional[int] = None, gpu_peak: Optional[int] = None) -> bool:
-        host_peak = self.host_peak if host_peak is None else host_peak
-        gpu_peak = self.gpu_peak if gpu_peak is None else gpu_peak
-        return ((self.host_available is None or host_peak <= self.host_available)
-                and (self.gpu_free is None or gpu_peak <= self.gpu_free))
+    def fits(self, need: Optional[dict[str, int]] = None) -> bool:
+        """Whether the run fits, or with `need` another feature-table setting (an entry of `others`)."""
+        need = need or {"host": self.host_peak, "gpu": self.gpu_peak}
+        return ((self.host_available is None or need["host"] <= self.host_available)
+                and (self.gpu_free is None or need["gpu"] <= self.gpu_free))
 
     def setting(self) -> str:
         return table_setting(self.mode, self.dtype)
@@ -257,7 +257,7 @@ class MemoryPlan:
                    f"{self.disk_per_epoch / GIB:.1f} GiB per epoch (from disk or the page cache)")
         for name, need in self.others.items():
             gpu = f", GPU {need['gpu'] / GIB:.1f} GiB" if self.gpu else ""
-            verdict = "fits" if self.fits(need["host"], need["gpu"]) else "does not fit"
+            verdict = "fits" if self.fits(need) else "does not fit"
             out.append(f"  with {name}: host {need['host'] / GIB:.1f} GiB{gpu} ({verdict})")
         out.append("  verdict: " + ("fits" if self.fits() else "does NOT fit"))
         return out
@@ -275,13 +275,13 @@ class MemoryPlan:
         if self.fits():
             return None
         if self.host_available is not None and self.host_peak > self.host_available:
-            where, need, have = "memory", self.host_peak, self.host_available
+            where, side, need, have = "memory", "host", self.host_peak, self.host_available
         else:
-            where, need, have = "GPU memory", self.gpu_peak, self.gpu_free
-        biggest = max((self.host if where == "memory" else self.gpu).items(), key=lambda item: item[1])
-        would = [name for name, other in self.others.items() if self.fits(other["host"], other["gpu"])]
+            where, side, need, have = "GPU memory", "gpu", self.gpu_peak, self.gpu_free
+        biggest = max(getattr(self, side).items(), key=lambda item: item[1])
+        would = [name for name, other in self.others.items() if self.fits(other)]
         advice = (f"data.feature_{'dtype: float16' if would[0] == 'memory float16' else 'mode: lazy'} would fit "
-                  f"({would[0]}: {self.others[would[0]]['host' if where == 'memory' else 'gpu'] / GIB:.1f} GiB)"
+                  f"({would[0]}: {self.others[would[0]][side] / GIB:.1f} GiB)"
                   if would else f"no feature-table setting fits: lower the batch size "
                   f"(train.batch_size / train.eval_batch_size is {self.batch})")
         return (f"this run needs {need / GIB:.1f} GiB of {where} (largest part: {biggest[0]}, "
@@ -316,7 +316,6 @@ def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.de
     """The plan of a run of `model_config` on `bundle` (vocabulary and question splits loaded, the
     feature table not yet): `batch` / `eval_batch` are this process's batch sizes, `processes`
     the run's processes on this machine."""
-    workers, max_steps = config.train.num_workers, config.train.max_steps
     table = bundle.table
     videos, _, frames, _ = table.appearance_info.shape
     file_bytes = sum(os.path.getsize(info.path) for info in (table.appearance_info, table.motion_info))
@@ -329,44 +328,40 @@ def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.de
                         question_length=max(1, round(float(questions.lengths.float().mean()))),
                         count="tensors" if device.type == "cuda" else "resident")
     rss = process_rss()              # after the probe: what it made once per process stays
+    big = max(batch, eval_batch) if training else eval_batch
+    working = max(cost.train(batch), cost.eval(eval_batch)) if training else cost.eval(eval_batch)
+    networks = {"networks (weights" + (", gradients, Adam)" if training else ")"): state,
+                f"one step (batch {big})": working}
 
     def needs(mode: str, dtype: str) -> tuple[dict[str, int], dict[str, int], str]:
         itemsize = 2 if dtype == "float16" else 4
         table_bytes = table.nbytes(itemsize) if mode == "memory" else 0
         table_on = str(choose_table_device(config, table, device, mode=mode, nbytes=table_bytes))
-        big = max(batch, eval_batch) if training else eval_batch
-        working = max(cost.train(batch), cost.eval(eval_batch)) if training else cost.eval(eval_batch)
         batch_bytes = table.row_bytes(itemsize) * big
-        host = {"process (libraries, question splits)": rss, "feature table": table_bytes if table_on == "cpu" else 0}
         if mode == "memory":
             # Loading converts float32 chunks; after that, two reused batch buffers.
             in_flight = max(LOAD_CHUNK_BYTES * (4 + itemsize) // 4, 2 * batch_bytes if table_on == "cpu" else 0)
         else:
             # The batch being trained on; the rows read for the next one are freed before the step's
             # tensors grow. Each loader worker adds its own process and its prefetched batches.
-            in_flight = batch_bytes + (workers * (WORKER_BYTES + PREFETCH_FACTOR * batch_bytes) if workers else 0)
-        host["batches in flight"] = in_flight
-        networks = {"networks (weights" + (", gradients, Adam)" if training else ")"): state,
-                    f"one step (batch {big})": working}
-        gpu: dict[str, int] = {}
-        if device.type == "cuda":
-            gpu = {"CUDA context": CUDA_CONTEXT_BYTES, **networks, "batches on the GPU": 2 * batch_bytes,
-                   "feature table": table_bytes if table_on != "cpu" else 0}
-        else:
-            host.update(networks)
-        return host, gpu, table_on
+            in_flight = batch_bytes + config.train.num_workers * (WORKER_BYTES + PREFETCH_FACTOR * batch_bytes)
+        host = {"process (libraries, question splits)": rss, "feature table": table_bytes if table_on == "cpu" else 0,
+                "batches in flight": in_flight}
+        if device.type != "cuda":
+            return {**host, **networks}, {}, table_on
+        return host, {"CUDA context": CUDA_CONTEXT_BYTES, **networks, "batches on the GPU": 2 * batch_bytes,
+                      "feature table": table_bytes if table_on != "cpu" else 0}, table_on
 
     mode, dtype = config.data.feature_mode, config.data.feature_dtype
     host, gpu, table_on = needs(mode, dtype)
     per_epoch = 0
     if mode == "lazy":
         row = table.row_bytes(4)          # lazy mode reads the files' float32 rows
-        sizes = {"train": batch, "val": eval_batch} if training else {name: eval_batch for name in bundle.splits}
+        sizes = {"train": batch, "val": eval_batch} if training else dict.fromkeys(bundle.splits, eval_batch)
         for name, size in sizes.items():
-            if name in bundle.splits:
-                batches = math.ceil(len(bundle.splits[name]) / size)
-                rows = videos * (1.0 - (1.0 - 1.0 / videos) ** size)     # distinct videos in a batch, expected
-                per_epoch += int(min(batches, max_steps or batches) * rows * row)
+            batches = math.ceil(len(bundle.splits[name]) / size)
+            rows = videos * (1.0 - (1.0 - 1.0 / videos) ** size)     # distinct videos in a batch, expected
+            per_epoch += int(min(batches, config.train.max_steps or batches) * rows * row)
     others = {}
     for other_mode, other_dtype in (("memory", "float32"), ("memory", "float16"), ("lazy", dtype)):
         name = table_setting(other_mode, other_dtype)

@@ -40,11 +40,12 @@ CURVES_REFRESH_S = 60.0
 # BatchNorm statistics cover the whole batch and the HSIC term is scaled by K (compute_loss).
 # Dropout masks are seeded by (seed, epoch, rank), so --resume stays exact. Only rank 0 writes.
 
-def per_process_batch(batch_size: int, world_size: int, what: str = "train.batch_size") -> int:
-    """The global batch split over the processes."""
+def per_process_batch(batch_size: int, world_size: int) -> int:
+    """train.batch_size, the global batch, split over the processes."""
     if batch_size % world_size:
-        raise UserError(f"{what} ({batch_size}) is the global batch and must be divisible by the number of processes "
-                        f"({world_size}); e.g. --set {what}={batch_size // world_size * world_size or world_size}")
+        nearest = batch_size // world_size * world_size or world_size
+        raise UserError(f"train.batch_size ({batch_size}) is the global batch and must be divisible by the number of "
+                        f"processes ({world_size}); e.g. --set train.batch_size={nearest}")
     return batch_size // world_size
 
 
@@ -151,10 +152,9 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
         if config.data.use_glove and glove is not None:
             notes.extend(settings_from_files(config, {"word_dim": int(glove.shape[1])},
                                              "the GloVe matrix of data.train_questions", explicit).values())
-        teacher_config = None
         if teacher_record is not None:      # its sizes are already this run's (settings_from_files)
             check_vocab_match(teacher_record, teacher_file, bundle, "the teacher")
-            teacher_config = model_config_from(teacher_record, teacher_file)
+        teacher_config = model_config_from(teacher_record, teacher_file) if teacher_record is not None else None
         plan = planned["plan"] = plan_run(config, bundle, model_config_for_stage(config, stage, bundle), device,
                                           training=True, stage=stage, batch=batch_train,
                                           eval_batch=eval_batch_per_process(config), teacher_config=teacher_config,
@@ -316,10 +316,11 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
     trained = wrap_ddp(model, device) if dist.is_initialized() else model
     train_loader = split_loader(config, start.bundle, "train", device, start.batch_train, shuffle=True)
     val_loader = split_loader(config, start.bundle, "val", device)
-    vocab_info = start.bundle.vocab.info()
-    # What predict.py needs to answer about a new video as this run's data was made.
-    inference = inference_record(config.data.appearance_feat, config.data.motion_feat, start.bundle.vocab)
-    config_dict = config_to_dict(config)
+    # What every checkpoint of the run records; inference: what predict.py needs to answer about a
+    # new video as this run's data was made.
+    run_record = {"vocab": start.bundle.vocab.info(), "config": config_to_dict(config), "inputs": start.inputs,
+                  "inference": inference_record(config.data.appearance_feat, config.data.motion_feat,
+                                                start.bundle.vocab)}
     history, best, epochs = start.history, start.best, config.train.epochs
     last_plot = time.monotonic()
     warned = {name for earlier in history for name in str(earlier.get("collapsed_layers", "")).split()}
@@ -348,18 +349,15 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
             best = {"epoch": epoch, "val_accuracy": val_summary["accuracy"]}
         if main:
             checkpoint = build_checkpoint(model=model, stage=stage, epoch=epoch, optimizer=optimizer,
-                                          scheduler=scheduler, metrics=row, history=history, best=best,
-                                          vocab=vocab_info, config=config_dict, inference=inference,
-                                          inputs=start.inputs)
+                                          scheduler=scheduler, metrics=row, history=history, best=best, **run_record)
             # best first: if the job dies between the two writes, last.pt still points to the
             # previous epoch and resuming redoes this one, rewriting both.
             if is_best:
                 save_checkpoint(folder.best, checkpoint)
             save_checkpoint(folder.last, checkpoint)
             write_metrics_csv(folder.metrics, history)
-            stopping = epoch == epochs or config.train.stop_after_epoch == epoch
             # Drawing takes a second or two: refresh the PNG at most once a minute, and at the end.
-            if stopping or time.monotonic() - last_plot >= CURVES_REFRESH_S:
+            if epoch in (epochs, config.train.stop_after_epoch) or time.monotonic() - last_plot >= CURVES_REFRESH_S:
                 plot_curves(history, folder.curves, stage, best["epoch"])
                 last_plot = time.monotonic()
         log(epoch_line(row, epochs, is_best))
@@ -387,8 +385,7 @@ def evaluate_best(config: Config, stage: str, start: StageStart, folder: RunFold
         return best_checkpoint, model_from_checkpoint(best_checkpoint, folder.best, device)
 
     best_checkpoint, best_model = dist.agree(load_best, "loading best.pt")
-    record, test_summary, _ = evaluate_split(config, start.bundle, "test", best_checkpoint, best_model, device,
-                                             {name: split.dropped for name, split in start.bundle.splits.items()})
+    record, test_summary, _ = evaluate_split(config, start.bundle, "test", best_checkpoint, best_model, device)
     results = {
         "stage": stage,
         **record,

@@ -72,13 +72,12 @@ class RunLog:
     """Lines to stdout and appended to a log file (main process only), each prefixed in the file
     with its UTC time (`2026-11-28T15:02:03Z epoch 3/25 | ...`)."""
 
-    def __init__(self, path: Optional[str]):
+    def __init__(self, path: str):
         self.path = path
 
     def __call__(self, message: str) -> None:
         if not dist.is_main():
             return
         print(message, flush=True)
-        if self.path:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(timestamped(message, utc_now()))
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(timestamped(message, utc_now()))

@@ -51,14 +51,15 @@ def split_loader(config: Config, bundle: DataBundle, split: str, device: torch.d
 
 
 def evaluate_split(config: Config, bundle: DataBundle, split: str, checkpoint: Mapping[str, Any], model,
-                   device: torch.device, dropped: Mapping[str, int], **options) -> tuple[dict, dict, Optional[dict]]:
+                   device: torch.device, **options) -> tuple[dict, dict, Optional[dict]]:
     """`evaluate` a checkpoint's network on `split`, questions dropped for missing videos
     (data.missing_videos: drop) counted as wrong: (the record results.json (train.py) and the eval
     JSON (validate.py) both hold, the summary, this process's predictions when asked for)."""
     summary, found = evaluate(model, split_loader(config, bundle, split, device), device, amp=config.train.amp,
                               progress=config.train.progress and dist.is_main(), desc=split, **options)
     summary = with_dropped(summary, bundle.splits[split])
-    record = {"split": split, **{key: summary[key] for key in SUMMARY_FIGURES}, "dropped_questions": dict(dropped),
+    dropped = {name: data.dropped for name, data in bundle.splits.items()}
+    record = {"split": split, **{key: summary[key] for key in SUMMARY_FIGURES}, "dropped_questions": dropped,
               "per_type": summary["per_type"], "epoch": checkpoint.get("epoch"), "params": count_parameters(model)}
     return record, summary, found
 
@@ -117,7 +118,7 @@ def validate_checkpoint(cfg: str, checkpoint_path: str, overrides: Sequence[str]
             bundle = load_data(config, splits=(split,), device=device, progress=config.train.progress and main,
                                expected_by="the checkpoint's model_config", before_table=plan_memory)
             if plan:
-                return (planned["plan"],)
+                return planned["plan"]
             check_vocab_match(checkpoint, checkpoint_path, bundle, "the checkpoint")
             differences = feature_differences(checkpoint, {"appearance": config.data.appearance_feat,
                                                            "motion": config.data.motion_feat})
@@ -131,13 +132,13 @@ def validate_checkpoint(cfg: str, checkpoint_path: str, overrides: Sequence[str]
         started_up = dist.agree(start)
         if plan:
             if main:
-                print("\n".join(started_up[0].lines()))
-            return started_up[0]
+                print("\n".join(started_up.lines()))
+            return started_up
         device, checkpoint, bundle, model, differences, memory_plan = started_up
         configure_backends(device, config.train.tf32)
         # One pass gives the accuracy and, with --write-preds, each question's top answers.
         record, summary, found = evaluate_split(config, bundle, split, checkpoint, model, device,
-                                                {split: bundle.splits[split].dropped}, return_predictions=write_preds)
+                                                return_predictions=write_preds)
         if write_preds and world > 1:
             shares = dist.all_gather_objects(found)
             found = {key: np.concatenate([share[key] for share in shares]) for key in found}
