@@ -75,27 +75,18 @@ def all_gather_objects(obj: Any) -> list[Any]:
     if get_world_size() == 1:
         return [obj]
     gathered: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(gathered, obj, group=_cpu_group())
+    dist.all_gather_object(gathered, obj, group=_CPU_GROUP)
     return gathered
 
 
+# The gloo group of control messages that `session` makes beside NCCL (None: the default group, gloo already).
 _CPU_GROUP: Any = None
-
-
-def _cpu_group():
-    """A gloo group for control messages (the default group when it is gloo already)."""
-    global _CPU_GROUP
-    if dist.get_backend() == "gloo":
-        return None
-    if _CPU_GROUP is None:
-        _CPU_GROUP = dist.new_group(backend="gloo")
-    return _CPU_GROUP
 
 
 def barrier() -> None:
     """Wait for every rank (a CPU all-reduce: never touches a GPU of the wrong process)."""
     if get_world_size() > 1:
-        dist.all_reduce(torch.zeros(1), group=_cpu_group())
+        dist.all_reduce(torch.zeros(1), group=_CPU_GROUP)
 
 
 @contextlib.contextmanager
@@ -122,6 +113,8 @@ def session(*, timeout: datetime.timedelta | None = None, control_only: bool = F
         seconds = env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
         timeout = timeout or datetime.timedelta(seconds=seconds if seconds > 0 else DEFAULT_TIMEOUT_S)
         dist.init_process_group(backend=backend, timeout=timeout)
+        if backend != "gloo":
+            _CPU_GROUP = dist.new_group(backend="gloo")
     try:
         yield
     finally:
