@@ -162,9 +162,8 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(choice) for choice in typing.get_args(tp))
-    if origin is typing.Union:
-        inner = [arg for arg in typing.get_args(tp) if arg is not type(None)]
-        return " or ".join(_type_name(arg) for arg in inner) + " or null"
+    if origin is typing.Union:      # Optional[X], as in _convert_scalar
+        return _type_name(next(arg for arg in typing.get_args(tp) if arg is not type(None))) + " or null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
         tp, getattr(tp, "__name__", str(tp)))
 
