@@ -85,4 +85,4 @@ def test_distributed_helpers_are_identities_in_one_process(monkeypatch):
         assert not dist.is_initialized()
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert dist.env_world_size() == 4 and dist.local_rank() == 3
+    assert dist.env_int("WORLD_SIZE", 1) == 4 and dist.env_int("LOCAL_RANK") == 3

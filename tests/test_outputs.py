@@ -109,7 +109,7 @@ def test_train_log_lines_start_with_their_utc_time(run):
 
 
 def test_progress_bar_written_to_a_file_is_throttled(monkeypatch):
-    from vqakd.core.progress import NOT_A_TERMINAL_INTERVAL_S, bar_options, progress_bar
+    from vqakd.core.progress import NOT_A_TERMINAL_INTERVAL_S, progress_bar
 
     monkeypatch.delenv("VQAKD_PROGRESS", raising=False)
     stream = io.StringIO()
@@ -123,11 +123,16 @@ def test_progress_bar_written_to_a_file_is_throttled(monkeypatch):
         def isatty(self):
             return True
 
-    assert "mininterval" not in bar_options(True, Terminal())
-    assert bar_options(True, io.StringIO())["mininterval"] == NOT_A_TERMINAL_INTERVAL_S
-    assert bar_options(False, Terminal())["disable"] is True
+    def bar(**options):
+        made = progress_bar(**options)
+        made.close()
+        return made
+
+    assert bar(file=Terminal()).mininterval < NOT_A_TERMINAL_INTERVAL_S
+    assert bar(file=io.StringIO()).mininterval == NOT_A_TERMINAL_INTERVAL_S
+    assert bar(enabled=False, file=Terminal()).disable is True
     monkeypatch.setenv("VQAKD_PROGRESS", "0")
-    assert bar_options(True, Terminal())["disable"] is True
+    assert bar(file=Terminal()).disable is True
 
 
 # ----------------------------------------------------------------------------------- predictions

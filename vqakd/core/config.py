@@ -162,9 +162,8 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(choice) for choice in typing.get_args(tp))
-    if origin is typing.Union:
-        inner = [arg for arg in typing.get_args(tp) if arg is not type(None)]
-        return " or ".join(_type_name(arg) for arg in inner) + " or null"
+    if origin is typing.Union:      # Optional[X], as in _convert_scalar
+        return _type_name(next(arg for arg in typing.get_args(tp) if arg is not type(None))) + " or null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
         tp, getattr(tp, "__name__", str(tp)))
 
@@ -248,9 +247,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError:
         value = value_text
-    nested = value
-    for key in reversed(path):
-        nested = {key: nested}
+    nested: dict = {}
+    _set_nested(nested, path, value, source)
     _build(Config, nested, "", {}, source)      # an unknown key or a wrong type, named as the user wrote it
     return path, value
 
@@ -324,7 +322,7 @@ def resolve_paths(config: Config) -> None:
 MAX_SEED = 2**32 - 1
 
 
-def check_values(config: Config, source: str, origins: dict[str, str] | None = None) -> None:
+def check_values(config: Config, source: str, origins: dict[str, str]) -> None:
     """Value ranges that do not need the data. A problem is blamed on the option that set the
     key (`origins`: key -> "--set ..." or "--flag"), else on `source` (the YAML file)."""
     problems = list(model_config_problems(config.model, "model."))     # each starts with its key
@@ -351,7 +349,7 @@ def check_values(config: Config, source: str, origins: dict[str, str] | None = N
     if not config.name or "/" in config.name or config.name in (".", ".."):
         problems.append(f"name must be a plain folder name, got {config.name!r}")
     if problems:
-        blamed = (origins or {}).get(problems[0].split(" ", 1)[0], source)
+        blamed = origins.get(problems[0].split(" ", 1)[0], source)
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(f"{blamed}: {problems[0]}{more}")
 

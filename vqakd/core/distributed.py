@@ -30,36 +30,20 @@ TIMEOUT_ENV = "VQAKD_DIST_TIMEOUT_S"
 T = TypeVar("T")
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int = 0) -> int:
+    """An integer from the environment: torchrun's RANK, WORLD_SIZE, LOCAL_RANK (which GPU of the node),
+    LOCAL_WORLD_SIZE (processes sharing its RAM), ...; `default` when unset or not a number (in a
+    process torchrun did not start: ranks 0, sizes 1)."""
     try:
         return int(os.environ.get(name, str(default)))
     except ValueError:
         return default
 
 
-def env_world_size() -> int:
-    """The world size `torchrun` announced (1 when not launched by it)."""
-    return _env_int("WORLD_SIZE", 1)
-
-
-def env_rank() -> int:
-    """The global rank `torchrun` announced (0 when not launched by it), even before the group exists."""
-    return _env_int("RANK", 0)
-
-
-def local_rank() -> int:
-    """The rank on this node: which GPU of the node this process uses."""
-    return _env_int("LOCAL_RANK", 0)
-
-
-def local_world_size() -> int:
-    """Processes on this node (they share its RAM)."""
-    return _env_int("LOCAL_WORLD_SIZE", 1)
-
-
 def under_torchrun() -> bool:
     """Several processes, or torchrun started this one even as a world of one (the DDP code path runs too)."""
-    return env_world_size() > 1 or {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys()
+    return (env_int("WORLD_SIZE", 1) > 1
+            or {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys())
 
 
 def is_initialized() -> bool:
@@ -91,27 +75,18 @@ def all_gather_objects(obj: Any) -> list[Any]:
     if get_world_size() == 1:
         return [obj]
     gathered: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(gathered, obj, group=_cpu_group())
+    dist.all_gather_object(gathered, obj, group=_CPU_GROUP)
     return gathered
 
 
+# The gloo group of control messages that `session` makes beside NCCL (None: the default group, gloo already).
 _CPU_GROUP: Any = None
-
-
-def _cpu_group():
-    """A gloo group for control messages (the default group when it is gloo already)."""
-    global _CPU_GROUP
-    if dist.get_backend() == "gloo":
-        return None
-    if _CPU_GROUP is None:
-        _CPU_GROUP = dist.new_group(backend="gloo")
-    return _CPU_GROUP
 
 
 def barrier() -> None:
     """Wait for every rank (a CPU all-reduce: never touches a GPU of the wrong process)."""
     if get_world_size() > 1:
-        dist.all_reduce(torch.zeros(1), group=_cpu_group())
+        dist.all_reduce(torch.zeros(1), group=_CPU_GROUP)
 
 
 @contextlib.contextmanager
@@ -128,16 +103,18 @@ def session(*, timeout: datetime.timedelta | None = None, control_only: bool = F
             raise UserError("this PyTorch build has no torch.distributed; run a single process")
         for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
-                raise UserError(f"WORLD_SIZE is {env_world_size()} but {name} is not set; launch with torchrun "
-                                "(python -m torch.distributed.run) or unset WORLD_SIZE")
+                raise UserError(f"WORLD_SIZE is {env_int('WORLD_SIZE', 1)} but {name} is not set; launch with "
+                                "torchrun (python -m torch.distributed.run) or unset WORLD_SIZE")
         backend = "gloo"
         if torch.cuda.is_available() and not control_only:
-            if local_rank() < torch.cuda.device_count():
-                torch.cuda.set_device(local_rank())
+            if env_int("LOCAL_RANK") < torch.cuda.device_count():
+                torch.cuda.set_device(env_int("LOCAL_RANK"))
             backend = "cpu:gloo,cuda:nccl"
-        seconds = _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+        seconds = env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
         timeout = timeout or datetime.timedelta(seconds=seconds if seconds > 0 else DEFAULT_TIMEOUT_S)
         dist.init_process_group(backend=backend, timeout=timeout)
+        if backend != "gloo":
+            _CPU_GROUP = dist.new_group(backend="gloo")
     try:
         yield
     finally:
@@ -185,10 +162,11 @@ def quiet_unless_main(fn: Callable[[], int]) -> int:
     try:
         return fn()
     except UserError as exc:
-        if env_rank() != 0 and getattr(exc, "shown_by_main", False):
+        rank = env_int("RANK")
+        if rank != 0 and getattr(exc, "shown_by_main", False):
             return 2
-        if env_rank() != 0 and env_world_size() > 1:
-            raise UserError(f"rank {env_rank()}: {exc}") from None
+        if rank != 0 and env_int("WORLD_SIZE", 1) > 1:
+            raise UserError(f"rank {rank}: {exc}") from None
         raise
 
 
@@ -283,10 +261,11 @@ def resolve_process_device(spec: str = "auto", what: str = "--device") -> torch.
                         "to auto or cuda (and pick GPUs with CUDA_VISIBLE_DEVICES)")
     device = resolve_device(spec)
     if under_torchrun() and device.type == "cuda":
-        if local_rank() >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local_rank()} but only {torch.cuda.device_count()} CUDA device(s) are "
+        local_rank = env_int("LOCAL_RANK")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) are "
                             "visible; use --nproc_per_node at most the number of GPUs per node")
-        device = torch.device("cuda", local_rank())
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return device

@@ -21,20 +21,14 @@ class UserError(Exception):
     """An error caused by the user's input; its message is shown as it is."""
 
 
-def missing_file_message(path: str | os.PathLike, what: str, how_to_get: str = "") -> str:
-    """The one-line message of a missing input file; a relative path also names the folder it was
-    looked up in (the likely cause of a miss)."""
-    text = os.fspath(path)
-    where = "" if os.path.isabs(text) else f" (relative to {os.getcwd()}, the current folder)"
-    hint = f"; {how_to_get}" if how_to_get else ""
-    return f"{what} not found: {text}{where}{hint}"
-
-
 def require_file(path: str | os.PathLike, what: str, how_to_get: str = "") -> str:
-    """Return `path` as a string if it is an existing file, else raise a UserError naming it."""
+    """Return `path` as a string if it is an existing file, else raise a UserError naming it; a
+    relative path also names the folder it was looked up in (the likely cause of a miss)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(missing_file_message(path, what, how_to_get))
+        where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()}, the current folder)"
+        hint = f"; {how_to_get}" if how_to_get else ""
+        raise UserError(f"{what} not found: {path}{where}{hint}")
     return path
 
 

@@ -158,12 +158,10 @@ def labelled_paths(paths: Labelled) -> list[tuple[str, str]]:
 
 
 def _same_file(a: str, b: str) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
     try:
         return os.path.samefile(a, b)
-    except OSError:         # one of them does not exist yet: different files
-        return False
+    except OSError:         # one of them does not exist yet: the same file only by name
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def check_output_paths(inputs: Labelled, outputs: Labelled, hint: str = "") -> None:

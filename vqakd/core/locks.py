@@ -46,17 +46,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
-def pid_alive(pid: int) -> bool:
-    """Is process `pid` running on this machine (whoever owns it)?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:     # alive, owned by someone else
-        pass
-    return True
-
-
 def _describe(record: dict[str, Any]) -> str:
     started = record.get("started")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
@@ -87,8 +76,16 @@ def _record_holds(record: dict[str, Any] | None) -> bool:
     """Without flock: does this record name a run that may still be alive?"""
     if not record or not isinstance(record.get("pid"), int):
         return False
-    if record.get("host") == socket.gethostname():
-        return record["pid"] != os.getpid() and pid_alive(record["pid"])
+    if record.get("host") != socket.gethostname():
+        return True             # its pid cannot be checked from here
+    if record["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # alive, owned by someone else
+        pass
     return True
 
 
@@ -137,13 +134,12 @@ class FolderLock:
                 if not self._is_current(fd):
                     os.close(fd)
                     continue
-                record = _read_record(fd)
                 # The holder writes its record just after it locks: give it a moment, so the refusal can name it.
-                tries = RECORD_WAIT_TRIES if locked is False else 0
-                while record is None and tries > 0:
+                for _ in range(RECORD_WAIT_TRIES if locked is False else 0):
+                    if _read_record(fd) is not None:
+                        break
                     time.sleep(RECORD_WAIT_S)
-                    record = _read_record(fd)
-                    tries -= 1
+                record = _read_record(fd)
                 if locked is False or (locked is None and _record_holds(record)):
                     holder = _describe(record) if record else "a run that has not written its record yet"
                     raise UserError(f"{self.what} {self.shown} is in use by another run ({holder}); wait for it "

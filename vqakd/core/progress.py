@@ -13,23 +13,17 @@ NOT_A_TERMINAL_INTERVAL_S = 60.0
 ENV_SWITCH = "VQAKD_PROGRESS"
 
 
-def bar_options(enabled: bool = True, file: Any = None) -> dict[str, Any]:
-    """The tqdm keyword arguments this toolkit's bars take (disable, mininterval, file)."""
-    stream = sys.stderr if file is None else file
+def progress_bar(iterable: Optional[Iterable] = None, *, enabled: bool = True, file: Any = None, **kwargs: Any):
+    """`tqdm(iterable, **kwargs)` drawn only when `enabled`, throttled when not on a terminal. The caller's
+    other settings (desc, unit, total, leave, ...) pass through; the throttle wins."""
+    from tqdm import tqdm       # here, not at the top: scripts import this before their slow imports
+
+    file = sys.stderr if file is None else file
     switch = os.environ.get(ENV_SWITCH, "").strip()
-    options: dict[str, Any] = {"file": stream, "disable": not enabled or switch == "0"}
     try:
-        terminal = bool(stream.isatty())
+        terminal = bool(file.isatty())
     except (AttributeError, ValueError):        # no isatty, or a closed stream
         terminal = False
     if switch != "1" and not terminal:
-        options.update(mininterval=NOT_A_TERMINAL_INTERVAL_S, maxinterval=NOT_A_TERMINAL_INTERVAL_S)
-    return options
-
-
-def progress_bar(iterable: Optional[Iterable] = None, *, enabled: bool = True, file: Any = None, **kwargs: Any):
-    """`tqdm(iterable, **kwargs)` drawn only when `enabled`, throttled when not on a terminal."""
-    from tqdm import tqdm       # here, not at the top: scripts import this before their slow imports
-
-    # The caller's other settings (desc, unit, total, leave, ...) pass through; the throttle wins.
-    return tqdm(iterable, **{**kwargs, **bar_options(enabled, file)})
+        kwargs.update(mininterval=NOT_A_TERMINAL_INTERVAL_S, maxinterval=NOT_A_TERMINAL_INTERVAL_S)
+    return tqdm(iterable, file=file, disable=not enabled or switch == "0", **kwargs)

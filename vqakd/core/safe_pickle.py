@@ -86,8 +86,6 @@ def safe_load(path: str | os.PathLike) -> Any:
     try:
         with open(path, "rb") as handle:
             return RestrictedUnpickler(handle, path, os.fstat(handle.fileno()).st_size).load()
-    except UserError:
-        raise
     except MemoryError:
         raise UserError(f"{path}: the pickle asks for more memory than there is; the file is corrupt, "
                         "forged, or too large for this machine") from None

@@ -311,7 +311,7 @@ def run_study(cfg: str, seeds_text: str = "3", arms_text: Optional[str] = None, 
         raise UserError(f"--examples {examples}: must be 0 or more")
     seeds = parse_seeds(seeds_text, base.train.seed)
     runs = plan_study(cfg, study_dir, seeds, parse_arms(arms_text), overrides, device, overwrite)
-    main = dist.env_rank() == 0
+    main = dist.env_int("RANK") == 0
     log = print if main else (lambda message: None)
     log(describe_plan(runs))
     # Two studies writing into one folder would overwrite each other's runs; rank 0 holds the lock.

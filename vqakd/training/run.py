@@ -158,7 +158,7 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
         plan = planned["plan"] = plan_run(config, bundle, model_config_for_stage(config, stage, bundle), device,
                                           training=True, stage=stage, batch=batch_train,
                                           eval_batch=eval_batch_per_process(config), teacher_config=teacher_config,
-                                          processes=dist.local_world_size())
+                                          processes=dist.env_int("LOCAL_WORLD_SIZE", 1))
         if not plan_only and plan.refusal():
             raise UserError(plan.refusal())
         return not plan_only
