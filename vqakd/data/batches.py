@@ -144,7 +144,7 @@ class QuestionBatches(Dataset):
     def __init__(self, split: QuestionSplit, table: FeatureTable, reuse_buffers: bool = False):
         self.split = split
         self.table = table
-        self.device = table.device if table.mode == "memory" else torch.device("cpu")
+        self.device = table.device          # the CPU in lazy mode
         self.columns = {name: getattr(split, name).to(self.device) for name in self.ON_DEVICE}
         self.reuse_buffers = reuse_buffers and table.mode == "memory" and self.device.type == "cpu"
         self._ring: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * self.BUFFER_RING
@@ -207,11 +207,9 @@ class EpochBatchSampler(Sampler):
             order = torch.randperm(self.size, generator=generator)
         else:
             order = torch.arange(self.size)
-        if self.world_size > 1:
-            if self.shuffle:
-                padding = (-self.size) % self.world_size
-                order = torch.cat([order, order[:padding]])
-            order = order[self.rank::self.world_size]
+        if self.shuffle:
+            order = torch.cat([order, order[:(-self.size) % self.world_size]])
+        order = order[self.rank::self.world_size]
         batches = list(torch.split(order, self.batch_size))
         if self.drop_single_last and len(batches) > 1 and len(batches[-1]) == 1:
             batches.pop()
