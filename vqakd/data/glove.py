@@ -178,16 +178,6 @@ def load_glove_pickle(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], i
     return words, len(dropped)
 
 
-def load_glove(path: str | os.PathLike, keep: Collection[str] | None = None,
-               progress: bool = True) -> tuple[dict[str, np.ndarray], int]:
-    """A GloVe pickle, or (for a `.txt` path) the text file parsed for the `keep` words only; and
-    the number of non-word keys dropped from a pickle (0 for a text file)."""
-    path = os.fspath(path)
-    if path.endswith(".txt"):
-        return read_glove_text(path, keep=keep, progress=progress)[0], 0
-    return load_glove_pickle(path)
-
-
 def read_word_list(path: str | os.PathLike) -> list[str]:
     """The words a GloVe subset must keep: a `{name}_vocab.json` or a text file, one word a line."""
     path = require_file(path, "vocabulary file")
