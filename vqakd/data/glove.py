@@ -93,8 +93,7 @@ def read_glove_text(path: str | os.PathLike, dim: int | None = None, keep: Colle
             raise UserError(f"{path}: the first lines hold tokens without vector values; is this a GloVe file?")
     stats = GloveReadStats(dim=dim)
     words: dict[str, np.ndarray] = {}
-    total_bytes = os.path.getsize(path)
-    bar = progress_bar(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+    bar = progress_bar(total=os.path.getsize(path), unit="B", unit_scale=True, unit_divisor=1024,
                        desc=f"reading {os.path.basename(path)}", enabled=progress, dynamic_ncols=True)
     with open(path, "rb") as handle, bar:
         for line_no, raw in enumerate(handle, 1):
