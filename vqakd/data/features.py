@@ -184,9 +184,7 @@ class FeatureTable:
         return gathered[0], gathered[1]
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_handles"] = None       # h5py handles cannot cross process boundaries
-        return state
+        return {**self.__dict__, "_handles": None}       # h5py handles cannot cross process boundaries
 
 
 def load_feature_table(config: Config, expected_by: str = "model") -> FeatureTable:
