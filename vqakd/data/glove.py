@@ -11,7 +11,7 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import takewhile
+from itertools import islice, takewhile
 from typing import Collection
 
 import numpy as np
@@ -63,14 +63,9 @@ def infer_dim(path: str) -> int | None:
     """The most common count of trailing numeric fields among the first lines (the first field is
     always the token, so one holding spaces does not count; on a tie the first seen wins); None for
     an empty file."""
-    counts: Counter[int] = Counter()
     with open(path, "rb") as handle:
-        for raw in handle:
-            line = raw.rstrip()
-            if line:
-                counts[len(list(takewhile(_is_float, reversed(line.split(b" ")[1:]))))] += 1
-                if sum(counts.values()) >= DIM_SAMPLE_LINES:
-                    break
+        lines = islice(filter(None, (raw.rstrip() for raw in handle)), DIM_SAMPLE_LINES)     # the first non-blank
+        counts = Counter(len(list(takewhile(_is_float, reversed(line.split(b" ")[1:])))) for line in lines)
     return max(counts, key=counts.__getitem__) if counts else None
 
 
