@@ -86,7 +86,7 @@ def test_loader_reads_whole_batches_and_shuffles_reproducibly(tiny, tmp_path, mo
 
 
 def test_epoch_batch_sampler_edge_cases():
-    sampler = EpochBatchSampler(21, 10, shuffle=True, seed=0, drop_single_last=True)
+    sampler = EpochBatchSampler(21, 10, shuffle=True, seed=0)
     batches = list(sampler)
     assert [len(b) for b in batches] == [10, 10] and len(sampler) == 2     # BatchNorm cannot train on 1
     plain = EpochBatchSampler(21, 10, shuffle=False)

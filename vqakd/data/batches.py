@@ -144,7 +144,7 @@ class QuestionBatches(Dataset):
     def __init__(self, split: QuestionSplit, table: FeatureTable, reuse_buffers: bool = False):
         self.split = split
         self.table = table
-        self.device = table.device if table.mode == "memory" else torch.device("cpu")
+        self.device = table.device          # the CPU in lazy mode
         self.columns = {name: getattr(split, name).to(self.device) for name in self.ON_DEVICE}
         self.reuse_buffers = reuse_buffers and table.mode == "memory" and self.device.type == "cpu"
         self._ring: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * self.BUFFER_RING
@@ -193,8 +193,6 @@ class EpochBatchSampler(Sampler):
     seed: int = 0
     rank: int = 0
     world_size: int = 1
-    # A final training batch of one question would make BatchNorm fail; it is dropped.
-    drop_single_last: bool = False
     max_batches: Optional[int] = None      # train.max_steps: the first batches only
     epoch: int = field(default=0, init=False)
 
@@ -205,15 +203,13 @@ class EpochBatchSampler(Sampler):
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.size, generator=generator)
+            order = torch.cat([order, order[:(-self.size) % self.world_size]])
         else:
             order = torch.arange(self.size)
-        if self.world_size > 1:
-            if self.shuffle:
-                padding = (-self.size) % self.world_size
-                order = torch.cat([order, order[:padding]])
-            order = order[self.rank::self.world_size]
+        order = order[self.rank::self.world_size]
         batches = list(torch.split(order, self.batch_size))
-        if self.drop_single_last and len(batches) > 1 and len(batches[-1]) == 1:
+        # A final training batch of one question would make BatchNorm fail; it is dropped.
+        if self.shuffle and len(batches) > 1 and len(batches[-1]) == 1:
             batches.pop()
         return batches[:self.max_batches]
 
@@ -229,8 +225,7 @@ def make_loader(split: QuestionSplit, table: FeatureTable, batch_size: int, shuf
                 reuse_buffers: bool = False, max_batches: Optional[int] = None) -> DataLoader:
     """Batches of `split` (this rank's share). `reuse_buffers`: see QuestionBatches; only without
     workers (a worker's tensors travel through shared memory, which a reused buffer would overwrite)."""
-    sampler = EpochBatchSampler(len(split), batch_size, shuffle, seed, rank, world_size, drop_single_last=shuffle,
-                                max_batches=max_batches)
+    sampler = EpochBatchSampler(len(split), batch_size, shuffle, seed, rank, world_size, max_batches=max_batches)
     on_gpu = table.device.type != "cpu"
     workers = 0 if on_gpu else num_workers
     return DataLoader(

@@ -161,13 +161,6 @@ class FeatureTable:
                 bar.update(stop - start)
         return table
 
-    def _lazy_handles(self):
-        # One handle per file per process: a forked loader worker must not reuse the parent's.
-        pid = os.getpid()
-        if self._handles is None or self._handles[0] != pid:
-            self._handles = (pid, _open_h5(self.appearance_info.path), _open_h5(self.motion_info.path))
-        return self._handles[1], self._handles[2]
-
     def gather(self, app_rows: torch.Tensor, mot_rows: torch.Tensor,
                out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of a batch of rows (float32 or float16, on the table's device); in memory
@@ -176,8 +169,12 @@ class FeatureTable:
             app_out, mot_out = (None, None) if out is None else out
             return (torch.index_select(self.appearance, 0, app_rows.to(self.appearance.device), out=app_out),
                     torch.index_select(self.motion, 0, mot_rows.to(self.motion.device), out=mot_out))
+        # One handle per file per process: a forked loader worker must not reuse the parent's.
+        pid = os.getpid()
+        if self._handles is None or self._handles[0] != pid:
+            self._handles = (pid, _open_h5(self.appearance_info.path), _open_h5(self.motion_info.path))
         gathered = []
-        for info, handle, rows in zip((self.appearance_info, self.motion_info), self._lazy_handles(),
+        for info, handle, rows in zip((self.appearance_info, self.motion_info), self._handles[1:],
                                       (app_rows.cpu().numpy(), mot_rows.cpu().numpy())):
             # One HDF5 read of the distinct rows, in increasing order (what h5py accepts).
             unique, inverse = np.unique(rows, return_inverse=True)
@@ -187,9 +184,7 @@ class FeatureTable:
         return gathered[0], gathered[1]
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_handles"] = None       # h5py handles cannot cross process boundaries
-        return state
+        return {**self.__dict__, "_handles": None}       # h5py handles cannot cross process boundaries
 
 
 def load_feature_table(config: Config, expected_by: str = "model") -> FeatureTable:
@@ -199,8 +194,8 @@ def load_feature_table(config: Config, expected_by: str = "model") -> FeatureTab
     appearance = read_feature_header(config.data.appearance_feat, APPEARANCE_DATASET, 4,
                                      "(V, N, F, D) = (videos, clips, frames per clip, feature size)")
     motion = read_feature_header(config.data.motion_feat, MOTION_DATASET, 3, "(V, N, D) = (videos, clips, feature size)")
-    for info, clips, size in ((appearance, appearance.shape[1], appearance.shape[3]),
-                              (motion, motion.shape[1], motion.shape[2])):
+    for info in (appearance, motion):
+        clips, size = info.shape[1], info.shape[-1]
         if clips != model.num_nodes:
             raise UserError(f"{info.path}: {info.dataset!r} has {clips} clips per video but {expected_by}.num_nodes "
                             f"is {model.num_nodes}; use features with {model.num_nodes} clips"

@@ -11,7 +11,7 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import takewhile
+from itertools import islice, takewhile
 from typing import Collection
 
 import numpy as np
@@ -63,14 +63,9 @@ def infer_dim(path: str) -> int | None:
     """The most common count of trailing numeric fields among the first lines (the first field is
     always the token, so one holding spaces does not count; on a tie the first seen wins); None for
     an empty file."""
-    counts: Counter[int] = Counter()
     with open(path, "rb") as handle:
-        for raw in handle:
-            line = raw.rstrip()
-            if line:
-                counts[len(list(takewhile(_is_float, reversed(line.split(b" ")[1:]))))] += 1
-                if sum(counts.values()) >= DIM_SAMPLE_LINES:
-                    break
+        lines = islice(filter(None, (raw.rstrip() for raw in handle)), DIM_SAMPLE_LINES)     # the first non-blank
+        counts = Counter(len(list(takewhile(_is_float, reversed(line.split(b" ")[1:])))) for line in lines)
     return max(counts, key=counts.__getitem__) if counts else None
 
 
@@ -93,8 +88,7 @@ def read_glove_text(path: str | os.PathLike, dim: int | None = None, keep: Colle
             raise UserError(f"{path}: the first lines hold tokens without vector values; is this a GloVe file?")
     stats = GloveReadStats(dim=dim)
     words: dict[str, np.ndarray] = {}
-    total_bytes = os.path.getsize(path)
-    bar = progress_bar(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+    bar = progress_bar(total=os.path.getsize(path), unit="B", unit_scale=True, unit_divisor=1024,
                        desc=f"reading {os.path.basename(path)}", enabled=progress, dynamic_ncols=True)
     with open(path, "rb") as handle, bar:
         for line_no, raw in enumerate(handle, 1):
@@ -176,16 +170,6 @@ def load_glove_pickle(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], i
               "converters read tokens such as 'null' and 'nan' as missing values, so those words get a "
               "zero vector, as in the original preprocessing", file=sys.stderr, flush=True)
     return words, len(dropped)
-
-
-def load_glove(path: str | os.PathLike, keep: Collection[str] | None = None,
-               progress: bool = True) -> tuple[dict[str, np.ndarray], int]:
-    """A GloVe pickle, or (for a `.txt` path) the text file parsed for the `keep` words only; and
-    the number of non-word keys dropped from a pickle (0 for a text file)."""
-    path = os.fspath(path)
-    if path.endswith(".txt"):
-        return read_glove_text(path, keep=keep, progress=progress)[0], 0
-    return load_glove_pickle(path)
 
 
 def read_word_list(path: str | os.PathLike) -> list[str]:

@@ -19,7 +19,7 @@ import numpy as np
 from vqakd.core.progress import progress_bar
 from vqakd.data.annotations import clip_name, load_msvd_mapping, load_qa, parse_video_id, qa_path
 from vqakd.core.errors import UserError
-from vqakd.data.glove import load_glove
+from vqakd.data.glove import load_glove_pickle, read_glove_text
 from vqakd.core.files import atomic_open, write_json, write_pickle
 from vqakd.core.safe_pickle import safe_load
 from vqakd.data.vocab import NULL_INDEX, NULL_TOKEN, UNK_INDEX, UNK_TOKEN, Vocabulary
@@ -85,7 +85,11 @@ def glove_matrix(glove_source: str, question_token_to_idx: Mapping[str, int],
     order, zero for words GloVe lacks (the specials are looked up too, as the original did); the
     share of the vocabulary's words besides <NULL>/<UNK> found; the non-word pickle keys skipped."""
     words = [token for token in question_token_to_idx if token not in (NULL_TOKEN, UNK_TOKEN)]
-    glove, skipped_keys = load_glove(glove_source, keep=set(question_token_to_idx), progress=progress)
+    if glove_source.endswith(".txt"):       # parsed for the vocabulary's words only
+        glove = read_glove_text(glove_source, keep=set(question_token_to_idx), progress=progress)[0]
+        skipped_keys = 0
+    else:
+        glove, skipped_keys = load_glove_pickle(glove_source)
     if not glove:
         raise UserError(f"{glove_source}: none of the {len(words)} question words is in this GloVe file")
     dim = next(iter(glove.values())).shape[0]

@@ -62,9 +62,8 @@ class Vocabulary:
 
     def answer_label(self, answer: str, split: str) -> int:
         """The class label of `answer`; outside the vocab: 0 for train, 1 (never predicted) otherwise."""
-        if answer in self.answer_token_to_idx:
-            return self.answer_token_to_idx[answer]
-        return TRAIN_UNKNOWN_ANSWER if split == "train" else EVAL_UNKNOWN_ANSWER
+        unknown = TRAIN_UNKNOWN_ANSWER if split == "train" else EVAL_UNKNOWN_ANSWER
+        return self.answer_token_to_idx.get(answer, unknown)
 
     def json_bytes(self) -> bytes:
         """The file's exact bytes: what the original's `json.dump(vocab, f, indent=4)` writes."""
