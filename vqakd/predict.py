@@ -172,34 +172,38 @@ def encode_question(text: str, vocab: Vocabulary) -> EncodedQuestion:
 class FeatureCache:
     """`<folder>/<sha[:2]>/<video sha256>.<kind>.<settings digest>.npy`, written atomically."""
 
-    def __init__(self, folder: Optional[str]):
+    def __init__(self, folder: Optional[str], settings: Mapping[str, dict]):
         self.folder = folder
+        # Fixed for one checkpoint and its flags: what names each kind's features, and their shape.
+        self.digests = {kind: identity_digest(settings[kind], FEATURE_SETTINGS) for kind in FEATURE_KINDS}
+        self.shapes = {kind: NETWORKS[settings[kind]["model"]].shape_for(int(settings[kind]["num_clips"]),
+                                                                         int(settings[kind]["frames_per_clip"]))
+                       for kind in FEATURE_KINDS}
 
-    def path(self, video_sha: str, kind: str, digest: str) -> Optional[str]:
+    def path(self, video_sha: str, kind: str) -> Optional[str]:
         if self.folder is None:
             return None
-        return os.path.join(self.folder, video_sha[:2], f"{video_sha}.{kind}.{digest[:20]}.npy")
+        return os.path.join(self.folder, video_sha[:2], f"{video_sha}.{kind}.{self.digests[kind][:20]}.npy")
 
-    def get(self, video_sha: str, kind: str, digest: str,
-            shape: tuple[int, ...]) -> Optional[tuple[np.ndarray, Optional[str]]]:
+    def get(self, video_sha: str, kind: str) -> Optional[tuple[np.ndarray, Optional[str]]]:
         """The cached features and the damage extraction reported for them, so that cached answers
         warn as the first one did; None when none are usable."""
-        path = self.path(video_sha, kind, digest)
+        path = self.path(video_sha, kind)
         if path is None or not os.path.isfile(path):
             return None
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError):
             return None     # unreadable: extracted again and rewritten
-        if array.shape != shape or array.dtype != np.float32:
+        if array.shape != self.shapes[kind] or array.dtype != np.float32:
             return None
         if not os.path.isfile(path + DAMAGE_SUFFIX):
             return array, None
         with open(path + DAMAGE_SUFFIX, encoding="utf-8") as handle:
             return array, handle.read().strip() or None
 
-    def put(self, video_sha: str, kind: str, digest: str, array: np.ndarray, damage: Optional[str] = None) -> None:
-        path = self.path(video_sha, kind, digest)
+    def put(self, video_sha: str, kind: str, array: np.ndarray, damage: Optional[str] = None) -> None:
+        path = self.path(video_sha, kind)
         if path is None:
             return
         try:
@@ -228,23 +232,6 @@ class VideoFeatures:
 
 # ----------------------------------------------------------------------------------- the answerer
 
-@dataclasses.dataclass
-class Answer:
-    video: str
-    question: str
-    answers: list[tuple[str, float]]
-    unknown_words: list[str]
-    warnings: list[str]
-    cached: bool
-    extract_seconds: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"video": self.video, "question": self.question,
-                "answers": [{"answer": a, "probability": p} for a, p in self.answers],
-                "unknown_words": self.unknown_words, "warnings": self.warnings,
-                "features_cached": self.cached, "extract_seconds": round(self.extract_seconds, 4)}
-
-
 class Answerer:
     """A checkpoint, its extraction settings and vocabulary, ready to answer questions."""
 
@@ -261,8 +248,6 @@ class Answerer:
         self.model = model_from_checkpoint(checkpoint, checkpoint_path, device).eval()
         config = self.model.config
         self.settings = feature_settings(checkpoint, flags, config.num_nodes, checkpoint_path)
-        # What names each kind's cached features: fixed for this checkpoint and these flags.
-        self.digests = {kind: identity_digest(self.settings[kind], FEATURE_SETTINGS) for kind in FEATURE_KINDS}
         self.vocab = question_vocab(checkpoint, flags, config, checkpoint_path)
         self.top_k = min(top_k, len(self.vocab.idx_to_answer))
         self.batch_size = batch_size
@@ -271,7 +256,7 @@ class Answerer:
         self.tf32 = bool(train.get("tf32", True))
         self.amp = str(train.get("amp", "none"))
         folder = cache_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), CACHE_FOLDER)
-        self.cache = FeatureCache(folder if use_cache else None)
+        self.cache = FeatureCache(folder if use_cache else None, self.settings)
         self._extractors: dict[str, Any] = {}
 
     # ----- features ------------------------------------------------------------------------------
@@ -307,10 +292,6 @@ class Answerer:
         except OSError as exc:
             raise VideoFailure(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
-    def shape(self, kind: str) -> tuple[int, ...]:
-        settings = self.settings[kind]
-        return NETWORKS[settings["model"]].shape_for(int(settings["num_clips"]), int(settings["frames_per_clip"]))
-
     def features(self, videos: Sequence[str]) -> dict[str, VideoFeatures | VideoFailure]:
         """Features of each distinct video: cached, else extracted (and cached) a group at a time."""
         result: dict[str, VideoFeatures | VideoFailure] = {}
@@ -322,8 +303,7 @@ class Answerer:
             except VideoFailure as exc:
                 result[video] = exc
                 continue
-            cached = {kind: self.cache.get(shas[video], kind, self.digests[kind], self.shape(kind))
-                      for kind in FEATURE_KINDS}
+            cached = {kind: self.cache.get(shas[video], kind) for kind in FEATURE_KINDS}
             found[video] = {kind: entry for kind, entry in cached.items() if entry is not None}
         timings = dict.fromkeys(found, 0.0)
         for kind in FEATURE_KINDS:
@@ -339,7 +319,7 @@ class Answerer:
                         result[video] = extracted[video]
                     else:
                         found[video][kind] = extracted[video]
-                        self.cache.put(shas[video], kind, self.digests[kind], *extracted[video])
+                        self.cache.put(shas[video], kind, *extracted[video])
         for video, entries in found.items():
             if video not in result:
                 damage = sorted({reason for _, reason in entries.values() if reason})
@@ -381,18 +361,19 @@ class Answerer:
         return [[(self.vocab.idx_to_answer[i], float(p)) for i, p in zip(row_i, row_p)]
                 for row_i, row_p in zip(indices, values)]
 
-    def answer(self, video: str, question: str) -> Answer:
-        """One question about one video; a video that cannot be used is a UserError."""
+    def answer(self, video: str, question: str) -> dict[str, Any]:
+        """One question about one video (as answer_many); a video that cannot be used is a UserError."""
         result = self.answer_many([{"video": video, "question": question}])[0]
         if isinstance(result, str):
             raise UserError(result)
         return result
 
-    def answer_many(self, rows: Sequence[Mapping[str, str]]) -> list[Answer | str]:
-        """Each row's Answer, or the reason it failed; every distinct video is extracted once."""
+    def answer_many(self, rows: Sequence[Mapping[str, str]]) -> list[dict[str, Any] | str]:
+        """Each row's answer (the record --json prints), or the reason it failed; every distinct video
+        is extracted once."""
         features = self.features([row["video"] for row in rows])
         by_video: dict[str, list[int]] = {}
-        results: list[Answer | str] = [""] * len(rows)
+        results: list[dict[str, Any] | str] = [""] * len(rows)
         for index, row in enumerate(rows):
             if isinstance(features[row["video"]], VideoFailure):
                 results[index] = str(features[row["video"]])
@@ -406,19 +387,22 @@ class Answerer:
                 chunk = indices[start:start + QUESTIONS_PER_PASS]
                 encoded = [encode_question(rows[i]["question"], self.vocab) for i in chunk]
                 for i, question, answers in zip(chunk, encoded, self.answer_encoded(feats, encoded)):
-                    results[i] = Answer(video, rows[i]["question"], answers, question.unknown,
-                                        question.warnings + feats.warnings, feats.cached, feats.seconds)
+                    results[i] = {"video": video, "question": rows[i]["question"],
+                                  "answers": [{"answer": a, "probability": p} for a, p in answers],
+                                  "unknown_words": question.unknown, "warnings": question.warnings + feats.warnings,
+                                  "features_cached": feats.cached, "extract_seconds": round(feats.seconds, 4)}
         return results
 
 
-def format_answer(answer: Answer) -> str:
-    lines = [f"{answer.video}: {answer.question}"]
-    if answer.unknown_words:
-        lines.append(f"  not in the vocabulary (read as <UNK>): {', '.join(answer.unknown_words)}")
-    lines += [f"  warning: {warning}" for warning in answer.warnings]
-    width = max(len(text) for text, _ in answer.answers)
-    lines += [f"  {rank}. {text:<{width}}  {probability:.4f}"
-              for rank, (text, probability) in enumerate(answer.answers, 1)]
-    source = "cached features" if answer.cached else f"features extracted in {answer.extract_seconds:.2f} s"
+def format_answer(answer: Mapping[str, Any]) -> str:
+    lines = [f"{answer['video']}: {answer['question']}"]
+    if answer["unknown_words"]:
+        lines.append(f"  not in the vocabulary (read as <UNK>): {', '.join(answer['unknown_words'])}")
+    lines += [f"  warning: {warning}" for warning in answer["warnings"]]
+    width = max(len(entry["answer"]) for entry in answer["answers"])
+    lines += [f"  {rank}. {entry['answer']:<{width}}  {entry['probability']:.4f}"
+              for rank, entry in enumerate(answer["answers"], 1)]
+    source = ("cached features" if answer["features_cached"]
+              else f"features extracted in {answer['extract_seconds']:.2f} s")
     lines.append(f"  ({source})")
     return "\n".join(lines)
