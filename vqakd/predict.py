@@ -85,10 +85,16 @@ def settings_from_flags(flags: ExtractionFlags, num_clips: int, path: str) -> di
     return result
 
 
-def check_recorded(record: Mapping[str, Any], flags: ExtractionFlags, path: str) -> None:
-    """Settings flags next to a record may only repeat it (one source of truth)."""
+def check_recorded(record: Mapping[str, Any], flags: ExtractionFlags, num_clips: int, path: str) -> None:
+    """The record must fit the model, and settings flags next to it may only repeat it (one source of truth)."""
     for kind in FEATURE_KINDS:
         settings = record[kind]
+        if settings.get("model") != MODEL_OF_KIND[kind]:
+            raise UserError(f"{path}: {kind} features recorded as made by {settings.get('model')!r}, "
+                            f"expected {MODEL_OF_KIND[kind]}")
+        if int(settings["num_clips"]) != num_clips:
+            raise UserError(f"{path}: {kind} features have {settings['num_clips']} clips but the model "
+                            f"was built for {num_clips}")
         height, width = getattr(flags, f"{kind}_size") or (None, None)
         normalisation = flags.motion_normalisation if kind == "motion" else None
         given = {"frames_per_clip": getattr(flags, f"{kind}_frames"), "image_height": height, "image_width": width,
@@ -103,23 +109,6 @@ def check_recorded(record: Mapping[str, Any], flags: ExtractionFlags, path: str)
                     else "pretrained networks, where --seed does nothing")
             raise UserError(f"{path} records {kind} features made by {made}, not seed {flags.seed}; leave "
                             "--seed out (the checkpoint's settings are used)")
-
-
-def feature_settings(checkpoint: Mapping[str, Any], flags: ExtractionFlags, num_clips: int,
-                     path: str) -> dict[str, dict]:
-    settings = recorded_features(checkpoint, path)
-    if len(settings) == len(FEATURE_KINDS):
-        check_recorded(settings, flags, path)
-    else:
-        settings = settings_from_flags(flags, num_clips, path)
-    for kind in FEATURE_KINDS:
-        if settings[kind].get("model") != MODEL_OF_KIND[kind]:
-            raise UserError(f"{path}: {kind} features recorded as made by {settings[kind].get('model')!r}, "
-                            f"expected {MODEL_OF_KIND[kind]}")
-        if int(settings[kind]["num_clips"]) != num_clips:
-            raise UserError(f"{path}: {kind} features have {settings[kind]['num_clips']} clips but the model "
-                            f"was built for {num_clips}")
-    return settings
 
 
 # ----------------------------------------------------------------------------------- vocabulary
@@ -217,10 +206,6 @@ class FeatureCache:
                             "another --cache-dir or pass --no-cache") from None
 
 
-class VideoFailure(Exception):
-    """This video cannot be used; the message says why."""
-
-
 @dataclasses.dataclass
 class VideoFeatures:
     appearance: np.ndarray
@@ -247,7 +232,11 @@ class Answerer:
         checkpoint = load_checkpoint(checkpoint_path)
         self.model = model_from_checkpoint(checkpoint, checkpoint_path, device).eval()
         config = self.model.config
-        self.settings = feature_settings(checkpoint, flags, config.num_nodes, checkpoint_path)
+        self.settings = recorded_features(checkpoint, checkpoint_path)
+        if len(self.settings) == len(FEATURE_KINDS):
+            check_recorded(self.settings, flags, config.num_nodes, checkpoint_path)
+        else:
+            self.settings = settings_from_flags(flags, config.num_nodes, checkpoint_path)
         self.vocab = question_vocab(checkpoint, flags, config, checkpoint_path)
         self.top_k = min(top_k, len(self.vocab.idx_to_answer))
         self.batch_size = batch_size
@@ -283,25 +272,20 @@ class Answerer:
             self._extractors[kind] = extractor
         return self._extractors[kind]
 
-    @staticmethod
-    def video_sha256(path: str) -> str:
-        if not os.path.isfile(path):
-            raise VideoFailure(f"not a file: {path}" if os.path.exists(path) else f"video not found: {path}")
-        try:
-            return file_sha256(path)
-        except OSError as exc:
-            raise VideoFailure(f"{path}: cannot read it ({exc.strerror or exc})") from None
-
-    def features(self, videos: Sequence[str]) -> dict[str, VideoFeatures | VideoFailure]:
-        """Features of each distinct video: cached, else extracted (and cached) a group at a time."""
-        result: dict[str, VideoFeatures | VideoFailure] = {}
+    def features(self, videos: Sequence[str]) -> dict[str, VideoFeatures | str]:
+        """Features of each distinct video (cached, else extracted and cached a group at a time), or why
+        it cannot be used."""
+        result: dict[str, VideoFeatures | str] = {}
         found: dict[str, dict[str, tuple[np.ndarray, Optional[str]]]] = {}    # kind → (features, damage)
         shas: dict[str, str] = {}
         for video in dict.fromkeys(videos):
+            if not os.path.isfile(video):
+                result[video] = f"not a file: {video}" if os.path.exists(video) else f"video not found: {video}"
+                continue
             try:
-                shas[video] = self.video_sha256(video)
-            except VideoFailure as exc:
-                result[video] = exc
+                shas[video] = file_sha256(video)
+            except OSError as exc:
+                result[video] = f"{video}: cannot read it ({exc.strerror or exc})"
                 continue
             cached = {kind: self.cache.get(shas[video], kind) for kind in FEATURE_KINDS}
             found[video] = {kind: entry for kind, entry in cached.items() if entry is not None}
@@ -315,7 +299,7 @@ class Answerer:
                 share = (time.perf_counter() - started) / len(group)
                 for video in group:
                     timings[video] += share
-                    if isinstance(extracted[video], VideoFailure):
+                    if isinstance(extracted[video], str):
                         result[video] = extracted[video]
                     else:
                         found[video][kind] = extracted[video]
@@ -327,16 +311,16 @@ class Answerer:
                                               timings[video], [f"damaged video: {reason}" for reason in damage])
         return {video: result[video] for video in dict.fromkeys(videos)}
 
-    def _extract(self, kind: str, paths: Sequence[str]) -> dict[str, tuple[np.ndarray, Optional[str]] | VideoFailure]:
+    def _extract(self, kind: str, paths: Sequence[str]) -> dict[str, tuple[np.ndarray, Optional[str]] | str]:
         """Each video's features and the damage extraction found in the file, or why it failed."""
         videos = [Video(index, os.path.basename(path), path) for index, path in enumerate(paths)]
         ids, features, failures, damaged = self.extractor(kind).extract(videos)
         reasons = {record["video_id"]: record["reason"] for record in damaged}
-        result: dict[str, tuple[np.ndarray, Optional[str]] | VideoFailure] = {
+        result: dict[str, tuple[np.ndarray, Optional[str]] | str] = {
             paths[i]: (row, reasons.get(i)) for i, row in zip(ids, features)}
         for failure in failures:
             path = paths[failure["video_id"]]
-            result[path] = VideoFailure(f"{path}: cannot use this video ({failure['reason']})")
+            result[path] = f"{path}: cannot use this video ({failure['reason']})"
         return result
 
     # ----- answering -----------------------------------------------------------------------------
@@ -348,13 +332,11 @@ class Answerer:
         tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(q.indices, dtype=torch.long) for q in questions],
                                                  batch_first=True, padding_value=NULL_INDEX)
         lengths = torch.tensor([len(q.indices) for q in questions], dtype=torch.long)
-        appearance = torch.from_numpy(features.appearance).to(self.device).unsqueeze(0)
-        motion = torch.from_numpy(features.motion).to(self.device).unsqueeze(0)
+        appearance, motion = (torch.from_numpy(array).to(self.device).expand(count, *array.shape).contiguous()
+                              for array in (features.appearance, features.motion))
         configure_backends(self.device, self.tf32)      # each call: the feature extractors switch TF32 off
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
-            logits = self.model(appearance.expand(count, *appearance.shape[1:]).contiguous(),
-                                motion.expand(count, *motion.shape[1:]).contiguous(),
-                                tokens.to(self.device), lengths).logits.float()
+            logits = self.model(appearance, motion, tokens.to(self.device), lengths).logits.float()
         probabilities = torch.softmax(logits, dim=1)
         top = probabilities.topk(self.top_k, dim=1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
@@ -375,8 +357,8 @@ class Answerer:
         by_video: dict[str, list[int]] = {}
         results: list[dict[str, Any] | str] = [""] * len(rows)
         for index, row in enumerate(rows):
-            if isinstance(features[row["video"]], VideoFailure):
-                results[index] = str(features[row["video"]])
+            if isinstance(features[row["video"]], str):
+                results[index] = features[row["video"]]
             else:
                 by_video.setdefault(row["video"], []).append(index)
         for video, indices in by_video.items():
