@@ -44,11 +44,10 @@ def read_question_rows(path: str) -> list[dict[str, str]]:
                 if missing:
                     raise UserError(f"{path}: no {' or '.join(missing)} column (header: {', '.join(columns) or 'none'}); "
                                     "the first line must name the columns video,question[,id]")
-                while True:
-                    number = reader.line_num + 1        # where the record starts: a quoted field may span lines
-                    cells = next(reader, None)
-                    if cells is None:
-                        break
+                end = reader.line_num
+                for cells in reader:
+                    # The record starts on the line after the previous one ends (a quoted field may span lines).
+                    number, end = end + 1, reader.line_num
                     if not any(cell.strip() for cell in cells):
                         continue
                     if len(cells) > len(columns):       # a comma inside an unquoted question
