@@ -417,12 +417,9 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def runs_left_out(study_dir: str, arms, seeds) -> list[str]:
     """`seed<S>/<arm>` folders of the study that this report does not cover (other --arms or --seeds)."""
-    found = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(study_dir), "seed*", "*", ""))):
-        seed_dir, arm = os.path.relpath(path, study_dir).split(os.sep)
-        if arm not in arms or seed_dir[4:] not in map(str, seeds):
-            found.append(f"{seed_dir}/{arm}")
-    return found
+    folders = (os.path.relpath(path, study_dir).split(os.sep)
+               for path in sorted(glob.glob(os.path.join(glob.escape(study_dir), "seed*", "*", ""))))
+    return [f"{seed_dir}/{arm}" for seed_dir, arm in folders if arm not in arms or seed_dir[4:] not in map(str, seeds)]
 
 
 def write_report(runs, report_dir: str, dataset: str, examples: int = 8) -> dict[str, Any]:
