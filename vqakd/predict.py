@@ -149,7 +149,7 @@ def encode_question(text: str, vocab: Vocabulary) -> EncodedQuestion:
     warnings = []
     if text and text[-1].isalnum():
         warnings.append(LAST_CHARACTER)
-    if not indices or all(index in (UNK_INDEX, NULL_INDEX) for index in indices):
+    if all(index in (UNK_INDEX, NULL_INDEX) for index in indices):     # also without any token
         warnings.append(NO_KNOWN_WORD)
     if not indices:
         indices = [UNK_INDEX]   # the model needs one token; an unknown word says nothing either
