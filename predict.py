@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 
 from vqakd.core.errors import UserError, run_cli
 from vqakd.core.script import prepare_script
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
 def answer(args, single: bool) -> int:
     from vqakd.core.distributed import resolve_device
     from vqakd.predict import Answerer, ExtractionFlags, format_answer
-    from vqakd.predict_batch import answer_rows, read_question_rows, write_records
+    from vqakd.predict_batch import answer_rows, read_question_rows
 
     rows = read_question_rows(args.questions) if args.questions else None
     if single and not os.path.isfile(args.video):
@@ -106,25 +105,9 @@ def answer(args, single: bool) -> int:
                         use_cache=not args.no_cache, top_k=args.top_k, batch_size=args.batch_size)
     if single:
         answer = answerer.answer(args.video, args.question)
-        print(json.dumps(answer.as_dict()) if args.json else format_answer(answer))
+        print(json.dumps(answer) if args.json else format_answer(answer))
         return 0
-    records = answer_rows(answerer, rows)
-    failed = [record for record in records if record["error"]]
-    for record in failed:
-        ident = f" (id {record['id']})" if record["id"] else ""
-        print(f"error: {args.questions}: {record['where']}{ident}: {record['error']}", file=sys.stderr)
-    if args.out:
-        write_records(args.out, records, answerer.top_k)
-        print(f"{len(records) - len(failed)} of {len(records)} questions answered -> {args.out}", file=sys.stderr)
-    else:
-        for record in records:
-            if args.json:
-                print(json.dumps({key: value for key, value in record.items() if key != "where"}))
-            elif not record["error"]:
-                best = record["answers"][0]
-                print(f"{record['id'] or record['where']}\t{record['video']}\t{record['question']}\t"
-                      f"{best['answer']}\t{best['probability']:.4f}")
-    return 1 if failed else 0
+    return answer_rows(answerer, rows, args.questions, args.out, args.json)
 
 
 if __name__ == "__main__":

@@ -85,10 +85,16 @@ def settings_from_flags(flags: ExtractionFlags, num_clips: int, path: str) -> di
     return result
 
 
-def check_recorded(record: Mapping[str, Any], flags: ExtractionFlags, path: str) -> None:
-    """Settings flags next to a record may only repeat it (one source of truth)."""
+def check_recorded(record: Mapping[str, Any], flags: ExtractionFlags, num_clips: int, path: str) -> None:
+    """The record must fit the model, and settings flags next to it may only repeat it (one source of truth)."""
     for kind in FEATURE_KINDS:
         settings = record[kind]
+        if settings.get("model") != MODEL_OF_KIND[kind]:
+            raise UserError(f"{path}: {kind} features recorded as made by {settings.get('model')!r}, "
+                            f"expected {MODEL_OF_KIND[kind]}")
+        if int(settings["num_clips"]) != num_clips:
+            raise UserError(f"{path}: {kind} features have {settings['num_clips']} clips but the model "
+                            f"was built for {num_clips}")
         height, width = getattr(flags, f"{kind}_size") or (None, None)
         normalisation = flags.motion_normalisation if kind == "motion" else None
         given = {"frames_per_clip": getattr(flags, f"{kind}_frames"), "image_height": height, "image_width": width,
@@ -103,23 +109,6 @@ def check_recorded(record: Mapping[str, Any], flags: ExtractionFlags, path: str)
                     else "pretrained networks, where --seed does nothing")
             raise UserError(f"{path} records {kind} features made by {made}, not seed {flags.seed}; leave "
                             "--seed out (the checkpoint's settings are used)")
-
-
-def feature_settings(checkpoint: Mapping[str, Any], flags: ExtractionFlags, num_clips: int,
-                     path: str) -> dict[str, dict]:
-    settings = recorded_features(checkpoint, path)
-    if len(settings) == len(FEATURE_KINDS):
-        check_recorded(settings, flags, path)
-    else:
-        settings = settings_from_flags(flags, num_clips, path)
-    for kind in FEATURE_KINDS:
-        if settings[kind].get("model") != MODEL_OF_KIND[kind]:
-            raise UserError(f"{path}: {kind} features recorded as made by {settings[kind].get('model')!r}, "
-                            f"expected {MODEL_OF_KIND[kind]}")
-        if int(settings[kind]["num_clips"]) != num_clips:
-            raise UserError(f"{path}: {kind} features have {settings[kind]['num_clips']} clips but the model "
-                            f"was built for {num_clips}")
-    return settings
 
 
 # ----------------------------------------------------------------------------------- vocabulary
@@ -160,7 +149,7 @@ def encode_question(text: str, vocab: Vocabulary) -> EncodedQuestion:
     warnings = []
     if text and text[-1].isalnum():
         warnings.append(LAST_CHARACTER)
-    if not indices or all(index in (UNK_INDEX, NULL_INDEX) for index in indices):
+    if all(index in (UNK_INDEX, NULL_INDEX) for index in indices):     # also without any token
         warnings.append(NO_KNOWN_WORD)
     if not indices:
         indices = [UNK_INDEX]   # the model needs one token; an unknown word says nothing either
@@ -172,34 +161,38 @@ def encode_question(text: str, vocab: Vocabulary) -> EncodedQuestion:
 class FeatureCache:
     """`<folder>/<sha[:2]>/<video sha256>.<kind>.<settings digest>.npy`, written atomically."""
 
-    def __init__(self, folder: Optional[str]):
+    def __init__(self, folder: Optional[str], settings: Mapping[str, dict]):
         self.folder = folder
+        # Fixed for one checkpoint and its flags: what names each kind's features, and their shape.
+        self.digests = {kind: identity_digest(settings[kind], FEATURE_SETTINGS) for kind in FEATURE_KINDS}
+        self.shapes = {kind: NETWORKS[settings[kind]["model"]].shape_for(int(settings[kind]["num_clips"]),
+                                                                         int(settings[kind]["frames_per_clip"]))
+                       for kind in FEATURE_KINDS}
 
-    def path(self, video_sha: str, kind: str, digest: str) -> Optional[str]:
+    def path(self, video_sha: str, kind: str) -> Optional[str]:
         if self.folder is None:
             return None
-        return os.path.join(self.folder, video_sha[:2], f"{video_sha}.{kind}.{digest[:20]}.npy")
+        return os.path.join(self.folder, video_sha[:2], f"{video_sha}.{kind}.{self.digests[kind][:20]}.npy")
 
-    def get(self, video_sha: str, kind: str, digest: str,
-            shape: tuple[int, ...]) -> Optional[tuple[np.ndarray, Optional[str]]]:
+    def get(self, video_sha: str, kind: str) -> Optional[tuple[np.ndarray, Optional[str]]]:
         """The cached features and the damage extraction reported for them, so that cached answers
         warn as the first one did; None when none are usable."""
-        path = self.path(video_sha, kind, digest)
+        path = self.path(video_sha, kind)
         if path is None or not os.path.isfile(path):
             return None
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError):
             return None     # unreadable: extracted again and rewritten
-        if array.shape != shape or array.dtype != np.float32:
+        if array.shape != self.shapes[kind] or array.dtype != np.float32:
             return None
         if not os.path.isfile(path + DAMAGE_SUFFIX):
             return array, None
         with open(path + DAMAGE_SUFFIX, encoding="utf-8") as handle:
             return array, handle.read().strip() or None
 
-    def put(self, video_sha: str, kind: str, digest: str, array: np.ndarray, damage: Optional[str] = None) -> None:
-        path = self.path(video_sha, kind, digest)
+    def put(self, video_sha: str, kind: str, array: np.ndarray, damage: Optional[str] = None) -> None:
+        path = self.path(video_sha, kind)
         if path is None:
             return
         try:
@@ -213,10 +206,6 @@ class FeatureCache:
                             "another --cache-dir or pass --no-cache") from None
 
 
-class VideoFailure(Exception):
-    """This video cannot be used; the message says why."""
-
-
 @dataclasses.dataclass
 class VideoFeatures:
     appearance: np.ndarray
@@ -227,23 +216,6 @@ class VideoFeatures:
 
 
 # ----------------------------------------------------------------------------------- the answerer
-
-@dataclasses.dataclass
-class Answer:
-    video: str
-    question: str
-    answers: list[tuple[str, float]]
-    unknown_words: list[str]
-    warnings: list[str]
-    cached: bool
-    extract_seconds: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"video": self.video, "question": self.question,
-                "answers": [{"answer": a, "probability": p} for a, p in self.answers],
-                "unknown_words": self.unknown_words, "warnings": self.warnings,
-                "features_cached": self.cached, "extract_seconds": round(self.extract_seconds, 4)}
-
 
 class Answerer:
     """A checkpoint, its extraction settings and vocabulary, ready to answer questions."""
@@ -260,9 +232,11 @@ class Answerer:
         checkpoint = load_checkpoint(checkpoint_path)
         self.model = model_from_checkpoint(checkpoint, checkpoint_path, device).eval()
         config = self.model.config
-        self.settings = feature_settings(checkpoint, flags, config.num_nodes, checkpoint_path)
-        # What names each kind's cached features: fixed for this checkpoint and these flags.
-        self.digests = {kind: identity_digest(self.settings[kind], FEATURE_SETTINGS) for kind in FEATURE_KINDS}
+        self.settings = recorded_features(checkpoint, checkpoint_path)
+        if len(self.settings) == len(FEATURE_KINDS):
+            check_recorded(self.settings, flags, config.num_nodes, checkpoint_path)
+        else:
+            self.settings = settings_from_flags(flags, config.num_nodes, checkpoint_path)
         self.vocab = question_vocab(checkpoint, flags, config, checkpoint_path)
         self.top_k = min(top_k, len(self.vocab.idx_to_answer))
         self.batch_size = batch_size
@@ -271,7 +245,7 @@ class Answerer:
         self.tf32 = bool(train.get("tf32", True))
         self.amp = str(train.get("amp", "none"))
         folder = cache_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), CACHE_FOLDER)
-        self.cache = FeatureCache(folder if use_cache else None)
+        self.cache = FeatureCache(folder if use_cache else None, self.settings)
         self._extractors: dict[str, Any] = {}
 
     # ----- features ------------------------------------------------------------------------------
@@ -298,32 +272,22 @@ class Answerer:
             self._extractors[kind] = extractor
         return self._extractors[kind]
 
-    @staticmethod
-    def video_sha256(path: str) -> str:
-        if not os.path.isfile(path):
-            raise VideoFailure(f"not a file: {path}" if os.path.exists(path) else f"video not found: {path}")
-        try:
-            return file_sha256(path)
-        except OSError as exc:
-            raise VideoFailure(f"{path}: cannot read it ({exc.strerror or exc})") from None
-
-    def shape(self, kind: str) -> tuple[int, ...]:
-        settings = self.settings[kind]
-        return NETWORKS[settings["model"]].shape_for(int(settings["num_clips"]), int(settings["frames_per_clip"]))
-
-    def features(self, videos: Sequence[str]) -> dict[str, VideoFeatures | VideoFailure]:
-        """Features of each distinct video: cached, else extracted (and cached) a group at a time."""
-        result: dict[str, VideoFeatures | VideoFailure] = {}
+    def features(self, videos: Sequence[str]) -> dict[str, VideoFeatures | str]:
+        """Features of each distinct video (cached, else extracted and cached a group at a time), or why
+        it cannot be used."""
+        result: dict[str, VideoFeatures | str] = {}
         found: dict[str, dict[str, tuple[np.ndarray, Optional[str]]]] = {}    # kind → (features, damage)
         shas: dict[str, str] = {}
         for video in dict.fromkeys(videos):
-            try:
-                shas[video] = self.video_sha256(video)
-            except VideoFailure as exc:
-                result[video] = exc
+            if not os.path.isfile(video):
+                result[video] = f"not a file: {video}" if os.path.exists(video) else f"video not found: {video}"
                 continue
-            cached = {kind: self.cache.get(shas[video], kind, self.digests[kind], self.shape(kind))
-                      for kind in FEATURE_KINDS}
+            try:
+                shas[video] = file_sha256(video)
+            except OSError as exc:
+                result[video] = f"{video}: cannot read it ({exc.strerror or exc})"
+                continue
+            cached = {kind: self.cache.get(shas[video], kind) for kind in FEATURE_KINDS}
             found[video] = {kind: entry for kind, entry in cached.items() if entry is not None}
         timings = dict.fromkeys(found, 0.0)
         for kind in FEATURE_KINDS:
@@ -335,11 +299,11 @@ class Answerer:
                 share = (time.perf_counter() - started) / len(group)
                 for video in group:
                     timings[video] += share
-                    if isinstance(extracted[video], VideoFailure):
+                    if isinstance(extracted[video], str):
                         result[video] = extracted[video]
                     else:
                         found[video][kind] = extracted[video]
-                        self.cache.put(shas[video], kind, self.digests[kind], *extracted[video])
+                        self.cache.put(shas[video], kind, *extracted[video])
         for video, entries in found.items():
             if video not in result:
                 damage = sorted({reason for _, reason in entries.values() if reason})
@@ -347,16 +311,16 @@ class Answerer:
                                               timings[video], [f"damaged video: {reason}" for reason in damage])
         return {video: result[video] for video in dict.fromkeys(videos)}
 
-    def _extract(self, kind: str, paths: Sequence[str]) -> dict[str, tuple[np.ndarray, Optional[str]] | VideoFailure]:
+    def _extract(self, kind: str, paths: Sequence[str]) -> dict[str, tuple[np.ndarray, Optional[str]] | str]:
         """Each video's features and the damage extraction found in the file, or why it failed."""
         videos = [Video(index, os.path.basename(path), path) for index, path in enumerate(paths)]
         ids, features, failures, damaged = self.extractor(kind).extract(videos)
         reasons = {record["video_id"]: record["reason"] for record in damaged}
-        result: dict[str, tuple[np.ndarray, Optional[str]] | VideoFailure] = {
+        result: dict[str, tuple[np.ndarray, Optional[str]] | str] = {
             paths[i]: (row, reasons.get(i)) for i, row in zip(ids, features)}
         for failure in failures:
             path = paths[failure["video_id"]]
-            result[path] = VideoFailure(f"{path}: cannot use this video ({failure['reason']})")
+            result[path] = f"{path}: cannot use this video ({failure['reason']})"
         return result
 
     # ----- answering -----------------------------------------------------------------------------
@@ -368,34 +332,33 @@ class Answerer:
         tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(q.indices, dtype=torch.long) for q in questions],
                                                  batch_first=True, padding_value=NULL_INDEX)
         lengths = torch.tensor([len(q.indices) for q in questions], dtype=torch.long)
-        appearance = torch.from_numpy(features.appearance).to(self.device).unsqueeze(0)
-        motion = torch.from_numpy(features.motion).to(self.device).unsqueeze(0)
+        appearance, motion = (torch.from_numpy(array).to(self.device).expand(count, *array.shape).contiguous()
+                              for array in (features.appearance, features.motion))
         configure_backends(self.device, self.tf32)      # each call: the feature extractors switch TF32 off
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
-            logits = self.model(appearance.expand(count, *appearance.shape[1:]).contiguous(),
-                                motion.expand(count, *motion.shape[1:]).contiguous(),
-                                tokens.to(self.device), lengths).logits.float()
+            logits = self.model(appearance, motion, tokens.to(self.device), lengths).logits.float()
         probabilities = torch.softmax(logits, dim=1)
         top = probabilities.topk(self.top_k, dim=1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
         return [[(self.vocab.idx_to_answer[i], float(p)) for i, p in zip(row_i, row_p)]
                 for row_i, row_p in zip(indices, values)]
 
-    def answer(self, video: str, question: str) -> Answer:
-        """One question about one video; a video that cannot be used is a UserError."""
+    def answer(self, video: str, question: str) -> dict[str, Any]:
+        """One question about one video (as answer_many); a video that cannot be used is a UserError."""
         result = self.answer_many([{"video": video, "question": question}])[0]
         if isinstance(result, str):
             raise UserError(result)
         return result
 
-    def answer_many(self, rows: Sequence[Mapping[str, str]]) -> list[Answer | str]:
-        """Each row's Answer, or the reason it failed; every distinct video is extracted once."""
+    def answer_many(self, rows: Sequence[Mapping[str, str]]) -> list[dict[str, Any] | str]:
+        """Each row's answer (the record --json prints), or the reason it failed; every distinct video
+        is extracted once."""
         features = self.features([row["video"] for row in rows])
         by_video: dict[str, list[int]] = {}
-        results: list[Answer | str] = [""] * len(rows)
+        results: list[dict[str, Any] | str] = [""] * len(rows)
         for index, row in enumerate(rows):
-            if isinstance(features[row["video"]], VideoFailure):
-                results[index] = str(features[row["video"]])
+            if isinstance(features[row["video"]], str):
+                results[index] = features[row["video"]]
             else:
                 by_video.setdefault(row["video"], []).append(index)
         for video, indices in by_video.items():
@@ -406,19 +369,22 @@ class Answerer:
                 chunk = indices[start:start + QUESTIONS_PER_PASS]
                 encoded = [encode_question(rows[i]["question"], self.vocab) for i in chunk]
                 for i, question, answers in zip(chunk, encoded, self.answer_encoded(feats, encoded)):
-                    results[i] = Answer(video, rows[i]["question"], answers, question.unknown,
-                                        question.warnings + feats.warnings, feats.cached, feats.seconds)
+                    results[i] = {"video": video, "question": rows[i]["question"],
+                                  "answers": [{"answer": a, "probability": p} for a, p in answers],
+                                  "unknown_words": question.unknown, "warnings": question.warnings + feats.warnings,
+                                  "features_cached": feats.cached, "extract_seconds": round(feats.seconds, 4)}
         return results
 
 
-def format_answer(answer: Answer) -> str:
-    lines = [f"{answer.video}: {answer.question}"]
-    if answer.unknown_words:
-        lines.append(f"  not in the vocabulary (read as <UNK>): {', '.join(answer.unknown_words)}")
-    lines += [f"  warning: {warning}" for warning in answer.warnings]
-    width = max(len(text) for text, _ in answer.answers)
-    lines += [f"  {rank}. {text:<{width}}  {probability:.4f}"
-              for rank, (text, probability) in enumerate(answer.answers, 1)]
-    source = "cached features" if answer.cached else f"features extracted in {answer.extract_seconds:.2f} s"
+def format_answer(answer: Mapping[str, Any]) -> str:
+    lines = [f"{answer['video']}: {answer['question']}"]
+    if answer["unknown_words"]:
+        lines.append(f"  not in the vocabulary (read as <UNK>): {', '.join(answer['unknown_words'])}")
+    lines += [f"  warning: {warning}" for warning in answer["warnings"]]
+    width = max(len(entry["answer"]) for entry in answer["answers"])
+    lines += [f"  {rank}. {entry['answer']:<{width}}  {entry['probability']:.4f}"
+              for rank, entry in enumerate(answer["answers"], 1)]
+    source = ("cached features" if answer["features_cached"]
+              else f"features extracted in {answer['extract_seconds']:.2f} s")
     lines.append(f"  ({source})")
     return "\n".join(lines)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import sys
+from typing import Any, Optional
 
 from vqakd.core.errors import UserError
 from vqakd.core.files import atomic_open
@@ -43,11 +44,10 @@ def read_question_rows(path: str) -> list[dict[str, str]]:
                 if missing:
                     raise UserError(f"{path}: no {' or '.join(missing)} column (header: {', '.join(columns) or 'none'}); "
                                     "the first line must name the columns video,question[,id]")
-                while True:
-                    number = reader.line_num + 1        # where the record starts: a quoted field may span lines
-                    cells = next(reader, None)
-                    if cells is None:
-                        break
+                end = reader.line_num
+                for cells in reader:
+                    # The record starts on the line after the previous one ends (a quoted field may span lines).
+                    number, end = end + 1, reader.line_num
                     if not any(cell.strip() for cell in cells):
                         continue
                     if len(cells) > len(columns):       # a comma inside an unquoted question
@@ -74,19 +74,33 @@ def read_question_rows(path: str) -> list[dict[str, str]]:
     return checked
 
 
-def answer_rows(answerer: Answerer, rows: list[dict]) -> list[dict[str, Any]]:
-    """One output record per input row: the answers, or `error`."""
+def answer_rows(answerer: Answerer, rows: list[dict], questions: str, out: Optional[str], as_json: bool) -> int:
+    """Answer the rows of the file `questions`: each failing row reported on stderr, the answers written
+    to `out` (else printed, one line each). Returns the exit status: 1 when a row failed."""
     usable = [row for row in rows if row["problem"] is None]
     results = iter(answerer.answer_many(usable))
     records = []
     for row in rows:
-        result = row["problem"] if row["problem"] is not None else next(results)
-        base = {"id": row["id"], "video": row["video"], "question": row["question"]}
-        if isinstance(result, str):
-            records.append({**base, "error": result, "where": row["where"]})
-        else:
-            records.append({**base, **result.as_dict(), "error": None, "where": row["where"]})
-    return records
+        result = row["problem"] or next(results)
+        answer = {"error": result} if isinstance(result, str) else {**result, "error": None}
+        records.append({"id": row["id"], "video": row["video"], "question": row["question"], **answer,
+                        "where": row["where"]})
+    failed = [record for record in records if record["error"]]
+    for record in failed:
+        ident = f" (id {record['id']})" if record["id"] else ""
+        print(f"error: {questions}: {record['where']}{ident}: {record['error']}", file=sys.stderr)
+    if out:
+        write_records(out, records, answerer.top_k)
+        print(f"{len(records) - len(failed)} of {len(records)} questions answered -> {out}", file=sys.stderr)
+    else:
+        for record in records:
+            if as_json:
+                print(json.dumps({key: value for key, value in record.items() if key != "where"}))
+            elif not record["error"]:
+                best = record["answers"][0]
+                print(f"{record['id'] or record['where']}\t{record['video']}\t{record['question']}\t"
+                      f"{best['answer']}\t{best['probability']:.4f}")
+    return 1 if failed else 0
 
 
 def write_records(path: str, records: list[dict[str, Any]], top_k: int) -> None:

@@ -79,16 +79,16 @@ def collect(runs) -> dict[str, Any]:
     return arms
 
 
-def answer_metrics(preds: dict[str, list[dict]], top: int = TOP_ANSWERS) -> dict[str, Any]:
-    """Per arm, all seeds pooled: per-answer precision/recall/F1 and the confusions among the `top`
-    most frequent true test answers in the vocabulary, as validate.py computes them."""
+def answer_metrics(preds: dict[str, list[dict]]) -> dict[str, Any]:
+    """Per arm, all seeds pooled: per-answer precision/recall/F1 and the confusions among the
+    TOP_ANSWERS most frequent true test answers in the vocabulary, as validate.py computes them."""
     from vqakd.training.validation import answer_figures
 
     out: dict[str, Any] = {"labels": [], "arms": {}}
     for arm, rows in preds.items():
         # A true answer outside the answer vocabulary is written <UNK1> in the predictions CSV.
         figures = answer_figures([row["answer"] for row in rows], [row["predicted_answer"] for row in rows],
-                                 lambda answer: answer not in ANSWER_SPECIALS, answers=top, square=top)
+                                 lambda answer: answer not in ANSWER_SPECIALS, answers=TOP_ANSWERS, square=TOP_ANSWERS)
         if figures["confusion"] is None:
             continue
         # Every arm answers the same test questions with the same seeds: the same labels.
@@ -322,24 +322,6 @@ def _pct(stats: Optional[dict], sign: str = "") -> str:
     return text + (f" ± {100 * stats['std']:.2f}" if stats.get("std") is not None else "")
 
 
-def _paired_markdown(paired: dict[str, Any]) -> list[str]:
-    """The paired differences against the baseline arm: a table, then one sentence per arm."""
-    if not paired:
-        return []
-    baseline = next(iter(paired.values()))["baseline"]
-    out = ["", f"## Paired by seed: each arm − {baseline}", "",
-           "A seed sets the initialisation and batch order of every arm alike: the difference seed by seed takes "
-           "out what a seed does to all arms together, and its interval, not the arms' ± side by side, tells a "
-           "gain from noise.", ""]
-    rows = [[name, ", ".join(f"{seed}: {100 * value:+.2f}" for seed, value in entry["seeds"].items()),
-             _pct(entry, sign="+"),
-             "[{:+.2f}, {:+.2f}]".format(*(100 * end for end in entry["interval"])) if entry["interval"] else "–"]
-            for name, entry in paired.items()]
-    out += _table(["arm", "difference per seed (points)", "mean ± std", "95% interval (t)"], rows)
-    out += [""] + [f"- {entry['verdict']}" for entry in paired.values()]
-    return out
-
-
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -375,7 +357,19 @@ def render_markdown(report: dict[str, Any]) -> str:
             "(median of timed passes after a warm-up), mean over seeds."]
     if published and report["features"]["note"]:
         out += ["", report["features"]["note"]]
-    out += _paired_markdown(report["paired"])
+    paired = report["paired"]
+    if paired:
+        baseline = next(iter(paired.values()))["baseline"]
+        out += ["", f"## Paired by seed: each arm − {baseline}", "",
+                "A seed sets the initialisation and batch order of every arm alike: the difference seed by seed "
+                "takes out what a seed does to all arms together, and its interval, not the arms' ± side by side, "
+                "tells a gain from noise.", ""]
+        rows = [[name, ", ".join(f"{seed}: {100 * value:+.2f}" for seed, value in entry["seeds"].items()),
+                 _pct(entry, sign="+"),
+                 "[{:+.2f}, {:+.2f}]".format(*(100 * end for end in entry["interval"])) if entry["interval"] else "–"]
+                for name, entry in paired.items()]
+        out += _table(["arm", "difference per seed (points)", "mean ± std", "95% interval (t)"], rows)
+        out += [""] + [f"- {entry['verdict']}" for entry in paired.values()]
     out += ["", "## Per question type", ""]
     rows = [[name] + [_pct(arm["per_type"][t]) for t in types] + [_pct(arm["accuracy"])]
             for name, arm in arms.items()]
@@ -423,12 +417,9 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def runs_left_out(study_dir: str, arms, seeds) -> list[str]:
     """`seed<S>/<arm>` folders of the study that this report does not cover (other --arms or --seeds)."""
-    found = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(study_dir), "seed*", "*", ""))):
-        seed_dir, arm = os.path.relpath(path, study_dir).split(os.sep)
-        if arm not in arms or seed_dir[4:] not in map(str, seeds):
-            found.append(f"{seed_dir}/{arm}")
-    return found
+    folders = (os.path.relpath(path, study_dir).split(os.sep)
+               for path in sorted(glob.glob(os.path.join(glob.escape(study_dir), "seed*", "*", ""))))
+    return [f"{seed_dir}/{arm}" for seed_dir, arm in folders if arm not in arms or seed_dir[4:] not in map(str, seeds)]
 
 
 def write_report(runs, report_dir: str, dataset: str, examples: int = 8) -> dict[str, Any]:

@@ -83,13 +83,8 @@ def parse_arms(text: Optional[str]) -> list[Arm]:
     unknown = [name for name in names if name not in ARMS]
     if unknown:
         raise UserError(f"--arms: unknown arm {unknown[0]!r}; known arms: {', '.join(ARMS)}")
-    ordered: list[str] = []
-    for name in names:
-        teacher = ARMS[name].teacher
-        if teacher and teacher not in ordered:
-            ordered.append(teacher)
-        if name not in ordered:
-            ordered.append(name)
+    # Each arm after its teacher arm, the first time either is named.
+    ordered = dict.fromkeys(each for name in names for each in (ARMS[name].teacher, name) if each)
     return [ARMS[name] for name in ordered]
 
 
@@ -131,7 +126,8 @@ class Run:
     def evaluated(self) -> bool:
         """The study's test evaluation of this best.pt exists: written after it, of its test split."""
         best = self.path("best.pt")
-        if not (_newer_or_same(self.preds_path, best) and _newer_or_same(self.eval_path, best)):
+        if not all(os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(best)
+                   for path in (self.preds_path, self.eval_path)):
             return False
         try:
             record = read_json(self.eval_path)
@@ -201,18 +197,6 @@ def _decide(run: Run, overwrite: bool) -> None:
     if run.action == "overwrite" and not overwrite:
         raise UserError(f"{run.stage_dir} holds a run with other settings ({run.reason}); use another --out, "
                         "delete that folder, or pass --overwrite to retrain it")
-
-
-def describe_plan(runs: list[Run]) -> str:
-    lines = ["study plan:"]
-    for run in runs:
-        teacher = f" (teacher {run.teacher_run.arm.name}, seed {run.seed})" if run.teacher_run else ""
-        lines.append(f"  seed {run.seed:<6} {run.arm.name:<24} {run.action:<9} {run.stage_dir}{teacher}")
-    return "\n".join(lines)
-
-
-def _newer_or_same(path: str, than: str) -> bool:
-    return os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(than)
 
 
 def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
@@ -313,7 +297,10 @@ def run_study(cfg: str, seeds_text: str = "3", arms_text: Optional[str] = None, 
     runs = plan_study(cfg, study_dir, seeds, parse_arms(arms_text), overrides, device, overwrite)
     main = dist.env_int("RANK") == 0
     log = print if main else (lambda message: None)
-    log(describe_plan(runs))
+    log("study plan:")
+    for run in runs:
+        teacher = f" (teacher {run.teacher_run.arm.name}, seed {run.seed})" if run.teacher_run else ""
+        log(f"  seed {run.seed:<6} {run.arm.name:<24} {run.action:<9} {run.stage_dir}{teacher}")
     # Two studies writing into one folder would overwrite each other's runs; rank 0 holds the lock.
     with FolderLock(study_dir, "study folder") if main else contextlib.nullcontext():
         # One process group for every train/validate call (their own sessions keep it): under
