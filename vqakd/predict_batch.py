@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
 from typing import Any, Optional
 
 from vqakd.core.errors import UserError
-from vqakd.core.files import atomic_open
+from vqakd.core.files import atomic_open, read_text
 from vqakd.predict import Answerer
 
 QUESTION_COLUMNS = ("video", "question")
@@ -24,39 +25,36 @@ def read_question_rows(path: str) -> list[dict[str, str]]:
     if not os.path.isfile(path):
         raise UserError(f"questions file not found: {path}")
     rows: list[dict[str, Any]] = []
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            if path.lower().endswith((".jsonl", ".json")):
-                for number, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except ValueError as exc:
-                        raise UserError(f"{path}: line {number}: not JSON ({exc})") from None
-                    if not isinstance(record, dict):
-                        raise UserError(f"{path}: line {number}: expected an object with video and question")
-                    rows.append({"_where": f"line {number}", **record})
-            else:
-                reader = csv.reader(handle)
-                columns = next(reader, None) or []
-                missing = [name for name in QUESTION_COLUMNS if name not in columns]
-                if missing:
-                    raise UserError(f"{path}: no {' or '.join(missing)} column (header: {', '.join(columns) or 'none'}); "
-                                    "the first line must name the columns video,question[,id]")
-                end = reader.line_num
-                for cells in reader:
-                    # The record starts on the line after the previous one ends (a quoted field may span lines).
-                    number, end = end + 1, reader.line_num
-                    if not any(cell.strip() for cell in cells):
-                        continue
-                    if len(cells) > len(columns):       # a comma inside an unquoted question
-                        raise UserError(f"{path}: line {number}: {len(cells)} fields where the header names "
-                                        f"{len(columns)} ({', '.join(columns)}); put a question that contains a "
-                                        'comma in double quotes: video.avi,"what is it, the small one?"')
-                    rows.append({"_where": f"line {number}", **dict(zip(columns, cells))})
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    handle = io.StringIO(read_text(path, newline=""), newline="")
+    if path.lower().endswith((".jsonl", ".json")):
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise UserError(f"{path}: line {number}: not JSON ({exc})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}: line {number}: expected an object with video and question")
+            rows.append({"_where": f"line {number}", **record})
+    else:
+        reader = csv.reader(handle)
+        columns = next(reader, None) or []
+        missing = [name for name in QUESTION_COLUMNS if name not in columns]
+        if missing:
+            raise UserError(f"{path}: no {' or '.join(missing)} column (header: {', '.join(columns) or 'none'}); "
+                            "the first line must name the columns video,question[,id]")
+        end = reader.line_num
+        for cells in reader:
+            # The record starts on the line after the previous one ends (a quoted field may span lines).
+            number, end = end + 1, reader.line_num
+            if not any(cell.strip() for cell in cells):
+                continue
+            if len(cells) > len(columns):       # a comma inside an unquoted question
+                raise UserError(f"{path}: line {number}: {len(cells)} fields where the header names "
+                                f"{len(columns)} ({', '.join(columns)}); put a question that contains a "
+                                'comma in double quotes: video.avi,"what is it, the small one?"')
+            rows.append({"_where": f"line {number}", **dict(zip(columns, cells))})
     folder = os.path.dirname(os.path.abspath(path))
     checked = []
     for record in rows:

@@ -27,7 +27,7 @@ import yaml
 from model import ModelConfig
 from model.settings import model_config_problems
 from vqakd.core.errors import UserError, require_file
-from vqakd.core.files import atomic_open
+from vqakd.core.files import atomic_open, read_text
 from vqakd.core.script import ORIGINAL_FLAGS, STAGES
 
 # The DataConfig entries that are a run's input files.
@@ -267,15 +267,12 @@ def _set_nested(raw: dict, path: list[str], value: Any, source: str) -> None:
 def read_yaml(path: str) -> dict:
     require_file(path, "config file")
     try:
-        with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
+        raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{path}: invalid YAML{at}: {problem}") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
     if not isinstance(raw, (dict, type(None))):
         raise UserError(f"{path}: expected a mapping of sections (name, dataset, data, model, train, loss, ...)")
     return raw or {}

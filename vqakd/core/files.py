@@ -80,17 +80,23 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
             os.fsync(handle.fileno())
 
 
+def read_text(path: str | os.PathLike, newline: str | None = None) -> str:
+    """A UTF-8 text file's contents, newlines as "\n" (`newline=""`: as written, which csv needs);
+    other bytes are a UserError naming the file. A byte-order mark (editors on Windows and Excel's
+    "CSV UTF-8" add one) is not part of the text."""
+    try:
+        with open(path, encoding="utf-8-sig", newline=newline) as handle:
+            return handle.read()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{os.fspath(path)}: not UTF-8 text ({exc.reason})") from None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Parse a JSON file; invalid JSON or non-UTF-8 text is a UserError naming the file and place."""
-    path = os.fspath(path)
     try:
-        # utf-8-sig: a byte-order mark (editors on Windows add one) is not part of the JSON.
-        with open(path, encoding="utf-8-sig") as handle:
-            return json.load(handle)
+        return json.loads(read_text(path))
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+        raise UserError(f"{os.fspath(path)}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

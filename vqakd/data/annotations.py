@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 
 from vqakd.core.errors import UserError, require_file
-from vqakd.core.files import read_json
+from vqakd.core.files import read_json, read_text
 
 DATASETS = ("msvd-qa", "msrvtt-qa")
 SPLITS = ("train", "val", "test")
@@ -73,13 +73,7 @@ def load_msvd_mapping(annotation_dir: str) -> dict[int, str]:
     path = require_file(os.path.join(annotation_dir, "youtube_mapping.txt"), "MSVD-QA mapping file",
                         "it ships with the MSVD-QA annotations next to the {split}_qa.json files")
     mapping: dict[int, str] = {}
-    # utf-8-sig: a byte-order mark would otherwise become part of the first clip's name.
-    try:
-        with open(path, encoding="utf-8-sig") as handle:
-            lines = handle.read().split("\n")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    for line_no, line in enumerate(lines, 1):
+    for line_no, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         parts = line.split()

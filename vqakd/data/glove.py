@@ -18,7 +18,7 @@ import numpy as np
 
 from vqakd.core.errors import UserError, require_file
 from vqakd.core.progress import progress_bar
-from vqakd.core.files import read_json
+from vqakd.core.files import read_json, read_text
 from vqakd.core.safe_pickle import safe_load
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -183,8 +183,4 @@ def read_word_list(path: str | os.PathLike) -> list[str]:
             raise UserError(f"{path}: expected a vocab JSON with question_token_to_idx or "
                             "question_answer_token_to_idx")
         return list(dict.fromkeys(word for key in tables for word in vocab[key]))
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return list(dict.fromkeys(line.rstrip("\r\n") for line in handle if line.strip()))
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    return list(dict.fromkeys(line for line in read_text(path).split("\n") if line.strip()))
