@@ -171,15 +171,13 @@ class GraphAttention(nn.Module):
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:
         """x (B, N, d), gate (B, N, 1) -> (B, N, d)."""
-        batch, nodes, _ = x.shape
         x = F.dropout(x, self.dropout, self.training)
         heads = self.project(x)
         attention = torch.softmax(self.attention_scores(heads, x), dim=-1)
         attention = F.dropout(attention, self.dropout, self.training)
         # Node j's gate scales its message; the scores come from the ungated features, as in the original.
         messages = heads * gate.unsqueeze(1).to(heads.dtype)
-        out = F.elu(torch.matmul(attention, messages))
-        out = out.transpose(1, 2).reshape(batch, nodes, self.num_heads * self.head_dim)
+        out = F.elu(torch.matmul(attention, messages)).transpose(1, 2).flatten(2)     # heads side by side
         return F.dropout(out, self.dropout, self.training)
 
 
@@ -293,7 +291,6 @@ class MFBFusion(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fusion_dim = config.fusion_dim
         self.factor = config.fusion_factor
         wide = config.fusion_dim * config.fusion_factor
         self.appearance_proj = nn.Linear(config.module_dim, wide)
@@ -303,7 +300,7 @@ class MFBFusion(nn.Module):
     def forward(self, appearance: Tensor, motion: Tensor) -> Tensor:
         joint = F.elu(self.appearance_proj(appearance)) * F.elu(self.motion_proj(motion))
         # Sum-pool adjacent channels: pooled[k] = joint[factor·k] + ... + joint[factor·k + factor-1].
-        pooled = joint.view(*joint.shape[:-1], self.fusion_dim, self.factor).sum(dim=-1)
+        pooled = joint.unflatten(-1, (-1, self.factor)).sum(dim=-1)
         return F.elu(self.out_proj(pooled))
 
 
@@ -360,11 +357,7 @@ class DualVGR(nn.Module):
     def reset_parameters(self) -> None:
         """The original initialisation: Xavier-uniform weights, zero biases, embedding U(-1, 1)."""
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LSTM):
+            if isinstance(module, (nn.Linear, nn.LSTM)):
                 for name, param in module.named_parameters():
                     if name.startswith("weight"):
                         nn.init.xavier_uniform_(param)
