@@ -105,9 +105,8 @@ def _meta_state(config: ModelConfig) -> dict[str, Tensor]:
 
 def _check_keys(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str) -> None:
     """`state` has exactly the keys of `expected`, each a tensor of the same shape."""
-    missing = [key for key in expected if key not in state]
-    extra = [key for key in state if key not in expected]
-    for problem, keys in (("missing", missing), ("unexpected", extra)):
+    for problem, keys in (("missing", [key for key in expected if key not in state]),
+                          ("unexpected", [key for key in state if key not in expected])):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
             raise OriginalCheckpointError(f"{what}: {problem} key {keys[0]!r}{more}")
@@ -156,9 +155,10 @@ def original_to_ours(state: Mapping[str, Tensor], config: ModelConfig,
     return {key: result[key].to(reference.dtype) for key, reference in ours.items()}
 
 
-def _indices(state: Mapping[str, Tensor], pattern: str) -> set[int]:
+def _count(state: Mapping[str, Tensor], pattern: str) -> int:
+    """How many modules the keys matching `pattern` number (its group: the 0-based index; one must match)."""
     regex = re.compile(pattern)
-    return {int(match.group(1)) for key in state if isinstance(key, str) and (match := regex.match(key))}
+    return 1 + max(int(match.group(1)) for key in state if isinstance(key, str) and (match := regex.match(key)))
 
 
 def _shape_of(state: Mapping[str, Tensor], key: str, what: str, dims: int) -> tuple[int, ...]:
@@ -198,15 +198,13 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
     # The first unit and graph-attention head must exist; how many there are, the keys say.
     _shape_of(state, "visual_input_unit.queryAttn.0.fc.weight", what, 2)
     _shape_of(state, "visual_input_unit.appearance_GCN.0.attention_0.W.weight", what, 2)
-    units = _indices(state, r"visual_input_unit\.queryAttn\.(\d+)\.")
-    graph_modules = _indices(state, r"visual_input_unit\.appearance_GCN\.(\d+)\.")
-    heads = _indices(state, r"visual_input_unit\.appearance_GCN\.0\.attention_(\d+)\.")
-    unit_layers = max(units) + 1
-    if (max(graph_modules) + 1) % unit_layers:
+    unit_layers = _count(state, r"visual_input_unit\.queryAttn\.(\d+)\.")
+    graph_modules = _count(state, r"visual_input_unit\.appearance_GCN\.(\d+)\.")
+    heads = _count(state, r"visual_input_unit\.appearance_GCN\.0\.attention_(\d+)\.")
+    if graph_modules % unit_layers:
         raise OriginalCheckpointError(
-            f"{what}: {max(graph_modules) + 1} graph-attention modules per role do not divide "
-            f"into {unit_layers} units")
-    graph_layers = (max(graph_modules) + 1) // unit_layers
+            f"{what}: {graph_modules} graph-attention modules per role do not divide into {unit_layers} units")
+    graph_layers = graph_modules // unit_layers
     if fusion_wide % fusion_dim:
         raise OriginalCheckpointError(
             f"{what}: key {_FUSION_IN_KEY!r} has {fusion_wide} rows, not a multiple of "
@@ -230,7 +228,7 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
         num_nodes=_kwarg_int(model_kwargs, "num_of_nodes", None, what),
         graph_layers=graph_layers,
         unit_layers=unit_layers,
-        num_heads=max(heads) + 1,
+        num_heads=heads,
         fusion_dim=fusion_dim,
         fusion_factor=fusion_wide // fusion_dim,
     )
