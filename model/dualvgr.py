@@ -165,9 +165,8 @@ class GraphAttention(nn.Module):
 
     def project(self, x: Tensor, linear: nn.Linear | None = None) -> Tensor:
         """(B, N, d) -> per-head node features (B, H, N, dh), through `proj` or another stacked `linear`."""
-        batch, nodes, _ = x.shape
         projected = (self.proj if linear is None else linear)(x)
-        return projected.view(batch, nodes, self.num_heads, self.head_dim).transpose(1, 2)
+        return projected.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:
         """x (B, N, d), gate (B, N, 1) -> (B, N, d)."""

@@ -161,13 +161,13 @@ def _count(state: Mapping[str, Tensor], pattern: str) -> int:
     return 1 + max(int(match.group(1)) for key in state if isinstance(key, str) and (match := regex.match(key)))
 
 
-def _shape_of(state: Mapping[str, Tensor], key: str, what: str, dims: int) -> tuple[int, ...]:
+def _shape_of(state: Mapping[str, Tensor], key: str, what: str) -> tuple[int, int]:
     value = state.get(key)
     if value is None:
         raise OriginalCheckpointError(f"{what}: missing key {key!r}")
-    if not isinstance(value, Tensor) or value.dim() != dims:
+    if not isinstance(value, Tensor) or value.dim() != 2:
         raise OriginalCheckpointError(
-            f"{what}: key {key!r} should be a {dims}-d tensor, "
+            f"{what}: key {key!r} should be a 2-d tensor, "
             f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
     return tuple(value.shape)
 
@@ -190,14 +190,14 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
     """Our ModelConfig from an original state dict and its `model_kwargs`. The weights decide the graph
     layers (VQAKD's `train_kd_2.py` saves its student with the teacher's 4); a contradicting claim is
     recorded in `claimed`."""
-    question_vocab, word_dim = _shape_of(state, "linguistic_input_unit.encoder_embed.weight", what, 2)
-    answer_vocab, module_dim = _shape_of(state, "output_unit.classifier.5.weight", what, 2)
-    _, vision_dim = _shape_of(state, "visual_motion_input_unit.weight", what, 2)
-    _, fusion_dim = _shape_of(state, "visual_input_unit.visualfusion.linear_out.weight", what, 2)
-    fusion_wide, _ = _shape_of(state, _FUSION_IN_KEY, what, 2)
+    question_vocab, word_dim = _shape_of(state, "linguistic_input_unit.encoder_embed.weight", what)
+    answer_vocab, module_dim = _shape_of(state, "output_unit.classifier.5.weight", what)
+    _, vision_dim = _shape_of(state, "visual_motion_input_unit.weight", what)
+    _, fusion_dim = _shape_of(state, "visual_input_unit.visualfusion.linear_out.weight", what)
+    fusion_wide, _ = _shape_of(state, _FUSION_IN_KEY, what)
     # The first unit and graph-attention head must exist; how many there are, the keys say.
-    _shape_of(state, "visual_input_unit.queryAttn.0.fc.weight", what, 2)
-    _shape_of(state, "visual_input_unit.appearance_GCN.0.attention_0.W.weight", what, 2)
+    _shape_of(state, "visual_input_unit.queryAttn.0.fc.weight", what)
+    _shape_of(state, "visual_input_unit.appearance_GCN.0.attention_0.W.weight", what)
     unit_layers = _count(state, r"visual_input_unit\.queryAttn\.(\d+)\.")
     graph_modules = _count(state, r"visual_input_unit\.appearance_GCN\.(\d+)\.")
     heads = _count(state, r"visual_input_unit\.appearance_GCN\.0\.attention_(\d+)\.")
