@@ -233,12 +233,10 @@ class GraphLayer(nn.Module):
 
     def forward(self, appearance: Tensor, motion: Tensor, gate_appearance: Tensor,
                 gate_motion: Tensor) -> LayerOutput:
-        return LayerOutput(
-            specific_appearance=self.specific_appearance(appearance, gate_appearance),
-            common_appearance=self.common_appearance(appearance, gate_appearance),
-            specific_motion=self.specific_motion(motion, gate_motion),
-            common_motion=self.common_motion(motion, gate_motion),
-        )
+        return LayerOutput(self.specific_appearance(appearance, gate_appearance),
+                           self.common_appearance(appearance, gate_appearance),
+                           self.specific_motion(motion, gate_motion),
+                           self.common_motion(motion, gate_motion))
 
 
 class ViewFusion(nn.Module):
@@ -385,7 +383,17 @@ class DualVGR(nn.Module):
 
     def forward(self, appearance: Tensor, motion: Tensor, question: Tensor, question_len: Tensor) -> DualVGROutput:
         """appearance (B, N, F, Dv), motion (B, N, Dv), question (B, L) int, question_len (B,) int."""
-        self._check_inputs(appearance, motion, question, question_len)
+        nodes, dim = self.config.num_nodes, self.config.vision_dim
+        batch = question.size(0) if question.dim() == 2 else -1
+        expected = (("appearance", appearance, (batch, nodes, None, dim), f"B x {nodes} x F x {dim}"),
+                    ("motion", motion, (batch, nodes, dim), f"B x {nodes} x {dim}"),
+                    ("question", question, (None, None), "B x L"),
+                    ("question_len", question_len, (batch,), "B"))
+        problems = [f"{name} {tuple(tensor.shape)} (want {want})" for name, tensor, shape, want in expected
+                    if tensor.dim() != len(shape)
+                    or any(size is not None and size != got for size, got in zip(shape, tensor.shape))]
+        if problems:
+            raise ValueError("DualVGR input shapes do not match the model config: " + "; ".join(problems))
         device = self.motion_encoder.weight.device
         dtype = self.motion_encoder.weight.dtype
         appearance = appearance.to(device=device, dtype=dtype)
@@ -408,16 +416,3 @@ class DualVGR(nn.Module):
         logits = self.answer_head(self.clip_pooling(visual), sentence)
         return DualVGROutput(logits=logits, visual=visual, appearance=appearance_feat, motion=motion_feat,
                              layers=tuple(layers))
-
-    def _check_inputs(self, appearance: Tensor, motion: Tensor, question: Tensor, question_len: Tensor) -> None:
-        nodes, dim = self.config.num_nodes, self.config.vision_dim
-        batch = question.size(0) if question.dim() == 2 else -1
-        expected = (("appearance", appearance, (batch, nodes, None, dim), f"B x {nodes} x F x {dim}"),
-                    ("motion", motion, (batch, nodes, dim), f"B x {nodes} x {dim}"),
-                    ("question", question, (None, None), "B x L"),
-                    ("question_len", question_len, (batch,), "B"))
-        problems = [f"{name} {tuple(tensor.shape)} (want {want})" for name, tensor, shape, want in expected
-                    if tensor.dim() != len(shape)
-                    or any(size is not None and size != got for size, got in zip(shape, tensor.shape))]
-        if problems:
-            raise ValueError("DualVGR input shapes do not match the model config: " + "; ".join(problems))
