@@ -348,11 +348,8 @@ class DualVGR(nn.Module):
         self.visual_fusion = MFBFusion(config)
         self.clip_pooling = ClipPooling(config)
         self.answer_head = AnswerHead(config)
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """The original initialisation: Xavier-uniform weights, zero biases, embedding U(-1, 1)."""
+        # The original initialisation: Xavier-uniform weights, zero biases, embedding U(-1, 1); then the
+        # graph-attention blocks re-apply the per-head fans of their stacked projections.
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.LSTM)):
                 for name, param in module.named_parameters():
@@ -360,9 +357,6 @@ class DualVGR(nn.Module):
                         nn.init.xavier_uniform_(param)
                     else:
                         nn.init.zeros_(param)
-            elif isinstance(module, nn.BatchNorm1d):
-                module.reset_parameters()
-        # Re-apply the per-head fans of the stacked graph-attention projections.
         for module in self.modules():
             if isinstance(module, GraphAttention):
                 module.reset_parameters()
