@@ -250,7 +250,7 @@ def convert_original_checkpoint(checkpoint: Mapping, path: str,
             "num_of_nodes, graph_layers)")
     # A model trained under nn.DataParallel was saved with every key prefixed by 'module.'.
     if state and all(isinstance(key, str) and key.startswith("module.") for key in state):
-        state = {key[len("module."):]: value for key, value in state.items()}
+        state = {key.removeprefix("module."): value for key, value in state.items()}
     what = f"{path}: original DualVGR state dict"
     config = config_from_original(state, model_kwargs, what, claimed)
     return config, original_to_ours(state, config, source=what)
