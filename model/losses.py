@@ -12,7 +12,6 @@ from model.dualvgr import DualVGROutput, autocast_off
 
 
 def _at_least_float32(tensor: Tensor) -> Tensor:
-    """Half-precision tensors go to float32; float32/float64 stay as they are."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
