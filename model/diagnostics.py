@@ -83,11 +83,10 @@ class NodeSpreadMeter:
 
     def columns(self, graph_layers: int | None = None) -> dict[str, float]:
         """node_spread_<layer>_<stream> for every layer and stream, then node_collapsed_<layer>."""
-        columns = spread_columns(self.value(), graph_layers)
         fractions = self.collapsed_fraction().tolist()
-        columns.update({f"node_collapsed_{layer_name(row, len(fractions), graph_layers)}": float(value)
-                        for row, value in enumerate(fractions)})
-        return columns
+        collapsed = {f"node_collapsed_{layer_name(row, len(fractions), graph_layers)}": value
+                     for row, value in enumerate(fractions)}
+        return spread_columns(self.value(), graph_layers) | collapsed
 
 
 def layer_name(row: int, rows: int, graph_layers: int | None = None) -> str:
@@ -99,9 +98,9 @@ def layer_name(row: int, rows: int, graph_layers: int | None = None) -> str:
 
 def spread_columns(spread: Tensor, graph_layers: int | None = None) -> dict[str, float]:
     """(layers, 4) -> {"node_spread_g1_common_appearance": ..., ...}, layers named by `layer_name`."""
-    values = spread.detach().cpu().tolist()
-    return {f"node_spread_{layer_name(row, len(values), graph_layers)}_{stream}": float(values[row][col])
-            for row in range(len(values)) for col, stream in enumerate(STREAMS)}
+    values = spread.tolist()
+    return {f"node_spread_{layer_name(row, len(values), graph_layers)}_{stream}": value
+            for row, streams in enumerate(values) for stream, value in zip(STREAMS, streams)}
 
 
 def collapsed_layers(spread: Tensor) -> list[int]:

@@ -165,21 +165,18 @@ class GraphAttention(nn.Module):
 
     def project(self, x: Tensor, linear: nn.Linear | None = None) -> Tensor:
         """(B, N, d) -> per-head node features (B, H, N, dh), through `proj` or another stacked `linear`."""
-        batch, nodes, _ = x.shape
         projected = (self.proj if linear is None else linear)(x)
-        return projected.view(batch, nodes, self.num_heads, self.head_dim).transpose(1, 2)
+        return projected.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:
         """x (B, N, d), gate (B, N, 1) -> (B, N, d)."""
-        batch, nodes, _ = x.shape
         x = F.dropout(x, self.dropout, self.training)
         heads = self.project(x)
         attention = torch.softmax(self.attention_scores(heads, x), dim=-1)
         attention = F.dropout(attention, self.dropout, self.training)
         # Node j's gate scales its message; the scores come from the ungated features, as in the original.
         messages = heads * gate.unsqueeze(1).to(heads.dtype)
-        out = F.elu(torch.matmul(attention, messages))
-        out = out.transpose(1, 2).reshape(batch, nodes, self.num_heads * self.head_dim)
+        out = F.elu(torch.matmul(attention, messages)).transpose(1, 2).flatten(2)     # heads side by side
         return F.dropout(out, self.dropout, self.training)
 
 
@@ -236,12 +233,10 @@ class GraphLayer(nn.Module):
 
     def forward(self, appearance: Tensor, motion: Tensor, gate_appearance: Tensor,
                 gate_motion: Tensor) -> LayerOutput:
-        return LayerOutput(
-            specific_appearance=self.specific_appearance(appearance, gate_appearance),
-            common_appearance=self.common_appearance(appearance, gate_appearance),
-            specific_motion=self.specific_motion(motion, gate_motion),
-            common_motion=self.common_motion(motion, gate_motion),
-        )
+        return LayerOutput(self.specific_appearance(appearance, gate_appearance),
+                           self.common_appearance(appearance, gate_appearance),
+                           self.specific_motion(motion, gate_motion),
+                           self.common_motion(motion, gate_motion))
 
 
 class ViewFusion(nn.Module):
@@ -293,7 +288,6 @@ class MFBFusion(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fusion_dim = config.fusion_dim
         self.factor = config.fusion_factor
         wide = config.fusion_dim * config.fusion_factor
         self.appearance_proj = nn.Linear(config.module_dim, wide)
@@ -303,7 +297,7 @@ class MFBFusion(nn.Module):
     def forward(self, appearance: Tensor, motion: Tensor) -> Tensor:
         joint = F.elu(self.appearance_proj(appearance)) * F.elu(self.motion_proj(motion))
         # Sum-pool adjacent channels: pooled[k] = joint[factor·k] + ... + joint[factor·k + factor-1].
-        pooled = joint.view(*joint.shape[:-1], self.fusion_dim, self.factor).sum(dim=-1)
+        pooled = joint.unflatten(-1, (-1, self.factor)).sum(dim=-1)
         return F.elu(self.out_proj(pooled))
 
 
@@ -354,25 +348,15 @@ class DualVGR(nn.Module):
         self.visual_fusion = MFBFusion(config)
         self.clip_pooling = ClipPooling(config)
         self.answer_head = AnswerHead(config)
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """The original initialisation: Xavier-uniform weights, zero biases, embedding U(-1, 1)."""
+        # The original initialisation: Xavier-uniform weights, zero biases, embedding U(-1, 1); then the
+        # graph-attention blocks re-apply the per-head fans of their stacked projections.
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LSTM):
+            if isinstance(module, (nn.Linear, nn.LSTM)):
                 for name, param in module.named_parameters():
                     if name.startswith("weight"):
                         nn.init.xavier_uniform_(param)
                     else:
                         nn.init.zeros_(param)
-            elif isinstance(module, nn.BatchNorm1d):
-                module.reset_parameters()
-        # Re-apply the per-head fans of the stacked graph-attention projections.
         for module in self.modules():
             if isinstance(module, GraphAttention):
                 module.reset_parameters()
@@ -393,7 +377,17 @@ class DualVGR(nn.Module):
 
     def forward(self, appearance: Tensor, motion: Tensor, question: Tensor, question_len: Tensor) -> DualVGROutput:
         """appearance (B, N, F, Dv), motion (B, N, Dv), question (B, L) int, question_len (B,) int."""
-        self._check_inputs(appearance, motion, question, question_len)
+        nodes, dim = self.config.num_nodes, self.config.vision_dim
+        batch = question.size(0) if question.dim() == 2 else -1
+        expected = (("appearance", appearance, (batch, nodes, None, dim), f"B x {nodes} x F x {dim}"),
+                    ("motion", motion, (batch, nodes, dim), f"B x {nodes} x {dim}"),
+                    ("question", question, (None, None), "B x L"),
+                    ("question_len", question_len, (batch,), "B"))
+        problems = [f"{name} {tuple(tensor.shape)} (want {want})" for name, tensor, shape, want in expected
+                    if tensor.dim() != len(shape)
+                    or any(size is not None and size != got for size, got in zip(shape, tensor.shape))]
+        if problems:
+            raise ValueError("DualVGR input shapes do not match the model config: " + "; ".join(problems))
         device = self.motion_encoder.weight.device
         dtype = self.motion_encoder.weight.dtype
         appearance = appearance.to(device=device, dtype=dtype)
@@ -416,16 +410,3 @@ class DualVGR(nn.Module):
         logits = self.answer_head(self.clip_pooling(visual), sentence)
         return DualVGROutput(logits=logits, visual=visual, appearance=appearance_feat, motion=motion_feat,
                              layers=tuple(layers))
-
-    def _check_inputs(self, appearance: Tensor, motion: Tensor, question: Tensor, question_len: Tensor) -> None:
-        nodes, dim = self.config.num_nodes, self.config.vision_dim
-        batch = question.size(0) if question.dim() == 2 else -1
-        expected = (("appearance", appearance, (batch, nodes, None, dim), f"B x {nodes} x F x {dim}"),
-                    ("motion", motion, (batch, nodes, dim), f"B x {nodes} x {dim}"),
-                    ("question", question, (None, None), "B x L"),
-                    ("question_len", question_len, (batch,), "B"))
-        problems = [f"{name} {tuple(tensor.shape)} (want {want})" for name, tensor, shape, want in expected
-                    if tensor.dim() != len(shape)
-                    or any(size is not None and size != got for size, got in zip(shape, tensor.shape))]
-        if problems:
-            raise ValueError("DualVGR input shapes do not match the model config: " + "; ".join(problems))

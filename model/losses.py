@@ -12,7 +12,6 @@ from model.dualvgr import DualVGROutput, autocast_off
 
 
 def _at_least_float32(tensor: Tensor) -> Tensor:
-    """Half-precision tensors go to float32; float32/float64 stay as they are."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
@@ -91,11 +90,9 @@ def hard_loss(output: DualVGROutput, labels: Tensor, alpha: float = 100.0, beta:
     ce = _cross_entropy(output.logits, labels)
     common = torch.stack([common_loss(layer.common_appearance, layer.common_motion, common_mode)
                           for layer in layers]).mean()
-    dependence = torch.stack([
-        hsic_loss(layer.specific_appearance, layer.common_appearance)
-        + hsic_loss(layer.specific_motion, layer.common_motion)
-        for layer in layers
-    ]).mean() * dependence_scale
+    dependence = torch.stack([hsic_loss(layer.specific_appearance, layer.common_appearance)
+                              + hsic_loss(layer.specific_motion, layer.common_motion)
+                              for layer in layers]).mean() * dependence_scale
     return with_regularisers(ce, common, dependence, alpha, beta), {"ce": ce, "common": common,
                                                                     "dependence": dependence}
 

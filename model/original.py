@@ -105,9 +105,8 @@ def _meta_state(config: ModelConfig) -> dict[str, Tensor]:
 
 def _check_keys(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str) -> None:
     """`state` has exactly the keys of `expected`, each a tensor of the same shape."""
-    missing = [key for key in expected if key not in state]
-    extra = [key for key in state if key not in expected]
-    for problem, keys in (("missing", missing), ("unexpected", extra)):
+    for problem, keys in (("missing", [key for key in expected if key not in state]),
+                          ("unexpected", [key for key in state if key not in expected])):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
             raise OriginalCheckpointError(f"{what}: {problem} key {keys[0]!r}{more}")
@@ -156,18 +155,19 @@ def original_to_ours(state: Mapping[str, Tensor], config: ModelConfig,
     return {key: result[key].to(reference.dtype) for key, reference in ours.items()}
 
 
-def _indices(state: Mapping[str, Tensor], pattern: str) -> set[int]:
+def _count(state: Mapping[str, Tensor], pattern: str) -> int:
+    """How many modules the keys matching `pattern` number (its group: the 0-based index; one must match)."""
     regex = re.compile(pattern)
-    return {int(match.group(1)) for key in state if isinstance(key, str) and (match := regex.match(key))}
+    return 1 + max(int(match.group(1)) for key in state if isinstance(key, str) and (match := regex.match(key)))
 
 
-def _shape_of(state: Mapping[str, Tensor], key: str, what: str, dims: int) -> tuple[int, ...]:
+def _shape_of(state: Mapping[str, Tensor], key: str, what: str) -> tuple[int, int]:
     value = state.get(key)
     if value is None:
         raise OriginalCheckpointError(f"{what}: missing key {key!r}")
-    if not isinstance(value, Tensor) or value.dim() != dims:
+    if not isinstance(value, Tensor) or value.dim() != 2:
         raise OriginalCheckpointError(
-            f"{what}: key {key!r} should be a {dims}-d tensor, "
+            f"{what}: key {key!r} should be a 2-d tensor, "
             f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
     return tuple(value.shape)
 
@@ -190,23 +190,21 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
     """Our ModelConfig from an original state dict and its `model_kwargs`. The weights decide the graph
     layers (VQAKD's `train_kd_2.py` saves its student with the teacher's 4); a contradicting claim is
     recorded in `claimed`."""
-    question_vocab, word_dim = _shape_of(state, "linguistic_input_unit.encoder_embed.weight", what, 2)
-    answer_vocab, module_dim = _shape_of(state, "output_unit.classifier.5.weight", what, 2)
-    _, vision_dim = _shape_of(state, "visual_motion_input_unit.weight", what, 2)
-    _, fusion_dim = _shape_of(state, "visual_input_unit.visualfusion.linear_out.weight", what, 2)
-    fusion_wide, _ = _shape_of(state, _FUSION_IN_KEY, what, 2)
+    question_vocab, word_dim = _shape_of(state, "linguistic_input_unit.encoder_embed.weight", what)
+    answer_vocab, module_dim = _shape_of(state, "output_unit.classifier.5.weight", what)
+    _, vision_dim = _shape_of(state, "visual_motion_input_unit.weight", what)
+    _, fusion_dim = _shape_of(state, "visual_input_unit.visualfusion.linear_out.weight", what)
+    fusion_wide, _ = _shape_of(state, _FUSION_IN_KEY, what)
     # The first unit and graph-attention head must exist; how many there are, the keys say.
-    _shape_of(state, "visual_input_unit.queryAttn.0.fc.weight", what, 2)
-    _shape_of(state, "visual_input_unit.appearance_GCN.0.attention_0.W.weight", what, 2)
-    units = _indices(state, r"visual_input_unit\.queryAttn\.(\d+)\.")
-    graph_modules = _indices(state, r"visual_input_unit\.appearance_GCN\.(\d+)\.")
-    heads = _indices(state, r"visual_input_unit\.appearance_GCN\.0\.attention_(\d+)\.")
-    unit_layers = max(units) + 1
-    if (max(graph_modules) + 1) % unit_layers:
+    _shape_of(state, "visual_input_unit.queryAttn.0.fc.weight", what)
+    _shape_of(state, "visual_input_unit.appearance_GCN.0.attention_0.W.weight", what)
+    unit_layers = _count(state, r"visual_input_unit\.queryAttn\.(\d+)\.")
+    graph_modules = _count(state, r"visual_input_unit\.appearance_GCN\.(\d+)\.")
+    heads = _count(state, r"visual_input_unit\.appearance_GCN\.0\.attention_(\d+)\.")
+    if graph_modules % unit_layers:
         raise OriginalCheckpointError(
-            f"{what}: {max(graph_modules) + 1} graph-attention modules per role do not divide "
-            f"into {unit_layers} units")
-    graph_layers = (max(graph_modules) + 1) // unit_layers
+            f"{what}: {graph_modules} graph-attention modules per role do not divide into {unit_layers} units")
+    graph_layers = graph_modules // unit_layers
     if fusion_wide % fusion_dim:
         raise OriginalCheckpointError(
             f"{what}: key {_FUSION_IN_KEY!r} has {fusion_wide} rows, not a multiple of "
@@ -230,7 +228,7 @@ def config_from_original(state: Mapping[str, Tensor], model_kwargs: Mapping, wha
         num_nodes=_kwarg_int(model_kwargs, "num_of_nodes", None, what),
         graph_layers=graph_layers,
         unit_layers=unit_layers,
-        num_heads=max(heads) + 1,
+        num_heads=heads,
         fusion_dim=fusion_dim,
         fusion_factor=fusion_wide // fusion_dim,
     )
@@ -252,7 +250,7 @@ def convert_original_checkpoint(checkpoint: Mapping, path: str,
             "num_of_nodes, graph_layers)")
     # A model trained under nn.DataParallel was saved with every key prefixed by 'module.'.
     if state and all(isinstance(key, str) and key.startswith("module.") for key in state):
-        state = {key[len("module."):]: value for key, value in state.items()}
+        state = {key.removeprefix("module."): value for key, value in state.items()}
     what = f"{path}: original DualVGR state dict"
     config = config_from_original(state, model_kwargs, what, claimed)
     return config, original_to_ours(state, config, source=what)

@@ -3,7 +3,7 @@ shared by the model and the config file's `model:` section."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 ATTENTION_KINDS = ("gat", "gatv2")   # ModelConfig.attention; see GraphAttention
@@ -38,9 +38,9 @@ class ModelConfig:
             raise ValueError(problems[0])
 
 
-POSITIVE_INT_FIELDS = ("question_vocab_size", "answer_vocab_size", "vision_dim", "module_dim", "word_dim",
-                       "num_nodes", "graph_layers", "unit_layers", "num_heads", "fusion_dim", "fusion_factor")
-DROPOUT_FIELDS = ("word_dropout", "frame_dropout", "encoder_dropout", "graph_dropout", "head_dropout")
+# Every integer of ModelConfig is a positive size or count, every float a dropout rate.
+POSITIVE_INT_FIELDS = tuple(field.name for field in fields(ModelConfig) if field.type == "int")
+DROPOUT_FIELDS = tuple(field.name for field in fields(ModelConfig) if field.type == "float")
 
 
 def model_config_problems(settings: Any, prefix: str) -> list[str]:
