@@ -93,11 +93,12 @@ def test_lock_of_a_killed_run_is_taken_over(holder):
 FORKING_HOLDER = ("import os, sys, time\n"
                   "from vqakd.core.locks import FolderLock\n"
                   "lock = FolderLock(sys.argv[1], 'output folder').acquire()\n"
-                  "child = os.fork()\n"
-                  "if child == 0:\n"
-                  "    time.sleep(120)\n"          # a loader worker that outlives its run
+                  "if os.fork() == 0:\n"          # a loader worker that outlives its run
+                  # Printed by the child, after its fork hooks ran: the parent's print could come
+                  # first on a loaded machine, and the test would kill the parent too soon.
+                  "    print(os.getpid(), flush=True)\n"
+                  "    time.sleep(120)\n"
                   "    os._exit(0)\n"
-                  "print(child, flush=True)\n"
                   "time.sleep(120)\n")
 
 
