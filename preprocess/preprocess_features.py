@@ -151,10 +151,6 @@ def extract(args: argparse.Namespace) -> int:
         # Every rank checks; a problem on any rank stops all of them and is printed once.
         shard, out, videos, extractor = agree(lambda: prepare(args, held), what="start-up")
         result = extractor.run(videos, out, overwrite=args.overwrite, shard=shard)
-    return report(args, shard, out, result)
-
-
-def report(args: argparse.Namespace, shard, out: str, result) -> int:
     if result is None:      # torchrun ranks other than 0: rank 0 reports
         return 0
     if not result.merged:

@@ -1,4 +1,4 @@
-"""The extraction loop: decode (`decoding.py`), batch (`RowBatcher`), run the network, save each chunk.
+"""The extraction loop: decode (`decoding.py`), batch the rows, run the network, save each chunk.
 
 Work is saved chunk by chunk into `<out>.parts`; chunks are a fixed partition of the video list and
 a chunk's batches depend only on its videos, so a resumed run computes every number exactly as an
