@@ -16,11 +16,10 @@ import time
 from typing import Callable, NamedTuple, Sequence
 
 import h5py
-import numpy as np
 
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
-from vqakd.extraction.merge import existing_output
+from vqakd.extraction.merge import output_complete
 from vqakd.data.features import IDS_DATASET
 from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, failures_report, open_parts, parts_folder,
                                     read_chunk, read_json_or_none, remove_stale_temporaries, worth_retrying,
@@ -48,7 +47,7 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
     # Another shard may be writing into a shared parts folder: only this shard's temporaries
     # (and the output's, when this run merges) can be left over from a killed run.
     remove_stale_temporaries(out_path, mine, output_too=shard.count == 1)
-    if existing_output(out_path, manifest, overwrite) is not None:
+    if output_complete(out_path, manifest, overwrite):
         report = read_json_or_none(failures_report(out_path)) or {}
         retry = [failure for failure in report.get("failures") or [] if worth_retrying(failure)]
         if not retry or shard.count > 1:
@@ -83,10 +82,9 @@ def parts_from_output(out_path: str, parts_dir: str, manifest: dict, videos: Seq
         for k, chunk in enumerate(chunks):
             ids = [videos[i].video_id for i in chunk]
             kept = [video_id for video_id in ids if video_id in row_of]
-            features = (np.stack([data[row_of[video_id]] for video_id in kept]) if kept
-                        else np.zeros((0,) + data.shape[1:], np.float32))
-            write_chunk(parts_dir, k, digest, kept, features, [failures[v] for v in ids if v in failures],
-                        [damaged[v] for v in kept if v in damaged])
+            # The output's rows follow the video list, so these rows increase as h5py requires.
+            write_chunk(parts_dir, k, digest, kept, data[[row_of[video_id] for video_id in kept]],
+                        [failures[v] for v in ids if v in failures], [damaged[v] for v in kept if v in damaged])
 
 
 def launch_problem(parts_dir: str, token: str | None) -> str | None:
