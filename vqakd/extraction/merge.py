@@ -120,14 +120,11 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
                         f"({_missing_hint(missing, chunks, first.videos, folders)}); run the extraction "
                         "(shards) that make them, or give every parts folder")
 
-    ids, failures, damaged = [], [], []
-    for k, chunk in enumerate(chunks):
-        chunk_ids, chunk_failures, chunk_damaged = check_chunk(owner[k], [first.videos[i][0] for i in chunk],
-                                                               video_shape, digest)
-        ids.append(chunk_ids)
-        failures.extend(chunk_failures)
-        damaged.extend(chunk_damaged)
-    all_ids = np.concatenate(ids)
+    checked = [check_chunk(owner[k], [first.videos[i][0] for i in chunk], video_shape, digest)
+               for k, chunk in enumerate(chunks)]
+    all_ids = np.concatenate([ids for ids, _, _ in checked])
+    failures = [failure for _, chunk_failures, _ in checked for failure in chunk_failures]
+    damaged = [record for _, _, chunk_damaged in checked for record in chunk_damaged]
     report_path = failures_report(out_path)
     report = {"output": os.path.abspath(out_path), "model": model, "videos": len(first.videos),
               "written": int(len(all_ids)), "failed": len(failures), "failures": failures,
