@@ -47,7 +47,8 @@ class ExtractionSettings:
 
     @classmethod
     def from_record(cls, record: Mapping) -> "ExtractionSettings":
-        """The settings a feature file recorded; an entry it lacks or holds as None takes its default."""
+        """The settings a feature file recorded (or the command line's flags name): other keys are
+        ignored; an entry it lacks or holds as None takes its default."""
         known = {field.name for field in dataclasses.fields(cls)}
         return cls(**{"dataset": "msvd-qa", **{key: value for key, value in record.items()
                                                if key in known and value is not None}})
