@@ -211,12 +211,10 @@ class FeatureExtractor:
                                                       f"(precision {self.settings.precision})"))
                 continue
             ids.append(video.video_id)
-            features.append(video_rows.numpy().reshape(self.video_shape()))
+            features.append(video_rows.numpy())
             if item.damage is not None:
                 damaged.append({**failure_record(video, item.damage["reason"]), **item.damage})
-        stacked = (np.stack(features).astype(np.float32, copy=False) if features
-                   else np.zeros((0,) + self.video_shape(), np.float32))
-        return ids, stacked, failures, damaged
+        return ids, np.asarray(features, np.float32).reshape((-1,) + self.video_shape()), failures, damaged
 
 
 # The name callers build an extraction by.

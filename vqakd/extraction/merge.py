@@ -127,7 +127,7 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
     damaged = [record for _, _, chunk_damaged in checked for record in chunk_damaged]
     report_path = failures_report(out_path)
     report = {"output": os.path.abspath(out_path), "model": model, "videos": len(first.videos),
-              "written": int(len(all_ids)), "failed": len(failures), "failures": failures,
+              "written": len(all_ids), "failed": len(failures), "failures": failures,
               "damaged": len(damaged), "damaged_videos": damaged}
     write_json(report_path, report)
     if len(all_ids) == 0:
@@ -139,11 +139,10 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
             data = h5.create_dataset(manifest["feature_dataset"], shape=(len(all_ids),) + video_shape,
                                      dtype="float32")
             row = 0
-            for k in range(len(chunks)):
+            for k, (ids, _, _) in enumerate(checked):     # check_chunk saw a row of features per id
                 with np.load(owner[k], allow_pickle=False) as part:
-                    features = part["features"]
-                    data[row:row + len(features)] = features
-                    row += len(features)
+                    data[row:row + len(ids)] = part["features"]
+                row += len(ids)
             h5.create_dataset(IDS_DATASET, data=all_ids)
             h5.attrs.update(manifest)
             h5.attrs["failed_videos"] = len(failures)
@@ -151,7 +150,7 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
     if not keep_parts:
         for folder in folders:
             shutil.rmtree(folder.path, ignore_errors=True)
-    return ExtractionResult(out_path, report_path, len(first.videos), int(len(all_ids)), failures, False,
+    return ExtractionResult(out_path, report_path, len(first.videos), len(all_ids), failures, False,
                             damaged=damaged)
 
 

@@ -91,9 +91,7 @@ def videos_digest(videos: Sequence[Video]) -> str:
 
 def identity(settings: Mapping | None, keys: Sequence[str] = RUN_SETTINGS) -> dict | None:
     """The entries of `settings` (a manifest, or recorded settings with FEATURE_SETTINGS) that count."""
-    if settings is None:
-        return None
-    return {key: settings[key] for key in keys if key in settings}
+    return None if settings is None else {key: settings[key] for key in keys if key in settings}
 
 
 def identity_digest(settings: Mapping, keys: Sequence[str] = RUN_SETTINGS) -> str:
