@@ -33,9 +33,6 @@ with interruptible_imports():       # torch takes seconds to import: Ctrl-C ther
                                   ExtractionSettings, Shard, make_extractor)
     from vqakd.extraction.parts import failures_report
 
-DEFAULT_NUM_WORKERS = 4
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, choices=DATASETS)
@@ -77,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the original script's spelling of --device cuda:N")
     parser.add_argument("--batch-size", "--batch_size", type=int,
                         help="images (resnet101, default 128) or clips (resnext101, default 16) per forward pass")
-    parser.add_argument("--num-workers", "--num_workers", type=int, default=DEFAULT_NUM_WORKERS,
+    parser.add_argument("--num-workers", "--num_workers", type=int, default=4,
                         help="video decoding processes (0: decode in this process)")
     parser.add_argument("--chunk-videos", type=int, default=DEFAULT_CHUNK_VIDEOS,
                         help="videos per saved chunk: the most work a killed run can lose")
@@ -132,14 +129,9 @@ def prepare(args: argparse.Namespace, held: contextlib.ExitStack):
     # Shards of --num-shards share <out>.parts by design; the run that merges owns <out>.
     held.enter_context(guard_outputs(inputs, {"--out": out, "its failure report": failures_report(out)},
                                      file_what="feature output", lock=is_main() and shard.count == 1))
-    settings = ExtractionSettings(
-        dataset=args.dataset, model=args.model, num_clips=args.num_clips,
-        frames_per_clip=args.frames_per_clip, image_height=args.image_height,
-        image_width=args.image_width, weights=args.weights, random_weights=args.random_weights,
-        random_seed=args.seed, kinetics_mean=args.kinetics_mean,
-        precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
-        chunk_videos=args.chunk_videos, normalization=args.normalization,
-        decode_past_damage=args.decode_past_damage)
+    # The flags are named as the settings, but for --seed and the precision.
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    settings = ExtractionSettings.from_record({**vars(args), "random_seed": args.seed, "precision": precision})
     extractor = make_extractor(settings, device, args.batch_size, args.num_workers,
                                progress=not args.no_progress and is_main())
     return shard, out, videos, extractor
@@ -151,10 +143,6 @@ def extract(args: argparse.Namespace) -> int:
         # Every rank checks; a problem on any rank stops all of them and is printed once.
         shard, out, videos, extractor = agree(lambda: prepare(args, held), what="start-up")
         result = extractor.run(videos, out, overwrite=args.overwrite, shard=shard)
-    return report(args, shard, out, result)
-
-
-def report(args: argparse.Namespace, shard, out: str, result) -> int:
     if result is None:      # torchrun ranks other than 0: rank 0 reports
         return 0
     if not result.merged:

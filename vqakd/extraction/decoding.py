@@ -4,13 +4,12 @@ a video that cannot be decoded comes back with its reason instead of inputs."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from vqakd.data.annotations import Video
-from vqakd.core.errors import UserError
 from vqakd.extraction.video import VideoError, read_clip_frames
 
 
@@ -50,15 +49,3 @@ class VideoDecodeDataset(torch.utils.data.Dataset):
         return DecodedVideo(torch.from_numpy(np.ascontiguousarray(clip_frames.clips())),
                             damage=clip_frames.damage())
 
-
-def next_decoded(items: Iterator[DecodedVideo], chunk_videos: Sequence[Video]) -> DecodedVideo:
-    """The next decoded video; a crashed worker becomes a UserError naming the chunk's files."""
-    try:
-        return next(items)
-    except RuntimeError as exc:
-        if "DataLoader worker" not in str(exc):
-            raise
-        names = ", ".join(video.path for video in chunk_videos)
-        raise UserError(f"a video decoding worker died ({str(exc).splitlines()[0]}) while reading one "
-                        f"of: {names}; finished chunks are kept — re-run with --num-workers 0 to see "
-                        "which file crashes the decoder") from None

@@ -1,4 +1,4 @@
-"""The extraction loop: decode (`decoding.py`), batch (`RowBatcher`), run the network, save each chunk.
+"""The extraction loop: decode (`decoding.py`), batch the rows, run the network, save each chunk.
 
 Work is saved chunk by chunk into `<out>.parts`; chunks are a fixed partition of the video list and
 a chunk's batches depend only on its videos, so a resumed run computes every number exactly as an
@@ -25,7 +25,7 @@ from vqakd.core.errors import UserError
 from vqakd.core.files import file_sha256
 from vqakd.core.progress import progress_bar
 from vqakd.data.annotations import Video
-from vqakd.extraction.decoding import DecodedVideo, VideoDecodeDataset, next_decoded
+from vqakd.extraction.decoding import DecodedVideo, VideoDecodeDataset
 from vqakd.extraction.merge import completed_result, merge_parts
 from vqakd.extraction.networks import NETWORKS, FeatureNetwork, check_settings
 from vqakd.extraction.parts import chunk_partition, failure_record, parts_folder, write_chunk
@@ -158,7 +158,7 @@ class FeatureExtractor:
                     chunk_videos = [videos[i] for i in chunks[k]]
                     chunk_items, outputs, pending = [], [], None
                     for _ in chunk_videos:
-                        item = next_decoded(items, chunk_videos)
+                        item = next(items)
                         if item.inputs is not None:
                             rows = item.inputs.to(self.device, non_blocking=True)
                             # The last batch, full or not, waits for the next video's rows.
@@ -173,6 +173,13 @@ class FeatureExtractor:
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"out of GPU memory with --batch-size {self.batch_size}; lower it and "
                             "re-run (finished chunks are kept and resumed)") from None
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            names = ", ".join(video.path for video in chunk_videos)
+            raise UserError(f"a video decoding worker died ({str(exc).splitlines()[0]}) while reading one "
+                            f"of: {names}; finished chunks are kept — re-run with --num-workers 0 to see "
+                            "which file crashes the decoder") from None
         finally:
             del items   # shuts the decoding workers down
             progress.close()
@@ -211,12 +218,10 @@ class FeatureExtractor:
                                                       f"(precision {self.settings.precision})"))
                 continue
             ids.append(video.video_id)
-            features.append(video_rows.numpy().reshape(self.video_shape()))
+            features.append(video_rows.numpy())
             if item.damage is not None:
                 damaged.append({**failure_record(video, item.damage["reason"]), **item.damage})
-        stacked = (np.stack(features).astype(np.float32, copy=False) if features
-                   else np.zeros((0,) + self.video_shape(), np.float32))
-        return ids, stacked, failures, damaged
+        return ids, np.asarray(features, np.float32).reshape((-1,) + self.video_shape()), failures, damaged
 
 
 # The name callers build an extraction by.

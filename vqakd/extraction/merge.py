@@ -120,17 +120,14 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
                         f"({_missing_hint(missing, chunks, first.videos, folders)}); run the extraction "
                         "(shards) that make them, or give every parts folder")
 
-    ids, failures, damaged = [], [], []
-    for k, chunk in enumerate(chunks):
-        chunk_ids, chunk_failures, chunk_damaged = check_chunk(owner[k], [first.videos[i][0] for i in chunk],
-                                                               video_shape, digest)
-        ids.append(chunk_ids)
-        failures.extend(chunk_failures)
-        damaged.extend(chunk_damaged)
-    all_ids = np.concatenate(ids)
+    checked = [check_chunk(owner[k], [first.videos[i][0] for i in chunk], video_shape, digest)
+               for k, chunk in enumerate(chunks)]
+    all_ids = np.concatenate([ids for ids, _, _ in checked])
+    failures = [failure for _, chunk_failures, _ in checked for failure in chunk_failures]
+    damaged = [record for _, _, chunk_damaged in checked for record in chunk_damaged]
     report_path = failures_report(out_path)
     report = {"output": os.path.abspath(out_path), "model": model, "videos": len(first.videos),
-              "written": int(len(all_ids)), "failed": len(failures), "failures": failures,
+              "written": len(all_ids), "failed": len(failures), "failures": failures,
               "damaged": len(damaged), "damaged_videos": damaged}
     write_json(report_path, report)
     if len(all_ids) == 0:
@@ -142,11 +139,10 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
             data = h5.create_dataset(manifest["feature_dataset"], shape=(len(all_ids),) + video_shape,
                                      dtype="float32")
             row = 0
-            for k in range(len(chunks)):
+            for k, (ids, _, _) in enumerate(checked):     # check_chunk saw a row of features per id
                 with np.load(owner[k], allow_pickle=False) as part:
-                    features = part["features"]
-                    data[row:row + len(features)] = features
-                    row += len(features)
+                    data[row:row + len(ids)] = part["features"]
+                row += len(ids)
             h5.create_dataset(IDS_DATASET, data=all_ids)
             h5.attrs.update(manifest)
             h5.attrs["failed_videos"] = len(failures)
@@ -154,41 +150,42 @@ def merge_parts(parts_dirs: Sequence[str], out_path: str, keep_parts: bool = Fal
     if not keep_parts:
         for folder in folders:
             shutil.rmtree(folder.path, ignore_errors=True)
-    return ExtractionResult(out_path, report_path, len(first.videos), int(len(all_ids)), failures, False,
+    return ExtractionResult(out_path, report_path, len(first.videos), len(all_ids), failures, False,
                             damaged=damaged)
 
 
-def existing_output(out_path: str, manifest: dict | None, overwrite: bool) -> dict | None:
-    """The manifest of `out_path` when it already holds these features (made with `manifest`'s settings,
-    or any when None); None when there is none yet or `overwrite`. An output made otherwise is refused."""
+def output_complete(out_path: str, manifest: dict | None, overwrite: bool) -> bool:
+    """Does `out_path` already hold these features (made with `manifest`'s settings, or any when None)?
+    False when there is none yet or `overwrite`; an output made otherwise is refused."""
     if overwrite or not os.path.exists(out_path):
-        return None
+        return False
     try:
         with h5py.File(out_path, "r") as h5:
             existing = json.loads(h5.attrs["manifest"])
     except (OSError, ValueError, KeyError, TypeError):
         existing = None     # not one of ours, or unreadable
     if existing is not None and (manifest is None or identity(existing) == identity(manifest)):
-        return existing
+        return True
     raise UserError(f"{out_path} already exists and was made {difference(existing, manifest)}; pass --overwrite "
                     "to replace it or choose another --out (one per model: appearance and motion features are "
                     "separate files)")
 
 
-def completed_result(out_path: str, videos: Sequence[Video] | int) -> ExtractionResult:
-    """The result of a finished extraction of `videos` (or that many), from its failure report or ids."""
+def completed_result(out_path: str, videos: Sequence[Video] = ()) -> ExtractionResult:
+    """The result of a finished extraction, from its failure report, else from its ids (then those
+    of `videos` not among them are the failures)."""
     report_path = failures_report(out_path)
     report = read_json_or_none(report_path)
     try:
-        failures, written = list(report["failures"]), int(report["written"])
+        count, written, failures = int(report["videos"]), int(report["written"]), list(report["failures"])
         damaged = list(report.get("damaged_videos", []))
     except (TypeError, KeyError, ValueError):
         with h5py.File(out_path, "r") as h5:
             present = set(int(i) for i in h5[IDS_DATASET][()])
+            count = int(h5.attrs["videos"])
         written, damaged = len(present), []
         failures = [failure_record(v, "not in the existing output (no failure report found)")
-                    for v in videos if v.video_id not in present] if isinstance(videos, Sequence) else []
-    count = len(videos) if isinstance(videos, Sequence) else int(videos)
+                    for v in videos if v.video_id not in present]
     return ExtractionResult(out_path, report_path, count, written, failures, True, damaged=damaged)
 
 
@@ -198,12 +195,11 @@ def merge_into_output(parts_dirs: Sequence[str], out_path: str, overwrite: bool 
     out_path = os.fspath(out_path)
     present = [path for path in parts_dirs if os.path.isdir(path)]
     settings = (read_json_or_none(os.path.join(present[0], PARTS_SETTINGS)) or {}) if present else None
-    existing = existing_output(out_path, settings, overwrite)
-    if existing is not None:
+    if output_complete(out_path, settings, overwrite):
         if not keep_parts:   # a merge killed while removing its parts
             for path in present:
                 shutil.rmtree(path, ignore_errors=True)
-        return completed_result(out_path, existing["videos"])
+        return completed_result(out_path)
     remove_stale_temporaries(out_path, [], output_too=True)
     return merge_parts(parts_dirs, out_path, keep_parts)
 

@@ -16,11 +16,10 @@ import time
 from typing import Callable, NamedTuple, Sequence
 
 import h5py
-import numpy as np
 
 from vqakd.data.annotations import Video
 from vqakd.core.errors import UserError
-from vqakd.extraction.merge import existing_output
+from vqakd.extraction.merge import output_complete
 from vqakd.data.features import IDS_DATASET
 from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, failures_report, open_parts, parts_folder,
                                     read_chunk, read_json_or_none, remove_stale_temporaries, worth_retrying,
@@ -48,10 +47,9 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
     # Another shard may be writing into a shared parts folder: only this shard's temporaries
     # (and the output's, when this run merges) can be left over from a killed run.
     remove_stale_temporaries(out_path, mine, output_too=shard.count == 1)
-    if existing_output(out_path, manifest, overwrite) is not None:
+    if output_complete(out_path, manifest, overwrite):
         report = read_json_or_none(failures_report(out_path)) or {}
-        retry = [failure for failure in report.get("failures") or [] if worth_retrying(failure)]
-        if not retry or shard.count > 1:
+        if shard.count > 1 or not any(worth_retrying(failure) for failure in report.get("failures") or []):
             # Parts beside a complete output belong to a run killed while removing them.
             shutil.rmtree(parts_dir, ignore_errors=True)
             return Plan(True, [], None)
@@ -63,9 +61,8 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
         if any(worth_retrying(failure) for failure in read_chunk(path)[1]):
             os.remove(path)
             del done[k]
-    token = None
-    if world > 1:
-        token = secrets.token_hex(8)
+    token = secrets.token_hex(8) if world > 1 else None
+    if token:
         write_json(os.path.join(parts_dir, PARTS_LAUNCH), {"token": token, "world_size": world})
     return Plan(False, [k for k in mine if k not in done], token)
 
@@ -83,10 +80,9 @@ def parts_from_output(out_path: str, parts_dir: str, manifest: dict, videos: Seq
         for k, chunk in enumerate(chunks):
             ids = [videos[i].video_id for i in chunk]
             kept = [video_id for video_id in ids if video_id in row_of]
-            features = (np.stack([data[row_of[video_id]] for video_id in kept]) if kept
-                        else np.zeros((0,) + data.shape[1:], np.float32))
-            write_chunk(parts_dir, k, digest, kept, features, [failures[v] for v in ids if v in failures],
-                        [damaged[v] for v in kept if v in damaged])
+            # The output's rows follow the video list, so these rows increase as h5py requires.
+            write_chunk(parts_dir, k, digest, kept, data[[row_of[video_id] for video_id in kept]],
+                        [failures[v] for v in ids if v in failures], [damaged[v] for v in kept if v in damaged])
 
 
 def launch_problem(parts_dir: str, token: str | None) -> str | None:
@@ -123,12 +119,10 @@ def _wait_until(ready: Callable[[], bool]) -> None:
 def finish_shard(chunks: list[list[int]], parts_dir: str, shard: Shard) -> ExtractionResult:
     """Rank 0 of a shard: count what the shard made and leave a note for merge_parts."""
     mine = [k for k in range(len(chunks)) if shard.owns(k)]
-    videos, written, failures, damaged = sum(len(chunks[k]) for k in mine), 0, [], []
-    for k in mine:
-        ids, chunk_failures, chunk_damaged, _ = read_chunk(os.path.join(parts_dir, chunk_name(k)))
-        written += len(ids)
-        failures.extend(chunk_failures)
-        damaged.extend(chunk_damaged)
+    read = [read_chunk(os.path.join(parts_dir, chunk_name(k))) for k in mine]
+    videos, written = sum(len(chunks[k]) for k in mine), sum(len(ids) for ids, *_ in read)
+    failures = [failure for _, chunk_failures, _, _ in read for failure in chunk_failures]
+    damaged = [record for _, _, chunk_damaged, _ in read for record in chunk_damaged]
     write_json(os.path.join(parts_dir, f"shard-{shard.index}-of-{shard.count}.json"),
                {"num_shards": shard.count, "shard_index": shard.index, "chunks": mine, "videos": videos,
                 "written": written, "failed": len(failures), "damaged": len(damaged)})

@@ -47,7 +47,8 @@ class ExtractionSettings:
 
     @classmethod
     def from_record(cls, record: Mapping) -> "ExtractionSettings":
-        """The settings a feature file recorded; an entry it lacks or holds as None takes its default."""
+        """The settings a feature file recorded (or the command line's flags name): other keys are
+        ignored; an entry it lacks or holds as None takes its default."""
         known = {field.name for field in dataclasses.fields(cls)}
         return cls(**{"dataset": "msvd-qa", **{key: value for key, value in record.items()
                                                if key in known and value is not None}})
@@ -90,9 +91,7 @@ def videos_digest(videos: Sequence[Video]) -> str:
 
 def identity(settings: Mapping | None, keys: Sequence[str] = RUN_SETTINGS) -> dict | None:
     """The entries of `settings` (a manifest, or recorded settings with FEATURE_SETTINGS) that count."""
-    if settings is None:
-        return None
-    return {key: settings[key] for key in keys if key in settings}
+    return None if settings is None else {key: settings[key] for key in keys if key in settings}
 
 
 def identity_digest(settings: Mapping, keys: Sequence[str] = RUN_SETTINGS) -> str:

@@ -124,9 +124,13 @@ class ClipFrames:
 
 def _open(path: str) -> av.container.InputContainer:
     require_decoder()
-    # stat() (unlike os.path.exists()) tells a missing file from one in an unsearchable folder.
     try:
-        info = os.stat(path)
+        # stat() (unlike os.path.exists()) tells a missing file from one in an unsearchable folder.
+        if stat.S_ISDIR(os.stat(path).st_mode):
+            raise VideoError("is a directory, not a video file")
+        return av.open(path, mode="r")
+    except av.error.FFmpegError as exc:     # before the OSErrors: PyAV's errors are OSErrors too
+        raise VideoError(f"cannot open: {getattr(exc, 'strerror', None) or exc}") from None
     except FileNotFoundError:
         # Files beside it with its name and another extension (or none).
         stem = os.path.splitext(path)[0]
@@ -137,14 +141,6 @@ def _open(path: str) -> av.container.InputContainer:
         raise VideoError(f"file not found{hint}") from None
     except PermissionError:
         raise VideoError("cannot open: Permission denied (a folder on its path is not readable)") from None
-    except OSError as exc:
-        raise VideoError(f"cannot read: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise VideoError("is a directory, not a video file")
-    try:
-        return av.open(path, mode="r")
-    except av.error.FFmpegError as exc:
-        raise VideoError(f"cannot open: {getattr(exc, 'strerror', None) or exc}") from None
     except OSError as exc:
         raise VideoError(f"cannot read: {exc.strerror or exc}") from None
 

@@ -35,8 +35,9 @@ def find_weights(given: str | None, file_names: tuple[str, ...], what: str, how_
     raise UserError(f"no {what} file given (--weights) or found (looked for {looked}); {how_to_get}")
 
 
-def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
-    """Tensors (only: weights_only) of a state dict or checkpoint file, any `module.` prefix removed."""
+def load_weights(network: nn.Module, path: str, what: str) -> None:
+    """Load the tensors (only: weights_only) of the state dict or checkpoint file `path`, any `module.`
+    prefix removed, into `network`, strictly (an error names the first bad key)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
@@ -48,12 +49,8 @@ def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj:
         raise UserError(f"{path}: {what} holds no state dict (found {type(obj).__name__})")
     # What is not a tensor of the model is refused by `load_state_strict`, naming the key.
-    return {str(key).removeprefix("module."): value for key, value in obj.items()}
-
-
-def load_weights(network: nn.Module, path: str, what: str) -> None:
-    """Load the weights file `path` into `network`, strictly (an error names the first bad key)."""
-    load_state_strict(network, read_state_dict(path, what), path, what=what.removesuffix(" weights"))
+    state_dict = {str(key).removeprefix("module."): value for key, value in obj.items()}
+    load_state_strict(network, state_dict, path, what=what.removesuffix(" weights"))
 
 
 def load_state_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str,
