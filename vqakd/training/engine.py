@@ -124,11 +124,10 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
                     log_every: int = 50, progress: bool = True, batch_shards: int = 1,
                     check_every: Optional[int] = None) -> dict[str, Any]:
     """One pass over the training loader: averaged loss parts, train accuracy and time over every
-    process. `model` may be wrapped in DistributedDataParallel (`batch_shards`: the world size).
+    process. `model` may be wrapped in DistributedDataParallel (`batch_shards`: the world size);
+    `teacher` is frozen and in eval mode (builders.frozen_teacher).
     `check_every`: steps between non-finite checks (default: every step on the CPU, else log_every)."""
     model.train()
-    if teacher is not None:
-        teacher.eval()
     distill = loss_cfg.distill_of(stage)
     names = loss_names(stage, loss_cfg)
     losses = _LossSums(names, device)
@@ -246,8 +245,8 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
 
     From the same forward passes, on request (summed over every process):
     - `loss_cfg`: summary["losses"], every loss part the training of `stage` logs, per question
-      (a distilling student needs `teacher`); the HSIC term of each batch is rescaled to
-      `reference_batch` questions (default the evaluation batch), as the training logs it;
+      (a distilling student needs its frozen `teacher`, in eval mode); the HSIC term of each batch
+      is rescaled to `reference_batch` questions (default the evaluation batch), as the training logs it;
     - `node_spread`: summary["node_spread"] = {"columns", "collapsed"} (model/diagnostics.py)."""
     model.eval()
     counter = AccuracyCounter(device)
@@ -255,8 +254,6 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
     if loss_cfg is not None:
         losses = _LossSums(loss_names(stage, loss_cfg), device)
         reference_batch = reference_batch or getattr(loader, "batch_size", None) or 1
-        if teacher is not None:
-            teacher.eval()
     meter = NodeSpreadMeter() if node_spread else None
     started = time.perf_counter()
     for batch in progress_bar(loader, total=len(loader), desc=desc, unit="batch", enabled=progress,

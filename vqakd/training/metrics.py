@@ -100,8 +100,6 @@ def metrics_row(epoch: int, lr: float, train: Mapping, val: Mapping, epoch_time:
 def write_metrics_csv(path: str, rows: list[Mapping[str, Any]]) -> None:
     """Every column any row has, in first-seen order (a run resumed from a checkpoint written
     before a column existed leaves that column empty in its early rows)."""
-    if not rows:
-        return
     fieldnames = list(dict.fromkeys(key for row in rows for key in row))
     with atomic_open(path, "w", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fieldnames, restval="", lineterminator="\n")
