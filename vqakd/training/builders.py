@@ -1,5 +1,5 @@
-"""The networks of a run: a fresh model for a stage, the frozen teacher of the student stage,
-and the checks that a checkpoint fits this run's data and settings."""
+"""The networks of a run: a fresh model for a stage, and the checks that a checkpoint fits this
+run's data and settings."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any, Mapping
 import torch
 
 from model import DualVGR, ModelConfig
-from vqakd.training.checkpoint import model_from_checkpoint
 from vqakd.core.config import Config
 from vqakd.data.batches import DataBundle, glove_matrix_for
 from vqakd.core.errors import UserError
@@ -65,8 +64,3 @@ def check_same_model(checkpoint: Mapping[str, Any], path: str, model: DualVGR) -
     if changed:
         raise UserError(f"{path}: written for a different model ({changed[0]} {saved.get(changed[0])} "
                         f"vs {ours[changed[0]]} now); use --overwrite to start again")
-
-
-def frozen_teacher(checkpoint: Mapping[str, Any], path: str, device: torch.device) -> DualVGR:
-    """The teacher for distillation: eval mode, no gradients."""
-    return model_from_checkpoint(checkpoint, path, device).eval().requires_grad_(False)

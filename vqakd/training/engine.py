@@ -125,7 +125,7 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
                     check_every: Optional[int] = None) -> dict[str, Any]:
     """One pass over the training loader: averaged loss parts, train accuracy and time over every
     process. `model` may be wrapped in DistributedDataParallel (`batch_shards`: the world size);
-    `teacher` is frozen and in eval mode (builders.frozen_teacher).
+    `teacher` is frozen and in eval mode (run.start_stage).
     `check_every`: steps between non-finite checks (default: every step on the CPU, else log_every)."""
     model.train()
     distill = loss_cfg.distill_of(stage)

@@ -18,7 +18,7 @@ from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
 from vqakd.data.batches import DataBundle, load_data, with_dropped
 from vqakd.training.builders import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,
-                                     frozen_teacher, model_config_for_stage)
+                                     model_config_for_stage)
 from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_config_from,
                                        model_from_checkpoint, restore_rng_state, save_checkpoint, seed_everything)
 from vqakd.training.engine import configure_backends, evaluate, loss_scale_warnings, train_one_epoch
@@ -169,8 +169,9 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
     if len(bundle.splits["train"]) < 2:
         raise UserError(f"{bundle.splits['train'].path}: {len(bundle.splits['train'])} training question(s); "
                         "BatchNorm needs at least 2")
-    # The frozen teacher runs on every rank, on that rank's own share of the batch.
-    teacher = frozen_teacher(teacher_record, teacher_file, device) if teacher_file else None
+    # The frozen teacher (eval mode, no gradients) runs on every rank, on that rank's own share of the batch.
+    teacher = (model_from_checkpoint(teacher_record, teacher_file, device).eval().requires_grad_(False)
+               if teacher_file else None)
 
     seed_everything(config.train.seed)
     model = build_model_for_stage(config, stage, bundle, device, progress)
