@@ -155,12 +155,10 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
         if teacher_record is not None:      # its sizes are already this run's (settings_from_files)
             check_vocab_match(teacher_record, teacher_file, bundle, "the teacher")
         teacher_config = model_config_from(teacher_record, teacher_file) if teacher_record is not None else None
-        plan = planned["plan"] = plan_run(config, bundle, model_config_for_stage(config, stage, bundle), device,
-                                          training=True, stage=stage, batch=batch_train,
-                                          eval_batch=eval_batch_per_process(config), teacher_config=teacher_config,
-                                          processes=dist.env_int("LOCAL_WORLD_SIZE", 1))
-        if not plan_only and plan.refusal():
-            raise UserError(plan.refusal())
+        planned["plan"] = plan_run(config, bundle, model_config_for_stage(config, stage, bundle), device,
+                                   training=True, stage=stage, batch=batch_train,
+                                   eval_batch=eval_batch_per_process(config), teacher_config=teacher_config,
+                                   refuse=not plan_only)
         return not plan_only
 
     bundle = load_data(config, device=device, progress=progress, expected_by=expected_by, before_table=plan_memory)

@@ -110,9 +110,7 @@ def validate_checkpoint(cfg: str, checkpoint_path: str, overrides: Sequence[str]
             def plan_memory(bundle: DataBundle) -> bool:
                 batch = eval_batch_per_process(config)
                 planned["plan"] = plan_run(config, bundle, model_config, device, training=False, batch=batch,
-                                           eval_batch=batch, processes=dist.env_int("LOCAL_WORLD_SIZE", 1))
-                if not plan and planned["plan"].refusal():
-                    raise UserError(planned["plan"].refusal())
+                                           eval_batch=batch, refuse=not plan)
                 return not plan
 
             bundle = load_data(config, splits=(split,), device=device, progress=config.train.progress and main,
