@@ -38,7 +38,7 @@ from vqakd.core.config import Config
 from vqakd.core.distributed import env_int
 from vqakd.core.errors import UserError
 from vqakd.data.features import LOAD_CHUNK_BYTES, choose_table_device
-from vqakd.training.builders import count_parameters
+from vqakd.training.checkpoint import count_parameters
 
 GIB = 2**30
 PROBE_QUESTIONS = 16                  # the probe's batch: from here on a step's memory per question is steady

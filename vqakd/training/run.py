@@ -17,10 +17,10 @@ from vqakd.core.config import Config, config_to_dict, data_file_paths, dump_conf
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
 from vqakd.data.batches import DataBundle, load_data, with_dropped
-from vqakd.training.builders import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,
-                                     model_config_for_stage)
-from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_config_from,
-                                       model_from_checkpoint, restore_rng_state, save_checkpoint, seed_everything)
+from vqakd.training.checkpoint import (build_checkpoint, build_model_for_stage, check_same_model, check_vocab_match,
+                                       count_parameters, load_checkpoint, load_state_strict, model_config_for_stage,
+                                       model_config_from, model_from_checkpoint, restore_rng_state, save_checkpoint,
+                                       seed_everything)
 from vqakd.training.engine import configure_backends, evaluate, loss_scale_warnings, train_one_epoch
 from vqakd.training.inference_record import inference_record
 from vqakd.training.metrics import epoch_line, format_table, metrics_row, write_metrics_csv
