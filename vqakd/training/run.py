@@ -71,16 +71,17 @@ class StageStart:
     model: DualVGR
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.StepLR
-    teacher: Optional[DualVGR] = None
-    teacher_file: Optional[str] = None
-    inputs: dict = field(default_factory=dict)      # content fingerprint of every input file
-    notes: list = field(default_factory=list)       # settings taken from the input files
+    teacher: Optional[DualVGR]
+    teacher_file: Optional[str]
+    inputs: dict                     # content fingerprint of every input file
+    notes: list                      # settings taken from the input files
+    memory_plan: MemoryPlan          # what the run was predicted to need
+    # What resume_from restores (else a new run's start).
     history: list = field(default_factory=list)     # metrics.csv rows so far
     best: dict = field(default_factory=dict)        # {epoch, val_accuracy} of best.pt
     start_epoch: int = 1
     # Every resume of this run (empty: not resumed): {epoch, after_epoch, changed: {key: [old, new]}}.
     resumes: list = field(default_factory=list)
-    memory_plan: Optional[MemoryPlan] = None         # what the run was predicted to need
 
 
 def teacher_checkpoint(config: Config, stage: str, given: Optional[str]) -> Optional[str]:
