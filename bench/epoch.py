@@ -200,7 +200,7 @@ class Limited:
 
 
 def make_models(config, stage: str, bundle, device: torch.device, compile_: bool):
-    from vqakd.training.builders import build_model_for_stage
+    from vqakd.training.checkpoint import build_model_for_stage
 
     torch.manual_seed(0)
     model = build_model_for_stage(config, stage, bundle, device, progress=False)

@@ -60,7 +60,7 @@ def _in_double(batch: dict) -> dict:
 
 
 def _fresh_model(config, stage: str, bundle) -> torch.nn.Module:
-    from vqakd.training.builders import build_model_for_stage
+    from vqakd.training.checkpoint import build_model_for_stage
     from vqakd.training.checkpoint import seed_everything
 
     # Built with float64 as the default dtype, so that the random initialisation itself is drawn

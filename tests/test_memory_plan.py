@@ -17,7 +17,7 @@ from vqakd.core.config import config_from_dict
 from vqakd.core.errors import UserError
 from vqakd.data.batches import load_data
 from vqakd.training import memory
-from vqakd.training.builders import model_config_for_stage
+from vqakd.training.checkpoint import model_config_for_stage
 from vqakd.training.memory import _LiveBytes, measure_step, plan_run
 from vqakd.training.run import train_stage
 from vqakd.training.validation import validate_checkpoint

@@ -282,7 +282,7 @@ def test_teacher_is_frozen_and_never_updated(tiny):
     from vqakd.core.config import load_config
     from vqakd.data.batches import load_data, make_loader
     from vqakd.training.engine import train_one_epoch
-    from vqakd.training.builders import build_model_for_stage
+    from vqakd.training.checkpoint import build_model_for_stage
 
     config = load_config(tiny["cfg"], ["data.use_glove=false"])
     device = torch.device("cpu")
@@ -308,7 +308,7 @@ def test_nan_loss_names_epoch_step_and_part(tiny, monkeypatch):
     import vqakd.training.engine as engine
     from vqakd.core.config import load_config
     from vqakd.data.batches import load_data, make_loader
-    from vqakd.training.builders import build_model_for_stage
+    from vqakd.training.checkpoint import build_model_for_stage
 
     config = load_config(tiny["cfg"], ["data.use_glove=false"])
     device = torch.device("cpu")
@@ -434,7 +434,7 @@ def test_validate_checks_the_data_against_the_checkpoint(teacher_run, tmp_path):
 def _small_training_setup(tiny):
     from vqakd.core.config import load_config
     from vqakd.data.batches import load_data, make_loader
-    from vqakd.training.builders import build_model_for_stage
+    from vqakd.training.checkpoint import build_model_for_stage
 
     config = load_config(tiny["cfg"], ["data.use_glove=false"])
     device = torch.device("cpu")

@@ -124,16 +124,15 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, epoch: int, 
                     log_every: int = 50, progress: bool = True, batch_shards: int = 1,
                     check_every: Optional[int] = None) -> dict[str, Any]:
     """One pass over the training loader: averaged loss parts, train accuracy and time over every
-    process. `model` may be wrapped in DistributedDataParallel (`batch_shards`: the world size).
+    process. `model` may be wrapped in DistributedDataParallel (`batch_shards`: the world size);
+    `teacher` is frozen and in eval mode (run.start_stage).
     `check_every`: steps between non-finite checks (default: every step on the CPU, else log_every)."""
     model.train()
-    if teacher is not None:
-        teacher.eval()
     distill = loss_cfg.distill_of(stage)
-    names = loss_names(stage, loss_cfg)
+    names, weighted = loss_terms(stage, loss_cfg)
     losses = _LossSums(names, device)
     counter = AccuracyCounter(device)
-    watch = _NonFiniteWatch(names, weighted_terms(stage, loss_cfg), device)
+    watch = _NonFiniteWatch(names, weighted, device)
     if check_every is None:
         check_every = 1 if device.type == "cpu" else log_every
     steps = len(loader)
@@ -200,12 +199,15 @@ class _LossSums:
         return {name: float(value) / count for name, value in zip(self.names, self.sums.cpu().tolist())}
 
 
-def weighted_terms(stage: str, loss_cfg: LossConfig) -> tuple[tuple[str, str, float], ...]:
-    """(loss part, the setting that weights it, its weight) of each weighted term a stage trains with."""
-    terms = (("common", "loss.alpha", loss_cfg.alpha), ("dependence", "loss.beta", loss_cfg.beta))
-    if loss_cfg.distill_of(stage) == "feature":
-        terms += (("app", "loss.kappa_app", loss_cfg.kappa_app), ("mo", "loss.kappa_mo", loss_cfg.kappa_mo))
-    return terms
+def loss_terms(stage: str, loss_cfg: LossConfig) -> tuple[tuple[str, ...], tuple[tuple[str, str, float], ...]]:
+    """The loss parts a stage logs (in LOSS_PARTS order), and its weighted terms: (loss part, the
+    setting that weights it, its weight)."""
+    distill = loss_cfg.distill_of(stage)
+    weighted = (("common", "loss.alpha", loss_cfg.alpha), ("dependence", "loss.beta", loss_cfg.beta))
+    if distill == "feature":
+        weighted += (("app", "loss.kappa_app", loss_cfg.kappa_app), ("mo", "loss.kappa_mo", loss_cfg.kappa_mo))
+    extra = {"feature": ("app", "mo"), "logit": ("kd",)}.get(distill, ())
+    return ("loss", "hard", "ce", "common", "dependence") + extra, weighted
 
 
 # A weighted term this many times the cross-entropy drowns the answer's training signal.
@@ -218,7 +220,7 @@ def loss_scale_warnings(train: Mapping[str, float], stage: str, loss_cfg: LossCo
     if not ce or ce <= 0:
         return []
     found = []
-    for name, setting, weight in weighted_terms(stage, loss_cfg):
+    for name, setting, weight in loss_terms(stage, loss_cfg)[1]:
         value = weight * train.get(name, 0.0)
         if value > LOSS_SCALE_WARNING * ce:
             found.append(f"warning: {setting} x {name} = {value:.4g} is {value / ce:.0f}x the cross-entropy "
@@ -226,12 +228,6 @@ def loss_scale_warnings(train: Mapping[str, float], stage: str, loss_cfg: LossCo
                          f"smaller {setting} balances them (features of random-weight networks, whose values are "
                          "large, make this likely)")
     return found
-
-
-def loss_names(stage: str, loss_cfg: LossConfig) -> tuple[str, ...]:
-    """The loss parts a stage logs, in LOSS_PARTS order."""
-    extra = {"feature": ("app", "mo"), "logit": ("kd",)}.get(loss_cfg.distill_of(stage), ())
-    return ("loss", "hard", "ce", "common", "dependence") + extra
 
 
 @torch.no_grad()
@@ -246,17 +242,15 @@ def evaluate(model, loader, device: torch.device, *, amp: str = "none", return_p
 
     From the same forward passes, on request (summed over every process):
     - `loss_cfg`: summary["losses"], every loss part the training of `stage` logs, per question
-      (a distilling student needs `teacher`); the HSIC term of each batch is rescaled to
-      `reference_batch` questions (default the evaluation batch), as the training logs it;
+      (a distilling student needs its frozen `teacher`, in eval mode); the HSIC term of each batch
+      is rescaled to `reference_batch` questions (default the evaluation batch), as the training logs it;
     - `node_spread`: summary["node_spread"] = {"columns", "collapsed"} (model/diagnostics.py)."""
     model.eval()
     counter = AccuracyCounter(device)
     indices, top_answers, top_probs = [], [], []
     if loss_cfg is not None:
-        losses = _LossSums(loss_names(stage, loss_cfg), device)
+        losses = _LossSums(loss_terms(stage, loss_cfg)[0], device)
         reference_batch = reference_batch or getattr(loader, "batch_size", None) or 1
-        if teacher is not None:
-            teacher.eval()
     meter = NodeSpreadMeter() if node_spread else None
     started = time.perf_counter()
     for batch in progress_bar(loader, total=len(loader), desc=desc, unit="batch", enabled=progress,

@@ -35,9 +35,10 @@ from torch.utils._pytree import tree_flatten
 
 from model import DualVGR, ModelConfig
 from vqakd.core.config import Config
+from vqakd.core.distributed import env_int
 from vqakd.core.errors import UserError
 from vqakd.data.features import LOAD_CHUNK_BYTES, choose_table_device
-from vqakd.training.builders import count_parameters
+from vqakd.training.checkpoint import count_parameters
 
 GIB = 2**30
 PROBE_QUESTIONS = 16                  # the probe's batch: from here on a step's memory per question is steady
@@ -312,10 +313,12 @@ def check_model_fits_memory(model_config: ModelConfig) -> int:
 
 def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.device, *, training: bool,
              batch: int, eval_batch: int, stage: str = "teacher", teacher_config: Optional[ModelConfig] = None,
-             processes: int = 1) -> MemoryPlan:
+             processes: Optional[int] = None, refuse: bool = False) -> MemoryPlan:
     """The plan of a run of `model_config` on `bundle` (vocabulary and question splits loaded, the
     feature table not yet): `batch` / `eval_batch` are this process's batch sizes, `processes`
-    the run's processes on this machine."""
+    the run's processes on this machine (default: torchrun's LOCAL_WORLD_SIZE). `refuse`: raise
+    the plan's one-line refusal when the run will not fit."""
+    processes = processes or env_int("LOCAL_WORLD_SIZE", 1)
     table = bundle.table
     videos, _, frames, _ = table.appearance_info.shape
     file_bytes = sum(os.path.getsize(info.path) for info in (table.appearance_info, table.motion_info))
@@ -372,6 +375,9 @@ def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.de
         except UserError:           # a setting data.feature_device rules out
             continue
         others[name] = {"host": sum(other_host.values()) * processes, "gpu": sum(other_gpu.values())}
-    return MemoryPlan(f"{stage} training" if training else "evaluation", mode, dtype, table_on,
+    plan = MemoryPlan(f"{stage} training" if training else "evaluation", mode, dtype, table_on,
                       batch if training else eval_batch, host, gpu, available_memory_bytes(), gpu_free,
                       file_bytes if mode == "memory" else 0, per_epoch, others, processes)
+    if refuse and plan.refusal():
+        raise UserError(plan.refusal())
+    return plan

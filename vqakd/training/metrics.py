@@ -100,8 +100,6 @@ def metrics_row(epoch: int, lr: float, train: Mapping, val: Mapping, epoch_time:
 def write_metrics_csv(path: str, rows: list[Mapping[str, Any]]) -> None:
     """Every column any row has, in first-seen order (a run resumed from a checkpoint written
     before a column existed leaves that column empty in its early rows)."""
-    if not rows:
-        return
     fieldnames = list(dict.fromkeys(key for row in rows for key in row))
     with atomic_open(path, "w", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fieldnames, restval="", lineterminator="\n")
@@ -109,17 +107,13 @@ def write_metrics_csv(path: str, rows: list[Mapping[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def epoch_line(row: Mapping[str, Any], epochs: int, is_best: bool) -> str:
-    """The log line of one epoch, from its metrics.csv row."""
-    losses = " ".join(f"{name} {_fmt(row[f'train_{name}'])}" for name in LOSS_PARTS if row[f"train_{name}"] != "")
+    """The log line of one epoch, from its metrics.csv row (its losses: floats, "" where absent)."""
+    losses = " ".join(f"{name} {row[f'train_{name}']:.4g}" for name in LOSS_PARTS if row[f"train_{name}"] != "")
     # A type without validation questions shows "–" (rows written before the counts existed show the value).
     per_type = " ".join(f"{qtype} –" if row.get(f"val_count_{qtype}") == 0 else
                         f"{qtype} {100 * row[f'val_acc_{qtype}']:.1f}" for qtype in QUESTION_TYPES)
-    val_loss = f" | val loss {_fmt(row['val_loss'])}" if row.get("val_loss", "") != "" else ""
+    val_loss = f" | val loss {row['val_loss']:.4g}" if row.get("val_loss", "") != "" else ""
     return (f"epoch {row['epoch']}/{epochs} | {losses}{val_loss} | train acc {100 * row['train_acc']:.2f}% | "
             f"val acc {100 * row['val_acc']:.2f}% ({per_type}) | lr {row['lr']:.3g} | {row['time_s']:.1f}s"
             + (" | best" if is_best else ""))

@@ -26,11 +26,9 @@ def _present(rows: Sequence[Mapping[str, Any]], key: str) -> bool:
     return any(not math.isnan(v) for v in _series(rows, key))
 
 
-def plot_curves(rows: Sequence[Mapping[str, Any]], path: str, stage: str, best: int | None) -> None:
+def plot_curves(rows: Sequence[Mapping[str, Any]], path: str, stage: str, best: int) -> None:
     """Write the curves of `rows` (dicts with epoch, train_<part>, train_acc, val_acc) to `path`;
     `best`: the epoch best.pt holds."""
-    if not rows:
-        return
     import matplotlib.pyplot as plt
 
     figure = curves_figure(rows, stage, best)
@@ -39,7 +37,7 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str, stage: str, best: 
     plt.close(figure)
 
 
-def curves_figure(rows: Sequence[Mapping[str, Any]], stage: str, best: int | None):
+def curves_figure(rows: Sequence[Mapping[str, Any]], stage: str, best: int):
     """The matplotlib figure plot_curves saves: axes losses, regularisers, accuracy."""
     # Imported here, not at the top: matplotlib takes a second to load and only rank 0 draws.
     import matplotlib
@@ -82,9 +80,8 @@ def curves_figure(rows: Sequence[Mapping[str, Any]], stage: str, best: int | Non
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if best is not None:
-            axis.axvline(best, color="grey", linestyle=":", linewidth=1.2,
-                         label=f"best epoch ({best})" if axis is acc_axis else None)
+        axis.axvline(best, color="grey", linestyle=":", linewidth=1.2,
+                     label=f"best epoch ({best})" if axis is acc_axis else None)
         if axis.get_legend_handles_labels()[0]:
             axis.legend()
     figure.tight_layout()

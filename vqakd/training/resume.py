@@ -22,7 +22,7 @@ RESUME_REFUSED = {
     "train.seed": "the run's random stream and shuffling", "train.batch_size": "the run's recipe",
     "loss.distill": "what the stage trains",
 }
-RESUME_REFUSED_SECTIONS = {"model": "the network"}     # and the stage's own graph_layers
+# Also refused: the network (model.* and the stage's own graph_layers).
 RESUME_PATH_KEYS = tuple(f"data.{key}" for key in DATA_FILES) + ("output_dir",)
 LR_SCHEDULE_KEYS = ("train.lr", "train.lr_halve_every", "train.lr_decay")
 
@@ -45,12 +45,8 @@ def resume_changes(saved: dict, config: Config, stage: str, path: str,
     new = flat_settings(config_to_dict(config))
     changed = {key: [old.get(key), value] for key, value in new.items()
                if not _same_setting(key, old.get(key), value)}
-    refused = []
-    for key in changed:
-        reason = (RESUME_REFUSED.get(key) or RESUME_REFUSED_SECTIONS.get(key.split(".", 1)[0])
-                  or ("the network" if key == f"{stage}.graph_layers" else None))
-        if reason and key not in same_content:
-            refused.append((key, reason))
+    refused = [(key, RESUME_REFUSED.get(key, "the network")) for key in changed if key not in same_content
+               and (key in RESUME_REFUSED or key.startswith("model.") or key == f"{stage}.graph_layers")]
     if refused:
         key, reason = refused[0]
         more = f" (and {len(refused) - 1} more: {', '.join(k for k, _ in refused[1:])})" if len(refused) > 1 else ""

@@ -17,10 +17,10 @@ from vqakd.core.config import Config, config_to_dict, data_file_paths, dump_conf
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
 from vqakd.data.batches import DataBundle, load_data, with_dropped
-from vqakd.training.builders import (build_model_for_stage, check_same_model, check_vocab_match, count_parameters,
-                                     frozen_teacher, model_config_for_stage)
-from vqakd.training.checkpoint import (build_checkpoint, load_checkpoint, load_state_strict, model_config_from,
-                                       model_from_checkpoint, restore_rng_state, save_checkpoint, seed_everything)
+from vqakd.training.checkpoint import (build_checkpoint, build_model_for_stage, check_same_model, check_vocab_match,
+                                       count_parameters, load_checkpoint, load_state_strict, model_config_for_stage,
+                                       model_config_from, model_from_checkpoint, restore_rng_state, save_checkpoint,
+                                       seed_everything)
 from vqakd.training.engine import configure_backends, evaluate, loss_scale_warnings, train_one_epoch
 from vqakd.training.inference_record import inference_record
 from vqakd.training.metrics import epoch_line, format_table, metrics_row, write_metrics_csv
@@ -71,16 +71,17 @@ class StageStart:
     model: DualVGR
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.StepLR
-    teacher: Optional[DualVGR] = None
-    teacher_file: Optional[str] = None
-    inputs: dict = field(default_factory=dict)      # content fingerprint of every input file
-    notes: list = field(default_factory=list)       # settings taken from the input files
+    teacher: Optional[DualVGR]
+    teacher_file: Optional[str]
+    inputs: dict                     # content fingerprint of every input file
+    notes: list                      # settings taken from the input files
+    memory_plan: MemoryPlan          # what the run was predicted to need
+    # What resume_from restores (else a new run's start).
     history: list = field(default_factory=list)     # metrics.csv rows so far
     best: dict = field(default_factory=dict)        # {epoch, val_accuracy} of best.pt
     start_epoch: int = 1
     # Every resume of this run (empty: not resumed): {epoch, after_epoch, changed: {key: [old, new]}}.
     resumes: list = field(default_factory=list)
-    memory_plan: Optional[MemoryPlan] = None         # what the run was predicted to need
 
 
 def teacher_checkpoint(config: Config, stage: str, given: Optional[str]) -> Optional[str]:
@@ -155,12 +156,10 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
         if teacher_record is not None:      # its sizes are already this run's (settings_from_files)
             check_vocab_match(teacher_record, teacher_file, bundle, "the teacher")
         teacher_config = model_config_from(teacher_record, teacher_file) if teacher_record is not None else None
-        plan = planned["plan"] = plan_run(config, bundle, model_config_for_stage(config, stage, bundle), device,
-                                          training=True, stage=stage, batch=batch_train,
-                                          eval_batch=eval_batch_per_process(config), teacher_config=teacher_config,
-                                          processes=dist.env_int("LOCAL_WORLD_SIZE", 1))
-        if not plan_only and plan.refusal():
-            raise UserError(plan.refusal())
+        planned["plan"] = plan_run(config, bundle, model_config_for_stage(config, stage, bundle), device,
+                                   training=True, stage=stage, batch=batch_train,
+                                   eval_batch=eval_batch_per_process(config), teacher_config=teacher_config,
+                                   refuse=not plan_only)
         return not plan_only
 
     bundle = load_data(config, device=device, progress=progress, expected_by=expected_by, before_table=plan_memory)
@@ -169,8 +168,9 @@ def start_stage(config: Config, stage: str, folder: RunFolder, teacher_path: Opt
     if len(bundle.splits["train"]) < 2:
         raise UserError(f"{bundle.splits['train'].path}: {len(bundle.splits['train'])} training question(s); "
                         "BatchNorm needs at least 2")
-    # The frozen teacher runs on every rank, on that rank's own share of the batch.
-    teacher = frozen_teacher(teacher_record, teacher_file, device) if teacher_file else None
+    # The frozen teacher (eval mode, no gradients) runs on every rank, on that rank's own share of the batch.
+    teacher = (model_from_checkpoint(teacher_record, teacher_file, device).eval().requires_grad_(False)
+               if teacher_file else None)
 
     seed_everything(config.train.seed)
     model = build_model_for_stage(config, stage, bundle, device, progress)

@@ -26,15 +26,11 @@ class RunFolder:
         for key, name in STAGE_FILES.items():
             setattr(self, key, os.path.join(folder, name))
 
-    def outputs(self) -> list[str]:
-        """Every output path, in STAGE_FILES order."""
-        return [os.path.join(self.folder, name) for name in STAGE_FILES.values()]
-
     def remove_outputs(self) -> None:
         """Discard a previous run of this stage (--overwrite)."""
-        for path in self.outputs():
-            if os.path.exists(path):
-                os.remove(path)
+        for name in STAGE_FILES.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.folder, name))
 
 
 @contextlib.contextmanager
@@ -43,7 +39,7 @@ def stage_guard(folder: RunFolder, stage: str, inputs: Mapping[str, Optional[str
     one of the run's `inputs`, lock the stage folder (main process only; a refusal stops every rank)
     and clear the temporaries of an interrupted write. A folder the guard created is removed again
     if the run leaves it empty (failed start-up checks)."""
-    outputs = {f"{stage} {name}": path for name, path in zip(STAGE_FILES.values(), folder.outputs())}
+    outputs = {f"{stage} {name}": os.path.join(folder.folder, name) for name in STAGE_FILES.values()}
     new_folders = []                    # the folders the guard creates, deepest first
     path = os.path.abspath(folder.folder)
     while not os.path.exists(path):
@@ -63,11 +59,6 @@ def stage_guard(folder: RunFolder, stage: str, inputs: Mapping[str, Optional[str
                 break
 
 
-def timestamped(message: str, stamp: str) -> str:
-    """Every line of `message` prefixed with `stamp` (a table stays one block at one time)."""
-    return "".join(f"{stamp} {line}\n" for line in message.split("\n"))
-
-
 class RunLog:
     """Lines to stdout and appended to a log file (main process only), each prefixed in the file
     with its UTC time (`2026-11-28T15:02:03Z epoch 3/25 | ...`)."""
@@ -79,5 +70,6 @@ class RunLog:
         if not dist.is_main():
             return
         print(message, flush=True)
+        stamp = utc_now()           # one time for every line: a table stays one block
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(timestamped(message, utc_now()))
+            handle.write("".join(f"{stamp} {line}\n" for line in message.split("\n")))

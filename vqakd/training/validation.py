@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from vqakd.core import distributed as dist
-from vqakd.training.checkpoint import load_checkpoint, model_config_from, model_from_checkpoint
+from vqakd.training.checkpoint import (check_vocab_match, count_parameters, load_checkpoint, model_config_from,
+                                       model_from_checkpoint)
 from vqakd.core.config import Config, data_file_paths, eval_batch_size, load_config, override_key
 from vqakd.data.batches import DataBundle, load_data, make_loader, with_dropped
 from vqakd.training.engine import configure_backends, evaluate
@@ -20,7 +21,6 @@ from vqakd.core.files import atomic_open, write_json
 from vqakd.core.locks import guard_outputs
 from vqakd.data.questions import TYPE_NAMES
 from vqakd.training.metrics import FIRST_ANSWER_LABEL, format_table
-from vqakd.training.builders import check_vocab_match, count_parameters
 from vqakd.training.inference_record import feature_differences
 from vqakd.training.memory import MemoryPlan, plan_run
 from vqakd.training.provenance import provenance_for_config, utc_now
@@ -110,9 +110,7 @@ def validate_checkpoint(cfg: str, checkpoint_path: str, overrides: Sequence[str]
             def plan_memory(bundle: DataBundle) -> bool:
                 batch = eval_batch_per_process(config)
                 planned["plan"] = plan_run(config, bundle, model_config, device, training=False, batch=batch,
-                                           eval_batch=batch, processes=dist.env_int("LOCAL_WORLD_SIZE", 1))
-                if not plan and planned["plan"].refusal():
-                    raise UserError(planned["plan"].refusal())
+                                           eval_batch=batch, refuse=not plan)
                 return not plan
 
             bundle = load_data(config, splits=(split,), device=device, progress=config.train.progress and main,
