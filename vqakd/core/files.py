@@ -154,6 +154,7 @@ def remove_stale_temporaries(output_paths: Iterable[str | os.PathLike],
         log(f"removed {len(removed)} temporary file(s) left by an interrupted run: {', '.join(removed)}")
     return removed
 
+
 PathLike = Union[str, os.PathLike]
 Labelled = Union[Mapping[str, Union[PathLike, None]], Iterable[Tuple[str, Union[PathLike, None]]]]
 

@@ -18,7 +18,7 @@ from vqakd.data.features import IDS_DATASET
 from vqakd.extraction.networks import NETWORKS
 from vqakd.extraction.parts import (PARTS_SETTINGS, PARTS_VIDEOS, chunk_files, chunk_name, chunk_partition,
                                     failure_record, failures_report, read_chunk, read_json_or_none,
-                                    remove_stale_temporaries)
+                                    remove_parts_temporaries)
 from vqakd.extraction.settings import ExtractionResult, difference, identity, identity_digest, videos_digest
 from vqakd.core.files import atomic_path, write_json
 
@@ -200,7 +200,7 @@ def merge_into_output(parts_dirs: Sequence[str], out_path: str, overwrite: bool 
             for path in present:
                 shutil.rmtree(path, ignore_errors=True)
         return completed_result(out_path)
-    remove_stale_temporaries(out_path, [], output_too=True)
+    remove_parts_temporaries(out_path, [], output_too=True)
     return merge_parts(parts_dirs, out_path, keep_parts)
 
 

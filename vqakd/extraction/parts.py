@@ -117,7 +117,7 @@ def read_chunk(path: str) -> tuple[np.ndarray, list[dict], list[dict], str]:
                 str(part["identity"]))
 
 
-def remove_stale_temporaries(out_path: str, chunks: Iterable[int], output_too: bool) -> None:
+def remove_parts_temporaries(out_path: str, chunks: Iterable[int], output_too: bool) -> None:
     """Temporary files of a killed run: those of `chunks`, and the parts folder's own when `output_too`
     (only the merging run may touch them; the output's are removed by the guard that locks it)."""
     parts_dir = parts_folder(out_path)

@@ -22,7 +22,7 @@ from vqakd.core.errors import UserError
 from vqakd.extraction.merge import output_complete
 from vqakd.data.features import IDS_DATASET
 from vqakd.extraction.parts import (PARTS_LAUNCH, chunk_name, failures_report, open_parts, parts_folder,
-                                    read_chunk, read_json_or_none, remove_stale_temporaries, worth_retrying,
+                                    read_chunk, read_json_or_none, remove_parts_temporaries, worth_retrying,
                                     write_chunk)
 from vqakd.extraction.settings import ExtractionResult, Shard, identity_digest
 from vqakd.core.files import write_json
@@ -46,7 +46,7 @@ def make_plan(videos: Sequence[Video], chunks: list[list[int]], out_path: str, m
     mine = [k for k in range(len(chunks)) if shard.owns(k)]
     # Another shard may be writing into a shared parts folder: only this shard's temporaries
     # (and the output's, when this run merges) can be left over from a killed run.
-    remove_stale_temporaries(out_path, mine, output_too=shard.count == 1)
+    remove_parts_temporaries(out_path, mine, output_too=shard.count == 1)
     if output_complete(out_path, manifest, overwrite):
         report = read_json_or_none(failures_report(out_path)) or {}
         if shard.count > 1 or not any(worth_retrying(failure) for failure in report.get("failures") or []):
