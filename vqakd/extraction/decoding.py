@@ -48,4 +48,3 @@ class VideoDecodeDataset(torch.utils.data.Dataset):
                                 damage=clip_frames.damage())
         return DecodedVideo(torch.from_numpy(np.ascontiguousarray(clip_frames.clips())),
                             damage=clip_frames.damage())
-

@@ -86,4 +86,3 @@ class ResNeXt3D(nn.Module):
 
 def resnext101() -> ResNeXt3D:
     return ResNeXt3D()
-

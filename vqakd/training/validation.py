@@ -268,4 +268,3 @@ def format_answer_report(report: Mapping[str, Any], lines: int = 5) -> str:
         out.append(f"  {entry['answer']:<16} {100 * entry['precision']:5.1f}% {100 * entry['recall']:5.1f}% "
                    f"{100 * entry['f1']:5.1f}% ({entry['support']})")
     return "\n".join(out)
-
