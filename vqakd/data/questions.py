@@ -37,7 +37,6 @@ EXTRA_KEYS = ("record_id", "clip_names", "question_text", "answer_text")
 # `tokenize_question` makes it, so "what's" is "what"), every other first token is "other".
 QUESTION_TYPES = ("what", "who", "how", "when", "where")
 OTHER_TYPE = len(QUESTION_TYPES)            # code of every other first token
-NUM_TYPE_CODES = len(QUESTION_TYPES) + 1
 TYPE_NAMES = (*QUESTION_TYPES, "other")     # by code
 
 
