@@ -194,10 +194,7 @@ class EpochBatchSampler(Sampler):
     rank: int = 0
     world_size: int = 1
     max_batches: Optional[int] = None      # train.max_steps: the first batches only
-    epoch: int = field(default=0, init=False)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    epoch: int = field(default=0, init=False)      # set by the training loop before each epoch
 
     def _batches(self) -> list[torch.Tensor]:
         if self.shuffle:
