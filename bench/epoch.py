@@ -229,7 +229,7 @@ def ours(stage: str, config, bundle, a: argparse.Namespace, sampler: Optional[Gp
                   a.max_val_steps)
     epochs = []
     for epoch in range(1, a.warmup_epochs + a.epochs + 1):
-        train.sampler.set_epoch(epoch)
+        train.sampler.epoch = epoch
         phase = f"ours_{stage}" if epoch > a.warmup_epochs else f"ours_{stage}_warmup"
         with (sampler.measuring(phase) if sampler else contextlib.nullcontext()):
             synchronize(device)

@@ -83,7 +83,7 @@ def _one_step(config, stage: str, bundle, teacher: torch.nn.Module | None) -> di
     model = _fresh_model(config, stage, bundle)
     loader = make_loader(bundle.splits["train"], bundle.table, config.train.batch_size, True, config.train.seed, 0,
                          False)
-    loader.sampler.set_epoch(1)
+    loader.sampler.epoch = 1
     batch = _in_double(next(iter(loader)))
     model.train()
     teacher_output = None

@@ -74,7 +74,7 @@ def test_loader_reads_whole_batches_and_shuffles_reproducibly(tiny, tmp_path, mo
     monkeypatch.setattr(QuestionBatches, "__getitem__", counting)
 
     def epoch_order(epoch):
-        loader.sampler.set_epoch(epoch)
+        loader.sampler.epoch = epoch
         return torch.cat([batch["index"] for batch in loader]).tolist()
 
     first = epoch_order(1)
@@ -263,8 +263,8 @@ def test_reused_batch_buffers_give_the_same_batches(tiny, tmp_path):
     reused = make_loader(split, bundle.table, 10, True, 3, 0, False, reuse_buffers=True)
     pointers = []
     for epoch in (1, 2):
-        fresh.sampler.set_epoch(epoch)
-        reused.sampler.set_epoch(epoch)
+        fresh.sampler.epoch = epoch
+        reused.sampler.epoch = epoch
         for a, b in zip(fresh, reused, strict=True):
             # Compared before the next batch is drawn: a reused batch is valid until then.
             assert torch.equal(a["index"], b["index"])

@@ -20,8 +20,8 @@ from vqakd.data.annotations import SPLITS
 from vqakd.core.config import Config
 from vqakd.core.errors import UserError, require_file
 from vqakd.data.features import FeatureFileInfo, FeatureTable, choose_table_device, load_feature_table
-from vqakd.data.questions import (NUM_TYPE_CODES, QUESTION_TYPES, check_vocab_binding, glove_matrix,
-                                  load_question_file, question_type_code)
+from vqakd.data.questions import (QUESTION_TYPES, TYPE_NAMES, check_vocab_binding, glove_matrix, load_question_file,
+                                  question_type_code)
 from vqakd.data.vocab import Vocabulary
 
 MISSING_IDS_SHOWN = 5
@@ -114,7 +114,7 @@ def with_dropped(summary: dict, split: QuestionSplit) -> dict:
     dropped for missing videos count as wrong (in every denominator, overall and per type), with
     the figures on the answered questions alone (`accuracy_answered`, `count_answered`) and
     `dropped` next to them; a split with nothing dropped gets the same keys."""
-    dropped_per_code = torch.bincount(split.dropped_qtypes, minlength=NUM_TYPE_CODES).tolist()
+    dropped_per_code = torch.bincount(split.dropped_qtypes, minlength=len(TYPE_NAMES)).tolist()
 
     def adjust(values: dict, dropped: int) -> dict:
         count = values["count"] + dropped
@@ -194,10 +194,7 @@ class EpochBatchSampler(Sampler):
     rank: int = 0
     world_size: int = 1
     max_batches: Optional[int] = None      # train.max_steps: the first batches only
-    epoch: int = field(default=0, init=False)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    epoch: int = field(default=0, init=False)      # set by the training loop before each epoch
 
     def _batches(self) -> list[torch.Tensor]:
         if self.shuffle:

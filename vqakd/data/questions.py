@@ -37,7 +37,6 @@ EXTRA_KEYS = ("record_id", "clip_names", "question_text", "answer_text")
 # `tokenize_question` makes it, so "what's" is "what"), every other first token is "other".
 QUESTION_TYPES = ("what", "who", "how", "when", "where")
 OTHER_TYPE = len(QUESTION_TYPES)            # code of every other first token
-NUM_TYPE_CODES = len(QUESTION_TYPES) + 1
 TYPE_NAMES = (*QUESTION_TYPES, "other")     # by code
 
 
@@ -101,34 +100,6 @@ def glove_matrix(glove_source: str, question_token_to_idx: Mapping[str, int],
     return matrix, (found / len(words)) if words else 0.0, skipped_keys
 
 
-def encode_split(records: list[dict], tokens: list[list[str]], vocab: Vocabulary, split: str,
-                 clip_names: Sequence[str]) -> dict[str, Any]:
-    """The question-file object (docs/method.md#question-files) with `glove` still None, bound to
-    the exact vocabulary it is encoded with by its sha256 (see check_vocab_binding)."""
-    encoded = [vocab.encode_question(question) for question in tokens]
-    questions, lengths = pad_questions(encoded)
-    # Plain ints (annotations may write "12" or 12.0; load_qa checked they are whole numbers).
-    video_ids = [parse_video_id(record["video_id"]) for record in records]
-    return {
-        "questions": questions,
-        "questions_len": lengths,
-        "question_id": list(range(len(records))),
-        # Two arrays made from the same list, with numpy's default integer type, as the original's
-        # np.asarray / np.array calls make them.
-        "video_ids": np.asarray(video_ids),
-        "video_names": np.array(video_ids),
-        "answers": [vocab.answer_label(record["answer"], split) for record in records],
-        "glove": None,
-        "record_id": [record.get("id", index) for index, record in enumerate(records)],
-        "clip_names": list(clip_names),
-        "question_text": [record["question"] for record in records],
-        # The annotation's answer as written: a label of 0/1 (outside the answer vocabulary)
-        # would otherwise lose the truth on the way to the predictions file and the report.
-        "answer_text": [record["answer"] for record in records],
-        VOCAB_SHA256_KEY: vocab.sha256,
-    }
-
-
 # ---------------------------------------------------------------- one split, end to end
 
 def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_out: str, vocab_file: str,
@@ -149,18 +120,40 @@ def preprocess_split(dataset: str, annotation_dir: str, split: str, questions_ou
         vocab = Vocabulary.build(tokens, [r["answer"] for r in records], answer_top)
         vocab_bytes = vocab.json_bytes()
         vocab.sha256 = hashlib.sha256(vocab_bytes).hexdigest()
-    obj = encode_split(records, tokens, vocab, split, names)
+    # The question file (docs/method.md#question-files), bound to the exact vocabulary it is encoded
+    # with by its sha256 (see check_vocab_binding); `glove` is filled in below.
+    questions, lengths = pad_questions([vocab.encode_question(question) for question in tokens])
+    # Plain ints (annotations may write "12" or 12.0; load_qa checked they are whole numbers).
+    video_ids = [parse_video_id(record["video_id"]) for record in records]
+    obj = {
+        "questions": questions,
+        "questions_len": lengths,
+        "question_id": list(range(len(records))),
+        # Two arrays made from the same list, with numpy's default integer type, as the original's
+        # np.asarray / np.array calls make them.
+        "video_ids": np.asarray(video_ids),
+        "video_names": np.array(video_ids),
+        "answers": [vocab.answer_label(record["answer"], split) for record in records],
+        "glove": None,
+        "record_id": [record.get("id", index) for index, record in enumerate(records)],
+        "clip_names": names,
+        "question_text": [record["question"] for record in records],
+        # The annotation's answer as written: a label of 0/1 (outside the answer vocabulary)
+        # would otherwise lose the truth on the way to the predictions file and the report.
+        "answer_text": [record["answer"] for record in records],
+        VOCAB_SHA256_KEY: vocab.sha256,
+    }
     summary: dict[str, Any] = {
         "dataset": dataset,
         "split": split,
         "annotation_file": source,
         "questions": len(records),
-        "max_question_length": int(obj["questions"].shape[1]),
+        "max_question_length": int(questions.shape[1]),
         "question_vocab_size": len(vocab.question_token_to_idx),
         "answer_vocab_size": len(vocab.answer_token_to_idx),
         "answer_coverage": float(np.mean([r["answer"] in vocab.answer_token_to_idx for r in records])),
         # Padding is <NULL>, so every <UNK> is a real token.
-        "unknown_token_rate": float((obj["questions"] == UNK_INDEX).sum() / obj["questions_len"].sum()),
+        "unknown_token_rate": float((questions == UNK_INDEX).sum() / lengths.sum()),
         "questions_file": questions_out,
         "vocab_file": vocab_file,
         VOCAB_SHA256_KEY: vocab.sha256,

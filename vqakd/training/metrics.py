@@ -15,7 +15,7 @@ import torch
 
 from vqakd.core.distributed import all_reduce_sum
 from vqakd.core.files import atomic_open
-from vqakd.data.questions import NUM_TYPE_CODES, QUESTION_TYPES
+from vqakd.data.questions import QUESTION_TYPES, TYPE_NAMES
 
 FIRST_ANSWER_LABEL = 2              # 0 and 1 (<UNK0>, <UNK1>) are never a correct prediction
 # Loss parts in reporting order; "loss" is the total that is minimised.
@@ -26,8 +26,8 @@ class AccuracyCounter:
     """Correct / total per question-type code (OTHER_TYPE included), on one device."""
 
     def __init__(self, device: torch.device | str = "cpu"):
-        self.correct = torch.zeros(NUM_TYPE_CODES, dtype=torch.long, device=device)
-        self.total = torch.zeros(NUM_TYPE_CODES, dtype=torch.long, device=device)
+        self.correct = torch.zeros(len(TYPE_NAMES), dtype=torch.long, device=device)
+        self.total = torch.zeros(len(TYPE_NAMES), dtype=torch.long, device=device)
 
     def update(self, predictions: torch.Tensor, labels: torch.Tensor, qtypes: torch.Tensor) -> None:
         """Add one batch (on the device, no sync): an exact match with a nameable answer is correct."""

@@ -325,7 +325,7 @@ def train_epochs(config: Config, stage: str, start: StageStart, folder: RunFolde
     last_plot = time.monotonic()
     warned = {name for earlier in history for name in str(earlier.get("collapsed_layers", "")).split()}
     for epoch in range(start.start_epoch, epochs + 1):
-        train_loader.sampler.set_epoch(epoch)
+        train_loader.sampler.epoch = epoch
         if world > 1:       # dropout masks of (seed, epoch, rank): --resume needs no per-rank RNG state
             torch.manual_seed(config.train.seed + 1_000_003 * epoch + 7_919 * dist.get_rank())
         lr = optimizer.param_groups[0]["lr"]
