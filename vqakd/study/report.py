@@ -431,7 +431,7 @@ def write_report(runs, report_dir: str, dataset: str, examples: int = 8) -> dict
     preds: dict[str, list] = {name: [] for name in arms}
     first_seed_preds: dict[str, list] = {}
     for run in runs:
-        rows = read_csv(run.preds_path)
+        rows = read_csv(run.path("study_test_preds.csv"))
         preds[run.arm.name] += rows
         first_seed_preds.setdefault(run.arm.name, rows)         # the runs come seed by seed
     published = PUBLISHED.get(dataset, [])
