@@ -166,23 +166,21 @@ def feature_origin(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def features_summary(arms: dict[str, Any]) -> dict[str, Any]:
-    """Whether any run's features come from random-weight networks, or carry no record at all."""
+    """Whether any run's features come from random-weight networks, or carry no record at all; and
+    the note on what the published numbers beside these runs mean then (None otherwise)."""
     records = [kind for arm in arms.values() for values in arm["seeds"].values()
                for kind in (values["features"] or {None: None}).values()]
-    return {"random_weights": any(record and record["random_weights"] for record in records),
-            "unrecorded": any(record is None for record in records)}
-
-
-def features_note(features: dict[str, Any]) -> Optional[str]:
-    """What the published numbers beside these runs mean, when the features differ from theirs."""
-    if features["random_weights"]:
-        return ("These runs' features come from random-weight networks (their feature files record "
-                "random_weights), not the pretrained ResNet-101 / 3D ResNeXt-101 of the paper: the published "
-                "numbers beside them are for orientation, not a target they could be expected to reach.")
-    if features["unrecorded"]:
-        return ("The feature files record no extraction settings: whether they match the published setup "
-                "is not known, so the published numbers beside them may not be comparable.")
-    return None
+    summary = {"random_weights": any(record and record["random_weights"] for record in records),
+               "unrecorded": any(record is None for record in records), "note": None}
+    if summary["random_weights"]:
+        summary["note"] = ("These runs' features come from random-weight networks (their feature files record "
+                           "random_weights), not the pretrained ResNet-101 / 3D ResNeXt-101 of the paper: the "
+                           "published numbers beside them are for orientation, not a target they could be "
+                           "expected to reach.")
+    elif summary["unrecorded"]:
+        summary["note"] = ("The feature files record no extraction settings: whether they match the published "
+                           "setup is not known, so the published numbers beside them may not be comparable.")
+    return summary
 
 
 def disagreements(preds: dict[str, list[dict]], limit: int) -> list[dict[str, Any]]:
@@ -431,12 +429,11 @@ def write_report(runs, report_dir: str, dataset: str, examples: int = 8) -> dict
     preds: dict[str, list] = {name: [] for name in arms}
     first_seed_preds: dict[str, list] = {}
     for run in runs:
-        rows = read_csv(run.preds_path)
+        rows = read_csv(run.path("study_test_preds.csv"))
         preds[run.arm.name] += rows
         first_seed_preds.setdefault(run.arm.name, rows)         # the runs come seed by seed
     published = PUBLISHED.get(dataset, [])
     features = features_summary(arms)
-    features["note"] = features_note(features)
     # Every run answers the same test questions: one run's predictions give the ceilings.
     report = {"dataset": dataset, "seeds": seeds, "study_dir": study_dir,
               "arms": arms, "published": published, "features": features,

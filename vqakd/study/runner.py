@@ -56,6 +56,10 @@ NOT_COMPARED = ("output_dir", "train.device", "train.progress", "train.log_every
                 "train.stop_after_epoch", "train.eval_batch_size", "data.feature_mode", "data.feature_device")
 # Set by the study itself, per run.
 STUDY_KEYS = ("train.seed", "output_dir")
+# The study's own evaluation files in a run's stage folder: validate.py's defaults (eval_<split>*)
+# there may hold another split or another evaluation, and are never read by the study.
+EVAL_FILE = "study_test.json"
+PREDS_FILE = "study_test_preds.csv"
 
 
 def parse_seeds(text: str, first_seed: int) -> list[int]:
@@ -113,24 +117,14 @@ class Run:
     def finished(self) -> bool:
         return os.path.isfile(self.path("results.json"))
 
-    # The study's own evaluation files: validate.py's defaults (eval_<split>*) in the same folder
-    # may hold another split or another evaluation, and are never read by the study.
-    @property
-    def preds_path(self) -> str:
-        return self.path("study_test_preds.csv")
-
-    @property
-    def eval_path(self) -> str:
-        return self.path("study_test.json")
-
     def evaluated(self) -> bool:
         """The study's test evaluation of this best.pt exists: written after it, of its test split."""
         best = self.path("best.pt")
         if not all(os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(best)
-                   for path in (self.preds_path, self.eval_path)):
+                   for path in (self.path(PREDS_FILE), self.path(EVAL_FILE))):
             return False
         try:
-            record = read_json(self.eval_path)
+            record = read_json(self.path(EVAL_FILE))
         except UserError:
             return False
         return (record.get("split") == "test" and isinstance(record.get("checkpoint"), str)
@@ -224,7 +218,7 @@ def execute(runs: list[Run], cfg: str, log=print) -> list[Run]:
             # The checkpoint defines the model: validate.py refuses model.* settings.
             overrides = [text for text in run.overrides if not override_key(text).startswith("model.")]
             validate_checkpoint(cfg, run.path("best.pt"), overrides, split="test", write_preds=True,
-                                out=run.eval_path, preds_out=run.preds_path)
+                                out=run.path(EVAL_FILE), preds_out=run.path(PREDS_FILE))
     return [run for run in runs if not run.finished]
 
 
