@@ -38,6 +38,7 @@ from vqakd.demo.steps import Runner, Step, display_path
 from vqakd.demo.table import ARMS
 from vqakd.core.errors import UserError
 from vqakd.core.files import REPO_ROOT, ensure_writable_dir, read_json, write_json
+from vqakd.study.report import EVAL_FILE
 from vqakd.training.provenance import provenance_for_config, utc_now
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yml")
@@ -195,7 +196,7 @@ def build_steps(plan: DemoPlan) -> list[Step]:
          "--device", plan.device, *config_sets],
         lambda: [args.cfg, *plan.prepared.values()],
         lambda: [plan.report_json] + [plan.run_file(arm, name, seed) for seed in plan.training_seeds for arm in ARMS
-                                      for name in ("best.pt", "results.json", "study_test.json")],
+                                      for name in ("best.pt", "results.json", EVAL_FILE)],
         plan.output_dir, show_args=["--set", "train.progress=false"] if args.quiet else [],
         restart_args=restart_study, env=ONE_THREAD))
     best = plan.run_file(PREDICT_ARM, "best.pt")

@@ -23,6 +23,10 @@ from vqakd.data.questions import QUESTION_TYPES, TYPE_NAMES
 from vqakd.data.vocab import ANSWER_SPECIALS
 from vqakd.training.metrics import LOSS_PARTS
 
+# The study's own evaluation files in a run's stage folder (runner.py writes them): validate.py's
+# defaults (eval_<split>*) there may hold another split or another evaluation, and are never read.
+EVAL_FILE = "study_test.json"
+PREDS_FILE = "study_test_preds.csv"
 TOP_ANSWERS = 10
 # The arm every other arm is compared with, seed by seed: the student trained alone.
 BASELINE_ARM = "student-none"
@@ -429,7 +433,7 @@ def write_report(runs, report_dir: str, dataset: str, examples: int = 8) -> dict
     preds: dict[str, list] = {name: [] for name in arms}
     first_seed_preds: dict[str, list] = {}
     for run in runs:
-        rows = read_csv(run.path("study_test_preds.csv"))
+        rows = read_csv(run.path(PREDS_FILE))
         preds[run.arm.name] += rows
         first_seed_preds.setdefault(run.arm.name, rows)         # the runs come seed by seed
     published = PUBLISHED.get(dataset, [])

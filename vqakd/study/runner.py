@@ -24,6 +24,7 @@ from vqakd.core.config import (config_to_dict, data_file_paths, eval_batch_size,
 from vqakd.core.errors import UserError
 from vqakd.core.files import read_json, write_json
 from vqakd.core.locks import FolderLock
+from vqakd.study.report import EVAL_FILE, PREDS_FILE
 from vqakd.training.provenance import changed_inputs, input_fingerprints, input_paths
 
 
@@ -56,10 +57,6 @@ NOT_COMPARED = ("output_dir", "train.device", "train.progress", "train.log_every
                 "train.stop_after_epoch", "train.eval_batch_size", "data.feature_mode", "data.feature_device")
 # Set by the study itself, per run.
 STUDY_KEYS = ("train.seed", "output_dir")
-# The study's own evaluation files in a run's stage folder: validate.py's defaults (eval_<split>*)
-# there may hold another split or another evaluation, and are never read by the study.
-EVAL_FILE = "study_test.json"
-PREDS_FILE = "study_test_preds.csv"
 
 
 def parse_seeds(text: str, first_seed: int) -> list[int]:
