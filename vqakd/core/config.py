@@ -381,4 +381,3 @@ def dump_config(config: Config, path: str) -> None:
 
 def eval_batch_size(config: Config) -> int:
     return config.train.eval_batch_size or config.train.batch_size
-
