@@ -77,11 +77,10 @@ def settings_from_flags(flags: ExtractionFlags, num_clips: int, path: str) -> di
         height, width = getattr(flags, f"{kind}_size")
         result[kind] = {
             "model": MODEL_OF_KIND[kind], "num_clips": num_clips, "frames_per_clip": getattr(flags, f"{kind}_frames"),
-            "image_height": height, "image_width": width,
+            "image_height": height, "image_width": width, "precision": "fp32", "weights_sha256": None,
             "kinetics_mean": kind == "motion" and flags.motion_normalisation == "kinetics-mean",
-            "precision": "fp32", "random_weights": bool(flags.random_weights),
-            "random_seed": (flags.seed or 0) if flags.random_weights else None,
-            "weights_sha256": None, "weights": None, "dataset": "msvd-qa"}
+            "random_weights": bool(flags.random_weights),
+            "random_seed": (flags.seed or 0) if flags.random_weights else None}
     return result
 
 
