@@ -88,26 +88,22 @@ def main(argv=None) -> int:
     inputs = {"--questions": args.questions, "--checkpoint": args.checkpoint, "--vocab": args.vocab,
               "--appearance-weights": args.appearance_weights, "--motion-weights": args.motion_weights}
     with guard_outputs(inputs, {"--out": args.out}, "folder of --out", file_what="answers file", log=None):
-        return answer(args, single)
+        from vqakd.core.distributed import resolve_device
+        from vqakd.predict import Answerer, ExtractionFlags, format_answer
+        from vqakd.predict_batch import answer_rows, read_question_rows
 
-
-def answer(args, single: bool) -> int:
-    from vqakd.core.distributed import resolve_device
-    from vqakd.predict import Answerer, ExtractionFlags, format_answer
-    from vqakd.predict_batch import answer_rows, read_question_rows
-
-    rows = read_question_rows(args.questions) if args.questions else None
-    if single and not os.path.isfile(args.video):
-        raise UserError(f"video not found: {args.video}")
-    flags = ExtractionFlags(**{field.name: getattr(args, field.name)
-                               for field in dataclasses.fields(ExtractionFlags)})
-    answerer = Answerer(args.checkpoint, resolve_device(args.device), flags, cache_dir=args.cache_dir,
-                        use_cache=not args.no_cache, top_k=args.top_k, batch_size=args.batch_size)
-    if single:
-        answer = answerer.answer(args.video, args.question)
-        print(json.dumps(answer) if args.json else format_answer(answer))
-        return 0
-    return answer_rows(answerer, rows, args.questions, args.out, args.json)
+        rows = read_question_rows(args.questions) if args.questions else None
+        if single and not os.path.isfile(args.video):
+            raise UserError(f"video not found: {args.video}")
+        flags = ExtractionFlags(**{field.name: getattr(args, field.name)
+                                   for field in dataclasses.fields(ExtractionFlags)})
+        answerer = Answerer(args.checkpoint, resolve_device(args.device), flags, cache_dir=args.cache_dir,
+                            use_cache=not args.no_cache, top_k=args.top_k, batch_size=args.batch_size)
+        if single:
+            answer = answerer.answer(args.video, args.question)
+            print(json.dumps(answer) if args.json else format_answer(answer))
+            return 0
+        return answer_rows(answerer, rows, args.questions, args.out, args.json)
 
 
 if __name__ == "__main__":

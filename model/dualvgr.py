@@ -388,10 +388,9 @@ class DualVGR(nn.Module):
                     or any(size is not None and size != got for size, got in zip(shape, tensor.shape))]
         if problems:
             raise ValueError("DualVGR input shapes do not match the model config: " + "; ".join(problems))
-        device = self.motion_encoder.weight.device
-        dtype = self.motion_encoder.weight.dtype
-        appearance = appearance.to(device=device, dtype=dtype)
-        motion = motion.to(device=device, dtype=dtype)
+        weight = self.motion_encoder.weight
+        device = weight.device
+        appearance, motion = appearance.to(weight), motion.to(weight)     # the parameters' device and dtype
         question = question.to(device=device, dtype=torch.long)
 
         words, word_states, sentence = self.question_encoder(question, question_len)

@@ -77,11 +77,10 @@ def settings_from_flags(flags: ExtractionFlags, num_clips: int, path: str) -> di
         height, width = getattr(flags, f"{kind}_size")
         result[kind] = {
             "model": MODEL_OF_KIND[kind], "num_clips": num_clips, "frames_per_clip": getattr(flags, f"{kind}_frames"),
-            "image_height": height, "image_width": width,
+            "image_height": height, "image_width": width, "precision": "fp32", "weights_sha256": None,
             "kinetics_mean": kind == "motion" and flags.motion_normalisation == "kinetics-mean",
-            "precision": "fp32", "random_weights": bool(flags.random_weights),
-            "random_seed": (flags.seed or 0) if flags.random_weights else None,
-            "weights_sha256": None, "weights": None, "dataset": "msvd-qa"}
+            "random_weights": bool(flags.random_weights),
+            "random_seed": (flags.seed or 0) if flags.random_weights else None}
     return result
 
 
@@ -161,7 +160,7 @@ def encode_question(text: str, vocab: Vocabulary) -> EncodedQuestion:
 class FeatureCache:
     """`<folder>/<sha[:2]>/<video sha256>.<kind>.<settings digest>.npy`, written atomically."""
 
-    def __init__(self, folder: Optional[str], settings: Mapping[str, dict]):
+    def __init__(self, folder: str, settings: Mapping[str, dict]):
         self.folder = folder
         # Fixed for one checkpoint and its flags: what names each kind's features, and their shape.
         self.digests = {kind: identity_digest(settings[kind], FEATURE_SETTINGS) for kind in FEATURE_KINDS}
@@ -169,16 +168,14 @@ class FeatureCache:
                                                                          int(settings[kind]["frames_per_clip"]))
                        for kind in FEATURE_KINDS}
 
-    def path(self, video_sha: str, kind: str) -> Optional[str]:
-        if self.folder is None:
-            return None
+    def path(self, video_sha: str, kind: str) -> str:
         return os.path.join(self.folder, video_sha[:2], f"{video_sha}.{kind}.{self.digests[kind][:20]}.npy")
 
     def get(self, video_sha: str, kind: str) -> Optional[tuple[np.ndarray, Optional[str]]]:
         """The cached features and the damage extraction reported for them, so that cached answers
         warn as the first one did; None when none are usable."""
         path = self.path(video_sha, kind)
-        if path is None or not os.path.isfile(path):
+        if not os.path.isfile(path):
             return None
         try:
             array = np.load(path, allow_pickle=False)
@@ -193,8 +190,6 @@ class FeatureCache:
 
     def put(self, video_sha: str, kind: str, array: np.ndarray, damage: Optional[str] = None) -> None:
         path = self.path(video_sha, kind)
-        if path is None:
-            return
         try:
             if damage:              # first: cached features never appear without their warning
                 with atomic_open(path + DAMAGE_SUFFIX, "w", encoding="utf-8") as handle:
@@ -245,7 +240,7 @@ class Answerer:
         self.tf32 = bool(train.get("tf32", True))
         self.amp = str(train.get("amp", "none"))
         folder = cache_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), CACHE_FOLDER)
-        self.cache = FeatureCache(folder if use_cache else None, self.settings)
+        self.cache = FeatureCache(folder, self.settings) if use_cache else None     # None: --no-cache
         self._extractors: dict[str, Any] = {}
 
     # ----- features ------------------------------------------------------------------------------
@@ -287,7 +282,7 @@ class Answerer:
             except OSError as exc:
                 result[video] = f"{video}: cannot read it ({exc.strerror or exc})"
                 continue
-            cached = {kind: self.cache.get(shas[video], kind) for kind in FEATURE_KINDS}
+            cached = {kind: self.cache.get(shas[video], kind) for kind in FEATURE_KINDS} if self.cache else {}
             found[video] = {kind: entry for kind, entry in cached.items() if entry is not None}
         timings = dict.fromkeys(found, 0.0)
         for kind in FEATURE_KINDS:
@@ -303,7 +298,8 @@ class Answerer:
                         result[video] = extracted[video]
                     else:
                         found[video][kind] = extracted[video]
-                        self.cache.put(shas[video], kind, *extracted[video])
+                        if self.cache:
+                            self.cache.put(shas[video], kind, *extracted[video])
         for video, entries in found.items():
             if video not in result:
                 damage = sorted({reason for _, reason in entries.values() if reason})
