@@ -33,6 +33,7 @@ with interruptible_imports():       # torch takes seconds to import: Ctrl-C ther
                                   ExtractionSettings, Shard, make_extractor)
     from vqakd.extraction.parts import failures_report
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, choices=DATASETS)
