@@ -31,8 +31,8 @@ MIN_SIZE_LIMIT = 1 << 20
 
 def _count(value: object) -> int | None:
     """The number of items/bytes `value` would make a constructor allocate, if it says so itself."""
-    if isinstance(value, range):        # about its length (len() overflows beyond sys.maxsize)
-        return (value.stop - value.start) // value.step
+    if isinstance(value, range):        # its exact length (len() overflows beyond sys.maxsize)
+        return max(0, -((value.start - value.stop) // value.step))
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
