@@ -134,12 +134,13 @@ class FolderLock:
                 if not self._is_current(fd):
                     os.close(fd)
                     continue
+                record = _read_record(fd)
                 # The holder writes its record just after it locks: give it a moment, so the refusal can name it.
                 for _ in range(RECORD_WAIT_TRIES if locked is False else 0):
-                    if _read_record(fd) is not None:
+                    if record is not None:
                         break
                     time.sleep(RECORD_WAIT_S)
-                record = _read_record(fd)
+                    record = _read_record(fd)
                 if locked is False or (locked is None and _record_holds(record)):
                     holder = _describe(record) if record else "a run that has not written its record yet"
                     raise UserError(f"{self.what} {self.shown} is in use by another run ({holder}); wait for it "

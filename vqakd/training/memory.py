@@ -378,6 +378,6 @@ def plan_run(config: Config, bundle, model_config: ModelConfig, device: torch.de
     plan = MemoryPlan(f"{stage} training" if training else "evaluation", mode, dtype, table_on,
                       batch if training else eval_batch, host, gpu, available_memory_bytes(), gpu_free,
                       file_bytes if mode == "memory" else 0, per_epoch, others, processes)
-    if refuse and plan.refusal():
-        raise UserError(plan.refusal())
+    if refuse and (refusal := plan.refusal()):
+        raise UserError(refusal)
     return plan
