@@ -82,7 +82,7 @@ def check_chunk(path: str, expected: list[int], video_shape: tuple[int, ...],
         problems = {"videos twice": sorted({i for i in held if held.count(i) > 1}),
                     "videos not in this chunk of the video list": [i for i in held if i not in expected],
                     "videos missing": [i for i in expected if i not in held]}
-        detail = "; ".join(f"{what}: {_short(ids)}" for what, ids in problems.items() if ids)
+        detail = "; ".join(f"{what}: {_short(found)}" for what, found in problems.items() if found)
         raise UserError(f"{path}: does not hold exactly its chunk of the video list ({detail})")
     if ids.tolist() != [i for i in expected if i not in failure_ids]:
         raise UserError(f"{path}: videos are not in the order of the video list")
