@@ -377,17 +377,7 @@ class DualVGR(nn.Module):
 
     def forward(self, appearance: Tensor, motion: Tensor, question: Tensor, question_len: Tensor) -> DualVGROutput:
         """appearance (B, N, F, Dv), motion (B, N, Dv), question (B, L) int, question_len (B,) int."""
-        nodes, dim = self.config.num_nodes, self.config.vision_dim
-        batch = question.size(0) if question.dim() == 2 else -1
-        expected = (("appearance", appearance, (batch, nodes, None, dim), f"B x {nodes} x F x {dim}"),
-                    ("motion", motion, (batch, nodes, dim), f"B x {nodes} x {dim}"),
-                    ("question", question, (None, None), "B x L"),
-                    ("question_len", question_len, (batch,), "B"))
-        problems = [f"{name} {tuple(tensor.shape)} (want {want})" for name, tensor, shape, want in expected
-                    if tensor.dim() != len(shape)
-                    or any(size is not None and size != got for size, got in zip(shape, tensor.shape))]
-        if problems:
-            raise ValueError("DualVGR input shapes do not match the model config: " + "; ".join(problems))
+        self._check_inputs(appearance, motion, question, question_len)
         weight = self.motion_encoder.weight
         device = weight.device
         appearance, motion = appearance.to(weight), motion.to(weight)     # the parameters' device and dtype
@@ -409,3 +399,16 @@ class DualVGR(nn.Module):
         logits = self.answer_head(self.clip_pooling(visual), sentence)
         return DualVGROutput(logits=logits, visual=visual, appearance=appearance_feat, motion=motion_feat,
                              layers=tuple(layers))
+
+    def _check_inputs(self, appearance: Tensor, motion: Tensor, question: Tensor, question_len: Tensor) -> None:
+        nodes, dim = self.config.num_nodes, self.config.vision_dim
+        batch = question.size(0) if question.dim() == 2 else -1
+        expected = (("appearance", appearance, (batch, nodes, None, dim), f"B x {nodes} x F x {dim}"),
+                    ("motion", motion, (batch, nodes, dim), f"B x {nodes} x {dim}"),
+                    ("question", question, (None, None), "B x L"),
+                    ("question_len", question_len, (batch,), "B"))
+        problems = [f"{name} {tuple(tensor.shape)} (want {want})" for name, tensor, shape, want in expected
+                    if tensor.dim() != len(shape)
+                    or any(size is not None and size != got for size, got in zip(shape, tensor.shape))]
+        if problems:
+            raise ValueError("DualVGR input shapes do not match the model config: " + "; ".join(problems))
