@@ -324,6 +324,23 @@ def _pct(stats: Optional[dict], sign: str = "") -> str:
     return text + (f" ± {100 * stats['std']:.2f}" if stats.get("std") is not None else "")
 
 
+def _paired_markdown(paired: dict[str, Any]) -> list[str]:
+    """The paired differences against the baseline arm: a table, then one sentence per arm."""
+    if not paired:
+        return []
+    baseline = next(iter(paired.values()))["baseline"]
+    out = ["", f"## Paired by seed: each arm − {baseline}", "",
+           "A seed sets the initialisation and batch order of every arm alike: the difference seed by seed takes "
+           "out what a seed does to all arms together, and its interval, not the arms' ± side by side, tells a "
+           "gain from noise.", ""]
+    rows = [[name, ", ".join(f"{seed}: {100 * value:+.2f}" for seed, value in entry["seeds"].items()),
+             _pct(entry, sign="+"),
+             "[{:+.2f}, {:+.2f}]".format(*(100 * end for end in entry["interval"])) if entry["interval"] else "–"]
+            for name, entry in paired.items()]
+    out += _table(["arm", "difference per seed (points)", "mean ± std", "95% interval (t)"], rows)
+    return out + [""] + [f"- {entry['verdict']}" for entry in paired.values()]
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -359,19 +376,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "(median of timed passes after a warm-up), mean over seeds."]
     if published and report["features"]["note"]:
         out += ["", report["features"]["note"]]
-    paired = report["paired"]
-    if paired:
-        baseline = next(iter(paired.values()))["baseline"]
-        out += ["", f"## Paired by seed: each arm − {baseline}", "",
-                "A seed sets the initialisation and batch order of every arm alike: the difference seed by seed "
-                "takes out what a seed does to all arms together, and its interval, not the arms' ± side by side, "
-                "tells a gain from noise.", ""]
-        rows = [[name, ", ".join(f"{seed}: {100 * value:+.2f}" for seed, value in entry["seeds"].items()),
-                 _pct(entry, sign="+"),
-                 "[{:+.2f}, {:+.2f}]".format(*(100 * end for end in entry["interval"])) if entry["interval"] else "–"]
-                for name, entry in paired.items()]
-        out += _table(["arm", "difference per seed (points)", "mean ± std", "95% interval (t)"], rows)
-        out += [""] + [f"- {entry['verdict']}" for entry in paired.values()]
+    out += _paired_markdown(report["paired"])
     out += ["", "## Per question type", ""]
     rows = [[name] + [_pct(arm["per_type"][t]) for t in types] + [_pct(arm["accuracy"])]
             for name, arm in arms.items()]
