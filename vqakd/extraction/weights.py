@@ -20,7 +20,8 @@ class WeightsIdentity(NamedTuple):
 
 
 def find_weights(given: str | None, file_names: tuple[str, ...], what: str, how_to_get: str) -> str:
-    """The weights file: `given` (--weights), else one of `file_names` in data/weights or torch's cache."""
+    """The weights file: `given` (--weights), else one of `file_names` in data/weights or torch's cache
+    folder (`torch.hub.get_dir()` only names $TORCH_HOME/hub: it is looked in, nothing is downloaded)."""
     if given:
         if not os.path.isfile(given):
             raise UserError(f"{what} file not found: {given}; {how_to_get}")
